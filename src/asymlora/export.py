@@ -1,0 +1,103 @@
+"""Merge one task into the base model, or export it as a standard peft LoRA adapter (DESIGN.md §3).
+
+With ``router="task"`` task t's update is an ordinary LoRA: ΔW_t = s · B_t A_t (ALoRA: A_t with the shared
+B). `merge_task` folds it into W0; `export_task_adapter` writes it as ``lora_A``/``lora_B`` with a stock
+`peft.LoraConfig` (lora_alpha = s · rank, so peft's scaling equals ours), loadable by peft, vLLM or any
+LoRA server with no trace of asymlora. Soft/topk routing mixes experts per token: nothing to merge.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from torch import nn
+
+from asymlora.io import atomic_dir
+from asymlora.methods import get_method
+from asymlora.tuner.config import AsymLoraConfig
+from asymlora.tuner.layer import AsymLoraLayer
+
+PEFT_KEY_PREFIX = "base_model.model."
+
+
+def _mergeable_config(model: nn.Module, adapter_name: str | None) -> tuple[str, AsymLoraConfig]:
+    configs = getattr(model, "peft_config", {})
+    if adapter_name is None:
+        adapter_name = getattr(model, "active_adapter", "default")
+    cfg = configs.get(adapter_name)
+    if not isinstance(cfg, AsymLoraConfig):
+        raise ValueError(f"model has no asymlora adapter named {adapter_name!r} (adapters: {list(configs)})")
+    if get_method(cfg.method).uses_router and cfg.router != "task":
+        raise ValueError(
+            f"adapter {adapter_name!r} uses router={cfg.router!r}: its experts are mixed per token, so no single "
+            "weight update exists to merge or export. Train with router='task' to get one mergeable LoRA per task."
+        )
+    return adapter_name, cfg
+
+
+def _layers(model: nn.Module) -> list[tuple[str, AsymLoraLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AsymLoraLayer)]
+
+
+@torch.no_grad()
+def merge_task(model: nn.Module, task: int | str, adapter_name: str | None = None) -> nn.Module:
+    """Return the base model with task ``task``'s update merged into its weights.
+
+    Like peft's ``merge_and_unload`` this consumes ``model`` (its layers are unwrapped in place); deep-copy
+    it first if you still need the adapter. ``task`` is an expert index or a name from ``task_names``.
+    """
+    adapter_name, cfg = _mergeable_config(model, adapter_name)
+    index = cfg.task_index(task)
+    for _, layer in _layers(model):
+        if adapter_name in layer.asymlora_config:
+            weight = layer.get_base_layer().weight
+            weight += layer.task_delta_weight(adapter_name, index).to(weight.dtype)
+    return model.unload()
+
+
+@torch.no_grad()
+def export_task_adapter(
+    model: nn.Module,
+    task: int | str,
+    out_dir: str | os.PathLike,
+    adapter_name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write task ``task`` as a standard peft LoRA adapter (adapter_config.json + adapter_model.safetensors).
+
+    The directory appears complete or not at all. Returns its path.
+    """
+    adapter_name, cfg = _mergeable_config(model, adapter_name)
+    index = cfg.task_index(task)
+    method = get_method(cfg.method)
+    state: dict[str, torch.Tensor] = {}
+    rank = None
+    for name, layer in _layers(model):
+        if adapter_name not in layer.asymlora_config:
+            continue
+        a, b = method.task_factors(layer.tensors(adapter_name), index)
+        rank = a.shape[0]
+        key = name if name.startswith(PEFT_KEY_PREFIX) else PEFT_KEY_PREFIX + name
+        state[f"{key}.lora_A.weight"] = a.detach().contiguous().cpu().clone()
+        state[f"{key}.lora_B.weight"] = b.detach().contiguous().cpu().clone()
+    if rank is None:
+        raise ValueError(f"adapter {adapter_name!r} has no adapted layers to export")
+    lora_cfg = LoraConfig(
+        r=rank,
+        lora_alpha=cfg.scaling * rank,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        exclude_modules=cfg.exclude_modules,
+        layers_to_transform=cfg.layers_to_transform,
+        layers_pattern=cfg.layers_pattern,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=cfg.base_model_name_or_path,
+    )
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        lora_cfg.save_pretrained(str(tmp))
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return Path(out_dir)

@@ -1,0 +1,45 @@
+"""ALoRA: several A matrices, one shared B, a router (arXiv 2509.25414, §4.1).
+
+The paper finds that the similarity of A matrices across tasks comes from their shared initialisation,
+while B carries the task knowledge; so ALoRA gives each expert its own, independently initialised A and
+shares a single B:
+
+    y = W0 x + s · B Σ_i g_i(x) A_i x,      g(x) = router(x) ∈ R^N
+
+    A_i: r × d_in (each its own Kaiming draw),  B: d_out × r (zero),  W_g: N × d_in
+
+Fused: the N A's are one (N·r) × d_in matrix; one product gives every expert's projection, the gate mixes
+them on the rank axis, and a single product with B follows (the released code does N products with B).
+Parameters per layer: N·r·d_in + r·d_out (+ N·d_in for a learned router).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method
+
+
+class ALoRA(AdapterMethod):
+    name = "alora"
+
+    def specs(self, cfg, d_in, d_out):
+        n, r = cfg.num_experts, cfg.r
+        return {"A": TensorSpec((n, r, d_in), Role.A, expert_dim=0), "B": TensorSpec((d_out, r), Role.B)}
+
+    def init_(self, t, cfg):
+        kaiming_(t["A"])  # one independent draw per expert
+        t["B"].zero_()
+
+    def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
+        a, b = t["A"], t["B"]  # (N, r, d_in), (d_out, r)
+        h = F.linear(x, a.flatten(0, 1)).unflatten(-1, a.shape[:2])  # (..., N, r)
+        z = (gate.unsqueeze(-1) * h).sum(-2)  # (..., r): Σ_i g_i A_i x
+        return F.linear(z, b)  # (..., d_out)
+
+    def task_factors(self, t, task):
+        return t["A"][task], t["B"]
+
+
+register_method(ALoRA())

@@ -1,0 +1,117 @@
+"""The contract every adapter method fulfils, and the parameter roles it declares.
+
+A *method* is the math of one adapter family (LoRA, ALoRA, HydraLoRA, MoLoRA, MALoRA): which tensors it
+owns (with shapes and roles), how they are initialised, and the fused forward of the adapter path
+``delta(x) = Σ_i g_i(x) · B_i A_i x`` (before the scaling ``s = alpha / r``). The peft layer in
+``asymlora.tuner.layer`` stores the tensors and calls the method; nothing else knows a method's layout.
+
+Roles are declared here once (``TensorSpec.role``) and read by training, federation, saving and analysis
+through ``asymlora.roles``; nobody matches parameter names by substring.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from asymlora.tuner.config import AsymLoraConfig
+
+
+class Role(StrEnum):
+    """What part of the low-rank update a tensor is."""
+
+    A = "A"
+    """Input side: reads the layer input (LoRA's A, MALoRA's shared subspace S_A and its P_i)."""
+    B = "B"
+    """Output side: writes the layer output (LoRA's B; Fed-ALoRA shares exactly these)."""
+    ROUTER = "router"
+    """The gate W_g (N × d_in) that mixes the experts per token."""
+
+
+# Every tensor name any method may use, in one place. The layer keeps one ParameterDict per name,
+# ``asymlora_<name>``, keyed by adapter name (peft's convention).
+TENSOR_NAMES: tuple[str, ...] = ("S", "A", "B", "router")
+ATTR_PREFIX = "asymlora_"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and role of one adapter tensor of one layer.
+
+    Attributes:
+        shape: the stored shape.
+        role: which side of the update it is (see `Role`).
+        expert_dim: the axis that indexes experts (0 for stacked tensors), or None for a tensor shared by
+            all experts.
+        trainable: False for tensors that stay frozen while training.
+    """
+
+    shape: tuple[int, ...]
+    role: Role
+    expert_dim: int | None = None
+    trainable: bool = True
+
+
+def kaiming_(t: Tensor) -> Tensor:
+    """LoRA's A init, Kaiming-uniform with a = √5, applied per 2-D slice so each expert gets its own draw
+    with the fan-in of one expert (torch would count the stacked dimensions into the fan-in)."""
+    if t.dim() == 2:
+        return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+    for piece in t.view(-1, *t.shape[-2:]):
+        nn.init.kaiming_uniform_(piece, a=math.sqrt(5))
+    return t
+
+
+class AdapterMethod(ABC):
+    """One adapter family. Subclasses are stateless; tensors live in the peft layer."""
+
+    name: ClassVar[str]
+    uses_router: ClassVar[bool] = True
+    """False for plain LoRA (one expert, nothing to route)."""
+
+    @abstractmethod
+    def specs(self, cfg: AsymLoraConfig, d_in: int, d_out: int) -> dict[str, TensorSpec]:
+        """The tensors of one adapted layer, router excluded (the layer adds it when routing is learned)."""
+
+    @abstractmethod
+    def init_(self, t: dict[str, Tensor], cfg: AsymLoraConfig) -> None:
+        """Initialise the tensors in place (A-side random, B-side zero: the model starts as the base)."""
+
+    @abstractmethod
+    def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
+        """Fused adapter path before scaling. x: (..., d_in); gate: (..., N) broadcastable, or None."""
+
+    @abstractmethod
+    def task_factors(self, t: dict[str, Tensor], task: int) -> tuple[Tensor, Tensor]:
+        """(A_t, B_t) with ΔW_t = s · B_t A_t: the plain LoRA that expert/task ``task`` amounts to."""
+
+    def num_experts(self, cfg: AsymLoraConfig) -> int:
+        return cfg.num_experts if self.uses_router else 1
+
+    def expert_factors(self, t: dict[str, Tensor], num_experts: int) -> list[tuple[Tensor, Tensor]]:
+        """[(A_i, B_i)] for every expert i, each an ordinary LoRA pair (for analysis and export)."""
+        return [self.task_factors(t, i) for i in range(num_experts)]
+
+
+METHODS: dict[str, AdapterMethod] = {}
+
+
+def register_method(method: AdapterMethod) -> AdapterMethod:
+    """Make a method available to `AsymLoraConfig(method=...)`."""
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> AdapterMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown adapter method {name!r}; choose one of {sorted(METHODS)} (AsymLoraConfig.method)."
+        ) from None

@@ -1,0 +1,45 @@
+"""HydraLoRA: one shared A, several B heads, a router (Tian et al., NeurIPS 2024, arXiv 2404.19245).
+
+    y = W0 x + s · Σ_i g_i(x) B_i A x
+
+    A: r × d_in (Kaiming),  B_i: d_out × r (zero),  W_g: N × d_in
+
+Fused: the gated rank-r projections of all heads form one (…, N·r) vector, multiplied once by the
+concatenated [B_1 … B_N] (d_out × N·r).
+Parameters per layer: r·d_in + N·r·d_out (+ N·d_in for a learned router).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method
+
+
+def concat_experts(b: Tensor) -> Tensor:
+    """(N, d_out, r) -> [B_1 … B_N] as (d_out, N·r), matching a (…, N, r) input flattened on its last 2 axes."""
+    return b.transpose(0, 1).flatten(1)
+
+
+class HydraLoRA(AdapterMethod):
+    name = "hydralora"
+
+    def specs(self, cfg, d_in, d_out):
+        n, r = cfg.num_experts, cfg.r
+        return {"A": TensorSpec((r, d_in), Role.A), "B": TensorSpec((n, d_out, r), Role.B, expert_dim=0)}
+
+    def init_(self, t, cfg):
+        kaiming_(t["A"])
+        t["B"].zero_()
+
+    def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
+        h = F.linear(x, t["A"])  # (..., r)
+        u = gate.unsqueeze(-1) * h.unsqueeze(-2)  # (..., N, r): g_i A x
+        return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
+
+    def task_factors(self, t, task):
+        return t["A"], t["B"][task]
+
+
+register_method(HydraLoRA())

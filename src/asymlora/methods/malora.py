@@ -1,0 +1,64 @@
+"""MALoRA: experts share a low-rank subspace of A and spend the saving on a higher B rank
+(Wang et al., 2024, arXiv 2410.22782).
+
+    y = W0 x + s · Σ_i g_i(x) B_i P_i S_A x
+
+    S_A: d_sub × d_in (shared),  P_i: r̂ × d_sub,  B_i: d_out × r̂ (zero),  W_g: N × d_in
+
+    d_sub = λ·r·N (paper: 32 for N = 8, r = 8),   r̂ = r + (1 − λ)·r (paper: 12)
+
+Initialisation (the paper's cropped SVD): draw N Kaiming matrices K_i (r̂ × d_in), stack them into
+K (N·r̂ × d_in) = U Σ Vᵀ, keep the top d_sub directions: S_A = β·V[:d_sub]ᵀ and P_i = (U Σ)[block i, :d_sub] / β,
+so P_i S_A is the best rank-d_sub approximation of K_i. β trades the learning speed of S_A (∝ 1/β)
+against that of the P_i (∝ β); paper default 1, best 1.25.
+Parameters per layer: d_sub·d_in + N·(r̂·d_sub + d_out·r̂) (+ N·d_in for a learned router).
+The scaling is alpha / r like the other methods (the paper's alpha = 2·r̂ at r̂ = 12 gives the same s = 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method
+from asymlora.methods.hydralora import concat_experts
+
+
+class MALoRA(AdapterMethod):
+    name = "malora"
+
+    def specs(self, cfg, d_in, d_out):
+        n, d_sub, r_hat = cfg.num_experts, cfg.malora_subspace_rank, cfg.malora_expert_rank
+        if d_sub > d_in:
+            raise ValueError(
+                f"subspace_rank={d_sub} exceeds the layer's input size {d_in}; choose subspace_rank <= {d_in}."
+            )
+        return {
+            "S": TensorSpec((d_sub, d_in), Role.A),
+            "A": TensorSpec((n, r_hat, d_sub), Role.A, expert_dim=0),  # the P_i
+            "B": TensorSpec((n, d_out, r_hat), Role.B, expert_dim=0),
+        }
+
+    @torch.no_grad()
+    def init_(self, t, cfg):
+        n, r_hat, d_sub = t["A"].shape
+        d_in = t["S"].shape[1]
+        k = kaiming_(torch.empty(n, r_hat, d_in, dtype=torch.float32)).flatten(0, 1)  # (N·r̂, d_in)
+        u, sigma, vh = torch.linalg.svd(k, full_matrices=False)
+        t["S"].copy_(cfg.beta * vh[:d_sub])  # (d_sub, d_in)
+        t["A"].copy_((u[:, :d_sub] * sigma[:d_sub] / cfg.beta).view(n, r_hat, d_sub))
+        t["B"].zero_()
+
+    def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
+        p = t["A"]  # (N, r̂, d_sub)
+        s = F.linear(x, t["S"])  # (..., d_sub): the shared subspace
+        h = F.linear(s, p.flatten(0, 1)).unflatten(-1, p.shape[:2])  # (..., N, r̂)
+        u = gate.unsqueeze(-1) * h
+        return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
+
+    def task_factors(self, t, task):
+        return t["A"][task] @ t["S"], t["B"][task]  # (r̂, d_in), (d_out, r̂)
+
+
+register_method(MALoRA())

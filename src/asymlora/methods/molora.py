@@ -1,0 +1,45 @@
+"""MoLoRA: a mixture of N full LoRA experts (Zadouri et al., 2023, arXiv 2309.05444).
+
+    y = W0 x + s · Σ_i g_i(x) B_i A_i x
+
+    A_i: r × d_in (Kaiming),  B_i: d_out × r (zero),  W_g: N × d_in   (top-2 routing in the paper)
+
+Fused: one product with the stacked A's (N·r × d_in), the gate on the rank axis, one product with the
+concatenated B's (d_out × N·r).
+Parameters per layer: N·r·(d_in + d_out) (+ N·d_in for a learned router).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method
+from asymlora.methods.hydralora import concat_experts
+
+
+class MoLoRA(AdapterMethod):
+    name = "molora"
+
+    def specs(self, cfg, d_in, d_out):
+        n, r = cfg.num_experts, cfg.r
+        return {
+            "A": TensorSpec((n, r, d_in), Role.A, expert_dim=0),
+            "B": TensorSpec((n, d_out, r), Role.B, expert_dim=0),
+        }
+
+    def init_(self, t, cfg):
+        kaiming_(t["A"])
+        t["B"].zero_()
+
+    def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
+        a = t["A"]  # (N, r, d_in)
+        h = F.linear(x, a.flatten(0, 1)).unflatten(-1, a.shape[:2])  # (..., N, r)
+        u = gate.unsqueeze(-1) * h  # (..., N, r)
+        return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
+
+    def task_factors(self, t, task):
+        return t["A"][task], t["B"][task]
+
+
+register_method(MoLoRA())

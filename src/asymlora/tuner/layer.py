@@ -1,0 +1,179 @@
+"""The peft tuner layer: stores an adapter method's tensors beside a frozen nn.Linear and runs its math.
+
+    y = W0 x + s · delta_method(dropout(x), tensors, g(x))
+
+The tensors of adapter ``name`` live in ParameterDicts ``asymlora_<tensor>[name]`` (peft's layout, so
+saving, loading, switching, disabling and deleting adapters work through peft's own code paths). Which
+tensors exist, their shapes and roles come from the method (`asymlora.methods`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import Tensor, nn
+
+from asymlora.methods import get_method
+from asymlora.methods.base import ATTR_PREFIX, TENSOR_NAMES, Role, TensorSpec
+from asymlora.routing import RoutingState, balance_loss, router_probs, task_gate, topk_gate
+from asymlora.tuner.config import AsymLoraConfig
+
+
+class AsymLoraLayer(BaseTunerLayer):
+    """Mixin holding asymlora adapters on a base layer (peft's BaseTunerLayer contract)."""
+
+    adapter_layer_names: tuple[str, ...] = tuple(ATTR_PREFIX + n for n in TENSOR_NAMES)
+    other_param_names: tuple[str, ...] = ("asymlora_config", "asymlora_dropout")
+
+    def __init__(self, base_layer: nn.Module, routing_state: RoutingState, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        for attr in self.adapter_layer_names:
+            setattr(self, attr, nn.ParameterDict())
+        self.asymlora_config: dict[str, AsymLoraConfig] = {}
+        self.asymlora_dropout = nn.ModuleDict()
+        self.routing_state = routing_state
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.frozen_peft_weight_names = {}
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"asymlora adapts nn.Linear modules only, got {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    # --- construction --------------------------------------------------------------------------
+    def specs(self, adapter_name: str) -> dict[str, TensorSpec]:
+        """Every tensor of this adapter on this layer (router included when routing is learned)."""
+        cfg = self.asymlora_config[adapter_name]
+        method = get_method(cfg.method)
+        specs = method.specs(cfg, self.in_features, self.out_features)
+        if method.uses_router and cfg.router != "task":
+            specs["router"] = TensorSpec((cfg.num_experts, self.in_features), Role.ROUTER)
+        return specs
+
+    def update_layer(self, adapter_name: str, cfg: AsymLoraConfig) -> None:
+        """Create and initialise adapter ``adapter_name``'s tensors on this layer."""
+        self.asymlora_config[adapter_name] = cfg
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+        specs = self.specs(adapter_name)
+        tensors = {name: torch.empty(spec.shape, dtype=torch.float32) for name, spec in specs.items()}
+        with torch.no_grad():
+            get_method(cfg.method).init_(tensors, cfg)
+            if "router" in tensors:
+                from asymlora.methods.base import kaiming_
+
+                kaiming_(tensors["router"])
+        for name, value in tensors.items():
+            getattr(self, ATTR_PREFIX + name)[adapter_name] = nn.Parameter(
+                value.to(device=device, dtype=dtype), requires_grad=specs[name].trainable
+            )
+        frozen = tuple(ATTR_PREFIX + n for n, s in specs.items() if not s.trainable)
+        if frozen:
+            self.frozen_peft_weight_names[adapter_name] = frozen
+        self.asymlora_dropout[adapter_name] = (
+            nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        )
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=cfg.inference_mode)
+
+    def tensors(self, adapter_name: str) -> dict[str, Tensor]:
+        """The adapter's tensors on this layer, by method tensor name (``A``, ``B``, ``S``, ``router``)."""
+        out = {}
+        for name in TENSOR_NAMES:
+            store = getattr(self, ATTR_PREFIX + name)
+            if adapter_name in store:
+                out[name] = store[adapter_name]
+        return out
+
+    # --- routing ---------------------------------------------------------------------------------
+    def gate(self, adapter_name: str, x: Tensor) -> Tensor | None:
+        """g(x) for this adapter: (..., N) float32, or None for plain LoRA."""
+        cfg = self.asymlora_config[adapter_name]
+        if not get_method(cfg.method).uses_router:
+            return None
+        if cfg.router == "task":
+            task_ids = self.routing_state.task_ids
+            if task_ids is None:
+                raise ValueError(
+                    f"adapter {adapter_name!r} uses router='task' but no task_ids were given: call "
+                    "model(..., task_ids=LongTensor[batch]) (or model.generate(..., task_ids=...))."
+                )
+            return task_gate(task_ids, cfg.num_experts, x)
+        probs = router_probs(x, self.asymlora_router[adapter_name])
+        if self.routing_state.collect_aux and cfg.balance_loss_weight > 0:
+            self.routing_state.aux_losses.append(cfg.balance_loss_weight * balance_loss(probs))
+        return topk_gate(probs, cfg.top_k) if cfg.router == "topk" else probs
+
+    # --- merging -----------------------------------------------------------------------------------
+    def task_delta_weight(self, adapter_name: str, task: int) -> Tensor:
+        """ΔW_t = s · B_t A_t (d_out × d_in) of expert/task ``task``."""
+        cfg = self.asymlora_config[adapter_name]
+        a, b = get_method(cfg.method).task_factors(self.tensors(adapter_name), task)
+        return cfg.scaling * (b.float() @ a.float())
+
+
+class Linear(nn.Module, AsymLoraLayer):
+    """An nn.Linear with asymlora adapters."""
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, cfg: AsymLoraConfig, routing_state: RoutingState
+    ) -> None:
+        super().__init__()
+        AsymLoraLayer.__init__(self, base_layer, routing_state)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, cfg)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        for name in self.active_adapters:
+            if name not in self.asymlora_config:
+                continue
+            cfg = self.asymlora_config[name]
+            t = self.tensors(name)
+            xa = self._cast_input_dtype(x, t["B"].dtype)
+            gate = self.gate(name, xa)
+            if gate is not None:
+                gate = gate.to(xa.dtype)
+            delta = get_method(cfg.method).delta(self.asymlora_dropout[name](xa), t, gate)
+            result = result + (cfg.scaling * delta).to(result.dtype)
+        return result
+
+    def get_delta_weight(self, adapter_name: str) -> Tensor:
+        """ΔW of a plain-LoRA adapter; routed adapters have no single ΔW (use `asymlora.merge_task`)."""
+        cfg = self.asymlora_config[adapter_name]
+        if get_method(cfg.method).uses_router:
+            raise ValueError(
+                f"adapter {adapter_name!r} ({cfg.method}, router={cfg.router!r}) has no single weight update: "
+                "its experts are mixed per token. With router='task' merge one task with "
+                "asymlora.merge_task(model, task); soft/topk routing cannot be merged."
+            )
+        return self.task_delta_weight(adapter_name, 0)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add s·B A into W0 for plain-LoRA adapters (peft's merge API)."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            delta = self.get_delta_weight(name)
+            weight = self.get_base_layer().weight
+            merged = weight.data + delta.to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights of adapter {name!r}")
+            weight.data = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = self.get_base_layer().weight
+            weight.data -= self.get_delta_weight(name).to(weight.dtype)
+
+    def __repr__(self) -> str:
+        return "asymlora." + super().__repr__()

@@ -1,0 +1,128 @@
+"""`AsymLoraModelForCausalLM`: peft's causal-LM wrapper, plus task ids and the balance loss.
+
+peft's stock `PeftModelForCausalLM.forward` drops ``task_ids`` for every adapter type but Poly
+(DESIGN.md §10), so the layers of a task-routed adapter would never see them. This subclass hands them to
+the layers for the duration of `forward`/`generate`, adds the weighted load-balancing loss to the training
+loss, and checks an adapter file before any weight is touched when loading. It is registered for our own
+task-type key, so `get_peft_model` and `PeftModel.from_pretrained` pick it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from peft import PeftModelForCausalLM
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from asymlora.methods import get_method
+from asymlora.methods.base import ATTR_PREFIX
+from asymlora.tuner.config import AsymLoraConfig
+
+ADAPTER_FILE = "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."
+
+
+class AsymLoraModelForCausalLM(PeftModelForCausalLM):
+    """A peft causal-LM model whose forward and generate accept ``task_ids`` (LongTensor[batch])."""
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        task_ids: Tensor | None = None,
+        **kwargs: Any,
+    ):
+        collect = labels is not None
+        with self.base_model.routing(task_ids, collect_aux=collect) as state:
+            out = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                **kwargs,
+            )
+            if collect and state.aux_losses and getattr(out, "loss", None) is not None:
+                aux = torch.stack([a.to(out.loss.device) for a in state.aux_losses]).mean()
+                out["balance_loss"] = aux.detach()
+                out["loss"] = out.loss + aux
+        return out
+
+    def generate(self, *args: Any, task_ids: Tensor | None = None, **kwargs: Any):
+        with self.base_model.routing(task_ids):
+            return super().generate(*args, **kwargs)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any):
+        """peft's `load_adapter`, after checking the file is readable and its shapes fit this model."""
+        check_adapter_file(self, model_id, adapter_name)
+        return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+
+
+def expected_shapes(model: AsymLoraModelForCausalLM, cfg: AsymLoraConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape that `cfg` gives on `model`'s target modules (without injecting anything)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from asymlora.tuner.layer import AsymLoraLayer
+
+    method = get_method(cfg.method)
+    base = model.base_model.model
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, AsymLoraLayer):
+            module = module.get_base_layer()
+        elif not isinstance(module, torch.nn.Linear) or ".base_layer" in f".{name}":
+            continue
+        if not check_target_module_exists(cfg, name.removesuffix(".base_layer")):
+            continue
+        d_in, d_out = module.in_features, module.out_features
+        specs = method.specs(cfg, d_in, d_out)
+        for tensor, spec in specs.items():
+            shapes[f"{PEFT_KEY_PREFIX}{name}.{ATTR_PREFIX}{tensor}"] = spec.shape
+        if method.uses_router and cfg.router != "task":
+            shapes[f"{PEFT_KEY_PREFIX}{name}.{ATTR_PREFIX}router"] = (cfg.num_experts, d_in)
+    return shapes
+
+
+def check_adapter_file(
+    model: AsymLoraModelForCausalLM, model_id: str | os.PathLike, adapter_name: str
+) -> None:
+    """Raise a clear ValueError if a local adapter file is corrupted, truncated or shaped for another model."""
+    path = os.path.join(os.fspath(model_id), ADAPTER_FILE)
+    if not os.path.isfile(path):
+        return  # hub ids and legacy .bin files: peft reports those itself
+    try:
+        with safe_open(path, framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); it is corrupted or truncated. "
+            "Save the adapter again (or restore it from a good copy)."
+        ) from None
+    cfg_path = os.path.join(os.fspath(model_id), "adapter_config.json")
+    with open(cfg_path) as fh:
+        raw = json.load(fh)
+    if raw.get("peft_type") != "ASYMLORA":
+        return
+    cfg = AsymLoraConfig.from_pretrained(os.fspath(model_id))
+    expected = expected_shapes(model, cfg)
+    wrong = [(k, s, expected[k]) for k, s in stored.items() if k in expected and expected[k] != s]
+    missing = sorted(set(stored) - set(expected))
+    if wrong or missing:
+        detail = "; ".join(f"{k}: file {s}, model {e}" for k, s, e in wrong[:3]) or (
+            f"no module of this model for {missing[:3]}"
+        )
+        raise ValueError(
+            f"adapter {os.fspath(model_id)!r} does not fit this model ({detail}). It was trained on a base "
+            "model with other layer shapes or names; load it onto the base model it was trained with."
+        )
