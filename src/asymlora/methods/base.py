@@ -36,7 +36,7 @@ class Role(StrEnum):
 
 # Every tensor name any method may use, in one place. The layer keeps one ParameterDict per name,
 # ``asymlora_<name>``, keyed by adapter name (peft's convention).
-TENSOR_NAMES: tuple[str, ...] = ("S", "A", "B", "router")
+TENSOR_NAMES: tuple[str, ...] = ("S", "A", "M", "B", "B0", "B1", "B2", "router")
 ATTR_PREFIX = "asymlora_"
 
 

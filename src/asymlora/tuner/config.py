@@ -55,6 +55,8 @@ class AsymLoraConfig(PeftConfig):
     """MALoRA: rank r̂ of each B expert; default r + (1 − λ)·r with λ = d_sub / (r·N) (paper: 12)."""
     beta: float = field(default=1.0, metadata={"help": "MALoRA init: S_A = β·V, P_i = UΣ/β."})
     """MALoRA initialisation balance β (> 0): S_A = β·V, P_i = (UΣ)_i / β; paper best 1.25."""
+    intermediate_rank: int = field(default=16, metadata={"help": "Fed-ALoRA-het shared rank d_m."})
+    """Heterogeneous Fed-ALoRA (method ``fedhet``): the intermediate rank d_m shared by all clients (paper: 16)."""
     task_names: list[str] | None = field(
         default=None, metadata={"help": "Task name of each expert (task router)."}
     )
@@ -109,6 +111,8 @@ class AsymLoraConfig(PeftConfig):
             raise bad(
                 "balance_loss_weight", self.balance_loss_weight, "task routing has nothing to balance; use 0"
             )
+        if self.intermediate_rank < 1:
+            raise bad("intermediate_rank", self.intermediate_rank, "d_m must be an integer >= 1")
         if self.beta <= 0:
             raise bad("beta", self.beta, "use a positive number")
         if self.subspace_rank is not None and self.subspace_rank < 1:
