@@ -5,7 +5,7 @@
 - ``task``: g = one_hot(task_id) of the example the token belongs to (N = number of tasks); each task's
   adapter is then an ordinary LoRA and can be merged or exported.
 
-Logits and gates are computed in float32 whatever the model dtype.
+Logits and gates are computed in float32 (or float64 for a float64 model) whatever the model dtype.
 Balance loss (Switch Transformer, Fedus et al. 2021): L = N · Σ_i f_i · P_i, f_i the fraction of tokens
 whose top-1 expert is i and P_i the mean router probability of expert i; 1 when perfectly balanced.
 """
@@ -24,8 +24,9 @@ ROUTERS = ("soft", "topk", "task")
 
 
 def router_probs(x: Tensor, weight: Tensor) -> Tensor:
-    """softmax(W_g x) in float32. x: (..., d_in), weight: (N, d_in) -> (..., N)."""
-    return F.linear(x.float(), weight.float()).softmax(-1)
+    """softmax(W_g x) in float32 (float64 stays float64). x: (..., d_in), weight: (N, d_in) -> (..., N)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return F.linear(x.to(dtype), weight.to(dtype)).softmax(-1)
 
 
 def topk_gate(probs: Tensor, k: int) -> Tensor:
