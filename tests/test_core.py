@@ -470,3 +470,15 @@ def test_float32_gate_under_bfloat16() -> None:
     probs = router_probs(x, layer.asymlora_router["default"])
     assert probs.dtype == torch.float32
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("method", ["alora", "hydralora", "molora", "malora"])
+def test_router_fused_into_first_product_equals_separate_router(method: str) -> None:
+    layer, _ = make_layer(method, "topk", lora_dropout=0.5)
+    x = torch.randn(2, 4, D_IN, dtype=torch.float64)
+    layer.eval()  # dropout inactive: the router's product is stacked under the A product
+    fused = layer(x)
+    layer.train()
+    layer.asymlora_dropout["default"].p = 0.0  # dropout module active but the identity: separate products
+    separate = layer(x)
+    torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)

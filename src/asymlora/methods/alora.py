@@ -32,11 +32,13 @@ class ALoRA(AdapterMethod):
         kaiming_(t["A"])  # one independent draw per expert
         t["B"].zero_()
 
-    def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
-        a, b = t["A"], t["B"]  # (N, r, d_in), (d_out, r)
-        h = F.linear(x, a.flatten(0, 1)).unflatten(-1, a.shape[:2])  # (..., N, r)
+    def x_side(self, t):
+        return t["A"].flatten(0, 1)  # (N·r, d_in): all experts' A in one matrix
+
+    def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
+        h = h.unflatten(-1, t["A"].shape[:2])  # (..., N, r): A_i x for every i
         z = (gate.unsqueeze(-1) * h).sum(-2)  # (..., r): Σ_i g_i A_i x
-        return F.linear(z, b)  # (..., d_out)
+        return F.linear(z, t["B"])  # (..., d_out): one product with the shared B
 
     def task_factors(self, t, task):
         return t["A"][task], t["B"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, ClassVar
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -83,9 +84,20 @@ class AdapterMethod(ABC):
     def init_(self, t: dict[str, Tensor], cfg: AsymLoraConfig) -> None:
         """Initialise the tensors in place (A-side random, B-side zero: the model starts as the base)."""
 
-    @abstractmethod
+    def x_side(self, t: dict[str, Tensor]) -> Tensor | None:
+        """The matrix (k × d_in) that multiplies the layer input first, or None if the method has none.
+
+        Methods that have one implement `combine`; the layer may then fuse the router's product with it
+        (one pass over x for both, DESIGN.md §3 "fused computation")."""
+        return None
+
+    def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
+        """The rest of the adapter path, from h = x · x_sideᵀ (..., k) to (..., d_out)."""
+        raise NotImplementedError
+
     def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
         """Fused adapter path before scaling. x: (..., d_in); gate: (..., N) broadcastable, or None."""
+        return self.combine(F.linear(x, self.x_side(t)), t, gate)
 
     @abstractmethod
     def task_factors(self, t: dict[str, Tensor], task: int) -> tuple[Tensor, Tensor]:

@@ -33,8 +33,10 @@ class HydraLoRA(AdapterMethod):
         kaiming_(t["A"])
         t["B"].zero_()
 
-    def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
-        h = F.linear(x, t["A"])  # (..., r)
+    def x_side(self, t):
+        return t["A"]  # (r, d_in)
+
+    def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
         u = gate.unsqueeze(-1) * h.unsqueeze(-2)  # (..., N, r): g_i A x
         return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
 

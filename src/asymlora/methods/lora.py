@@ -24,8 +24,11 @@ class LoRA(AdapterMethod):
         kaiming_(t["A"])
         t["B"].zero_()
 
-    def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
-        return F.linear(F.linear(x, t["A"]), t["B"])  # (..., d_in) -> (..., r) -> (..., d_out)
+    def x_side(self, t):
+        return t["A"]  # (r, d_in)
+
+    def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
+        return F.linear(h, t["B"])  # (..., r) -> (..., d_out)
 
     def task_factors(self, t, task):
         return t["A"], t["B"]

@@ -50,10 +50,12 @@ class MALoRA(AdapterMethod):
         t["A"].copy_((u[:, :d_sub] * sigma[:d_sub] / cfg.beta).view(n, r_hat, d_sub))
         t["B"].zero_()
 
-    def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
+    def x_side(self, t):
+        return t["S"]  # (d_sub, d_in): the shared subspace
+
+    def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
         p = t["A"]  # (N, r̂, d_sub)
-        s = F.linear(x, t["S"])  # (..., d_sub): the shared subspace
-        h = F.linear(s, p.flatten(0, 1)).unflatten(-1, p.shape[:2])  # (..., N, r̂)
+        h = F.linear(h, p.flatten(0, 1)).unflatten(-1, p.shape[:2])  # (..., N, r̂): P_i S_A x
         u = gate.unsqueeze(-1) * h
         return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
 

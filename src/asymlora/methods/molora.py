@@ -32,10 +32,11 @@ class MoLoRA(AdapterMethod):
         kaiming_(t["A"])
         t["B"].zero_()
 
-    def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
-        a = t["A"]  # (N, r, d_in)
-        h = F.linear(x, a.flatten(0, 1)).unflatten(-1, a.shape[:2])  # (..., N, r)
-        u = gate.unsqueeze(-1) * h  # (..., N, r)
+    def x_side(self, t):
+        return t["A"].flatten(0, 1)  # (N·r, d_in)
+
+    def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
+        u = gate.unsqueeze(-1) * h.unflatten(-1, t["A"].shape[:2])  # (..., N, r): g_i A_i x
         return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
 
     def task_factors(self, t, task):

@@ -13,6 +13,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
@@ -90,8 +91,10 @@ class AsymLoraLayer(BaseTunerLayer):
         return out
 
     # --- routing ---------------------------------------------------------------------------------
-    def gate(self, adapter_name: str, x: Tensor) -> Tensor | None:
-        """g(x) for this adapter: (..., N) float32, or None for plain LoRA."""
+    def gate(self, adapter_name: str, x: Tensor, logits: Tensor | None = None) -> Tensor | None:
+        """g(x) for this adapter: (..., N) in float32 (or wider), or None for plain LoRA.
+
+        ``logits`` = W_g x when the caller already computed them (fused with the A product)."""
         cfg = self.asymlora_config[adapter_name]
         if not get_method(cfg.method).uses_router:
             return None
@@ -103,7 +106,10 @@ class AsymLoraLayer(BaseTunerLayer):
                     "model(..., task_ids=LongTensor[batch]) (or model.generate(..., task_ids=...))."
                 )
             return task_gate(task_ids, cfg.num_experts, x)
-        probs = router_probs(x, self.asymlora_router[adapter_name])
+        if logits is None:
+            probs = router_probs(x, self.asymlora_router[adapter_name])
+        else:
+            probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
         if self.routing_state.collect_aux and cfg.balance_loss_weight > 0:
             self.routing_state.aux_losses.append(cfg.balance_loss_weight * balance_loss(probs))
         return topk_gate(probs, cfg.top_k) if cfg.router == "topk" else probs
@@ -132,17 +138,24 @@ class Linear(nn.Module, AsymLoraLayer):
         if self.disable_adapters or self.merged:
             return result
         for name in self.active_adapters:
-            if name not in self.asymlora_config:
-                continue
-            cfg = self.asymlora_config[name]
-            t = self.tensors(name)
-            xa = self._cast_input_dtype(x, t["B"].dtype)
-            gate = self.gate(name, xa)
-            if gate is not None:
-                gate = gate.to(xa.dtype)
-            delta = get_method(cfg.method).delta(self.asymlora_dropout[name](xa), t, gate)
-            result = result + (cfg.scaling * delta).to(result.dtype)
+            if name in self.asymlora_config:
+                cfg = self.asymlora_config[name]
+                t = self.tensors(name)
+                delta = self.adapter_path(name, self._cast_input_dtype(x, t["B"].dtype), t)
+                result = result + (cfg.scaling * delta).to(result.dtype)
         return result
+
+    def adapter_path(self, name: str, x: Tensor, t: dict[str, Tensor]) -> Tensor:
+        """delta(x) before scaling. When the router reads the same x as the first adapter product (no
+        dropout, float32 or wider), W_g is stacked under that product's matrix: one pass over x for both."""
+        method = get_method(self.asymlora_config[name].method)
+        x_side, router, dropout = method.x_side(t), t.get("router"), self.asymlora_dropout[name]
+        no_dropout = isinstance(dropout, nn.Identity) or not dropout.training
+        if x_side is not None and router is not None and no_dropout and x.dtype.itemsize >= 4:
+            h, logits = F.linear(x, torch.cat([x_side, router])).split([x_side.shape[0], router.shape[0]], -1)
+            return method.combine(h, t, self.gate(name, x, logits).to(x.dtype))
+        gate = self.gate(name, x)
+        return method.delta(dropout(x), t, None if gate is None else gate.to(x.dtype))
 
     def get_delta_weight(self, adapter_name: str) -> Tensor:
         """ΔW of a plain-LoRA adapter; routed adapters have no single ΔW (use `asymlora.merge_task`)."""

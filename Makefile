@@ -1,0 +1,24 @@
+# The two commands of the README. Both set up .venv first (idempotent).
+VENV ?= .venv
+export FLWR_TELEMETRY_ENABLED = 0
+export RAY_USAGE_STATS_ENABLED = 0
+
+.PHONY: setup demo test test-fast lint bench
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup  ## set up, then train and evaluate LoRA vs ALoRA on BIG-bench with SmolLM2-135M
+	$(VENV)/bin/asymlora demo
+
+test: setup  ## set up, then run the whole test suite (fast + real-model tests)
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: setup  ## only the fast tests (tiny random models, no downloads)
+	$(VENV)/bin/python -m pytest -q -m "not slow and not fed"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks && $(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: setup
+	$(VENV)/bin/python benchmarks/layers.py

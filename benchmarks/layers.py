@@ -1,0 +1,166 @@
+"""Forward + backward of one adapted linear layer: fused asymlora methods vs the loop form vs peft LoRA.
+
+Default shape: LLaMA-7B attention projection (4096 × 4096), 2048 tokens, r = 8, N = 3 (DESIGN.md §11).
+Ratios are of the *adapter path* (the layer's output minus W0 x), forward + backward, with x requiring
+grad as inside a network; the frozen base product is timed beside them, and whole-layer ratios too.
+Methods are timed alternately, round after round, and the median is reported (shared, noisy machines).
+
+    python benchmarks/layers.py                 # full size (about a minute on 2 CPU cores)
+    python benchmarks/layers.py --smoke         # seconds, for CI
+    python benchmarks/layers.py --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import peft
+import torch
+from torch import nn
+
+import asymlora
+from asymlora.routing import RoutingState, router_probs
+from asymlora.tuner.layer import Linear as AsymLinear
+
+TARGETS = {"adapter_vs_loop": 3.0, "adapter_vs_peft_lora": 1.3, "layer_vs_peft_lora": 1.05}
+
+
+def loop_alora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w_g: torch.Tensor) -> torch.Tensor:
+    """The released ALoRA code's algorithm: one (A_i, B) product pair per expert, summed."""
+    gate = router_probs(x, w_g).to(x.dtype)
+    out = 0
+    for i in range(a.shape[0]):
+        out = out + gate[..., i : i + 1] * ((x @ a[i].T) @ b.T)
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    out.float().sum().backward()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    d_in = d_out = args.dim
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(args.tokens, d_in, device=device, dtype=dtype, requires_grad=True)
+
+    layers: dict[str, AsymLinear] = {}
+    for method in ("lora", "alora", "hydralora", "molora", "malora"):
+        cfg = asymlora.AsymLoraConfig(method=method, r=args.r, num_experts=args.experts, target_modules=["x"])
+        layer = AsymLinear(base, "default", cfg, RoutingState()).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            for p in layer.tensors("default").values():
+                p.normal_(std=0.02)
+        layers[method] = layer
+
+    holder = nn.Sequential(base)  # peft's own LoRA at the same r on the same base layer
+    peft_lora = peft.get_peft_model(holder, peft.LoraConfig(r=args.r, lora_alpha=16, target_modules=["0"]))
+    peft_layer = peft_lora.base_model.model[0]
+
+    def adapter_path(layer: AsymLinear) -> Callable[[], torch.Tensor]:
+        cfg, t = layer.asymlora_config["default"], layer.tensors("default")
+        return lambda: cfg.scaling * layer.adapter_path("default", x, t)
+
+    alora = layers["alora"].tensors("default")
+    scale = layers["alora"].asymlora_config["default"].scaling
+    adapter: dict[str, Callable[[], torch.Tensor]] = {
+        "alora_fused": adapter_path(layers["alora"]),
+        "alora_loop": lambda: scale * loop_alora_delta(x, alora["A"], alora["B"], alora["router"]),
+        "peft_lora": lambda: peft_layer.lora_B["default"](peft_layer.lora_A["default"](x)) * 2.0,
+    }
+    adapter.update({f"{m}_fused": adapter_path(layers[m]) for m in ("lora", "hydralora", "molora", "malora")})
+    whole: dict[str, Callable[[], torch.Tensor]] = {
+        "base_only": lambda: base(x),
+        "alora_fused": lambda: layers["alora"](x),
+        "alora_loop": lambda: base(x) + scale * loop_alora_delta(x, alora["A"], alora["B"], alora["router"]),
+        "peft_lora": lambda: peft_layer(x),
+    }
+    whole.update(
+        {f"{m}_fused": (lambda m=m: layers[m](x)) for m in ("lora", "hydralora", "molora", "malora")}
+    )
+    return x, adapter, whole
+
+
+def measure(
+    fns: dict[str, Callable[[], torch.Tensor]], x: torch.Tensor, reps: int, device
+) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        timed(fn, device)
+        x.grad = None
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+            x.grad = None
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dim", type=int, default=4096, help="d_in = d_out (LLaMA-7B: 4096)")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per batch")
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--smoke", action="store_true", help="tiny shape and 2 reps, for CI")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.dim, args.tokens, args.reps = 256, 128, 2
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    x, adapter, whole = build(args, device, dtype)
+    a = measure(adapter, x, args.reps, device)
+    w = measure(whole, x, args.reps, device)
+    ratios = {
+        "adapter_vs_loop": a["alora_loop"] / a["alora_fused"],
+        "adapter_vs_peft_lora": a["alora_fused"] / a["peft_lora"],
+        "layer_vs_peft_lora": w["alora_fused"] / w["peft_lora"],
+        "layer_vs_loop": w["alora_loop"] / w["alora_fused"],
+    }
+    print(
+        f"one linear layer {args.dim}x{args.dim}, {args.tokens} tokens, r={args.r}, N={args.experts}, "
+        f"{args.device}/{args.dtype}, forward+backward, median of {args.reps} (ms)"
+    )
+    print(f"{'variant':<18}{'adapter path':>14}{'whole layer':>14}")
+    for name in adapter:
+        print(f"{name:<18}{1e3 * a[name]:>14.2f}{1e3 * w[name]:>14.2f}")
+    print(f"{'base W0 x only':<18}{'':>14}{1e3 * w['base_only']:>14.2f}")
+    print(f"fused ALoRA vs loop form (adapter path): {ratios['adapter_vs_loop']:.2f}x faster "
+          f"(target >= {TARGETS['adapter_vs_loop']}x)")  # fmt: skip
+    print(f"fused ALoRA / peft LoRA (adapter path):  {ratios['adapter_vs_peft_lora']:.2f}x "
+          f"(target <= {TARGETS['adapter_vs_peft_lora']}x)")  # fmt: skip
+    print(f"fused ALoRA / peft LoRA (whole layer):   {ratios['layer_vs_peft_lora']:.2f}x "
+          f"(target <= {TARGETS['layer_vs_peft_lora']}x)")  # fmt: skip
+    result = {
+        "benchmark": "layers",
+        "shape": {"dim": args.dim, "tokens": args.tokens, "r": args.r, "experts": args.experts},
+        "device": args.device,
+        "dtype": args.dtype,
+        "adapter_ms": {k: round(1e3 * v, 3) for k, v in a.items()},
+        "layer_ms": {k: round(1e3 * v, 3) for k, v in w.items()},
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
