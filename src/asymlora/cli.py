@@ -1,0 +1,185 @@
+"""The ``asymlora`` command line.
+
+    asymlora demo                                  train + evaluate LoRA / ALoRA / HydraLoRA on BIG-bench
+    asymlora train CONFIG.yaml [key=value ...]     run a multi-task config (see configs/)
+    asymlora eval RUN_DIR                          re-evaluate a finished run
+    asymlora export RUN_DIR --task NAME --out DIR  one task of a task-routed run as a stock peft LoRA
+    asymlora analyze PATH [PATH ...] --out DIR     where the knowledge sits: A vs B similarity, spectra
+    asymlora fed CONFIG.yaml [key=value ...]       federated fine-tuning on Flower (simulation)
+
+A user mistake (bad config, unknown task, missing path, ...) prints one clear line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+EXIT_USER_ERROR = 2
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("asymlora") / "configs" / "demo.yaml"))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from asymlora.config import load_config
+    from asymlora.recipes.multitask import run
+
+    cfg = load_config(args.config, args.overrides)
+    run(cfg, overwrite=args.overwrite, resume=args.resume)
+    print(f"results: {Path(cfg.run_dir) / 'results.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from asymlora.config import load_config
+    from asymlora.recipes.multitask import run
+
+    overrides = [f"run_dir={args.run_dir}", *args.overrides]
+    cfg = load_config(demo_config_path(), overrides)
+    t0 = time.perf_counter()
+    run(cfg, overwrite=True)
+    print(
+        f"demo finished in {time.perf_counter() - t0:.0f} s; table, results.json and results.png in {cfg.run_dir}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from asymlora.recipes.evaluate import evaluate_run
+
+    evaluate_run(Path(args.run_dir))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from asymlora.recipes.evaluate import export_run_task
+
+    out = export_run_task(
+        Path(args.run_dir), args.task, Path(args.out), method=args.method, overwrite=args.overwrite
+    )
+    print(f"wrote a standard peft LoRA adapter to {out}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from asymlora.analysis import analyze
+
+    analyze(args.paths, args.out, labels=args.labels, base_model=args.base_model)
+    print(f"analysis written to {args.out}")
+    return 0
+
+
+def cmd_fed(args: argparse.Namespace) -> int:
+    from asymlora.federated.run import main as fed_main
+
+    return fed_main(args)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from asymlora.analysis.experiment import run_init_similarity
+
+    run_init_similarity(args.out, args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asymlora",
+        description="Fine-tune language models with several LoRA adapters that share parameters asymmetrically "
+        "(ALoRA, Fed-ALoRA) and their peers (LoRA, HydraLoRA, MoLoRA, MALoRA; FedIT, FFA-LoRA, FedSA-LoRA).",
+        epilog="Configs are YAML (see configs/); any key can be overridden as section.key=value, "
+        "e.g. adapter.r=16 train.steps=200 'data.tasks=[bigbench:strategyqa]'.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help: str, description: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("train", cmd_train, "train and evaluate a multi-task config",
+            "Train the configured method(s) on the configured tasks, evaluate every task (and the base model), "
+            "and write results.json, results.md and results.png into run_dir.")  # fmt: skip
+    p.add_argument("config", help="YAML run config (e.g. configs/multitask_bigbench.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume", action="store_true", help="continue the run in run_dir from its last checkpoint"
+    )
+    mode.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start over")
+
+    p = add("demo", cmd_demo, "the embedded demo: SmolLM2-135M on 4 BIG-bench tasks (~12 min on 2 CPU cores)",
+            "Train LoRA, ALoRA and HydraLoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
+            "evaluate the base model and each method, print the per-task table and write it with a PNG chart.")  # fmt: skip
+    p.add_argument("--run-dir", default="runs/demo", help="where to write (replaced if it exists)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
+
+    p = add("eval", cmd_eval, "re-evaluate a finished run",
+            "Load the adapter(s) of RUN_DIR and score every task again; rewrites results.json.")  # fmt: skip
+    p.add_argument("run_dir")
+
+    p = add("export", cmd_export, "export one task as a standard peft LoRA adapter",
+            "Write task NAME of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "
+            "or any LoRA server loads without asymlora. Learned (soft/topk) routing cannot be exported.")  # fmt: skip
+    p.add_argument("run_dir")
+    p.add_argument("--task", required=True, help="task name (as in results.json) or expert index")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--method", help="which method of a compare run (default: the only one)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = add("analyze", cmd_analyze, "compare adapters: A vs B subspace similarity, CCA, spectra",
+            "Pair the given adapters (asymlora or plain peft LoRA; adapter or run directories) and their experts, "
+            "and write analysis.json plus PNG figures.")  # fmt: skip
+    p.add_argument("paths", nargs="+", help="adapter directories or run directories")
+    p.add_argument("--out", default="analysis", help="output directory (default: ./analysis)")
+    p.add_argument("--labels", nargs="*", help="one label per path")
+    p.add_argument("--base-model", help="base model, for the magnitude/direction change of W0 + ΔW")
+
+    p = add("experiment", cmd_experiment, "run the paper's experiments (init-similarity)",
+            "init-similarity: train LoRA on several tasks from one seed and on one task from several seeds, then "
+            "compare A and B similarities (the paper's Figure 1).")  # fmt: skip
+    p.add_argument("name", choices=["init-similarity"])
+    p.add_argument("--out", default="runs/init-similarity", help="output directory")
+    p.add_argument("overrides", nargs="*", help="key=value size overrides")
+
+    p = add("fed", cmd_fed, "federated fine-tuning on Flower (simulation)",
+            "Run a federated config (configs/fed_*.yaml) with Flower's simulation engine.")  # fmt: skip
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--resume", action="store_true", help="continue from the last completed round")
+    p.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start over")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as e:
+        from asymlora.train import TrainingError
+
+        if isinstance(e, RuntimeError) and not isinstance(e, TrainingError):
+            raise
+        print(f"asymlora {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Recipes: setup → train → evaluate → save, composed from the components (torchtune style)."""

@@ -1,0 +1,228 @@
+"""The multi-task recipe: load model and tasks, train each configured method, evaluate, write results.
+
+Run directory of a single-method run::
+
+    run_dir/config.yaml          the resolved config
+    run_dir/base.json            the base model's scores (eval.base_model)
+    run_dir/checkpoints/step-N/  atomic checkpoints (adapter, optimiser, scheduler, RNG)
+    run_dir/adapter/             the final adapter (peft save_pretrained)
+    run_dir/train_log.jsonl      loss every train.log_every steps
+    run_dir/results.json         per_task, average, std, worst, delta_m, method, trainable_params, ...
+
+With ``compare.methods`` each method gets such a directory ``run_dir/<method>/``, single-task baselines go
+to ``run_dir/single/<task>/``, and ``run_dir/results.json``, ``results.md`` and ``results.png`` hold the
+side-by-side table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+
+from asymlora.config import ConfigError, RunConfig, dump_config, load_config
+from asymlora.io import atomic_dir, atomic_write_text
+from asymlora.roles import count_parameters
+
+CONFIG_FILE = "config.yaml"
+RESULTS_FILE = "results.json"
+
+
+def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> Path:
+    """Create the run directory, refusing to mix two different runs in one directory."""
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / CONFIG_FILE
+    text = dump_config(cfg)
+    if saved.is_file() and not overwrite:
+        if not resume:
+            raise FileExistsError(
+                f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over "
+                "(or choose another run_dir=...)"
+            )
+        previous = load_config(saved)
+        if dump_config(dataclasses.replace(previous, train=cfg.train)) != text:
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config; --resume needs the same config "
+                f"(only train.* may change). Compare with {saved}, or use --overwrite."
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite and not saved.is_file():
+        raise FileExistsError(f"{run_dir} exists and is not an asymlora run; choose another run_dir=...")
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, text)
+    return run_dir
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=float) + "\n")
+
+
+def load_tasks_for(cfg: RunConfig):
+    from asymlora.data import load_tasks
+
+    return load_tasks(
+        cfg.data.tasks,
+        seed=cfg.data.seed,
+        max_train=cfg.data.max_train,
+        max_test=cfg.data.max_test,
+        test_fraction=cfg.data.test_fraction,
+    )
+
+
+def evaluate(model: Any, tokenizer: Any, tasks: list, cfg: RunConfig, task_routed: bool) -> dict[str, dict]:
+    """Score every task; a task-routed adapter gets each task's id."""
+    from asymlora.eval import evaluate_task
+
+    return {
+        task.name: evaluate_task(
+            model,
+            tokenizer,
+            task,
+            task_id=i if task_routed else None,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            max_examples=cfg.eval.max_examples,
+        )
+        for i, task in enumerate(tasks)
+    }
+
+
+def primary_metrics(tasks: list) -> dict[str, str]:
+    from asymlora.eval import primary_metric
+
+    return {task.name: primary_metric(task) for task in tasks}
+
+
+def train_and_evaluate(
+    cfg: RunConfig,
+    method: str,
+    model: Any,
+    tokenizer: Any,
+    tasks: list,
+    out_dir: Path,
+    *,
+    resume: bool,
+    baselines: dict[str, float] | None,
+) -> tuple[dict[str, Any], Any]:
+    """Train ``method`` on ``tasks`` into ``out_dir``, evaluate it, and give the base model back."""
+    from asymlora.data import MultiTaskCollator, MultiTaskDataset
+    from asymlora.eval import summarize
+    from asymlora.train import train
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = cfg.adapter_for(method)
+    torch.manual_seed(cfg.train.seed)
+    peft_cfg = settings.to_peft([t.name for t in tasks], base_model=cfg.model.name)
+    pm = peft.get_peft_model(model, peft_cfg)
+    dataset = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length)
+    on_step = None
+    if cfg.train.trace_every:
+        from asymlora.analysis.traces import TraceRecorder
+
+        recorder = TraceRecorder(pm, out_dir / "traces.jsonl")
+        on_step = lambda step: step % cfg.train.trace_every == 0 and recorder.record(step)  # noqa: E731
+    result = train(pm, dataset, MultiTaskCollator(tokenizer), cfg.train, out_dir, resume=resume, on_step=on_step,
+                   desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})")  # fmt: skip
+    with atomic_dir(out_dir / "adapter", overwrite=True) as tmp:
+        pm.save_pretrained(str(tmp))
+    t0 = time.perf_counter()
+    per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=peft_cfg.router == "task" and method != "lora")
+    summary = summarize(per_task, primary_metrics(tasks), baselines)
+    results = {
+        "method": method,
+        "per_task": per_task,
+        **summary,
+        "trainable_params": count_parameters(pm)["total"],
+        "train_seconds": round(result.train_seconds, 2),
+        "eval_seconds": round(time.perf_counter() - t0, 2),
+        "peak_memory_mb": round(result.peak_memory_mb, 1),
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "losses": result.losses,
+        "router": peft_cfg.router,
+        "num_experts": peft_cfg.experts,
+    }
+    write_json(out_dir / RESULTS_FILE, results)
+    return results, pm.unload()
+
+
+def run(
+    cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, quiet: bool = False
+) -> dict[str, Any]:
+    """Run the whole recipe; returns what `results.json` holds."""
+    from asymlora.eval import format_table, plot_results, summarize
+    from asymlora.models import load
+
+    say = (lambda *a: None) if quiet else print
+    run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
+    tasks = load_tasks_for(cfg)
+    say(
+        "tasks: "
+        + ", ".join(f"{t.name} ({t.kind}, {len(t.train)} train / {len(t.test)} test)" for t in tasks)
+    )
+    model, tokenizer = load(cfg.model.name, device=cfg.model.device)
+    primary = primary_metrics(tasks)
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    combined: dict[str, Any] = {"tasks": [t.name for t in tasks], "primary_metric": primary, "methods": {}}
+
+    if cfg.eval.base_model:
+        base_file = run_dir / "base.json"
+        if resume and base_file.is_file():
+            base = json.loads(base_file.read_text())
+        else:
+            per_task = evaluate(model, tokenizer, tasks, cfg, task_routed=False)
+            base = {"method": "base", "per_task": per_task, **summarize(per_task, primary, None)}
+            write_json(base_file, base)
+        rows["base"] = base["per_task"]
+        combined["base"] = base
+
+    baselines = cfg.baselines
+    if cfg.compare.single_task:
+        single_cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, steps=max(1, math.ceil(cfg.train.steps / len(tasks))))
+        )
+        single: dict[str, dict[str, float]] = {}
+        for task in tasks:
+            out = run_dir / "single" / safe_name(task.name)
+            res, model = train_and_evaluate(single_cfg, "lora", model, tokenizer, [task], out,
+                                            resume=resume, baselines=None)  # fmt: skip
+            single[task.name] = res["per_task"][task.name]
+        rows["single-task lora"] = single
+        baselines = {name: scores[primary[name]] for name, scores in single.items()}
+        combined["single_task"] = {"per_task": single, **summarize(single, primary, None)}
+    combined["baselines"] = baselines
+
+    methods = cfg.compare.methods or [cfg.adapter.method]
+    flat = not cfg.compare.methods
+    for method in methods:
+        out = run_dir if flat else run_dir / method
+        res, model = train_and_evaluate(
+            cfg, method, model, tokenizer, tasks, out, resume=resume, baselines=baselines
+        )
+        rows[method] = res["per_task"]
+        combined["methods"][method] = {k: v for k, v in res.items() if k != "losses"}
+
+    table = format_table(rows, primary, [t.name for t in tasks], baselines)
+    say(table)
+    if not flat:
+        write_json(run_dir / RESULTS_FILE, combined)
+    atomic_write_text(run_dir / "results.md", table + "\n")
+    plot_results(rows, primary, run_dir / "results.png")
+    if flat:  # a single-method run: results.json holds that run's keys, plus the base model's scores
+        results = json.loads((run_dir / RESULTS_FILE).read_text())
+        results["base"] = combined.get("base")
+        write_json(run_dir / RESULTS_FILE, results)
+        return results
+    return combined
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

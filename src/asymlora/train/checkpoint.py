@@ -1,0 +1,112 @@
+"""Training checkpoints: adapter, optimiser, scheduler and RNG state, written atomically, no pickles.
+
+A checkpoint is a directory ``checkpoints/step-000050`` that appears complete or not at all (written in a
+temporary directory, then renamed). Tensors go to safetensors files, everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from asymlora.io import atomic_dir
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, entry in state["state"].items():
+        plain["state"][str(idx)] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                plain["state"][str(idx)][key] = value
+    return tensors, plain
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in plain["state"].items()}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    target = checkpoint_dir(run_dir, step)
+    opt_tensors, opt_plain = _optimizer_to_files(optimizer.state_dict())
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp))
+        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        save_file(rng, str(tmp / RNG_FILE))
+        state = {
+            "step": step,
+            "optimizer": opt_plain,
+            "scheduler": scheduler.state_dict(),
+            **extra,
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
+    older = sorted((run_dir / "checkpoints").glob("step-*"))[:-keep] if keep > 0 else []
+    for path in older:
+        shutil.rmtree(path, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(
+    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, adapter_name: str = "default"
+) -> dict[str, Any]:
+    """Restore a checkpoint into the given objects; returns its JSON state (step, extra fields)."""
+    state = json.loads((path / STATE_FILE).read_text())
+    weights = load_file(str(path / ADAPTER_FILE))
+    result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"checkpoint {path} does not match this model (unexpected keys {unexpected[:3]})")
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    opt_tensors = {
+        k: v.to(device) if v.dim() > 0 else v for k, v in load_file(str(path / OPTIMIZER_FILE)).items()
+    }
+    optimizer.load_state_dict(_optimizer_from_files(opt_tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(str(path / RNG_FILE))
+    torch.set_rng_state(rng["torch"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return state
