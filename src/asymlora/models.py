@@ -146,11 +146,21 @@ def build_dir_once(final_dir: Path, build: Callable[[Path], None]) -> Path:
             build(tmp_dir)
             if not _is_complete(tmp_dir):
                 raise RuntimeError(f"cache build for {final_dir} did not write {COMPLETE_MARKER}")
+            _apply_umask(tmp_dir)
             os.replace(tmp_dir, final_dir)
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
     return final_dir
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give a ``mkdtemp`` directory (mode 0700) and its files the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def builtin_cache_dir(name: str = "smollm2-135m", root: Path | None = None) -> Path:
