@@ -12,7 +12,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
-pip install --upgrade pip
 # The CPU build of torch, pinned: an unpinned torch pulls several GB of CUDA packages (DESIGN.md §10).
 pip install "torch==2.13.0"
 pip install -e ".[fed,hf,dev]"
