@@ -63,8 +63,11 @@ class FedHet(AdapterMethod):
         t[B2_NAME].zero_()
         t[B0_NAME].zero_()
 
-    def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
-        z = F.linear(F.linear(x, t["A"]), t[M_NAME])  # (..., r) -> (..., d_m): M A x
+    def x_side(self, t):
+        return t["A"]  # (r, d_in)
+
+    def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
+        z = F.linear(h, t[M_NAME])  # (..., r) -> (..., d_m): M A x
         inner = F.linear(F.linear(z, t[B1_NAME]), t[B2_NAME])  # (..., r) -> (..., d_out): B2 B1 z
         return F.linear(z, t[B0_NAME]) + inner  # (..., d_out): (B0 + B2 B1) z
 

@@ -1,0 +1,65 @@
+"""Federated fine-tuning: strategies as pure functions over state dicts, and communication accounting.
+
+`asymlora.federated.strategies` holds the six strategies of DESIGN.md §4 (``fedit``, ``ffa``, ``fedsa``,
+``fedalora``, ``fedalora-het``, ``zeropad``): what each shares, keeps, freezes and resets, and the
+server-side aggregation with validation. `asymlora.federated.accounting` measures the bytes of their
+messages. Neither imports Flower; the Flower apps call them.
+"""
+
+from asymlora.federated.strategies import (
+    STRATEGY_NAMES,
+    AggregateResult,
+    Rejection,
+    RoleMap,
+    Select,
+    Strategy,
+    TensorInfo,
+    adapter_state,
+    aggregate,
+    arrays_to_state,
+    bytes_to_state,
+    check_het_setup,
+    client_config,
+    client_round_start,
+    client_upload,
+    download_payload,
+    freeze_,
+    get_strategy,
+    init_server_state,
+    load_adapter_state_,
+    local_state,
+    payload_bytes,
+    payload_params,
+    role_map,
+    state_to_arrays,
+    state_to_bytes,
+)
+
+__all__ = [
+    "STRATEGY_NAMES",
+    "AggregateResult",
+    "Rejection",
+    "RoleMap",
+    "Select",
+    "Strategy",
+    "TensorInfo",
+    "adapter_state",
+    "aggregate",
+    "arrays_to_state",
+    "bytes_to_state",
+    "check_het_setup",
+    "client_config",
+    "client_round_start",
+    "client_upload",
+    "download_payload",
+    "freeze_",
+    "get_strategy",
+    "init_server_state",
+    "load_adapter_state_",
+    "local_state",
+    "payload_bytes",
+    "payload_params",
+    "role_map",
+    "state_to_arrays",
+    "state_to_bytes",
+]

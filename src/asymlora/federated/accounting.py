@@ -1,0 +1,348 @@
+"""Communication accounting: parameters and bytes per client per round, measured from the payloads.
+
+Every figure here is the size of what `asymlora.federated.strategies` actually puts into the messages
+(`download_payload` server→client, `client_upload` client→server), computed on the model's real adapter
+tensors. For 7B-scale shapes the base model is built on the meta device (no weights; the adapter tensors
+end up on meta too), so the table costs a few seconds and no memory.
+
+Beside the measured figures it gives the accounting formulas of DESIGN.md §4 that reproduce the ALoRA
+paper's published "params communicated" (LLaMA-2-7B, q_proj and v_proj, L = 32, r = 8; heterogeneous
+ranks [64, 64, 32, 32, 16, 16, 8, 8], r̄ = 30, d_m = 16).
+
+    python -m asymlora.federated.accounting                # LLaMA-2-7B and Qwen2-7B tables (markdown)
+    python -m asymlora.federated.accounting --arch llama2-7b
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import peft
+import torch
+from torch import nn
+
+from asymlora.federated.strategies import (
+    STRATEGY_NAMES,
+    RoleMap,
+    Strategy,
+    adapter_state,
+    client_config,
+    client_upload,
+    download_payload,
+    get_strategy,
+    init_server_state,
+    payload_bytes,
+    payload_params,
+    role_map,
+)
+from asymlora.methods.base import Role
+from asymlora.tuner.config import AsymLoraConfig
+
+PAPER_HET_RANKS: tuple[int, ...] = (64, 64, 32, 32, 16, 16, 8, 8)
+"""The paper's heterogeneous client ranks (r̄ = 30)."""
+
+ARCHS: dict[str, dict[str, object]] = {
+    "llama2-7b": {
+        "family": "llama",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "intermediate_size": 11008,
+        "vocab_size": 32000,
+        "targets": ("q_proj", "v_proj"),
+    },
+    "qwen2-7b": {
+        "family": "qwen2",
+        "hidden_size": 3584,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "intermediate_size": 18944,
+        "vocab_size": 152064,
+        "targets": ("q_proj", "o_proj"),
+    },
+}
+"""Shapes of the paper's models and the target modules of its federated tables."""
+
+PUBLISHED: dict[str, dict[str, float]] = {
+    "llama2-7b": {"fedit": 8.39, "fedsa": 4.19, "fedalora": 4.19, "zeropad": 49.28, "fedalora-het": 12.12},
+    "qwen2-7b": {"fedit": 6.42, "fedsa": 3.21, "fedalora": 3.21, "zeropad": 37.73, "fedalora-het": 9.23},
+}
+"""The paper's "params communicated" per client per round (upload + download), millions."""
+
+
+# --- building the models -----------------------------------------------------------------------------
+def meta_model(arch: str) -> nn.Module:
+    """The causal LM ``arch`` (a key of `ARCHS`) on the meta device: real module shapes, no weights."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    spec = {k: v for k, v in ARCHS[arch].items() if k not in ("family", "targets")}
+    if ARCHS[arch]["family"] == "llama":
+        from transformers import LlamaConfig as Config
+        from transformers import LlamaForCausalLM as Model
+    else:
+        from transformers import Qwen2Config as Config
+        from transformers import Qwen2ForCausalLM as Model
+    with torch.device("meta"):
+        return Model(Config(**spec))
+
+
+def adapted_meta_model(arch: str, cfg: AsymLoraConfig) -> nn.Module:
+    """`meta_model` with the asymlora adapter ``cfg`` injected (its tensors end up on meta too)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(meta_model(arch), cfg)
+
+
+# --- measuring -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClientCost:
+    """One client's traffic in one round."""
+
+    client: int
+    rank: int
+    params_up: int
+    params_down: int
+    bytes_up: int
+    bytes_down: int
+
+    @property
+    def params(self) -> int:
+        return self.params_up + self.params_down
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_up + self.bytes_down
+
+
+@dataclass(frozen=True)
+class StrategyCost:
+    """A strategy's traffic per client per round, measured, with the paper's formula beside it.
+
+    Attributes:
+        strategy: strategy name.
+        clients: one `ClientCost` per client.
+        paper_params: the DESIGN.md §4 accounting formula (mean per client, upload + download).
+        published: the paper's published figure in millions, or None.
+        note: remarks for the table.
+    """
+
+    strategy: str
+    clients: tuple[ClientCost, ...]
+    paper_params: float
+    published: float | None = None
+    note: str = ""
+    ranks: tuple[int, ...] = field(default=())
+
+    def _mean(self, attr: str) -> float:
+        return sum(getattr(c, attr) for c in self.clients) / len(self.clients)
+
+    @property
+    def params_up(self) -> float:
+        return self._mean("params_up")
+
+    @property
+    def params_down(self) -> float:
+        return self._mean("params_down")
+
+    @property
+    def params(self) -> float:
+        """Mean parameters per client per round, upload + download."""
+        return self._mean("params")
+
+    @property
+    def bytes(self) -> float:
+        """Mean bytes per client per round, upload + download."""
+        return self._mean("bytes")
+
+
+def round_cost(
+    strategy: Strategy,
+    server: tuple[dict[str, torch.Tensor], RoleMap],
+    clients: Sequence[tuple[dict[str, torch.Tensor], RoleMap]],
+    ranks: Sequence[int],
+) -> tuple[ClientCost, ...]:
+    """Traffic of one round, from the strategy's real payloads.
+
+    Args:
+        server: (adapter state, role map) the server's shared tensors are initialised from (for
+            ``zeropad``: at the largest rank).
+        clients: (adapter state, role map) of every client after local training (values do not matter;
+            meta tensors are fine).
+        ranks: each client's rank, for the record.
+    """
+    down = download_payload(strategy, init_server_state(strategy, *server))
+    out = []
+    for k, ((state, roles), rank) in enumerate(zip(clients, ranks, strict=True)):
+        up = client_upload(strategy, state, roles)
+        out.append(
+            ClientCost(
+                k, rank, payload_params(up), payload_params(down), payload_bytes(up), payload_bytes(down)
+            )
+        )
+    return tuple(out)
+
+
+def _layer_dims(roles: RoleMap) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every adapted layer of a LoRA role map."""
+    dims: dict[str, list[int]] = {}
+    for info in roles.values():
+        d = dims.setdefault(info.module, [0, 0])
+        if info.role == Role.A:
+            d[0] = info.shape[-1]
+        elif info.role == Role.B:
+            d[1] = info.shape[-2]
+    return [(a, b) for a, b in dims.values()]
+
+
+def paper_params(
+    strategy: str,
+    dims: Sequence[tuple[int, int]],
+    r: int,
+    ranks: Sequence[int],
+    d_m: int,
+    het_inner_factors: bool = True,
+) -> float:
+    """DESIGN.md §4's accounting of the paper's figures, per client per round (upload + download).
+
+    Args:
+        dims: (d_in, d_out) of every adapted layer (all layers, all target modules).
+        r: homogeneous rank; ranks: heterogeneous client ranks (r̄ = their mean); d_m: intermediate rank.
+        het_inner_factors: Fed-ALoRA-het counts d_out·r̄ + 2·d_m·r̄ up (the paper's LLaMA-2 figure); False
+            counts d_out·r̄ up only, which is what the paper's Qwen2 figure (9.23) works out to.
+    """
+    r_bar, r_max = sum(ranks) / len(ranks), max(ranks)
+    if strategy == "fedit":
+        return sum(2 * (i + o) * r for i, o in dims)
+    if strategy in ("ffa", "fedalora"):
+        return sum(2 * o * r for _, o in dims)
+    if strategy == "fedsa":
+        return sum(2 * i * r for i, _ in dims)
+    if strategy == "zeropad":
+        return sum((i + o) * (r_bar + r_max) for i, o in dims)
+    if strategy == "fedalora-het":
+        inner = 2 * d_m * r_bar if het_inner_factors else 0.0
+        return sum(o * r_bar + inner + o * d_m for _, o in dims)
+    raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGY_NAMES)}")
+
+
+def communication_table(
+    arch: str = "llama2-7b",
+    r: int = 8,
+    ranks: Sequence[int] = PAPER_HET_RANKS,
+    d_m: int = 16,
+    dtype: torch.dtype = torch.float32,
+) -> list[StrategyCost]:
+    """Per-client per-round traffic of every strategy on ``arch`` (meta device), with the paper's figures.
+
+    Homogeneous strategies use rank ``r`` on every client (as many clients as ``ranks``); ``zeropad`` and
+    ``fedalora-het`` use the client ranks ``ranks`` and intermediate rank ``d_m``. Parameters are counted
+    from the payloads; bytes at ``dtype``.
+    """
+    targets = list(ARCHS[arch]["targets"]) if arch in ARCHS else None
+    if targets is None:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    base = AsymLoraConfig(method="lora", r=r, lora_alpha=2 * r, intermediate_rank=d_m, target_modules=targets)
+    cache: dict[tuple[str, int], tuple[dict[str, torch.Tensor], RoleMap]] = {}
+
+    def model_state(strategy: Strategy, rank: int) -> tuple[dict[str, torch.Tensor], RoleMap]:
+        cfg = client_config(strategy, base, rank if strategy.heterogeneous else None)
+        key = (cfg.method, cfg.r)
+        if key not in cache:
+            model = adapted_meta_model(arch, cfg)
+            state = {k: v.to(dtype) for k, v in adapter_state(model).items()}
+            cache[key] = (state, role_map(model))
+        return cache[key]
+
+    homo_ranks = [r] * len(ranks)
+    dims = _layer_dims(model_state(get_strategy("fedit"), r)[1])
+    published = PUBLISHED.get(arch, {})
+    rows = []
+    for name in STRATEGY_NAMES:
+        strategy = get_strategy(name)
+        client_ranks = list(ranks) if strategy.heterogeneous else homo_ranks
+        server = model_state(strategy, max(client_ranks))
+        clients = [model_state(strategy, k) for k in client_ranks]
+        costs = round_cost(strategy, server, clients, client_ranks)
+        note = ""
+        paper = paper_params(name, dims, r, ranks, d_m)
+        if name == "fedalora-het":
+            d_out = dims[0][1]
+            factors = sorted({k for k in ranks if k * (d_out + d_m) < d_out * d_m})
+            products = sorted(set(ranks) - set(factors))
+            note = f"ours: B2·B1 up for r_i in {products}, factors B2, B1 for r_i in {factors}; B0 down"
+            if arch == "qwen2-7b":
+                alt = paper_params(name, dims, r, ranks, d_m, het_inner_factors=False)
+                note += f"; the published 9.23 is L·Σ d_out·(r̄ + d_m) = {alt / 1e6:.2f} M (no 2·d_m·r̄ term)"
+        elif name == "zeropad":
+            note = "upload at own rank, download padded to the largest rank"
+        rows.append(StrategyCost(name, costs, paper, published.get(name), note, tuple(client_ranks)))
+    return rows
+
+
+def format_table(arch: str, rows: Sequence[StrategyCost], dtype: torch.dtype = torch.float32) -> str:
+    """A markdown table of `communication_table`'s rows (millions of parameters, MB = 10⁶ bytes)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    lines = [
+        f"{arch}: per client per round, mean over clients (bytes at {str(dtype).removeprefix('torch.')}, "
+        f"{size} B/value)",
+        "",
+        "| strategy | client ranks | up (M) | down (M) | measured total (M) | MB | paper formula (M) "
+        "| published (M) | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        distinct = set(row.ranks)
+        rank_text = (
+            ",".join(map(str, row.ranks)) if len(distinct) > 1 else f"{row.ranks[0]} on all {len(row.ranks)}"
+        )
+        pub = f"{row.published:.2f}" if row.published is not None else "—"
+        lines.append(
+            f"| {row.strategy} | {rank_text} | {row.params_up / 1e6:.2f} | {row.params_down / 1e6:.2f} "
+            f"| {row.params / 1e6:.2f} | {row.bytes / 1e6:.1f} | {row.paper_params / 1e6:.2f} | {pub} "
+            f"| {row.note} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m asymlora.federated.accounting",
+        description="Parameters and bytes communicated per client per round, per federated strategy.",
+    )
+    parser.add_argument("--arch", choices=[*sorted(ARCHS), "all"], default="all")
+    parser.add_argument("--r", type=int, default=8, help="homogeneous rank (default 8)")
+    parser.add_argument(
+        "--ranks",
+        default=",".join(map(str, PAPER_HET_RANKS)),
+        help="heterogeneous client ranks, comma-separated",
+    )
+    parser.add_argument(
+        "--d-m", type=int, default=16, help="Fed-ALoRA-het intermediate rank d_m (default 16)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        ranks = [int(k) for k in args.ranks.split(",") if k.strip()]
+    except ValueError:
+        parser.error(f"--ranks must be comma-separated integers, got {args.ranks!r}")
+    if not ranks or min(ranks) < 1 or args.r < 1 or args.d_m < 1:
+        parser.error("ranks, --r and --d-m must be integers >= 1")
+    archs = sorted(ARCHS) if args.arch == "all" else [args.arch]
+    for i, arch in enumerate(archs):
+        if i:
+            print()
+        print(format_table(arch, communication_table(arch, args.r, ranks, args.d_m)))
+    print(
+        f"\nr = {args.r}; heterogeneous ranks {ranks} (r̄ = {math.fsum(ranks) / len(ranks):g}), d_m = {args.d_m}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
