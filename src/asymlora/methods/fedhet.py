@@ -18,9 +18,7 @@ The paper uses alpha_i = 2·r_i, i.e. s_i = 2.
 Fused: ``z = M (A x)`` (…, d_m), then ``y = B0 z + B2 (B1 z)``: four thin products, never a d_out × d_in
 matrix. Parameters per layer: r·d_in + d_m·r + r·d_m + d_out·r trainable, d_out·d_m frozen.
 
-Tensor names: ``A``, ``M``, ``B1``, ``B0``, and ``B`` for the paper's B2_i. B2_i is this method's
-"B" in the same sense as LoRA's (the trainable d_out × r output factor, zero at init), and the layer
-reads every method's adapter dtype from ``B``. `B2_NAME` names it for the federated code.
+Tensor names follow the paper: ``A``, ``M``, ``B1``, ``B2`` and the frozen ``B0``.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ B0_NAME = "B0"
 """The frozen shared output factor B0 (d_out × d_m), the only tensor the server sends."""
 B1_NAME = "B1"
 """The client's inner output factor B1_i (r_i × d_m)."""
-B2_NAME = "B"
+B2_NAME = "B2"
 """The client's outer output factor B2_i (d_out × r_i), stored under the method tensor name ``B``."""
 M_NAME = "M"
 """The client's intermediate projection M_i (d_m × r_i)."""

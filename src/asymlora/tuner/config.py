@@ -152,7 +152,7 @@ class AsymLoraConfig(PeftConfig):
     @property
     def experts(self) -> int:
         """Number of experts the method really has (1 for plain LoRA)."""
-        return 1 if self.method == "lora" else self.num_experts
+        return self.num_experts if METHODS[self.method].uses_router else 1
 
     @property
     def malora_subspace_rank(self) -> int:

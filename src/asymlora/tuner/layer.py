@@ -141,7 +141,7 @@ class Linear(nn.Module, AsymLoraLayer):
             if name in self.asymlora_config:
                 cfg = self.asymlora_config[name]
                 t = self.tensors(name)
-                delta = self.adapter_path(name, self._cast_input_dtype(x, t["B"].dtype), t)
+                delta = self.adapter_path(name, self._cast_input_dtype(x, next(iter(t.values())).dtype), t)
                 result = result + (cfg.scaling * delta).to(result.dtype)
         return result
 
