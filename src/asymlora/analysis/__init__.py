@@ -1,0 +1,69 @@
+"""Analysis toolkit: where does the knowledge of a LoRA adapter sit? (DESIGN.md §5, arXiv 2509.25414 §3)
+
+- `metrics`: pure tensor functions — subspace similarity φ and principal angles (A: row space, B: column
+  space), the φ(i, j) grid, SVCCA similarity, DoRA-style magnitude/direction change, relative change and
+  norms, singular spectra of concatenated experts.
+- `factors`: read asymlora and plain peft LoRA adapters (or run directories) into per-module, per-expert
+  (A_i, B_i) pairs.
+- `report`: `analyze(paths, out_dir, labels, base_model)` pairs adapters and writes ``analysis.json``,
+  ``summary.txt`` and PNG figures (what ``asymlora analyze`` runs).
+- `traces`: `TraceRecorder(model, path).record(step)` for training-time traces.
+"""
+
+from asymlora.analysis.factors import (
+    AdapterFactors,
+    check_compatible,
+    find_adapter_dir,
+    load_adapter,
+    load_base_weights,
+)
+from asymlora.analysis.metrics import (
+    cca_similarity,
+    compare_subspaces,
+    frobenius_norm,
+    magnitude_direction_change,
+    numerical_rank,
+    principal_angles,
+    relative_change,
+    singular_spectrum,
+    subspace_basis,
+    subspace_similarity,
+    subspace_similarity_grid,
+)
+from asymlora.analysis.report import (
+    Comparison,
+    analyze,
+    analyze_adapters,
+    build_comparisons,
+    format_summary,
+    plot_traces,
+)
+from asymlora.analysis.traces import TraceRecorder, read_traces, snapshot_a
+
+__all__ = [
+    "AdapterFactors",
+    "Comparison",
+    "TraceRecorder",
+    "analyze",
+    "analyze_adapters",
+    "build_comparisons",
+    "cca_similarity",
+    "check_compatible",
+    "compare_subspaces",
+    "find_adapter_dir",
+    "format_summary",
+    "frobenius_norm",
+    "load_adapter",
+    "load_base_weights",
+    "magnitude_direction_change",
+    "numerical_rank",
+    "plot_traces",
+    "principal_angles",
+    "read_traces",
+    "relative_change",
+    "singular_spectrum",
+    "snapshot_a",
+    "subspace_basis",
+    "subspace_similarity",
+    "subspace_similarity_grid",
+]
