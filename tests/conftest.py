@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2):
+def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2, **config):
     """A randomly initialised LlamaForCausalLM small enough for unit tests (float32, CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,6 +29,7 @@ def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 32, laye
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        **config,
     )
     model = LlamaForCausalLM(config)
     model.eval()
@@ -38,3 +39,19 @@ def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 32, laye
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+def make_char_tokenizer():
+    """A character-level fast tokenizer (one token per character; pad 0, bos 1, eos 2), for tiny models."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(code) for code in range(32, 127)] + ["\n"]
+    backend = Tokenizer(WordLevel({tok: i for i, tok in enumerate(specials + chars)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )

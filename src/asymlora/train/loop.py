@@ -99,6 +99,7 @@ def train(
     n, world, rank = len(dataset), accelerator.num_processes, accelerator.process_index
     bar = tqdm(total=settings.steps, initial=start, desc=desc, disable=not accelerator.is_main_process)
     t0, seen, last_loss = time.perf_counter(), 0, math.nan
+    run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "train_log.jsonl"
     for step in range(start, settings.steps):
         step_loss = 0.0

@@ -1,0 +1,183 @@
+"""Training and the multi-task recipe end to end on a tiny model with synthetic tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from tests.conftest import make_char_tokenizer, make_tiny_llama
+
+import asymlora
+from asymlora.cli import main as cli_main
+from asymlora.config import ConfigError, load_config
+from asymlora.recipes.multitask import run
+from asymlora.train import TrainingError, batch_indices, train
+
+RESULT_KEYS = {"per_task", "average", "std", "worst", "delta_m", "method", "trainable_params", "train_seconds",
+               "peak_memory_mb"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("env")
+    model = make_tiny_llama(hidden=48, layers=2, initializer_range=0.2)
+    model.save_pretrained(root / "model")
+    make_char_tokenizer().save_pretrained(root / "model")
+    add = [
+        {"instruction": "Add one.", "input": str(i), "output": str(i + 1), "task": "add"} for i in range(60)
+    ]
+    parity = [{"input": f"Is {i} even?", "options": ["yes", "no"], "target": "yes" if i % 2 == 0 else "no",
+               "task": "parity"} for i in range(60)]  # fmt: skip
+    data = root / "tasks.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in add + parity))
+    return {"model": root / "model", "data": data}
+
+
+def overrides(env: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"model.name={env['model']}", "model.device=cpu",
+        f"data.tasks=[jsonl:{env['data']}#add, jsonl:{env['data']}#parity]",
+        "data.max_train=40", "data.max_test=10", "data.max_length=64",
+        "adapter.target_modules=[q_proj,v_proj,o_proj,up_proj,down_proj]", "adapter.r=4",
+        "train.steps=30", "train.batch_size=8", "train.lr=1e-2", "train.warmup_steps=2", "train.log_every=1",
+        "train.save_every=10", "eval.batch_size=8", "eval.max_new_tokens=4", f"run_dir={run_dir}", *extra,
+    ]  # fmt: skip
+
+
+def test_batch_order_is_a_function_of_seed_and_step() -> None:
+    first = [batch_indices(s, 10, 4, seed=3) for s in range(5)]
+    assert first == [batch_indices(s, 10, 4, seed=3) for s in range(5)]
+    assert sorted(i for batch in first for i in batch) == sorted(list(range(10)) * 2)  # two full epochs
+    assert batch_indices(0, 10, 4, seed=4) != first[0]
+    ranks = [batch_indices(2, 10, 2, seed=3, rank=r, world=2) for r in range(2)]
+    assert ranks[0] + ranks[1] == batch_indices(2, 10, 4, seed=3)[:4] or len(set(ranks[0] + ranks[1])) == 4
+
+
+def test_short_run_lowers_the_loss_and_writes_results(env, tmp_path) -> None:
+    cfg = load_config(None, overrides(env, tmp_path / "run"))
+    results = run(cfg, quiet=True)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(saved) >= RESULT_KEYS and saved == results
+    assert set(saved["per_task"]) == {"add", "parity"}
+    assert saved["per_task"]["parity"]["accuracy"] >= 0 and "exact_match" in saved["per_task"]["add"]
+    losses = [loss for _, loss in saved["losses"]]
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5, losses
+    assert saved["delta_m"] is None and saved["base"]["per_task"].keys() == saved["per_task"].keys()
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "results.png").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-000020", "step-000030"]  # keep_checkpoints=2, no temporary leftovers
+
+
+def _tiny_peft(env, router="soft"):
+    from asymlora.models import load
+
+    model, tok = load(str(env["model"]))
+    torch.manual_seed(0)
+    cfg = asymlora.AsymLoraConfig(
+        method="alora", r=4, router=router, num_experts=2, target_modules=["q_proj"]
+    )
+    return peft.get_peft_model(model, cfg), tok
+
+
+def _dataset(env, tok):
+    from asymlora.data import MultiTaskCollator, MultiTaskDataset, load_tasks
+
+    tasks = load_tasks([f"jsonl:{env['data']}#add", f"jsonl:{env['data']}#parity"], max_train=40, max_test=5)
+    return MultiTaskDataset(tasks, tok, max_length=64), MultiTaskCollator(tok)
+
+
+def test_kill_and_resume_reaches_the_same_final_step_and_weights(env, tmp_path) -> None:
+    settings = load_config(None, overrides(env, tmp_path / "x", "train.steps=12", "train.save_every=4")).train
+
+    pm, tok = _tiny_peft(env)
+    ds, collate = _dataset(env, tok)
+    full = train(pm, ds, collate, settings, tmp_path / "full")
+    reference = load_file(tmp_path / "full" / "checkpoints" / "step-000012" / "adapter_model.safetensors")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_6(step: int) -> None:
+        if step == 6:
+            raise Killed
+
+    pm, tok = _tiny_peft(env)
+    with pytest.raises(Killed):
+        train(pm, ds, collate, settings, tmp_path / "killed", on_step=kill_at_6)
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-000004"]
+    pm, tok = _tiny_peft(env)
+    resumed = train(pm, ds, collate, settings, tmp_path / "killed", resume=True)
+    assert resumed.resumed_from == 4 and resumed.steps == full.steps == 12
+    final = load_file(tmp_path / "killed" / "checkpoints" / "step-000012" / "adapter_model.safetensors")
+    assert final.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(env, tmp_path) -> None:
+    settings = load_config(None, overrides(env, tmp_path / "x", "train.steps=10", "train.save_every=2")).train
+    pm, tok = _tiny_peft(env)
+    ds, collate = _dataset(env, tok)
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] > 5 else output
+
+    pm.get_base_model().lm_head.register_forward_hook(poison)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 6.*step-000004"):
+        train(pm, ds, collate, settings, tmp_path / "nan")
+    assert (tmp_path / "nan" / "checkpoints" / "step-000004" / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_dir_holding_another_run_is_refused(env, tmp_path) -> None:
+    args = overrides(env, tmp_path / "run", "train.steps=2", "eval.base_model=false")
+    run(load_config(None, args), quiet=True)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        run(load_config(None, args), quiet=True)
+    with pytest.raises(ConfigError, match="different config"):
+        run(load_config(None, [*args, "adapter.r=2"]), resume=True, quiet=True)
+    run(load_config(None, [*args, "adapter.r=2"]), overwrite=True, quiet=True)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["trainable_params"] > 0
+
+
+def test_cli_train_export_and_eval_of_a_task_routed_run(env, tmp_path, capsys) -> None:
+    run_dir = tmp_path / "routed"
+    args = overrides(env, run_dir, "train.steps=6", "adapter.router=task", "eval.base_model=false")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("train:\n  steps: 6\n")
+    assert cli_main(["train", str(cfg_file), *args]) == 0
+    assert cli_main(["export", str(run_dir), "--task", "parity", "--out", str(tmp_path / "parity")]) == 0
+    exported = json.loads((tmp_path / "parity" / "adapter_config.json").read_text())
+    assert exported["peft_type"] == "LORA" and exported["r"] == 4
+    assert cli_main(["eval", str(run_dir)]) == 0
+    assert "parity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "missing.yaml"], "does not exist"),
+        (["train", "CFG", "train.stepz=3"], "unknown config key 'train.stepz'"),
+        (["train", "CFG", "train.steps=abc"], "expected int"),
+        (["train", "CFG", "data.tasks=[jsonl:/nope/file.jsonl]"], "/nope/file.jsonl"),
+        (["train", "CFG", "model.name=/nope/model"], "/nope/model"),
+        (["eval", "/nope/run"], "not an asymlora run directory"),
+    ],
+)
+def test_cli_user_errors_exit_2_without_traceback(env, tmp_path, capsys, argv, message) -> None:
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("train:\n  steps: 1\n")
+    argv = [str(cfg_file) if a == "CFG" else a for a in argv]
+    if argv[0] == "train" and argv[1] != "missing.yaml":
+        base = overrides(env, tmp_path / "r")
+        keys = {a.split("=", 1)[0] for a in argv[2:]}
+        argv = argv[:2] + [o for o in base if o.split("=", 1)[0] not in keys] + argv[2:]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
