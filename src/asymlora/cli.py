@@ -76,7 +76,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from asymlora.analysis import analyze
 
-    analyze(args.paths, args.out, labels=args.labels, base_model=args.base_model)
+    analyze(args.paths, args.out, labels=args.labels, base_model=args.base_model, verbose=True)
     print(f"analysis written to {args.out}")
     return 0
 
@@ -166,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides given after an option (argparse stops collecting positionals there)
+        if not hasattr(args, "overrides") or not all("=" in a and not a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except KeyboardInterrupt:
