@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import make_char_tokenizer
 
 from asymlora.data import (
     IGNORE_INDEX,
@@ -29,25 +30,9 @@ from asymlora.data import bigbench as bb
 # --------------------------------------------------------------------------- helpers
 
 
-def char_tokenizer():
-    """A character-level fast tokenizer: one token per character, so lengths are easy to check."""
-    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = [chr(code) for code in range(32, 127)] + ["\n"]
-    backend = Tokenizer(WordLevel({tok: i for i, tok in enumerate(specials + chars)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-
-
 @pytest.fixture
 def tokenizer():
-    return char_tokenizer()
+    return make_char_tokenizer()
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
