@@ -41,7 +41,7 @@ def tiny_llama():
     return make_tiny_llama()
 
 
-def make_char_tokenizer():
+def make_char_tokenizer(pad_token: str | None = "<pad>"):
     """A character-level fast tokenizer (one token per character; pad 0, bos 1, eos 2), for tiny models."""
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import WordLevel
@@ -53,5 +53,5 @@ def make_char_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=pad_token
     )

@@ -9,25 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import make_char_tokenizer
 
 from asymlora import models
-
-
-def _tiny_tokenizer():
-    """A character-level fast tokenizer (no network, no files)."""
-    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = [chr(code) for code in range(32, 127)] + ["\n"]
-    backend = Tokenizer(WordLevel({tok: i for i, tok in enumerate(specials + chars)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=None
-    )
-
 
 # --------------------------------------------------------------------------- fast
 
@@ -85,7 +69,7 @@ def test_file_instead_of_directory(tmp_path):
 
 
 def test_load_local_directory_sets_pad_and_eval(tiny_llama, tmp_path):
-    tokenizer = _tiny_tokenizer()
+    tokenizer = make_char_tokenizer(pad_token=None)
     tiny_llama.train()
     tiny_llama.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -100,7 +84,7 @@ def test_load_local_directory_sets_pad_and_eval(tiny_llama, tmp_path):
 
 def test_load_local_directory_dtype(tiny_llama, tmp_path):
     tiny_llama.save_pretrained(tmp_path)
-    _tiny_tokenizer().save_pretrained(tmp_path)
+    make_char_tokenizer(pad_token=None).save_pretrained(tmp_path)
     model, _ = models.load(str(tmp_path), dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
 
