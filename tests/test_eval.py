@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_char_tokenizer, make_tiny_llama
 
 import asymlora
 from asymlora.data import Example, Task, format_prompt, tokenize_prompt_answer
@@ -26,28 +26,11 @@ from asymlora.eval import (
     summarize,
 )
 
-CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;?!'\"-+\n()"
-
-
-def make_char_tokenizer():
-    """A character-level fast tokenizer: <unk>=0, <s>=1, </s>=2 (eos, also pad); no BOS added."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in CHARS:
-        vocab.setdefault(ch, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="</s>", unk_token="<unk>"
-    )
-
 
 @pytest.fixture(scope="module")
 def tok():
-    return make_char_tokenizer()
+    """Character tokenizer with pad = eos, as SmolLM2's (no BOS added)."""
+    return make_char_tokenizer(pad_token="</s>")
 
 
 @pytest.fixture(scope="module")
