@@ -1,0 +1,132 @@
+"""``python -m asymlora.federated``: helpers for deployment with a SuperLink and SuperNodes.
+
+    python -m asymlora.federated app DIR --config /srv/fed.yaml [--run-dir /srv/runs/fed]
+        write a Flower app directory (pyproject.toml only) whose ServerApp and ClientApp are
+        ``asymlora.federated.server_app:app`` and ``asymlora.federated.client_app:app``; submit it with
+        ``flwr run DIR <connection>``.
+    python -m asymlora.federated status <connection> [--run-id ID]
+        the runs of a SuperLink and their outcome (``finished:completed`` / ``finished:failed``), exit 1
+        when the run failed: ``flwr run`` itself exits 0 even when the ServerApp crashed.
+
+The app's dependency list is empty on purpose: asymlora, torch and flwr are installed on every machine
+beforehand, and the SuperLink runs with ``--disable-runtime-dependency-installation``, so Flower never
+builds a per-run environment (which would pull a CUDA torch from the public index, DESIGN.md §10).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+APP_PYPROJECT = """\
+# A Flower app whose code is the installed asymlora package (no files of its own).
+# Written by `python -m asymlora.federated app`; submit with `flwr run {dir} <connection>`.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "asymlora-fed"
+version = "0.1.0"
+description = "Federated fine-tuning with asymlora (Fed-ALoRA and its peers) on Flower"
+# Empty on purpose: asymlora, torch and flwr are installed on every machine beforehand.
+dependencies = []
+
+[tool.flwr.app]
+publisher = "asymlora"
+
+[tool.flwr.app.components]
+serverapp = "asymlora.federated.server_app:app"
+clientapp = "asymlora.federated.client_app:app"
+
+[tool.flwr.app.config]
+# Path of the federated YAML config on the machine that runs the ServerApp (the SuperLink's).
+config = {config}
+# Space-separated key=value overrides of that config, e.g. "rounds=5 train.local_steps=20".
+overrides = {overrides}
+# Strategy of this run (default: the config's first); one strategy per `flwr run`.
+strategy = {strategy}
+# Where rounds.jsonl, checkpoints and results.json go (default: the config's run_dir).
+run-dir = {run_dir}
+# Continue from the last completed round of run-dir/<strategy>/checkpoint.
+resume = false
+"""
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def write_app(
+    directory: str | Path, config: str, *, overrides: str = "", strategy: str = "", run_dir: str = ""
+) -> Path:
+    """Write the Flower app directory (only ``pyproject.toml``); returns its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = APP_PYPROJECT.format(
+        dir=directory,
+        config=_toml_str(str(Path(config).expanduser().resolve())),
+        overrides=_toml_str(overrides),
+        strategy=_toml_str(strategy),
+        run_dir=_toml_str(str(Path(run_dir).expanduser().resolve()) if run_dir else ""),
+    )
+    (directory / "pyproject.toml").write_text(text)
+    return directory
+
+
+def run_status(connection: str | None, run_id: int | None = None) -> list[dict]:
+    """The runs of a SuperLink as ``flwr ls --format json`` reports them."""
+    flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+    cmd = [flwr, "ls"] + ([connection] if connection else []) + ["--format", "json"]
+    if run_id is not None:
+        cmd += ["--run-id", str(run_id)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        data = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed: {out.stderr.strip() or out.stdout.strip()}") from None
+    if not data.get("success", False):
+        raise RuntimeError(f"`{' '.join(cmd)}` failed: {data}")
+    return list(data.get("runs", []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m asymlora.federated", description=__doc__.split("\n\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("app", help="write a Flower app directory for deployment")
+    p.add_argument("dir")
+    p.add_argument("--config", required=True, help="federated YAML config (path on the SuperLink host)")
+    p.add_argument("--overrides", default="", help='e.g. "rounds=5 train.local_steps=20"')
+    p.add_argument("--strategy", default="")
+    p.add_argument("--run-dir", default="")
+    p = sub.add_parser("status", help="the outcome of runs on a SuperLink (exit 1 if the run failed)")
+    p.add_argument("connection", nargs="?", default=None, help="SuperLink connection name (flwr config)")
+    p.add_argument("--run-id", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "app":
+        out = write_app(
+            args.dir, args.config, overrides=args.overrides, strategy=args.strategy, run_dir=args.run_dir
+        )
+        print(f"wrote {out / 'pyproject.toml'}; submit with: flwr run {out} <connection>")
+        return 0
+    runs = run_status(args.connection, args.run_id)
+    failed = False
+    for r in runs:
+        print(f"{r['run-id']}  {r['status']}  {r.get('status-details', '')}")
+        failed |= str(r["status"]).endswith(":failed") or str(r["status"]).endswith(":stopped")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

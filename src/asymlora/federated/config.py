@@ -1,0 +1,371 @@
+"""Federated run configuration: YAML mapped onto typed dataclasses, with dotted ``key=value`` overrides.
+
+    cfg = load_fed_config("configs/fed_bigbench_homo.yaml", ["rounds=3", "train.local_steps=10"])
+
+The same rules as the multi-task config (`asymlora.config`): unknown keys and values of the wrong type
+are refused with a message that names them. `FedConfig.validate` checks everything that can be checked
+before Flower starts (strategy names, client ranks, d_m, partition settings), so a bad config fails in
+a second with one clear line instead of inside a simulation.
+
+The config travels to the clients inside every server message (`FedConfig.to_json`), so a SuperNode
+needs nothing but its node config (``partition-id``; optionally ``data``, ``rank``, ``state-dir``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from asymlora.config import ConfigError, apply_overrides, from_dict
+from asymlora.federated.strategies import STRATEGY_NAMES, Strategy, check_het_setup, get_strategy
+from asymlora.tuner.config import AsymLoraConfig
+
+__all__ = [
+    "AdapterSettings",
+    "ClientSettings",
+    "DataSettings",
+    "EvalSettings",
+    "FaultSettings",
+    "FedConfig",
+    "ModelSettings",
+    "SimulationSettings",
+    "TimeoutSettings",
+    "TrainSettings",
+    "dump_fed_config",
+    "fed_config_from_json",
+    "load_fed_config",
+]
+
+
+@dataclass
+class ModelSettings:
+    """The base model every client adapts."""
+
+    name: str = "smollm2-135m"
+    """Built-in ``smollm2-135m``, a local directory saved with ``save_pretrained``, or a hub id."""
+
+
+@dataclass
+class AdapterSettings:
+    """The adapter of every client (heterogeneous strategies change r and alpha per client)."""
+
+    method: str = "lora"
+    """Adapter method for the homogeneous strategies (``lora``; ``fedalora-het`` always uses ``fedhet``)."""
+    r: int = 8
+    """Rank (homogeneous strategies, and every client without its own rank)."""
+    lora_alpha: float = 16
+    """Scaling numerator (homogeneous); heterogeneous strategies use alpha_i = 2·r_i (the paper's)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Modules to adapt (the paper's federated setting: q_proj, v_proj)."""
+    intermediate_rank: int = 16
+    """d_m of ``fedalora-het``: the shared rank of B0 (paper: 16)."""
+
+
+@dataclass
+class ClientSettings:
+    """How many clients, their ranks, and how the data is split among them."""
+
+    num: int = 8
+    """Number of clients (= SuperNodes); every round waits for all of them."""
+    ranks: list[int] | None = None
+    """Heterogeneous strategies: one rank per client (paper: [64, 64, 32, 32, 16, 16, 8, 8]); None: adapter.r."""
+    partition: Literal["task", "dirichlet", "iid"] = "task"
+    """``task``: client k gets data.tasks[k] (the paper's protocol); ``dirichlet``: each class's examples are
+    spread over the clients with proportions drawn from Dir(alpha); ``iid``: a uniform random split."""
+    dirichlet_over: Literal["labels", "tasks"] = "tasks"
+    """What a Dirichlet class is: a task, or a (task, answer option) label of choice tasks."""
+    alpha: float = 0.5
+    """Dirichlet concentration α (small: skewed clients; large: close to IID)."""
+
+
+@dataclass
+class DataSettings:
+    """Tasks and caps (per task, before partitioning)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Task specs (``bigbench:<path>``, ``json:``/``jsonl:<file>[#task]``, ``hf:<dir>``); one per client
+    under ``clients.partition: task``."""
+    max_train: int | None = 300
+    """Training examples per task (None: all)."""
+    max_test: int | None = 200
+    """Test examples per task (None: all of the test split)."""
+    test_fraction: float = 0.2
+    """Share held out for testing when a source has no test split."""
+    max_length: int = 192
+    """Longest training sequence in tokens."""
+    seed: int = 0
+    """Seed of the train/test split."""
+
+
+@dataclass
+class TrainSettings:
+    """Local training on each client, every round (plain AdamW, fresh optimiser each round)."""
+
+    local_steps: int = 10
+    """Optimiser steps per client per round."""
+    batch_size: int = 8
+    """Examples per step."""
+    lr: float = 1e-3
+    """AdamW learning rate (constant)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 = off)."""
+
+
+@dataclass
+class EvalSettings:
+    """Evaluation after the last round, on every client's own test split."""
+
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    max_new_tokens: int = 16
+    """Generation length for generative tasks."""
+    max_examples: int | None = None
+    """Cap on test examples per client task (None: the whole test split)."""
+    global_scores: bool = True
+    """Also score the aggregated shared tensors with each client's local ones."""
+    local_only: bool = False
+    """Also train each client alone (same rank, rounds × local_steps steps, no federation): the Δm% baseline."""
+
+
+@dataclass
+class SimulationSettings:
+    """Flower's simulation engine (Ray) on this machine."""
+
+    num_cpus: int = 2
+    """CPUs Ray may use in total."""
+    cpus_per_client: int = 1
+    """CPUs per client; num_cpus // cpus_per_client clients train at the same time."""
+    threads_per_client: int = 1
+    """torch threads inside each client process."""
+    object_store_mb: int = 512
+    """Ray object store size (MB)."""
+
+
+@dataclass
+class TimeoutSettings:
+    """Seconds the server waits (a client that does not answer in time is recorded as missing)."""
+
+    wait_nodes: float = 300.0
+    """For all clients to connect and answer the first query (includes Ray's start and model loading)."""
+    round: float = 3600.0
+    """For the training replies of one round."""
+    evaluate: float = 3600.0
+    """For the evaluation replies."""
+
+
+@dataclass
+class FaultSettings:
+    """Fault injection, to test that the server survives bad clients. Entries are ``"client:round"``."""
+
+    raise_in: list[str] = field(default_factory=list)
+    """The client raises in that round's training."""
+    nan_in: list[str] = field(default_factory=list)
+    """The client sends NaN in its update that round."""
+    bad_shape_in: list[str] = field(default_factory=list)
+    """The client sends a tensor of the wrong shape that round."""
+    stop_after: int | None = None
+    """The server stops after checkpointing this round (as if killed); continue with ``--resume``."""
+
+    def hits(self, kind: Literal["raise_in", "nan_in", "bad_shape_in"], client: int, rnd: int) -> bool:
+        """True when fault ``kind`` is configured for ``client`` in round ``rnd``."""
+        return f"{client}:{rnd}" in getattr(self, kind)
+
+
+@dataclass
+class FedConfig:
+    """One federated experiment: model, strategies, clients, data, rounds, local training, evaluation."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    strategies: list[str] = field(default_factory=lambda: ["fedalora"])
+    """Strategies run one after the other, same clients, data and seed (each into run_dir/<strategy>/)."""
+    local_a: Literal["persist", "reset"] = "persist"
+    """``fedalora``: keep each client's A across rounds, or reset it to the shared initial A every round."""
+    het_upload: Literal["auto", "product", "factors"] = "auto"
+    """``fedalora-het`` upload: the smaller of B2·B1 and (B2, B1) per layer, or always one of them."""
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    clients: ClientSettings = field(default_factory=ClientSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    rounds: int = 3
+    """Communication rounds."""
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    simulation: SimulationSettings = field(default_factory=SimulationSettings)
+    timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
+    min_nodes: int | None = None
+    """Nodes the server waits for before round 1 (None: clients.num, so every client trains from round 1)."""
+    run_dir: str = "runs/fed"
+    """Where checkpoints, rounds.jsonl and results go."""
+    seed: int = 0
+    """Seed of the shared adapter init, data order and the per-(client, round) draws of fedalora-het."""
+    log_keys: bool = False
+    """Write the tensor names of every message into rounds.jsonl (for audits and tests)."""
+    faults: FaultSettings = field(default_factory=FaultSettings)
+
+    # --- derived ---------------------------------------------------------------------------------
+    def strategy(self, name: str) -> Strategy:
+        """The strategy object of ``name`` with this config's options."""
+        return get_strategy(name, local_a=self.local_a)
+
+    def client_rank(self, client: int) -> int:
+        """Client ``client``'s configured rank (``clients.ranks[client]``, else ``adapter.r``)."""
+        return self.clients.ranks[client] if self.clients.ranks else self.adapter.r
+
+    def base_adapter(self) -> AsymLoraConfig:
+        """The adapter config before per-strategy and per-client changes (`strategies.client_config`)."""
+        a = self.adapter
+        return AsymLoraConfig(
+            method=a.method,
+            r=a.r,
+            lora_alpha=a.lora_alpha,
+            lora_dropout=a.lora_dropout,
+            target_modules=list(a.target_modules),
+            intermediate_rank=a.intermediate_rank,
+            num_experts=1,
+            base_model_name_or_path=self.model.name,
+        )
+
+    @property
+    def required_nodes(self) -> int:
+        """Nodes the server waits for before round 1."""
+        return self.min_nodes if self.min_nodes is not None else self.clients.num
+
+    # --- validation ------------------------------------------------------------------------------
+    def validate(self) -> FedConfig:
+        """Check everything that can be checked before Flower starts; raise `ConfigError` otherwise."""
+        try:
+            self._validate()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return self
+
+    def _validate(self) -> None:
+        if not self.strategies:
+            raise ConfigError(f"strategies is empty: name at least one of {list(STRATEGY_NAMES)}")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ConfigError(f"strategies {self.strategies} lists a strategy twice")
+        for name in self.strategies:
+            get_strategy(name, local_a=self.local_a)
+        k = self.clients.num
+        if isinstance(k, bool) or k < 1:
+            raise ConfigError(f"clients.num={k!r} must be an integer >= 1")
+        d_m = self.adapter.intermediate_rank
+        if isinstance(d_m, bool) or d_m < 1:
+            raise ConfigError(f"adapter.intermediate_rank (d_m) = {d_m!r} is invalid: use an integer >= 1")
+        if isinstance(self.adapter.r, bool) or self.adapter.r < 1:
+            raise ConfigError(f"adapter.r={self.adapter.r!r} is invalid: the rank must be an integer >= 1")
+        if self.clients.ranks is not None:
+            try:
+                check_het_setup(self.clients.ranks, k, d_m)
+            except ValueError as e:
+                raise ConfigError(f"clients.ranks: {e}") from None
+        homo = [s for s in self.strategies if not get_strategy(s).heterogeneous]
+        if homo and self.clients.ranks is not None and len(set(self.clients.ranks)) > 1:
+            raise ConfigError(
+                f"strategies {homo} need one rank for every client, but clients.ranks={self.clients.ranks}; "
+                "use zeropad / fedalora-het for heterogeneous ranks, or drop clients.ranks"
+            )
+        if not self.data.tasks:
+            raise ConfigError(
+                "data.tasks is empty: name at least one task, e.g. data.tasks=[bigbench:strategyqa]"
+            )
+        if self.clients.partition == "task" and len(self.data.tasks) != k:
+            raise ConfigError(
+                f"clients.partition=task gives one task to each client: data.tasks has {len(self.data.tasks)} "
+                f"task(s) for clients.num={k}; list exactly {k} tasks or use partition dirichlet/iid"
+            )
+        if self.clients.partition == "dirichlet" and not self.clients.alpha > 0:
+            raise ConfigError(f"clients.alpha={self.clients.alpha!r} must be > 0 (Dirichlet concentration)")
+        if not 0 < self.data.test_fraction < 1:
+            raise ConfigError(f"data.test_fraction={self.data.test_fraction!r} must lie in (0, 1)")
+        for where, value in (
+            ("rounds", self.rounds),
+            ("train.local_steps", self.train.local_steps),
+            ("train.batch_size", self.train.batch_size),
+            ("eval.batch_size", self.eval.batch_size),
+            ("data.max_length", self.data.max_length),
+            ("simulation.num_cpus", self.simulation.num_cpus),
+            ("simulation.cpus_per_client", self.simulation.cpus_per_client),
+            ("simulation.threads_per_client", self.simulation.threads_per_client),
+        ):
+            if value < 1:
+                raise ConfigError(f"{where}={value!r} must be >= 1")
+        if self.simulation.cpus_per_client > self.simulation.num_cpus:
+            raise ConfigError(
+                f"simulation.cpus_per_client={self.simulation.cpus_per_client} exceeds "
+                f"simulation.num_cpus={self.simulation.num_cpus}: no client could ever run"
+            )
+        if self.train.lr <= 0:
+            raise ConfigError(f"train.lr={self.train.lr!r} must be positive")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= k:
+            raise ConfigError(f"min_nodes={self.min_nodes!r} must lie in [1, clients.num={k}]")
+        for name in ("wait_nodes", "round", "evaluate"):
+            if getattr(self.timeouts, name) <= 0:
+                raise ConfigError(f"timeouts.{name} must be positive")
+        for kind in ("raise_in", "nan_in", "bad_shape_in"):
+            for entry in getattr(self.faults, kind):
+                client, sep, rnd = str(entry).partition(":")
+                if not sep or not client.isdigit() or not rnd.isdigit():
+                    raise ConfigError(
+                        f"faults.{kind}: {entry!r} is not of the form 'client:round' (e.g. '1:2')"
+                    )
+        if self.faults.stop_after is not None and not 1 <= self.faults.stop_after <= self.rounds:
+            raise ConfigError(
+                f"faults.stop_after={self.faults.stop_after!r} must lie in [1, rounds={self.rounds}]"
+            )
+        # the adapter config of every (strategy, client) must build
+        from asymlora.federated.strategies import client_config
+
+        base = self.base_adapter()
+        for name in self.strategies:
+            strategy = self.strategy(name)
+            for c in range(k):
+                client_config(strategy, base, self.client_rank(c) if strategy.heterogeneous else None)
+
+    # --- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Compact JSON, as sent to the clients inside every message."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+
+def fed_config_from_json(text: str) -> FedConfig:
+    """Inverse of `FedConfig.to_json` (validated)."""
+    return from_dict(FedConfig, json.loads(text)).validate()
+
+
+def load_fed_config(path: str | Path | None, overrides: list[str] | None = None) -> FedConfig:
+    """Read a YAML federated config (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    data = apply_overrides(data, list(overrides or []))
+    if "strategy" in data:  # a single strategy, e.g. as an override: strategy=fedalora
+        if "strategies" in data and data["strategies"] != data["strategy"]:
+            data.pop("strategies")
+        data["strategies"] = data.pop("strategy")
+    return from_dict(FedConfig, data).validate()
+
+
+def dump_fed_config(cfg: FedConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,278 @@
+"""``asymlora fed CONFIG.yaml [key=value ...] [--resume] [--overwrite]``: federated runs on Flower's
+simulation engine, driven from Python (`flwr.simulation.run_simulation` with a Ray backend sized by
+``simulation.*``), never through ``flwr run`` (which would build a per-run environment and pull a CUDA
+torch, DESIGN.md §10).
+
+For every strategy of ``strategies`` (one after the other, same clients, data and seed) the run
+directory gets ``<strategy>/`` (rounds.jsonl, checkpoint/, results.json, clients/); with
+``eval.local_only`` each client also trains alone for the same number of steps (``local_only/``), the
+reference of Δm%. ``results.json`` and ``results.md`` at the top compare the strategies.
+
+Exit codes: 0 every strategy completed; 1 a strategy failed (its server raised, or no client returned
+scores; the reason is printed and recorded); 2 a user error (bad config, empty client, ...); 3 the run
+stopped early on purpose (``faults.stop_after``), continue with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here; silences a Ray warning
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from asymlora.config import ConfigError
+from asymlora.federated.config import FedConfig, dump_fed_config, load_fed_config
+from asymlora.io import atomic_write_text
+
+__all__ = ["EXIT_FAILED", "EXIT_STOPPED", "EXIT_USER_ERROR", "main", "run", "simulate"]
+
+EXIT_FAILED = 1
+EXIT_USER_ERROR = 2
+EXIT_STOPPED = 3
+CONFIG_FILE = "config.yaml"
+RESULTS_FILE = "results.json"
+LOCAL_DIR = "local_only"
+VOLATILE = ("rounds", "faults", "timeouts", "simulation", "eval", "strategies", "log_keys")
+"""Config keys that may change between a run and its ``--resume``."""
+
+
+def _stable(cfg: FedConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in VOLATILE}
+
+
+def prepare_run_dir(cfg: FedConfig, *, overwrite: bool, resume: bool) -> Path:
+    """Create the run directory; refuse to mix two runs, or to resume with a different config."""
+    if overwrite and resume:
+        raise ValueError("--resume and --overwrite exclude each other")
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / CONFIG_FILE
+    if saved.is_file() and not overwrite:
+        if not resume:
+            raise FileExistsError(
+                f"{run_dir} already holds a federated run; pass --resume to continue it or --overwrite to "
+                "start over (or choose another run_dir=...)"
+            )
+        previous = load_fed_config(saved)
+        if _stable(previous) != _stable(cfg):
+            diff = sorted(k for k in _stable(cfg) if _stable(cfg)[k] != _stable(previous).get(k))
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config ({', '.join(diff)} differ); --resume needs the "
+                f"same config (only {', '.join(VOLATILE)} may change). Compare with {saved}, or use --overwrite."
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not saved.is_file():
+            raise FileExistsError(
+                f"{run_dir} exists and is not an asymlora federated run; choose another run_dir=..."
+            )
+        if overwrite:
+            shutil.rmtree(run_dir)
+    elif resume:
+        raise FileNotFoundError(f"{run_dir} holds no federated run to resume; start it without --resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, dump_fed_config(cfg))
+    return run_dir
+
+
+def simulate(cfg: FedConfig, runs: list[tuple[str, Path, bool]], *, say: Any = print) -> dict[str, Any]:
+    """Strategies ``runs`` = [(strategy, out_dir, resume), ...] one after the other in one simulation
+    (one Ray start; the clients keep their base model loaded); returns each strategy's `ServerOutcome`."""
+    from flwr.simulation import run_simulation
+
+    from asymlora.federated.client_app import app as client_app
+    from asymlora.federated.server_app import ServerOutcome, make_server_app
+
+    s = cfg.simulation
+    outcomes: dict[str, Any] = {}
+    server = make_server_app(cfg, runs, outcomes, threads=s.threads_per_client, say=say)
+    backend = {
+        "init_args": {
+            "address": "local",  # never attach to another user's Ray cluster
+            "num_cpus": s.num_cpus,
+            "num_gpus": 0,
+            "object_store_memory": s.object_store_mb * 2**20,
+            "include_dashboard": False,
+        },
+        "client_resources": {"num_cpus": s.cpus_per_client, "num_gpus": 0.0},
+    }
+    error = ""
+    try:
+        run_simulation(
+            server_app=server, client_app=client_app, num_supernodes=cfg.clients.num, backend_config=backend
+        )
+    except Exception as e:
+        error = f"simulation failed: {type(e).__name__}: {e}"
+    for name, _, _ in runs:
+        if name not in outcomes:
+            outcomes[name] = ServerOutcome(
+                "failed", message=f"{name}: {error or 'the server app did not run it'}"
+            )
+    return outcomes
+
+
+def local_only(cfg: FedConfig, run_dir: Path, tasks: list, plan: list, ranks: list[int], say: Any) -> dict:
+    """Each client trains alone (rounds × local_steps steps) and is scored on its test split."""
+    import torch
+
+    from asymlora.federated.client import local_only_baseline
+    from asymlora.federated.partition import client_tasks
+    from asymlora.federated.server_app import client_label, summarize_scores
+
+    out = run_dir / LOCAL_DIR / RESULTS_FILE
+    if out.is_file():
+        return json.loads(out.read_text())
+    torch.set_num_threads(cfg.simulation.num_cpus)
+    t0 = time.perf_counter()
+    clients = []
+    scores: dict[str, float] = {}
+    for k, shards in enumerate(plan):
+        res = local_only_baseline(cfg, k, ranks[k], client_tasks(tasks, shards))
+        label = client_label(k, list(res["personalised"]["per_task"]))
+        scores[label] = res["personalised"]["score"]
+        clients.append({"label": label, **res})
+        say(f"local-only client {k}: score {scores[label]:.4f} ({res['seconds']:.0f} s)")
+    result = {
+        "strategy": "local-only",
+        "clients": clients,
+        "personalised": summarize_scores(scores),
+        "scores": {"personalised": scores},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2, default=float) + "\n")
+    return result
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def format_results(summary: dict[str, Any]) -> str:
+    """The markdown comparison: personalised score per client and strategy, summaries, bytes."""
+    runs: dict[str, dict] = dict(summary["strategies"])
+    if summary.get("local_only"):
+        runs["local-only"] = summary["local_only"]
+    labels: list[str] = []
+    for r in runs.values():
+        for label in r.get("scores", {}).get("personalised", {}):
+            if label not in labels:
+                labels.append(label)
+    names = list(runs)
+    lines = [
+        "| client | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for label in labels:
+        lines.append(
+            f"| {label} | "
+            + " | ".join(_fmt(runs[n].get("scores", {}).get("personalised", {}).get(label)) for n in names)
+            + " |"
+        )
+
+    def row(title: str, get: Any) -> str:
+        return f"| **{title}** | " + " | ".join(get(runs[n]) for n in names) + " |"
+
+    lines.append(row("average", lambda r: _fmt((r.get("personalised") or {}).get("average"))))
+    lines.append(row("std", lambda r: _fmt((r.get("personalised") or {}).get("std"))))
+    lines.append(
+        row("worst", lambda r: _fmt(((r.get("personalised") or {}).get("worst") or {}).get("value")))
+    )
+    lines.append(row("Δm% vs local-only", lambda r: _fmt((r.get("personalised") or {}).get("delta_m"), 2)))
+    lines.append(row("global average", lambda r: _fmt((r.get("global") or {}).get("average"))))
+    lines.append(
+        row(
+            "MB per client per round",
+            lambda r: _fmt(r["bytes"]["per_client_per_round"] / 1e6, 3) if "bytes" in r else "–",
+        )
+    )
+    lines.append(
+        row("MB total (all rounds)", lambda r: _fmt(r["bytes"]["total"] / 1e6, 2) if "bytes" in r else "–")
+    )
+    return "\n".join(lines)
+
+
+def run(cfg: FedConfig, *, resume: bool = False, overwrite: bool = False, say: Any = print) -> int:
+    """Run every configured strategy (and the local-only baseline); returns the exit code."""
+    from asymlora.federated.partition import load_partition, summary_lines
+    from asymlora.federated.server_app import RESULTS_FILE as STRATEGY_RESULTS
+    from asymlora.federated.server_app import summarize_scores
+
+    tasks, plan = load_partition(cfg)  # an empty client fails here, before anything is written
+    run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
+    ranks = [cfg.client_rank(k) for k in range(cfg.clients.num)]
+    for line in summary_lines(cfg, tasks, plan, ranks):
+        say(line)
+    t_all = time.perf_counter()
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "strategies": {}, "outcomes": {}}
+    code = 0
+    todo: list[tuple[str, Path, bool]] = []
+    for name in cfg.strategies:
+        out = run_dir / name
+        done = out / STRATEGY_RESULTS
+        if resume and done.is_file():
+            say(f"{name}: already finished ({done}); skipping")
+            summary["strategies"][name] = json.loads(done.read_text())
+            summary["outcomes"][name] = {"status": "completed", "message": "finished before --resume"}
+        else:
+            todo.append((name, out, resume and (out / "checkpoint").exists()))
+    outcomes = simulate(cfg, todo, say=say) if todo else {}
+    for name, _, _ in todo:
+        outcome = outcomes[name]
+        summary["outcomes"][name] = {
+            "status": outcome.status,
+            "message": outcome.message,
+            "rounds_completed": outcome.rounds_completed,
+            "seconds": round(outcome.seconds, 1),
+        }
+        if outcome.results is not None:
+            summary["strategies"][name] = outcome.results
+        if outcome.status == "stopped":
+            say(outcome.message)
+            return EXIT_STOPPED
+        if outcome.status != "completed":
+            say(f"FAILED: {outcome.message}")
+            code = EXIT_FAILED
+    if cfg.eval.local_only:
+        say("=== local-only baseline: every client trains alone ===")
+        summary["local_only"] = local_only(cfg, run_dir, tasks, plan, ranks, say)
+        baselines = summary["local_only"]["scores"]["personalised"]
+        for res in summary["strategies"].values():
+            res["personalised"] = summarize_scores(res["scores"]["personalised"], baselines)
+            if res.get("global"):
+                res["global"] = summarize_scores(res["scores"]["global"], baselines)
+    summary["seconds"] = round(time.perf_counter() - t_all, 1)
+    table = format_results(summary)
+    summary["table"] = table
+    atomic_write_text(run_dir / RESULTS_FILE, json.dumps(summary, indent=2, default=float) + "\n")
+    atomic_write_text(run_dir / "results.md", table + "\n")
+    say(table)
+    say(f"results: {run_dir / RESULTS_FILE}")
+    return code
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``asymlora fed`` (``args.config``, ``args.overrides``, ``args.resume``, ``args.overwrite``)."""
+    try:
+        cfg = load_fed_config(args.config, list(args.overrides or []))
+        return run(cfg, resume=bool(args.resume), overwrite=bool(args.overwrite))
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        print(f"asymlora fed: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m asymlora.federated.run")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
+    sys.exit(main(parser.parse_args()))
