@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start over")
 
-    p = add("demo", cmd_demo, "the embedded demo: SmolLM2-135M on 4 BIG-bench tasks (~12 min on 2 CPU cores)",
-            "Train LoRA, ALoRA and HydraLoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
+    p = add("demo", cmd_demo, "the embedded demo: LoRA vs ALoRA, SmolLM2-135M, 4 BIG-bench tasks (~12 min on 2 CPU cores)",
+            "Train LoRA and ALoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
             "evaluate the base model and each method, print the per-task table and write it with a PNG chart.")  # fmt: skip
     p.add_argument("--run-dir", default="runs/demo", help="where to write (replaced if it exists)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
