@@ -189,6 +189,30 @@ def test_messages_carry_only_the_shared_tensors(assets: Path, tmp_path: Path, ca
     assert "| **average** |" in (tmp_path / "run" / "results.md").read_text()
 
 
+def test_heterogeneous_ranks_messages(assets: Path, tmp_path: Path) -> None:
+    """zeropad downloads at the largest rank and uploads at the client's own; fedalora-het downloads B0 only
+    and uploads B2·B1 (rank 4: 4·(32+4) > 32·4) or the factors B2, B1 (rank 2: 2·(32+4) < 32·4)."""
+    cfg = write_config(
+        tmp_path / "fed.yaml", assets, tmp_path / "run", strategies=["zeropad", "fedalora-het"], log_keys=True
+    )
+    assert fed(cfg, "clients.ranks=[4, 2]", "adapter.intermediate_rank=4", "rounds=1") == 0
+    (zp,) = read_rounds(tmp_path / "run" / "zeropad" / "rounds.jsonl")
+    big, small = zp["clients"]
+    assert big["payload_down"] == small["payload_down"] == 4 * 4 * (2 * 32 * 4)  # A and B at rank 4, 4 layers
+    assert big["payload_up"] == 2 * small["payload_up"] and big["tensors_up"] == {"A": 4, "B": 4}
+    (het,) = read_rounds(tmp_path / "run" / "fedalora-het" / "rounds.jsonl")
+    big, small = het["clients"]
+    b0 = 4 * 4 * 32 * 4  # bytes of B0 (32 × d_m) in 4 layers
+    for c in het["clients"]:
+        assert c["tensors_down"] == {"B0": 4} and c["payload_down"] == b0
+        assert all(".asymlora_A." not in k and ".asymlora_M." not in k for k in c["keys_up"])
+    assert big["tensors_up"] == {"B0": 4} and big["payload_up"] == b0  # the product, under B0's name
+    assert small["tensors_up"] == {"B2": 4, "B1": 4} and small["payload_up"] == 4 * 4 * (32 * 2 + 2 * 4)
+    for name in ("zeropad", "fedalora-het"):
+        res = json.loads((tmp_path / "run" / name / "results.json").read_text())
+        assert res["ranks"] == [4, 2] and len(res["clients"]) == 2 and res["global"] is not None
+
+
 def test_bad_clients_are_recorded_and_the_run_goes_on(assets: Path, tmp_path: Path, capsys) -> None:
     """NaN and wrong shapes are rejected, a raising client is recorded, a round without survivors keeps the
     old tensors; local_a=reset starts every round from the shared initial A."""

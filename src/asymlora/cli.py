@@ -1,6 +1,6 @@
 """The ``asymlora`` command line.
 
-    asymlora demo                                  train + evaluate LoRA / ALoRA / HydraLoRA on BIG-bench
+    asymlora demo                                  train + evaluate LoRA and ALoRA on BIG-bench (SmolLM2-135M)
     asymlora train CONFIG.yaml [key=value ...]     run a multi-task config (see configs/)
     asymlora eval RUN_DIR                          re-evaluate a finished run
     asymlora export RUN_DIR --task NAME --out DIR  one task of a task-routed run as a stock peft LoRA
