@@ -77,3 +77,12 @@ def test_missing_tasks_and_files(tmp_path: Path) -> None:
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_an_override_keeps_the_other_defaults_of_its_section() -> None:
+    from asymlora.analysis.experiment import InitSimilaritySettings
+    from asymlora.config import apply_overrides, from_dict
+
+    settings = from_dict(InitSimilaritySettings, apply_overrides({}, ["train.steps=7"]))
+    assert settings.train.steps == 7
+    assert settings.train.warmup_steps == InitSimilaritySettings().train.warmup_steps == 5

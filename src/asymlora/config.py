@@ -237,7 +237,8 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
@@ -245,6 +246,9 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {path!r}{hint}; valid keys here: {names}")
+        factory = fields[key].default_factory
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and factory is not dataclasses.MISSING:
+            value = {**dataclasses.asdict(factory()), **value}  # a section keeps its own defaults
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
 
