@@ -19,8 +19,8 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EXIT_USER_ERROR = 2
