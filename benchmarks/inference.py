@@ -25,9 +25,7 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import peft
@@ -36,8 +34,10 @@ from torch import nn
 
 import asymlora
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import QV, load_base, sync
+try:  # imported as the package `benchmarks`
+    from benchmarks.train_step import QV, load_base, sync
+except ImportError:  # run as a script: Python puts this folder first on sys.path
+    from train_step import QV, load_base, sync
 
 TOLERANCE = 0.05
 """Merged vs base tokens/s: at least this close to 1 counts as equal (or half the base's own spread)."""

@@ -78,15 +78,15 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     alora = layers["alora"].tensors("default")
     scale = layers["alora"].asymlora_config["default"].scaling
     adapter: dict[str, Callable[[], torch.Tensor]] = {
-        "alora_fused": adapter_path(layers["alora"]),
-        "alora_loop": lambda: scale * loop_alora_delta(x, alora["A"], alora["B"], alora["router"]),
+        "fused_alora": adapter_path(layers["alora"]),
+        "loop_alora": lambda: scale * loop_alora_delta(x, alora["A"], alora["B"], alora["router"]),
         "peft_lora": lambda: peft_layer.lora_B["default"](peft_layer.lora_A["default"](x)) * 2.0,
     }
     adapter.update({f"{m}_fused": adapter_path(layers[m]) for m in ("lora", "hydralora", "molora", "malora")})
     whole: dict[str, Callable[[], torch.Tensor]] = {
         "base_only": lambda: base(x),
-        "alora_fused": lambda: layers["alora"](x),
-        "alora_loop": lambda: base(x) + scale * loop_alora_delta(x, alora["A"], alora["B"], alora["router"]),
+        "fused_alora": lambda: layers["alora"](x),
+        "loop_alora": lambda: base(x) + scale * loop_alora_delta(x, alora["A"], alora["B"], alora["router"]),
         "peft_lora": lambda: peft_layer(x),
     }
     whole.update(
@@ -130,10 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
     a = measure(adapter, x, args.reps, device)
     w = measure(whole, x, args.reps, device)
     ratios = {
-        "adapter_vs_loop": a["alora_loop"] / a["alora_fused"],
-        "adapter_vs_peft_lora": a["alora_fused"] / a["peft_lora"],
-        "layer_vs_peft_lora": w["alora_fused"] / w["peft_lora"],
-        "layer_vs_loop": w["alora_loop"] / w["alora_fused"],
+        "adapter_vs_loop": a["loop_alora"] / a["fused_alora"],
+        "adapter_vs_peft_lora": a["fused_alora"] / a["peft_lora"],
+        "layer_vs_peft_lora": w["fused_alora"] / w["peft_lora"],
+        "layer_vs_loop": w["loop_alora"] / w["fused_alora"],
     }
     print(
         f"one linear layer {args.dim}x{args.dim}, {args.tokens} tokens, r={args.r}, N={args.experts}, "

@@ -28,12 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import inference
-import layers
-import scaling
-import train_step
+try:  # imported as the package `benchmarks` (the tests, `python -m benchmarks.run_all`)
+    from benchmarks import inference, layers, scaling, train_step
+except ImportError:  # run as a script: Python puts this folder first on sys.path
+    import inference
+    import layers
+    import scaling
+    import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("layers", "train_step", "inference", "scaling", "candidate", "federated")
@@ -702,7 +703,7 @@ def render(res: dict[str, Any], args: argparse.Namespace, mach: dict[str, Any], 
         out.append(
             f"Command: `{ly['_run']['command']}`. One {sh['dim']} × {sh['dim']} linear layer (LLaMA-7B "
             f"attention shape), {sh['tokens']} tokens, r = {sh['r']}, N = {sh['experts']}, forward + "
-            "backward with x requiring grad; `alora_loop` is the released code's algorithm (one product "
+            "backward with x requiring grad; `loop_alora` is the released code's algorithm (one product "
             "pair per expert). Ratios are of the adapter path (layer output minus W0 x, DESIGN.md §11).\n"
         )
         out.append(layers_table(ly))
@@ -853,6 +854,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="torch CPU threads for every benchmark (default: torch's, one per core); on a machine "
         "oversubscribed by other jobs, 1 avoids OpenMP threads waiting for each other",
     )
+    parser.add_argument("--save", default=None, help="also write every figure, as JSON, to this file")
+    parser.add_argument(
+        "--render", default=None, help="write the doc from a JSON saved with --save, running nothing"
+    )
     parser.add_argument(
         "--only",
         default=None,
@@ -861,6 +866,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     import torch
 
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        out_dir = Path(args.out_dir) if args.out_dir else ROOT / "docs"
+        saved = argparse.Namespace(**res["args"])
+        plot = "scaling.png" if "scaling" in res and (out_dir / "scaling.png").is_file() else None
+        (out_dir / "performance.md").write_text(render(res, saved, res["machine"], plot))
+        print(f"wrote {out_dir / 'performance.md'} from {args.render}")
+        return res
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     only = set(args.only.split(",")) if args.only else set(BENCHMARKS)
     if only - set(BENCHMARKS):
@@ -914,6 +927,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     res["cpu_s"] = round(cpu_seconds() - c0, 1)
     res["machine"] = mach
+    res["args"] = {"device": args.device, "dtype": args.dtype, "smoke": args.smoke, "threads": args.threads}
 
     print("\n=== every figure, with its ratio")
     for row in target_rows(res):
@@ -937,6 +951,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (out_dir / "performance.md").write_text(doc)
         res["doc"] = str(out_dir / "performance.md")
         print(f"wrote {res['doc']}" + (f" and {plot_path}" if plot_path and "scaling" in res else ""))
+    if args.save:
+        Path(args.save).write_text(json.dumps(res, indent=1, default=str))
+        print(f"saved every figure to {args.save}")
     summary = {
         "benchmark": "run_all",
         "wall_s": res["wall_s"],

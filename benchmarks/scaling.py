@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,8 +45,10 @@ import asymlora
 from asymlora.routing import RoutingState
 from asymlora.tuner.layer import Linear as AsymLinear
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import count_saved, sync
+try:  # imported as the package `benchmarks`
+    from benchmarks.train_step import count_saved, sync
+except ImportError:  # run as a script: Python puts this folder first on sys.path
+    from train_step import count_saved, sync
 
 METHODS: tuple[str, ...] = ("alora", "hydralora", "molora")
 REFERENCE = "lora"

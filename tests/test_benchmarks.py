@@ -4,16 +4,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import run_all  # noqa: E402
-import train_step  # noqa: E402
+from benchmarks import run_all, train_step
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +19,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
     out_dir = tmp_path_factory.mktemp("perf")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        result = run_all.main(["--smoke", "--out-dir", str(out_dir)])
+        result = run_all.main(["--smoke", "--out-dir", str(out_dir), "--save", str(out_dir / "perf.json")])
     return result, buf.getvalue(), out_dir
 
 
@@ -97,6 +91,14 @@ def test_run_all_writes_the_doc(smoke):
                     "## 4. Federated", "## 5. Scaling", "## Findings", "## Reproduce"):  # fmt: skip
         assert heading in doc, heading
     assert "python benchmarks/train_step.py" in doc
+
+
+def test_run_all_renders_the_doc_again_from_saved_figures(smoke, tmp_path, capsys):
+    out_dir = smoke[2]
+    run_all.main(["--render", str(out_dir / "perf.json"), "--out-dir", str(tmp_path)])
+    assert (tmp_path / "performance.md").read_text() == (out_dir / "performance.md").read_text().replace(
+        "![scaling](scaling.png)\n\n", ""
+    )
 
 
 def test_train_step_args():
