@@ -161,15 +161,15 @@ def hot_path_candidate(argv: list[str]) -> dict[str, Any]:
         "peft_lora": lambda: peft_layer.lora_B["default"](peft_layer.lora_A["default"](x)) * 2.0
     }
     for m, layer in made.items():
-        fns[f"{m}_now"], fns[f"{m}_fold"] = now(layer), fold(layer)
+        fns[f"now_{m}"], fns[f"fold_{m}"] = now(layer), fold(layer)
     whole: dict[str, Callable[[], Any]] = {
         "peft_lora": lambda: peft_layer(x),
-        "alora_now": lambda: made["alora"](x),
-        "alora_fold": lambda: base(x) + fold(made["alora"])(),
+        "now_alora": lambda: made["alora"](x),
+        "fold_alora": lambda: base(x) + fold(made["alora"])(),
     }
     with torch.no_grad():
         max_diff = max(
-            float((fns[f"{m}_now"]() - fns[f"{m}_fold"]()).abs().max() / fns[f"{m}_now"]().abs().max())
+            float((fns[f"now_{m}"]() - fns[f"fold_{m}"]()).abs().max() / fns[f"now_{m}"]().abs().max())
             for m in made
         )
     leaves = [x, *(p for layer in made.values() for p in layer.tensors("default").values())]
@@ -749,7 +749,7 @@ def render(res: dict[str, Any], args: argparse.Namespace, mach: dict[str, Any], 
         )
         if plot_name:
             out.append(f"![scaling]({plot_name})\n")
-        fit = ck["alora_fit"]
+        fit = ck["fit_alora"]
         n_lo, n_hi = ck["N_range"]
         slopes = ", ".join(
             f"{name} {ck[m]['b_side_ms_per_expert']:+.2f}"
@@ -762,7 +762,7 @@ def render(res: dict[str, Any], args: argparse.Namespace, mach: dict[str, Any], 
         )
         out.append(
             f"- **ALoRA's B side does not grow with N** "
-            f"({'confirmed' if ck['alora_b_side_flat'] else '**not confirmed**'}): B-side time fitted against N "
+            f"({'confirmed' if ck['b_side_flat_alora'] else '**not confirmed**'}): B-side time fitted against N "
             f"(N = {n_lo}…{n_hi}, ms per expert): {slopes} (LoRA has no N: its spread over the sweep, "
             f"{ck['noise_b_side_ms']:.1f} ms, is the noise floor). At this shape the B side of every method is "
             "dominated by writing the (tokens × d_out) output and reading its gradient, which no method "
@@ -817,11 +817,11 @@ def findings(res: dict[str, Any]) -> str:
             "linear in h = x·x_sideᵀ, so s·combine(h) = combine(s·h) exactly, and h is (tokens × k) with "
             f"k ≤ N·r + N ≪ d_out. Measured (`{cand['_run']['command']}`, {sh['dim']}², {sh['tokens']} "
             f"tokens, median of {sh['reps']} alternating, outputs equal to {cand['max_rel_diff']:.0e}): "
-            f"adapter path / peft LoRA: ALoRA {a['alora_now']:.3f}× → {a['alora_fold']:.3f}×, LoRA "
-            f"{a['lora_now']:.3f}× → {a['lora_fold']:.3f}×, HydraLoRA {a['hydralora_now']:.3f}× → "
-            f"{a['hydralora_fold']:.3f}×, MoLoRA {a['molora_now']:.3f}× → {a['molora_fold']:.3f}×, MALoRA "
-            f"{a['malora_now']:.3f}× → {a['malora_fold']:.3f}×; whole layer ALoRA {lay['alora_now']:.3f}× → "
-            f"{lay['alora_fold']:.3f}×. At whole-model level (adapted modules are a small share of the step) "
+            f"adapter path / peft LoRA: ALoRA {a['now_alora']:.3f}× → {a['fold_alora']:.3f}×, LoRA "
+            f"{a['now_lora']:.3f}× → {a['fold_lora']:.3f}×, HydraLoRA {a['now_hydralora']:.3f}× → "
+            f"{a['fold_hydralora']:.3f}×, MoLoRA {a['now_molora']:.3f}× → {a['fold_molora']:.3f}×, MALoRA "
+            f"{a['now_malora']:.3f}× → {a['fold_malora']:.3f}×; whole layer ALoRA {lay['now_alora']:.3f}× → "
+            f"{lay['fold_alora']:.3f}×. At whole-model level (adapted modules are a small share of the step) "
             "the gain is below the noise of this machine."
         )
     out.append(

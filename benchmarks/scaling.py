@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lora_b = get("N", REFERENCE, lambda row: row["ms"]["b_side"])
     checks["noise_b_side_ms"] = round(max(lora_b) - min(lora_b), 3)
     others = min(checks["hydralora"]["b_side_ms_per_expert"], checks["molora"]["b_side_ms_per_expert"])
-    checks["alora_b_side_flat"] = checks["alora"]["b_side_ms_per_expert"] <= 0.25 * max(others, 0.0) or (
+    checks["b_side_flat_alora"] = checks["alora"]["b_side_ms_per_expert"] <= 0.25 * max(others, 0.0) or (
         checks["alora"]["b_side_ms_per_expert"] * (n_hi - n_lo) <= checks["noise_b_side_ms"]
     )
     alora_rows = [row for row in rows if row["method"] == "alora"]
@@ -347,11 +347,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             nrd, [extra(row, lambda x: x["memory"]["total_bytes"] / 2**20) for row in alora_rows]
         ),
     }
-    checks["alora_fit"] = {
+    checks["fit_alora"] = {
         k: {"intercept": round(a, 4), "per_M": round(b * 1e6, 4), "r2": round(r2, 4)}
         for k, (a, b, r2) in fits.items()
     }
-    checks["alora_fit"]["params_A_is_N_r_d_in_and_B_is_r_d_out"] = all(
+    checks["fit_alora"]["params_A_is_N_r_d_in_and_B_is_r_d_out"] = all(
         row["memory"]["params_A"] == row["N"] * row["r"] * args.dim
         and row["memory"]["params_B"] == row["r"] * args.dim
         for row in alora_rows
@@ -385,9 +385,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "B-side time slope over N (ms per expert): "
         + ", ".join(f"{m} {checks[m]['b_side_ms_per_expert']:+.2f}" for m in (*METHODS, REFERENCE))
         + f" (noise floor: LoRA's B side varies by {checks['noise_b_side_ms']:.2f} ms over the sweep); "
-        + f"ALoRA B side flat in N: {'yes' if checks['alora_b_side_flat'] else 'NO'}"
+        + f"ALoRA B side flat in N: {'yes' if checks['b_side_flat_alora'] else 'NO'}"
     )
-    fit = checks["alora_fit"]
+    fit = checks["fit_alora"]
     print(
         f"ALoRA vs N·r·d_in: x-side time {fit['x_side_ms_vs_Nrd']['per_M']:.2f} ms per million (R² "
         f"{fit['x_side_ms_vs_Nrd']['r2']:.3f}); extra time over LoRA {fit['extra_ms_vs_Nrd']['per_M']:.2f} ms "

@@ -76,7 +76,7 @@ def test_scaling_smoke_and_plot(smoke):
     result, _, out_dir = smoke
     assert (out_dir / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     checks = result["scaling"]["checks"]
-    assert checks["alora_fit"]["params_A_is_N_r_d_in_and_B_is_r_d_out"]
+    assert checks["fit_alora"]["params_A_is_N_r_d_in_and_B_is_r_d_out"]
     assert checks["alora"]["params_B_growth"] == 1  # ALoRA's B does not grow with N
     assert checks["hydralora"]["params_B_growth"] == max(checks["N_range"])
 
