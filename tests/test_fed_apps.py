@@ -351,7 +351,10 @@ def test_deployment_superlink_and_two_supernodes(assets: Path, tmp_path: Path) -
 
     bindir = Path(sys.executable).parent
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # fmt: skip
+           "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           # the SuperLink and SuperNodes start `flower-superexec` by name: the venv's bin must be on PATH even
+           # when the venv is not activated (CI runs `.venv/bin/python -m pytest`)
+           "PATH": os.pathsep.join([str(bindir), os.environ.get("PATH", "")])}  # fmt: skip
     port, p1, p2 = _free_port(), _free_port(), _free_port()
     (tmp_path / "flwr_home").mkdir()
     (tmp_path / "flwr_home" / "config.toml").write_text(
@@ -381,7 +384,7 @@ def test_deployment_superlink_and_two_supernodes(assets: Path, tmp_path: Path) -
         sub = subprocess.run(
             [flwr, "run", str(app), "local", "--format", "json"], capture_output=True, text=True, env=env
         )
-        assert sub.returncode == 0, sub.stdout + sub.stderr
+        assert sub.returncode == 0 and '"run-id"' in sub.stdout, sub.stdout + sub.stderr
         run_id = json.loads(sub.stdout)["run-id"]
         bad = subprocess.run([flwr, "run", str(app), "local", "--format", "json", "--run-config", 'strategy="fedavg"'],
                              capture_output=True, text=True, env=env)  # fmt: skip

@@ -210,7 +210,10 @@ def train_local(
             idx = batch_indices(step_offset + s, len(dataset), batch_size, seed)
             batch = collate([dataset[i] for i in idx])
             out = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                use_cache=False,  # a training forward needs no KV cache
             )
             loss = out.loss
             if not torch.isfinite(loss):

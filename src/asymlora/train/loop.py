@@ -109,7 +109,7 @@ def train(
             )
             batch = {k: v.to(device) for k, v in collate([dataset[i] for i in idx]).items()}
             with accelerator.accumulate(model):
-                out = model(**batch)
+                out = model(**batch, use_cache=False)  # a training forward needs no KV cache
                 loss = out.loss
                 if not torch.isfinite(loss):
                     last = latest_checkpoint(run_dir)
