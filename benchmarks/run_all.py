@@ -7,9 +7,9 @@
 
 Benchmarks run in this process, one after the other (never two at once): ``layers.py`` (layer level),
 ``train_step.py`` (whole-model step, with a torch.profiler comparison of ALoRA and peft LoRA),
-``inference.py`` (merged / unmerged / base generation), ``scaling.py`` (N and r sweeps, the PNG) and the
-federated benchmark of item 4 when present (see `federated_section`). With ``--smoke`` nothing is written
-unless ``--out-dir`` is given.
+``inference.py`` (merged / unmerged / base generation), ``scaling.py`` (N and r sweeps, the PNG) and
+``federated.py`` (Flower's per-round overhead against local training, bytes per round per strategy). With
+``--smoke`` nothing is written unless ``--out-dir`` is given.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 try:  # imported as the package `benchmarks` (the tests, `python -m benchmarks.run_all`)
-    from benchmarks import inference, layers, scaling, train_step
+    from benchmarks import federated, inference, layers, scaling, train_step
 except ImportError:  # run as a script: Python puts this folder first on sys.path
+    import federated
     import inference
     import layers
     import scaling
@@ -212,98 +213,14 @@ def hot_path_candidate(argv: list[str]) -> dict[str, Any]:
     return result
 
 
-# --- HOOK: issue 7, item 4 (federated) --------------------------------------------------------------
-# The federated benchmark is being built in a colleague's session. This hook picks it up without any
-# change here:
-#   1. if `benchmarks/federated.py` exists, its `main(argv) -> dict` is run like every benchmark here
-#      (``--smoke`` passed through), and its result is shown as JSON in the doc;
-#   2. otherwise every `rounds.jsonl` (their per-round log: one JSON object per round, with per-client
-#      records under "clients") under ``--federated-rounds`` (a file or a directory) or under runs/,
-#      outputs/, benchmarks/ is summarised: rounds, the median of every numeric field per round, the
-#      per-client fields averaged over the clients of a round, and, when both are logged, the round's
-#      time beyond its slowest client's local work (Flower's per-round overhead);
-#   3. nothing found: the section says the item is pending.
-# Flower's telemetry is switched off before anything federated is imported (DESIGN.md §10).
-FEDERATED_SEARCH_DIRS = ("runs", "outputs", "benchmarks")
-NOT_SUMMARISED = {"round", "client", "node_id"}
-
-
-def find_rounds_jsonl(explicit: str | None) -> list[Path]:
-    """The ``rounds.jsonl`` files to summarise: ``explicit`` (file or directory), else the search dirs."""
-    tops = [Path(explicit)] if explicit else [ROOT / d for d in FEDERATED_SEARCH_DIRS]
-    found: list[Path] = []
-    for top in tops:
-        if top.is_file():
-            found.append(top)
-            continue
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            if "rounds.jsonl" in filenames:
-                found.append(Path(dirpath) / "rounds.jsonl")
-    return sorted(found)
-
-
-def numeric_fields(record: dict[str, Any]) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in record.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_SUMMARISED
-    }
-
-
-def summarise_rounds(path: Path) -> dict[str, Any]:
-    """Rounds of one rounds.jsonl, and the median over rounds of every numeric field (per-client fields:
-    the mean over the round's clients, prefixed ``clients.``); plus the per-round overhead when the log has
-    the round's seconds and the clients' seconds."""
-    rounds: list[dict[str, float]] = []
-    strategies: set[str] = set()
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict):
-            continue
-        strategies.add(str(rec.get("strategy", "?")))
-        row = numeric_fields(rec)
-        clients = [c for c in rec.get("clients", []) if isinstance(c, dict)]
-        per_client: dict[str, list[float]] = {}
-        for c in clients:
-            for k, v in numeric_fields(c).items():
-                per_client.setdefault(k, []).append(v)
-        row.update({f"clients.{k}": statistics.fmean(v) for k, v in per_client.items()})
-        if "seconds" in row and per_client.get("client_seconds"):
-            row["overhead_seconds"] = row["seconds"] - max(per_client["client_seconds"])
-        if clients:
-            row["clients"] = float(len(clients))
-        rounds.append(row)
-    keys = sorted({k for r in rounds for k in r})
-    fields = {k: statistics.median([r[k] for r in rounds if k in r]) for k in keys}
-    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    return {
-        "source": str(where),
-        "strategy": ",".join(sorted(strategies)),
-        "rounds": len(rounds),
-        "median": fields,
-    }
-
-
+# --- federated (item 4) ---------------------------------------------------------------------------------
 def federated_section(args: argparse.Namespace) -> dict[str, Any]:
-    """Item 4 (federated): run the colleague's benchmark, or summarise their rounds.jsonl, or say pending."""
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    script = ROOT / "benchmarks" / "federated.py"
-    if script.is_file():
-        import importlib
-
-        module = importlib.import_module("federated")
-        argv = ["--smoke"] if args.smoke else []
-        result = run("federated", module.main, argv)
-        return {"status": "benchmark", "result": result}
-    logs = find_rounds_jsonl(args.federated_rounds)
-    if logs:
-        return {"status": "rounds", "logs": [summarise_rounds(p) for p in logs]}
-    return {"status": "pending"}
+    """Item 4: ``benchmarks/federated.py`` (real simulation runs; ``--smoke`` passed through)."""
+    argv = ["--smoke"] if args.smoke else []
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    result = run("federated", federated.main, argv)
+    return {"status": "failed" if "_failed" in result else "measured", "result": result}
 
 
 # --- machine ---------------------------------------------------------------------------------------
@@ -541,26 +458,49 @@ def scaling_tables(sc: dict[str, Any]) -> str:
 
 
 def federated_text(fed: dict[str, Any]) -> str:
-    if fed["status"] == "pending":
-        return (
-            "_Pending: item 4 is being built in a colleague's session. `run_all.py` runs "
-            "`benchmarks/federated.py` as soon as it exists, or summarises their `rounds.jsonl` "
-            "(`--federated-rounds PATH`, else the newest under runs/, outputs/, benchmarks/, docs/)._"
+    if fed["status"] == "skipped":
+        return "_Not run (`--only`)._"
+    res = fed["result"]
+    if fed["status"] == "failed":
+        return f"_Failed: {res['_failed']}_ (command: `{res['_run']['command']}`)"
+    st = res["setting"]
+    rows = []
+    for name, r in res["strategies"].items():
+        ratio = r["overhead_vs_training"]
+        rows.append(
+            [
+                f"`{name}`",
+                ",".join(map(str, r["ranks"])),
+                f"{r['round_s_no_training']:.2f}",
+                f"{r['round_s_training']:.2f}",
+                f"{r['training_s_per_round']:.2f}",
+                "–" if ratio is None else f"{ratio:.3f}",
+                f"{r['bytes_up']:,}",
+                f"{r['bytes_down']:,}",
+                f"{r['predicted_up']:,} / {r['predicted_down']:,}",
+                f"{r['payload_up_vs_predicted']:.4f} / {r['payload_down_vs_predicted']:.4f}",
+                f"{r['framing_up']:.5f}",
+            ]
         )
-    if fed["status"] == "benchmark":
-        res = {k: v for k, v in fed["result"].items() if k != "_run"}
-        return f"Command: `{fed['result']['_run']['command']}`\n\n```json\n{json.dumps(res, indent=1)[:6000]}\n```"
-    logs = fed["logs"]
-    keys = list(dict.fromkeys(k for log in logs for k in log["median"]))
-    rows = [["rounds", *(log["rounds"] for log in logs)]] + [
-        [f"`{k}`", *(f"{log['median'][k]:.4g}" if k in log["median"] else "—" for log in logs)] for k in keys
-    ]
-    header = ["median per round", *(f"{log['strategy']} (`{log['source']}`)" for log in logs)]
+    header = ["strategy", "client ranks", "T0: round, no training (s)", "T1: round, training (s)",
+              "T1 − T0 (s)", "T0 / (T1 − T0)", "bytes up / client", "bytes down / client",
+              "predicted payload up / down", "payload / predicted (up / down)", "message / payload"]  # fmt: skip
     return (
-        "_Item 4 is being built in a colleague's session; until `benchmarks/federated.py` exists, this is a "
-        "summary of their per-round logs found in the tree (medians over rounds; `clients.*` = mean over the "
-        "round's clients; `overhead_seconds` = round time beyond the slowest client's local work)._\n\n"
+        f"Command: `{res['_run']['command']}`. {res['model']}, {st['clients']} clients with one task each "
+        f"({', '.join(st['tasks'])}), Flower's simulation engine with {st['threads_per_client']} torch "
+        f"thread(s) per client, {st['rounds']} rounds of {st['local_steps']} local steps at batch "
+        f"{st['batch_size']} × {st['max_length']} tokens (the demo's size); homogeneous strategies at r = "
+        f"{st['r']}, `zeropad` / `fedalora-het` at ranks {st['ranks']} (d_m = {st['d_m']}). Each group of "
+        "strategies runs twice on the same clients, data and seed: with `train.local_steps=0` (T0: the "
+        "clients return what they received, so the round is only Flower's messages, (de)serialisation, "
+        "the aggregation, the checkpoint and the client's adapter setup) and with training (T1); medians of "
+        "the warm rounds (round 1 loads the base model on the clients). The bytes are the run's own "
+        "(`rounds.jsonl`: `ArrayRecord.count_bytes()` of each message, and its tensor payload) per client "
+        'per round; "predicted" is `asymlora.federated.accounting.run_round_cost`, the code that writes '
+        "the tables of `docs/federated.md`.\n\n"
         + md_table(header, rows)
+        + f"\n\nBytes moved equal the accounting for every strategy: "
+        f"**{'yes' if res['bytes_match_accounting'] else 'NO'}**."
     )
 
 
@@ -844,7 +784,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--all-projections", action="store_true", help="also the step with all seven projections"
     )
-    parser.add_argument("--federated-rounds", default=None, help="a rounds.jsonl to summarise (item 4)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
@@ -910,7 +849,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["scaling"] = run("scaling", scaling.main, [*common, *plot_args], cmd)
     if "candidate" not in skip:
         res["candidate"] = run_candidate(common)
-    res["federated"] = federated_section(args) if "federated" not in skip else {"status": "pending"}
+    res["federated"] = federated_section(args) if "federated" not in skip else {"status": "skipped"}
     res["failed"] = {}
     for key in ("layers", "train_step", "train_step_all", "inference", "scaling", "candidate"):
         if key in res and "_failed" in res[key]:

@@ -9,17 +9,31 @@ from pathlib import Path
 import pytest
 from benchmarks import run_all, train_step
 
+NOT_FEDERATED = ",".join(b for b in run_all.BENCHMARKS if b != "federated")
+"""The federated smoke starts Ray: it has its own test, marked ``fed``."""
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
-    """One ``run_all.py --smoke`` (every benchmark, in seconds): its result, its stdout, its output dir."""
+    """One ``run_all.py --smoke`` (every benchmark but the federated one, in seconds): its result, its
+    stdout, its output dir."""
     import contextlib
     import io
 
     out_dir = tmp_path_factory.mktemp("perf")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        result = run_all.main(["--smoke", "--out-dir", str(out_dir), "--save", str(out_dir / "perf.json")])
+        result = run_all.main(
+            [
+                "--smoke",
+                "--only",
+                NOT_FEDERATED,
+                "--out-dir",
+                str(out_dir),
+                "--save",
+                str(out_dir / "perf.json"),
+            ]
+        )
     return result, buf.getvalue(), out_dir
 
 
@@ -120,27 +134,28 @@ def test_count_saved_counts_unique_storages():
     assert saved["bytes"] == x.numel() * 4 + y.numel() * 4
 
 
-def test_federated_hook_summarises_rounds(tmp_path):
-    log = tmp_path / "fedalora" / "rounds.jsonl"
-    log.parent.mkdir()
-    rows = [
-        {
-            "round": i,
-            "strategy": "fedalora",
-            "seconds": 10.0 + i,
-            "clients": [
-                {"client": c, "bytes_up": 100 * (c + 1), "client_seconds": 4.0 + c} for c in range(2)
-            ],
-        }
-        for i in range(3)
-    ]
-    log.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
-    assert run_all.find_rounds_jsonl(str(tmp_path)) == [log]
-    assert run_all.find_rounds_jsonl(str(tmp_path / "missing")) == []
-    summary = run_all.summarise_rounds(log)
-    assert (summary["strategy"], summary["rounds"]) == ("fedalora", 3)
-    med = summary["median"]
-    assert med["seconds"] == 11.0
-    assert med["clients.bytes_up"] == 150.0  # mean over the round's clients
-    assert med["overhead_seconds"] == 6.0  # 11 s round - 5 s slowest client
-    assert "round" not in med and "clients.client" not in med
+@pytest.mark.fed
+def test_federated_smoke_bytes_match_the_accounting(tmp_path):
+    """Real simulation runs (tiny model, 2 clients, every strategy, with and without local training): the
+    bytes each run logged equal `run_round_cost`'s prediction, and the doc gets the section."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = run_all.main(["--smoke", "--only", "federated", "--out-dir", str(tmp_path)])
+    fed = res["federated"]
+    assert fed["status"] == "measured", fed
+    result = fed["result"]
+    assert set(result["strategies"]) == {"fedit", "ffa", "fedsa", "fedalora", "zeropad", "fedalora-het"}
+    assert result["bytes_match_accounting"]
+    for name, s in result["strategies"].items():
+        assert s["payload_up_vs_predicted"] == s["payload_down_vs_predicted"] == 1.0, name
+        assert s["payload_up_same_without_training"] and s["payload_down_same_without_training"], name
+        assert s["framing_up"] > 1.0 and s["bytes_up"] > s["payload_up"] > 0, name  # + keys, array headers
+        assert s["round_s_no_training"] > 0 and s["round_s_training"] > 0, name
+    moved = {n: s["payload_up"] + s["payload_down"] for n, s in result["strategies"].items()}
+    assert moved["fedalora"] == moved["ffa"] < moved["fedit"]  # B only vs A and B
+    assert "federated" in json_lines(buf.getvalue())
+    doc = (tmp_path / "performance.md").read_text()
+    assert "## 4. Federated" in doc and "| `fedalora` |" in doc and "**yes**" in doc

@@ -34,7 +34,7 @@ from asymlora.federated import (
     state_to_arrays,
     state_to_bytes,
 )
-from asymlora.federated.accounting import communication_table, paper_params
+from asymlora.federated.accounting import communication_table, paper_params, run_round_cost
 from asymlora.methods.fedhet import B0_NAME, B1_NAME, B2_NAME
 from asymlora.tuner.layer import Linear
 
@@ -383,6 +383,42 @@ def test_llama2_7b_table_reproduces_the_published_figures() -> None:
         assert row.bytes == 4 * row.params  # float32 payloads
     assert rows["fedalora-het"].params_down == 32 * 2 * 4096 * 16  # B0 only
     assert [c.params_up for c in rows["zeropad"].clients][:2] == [32 * 2 * 8192 * 64] * 2  # own rank up
+
+
+def test_run_round_cost_is_the_table_for_a_run_of_that_setting() -> None:
+    """What a run of the paper's setting must move (`run_round_cost`, the benchmark's reference) is the
+    table's row, client by client: one accounting for the docs and for the runs."""
+    from asymlora.config import from_dict
+    from asymlora.federated.config import FedConfig
+
+    ranks = [64, 64, 32, 32, 16, 16, 8, 8]
+    table = {row.strategy: row for row in communication_table("llama2-7b", 8, ranks, 16)}
+    for name in ("fedalora", "fedit", "zeropad", "fedalora-het"):
+        het = name in ("zeropad", "fedalora-het")
+        cfg = from_dict(
+            FedConfig,
+            {
+                "model": {"name": "llama2-7b"},  # the paper's shapes, on the meta device
+                "strategies": [name],
+                "adapter": {"r": 8, "lora_alpha": 16, "intermediate_rank": 16},
+                "clients": {"num": 8, "ranks": ranks if het else None},
+            },
+        )
+        got = run_round_cost(cfg, name)
+        want = table[name].clients
+        assert [(c.params_up, c.params_down, c.bytes_up) for c in got] == [
+            (c.params_up, c.params_down, c.bytes_up) for c in want
+        ], name
+
+
+def test_local_steps_zero_is_a_run_without_training() -> None:
+    from asymlora.config import ConfigError
+    from asymlora.federated.config import load_fed_config
+
+    tasks = "data.tasks=[bigbench:strategyqa, bigbench:winowhy]"
+    assert load_fed_config(None, [tasks, "clients.num=2", "train.local_steps=0"]).train.local_steps == 0
+    with pytest.raises(ConfigError, match=r"train.local_steps=-1 must be an integer >= 0"):
+        load_fed_config(None, [tasks, "clients.num=2", "train.local_steps=-1"])
 
 
 def test_qwen2_7b_formulas() -> None:

@@ -21,6 +21,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import peft
 import torch
@@ -42,6 +44,9 @@ from asymlora.federated.strategies import (
 )
 from asymlora.methods.base import Role
 from asymlora.tuner.config import AsymLoraConfig
+
+if TYPE_CHECKING:
+    from asymlora.federated.config import FedConfig
 
 PAPER_HET_RANKS: tuple[int, ...] = (64, 64, 32, 32, 16, 16, 8, 8)
 """The paper's heterogeneous client ranks (r̄ = 30)."""
@@ -70,6 +75,9 @@ ARCHS: dict[str, dict[str, object]] = {
 }
 """Shapes of the paper's models and the target modules of its federated tables."""
 
+DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
+"""Target modules of any other model (a built-in name or a local directory): the paper's LLaMA setting."""
+
 PUBLISHED: dict[str, dict[str, float]] = {
     "llama2-7b": {"fedit": 8.39, "fedsa": 4.19, "fedalora": 4.19, "zeropad": 49.28, "fedalora-het": 12.12},
     "qwen2-7b": {"fedit": 6.42, "fedsa": 3.21, "fedalora": 3.21, "zeropad": 37.73, "fedalora-het": 9.23},
@@ -78,19 +86,42 @@ PUBLISHED: dict[str, dict[str, float]] = {
 
 
 # --- building the models -----------------------------------------------------------------------------
+_CONFIGS: dict[str, object] = {}
+
+
 def meta_model(arch: str) -> nn.Module:
-    """The causal LM ``arch`` (a key of `ARCHS`) on the meta device: real module shapes, no weights."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
-    spec = {k: v for k, v in ARCHS[arch].items() if k not in ("family", "targets")}
-    if ARCHS[arch]["family"] == "llama":
-        from transformers import LlamaConfig as Config
-        from transformers import LlamaForCausalLM as Model
+    """A causal LM on the meta device: real module shapes, no weights.
+
+    ``arch`` is a key of `ARCHS` (the paper's 7B shapes), a built-in model name (``smollm2-135m``, whose
+    config comes from the converted cache) or a local model directory (its ``config.json``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch in ARCHS:
+        spec = {k: v for k, v in ARCHS[arch].items() if k not in ("family", "targets")}
+        if ARCHS[arch]["family"] == "llama":
+            from transformers import LlamaConfig as Config
+        else:
+            from transformers import Qwen2Config as Config
+        config = Config(**spec)
     else:
-        from transformers import Qwen2Config as Config
-        from transformers import Qwen2ForCausalLM as Model
+        if arch not in _CONFIGS:
+            from asymlora.models import BUILTIN_MODELS, ensure_builtin_cached
+
+            if arch.lower() in BUILTIN_MODELS:
+                source = str(ensure_builtin_cached(arch))
+            elif Path(arch).is_dir():
+                source = arch
+            else:
+                raise ValueError(
+                    f"unknown architecture {arch!r}: choose one of {sorted(ARCHS)}, a built-in model "
+                    f"({', '.join(sorted(BUILTIN_MODELS))}) or a local model directory"
+                )
+            loaded = AutoConfig.from_pretrained(source)
+            loaded.__dict__.pop("quantization_config", None)
+            _CONFIGS[arch] = loaded
+        config = _CONFIGS[arch]
     with torch.device("meta"):
-        return Model(Config(**spec))
+        return AutoModelForCausalLM.from_config(config)
 
 
 def adapted_meta_model(arch: str, cfg: AsymLoraConfig) -> nn.Module:
@@ -189,6 +220,34 @@ def round_cost(
     return tuple(out)
 
 
+def run_round_cost(cfg: FedConfig, strategy_name: str) -> tuple[ClientCost, ...]:
+    """The traffic one round of ``strategy_name`` must have in the federated run ``cfg`` (its model, target
+    modules, client ranks, ``het_upload``), from the strategy's payloads on the meta device, at float32 —
+    the reference the bytes logged by a real run (``rounds.jsonl``) are checked against."""
+    from asymlora.federated.client import client_adapter_config
+
+    strategy = cfg.strategy(strategy_name)
+    ranks = [cfg.client_rank(k) for k in range(cfg.clients.num)]
+
+    def model_state(rank: int) -> tuple[dict[str, torch.Tensor], RoleMap]:
+        model = adapted_meta_model(cfg.model.name, client_adapter_config(cfg, strategy, rank))
+        return adapter_state(model), role_map(model)
+
+    server = model_state(max(ranks) if strategy.heterogeneous else cfg.adapter.r)
+    states = {k: model_state(k) for k in set(ranks)}
+    down = download_payload(strategy, init_server_state(strategy, *server))
+    out = []
+    for k, rank in enumerate(ranks):
+        state, roles = states[rank]
+        up = client_upload(strategy, state, roles, het_upload=cfg.het_upload)
+        out.append(
+            ClientCost(
+                k, rank, payload_params(up), payload_params(down), payload_bytes(up), payload_bytes(down)
+            )
+        )
+    return tuple(out)
+
+
 def _layer_dims(roles: RoleMap) -> list[tuple[int, int]]:
     """(d_in, d_out) of every adapted layer of a LoRA role map."""
     dims: dict[str, list[int]] = {}
@@ -245,9 +304,7 @@ def communication_table(
     ``fedalora-het`` use the client ranks ``ranks`` and intermediate rank ``d_m``. Parameters are counted
     from the payloads; bytes at ``dtype``.
     """
-    targets = list(ARCHS[arch]["targets"]) if arch in ARCHS else None
-    if targets is None:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    targets = list(ARCHS[arch]["targets"]) if arch in ARCHS else list(DEFAULT_TARGETS)
     base = AsymLoraConfig(method="lora", r=r, lora_alpha=2 * r, intermediate_rank=d_m, target_modules=targets)
     cache: dict[tuple[str, int], tuple[dict[str, torch.Tensor], RoleMap]] = {}
 
@@ -316,7 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m asymlora.federated.accounting",
         description="Parameters and bytes communicated per client per round, per federated strategy.",
     )
-    parser.add_argument("--arch", choices=[*sorted(ARCHS), "all"], default="all")
+    parser.add_argument(
+        "--arch",
+        default="all",
+        help=f"one of {sorted(ARCHS)}, 'all' (both), a built-in model (smollm2-135m: q_proj, v_proj) "
+        "or a local model directory",
+    )
     parser.add_argument("--r", type=int, default=8, help="homogeneous rank (default 8)")
     parser.add_argument(
         "--ranks",
@@ -337,7 +399,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, arch in enumerate(archs):
         if i:
             print()
-        print(format_table(arch, communication_table(arch, args.r, ranks, args.d_m)))
+        try:
+            rows = communication_table(arch, args.r, ranks, args.d_m)
+        except ValueError as e:
+            parser.error(str(e))
+        print(format_table(arch, rows))
     print(
         f"\nr = {args.r}; heterogeneous ranks {ranks} (r̄ = {math.fsum(ranks) / len(ranks):g}), d_m = {args.d_m}"
     )

@@ -186,7 +186,8 @@ def train_local(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
 ) -> tuple[float, int]:
-    """``steps`` AdamW steps on the training examples of ``tasks``; returns (mean loss, examples).
+    """``steps`` AdamW steps on the training examples of ``tasks``; returns (mean loss, examples). The
+    mean loss is NaN when ``steps`` is 0.
 
     Batches come from `asymlora.train.batch_indices` at global steps ``step_offset`` … so the data order
     continues across rounds. Raises RuntimeError on a non-finite loss.
@@ -228,7 +229,7 @@ def train_local(
         model.eval()
         for p in params:
             p.grad = None
-    return sum(losses) / len(losses), len(dataset)
+    return (sum(losses) / len(losses) if losses else math.nan), len(dataset)
 
 
 @dataclass
@@ -433,7 +434,7 @@ def local_only_baseline(cfg: FedConfig, client: int, rank: int, tasks: Sequence[
         "client": client,
         "rank": rank,
         "personalised": scores,
-        "train_loss": loss,
+        "train_loss": loss if math.isfinite(loss) else None,
         "num_examples": n,
         "seconds": time.perf_counter() - t0,
     }

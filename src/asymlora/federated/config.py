@@ -109,7 +109,9 @@ class TrainSettings:
     """Local training on each client, every round (plain AdamW, fresh optimiser each round)."""
 
     local_steps: int = 10
-    """Optimiser steps per client per round."""
+    """Optimiser steps per client per round. 0: no local training — each client returns what it received,
+    so a round costs only the federation itself (messages, aggregation, checkpoint; see
+    ``benchmarks/federated.py``); its train loss is then logged as null."""
     batch_size: int = 8
     """Examples per step."""
     lr: float = 1e-3
@@ -288,9 +290,12 @@ class FedConfig:
             raise ConfigError(f"clients.alpha={self.clients.alpha!r} must be > 0 (Dirichlet concentration)")
         if not 0 < self.data.test_fraction < 1:
             raise ConfigError(f"data.test_fraction={self.data.test_fraction!r} must lie in (0, 1)")
+        if isinstance(self.train.local_steps, bool) or self.train.local_steps < 0:
+            raise ConfigError(
+                f"train.local_steps={self.train.local_steps!r} must be an integer >= 0 (0: no local training)"
+            )
         for where, value in (
             ("rounds", self.rounds),
-            ("train.local_steps", self.train.local_steps),
             ("train.batch_size", self.train.batch_size),
             ("eval.batch_size", self.eval.batch_size),
             ("data.max_length", self.data.max_length),

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
@@ -107,24 +106,15 @@ class ServerOutcome:
 
 
 # --- the server's model: shapes only --------------------------------------------------------------------
-_META: dict[str, Any] = {}
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _meta_base(name: str) -> Any:
     """The base model ``name`` on the meta device (config only, no weights)."""
-    if name not in _META:
-        from transformers import AutoConfig, AutoModelForCausalLM
+    from asymlora.federated.accounting import meta_model
 
-        from asymlora.models import BUILTIN_MODELS, ensure_builtin_cached
-
-        source = str(ensure_builtin_cached(name)) if name.lower() in BUILTIN_MODELS else name
-        config = AutoConfig.from_pretrained(source)
-        config.__dict__.pop("quantization_config", None)
-        _META[name] = config
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(_META[name])
+    return meta_model(name)
 
 
 def server_roles(
@@ -388,7 +378,7 @@ def run_server(
                 payload_up=payload_bytes(up),
                 tensors_up=_kinds(list(up), roles),
                 num_examples=int(m["num-examples"]),
-                train_loss=float(m["train-loss"]),
+                train_loss=_finite_or_none(float(m["train-loss"])),  # None: no local step (local_steps=0)
                 client_seconds=float(m["seconds"]),
                 a_drift_start=float(m["a-drift-start"]),
                 a_drift_end=float(m["a-drift-end"]),
@@ -410,7 +400,8 @@ def run_server(
             records[rej.client].update(status="rejected", reason=rej.reason, rejected_key=rej.key)
         state = res.state
         accepted = [records[k] for k in res.accepted]
-        n_acc = sum(r["num_examples"] for r in accepted)
+        with_loss = [r for r in accepted if r["train_loss"] is not None]
+        n_acc = sum(r["num_examples"] for r in with_loss)
         note = ""
         if res.kept_previous:
             note = f"round {rnd}: no client update accepted; the shared tensors of round {rnd - 1} are kept"
@@ -424,7 +415,7 @@ def run_server(
             "bytes_down": sum(c.get("bytes_down", 0) for c in clients),
             "payload_up": sum(c.get("payload_up", 0) for c in clients),
             "payload_down": sum(c.get("payload_down", 0) for c in clients),
-            "train_loss": sum(r["train_loss"] * r["num_examples"] for r in accepted) / n_acc
+            "train_loss": sum(r["train_loss"] * r["num_examples"] for r in with_loss) / n_acc
             if n_acc
             else None,
             "accepted": list(res.accepted),
