@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start over")
 
-    p = add("demo", cmd_demo, "the embedded demo: LoRA vs ALoRA, SmolLM2-135M, 4 BIG-bench tasks (~12 min on 2 CPU cores)",
+    p = add("demo", cmd_demo, "the embedded demo: LoRA vs ALoRA, SmolLM2-135M, 4 BIG-bench tasks (~3 min on 2 CPU cores once set up)",
             "Train LoRA and ALoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
             "evaluate the base model and each method, print the per-task table and write it with a PNG chart.")  # fmt: skip
     p.add_argument("--run-dir", default="runs/demo", help="where to write (replaced if it exists)")
