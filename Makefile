@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 setup:
 	bash scripts/setup.sh
 
-demo: setup  ## set up, then train and evaluate LoRA vs ALoRA on BIG-bench with SmolLM2-135M
+demo: setup  ## set up, then train and evaluate LoRA, ALoRA and HydraLoRA on BIG-bench with SmolLM2-135M
 	$(VENV)/bin/asymlora demo
 
 test: setup  ## set up, then run the whole test suite (fast + real-model tests)
@@ -21,4 +21,4 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks && $(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: setup
-	$(VENV)/bin/python benchmarks/layers.py
+	$(VENV)/bin/python benchmarks/run_all.py

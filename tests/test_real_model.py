@@ -21,7 +21,9 @@ def smollm():
 @pytest.mark.parametrize("method", ["lora", "alora", "hydralora", "molora", "malora"])
 def test_forward_and_backward_on_smollm2(smollm, method: str) -> None:
     model, tokenizer = smollm
-    batch = tokenizer(["Question: Is the sky blue?\nAnswer: yes", "2 + 2 ="], return_tensors="pt", padding=True)
+    batch = tokenizer(
+        ["Question: Is the sky blue?\nAnswer: yes", "2 + 2 ="], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         base_logits = model(**batch).logits
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """The ``asymlora`` command line.
 
-    asymlora demo                                  train + evaluate LoRA and ALoRA on BIG-bench (SmolLM2-135M)
+    asymlora demo                                  train + evaluate LoRA, ALoRA, HydraLoRA on BIG-bench (SmolLM2-135M)
     asymlora train CONFIG.yaml [key=value ...]     run a multi-task config (see configs/)
     asymlora eval RUN_DIR                          re-evaluate a finished run
     asymlora export RUN_DIR --task NAME --out DIR  one task of a task-routed run as a stock peft LoRA
@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start over")
 
-    p = add("demo", cmd_demo, "the embedded demo: LoRA vs ALoRA, SmolLM2-135M, 4 BIG-bench tasks (~3 min on 2 CPU cores once set up)",
-            "Train LoRA and ALoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
+    p = add("demo", cmd_demo, "the embedded demo: LoRA, ALoRA, HydraLoRA; SmolLM2-135M; 4 BIG-bench tasks (minutes on 2 CPU cores)",
+            "Train LoRA, ALoRA and HydraLoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
             "evaluate the base model and each method, print the per-task table and write it with a PNG chart.")  # fmt: skip
     p.add_argument("--run-dir", default="runs/demo", help="where to write (replaced if it exists)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")

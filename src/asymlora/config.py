@@ -247,7 +247,11 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {path!r}{hint}; valid keys here: {names}")
         factory = fields[key].default_factory
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and factory is not dataclasses.MISSING:
+        if (
+            dataclasses.is_dataclass(hints[key])
+            and isinstance(value, dict)
+            and factory is not dataclasses.MISSING
+        ):
             value = {**dataclasses.asdict(factory()), **value}  # a section keeps its own defaults
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from asymlora.config import ConfigError, apply_overrides, from_dict
+from asymlora.config import DataSettings as MultiTaskDataSettings
 from asymlora.federated.strategies import STRATEGY_NAMES, Strategy, check_het_setup, get_strategy
 from asymlora.tuner.config import AsymLoraConfig
 
@@ -86,22 +87,14 @@ class ClientSettings:
 
 
 @dataclass
-class DataSettings:
-    """Tasks and caps (per task, before partitioning)."""
+class DataSettings(MultiTaskDataSettings):
+    """Tasks and caps (per task, before partitioning), as in the multi-task config; ``tasks`` gives one
+    task per client under ``clients.partition: task``. Only the defaults differ:"""
 
-    tasks: list[str] = field(default_factory=list)
-    """Task specs (``bigbench:<path>``, ``json:``/``jsonl:<file>[#task]``, ``hf:<dir>``); one per client
-    under ``clients.partition: task``."""
-    max_train: int | None = 300
-    """Training examples per task (None: all)."""
     max_test: int | None = 200
-    """Test examples per task (None: all of the test split)."""
-    test_fraction: float = 0.2
-    """Share held out for testing when a source has no test split."""
+    """Test examples per task (None: all of the test split); 200 is the paper's federated protocol."""
     max_length: int = 192
-    """Longest training sequence in tokens."""
-    seed: int = 0
-    """Seed of the train/test split."""
+    """Longest training sequence in tokens (prompts are cut from the left, answers never)."""
 
 
 @dataclass
