@@ -273,12 +273,15 @@ def status(met: bool | None) -> str:
 def target_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Every figure that has a target: (name, measured, target, met, gap)."""
     rows = []
-    ts = res.get("train_step")
-    if ts and "alora" in ts["ratios"]:
-        r = ts["ratios"]["alora"]
-        rows.append(("ALoRA / peft LoRA, training step time (whole model)", r["step_time"], "≤ 1.10×", 1.10))
-        if "peak_memory" in r:
-            rows.append(("ALoRA / peft LoRA, peak memory (whole model)", r["peak_memory"], "≤ 1.10×", 1.10))
+    for key, where in (("train_step", ""), ("train_step_all", ", all seven projections")):
+        ts = res.get(key)
+        if ts and "alora" in ts["ratios"]:
+            r = ts["ratios"]["alora"]
+            name = f"ALoRA / peft LoRA, training step time (whole model{where})"
+            rows.append((name, r["step_time"], "≤ 1.10×", 1.10))
+            if "peak_memory" in r:
+                name = f"ALoRA / peft LoRA, peak memory (whole model{where})"
+                rows.append((name, r["peak_memory"], "≤ 1.10×", 1.10))
     ly = res.get("layers")
     if ly:
         rows.append(
@@ -300,10 +303,21 @@ def target_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                     r,
                 )
             )
+    fed = res.get("federated") or {}
+    if fed.get("status") == "measured":
+        ratios = [
+            v
+            for st in fed["result"]["strategies"].values()
+            for v in (st["payload_up_vs_predicted"], st["payload_down_vs_predicted"])
+        ]
+        worst = max(ratios, key=lambda v: abs(v - 1))
+        rows.append(("federated bytes moved / accounting (every strategy, both ways)", worst, "= 1", "exact"))
     out = []
     for row in rows:
         name, value, target, bound = row[:4]
-        if bound is None:
+        if bound == "exact":
+            met, gap = value == 1.0, abs(value - 1)
+        elif bound is None:
             met = row[4]["merged_equals_base_speed"]
             gap = abs(value - 1) - row[4]["tolerance"]
         elif bound < 0:
@@ -507,7 +521,8 @@ def federated_text(fed: dict[str, Any]) -> str:
 def why_missed(row: dict[str, Any], res: dict[str, Any]) -> str:
     """A sentence on why a missed target was missed, from the measured figures."""
     name = row["figure"]
-    ts, ly = res.get("train_step"), res.get("layers")
+    ts = res.get("train_step_all" if "all seven" in name else "train_step")
+    ly = res.get("layers")
     if "training step time" in name and ts:
         noise = ts["spread"]["peft_lora"]
         cpu = ts["ratios"]["alora"]["cpu_time"]
@@ -563,13 +578,20 @@ def render(res: dict[str, Any], args: argparse.Namespace, mach: dict[str, Any], 
         f"transformers {mach['transformers']}, peft {mach['peft']}.\n"
     )
     if all_loads:
-        out.append(
-            f"**The machine was loaded** by other engineers' training jobs during the run: 1-minute load "
-            f"average {min(all_loads):.1f}–{max(all_loads):.1f} on {mach['cores']} cores. Absolute times "
-            "are therefore slow and noisy (each table gives the spread); the ratios, taken from alternating "
-            "runs, are what to read. The CPU-time columns (CPU seconds this process used per step) are less "
-            "sensitive to other jobs than wall-clock time.\n"
-        )
+        own = mach["torch_threads"]
+        span = f"1-minute load average {min(all_loads):.1f}–{max(all_loads):.1f} on {mach['cores']} cores"
+        if max(all_loads) > own + 0.5:
+            out.append(
+                f"**Other processes shared the machine** during parts of the run: {span}, of which this run's "
+                f"own {own} thread(s) account for about {own}. Absolute times are noisy there (each table "
+                "gives the spread); the ratios, taken from alternating runs, are what to read. The CPU-time "
+                "columns (CPU seconds this process used per step) are less sensitive to other jobs than "
+                "wall-clock time.\n"
+            )
+        else:
+            out.append(
+                f"**The machine was otherwise quiet**: {span}, this run's own {own} thread(s) included.\n"
+            )
     if mach["torch_threads"] < (mach["cores"] or 1) and args.device == "cpu":
         out.append(
             f"**Threads**: every benchmark ran with {mach['torch_threads']} torch thread(s) (`--threads`). On "
@@ -725,7 +747,10 @@ def render(res: dict[str, Any], args: argparse.Namespace, mach: dict[str, Any], 
 
     out.append(findings(res))
     out.append("## Reproduce\n")
-    out.append("```bash\n. .venv/bin/activate\n" + "\n".join(res["commands"]) + "\n```\n")
+    commands = list(res["commands"])
+    if (res.get("federated") or {}).get("status") == "measured":
+        commands.append(res["federated"]["result"]["_run"]["command"])
+    out.append("```bash\n. .venv/bin/activate\n" + "\n".join(commands) + "\n```\n")
     out.append(
         "Each benchmark prints a human table and one JSON line; `--smoke` runs it in seconds on a tiny "
         "random Llama (tests/test_benchmarks.py); `--device cuda --dtype bfloat16` runs it unchanged on a "
@@ -750,8 +775,9 @@ def findings(res: dict[str, Any]) -> str:
         a, lay = cand["adapter_vs_peft_lora"], cand["layer_vs_peft_lora"]
         sh = cand["shape"]
         out.append(
-            "- **Hot path: fold the scaling s into the rank side** (recommended; not applied: the core is "
-            "another session's file). Every asymlora method, like peft's LoRA, multiplies the (tokens × d_out) "
+            "- **Hot path: fold the scaling s into the rank side** (recommended, not yet applied: every target "
+            "above is met without it, its whole-model gain is below this machine's noise, and it is a "
+            "one-function change in `AsymLoraLayer.adapter_path`, `folded_adapter_path` here). Every asymlora method, like peft's LoRA, multiplies the (tokens × d_out) "
             "adapter output by s in the forward pass, and the (tokens × d_out) gradient by s in the backward "
             "pass: two full-size memory passes per adapted module and step. Every method's `combine` is "
             "linear in h = x·x_sideᵀ, so s·combine(h) = combine(s·h) exactly, and h is (tokens × k) with "
