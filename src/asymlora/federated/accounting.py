@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import peft
 import torch
@@ -198,6 +198,8 @@ def round_cost(
     server: tuple[dict[str, torch.Tensor], RoleMap],
     clients: Sequence[tuple[dict[str, torch.Tensor], RoleMap]],
     ranks: Sequence[int],
+    *,
+    het_upload: Literal["auto", "product", "factors"] = "auto",
 ) -> tuple[ClientCost, ...]:
     """Traffic of one round, from the strategy's real payloads.
 
@@ -207,11 +209,12 @@ def round_cost(
         clients: (adapter state, role map) of every client after local training (values do not matter;
             meta tensors are fine).
         ranks: each client's rank, for the record.
+        het_upload: ``fedalora-het``'s upload choice (see `client_upload`).
     """
     down = download_payload(strategy, init_server_state(strategy, *server))
     out = []
     for k, ((state, roles), rank) in enumerate(zip(clients, ranks, strict=True)):
-        up = client_upload(strategy, state, roles)
+        up = client_upload(strategy, state, roles, het_upload=het_upload)
         out.append(
             ClientCost(
                 k, rank, payload_params(up), payload_params(down), payload_bytes(up), payload_bytes(down)
@@ -235,17 +238,7 @@ def run_round_cost(cfg: FedConfig, strategy_name: str) -> tuple[ClientCost, ...]
 
     server = model_state(max(ranks) if strategy.heterogeneous else cfg.adapter.r)
     states = {k: model_state(k) for k in set(ranks)}
-    down = download_payload(strategy, init_server_state(strategy, *server))
-    out = []
-    for k, rank in enumerate(ranks):
-        state, roles = states[rank]
-        up = client_upload(strategy, state, roles, het_upload=cfg.het_upload)
-        out.append(
-            ClientCost(
-                k, rank, payload_params(up), payload_params(down), payload_bytes(up), payload_bytes(down)
-            )
-        )
-    return tuple(out)
+    return round_cost(strategy, server, [states[k] for k in ranks], ranks, het_upload=cfg.het_upload)
 
 
 def _layer_dims(roles: RoleMap) -> list[tuple[int, int]]:
