@@ -111,6 +111,17 @@ def _supports_logits_to_keep(model: Any) -> bool:
         return False
 
 
+def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (len(seqs), longest): the sequences right-padded with ``pad_id``, mask 1 on tokens."""
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for n, seq in enumerate(seqs):
+        ids[n, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[n, : len(seq)] = 1
+    return ids, mask
+
+
 def _batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(order), size):
         yield list(order[start : start + size])
@@ -297,12 +308,8 @@ def _score_shared(
 
             rows = [(r, option) for r, g in enumerate(chunk) for option in groups[g][1]]
             row_of = torch.tensor([r for r, _ in rows], dtype=torch.long, device=device)
-            width = max(len(option) for _, option in rows)
-            option_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            option_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for n, (_, option) in enumerate(rows):
-                option_ids[n, : len(option)] = torch.tensor(option, dtype=torch.long)
-                option_mask[n, : len(option)] = 1
+            option_ids, option_mask = _pad_right([option for _, option in rows], pad_id)
+            width = option_ids.shape[1]
             option_ids, option_mask = option_ids.to(device), option_mask.to(device)
             sums = first_lp[row_of, option_ids[:, 0]]
             multi = (option_mask.sum(-1) > 1).nonzero().squeeze(-1)  # options of 2+ tokens
@@ -346,12 +353,8 @@ def _score_sequences(
     with _eval_mode(model):
         for chunk in _batches(order, batch_size):
             rows = [sequences[k] for k in chunk]
-            length = max(len(ids) for ids, _ in rows)
-            input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(rows), length), dtype=torch.long)
-            for r, (ids, _) in enumerate(rows):
-                input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                attention[r, : len(ids)] = 1
+            input_ids, attention = _pad_right([ids for ids, _ in rows], pad_id)
+            length = input_ids.shape[1]
             # logits at positions first-1 .. length-2 predict the tokens at first .. length-1
             first = min(start for _, start in rows)
             positions = torch.arange(first - 1, length - 1, device=device)
