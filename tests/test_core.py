@@ -16,7 +16,7 @@ from torch import nn
 
 import asymlora
 from asymlora import AsymLoraConfig
-from asymlora.routing import RoutingState
+from asymlora.routing import RoutingCall, RoutingState
 from asymlora.tuner.layer import Linear
 
 METHODS = ["lora", "alora", "hydralora", "molora", "malora"]
@@ -76,7 +76,7 @@ def test_fused_matches_loop_values_and_gradients(method: str, router: str) -> No
     cfg = layer.asymlora_config["default"]
     x = torch.randn(3, 5, D_IN, dtype=torch.float64, requires_grad=True)
     task_ids = torch.tensor([2, 0, 1])
-    state.task_ids = task_ids
+    state.call = RoutingCall(task_ids=task_ids)
     w_out = torch.randn(3, 5, D_OUT, dtype=torch.float64)
 
     y = layer(x)

@@ -19,7 +19,15 @@ from torch import Tensor, nn
 
 from asymlora.methods import get_method
 from asymlora.methods.base import ATTR_PREFIX, TENSOR_NAMES, Role, TensorSpec
-from asymlora.routing import RoutingState, balance_loss, router_probs, task_gate, topk_gate
+from asymlora.routing import (
+    RoutingCall,
+    RoutingState,
+    attach_balance_loss,
+    balance_loss,
+    router_probs,
+    task_gate,
+    topk_gate,
+)
 from asymlora.tuner.config import AsymLoraConfig
 
 
@@ -75,9 +83,8 @@ class AsymLoraLayer(BaseTunerLayer):
         frozen = tuple(ATTR_PREFIX + n for n, s in specs.items() if not s.trainable)
         if frozen:
             self.frozen_peft_weight_names[adapter_name] = frozen
-        self.asymlora_dropout[adapter_name] = (
-            nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
-        )
+        dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.asymlora_dropout[adapter_name] = dropout.train(self.training)  # the layer's train/eval mode
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=cfg.inference_mode)
 
@@ -98,8 +105,9 @@ class AsymLoraLayer(BaseTunerLayer):
         cfg = self.asymlora_config[adapter_name]
         if not get_method(cfg.method).uses_router:
             return None
+        call = self.routing_state.call or RoutingCall(open=False)
         if cfg.router == "task":
-            task_ids = self.routing_state.task_ids
+            task_ids = call.task_ids_for(x.shape[0])
             if task_ids is None:
                 raise ValueError(
                     f"adapter {adapter_name!r} uses router='task' but no task_ids were given: call "
@@ -107,11 +115,12 @@ class AsymLoraLayer(BaseTunerLayer):
                 )
             return task_gate(task_ids, cfg.num_experts, x)
         if logits is None:
-            probs = router_probs(x, self.asymlora_router[adapter_name])
+            probs = router_probs(x, self.asymlora_router[adapter_name])  # (..., N)
         else:
             probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
-        if self.routing_state.collect_aux and cfg.balance_loss_weight > 0:
-            self.routing_state.aux_losses.append(cfg.balance_loss_weight * balance_loss(probs))
+        if call.collect_aux and cfg.balance_loss_weight > 0:
+            aux = cfg.balance_loss_weight * balance_loss(probs, call.token_mask(x))
+            probs = attach_balance_loss(probs, aux, call)
         return topk_gate(probs, cfg.top_k) if cfg.router == "topk" else probs
 
     # --- merging -----------------------------------------------------------------------------------

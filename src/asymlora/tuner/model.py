@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,14 +12,63 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import Tensor, nn
 
 from asymlora.methods.base import ATTR_PREFIX
-from asymlora.routing import RoutingState, routing
+from asymlora.routing import RoutingCall, RoutingState, bind_to_checkpoints, routing
 from asymlora.tuner.config import AsymLoraConfig
 from asymlora.tuner.layer import AsymLoraLayer, Linear
+
+
+WRAPPERS = ("base_layer", "original_module", "modules_to_save")
+"""Module names that peft's wrappers insert (not names of the user's model)."""
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the nn.Linear modules of a model (what `target_modules` may name)."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def module_leaf_names(model: nn.Module) -> list[str]:
+    """Distinct last name parts of the other modules (e.g. embed_tokens, norm), adapter internals left out."""
+    linear = set(linear_module_names(model))
+    leaves = {k.rsplit(".", 1)[-1] for k, _ in model.named_modules() if k}
+    return sorted(
+        n for n in leaves - linear if not n.isdigit() and not n.startswith(ATTR_PREFIX) and n not in WRAPPERS
+    )
+
+
+def _unmatched(names: list[str] | set[str], keys: list[str]) -> list[str]:
+    """Entries of a name list that equal no module key and are no dotted suffix of one (peft's list rule)."""
+    return sorted(n for n in names if not any(k == n or k.endswith(f".{n}") for k in keys))
+
+
+def check_config_names(model: nn.Module, config: AsymLoraConfig) -> None:
+    """Raise ValueError naming every list entry of the config that selects nothing in `model`.
+
+    peft ignores such entries as long as one entry matches, so a typo (``"v_prj"``) silently leaves a module
+    unadapted. Checked: the lists ``target_modules``, ``exclude_modules`` and ``modules_to_save``, and the
+    ``layers_to_transform`` indexes (each must hold a target module). Regex strings keep peft's semantics.
+    """
+    keys = [k for k, _ in model.named_modules() if k]
+    problems = []
+    for field_name in ("target_modules", "exclude_modules", "modules_to_save"):
+        names = getattr(config, field_name)
+        if isinstance(names, list | tuple | set) and (bad := _unmatched(names, keys)):
+            problems.append(f"{field_name} entries {bad} match no module")
+    layers = config.layers_to_transform
+    if isinstance(config.target_modules, list | tuple | set) and layers is not None:
+        one_layer = copy.copy(config)
+        empty = []
+        for index in [layers] if isinstance(layers, int) else layers:
+            one_layer.layers_to_transform = [index]
+            if not any(check_target_module_exists(one_layer, k) for k in keys):
+                empty.append(index)
+        if empty:
+            problems.append(f"layers_to_transform indexes {empty} hold no target module")
+    if problems:
+        raise ValueError(
+            f"{'; '.join(problems)} of {type(model).__name__}. Its nn.Linear modules are "
+            f"{linear_module_names(model)}; its other modules {module_leaf_names(model)}. Fix the names (a list "
+            "entry matches a module whose name equals it or ends with '.<entry>')."
+        )
 
 
 class AsymLoraModel(BaseTuner):
@@ -37,6 +87,7 @@ class AsymLoraModel(BaseTuner):
             self.routing_state = RoutingState()
         if config.target_modules is None:
             return  # filled in from peft's per-architecture defaults by _prepare_adapter_config
+        check_config_names(model, config)
         if not any(check_target_module_exists(config, key) for key, _ in model.named_modules()):
             raise ValueError(
                 f"target_modules={config.target_modules!r} match no module of {type(model).__name__}. "
@@ -54,14 +105,14 @@ class AsymLoraModel(BaseTuner):
         **kwargs,
     ) -> None:
         if isinstance(target, AsymLoraLayer):
-            target.update_layer(adapter_name, peft_config)
+            target.update_layer(adapter_name, peft_config)  # keeps the layer's train/eval mode
             return
         if not isinstance(target, nn.Linear):
             raise ValueError(
                 f"target module {current_key!r} is a {type(target).__name__}; asymlora adapts nn.Linear modules "
                 f"only. Choose target_modules among: {linear_module_names(self.model)}."
             )
-        new_module = Linear(target, adapter_name, peft_config, self.routing_state)
+        new_module = Linear(target, adapter_name, peft_config, self.routing_state).train(target.training)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -74,28 +125,50 @@ class AsymLoraModel(BaseTuner):
                 yield name, module
 
     @contextmanager
-    def routing(self, task_ids: Tensor | None, collect_aux: bool = False) -> Iterator[RoutingState]:
+    def routing(
+        self,
+        task_ids: Tensor | None,
+        collect_aux: bool = False,
+        batch: int | None = None,
+        attention_mask: Tensor | None = None,
+        generating: bool = False,
+    ) -> Iterator[RoutingCall]:
         """Route the next forward/generate by `task_ids` (LongTensor[batch]) and collect balance losses.
 
-        Task ids are checked against every active adapter with ``router="task"`` before any layer runs.
+        ``batch``: the number of examples of the call; a `task_ids` of another length raises ValueError (in
+        generate each id also covers the beams / return sequences of its example). ``attention_mask``
+        (batch, seq): balance losses count the real tokens only. Task ids are checked against every active
+        adapter with ``router="task"`` before any layer runs. Checkpointed layers see the call when they are
+        recomputed in backward.
         """
-        if task_ids is not None:
-            task_ids = torch.as_tensor(task_ids)
-            if task_ids.dim() != 1 or task_ids.dtype.is_floating_point:
-                raise ValueError(
-                    f"task_ids must be a 1-D integer tensor with one id per example, got shape "
-                    f"{tuple(task_ids.shape)} and dtype {task_ids.dtype}"
-                )
-            for name in self.active_adapters:
-                cfg = self.peft_config.get(name)
-                if isinstance(cfg, AsymLoraConfig) and cfg.router == "task" and task_ids.numel():
-                    lo, hi = int(task_ids.min()), int(task_ids.max())
-                    if lo < 0 or hi >= cfg.num_experts:
-                        bad = lo if lo < 0 else hi
-                        raise ValueError(
-                            f"task id {bad} is outside [0, {cfg.num_experts}) for adapter {name!r} "
-                            f"(num_experts={cfg.num_experts}); pass ids 0..{cfg.num_experts - 1}."
-                        )
-            task_ids = task_ids.long()
-        with routing(self.routing_state, task_ids, collect_aux) as state:
-            yield state
+        task_ids = self._checked_task_ids(task_ids, batch)
+        call = RoutingCall(task_ids, attention_mask, repeat_rows=generating, collect_aux=collect_aux)
+        bind_to_checkpoints(self.model, self.routing_state)
+        with routing(self.routing_state, call):
+            yield call
+
+    def _checked_task_ids(self, task_ids: Tensor | None, batch: int | None) -> Tensor | None:
+        if task_ids is None:
+            return None
+        task_ids = torch.as_tensor(task_ids)
+        if task_ids.dim() != 1 or task_ids.dtype.is_floating_point:
+            raise ValueError(
+                f"task_ids must be a 1-D integer tensor with one id per example, got shape "
+                f"{tuple(task_ids.shape)} and dtype {task_ids.dtype}"
+            )
+        if batch is not None and task_ids.shape[0] != batch:
+            raise ValueError(
+                f"task_ids has {task_ids.shape[0]} entries but the batch has {batch} examples; "
+                "pass one task id per example."
+            )
+        for name in self.active_adapters:
+            cfg = self.peft_config.get(name)
+            if isinstance(cfg, AsymLoraConfig) and cfg.router == "task" and task_ids.numel():
+                lo, hi = int(task_ids.min()), int(task_ids.max())
+                if lo < 0 or hi >= cfg.num_experts:
+                    bad = lo if lo < 0 else hi
+                    raise ValueError(
+                        f"task id {bad} is outside [0, {cfg.num_experts}) for adapter {name!r} "
+                        f"(num_experts={cfg.num_experts}); pass ids 0..{cfg.num_experts - 1}."
+                    )
+        return task_ids.long()

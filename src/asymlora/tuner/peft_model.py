@@ -20,6 +20,7 @@ from torch import Tensor
 
 from asymlora.methods import get_method
 from asymlora.methods.base import ATTR_PREFIX
+from asymlora.routing import add_balance_loss
 from asymlora.tuner.config import AsymLoraConfig
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -28,6 +29,11 @@ PEFT_KEY_PREFIX = "base_model.model."
 
 class AsymLoraModelForCausalLM(PeftModelForCausalLM):
     """A peft causal-LM model whose forward and generate accept ``task_ids`` (LongTensor[batch])."""
+
+    def __init__(self, model: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+        training = model.training
+        super().__init__(model, *args, **kwargs)
+        self.train(training)  # a new nn.Module starts in train mode; keep the base model's mode
 
     def forward(
         self,
@@ -42,7 +48,8 @@ class AsymLoraModelForCausalLM(PeftModelForCausalLM):
         **kwargs: Any,
     ):
         collect = labels is not None
-        with self.base_model.routing(task_ids, collect_aux=collect) as state:
+        batch = _batch_size(input_ids, inputs_embeds)
+        with self.base_model.routing(task_ids, collect, batch, attention_mask) as call:
             out = super().forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -53,20 +60,30 @@ class AsymLoraModelForCausalLM(PeftModelForCausalLM):
                 return_dict=return_dict,
                 **kwargs,
             )
-            if collect and state.aux_losses and getattr(out, "loss", None) is not None:
-                aux = torch.stack([a.to(out.loss.device) for a in state.aux_losses]).mean()
-                out["balance_loss"] = aux.detach()
-                out["loss"] = out.loss + aux
+        if collect and call.aux_losses and getattr(out, "loss", None) is not None:
+            out["loss"], aux = add_balance_loss(out.loss, call)
+            out["balance_loss"] = aux.detach()
         return out
 
     def generate(self, *args: Any, task_ids: Tensor | None = None, **kwargs: Any):
-        with self.base_model.routing(task_ids):
+        """peft's `generate` with one task id per prompt (each also covers its beams / return sequences)."""
+        prompts = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("input_ids")
+        batch = _batch_size(prompts, kwargs.get("inputs_embeds"))
+        with self.base_model.routing(task_ids, batch=batch, generating=True):
             return super().generate(*args, **kwargs)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any):
         """peft's `load_adapter`, after checking the file is readable and its shapes fit this model."""
         check_adapter_file(self, model_id, adapter_name)
         return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+
+
+def _batch_size(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> int | None:
+    """Rows of the batch (examples), from input_ids (batch, seq) or inputs_embeds (batch, seq, d)."""
+    for t in (input_ids, inputs_embeds):
+        if torch.is_tensor(t) and t.dim() >= 2:
+            return t.shape[0]
+    return None
 
 
 def expected_shapes(model: AsymLoraModelForCausalLM, cfg: AsymLoraConfig) -> dict[str, tuple[int, ...]]:
@@ -91,6 +108,20 @@ def expected_shapes(model: AsymLoraModelForCausalLM, cfg: AsymLoraConfig) -> dic
             shapes[f"{PEFT_KEY_PREFIX}{name}.{ATTR_PREFIX}{tensor}"] = spec.shape
         if method.uses_router and cfg.router != "task":
             shapes[f"{PEFT_KEY_PREFIX}{name}.{ATTR_PREFIX}router"] = (cfg.num_experts, d_in)
+    shapes.update(modules_to_save_shapes(base, cfg))
+    return shapes
+
+
+def modules_to_save_shapes(base: torch.nn.Module, cfg: AsymLoraConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape of the full copies of ``cfg.modules_to_save`` (peft stores the module's own
+    parameters under its name, ``base_model.model.<module>.<param>``)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, module in base.named_modules():
+        if not any(name == m or name.endswith(f".{m}") for m in cfg.modules_to_save or ()):
+            continue
+        module = getattr(module, "original_module", module)  # already wrapped by peft's ModulesToSaveWrapper
+        for param, value in module.named_parameters():
+            shapes[f"{PEFT_KEY_PREFIX}{name}.{param}"] = tuple(value.shape)
     return shapes
 
 
