@@ -49,9 +49,11 @@ def merge_task(model: nn.Module, task: int | str, adapter_name: str | None = Non
 
     Like peft's ``merge_and_unload`` this consumes ``model`` (its layers are unwrapped in place); deep-copy
     it first if you still need the adapter. ``task`` is an expert index or a name from ``task_names``.
+    A tied base weight (lm_head tied to the input embedding) is untied first, with a warning naming it.
     """
     adapter_name, cfg = _mergeable_config(model, adapter_name)
     index = cfg.task_index(task)
+    getattr(model, "base_model", model).untie_adapted_weights()  # never write through a tied lm_head
     for _, layer in _layers(model):
         if adapter_name in layer.asymlora_config:
             weight = layer.get_base_layer().weight

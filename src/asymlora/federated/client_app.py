@@ -27,6 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 # torch and asymlora are imported inside the handlers: in deployment every message starts a fresh
 # process, and the hello query then answers in a second instead of after importing torch.
 
-__all__ = ["STATE_META", "STATE_TRAINED", "app", "from_record", "to_record"]
+__all__ = ["RAW_STYPE", "STATE_META", "STATE_TRAINED", "app", "from_record", "to_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +53,52 @@ STATE_META = "asymlora-meta"
 app = ClientApp()
 
 
-def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    """A state dict as an ArrayRecord (what goes into a message or ``context.state``)."""
-    import torch  # noqa: F401  (ArrayRecord.from_torch_state_dict needs it imported)
+RAW_STYPE = "torch.raw"
+"""Flower ``Array.stype`` of a tensor stored as its raw little-endian bytes: the dtypes NumPy lacks
+(bfloat16, float8 variants), which Flower's own NumPy serialisation rejects."""
 
-    return ArrayRecord.from_torch_state_dict({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """A state dict as an ArrayRecord (what goes into a message or ``context.state``).
+
+    Every dtype round-trips bit for bit: NumPy dtypes (float16/32/64, integers) use Flower's standard
+    NumPy serialisation; bfloat16 and float8 go as raw bytes with ``stype`` `RAW_STYPE` (exactly
+    numel × element size, so ``ArrayRecord.count_bytes`` counts what is sent).
+    """
+    import torch
+    from flwr.app import Array
+
+    arrays = {}
+    for key, value in state.items():
+        t = value.detach().cpu().contiguous()
+        try:
+            arrays[key] = Array(t.numpy())
+        except TypeError:  # "Got unsupported ScalarType BFloat16": NumPy has no such dtype
+            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+            arrays[key] = Array(str(t.dtype).removeprefix("torch."), tuple(t.shape), RAW_STYPE, raw)
+    return ArrayRecord(arrays)
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Inverse of `to_record` (fresh, writable tensors)."""
-    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+    """Inverse of `to_record` (fresh, writable tensors). Raises ValueError on a malformed raw array."""
+    import numpy as np
+    import torch
+
+    out = {}
+    for key, array in record.items():
+        if array.stype != RAW_STYPE:
+            out[key] = torch.from_numpy(np.array(array.numpy(), copy=True))
+            continue
+        dtype = getattr(torch, array.dtype, None)
+        shape = tuple(array.shape)
+        if not isinstance(dtype, torch.dtype) or len(array.data) != dtype.itemsize * math.prod(shape):
+            raise ValueError(
+                f"array {key!r} (dtype {array.dtype!r}, shape {shape}) holds {len(array.data)} bytes: not a "
+                "raw tensor written by asymlora's to_record"
+            )
+        flat = torch.frombuffer(bytearray(array.data), dtype=torch.uint8) if array.data else torch.empty(0)
+        out[key] = flat.to(torch.uint8).view(dtype).reshape(shape)
+    return out
 
 
 def _node(context: Context, key: str, default: Any = None) -> Any:

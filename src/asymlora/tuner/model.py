@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -85,14 +86,18 @@ class AsymLoraModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: AsymLoraConfig, adapter_name: str) -> None:
         if not hasattr(self, "routing_state"):
             self.routing_state = RoutingState()
-        if config.target_modules is None:
-            return  # filled in from peft's per-architecture defaults by _prepare_adapter_config
-        check_config_names(model, config)
-        if not any(check_target_module_exists(config, key) for key, _ in model.named_modules()):
-            raise ValueError(
-                f"target_modules={config.target_modules!r} match no module of {type(model).__name__}. "
-                f"Its nn.Linear modules are: {linear_module_names(model)}."
-            )
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """peft's injection (get_peft_model, add_adapter, load_adapter), after checking the config's names."""
+        config = self.peft_config[adapter_name]
+        if config.target_modules is not None:  # None: filled in from peft's per-architecture defaults
+            check_config_names(model, config)
+            if not any(check_target_module_exists(config, key) for key, _ in model.named_modules()):
+                raise ValueError(
+                    f"target_modules={config.target_modules!r} match no module of {type(model).__name__}. "
+                    f"Its nn.Linear modules are: {linear_module_names(model)}."
+                )
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _create_and_replace(
         self,
@@ -116,6 +121,47 @@ class AsymLoraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    # --- merging ---------------------------------------------------------------------------------
+    def _check_merge_allowed(self) -> None:
+        """peft calls this before merge_adapter / merge_and_unload write into base weights (peft only warns
+        about tied weights there; we untie them)."""
+        self.untie_adapted_weights()
+
+    def untie_adapted_weights(self) -> list[str]:
+        """Give each adapted layer whose base weight is shared (tied) with other parameters its own copy.
+
+        Merging adds ΔW into the base weight; through a tied lm_head it would also change the input
+        embedding. Warns naming the tied weights, sets the config's ``tie_word_embeddings`` to False (so a
+        saved merged model is not re-tied on load) and returns the names of the layers untied.
+        """
+        owners: dict[int, list[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if p.data_ptr():
+                owners.setdefault(p.data_ptr(), []).append(name)
+        untied = {}
+        for name, layer in self.adapter_layers():
+            base = layer.get_base_layer()
+            others = [n for n in owners.get(base.weight.data_ptr(), []) if not n.startswith(f"{name}.")]
+            if others:
+                base.weight = nn.Parameter(
+                    base.weight.detach().clone(), requires_grad=base.weight.requires_grad
+                )
+                untied[name] = others
+        if untied:
+            config = getattr(self.model, "config", None)
+            for c in {
+                id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())
+            }.values():
+                if getattr(c, "tie_word_embeddings", False):
+                    c.tie_word_embeddings = False
+            detail = "; ".join(f"{k}.weight is tied to {v}" for k, v in untied.items())
+            warnings.warn(
+                f"Merging into tied weights would change them everywhere ({detail}). Untied them: the merged "
+                "layers now own a copy of the weight, and tie_word_embeddings is set to False.",
+                stacklevel=3,
+            )
+        return list(untied)
 
     # --- routing ---------------------------------------------------------------------------------
     def adapter_layers(self) -> Iterator[tuple[str, AsymLoraLayer]]:
