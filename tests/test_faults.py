@@ -7,19 +7,17 @@ typos, train/eval mode, and every float dtype in a Flower record.
 
 from __future__ import annotations
 
-import warnings
-
 import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama
 
 import asymlora
 from asymlora import AsymLoraConfig
 from asymlora.methods import METHODS
 from asymlora.routing import balance_loss
 from asymlora.tuner.layer import AsymLoraLayer
+from conftest import make_tiny_llama
 
 IDS = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 

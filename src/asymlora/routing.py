@@ -7,7 +7,12 @@
 
 Logits and gates are computed in float32 (or float64 for a float64 model) whatever the model dtype.
 Balance loss (Switch Transformer, Fedus et al. 2021): L = N · Σ_i f_i · P_i, f_i the fraction of tokens
-whose top-1 expert is i and P_i the mean router probability of expert i; 1 when perfectly balanced.
+whose top-1 expert is i and P_i the mean router probability of expert i, both over the real tokens of
+the batch (attention mask); 1 when perfectly balanced.
+
+Per-call inputs (task ids, attention mask) reach the layers through a `RoutingCall`; `bind_to_checkpoints`
+keeps it visible to checkpointed layers recomputed in backward, and the balance terms reach their routers
+through the layers' own outputs (`attach_balance_loss`), so gradient checkpointing changes no value.
 """
 
 from __future__ import annotations

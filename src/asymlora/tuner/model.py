@@ -17,7 +17,6 @@ from asymlora.routing import RoutingCall, RoutingState, bind_to_checkpoints, rou
 from asymlora.tuner.config import AsymLoraConfig
 from asymlora.tuner.layer import AsymLoraLayer, Linear
 
-
 WRAPPERS = ("base_layer", "original_module", "modules_to_save")
 """Module names that peft's wrappers insert (not names of the user's model)."""
 
