@@ -363,3 +363,12 @@ def test_records_round_trip_every_float_dtype_bit_for_bit() -> None:
     bad = type(record)({"x": Array("bfloat16", (2, 2), RAW_STYPE, b"\0" * 6)})
     with pytest.raises(ValueError, match=r"'x'.*6 bytes"):
         from_record(bad)
+
+
+def test_numpy_codec_names_the_dtypes_it_cannot_hold() -> None:
+    from asymlora.federated.strategies import bytes_to_state, state_to_arrays, state_to_bytes
+
+    state = {"x": torch.randn(3, 2).to(torch.bfloat16)}
+    with pytest.raises(TypeError, match="BFloat16.*to_record"):
+        state_to_arrays(state)
+    assert torch.equal(bytes_to_state(state_to_bytes(state))["x"], state["x"])  # safetensors keeps bfloat16

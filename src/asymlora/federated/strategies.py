@@ -693,7 +693,13 @@ def payload_bytes(tensors: Mapping[str, Tensor]) -> int:
 def state_to_arrays(tensors: Mapping[str, Tensor]) -> tuple[list[str], list[np.ndarray]]:
     """(keys, numpy arrays) in the given order: what Flower's ``ArrayRecord`` takes as a list."""
     keys = list(tensors)
-    return keys, [tensors[k].detach().cpu().contiguous().numpy() for k in keys]
+    try:
+        return keys, [tensors[k].detach().cpu().contiguous().numpy() for k in keys]
+    except TypeError as e:  # bfloat16 / float8: NumPy has no such dtype
+        raise TypeError(
+            f"{e}: NumPy cannot hold these tensors; send them with asymlora.federated.client_app.to_record "
+            "(bit-exact raw bytes) or state_to_bytes (safetensors)"
+        ) from None
 
 
 def arrays_to_state(keys: Sequence[str], arrays: Sequence[np.ndarray]) -> dict[str, Tensor]:
