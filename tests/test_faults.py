@@ -19,6 +19,9 @@ from asymlora.routing import balance_loss
 from asymlora.tuner.layer import AsymLoraLayer
 from conftest import make_tiny_llama
 
+# users (and transformers' Trainer) still call gradient_checkpointing_enable; transformers 5 deprecates the name
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+
 IDS = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
