@@ -326,7 +326,11 @@ def metric_notes(tasks: Iterable[Task]) -> dict[str, str]:
 
 
 def apply_metric_choices(
-    tasks: Sequence[Task], choices: Mapping[str, str] | None, specs: Sequence[str] = ()
+    tasks: Sequence[Task],
+    choices: Mapping[str, str] | None,
+    specs: Sequence[str] = (),
+    *,
+    strict: bool = True,
 ) -> list[Task]:
     """Give the tasks named in ``choices`` (a run config's ``data.metric``) that primary metric.
 
@@ -335,12 +339,14 @@ def apply_metric_choices(
         choices: ``{task name or task spec: metric}``; a spec key (``jsonl:/data/x.jsonl#qa``) is
             matched through ``specs``, the specs the tasks were loaded from, in the same order.
         specs: ``data.tasks`` (optional; only needed for spec keys).
+        strict: refuse a key that names no loaded task (False: ignore it, for a federated client
+            that holds only some of the tasks).
 
     Returns:
         The tasks, each chosen one with ``metrics = [metric, *its other metrics]`` and no note.
 
     Raises:
-        DataError: a key naming no task, or a metric unknown or impossible for the task's kind
+        DataError: a key naming no task (when ``strict``), or a metric unknown or impossible for the task's kind
             (:func:`check_metric`), before anything is trained.
     """
     if not choices:
@@ -350,6 +356,8 @@ def apply_metric_choices(
         by_key |= {spec: task.name for spec, task in zip(specs, tasks, strict=True)}
     wanted: dict[str, str] = {}
     for key, metric in choices.items():
+        if key not in by_key and not strict:
+            continue
         if key not in by_key:
             raise DataError(
                 f"data.metric names task {key!r}, which is not loaded; tasks: {[t.name for t in tasks]}"
