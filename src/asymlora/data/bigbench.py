@@ -407,7 +407,8 @@ def _metrics(data: Mapping[str, Any], kind: TaskKind, name: str) -> tuple[list[s
     primary = _computable(preferred, kind)
     note = None
     if primary is None:
-        primary = others[0] if others else default
+        # BIG-bench's "rouge" reports ROUGE-1/2/Lsum, of which it ranks by rougeLsum
+        primary = (METRIC_ROUGE_LSUM if others[0] == METRIC_ROUGE else others[0]) if others else default
         source = "the first computable metric it declares" if others else f"the default for {kind} tasks"
         if preferred:
             reason = NOT_COMPUTED.get(preferred, f"asymlora does not compute it for {kind} tasks")
