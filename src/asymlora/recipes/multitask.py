@@ -164,8 +164,8 @@ def run(
     from asymlora.models import load
 
     say = (lambda *a: None) if quiet else print
+    tasks = load_tasks_for(cfg)  # bad data or metrics fail before run_dir is written
     run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
-    tasks = load_tasks_for(cfg)
     say(
         "tasks: "
         + ", ".join(f"{t.name} ({t.kind}, {len(t.train)} train / {len(t.test)} test)" for t in tasks)
