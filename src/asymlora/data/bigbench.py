@@ -97,8 +97,9 @@ DECLARED_SCORES: dict[str, str] = {
 """BIG-bench score (``preferred_score`` or a ``metrics`` entry) → the asymlora metric computing it.
 
 BIG-bench reports these on a 0–100 scale (ROUGE, BLEU) or as strict string equality
-(``exact_str_match``); asymlora reports them in [0, 1], and its exact match compares answers after
-SQuAD normalisation (see :mod:`asymlora.eval.metrics`)."""
+(``exact_str_match``); asymlora reports them in [0, 1], its exact match compares answers after
+SQuAD normalisation, and its ROUGE stems words (Porter) where BIG-bench's does not (see
+:mod:`asymlora.eval.metrics`). BLEU uses BIG-bench's sacrebleu settings."""
 NOT_COMPUTED: dict[str, str] = {
     "bleurt": "BLEURT is a learned metric whose checkpoint comes from the model hub",
     "log_likelihood": "the log-likelihood of the target is a scoring metric, not an answer metric",
