@@ -131,6 +131,7 @@ def _task_json(preferred: str | None, metrics: list[str], choice: bool = False) 
         ("rougeLsum", ["bleu", "rouge"], ["rougeLsum", "bleu", "rouge"], False),
         ("bleu", ["bleu", "rouge", "exact_str_match"], ["bleu", "rouge", "exact_match"], False),
         ("exact_str_match", ["exact_str_match"], ["exact_match"], False),
+        ("rouge", ["rouge"], ["rougeLsum", "rouge"], False),  # BIG-bench ranks its "rouge" by rougeLsum
         ("bleurt", ["bleu", "bleurt"], ["bleu"], True),  # BIG-bench's few_shot_nlg
         ("log_likelihood", ["log_likelihood", "rouge"], ["rougeLsum", "rouge"], True),
         (

@@ -396,6 +396,16 @@ def _computable(score: str, kind: TaskKind) -> str | None:
     return metric if (metric == METRIC_ACCURACY) == (kind == "choice") else None
 
 
+def _fallback_note(name: str, preferred: str, kind: TaskKind, primary: str, declared: bool) -> str:
+    source = "the first computable metric it declares" if declared else f"the default for {kind} tasks"
+    if preferred:
+        reason = NOT_COMPUTED.get(preferred, f"asymlora does not compute it for {kind} tasks")
+        declared_as = f"preferred_score {preferred!r} ({reason})"
+    else:
+        declared_as = "no preferred_score"
+    return f"bigbench:{name} declares {declared_as}; scored by {primary!r} instead, {source}"
+
+
 def _metrics(data: Mapping[str, Any], kind: TaskKind, name: str) -> tuple[list[str], str | None]:
     """The task's metrics (primary first: its ``preferred_score``) and a note when that is not computed.
 
@@ -403,20 +413,15 @@ def _metrics(data: Mapping[str, Any], kind: TaskKind, name: str) -> tuple[list[s
     """
     declared = [str(score) for score in data.get("metrics", [])]
     others = [metric for score in declared if (metric := _computable(score, kind)) is not None]
-    default = METRIC_ACCURACY if kind == "choice" else METRIC_EXACT_MATCH
     preferred = str(data.get("preferred_score") or "")
     primary = _computable(preferred, kind)
-    note = None
+    fallback = primary is None
     if primary is None:
-        # BIG-bench's "rouge" reports ROUGE-1/2/Lsum, of which it ranks by rougeLsum
-        primary = (METRIC_ROUGE_LSUM if others[0] == METRIC_ROUGE else others[0]) if others else default
-        source = "the first computable metric it declares" if others else f"the default for {kind} tasks"
-        if preferred:
-            reason = NOT_COMPUTED.get(preferred, f"asymlora does not compute it for {kind} tasks")
-            declared_as = f"preferred_score {preferred!r} ({reason})"
-        else:
-            declared_as = "no preferred_score"
-        note = f"bigbench:{name} declares {declared_as}; scored by {primary!r} instead, {source}"
+        primary = others[0] if others else (METRIC_ACCURACY if kind == "choice" else METRIC_EXACT_MATCH)
+    if primary == METRIC_ROUGE:  # BIG-bench's "rouge" is ROUGE-1/2/Lsum, ranked by rougeLsum
+        primary = METRIC_ROUGE_LSUM
+    note = _fallback_note(name, preferred, kind, primary, bool(others)) if fallback else None
+    if note:
         logger.info("%s", note)
     metrics = [primary, *others] if kind == "generate" else [METRIC_ACCURACY]
     return list(dict.fromkeys(metrics)), note
