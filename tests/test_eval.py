@@ -298,7 +298,7 @@ def test_evaluate_task_choice_and_generate(model, tok) -> None:
         metrics=["exact_match", "rouge"],
     )
     result = evaluate_task(model, tok, gen, task_id=None, batch_size=2, max_new_tokens=4)
-    assert set(result) == {"exact_match", "rouge1", "rouge2", "rougeL", "n"}
+    assert set(result) == {"exact_match", "rouge1", "rouge2", "rougeL", "rougeLsum", "n"}
     assert all(0.0 <= v <= 1.0 for k, v in result.items() if k != "n")
     gen_em = Task(
         "g2", "generate", train=generate_examples()[:1], test=generate_examples(), metrics=["exact_match"]
@@ -366,14 +366,14 @@ def test_normalize_answer() -> None:
 
 def test_rouge_scores() -> None:
     perfect = rouge_scores(["the cat sat on the mat"], [["the cat sat on the mat"]])
-    assert perfect == pytest.approx({"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0})
+    assert perfect == pytest.approx({"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "rougeLsum": 1.0})
     best_ref = rouge_scores(["the cats sat"], [["dogs ran", "the cat sat"]])  # stemming: cats -> cat
     assert best_ref["rouge1"] == pytest.approx(1.0)
     none = rouge_scores(["alpha"], ["beta"])
-    assert none == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    assert none == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "rougeLsum": 0.0}
     mean = rouge_scores(["a b", "c d"], ["a b", "x y"])
     assert mean["rouge1"] == pytest.approx(0.5)
-    assert rouge_scores([], []) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    assert rouge_scores([], []) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "rougeLsum": 0.0}
     with pytest.raises(ValueError):
         rouge_scores(["a"], [])
 
@@ -386,8 +386,10 @@ def test_primary_metric() -> None:
     assert primary_metric("rouge2") == "rouge2"
     task = Task("t", "choice", choice_examples()[:1], choice_examples()[1:], ["accuracy"])
     assert primary_metric(task) == "accuracy"
+    assert primary_metric(["bleu", "exact_match"]) == "bleu"
+    assert primary_metric("rougeLsum") == "rougeLsum"
     with pytest.raises(ValueError, match="unknown"):
-        primary_metric("bleu")
+        primary_metric("bleurt")
     with pytest.raises(ValueError):
         primary_metric([])
 
@@ -432,7 +434,8 @@ def test_table_and_chart(tmp_path) -> None:
     }
     table = format_table(rows, PRIMARY, ["a", "b", "c"], baselines={"a": 1.0, "b": 0.5, "c": 0.5})
     lines = table.splitlines()
-    assert lines[0] == "| method | a | b | c | average | std | worst | Δm% |"
+    header = "| method | a (accuracy) | b (exact_match) | c (accuracy) | mean of mixed metrics | std | worst | Δm% |"
+    assert lines[0] == header
     lora = next(line for line in lines if line.startswith("| lora "))
     assert "| 0.800 | 0.400 | 0.600 | 0.600 |" in lora and "0.400 (b)" in lora and "| 6.7 |" in lora
     alora = next(line for line in lines if line.startswith("| alora "))

@@ -51,6 +51,19 @@ class DataSettings:
     """Longest training sequence in tokens (prompts are cut from the left, answers never)."""
     seed: int = 0
     """Seed of the train/test split."""
+    metric: dict[str, str] = field(default_factory=dict)
+    """Primary metric per task, ``{task name or spec: metric}`` (e.g. ``{summaries: rougeLsum}``); other tasks
+    keep their source's declaration (BIG-bench ``preferred_score``), else accuracy (choice) / exact_match."""
+
+    def __post_init__(self) -> None:
+        from asymlora.eval.metrics import metric_choices
+
+        choices = metric_choices()
+        for task, metric in self.metric.items():
+            if metric not in choices:
+                raise ConfigError(
+                    f"data.metric: task {task!r} has unknown metric {metric!r}; choose one of {choices}"
+                )
 
 
 @dataclass

@@ -20,8 +20,10 @@ from asymlora.data.collate import (
 )
 from asymlora.data.tasks import (
     METRIC_ACCURACY,
+    METRIC_BLEU,
     METRIC_EXACT_MATCH,
     METRIC_ROUGE,
+    METRIC_ROUGE_LSUM,
     DataError,
     Example,
     Task,
@@ -38,8 +40,10 @@ from asymlora.data.tasks import (
 __all__ = [
     "IGNORE_INDEX",
     "METRIC_ACCURACY",
+    "METRIC_BLEU",
     "METRIC_EXACT_MATCH",
     "METRIC_ROUGE",
+    "METRIC_ROUGE_LSUM",
     "DataError",
     "Example",
     "MultiTaskCollator",

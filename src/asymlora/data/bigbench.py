@@ -16,6 +16,13 @@ best-scored option is the answer); ``{"input", "target": str | [str]}`` a genera
 Tasks with both use ``preferred_score``: ``multiple_choice_grade`` → choice, else generative.
 The task's ``task_prefix`` becomes the instruction; ``example_input_prefix`` and
 ``example_output_prefix`` replace the default ``Question:`` / ``Answer:`` labels.
+
+Metrics follow the task's declaration: ``preferred_score`` becomes the primary metric
+(:data:`DECLARED_SCORES`: ``multiple_choice_grade`` → accuracy, ``exact_str_match`` → exact match,
+``rougeLsum`` → ROUGE-Lsum, ``bleu`` → BLEU), and the other declared ``metrics`` are reported too.
+A declared score asymlora does not compute (BLEURT needs a model from the hub; see
+:data:`NOT_COMPUTED`) is never replaced silently: the first computable declared metric (else the
+default of the task kind) takes its place, and :attr:`BigBenchTask.metric_note` says so.
 """
 
 from __future__ import annotations
@@ -38,8 +45,10 @@ from asymlora.data.tasks import (
     DEFAULT_ANSWER_PREFIX,
     DEFAULT_INPUT_PREFIX,
     METRIC_ACCURACY,
+    METRIC_BLEU,
     METRIC_EXACT_MATCH,
     METRIC_ROUGE,
+    METRIC_ROUGE_LSUM,
     DataError,
     Example,
     TaskKind,
@@ -49,6 +58,8 @@ from asymlora.models import cache_root, file_lock
 
 __all__ = [
     "BIGBENCH_VERSION",
+    "DECLARED_SCORES",
+    "NOT_COMPUTED",
     "BigBenchIndex",
     "BigBenchTask",
     "archive_path",
@@ -74,7 +85,30 @@ CLOSE_MATCHES = 5
 CLOSE_MATCH_CUTOFF = 0.6
 MAX_LISTED_SUBTASKS = 30
 CHOICE_SCORE = "multiple_choice_grade"
-FREE_TEXT_SCORES = ("rouge", "bleu", "bleurt", "rougeLsum")
+DECLARED_SCORES: dict[str, str] = {
+    CHOICE_SCORE: METRIC_ACCURACY,
+    "exact_str_match": METRIC_EXACT_MATCH,
+    "rougeLsum": METRIC_ROUGE_LSUM,
+    "rouge1": "rouge1",
+    "rouge2": "rouge2",
+    "rouge": METRIC_ROUGE,  # only in ``metrics``: ROUGE-1/2/Lsum in BIG-bench
+    "bleu": METRIC_BLEU,
+}
+"""BIG-bench score (``preferred_score`` or a ``metrics`` entry) → the asymlora metric computing it.
+
+BIG-bench reports these on a 0–100 scale (ROUGE, BLEU) or as strict string equality
+(``exact_str_match``); asymlora reports them in [0, 1], its exact match compares answers after
+SQuAD normalisation, and its ROUGE stems words (Porter) where BIG-bench's does not (see
+:mod:`asymlora.eval.metrics`). BLEU uses BIG-bench's sacrebleu settings."""
+NOT_COMPUTED: dict[str, str] = {
+    "bleurt": "BLEURT is a learned metric whose checkpoint comes from the model hub",
+    "log_likelihood": "the log-likelihood of the target is a scoring metric, not an answer metric",
+    "sequence_f1": "BIG-bench's per-token sequence-labelling F1 is not implemented",
+    "numeric_match_with_0_1_relative_error": "numeric match within 10 % relative error is not implemented",
+    "case_insensitive_str_match": "case-insensitive string match is not implemented as such",
+    "macro_f1": "macro-F1 over the classes is not implemented",
+}
+"""BIG-bench scores asymlora does not compute, with the reason stated in :attr:`BigBenchTask.metric_note`."""
 FETCH_TIMEOUT_S = 1800
 
 # pip >= 26 rejects the bigbench sdist while preparing its metadata, because it declares
@@ -331,6 +365,7 @@ class BigBenchTask:
         examples: every usable example in file order.
         metrics: metric names for :class:`~asymlora.data.tasks.Task`.
         skipped: examples dropped (no positive option score or an empty target).
+        metric_note: why the primary metric is not the declared ``preferred_score``, or None.
     """
 
     name: str
@@ -338,6 +373,7 @@ class BigBenchTask:
     examples: list[Example]
     metrics: list[str]
     skipped: int = 0
+    metric_note: str | None = None
 
 
 def _infer_kind(data: Mapping[str, Any], examples: Sequence[Mapping[str, Any]], name: str) -> TaskKind:
@@ -352,11 +388,43 @@ def _infer_kind(data: Mapping[str, Any], examples: Sequence[Mapping[str, Any]], 
     )
 
 
-def _metrics(data: Mapping[str, Any], kind: TaskKind) -> list[str]:
-    if kind == "choice":
-        return [METRIC_ACCURACY]
-    scores = {str(data.get("preferred_score", "")), *map(str, data.get("metrics", []))}
-    return [METRIC_EXACT_MATCH, METRIC_ROUGE] if scores & set(FREE_TEXT_SCORES) else [METRIC_EXACT_MATCH]
+def _computable(score: str, kind: TaskKind) -> str | None:
+    """The asymlora metric for BIG-bench ``score`` on a task of ``kind``, or None when there is none."""
+    metric = DECLARED_SCORES.get(score)
+    if metric is None:
+        return None
+    return metric if (metric == METRIC_ACCURACY) == (kind == "choice") else None
+
+
+def _fallback_note(name: str, preferred: str, kind: TaskKind, primary: str, declared: bool) -> str:
+    source = "the first computable metric it declares" if declared else f"the default for {kind} tasks"
+    if preferred:
+        reason = NOT_COMPUTED.get(preferred, f"asymlora does not compute it for {kind} tasks")
+        declared_as = f"preferred_score {preferred!r} ({reason})"
+    else:
+        declared_as = "no preferred_score"
+    return f"bigbench:{name} declares {declared_as}; scored by {primary!r} instead, {source}"
+
+
+def _metrics(data: Mapping[str, Any], kind: TaskKind, name: str) -> tuple[list[str], str | None]:
+    """The task's metrics (primary first: its ``preferred_score``) and a note when that is not computed.
+
+    Choice tasks are scored by option log-likelihood only, so they report accuracy alone.
+    """
+    declared = [str(score) for score in data.get("metrics", [])]
+    others = [metric for score in declared if (metric := _computable(score, kind)) is not None]
+    preferred = str(data.get("preferred_score") or "")
+    primary = _computable(preferred, kind)
+    fallback = primary is None
+    if primary is None:
+        primary = others[0] if others else (METRIC_ACCURACY if kind == "choice" else METRIC_EXACT_MATCH)
+    if primary == METRIC_ROUGE:  # BIG-bench's "rouge" is ROUGE-1/2/Lsum, ranked by rougeLsum
+        primary = METRIC_ROUGE_LSUM
+    note = _fallback_note(name, preferred, kind, primary, bool(others)) if fallback else None
+    if note:
+        logger.info("%s", note)
+    metrics = [primary, *others] if kind == "generate" else [METRIC_ACCURACY]
+    return list(dict.fromkeys(metrics)), note
 
 
 def _choice_example(raw: Mapping[str, Any], prompt: str, answer_prefix: str) -> Example | None:
@@ -403,7 +471,8 @@ def parse_task_json(data: Mapping[str, Any], name: str) -> BigBenchTask:
     skipped = len(raw_examples) - len(examples)
     if skipped:
         logger.info("bigbench:%s: skipped %d example(s) without a usable answer", name, skipped)
-    return BigBenchTask(name, kind, examples, _metrics(data, kind), skipped)
+    metrics, note = _metrics(data, kind, name)
+    return BigBenchTask(name, kind, examples, metrics, skipped, note)
 
 
 def load_bigbench(name: str, cache_dir: str | Path | None = None) -> BigBenchTask:

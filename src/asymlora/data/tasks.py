@@ -29,8 +29,10 @@ __all__ = [
     "DEFAULT_ANSWER_PREFIX",
     "DEFAULT_INPUT_PREFIX",
     "METRIC_ACCURACY",
+    "METRIC_BLEU",
     "METRIC_EXACT_MATCH",
     "METRIC_ROUGE",
+    "METRIC_ROUGE_LSUM",
     "DataError",
     "Example",
     "Task",
@@ -63,7 +65,11 @@ METRIC_ACCURACY = "accuracy"
 METRIC_EXACT_MATCH = "exact_match"
 """Generative tasks: greedy decoding, exact match against any reference after normalisation."""
 METRIC_ROUGE = "rouge"
-"""Generative free-text tasks: ROUGE-1/2/L against the references."""
+"""Generative free-text tasks: ROUGE-1/2/L/Lsum against the references (primary: ROUGE-L)."""
+METRIC_ROUGE_LSUM = "rougeLsum"
+"""Generative free-text tasks: summary-level ROUGE-L over sentences (BIG-bench's ``rougeLsum``)."""
+METRIC_BLEU = "bleu"
+"""Generative free-text tasks: corpus BLEU against the references, in [0, 1]."""
 FREE_TEXT_MIN_WORDS = 4
 """Generative tasks whose median reference has at least this many words also get ROUGE."""
 
@@ -147,8 +153,12 @@ class Task:
         kind: ``"choice"`` (scored by option log-likelihood) or ``"generate"`` (greedy decoding).
         train: training examples.
         test: held-out test examples (disjoint from ``train``).
-        metrics: metric names to report (:data:`METRIC_ACCURACY`, :data:`METRIC_EXACT_MATCH`,
-            :data:`METRIC_ROUGE`).
+        metrics: metric names to report; the first one is the task's primary metric, the one
+            summaries and Δm% use (:data:`METRIC_ACCURACY`, :data:`METRIC_EXACT_MATCH`,
+            :data:`METRIC_ROUGE`, :data:`METRIC_ROUGE_LSUM`, :data:`METRIC_BLEU`, or any name of
+            :data:`asymlora.eval.metrics.METRICS`).
+        metric_note: why the primary metric is not the one the source declares (e.g. BIG-bench's
+            model-based ``bleurt``, which is not computed), or None when it is.
     """
 
     name: str
@@ -156,6 +166,7 @@ class Task:
     train: list[Example]
     test: list[Example]
     metrics: list[str]
+    metric_note: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
@@ -227,7 +238,11 @@ def infer_kind(examples: Sequence[Example], name: str) -> TaskKind:
 
 
 def default_metrics(kind: TaskKind, examples: Sequence[Example]) -> list[str]:
-    """Accuracy for choice tasks; exact match for generative ones, plus ROUGE for free text."""
+    """Accuracy for choice tasks; exact match for generative ones, plus ROUGE for free text.
+
+    The first entry (the primary metric) depends only on the kind; a run config's ``data.metric``
+    chooses another one per task (:func:`asymlora.eval.metrics.apply_metric_choices`).
+    """
     if kind == "choice":
         return [METRIC_ACCURACY]
     words = [len(example.target.split()) for example in examples] or [0]
@@ -287,12 +302,14 @@ def build_task(
     test_fraction: float = 0.2,
     kind: TaskKind | None = None,
     metrics: list[str] | None = None,
+    metric_note: str | None = None,
 ) -> Task:
     """Make a :class:`Task` from loaded examples.
 
     ``splits`` is either ``{"all": examples}`` (split here by :func:`split_examples`) or
     ``{"train": ..., "test": ...}`` as given by the source (each shuffled with ``seed`` and
-    capped). ``kind`` and ``metrics`` default to :func:`infer_kind` / :func:`default_metrics`.
+    capped). ``kind`` and ``metrics`` default to :func:`infer_kind` / :func:`default_metrics`;
+    ``metric_note`` is kept on the task (see :attr:`Task.metric_note`).
     """
     _check_cap("max_train", max_train)
     _check_cap("max_test", max_test)
@@ -316,7 +333,7 @@ def build_task(
         )
     everything = [*train, *test]
     kind = kind or infer_kind(everything, name)
-    return Task(name, kind, train, test, metrics or default_metrics(kind, everything))
+    return Task(name, kind, train, test, metrics or default_metrics(kind, everything), metric_note)
 
 
 # --------------------------------------------------------------------------- specs
@@ -358,7 +375,8 @@ def _load_splits(spec: TaskSpec, cache_dir: str | Path | None) -> tuple[str, dic
         from asymlora.data.bigbench import load_bigbench
 
         loaded = load_bigbench(spec.location, cache_dir=cache_dir)
-        return loaded.name, {"all": loaded.examples}, {"kind": loaded.kind, "metrics": loaded.metrics}
+        overrides = {"kind": loaded.kind, "metrics": loaded.metrics, "metric_note": loaded.metric_note}
+        return loaded.name, {"all": loaded.examples}, overrides
     if spec.selector == ALL_TASKS:
         raise DataError(f"'#{ALL_TASKS}' selects several tasks: use load_tasks([...]) instead of load_task")
     from asymlora.data.files import load_file_splits, load_hf_splits

@@ -1,20 +1,43 @@
-"""Evaluation: option log-likelihood accuracy, greedy generation with exact match / ROUGE, summaries.
+"""Evaluation: option log-likelihood accuracy, greedy generation with exact match / ROUGE / BLEU, summaries.
 
 Quick start::
 
-    from asymlora.eval import evaluate_tasks, format_table, primary_metric, summarize
+    from asymlora.eval import evaluate_tasks, format_table, primary_metrics, summarize
 
     per_task = evaluate_tasks(model, tokenizer, tasks, task_ids=range(len(tasks)))  # task-routed adapter
-    primary = {task.name: primary_metric(task) for task in tasks}
+    primary = primary_metrics(tasks)  # each task's declared (or configured) primary metric
     summary = summarize(per_task, primary, baselines=None)
     print(format_table({"alora": per_task}, primary, [task.name for task in tasks]))
 
-See :mod:`asymlora.eval.scoring` for how sequences are scored and :mod:`asymlora.eval.report`
-for Δm%.
+See :mod:`asymlora.eval.scoring` for how sequences are scored, :mod:`asymlora.eval.metrics` for
+the metrics and their registry, and :mod:`asymlora.eval.report` for Δm% and per-metric averages.
 """
 
-from asymlora.eval.metrics import ROUGE_KEYS, exact_match, normalize_answer, primary_metric, rouge_scores
-from asymlora.eval.report import delta_m, format_table, plot_results, primary_values, summarize
+from asymlora.eval.metrics import (
+    METRICS,
+    ROUGE_KEYS,
+    Metric,
+    apply_metric_choices,
+    bleu_score,
+    check_metric,
+    exact_match,
+    metric_choices,
+    metric_notes,
+    normalize_answer,
+    primary_metric,
+    primary_metrics,
+    rouge_scores,
+    score_generations,
+)
+from asymlora.eval.report import (
+    MIXED,
+    delta_m,
+    format_table,
+    per_metric_means,
+    plot_results,
+    primary_values,
+    summarize,
+)
 from asymlora.eval.scoring import (
     accepts_task_ids,
     evaluate_task,
@@ -26,21 +49,32 @@ from asymlora.eval.scoring import (
 )
 
 __all__ = [
+    "METRICS",
+    "MIXED",
     "ROUGE_KEYS",
+    "Metric",
     "accepts_task_ids",
+    "apply_metric_choices",
+    "bleu_score",
+    "check_metric",
     "delta_m",
     "evaluate_task",
     "evaluate_tasks",
     "exact_match",
     "format_table",
     "greedy_generate",
+    "metric_choices",
+    "metric_notes",
     "model_device",
     "normalize_answer",
     "option_loglikelihoods",
+    "per_metric_means",
     "plot_results",
     "primary_metric",
+    "primary_metrics",
     "primary_values",
     "prompt_ids",
     "rouge_scores",
+    "score_generations",
     "summarize",
 ]

@@ -1,28 +1,43 @@
-"""Summaries over tasks (average, std, worst, Δm%), the per-task table and a bar chart.
+"""Summaries over tasks (average, std, worst, Δm%, per-metric means), the per-task table and a bar chart.
 
-Δm% (DESIGN.md §6, the paper's "balance" metric) compares a multi-task model with one
+Δm% (docs/design.md §6, the paper's "balance" metric) compares a multi-task model with one
 single-task model per task, on each task's primary metric::
 
     Δm = (1/T) Σ_t (M_single,t − M_multi,t) / M_single,t × 100
 
 Lower is better; negative means the multi-task model beats the single-task models on average.
+
+Tasks may be scored by different primary metrics (accuracy, exact match, ROUGE-Lsum, BLEU, …).
+The average over such tasks is then labelled :data:`MIXED` and the per-metric means (average
+over the tasks of each metric) are given alongside it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from asymlora.eval.metrics import primary_metric
 
-__all__ = ["delta_m", "format_table", "plot_results", "primary_values", "summarize"]
+__all__ = [
+    "MIXED",
+    "average_label",
+    "delta_m",
+    "format_table",
+    "per_metric_means",
+    "plot_results",
+    "primary_values",
+    "summarize",
+]
 
 logger = logging.getLogger(__name__)
 
 MISSING = "–"
+MIXED = "mean of mixed metrics"
+"""Label of an average over tasks whose primary metrics differ."""
 
 
 def _primary_of(task: str, metrics: Mapping[str, float], primary: Mapping[str, str]) -> str:
@@ -46,6 +61,28 @@ def primary_values(
 ) -> dict[str, float]:
     """``{task: value of its primary metric}``, in the order of ``per_task``."""
     return {task: float(metrics[_primary_of(task, metrics, primary)]) for task, metrics in per_task.items()}
+
+
+def average_label(metrics: Iterable[str]) -> str:
+    """``"mean <metric>"`` when every task uses ``metric``, else :data:`MIXED`."""
+    names = list(dict.fromkeys(metrics))
+    return f"mean {names[0]}" if len(names) == 1 else MIXED
+
+
+def per_metric_means(values: Mapping[str, float], names: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``{metric: {"average": mean value, "tasks": [task, ...]}}`` over the tasks scored by each metric.
+
+    Args:
+        values: ``{task: primary metric value}``.
+        names: ``{task: primary metric name}`` (same tasks).
+    """
+    groups: dict[str, list[str]] = {}
+    for task in values:
+        groups.setdefault(names[task], []).append(task)
+    return {
+        metric: {"average": sum(values[t] for t in tasks) / len(tasks), "tasks": tasks}
+        for metric, tasks in groups.items()
+    }
 
 
 def delta_m(
@@ -78,18 +115,24 @@ def summarize(
     per_task: Mapping[str, Mapping[str, float]],
     primary: Mapping[str, str],
     baselines: Mapping[str, float] | None = None,
+    *,
+    metric_notes: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Average, population std and worst task of the primary metric, and Δm% against baselines.
+    """Average, population std and worst task of the primary metric, per-metric means, and Δm%.
 
     Args:
         per_task: ``{task: {metric: value}}`` (as returned by :func:`~asymlora.eval.evaluate_tasks`).
         primary: ``{task: primary metric name}``; a task left out gets ``accuracy`` or
             ``exact_match``, whichever it reports.
         baselines: ``{task: primary metric of the single-task model}``, or None.
+        metric_notes: ``{task: why its primary metric is not the declared one}``
+            (:func:`~asymlora.eval.metrics.metric_notes`); recorded and added to ``notes``.
 
     Returns:
-        ``{"average": float, "std": float, "worst": {"task": str, "value": float},
-        "delta_m": float | None, "primary": {task: metric}, "notes": [str]}``.
+        ``{"average": float, "average_of": "mean <metric>" | "mean of mixed metrics",
+        "per_metric": {metric: {"average": float, "tasks": [str]}}, "std": float,
+        "worst": {"task": str, "value": float}, "delta_m": float | None,
+        "primary": {task: metric}, "metric_notes": {task: str}, "notes": [str]}``.
 
     Raises:
         ValueError: no task, or a task without its primary metric.
@@ -102,13 +145,17 @@ def summarize(
     std = math.sqrt(sum((v - average) ** 2 for v in values.values()) / len(values))
     worst_task = min(values, key=values.__getitem__)
     dm, notes = delta_m(values, baselines)
+    declared = {task: note for task, note in (metric_notes or {}).items() if task in per_task}
     return {
         "average": average,
+        "average_of": average_label(names.values()),
+        "per_metric": per_metric_means(values, names),
         "std": std,
         "worst": {"task": worst_task, "value": values[worst_task]},
         "delta_m": dm,
         "primary": names,
-        "notes": notes,
+        "metric_notes": declared,
+        "notes": [*declared.values(), *notes],
     }
 
 
@@ -116,13 +163,77 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
 
 
+def column_metrics(
+    rows: Mapping[str, Mapping[str, Mapping[str, float]]], primary: Mapping[str, str], tasks: Sequence[str]
+) -> dict[str, str]:
+    """``{task: the primary metric shown in its column}``: from ``primary``, else from the first row with it."""
+    names: dict[str, str] = {}
+    for task in tasks:
+        if task in primary:
+            names[task] = primary_metric(primary[task])
+            continue
+        found = next((per_task[task] for per_task in rows.values() if per_task.get(task)), None)
+        names[task] = _primary_of(task, found, primary) if found else "auto"
+    return names
+
+
+def _row_cells(
+    per_task: Mapping[str, Mapping[str, float]],
+    primary: Mapping[str, str],
+    tasks: Sequence[str],
+    baselines: Mapping[str, float] | None,
+) -> tuple[list[str], dict[str, Any] | None]:
+    present = {task: per_task[task] for task in tasks if task in per_task}
+    cells = []
+    for task in tasks:
+        metrics = per_task.get(task)
+        cells.append(_fmt(metrics[_primary_of(task, metrics, primary)]) if metrics else MISSING)
+    if not present:
+        return [*cells, *[MISSING] * 4], None
+    summary = summarize(present, primary, baselines)
+    worst = summary["worst"]
+    cells += [
+        _fmt(summary["average"]),
+        _fmt(summary["std"]),
+        f"{_fmt(worst['value'])} ({worst['task']})",
+        _fmt(summary["delta_m"], 1),
+    ]
+    return cells, summary
+
+
+def _per_metric_table(
+    summaries: Mapping[str, dict[str, Any] | None], metrics: Mapping[str, str]
+) -> list[str]:
+    """The per-metric averages, one column per metric (for tables whose tasks mix metrics)."""
+    order = [metric for metric in dict.fromkeys(metrics.values()) if metric != "auto"]
+    counts = {metric: sum(name == metric for name in metrics.values()) for metric in order}
+    header = ["method", *(f"{m} ({counts[m]} task{'s' * (counts[m] > 1)})" for m in order)]
+    lines = [
+        "Per-metric averages (mean over the tasks scored by each metric):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(order)) + "|",
+    ]
+    for method, summary in summaries.items():
+        means = (summary or {}).get("per_metric", {})
+        cells = [_fmt(means[m]["average"]) if m in means else MISSING for m in order]
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+    return lines
+
+
 def format_table(
     rows: Mapping[str, Mapping[str, Mapping[str, float]]],
     primary: Mapping[str, str],
     tasks: Sequence[str],
     baselines: Mapping[str, float] | None = None,
+    *,
+    metric_notes: Mapping[str, str] | None = None,
 ) -> str:
     """A markdown table: one row per method/run, one column per task, then average/std/worst/Δm%.
+
+    Each task column is headed ``task (metric)``. When the tasks' primary metrics differ, the
+    average column is headed ``mean of mixed metrics`` and a second table gives the per-metric
+    averages.
 
     Args:
         rows: ``{method: {task: {metric: value}}}`` (e.g. ``"base"``, ``"lora"``, ``"alora"``).
@@ -130,41 +241,58 @@ def format_table(
         tasks: the task columns, in order; a method missing a task shows ``–`` there and its
             summary runs over the tasks it has.
         baselines: single-task primary metrics for the Δm% column (``–`` without them).
+        metric_notes: ``{task: note}`` printed under the table (declared metrics not computed).
 
     Returns:
-        The table, with a header line naming each task's metric (markdown; readable as plain text).
+        The table(s) and notes (markdown; readable as plain text).
     """
     if not rows:
         raise ValueError("format_table needs at least one row")
-    header = ["method", *tasks, "average", "std", "worst", "Δm%"]
+    metrics = column_metrics(rows, primary, tasks)
+    label = average_label(m for m in metrics.values() if m != "auto")
+    mixed = label == MIXED
+    average = MIXED if mixed else f"average ({label.removeprefix('mean ')})"
+    header = ["method", *(f"{task} ({metrics[task]})" for task in tasks), average, "std", "worst", "Δm%"]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
     ]
+    summaries: dict[str, dict[str, Any] | None] = {}
     for method, per_task in rows.items():
-        present = {task: per_task[task] for task in tasks if task in per_task}
-        cells = [method]
-        for task in tasks:
-            metrics = per_task.get(task)
-            cells.append(_fmt(metrics[_primary_of(task, metrics, primary)]) if metrics else MISSING)
-        if present:
-            summary = summarize(present, primary, baselines)
-            worst = summary["worst"]
-            cells += [
-                _fmt(summary["average"]),
-                _fmt(summary["std"]),
-                f"{_fmt(worst['value'])} ({worst['task']})",
-                _fmt(summary["delta_m"], 1),
-            ]
-        else:
-            cells += [MISSING] * 4
-        lines.append("| " + " | ".join(cells) + " |")
-    metric_names = ", ".join(
-        f"{task}: {primary_metric(primary[task]) if task in primary else 'auto'}" for task in tasks
-    )
+        cells, summaries[method] = _row_cells(per_task, primary, tasks, baselines)
+        lines.append("| " + " | ".join([method, *cells]) + " |")
     lines.append("")
-    lines.append(f"Metrics per task: {metric_names}. std: population std over tasks; Δm%: lower is better.")
+    if mixed:
+        lines += [*_per_metric_table(summaries, metrics), ""]
+    lines.append(
+        "Each task column shows the task's primary metric; std: population std over tasks; "
+        "Δm%: lower is better."
+    )
+    lines += [f"Note: {note}" for task, note in (metric_notes or {}).items() if task in tasks]
     return "\n".join(lines)
+
+
+def _plot_groups(
+    rows: Mapping[str, Mapping[str, Mapping[str, float]]], primary: Mapping[str, str], tasks: list[str]
+) -> tuple[list[str], dict[str, list[float]]]:
+    """The bar groups (tasks, average, per-metric means when mixed) and each method's heights."""
+    metrics = column_metrics(rows, primary, tasks)
+    order = list(dict.fromkeys(metrics.values()))
+    mixed = len(order) > 1
+    labels = [f"{task}\n({metrics[task]})" for task in tasks]
+    labels.append("mean of\nmixed metrics" if mixed else f"average\n({order[0]})")
+    if mixed:
+        labels += [f"mean\n{metric}" for metric in order]
+    heights: dict[str, list[float]] = {}
+    for method, per_task in rows.items():
+        values = primary_values(per_task, primary) if per_task else {}
+        bars = [values.get(task, math.nan) for task in tasks]
+        bars.append(sum(values.values()) / len(values) if values else math.nan)
+        if mixed:
+            means = per_metric_means(values, {t: metrics[t] for t in values})
+            bars += [means[m]["average"] if m in means else math.nan for m in order]
+        heights[method] = bars
+    return labels, heights
 
 
 def plot_results(
@@ -174,9 +302,11 @@ def plot_results(
     *,
     title: str = "Per-task results",
 ) -> Path:
-    """Write a grouped bar chart (PNG): one group per task (and the average), one bar per method.
+    """Write a grouped bar chart (PNG): one group per task (and the averages), one bar per method.
 
-    Uses matplotlib's Agg canvas directly, so the global matplotlib backend is not touched.
+    Each task's label names its primary metric; when they differ, the overall average is labelled
+    "mean of mixed metrics" and one group per metric gives the per-metric means. Uses
+    matplotlib's Agg canvas directly, so the global matplotlib backend is not touched.
 
     Returns:
         The path written.
@@ -189,23 +319,18 @@ def plot_results(
     tasks: list[str] = []
     for per_task in rows.values():
         tasks += [task for task in per_task if task not in tasks]
-    groups = [*tasks, "average"]
+    labels, heights = _plot_groups(rows, primary, tasks)
     methods = list(rows)
     width = 0.8 / len(methods)
-    figure = Figure(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(methods)) ** 0.5 + 2), 4.8))
+    figure = Figure(figsize=(max(6.0, 1.1 * len(labels) * max(1, len(methods)) ** 0.5 + 2), 4.8))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for m, method in enumerate(methods):
-        per_task = rows[method]
-        values = primary_values(per_task, primary) if per_task else {}
-        heights = [values.get(task, math.nan) for task in tasks]
-        heights.append(sum(values.values()) / len(values) if values else math.nan)
-        offsets = [g + (m - (len(methods) - 1) / 2) * width for g in range(len(groups))]
-        axes.bar(offsets, heights, width=width, label=method)
-    labels = [f"{task}\n({primary_metric(primary[task]) if task in primary else 'auto'})" for task in tasks]
-    axes.set_xticks(range(len(groups)), [*labels, "average"], rotation=30, ha="right", fontsize=8)
-    axes.set_ylabel("score (primary metric)")
-    axes.set_xlabel("task")
+        offsets = [g + (m - (len(methods) - 1) / 2) * width for g in range(len(labels))]
+        axes.bar(offsets, heights[method], width=width, label=method)
+    axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    axes.set_ylabel("score (each task's primary metric)")
+    axes.set_xlabel("task (primary metric)")
     axes.set_title(title)
     axes.set_ylim(0, 1.05)
     axes.legend(title="method", fontsize=8)

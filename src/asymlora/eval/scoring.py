@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from asymlora.data.collate import IGNORE_INDEX, encode_example
-from asymlora.data.tasks import METRIC_ROUGE, Example, Task
-from asymlora.eval.metrics import exact_match, rouge_scores
+from asymlora.data.tasks import Example, Task
+from asymlora.eval.metrics import score_generations
 
 __all__ = [
     "accepts_task_ids",
@@ -468,8 +468,8 @@ def evaluate_task(
     - ``choice`` tasks: ``accuracy`` by option log-likelihood (the argmax option counts as right
       when it is among the example's references, i.e. any option with the best target score).
     - ``generate`` tasks: greedy decoding, ``exact_match`` against any reference after SQuAD
-      normalisation, and ``rouge1``/``rouge2``/``rougeL`` (F-measure, stemmed) when the task's
-      metrics include ``rouge``. When no reference contains a line break, only the first
+      normalisation, and every other metric the task lists (:func:`~asymlora.eval.metrics.score_generations`:
+      ``rouge`` gives ``rouge1``/``rouge2``/``rougeL``/``rougeLsum``, ``bleu`` corpus BLEU). When no reference contains a line break, only the first
       non-empty line of a completion is kept (a model that goes on with a new "Question:" is
       not penalised for it).
 
@@ -517,12 +517,7 @@ def evaluate_task(
         references = [example.references or [example.target] for example in examples]
         if not any("\n" in ref for refs in references for ref in refs):
             predictions = [_first_line(text) for text in predictions]
-        results = {
-            "exact_match": sum(exact_match(p, r) for p, r in zip(predictions, references, strict=True))
-            / len(examples)
-        }
-        if METRIC_ROUGE in task.metrics:
-            results.update(rouge_scores(predictions, references))
+        results = score_generations(predictions, references, task.metrics)
     results["n"] = float(len(examples))
     logger.info(
         "evaluated %s (%d examples, task_id=%s) in %.1f s: %s",

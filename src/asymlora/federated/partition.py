@@ -14,6 +14,7 @@ how to fix it. `summary_lines` gives the per-client table printed at the start o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -167,13 +168,11 @@ def plan_partition(cfg: FedConfig, tasks: Sequence[Task]) -> Plan:
 
 def client_tasks(tasks: Sequence[Task], shards: Sequence[Shard]) -> list[Task]:
     """One client's data: a `Task` per shard holding only the client's examples (same name, kind, metrics)."""
-    from asymlora.data import Task
-
     out = []
     for s in shards:
         t = tasks[s.task]
         out.append(
-            Task(t.name, t.kind, [t.train[i] for i in s.train], [t.test[i] for i in s.test], t.metrics)
+            dataclasses.replace(t, train=[t.train[i] for i in s.train], test=[t.test[i] for i in s.test])
         )
     return out
 
@@ -196,11 +195,13 @@ def summary_lines(
 def load_partition(cfg: FedConfig) -> tuple[list[Task], Plan]:
     """Load every task of ``cfg.data.tasks`` and partition them (raises on an empty client)."""
     from asymlora.data import load_tasks
+    from asymlora.eval.metrics import apply_metric_choices
 
     d = cfg.data
     tasks = load_tasks(
         d.tasks, seed=d.seed, max_train=d.max_train, max_test=d.max_test, test_fraction=d.test_fraction
     )
+    tasks = apply_metric_choices(tasks, d.metric, d.tasks)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"data.tasks names the same task twice: {names}")
@@ -228,6 +229,7 @@ def load_client_tasks(cfg: FedConfig, client: int, data_override: str | None = N
     if key in _CACHE:
         return _CACHE[key]
     from asymlora.data import load_task, load_tasks
+    from asymlora.eval.metrics import apply_metric_choices
 
     d = cfg.data
     caps = {
@@ -238,9 +240,10 @@ def load_client_tasks(cfg: FedConfig, client: int, data_override: str | None = N
     }
     if data_override:
         specs = [s.strip() for s in data_override.split(",") if s.strip()]
-        tasks = load_tasks(specs, **caps)
+        tasks = apply_metric_choices(load_tasks(specs, **caps), d.metric, specs, strict=False)
     elif cfg.clients.partition == "task":
         tasks = [load_task(d.tasks[client], **caps)]
+        tasks = apply_metric_choices(tasks, d.metric, [d.tasks[client]], strict=False)
     else:
         all_tasks, plan = load_partition(cfg)
         tasks = client_tasks(all_tasks, plan[client])

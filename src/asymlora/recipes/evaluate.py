@@ -37,12 +37,12 @@ def method_dirs(run_dir: Path, cfg: RunConfig) -> dict[str, Path]:
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
     """Score every trained method of a run again on its test splits; rewrites their results.json."""
-    from asymlora.eval import format_table, summarize
+    from asymlora.eval import format_table, metric_notes, summarize
     from asymlora.models import load
 
     cfg = _run_config(run_dir)
     tasks = load_tasks_for(cfg)
-    primary = primary_metrics(tasks)
+    primary, notes = primary_metrics(tasks), metric_notes(tasks)
     model, tokenizer = load(cfg.model.name, device=cfg.model.device)
     rows: dict[str, Any] = {}
     for method, directory in method_dirs(run_dir, cfg).items():
@@ -56,11 +56,11 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
         per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=routed)
         results_path = directory / RESULTS_FILE
         results = json.loads(results_path.read_text()) if results_path.is_file() else {"method": method}
-        results.update(per_task=per_task, **summarize(per_task, primary, cfg.baselines))
+        results.update(per_task=per_task, **summarize(per_task, primary, cfg.baselines, metric_notes=notes))
         write_json(results_path, results)
         rows[method] = per_task
         model = pm.unload()
-    print(format_table(rows, primary, [t.name for t in tasks], cfg.baselines))
+    print(format_table(rows, primary, [t.name for t in tasks], cfg.baselines, metric_notes=notes))
     return rows
 
 

@@ -67,14 +67,16 @@ def write_json(path: Path, data: Any) -> None:
 
 def load_tasks_for(cfg: RunConfig):
     from asymlora.data import load_tasks
+    from asymlora.eval.metrics import apply_metric_choices
 
-    return load_tasks(
+    tasks = load_tasks(
         cfg.data.tasks,
         seed=cfg.data.seed,
         max_train=cfg.data.max_train,
         max_test=cfg.data.max_test,
         test_fraction=cfg.data.test_fraction,
     )
+    return apply_metric_choices(tasks, cfg.data.metric, cfg.data.tasks)
 
 
 def evaluate(model: Any, tokenizer: Any, tasks: list, cfg: RunConfig, task_routed: bool) -> dict[str, dict]:
@@ -114,7 +116,7 @@ def train_and_evaluate(
 ) -> tuple[dict[str, Any], Any]:
     """Train ``method`` on ``tasks`` into ``out_dir``, evaluate it, and give the base model back."""
     from asymlora.data import MultiTaskCollator, MultiTaskDataset
-    from asymlora.eval import summarize
+    from asymlora.eval import metric_notes, summarize
     from asymlora.train import train
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +137,7 @@ def train_and_evaluate(
         pm.save_pretrained(str(tmp))
     t0 = time.perf_counter()
     per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=peft_cfg.router == "task" and method != "lora")
-    summary = summarize(per_task, primary_metrics(tasks), baselines)
+    summary = summarize(per_task, primary_metrics(tasks), baselines, metric_notes=metric_notes(tasks))
     results = {
         "method": method,
         "per_task": per_task,
@@ -158,20 +160,24 @@ def run(
     cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, quiet: bool = False
 ) -> dict[str, Any]:
     """Run the whole recipe; returns what `results.json` holds."""
-    from asymlora.eval import format_table, plot_results, summarize
+    from asymlora.eval import format_table, metric_notes, plot_results, summarize
     from asymlora.models import load
 
     say = (lambda *a: None) if quiet else print
+    tasks = load_tasks_for(cfg)  # bad data or metrics fail before run_dir is written
     run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
-    tasks = load_tasks_for(cfg)
     say(
         "tasks: "
         + ", ".join(f"{t.name} ({t.kind}, {len(t.train)} train / {len(t.test)} test)" for t in tasks)
     )
+    notes = metric_notes(tasks)
+    for note in notes.values():
+        say(f"note: {note}")
     model, tokenizer = load(cfg.model.name, device=cfg.model.device)
     primary = primary_metrics(tasks)
     rows: dict[str, dict[str, dict[str, float]]] = {}
     combined: dict[str, Any] = {"tasks": [t.name for t in tasks], "primary_metric": primary, "methods": {}}
+    combined["metric_notes"] = notes
 
     if cfg.eval.base_model:
         base_file = run_dir / "base.json"
@@ -179,7 +185,11 @@ def run(
             base = json.loads(base_file.read_text())
         else:
             per_task = evaluate(model, tokenizer, tasks, cfg, task_routed=False)
-            base = {"method": "base", "per_task": per_task, **summarize(per_task, primary, None)}
+            base = {
+                "method": "base",
+                "per_task": per_task,
+                **summarize(per_task, primary, None, metric_notes=notes),
+            }
             write_json(base_file, base)
         rows["base"] = base["per_task"]
         combined["base"] = base
@@ -197,7 +207,7 @@ def run(
             single[task.name] = res["per_task"][task.name]
         rows["single-task lora"] = single
         baselines = {name: scores[primary[name]] for name, scores in single.items()}
-        combined["single_task"] = {"per_task": single, **summarize(single, primary, None)}
+        combined["single_task"] = {"per_task": single, **summarize(single, primary, None, metric_notes=notes)}
     combined["baselines"] = baselines
 
     methods = cfg.compare.methods or [cfg.adapter.method]
@@ -210,7 +220,7 @@ def run(
         rows[method] = res["per_task"]
         combined["methods"][method] = {k: v for k, v in res.items() if k != "losses"}
 
-    table = format_table(rows, primary, [t.name for t in tasks], baselines)
+    table = format_table(rows, primary, [t.name for t in tasks], baselines, metric_notes=notes)
     say(table)
     if not flat:
         write_json(run_dir / RESULTS_FILE, combined)
