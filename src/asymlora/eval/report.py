@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.eval.metrics import primary_metric
+from asymlora.eval.stats import format_interval
 
 __all__ = ["delta_m", "format_table", "plot_results", "primary_values", "summarize"]
 
@@ -116,11 +117,19 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
 
 
+def _with_interval(value: float | None, interval: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """The value, with ``[low, high]`` when ``interval`` is for that same value."""
+    if value is None or not interval or not math.isclose(interval["value"], value, abs_tol=1e-9):
+        return _fmt(value, digits)
+    return format_interval(value, interval.get("low"), interval.get("high"), digits)
+
+
 def format_table(
     rows: Mapping[str, Mapping[str, Mapping[str, float]]],
     primary: Mapping[str, str],
     tasks: Sequence[str],
     baselines: Mapping[str, float] | None = None,
+    intervals: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """A markdown table: one row per method/run, one column per task, then average/std/worst/Δm%.
 
@@ -130,6 +139,8 @@ def format_table(
         tasks: the task columns, in order; a method missing a task shows ``–`` there and its
             summary runs over the tasks it has.
         baselines: single-task primary metrics for the Δm% column (``–`` without them).
+        intervals: ``{method: {"per_task": {task: interval}, "average": interval, "delta_m": interval}}``
+            (:func:`asymlora.eval.stats.run_intervals`); a cell with one reads ``0.625 [0.470, 0.760]``.
 
     Returns:
         The table, with a header line naming each task's metric (markdown; readable as plain text).
@@ -143,18 +154,21 @@ def format_table(
     ]
     for method, per_task in rows.items():
         present = {task: per_task[task] for task in tasks if task in per_task}
+        ivs = (intervals or {}).get(method) or {}
         cells = [method]
         for task in tasks:
             metrics = per_task.get(task)
-            cells.append(_fmt(metrics[_primary_of(task, metrics, primary)]) if metrics else MISSING)
+            value = metrics[_primary_of(task, metrics, primary)] if metrics else None
+            cells.append(_with_interval(value, (ivs.get("per_task") or {}).get(task)))
         if present:
             summary = summarize(present, primary, baselines)
             worst = summary["worst"]
+            whole = len(present) == len(per_task)  # run intervals cover all of the run's tasks
             cells += [
-                _fmt(summary["average"]),
+                _with_interval(summary["average"], ivs.get("average") if whole else None),
                 _fmt(summary["std"]),
                 f"{_fmt(worst['value'])} ({worst['task']})",
-                _fmt(summary["delta_m"], 1),
+                _with_interval(summary["delta_m"], ivs.get("delta_m") if whole else None, 1),
             ]
         else:
             cells += [MISSING] * 4
@@ -164,6 +178,9 @@ def format_table(
     )
     lines.append("")
     lines.append(f"Metrics per task: {metric_names}. std: population std over tasks; Δm%: lower is better.")
+    if intervals:
+        lines.append("[low, high]: 95 % interval (Wilson for accuracy / exact match, bootstrap over examples "
+                     "otherwise; stratified bootstrap for the average and Δm%).")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -173,8 +190,11 @@ def plot_results(
     path: str | Path,
     *,
     title: str = "Per-task results",
+    intervals: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a grouped bar chart (PNG): one group per task (and the average), one bar per method.
+
+    ``intervals`` (as in :func:`format_table`) draw 95 % error bars where a bar has one.
 
     Uses matplotlib's Agg canvas directly, so the global matplotlib backend is not touched.
 
@@ -201,7 +221,11 @@ def plot_results(
         heights = [values.get(task, math.nan) for task in tasks]
         heights.append(sum(values.values()) / len(values) if values else math.nan)
         offsets = [g + (m - (len(methods) - 1) / 2) * width for g in range(len(groups))]
-        axes.bar(offsets, heights, width=width, label=method)
+        ivs = (intervals or {}).get(method) or {}
+        bounds = [(ivs.get("per_task") or {}).get(task) for task in tasks] + [ivs.get("average")]
+        yerr = [[max(0.0, h - b["low"]) if b and b.get("low") is not None else 0.0 for h, b in zip(heights, bounds, strict=True)],
+                [max(0.0, b["high"] - h) if b and b.get("high") is not None else 0.0 for h, b in zip(heights, bounds, strict=True)]]  # fmt: skip
+        axes.bar(offsets, heights, width=width, label=method, yerr=yerr if intervals else None, capsize=2)
     labels = [f"{task}\n({primary_metric(primary[task]) if task in primary else 'auto'})" for task in tasks]
     axes.set_xticks(range(len(groups)), [*labels, "average"], rotation=30, ha="right", fontsize=8)
     axes.set_ylabel("score (primary metric)")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from asymlora.data.collate import IGNORE_INDEX, encode_example
 from asymlora.data.tasks import METRIC_ROUGE, Example, Task
 from asymlora.eval.metrics import exact_match, rouge_scores
+from asymlora.eval.stats import example_key
 
 __all__ = [
     "accepts_task_ids",
@@ -462,7 +463,8 @@ def evaluate_task(
     max_examples: int | None = None,
     max_length: int | None = None,
     split: str = "test",
-) -> dict[str, float]:
+    with_examples: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], list[dict[str, Any]]]:
     """Score ``model`` on one task's held-out examples.
 
     - ``choice`` tasks: ``accuracy`` by option log-likelihood (the argmax option counts as right
@@ -479,9 +481,13 @@ def evaluate_task(
         max_examples: score only the first ``max_examples`` examples of the split.
         max_length: cut long prompts from the left (as training does); None: no cut.
         split: ``"test"`` (default) or ``"train"``.
+        with_examples: also return each example's scores (for intervals and paired tests,
+            :mod:`asymlora.eval.stats`).
 
     Returns:
-        The metrics, plus ``n`` (the number of examples scored), all as floats.
+        The metrics (means over the examples), plus ``n`` (the number of examples scored), all as
+        floats; with ``with_examples``, ``(metrics, rows)`` with one row per example, in split
+        order: ``{"index": i, "key": stats.example_key(...), "scores": {metric: value}}``.
     """
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
@@ -493,17 +499,17 @@ def evaluate_task(
     if not examples:
         raise ValueError(f"task {task.name!r} has no {split} example to evaluate")
     started = time.perf_counter()
-    results: dict[str, float]
+    per_example: dict[str, list[float]]
     if task.kind == "choice":
         scores = option_loglikelihoods(
             model, tokenizer, examples, task_id=task_id, batch_size=batch_size, max_length=max_length
         )
-        correct = 0
+        hits: list[float] = []
         for example, row in zip(examples, scores, strict=True):
             best = max(range(len(row)), key=row.__getitem__)
             options = example.options or []
-            correct += best == example.answer_index or options[best] in example.references
-        results = {"accuracy": correct / len(examples)}
+            hits.append(float(best == example.answer_index or options[best] in example.references))
+        per_example = {"accuracy": hits}
     else:
         predictions = greedy_generate(
             model,
@@ -517,12 +523,12 @@ def evaluate_task(
         references = [example.references or [example.target] for example in examples]
         if not any("\n" in ref for refs in references for ref in refs):
             predictions = [_first_line(text) for text in predictions]
-        results = {
-            "exact_match": sum(exact_match(p, r) for p, r in zip(predictions, references, strict=True))
-            / len(examples)
-        }
+        pairs = list(zip(predictions, references, strict=True))
+        per_example = {"exact_match": [exact_match(p, r) for p, r in pairs]}
         if METRIC_ROUGE in task.metrics:
-            results.update(rouge_scores(predictions, references))
+            rouge = [rouge_scores([p], [r]) for p, r in pairs]
+            per_example.update({key: [row[key] for row in rouge] for key in rouge[0]})
+    results = {metric: sum(values) / len(examples) for metric, values in per_example.items()}
     results["n"] = float(len(examples))
     logger.info(
         "evaluated %s (%d examples, task_id=%s) in %.1f s: %s",
@@ -532,6 +538,10 @@ def evaluate_task(
         time.perf_counter() - started,
         {k: round(v, 4) for k, v in results.items()},
     )
+    if with_examples:
+        rows = [{"index": i, "key": example_key(e.prompt, e.target, e.options),
+                 "scores": {m: v[i] for m, v in per_example.items()}} for i, e in enumerate(examples)]  # fmt: skip
+        return results, rows
     return results
 
 
@@ -542,8 +552,8 @@ def evaluate_tasks(
     *,
     task_ids: Sequence[int | None] | None = None,
     **kwargs: Any,
-) -> dict[str, dict[str, float]]:
-    """:func:`evaluate_task` on each task: ``{task name: metrics}``.
+) -> dict[str, Any]:
+    """:func:`evaluate_task` on each task: ``{task name: metrics}`` (``(metrics, rows)`` with ``with_examples``).
 
     Args:
         task_ids: one id (or None) per task, e.g. ``range(len(tasks))`` for a task-routed adapter

@@ -43,6 +43,7 @@ __all__ = [
     "metric_interval",
     "paired_average_test",
     "paired_test",
+    "run_intervals",
     "seed_summary",
     "wilson_interval",
 ]
@@ -396,6 +397,33 @@ def compare_examples(
     out = {t: {**paired_test(scores_a[t], scores_b[t], **kwargs), "metric": primary[t]} for t in tasks}
     out["average"] = {**paired_average_test(scores_a, scores_b, **kwargs), "metric": "primary"}
     return out
+
+
+def run_intervals(
+    examples: Mapping[str, Sequence[Mapping[str, Any]]],
+    primary: Mapping[str, str],
+    baselines: Mapping[str, float | Sequence[float]] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The intervals of one run from its per-example rows (as written to ``per_example.jsonl``).
+
+    Args:
+        examples: ``{task: [{"scores": {metric: value}, ...}, ...]}``.
+        primary: ``{task: primary metric}``; intervals are on each task's primary metric.
+        baselines: single-task baselines for Δm% (see :func:`delta_m_interval`), or None.
+        kwargs: ``confidence``, ``n_resamples``, ``seed``.
+
+    Returns:
+        ``{"per_task": {task: interval}, "average": interval, "delta_m": interval | None,
+        "confidence": level}``.
+    """
+    per_task = {task: [float(row["scores"][primary[task]]) for row in rows] for task, rows in examples.items()}
+    return {
+        "per_task": {task: metric_interval(values, primary[task], **kwargs) for task, values in per_task.items()},
+        "average": average_interval(per_task, **kwargs),
+        "delta_m": delta_m_interval(per_task, baselines, **kwargs) if baselines else None,
+        "confidence": kwargs.get("confidence", CONFIDENCE),
+    }
 
 
 def format_interval(
