@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
             "ledger alone.")  # fmt: skip
     p.add_argument("config", help="sweep YAML (base config, overrides, grid; see docs/sweep.md)")
     p.add_argument("--shard", help="i/n: take only cells i, i+n, i+2n, ... of the grid (0 <= i < n)")
-    p.add_argument("--report", action="store_true", help="only regenerate results.md and figures from the ledger")
+    p.add_argument(
+        "--report", action="store_true", help="only regenerate results.md and figures from the ledger"
+    )
     p.add_argument("--list", action="store_true", help="list the cells and whether each is done; run nothing")
 
     p = add("export", cmd_export, "export one task as a standard peft LoRA adapter",

@@ -417,9 +417,13 @@ def run_intervals(
         ``{"per_task": {task: interval}, "average": interval, "delta_m": interval | None,
         "confidence": level}``.
     """
-    per_task = {task: [float(row["scores"][primary[task]]) for row in rows] for task, rows in examples.items()}
+    per_task = {
+        task: [float(row["scores"][primary[task]]) for row in rows] for task, rows in examples.items()
+    }
     return {
-        "per_task": {task: metric_interval(values, primary[task], **kwargs) for task, values in per_task.items()},
+        "per_task": {
+            task: metric_interval(values, primary[task], **kwargs) for task, values in per_task.items()
+        },
         "average": average_interval(per_task, **kwargs),
         "delta_m": delta_m_interval(per_task, baselines, **kwargs) if baselines else None,
         "confidence": kwargs.get("confidence", CONFIDENCE),

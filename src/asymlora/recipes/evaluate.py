@@ -16,8 +16,8 @@ from asymlora.recipes.multitask import (
     evaluate,
     intervals_of,
     load_tasks_for,
-    read_examples,
     primary_metrics,
+    read_examples,
     write_json,
 )
 
