@@ -163,3 +163,24 @@ def test_compare_examples_checks_the_examples_match() -> None:
 def test_format_interval() -> None:
     assert stats.format_interval(0.625, 0.47, 0.76) == "0.625 [0.470, 0.760]"
     assert stats.format_interval(0.625) == "0.625" and stats.format_interval(None) == "–"
+
+
+def test_table_cells_and_bars_show_intervals(tmp_path) -> None:
+    from asymlora.eval import format_table, plot_results
+
+    rows = {"alora": {"t": {"accuracy": 0.625, "n": 8.0}, "u": {"exact_match": 0.5, "n": 8.0}}}
+    intervals = {"alora": stats.run_intervals(
+        {"t": [{"scores": {"accuracy": v}} for v in [1, 1, 1, 1, 1, 0, 0, 0]],
+         "u": [{"scores": {"exact_match": v}} for v in [1, 0] * 4]},
+        {"t": "accuracy", "u": "exact_match"},
+    )}  # fmt: skip
+    table = format_table(rows, {"t": "accuracy", "u": "exact_match"}, ["t", "u"], intervals=intervals)
+    low, high = wilson_by_hand(5, 8)
+    assert f"0.625 [{low:.3f}, {high:.3f}]" in table and "95 % interval" in table
+    average = intervals["alora"]["average"]
+    assert f"| 0.562 [{average['low']:.3f}, {average['high']:.3f}] |" in table
+    plain = format_table(rows, {"t": "accuracy", "u": "exact_match"}, ["t", "u"])
+    assert "[" not in plain.split("\n")[2]
+    assert (
+        plot_results(rows, {"t": "accuracy"}, tmp_path / "bars.png", intervals=intervals).stat().st_size > 0
+    )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -251,9 +252,15 @@ def delta_m_interval(
     n = sum(s.size for s, _ in pairs)
     low = high = None
     if min(s.size for s, _ in pairs) >= 2:
-        low, high = _stratified_bootstrap(
-            [s.size for s, _ in pairs], statistic, confidence=confidence, n_resamples=n_resamples, seed=seed
-        )
+        with warnings.catch_warnings():  # resamples with a zero baseline are nan: reported as no interval
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            low, high = _stratified_bootstrap(
+                [s.size for s, _ in pairs],
+                statistic,
+                confidence=confidence,
+                n_resamples=n_resamples,
+                seed=seed,
+            )
         low, high = (None, None) if not (math.isfinite(low) and math.isfinite(high)) else (low, high)
     return {**_interval(value, low, high, "stratified bootstrap", n), "tasks": used}
 
