@@ -63,6 +63,27 @@ def test_stratified_average_interval_has_the_width_of_independent_tasks() -> Non
     assert result["low"] < result["value"] < result["high"]
 
 
+def test_worst_task_and_std_over_tasks_intervals() -> None:
+    rng = np.random.default_rng(9)
+    low_task, high_task = rng.normal(0.2, 0.3, 2000), rng.normal(0.8, 0.3, 1000)
+    out = stats.run_intervals(
+        {
+            "lo": [{"scores": {"rougeL": v}} for v in low_task],
+            "hi": [{"scores": {"rougeL": v}} for v in high_task],
+        },
+        {"lo": "rougeL", "hi": "rougeL"},
+    )
+    assert out["worst"]["value"] == pytest.approx(low_task.mean())
+    # the low task is the worst in every resample: the interval is that of its mean
+    half = Z95 * low_task.std(ddof=1) / math.sqrt(low_task.size)
+    assert (out["worst"]["low"], out["worst"]["high"]) == pytest.approx(
+        (low_task.mean() - half, low_task.mean() + half), abs=0.1 * half
+    )
+    # population std of two means is half their distance
+    assert out["std_over_tasks"]["value"] == pytest.approx(abs(high_task.mean() - low_task.mean()) / 2)
+    assert out["std_over_tasks"]["low"] < out["std_over_tasks"]["value"] < out["std_over_tasks"]["high"]
+
+
 def test_delta_m_value_and_interval_with_fixed_and_paired_baselines() -> None:
     multi = {"a": [1, 0, 1, 1], "b": [0.5, 0.25]}
     # by hand: ((0.5 - 0.75) / 0.5 + (0.5 - 0.375) / 0.5) / 2 × 100 = (-50 + 25) / 2 = -12.5

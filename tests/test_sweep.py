@@ -107,7 +107,7 @@ def test_killed_sweep_reruns_only_what_is_missing(campaign) -> None:
     ids = [c.id for c in campaign["cells"]]
     assert campaign["after_kill"] == ids[:1] and campaign["first_runs"] == ids[:2]
     assert campaign["second_runs"] == ids[1:]  # the done cell is skipped
-    assert campaign["counts"] == {"cells": 6, "done": 1, "ran": 5, "taken": 0}
+    assert campaign["counts"] == {"cells": 6, "done": 1, "ran": 5, "taken": 0, "failed": 0}
     assert campaign["resumed_from"][1] == 2  # the killed cell continued from its step-2 checkpoint
     records = sweep.read_ledger(campaign["spec"].ledger)
     assert sorted(r["id"] for r in records) == sorted(ids)  # exactly one record per cell
@@ -149,7 +149,7 @@ def test_shards_are_disjoint_and_complete_and_locked_cells_are_left_alone(env, c
     held = FileLock(str(spec.out_dir / "locks" / f"{sweep.expand(spec)[0].id}.lock"))
     with held:
         counts = sweep.run_sweep(spec, say=lambda *a: None)
-    assert counts == {"cells": 1, "done": 0, "ran": 0, "taken": 1} and not spec.ledger.exists()
+    assert counts == {"cells": 1, "done": 0, "ran": 0, "taken": 1, "failed": 0} and not spec.ledger.exists()
 
 
 def test_report_is_regenerated_from_the_ledger_alone(env, campaign, capsys) -> None:
@@ -220,3 +220,24 @@ def test_sweep_user_errors_exit_2(tmp_path, capsys, text, message) -> None:
     assert cli_main(["sweep", str(path), "--list"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_keep_going_logs_a_failing_cell_and_runs_the_others(env, tmp_path, monkeypatch) -> None:
+    spec = sweep.load_sweep(env["sweep"])
+    spec.out_dir = tmp_path / "failing"
+    spec.grid = [{"adapter.method": ["lora"], "train.seed": [0, 1], "train.steps": [1]}]
+    real_run = multitask.run
+
+    def failing_run(cfg, **kwargs):
+        if cfg.train.seed == 0:
+            raise ValueError("planted failure")
+        return real_run(cfg, **kwargs)
+
+    monkeypatch.setattr(multitask, "run", failing_run)
+    counts = sweep.run_sweep(spec, keep_going=True, say=lambda *a: None)
+    assert counts == {"cells": 2, "done": 0, "ran": 1, "taken": 0, "failed": 1}
+    (failure,) = sweep.read_ledger(spec.out_dir / "failures.jsonl")
+    assert failure["params"]["train.seed"] == 0 and "planted failure" in failure["error"]
+    assert [r["seed"] for r in sweep.read_ledger(spec.ledger)] == [1]
+    with pytest.raises(ValueError, match="planted failure"):
+        sweep.run_sweep(spec, say=lambda *a: None)

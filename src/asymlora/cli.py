@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--report", action="store_true", help="only regenerate results.md and figures from the ledger"
     )
     p.add_argument("--list", action="store_true", help="list the cells and whether each is done; run nothing")
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="log a failing cell to failures.jsonl and go on with the next",
+    )
 
     p = add("export", cmd_export, "export one task as a standard peft LoRA adapter",
             "Write task NAME of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "

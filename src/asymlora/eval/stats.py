@@ -42,6 +42,7 @@ __all__ = [
     "example_key",
     "format_interval",
     "metric_interval",
+    "over_tasks_interval",
     "paired_average_test",
     "paired_test",
     "run_intervals",
@@ -169,31 +170,44 @@ def _per_task_arrays(per_task: Mapping[str, Sequence[float]], what: str) -> dict
     return {task: _array(scores, f"{what}: task {task!r}") for task, scores in per_task.items()}
 
 
-def average_interval(
+def over_tasks_interval(
     per_task: Mapping[str, Sequence[float]],
+    reduce: Callable[[np.ndarray], np.ndarray],
     *,
     confidence: float = CONFIDENCE,
     n_resamples: int = N_BOOTSTRAP,
     seed: int = SEED,
 ) -> dict[str, Any]:
-    """The unweighted average over tasks of each task's mean score, with a stratified bootstrap interval.
+    """A statistic of the per-task mean scores with a stratified bootstrap interval.
 
     Args:
         per_task: ``{task: per-example scores of its primary metric}``.
+        reduce: maps the task means, an array of shape ``(T, ...)``, to the statistic, shape ``(...)``
+            (e.g. ``lambda m: m.mean(axis=0)`` for the average, ``m.min(axis=0)`` for the worst task).
     """
-    arrays = list(_per_task_arrays(per_task, "average_interval").values())
-    value = float(np.mean([a.mean() for a in arrays]))
+    arrays = list(_per_task_arrays(per_task, "over_tasks_interval").values())
+    value = float(reduce(np.array([a.mean() for a in arrays])))
     n = sum(a.size for a in arrays)
     if min(a.size for a in arrays) < 2:
         return _interval(value, None, None, "stratified bootstrap", n)
 
     def statistic(ix: list[np.ndarray]) -> np.ndarray:
-        return np.mean([a[i].mean(axis=-1) for a, i in zip(arrays, ix, strict=True)], axis=0)
+        return reduce(np.stack([a[i].mean(axis=-1) for a, i in zip(arrays, ix, strict=True)]))
 
     low, high = _stratified_bootstrap(
         [a.size for a in arrays], statistic, confidence=confidence, n_resamples=n_resamples, seed=seed
     )
     return _interval(value, low, high, "stratified bootstrap", n)
+
+
+def average_interval(per_task: Mapping[str, Sequence[float]], **kwargs: Any) -> dict[str, Any]:
+    """The unweighted average over tasks of each task's mean score, with a stratified bootstrap interval.
+
+    Args:
+        per_task: ``{task: per-example scores of its primary metric}``.
+        kwargs: ``confidence``, ``n_resamples``, ``seed``.
+    """
+    return over_tasks_interval(per_task, lambda means: means.mean(axis=0), **kwargs)
 
 
 def delta_m_interval(
@@ -421,8 +435,9 @@ def run_intervals(
         kwargs: ``confidence``, ``n_resamples``, ``seed``.
 
     Returns:
-        ``{"per_task": {task: interval}, "average": interval, "delta_m": interval | None,
-        "confidence": level}``.
+        ``{"per_task": {task: interval}, "average": interval, "worst": interval (of the lowest
+        task mean), "std_over_tasks": interval (population std of the task means), "delta_m":
+        interval | None, "confidence": level}``.
     """
     per_task = {
         task: [float(row["scores"][primary[task]]) for row in rows] for task, rows in examples.items()
@@ -432,6 +447,8 @@ def run_intervals(
             task: metric_interval(values, primary[task], **kwargs) for task, values in per_task.items()
         },
         "average": average_interval(per_task, **kwargs),
+        "worst": over_tasks_interval(per_task, lambda means: means.min(axis=0), **kwargs),
+        "std_over_tasks": over_tasks_interval(per_task, lambda means: means.std(axis=0), **kwargs),
         "delta_m": delta_m_interval(per_task, baselines, **kwargs) if baselines else None,
         "confidence": kwargs.get("confidence", CONFIDENCE),
     }

@@ -53,6 +53,7 @@ from asymlora.io import atomic_write_text
 from asymlora.recipes.multitask import PER_EXAMPLE_FILE, read_examples
 
 LEDGER_FILE = "ledger.jsonl"
+FAILURES_FILE = "failures.jsonl"
 SWEEP_KEYS = {"base", "out_dir", "overrides", "grid", "report"}
 REPORT_KEYS = {"reference", "baseline_method"}
 
@@ -210,7 +211,7 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Add one record under the ledger's lock; the file is replaced atomically (never half-written)."""
+    """Add one record (JSON line) under the file's lock; the file is replaced atomically (never half-written)."""
     with FileLock(str(path) + ".lock"):
         text = path.read_text() if path.is_file() else ""
         if text and not text.endswith("\n"):
@@ -278,17 +279,27 @@ def run_cell(cell: Cell, ledger: Path) -> dict[str, Any]:
 
 
 def run_sweep(
-    sweep: Sweep, *, shard_index: int = 0, shard_count: int = 1, say: Any = print
+    sweep: Sweep,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    keep_going: bool = False,
+    say: Any = print,
 ) -> dict[str, int]:
     """Run this shard's cells that are not in the ledger, skipping cells another process holds.
 
+    Args:
+        keep_going: a cell that raises (e.g. a non-finite loss) is written to ``failures.jsonl``
+            and the sweep goes on with the next cell; otherwise the error stops the sweep.
+
     Returns:
-        ``{"cells", "done" (already in the ledger), "ran", "taken" (held by another process)}``.
+        ``{"cells", "done" (already in the ledger), "ran", "taken" (held by another process),
+        "failed"}``.
     """
     cells = shard(expand(sweep), shard_index, shard_count)
     (sweep.out_dir / "locks").mkdir(parents=True, exist_ok=True)
     done = {record["id"] for record in read_ledger(sweep.ledger)}
-    counts = {"cells": len(cells), "done": 0, "ran": 0, "taken": 0}
+    counts = {"cells": len(cells), "done": 0, "ran": 0, "taken": 0, "failed": 0}
     for n, cell in enumerate(cells, 1):
         where = f"[{n}/{len(cells)}] {cell.id} {cell.params}"
         if cell.id in done:
@@ -309,6 +320,14 @@ def run_sweep(
             record = run_cell(cell, sweep.ledger)
             say(f"{where}: average {record['average']:.4f} in {record['wall_seconds']:.0f} s")
             counts["ran"] += 1
+        except Exception as e:
+            if not keep_going:
+                raise
+            say(f"{where}: failed ({type(e).__name__}: {e}); see {sweep.out_dir / FAILURES_FILE}")
+            failure = {"id": cell.id, "params": cell.params, "error": f"{type(e).__name__}: {e}",
+                       "commit": git_commit(), "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}  # fmt: skip
+            append_record(sweep.out_dir / FAILURES_FILE, failure)
+            counts["failed"] += 1
         finally:
             lock.release()
     return counts
@@ -335,14 +354,14 @@ def main(args: Any) -> int:
             print(f"{cell.id}  {status:7s}  {cell.params}")
         return 0
     index, count = parse_shard(args.shard)
-    counts = run_sweep(sweep, shard_index=index, shard_count=count)
+    counts = run_sweep(sweep, shard_index=index, shard_count=count, keep_going=args.keep_going)
     print(
         f"sweep: {counts['cells']} cells in this shard, {counts['done']} already done, {counts['ran']} run now, "
-        f"{counts['taken']} held by another process; ledger {sweep.ledger}"
+        f"{counts['taken']} held by another process, {counts['failed']} failed; ledger {sweep.ledger}"
     )
     if counts["ran"] or counts["done"]:
         print(f"report: {write_report(sweep)}")
-    return 0
+    return 1 if counts["failed"] else 0
 
 
 # --------------------------------------------------------------------------- report (from the ledger alone)
@@ -396,17 +415,28 @@ def group_records(records: list[dict[str, Any]]) -> list[Group]:
     return out
 
 
-def _value(group: Group, task: str | None) -> dict[str, Any]:
-    """Mean over seeds (with std and per-seed values) or the one seed's value with its interval."""
-    values = [
-        r["average"] if task is None else r["per_task"][task][group.primary[task]] for r in group.records
-    ]
+def _value(group: Group, task: str | None, key: str = "average") -> dict[str, Any]:
+    """Mean over seeds (with std and per-seed values) or the one seed's value with its interval.
+
+    ``task`` None: the run-level statistic ``key`` (``average``, ``worst`` or ``std_over_tasks``).
+    """
+
+    def of(record: dict[str, Any]) -> float:
+        if task is not None:
+            return record["per_task"][task][group.primary[task]]
+        return {
+            "average": record["average"],
+            "worst": record["worst"]["value"],
+            "std_over_tasks": record["std"],
+        }[key]
+
+    values = [of(r) for r in group.records]
     if len(values) > 1:
         summary = stats.seed_summary(values)
         return {"value": summary["mean"], "std": summary["std"], "values": summary["values"]}
     iv = group.records[0]["intervals"]
-    iv = iv["average"] if task is None else iv["per_task"][task]
-    return {"value": values[0], "low": iv["low"], "high": iv["high"], "values": values}
+    iv = (iv["per_task"][task] if task is not None else iv.get(key)) or {}
+    return {"value": values[0], "low": iv.get("low"), "high": iv.get("high"), "values": values}
 
 
 def _cell_text(v: dict[str, Any] | None, digits: int = 3) -> str:
@@ -484,6 +514,7 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
         summary["groups"].append({
             "label": g.label, "method": g.method, "tasks": g.tasks, "primary": g.primary, "seeds": g.seeds,
             "per_task": {t: _value(g, t) for t in g.tasks}, "average": _value(g, None),
+            "worst": _value(g, None, "worst"), "std_over_tasks": _value(g, None, "std_over_tasks"),
             "delta_m": _delta_m(g, baselines), "ids": [r["id"] for r in g.records],
             "trainable_params": g.records[0]["trainable_params"],
             "train_seconds": sum(r["train_seconds"] for r in g.records) / len(g.records),
@@ -501,12 +532,24 @@ def _tables(summary: dict[str, Any]) -> list[str]:
     tasks: list[str] = []
     for g in summary["groups"]:
         tasks += [t for t in g["tasks"] if t not in tasks]
-    header = ["run", "seeds", *tasks, "average", "Δm%", "params", "train s", "steps"]
+    header = [
+        "run",
+        "seeds",
+        *tasks,
+        "average",
+        "worst",
+        "std over tasks",
+        "Δm%",
+        "params",
+        "train s",
+        "steps",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for g in summary["groups"]:
         cells = [g["label"], ",".join(map(str, g["seeds"]))]
         cells += [_cell_text(g["per_task"].get(t)) for t in tasks]
-        cells += [_cell_text(g["average"]), _cell_text(g["delta_m"], 1), f"{g['trainable_params']:,}",
+        cells += [_cell_text(g[k]) for k in ("average", "worst", "std_over_tasks")]
+        cells += [_cell_text(g["delta_m"], 1), f"{g['trainable_params']:,}",
                   f"{g['train_seconds']:.1f}", str(g["steps"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per-seed values:", ""]
