@@ -241,3 +241,32 @@ def test_keep_going_logs_a_failing_cell_and_runs_the_others(env, tmp_path, monke
     assert [r["seed"] for r in sweep.read_ledger(spec.ledger)] == [1]
     with pytest.raises(ValueError, match="planted failure"):
         sweep.run_sweep(spec, say=lambda *a: None)
+
+
+def test_a_cell_killed_after_its_results_but_before_its_record_is_recorded_once(
+    env, tmp_path, monkeypatch
+) -> None:
+    spec = sweep.load_sweep(env["sweep"])
+    spec.out_dir = tmp_path / "late"
+    spec.grid = [{"adapter.method": ["lora"], "train.seed": [3], "train.steps": [2]}]
+    real_append, real_train = sweep.append_record, asymlora.train.train
+    resumed: list = []
+
+    def dying_append(path, record):
+        raise Killed
+
+    def watching_train(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        resumed.append(result.resumed_from)
+        return result
+
+    monkeypatch.setattr(asymlora.train, "train", watching_train)
+    monkeypatch.setattr(sweep, "append_record", dying_append)
+    with pytest.raises(Killed):
+        sweep.run_sweep(spec, say=lambda *a: None)
+    (cell,) = sweep.expand(spec)
+    assert (cell.run_dir / "results.json").is_file() and not spec.ledger.exists()
+    monkeypatch.setattr(sweep, "append_record", real_append)
+    assert sweep.run_sweep(spec, say=lambda *a: None)["ran"] == 1
+    assert resumed == [None, 2]  # the second pass trains no step: it resumes from the final checkpoint
+    assert [r["id"] for r in sweep.read_ledger(spec.ledger)] == [cell.id]
