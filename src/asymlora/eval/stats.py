@@ -210,6 +210,29 @@ def average_interval(per_task: Mapping[str, Sequence[float]], **kwargs: Any) -> 
     return over_tasks_interval(per_task, lambda means: means.mean(axis=0), **kwargs)
 
 
+def _baseline_pairs(
+    arrays: Mapping[str, np.ndarray], baselines: Mapping[str, float | Sequence[float]]
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """(tasks, [(run scores, baseline scores)]) of the tasks with a non-zero baseline; numbers broadcast."""
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    used: list[str] = []
+    for task, scores in arrays.items():
+        if task not in baselines or baselines[task] is None:
+            continue
+        base = np.asarray(baselines[task], dtype=float)
+        if base.ndim == 0:
+            base = np.full(scores.size, float(base))
+        elif base.shape != scores.shape:
+            raise ExampleMismatchError(
+                f"delta_m_interval: task {task!r} has {scores.size} scores but {base.size} baseline scores; "
+                "score both on the same test examples"
+            )
+        if base.mean() != 0.0:
+            pairs.append((scores, base))
+            used.append(task)
+    return used, pairs
+
+
 def delta_m_interval(
     per_task: Mapping[str, Sequence[float]],
     baselines: Mapping[str, float | Sequence[float]],
@@ -234,23 +257,7 @@ def delta_m_interval(
         ExampleMismatchError: per-example baseline scores of another length than the task's.
     """
     arrays = _per_task_arrays(per_task, "delta_m_interval")
-    pairs: list[tuple[np.ndarray, np.ndarray]] = []
-    used: list[str] = []
-    for task, scores in arrays.items():
-        if task not in baselines or baselines[task] is None:
-            continue
-        base = np.asarray(baselines[task], dtype=float)
-        if base.ndim == 0:
-            base = np.full(scores.size, float(base))
-        elif base.shape != scores.shape:
-            raise ExampleMismatchError(
-                f"delta_m_interval: task {task!r} has {scores.size} scores but {base.size} baseline scores; "
-                "score both on the same test examples"
-            )
-        if base.mean() == 0.0:
-            continue
-        pairs.append((scores, base))
-        used.append(task)
+    used, pairs = _baseline_pairs(arrays, baselines)
     if not pairs:
         return None
 

@@ -159,6 +159,9 @@ def compare_runs(run_a: Path, run_b: Path) -> tuple[dict[str, Any], str]:
         lines.append(
             f"| {task} | {test['metric']} | {test['n']} | {a:.3f} | {b:.3f} | {diff} | {test['p_value']:.4f} |"
         )
+    for label, ex, other in (("A", examples_a, examples_b), ("B", examples_b, examples_a)):
+        if only := [t for t in ex if t not in other]:
+            lines.append(f"\nLeft out (only in run {label}): {', '.join(only)}.")
     lines += [
         "",
         "p: two-sided paired permutation test (sign flips of A − B per example); interval: paired bootstrap "
