@@ -205,3 +205,30 @@ def test_table_cells_and_bars_show_intervals(tmp_path) -> None:
     assert (
         plot_results(rows, {"t": "accuracy"}, tmp_path / "bars.png", intervals=intervals).stat().st_size > 0
     )
+
+
+def test_evaluate_task_returns_each_examples_scores() -> None:
+    """Per-example scores of a model that always answers "z" (see tests/test_eval.py), by hand."""
+    from tests.conftest import make_char_tokenizer
+    from tests.test_eval import steered_model
+
+    from asymlora.data import Example, Task
+    from asymlora.eval import evaluate_task
+
+    tok = make_char_tokenizer()
+    test = [
+        Example(prompt="Question: one?", target="z"),
+        Example(prompt="Question: two?", target="The Z."),
+        Example(prompt="Question: three?", target="q", references=["q", "z!"]),
+        Example(prompt="Question: four?", target="y"),
+    ]
+    task = Task("z", "generate", train=test[:1], test=test, metrics=["exact_match", "rouge"])
+    model = steered_model(tok)
+    metrics, rows = evaluate_task(model, tok, task, task_id=None, max_new_tokens=4, with_examples=True)
+    assert metrics == evaluate_task(
+        model, tok, task, task_id=None, max_new_tokens=4
+    )  # unchanged without rows
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and len({r["key"] for r in rows}) == 4
+    assert [r["scores"]["exact_match"] for r in rows] == [1.0, 1.0, 1.0, 0.0]
+    assert [r["scores"]["rouge1"] for r in rows] == pytest.approx([1, 2 / 3, 1, 0])  # "the z" vs "z": 2/3
+    assert rows[0]["key"] == stats.example_key("Question: one?", "z")
