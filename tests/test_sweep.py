@@ -270,3 +270,26 @@ def test_a_cell_killed_after_its_results_but_before_its_record_is_recorded_once(
     assert sweep.run_sweep(spec, say=lambda *a: None)["ran"] == 1
     assert resumed == [None, 2]  # the second pass trains no step: it resumes from the final checkpoint
     assert [r["id"] for r in sweep.read_ledger(spec.ledger)] == [cell.id]
+
+
+def test_a_compare_run_with_single_task_baselines_gets_intervals_and_a_paired_delta_m(env, tmp_path) -> None:
+    from asymlora.config import load_config
+
+    spec = sweep.load_sweep(env["sweep"])
+    overrides = [*spec.overrides, "train.steps=2", "train.lr=0.05", "compare.methods=[lora,alora]",
+                 "compare.single_task=true", f"run_dir={tmp_path / 'cmp'}"]  # fmt: skip
+    combined = multitask.run(load_config(None, overrides), quiet=True)
+    results = json.loads((tmp_path / "cmp" / "alora" / "results.json").read_text())
+    intervals = results["intervals"]
+    single = {
+        t: multitask.read_examples(tmp_path / "cmp" / "single" / t / "per_example.jsonl")[t]
+        for t in ("add", "parity")
+    }
+    usable = [t for t in single if sum(r["scores"][results["primary"][t]] for r in single[t]) > 0]
+    assert usable  # Δm% runs over the tasks whose baseline is not 0, from the same per-example scores
+    assert intervals["delta_m"]["tasks"] == usable
+    assert intervals["delta_m"]["value"] == pytest.approx(results["delta_m"])
+    assert intervals["average"]["value"] == pytest.approx(results["average"])
+    assert set(combined["methods"]["lora"]["intervals"]["per_task"]) == {"add", "parity"}
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert "95 % interval" in table and table.count("[") >= 8

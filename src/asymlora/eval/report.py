@@ -228,7 +228,7 @@ def plot_results(
         axes.bar(offsets, heights, width=width, label=method, yerr=yerr if intervals else None, capsize=2)
     labels = [f"{task}\n({primary_metric(primary[task]) if task in primary else 'auto'})" for task in tasks]
     axes.set_xticks(range(len(groups)), [*labels, "average"], rotation=30, ha="right", fontsize=8)
-    axes.set_ylabel("score (primary metric)")
+    axes.set_ylabel("score (primary metric)" + (", 95 % interval" if intervals else ""))
     axes.set_xlabel("task")
     axes.set_title(title)
     axes.set_ylim(0, 1.05)

@@ -129,8 +129,11 @@ def evaluate(
     return per_task
 
 
-def intervals_of(examples_path: Path, tasks: list, baselines: dict[str, float] | None) -> dict[str, Any]:
-    """95 % intervals of a run from its ``per_example.jsonl`` (asymlora.eval.stats.run_intervals)."""
+def intervals_of(examples_path: Path, tasks: list, baselines: dict[str, Any] | None) -> dict[str, Any]:
+    """95 % intervals of a run from its ``per_example.jsonl`` (asymlora.eval.stats.run_intervals).
+
+    ``baselines``: per task, the single-task score, or its per-example scores (a paired Δm% interval).
+    """
     from asymlora.eval.stats import run_intervals
 
     return run_intervals(read_examples(examples_path), primary_metrics(tasks), baselines)
@@ -152,6 +155,7 @@ def train_and_evaluate(
     *,
     resume: bool,
     baselines: dict[str, float] | None,
+    baseline_examples: dict[str, list[float]] | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Train ``method`` on ``tasks`` into ``out_dir``, evaluate it, and give the base model back."""
     from asymlora.data import MultiTaskCollator, MultiTaskDataset
@@ -180,7 +184,7 @@ def train_and_evaluate(
         pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=out_dir / PER_EXAMPLE_FILE
     )
     summary = summarize(per_task, primary_metrics(tasks), baselines)
-    summary["intervals"] = intervals_of(out_dir / PER_EXAMPLE_FILE, tasks, baselines)
+    summary["intervals"] = intervals_of(out_dir / PER_EXAMPLE_FILE, tasks, baseline_examples or baselines)
     results = {
         "method": method,
         "per_task": per_task,
@@ -234,6 +238,7 @@ def run(
         combined["base"] = base
 
     baselines = cfg.baselines
+    baseline_examples: dict[str, list[float]] = {}  # single-task per-example scores (paired Δm%)
     if cfg.compare.single_task:
         single_cfg = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, steps=max(1, math.ceil(cfg.train.steps / len(tasks))))
@@ -244,6 +249,8 @@ def run(
             res, model = train_and_evaluate(single_cfg, "lora", model, tokenizer, [task], out,
                                             resume=resume, baselines=None)  # fmt: skip
             single[task.name] = res["per_task"][task.name]
+            rows_of = read_examples(out / PER_EXAMPLE_FILE)[task.name]
+            baseline_examples[task.name] = [r["scores"][primary[task.name]] for r in rows_of]
             intervals.setdefault("single-task lora", {"per_task": {}})["per_task"].update(
                 res["intervals"]["per_task"]
             )
@@ -256,9 +263,8 @@ def run(
     flat = not cfg.compare.methods
     for method in methods:
         out = run_dir if flat else run_dir / method
-        res, model = train_and_evaluate(
-            cfg, method, model, tokenizer, tasks, out, resume=resume, baselines=baselines
-        )
+        res, model = train_and_evaluate(cfg, method, model, tokenizer, tasks, out, resume=resume,
+                                        baselines=baselines, baseline_examples=baseline_examples or None)  # fmt: skip
         rows[method] = res["per_task"]
         intervals[method] = res["intervals"]
         combined["methods"][method] = {k: v for k, v in res.items() if k != "losses"}
