@@ -467,11 +467,11 @@ def _delta_m(group: Group, baselines: dict[str, Group]) -> dict[str, Any] | None
             else:
                 base[t] = sum(r["per_task"][t][b.primary[t]] for r in b.records) / len(b.records)
         per_seed.append(stats.delta_m_interval(scores, base))
-    values = [d["value"] for d in per_seed if d]
-    if len(values) > 1:
-        summary = stats.seed_summary(values)
+    found = [d for d in per_seed if d]
+    if len(found) > 1:
+        summary = stats.seed_summary([d["value"] for d in found])
         return {"value": summary["mean"], "std": summary["std"], "values": summary["values"]}
-    return per_seed[0]
+    return found[0] if found else None
 
 
 def _paired(ref: Group, peer: Group) -> dict[str, Any] | None:
