@@ -69,10 +69,14 @@ def campaign(env) -> dict:
     real_train, real_run = asymlora.train.train, multitask.run
     calls = {"train": 0, "runs": [], "resumed_from": []}
 
+    def die_at_step_3(step: int) -> None:
+        if step == 3:
+            raise Killed
+
     def killing_train(*args, **kwargs):
         calls["train"] += 1
         if calls["train"] == 2:  # the 2nd cell dies after its step-2 checkpoint
-            kwargs["on_step"] = lambda step: (_ for _ in ()).throw(Killed()) if step == 3 else None
+            kwargs["on_step"] = die_at_step_3
         result = real_train(*args, **kwargs)
         calls["resumed_from"].append(result.resumed_from)
         return result
