@@ -3,6 +3,8 @@
     asymlora demo                                  train + evaluate LoRA, ALoRA, HydraLoRA on BIG-bench (SmolLM2-135M)
     asymlora train CONFIG.yaml [key=value ...]     run a multi-task config (see configs/)
     asymlora eval RUN_DIR                          re-evaluate a finished run
+    asymlora compare RUN_A RUN_B                   paired tests of two runs on the same test examples
+    asymlora sweep SWEEP.yaml [--shard i/n]        run a grid of configs resumably into one results ledger
     asymlora export RUN_DIR --task NAME --out DIR  one task of a task-routed run as a stock peft LoRA
     asymlora analyze PATH [PATH ...] --out DIR     where the knowledge sits: A vs B similarity, spectra
     asymlora fed CONFIG.yaml [key=value ...]       federated fine-tuning on Flower (simulation)
@@ -61,6 +63,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     evaluate_run(Path(args.run_dir))
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from asymlora.io import atomic_write_text
+    from asymlora.recipes.evaluate import compare_runs
+
+    tests, table = compare_runs(Path(args.run_a), Path(args.run_b))
+    print(table)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(tests, indent=2) + "\n")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from asymlora.recipes.sweep import main as sweep_main
+
+    return sweep_main(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -131,6 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "re-evaluate a finished run",
             "Load the adapter(s) of RUN_DIR and score every task again; rewrites results.json.")  # fmt: skip
     p.add_argument("run_dir")
+
+    p = add("compare", cmd_compare, "paired tests of two runs on the same test examples",
+            "Per task and on the average over tasks: the difference A − B of the primary metric, its 95 % paired "
+            "bootstrap interval and a paired permutation p-value. Both runs need per_example.jsonl "
+            "(written by train; `asymlora eval RUN` writes it for older runs).")  # fmt: skip
+    p.add_argument("run_a", help="run directory (or run_dir/<method> of a compare run)")
+    p.add_argument("run_b", help="run directory scored on the same test examples")
+    p.add_argument("--json", help="also write the tests as JSON to this file")
+
+    p = add("sweep", cmd_sweep, "run a grid of configs (methods × seeds × tasks) into one results ledger",
+            "Expand the sweep file's grid into cells, train and evaluate the cells not yet in the ledger "
+            "(resuming partial ones), append one record per cell to ledger.jsonl; several processes or machines "
+            "sharing the sweep directory take disjoint cells. --report rebuilds results.md and figures from the "
+            "ledger alone.")  # fmt: skip
+    p.add_argument("config", help="sweep YAML (base config, overrides, grid; see docs/sweep.md)")
+    p.add_argument("--shard", help="i/n: take only cells i, i+n, i+2n, ... of the grid (0 <= i < n)")
+    p.add_argument(
+        "--report", action="store_true", help="only regenerate results.md and figures from the ledger"
+    )
+    p.add_argument("--list", action="store_true", help="list the cells and whether each is done; run nothing")
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="log a failing cell to failures.jsonl and go on with the next",
+    )
 
     p = add("export", cmd_export, "export one task as a standard peft LoRA adapter",
             "Write task NAME of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.eval.metrics import primary_metric
+from asymlora.eval.stats import format_interval
 
 __all__ = [
     "MIXED",
@@ -177,26 +178,37 @@ def column_metrics(
     return names
 
 
+def _with_interval(value: float | None, interval: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """The value, with ``[low, high]`` when ``interval`` is for that same value."""
+    if value is None or not interval or not math.isclose(interval["value"], value, abs_tol=1e-9):
+        return _fmt(value, digits)
+    return format_interval(value, interval.get("low"), interval.get("high"), digits)
+
+
 def _row_cells(
     per_task: Mapping[str, Mapping[str, float]],
     primary: Mapping[str, str],
     tasks: Sequence[str],
     baselines: Mapping[str, float] | None,
+    intervals: Mapping[str, Any] | None = None,
 ) -> tuple[list[str], dict[str, Any] | None]:
     present = {task: per_task[task] for task in tasks if task in per_task}
+    ivs = intervals or {}
     cells = []
     for task in tasks:
         metrics = per_task.get(task)
-        cells.append(_fmt(metrics[_primary_of(task, metrics, primary)]) if metrics else MISSING)
+        value = metrics[_primary_of(task, metrics, primary)] if metrics else None
+        cells.append(_with_interval(value, (ivs.get("per_task") or {}).get(task)))
     if not present:
         return [*cells, *[MISSING] * 4], None
     summary = summarize(present, primary, baselines)
     worst = summary["worst"]
+    whole = len(present) == len(per_task)  # run intervals cover all of the run's tasks
     cells += [
-        _fmt(summary["average"]),
+        _with_interval(summary["average"], ivs.get("average") if whole else None),
         _fmt(summary["std"]),
         f"{_fmt(worst['value'])} ({worst['task']})",
-        _fmt(summary["delta_m"], 1),
+        _with_interval(summary["delta_m"], ivs.get("delta_m") if whole else None, 1),
     ]
     return cells, summary
 
@@ -228,6 +240,7 @@ def format_table(
     baselines: Mapping[str, float] | None = None,
     *,
     metric_notes: Mapping[str, str] | None = None,
+    intervals: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """A markdown table: one row per method/run, one column per task, then average/std/worst/Δm%.
 
@@ -242,6 +255,8 @@ def format_table(
             summary runs over the tasks it has.
         baselines: single-task primary metrics for the Δm% column (``–`` without them).
         metric_notes: ``{task: note}`` printed under the table (declared metrics not computed).
+        intervals: ``{method: {"per_task": {task: interval}, "average": interval, "delta_m": interval}}``
+            (:func:`asymlora.eval.stats.run_intervals`); a cell with one reads ``0.625 [0.470, 0.760]``.
 
     Returns:
         The table(s) and notes (markdown; readable as plain text).
@@ -259,7 +274,8 @@ def format_table(
     ]
     summaries: dict[str, dict[str, Any] | None] = {}
     for method, per_task in rows.items():
-        cells, summaries[method] = _row_cells(per_task, primary, tasks, baselines)
+        ivs = (intervals or {}).get(method)
+        cells, summaries[method] = _row_cells(per_task, primary, tasks, baselines, ivs)
         lines.append("| " + " | ".join([method, *cells]) + " |")
     lines.append("")
     if mixed:
@@ -268,6 +284,11 @@ def format_table(
         "Each task column shows the task's primary metric; std: population std over tasks; "
         "Δm%: lower is better."
     )
+    if intervals:
+        lines.append(
+            "[low, high]: 95 % interval (Wilson for accuracy / exact match, bootstrap over examples "
+            "otherwise; stratified bootstrap for the average and Δm%)."
+        )
     lines += [f"Note: {note}" for task, note in (metric_notes or {}).items() if task in tasks]
     return "\n".join(lines)
 
@@ -295,18 +316,39 @@ def _plot_groups(
     return labels, heights
 
 
+def _error_bars(
+    heights: Sequence[float], tasks: Sequence[str], intervals: Mapping[str, Any] | None
+) -> list[list[float]]:
+    """matplotlib ``yerr`` (below, above) for the task bars and the overall average; 0 elsewhere."""
+    ivs = intervals or {}
+    bounds = [(ivs.get("per_task") or {}).get(task) for task in tasks] + [ivs.get("average")]
+    bounds += [None] * (len(heights) - len(bounds))
+    below, above = [], []
+    for height, bound in zip(heights, bounds, strict=True):
+        ok = (
+            bool(bound)
+            and bound.get("low") is not None
+            and math.isclose(bound["value"], height, abs_tol=1e-9)
+        )
+        below.append(max(0.0, height - bound["low"]) if ok else 0.0)
+        above.append(max(0.0, bound["high"] - height) if ok else 0.0)
+    return [below, above]
+
+
 def plot_results(
     rows: Mapping[str, Mapping[str, Mapping[str, float]]],
     primary: Mapping[str, str],
     path: str | Path,
     *,
     title: str = "Per-task results",
+    intervals: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a grouped bar chart (PNG): one group per task (and the averages), one bar per method.
 
     Each task's label names its primary metric; when they differ, the overall average is labelled
-    "mean of mixed metrics" and one group per metric gives the per-metric means. Uses
-    matplotlib's Agg canvas directly, so the global matplotlib backend is not touched.
+    "mean of mixed metrics" and one group per metric gives the per-metric means. ``intervals``
+    (as in :func:`format_table`) draw 95 % error bars on the task and average bars that have one.
+    Uses matplotlib's Agg canvas directly, so the global matplotlib backend is not touched.
 
     Returns:
         The path written.
@@ -327,9 +369,10 @@ def plot_results(
     axes = figure.add_subplot()
     for m, method in enumerate(methods):
         offsets = [g + (m - (len(methods) - 1) / 2) * width for g in range(len(labels))]
-        axes.bar(offsets, heights[method], width=width, label=method)
+        yerr = _error_bars(heights[method], tasks, (intervals or {}).get(method)) if intervals else None
+        axes.bar(offsets, heights[method], width=width, label=method, yerr=yerr, capsize=2)
     axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    axes.set_ylabel("score (each task's primary metric)")
+    axes.set_ylabel("score (each task's primary metric)" + (", 95 % interval" if intervals else ""))
     axes.set_xlabel("task (primary metric)")
     axes.set_title(title)
     axes.set_ylim(0, 1.05)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from asymlora.data.collate import IGNORE_INDEX, encode_example
 from asymlora.data.tasks import Example, Task
 from asymlora.eval.metrics import score_generations
+from asymlora.eval.stats import example_key
 
 __all__ = [
     "accepts_task_ids",
@@ -462,14 +464,15 @@ def evaluate_task(
     max_examples: int | None = None,
     max_length: int | None = None,
     split: str = "test",
-) -> dict[str, float]:
+    with_examples: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], list[dict[str, Any]]]:
     """Score ``model`` on one task's held-out examples.
 
     - ``choice`` tasks: ``accuracy`` by option log-likelihood (the argmax option counts as right
       when it is among the example's references, i.e. any option with the best target score).
     - ``generate`` tasks: greedy decoding, ``exact_match`` against any reference after SQuAD
-      normalisation, and every other metric the task lists (:func:`~asymlora.eval.metrics.score_generations`:
-      ``rouge`` gives ``rouge1``/``rouge2``/``rougeL``/``rougeLsum``, ``bleu`` corpus BLEU). When no reference contains a line break, only the first
+      normalisation, and ``rouge1``/``rouge2``/``rougeL`` (F-measure, stemmed) when the task's
+      metrics include ``rouge``. When no reference contains a line break, only the first
       non-empty line of a completion is kept (a model that goes on with a new "Question:" is
       not penalised for it).
 
@@ -479,9 +482,13 @@ def evaluate_task(
         max_examples: score only the first ``max_examples`` examples of the split.
         max_length: cut long prompts from the left (as training does); None: no cut.
         split: ``"test"`` (default) or ``"train"``.
+        with_examples: also return each example's scores (for intervals and paired tests,
+            :mod:`asymlora.eval.stats`).
 
     Returns:
-        The metrics, plus ``n`` (the number of examples scored), all as floats.
+        The metrics (means over the examples), plus ``n`` (the number of examples scored), all as
+        floats; with ``with_examples``, ``(metrics, rows)`` with one row per example, in split
+        order: ``{"index": i, "key": stats.example_key(...), "scores": {metric: value}}``.
     """
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
@@ -493,17 +500,18 @@ def evaluate_task(
     if not examples:
         raise ValueError(f"task {task.name!r} has no {split} example to evaluate")
     started = time.perf_counter()
-    results: dict[str, float]
+    per_example: dict[str, list[float]]
     if task.kind == "choice":
         scores = option_loglikelihoods(
             model, tokenizer, examples, task_id=task_id, batch_size=batch_size, max_length=max_length
         )
-        correct = 0
+        hits: list[float] = []
         for example, row in zip(examples, scores, strict=True):
             best = max(range(len(row)), key=row.__getitem__)
             options = example.options or []
-            correct += best == example.answer_index or options[best] in example.references
-        results = {"accuracy": correct / len(examples)}
+            hits.append(float(best == example.answer_index or options[best] in example.references))
+        per_example = {"accuracy": hits}
+        results = {"accuracy": sum(hits) / len(examples)}
     else:
         predictions = greedy_generate(
             model,
@@ -518,6 +526,7 @@ def evaluate_task(
         if not any("\n" in ref for refs in references for ref in refs):
             predictions = [_first_line(text) for text in predictions]
         results = score_generations(predictions, references, task.metrics)
+        per_example = _per_example_scores(predictions, references, task.metrics, results)
     results["n"] = float(len(examples))
     logger.info(
         "evaluated %s (%d examples, task_id=%s) in %.1f s: %s",
@@ -527,7 +536,31 @@ def evaluate_task(
         time.perf_counter() - started,
         {k: round(v, 4) for k, v in results.items()},
     )
+    if with_examples:
+        rows = [{"index": i, "key": example_key(e.prompt, e.target, e.options),
+                 "scores": {m: v[i] for m, v in per_example.items()}} for i, e in enumerate(examples)]  # fmt: skip
+        return results, rows
     return results
+
+
+def _per_example_scores(
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    metrics: Sequence[str],
+    results: dict[str, float],
+) -> dict[str, list[float]]:
+    """Each example's score, for the metrics whose task value is the mean over examples.
+
+    Corpus-level metrics (BLEU: n-gram counts pooled over the corpus) are left out, since the mean
+    of sentence scores is not the corpus score; intervals and paired tests then skip them.
+    """
+    rows = [score_generations([p], [r], metrics) for p, r in zip(predictions, references, strict=True)]
+    per_example = {key: [row[key] for row in rows] for key in rows[0]}
+    return {
+        key: values
+        for key, values in per_example.items()
+        if math.isclose(sum(values) / len(values), results[key], rel_tol=1e-9, abs_tol=1e-9)
+    }
 
 
 def evaluate_tasks(
@@ -537,8 +570,8 @@ def evaluate_tasks(
     *,
     task_ids: Sequence[int | None] | None = None,
     **kwargs: Any,
-) -> dict[str, dict[str, float]]:
-    """:func:`evaluate_task` on each task: ``{task name: metrics}``.
+) -> dict[str, Any]:
+    """:func:`evaluate_task` on each task: ``{task name: metrics}`` (``(metrics, rows)`` with ``with_examples``).
 
     Args:
         task_ids: one id (or None) per task, e.g. ``range(len(tasks))`` for a task-routed adapter

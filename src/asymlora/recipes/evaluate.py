@@ -1,4 +1,4 @@
-"""Re-evaluate a finished run, and export one task of it as a standard peft LoRA adapter."""
+"""Re-evaluate a finished run, compare two runs with paired tests, export one task as a peft LoRA adapter."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import peft
 from asymlora.config import RunConfig, load_config
 from asymlora.recipes.multitask import (
     CONFIG_FILE,
+    PER_EXAMPLE_FILE,
     RESULTS_FILE,
     evaluate,
+    intervals_of,
     load_tasks_for,
     primary_metrics,
+    read_examples,
     write_json,
 )
 
@@ -45,6 +48,7 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     primary, notes = primary_metrics(tasks), metric_notes(tasks)
     model, tokenizer = load(cfg.model.name, device=cfg.model.device)
     rows: dict[str, Any] = {}
+    intervals: dict[str, Any] = {}
     for method, directory in method_dirs(run_dir, cfg).items():
         adapter = directory / "adapter"
         if not (adapter / "adapter_config.json").is_file():
@@ -53,14 +57,19 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
             )
         pm = peft.PeftModel.from_pretrained(model, str(adapter))
         routed = pm.peft_config["default"].router == "task" and method != "lora"
-        per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=routed)
+        examples_path = directory / PER_EXAMPLE_FILE
+        per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path)
         results_path = directory / RESULTS_FILE
         results = json.loads(results_path.read_text()) if results_path.is_file() else {"method": method}
         results.update(per_task=per_task, **summarize(per_task, primary, cfg.baselines, metric_notes=notes))
+        results["intervals"] = intervals[method] = intervals_of(examples_path, tasks, cfg.baselines)
         write_json(results_path, results)
         rows[method] = per_task
         model = pm.unload()
-    print(format_table(rows, primary, [t.name for t in tasks], cfg.baselines, metric_notes=notes))
+    table = format_table(
+        rows, primary, [t.name for t in tasks], cfg.baselines, metric_notes=notes, intervals=intervals
+    )
+    print(table)
     return rows
 
 
@@ -86,3 +95,79 @@ def export_run_task(
     pm = peft.PeftModel.from_pretrained(model, str(adapter))
     key: int | str = int(task) if task.isdigit() else task
     return export_task_adapter(pm, key, out, overwrite=overwrite)
+
+
+def _scored_run(path: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """(per-example rows per task, primary metric per task) of a run (or method) directory."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory; give a run directory (or run_dir/<method>)")
+    if not (path / PER_EXAMPLE_FILE).is_file() and (path / CONFIG_FILE).is_file():
+        methods = load_config(path / CONFIG_FILE).compare.methods
+        if methods:
+            raise ValueError(
+                f"{path} holds several methods {methods}; compare one of them, e.g. {path / methods[0]}"
+            )
+    examples = read_examples(path / PER_EXAMPLE_FILE)
+    results_path = path / RESULTS_FILE
+    saved = json.loads(results_path.read_text()).get("primary", {}) if results_path.is_file() else {}
+    primary = {
+        task: saved.get(task) or ("accuracy" if "accuracy" in rows[0]["scores"] else "exact_match")
+        for task, rows in examples.items()
+    }
+    return examples, primary
+
+
+def compare_runs(run_a: Path, run_b: Path) -> tuple[dict[str, Any], str]:
+    """Paired tests of run A against run B on their shared tasks and on the average over those tasks.
+
+    Both runs must have been scored on the same test examples (``per_example.jsonl``, written by
+    training and by ``asymlora eval``).
+
+    Returns:
+        (``{task | "average": paired test}`` as in :func:`asymlora.eval.stats.compare_examples`,
+        a markdown table).
+
+    Raises:
+        FileNotFoundError: a run without per-example scores (the message says how to produce them).
+        ExampleMismatchError: the runs share no task, or a task was scored on other examples.
+        ValueError: the runs use different primary metrics for a task.
+    """
+    from asymlora.eval.stats import compare_examples, format_interval
+
+    examples_a, primary_a = _scored_run(run_a)
+    examples_b, primary_b = _scored_run(run_b)
+    for task in set(primary_a) & set(primary_b):
+        if primary_a[task] != primary_b[task]:
+            raise ValueError(
+                f"task {task!r} is scored by {primary_a[task]} in {run_a} but by {primary_b[task]} in {run_b}"
+            )
+    tests = compare_examples(examples_a, examples_b, primary_a)
+    mean = {
+        label: {t: sum(r["scores"][primary_a[t]] for r in rows) / len(rows) for t, rows in ex.items()}
+        for label, ex in (("a", examples_a), ("b", examples_b))
+    }
+    lines = [
+        f"A = {run_a}, B = {run_b}",
+        "",
+        "| task | metric | n | A | B | A − B [95 % CI] | p |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for task, test in tests.items():
+        if task == "average":
+            a = sum(mean["a"][t] for t in tests if t != task) / (len(tests) - 1)
+            b = sum(mean["b"][t] for t in tests if t != task) / (len(tests) - 1)
+        else:
+            a, b = mean["a"][task], mean["b"][task]
+        diff = format_interval(test["difference"], test["low"], test["high"])
+        lines.append(
+            f"| {task} | {test['metric']} | {test['n']} | {a:.3f} | {b:.3f} | {diff} | {test['p_value']:.4f} |"
+        )
+    for label, ex, other in (("A", examples_a, examples_b), ("B", examples_b, examples_a)):
+        if only := [t for t in ex if t not in other]:
+            lines.append(f"\nLeft out (only in run {label}): {', '.join(only)}.")
+    lines += [
+        "",
+        "p: two-sided paired permutation test (sign flips of A − B per example); interval: paired bootstrap "
+        "over examples (stratified by task for the average, each task weighted 1/T).",
+    ]
+    return tests, "\n".join(lines)

@@ -7,7 +7,9 @@ Run directory of a single-method run::
     run_dir/checkpoints/step-N/  atomic checkpoints (adapter, optimiser, scheduler, RNG)
     run_dir/adapter/             the final adapter (peft save_pretrained)
     run_dir/train_log.jsonl      loss every train.log_every steps
-    run_dir/results.json         per_task, average, std, worst, delta_m, method, trainable_params, ...
+    run_dir/results.json         per_task, average, std, worst, delta_m, method, trainable_params, ...,
+                                 intervals (95 %: per task, average, Δm%; asymlora.eval.stats)
+    run_dir/per_example.jsonl    each test example's scores: {"task", "index", "key", "scores"}
 
 With ``compare.methods`` each method gets such a directory ``run_dir/<method>/``, single-task baselines go
 to ``run_dir/single/<task>/``, and ``run_dir/results.json``, ``results.md`` and ``results.png`` hold the
@@ -33,6 +35,7 @@ from asymlora.roles import count_parameters
 
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
+PER_EXAMPLE_FILE = "per_example.jsonl"
 
 
 def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> Path:
@@ -65,6 +68,26 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
+def write_examples(path: Path, examples: dict[str, list[dict[str, Any]]]) -> None:
+    """Write ``{task: per-example rows}`` as JSON lines ``{"task": name, **row}`` (atomically)."""
+    lines = [json.dumps({"task": task, **row}) + "\n" for task, rows in examples.items() for row in rows]
+    atomic_write_text(path, "".join(lines))
+
+
+def read_examples(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """``{task: per-example rows}`` from a ``per_example.jsonl`` written by :func:`write_examples`."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: this run has no per-example scores; produce them with "
+            f"`asymlora eval {path.parent}` (re-scores the saved adapter)"
+        )
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        examples.setdefault(row.pop("task"), []).append(row)
+    return examples
+
+
 def load_tasks_for(cfg: RunConfig):
     from asymlora.data import load_tasks
     from asymlora.eval.metrics import apply_metric_choices
@@ -79,12 +102,21 @@ def load_tasks_for(cfg: RunConfig):
     return apply_metric_choices(tasks, cfg.data.metric, cfg.data.tasks)
 
 
-def evaluate(model: Any, tokenizer: Any, tasks: list, cfg: RunConfig, task_routed: bool) -> dict[str, dict]:
-    """Score every task; a task-routed adapter gets each task's id."""
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: list,
+    cfg: RunConfig,
+    task_routed: bool,
+    examples_path: Path | None = None,
+) -> dict[str, dict]:
+    """Score every task; a task-routed adapter gets each task's id. Per-example scores go to ``examples_path``."""
     from asymlora.eval import evaluate_task
 
-    return {
-        task.name: evaluate_task(
+    per_task: dict[str, dict] = {}
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for i, task in enumerate(tasks):
+        per_task[task.name], examples[task.name] = evaluate_task(
             model,
             tokenizer,
             task,
@@ -92,9 +124,21 @@ def evaluate(model: Any, tokenizer: Any, tasks: list, cfg: RunConfig, task_route
             batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.eval.max_new_tokens,
             max_examples=cfg.eval.max_examples,
+            with_examples=True,
         )
-        for i, task in enumerate(tasks)
-    }
+    if examples_path is not None:
+        write_examples(examples_path, examples)
+    return per_task
+
+
+def intervals_of(examples_path: Path, tasks: list, baselines: dict[str, Any] | None) -> dict[str, Any]:
+    """95 % intervals of a run from its ``per_example.jsonl`` (asymlora.eval.stats.run_intervals).
+
+    ``baselines``: per task, the single-task score, or its per-example scores (a paired Δm% interval).
+    """
+    from asymlora.eval.stats import run_intervals
+
+    return run_intervals(read_examples(examples_path), primary_metrics(tasks), baselines)
 
 
 def primary_metrics(tasks: list) -> dict[str, str]:
@@ -113,6 +157,7 @@ def train_and_evaluate(
     *,
     resume: bool,
     baselines: dict[str, float] | None,
+    baseline_examples: dict[str, list[float]] | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Train ``method`` on ``tasks`` into ``out_dir``, evaluate it, and give the base model back."""
     from asymlora.data import MultiTaskCollator, MultiTaskDataset
@@ -136,8 +181,12 @@ def train_and_evaluate(
     with atomic_dir(out_dir / "adapter", overwrite=True) as tmp:
         pm.save_pretrained(str(tmp))
     t0 = time.perf_counter()
-    per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=peft_cfg.router == "task" and method != "lora")
+    routed = peft_cfg.router == "task" and method != "lora"
+    per_task = evaluate(
+        pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=out_dir / PER_EXAMPLE_FILE
+    )
     summary = summarize(per_task, primary_metrics(tasks), baselines, metric_notes=metric_notes(tasks))
+    summary["intervals"] = intervals_of(out_dir / PER_EXAMPLE_FILE, tasks, baseline_examples or baselines)
     results = {
         "method": method,
         "per_task": per_task,
@@ -176,6 +225,7 @@ def run(
     model, tokenizer = load(cfg.model.name, device=cfg.model.device)
     primary = primary_metrics(tasks)
     rows: dict[str, dict[str, dict[str, float]]] = {}
+    intervals: dict[str, dict[str, Any]] = {}  # per row, for the table and the error bars
     combined: dict[str, Any] = {"tasks": [t.name for t in tasks], "primary_metric": primary, "methods": {}}
     combined["metric_notes"] = notes
 
@@ -184,17 +234,21 @@ def run(
         if resume and base_file.is_file():
             base = json.loads(base_file.read_text())
         else:
-            per_task = evaluate(model, tokenizer, tasks, cfg, task_routed=False)
+            examples_path = run_dir / f"base_{PER_EXAMPLE_FILE}"
+            per_task = evaluate(model, tokenizer, tasks, cfg, task_routed=False, examples_path=examples_path)
             base = {
                 "method": "base",
                 "per_task": per_task,
                 **summarize(per_task, primary, None, metric_notes=notes),
+                "intervals": intervals_of(examples_path, tasks, None),
             }
             write_json(base_file, base)
         rows["base"] = base["per_task"]
+        intervals["base"] = base.get("intervals") or {}
         combined["base"] = base
 
     baselines = cfg.baselines
+    baseline_examples: dict[str, list[float]] = {}  # single-task per-example scores (paired Δm%)
     if cfg.compare.single_task:
         single_cfg = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, steps=max(1, math.ceil(cfg.train.steps / len(tasks))))
@@ -205,6 +259,11 @@ def run(
             res, model = train_and_evaluate(single_cfg, "lora", model, tokenizer, [task], out,
                                             resume=resume, baselines=None)  # fmt: skip
             single[task.name] = res["per_task"][task.name]
+            rows_of = read_examples(out / PER_EXAMPLE_FILE)[task.name]
+            baseline_examples[task.name] = [r["scores"][primary[task.name]] for r in rows_of]
+            intervals.setdefault("single-task lora", {"per_task": {}})["per_task"].update(
+                res["intervals"]["per_task"]
+            )
         rows["single-task lora"] = single
         baselines = {name: scores[primary[name]] for name, scores in single.items()}
         combined["single_task"] = {"per_task": single, **summarize(single, primary, None, metric_notes=notes)}
@@ -214,18 +273,20 @@ def run(
     flat = not cfg.compare.methods
     for method in methods:
         out = run_dir if flat else run_dir / method
-        res, model = train_and_evaluate(
-            cfg, method, model, tokenizer, tasks, out, resume=resume, baselines=baselines
-        )
+        res, model = train_and_evaluate(cfg, method, model, tokenizer, tasks, out, resume=resume,
+                                        baselines=baselines, baseline_examples=baseline_examples or None)  # fmt: skip
         rows[method] = res["per_task"]
+        intervals[method] = res["intervals"]
         combined["methods"][method] = {k: v for k, v in res.items() if k != "losses"}
 
-    table = format_table(rows, primary, [t.name for t in tasks], baselines, metric_notes=notes)
+    table = format_table(
+        rows, primary, [t.name for t in tasks], baselines, metric_notes=notes, intervals=intervals
+    )
     say(table)
     if not flat:
         write_json(run_dir / RESULTS_FILE, combined)
     atomic_write_text(run_dir / "results.md", table + "\n")
-    plot_results(rows, primary, run_dir / "results.png")
+    plot_results(rows, primary, run_dir / "results.png", intervals=intervals)
     if flat:  # a single-method run: results.json holds that run's keys, plus the base model's scores
         results = json.loads((run_dir / RESULTS_FILE).read_text())
         results["base"] = combined.get("base")

@@ -1,0 +1,472 @@
+"""Uncertainty of evaluation scores: intervals, runs over seeds, paired tests between two runs.
+
+Every function takes per-example scores (one value per test example: 0/1 correctness for
+``accuracy`` / ``exact_match``, a ROUGE F-measure in [0, 1] for ``rouge*``) and uses scipy's
+maintained implementations (``binomtest``, ``bootstrap``, ``permutation_test``) rather than
+hand-written samplers:
+
+- a task's score: Wilson 95 % interval for 0/1 metrics, percentile bootstrap over examples for
+  graded ones (:func:`metric_interval`);
+- the average over tasks and Δm% (docs/design.md §6): a *stratified* bootstrap, i.e. the examples
+  of each task are resampled independently and the statistic recomputed
+  (:func:`average_interval`, :func:`delta_m_interval`);
+- several seeds: mean ± sample std (ddof = 1), the per-seed values kept (:func:`seed_summary`);
+- two runs on the same test examples: a paired sign-flip permutation test and a paired bootstrap
+  interval of the mean difference, per task and on the average over tasks (:func:`paired_test`,
+  :func:`paired_average_test`, :func:`compare_examples`).
+
+Intervals are dicts ``{"value", "low", "high", "method", "n"}`` (``low``/``high`` None when an
+interval cannot be formed, e.g. a single example), ready for JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "BINARY_METRICS",
+    "CONFIDENCE",
+    "STD_DDOF",
+    "ExampleMismatchError",
+    "average_interval",
+    "bootstrap_interval",
+    "compare_examples",
+    "delta_m_interval",
+    "example_key",
+    "format_interval",
+    "metric_interval",
+    "over_tasks_interval",
+    "paired_average_test",
+    "paired_test",
+    "run_intervals",
+    "seed_summary",
+    "wilson_interval",
+]
+
+CONFIDENCE = 0.95
+"""Confidence level of every interval."""
+N_BOOTSTRAP = 2000
+"""Bootstrap resamples (percentile method)."""
+N_PERMUTATIONS = 10000
+"""Random sign flips of a permutation test; fewer than 2**n pairs are enumerated exactly instead."""
+SEED = 0
+"""Seed of the resampling: the same scores always give the same interval and p-value."""
+STD_DDOF = 1
+"""Std over seeds is the sample std (divisor n − 1)."""
+BINARY_METRICS = frozenset({"accuracy", "exact_match"})
+"""Metrics whose per-example score is 0 or 1 (Wilson interval)."""
+
+
+class ExampleMismatchError(ValueError):
+    """Two runs were not scored on the same test examples; a paired test is meaningless."""
+
+
+def example_key(prompt: str, target: str, options: Sequence[str] | None = None) -> str:
+    """A short stable id of a test example (sha1 of prompt, target and options), to check two runs align."""
+    text = "\x1f".join([prompt, target, *(options or [])])
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _array(scores: Sequence[float], what: str) -> np.ndarray:
+    values = np.asarray(scores, dtype=float)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"{what}: expected a non-empty list of per-example scores, got shape {values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{what}: per-example scores must be finite numbers")
+    return values
+
+
+def _interval(value: float, low: float | None, high: float | None, method: str, n: int) -> dict[str, Any]:
+    return {"value": float(value), "low": low, "high": high, "method": method, "n": int(n)}
+
+
+def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (``scipy.stats.binomtest``).
+
+    Raises:
+        ValueError: ``n < 1`` or ``successes`` outside ``[0, n]``.
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= n and n >= 1, got {successes}/{n}")
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _stratified_bootstrap(
+    sizes: Sequence[int],
+    statistic: Callable[[list[np.ndarray]], np.ndarray],
+    *,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+) -> tuple[float, float]:
+    """Percentile bootstrap of ``statistic(indices per stratum)``, each stratum resampled on its own.
+
+    scipy resamples arrays of example *indices* (``paired=False``: every stratum independently), and
+    ``statistic`` looks the scores up, so several score arrays of one stratum (two runs, a run and
+    its baseline) stay paired example by example.
+    """
+    samples = tuple(np.arange(size) for size in sizes)
+
+    def wrapped(*indices: np.ndarray, axis: int = -1) -> np.ndarray:
+        return statistic([np.asarray(ix, dtype=int) for ix in indices])
+
+    result = stats.bootstrap(
+        samples,
+        wrapped,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        paired=False,
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def bootstrap_interval(
+    scores: Sequence[float],
+    *,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_BOOTSTRAP,
+    seed: int = SEED,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of per-example ``scores``; None with fewer than 2 examples."""
+    values = _array(scores, "bootstrap_interval")
+    if values.size < 2:
+        return None
+    return _stratified_bootstrap(
+        [values.size],
+        lambda ix: values[ix[0]].mean(axis=-1),
+        confidence=confidence,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+
+
+def metric_interval(scores: Sequence[float], metric: str, **kwargs: Any) -> dict[str, Any]:
+    """The mean of per-example ``scores`` with its interval: Wilson for 0/1 metrics, else bootstrap.
+
+    ``kwargs`` (``confidence``, ``n_resamples``, ``seed``) go to the bootstrap; Wilson takes ``confidence``.
+    """
+    values = _array(scores, f"metric_interval({metric})")
+    if metric in BINARY_METRICS and np.all((values == 0) | (values == 1)):
+        low, high = wilson_interval(int(values.sum()), values.size, kwargs.get("confidence", CONFIDENCE))
+        return _interval(values.mean(), low, high, "wilson", values.size)
+    ci = bootstrap_interval(values, **kwargs)
+    return _interval(values.mean(), *(ci or (None, None)), "bootstrap", values.size)
+
+
+def _per_task_arrays(per_task: Mapping[str, Sequence[float]], what: str) -> dict[str, np.ndarray]:
+    if not per_task:
+        raise ValueError(f"{what}: needs per-example scores of at least one task")
+    return {task: _array(scores, f"{what}: task {task!r}") for task, scores in per_task.items()}
+
+
+def over_tasks_interval(
+    per_task: Mapping[str, Sequence[float]],
+    reduce: Callable[[np.ndarray], np.ndarray],
+    *,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_BOOTSTRAP,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """A statistic of the per-task mean scores with a stratified bootstrap interval.
+
+    Args:
+        per_task: ``{task: per-example scores of its primary metric}``.
+        reduce: maps the task means, an array of shape ``(T, ...)``, to the statistic, shape ``(...)``
+            (e.g. ``lambda m: m.mean(axis=0)`` for the average, ``m.min(axis=0)`` for the worst task).
+    """
+    arrays = list(_per_task_arrays(per_task, "over_tasks_interval").values())
+    value = float(reduce(np.array([a.mean() for a in arrays])))
+    n = sum(a.size for a in arrays)
+    if min(a.size for a in arrays) < 2:
+        return _interval(value, None, None, "stratified bootstrap", n)
+
+    def statistic(ix: list[np.ndarray]) -> np.ndarray:
+        return reduce(np.stack([a[i].mean(axis=-1) for a, i in zip(arrays, ix, strict=True)]))
+
+    low, high = _stratified_bootstrap(
+        [a.size for a in arrays], statistic, confidence=confidence, n_resamples=n_resamples, seed=seed
+    )
+    return _interval(value, low, high, "stratified bootstrap", n)
+
+
+def average_interval(per_task: Mapping[str, Sequence[float]], **kwargs: Any) -> dict[str, Any]:
+    """The unweighted average over tasks of each task's mean score, with a stratified bootstrap interval.
+
+    Args:
+        per_task: ``{task: per-example scores of its primary metric}``.
+        kwargs: ``confidence``, ``n_resamples``, ``seed``.
+    """
+    return over_tasks_interval(per_task, lambda means: means.mean(axis=0), **kwargs)
+
+
+def _baseline_pairs(
+    arrays: Mapping[str, np.ndarray], baselines: Mapping[str, float | Sequence[float]]
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """(tasks, [(run scores, baseline scores)]) of the tasks with a non-zero baseline; numbers broadcast."""
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    used: list[str] = []
+    for task, scores in arrays.items():
+        if task not in baselines or baselines[task] is None:
+            continue
+        base = np.asarray(baselines[task], dtype=float)
+        if base.ndim == 0:
+            base = np.full(scores.size, float(base))
+        elif base.shape != scores.shape:
+            raise ExampleMismatchError(
+                f"delta_m_interval: task {task!r} has {scores.size} scores but {base.size} baseline scores; "
+                "score both on the same test examples"
+            )
+        if base.mean() != 0.0:
+            pairs.append((scores, base))
+            used.append(task)
+    return used, pairs
+
+
+def delta_m_interval(
+    per_task: Mapping[str, Sequence[float]],
+    baselines: Mapping[str, float | Sequence[float]],
+    *,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_BOOTSTRAP,
+    seed: int = SEED,
+) -> dict[str, Any] | None:
+    """Δm% = (1/T) Σ_t (M_single,t − M_multi,t) / M_single,t × 100 with a stratified bootstrap interval.
+
+    Args:
+        per_task: ``{task: per-example primary scores of the multi-task model}``.
+        baselines: ``{task: single-task baseline}``, either a fixed number (then only the multi-task
+            scores vary) or the single-task model's per-example scores on the SAME examples (then
+            both are resampled together, example by example).
+
+    Returns:
+        The interval dict over the tasks that have a non-zero baseline, plus ``"tasks"`` (those
+        used); None when no task has one.
+
+    Raises:
+        ExampleMismatchError: per-example baseline scores of another length than the task's.
+    """
+    arrays = _per_task_arrays(per_task, "delta_m_interval")
+    used, pairs = _baseline_pairs(arrays, baselines)
+    if not pairs:
+        return None
+
+    def statistic(ix: list[np.ndarray]) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resampled baseline of 0: no interval
+            terms = [
+                (b[i].mean(-1) - s[i].mean(-1)) / b[i].mean(-1) for (s, b), i in zip(pairs, ix, strict=True)
+            ]
+        return 100.0 * np.mean(terms, axis=0)
+
+    full = [np.arange(s.size) for s, _ in pairs]
+    value = float(statistic(full))
+    n = sum(s.size for s, _ in pairs)
+    low = high = None
+    if min(s.size for s, _ in pairs) >= 2:
+        with warnings.catch_warnings():  # resamples with a zero baseline are nan: reported as no interval
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            low, high = _stratified_bootstrap(
+                [s.size for s, _ in pairs],
+                statistic,
+                confidence=confidence,
+                n_resamples=n_resamples,
+                seed=seed,
+            )
+        low, high = (None, None) if not (math.isfinite(low) and math.isfinite(high)) else (low, high)
+    return {**_interval(value, low, high, "stratified bootstrap", n), "tasks": used}
+
+
+def seed_summary(values: Sequence[float]) -> dict[str, Any]:
+    """Mean ± sample std (ddof = 1) of one score over seeds, with the per-seed values kept.
+
+    Returns:
+        ``{"mean", "std" (None for one seed), "ddof": 1, "n_seeds", "values"}``.
+    """
+    array = _array(values, "seed_summary")
+    std = float(np.std(array, ddof=STD_DDOF)) if array.size > STD_DDOF else None
+    return {"mean": float(array.mean()), "std": std, "ddof": STD_DDOF, "n_seeds": int(array.size),
+            "values": [float(v) for v in array]}  # fmt: skip
+
+
+def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.sum(x - y, axis=axis)
+
+
+def _sign_flip_pvalue(weighted_a: np.ndarray, weighted_b: np.ndarray, n_resamples: int, seed: int) -> float:
+    """Two-sided p-value of Σ (a_i − b_i) under random swaps of a_i and b_i (``permutation_type="samples"``)."""
+    if np.all(weighted_a == weighted_b):
+        return 1.0
+    result = stats.permutation_test(
+        (weighted_a, weighted_b),
+        _mean_difference,
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=n_resamples,
+        alternative="two-sided",
+        rng=np.random.default_rng(seed),
+    )
+    return float(min(1.0, result.pvalue))
+
+
+def paired_average_test(
+    per_task_a: Mapping[str, Sequence[float]],
+    per_task_b: Mapping[str, Sequence[float]],
+    *,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_BOOTSTRAP,
+    n_permutations: int = N_PERMUTATIONS,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """Paired test of run A against run B on the average over tasks of the per-task mean score.
+
+    The difference is D = (1/T) Σ_t mean_i (a_ti − b_ti). Its p-value comes from a sign-flip
+    permutation test (H0: within each example, A's and B's scores are exchangeable), its interval
+    from a stratified paired bootstrap (examples resampled within each task, A and B together).
+
+    Args:
+        per_task_a, per_task_b: ``{task: per-example scores}``, the same tasks with the same
+            examples in the same order.
+
+    Returns:
+        ``{"difference", "low", "high", "p_value", "n", "method"}``; ``low``/``high`` None
+        below 2 examples in a task.
+
+    Raises:
+        ExampleMismatchError: different tasks, or a task with different numbers of examples.
+    """
+    if set(per_task_a) != set(per_task_b):
+        raise ExampleMismatchError(
+            f"the runs cover different tasks: {sorted(per_task_a)} vs {sorted(per_task_b)}"
+        )
+    a = _per_task_arrays(per_task_a, "paired_average_test (run A)")
+    b = _per_task_arrays({t: per_task_b[t] for t in a}, "paired_average_test (run B)")
+    for task in a:
+        if a[task].size != b[task].size:
+            raise ExampleMismatchError(
+                f"task {task!r}: run A has {a[task].size} scored examples, run B {b[task].size}; "
+                "a paired test needs the same test examples"
+            )
+    diffs = [a[t] - b[t] for t in a]
+    # weight 1/(T·n_t) per example: Σ_j w_j (a_j − b_j) is D, and a sign flip of a pair swaps its terms
+    weights = np.concatenate([np.full(d.size, 1.0 / (len(diffs) * d.size)) for d in diffs])
+    flat_a = np.concatenate([a[t] for t in a]) * weights
+    flat_b = np.concatenate([b[t] for t in a]) * weights
+    difference = float(np.mean([d.mean() for d in diffs]))
+    p_value = _sign_flip_pvalue(flat_a, flat_b, n_permutations, seed)
+    low = high = None
+    if min(d.size for d in diffs) >= 2:
+        low, high = _stratified_bootstrap(
+            [d.size for d in diffs],
+            lambda ix: np.mean([d[i].mean(axis=-1) for d, i in zip(diffs, ix, strict=True)], axis=0),
+            confidence=confidence,
+            n_resamples=n_resamples,
+            seed=seed,
+        )
+    return {"difference": difference, "low": low, "high": high, "p_value": p_value, "n": int(weights.size),
+            "method": "paired permutation (sign flips) + stratified paired bootstrap"}  # fmt: skip
+
+
+def paired_test(a: Sequence[float], b: Sequence[float], **kwargs: Any) -> dict[str, Any]:
+    """Paired test of mean(a − b) on one task's examples (see :func:`paired_average_test`)."""
+    return paired_average_test({"task": a}, {"task": b}, **kwargs)
+
+
+def compare_examples(
+    examples_a: Mapping[str, Sequence[Mapping[str, Any]]],
+    examples_b: Mapping[str, Sequence[Mapping[str, Any]]],
+    primary: Mapping[str, str],
+    **kwargs: Any,
+) -> dict[str, dict[str, Any]]:
+    """Paired tests of run A against run B per task and on the average over tasks.
+
+    Args:
+        examples_a, examples_b: ``{task: [{"key": example id, "scores": {metric: value}}, ...]}``
+            as written to ``per_example.jsonl``.
+        primary: ``{task: metric}`` compared on each task.
+
+    Returns:
+        ``{task: paired test, ..., "average": paired test}`` (see :func:`paired_average_test`),
+        each with the ``"metric"`` used (``"average"``: ``"primary"``).
+
+    Raises:
+        ExampleMismatchError: the runs share no task, or a shared task was scored on other examples
+            (the message names the task and both counts).
+    """
+    tasks = [t for t in examples_a if t in examples_b]
+    if not tasks:
+        raise ExampleMismatchError(
+            f"the runs share no task: A has {sorted(examples_a)}, B has {sorted(examples_b)}"
+        )
+    scores_a: dict[str, list[float]] = {}
+    scores_b: dict[str, list[float]] = {}
+    for task in tasks:
+        keys_a = [row["key"] for row in examples_a[task]]
+        keys_b = [row["key"] for row in examples_b[task]]
+        if keys_a != keys_b:
+            same = len(set(keys_a) & set(keys_b))
+            raise ExampleMismatchError(
+                f"task {task!r}: run A was scored on {len(keys_a)} examples and run B on {len(keys_b)} "
+                f"({same} in common); re-evaluate both on the same test split (same data.seed, "
+                "data.max_test and eval.max_examples)"
+            )
+        metric = primary[task]
+        scores_a[task] = [float(row["scores"][metric]) for row in examples_a[task]]
+        scores_b[task] = [float(row["scores"][metric]) for row in examples_b[task]]
+    out = {t: {**paired_test(scores_a[t], scores_b[t], **kwargs), "metric": primary[t]} for t in tasks}
+    out["average"] = {**paired_average_test(scores_a, scores_b, **kwargs), "metric": "primary"}
+    return out
+
+
+def run_intervals(
+    examples: Mapping[str, Sequence[Mapping[str, Any]]],
+    primary: Mapping[str, str],
+    baselines: Mapping[str, float | Sequence[float]] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The intervals of one run from its per-example rows (as written to ``per_example.jsonl``).
+
+    Args:
+        examples: ``{task: [{"scores": {metric: value}, ...}, ...]}``.
+        primary: ``{task: primary metric}``; intervals are on each task's primary metric.
+        baselines: single-task baselines for Δm% (see :func:`delta_m_interval`), or None.
+        kwargs: ``confidence``, ``n_resamples``, ``seed``.
+
+    Returns:
+        ``{"per_task": {task: interval}, "average": interval, "worst": interval (of the lowest
+        task mean), "std_over_tasks": interval (population std of the task means), "delta_m":
+        interval | None, "confidence": level}``.
+    """
+    per_task = {
+        task: [float(row["scores"][primary[task]]) for row in rows] for task, rows in examples.items()
+    }
+    return {
+        "per_task": {
+            task: metric_interval(values, primary[task], **kwargs) for task, values in per_task.items()
+        },
+        "average": average_interval(per_task, **kwargs),
+        "worst": over_tasks_interval(per_task, lambda means: means.min(axis=0), **kwargs),
+        "std_over_tasks": over_tasks_interval(per_task, lambda means: means.std(axis=0), **kwargs),
+        "delta_m": delta_m_interval(per_task, baselines, **kwargs) if baselines else None,
+        "confidence": kwargs.get("confidence", CONFIDENCE),
+    }
+
+
+def format_interval(
+    value: float | None, low: float | None = None, high: float | None = None, digits: int = 3
+) -> str:
+    """``"0.625 [0.470, 0.760]"``; the bare value when there is no interval; ``"–"`` for None."""
+    if value is None:
+        return "–"
+    if low is None or high is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"

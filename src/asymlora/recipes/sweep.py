@@ -1,0 +1,619 @@
+"""A resumable campaign: a grid of run configs, trained and evaluated cell by cell into one results ledger.
+
+A sweep file (YAML)::
+
+    base: ../configs/multitask_bigbench.yaml    # the run config every cell starts from (optional)
+    out_dir: ../runs/campaign                   # relative paths are relative to the sweep file
+    overrides: [train.steps=200, eval.base_model=false]
+    grid:                                       # one mapping, or a list of them (their cells are united)
+      - adapter.method: [lora, alora, hydralora]
+        train.seed: [0, 1, 2]
+      - data.tasks: [[bigbench:a], [bigbench:b]]   # single-task baselines: cells with one task
+        adapter.method: [lora]
+        train.seed: [0, 1, 2]
+    report:
+      reference: alora        # paired tests of this method against every other multi-task group
+      baseline_method: lora   # single-task cells of this method are the Δm% baselines
+
+Each cell is ``base + overrides + its grid values``; its id is the first 12 hex digits of the sha256
+of the resolved config (``run_dir`` left out), and it runs in ``out_dir/runs/<id>/`` with the
+ordinary multi-task recipe (:func:`asymlora.recipes.multitask.run`, ``resume=True``: a cell killed
+mid-way continues from its last checkpoint). A cell is done only when its record is in
+``out_dir/ledger.jsonl`` (JSON lines; one record per run with its id, grid values, git commit,
+scores, 95 % intervals, per-example primary scores and times), so a killed sweep re-run skips
+exactly the finished cells.
+
+Sharing the work: every process holds a lock ``out_dir/locks/<id>.lock`` (``filelock``) while it
+runs a cell and skips cells locked by another, and the ledger is rewritten under its own lock, so
+any number of processes or machines pointed at one shared ``out_dir`` take disjoint cells;
+``--shard i/n`` also splits the grid statically (cells i, i+n, ...). ``--report`` regenerates
+``results.md``, ``results.json`` and ``results.png`` from the ledger alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import itertools
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from filelock import FileLock, Timeout
+
+from asymlora.config import ConfigError, RunConfig, dump_config, load_config
+from asymlora.eval import stats
+from asymlora.io import atomic_write_text
+from asymlora.recipes.multitask import PER_EXAMPLE_FILE, read_examples
+
+LEDGER_FILE = "ledger.jsonl"
+FAILURES_FILE = "failures.jsonl"
+SWEEP_KEYS = {"base", "out_dir", "overrides", "grid", "report"}
+REPORT_KEYS = {"reference", "baseline_method"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One grid point: its grid values, resolved config and id."""
+
+    params: dict[str, Any]
+    config: RunConfig
+    id: str
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A parsed sweep file (see the module docstring)."""
+
+    path: Path
+    base: Path | None
+    out_dir: Path
+    overrides: list[str]
+    grid: list[dict[str, list[Any]]]
+    report: dict[str, Any]
+
+    @property
+    def ledger(self) -> Path:
+        return self.out_dir / LEDGER_FILE
+
+
+def _resolve(path: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (path.parent / p).resolve()
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file.
+
+    Raises:
+        ConfigError: missing file, unknown key, an empty grid or a grid value that is not a list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict) or set(data) - SWEEP_KEYS:
+        raise ConfigError(
+            f"{path}: unknown keys {sorted(set(data) - SWEEP_KEYS)}; a sweep has {sorted(SWEEP_KEYS)}"
+        )
+    if "out_dir" not in data:
+        raise ConfigError(f"{path}: set out_dir (where the runs and the ledger go)")
+    grid = data.get("grid")
+    grids = [grid] if isinstance(grid, dict) else grid
+    if not grids or not isinstance(grids, list) or not all(isinstance(g, dict) and g for g in grids):
+        raise ConfigError(f"{path}: grid must be a mapping (or a list of mappings) of key: [values, ...]")
+    for g in grids:
+        for key, values in g.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{path}: grid value of {key!r} must be a non-empty list, got {values!r}")
+    report = data.get("report") or {}
+    if not isinstance(report, dict) or set(report) - REPORT_KEYS:
+        raise ConfigError(f"{path}: report takes only {sorted(REPORT_KEYS)}")
+    overrides = data.get("overrides") or []
+    if not isinstance(overrides, list):
+        raise ConfigError(f"{path}: overrides must be a list of key=value strings")
+    return Sweep(
+        path=path,
+        base=_resolve(path, data["base"]) if data.get("base") else None,
+        out_dir=_resolve(path, str(data["out_dir"])),
+        overrides=[str(o) for o in overrides],
+        grid=grids,
+        report=report,
+    )
+
+
+def cell_id(cfg: RunConfig) -> str:
+    """12 hex digits of the sha256 of the resolved config without ``run_dir``."""
+    text = dump_config(dataclasses.replace(cfg, run_dir=""))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _points(grid: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        yield dict(zip(keys, values, strict=True))
+
+
+def expand(sweep: Sweep) -> list[Cell]:
+    """The cells of the grid, in grid order, without duplicates.
+
+    Raises:
+        ConfigError: a cell whose config is invalid (the message names the cell), or a cell that
+            asks for several methods (``compare.*``: put methods in the grid instead).
+    """
+    cells: dict[str, Cell] = {}
+    for grid in sweep.grid:
+        for params in _points(grid):
+            extra = [f"{key}={json.dumps(value)}" for key, value in params.items()]
+            try:
+                cfg = load_config(sweep.base, [*sweep.overrides, *extra])
+            except ConfigError as e:
+                raise ConfigError(f"grid cell {params}: {e}") from None
+            if cfg.compare.methods or cfg.compare.single_task:
+                raise ConfigError(
+                    f"grid cell {params}: a sweep cell is one run; put methods in the grid (adapter.method: "
+                    "[...]) and single-task baselines as cells with one task, not compare.*"
+                )
+            cid = cell_id(cfg)
+            run_dir = sweep.out_dir / "runs" / cid
+            cells.setdefault(cid, Cell(params, dataclasses.replace(cfg, run_dir=str(run_dir)), cid))
+    return list(cells.values())
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. --shard 0/2 and --shard 1/2") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+    return index, count
+
+
+def shard(cells: list[Cell], index: int, count: int) -> list[Cell]:
+    """Cells ``index, index + count, ...``: the shards of ``count`` processes are disjoint and complete."""
+    return cells[index::count]
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """The records of a ledger (empty when it does not exist yet)."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}, line {number}: not a JSON record ({e}); remove or fix the line"
+                ) from None
+    return records
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Add one record (JSON line) under the file's lock; the file is replaced atomically (never half-written)."""
+    with FileLock(str(path) + ".lock"):
+        text = path.read_text() if path.is_file() else ""
+        if text and not text.endswith("\n"):
+            text += "\n"
+        atomic_write_text(path, text + json.dumps(record, default=float) + "\n")
+
+
+def git_commit() -> str | None:
+    """``git describe --always --dirty`` of the asymlora source tree, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def make_record(cell: Cell, results: dict[str, Any], started: float, finished: float) -> dict[str, Any]:
+    """The ledger record of a finished cell (``results``: what its ``results.json`` holds)."""
+    examples = read_examples(cell.run_dir / PER_EXAMPLE_FILE)
+    primary = results["primary"]
+    per_example = {
+        task: {
+            "keys": hashlib.sha1("".join(r["key"] for r in rows).encode()).hexdigest()[:16],
+            "scores": [r["scores"][primary[task]] for r in rows],
+        }
+        for task, rows in examples.items()
+    }
+    keep = ("method", "per_task", "primary", "average", "std", "worst", "delta_m", "intervals",
+            "trainable_params", "train_seconds", "eval_seconds", "peak_memory_mb", "steps", "final_loss",
+            "router", "num_experts")  # fmt: skip
+    return {
+        "id": cell.id,
+        "params": cell.params,
+        "seed": cell.config.train.seed,
+        "tasks": list(results["per_task"]),
+        "commit": git_commit(),
+        "host": socket.gethostname(),
+        **{key: results.get(key) for key in keep},
+        "per_example": per_example,
+        "started": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds"),
+        "wall_seconds": round(finished - started, 2),
+        "config": cell.config.to_dict(),
+    }
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_cell(cell: Cell, ledger: Path) -> dict[str, Any]:
+    """Train and evaluate one cell (resuming what it left) with the multi-task recipe; append its record."""
+    from asymlora.recipes import multitask
+
+    started = time.time()
+    results = multitask.run(cell.config, resume=True, quiet=True)
+    record = make_record(cell, results, started, time.time())
+    append_record(ledger, record)
+    return record
+
+
+def run_sweep(
+    sweep: Sweep,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    keep_going: bool = False,
+    say: Any = print,
+) -> dict[str, int]:
+    """Run this shard's cells that are not in the ledger, skipping cells another process holds.
+
+    Args:
+        keep_going: a cell that raises (e.g. a non-finite loss) is written to ``failures.jsonl``
+            and the sweep goes on with the next cell; otherwise the error stops the sweep.
+
+    Returns:
+        ``{"cells", "done" (already in the ledger), "ran", "taken" (held by another process),
+        "failed"}``.
+    """
+    cells = shard(expand(sweep), shard_index, shard_count)
+    (sweep.out_dir / "locks").mkdir(parents=True, exist_ok=True)
+    done = {record["id"] for record in read_ledger(sweep.ledger)}
+    counts = {"cells": len(cells), "done": 0, "ran": 0, "taken": 0, "failed": 0}
+    for n, cell in enumerate(cells, 1):
+        where = f"[{n}/{len(cells)}] {cell.id} {cell.params}"
+        if cell.id in done:
+            counts["done"] += 1
+            continue
+        lock = FileLock(str(sweep.out_dir / "locks" / f"{cell.id}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            say(f"{where}: being run by another process; skipped")
+            counts["taken"] += 1
+            continue
+        try:
+            if cell.id in {record["id"] for record in read_ledger(sweep.ledger)}:
+                counts["done"] += 1  # finished by another process since this one started
+                continue
+            say(f"{where}: running in {cell.run_dir}")
+            record = run_cell(cell, sweep.ledger)
+            say(f"{where}: average {record['average']:.4f} in {record['wall_seconds']:.0f} s")
+            counts["ran"] += 1
+        except Exception as e:
+            if not keep_going:
+                raise
+            say(f"{where}: failed ({type(e).__name__}: {e}); see {sweep.out_dir / FAILURES_FILE}")
+            failure = {"id": cell.id, "params": cell.params, "error": f"{type(e).__name__}: {e}",
+                       "commit": git_commit(), "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}  # fmt: skip
+            append_record(sweep.out_dir / FAILURES_FILE, failure)
+            counts["failed"] += 1
+        finally:
+            lock.release()
+    return counts
+
+
+def cell_status(sweep: Sweep) -> list[tuple[Cell, str]]:
+    """Each cell with ``done`` (in the ledger), ``partial`` (its run directory exists) or ``todo``."""
+    done = {record["id"] for record in read_ledger(sweep.ledger)}
+    return [
+        (cell, "done" if cell.id in done else "partial" if cell.run_dir.is_dir() else "todo")
+        for cell in expand(sweep)
+    ]
+
+
+def main(args: Any) -> int:
+    """``asymlora sweep CONFIG [--shard i/n] [--report] [--list]``."""
+    sweep = load_sweep(args.config)
+    if args.report:
+        page = write_report(sweep)
+        print(f"report: {page}")
+        return 0
+    if args.list:
+        for cell, status in cell_status(sweep):
+            print(f"{cell.id}  {status:7s}  {cell.params}")
+        return 0
+    index, count = parse_shard(args.shard)
+    counts = run_sweep(sweep, shard_index=index, shard_count=count, keep_going=args.keep_going)
+    print(
+        f"sweep: {counts['cells']} cells in this shard, {counts['done']} already done, {counts['ran']} run now, "
+        f"{counts['taken']} held by another process, {counts['failed']} failed; ledger {sweep.ledger}"
+    )
+    if counts["ran"] or counts["done"]:
+        print(f"report: {write_report(sweep)}")
+    return 1 if counts["failed"] else 0
+
+
+# --------------------------------------------------------------------------- report (from the ledger alone)
+
+
+@dataclasses.dataclass
+class Group:
+    """The records of one config over seeds."""
+
+    label: str
+    method: str
+    tasks: list[str]
+    primary: dict[str, str]
+    records: list[dict[str, Any]]  # one per seed, sorted by seed
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r["seed"] for r in self.records]
+
+    def by_seed(self, seed: int) -> dict[str, Any]:
+        return next(r for r in self.records if r["seed"] == seed)
+
+
+def _group_key(record: dict[str, Any]) -> str:
+    config = json.loads(json.dumps(record["config"]))
+    config["run_dir"], config["train"]["seed"] = "", 0
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _label(record: dict[str, Any]) -> str:
+    parts = [f"{key.split('.')[-1]}={value}" for key, value in record["params"].items()
+             if key not in ("train.seed", "data.tasks")]  # fmt: skip
+    if "data.tasks" in record["params"]:
+        parts.append(f"on {'+'.join(record['tasks'])}")
+    return " ".join(parts) or record.get("method") or "run"
+
+
+def group_records(records: list[dict[str, Any]]) -> list[Group]:
+    """Records grouped by config (all but ``train.seed``), in ledger order; the last record of an id wins."""
+    latest = {record["id"]: record for record in records}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in latest.values():
+        groups.setdefault(_group_key(record), []).append(record)
+    out: list[Group] = []
+    labels = [_label(rs[0]) for rs in groups.values()]
+    for (key, rs), label in zip(groups.items(), labels, strict=True):
+        if labels.count(label) > 1:
+            label = f"{label} (config {key})"
+        rs = sorted(rs, key=lambda r: r["seed"])
+        out.append(Group(label, rs[0]["method"], rs[0]["tasks"], rs[0]["primary"], rs))
+    return out
+
+
+def _value(group: Group, task: str | None, key: str = "average") -> dict[str, Any]:
+    """Mean over seeds (with std and per-seed values) or the one seed's value with its interval.
+
+    ``task`` None: the run-level statistic ``key`` (``average``, ``worst`` or ``std_over_tasks``).
+    """
+
+    def of(record: dict[str, Any]) -> float:
+        if task is not None:
+            return record["per_task"][task][group.primary[task]]
+        return {
+            "average": record["average"],
+            "worst": record["worst"]["value"],
+            "std_over_tasks": record["std"],
+        }[key]
+
+    values = [of(r) for r in group.records]
+    if len(values) > 1:
+        summary = stats.seed_summary(values)
+        return {"value": summary["mean"], "std": summary["std"], "values": summary["values"]}
+    iv = group.records[0]["intervals"]
+    iv = (iv["per_task"][task] if task is not None else iv.get(key)) or {}
+    return {"value": values[0], "low": iv.get("low"), "high": iv.get("high"), "values": values}
+
+
+def _cell_text(v: dict[str, Any] | None, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if "std" in v:
+        return f"{v['value']:.{digits}f} ± {v['std']:.{digits}f}"
+    return stats.format_interval(v["value"], v.get("low"), v.get("high"), digits)
+
+
+def _examples(record: dict[str, Any], task: str) -> dict[str, Any]:
+    return record["per_example"][task]
+
+
+def _delta_m(group: Group, baselines: dict[str, Group]) -> dict[str, Any] | None:
+    """Δm% per seed against the single-task baseline groups (per-example and paired when they align)."""
+    if len(group.tasks) < 2 or not all(t in baselines for t in group.tasks):
+        return None
+    per_seed = []
+    for record in group.records:
+        scores = {t: _examples(record, t)["scores"] for t in group.tasks}
+        base: dict[str, Any] = {}
+        for t in group.tasks:
+            b = baselines[t]
+            same = [r for r in b.records if r["seed"] == record["seed"]]
+            if same and _examples(same[0], t)["keys"] == _examples(record, t)["keys"]:
+                base[t] = _examples(same[0], t)["scores"]
+            else:
+                base[t] = sum(r["per_task"][t][b.primary[t]] for r in b.records) / len(b.records)
+        per_seed.append(stats.delta_m_interval(scores, base))
+    found = [d for d in per_seed if d]
+    if len(found) > 1:
+        summary = stats.seed_summary([d["value"] for d in found])
+        return {"value": summary["mean"], "std": summary["std"], "values": summary["values"]}
+    return found[0] if found else None
+
+
+def _paired(ref: Group, peer: Group) -> dict[str, Any] | None:
+    """Paired tests of ``ref`` against ``peer`` on the seeds both have (per-example scores averaged over them)."""
+    seeds = [s for s in ref.seeds if s in peer.seeds]
+    if not seeds or ref.tasks != peer.tasks:
+        return None
+    a: dict[str, list[float]] = {}
+    b: dict[str, list[float]] = {}
+    for task in ref.tasks:
+        rows_a = [_examples(ref.by_seed(s), task) for s in seeds]
+        rows_b = [_examples(peer.by_seed(s), task) for s in seeds]
+        if len({r["keys"] for r in rows_a + rows_b}) != 1:
+            return None  # scored on other examples: no paired test
+        a[task] = [sum(col) / len(seeds) for col in zip(*(r["scores"] for r in rows_a), strict=True)]
+        b[task] = [sum(col) / len(seeds) for col in zip(*(r["scores"] for r in rows_b), strict=True)]
+    tests = {task: stats.paired_test(a[task], b[task]) for task in ref.tasks}
+    tests["average"] = stats.paired_average_test(a, b)
+    return {"seeds": seeds, "tests": tests}
+
+
+def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
+    """Everything the results page shows, computed from the ledger: groups, Δm%, paired tests."""
+    records = read_ledger(sweep.ledger)
+    if not records:
+        raise FileNotFoundError(
+            f"{sweep.ledger} holds no record yet; run `asymlora sweep {sweep.path}` first"
+        )
+    groups = group_records(records)
+    baseline_method = sweep.report.get("baseline_method", "lora")
+    baselines = {g.tasks[0]: g for g in groups if len(g.tasks) == 1 and g.method == baseline_method}
+    reference = sweep.report.get("reference")
+    summary: dict[str, Any] = {
+        "groups": [],
+        "paired": [],
+        "std_ddof": stats.STD_DDOF,
+        "records": len(records),
+    }
+    for g in groups:
+        summary["groups"].append({
+            "label": g.label, "method": g.method, "tasks": g.tasks, "primary": g.primary, "seeds": g.seeds,
+            "per_task": {t: _value(g, t) for t in g.tasks}, "average": _value(g, None),
+            "worst": _value(g, None, "worst"), "std_over_tasks": _value(g, None, "std_over_tasks"),
+            "delta_m": _delta_m(g, baselines), "ids": [r["id"] for r in g.records],
+            "trainable_params": g.records[0]["trainable_params"],
+            "train_seconds": sum(r["train_seconds"] for r in g.records) / len(g.records),
+            "steps": g.records[0]["steps"],
+        })  # fmt: skip
+    for ref in (g for g in groups if g.method == reference and len(g.tasks) > 1):
+        for peer in (g for g in groups if g is not ref and len(g.tasks) > 1):
+            result = _paired(ref, peer)
+            if result:
+                summary["paired"].append({"a": ref.label, "b": peer.label, **result})
+    return summary
+
+
+def _tables(summary: dict[str, Any]) -> list[str]:
+    tasks: list[str] = []
+    for g in summary["groups"]:
+        tasks += [t for t in g["tasks"] if t not in tasks]
+    header = [
+        "run",
+        "seeds",
+        *tasks,
+        "average",
+        "worst",
+        "std over tasks",
+        "Δm%",
+        "params",
+        "train s",
+        "steps",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for g in summary["groups"]:
+        cells = [g["label"], ",".join(map(str, g["seeds"]))]
+        cells += [_cell_text(g["per_task"].get(t)) for t in tasks]
+        cells += [_cell_text(g[k]) for k in ("average", "worst", "std_over_tasks")]
+        cells += [_cell_text(g["delta_m"], 1), f"{g['trainable_params']:,}",
+                  f"{g['train_seconds']:.1f}", str(g["steps"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per-seed values:", ""]
+    for g in summary["groups"]:
+        per = "; ".join(f"{t} {[round(v, 4) for v in g['per_task'][t]['values']]}" for t in g["tasks"])
+        lines.append(
+            f"- {g['label']} (seeds {g['seeds']}): {per}; average {[round(v, 4) for v in g['average']['values']]}"
+        )
+    if summary["paired"]:
+        lines += [
+            "",
+            "Paired tests (A − B on the same test examples, per-example scores averaged over shared seeds):",
+            "",
+        ]
+        lines += ["| A | B | seeds | " + " | ".join([*tasks, "average"]) + " |",
+                  "|---|---|---|" + "---:|" * (len(tasks) + 1)]  # fmt: skip
+        for p in summary["paired"]:
+            cells = [
+                f"{stats.format_interval(t['difference'], t['low'], t['high'])} (p={t['p_value']:.3g})"
+                if t
+                else "–"
+                for t in (p["tests"].get(name) for name in [*tasks, "average"])
+            ]
+            lines.append(
+                f"| {p['a']} | {p['b']} | {','.join(map(str, p['seeds']))} | " + " | ".join(cells) + " |"
+            )
+    return lines
+
+
+def write_report(sweep: Sweep) -> Path:
+    """Regenerate ``results.md``, ``results.json`` and ``results.png`` in ``out_dir`` from the ledger alone."""
+    from asymlora.eval import plot_results
+
+    summary = summarize_ledger(sweep)
+    lines = [
+        f"# Results of {sweep.path.name}",
+        "",
+        f"{summary['records']} runs from {sweep.ledger.name}.",
+        "",
+    ]
+    lines += _tables(summary)
+    lines += ["", "One seed: value [95 % interval] (Wilson for accuracy / exact match, bootstrap over examples "
+              "otherwise; stratified bootstrap for the average and Δm%). Several seeds: mean ± std over seeds "
+              f"(sample std, ddof={stats.STD_DDOF}). Paired tests: two-sided sign-flip permutation p-value and "
+              "paired bootstrap interval. Δm% (lower is better) against the single-task "
+              f"{sweep.report.get('baseline_method', 'lora')} cells."]  # fmt: skip
+    page = sweep.out_dir / "results.md"
+    atomic_write_text(page, "\n".join(lines) + "\n")
+    atomic_write_text(sweep.out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+    rows, intervals, primary = {}, {}, {}
+    for g in summary["groups"]:
+        primary.update(g["primary"])
+        rows[g["label"]] = {t: {g["primary"][t]: v["value"]} for t, v in g["per_task"].items()}
+        intervals[g["label"]] = {
+            "per_task": {t: _bar(v) for t, v in g["per_task"].items()},
+            "average": _bar(g["average"]),
+        }
+    plot_results(rows, primary, sweep.out_dir / "results.png", title=f"{sweep.path.stem}: 95 % interval or ± std over seeds",
+                 intervals=intervals)  # fmt: skip
+    return page
+
+
+def _bar(v: dict[str, Any]) -> dict[str, Any]:
+    """Error-bar bounds: the interval (one seed) or mean ± std (several seeds)."""
+    if "std" in v:
+        return {"value": v["value"], "low": v["value"] - v["std"], "high": v["value"] + v["std"]}
+    return v

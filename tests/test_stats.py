@@ -1,0 +1,234 @@
+"""Statistics of evaluation scores against values computed by hand or by an independent route."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from asymlora.eval import stats
+
+Z95 = 1.959963984540054  # Φ⁻¹(0.975)
+
+
+def wilson_by_hand(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval written out (Wilson 1927; Agresti & Coull 1998, eq. 2)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize(("k", "n"), [(7, 10), (0, 12), (40, 40), (13, 57)])
+def test_wilson_interval_matches_the_formula(k, n) -> None:
+    low, high = stats.wilson_interval(k, n)
+    assert (low, high) == pytest.approx(wilson_by_hand(k, n), abs=1e-12)
+    if (k, n) == (7, 10):  # the textbook value
+        assert (round(low, 4), round(high, 4)) == (0.3968, 0.8922)
+
+
+def test_accuracy_gets_wilson_and_rouge_gets_a_bootstrap() -> None:
+    acc = stats.metric_interval([1, 1, 0, 1, 1, 0, 1, 1, 0, 1], "accuracy")
+    assert acc["method"] == "wilson" and acc["value"] == 0.7 and acc["n"] == 10
+    assert (acc["low"], acc["high"]) == pytest.approx(wilson_by_hand(7, 10))
+    rouge = stats.metric_interval([0.2, 0.5, 0.3, 0.9], "rougeL")
+    assert rouge["method"] == "bootstrap" and rouge["value"] == pytest.approx(0.475)
+    assert 0.2 <= rouge["low"] < 0.475 < rouge["high"] <= 0.9
+    assert stats.metric_interval([0.4], "rougeL")["low"] is None  # one example: no interval
+    with pytest.raises(ValueError, match="finite"):
+        stats.metric_interval([0.1, float("nan")], "rougeL")
+    with pytest.raises(ValueError, match="successes"):
+        stats.wilson_interval(11, 10)
+
+
+def test_bootstrap_interval_of_a_normal_mean_matches_the_t_interval() -> None:
+    x = np.random.default_rng(7).normal(0.3, 2.0, size=3000)
+    half = Z95 * x.std(ddof=1) / math.sqrt(x.size)
+    low, high = stats.bootstrap_interval(x)
+    assert low == pytest.approx(x.mean() - half, abs=0.1 * half)
+    assert high == pytest.approx(x.mean() + half, abs=0.1 * half)
+    assert stats.bootstrap_interval(x) == (low, high)  # fixed seed: reproducible
+
+
+def test_stratified_average_interval_has_the_width_of_independent_tasks() -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.6, 0.2, size=2000), rng.normal(0.3, 0.4, size=1000)
+    result = stats.average_interval({"a": a, "b": b})
+    # Var((mean_a + mean_b) / 2) = (σa²/na + σb²/nb) / 4
+    half = Z95 * math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size) / 2
+    assert result["value"] == pytest.approx((a.mean() + b.mean()) / 2)
+    assert result["high"] - result["low"] == pytest.approx(2 * half, rel=0.1)
+    assert result["low"] < result["value"] < result["high"]
+
+
+def test_worst_task_and_std_over_tasks_intervals() -> None:
+    rng = np.random.default_rng(9)
+    low_task, high_task = rng.normal(0.2, 0.3, 2000), rng.normal(0.8, 0.3, 1000)
+    out = stats.run_intervals(
+        {
+            "lo": [{"scores": {"rougeL": v}} for v in low_task],
+            "hi": [{"scores": {"rougeL": v}} for v in high_task],
+        },
+        {"lo": "rougeL", "hi": "rougeL"},
+    )
+    assert out["worst"]["value"] == pytest.approx(low_task.mean())
+    # the low task is the worst in every resample: the interval is that of its mean
+    half = Z95 * low_task.std(ddof=1) / math.sqrt(low_task.size)
+    assert (out["worst"]["low"], out["worst"]["high"]) == pytest.approx(
+        (low_task.mean() - half, low_task.mean() + half), abs=0.1 * half
+    )
+    # population std of two means is half their distance
+    assert out["std_over_tasks"]["value"] == pytest.approx(abs(high_task.mean() - low_task.mean()) / 2)
+    assert out["std_over_tasks"]["low"] < out["std_over_tasks"]["value"] < out["std_over_tasks"]["high"]
+
+
+def test_delta_m_value_and_interval_with_fixed_and_paired_baselines() -> None:
+    multi = {"a": [1, 0, 1, 1], "b": [0.5, 0.25]}
+    # by hand: ((0.5 - 0.75) / 0.5 + (0.5 - 0.375) / 0.5) / 2 × 100 = (-50 + 25) / 2 = -12.5
+    fixed = stats.delta_m_interval(multi, {"a": 0.5, "b": 0.5})
+    assert fixed["value"] == pytest.approx(-12.5) and fixed["tasks"] == ["a", "b"]
+    assert fixed["low"] < -12.5 < fixed["high"]
+    paired = stats.delta_m_interval(multi, {"a": [0.9, 0.1, 0.8, 0.2], "b": [0.6, 0.4]})
+    assert paired["value"] == pytest.approx(-12.5) and paired["low"] < -12.5 < paired["high"]
+    # baselines equal to the run example by example: Δm = 0 in every resample
+    graded = {"a": [0.2, 0.5, 0.9], "b": [0.3, 0.6]}
+    same = stats.delta_m_interval(graded, {k: list(v) for k, v in graded.items()})
+    assert same["value"] == same["low"] == same["high"] == 0.0
+    assert stats.delta_m_interval(multi, {"c": 0.4}) is None
+    with pytest.raises(stats.ExampleMismatchError, match="'a' has 4 scores but 3"):
+        stats.delta_m_interval(multi, {"a": [1, 0, 1]})
+
+
+def test_delta_m_interval_width_matches_the_delta_method() -> None:
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0.5, 0.2, 1500), rng.normal(0.4, 0.3, 1500)
+    result = stats.delta_m_interval({"a": a, "b": b}, {"a": 0.6, "b": 0.5})
+    # Δm = 100 (1 − (ā/0.6 + b̄/0.5)/2): linear in the means
+    sd = 100 / 2 * math.sqrt(a.var(ddof=1) / a.size / 0.36 + b.var(ddof=1) / b.size / 0.25)
+    assert result["high"] - result["low"] == pytest.approx(2 * Z95 * sd, rel=0.1)
+
+
+def test_seed_summary_is_mean_and_sample_std() -> None:
+    summary = stats.seed_summary([0.5, 0.7, 0.6])
+    assert summary["mean"] == pytest.approx(0.6) and summary["std"] == pytest.approx(0.1)  # √(0.02/2)
+    assert summary["ddof"] == 1 and summary["values"] == [0.5, 0.7, 0.6] and summary["n_seeds"] == 3
+    assert stats.seed_summary([0.4])["std"] is None
+
+
+def sign_flip_pvalue_by_enumeration(diffs: list[float]) -> float:
+    """P(|Σ s_i d_i| ≥ |Σ d_i|) over all 2^n sign vectors s: the exact paired permutation test."""
+    observed = abs(sum(diffs))
+    hits = sum(
+        abs(sum(s * d for s, d in zip(signs, diffs, strict=True))) >= observed - 1e-12
+        for signs in itertools.product((1, -1), repeat=len(diffs))
+    )
+    return hits / 2 ** len(diffs)
+
+
+def test_paired_permutation_test_matches_exact_enumeration() -> None:
+    a = [0.9, 0.4, 0.75, 0.3, 0.8, 0.6, 0.55, 0.2]
+    b = [0.5, 0.45, 0.2, 0.1, 0.65, 0.6, 0.3, 0.25]
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    result = stats.paired_test(a, b)
+    assert result["difference"] == pytest.approx(sum(diffs) / len(diffs))
+    assert result["p_value"] == pytest.approx(sign_flip_pvalue_by_enumeration(diffs))
+    assert result["low"] < result["difference"] < result["high"]
+    assert stats.paired_test([1, 0, 1], [1, 0, 1])["p_value"] == 1.0
+
+
+def test_paired_average_test_weights_each_task_by_one_over_its_size() -> None:
+    a = {"x": [1, 0, 1, 1], "y": [0.1, 0.2]}
+    b = {"x": [0, 0, 1, 0], "y": [0.9, 0.6]}
+    # D = (mean(1,0,0,1) + mean(-0.8, -0.4)) / 2 = (0.5 − 0.6) / 2
+    result = stats.paired_average_test(a, b)
+    assert result["difference"] == pytest.approx(-0.05)
+    weighted = [1 / 8, 0, 0, 1 / 8, -0.8 / 4, -0.4 / 4]  # (a − b) / (T · n_task)
+    assert result["p_value"] == pytest.approx(sign_flip_pvalue_by_enumeration(weighted))  # 1.0
+    unweighted = [1, 0, 0, 1, -0.8, -0.4]  # pooling the examples instead would give 0.75
+    assert result["p_value"] != pytest.approx(sign_flip_pvalue_by_enumeration(unweighted))
+    with pytest.raises(stats.ExampleMismatchError, match="task 'y': run A has 2 scored examples, run B 3"):
+        stats.paired_average_test(a, {**b, "y": [0.5, 0.2, 0.1]})
+
+
+def test_paired_bootstrap_interval_of_the_difference_matches_the_normal_approximation() -> None:
+    rng = np.random.default_rng(11)
+    base = rng.uniform(size=800)
+    a, b = base + rng.normal(0.05, 0.1, 800), base
+    result = stats.paired_test(a, b)
+    d = a - b
+    half = Z95 * d.std(ddof=1) / math.sqrt(d.size)
+    assert result["low"] == pytest.approx(d.mean() - half, abs=0.1 * half)
+    assert result["high"] == pytest.approx(d.mean() + half, abs=0.1 * half)
+    assert result["p_value"] < 1e-3
+
+
+def test_compare_examples_checks_the_examples_match() -> None:
+    def rows(keys, values):
+        return [{"key": k, "scores": {"accuracy": v}} for k, v in zip(keys, values, strict=True)]
+
+    a = {"t": rows("pqrs", [1, 1, 0, 1])}
+    b = {"t": rows("pqrs", [0, 1, 0, 0])}
+    out = stats.compare_examples(a, b, {"t": "accuracy"})
+    assert out["t"]["difference"] == pytest.approx(0.5) and out["t"]["metric"] == "accuracy"
+    assert out["average"]["difference"] == pytest.approx(0.5)
+    with pytest.raises(
+        stats.ExampleMismatchError, match="task 't': run A was scored on 4 examples and run B on 3"
+    ):
+        stats.compare_examples(a, {"t": rows("pqr", [0, 1, 0])}, {"t": "accuracy"})
+    with pytest.raises(stats.ExampleMismatchError, match="share no task"):
+        stats.compare_examples(a, {"u": b["t"]}, {"t": "accuracy"})
+
+
+def test_format_interval() -> None:
+    assert stats.format_interval(0.625, 0.47, 0.76) == "0.625 [0.470, 0.760]"
+    assert stats.format_interval(0.625) == "0.625" and stats.format_interval(None) == "–"
+
+
+def test_table_cells_and_bars_show_intervals(tmp_path) -> None:
+    from asymlora.eval import format_table, plot_results
+
+    rows = {"alora": {"t": {"accuracy": 0.625, "n": 8.0}, "u": {"exact_match": 0.5, "n": 8.0}}}
+    intervals = {"alora": stats.run_intervals(
+        {"t": [{"scores": {"accuracy": v}} for v in [1, 1, 1, 1, 1, 0, 0, 0]],
+         "u": [{"scores": {"exact_match": v}} for v in [1, 0] * 4]},
+        {"t": "accuracy", "u": "exact_match"},
+    )}  # fmt: skip
+    table = format_table(rows, {"t": "accuracy", "u": "exact_match"}, ["t", "u"], intervals=intervals)
+    low, high = wilson_by_hand(5, 8)
+    assert f"0.625 [{low:.3f}, {high:.3f}]" in table and "95 % interval" in table
+    average = intervals["alora"]["average"]
+    assert f"| 0.562 [{average['low']:.3f}, {average['high']:.3f}] |" in table
+    plain = format_table(rows, {"t": "accuracy", "u": "exact_match"}, ["t", "u"])
+    assert "[" not in plain.split("\n")[2]
+    assert (
+        plot_results(rows, {"t": "accuracy"}, tmp_path / "bars.png", intervals=intervals).stat().st_size > 0
+    )
+
+
+def test_evaluate_task_returns_each_examples_scores() -> None:
+    """Per-example scores of a model that always answers "z" (see tests/test_eval.py), by hand."""
+    from tests.conftest import make_char_tokenizer
+    from tests.test_eval import steered_model
+
+    from asymlora.data import Example, Task
+    from asymlora.eval import evaluate_task
+
+    tok = make_char_tokenizer()
+    test = [
+        Example(prompt="Question: one?", target="z"),
+        Example(prompt="Question: two?", target="The Z."),
+        Example(prompt="Question: three?", target="q", references=["q", "z!"]),
+        Example(prompt="Question: four?", target="y"),
+    ]
+    task = Task("z", "generate", train=test[:1], test=test, metrics=["exact_match", "rouge"])
+    model = steered_model(tok)
+    metrics, rows = evaluate_task(model, tok, task, task_id=None, max_new_tokens=4, with_examples=True)
+    assert metrics == evaluate_task(
+        model, tok, task, task_id=None, max_new_tokens=4
+    )  # unchanged without rows
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and len({r["key"] for r in rows}) == 4
+    assert [r["scores"]["exact_match"] for r in rows] == [1.0, 1.0, 1.0, 0.0]
+    assert [r["scores"]["rouge1"] for r in rows] == pytest.approx([1, 2 / 3, 1, 0])  # "the z" vs "z": 2/3
+    assert rows[0]["key"] == stats.example_key("Question: one?", "z")

@@ -1,0 +1,299 @@
+"""The campaign runner (asymlora sweep) and asymlora compare, on a tiny grid with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from filelock import FileLock
+from tests.conftest import make_char_tokenizer, make_tiny_llama
+
+import asymlora.train
+from asymlora.cli import main as cli_main
+from asymlora.recipes import multitask, sweep
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sweep")
+    model = make_tiny_llama(hidden=32, layers=1, initializer_range=0.2)
+    model.save_pretrained(root / "model")
+    make_char_tokenizer().save_pretrained(root / "model")
+    add = [{"input": str(i), "output": str(i + 1), "task": "add"} for i in range(30)]
+    parity = [{"input": f"Is {i} even?", "options": ["yes", "no"], "target": "yes" if i % 2 == 0 else "no",
+               "task": "parity"} for i in range(30)]  # fmt: skip
+    data = root / "tasks.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in add + parity))
+    tasks = [f"jsonl:{data}#add", f"jsonl:{data}#parity"]
+    spec = {
+        "out_dir": "campaign",
+        "overrides": [
+            f"model.name={root / 'model'}",
+            "model.device=cpu",
+            f"data.tasks={json.dumps(tasks)}",
+            "data.max_train=20",
+            "data.max_test=6",
+            "data.max_length=48",
+            "adapter.r=2",
+            "adapter.target_modules=[q_proj]",
+            "train.steps=4",
+            "train.save_every=2",
+            "train.batch_size=4",
+            "train.warmup_steps=1",
+            "eval.batch_size=8",
+            "eval.max_new_tokens=3",
+            "eval.base_model=false",
+        ],
+        "grid": [
+            {"adapter.method": ["lora", "alora"], "train.seed": [0, 1]},
+            {"data.tasks": [[tasks[0]], [tasks[1]]], "adapter.method": ["lora"], "train.seed": [0]},
+        ],
+        "report": {"reference": "alora"},
+    }
+    (root / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    return {"root": root, "sweep": root / "sweep.yaml"}
+
+
+@pytest.fixture(scope="module")
+def campaign(env) -> dict:
+    """Run the sweep, kill it in the middle of the 2nd cell, run it again; record what each run did."""
+    spec = sweep.load_sweep(env["sweep"])
+    cells = sweep.expand(spec)
+    real_train, real_run = asymlora.train.train, multitask.run
+    calls = {"train": 0, "runs": [], "resumed_from": []}
+
+    def die_at_step_3(step: int) -> None:
+        if step == 3:
+            raise Killed
+
+    def killing_train(*args, **kwargs):
+        calls["train"] += 1
+        if calls["train"] == 2:  # the 2nd cell dies after its step-2 checkpoint
+            kwargs["on_step"] = die_at_step_3
+        result = real_train(*args, **kwargs)
+        calls["resumed_from"].append(result.resumed_from)
+        return result
+
+    def counting_run(cfg, **kwargs):
+        calls["runs"].append(Path(cfg.run_dir).name)
+        return real_run(cfg, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(asymlora.train, "train", killing_train)
+        mp.setattr(multitask, "run", counting_run)
+        with pytest.raises(Killed):
+            sweep.run_sweep(spec, say=lambda *a: None)
+        after_kill = [r["id"] for r in sweep.read_ledger(spec.ledger)]
+        first_runs = list(calls["runs"])
+        calls["runs"].clear()
+        counts = sweep.run_sweep(spec, say=lambda *a: None)
+    return {"spec": spec, "cells": cells, "after_kill": after_kill, "first_runs": first_runs,
+            "second_runs": calls["runs"], "counts": counts, "resumed_from": calls["resumed_from"]}  # fmt: skip
+
+
+def test_grid_expands_to_distinct_cells_with_stable_ids(env, campaign) -> None:
+    cells = campaign["cells"]
+    assert len(cells) == 6 and len({c.id for c in cells}) == 6
+    assert [c.id for c in sweep.expand(sweep.load_sweep(env["sweep"]))] == [c.id for c in cells]
+    assert cells[0].params == {"adapter.method": "lora", "train.seed": 0}
+    assert cells[0].config.train.steps == 4 and cells[4].config.data.tasks[0].endswith("#add")
+    assert all(c.run_dir.parent == campaign["spec"].out_dir / "runs" for c in cells)
+
+
+def test_killed_sweep_reruns_only_what_is_missing(campaign) -> None:
+    ids = [c.id for c in campaign["cells"]]
+    assert campaign["after_kill"] == ids[:1] and campaign["first_runs"] == ids[:2]
+    assert campaign["second_runs"] == ids[1:]  # the done cell is skipped
+    assert campaign["counts"] == {"cells": 6, "done": 1, "ran": 5, "taken": 0, "failed": 0}
+    assert campaign["resumed_from"][1] == 2  # the killed cell continued from its step-2 checkpoint
+    records = sweep.read_ledger(campaign["spec"].ledger)
+    assert sorted(r["id"] for r in records) == sorted(ids)  # exactly one record per cell
+
+
+def test_records_hold_scores_intervals_and_per_example_scores(campaign) -> None:
+    records = {r["id"]: r for r in sweep.read_ledger(campaign["spec"].ledger)}
+    cell = campaign["cells"][2]  # alora, seed 0
+    record = records[cell.id]
+    assert record["params"] == {"adapter.method": "alora", "train.seed": 0} and record["method"] == "alora"
+    assert record["tasks"] == ["add", "parity"] and record["primary"] == {
+        "add": "exact_match",
+        "parity": "accuracy",
+    }
+    assert record["config"]["train"]["seed"] == 0 and record["wall_seconds"] > 0
+    results = json.loads((cell.run_dir / "results.json").read_text())
+    for task in record["tasks"]:
+        scores = record["per_example"][task]["scores"]
+        assert len(scores) == 6 and set(scores) <= {0.0, 1.0}
+        metric = record["primary"][task]
+        assert sum(scores) / len(scores) == pytest.approx(results["per_task"][task][metric])
+        interval = results["intervals"]["per_task"][task]
+        assert interval["method"] == "wilson" and interval["low"] <= interval["value"] <= interval["high"]
+    assert results["intervals"]["average"]["value"] == pytest.approx(results["average"])
+
+
+def test_shards_are_disjoint_and_complete_and_locked_cells_are_left_alone(env, campaign, tmp_path) -> None:
+    cells = campaign["cells"]
+    parts = [sweep.shard(cells, i, 4) for i in range(4)]
+    ids = [c.id for part in parts for c in part]
+    assert sorted(ids) == sorted(c.id for c in cells) and len(ids) == len(set(ids))
+    with pytest.raises(ValueError, match="need 0 <= i < n"):
+        sweep.parse_shard("2/2")
+    # another process holds the first cell of a fresh campaign: this one skips it
+    spec = sweep.load_sweep(env["sweep"])
+    spec.out_dir = tmp_path / "fresh"
+    spec.grid = [{"adapter.method": ["lora"], "train.seed": [0]}]
+    (spec.out_dir / "locks").mkdir(parents=True)
+    held = FileLock(str(spec.out_dir / "locks" / f"{sweep.expand(spec)[0].id}.lock"))
+    with held:
+        counts = sweep.run_sweep(spec, say=lambda *a: None)
+    assert counts == {"cells": 1, "done": 0, "ran": 0, "taken": 1, "failed": 0} and not spec.ledger.exists()
+
+
+def test_report_is_regenerated_from_the_ledger_alone(env, campaign, capsys) -> None:
+    out = campaign["spec"].out_dir
+    shutil.rmtree(out / "runs")  # the run directories are not needed
+    assert cli_main(["sweep", str(env["sweep"]), "--report"]) == 0
+    page = (out / "results.md").read_text()
+    assert "| method=alora | 0,1 |" in page and " ± " in page  # two seeds: mean ± std
+    assert "method=lora on add" in page and "ddof=1" in page
+    summary = json.loads((out / "results.json").read_text())
+    alora = next(g for g in summary["groups"] if g["label"] == "method=alora")
+    records = [
+        r for r in sweep.read_ledger(out / "ledger.jsonl") if r["method"] == "alora" and len(r["tasks"]) == 2
+    ]
+    averages = sorted(r["average"] for r in records)
+    assert sorted(alora["average"]["values"]) == averages
+    assert alora["average"]["std"] == pytest.approx(abs(averages[0] - averages[1]) / 2**0.5)  # ddof=1, n=2
+    assert alora["delta_m"] is not None and len(alora["delta_m"]["values"]) == 2
+    (paired,) = summary["paired"]
+    assert (paired["a"], paired["b"], paired["seeds"]) == ("method=alora", "method=lora", [0, 1])
+    assert 0 <= paired["tests"]["average"]["p_value"] <= 1
+    assert (out / "results.png").stat().st_size > 0
+    assert cli_main(["sweep", str(env["sweep"]), "--list"]) == 0
+    assert capsys.readouterr().out.count("done") >= 6
+
+
+def test_compare_runs_and_its_user_errors(env, campaign, tmp_path, capsys) -> None:
+    spec = sweep.load_sweep(env["sweep"])
+    spec.out_dir = tmp_path / "two"
+    spec.grid = [{"adapter.method": ["lora", "alora"], "train.seed": [0], "train.steps": [2]}]
+    sweep.run_sweep(spec, say=lambda *a: None)
+    lora, alora = (c.run_dir for c in sweep.expand(spec))
+    assert cli_main(["compare", str(alora), str(lora), "--json", str(tmp_path / "cmp.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| parity | accuracy | 6 |" in table and "| average | primary | 12 |" in table
+    tests = json.loads((tmp_path / "cmp.json").read_text())
+    assert set(tests) == {"add", "parity", "average"}
+
+    short = tmp_path / "short"
+    shutil.copytree(lora, short)
+    rows = (short / "per_example.jsonl").read_text().splitlines()
+    (short / "per_example.jsonl").write_text("\n".join(r for r in rows if '"index": 5' not in r) + "\n")
+    (bare := tmp_path / "bare").mkdir()
+    for argv, message in [
+        ([str(alora), str(short)], "run A was scored on 6 examples and run B on 5"),
+        ([str(alora), str(bare)], "asymlora eval"),
+        ([str(alora), str(tmp_path / "nope")], "is not a directory"),
+    ]:
+        assert cli_main(["compare", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("out_dir: x\ngrid: {adapter.method: alora}\n", "must be a non-empty list"),
+        ("out_dir: x\ngrid: {adapter.methd: [alora]}\n", "adapter.methd"),
+        ("grid: {adapter.method: [alora]}\n", "set out_dir"),
+        ("out_dir: x\ngrids: {}\n", "unknown keys ['grids']"),
+        ("out_dir: x\noverrides: ['compare.methods=[lora,alora]', 'data.tasks=[a]']\ngrid: {train.seed: [0]}\n",
+         "a sweep cell is one run"),
+    ],
+)  # fmt: skip
+def test_sweep_user_errors_exit_2(tmp_path, capsys, text, message) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert cli_main(["sweep", str(path), "--list"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_keep_going_logs_a_failing_cell_and_runs_the_others(env, tmp_path, monkeypatch) -> None:
+    spec = sweep.load_sweep(env["sweep"])
+    spec.out_dir = tmp_path / "failing"
+    spec.grid = [{"adapter.method": ["lora"], "train.seed": [0, 1], "train.steps": [1]}]
+    real_run = multitask.run
+
+    def failing_run(cfg, **kwargs):
+        if cfg.train.seed == 0:
+            raise ValueError("planted failure")
+        return real_run(cfg, **kwargs)
+
+    monkeypatch.setattr(multitask, "run", failing_run)
+    counts = sweep.run_sweep(spec, keep_going=True, say=lambda *a: None)
+    assert counts == {"cells": 2, "done": 0, "ran": 1, "taken": 0, "failed": 1}
+    (failure,) = sweep.read_ledger(spec.out_dir / "failures.jsonl")
+    assert failure["params"]["train.seed"] == 0 and "planted failure" in failure["error"]
+    assert [r["seed"] for r in sweep.read_ledger(spec.ledger)] == [1]
+    with pytest.raises(ValueError, match="planted failure"):
+        sweep.run_sweep(spec, say=lambda *a: None)
+
+
+def test_a_cell_killed_after_its_results_but_before_its_record_is_recorded_once(
+    env, tmp_path, monkeypatch
+) -> None:
+    spec = sweep.load_sweep(env["sweep"])
+    spec.out_dir = tmp_path / "late"
+    spec.grid = [{"adapter.method": ["lora"], "train.seed": [3], "train.steps": [2]}]
+    real_append, real_train = sweep.append_record, asymlora.train.train
+    resumed: list = []
+
+    def dying_append(path, record):
+        raise Killed
+
+    def watching_train(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        resumed.append(result.resumed_from)
+        return result
+
+    monkeypatch.setattr(asymlora.train, "train", watching_train)
+    monkeypatch.setattr(sweep, "append_record", dying_append)
+    with pytest.raises(Killed):
+        sweep.run_sweep(spec, say=lambda *a: None)
+    (cell,) = sweep.expand(spec)
+    assert (cell.run_dir / "results.json").is_file() and not spec.ledger.exists()
+    monkeypatch.setattr(sweep, "append_record", real_append)
+    assert sweep.run_sweep(spec, say=lambda *a: None)["ran"] == 1
+    assert resumed == [None, 2]  # the second pass trains no step: it resumes from the final checkpoint
+    assert [r["id"] for r in sweep.read_ledger(spec.ledger)] == [cell.id]
+
+
+def test_a_compare_run_with_single_task_baselines_gets_intervals_and_a_paired_delta_m(env, tmp_path) -> None:
+    from asymlora.config import load_config
+
+    spec = sweep.load_sweep(env["sweep"])
+    overrides = [*spec.overrides, "train.steps=2", "train.lr=0.05", "compare.methods=[lora,alora]",
+                 "compare.single_task=true", f"run_dir={tmp_path / 'cmp'}"]  # fmt: skip
+    combined = multitask.run(load_config(None, overrides), quiet=True)
+    results = json.loads((tmp_path / "cmp" / "alora" / "results.json").read_text())
+    intervals = results["intervals"]
+    single = {
+        t: multitask.read_examples(tmp_path / "cmp" / "single" / t / "per_example.jsonl")[t]
+        for t in ("add", "parity")
+    }
+    usable = [t for t in single if sum(r["scores"][results["primary"][t]] for r in single[t]) > 0]
+    assert usable  # Δm% runs over the tasks whose baseline is not 0, from the same per-example scores
+    assert intervals["delta_m"]["tasks"] == usable
+    assert intervals["delta_m"]["value"] == pytest.approx(results["delta_m"])
+    assert intervals["average"]["value"] == pytest.approx(results["average"])
+    assert set(combined["methods"]["lora"]["intervals"]["per_task"]) == {"add", "parity"}
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert "95 % interval" in table and table.count("[") >= 8
