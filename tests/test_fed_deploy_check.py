@@ -137,7 +137,7 @@ def test_private_keys_in_the_wrong_format(pki, tmp_path: Path) -> None:
         found[0].startswith(f"{pem}: not an OpenSSH private key")
         and 'ssh-keygen -p -N "" -f FILE' in found[0]
     )
-    assert found[1].startswith(f"{pki.nodes[0][1]}: not an OpenSSH private key")
+    assert found[1] == f"{pki.nodes[0][1]}: a public key; fix: give the private key (node_k, not node_k.pub)"
     # a passphrase-protected SuperLink key (PEM; an encrypted OpenSSH key needs bcrypt, not installed)
     locked = tmp_path / "locked.key"
     locked.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

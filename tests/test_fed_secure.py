@@ -61,10 +61,11 @@ class Deployment:
         return self.root / "run" / "fedalora"
 
 
-def _deploy(root: Path, assets: Path, pki: SimpleNamespace | None, during=None) -> Deployment:  # noqa: F811
+def _deploy(root: Path, assets: Path, pki: SimpleNamespace | None, during=None, after=None) -> Deployment:  # noqa: F811
     """SuperLink (TLS + SuperNode auth when ``pki``, else --insecure) and two SuperNodes on 127.0.0.1, node 0
-    dialing through a recording proxy; submit a 2-round fedalora run and wait for its outcome. ``during``
-    (secured only) is called with (env, port, procs) after the submission, for the refusal attempts."""
+    dialing through a recording proxy; submit a 2-round fedalora run and wait for its outcome. ``during`` is
+    called with (env, port, procs) after the submission (the refusal attempts), ``after`` with (port,) once
+    the run has finished; both return a dict of what they saw."""
     from asymlora.federated.__main__ import write_app
 
     env = fd.flower_env(root / "flwr_home")
@@ -99,9 +100,12 @@ def _deploy(root: Path, assets: Path, pki: SimpleNamespace | None, during=None) 
                 extra = during(env, port, procs)
             status = fd.wait_finished(env, "local", str(json.loads(sub.stdout)["run-id"]), RUN_TIMEOUT)
             extra["nodes"] = fd.flwr(env, "supernode", "list", "local", "--format", "json").stdout
+            if after:
+                extra |= after(port)
             capture = proxy.data()
     finally:
         fd.stop(procs)
+    (root / "node0-link.bin").write_bytes(capture)  # what an eavesdropper on node 0's link recorded
     logs = {p.stem: p.read_text(errors="replace") for p in root.glob("*.log")}
     return Deployment(root, status, capture, logs, extra)
 
@@ -151,7 +155,23 @@ def secured(tmp_path_factory, assets, pki) -> Deployment:  # noqa: F811
     root = tmp_path_factory.mktemp("secured")
     check_tls_files(ca=pki.ca[0], cert=pki.server[0], key=pki.server[1], hosts=["127.0.0.1"],
                     public_keys=[n[1] for n in pki.nodes], private_keys=[n[0] for n in pki.nodes])  # fmt: skip
-    return _deploy(root, assets, pki, during=_intruders(pki, root))
+    return _deploy(root, assets, pki, during=_intruders(pki, root), after=_outsider(pki, root))
+
+
+def _outsider(pki: SimpleNamespace, root: Path):
+    """Someone holding only the (public) CA certificate registers a key of their own via the Control API."""
+
+    def attempt(port: int) -> dict:
+        env = fd.flower_env(root / "outsider_home")
+        fd.write_connection(env, "link", port, pki.ca[0])
+        key = fd.make_node_key(root, "outsider")
+        reg = fd.flwr(env, "supernode", "register", str(key[1]), "link", "--format", "json")
+        return {
+            "outsider": reg,
+            "outsider-nodes": fd.flwr(env, "supernode", "list", "link", "--format", "json"),
+        }
+
+    return attempt
 
 
 # --- the legitimate run ------------------------------------------------------------------------------------
@@ -254,3 +274,16 @@ def test_eavesdropper_sees_b_only_without_tls(secured: Deployment, insecure: Dep
     assert all(c in insecure.capture for c in plain)  # --insecure: every B readable on the wire
     assert not any(c in secured.capture for c in sealed)  # TLS: none
     assert secured.capture[:3] == b"\x16\x03\x01"  # a TLS handshake record opens the connection
+
+
+# --- what the SuperLink does not protect -----------------------------------------------------------------------
+def test_control_api_admits_anyone_who_can_reach_it(secured: Deployment) -> None:
+    """Flower 1.41's open-source Control API has no account authentication (NoOpControlAuthnPlugin): anyone
+    who reaches the port and has the CA certificate (which is public) can register a SuperNode key (and
+    submit runs). TLS and node authentication keep out who is not registered; only the firewall and the
+    operator's network keep out who would register. docs/deployment.md says so; this test notices if a
+    Flower upgrade changes it."""
+    reg = secured.extra["outsider"]
+    assert '"success": true' in reg.stdout and '"node-id"' in reg.stdout, reg.stdout + reg.stderr
+    nodes = json.loads(secured.extra["outsider-nodes"].stdout)["nodes"]
+    assert len(nodes) == 3 and sum(n["status"] == "registered" for n in nodes) >= 1

@@ -191,6 +191,9 @@ def _check_private_key(path: Path, problems: list[str]) -> None:
                         "fix: `ssh-keygen -p -N \"\" -f FILE`")  # fmt: skip
         return
     except (ValueError, UnsupportedAlgorithm):
+        if data.startswith((b"ecdsa-", b"ssh-")):
+            problems.append(f"{path}: a public key; fix: give the private key (node_k, not node_k.pub)")
+            return
         fix = (
             '`ssh-keygen -p -N "" -f FILE` rewrites it in OpenSSH format'
             if b"PRIVATE KEY" in data
