@@ -229,7 +229,7 @@ def flwr(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedPro
     )
 
 
-def wait_listening(env: dict, connection: str, timeout: float = 60) -> None:
+def wait_listening(env: dict, connection: str, timeout: float = 180) -> None:
     """Wait until the SuperLink of ``connection`` answers `flwr ls` (it takes a few seconds to listen)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
