@@ -87,8 +87,11 @@ def make_server_cert(
     ca_key = serialization.load_pem_private_key(ca[1].read_bytes(), None)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    start, end = (now - dt.timedelta(days=2), now + dt.timedelta(days=days)) if days < 0 else (
-        now - dt.timedelta(minutes=5), now + dt.timedelta(days=days))  # fmt: skip
+    start, end = (
+        (now - dt.timedelta(days=2), now + dt.timedelta(days=days))
+        if days < 0
+        else (now - dt.timedelta(minutes=5), now + dt.timedelta(days=days))
+    )
     sans = []
     for h in hosts:
         try:
@@ -150,9 +153,14 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     """The environment of every Flower process: no telemetry, no runtime installs, the venv's bin on PATH
     (the SuperLink and SuperNodes start `flower-superexec` by name, also when the venv is not activated)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-            "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PATH": os.pathsep.join([str(BINDIR), os.environ.get("PATH", "")])}  # fmt: skip
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": os.pathsep.join([str(BINDIR), os.environ.get("PATH", "")]),
+    }
 
 
 def write_connection(env: dict[str, str], name: str, port: int, ca: Path | None = None) -> None:
@@ -189,8 +197,16 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 def superlink_cmd(port: int, db: Path, tls: tuple[Path, Path, Path] | None, auth: bool = False) -> list[str]:
     """flower-superlink on 127.0.0.1:port; ``tls`` = (ca.crt, server.pem, server.key), or None: --insecure."""
-    cmd = [str(BINDIR / "flower-superlink"), "--database", str(db), "--host", "127.0.0.1", "--port", str(port),
-           "--disable-runtime-dependency-installation"]  # fmt: skip
+    cmd = [
+        str(BINDIR / "flower-superlink"),
+        "--database",
+        str(db),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if tls is None:
         return [*cmd, "--insecure"]
     cmd += ["--ssl-ca-certfile", str(tls[0]), "--ssl-certfile", str(tls[1]), "--ssl-keyfile", str(tls[2])]
@@ -209,8 +225,17 @@ def supernode_cmd(
     """flower-supernode dialing 127.0.0.1:superlink, serving its ClientApps on 127.0.0.1:port. TLS verified
     against ``ca`` (None and ``insecure=False``: the system's CA bundle; ``insecure`` defaults to ``ca is
     None``); ``key``: its private key for SuperNode authentication; ``retries``: connection attempts."""
-    cmd = [str(BINDIR / "flower-supernode"), "--superlink", f"127.0.0.1:{superlink}", "--host", "127.0.0.1",
-           "--port", str(port), "--node-config", node_config]  # fmt: skip
+    cmd = [
+        str(BINDIR / "flower-supernode"),
+        "--superlink",
+        f"127.0.0.1:{superlink}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--node-config",
+        node_config,
+    ]
     if ca is not None:
         cmd += ["--root-certificates", str(ca)]
     elif insecure is None or insecure:

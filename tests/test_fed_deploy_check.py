@@ -36,8 +36,14 @@ def problems(**kwargs) -> list[str]:
 
 
 def test_good_files_pass(pki) -> None:
-    lines = check_tls_files(ca=pki.ca[0], cert=pki.server[0], key=pki.server[1], hosts=["127.0.0.1", "localhost"],
-                            public_keys=[n[1] for n in pki.nodes], private_keys=[n[0] for n in pki.nodes])  # fmt: skip
+    lines = check_tls_files(
+        ca=pki.ca[0],
+        cert=pki.server[0],
+        key=pki.server[1],
+        hosts=["127.0.0.1", "localhost"],
+        public_keys=[n[1] for n in pki.nodes],
+        private_keys=[n[0] for n in pki.nodes],
+    )
     assert len(lines) == 1 + 1 + 2 + 2 and "valid for 127.0.0.1, localhost" in lines[1]
 
 
@@ -55,8 +61,10 @@ def test_expired_and_not_yet_valid_certificates(pki, tmp_path: Path) -> None:
 
 def test_wrong_host_names_the_address_and_the_san_to_add(pki, tmp_path: Path) -> None:
     (p,) = problems(ca=pki.ca[0], cert=pki.server[0], key=pki.server[1], hosts=["127.0.0.1", "10.0.0.5"])
-    assert p == (f"{pki.server[0]}: issued for ['IP:127.0.0.1', 'DNS:localhost'], not for '10.0.0.5' (the "
-                 "address the SuperNodes dial); fix: reissue it with subjectAltName=IP:10.0.0.5")  # fmt: skip
+    assert p == (
+        f"{pki.server[0]}: issued for ['IP:127.0.0.1', 'DNS:localhost'], not for '10.0.0.5' (the "
+        "address the SuperNodes dial); fix: reissue it with subjectAltName=IP:10.0.0.5"
+    )
     wild = fd.make_server_cert(tmp_path, pki.ca, hosts=("*.example.org",), name="wild")
     check_tls_files(ca=pki.ca[0], cert=wild[0], key=wild[1], hosts=["link.example.org", "LINK.Example.org."])
     for host in ("example.org", "a.link.example.org", "link.example.com"):  # a wildcard spans one label only
@@ -72,7 +80,8 @@ def test_wrong_ca_wrong_key_and_missing_files(pki, tmp_path: Path) -> None:
     (p,) = problems(ca=pki.ca[0], cert=pki.server[0], key=foreign[1])
     assert (
         p
-        == f"{foreign[1]}: not the private key of {pki.server[0]}; fix: give the key the certificate was issued for"
+        == f"{foreign[1]}: not the private key of {pki.server[0]}; fix: give the key the certificate was issued "
+        "for"
     )
     (p,) = problems(ca=pki.server[0])
     assert "not a CA certificate" in p and "give the CA's certificate (ca.crt)" in p
@@ -130,8 +139,11 @@ def test_private_keys_in_the_wrong_format(pki, tmp_path: Path) -> None:
 
     key = ec.generate_private_key(ec.SECP384R1())
     pem = tmp_path / "pem_key"
-    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))  # fmt: skip
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     found = problems(ca=pki.ca[0], private_keys=[pem, pki.nodes[0][1]])
     assert (
         found[0].startswith(f"{pem}: not an OpenSSH private key")
@@ -140,8 +152,13 @@ def test_private_keys_in_the_wrong_format(pki, tmp_path: Path) -> None:
     assert found[1] == f"{pki.nodes[0][1]}: a public key; fix: give the private key (node_k, not node_k.pub)"
     # a passphrase-protected SuperLink key (PEM; an encrypted OpenSSH key needs bcrypt, not installed)
     locked = tmp_path / "locked.key"
-    locked.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                         serialization.BestAvailableEncryption(b"secret")))  # fmt: skip
+    locked.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
     (p,) = problems(ca=pki.ca[0], cert=pki.server[0], key=locked)
     assert p.startswith(f"{locked}: the key is passphrase-protected and the SuperLink cannot prompt")
 
@@ -149,11 +166,15 @@ def test_private_keys_in_the_wrong_format(pki, tmp_path: Path) -> None:
 @pytest.mark.skipif(not shutil.which("ssh-keygen"), reason="ssh-keygen writes the passphrase-protected key")
 def test_passphrase_protected_supernode_key(pki, tmp_path: Path) -> None:
     locked = tmp_path / "node_locked"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "secret", "-C", "", "-f", str(locked)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "secret", "-C", "", "-f", str(locked)],
+        check=True,
+    )
     (p,) = problems(ca=pki.ca[0], private_keys=[locked], public_keys=[locked.with_suffix(".pub")])
-    assert p == (f"{locked}: passphrase-protected; flower-supernode reads unencrypted keys only; "
-                 'fix: `ssh-keygen -p -N "" -f FILE`')  # fmt: skip
+    assert p == (
+        f"{locked}: passphrase-protected; flower-supernode reads unencrypted keys only; "
+        'fix: `ssh-keygen -p -N "" -f FILE`'
+    )
 
 
 def test_cli_exit_codes_and_messages(pki, tmp_path: Path, capsys) -> None:

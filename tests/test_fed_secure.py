@@ -21,12 +21,14 @@ from types import SimpleNamespace
 
 import pytest
 from tests import fed_deploy as fd
-from tests.test_fed_apps import assets, read_rounds, tiny_roles, write_config  # noqa: F401  (assets: fixture)
+from tests import test_fed_apps as fed_apps
 
 from asymlora.federated.deploy import check_tls_files
 from asymlora.methods.base import Role
 
 pytestmark = pytest.mark.fed
+assets = fed_apps.assets  # the tiny Llama and tasks of the insecure deployment test (a module-scoped fixture)
+read_rounds, tiny_roles, write_config = fed_apps.read_rounds, fed_apps.tiny_roles, fed_apps.write_config
 
 RUN_TIMEOUT = 420
 
@@ -61,7 +63,7 @@ class Deployment:
         return self.root / "run" / "fedalora"
 
 
-def _deploy(root: Path, assets: Path, pki: SimpleNamespace | None, during=None, after=None) -> Deployment:  # noqa: F811
+def _deploy(root: Path, assets: Path, pki: SimpleNamespace | None, during=None, after=None) -> Deployment:
     """SuperLink (TLS + SuperNode auth when ``pki``, else --insecure) and two SuperNodes on 127.0.0.1, node 0
     dialing through a recording proxy; submit a 2-round fedalora run and wait for its outcome. ``during`` is
     called with (env, port, procs) after the submission (the refusal attempts), ``after`` with (port,) once
@@ -80,8 +82,13 @@ def _deploy(root: Path, assets: Path, pki: SimpleNamespace | None, during=None, 
     extra: dict = {}
     try:
         with fd.RecordingProxy(proxy_port, port) as proxy:
-            procs.append(fd.start(fd.superlink_cmd(port, root / "state.db", tls, auth=pki is not None),
-                                  root / "superlink.log", env))  # fmt: skip
+            procs.append(
+                fd.start(
+                    fd.superlink_cmd(port, root / "state.db", tls, auth=pki is not None),
+                    root / "superlink.log",
+                    env,
+                )
+            )
             fd.wait_listening(env, "local")
             for k in range(2):
                 if pki:  # the operator registers each SuperNode's public key before it connects
@@ -111,7 +118,7 @@ def _deploy(root: Path, assets: Path, pki: SimpleNamespace | None, during=None, 
 
 
 @pytest.fixture(scope="module")
-def insecure(tmp_path_factory, assets) -> Deployment:  # noqa: F811
+def insecure(tmp_path_factory, assets) -> Deployment:
     return _deploy(tmp_path_factory.mktemp("insecure"), assets, None)
 
 
@@ -151,10 +158,16 @@ def _intruders(pki: SimpleNamespace, root: Path):
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory, assets, pki) -> Deployment:  # noqa: F811
+def secured(tmp_path_factory, assets, pki) -> Deployment:
     root = tmp_path_factory.mktemp("secured")
-    check_tls_files(ca=pki.ca[0], cert=pki.server[0], key=pki.server[1], hosts=["127.0.0.1"],
-                    public_keys=[n[1] for n in pki.nodes], private_keys=[n[0] for n in pki.nodes])  # fmt: skip
+    check_tls_files(
+        ca=pki.ca[0],
+        cert=pki.server[0],
+        key=pki.server[1],
+        hosts=["127.0.0.1"],
+        public_keys=[n[1] for n in pki.nodes],
+        private_keys=[n[0] for n in pki.nodes],
+    )
     return _deploy(root, assets, pki, during=_intruders(pki, root), after=_outsider(pki, root))
 
 
@@ -174,7 +187,7 @@ def _outsider(pki: SimpleNamespace, root: Path):
     return attempt
 
 
-# --- the legitimate run ------------------------------------------------------------------------------------
+# --- the legitimate run -------------------------------------------------------------------------------------
 def test_secured_run_completes_with_the_insecure_result(secured: Deployment, insecure: Deployment) -> None:
     from safetensors.torch import load_file
 
@@ -200,7 +213,7 @@ def test_secured_run_completes_with_the_insecure_result(secured: Deployment, ins
     assert b_s.keys() == b_i.keys() and all((b_s[k] == b_i[k]).all() for k in b_s)  # bit-identical global B
 
 
-# --- the refusals (SuperNodes started while the legitimate run was in progress) ---------------------------
+# --- the refusals (SuperNodes started while the legitimate run was in progress) -----------------------------
 def _never_served(d: Deployment, name: str) -> str:
     """The refused SuperNode's log, after checking it exited with an error and never received a message."""
     log = d.logs[name]
@@ -221,12 +234,18 @@ def test_supernode_that_cannot_verify_the_superlink_is_refused(secured: Deployme
 @pytest.mark.parametrize(
     ("name", "client_line", "superlink_line"),
     [
-        ("unregistered", "[code: 2004] Failed to activate SuperNode.",
-         "[/v1/fleet/activate-node][ApiError:2004]"),
-        ("no-key", "[code: 2001] SuperNode authentication is enabled. All SuperNodes must be registered via the CLI.",
-         "[/v1/fleet/register-node][ApiError:2001]"),
+        (
+            "unregistered",
+            "[code: 2004] Failed to activate SuperNode.",
+            "[/v1/fleet/activate-node][ApiError:2004]",
+        ),
+        (
+            "no-key",
+            "[code: 2001] SuperNode authentication is enabled. All SuperNodes must be registered",
+            "[/v1/fleet/register-node][ApiError:2001]",
+        ),
     ],
-)  # fmt: skip
+)
 def test_supernode_without_a_registered_key_is_refused(
     secured: Deployment, name: str, client_line: str, superlink_line: str
 ) -> None:
@@ -252,8 +271,8 @@ def test_flwr_run_without_tls_is_refused(secured: Deployment) -> None:
     assert secured.logs["superlink"].count("/v1/control/start-run") == 1
 
 
-# --- what an eavesdropper sees -------------------------------------------------------------------------------
-def _b_chunks(d: Deployment, assets: Path) -> list[bytes]:  # noqa: F811
+# --- what an eavesdropper sees ------------------------------------------------------------------------------
+def _b_chunks(d: Deployment, assets: Path) -> list[bytes]:
     """32 bytes from the middle of every global B tensor the SuperLink sent to the nodes at evaluation."""
     from safetensors.torch import load_file
 
@@ -268,7 +287,7 @@ def _b_chunks(d: Deployment, assets: Path) -> list[bytes]:  # noqa: F811
     return chunks
 
 
-def test_eavesdropper_sees_b_only_without_tls(secured: Deployment, insecure: Deployment, assets) -> None:  # noqa: F811
+def test_eavesdropper_sees_b_only_without_tls(secured: Deployment, insecure: Deployment, assets) -> None:
     plain, sealed = _b_chunks(insecure, assets), _b_chunks(secured, assets)
     assert len(insecure.capture) > 100_000 and len(secured.capture) > 100_000  # both links carried the run
     assert all(c in insecure.capture for c in plain)  # --insecure: every B readable on the wire
@@ -276,7 +295,7 @@ def test_eavesdropper_sees_b_only_without_tls(secured: Deployment, insecure: Dep
     assert secured.capture[:3] == b"\x16\x03\x01"  # a TLS handshake record opens the connection
 
 
-# --- what the SuperLink does not protect -----------------------------------------------------------------------
+# --- what the SuperLink does not protect --------------------------------------------------------------------
 def test_control_api_admits_anyone_who_can_reach_it(secured: Deployment) -> None:
     """Flower 1.41's open-source Control API has no account authentication (NoOpControlAuthnPlugin): anyone
     who reaches the port and has the CA certificate (which is public) can register a SuperNode key (and

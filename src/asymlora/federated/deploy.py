@@ -1,4 +1,4 @@
-"""Pre-flight checks of a secured deployment's files, before any Flower process starts (docs/design.md §10).
+"""Pre-flight checks of a secured deployment's files, before any Flower process starts.
 
 A SuperLink started with TLS and ``--enable-supernode-auth`` needs a CA certificate, its own certificate and
 key, and the OpenSSH public key of every SuperNode; each SuperNode needs the CA certificate and its OpenSSH
@@ -10,8 +10,9 @@ file first and names each problem with its file and the fix:
         --key certs/server.key --host superlink.example.org --public-key node_0.pub --public-key node_1.pub
     python -m asymlora.federated check-tls --ca certs/ca.crt --private-key node_0     # on a SuperNode host
 
-Key formats are those Flower 1.41 reads: PEM X.509 certificates and keys for TLS; for SuperNode
-authentication, elliptic-curve keys on a NIST curve in OpenSSH format (``ssh-keygen -t ecdsa -b 384``).
+Source: docs/deployment.md §2-3. Key formats are those Flower 1.41 reads: PEM X.509 certificates and keys
+for TLS; for SuperNode authentication, elliptic-curve keys on a NIST curve in OpenSSH format
+(``ssh-keygen -t ecdsa -b 384``).
 """
 
 from __future__ import annotations
@@ -54,15 +55,20 @@ def _load_cert(path: Path, what: str, now: dt.datetime, problems: list[str]) -> 
     try:
         cert = x509.load_pem_x509_certificate(data)
     except ValueError:
-        problems.append(f"{path}: not a PEM certificate ({what}); fix: give the file that starts with "
-                        "'-----BEGIN CERTIFICATE-----'")  # fmt: skip
+        problems.append(
+            f"{path}: not a PEM certificate ({what}); fix: give the file that starts with "
+            "'-----BEGIN CERTIFICATE-----'"
+        )
         return None
     if cert.not_valid_after_utc <= now:
-        problems.append(f"{path}: the {what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
-                        f"fix: {FIX_CERT}")  # fmt: skip
+        problems.append(
+            f"{path}: the {what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; fix: {FIX_CERT}"
+        )
     elif cert.not_valid_before_utc > now:
-        problems.append(f"{path}: the {what} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
-                        "UTC; fix: check the clock of this machine, or reissue it")  # fmt: skip
+        problems.append(
+            f"{path}: the {what} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
+            "UTC; fix: check the clock of this machine, or reissue it"
+        )
     return cert
 
 
@@ -113,33 +119,43 @@ def _check_server(
         try:
             cert.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature):
-            problems.append(f"{cert_path}: not signed by the CA certificate given with --ca (issuer "
-                            f"{cert.issuer.rfc4514_string()}); fix: sign it with that CA's key, or give its CA")  # fmt: skip
+            problems.append(
+                f"{cert_path}: not signed by the CA certificate given with --ca (issuer "
+                f"{cert.issuer.rfc4514_string()}); fix: sign it with that CA's key, or give its CA"
+            )
     if cert is not None:
         names = _names(cert)
         for host in hosts:
             if not _covers(names, host):
-                problems.append(f"{cert_path}: issued for {names or 'no subject alternative name'}, not for "
-                                f"{host!r} (the address the SuperNodes dial); fix: reissue it with "
-                                f"subjectAltName={_san_hint(host)}")  # fmt: skip
+                problems.append(
+                    f"{cert_path}: issued for {names or 'no subject alternative name'}, not for "
+                    f"{host!r} (the address the SuperNodes dial); fix: reissue it with "
+                    f"subjectAltName={_san_hint(host)}"
+                )
     data = _read(key_path, "SuperLink private key", problems)
     if data is None:
         return
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        problems.append(f"{key_path}: the key is passphrase-protected and the SuperLink cannot prompt for it; "
-                        "fix: `openssl pkey -in KEY -out KEY.plain` and keep that file readable only by the "
-                        "SuperLink's user")  # fmt: skip
+        problems.append(
+            f"{key_path}: the key is passphrase-protected and the SuperLink cannot prompt for it; "
+            "fix: `openssl pkey -in KEY -out KEY.plain` and keep that file readable only by the "
+            "SuperLink's user"
+        )
         return
     except ValueError:
-        problems.append(f"{key_path}: not a PEM private key; fix: give the file that starts with "
-                        "'-----BEGIN ... PRIVATE KEY-----'")  # fmt: skip
+        problems.append(
+            f"{key_path}: not a PEM private key; fix: give the file that starts with "
+            "'-----BEGIN ... PRIVATE KEY-----'"
+        )
         return
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if cert is not None and key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
-        problems.append(f"{key_path}: not the private key of {cert_path}; fix: give the key the "
-                        "certificate was issued for")  # fmt: skip
+        problems.append(
+            f"{key_path}: not the private key of {cert_path}; fix: give the key the "
+            "certificate was issued for"
+        )
 
 
 def _ec_problem(path: Path, key: Any) -> str | None:
@@ -147,7 +163,8 @@ def _ec_problem(path: Path, key: Any) -> str | None:
 
     if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
         kind = type(key).__name__.removeprefix("_").replace("PublicKey", "").replace("PrivateKey", "")
-        return f"{path}: a {kind} key; Flower authenticates SuperNodes with elliptic-curve keys; fix: {FIX_NODE_KEY}"
+        why = "Flower authenticates SuperNodes with elliptic-curve keys"
+        return f"{path}: a {kind} key; {why}; fix: {FIX_NODE_KEY}"
     return None  # OpenSSH knows only the NIST curves P-256/384/521, all of which Flower accepts
 
 
@@ -187,8 +204,10 @@ def _check_private_key(path: Path, problems: list[str]) -> None:
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except TypeError:
-        problems.append(f"{path}: passphrase-protected; flower-supernode reads unencrypted keys only; "
-                        "fix: `ssh-keygen -p -N \"\" -f FILE`")  # fmt: skip
+        problems.append(
+            f"{path}: passphrase-protected; flower-supernode reads unencrypted keys only; "
+            'fix: `ssh-keygen -p -N "" -f FILE`'
+        )
         return
     except (ValueError, UnsupportedAlgorithm):
         if data.startswith((b"ecdsa-", b"ssh-")):
@@ -241,8 +260,10 @@ def check_tls_files(
         except x509.ExtensionNotFound:
             is_ca = False
         if not is_ca:
-            problems.append(f"{ca}: not a CA certificate (no basicConstraints CA:TRUE); fix: give the CA's "
-                            "certificate (ca.crt), not the SuperLink's")  # fmt: skip
+            problems.append(
+                f"{ca}: not a CA certificate (no basicConstraints CA:TRUE); fix: give the CA's "
+                "certificate (ca.crt), not the SuperLink's"
+            )
     if (cert is None) != (key is None):
         problems.append("the SuperLink needs both --cert and --key (its certificate and private key)")
     elif cert is not None:
@@ -273,8 +294,14 @@ def check_tls_files(
 def cli_check_tls(args: Any) -> int:
     """``python -m asymlora.federated check-tls``: 0 and what was checked, or 2 and every problem (stderr)."""
     try:
-        lines = check_tls_files(ca=args.ca, cert=args.cert, key=args.key, hosts=args.host,
-                                public_keys=args.public_key, private_keys=args.private_key)  # fmt: skip
+        lines = check_tls_files(
+            ca=args.ca,
+            cert=args.cert,
+            key=args.key,
+            hosts=args.host,
+            public_keys=args.public_key,
+            private_keys=args.private_key,
+        )
     except DeployCheckError as err:
         for line in err.problems:
             print(f"check-tls: error: {line}", file=sys.stderr)
