@@ -294,6 +294,14 @@ def check_tls_files(
 def cli_check_tls(args: Any) -> int:
     """``python -m asymlora.federated check-tls``: 0 and what was checked, or 2 and every problem (stderr)."""
     try:
+        import cryptography  # noqa: F401  (installed with asymlora[fed])
+    except ImportError:
+        print(
+            "check-tls: error: the `cryptography` package is missing; fix: pip install 'asymlora[fed]'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
         lines = check_tls_files(
             ca=args.ca,
             cert=args.cert,
