@@ -1,9 +1,10 @@
 """A secured deployment on 127.0.0.1: a SuperLink with TLS and SuperNode authentication, two SuperNodes
 with registered keys, and everyone who must be refused (no CA, another CA, an unregistered key, no key, a
-`flwr run` without TLS); a recording proxy shows what an eavesdropper sees with TLS and with --insecure.
+`flwr run` without TLS); a recording proxy shows what an eavesdropper sees with TLS and with --insecure;
+and what is not protected (the Control API admits whoever reaches it). docs/deployment.md §9 tabulates it.
 
-One insecure and one secured deployment run per module (module-scoped fixtures, ~1 min each on 2 cores);
-the refusal tests read what happened around the secured run. Ports 19100-19199 only."""
+One insecure and one secured deployment run per module (module-scoped fixtures, about a minute of CPU
+each); the refusal tests read what happened around the secured run. Ports 19100-19199 only."""
 
 from __future__ import annotations
 
