@@ -221,14 +221,15 @@ def supernode_cmd(
     key: Path | None = None,
     retries: int | None = None,
     insecure: bool | None = None,
+    host: str = "127.0.0.1",
 ) -> list[str]:
-    """flower-supernode dialing 127.0.0.1:superlink, serving its ClientApps on 127.0.0.1:port. TLS verified
+    """flower-supernode dialing host:superlink, serving its ClientApps on 127.0.0.1:port. TLS verified
     against ``ca`` (None and ``insecure=False``: the system's CA bundle; ``insecure`` defaults to ``ca is
     None``); ``key``: its private key for SuperNode authentication; ``retries``: connection attempts."""
     cmd = [
         str(BINDIR / "flower-supernode"),
         "--superlink",
-        f"127.0.0.1:{superlink}",
+        f"{host}:{superlink}",
         "--host",
         "127.0.0.1",
         "--port",

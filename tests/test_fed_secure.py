@@ -24,7 +24,7 @@ import pytest
 from tests import fed_deploy as fd
 from tests import test_fed_apps as fed_apps
 
-from asymlora.federated.deploy import check_tls_files
+from asymlora.federated.deploy import DeployCheckError, check_tls_files
 from asymlora.methods.base import Role
 
 pytestmark = pytest.mark.fed
@@ -36,13 +36,13 @@ RUN_TIMEOUT = 420
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> SimpleNamespace:
-    """Throw-away certificates and keys: a CA, the SuperLink's certificate for 127.0.0.1/localhost, two
-    registered SuperNode key pairs, one never registered, and a second CA that signed nothing we trust."""
+    """Throw-away certificates and keys: a CA, the SuperLink's certificate for 127.0.0.1 (not localhost:
+    the wrong-host case), two registered SuperNode key pairs, one never registered, and a second CA."""
     d = tmp_path_factory.mktemp("pki")
     ca = fd.make_ca(d)
     return SimpleNamespace(
         ca=ca,
-        server=fd.make_server_cert(d, ca),
+        server=fd.make_server_cert(d, ca, hosts=("127.0.0.1",)),
         nodes=[fd.make_node_key(d, f"node{k}") for k in range(2)],
         rogue=fd.make_node_key(d, "rogue"),
         other_ca=fd.make_ca(d, "other-ca"),
@@ -128,17 +128,18 @@ def _intruders(pki: SimpleNamespace, root: Path):
     app once more without TLS; returns their exit codes and `flwr` outputs."""
 
     def attempt(env: dict, port: int, procs: list) -> dict:
-        cases = {
-            "no-ca": (None, pki.nodes[0][0]),  # the system's CA bundle: does not know our CA
-            "other-ca": (pki.other_ca[0], pki.nodes[0][0]),
-            "unregistered": (pki.ca[0], pki.rogue[0]),
-            "no-key": (pki.ca[0], None),
+        cases = {  # (CA the node trusts, its key, the name it dials)
+            "no-ca": (None, pki.nodes[0][0], "127.0.0.1"),  # the system's CA bundle: does not know our CA
+            "other-ca": (pki.other_ca[0], pki.nodes[0][0], "127.0.0.1"),
+            "wrong-host": (pki.ca[0], pki.nodes[0][0], "localhost"),  # the certificate names 127.0.0.1 only
+            "unregistered": (pki.ca[0], pki.rogue[0], "127.0.0.1"),
+            "no-key": (pki.ca[0], None, "127.0.0.1"),
         }
         started = {}
-        for i, (name, (ca, key)) in enumerate(cases.items()):
+        for i, (name, (ca, key, host)) in enumerate(cases.items()):
             cfg = f'partition-id=0 state-dir="{root / name}"'  # posing as client 0
-            local = fd.free_port(19180 + 5 * i, 19185 + 5 * i)
-            cmd = fd.supernode_cmd(port, local, cfg, ca, key, retries=1, insecure=False)
+            local = fd.free_port(19180 + 4 * i, 19184 + 4 * i)
+            cmd = fd.supernode_cmd(port, local, cfg, ca, key, retries=1, insecure=False, host=host)
             started[name] = fd.start(cmd, root / f"{name}.log", env)
             procs.append(started[name])
         plain = fd.flower_env(root / "plain_home")
@@ -224,12 +225,25 @@ def _never_served(d: Deployment, name: str) -> str:
     return log
 
 
-@pytest.mark.parametrize("name", ["no-ca", "other-ca"])
-def test_supernode_that_cannot_verify_the_superlink_is_refused(secured: Deployment, name: str) -> None:
-    """TLS: without our CA (system roots only, or another CA) the SuperNode rejects the SuperLink's
-    certificate; the SuperLink logs nothing (the handshake fails before any request)."""
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("no-ca", "unable to get local issuer certificate"),
+        ("other-ca", "unable to get local issuer certificate"),
+        ("wrong-host", "Hostname mismatch, certificate is not valid for 'localhost'"),
+    ],
+)
+def test_supernode_that_cannot_verify_the_superlink_is_refused(
+    secured: Deployment, pki: SimpleNamespace, name: str, reason: str
+) -> None:
+    """TLS: without our CA (system roots only, or another CA), or dialing a name the certificate does not
+    carry, the SuperNode rejects the SuperLink's certificate; the SuperLink logs nothing (the handshake
+    fails before any request). check-tls names the wrong host before anything starts."""
     log = _never_served(secured, name)
-    assert "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer" in log
+    assert f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {reason}" in log
+    if name == "wrong-host":
+        with pytest.raises(DeployCheckError, match="not for 'localhost'.*subjectAltName=DNS:localhost"):
+            check_tls_files(ca=pki.ca[0], cert=pki.server[0], key=pki.server[1], hosts=["localhost"])
 
 
 @pytest.mark.parametrize(
