@@ -10,19 +10,15 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
-import contextlib
 import json
 import random
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from tests import fed_deploy as fd
 from tests.conftest import make_char_tokenizer, make_tiny_llama
 
 from asymlora.federated.partition import (
@@ -297,106 +293,42 @@ def test_summary_lines_name_rank_and_tasks(assets: Path, tmp_path: Path) -> None
     )
 
 
-# --- deployment: SuperLink + 2 SuperNodes on 127.0.0.1 --------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
-    """Start a process in its own process group (so the whole group can be torn down by its id)."""
-    return subprocess.Popen(
-        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM each started process group, then SIGKILL what is left (only groups this test created)."""
-    for p in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-    for p in procs:
-        # SIGKILL the group: also ends children still alive (flwr-serverapp, flwr-clientapp)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=10)
-
-
-def _wait_finished(flwr: str, run_id: str, env: dict, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = subprocess.run(
-            [flwr, "ls", "local", "--run-id", run_id, "--format", "json"],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        runs = json.loads(out.stdout).get("runs", []) if out.stdout.strip().startswith("{") else []
-        if runs and str(runs[0]["status"]).startswith("finished"):
-            return runs[0]
-        time.sleep(2)
-    raise AssertionError(f"run {run_id} did not finish within {timeout} s")
-
-
+# --- deployment: SuperLink + 2 SuperNodes on 127.0.0.1 (process helpers shared with test_fed_secure) ---------
 def test_deployment_superlink_and_two_supernodes(assets: Path, tmp_path: Path) -> None:
     """A real deployment on 127.0.0.1: the run is submitted with `flwr run` (no per-run environment: the
     app's dependency list is empty and the SuperLink never installs anything), finishes 2 rounds, and its
     outcome is read from the SuperLink's state, which also reports a crashed ServerApp as failed."""
     from asymlora.federated.__main__ import write_app
 
-    bindir = Path(sys.executable).parent
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           # the SuperLink and SuperNodes start `flower-superexec` by name: the venv's bin must be on PATH even
-           # when the venv is not activated (CI runs `.venv/bin/python -m pytest`)
-           "PATH": os.pathsep.join([str(bindir), os.environ.get("PATH", "")])}  # fmt: skip
-    port, p1, p2 = _free_port(), _free_port(), _free_port()
-    (tmp_path / "flwr_home").mkdir()
-    (tmp_path / "flwr_home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
+    env = fd.flower_env(tmp_path / "flwr_home")
+    port, p1, p2 = fd.free_port(), fd.free_port(), fd.free_port()
+    fd.write_connection(env, "local", port)
     cfg = write_config(tmp_path / "fed.yaml", assets, tmp_path / "run")
     app = write_app(tmp_path / "app", str(cfg), run_dir=str(tmp_path / "run"))
     (tmp_path / "db").mkdir()
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(_start([str(bindir / "flower-superlink"), "--insecure", "--database", str(tmp_path / "db" / "state.db"),
-                             "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
-                            tmp_path / "superlink.log", env))  # fmt: skip
+        procs.append(fd.start(fd.superlink_cmd(port, tmp_path / "db" / "state.db", tls=None),
+                              tmp_path / "superlink.log", env))  # fmt: skip
         for k, p in enumerate((p1, p2)):
             node_config = f'partition-id={k} num-partitions=2 state-dir="{tmp_path / f"node{k}"}"'
-            procs.append(_start([str(bindir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                 "--host", "127.0.0.1", "--port", str(p), "--node-config", node_config],
-                                tmp_path / f"supernode{k}.log", env))  # fmt: skip
-        flwr = str(bindir / "flwr")
-        for _ in range(30):  # the SuperLink takes a few seconds to listen
-            ok = subprocess.run(
-                [flwr, "ls", "local", "--format", "json"], capture_output=True, text=True, env=env
+            procs.append(
+                fd.start(fd.supernode_cmd(port, p, node_config, ca=None), tmp_path / f"supernode{k}.log", env)
             )
-            if '"success": true' in ok.stdout:
-                break
-            time.sleep(1)
-        sub = subprocess.run(
-            [flwr, "run", str(app), "local", "--format", "json"], capture_output=True, text=True, env=env
-        )
+        fd.wait_listening(env, "local")
+        sub = fd.flwr(env, "run", str(app), "local", "--format", "json")
         assert sub.returncode == 0 and '"run-id"' in sub.stdout, sub.stdout + sub.stderr
         run_id = json.loads(sub.stdout)["run-id"]
-        bad = subprocess.run([flwr, "run", str(app), "local", "--format", "json", "--run-config", 'strategy="fedavg"'],
-                             capture_output=True, text=True, env=env)  # fmt: skip
+        bad = fd.flwr(env, "run", str(app), "local", "--format", "json", "--run-config", 'strategy="fedavg"')
         assert bad.returncode == 0  # flwr run says nothing about the outcome ...
-        status = _wait_finished(flwr, run_id, env, timeout=420)
+        status = fd.wait_finished(env, "local", run_id, timeout=420)
         assert status["status"] == "finished:completed", status
-        failed = _wait_finished(flwr, json.loads(bad.stdout)["run-id"], env, timeout=120)
+        failed = fd.wait_finished(env, "local", json.loads(bad.stdout)["run-id"], timeout=120)
         assert (
             failed["status"] == "finished:failed" and "fedavg" in failed["status-details"]
         )  # ... its state does
     finally:
-        _stop(procs)
+        fd.stop(procs)
     history = read_rounds(tmp_path / "run" / "fedalora" / "rounds.jsonl")
     assert [r["round"] for r in history] == [1, 2] and all(r["accepted"] == [0, 1] for r in history)
     assert history[1]["clients"][0]["a_drift_start"] == pytest.approx(history[0]["clients"][0]["a_drift_end"])

@@ -7,6 +7,10 @@
     python -m asymlora.federated status <connection> [--run-id ID]
         the runs of a SuperLink and their outcome (``finished:completed`` / ``finished:failed``), exit 1
         when the run failed: ``flwr run`` itself exits 0 even when the ServerApp crashed.
+    python -m asymlora.federated check-tls --ca ca.crt [--cert server.pem --key server.key --host H]
+            [--public-key node_k.pub ...] [--private-key node_k ...]
+        check a secured deployment's certificates and SuperNode keys before starting it (exit 2 and one
+        "FILE: problem; fix: ..." line each when one is expired, for another host, missing or malformed).
 
 The app's dependency list is empty on purpose: asymlora, torch and flwr are installed on every machine
 beforehand, and the SuperLink runs with ``--disable-runtime-dependency-installation``, so Flower never
@@ -113,7 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="the outcome of runs on a SuperLink (exit 1 if the run failed)")
     p.add_argument("connection", nargs="?", default=None, help="SuperLink connection name (flwr config)")
     p.add_argument("--run-id", type=int, default=None)
+    p = sub.add_parser("check-tls", help="check TLS certificates and SuperNode keys before deploying")
+    p.add_argument("--ca", required=True, help="CA certificate (PEM) the SuperNodes and flwr trust")
+    p.add_argument("--cert", help="the SuperLink's certificate (PEM)")
+    p.add_argument("--key", help="the SuperLink's private key (PEM)")
+    p.add_argument("--host", action="append", default=[], help="an address the SuperNodes dial (repeatable)")
+    p.add_argument("--public-key", action="append", default=[], help="a SuperNode's OpenSSH public key")
+    p.add_argument("--private-key", action="append", default=[], help="a SuperNode's OpenSSH private key")
     args = parser.parse_args(argv)
+    if args.command == "check-tls":
+        from asymlora.federated.deploy import cli_check_tls
+
+        return cli_check_tls(args)
     if args.command == "app":
         out = write_app(
             args.dir, args.config, overrides=args.overrides, strategy=args.strategy, run_dir=args.run_dir
