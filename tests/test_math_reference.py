@@ -345,3 +345,84 @@ def test_seeded_a_is_identical_on_clients_and_server(fed_setup, strategy: str, l
     client_init = initial_state(role_map(adapted_model(cfg.model.name, acfg)[0]), acfg, cfg.seed)
     for n, v in server_a.items():
         assert torch.equal(client_init[n], v), n
+
+
+# --- gaps found by mutation testing (docs/testing.md) ----------------------------------------------------------
+def test_balance_loss_when_the_last_expert_never_wins() -> None:
+    # t1 (0.6, 0.3, 0.1) top-1 = 0, t2 (0.2, 0.7, 0.1) top-1 = 1: f = (1/2, 1/2, 0), P = (0.4, 0.5, 0.1)
+    # L = 3 · (0.5·0.4 + 0.5·0.5 + 0) = 1.35 (f must still have N entries when expert N-1 gets no token)
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]], dtype=torch.float64)
+    torch.testing.assert_close(balance_loss(probs), torch.tensor(1.35, dtype=torch.float64))
+
+
+def test_task_gate_shapes_by_hand() -> None:
+    from asymlora.routing import task_gate
+
+    ids = torch.tensor([2, 0])
+    # (batch, features): one one-hot row per example
+    assert torch.equal(task_gate(ids, 3, torch.zeros(2, 5)), torch.tensor([[0.0, 0, 1], [1, 0, 0]]))
+    # (batch·2, seq, features), e.g. two return sequences per prompt: each id repeated consecutively
+    gate = task_gate(ids, 3, torch.zeros(4, 7, 5))
+    assert gate.shape == (4, 1, 3) and gate[:, 0].argmax(-1).tolist() == [2, 2, 0, 0]
+    with pytest.raises(ValueError, match="batched input"):
+        task_gate(ids, 3, torch.zeros(5))
+    with pytest.raises(ValueError, match="one task id per example"):
+        task_gate(ids, 3, torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("method", ["alora", "hydralora", "molora", "malora"])
+def test_layer_on_token_rows_without_a_batch_axis(method: str) -> None:
+    # nn.Linear accepts (tokens, d_in): the expert axis must be found from the end, not at a fixed position
+    torch.manual_seed(0)
+    cfg = AsymLoraConfig(method=method, r=2, num_experts=3, target_modules=["x"])
+    layer = Linear(nn.Linear(6, 5, dtype=torch.float64), "default", cfg, RoutingState()).double()
+    with torch.no_grad():
+        for p in layer.tensors("default").values():
+            p.normal_()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), layer(x.unsqueeze(0)).squeeze(0))
+
+
+def test_alora_layer_on_token_rows_by_hand() -> None:
+    # N = 2, r = 1, W_g = 0 -> g = (1/2, 1/2); A_1 = (1, 2), A_2 = (3, 4), B = 2, x = (1, 1), s = alpha/r = 1:
+    # z = ½·(1 + 2) + ½·(3 + 4) = 5, y = W0 x + 1 · 2 · 5 = 10 (W0 = 0)
+    cfg = AsymLoraConfig(method="alora", r=1, lora_alpha=1, num_experts=2, target_modules=["x"])
+    layer = Linear(nn.Linear(2, 1, bias=False), "default", cfg, RoutingState())
+    t = layer.tensors("default")
+    with torch.no_grad():
+        layer.get_base_layer().weight.zero_()
+        t["A"].copy_(torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]]))
+        t["B"].fill_(2.0)
+        t["router"].zero_()
+    torch.testing.assert_close(layer(torch.ones(1, 2)), torch.tensor([[10.0]]))
+
+
+@pytest.mark.parametrize("method", ["alora", "hydralora", "molora", "malora"])
+def test_expert_axis_of_every_stacked_tensor_indexes_the_experts(method: str) -> None:
+    cfg = AsymLoraConfig(method=method, r=4, num_experts=3, target_modules=["x"])
+    specs = get_method(method).specs(cfg, 24, 20)
+    stacked = {n: s for n, s in specs.items() if s.expert_dim is not None}
+    assert stacked and all(s.shape[s.expert_dim] == 3 for s in stacked.values()), stacked
+
+
+def test_rank_bounds_are_inclusive() -> None:
+    from types import SimpleNamespace
+
+    # fedhet: d_m = 1 is a valid intermediate rank, 0 is not
+    assert get_method("fedhet").specs(SimpleNamespace(r=2, intermediate_rank=1), 8, 8)[B0_NAME].shape == (
+        8,
+        1,
+    )
+    with pytest.raises(ValueError, match=r"intermediate_rank \(d_m\) must be >= 1, got 0"):
+        get_method("fedhet").specs(SimpleNamespace(r=2, intermediate_rank=0), 8, 8)
+    # malora: d_sub may equal d_in, not exceed it
+    cfg = AsymLoraConfig(method="malora", r=2, num_experts=2, subspace_rank=4, target_modules=["x"])
+    assert get_method("malora").specs(cfg, 4, 3)["S"].shape == (4, 4)
+    with pytest.raises(ValueError, match="subspace_rank=4 exceeds the layer's input size 3"):
+        get_method("malora").specs(cfg, 3, 3)
+    # cropped SVD: 1 <= d_sub <= min(N·r̂, d_in) = min(4, 3) = 3, both ends included
+    assert cropped_svd_init(K_HAND, 1, 1.0)[0].shape == (1, 3)
+    s_a, p = cropped_svd_init(K_HAND, 3, 1.0)  # all directions kept: P_i S_A = K_i exactly
+    torch.testing.assert_close(torch.einsum("nrd,di->nri", p, s_a), K_HAND)
+    with pytest.raises(ValueError, match=r"= 3$"):
+        cropped_svd_init(K_HAND, 4, 1.0)
