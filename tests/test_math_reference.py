@@ -426,3 +426,15 @@ def test_rank_bounds_are_inclusive() -> None:
     torch.testing.assert_close(torch.einsum("nrd,di->nri", p, s_a), K_HAND)
     with pytest.raises(ValueError, match=r"= 3$"):
         cropped_svd_init(K_HAND, 4, 1.0)
+
+
+def test_kaiming_init_bound_per_expert() -> None:
+    # Kaiming-uniform with a = √5 (LoRA's A init): bound = sqrt(6 / ((1 + a²)·fan_in)) = 1/sqrt(fan_in), with
+    # the fan-in of ONE expert (d_in = 100 -> 0.1), not of the stack. a = 0 would give 0.245, a = √6 0.0926.
+    from asymlora.methods.base import kaiming_
+
+    torch.manual_seed(0)
+    for t in (torch.empty(8, 100), torch.empty(3, 8, 100)):
+        kaiming_(t)
+        assert 0.099 < float(t.abs().max()) <= 0.1, t.shape
+        assert all(float(piece.abs().max()) > 0.095 for piece in t.view(-1, 8, 100))  # every expert drawn
