@@ -438,3 +438,10 @@ def test_kaiming_init_bound_per_expert() -> None:
         kaiming_(t)
         assert 0.099 < float(t.abs().max()) <= 0.1, t.shape
         assert all(float(piece.abs().max()) > 0.095 for piece in t.view(-1, 8, 100))  # every expert drawn
+
+
+def test_unknown_method_names_the_choices() -> None:
+    with pytest.raises(
+        ValueError, match=r"Unknown adapter method 'nope'; choose one of \['alora', 'fedhet', "
+    ):
+        get_method("nope")
