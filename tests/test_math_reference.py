@@ -364,9 +364,11 @@ def test_task_gate_shapes_by_hand() -> None:
     # (batch·2, seq, features), e.g. two return sequences per prompt: each id repeated consecutively
     gate = task_gate(ids, 3, torch.zeros(4, 7, 5))
     assert gate.shape == (4, 1, 3) and gate[:, 0].argmax(-1).tolist() == [2, 2, 0, 0]
-    with pytest.raises(ValueError, match="batched input"):
+    with pytest.raises(ValueError, match=r"^task routing needs a batched input \(batch, \.\.\., features\)$"):
         task_gate(ids, 3, torch.zeros(5))
-    with pytest.raises(ValueError, match="one task id per example"):
+    with pytest.raises(
+        ValueError, match=r"^task_ids has 2 entries but the batch has 3 rows; pass one task id per example\.$"
+    ):
         task_gate(ids, 3, torch.zeros(3, 5))
 
 
