@@ -447,3 +447,17 @@ def test_unknown_method_names_the_choices() -> None:
         ValueError, match=r"Unknown adapter method 'nope'; choose one of \['alora', 'fedhet', "
     ):
         get_method("nope")
+
+
+def test_eval_metric_errors_say_what_is_missing() -> None:
+    from asymlora.eval.metrics import exact_match, primary_metric, rouge_scores
+
+    with pytest.raises(ValueError, match=r"^exact_match needs at least one reference answer$"):
+        exact_match("4", [])
+    with pytest.raises(ValueError, match=r"^primary_metric needs a task kind or at least one metric name$"):
+        primary_metric([])
+    with pytest.raises(ValueError, match=r"^2 predictions but 1 reference lists$"):
+        rouge_scores(["a", "b"], ["a"])
+    long = "x" * 70  # the message quotes the first 60 characters
+    with pytest.raises(ValueError, match=rf"^prediction '{'x' * 60}'… has no reference answer$"):
+        rouge_scores([long], [[]])
