@@ -3,7 +3,7 @@ VENV ?= .venv
 export FLWR_TELEMETRY_ENABLED = 0
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup demo test test-fast lint bench mutate
 
 setup:
 	bash scripts/setup.sh
@@ -22,3 +22,11 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/python benchmarks/run_all.py
+
+# Mutation testing of the math (not run in CI; docs/testing.md). Pick mutants with a glob, e.g.
+#   make mutate MUTANTS='asymlora.methods.* asymlora.routing.*'
+MUTANTS ?=
+MUTATE_JOBS ?= 2
+mutate: setup  ## mutate methods/, routing.py, federated strategies, analysis and eval metrics; run the fast tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	$(VENV)/bin/mutmut results

@@ -368,11 +368,29 @@ def test_analyze_writes_json_and_figures(saved, tmp_path):
     assert set(kinds) == {"across adapters", "experts within alora"}
     across = kinds["across adapters"]
     assert across["comparisons"] == 3  # 3 ALoRA experts x 1 LoRA expert
-    for role in ("A", "B"):
-        assert 0.0 <= across[role]["similarity_mean"] <= 1.0
-        assert 0.0 <= across[role]["cca_mean"] <= 1.0
+    pairs = [c for c in data["comparisons"] if c["kind"] == "across adapters"]
+    for role in ("A", "B"):  # the summary is the mean over the three expert-vs-LoRA comparisons
+        for key in ("similarity", "cca"):
+            values = [c["mean"][role][key] for c in pairs]
+            assert across[role][f"{key}_mean"] == pytest.approx(sum(values) / 3, rel=1e-5)
     rec = data["comparisons"][0]
     mod = rec["modules"]["model.layers.1.self_attn.v_proj"]
+    # φ(A_e0, A_lora, 4, 4) recomputed with numpy from the models' own tensors (top-4 right singular
+    # vectors), and φ = mean cos² of the principal angles
+    import numpy as np
+
+    name = "model.layers.1.self_attn.v_proj"
+    a_e0 = (
+        saved["alora"].base_model.model.get_submodule(name).asymlora_A["default"][0].detach().double().numpy()
+    )
+    a_lora = (
+        saved["lora"].base_model.model.get_submodule(name).lora_A["default"].weight.detach().double().numpy()
+    )
+    ux, uy = np.linalg.svd(a_e0)[2][:4].T, np.linalg.svd(a_lora)[2][:4].T
+    assert rec["name"] == "alora[e0] vs lora"
+    assert mod["A"]["similarity"] == pytest.approx(float(np.square(ux.T @ uy).sum()) / 4, rel=1e-4)
+    cos2 = [math.cos(math.radians(t)) ** 2 for t in mod["A"]["principal_angles_deg"]]
+    assert mod["A"]["similarity"] == pytest.approx(sum(cos2) / 4, rel=1e-3)
     assert len(mod["A"]["principal_angles_deg"]) == 4  # min(r=8, r=4)
     assert rec["k"] == {"A": 4, "B": 4}
     assert len(rec["grid"]["A"]["q_proj"]) == 8 and len(rec["grid"]["A"]["q_proj"][0]) == 4
