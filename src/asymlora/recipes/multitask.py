@@ -77,8 +77,10 @@ def load_tasks_for(cfg: RunConfig):
     )
 
 
-def evaluate(model: Any, tokenizer: Any, tasks: list, cfg: RunConfig, task_routed: bool) -> dict[str, dict]:
-    """Score every task; a task-routed adapter gets each task's id."""
+def evaluate(
+    model: Any, tokenizer: Any, tasks: list, cfg: RunConfig, task_routed: bool, label: str = "model"
+) -> dict[str, dict]:
+    """Score every task; a task-routed adapter gets each task's id. A progress bar per task names ``label``."""
     from asymlora.eval import evaluate_task
 
     return {
@@ -90,6 +92,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: list, cfg: RunConfig, task_route
             batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.eval.max_new_tokens,
             max_examples=cfg.eval.max_examples,
+            progress=f"evaluating {label} on {task.name} ({i + 1}/{len(tasks)})",
         )
         for i, task in enumerate(tasks)
     }
@@ -134,7 +137,8 @@ def train_and_evaluate(
     with atomic_dir(out_dir / "adapter", overwrite=True) as tmp:
         pm.save_pretrained(str(tmp))
     t0 = time.perf_counter()
-    per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=peft_cfg.router == "task" and method != "lora")
+    routed = peft_cfg.router == "task" and method != "lora"
+    per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=routed, label=method)
     summary = summarize(per_task, primary_metrics(tasks), baselines)
     results = {
         "method": method,
@@ -178,7 +182,7 @@ def run(
         if resume and base_file.is_file():
             base = json.loads(base_file.read_text())
         else:
-            per_task = evaluate(model, tokenizer, tasks, cfg, task_routed=False)
+            per_task = evaluate(model, tokenizer, tasks, cfg, task_routed=False, label="the base model")
             base = {"method": "base", "per_task": per_task, **summarize(per_task, primary, None)}
             write_json(base_file, base)
         rows["base"] = base["per_task"]
