@@ -441,8 +441,8 @@ def load(
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode on ``device``, with ``pad_token_id`` set
-        on its config and generation config, and ``name_or_path`` = ``name_or_path`` as given
-        (what peft records as the adapter's base model).
+        on its config and generation config. ``model.name_or_path`` is the directory actually read
+        (for a built-in model its cache directory): peft records it as the adapter's base model.
 
     Raises:
         ModuleNotFoundError: the package of a built-in model is not installed (with the fix).
@@ -454,10 +454,6 @@ def load(
     else:
         source = _resolve_source(name_or_path)
     model, tokenizer = _load_pretrained(source, resolved_dtype)
-    # Record the name as given (a built-in name, not its cache directory): peft copies it into
-    # adapter_config.json as base_model_name_or_path, and a config that names the model the same way
-    # then matches it (no "base_model_name_or_path was renamed" warning).
-    model.name_or_path = model.config.name_or_path = name_or_path
     return _finalize(model, tokenizer, resolved_device)
 
 

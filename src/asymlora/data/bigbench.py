@@ -191,7 +191,7 @@ def _follow_download(proc: subprocess.Popen, pip_tmp: Path, final: Path) -> None
 
     deadline = time.monotonic() + FETCH_TIMEOUT_S
     desc = f"downloading BIG-bench {BIGBENCH_VERSION} from PyPI (once)"
-    with progress.bar(desc=desc, total=ARCHIVE_BYTES, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+    with progress.bar(desc=desc, total=ARCHIVE_BYTES, unit="B", unit_scale=True) as bar:
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 proc.kill()

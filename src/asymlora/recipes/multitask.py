@@ -123,7 +123,9 @@ def train_and_evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = cfg.adapter_for(method)
     torch.manual_seed(cfg.train.seed)
-    peft_cfg = settings.to_peft([t.name for t in tasks], base_model=cfg.model.name)
+    # peft records the directory the model was read from (and reads its config.json when saving); naming
+    # anything else here only makes get_peft_model warn that it renamed it.
+    peft_cfg = settings.to_peft([t.name for t in tasks], base_model=model.name_or_path or None)
     pm = peft.get_peft_model(model, peft_cfg)
     dataset = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length)
     on_step = None
