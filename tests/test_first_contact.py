@@ -187,11 +187,18 @@ def test_bigbench_download_shows_the_bytes_received(tmp_path, monkeypatch, capsy
 def test_federated_byte_rows_say_up_and_down_per_client_per_round():
     from asymlora.federated.run import format_results
 
-    per_round = [{"round": 1, "up": 3_000_000, "down": 1_000_000}, {"round": 2, "up": 3_000_000, "down": 1_000_000}]
+    per_round = [
+        {"round": 1, "up": 3_000_000, "down": 1_000_000},
+        {"round": 2, "up": 3_000_000, "down": 1_000_000},
+    ]
     res = {"ranks": [8, 8], "scores": {"personalised": {"c0": 0.5, "c1": 0.25}}, "personalised": {"average": 0.375},
            "bytes": {"up": 6_000_000, "down": 2_000_000, "total": 8_000_000, "per_round": per_round}}  # fmt: skip
     table = format_results({"strategies": {"fedalora": res}})
-    rows = {line.split("|")[1].strip(" *"): line.split("|")[2].strip() for line in table.splitlines() if "|" in line}
+    rows = {
+        line.split("|")[1].strip(" *"): line.split("|")[2].strip()
+        for line in table.splitlines()
+        if "|" in line
+    }
     # 6 MB up in 2 rounds by 2 clients: 1.5 MB up per client per round; 0.5 down; 2.0 both ways
     assert rows["MB up per client per round"] == "1.500"
     assert rows["MB down per client per round"] == "0.500"
