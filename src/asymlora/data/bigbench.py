@@ -263,11 +263,21 @@ def _scan_archive(
 
     Without ``full`` the pass stops as soon as every wanted file has been read.
     """
+    from asymlora import progress
+
     json_tasks: list[str] = []
     programmatic: list[str] = []
     found: dict[str, bytes] = {}
-    with tarfile.open(archive, "r:gz") as tar:
+    desc = (
+        "indexing the BIG-bench archive (once)" if full else f"reading {len(wanted)} BIG-bench task file(s)"
+    )
+    with (
+        open(archive, "rb") as raw,
+        tarfile.open(fileobj=raw, mode="r:gz") as tar,
+        progress.bar(desc=desc, total=archive.stat().st_size, unit="B", unit_scale=True, leave=False) as bar,
+    ):
         for member in tar:
+            bar.update(raw.tell() - bar.n)  # compressed bytes read so far
             json_dir = _task_dir(member.name, JSON_TASK_FILE)
             if json_dir is not None:
                 json_tasks.append(json_dir)
