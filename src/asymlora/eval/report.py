@@ -163,7 +163,10 @@ def format_table(
         f"{task}: {primary_metric(primary[task]) if task in primary else 'auto'}" for task in tasks
     )
     lines.append("")
-    lines.append(f"Metrics per task: {metric_names}. std: population std over tasks; Δm%: lower is better.")
+    lines.append(
+        f"Metrics per task: {metric_names} (fractions 0–1). average / std (population) / worst: over the "
+        "tasks. Δm%: mean relative drop against the single-task baselines, in percent; lower is better."
+    )
     return "\n".join(lines)
 
 
