@@ -10,11 +10,13 @@
     asymlora fed CONFIG.yaml [key=value ...]       federated fine-tuning on Flower (simulation)
 
 A user mistake (bad config, unknown task, missing path, ...) prints one clear line and exits with 2.
+Every command takes ``--quiet``: no progress bars (download, model conversion, training, evaluation).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -130,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description)
         p.set_defaults(func=fn)
+        p.add_argument(
+            "--quiet",
+            action="store_true",
+            help="no progress bars or per-step log lines (results and errors are still printed)",
+        )
         return p
 
     p = add("train", cmd_train, "train and evaluate a multi-task config",
@@ -218,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or not all("=" in a and not a.startswith("-") for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    from asymlora import progress
+
     try:
-        return args.func(args)
+        with progress.quiet() if args.quiet else contextlib.nullcontext():
+            return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)
         return 130

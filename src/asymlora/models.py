@@ -280,9 +280,15 @@ def _convert_builtin(spec: BuiltinModel, out_dir: Path) -> None:
     """Dequantise the GGUF into a plain float32 transformers checkpoint in ``out_dir``."""
     from transformers import AutoModelForCausalLM
 
+    from asymlora import progress
+
     source = gguf_path(spec.name)
     started = time.perf_counter()
+    steps = progress.bar(total=4, desc=f"converting {spec.name} once", unit="step")
+    steps.set_postfix_str("dequantising the GGUF", refresh=True)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+    steps.update()
+    steps.set_postfix_str("rebuilding a float32 model", refresh=True)
     # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config.
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -296,13 +302,18 @@ def _convert_builtin(spec: BuiltinModel, out_dir: Path) -> None:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     plain.generation_config = gguf_model.generation_config
     del gguf_model
-
+    steps.update()
+    steps.set_postfix_str("building the tokenizer", refresh=True)
     tokenizer = build_gguf_tokenizer(source)
     plain.config.pad_token_id = tokenizer.pad_token_id
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    steps.update()
+    steps.set_postfix_str("writing safetensors", refresh=True)
     plain.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     _write_marker(out_dir, spec, source, time.perf_counter() - started)
+    steps.update()
+    steps.close()
 
 
 def _tied_keys(model: nn.Module) -> set[str]:
@@ -430,7 +441,8 @@ def load(
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode on ``device``, with ``pad_token_id`` set
-        on its config and generation config.
+        on its config and generation config. ``model.name_or_path`` is the directory actually read
+        (for a built-in model its cache directory): peft records it as the adapter's base model.
 
     Raises:
         ModuleNotFoundError: the package of a built-in model is not installed (with the fix).

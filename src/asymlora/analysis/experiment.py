@@ -104,8 +104,9 @@ def run_init_similarity(out: str | Path, overrides: list[str] | None = None) -> 
         if model is None:
             model, tokenizer = load(settings.model)
         torch.manual_seed(seed)  # the adapter's initialisation: identical A for runs of the same seed
+        # no base_model_name_or_path: peft records the directory the model was read from
         cfg = AsymLoraConfig(method="lora", r=settings.r, lora_alpha=settings.lora_alpha,
-                             target_modules=settings.target_modules, base_model_name_or_path=settings.model)  # fmt: skip
+                             target_modules=settings.target_modules)  # fmt: skip
         pm = peft.get_peft_model(model, cfg)
         dataset = MultiTaskDataset([task], tokenizer, max_length=settings.max_length)
         run_settings = dataclasses.replace(settings.train, seed=seed)

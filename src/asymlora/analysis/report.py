@@ -23,6 +23,7 @@ Untrained (zero) B matrices have no column space: their similarities are ``null`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -80,6 +81,23 @@ def _layer_and_type(module: str) -> tuple[int | None, str]:
     """``model.layers.12.self_attn.q_proj`` -> (12, "q_proj")."""
     m = re.search(r"\.(\d+)\.", f".{module}.")
     return (int(m.group(1)) if m else None), module.rsplit(".", 1)[-1]
+
+
+def module_order(module: str) -> tuple[Any, ...]:
+    """Sort key putting module names in natural order: layer number, then module.
+
+    ``model.layers.2.mlp.down_proj`` < ``model.layers.2.self_attn.q_proj`` < ``model.layers.10.self_attn.q_proj``
+    (a plain string sort puts layer 10 before layer 2). Every digit run compares as a number.
+    """
+    parts = re.split(r"(\d+)", module)  # text at even positions, digit runs at odd positions
+    return tuple(int(p) if n % 2 else p for n, p in enumerate(parts))
+
+
+def in_layer_order(adapter: AdapterFactors) -> AdapterFactors:
+    """A copy of ``adapter`` whose ``modules`` (and so every table and figure made from it) are in
+    :func:`module_order`; safetensors files store their keys in string order."""
+    order = sorted(adapter.modules, key=module_order)
+    return dataclasses.replace(adapter, modules={m: adapter.modules[m] for m in order})
 
 
 def _short(module: str) -> str:
@@ -281,7 +299,7 @@ def _crop(vectors: list[Tensor]) -> list[Tensor]:
 
 
 def _magnitude_direction(adapters: Sequence[AdapterFactors], base_model: Any) -> dict[str, dict[str, Any]]:
-    modules = sorted({m for ad in adapters for m in ad.modules})
+    modules = sorted({m for ad in adapters for m in ad.modules}, key=module_order)
     weights = load_base_weights(base_model, modules)
     out: dict[str, dict[str, Any]] = {}
     for ad in adapters:
@@ -578,6 +596,7 @@ def analyze_adapters(
     labels = [ad.label for ad in adapters]
     if len(set(labels)) != len(labels):
         raise ValueError(f"adapter labels must be unique, got {labels}")
+    adapters = [in_layer_order(ad) for ad in adapters]
     comparisons = build_comparisons(adapters, pairs, expert_pairs)
     if not comparisons and base_model is None:
         raise ValueError(

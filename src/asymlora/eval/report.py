@@ -281,8 +281,9 @@ def format_table(
     if mixed:
         lines += [*_per_metric_table(summaries, metrics), ""]
     lines.append(
-        "Each task column shows the task's primary metric; std: population std over tasks; "
-        "Δm%: lower is better."
+        "Each task column shows the task's primary metric (fractions 0–1). average / std (population) / "
+        "worst: over the tasks. Δm%: mean relative drop against the single-task baselines, in percent; "
+        "lower is better."
     )
     if intervals:
         lines.append(

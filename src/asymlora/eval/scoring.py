@@ -26,7 +26,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -179,6 +179,7 @@ def option_loglikelihoods(
     batch_size: int,
     max_length: int | None = None,
     share_prompt: bool = True,
+    on_progress: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
     """Summed log-probability of each option's tokens given the prompt, per choice example.
 
@@ -194,6 +195,7 @@ def option_loglikelihoods(
             (same scores, about ``#options`` times less compute; options of a single token need
             no second pass). Off, or when the model takes no ``past_key_values``: one forward pass
             per (example, option) sequence, right-padded.
+        on_progress: called with the number of (example, option) sequences scored after each batch.
 
     Returns:
         ``scores[i][j]``: log p(option j of example i | prompt i), summed over the option's tokens
@@ -219,9 +221,13 @@ def option_loglikelihoods(
     pad_id = _pad_id(tokenizer)
     if share_prompt and _supports_cache(model) and _same_prompts(sequences, owners):
         groups = _group_by_example(sequences, owners)
-        flat = _score_shared(model, groups, pad_id=pad_id, task_id=task_id, batch_size=batch_size)
+        flat = _score_shared(
+            model, groups, pad_id=pad_id, task_id=task_id, batch_size=batch_size, on_progress=on_progress
+        )
     else:
-        flat = _score_sequences(model, sequences, pad_id=pad_id, task_id=task_id, batch_size=batch_size)
+        flat = _score_sequences(
+            model, sequences, pad_id=pad_id, task_id=task_id, batch_size=batch_size, on_progress=on_progress
+        )
     for (i, j), value in zip(owners, flat, strict=True):
         scores[i][j] = value
     return scores
@@ -262,6 +268,7 @@ def _score_shared(
     pad_id: int,
     task_id: int | None,
     batch_size: int,
+    on_progress: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Option scores, flat in (example, option) order, with one prompt pass per example.
 
@@ -336,6 +343,8 @@ def _score_shared(
             flat_index = [offsets[g] + k for g in chunk for k in range(len(groups[g][1]))]
             for index, value in zip(flat_index, sums.tolist(), strict=True):
                 out[index] = float(value)
+            if on_progress is not None:
+                on_progress(len(flat_index))
     return out
 
 
@@ -346,6 +355,7 @@ def _score_sequences(
     pad_id: int,
     task_id: int | None,
     batch_size: int,
+    on_progress: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Sum of log p(ids[k] | ids[:k]) for k in [start, len(ids)), for each (ids, start)."""
     device = model_device(model)
@@ -378,6 +388,8 @@ def _score_sequences(
             sums = torch.where(scored, token_lp, torch.zeros_like(token_lp)).sum(-1)
             for k, value in zip(chunk, sums.tolist(), strict=True):
                 out[k] = float(value)
+            if on_progress is not None:
+                on_progress(len(chunk))
     return out
 
 
@@ -393,12 +405,14 @@ def greedy_generate(
     batch_size: int,
     max_new_tokens: int,
     max_length: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy completions of the examples' prompts (new tokens only, decoded, stripped).
 
     Prompts are tokenised as training does (:func:`prompt_ids`), sorted by length and batched with
     LEFT padding (the tokenizer is not modified); decoding stops at EOS or after
-    ``max_new_tokens`` tokens. ``task_id`` as in :func:`option_loglikelihoods`.
+    ``max_new_tokens`` tokens. ``task_id`` as in :func:`option_loglikelihoods`; ``on_progress`` is
+    called with the number of examples completed after each batch.
 
     Returns:
         One string per example, in the order of ``examples``.
@@ -440,6 +454,8 @@ def greedy_generate(
                 if int(eos) in new:
                     new = new[: new.index(int(eos))]
                 texts[k] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            if on_progress is not None:
+                on_progress(len(chunk))
     return texts
 
 
@@ -451,6 +467,22 @@ def _first_line(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- tasks
+
+
+@contextmanager
+def _task_bar(
+    desc: str | None, kind: str, examples: Sequence[Example]
+) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar over one task's scoring (None: no bar); yields its ``update`` callback."""
+    if desc is None:
+        yield None
+        return
+    from asymlora import progress
+
+    choice = kind == "choice"
+    total = sum(len(example.options or []) for example in examples) if choice else len(examples)
+    with progress.bar(desc=desc, total=total, unit="option" if choice else "example", leave=False) as bar:
+        yield bar.update
 
 
 def evaluate_task(
@@ -465,6 +497,7 @@ def evaluate_task(
     max_length: int | None = None,
     split: str = "test",
     with_examples: bool = False,
+    progress: str | None = None,
 ) -> dict[str, float] | tuple[dict[str, float], list[dict[str, Any]]]:
     """Score ``model`` on one task's held-out examples.
 
@@ -484,6 +517,9 @@ def evaluate_task(
         split: ``"test"`` (default) or ``"train"``.
         with_examples: also return each example's scores (for intervals and paired tests,
             :mod:`asymlora.eval.stats`).
+        progress: when given, a progress bar with this description counts the scored (example, option)
+            sequences of a choice task or the completed examples of a generative one (off under
+            ``asymlora --quiet``, :mod:`asymlora.progress`).
 
     Returns:
         The metrics (means over the examples), plus ``n`` (the number of examples scored), all as
@@ -501,10 +537,15 @@ def evaluate_task(
         raise ValueError(f"task {task.name!r} has no {split} example to evaluate")
     started = time.perf_counter()
     per_example: dict[str, list[float]]
+    with _task_bar(progress, task.kind, examples) as on_progress:
+        if task.kind == "choice":
+            scores = option_loglikelihoods(model, tokenizer, examples, task_id=task_id, batch_size=batch_size,
+                                           max_length=max_length, on_progress=on_progress)  # fmt: skip
+        else:
+            predictions = greedy_generate(model, tokenizer, examples, task_id=task_id, batch_size=batch_size,
+                                          max_new_tokens=max_new_tokens, max_length=max_length,
+                                          on_progress=on_progress)  # fmt: skip
     if task.kind == "choice":
-        scores = option_loglikelihoods(
-            model, tokenizer, examples, task_id=task_id, batch_size=batch_size, max_length=max_length
-        )
         hits: list[float] = []
         for example, row in zip(examples, scores, strict=True):
             best = max(range(len(row)), key=row.__getitem__)
@@ -513,15 +554,6 @@ def evaluate_task(
         per_example = {"accuracy": hits}
         results = {"accuracy": sum(hits) / len(examples)}
     else:
-        predictions = greedy_generate(
-            model,
-            tokenizer,
-            examples,
-            task_id=task_id,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            max_length=max_length,
-        )
         references = [example.references or [example.target] for example in examples]
         if not any("\n" in ref for refs in references for ref in refs):
             predictions = [_first_line(text) for text in predictions]

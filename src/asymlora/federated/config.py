@@ -225,8 +225,7 @@ class FedConfig:
             target_modules=list(a.target_modules),
             intermediate_rank=a.intermediate_rank,
             num_experts=1,
-            base_model_name_or_path=self.model.name,
-        )
+        )  # base_model_name_or_path: peft records the directory the client's model was read from
 
     @property
     def required_nodes(self) -> int:

@@ -26,10 +26,13 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here
 os.environ.setdefault("RAY_worker_niceness", "0")
 
 import argparse
+import contextlib
 import json
+import logging
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,56 @@ def prepare_run_dir(cfg: FedConfig, *, overwrite: bool, resume: bool) -> Path:
     return run_dir
 
 
+RUN_SIMULATION_DEPRECATION = "The `run_simulation` function is deprecated"
+"""Start of the one Flower log record that :func:`_no_run_simulation_banner` drops."""
+
+
+class _DropRecord(logging.Filter):
+    """Drops the log records whose first argument or message starts with ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        first = record.args[0] if isinstance(record.args, tuple) and record.args else record.msg
+        return not str(first).startswith(self.text)
+
+
+@contextlib.contextmanager
+def _no_run_simulation_banner() -> Iterator[None]:
+    """Flower 1.41 logs "DEPRECATED FEATURE: The `run_simulation` function is deprecated ..." on every call:
+    it points to ``flwr run``, which asymlora does not use on purpose (docs/federated.md, "Why
+    run_simulation"). Only that record is dropped, and only for the duration of the call."""
+    from flwr.common.logger import FLOWER_LOGGER
+
+    drop = _DropRecord(RUN_SIMULATION_DEPRECATION)
+    FLOWER_LOGGER.addFilter(drop)
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _actor_env(**values: str) -> Iterator[None]:
+    """Environment variables set while Ray starts its workers (they inherit them), restored afterwards.
+
+    ``HF_HUB_DISABLE_PROGRESS_BARS=1``: each client actor loads the base model once; transformers'
+    "Loading weights" bar of every actor, prefixed by Ray, says nothing about the run.
+    """
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def simulate(cfg: FedConfig, runs: list[tuple[str, Path, bool]], *, say: Any = print) -> dict[str, Any]:
     """Strategies ``runs`` = [(strategy, out_dir, resume), ...] one after the other in one simulation
     (one Ray start; the clients keep their base model loaded); returns each strategy's `ServerOutcome`."""
@@ -109,9 +162,13 @@ def simulate(cfg: FedConfig, runs: list[tuple[str, Path, bool]], *, say: Any = p
     }
     error = ""
     try:
-        run_simulation(
-            server_app=server, client_app=client_app, num_supernodes=cfg.clients.num, backend_config=backend
-        )
+        with _no_run_simulation_banner(), _actor_env(HF_HUB_DISABLE_PROGRESS_BARS="1"):
+            run_simulation(
+                server_app=server,
+                client_app=client_app,
+                num_supernodes=cfg.clients.num,
+                backend_config=backend,
+            )
     except Exception as e:
         error = f"simulation failed: {type(e).__name__}: {e}"
     for name, _, _ in runs:
@@ -159,6 +216,31 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+BYTE_ROWS = (
+    ("MB up per client per round", "up"),
+    ("MB down per client per round", "down"),
+    ("MB up + down per client per round", "total"),
+)
+"""Rows of the byte table: title, key of ``results["bytes"]`` (summed over rounds and clients)."""
+TABLE_NOTE = (
+    "Scores: each client's personalised adapter on its own test split, the primary metric of its task "
+    "(accuracy or exact match, a fraction 0–1); average / std (population) / worst over clients; "
+    "Δm%: mean relative drop against local-only training, in percent, lower is better; global average: "
+    "the aggregated adapter alone. MB = 10^6 bytes of Flower messages (ArrayRecord.count_bytes): up = "
+    "client to server, down = server to client."
+)
+
+
+def _mb_per_client_round(r: dict[str, Any], key: str) -> float | None:
+    """MB per client per round of ``r["bytes"][key]`` (``up``, ``down`` or ``total``), None without bytes."""
+    b = r.get("bytes")
+    if not b:
+        return None
+    per_round = b.get("per_round") or []
+    rounds, clients = max(1, len(per_round)), max(1, len(r.get("ranks") or r.get("clients") or []))
+    return b[key] / rounds / clients / 1e6
+
+
 def format_results(summary: dict[str, Any]) -> str:
     """The markdown comparison: personalised score per client and strategy, summaries, bytes."""
     runs: dict[str, dict] = dict(summary["strategies"])
@@ -191,15 +273,16 @@ def format_results(summary: dict[str, Any]) -> str:
     )
     lines.append(row("Δm% vs local-only", lambda r: _fmt((r.get("personalised") or {}).get("delta_m"), 2)))
     lines.append(row("global average", lambda r: _fmt((r.get("global") or {}).get("average"))))
+    for title, key in BYTE_ROWS:
+        lines.append(row(title, lambda r, key=key: _fmt(_mb_per_client_round(r, key), 3)))
     lines.append(
         row(
-            "MB per client per round",
-            lambda r: _fmt(r["bytes"]["per_client_per_round"] / 1e6, 3) if "bytes" in r else "–",
+            "MB up + down, all rounds and clients",
+            lambda r: _fmt(r["bytes"]["total"] / 1e6, 2) if "bytes" in r else "–",
         )
     )
-    lines.append(
-        row("MB total (all rounds)", lambda r: _fmt(r["bytes"]["total"] / 1e6, 2) if "bytes" in r else "–")
-    )
+    lines.append("")
+    lines.append(TABLE_NOTE)
     return "\n".join(lines)
 
 

@@ -58,7 +58,9 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
         pm = peft.PeftModel.from_pretrained(model, str(adapter))
         routed = pm.peft_config["default"].router == "task" and method != "lora"
         examples_path = directory / PER_EXAMPLE_FILE
-        per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path)
+        per_task = evaluate(
+            pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method
+        )
         results_path = directory / RESULTS_FILE
         results = json.loads(results_path.read_text()) if results_path.is_file() else {"method": method}
         results.update(per_task=per_task, **summarize(per_task, primary, cfg.baselines, metric_notes=notes))

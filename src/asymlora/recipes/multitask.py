@@ -109,8 +109,12 @@ def evaluate(
     cfg: RunConfig,
     task_routed: bool,
     examples_path: Path | None = None,
+    label: str = "model",
 ) -> dict[str, dict]:
-    """Score every task; a task-routed adapter gets each task's id. Per-example scores go to ``examples_path``."""
+    """Score every task; a task-routed adapter gets each task's id.
+
+    Per-example scores go to ``examples_path``; a progress bar per task names ``label``.
+    """
     from asymlora.eval import evaluate_task
 
     per_task: dict[str, dict] = {}
@@ -125,6 +129,7 @@ def evaluate(
             max_new_tokens=cfg.eval.max_new_tokens,
             max_examples=cfg.eval.max_examples,
             with_examples=True,
+            progress=f"evaluating {label} on {task.name} ({i + 1}/{len(tasks)})",
         )
     if examples_path is not None:
         write_examples(examples_path, examples)
@@ -167,7 +172,9 @@ def train_and_evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = cfg.adapter_for(method)
     torch.manual_seed(cfg.train.seed)
-    peft_cfg = settings.to_peft([t.name for t in tasks], base_model=cfg.model.name)
+    # peft records the directory the model was read from (and reads its config.json when saving); naming
+    # anything else here only makes get_peft_model warn that it renamed it.
+    peft_cfg = settings.to_peft([t.name for t in tasks], base_model=model.name_or_path or None)
     pm = peft.get_peft_model(model, peft_cfg)
     dataset = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length)
     on_step = None
@@ -182,11 +189,12 @@ def train_and_evaluate(
         pm.save_pretrained(str(tmp))
     t0 = time.perf_counter()
     routed = peft_cfg.router == "task" and method != "lora"
+    examples_path = out_dir / PER_EXAMPLE_FILE
     per_task = evaluate(
-        pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=out_dir / PER_EXAMPLE_FILE
+        pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method
     )
     summary = summarize(per_task, primary_metrics(tasks), baselines, metric_notes=metric_notes(tasks))
-    summary["intervals"] = intervals_of(out_dir / PER_EXAMPLE_FILE, tasks, baseline_examples or baselines)
+    summary["intervals"] = intervals_of(examples_path, tasks, baseline_examples or baselines)
     results = {
         "method": method,
         "per_task": per_task,
@@ -235,7 +243,8 @@ def run(
             base = json.loads(base_file.read_text())
         else:
             examples_path = run_dir / f"base_{PER_EXAMPLE_FILE}"
-            per_task = evaluate(model, tokenizer, tasks, cfg, task_routed=False, examples_path=examples_path)
+            per_task = evaluate(model, tokenizer, tasks, cfg, task_routed=False, examples_path=examples_path,
+                                label="the base model")  # fmt: skip
             base = {
                 "method": "base",
                 "per_task": per_task,

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from asymlora import progress
 from asymlora.config import TrainSettings
 from asymlora.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -97,7 +98,8 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     n, world, rank = len(dataset), accelerator.num_processes, accelerator.process_index
-    bar = tqdm(total=settings.steps, initial=start, desc=desc, disable=not accelerator.is_main_process)
+    show = accelerator.is_main_process and progress.enabled()  # off under asymlora --quiet
+    bar = tqdm(total=settings.steps, initial=start, desc=desc, disable=not show)
     t0, seen, last_loss = time.perf_counter(), 0, math.nan
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "train_log.jsonl"
@@ -142,7 +144,7 @@ def train(
                 }
                 with log_path.open("a") as fh:
                     fh.write(json.dumps(record) + "\n")
-                if bar.disable or not bar.fp.isatty():
+                if progress.enabled() and (bar.disable or not bar.fp.isatty()):
                     tqdm.write(f"{desc} step {done}/{settings.steps} loss {step_loss:.4f} ({rate:.1f} ex/s)")
         if on_step is not None and accelerator.is_main_process:
             on_step(done)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -30,9 +31,16 @@ PEFT_KEY_PREFIX = "base_model.model."
 class AsymLoraModelForCausalLM(PeftModelForCausalLM):
     """A peft causal-LM model whose forward and generate accept ``task_ids`` (LongTensor[batch])."""
 
-    def __init__(self, model: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, model: Any, peft_config: Any, adapter_name: str = "default", **kwargs: Any) -> None:
         training = model.training
-        super().__init__(model, *args, **kwargs)
+        # peft 0.21's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5
+        # deprecated in favour of `is_activation_checkpointing` (same value): its FutureWarning names
+        # nothing the user can change, so exactly that message is ignored, for this call only.
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            super().__init__(model, peft_config, adapter_name, **kwargs)
         self.train(training)  # a new nn.Module starts in train mode; keep the base model's mode
 
     def forward(

@@ -1,0 +1,146 @@
+"""The code blocks of README.md and docs/*.md, tried as a new user would.
+
+- Every ```python block runs as written, on its own (a fresh namespace, in an empty working directory,
+  offline), on the built-in model, and raises no warning (marked slow: it loads SmolLM2-135M).
+- Shell blocks (```bash / sh / console) are not run (training takes minutes) but checked: every
+  ``asymlora ...`` line parses with the CLI's own parser, a config path it names exists and loads with its
+  overrides, ``make X`` names a Makefile target, ``python -m M`` an importable module and
+  ``python path.py`` an existing file.
+
+Any ``*.md`` added to docs/ is picked up. A small collector rather than a pytest plugin (pytest-markdown-docs,
+phmdoctest): those collect from a root-level path and would also scan every test module's docstrings once
+switched on for the suite, while the shell-line checks need our own code anyway.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+SHELL = {"bash", "sh", "shell", "console"}
+
+
+def _blocks(languages: set[str]) -> list:
+    params = []
+    for path in DOCS:
+        text = path.read_text()
+        for match in FENCE.finditer(text):
+            if match.group(1) in languages:
+                line = text.count("\n", 0, match.start()) + 2  # first line of the block's code
+                name = f"{path.relative_to(ROOT)}:{line}"
+                params.append(pytest.param(match.group(2), name, id=name))
+    return params
+
+
+def _commands(code: str) -> list[list[str]]:
+    """The block's command lines as argument lists (continuations joined, comments and prompts dropped)."""
+    commands = []
+    for line in code.replace("\\\n", " ").splitlines():
+        line = line.strip().removeprefix("$ ")
+        if not line or line.startswith("#"):
+            continue
+        for part in re.split(r"\s(?:&&|;)\s", line):
+            words = shlex.split(part, comments=True)
+            while words and (
+                re.fullmatch(r"[A-Z_]+=\S*", words[0]) or words[0] in ("time", "/usr/bin/time", "-v", "nice")
+            ):
+                words = words[1:]  # env assignments and timing wrappers
+            if words:
+                commands.append(words)
+    return commands
+
+
+PYTHON_BLOCKS = _blocks({"python", "py"})
+SHELL_BLOCKS = _blocks(SHELL)
+
+
+def test_the_collector_finds_the_readme_blocks():
+    names = [p.values[1] for p in PYTHON_BLOCKS]
+    assert sum(name.startswith("README.md:") for name in names) >= 2
+    assert len(SHELL_BLOCKS) >= 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("code", "where"), PYTHON_BLOCKS)
+def test_python_block_runs_as_written(code: str, where: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the blocks write adapters into the working directory
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, where, "exec"), {"__name__": "__main__"})  # our own docs
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught if w.category is not DeprecationWarning]
+    assert shown == [], f"{where} warns"
+
+
+def _check_asymlora(words: list[str], where: str) -> None:
+    from asymlora.cli import build_parser
+
+    parser = build_parser()
+    if "--help" in words or "-h" in words:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(words[1:])
+        assert exit_info.value.code == 0, where
+        return
+    try:
+        args, extra = parser.parse_known_args(words[1:])
+    except SystemExit:
+        pytest.fail(f"{where}: {shlex.join(words)!r} does not parse")
+    assert all("=" in e and not e.startswith("-") for e in extra), f"{where}: unknown arguments {extra}"
+    overrides = [*getattr(args, "overrides", []), *extra]
+    config = getattr(args, "config", None)
+    if config is None or not config.startswith("configs/"):
+        return
+    assert (ROOT / config).is_file(), f"{where}: {config} does not exist"
+    if args.command == "fed":
+        from asymlora.federated.config import load_fed_config
+
+        load_fed_config(ROOT / config, overrides)
+    else:
+        from asymlora.config import load_config
+
+        load_config(ROOT / config, overrides)
+
+
+def _check_command(words: list[str], where: str) -> None:
+    program = words[0]
+    if program == "asymlora":
+        _check_asymlora(words, where)
+    elif program == "make":
+        targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.MULTILINE)
+        assert words[1] in targets, f"{where}: no make target {words[1]!r}"
+    elif program == "python" and words[1:2] == ["-m"]:
+        if words[2] != "venv":
+            assert importlib.util.find_spec(words[2]) is not None, f"{where}: no module {words[2]}"
+    elif program == "python" and words[1].endswith(".py"):
+        assert (ROOT / words[1]).is_file(), f"{where}: no file {words[1]}"
+
+
+@pytest.mark.parametrize(("code", "where"), SHELL_BLOCKS)
+def test_shell_block_commands_are_valid(code: str, where: str) -> None:
+    for words in _commands(code):
+        _check_command(words, where)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "asymlora trian configs/multitask_bigbench.yaml",  # no such command
+        "asymlora export runs/mt --out x",  # --task missing
+        "asymlora train configs/multitask_bigbench.yaml adapter.rank=16",  # no such key
+        "asymlora fed configs/no_such.yaml",
+        "make dmeo",
+        "python -m asymlora.no_such_module",
+    ],
+)
+def test_the_shell_check_rejects_a_wrong_line(line: str) -> None:
+    with pytest.raises((AssertionError, pytest.fail.Exception, ValueError)):
+        for words in _commands(line):
+            _check_command(words, "planted")
