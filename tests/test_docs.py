@@ -103,6 +103,10 @@ def _check_asymlora(words: list[str], where: str) -> None:
         from asymlora.federated.config import load_fed_config
 
         load_fed_config(ROOT / config, overrides)
+    elif args.command == "sweep":
+        from asymlora.recipes.sweep import expand, load_sweep
+
+        assert expand(load_sweep(ROOT / config)), f"{where}: {config} expands to no cell"
     else:
         from asymlora.config import load_config
 
