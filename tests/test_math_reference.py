@@ -31,7 +31,7 @@ from asymlora.federated import (
 from asymlora.methods import get_method
 from asymlora.methods.fedhet import B0_NAME, B1_NAME, B2_NAME
 from asymlora.methods.malora import cropped_svd_init
-from asymlora.routing import RoutingState, balance_loss, routing
+from asymlora.routing import RoutingCall, RoutingState, balance_loss, routing
 from asymlora.tuner.layer import Linear
 
 # --- Switch-Transformer balance loss N · Σ_i f_i P_i ----------------------------------------------------------
@@ -83,9 +83,9 @@ def test_balance_loss_collected_by_the_layer_is_the_hand_value(router: str) -> N
     # The loss reads the full softmax before top-k, so top-2 of 3 gives the same 1.29375; weight 0.5 halves it.
     layer, state = _router_layer(router, weight=0.5)
     x = torch.eye(4, dtype=torch.float64).view(2, 2, 4)  # tokens e_1 … e_4 in a (batch 2, seq 2) layout
-    with routing(state, None, collect_aux=True):
+    with routing(state, RoutingCall(collect_aux=True)) as call:
         layer(x)
-        (aux,) = state.aux_losses
+        (aux,) = call.aux_losses
     torch.testing.assert_close(aux, torch.tensor(0.5 * BALANCE, dtype=torch.float64))
 
 
@@ -361,9 +361,14 @@ def test_task_gate_shapes_by_hand() -> None:
     ids = torch.tensor([2, 0])
     # (batch, features): one one-hot row per example
     assert torch.equal(task_gate(ids, 3, torch.zeros(2, 5)), torch.tensor([[0.0, 0, 1], [1, 0, 0]]))
-    # (batch·2, seq, features), e.g. two return sequences per prompt: each id repeated consecutively
-    gate = task_gate(ids, 3, torch.zeros(4, 7, 5))
-    assert gate.shape == (4, 1, 3) and gate[:, 0].argmax(-1).tolist() == [2, 2, 0, 0]
+    # (batch, seq, features): one one-hot per example, broadcast over the sequence axis
+    gate = task_gate(ids, 3, torch.zeros(2, 7, 5))
+    assert gate.shape == (2, 1, 3) and gate[:, 0].tolist() == [[0.0, 0, 1], [1, 0, 0]]
+    # in generate, beams / return sequences repeat each example's id consecutively (RoutingCall.repeat_rows)
+    call = RoutingCall(task_ids=ids, repeat_rows=True)
+    assert call.task_ids_for(4).tolist() == [2, 2, 0, 0]
+    with pytest.raises(ValueError, match=r"^task_ids has 2 entries but the batch has 4 rows"):
+        RoutingCall(task_ids=ids).task_ids_for(4)  # outside generate a short task_ids is an error
     with pytest.raises(ValueError, match=r"^task routing needs a batched input \(batch, \.\.\., features\)$"):
         task_gate(ids, 3, torch.zeros(5))
     with pytest.raises(
