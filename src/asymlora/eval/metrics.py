@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 from asymlora.data.tasks import METRIC_ACCURACY, METRIC_EXACT_MATCH, METRIC_ROUGE
+from asymlora.eval.extract import PAPER_PRIMARY
 
 __all__ = [
     "ROUGE_KEYS",
@@ -29,7 +30,7 @@ PRIMARY_ROUGE = "rougeL"
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
-_KNOWN = (METRIC_ACCURACY, METRIC_EXACT_MATCH, *ROUGE_KEYS)
+_KNOWN = (METRIC_ACCURACY, METRIC_EXACT_MATCH, *ROUGE_KEYS, *PAPER_PRIMARY.values())
 
 
 def normalize_answer(text: str) -> str:
@@ -102,6 +103,8 @@ def primary_metric(task_kind_or_metrics: Any) -> str:
             return METRIC_EXACT_MATCH
         if value == METRIC_ROUGE:
             return PRIMARY_ROUGE
+        if value in PAPER_PRIMARY:  # the papers' extraction rules and ROUGE (eval/extract.py)
+            return PAPER_PRIMARY[value]
         if value in _KNOWN:
             return value
         raise ValueError(

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from asymlora.data.collate import IGNORE_INDEX, encode_example
 from asymlora.data.tasks import METRIC_ROUGE, Example, Task
+from asymlora.eval.extract import paper_metric_scores
 from asymlora.eval.metrics import exact_match, rouge_scores
 
 __all__ = [
@@ -515,6 +516,7 @@ def evaluate_task(
             max_length=max_length,
         )
         references = [example.references or [example.target] for example in examples]
+        paper_scores = paper_metric_scores(task.metrics, predictions, references)  # raw generations
         if not any("\n" in ref for refs in references for ref in refs):
             predictions = [_first_line(text) for text in predictions]
         results = {
@@ -523,6 +525,7 @@ def evaluate_task(
         }
         if METRIC_ROUGE in task.metrics:
             results.update(rouge_scores(predictions, references))
+        results.update(paper_scores)
     results["n"] = float(len(examples))
     logger.info(
         "evaluated %s (%d examples, task_id=%s) in %.1f s: %s",
