@@ -469,7 +469,11 @@ def load_tasks(
             max_test=max_test,
             test_fraction=test_fraction,
             cache_dir=cache_dir,
-            siblings=[o.selector for o in parsed if o.selector and (o.scheme, o.location) == (p.scheme, p.location) and o != p],
+            siblings=[
+                o.selector
+                for o in parsed
+                if o.selector and (o.scheme, o.location) == (p.scheme, p.location) and o != p
+            ],
         )
         for spec, p in zip(expanded, parsed, strict=True)
     ]

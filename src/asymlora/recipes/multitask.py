@@ -129,7 +129,8 @@ def train_and_evaluate(
 
         recorder = TraceRecorder(pm, out_dir / "traces.jsonl")
         on_step = lambda step: step % cfg.train.trace_every == 0 and recorder.record(step)  # noqa: E731
-    result = train(pm, dataset, MultiTaskCollator(tokenizer), cfg.train, out_dir, resume=resume, on_step=on_step,
+    settings_train = cfg.train.for_examples(len(dataset))  # train.epochs → steps
+    result = train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
                    desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})")  # fmt: skip
     with atomic_dir(out_dir / "adapter", overwrite=True) as tmp:
         pm.save_pretrained(str(tmp))
@@ -168,7 +169,9 @@ def run(
         "tasks: "
         + ", ".join(f"{t.name} ({t.kind}, {len(t.train)} train / {len(t.test)} test)" for t in tasks)
     )
-    model, tokenizer = load(cfg.model.name, device=cfg.model.device)
+    model, tokenizer = load(cfg.model.name, device=cfg.model.device, load_in_4bit=cfg.model.load_in_4bit)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     primary = primary_metrics(tasks)
     rows: dict[str, dict[str, dict[str, float]]] = {}
     combined: dict[str, Any] = {"tasks": [t.name for t in tasks], "primary_metric": primary, "methods": {}}
