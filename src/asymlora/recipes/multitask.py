@@ -170,8 +170,11 @@ def run(
         + ", ".join(f"{t.name} ({t.kind}, {len(t.train)} train / {len(t.test)} test)" for t in tasks)
     )
     model, tokenizer = load(cfg.model.name, device=cfg.model.device, load_in_4bit=cfg.model.load_in_4bit)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.gradient_checkpointing:  # transformers ≥ 5.2x: activation_*; older 5.x: gradient_*
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     primary = primary_metrics(tasks)
     rows: dict[str, dict[str, dict[str, float]]] = {}
     combined: dict[str, Any] = {"tasks": [t.name for t in tasks], "primary_metric": primary, "methods": {}}
