@@ -177,12 +177,12 @@ def test_evaluate_task_scores_the_raw_multi_line_generation(monkeypatch, llm_roo
     import asymlora.eval.scoring as scoring
 
     task = load_task(f"llm-adapters:{llm_root}/ft-training_set/math_10k.json#gsm8k")  # labels 5.0 and 1234.0
-    by_label = {"5.0": "2 + 2 = 4\nthen 4 + 1 = 5", "1234.0": "It is 1,234\nor maybe 99"}
+    by_label = {"5.0": "2 + 2 = 4\nthen 4 + 1 = 5", "1234.0": "It is 1,234, not 99\nso: 1,234"}
     monkeypatch.setattr(
         scoring, "greedy_generate", lambda m, t, ex, **k: [by_label[e.references[0]] for e in ex]
     )
     scores = evaluate_task(None, None, task, task_id=None)
-    assert scores["answer_number"] == 0.5  # the last number of the whole output: 5 right, 99 wrong
+    assert scores["answer_number"] == 1.0  # the last number of the whole output (first lines end in 4 and 99)
     assert scores["exact_match"] == 0.0 and primary_metric(task) == "answer_number"
 
 
