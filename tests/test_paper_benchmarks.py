@@ -412,3 +412,23 @@ def test_heterogeneous_federated_paper_config_runs_in_simulation(feddpa_dir, tin
         res = json.loads((tmp_path / "run" / strategy / "results.json").read_text())
         assert res["ranks"] == [4, 2] and len(res["clients"]) == 2
         assert '"flan_rouge1"' in json.dumps(res)  # clients scored by the paper's ROUGE
+
+
+def test_4bit_base_loads_quantised_and_trains(llm_root, tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from asymlora.models import load
+    from asymlora.recipes.multitask import run
+
+    tiny_model = tmp_path / "model"  # hidden 64: bitsandbytes' CPU 4-bit decoding needs rows of >= 64 weights
+    tokenizer = make_char_tokenizer()
+    make_tiny_llama(vocab_size=len(tokenizer), hidden=64, layers=2).save_pretrained(tiny_model)
+    tokenizer.save_pretrained(tiny_model)
+    model, _ = load(str(tiny_model), device="cpu", load_in_4bit=True)
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Params4bit"
+    cfg = _config("commonsense_llama3_8b.yaml", llm_root, None, tmp_path, [f"model.name={tiny_model}",
+                  "model.load_in_4bit=true", f"run_dir={tmp_path / 'run'}", "train.epochs=1",
+                  "eval.max_new_tokens=4", "compare.methods=[alora]", "data.max_test=2", *TINY,
+                  f"data.tasks=[llm-adapters:{llm_root}/ft-training_set/commonsense_170k.json#piqa]"])  # fmt: skip
+    results = run(cfg, quiet=True)["methods"]["alora"]
+    assert results["steps"] == 1 and math.isfinite(results["final_loss"])  # 3 rows, 2 × 2 per step
+    assert results["per_task"]["piqa"]["n"] == 2.0

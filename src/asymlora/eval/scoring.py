@@ -473,6 +473,8 @@ def evaluate_task(
       metrics include ``rouge``. When no reference contains a line break, only the first
       non-empty line of a completion is kept (a model that goes on with a new "Question:" is
       not penalised for it).
+    - the papers' rules named in ``task.metrics`` (answer-word / number / letter extraction,
+      unstemmed ROUGE; :mod:`asymlora.eval.extract`), on the whole generation.
 
     Args:
         task_id: the task's index for task-routed adapters, or None (see
