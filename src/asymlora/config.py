@@ -36,7 +36,7 @@ class ModelSettings:
     device: str = "auto"
     """``auto`` (CUDA with bf16 when available, else CPU float32), ``cpu`` or ``cuda``."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~30 % more time); not with router ``task``."""
+    """Recompute activations in the backward pass: less memory, one more forward (≈ +50 % compute on a frozen base); not with router ``task``."""
     load_in_4bit: bool = False
     """Load the frozen base weights in 4-bit NF4 (bitsandbytes), QLoRA-style; the adapter stays in full precision."""
 
