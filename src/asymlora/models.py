@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -394,19 +394,22 @@ def _resolve_source(name_or_path: str) -> str:
     return name_or_path
 
 
-def _load_pretrained(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_pretrained(
+    source: str, dtype: torch.dtype, quantized: dict[str, Any] | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **(quantized or {}))
     except OSError as error:
         if Path(source).exists():
             raise
         raise FileNotFoundError(
             f"{source!r} is not a local directory and could not be loaded from the Hugging Face hub "
-            f"(hub ids need network access; this machine may have none). Use a built-in name "
-            f"({', '.join(sorted(BUILTIN_MODELS))}) or a local directory. Cause: {error}"
+            f"(hub ids need network access; this machine may have none). Download it where the hub is "
+            f"reachable (`hf download {source} --local-dir DIR`, gated models need `hf auth login` first), "
+            f"then pass DIR; or use a built-in name ({', '.join(sorted(BUILTIN_MODELS))}). Cause: {error}"
         ) from error
     return model, tokenizer
 
@@ -418,9 +421,25 @@ def _finalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
+    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is placed by device_map
+        model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _quantization(load_in_4bit: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
+    """``from_pretrained`` keywords for a 4-bit NF4 base (QLoRA's settings), or None."""
+    if not load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return {"quantization_config": config, "device_map": {"": str(device)}}
 
 
 def load(
@@ -428,6 +447,7 @@ def load(
     *,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    load_in_4bit: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer.
 
@@ -438,6 +458,8 @@ def load(
         device: ``None``/``"cpu"`` (default), ``"auto"`` (CUDA when available), or any torch
             device string.
         dtype: parameter dtype; default float32 on CPU, bfloat16 on CUDA where supported.
+        load_in_4bit: quantise the base weights to 4-bit NF4 with bitsandbytes (``dtype`` is then
+            the compute dtype).
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode on ``device``, with ``pad_token_id`` set
@@ -453,7 +475,8 @@ def load(
         source = str(ensure_builtin_cached(name_or_path))
     else:
         source = _resolve_source(name_or_path)
-    model, tokenizer = _load_pretrained(source, resolved_dtype)
+    quantized = _quantization(load_in_4bit, resolved_device, resolved_dtype)
+    model, tokenizer = _load_pretrained(source, resolved_dtype, quantized)
     return _finalize(model, tokenizer, resolved_device)
 
 

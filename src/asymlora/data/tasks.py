@@ -73,7 +73,9 @@ METRIC_BLEU = "bleu"
 FREE_TEXT_MIN_WORDS = 4
 """Generative tasks whose median reference has at least this many words also get ROUGE."""
 
-SPEC_SCHEMES = ("bigbench", "json", "jsonl", "hf")
+SPEC_SCHEMES = ("bigbench", "json", "jsonl", "hf", "llm-adapters", "feddpa")
+PAPER_SCHEMES = ("llm-adapters", "feddpa")
+"""The ALoRA paper's benchmark data (:mod:`asymlora.data.paper_formats`)."""
 TASK_SELECTOR = "#"
 ALL_TASKS = "*"
 
@@ -369,7 +371,9 @@ def parse_spec(spec: str) -> TaskSpec:
     return TaskSpec(scheme, location, selector)
 
 
-def _load_splits(spec: TaskSpec, cache_dir: str | Path | None) -> tuple[str, dict[str, list[Example]], dict]:
+def _load_splits(
+    spec: TaskSpec, cache_dir: str | Path | None, siblings: Sequence[str] = ()
+) -> tuple[str, dict[str, list[Example]], dict]:
     """Read a spec's examples: ``(task name, splits, build_task keyword overrides)``."""
     if spec.scheme == "bigbench":
         from asymlora.data.bigbench import load_bigbench
@@ -379,6 +383,10 @@ def _load_splits(spec: TaskSpec, cache_dir: str | Path | None) -> tuple[str, dic
         return loaded.name, {"all": loaded.examples}, overrides
     if spec.selector == ALL_TASKS:
         raise DataError(f"'#{ALL_TASKS}' selects several tasks: use load_tasks([...]) instead of load_task")
+    if spec.scheme in PAPER_SCHEMES:
+        from asymlora.data.paper_formats import load_paper_splits
+
+        return load_paper_splits(spec.scheme, spec.location, spec.selector, siblings)
     from asymlora.data.files import load_file_splits, load_hf_splits
 
     if spec.scheme == "hf":
@@ -396,6 +404,7 @@ def load_task(
     max_test: int | None = None,
     test_fraction: float = 0.2,
     cache_dir: str | Path | None = None,
+    siblings: Sequence[str] = (),
 ) -> Task:
     """Load one task from a spec.
 
@@ -408,18 +417,21 @@ def load_task(
         ``#taskname`` selects one task's rows.
         ``hf:/path/dir`` (``datasets.load_from_disk``) or ``hf:<hub id>`` (needs the hub), same
         columns and selector; ``train``/``test`` splits are used as given when both exist.
+        ``llm-adapters:<dir|file>#dataset`` / ``feddpa:<dir|file>#category`` — the ALoRA paper's
+        benchmark data in its public formats (see :mod:`asymlora.data.paper_formats`).
 
     Args:
         seed: shuffling seed; the same seed always gives the same split, whatever the caps.
         max_train, max_test: caps applied after splitting (``None``: no cap).
         test_fraction: share of the examples held out for test (sources without a test split).
         cache_dir: cache root for BIG-bench (default ``$ASYMLORA_CACHE`` or ``~/.cache/asymlora``).
+        siblings: the other task names loaded from the same source together (``load_tasks`` fills it).
 
     Raises:
         DataError: unknown task (with close matches), missing fields (file and line), a path
             that does not exist, or a task left empty by filtering/capping.
     """
-    name, splits, overrides = _load_splits(parse_spec(spec), cache_dir)
+    name, splits, overrides = _load_splits(parse_spec(spec), cache_dir, siblings)
     return build_task(
         name,
         splits,
@@ -466,6 +478,7 @@ def load_tasks(
         from asymlora.data.bigbench import prefetch
 
         prefetch(bigbench_paths, cache_dir=cache_dir)
+    parsed = [parse_spec(spec) for spec in expanded]
     return [
         load_task(
             spec,
@@ -474,6 +487,11 @@ def load_tasks(
             max_test=max_test,
             test_fraction=test_fraction,
             cache_dir=cache_dir,
+            siblings=[
+                o.selector
+                for o in parsed
+                if o.selector and (o.scheme, o.location) == (p.scheme, p.location) and o != p
+            ],
         )
-        for spec in expanded
+        for spec, p in zip(expanded, parsed, strict=True)
     ]

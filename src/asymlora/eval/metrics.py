@@ -33,6 +33,14 @@ from asymlora.data.tasks import (
     Task,
     TaskKind,
 )
+from asymlora.eval.extract import (
+    ANSWER_LETTER,
+    ANSWER_NUMBER,
+    ANSWER_WORD,
+    FLAN_ROUGE,
+    PAPER_METRICS,
+    PAPER_PRIMARY,
+)
 
 __all__ = [
     "METRICS",
@@ -79,11 +87,14 @@ class Metric:
         compute: ``(predictions, references) -> {key: value in [0, 1]}``, references being per
             example a string or a list of strings; None for ``accuracy``, which is scored from
             option log-likelihoods by :func:`asymlora.eval.scoring.evaluate_task`.
+        raw: scores the whole generation (the papers' extraction rules, :mod:`asymlora.eval.extract`)
+            rather than its first line.
     """
 
     kind: TaskKind
     keys: tuple[str, ...]
     compute: MetricFn | None = None
+    raw: bool = False
 
 
 # --------------------------------------------------------------------------- exact match
@@ -217,6 +228,13 @@ METRICS: dict[str, Metric] = {
     METRIC_EXACT_MATCH: Metric("generate", (METRIC_EXACT_MATCH,), exact_match_score),
     METRIC_ROUGE: Metric("generate", ROUGE_KEYS, rouge_scores),
     METRIC_BLEU: Metric("generate", (METRIC_BLEU,), bleu_score),
+    # the ALoRA paper's benchmarks (commonsense, math, FLAN / FedDPA), on the whole generation
+    ANSWER_WORD: Metric("generate", (ANSWER_WORD,), PAPER_METRICS[ANSWER_WORD], raw=True),
+    ANSWER_NUMBER: Metric("generate", (ANSWER_NUMBER,), PAPER_METRICS[ANSWER_NUMBER], raw=True),
+    ANSWER_LETTER: Metric("generate", (ANSWER_LETTER,), PAPER_METRICS[ANSWER_LETTER], raw=True),
+    FLAN_ROUGE: Metric(
+        "generate", (PAPER_PRIMARY[FLAN_ROUGE], f"{FLAN_ROUGE}L"), PAPER_METRICS[FLAN_ROUGE], raw=True
+    ),
 }
 """Metric name → :class:`Metric`. Add an entry to make a new metric available to tasks and configs."""
 
@@ -289,9 +307,15 @@ def check_metric(task: str, kind: TaskKind, metric: str) -> str:
 
 
 def score_generations(
-    predictions: Sequence[str], references: References, metrics: Iterable[str]
+    predictions: Sequence[str],
+    references: References,
+    metrics: Iterable[str],
+    raw_predictions: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Exact match plus every metric of ``metrics`` (names or result keys) on generated answers.
+
+    ``raw_predictions``: the whole generations, for the metrics marked ``raw`` (the papers' extraction
+    rules); ``predictions`` (e.g. first lines) are used for those too when None.
 
     Raises:
         ValueError: a metric that does not score generated text (e.g. ``accuracy``) or is unknown.
@@ -308,7 +332,8 @@ def score_generations(
     for owner in owners:
         compute = METRICS[owner].compute
         assert compute is not None
-        results.update(compute(predictions, references))
+        raw = METRICS[owner].raw and raw_predictions is not None
+        results.update(compute(raw_predictions if raw else predictions, references))
     return results
 
 

@@ -508,6 +508,8 @@ def evaluate_task(
       metrics include ``rouge``. When no reference contains a line break, only the first
       non-empty line of a completion is kept (a model that goes on with a new "Question:" is
       not penalised for it).
+    - the papers' rules named in ``task.metrics`` (answer-word / number / letter extraction,
+      unstemmed ROUGE; :mod:`asymlora.eval.extract`), on the whole generation.
 
     Args:
         task_id: the task's index for task-routed adapters, or None (see
@@ -555,10 +557,11 @@ def evaluate_task(
         results = {"accuracy": sum(hits) / len(examples)}
     else:
         references = [example.references or [example.target] for example in examples]
+        raw = predictions
         if not any("\n" in ref for refs in references for ref in refs):
             predictions = [_first_line(text) for text in predictions]
-        results = score_generations(predictions, references, task.metrics)
-        per_example = _per_example_scores(predictions, references, task.metrics, results)
+        results = score_generations(predictions, references, task.metrics, raw)
+        per_example = _per_example_scores(predictions, raw, references, task.metrics, results)
     results["n"] = float(len(examples))
     logger.info(
         "evaluated %s (%d examples, task_id=%s) in %.1f s: %s",
@@ -577,6 +580,7 @@ def evaluate_task(
 
 def _per_example_scores(
     predictions: Sequence[str],
+    raw: Sequence[str],
     references: Sequence[Sequence[str]],
     metrics: Sequence[str],
     results: dict[str, float],
@@ -586,7 +590,10 @@ def _per_example_scores(
     Corpus-level metrics (BLEU: n-gram counts pooled over the corpus) are left out, since the mean
     of sentence scores is not the corpus score; intervals and paired tests then skip them.
     """
-    rows = [score_generations([p], [r], metrics) for p, r in zip(predictions, references, strict=True)]
+    rows = [
+        score_generations([p], [r], metrics, [w])
+        for p, w, r in zip(predictions, raw, references, strict=True)
+    ]
     per_example = {key: [row[key] for row in rows] for key in rows[0]}
     return {
         key: values

@@ -78,7 +78,7 @@ def base_model(name: str) -> tuple[Any, Any]:
         from asymlora.models import load
 
         t0 = time.perf_counter()
-        _BASE[name] = load(name)
+        _BASE[name] = load(name, device="auto")  # CUDA (bf16) when Ray gave this client a GPU, else CPU
         logger.info("loaded %s in %.1f s (pid %d)", name, time.perf_counter() - t0, os.getpid())
     return _BASE[name]
 

@@ -143,6 +143,10 @@ class SimulationSettings:
     """torch threads inside each client process."""
     object_store_mb: int = 512
     """Ray object store size (MB)."""
+    num_gpus: float = 0.0
+    """GPUs Ray may use in total (0: clients run on the CPU). With GPUs, clients load the model on CUDA in bf16."""
+    gpus_per_client: float = 0.0
+    """GPU share per client (e.g. 1.0: one client per GPU at a time; 0.5: two clients share one GPU)."""
 
 
 @dataclass
@@ -301,6 +305,12 @@ class FedConfig:
             raise ConfigError(
                 f"simulation.cpus_per_client={self.simulation.cpus_per_client} exceeds "
                 f"simulation.num_cpus={self.simulation.num_cpus}: no client could ever run"
+            )
+        sim = self.simulation
+        if sim.num_gpus < 0 or sim.gpus_per_client < 0 or sim.gpus_per_client > max(sim.num_gpus, 0):
+            raise ConfigError(
+                f"simulation.gpus_per_client={sim.gpus_per_client!r} with simulation.num_gpus={sim.num_gpus!r}: "
+                "both must be >= 0 and a client cannot need more GPUs than there are"
             )
         if self.train.lr <= 0:
             raise ConfigError(f"train.lr={self.train.lr!r} must be positive")

@@ -154,11 +154,11 @@ def simulate(cfg: FedConfig, runs: list[tuple[str, Path, bool]], *, say: Any = p
         "init_args": {
             "address": "local",  # never attach to another user's Ray cluster
             "num_cpus": s.num_cpus,
-            "num_gpus": 0,
+            "num_gpus": s.num_gpus,
             "object_store_memory": s.object_store_mb * 2**20,
             "include_dashboard": False,
         },
-        "client_resources": {"num_cpus": s.cpus_per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": s.cpus_per_client, "num_gpus": s.gpus_per_client},
     }
     error = ""
     try:

@@ -183,7 +183,8 @@ def train_and_evaluate(
 
         recorder = TraceRecorder(pm, out_dir / "traces.jsonl")
         on_step = lambda step: step % cfg.train.trace_every == 0 and recorder.record(step)  # noqa: E731
-    result = train(pm, dataset, MultiTaskCollator(tokenizer), cfg.train, out_dir, resume=resume, on_step=on_step,
+    settings_train = cfg.train.for_examples(len(dataset))  # train.epochs → steps
+    result = train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
                    desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})")  # fmt: skip
     with atomic_dir(out_dir / "adapter", overwrite=True) as tmp:
         pm.save_pretrained(str(tmp))
@@ -230,7 +231,12 @@ def run(
     notes = metric_notes(tasks)
     for note in notes.values():
         say(f"note: {note}")
-    model, tokenizer = load(cfg.model.name, device=cfg.model.device)
+    model, tokenizer = load(cfg.model.name, device=cfg.model.device, load_in_4bit=cfg.model.load_in_4bit)
+    if cfg.model.gradient_checkpointing:  # transformers ≥ 5.2x: activation_*; older 5.x: gradient_*
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     primary = primary_metrics(tasks)
     rows: dict[str, dict[str, dict[str, float]]] = {}
     intervals: dict[str, dict[str, Any]] = {}  # per row, for the table and the error bars
