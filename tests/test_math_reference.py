@@ -466,3 +466,58 @@ def test_eval_metric_errors_say_what_is_missing() -> None:
     long = "x" * 70  # the message quotes the first 60 characters
     with pytest.raises(ValueError, match=rf"^prediction '{'x' * 60}'… has no reference answer$"):
         rouge_scores([long], [[]])
+
+
+def test_aggregation_survives_bad_clients_and_keeps_float64() -> None:
+    # A rejected client (no examples, a bool count, a bad het update) must not stop the clients after it,
+    # and a float64 server state is averaged in float64: (1 + 1e-12)·¼ + (1 + 3e-12)·¾ = 1 + 2.5e-12 exactly
+    # enough for float64 (float32 would round it to 1).
+    s = get_strategy("fedalora")
+    roles, _ = _adapted()
+    b = _name(roles, "B")
+    server = {b: torch.zeros(8, 2, dtype=torch.float64)}
+    one = torch.ones(8, 2, dtype=torch.float64)
+    ups = [({b: one}, 0), ({b: one}, True), ({b: one * (1 + 1e-12)}, 1), ({b: one * (1 + 3e-12)}, 3)]
+    res = aggregate(s, server, ups, roles, client_ids=["none", "bool", "a", "b"])
+    assert res.accepted == ["a", "b"] and [r.client for r in res.rejected] == ["none", "bool"]
+    assert "num_examples=True" in res.rejected[1].reason
+    torch.testing.assert_close(res.state[b], one * (1 + 2.5e-12), rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match=r"^1 client ids for 2 updates$"):
+        aggregate(s, server, ups[2:], roles, client_ids=["a"])
+    # zero padding in float64 too: rank 1 (n = 1) and rank 2 (n = 1) -> row 0 = (1 + 1e-12 + 1)/2
+    z = get_strategy("zeropad")
+    roles2, _ = _adapted(r=2)
+    a2, b2 = _name(roles2, "A"), _name(roles2, "B")
+    server = {a2: torch.zeros(2, 8, dtype=torch.float64), b2: torch.zeros(8, 2, dtype=torch.float64)}
+    up1 = {a2: torch.full((1, 8), 1 + 1e-12, dtype=torch.float64), b2: torch.ones(8, 1, dtype=torch.float64)}
+    up2 = {a2: torch.ones(2, 8, dtype=torch.float64), b2: torch.ones(8, 2, dtype=torch.float64)}
+    res = aggregate(z, server, [(up1, 1), (up2, 1)], roles2)
+    torch.testing.assert_close(
+        res.state[a2][0], torch.full((8,), 1 + 0.5e-12, dtype=torch.float64), rtol=0, atol=1e-15
+    )
+    # Fed-ALoRA-het: a malformed update is recorded under its client id; the next client still counts
+    h = get_strategy("fedalora-het")
+    roles_h, _ = _adapted("fedhet", r=1)
+    b0 = _name(roles_h, B0_NAME)
+    res = aggregate(
+        h,
+        {b0: torch.zeros(8, 4)},
+        [({b0: torch.ones(3, 4)}, 1), ({b0: torch.ones(8, 4)}, 1)],
+        roles_h,
+        ["x", "y"],
+    )
+    assert res.accepted == ["y"] and res.rejected[0].client == "x"
+    torch.testing.assert_close(res.state[b0], torch.ones(8, 4))
+
+
+def test_het_upload_choice_at_the_boundary_and_forced() -> None:
+    # d_out = 8, d_m = 8, r = 4: factors 4·(8 + 8) = 64 values = the product's 8·8: not smaller -> the product
+    s = get_strategy("fedalora-het")
+    roles, state = _adapted("fedhet", r=4, d_m=8)
+    assert {roles[n].tensor for n in client_upload(s, state, roles)} == {B0_NAME}
+    # r = 3, d_m = 4: factors 3·12 = 36 > 32, the product is smaller, but "factors" forces them
+    roles, state = _adapted("fedhet", r=3, d_m=4)
+    assert {roles[n].tensor for n in client_upload(s, state, roles, het_upload="factors")} == {
+        B1_NAME,
+        B2_NAME,
+    }
