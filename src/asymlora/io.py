@@ -1,21 +1,54 @@
-"""Atomic writes: a directory or file appears complete or not at all."""
+"""Atomic writes: a file or directory appears complete or not at all, with the usual umask-based modes.
+
+``tempfile.mkstemp`` creates files with mode 0600 and ``mkdtemp`` directories with 0700, whatever the
+umask; a results file or an exported adapter that a server running as another user must read would then
+be unreadable to it. Every writer here therefore gives what it publishes the modes an ordinary ``open`` /
+``mkdir`` would (0644 / 0755 under the common umask 022) before the rename. docs/design.md §10.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+__all__ = ["apply_umask", "atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_text"]
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back (the usual idiom).
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a directory and everything below it) the modes the umask allows.
+
+    Files get ``0o666 & ~umask``, directories ``0o777 & ~umask``.
+    """
+    path, mask = Path(path), _umask()
+    if not path.is_dir():
+        path.chmod(0o666 & ~mask)
+        return
+    path.chmod(0o777 & ~mask)
+    for child in path.rglob("*"):
+        if not child.is_symlink():
+            child.chmod((0o777 if child.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; on success it replaces ``target`` in one rename.
 
-    On error the temporary directory is removed and ``target`` is untouched. Refuses to replace a
-    non-empty ``target`` unless ``overwrite``.
+    On error the temporary directory is removed and ``target`` is untouched. The directory and its files
+    get umask-based modes (:func:`apply_umask`) before the rename.
+
+    Raises:
+        FileExistsError: ``target`` exists, is not empty, and ``overwrite`` is False.
     """
     target = Path(target)
     if target.exists() and any(target.iterdir()) and not overwrite:
@@ -26,6 +59,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        apply_umask(tmp)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -38,15 +72,32 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file via a temporary file and rename."""
+def atomic_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Create ``path`` by ``write(tmp_path)`` on a temporary sibling, then one rename; returns ``path``.
+
+    For writers that take a file name (e.g. ``safetensors.torch.save_file``). On error the temporary
+    file is removed and ``path`` is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        write(tmp)
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`)."""
+    return atomic_file(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_file`)."""
+    return atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

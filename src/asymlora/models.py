@@ -20,7 +20,6 @@ atomically, so a half-written cache is never visible.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import json
 import logging
@@ -35,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from asymlora.io import apply_umask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -108,14 +109,15 @@ def cache_root() -> Path:
 
 @contextlib.contextmanager
 def file_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive ``fcntl`` lock on ``lock_path`` (created if needed) for the block."""
+    """Hold an exclusive lock on ``lock_path`` (created if needed) for the block, across processes.
+
+    Uses the maintained ``filelock`` package (the lock ``asymlora sweep`` uses for its ledger too).
+    """
+    from filelock import FileLock
+
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with FileLock(str(lock_path)):
+        yield
 
 
 def _is_complete(directory: Path) -> bool:
@@ -146,21 +148,12 @@ def build_dir_once(final_dir: Path, build: Callable[[Path], None]) -> Path:
             build(tmp_dir)
             if not _is_complete(tmp_dir):
                 raise RuntimeError(f"cache build for {final_dir} did not write {COMPLETE_MARKER}")
-            _apply_umask(tmp_dir)
+            apply_umask(tmp_dir)
             os.replace(tmp_dir, final_dir)
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
     return final_dir
-
-
-def _apply_umask(directory: Path) -> None:
-    """Give a ``mkdtemp`` directory (mode 0700) and its files the usual umask-based modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def builtin_cache_dir(name: str = "smollm2-135m", root: Path | None = None) -> Path:

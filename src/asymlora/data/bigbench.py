@@ -55,6 +55,7 @@ from asymlora.data.tasks import (
     TaskKind,
     compose_prompt,
 )
+from asymlora.io import atomic_write_bytes
 from asymlora.models import cache_root, file_lock
 
 __all__ = [
@@ -154,16 +155,7 @@ def _cached_task_file(path: str, cache_dir: str | Path | None) -> Path:
 
 def _write_atomic(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` through a temporary sibling and ``os.replace``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data)
 
 
 # --------------------------------------------------------------------------- fetching

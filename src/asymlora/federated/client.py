@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ from asymlora.federated.strategies import (
     local_state,
     role_map,
 )
+from asymlora.io import atomic_file
 from asymlora.methods import get_method
 from asymlora.methods.base import Role
 from asymlora.methods.fedhet import B2_NAME
@@ -452,19 +452,8 @@ def save_client_state(
     from safetensors.torch import save_file
 
     path = _state_file(state_dir, client, rnd)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in trained.items()},
-            tmp,
-            metadata={"round": str(rnd), "strategy": strategy},
-        )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
+    atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata={"round": str(rnd), "strategy": strategy}))
     for old in path.parent.glob("round-*.safetensors"):
         r = old.stem.removeprefix("round-")
         if r.isdigit() and int(r) < rnd - 1:
