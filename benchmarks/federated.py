@@ -1,4 +1,4 @@
-"""Federated cost per round (issue 7, item 4): Flower's own per-round overhead against local training, and
+"""Federated cost per round: Flower's own per-round overhead against local training, and
 the bytes each strategy moves, read from real runs' ``rounds.jsonl``.
 
     python benchmarks/federated.py            # SmolLM2-135M, 2 clients, 2 demo tasks, 3 rounds (minutes)

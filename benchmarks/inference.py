@@ -1,6 +1,6 @@
 """Greedy generation speed: a task-routed ALoRA adapter merged vs unmerged vs the base model alone.
 
-Issue 7, item 3. An ALoRA adapter with ``router="task"`` (N = 3 tasks, r = 8, q_proj + v_proj) is
+An ALoRA adapter with ``router="task"`` (N = 3 tasks, r = 8, q_proj + v_proj) is
 randomly initialised (B non-zero, so the adapter changes the outputs), then:
 
 - ``base``: the base model alone;

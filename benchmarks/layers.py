@@ -1,6 +1,6 @@
 """Forward + backward of one adapted linear layer: fused asymlora methods vs the loop form vs peft LoRA.
 
-Default shape: LLaMA-7B attention projection (4096 × 4096), 2048 tokens, r = 8, N = 3 (DESIGN.md §11).
+Default shape: LLaMA-7B attention projection (4096 × 4096), 2048 tokens, r = 8, N = 3 (docs/design.md §11).
 Ratios are of the *adapter path* (the layer's output minus W0 x), forward + backward, with x requiring
 grad as inside a network; the frozen base product is timed beside them, and whole-layer ratios too.
 Methods are timed alternately, round after round, and the median is reported (shared, noisy machines).

@@ -1,4 +1,4 @@
-"""Run every benchmark of issue 7 in one command, print every figure with its ratio, write the docs.
+"""Run every benchmark in one command, print every figure with its ratio, write the docs.
 
     python benchmarks/run_all.py                     # full: writes docs/performance.md and docs/scaling.png
     python benchmarks/run_all.py --all-projections   # + the training step with all seven projections
@@ -213,7 +213,7 @@ def hot_path_candidate(argv: list[str]) -> dict[str, Any]:
     return result
 
 
-# --- federated (item 4) ---------------------------------------------------------------------------------
+# --- federated ---------------------------------------------------------------------------------
 def federated_section(args: argparse.Namespace) -> dict[str, Any]:
     """Item 4: ``benchmarks/federated.py`` (real simulation runs; ``--smoke`` passed through)."""
     argv = ["--smoke"] if args.smoke else []
@@ -666,7 +666,7 @@ def render(res: dict[str, Any], args: argparse.Namespace, mach: dict[str, Any], 
             f"Command: `{ly['_run']['command']}`. One {sh['dim']} × {sh['dim']} linear layer (LLaMA-7B "
             f"attention shape), {sh['tokens']} tokens, r = {sh['r']}, N = {sh['experts']}, forward + "
             "backward with x requiring grad; `loop_alora` is the released code's algorithm (one product "
-            "pair per expert). Ratios are of the adapter path (layer output minus W0 x, DESIGN.md §11).\n"
+            "pair per expert). Ratios are of the adapter path (layer output minus W0 x, docs/design.md §11).\n"
         )
         out.append(layers_table(ly))
         r = ly["ratios"]
@@ -905,7 +905,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"whole-model step {n:<12} time {fmt_ratio(r['step_time'])} cpu {fmt_ratio(r['cpu_time'])} "
                 f"peak {fmt_ratio(r.get('peak_memory'))} training state {fmt_ratio(r['training_state'])} vs peft LoRA"
             )
-    print(f"federated (item 4): {res['federated']['status']}")
+    print(f"federated: {res['federated']['status']}")
     for key, failure in res["failed"].items():
         print(f"FAILED {key}: {failure['error']} ({failure['command']})")
     print(f"total: {res['wall_s'] / 60:.1f} min wall, {res['cpu_s'] / 60:.1f} CPU-min")

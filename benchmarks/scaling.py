@@ -1,6 +1,6 @@
 """How the adapter's step time and memory grow with the number of experts N and the rank r.
 
-Issue 7, item 5: ALoRA vs MoLoRA vs HydraLoRA (plain LoRA of rank r as the reference), N in
+ALoRA vs MoLoRA vs HydraLoRA (plain LoRA of rank r as the reference), N in
 (1, 2, 4, 8, 16) at r = 8 and r in (4, 8, 16, 32, 64) at N = 3.
 
 **Layer level, at the LLaMA-7B attention shape** (4096 × 4096, 2048 tokens, as ``benchmarks/layers.py``),

@@ -1,6 +1,6 @@
 """One optimiser step of the whole model: asymlora's methods against peft's own LoRA, in one run.
 
-Default setting (issue 7, item 1): SmolLM2-135M-Instruct, batch 8 × 128 tokens, r = 8, N = 3, targets
+Default setting: SmolLM2-135M-Instruct, batch 8 × 128 tokens, r = 8, N = 3, targets
 q_proj + v_proj (``--all-projections``: q, k, v, o, gate, up, down). Variants: peft's own LoRA
 (``peft.LoraConfig``, the baseline of every ratio), our ``lora``, ``alora``, ``hydralora`` (soft router, as
 in their papers), ``molora`` and ``malora`` (top-2 router, as in theirs). A step is forward + backward +
@@ -56,7 +56,7 @@ ROUTER = {"alora": "soft", "hydralora": "soft", "molora": "topk", "malora": "top
 QV: tuple[str, ...] = ("q_proj", "v_proj")
 ALL_SEVEN: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGETS = {"step_time": 1.10, "peak_memory": 1.10}
-"""ALoRA / peft LoRA upper bounds (issue 7, item 1)."""
+"""ALoRA / peft LoRA upper bounds (docs/performance.md)."""
 MiB = 1024**2
 MMAP_THRESHOLD = 65536
 """glibc's MALLOC_MMAP_THRESHOLD_ in the memory children: every block of 64 KiB or more is its own mapping,

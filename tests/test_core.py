@@ -131,7 +131,7 @@ def test_malora_init_is_cropped_svd_with_beta() -> None:
     torch.testing.assert_close(s @ s.T, 1.25**2 * torch.eye(32), atol=1e-5, rtol=1e-5)
 
 
-# --- parameter counts (DESIGN.md §3) ---------------------------------------------------------------
+# --- parameter counts (docs/design.md §3) ---------------------------------------------------------------
 def expected_params(method: str, r: int, n: int, d_in: int, d_out: int, d_sub: int, r_hat: int) -> int:
     return {
         "lora": r * (d_in + d_out),

@@ -1,4 +1,4 @@
-"""Every method on the real SmolLM2-135M (DESIGN.md §7): forward, backward, starts equal to the base."""
+"""Every method on the real SmolLM2-135M (docs/design.md §7): forward, backward, starts equal to the base."""
 
 from __future__ import annotations
 

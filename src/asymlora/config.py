@@ -167,7 +167,7 @@ class EvalSettings:
 
 @dataclass
 class CompareSettings:
-    """Several methods in one run, the paper's protocol (DESIGN.md §8)."""
+    """Several methods in one run, the paper's protocol (docs/design.md §8)."""
 
     methods: list[str] = field(default_factory=list)
     """Methods trained one after the other with the same data, seed and budget (empty: only adapter.method)."""

@@ -1,4 +1,4 @@
-"""Merge one task into the base model, or export it as a standard peft LoRA adapter (DESIGN.md §3).
+"""Merge one task into the base model, or export it as a standard peft LoRA adapter (docs/design.md §3).
 
 With ``router="task"`` task t's update is an ordinary LoRA: ΔW_t = s · B_t A_t (ALoRA: A_t with the shared
 B). `merge_task` folds it into W0; `export_task_adapter` writes it as ``lora_A``/``lora_B`` with a stock

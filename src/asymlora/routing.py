@@ -1,4 +1,4 @@
-"""Routers: the per-token gate g(x) ∈ R^N that mixes an adapter's experts (DESIGN.md §3).
+"""Routers: the per-token gate g(x) ∈ R^N that mixes an adapter's experts (docs/design.md §3).
 
 - ``soft``: g = softmax(W_g x), dense (ALoRA and HydraLoRA papers; no balance loss by default).
 - ``topk``: keep the k largest of softmax(W_g x), renormalise to sum 1 (MoLoRA/MALoRA: top-2 of 8).

@@ -1,4 +1,4 @@
-"""Analysis toolkit: where does the knowledge of a LoRA adapter sit? (DESIGN.md §5, arXiv 2509.25414 §3)
+"""Analysis toolkit: where does the knowledge of a LoRA adapter sit? (docs/design.md §5, arXiv 2509.25414 §3)
 
 - `metrics`: pure tensor functions — subspace similarity φ and principal angles (A: row space, B: column
   space), the φ(i, j) grid, SVCCA similarity, DoRA-style magnitude/direction change, relative change and

@@ -1,4 +1,4 @@
-"""Pure tensor metrics behind the paper's evidence (DESIGN.md §5).
+"""Pure tensor metrics behind the paper's evidence (docs/design.md §5).
 
 Every function takes torch tensors (any float dtype, any device), computes in float64 on the tensors'
 device, and returns float64 tensors. Matrices may carry leading batch axes (typically one per layer):

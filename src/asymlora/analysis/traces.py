@@ -1,5 +1,5 @@
 """Training-time traces: how far A moved from its initialisation, how large B grew, and the DoRA-style
-magnitude/direction change of the adapted weights, per adapted layer, every K steps (DESIGN.md §5).
+magnitude/direction change of the adapted weights, per adapted layer, every K steps (docs/design.md §5).
 
     recorder = TraceRecorder(model, run_dir / "traces.jsonl", every=10)   # snapshot A before training
     for step in range(1, steps + 1):

@@ -1,6 +1,6 @@
 """Federated fine-tuning: strategies as pure functions over state dicts, and communication accounting.
 
-`asymlora.federated.strategies` holds the six strategies of DESIGN.md §4 (``fedit``, ``ffa``, ``fedsa``,
+`asymlora.federated.strategies` holds the six strategies of docs/design.md §4 (``fedit``, ``ffa``, ``fedsa``,
 ``fedalora``, ``fedalora-het``, ``zeropad``): what each shares, keeps, freezes and resets, and the
 server-side aggregation with validation. `asymlora.federated.accounting` measures the bytes of their
 messages. Neither imports Flower; the Flower apps call them.

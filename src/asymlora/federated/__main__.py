@@ -14,7 +14,7 @@
 
 The app's dependency list is empty on purpose: asymlora, torch and flwr are installed on every machine
 beforehand, and the SuperLink runs with ``--disable-runtime-dependency-installation``, so Flower never
-builds a per-run environment (which would pull a CUDA torch from the public index, DESIGN.md §10).
+builds a per-run environment (which would pull a CUDA torch from the public index, docs/design.md §10).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Every figure here is the size of what `asymlora.federated.strategies` actually p
 tensors. For 7B-scale shapes the base model is built on the meta device (no weights; the adapter tensors
 end up on meta too), so the table costs a few seconds and no memory.
 
-Beside the measured figures it gives the accounting formulas of DESIGN.md §4 that reproduce the ALoRA
+Beside the measured figures it gives the accounting formulas of docs/design.md §4 that reproduce the ALoRA
 paper's published "params communicated" (LLaMA-2-7B, q_proj and v_proj, L = 32, r = 8; heterogeneous
 ranks [64, 64, 32, 32, 16, 16, 8, 8], r̄ = 30, d_m = 16).
 
@@ -159,7 +159,7 @@ class StrategyCost:
     Attributes:
         strategy: strategy name.
         clients: one `ClientCost` per client.
-        paper_params: the DESIGN.md §4 accounting formula (mean per client, upload + download).
+        paper_params: the docs/design.md §4 accounting formula (mean per client, upload + download).
         published: the paper's published figure in millions, or None.
         note: remarks for the table.
     """
@@ -261,7 +261,7 @@ def paper_params(
     d_m: int,
     het_inner_factors: bool = True,
 ) -> float:
-    """DESIGN.md §4's accounting of the paper's figures, per client per round (upload + download).
+    """docs/design.md §4's accounting of the paper's figures, per client per round (upload + download).
 
     Args:
         dims: (d_in, d_out) of every adapted layer (all layers, all target modules).

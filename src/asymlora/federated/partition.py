@@ -1,6 +1,6 @@
 """Splitting tasks among federated clients: one task per client, Dirichlet, or IID; deterministic by seed.
 
-- ``task`` (the paper's protocol, DESIGN.md §8): client k gets all of ``data.tasks[k]``, train and test.
+- ``task`` (the paper's protocol, docs/design.md §8): client k gets all of ``data.tasks[k]``, train and test.
 - ``dirichlet``: every *class* — a task (``dirichlet_over: tasks``) or a (task, answer) label of a choice
   task (``dirichlet_over: labels``; a generative task is one class) — is spread over the K clients with
   proportions p ~ Dir(α·1_K), drawn once per class and applied to its train and its test examples alike,

@@ -1,7 +1,7 @@
 """``asymlora fed CONFIG.yaml [key=value ...] [--resume] [--overwrite]``: federated runs on Flower's
 simulation engine, driven from Python (`flwr.simulation.run_simulation` with a Ray backend sized by
 ``simulation.*``), never through ``flwr run`` (which would build a per-run environment and pull a CUDA
-torch, DESIGN.md §10).
+torch, docs/design.md §10).
 
 For every strategy of ``strategies`` (one after the other, same clients, data and seed) the run
 directory gets ``<strategy>/`` (rounds.jsonl, checkpoint/, results.json, clients/); with

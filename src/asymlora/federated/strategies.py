@@ -1,4 +1,4 @@
-"""Federated strategies as pure functions over ``dict[str, Tensor]`` (DESIGN.md §4).
+"""Federated strategies as pure functions over ``dict[str, Tensor]`` (docs/design.md §4).
 
 A *strategy* says which adapter tensors travel between server and clients, which stay on the client,
 which are frozen and which are re-initialised every round, and how the server combines client updates.

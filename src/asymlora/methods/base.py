@@ -88,7 +88,7 @@ class AdapterMethod(ABC):
         """The matrix (k × d_in) that multiplies the layer input first, or None if the method has none.
 
         Methods that have one implement `combine`; the layer may then fuse the router's product with it
-        (one pass over x for both, DESIGN.md §3 "fused computation")."""
+        (one pass over x for both, docs/design.md §3 "fused computation")."""
         return None
 
     def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:

@@ -1,5 +1,5 @@
 """Heterogeneous-rank Fed-ALoRA: a frozen shared B0 plus a per-client low-rank correction
-(arXiv 2509.25414, §4.2 "Fed-ALoRA with heterogeneous ranks"; DESIGN.md §4).
+(arXiv 2509.25414, §4.2 "Fed-ALoRA with heterogeneous ranks"; docs/design.md §4).
 
 Client i has its own rank r_i; all clients share an intermediate rank d_m (paper: 16):
 

@@ -12,7 +12,7 @@ from asymlora.methods import METHODS
 from asymlora.routing import ROUTERS
 
 PEFT_TYPE = "ASYMLORA"
-"""Our key in peft's peft-type mapping tables (a plain string: peft's enum is closed, DESIGN.md §10)."""
+"""Our key in peft's peft-type mapping tables (a plain string: peft's enum is closed, docs/design.md §10)."""
 TASK_TYPE = "ASYMLORA_CAUSAL_LM"
 """Our key in peft's task-type -> model mapping: a causal-LM wrapper that passes `task_ids` to the layers."""
 

@@ -1,7 +1,7 @@
 """`AsymLoraModelForCausalLM`: peft's causal-LM wrapper, plus task ids and the balance loss.
 
 peft's stock `PeftModelForCausalLM.forward` drops ``task_ids`` for every adapter type but Poly
-(DESIGN.md §10), so the layers of a task-routed adapter would never see them. This subclass hands them to
+(docs/design.md §10), so the layers of a task-routed adapter would never see them. This subclass hands them to
 the layers for the duration of `forward`/`generate`, adds the weighted load-balancing loss to the training
 loss, and checks an adapter file before any weight is touched when loading. It is registered for our own
 task-type key, so `get_peft_model` and `PeftModel.from_pretrained` pick it.
