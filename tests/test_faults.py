@@ -375,3 +375,18 @@ def test_numpy_codec_names_the_dtypes_it_cannot_hold() -> None:
     with pytest.raises(TypeError, match="BFloat16.*to_record"):
         state_to_arrays(state)
     assert torch.equal(bytes_to_state(state_to_bytes(state))["x"], state["x"])  # safetensors keeps bfloat16
+
+
+def test_export_refuses_an_adapter_with_modules_to_save(tmp_path) -> None:
+    """A stock LoRA export holds only A_t and B: whole trained modules would be silently lost."""
+    import peft
+    from tests.conftest import make_tiny_llama
+
+    from asymlora import AsymLoraConfig, export_task_adapter
+
+    cfg = AsymLoraConfig(method="alora", router="task", r=2, num_experts=2, task_names=["a", "b"],
+                         target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    model = peft.get_peft_model(make_tiny_llama(), cfg)
+    with pytest.raises(ValueError, match=r"modules_to_save=\['lm_head'\].*merge_task"):
+        export_task_adapter(model, "b", tmp_path / "b")
+    assert not (tmp_path / "b").exists()

@@ -232,3 +232,24 @@ def test_evaluate_task_returns_each_examples_scores() -> None:
     assert [r["scores"]["exact_match"] for r in rows] == [1.0, 1.0, 1.0, 0.0]
     assert [r["scores"]["rouge1"] for r in rows] == pytest.approx([1, 2 / 3, 1, 0])  # "the z" vs "z": 2/3
     assert rows[0]["key"] == stats.example_key("Question: one?", "z")
+
+
+def test_a_corpus_level_primary_metric_gets_no_interval_and_no_crash() -> None:
+    """BLEU pools n-grams over the corpus: its task has no per-example scores, so no interval (not a KeyError)."""
+    from asymlora.eval.scoring import _per_example_scores
+    from asymlora.eval.stats import run_intervals
+
+    predictions = ["the cat sat on the mat", "a dog"]
+    references = [["the cat sat on the mat"], ["the dog ran in the park today"]]
+    results = {"bleu": 0.4, "exact_match": 0.5}  # any corpus BLEU that is not the mean of sentence BLEUs
+    kept = _per_example_scores(predictions, predictions, references, ["bleu"], results)
+    assert kept == {"exact_match": [1.0, 0.0]}
+    examples = {
+        "gen": [{"scores": {"exact_match": v}} for v in kept["exact_match"]],
+        "acc": [{"scores": {"accuracy": v}} for v in (1.0, 1.0, 0.0)],
+    }
+    iv = run_intervals(examples, {"gen": "bleu", "acc": "accuracy"}, n_resamples=200)
+    assert set(iv["per_task"]) == {"acc"} and iv["no_example_scores"] == ["gen"]
+    assert iv["average"] is None and iv["worst"] is None and iv["delta_m"] is None
+    both = run_intervals(examples, {"gen": "exact_match", "acc": "accuracy"}, n_resamples=200)
+    assert both["average"]["value"] == pytest.approx((0.5 + 2 / 3) / 2) and both["no_example_scores"] == []

@@ -72,8 +72,19 @@ def export_task_adapter(
     """Write task ``task`` as a standard peft LoRA adapter (adapter_config.json + adapter_model.safetensors).
 
     The directory appears complete or not at all. Returns its path.
+
+    Raises:
+        ValueError: the adapter is not task-routed, or it trains whole modules (``modules_to_save``):
+            a LoRA export carries only the low-rank factors and would not reproduce the model, so use
+            :func:`merge_task` (which keeps them) instead.
     """
     adapter_name, cfg = _mergeable_config(model, adapter_name)
+    if cfg.modules_to_save:
+        raise ValueError(
+            f"adapter {adapter_name!r} also trains whole modules (modules_to_save={list(cfg.modules_to_save)}); "
+            "a LoRA export would drop them and not reproduce the model. Merge the task instead "
+            "(asymlora.merge_task(model, task), then save_pretrained), or train without modules_to_save."
+        )
     index = cfg.task_index(task)
     method = get_method(cfg.method)
     state: dict[str, torch.Tensor] = {}

@@ -427,6 +427,21 @@ def compare_examples(
     return out
 
 
+def with_example_scores(
+    examples: Mapping[str, Sequence[Mapping[str, Any]]], primary: Mapping[str, str]
+) -> dict[str, Sequence[Mapping[str, Any]]]:
+    """The tasks whose rows hold a per-example score of the task's primary metric.
+
+    A corpus-level metric (BLEU pools n-gram counts over the corpus) has no per-example score, so its
+    tasks get no interval and no paired test (:func:`asymlora.eval.scoring.evaluate_task`).
+    """
+    return {
+        task: rows
+        for task, rows in examples.items()
+        if rows and all(primary[task] in row["scores"] for row in rows)
+    }
+
+
 def run_intervals(
     examples: Mapping[str, Sequence[Mapping[str, Any]]],
     primary: Mapping[str, str],
@@ -444,19 +459,23 @@ def run_intervals(
     Returns:
         ``{"per_task": {task: interval}, "average": interval, "worst": interval (of the lowest
         task mean), "std_over_tasks": interval (population std of the task means), "delta_m":
-        interval | None, "confidence": level}``.
+        interval | None, "no_example_scores": [tasks whose primary metric is corpus-level, without
+        intervals; then the over-task intervals are None too], "confidence": level}``.
     """
-    per_task = {
-        task: [float(row["scores"][primary[task]]) for row in rows] for task, rows in examples.items()
-    }
+    scored = with_example_scores(examples, primary)
+    per_task = {task: [float(row["scores"][primary[task]]) for row in rows] for task, rows in scored.items()}
+    whole = bool(per_task) and len(scored) == len(examples)  # over-task intervals need every task
     return {
         "per_task": {
             task: metric_interval(values, primary[task], **kwargs) for task, values in per_task.items()
         },
-        "average": average_interval(per_task, **kwargs),
-        "worst": over_tasks_interval(per_task, lambda means: means.min(axis=0), **kwargs),
-        "std_over_tasks": over_tasks_interval(per_task, lambda means: means.std(axis=0), **kwargs),
-        "delta_m": delta_m_interval(per_task, baselines, **kwargs) if baselines else None,
+        "average": average_interval(per_task, **kwargs) if whole else None,
+        "worst": over_tasks_interval(per_task, lambda means: means.min(axis=0), **kwargs) if whole else None,
+        "std_over_tasks": (
+            over_tasks_interval(per_task, lambda means: means.std(axis=0), **kwargs) if whole else None
+        ),
+        "delta_m": delta_m_interval(per_task, baselines, **kwargs) if baselines and whole else None,
+        "no_example_scores": sorted(set(examples) - set(scored)),
         "confidence": kwargs.get("confidence", CONFIDENCE),
     }
 

@@ -116,7 +116,13 @@ def _scored_run(path: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, 
         task: saved.get(task) or ("accuracy" if "accuracy" in rows[0]["scores"] else "exact_match")
         for task, rows in examples.items()
     }
-    return examples, primary
+    from asymlora.eval.stats import with_example_scores
+
+    scored = with_example_scores(examples, primary)
+    for task in sorted(set(examples) - set(scored)):
+        print(f"note: {path}: task {task!r} is scored by {primary[task]}, a corpus-level metric with no "
+              "per-example scores; it has no paired test")  # fmt: skip
+    return scored, {task: primary[task] for task in scored}
 
 
 def compare_runs(run_a: Path, run_b: Path) -> tuple[dict[str, Any], str]:

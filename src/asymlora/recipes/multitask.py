@@ -275,7 +275,8 @@ def run(
                                             resume=resume, baselines=None)  # fmt: skip
             single[task.name] = res["per_task"][task.name]
             rows_of = read_examples(out / PER_EXAMPLE_FILE)[task.name]
-            baseline_examples[task.name] = [r["scores"][primary[task.name]] for r in rows_of]
+            if all(primary[task.name] in r["scores"] for r in rows_of):  # not for corpus-level BLEU
+                baseline_examples[task.name] = [r["scores"][primary[task.name]] for r in rows_of]
             intervals.setdefault("single-task lora", {"per_task": {}})["per_task"].update(
                 res["intervals"]["per_task"]
             )

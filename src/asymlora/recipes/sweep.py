@@ -244,7 +244,7 @@ def make_record(cell: Cell, results: dict[str, Any], started: float, finished: f
             "keys": hashlib.sha1("".join(r["key"] for r in rows).encode()).hexdigest()[:16],
             "scores": [r["scores"][primary[task]] for r in rows],
         }
-        for task, rows in examples.items()
+        for task, rows in stats.with_example_scores(examples, primary).items()
     }
     keep = ("method", "per_task", "primary", "average", "std", "worst", "delta_m", "intervals",
             "trainable_params", "train_seconds", "eval_seconds", "peak_memory_mb", "steps", "final_loss",
