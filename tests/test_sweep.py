@@ -177,7 +177,25 @@ def test_report_is_regenerated_from_the_ledger_alone(env, campaign, capsys) -> N
     assert 0 <= paired["tests"]["average"]["p_value"] <= 1
     assert (out / "results.png").stat().st_size > 0
     assert cli_main(["sweep", str(env["sweep"]), "--list"]) == 0
-    assert capsys.readouterr().out.count("done") >= 6
+    listed = capsys.readouterr().out
+    assert listed.count("done") >= 6
+    # --list shows only the shard's cells, and a bad --shard is refused there too
+    halves = []
+    for part in ("0/2", "1/2"):
+        assert cli_main(["sweep", str(env["sweep"]), "--list", "--shard", part]) == 0
+        halves.append(capsys.readouterr().out.splitlines())
+    cells = [line for line in listed.splitlines() if "{" in line]
+    assert sorted(halves[0] + halves[1]) == sorted(cells) and not set(halves[0]) & set(halves[1])
+    assert abs(len(halves[0]) - len(halves[1])) <= 1
+    for bad in ("1/0", "abc"):
+        assert cli_main(["sweep", str(env["sweep"]), "--list", "--shard", bad]) == 2
+    assert "--shard" in capsys.readouterr().err
+
+
+def test_ledger_values_are_strict_json() -> None:
+    # a cell resumed after its training finished reports a NaN loss: the ledger stores null
+    assert sweep._finite(float("nan")) is None and sweep._finite(float("inf")) is None
+    assert sweep._finite([1.5, float("nan")]) == [1.5, None] and sweep._finite(0.25) == 0.25
 
 
 def test_compare_runs_and_its_user_errors(env, campaign, tmp_path, capsys) -> None:

@@ -37,6 +37,7 @@ import datetime
 import hashlib
 import itertools
 import json
+import math
 import socket
 import subprocess
 import time
@@ -256,12 +257,21 @@ def make_record(cell: Cell, results: dict[str, Any], started: float, finished: f
         "tasks": list(results["per_task"]),
         "commit": git_commit(),
         "host": socket.gethostname(),
-        **{key: results.get(key) for key in keep},
+        **{key: _finite(results.get(key)) for key in keep},
         "per_example": per_example,
         "started": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds"),
         "wall_seconds": round(finished - started, 2),
         "config": cell.config.to_dict(),
     }
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN / inf floats (e.g. the loss of a cell resumed after training) as None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------- running
@@ -349,11 +359,13 @@ def main(args: Any) -> int:
         page = write_report(sweep)
         print(f"report: {page}")
         return 0
+    index, count = parse_shard(args.shard)  # a bad --shard is refused before anything, --list too
     if args.list:
+        mine = {cell.id for cell in shard(expand(sweep), index, count)}
         for cell, status in cell_status(sweep):
-            print(f"{cell.id}  {status:7s}  {cell.params}")
+            if cell.id in mine:
+                print(f"{cell.id}  {status:7s}  {cell.params}")
         return 0
-    index, count = parse_shard(args.shard)
     counts = run_sweep(sweep, shard_index=index, shard_count=count, keep_going=args.keep_going)
     print(
         f"sweep: {counts['cells']} cells in this shard, {counts['done']} already done, {counts['ran']} run now, "
