@@ -315,3 +315,10 @@ def test_a_compare_run_with_single_task_baselines_gets_intervals_and_a_paired_de
     assert set(combined["methods"]["lora"]["intervals"]["per_task"]) == {"add", "parity"}
     table = (tmp_path / "cmp" / "results.md").read_text()
     assert "95 % interval" in table and table.count("[") >= 8
+    # `asymlora eval` re-scores the methods and keeps Δm% against the run's own single-task baselines
+    from asymlora.recipes.evaluate import evaluate_run
+
+    evaluate_run(tmp_path / "cmp")
+    again = json.loads((tmp_path / "cmp" / "alora" / "results.json").read_text())
+    assert again["delta_m"] is not None and again["delta_m"] == pytest.approx(results["delta_m"])
+    assert again["intervals"]["delta_m"]["value"] == pytest.approx(results["delta_m"])

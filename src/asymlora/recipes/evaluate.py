@@ -14,10 +14,12 @@ from asymlora.recipes.multitask import (
     PER_EXAMPLE_FILE,
     RESULTS_FILE,
     evaluate,
+    example_scores,
     intervals_of,
     load_tasks_for,
     primary_metrics,
     read_examples,
+    safe_name,
     write_json,
 )
 
@@ -29,6 +31,27 @@ def _run_config(run_dir: Path) -> RunConfig:
             f"{run_dir} is not an asymlora run directory (no {CONFIG_FILE}); train one first"
         )
     return load_config(path)
+
+
+def single_task_baselines(
+    run_dir: Path, cfg: RunConfig, primary: dict[str, str]
+) -> tuple[dict[str, float] | None, dict[str, list[float]] | None]:
+    """The Δm% baselines of a run: its saved single-task LoRA scores (``compare.single_task``, from
+    ``run_dir/single/``, with their per-example scores for a paired interval), else ``cfg.baselines``."""
+    if not cfg.compare.single_task:
+        return cfg.baselines, None
+    values: dict[str, float] = {}
+    examples: dict[str, list[float]] = {}
+    for task, metric in primary.items():
+        out = run_dir / "single" / safe_name(task)
+        if not (out / RESULTS_FILE).is_file():
+            raise FileNotFoundError(
+                f"{out} has no {RESULTS_FILE}: the single-task run of {task!r} did not finish"
+            )
+        values[task] = json.loads((out / RESULTS_FILE).read_text())["per_task"][task][metric]
+        if (scores := example_scores(out / PER_EXAMPLE_FILE, task, metric)) is not None:
+            examples[task] = scores
+    return values, examples or None
 
 
 def method_dirs(run_dir: Path, cfg: RunConfig) -> dict[str, Path]:
@@ -46,6 +69,7 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     cfg = _run_config(run_dir)
     tasks = load_tasks_for(cfg)
     primary, notes = primary_metrics(tasks), metric_notes(tasks)
+    baselines, baseline_examples = single_task_baselines(run_dir, cfg, primary)
     model, tokenizer = load(cfg.model.name, device=cfg.model.device)
     rows: dict[str, Any] = {}
     intervals: dict[str, Any] = {}
@@ -63,13 +87,15 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
         )
         results_path = directory / RESULTS_FILE
         results = json.loads(results_path.read_text()) if results_path.is_file() else {"method": method}
-        results.update(per_task=per_task, **summarize(per_task, primary, cfg.baselines, metric_notes=notes))
-        results["intervals"] = intervals[method] = intervals_of(examples_path, tasks, cfg.baselines)
+        results.update(per_task=per_task, **summarize(per_task, primary, baselines, metric_notes=notes))
+        results["intervals"] = intervals[method] = intervals_of(
+            examples_path, tasks, baseline_examples or baselines
+        )
         write_json(results_path, results)
         rows[method] = per_task
         model = pm.unload()
     table = format_table(
-        rows, primary, [t.name for t in tasks], cfg.baselines, metric_notes=notes, intervals=intervals
+        rows, primary, [t.name for t in tasks], baselines, metric_notes=notes, intervals=intervals
     )
     print(table)
     return rows

@@ -88,6 +88,15 @@ def read_examples(path: Path) -> dict[str, list[dict[str, Any]]]:
     return examples
 
 
+def example_scores(path: Path, task: str, metric: str) -> list[float] | None:
+    """Task ``task``'s per-example ``metric`` scores from a ``per_example.jsonl``; None for a corpus-level
+    metric (BLEU), which has none."""
+    rows = read_examples(path)[task]
+    if not all(metric in row["scores"] for row in rows):
+        return None
+    return [row["scores"][metric] for row in rows]
+
+
 def load_tasks_for(cfg: RunConfig):
     from asymlora.data import load_tasks
     from asymlora.eval.metrics import apply_metric_choices
@@ -274,9 +283,8 @@ def run(
             res, model = train_and_evaluate(single_cfg, "lora", model, tokenizer, [task], out,
                                             resume=resume, baselines=None)  # fmt: skip
             single[task.name] = res["per_task"][task.name]
-            rows_of = read_examples(out / PER_EXAMPLE_FILE)[task.name]
-            if all(primary[task.name] in r["scores"] for r in rows_of):  # not for corpus-level BLEU
-                baseline_examples[task.name] = [r["scores"][primary[task.name]] for r in rows_of]
+            if (scores := example_scores(out / PER_EXAMPLE_FILE, task.name, primary[task.name])) is not None:
+                baseline_examples[task.name] = scores
             intervals.setdefault("single-task lora", {"per_task": {}})["per_task"].update(
                 res["intervals"]["per_task"]
             )
