@@ -235,7 +235,8 @@ def infer_kind(examples: Sequence[Example], name: str) -> TaskKind:
     raise DataError(
         f"task {name!r} mixes {with_options} examples with options and {len(examples) - with_options} "
         "without; give every row of one task 'options' (choice) or none (generative), or split them "
-        "into two tasks with a 'task' column"
+        "into two tasks with a 'task' column (a file whose rows have a 'task' column is read as one task "
+        "per value with 'jsonl:FILE#*', or one of them with 'jsonl:FILE#NAME')"
     )
 
 
