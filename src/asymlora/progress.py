@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["QUIET_ENV", "bar", "enabled", "quiet"]
+__all__ = ["QUIET_ENV", "bar", "enabled", "quiet", "set_env"]
 
 QUIET_ENV = "ASYMLORA_QUIET"
 """Environment variable: any value but ``""``/``"0"`` switches progress output off."""
@@ -42,18 +42,10 @@ def _hf_bars(on: bool) -> None:
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """No progress bar in the block, in this process and in the processes it starts meanwhile.
-
-    Sets :data:`QUIET_ENV` and ``HF_HUB_DISABLE_PROGRESS_BARS`` (read by huggingface_hub and, at import,
-    by transformers), tells an already imported transformers / huggingface_hub directly, and restores
-    all of it afterwards.
-    """
-    names = (QUIET_ENV, "HF_HUB_DISABLE_PROGRESS_BARS")
-    saved = {name: os.environ.get(name) for name in names}
-    was_enabled = enabled()
-    os.environ.update(dict.fromkeys(names, "1"))
-    _hf_bars(False)
+def set_env(**values: str) -> Iterator[None]:
+    """Environment variables set for the block (processes started meanwhile inherit them), then restored."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -62,7 +54,24 @@ def quiet() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        if was_enabled and saved["HF_HUB_DISABLE_PROGRESS_BARS"] is None:
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No progress bar in the block, in this process and in the processes it starts meanwhile.
+
+    Sets :data:`QUIET_ENV` and ``HF_HUB_DISABLE_PROGRESS_BARS`` (read by huggingface_hub and, at import,
+    by transformers), tells an already imported transformers / huggingface_hub directly, and restores
+    all of it afterwards.
+    """
+    was_enabled = enabled()
+    hf_bars_were_on = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is None
+    _hf_bars(False)
+    try:
+        with set_env(**{QUIET_ENV: "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}):
+            yield
+    finally:
+        if was_enabled and hf_bars_were_on:
             _hf_bars(True)
 
 

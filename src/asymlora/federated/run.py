@@ -39,6 +39,7 @@ from typing import Any
 from asymlora.config import ConfigError
 from asymlora.federated.config import FedConfig, dump_fed_config, load_fed_config
 from asymlora.io import atomic_write_text
+from asymlora.progress import set_env
 
 __all__ = ["EXIT_FAILED", "EXIT_STOPPED", "EXIT_USER_ERROR", "main", "run", "simulate"]
 
@@ -120,25 +121,6 @@ def _no_run_simulation_banner() -> Iterator[None]:
         FLOWER_LOGGER.removeFilter(drop)
 
 
-@contextlib.contextmanager
-def _actor_env(**values: str) -> Iterator[None]:
-    """Environment variables set while Ray starts its workers (they inherit them), restored afterwards.
-
-    ``HF_HUB_DISABLE_PROGRESS_BARS=1``: each client actor loads the base model once; transformers'
-    "Loading weights" bar of every actor, prefixed by Ray, says nothing about the run.
-    """
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def simulate(cfg: FedConfig, runs: list[tuple[str, Path, bool]], *, say: Any = print) -> dict[str, Any]:
     """Strategies ``runs`` = [(strategy, out_dir, resume), ...] one after the other in one simulation
     (one Ray start; the clients keep their base model loaded); returns each strategy's `ServerOutcome`."""
@@ -162,7 +144,8 @@ def simulate(cfg: FedConfig, runs: list[tuple[str, Path, bool]], *, say: Any = p
     }
     error = ""
     try:
-        with _no_run_simulation_banner(), _actor_env(HF_HUB_DISABLE_PROGRESS_BARS="1"):
+        # Ray's workers inherit the variable: each client actor's "Loading weights" bar says nothing of the run
+        with _no_run_simulation_banner(), set_env(HF_HUB_DISABLE_PROGRESS_BARS="1"):
             run_simulation(
                 server_app=server,
                 client_app=client_app,
