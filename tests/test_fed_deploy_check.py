@@ -89,6 +89,8 @@ def test_wrong_ca_wrong_key_and_missing_files(pki, tmp_path: Path) -> None:
     (p,) = problems(ca=pki.ca[0], cert=pki.server[0], key=missing)
     assert p == f"{missing}: SuperLink private key not found; fix: give the path of the SuperLink private key"
     assert "needs both --cert and --key" in problems(ca=pki.ca[0], cert=pki.server[0])[0]
+    (p,) = problems(ca=pki.ca[0], hosts=["10.0.0.5"])  # a host with no certificate to check it against
+    assert p.startswith("--host 10.0.0.5 is checked against the SuperLink's certificate") and "--cert" in p
     (p,) = problems(ca=pki.ca[0], cert=pki.server[1], key=pki.server[1])  # the key given as certificate
     assert "not a PEM certificate (SuperLink certificate)" in p
     missing_pub = tmp_path / "node9.pub"

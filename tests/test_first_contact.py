@@ -102,11 +102,11 @@ def tiny_builtin(tmp_path, monkeypatch):
     return data
 
 
-def _demo(tmp_path, data, *extra: str) -> int:
+def _demo(tmp_path, data, *extra: str, before: tuple[str, ...] = ()) -> int:
     from asymlora.cli import main
 
     return main([
-        "demo", "--run-dir", str(tmp_path / "demo"), *extra, f"model.name={TINY_BUILTIN}",
+        *before, "demo", "--run-dir", str(tmp_path / "demo"), *extra, f"model.name={TINY_BUILTIN}",
         f"data.tasks=[jsonl:{data}#parity, jsonl:{data}#add]", "data.max_train=8", "data.max_test=4",
         "data.max_length=32", "train.steps=2", "train.batch_size=2", "train.warmup_steps=0",
         "eval.max_new_tokens=3", "compare.methods=[lora, alora]",
@@ -132,10 +132,15 @@ def test_demo_prints_no_warning_and_shows_every_phase(tmp_path, tiny_builtin, ca
     assert config["base_model_name_or_path"] == str(builtin_cache_dir(TINY_BUILTIN))  # what was read
 
 
-def test_quiet_demo_shows_no_progress_bar(tmp_path, tiny_builtin, capsys):
+@pytest.mark.parametrize("where", ["after the command", "before the command"])
+def test_quiet_demo_shows_no_progress_bar(tmp_path, tiny_builtin, capsys, where):
     from asymlora import progress
 
-    assert _demo(tmp_path, tiny_builtin, "--quiet") == 0
+    quiet = {"after the command": {"extra": ("--quiet",)}, "before the command": {"before": ("--quiet",)}}
+    assert (
+        _demo(tmp_path, tiny_builtin, *quiet[where].get("extra", ()), before=quiet[where].get("before", ()))
+        == 0
+    )
     captured = capsys.readouterr()
     assert "it/s" not in captured.err and "%|" not in captured.err and "evaluating" not in captured.err
     assert "step 2/2 loss" not in captured.out + captured.err  # the per-step log lines are progress too

@@ -215,8 +215,12 @@ def test_compare_runs_and_its_user_errors(env, campaign, tmp_path, capsys) -> No
     rows = (short / "per_example.jsonl").read_text().splitlines()
     (short / "per_example.jsonl").write_text("\n".join(r for r in rows if '"index": 5' not in r) + "\n")
     (bare := tmp_path / "bare").mkdir()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(lora, damaged)
+    (damaged / "per_example.jsonl").write_text("\n".join([*rows[:3], rows[3][:20], *rows[4:]]) + "\n")
     for argv, message in [
         ([str(alora), str(short)], "run A was scored on 6 examples and run B on 5"),
+        ([str(alora), str(damaged)], "per_example.jsonl line 4 is not a per-example record"),
         ([str(alora), str(bare)], "asymlora eval"),
         ([str(alora), str(tmp_path / "nope")], "is not a directory"),
     ]:
@@ -322,3 +326,22 @@ def test_a_compare_run_with_single_task_baselines_gets_intervals_and_a_paired_de
     again = json.loads((tmp_path / "cmp" / "alora" / "results.json").read_text())
     assert again["delta_m"] is not None and again["delta_m"] == pytest.approx(results["delta_m"])
     assert again["intervals"]["delta_m"]["value"] == pytest.approx(results["delta_m"])
+
+
+def test_list_into_a_closed_pipe_ends_quietly(env) -> None:
+    """`asymlora sweep --list | head -1`: the reader goes away before the listing is written; the command
+    ends with the shell's SIGPIPE status and no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asymlora.cli", "sweep", str(env["sweep"]), "--list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    proc.stdout.close()  # the reader is gone before anything is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -7,6 +7,7 @@ tuner; Fed-ALoRA and its peers for federated fine-tuning; the analysis tools of 
     model = peft.get_peft_model(base, asymlora.AsymLoraConfig(method="alora", target_modules=["q_proj", "o_proj"]))
 """
 
+from asymlora import _logging  # noqa: F401  (first: it filters a record logged while peft is imported)
 from asymlora.export import export_task_adapter, merge_task
 from asymlora.methods import METHODS, Role, get_method
 from asymlora.peft_integration import register

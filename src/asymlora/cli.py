@@ -117,6 +117,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+QUIET_HELP = "no progress bars or per-step log lines (results and errors are still printed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asymlora",
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Configs are YAML (see configs/); any key can be overridden as section.key=value, "
         "e.g. adapter.r=16 train.steps=200 'data.tasks=[bigbench:strategyqa]'.",
     )
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
@@ -132,11 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description)
         p.set_defaults(func=fn)
-        p.add_argument(
-            "--quiet",
-            action="store_true",
-            help="no progress bars or per-step log lines (results and errors are still printed)",
-        )
+        # SUPPRESS: a --quiet given before the command (asymlora --quiet COMMAND) is not reset here
+        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
         return p
 
     p = add("train", cmd_train, "train and evaluate a multi-task config",
@@ -233,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (`asymlora sweep --list | head`)
+        # Python's documented recipe: point stdout at devnull so the interpreter's final flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a program killed by a closed pipe
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as e:
         from asymlora.train import TrainingError
 

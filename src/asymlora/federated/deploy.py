@@ -266,6 +266,11 @@ def check_tls_files(
             )
     if (cert is None) != (key is None):
         problems.append("the SuperLink needs both --cert and --key (its certificate and private key)")
+    elif cert is None and hosts:  # the names are in the SuperLink's certificate, not the CA's
+        problems.append(
+            f"--host {', '.join(hosts)} is checked against the SuperLink's certificate; fix: give its "
+            "--cert and --key too (or drop --host on a SuperNode host)"
+        )
     elif cert is not None:
         _check_server(ca_cert, Path(cert), Path(key), hosts, now, problems)
     seen: dict[bytes, Path] = {}

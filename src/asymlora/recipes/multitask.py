@@ -82,9 +82,18 @@ def read_examples(path: Path) -> dict[str, list[dict[str, Any]]]:
             f"`asymlora eval {path.parent}` (re-scores the saved adapter)"
         )
     examples: dict[str, list[dict[str, Any]]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        examples.setdefault(row.pop("task"), []).append(row)
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            task, scores = row.pop("task"), row["scores"]
+            if not isinstance(task, str) or not isinstance(scores, dict):
+                raise TypeError("'task' must be a string and 'scores' an object")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"{path} line {number} is not a per-example record ({type(e).__name__}: {e}); the file is "
+                f"damaged: rewrite it with `asymlora eval {path.parent}` (re-scores the saved adapter)"
+            ) from None
+        examples.setdefault(task, []).append(row)
     return examples
 
 
