@@ -213,7 +213,9 @@ def test_default_targets_follow_peft_lora_mapping(arch: str) -> None:
         else set(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
     )
     if DEFAULT_TARGETS[arch] is None:
-        with pytest.raises(ValueError, match=rf"target_modules=None.*model_type '{model_type}'.*Pass target_modules"):
+        with pytest.raises(
+            ValueError, match=rf"target_modules=None.*model_type '{model_type}'.*Pass target_modules"
+        ):
             peft.get_peft_model(model, AsymLoraConfig(method="alora"))
         assert not any(isinstance(m, AsymLoraLayer) for m in model.modules())
         return
@@ -232,7 +234,9 @@ def test_default_targets_follow_peft_lora_mapping(arch: str) -> None:
 
 def test_fan_in_fan_out_on_linear_is_reset_with_peft_warning() -> None:
     cfg = AsymLoraConfig(method="lora", fan_in_fan_out=True, target_modules=["q_proj"])
-    with pytest.warns(UserWarning, match="target module is `torch.nn.Linear`. Setting fan_in_fan_out to False"):
+    with pytest.warns(
+        UserWarning, match="target module is `torch.nn.Linear`. Setting fan_in_fan_out to False"
+    ):
         pm = peft.get_peft_model(make_tiny_llama(), cfg)
     assert pm.peft_config["default"].fan_in_fan_out is False
 
@@ -249,7 +253,9 @@ def test_unsupported_target_type_is_named_before_any_injection() -> None:
     model = make_tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = AsymLoraConfig(method="alora", target_modules=["q_proj", "embed_tokens"])
-    with pytest.raises(ValueError, match=r"model\.embed_tokens \(torch\.nn\.modules\.sparse\.Embedding\)") as e:
+    with pytest.raises(
+        ValueError, match=r"model\.embed_tokens \(torch\.nn\.modules\.sparse\.Embedding\)"
+    ) as e:
         peft.get_peft_model(model, cfg)
     message = str(e.value)
     assert "torch.nn.Linear, transformers.pytorch_utils.Conv1D" in message and "exclude_modules" in message
@@ -261,7 +267,9 @@ def test_architecture_whose_default_targets_are_unsupported_is_refused() -> None
     model = make_tiny_llama()  # a Llama whose first q_proj is a torch Conv1d: peft's defaults hit it
     model.model.layers[0].self_attn.q_proj = nn.Conv1d(H, H, kernel_size=1, bias=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj \(torch\.nn\.modules\.conv\.Conv1d\)"):
+    with pytest.raises(
+        ValueError, match=r"layers\.0\.self_attn\.q_proj \(torch\.nn\.modules\.conv\.Conv1d\)"
+    ):
         peft.get_peft_model(model, AsymLoraConfig(method="alora"))
     assert_untouched(model, before)  # layer 1's q_proj/v_proj, which come later, were not wrapped either
 
