@@ -283,3 +283,18 @@ def test_layer_refuses_an_unsupported_base_layer_by_type() -> None:
 def test_names_that_match_nothing_list_conv1d_modules() -> None:
     with pytest.raises(ValueError, match=r"nn\.Linear and Conv1D modules are \['c_attn', 'c_fc', 'c_proj'"):
         peft.get_peft_model(make_model("gpt2"), AsymLoraConfig(method="alora", target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("method", ["lora", "alora"])
+def test_conv1d_merge_writes_the_transposed_update_into_a_square_weight(method: str) -> None:
+    """GPT-2's attn.c_proj is (d, d): a merge that forgot Conv1D's transposed storage would fit the shape and
+    silently give other logits."""
+    cfg = AsymLoraConfig(method=method, router="task", num_experts=2, target_modules=["attn.c_proj"])
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
+        pm = peft.get_peft_model(make_model("gpt2"), cfg)
+    assert {tuple(layer.base_layer.weight.shape) for _, layer in pm.base_model.adapter_layers()} == {(H, H)}
+    randomise(pm, std=0.5)
+    with torch.no_grad():
+        ref = pm(input_ids=IDS, task_ids=torch.tensor([1, 1]) if method == "alora" else None).logits
+        merged = pm.merge_and_unload() if method == "lora" else asymlora.merge_task(pm, 1)
+        torch.testing.assert_close(merged(input_ids=IDS).logits, ref, rtol=1e-4, atol=1e-4)
