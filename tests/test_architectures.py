@@ -298,3 +298,15 @@ def test_conv1d_merge_writes_the_transposed_update_into_a_square_weight(method: 
         ref = pm(input_ids=IDS, task_ids=torch.tensor([1, 1]) if method == "alora" else None).logits
         merged = pm.merge_and_unload() if method == "lora" else asymlora.merge_task(pm, 1)
         torch.testing.assert_close(merged(input_ids=IDS).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_analysis_reads_a_conv1d_base_weight_as_d_out_by_d_in(tmp_path) -> None:
+    from asymlora.analysis import TraceRecorder, load_adapter
+
+    cfg = AsymLoraConfig(method="alora", target_modules=["c_attn"], fan_in_fan_out=True)
+    pm = peft.get_peft_model(make_model("gpt2"), cfg)
+    randomise(pm)
+    rows = TraceRecorder(pm, tmp_path / "traces.jsonl").measure()  # ΔM/ΔD compare ΔW with W0 (d_out × d_in)
+    assert len(rows) == 2 and all(row["delta_M"] is not None and row["delta_M"] > 0 for row in rows)
+    pm.save_pretrained(tmp_path / "adapter")
+    assert load_adapter(tmp_path / "adapter").fan_in_fan_out is True
