@@ -310,3 +310,23 @@ def test_analysis_reads_a_conv1d_base_weight_as_d_out_by_d_in(tmp_path) -> None:
     assert len(rows) == 2 and all(row["delta_M"] is not None and row["delta_M"] > 0 for row in rows)
     pm.save_pretrained(tmp_path / "adapter")
     assert load_adapter(tmp_path / "adapter").fan_in_fan_out is True
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gpt2", "opt"])
+def test_all_linear_shorthand_adapts_what_peft_lora_adapts(tmp_path, arch: str) -> None:
+    """peft's ``target_modules="all-linear"``: every nn.Linear / Conv1D but the output head (phi3 has no
+    per-architecture default, so this is its short way to adapt every projection)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(
+            make_model(arch), AsymLoraConfig(method="molora", target_modules="all-linear")
+        )
+        stock = peft.get_peft_model(make_model(arch), peft.LoraConfig(target_modules="all-linear"))
+    adapted = {name for name, _ in pm.base_model.adapter_layers()}
+    assert adapted == {n for n, m in stock.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == set(ARCHS[arch][3])
+    randomise(pm)
+    pm.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(make_model(arch), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, pm(input_ids=IDS).logits)

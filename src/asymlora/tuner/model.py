@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -122,9 +123,12 @@ class AsymLoraModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """peft's injection (get_peft_model, add_adapter, load_adapter), after checking the config's names."""
         config = self.peft_config[adapter_name]
+        shorthand = str(config.target_modules).lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND  # peft expands it
         if config.target_modules is not None:  # None: filled in from peft's per-architecture defaults
             check_config_names(model, config)
-            if not any(check_target_module_exists(config, key) for key, _ in model.named_modules()):
+            if not shorthand and not any(
+                check_target_module_exists(config, key) for key, _ in model.named_modules()
+            ):
                 raise ValueError(
                     f"target_modules={config.target_modules!r} match no module of {type(model).__name__}. "
                     f"Its {adaptable_phrase(model)}."
