@@ -330,3 +330,26 @@ def test_all_linear_shorthand_adapts_what_peft_lora_adapts(tmp_path, arch: str) 
     loaded = peft.PeftModel.from_pretrained(make_model(arch), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=IDS).logits, pm(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "phi3"])
+def test_only_adapter_tensors_train_and_the_loss_falls(arch: str) -> None:
+    cfg = AsymLoraConfig(method="alora", router="task", num_experts=2, target_modules=ARCHS[arch][3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(make_model(arch), cfg)
+    trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(".asymlora_" in n for n in trainable)
+    opt = torch.optim.Adam(trainable.values(), lr=1e-2)
+    task_ids = torch.tensor([0, 1])
+    losses = []
+    for _ in range(6):
+        loss = pm(input_ids=IDS, labels=IDS, task_ids=task_ids).loss
+        opt.zero_grad()
+        loss.backward()
+        if not losses:  # B starts at zero: at the first step the gradient reaches B (A.s is zero then)
+            assert all(p.grad is not None for n, p in trainable.items() if "asymlora_B" in n)
+            assert all(float(p.grad.abs().sum()) > 0 for n, p in trainable.items() if "asymlora_B" in n)
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 1e-3
