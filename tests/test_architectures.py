@@ -347,7 +347,7 @@ def test_only_adapter_tensors_train_and_the_loss_falls(arch: str) -> None:
         loss = pm(input_ids=IDS, labels=IDS, task_ids=task_ids).loss
         opt.zero_grad()
         loss.backward()
-        if not losses:  # B starts at zero: at the first step the gradient reaches B (A.s is zero then)
+        if not losses:  # B starts at zero: at the first step the gradient reaches B (A's is zero then)
             assert all(p.grad is not None for n, p in trainable.items() if "asymlora_B" in n)
             assert all(float(p.grad.abs().sum()) > 0 for n, p in trainable.items() if "asymlora_B" in n)
         opt.step()
