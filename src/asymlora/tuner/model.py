@@ -141,8 +141,8 @@ class AsymLoraModel(BaseTuner):
         if peft_config.target_modules is None and model_type not in self.target_module_mapping:
             raise ValueError(
                 f"target_modules=None, but peft has no default LoRA target modules for model_type "
-                f"{model_type!r} ({type(self.model).__name__}). Pass target_modules; its "
-                f"{adaptable_phrase(self.model)}."
+                f"{model_type!r} ({type(self.model).__name__}). Pass target_modules (names, or 'all-linear' "
+                f"for every projection); its {adaptable_phrase(self.model)}."
             )
         return super()._prepare_adapter_config(peft_config, model_config)
 
