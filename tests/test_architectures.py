@@ -281,6 +281,9 @@ def test_layer_refuses_an_unsupported_base_layer_by_type() -> None:
 
 
 def test_names_that_match_nothing_list_conv1d_modules() -> None:
+    from asymlora.models import find_linear_module_names
+
+    assert find_linear_module_names(make_model("gpt2")) == ["c_attn", "c_proj", "c_fc", "lm_head"]
     with pytest.raises(ValueError, match=r"nn\.Linear and Conv1D modules are \['c_attn', 'c_fc', 'c_proj'"):
         peft.get_peft_model(make_model("gpt2"), AsymLoraConfig(method="alora", target_modules=["q_proj"]))
 
