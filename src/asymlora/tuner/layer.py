@@ -195,7 +195,8 @@ class Linear(nn.Module, AsymLoraLayer):
         return method.delta(dropout(x), t, None if gate is None else gate.to(x.dtype))
 
     def get_delta_weight(self, adapter_name: str) -> Tensor:
-        """ΔW of a plain-LoRA adapter; routed adapters have no single ΔW (use `asymlora.merge_task`)."""
+        """ΔW (d_out × d_in) of a plain-LoRA adapter; routed adapters have no single ΔW (use
+        `asymlora.merge_task`). A Conv1D stores its weight transposed: see `in_weight_layout`."""
         cfg = self.asymlora_config[adapter_name]
         if get_method(cfg.method).uses_router:
             raise ValueError(
