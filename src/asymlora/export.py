@@ -57,7 +57,7 @@ def merge_task(model: nn.Module, task: int | str, adapter_name: str | None = Non
     for _, layer in _layers(model):
         if adapter_name in layer.asymlora_config:
             weight = layer.get_base_layer().weight
-            weight += layer.task_delta_weight(adapter_name, index).to(weight.dtype)
+            weight += layer.in_weight_layout(layer.task_delta_weight(adapter_name, index)).to(weight.dtype)
     return model.unload()
 
 
@@ -103,6 +103,7 @@ def export_task_adapter(
         r=rank,
         lora_alpha=cfg.scaling * rank,
         lora_dropout=cfg.lora_dropout,
+        fan_in_fan_out=cfg.fan_in_fan_out,  # GPT-2's Conv1D: peft then merges ΔWᵀ, as we do
         target_modules=cfg.target_modules,
         exclude_modules=cfg.exclude_modules,
         layers_to_transform=cfg.layers_to_transform,

@@ -474,13 +474,16 @@ def load(
 
 
 def find_linear_module_names(model: nn.Module) -> list[str]:
-    """Distinct leaf names of the ``nn.Linear`` modules of ``model``, in order of first appearance.
+    """Distinct leaf names of the ``nn.Linear`` (and GPT-2 ``Conv1D``) modules of ``model``, in order of first
+    appearance.
 
     E.g. ``["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     "lm_head"]`` for a Llama model: the names that LoRA ``target_modules`` can match.
     """
+    from transformers.pytorch_utils import Conv1D
+
     names: dict[str, None] = {}
     for qualified_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and qualified_name:
+        if isinstance(module, nn.Linear | Conv1D) and qualified_name:
             names[qualified_name.rsplit(".", 1)[-1]] = None
     return list(names)

@@ -96,12 +96,15 @@ class RoutingCall:
     aux_losses: list[Tensor] = field(default_factory=list)
     aux_grad: Tensor | None = None
 
-    def task_ids_for(self, batch: int) -> Tensor | None:
-        """Task id of each of `batch` rows (ids repeated per row in generate). Raises on a size mismatch."""
+    def task_ids_for(self, batch: int, flat_tokens: bool = False) -> Tensor | None:
+        """Task id of each of `batch` rows. Raises on a size mismatch.
+
+        Each example's id is repeated over consecutive rows in generate (beams / return sequences) and, with
+        ``flat_tokens``, in a layer that sees the tokens flattened to (batch·seq, d) (OPT's MLP)."""
         ids = self.task_ids
         if ids is None or ids.shape[0] == batch:
             return ids
-        if self.repeat_rows and ids.shape[0] and batch % ids.shape[0] == 0:
+        if (self.repeat_rows or flat_tokens) and ids.shape[0] and batch % ids.shape[0] == 0:
             return ids.repeat_interleave(batch // ids.shape[0])
         raise ValueError(
             f"task_ids has {ids.shape[0]} entries but the batch has {batch} rows; pass one task id per example."

@@ -74,7 +74,7 @@ class AdapterFactors:
         shapes: module -> (d_out, d_in) of the adapted linear layer.
         scaling: module -> s (the update of expert i is ΔW_i = s · B_i A_i).
         shared: role -> True when one tensor of that role serves every expert (ALoRA's B, HydraLoRA's A).
-        fan_in_fan_out: the base layer stores its weight transposed (GPT-2 Conv1D, plain peft only).
+        fan_in_fan_out: the base layer stores its weight transposed (GPT-2 Conv1D).
         config: the raw adapter_config.json.
     """
 
@@ -286,7 +286,7 @@ def _load_asymlora(adapter_dir: Path, raw: dict[str, Any], state: dict[str, Tens
         "shapes": shapes,
         "scaling": dict.fromkeys(modules, float(cfg.scaling)),
         "shared": shared,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(cfg.fan_in_fan_out),
     }
 
 

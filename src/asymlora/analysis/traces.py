@@ -84,7 +84,7 @@ class _Layer:
 
     def base_weight(self) -> Tensor:
         w = self.layer.get_base_layer().weight
-        return w.T if self.peft_lora and getattr(self.layer, "fan_in_fan_out", False) else w
+        return w.T if getattr(self.layer, "fan_in_fan_out", False) else w  # Conv1D: stored (d_in, d_out)
 
 
 def _traced_layers(model: nn.Module, adapter_name: str | None) -> list[_Layer]:

@@ -34,6 +34,14 @@ class AsymLoraConfig(PeftConfig):
     """Scaling numerator: the update is multiplied by s = lora_alpha / r."""
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     """Dropout probability on the adapter path's input (the router sees the input without dropout)."""
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "Base weights stored (fan_in, fan_out), as GPT-2's Conv1D (set automatically)."},
+    )
+    """True when the adapted layers store their weight as (d_in, d_out), like GPT-2's ``Conv1D`` (peft's
+    ``LoraConfig.fan_in_fan_out``). As in peft it is set when the modules are injected: to True, with a warning,
+    when a target is a ``Conv1D``, to False, with a warning, when it is an ``nn.Linear``. It only matters when
+    an update is merged into the stored weight, or exported (the stock peft config carries it)."""
     num_experts: int = field(default=3, metadata={"help": "Number of experts N (ignored by lora)."})
     """Number of experts N (the paper's lora_num). With ``router="task"``, the number of tasks."""
     router: Literal["soft", "topk", "task"] = field(default="soft", metadata={"help": "soft | topk | task."})
@@ -47,8 +55,9 @@ class AsymLoraConfig(PeftConfig):
         default=None,
         metadata={"help": "Module names (suffixes) or a regex to adapt, e.g. ['q_proj','o_proj']."},
     )
-    """Names (matched as suffixes) or one regex of the nn.Linear modules to adapt; None uses peft's LoRA
-    defaults for the architecture (q_proj, v_proj for Llama)."""
+    """Names (matched as suffixes) or one regex of the nn.Linear / Conv1D modules to adapt; None uses peft's
+    per-architecture LoRA defaults (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``: q_proj, v_proj for
+    Llama, c_attn for GPT-2, query_key_value for GPT-NeoX; docs/architectures.md)."""
     subspace_rank: int | None = field(default=None, metadata={"help": "MALoRA d_sub (default λ·r·N, λ=0.5)."})
     """MALoRA: rank d_sub of the shared A subspace; default r·N/2 (λ = 0.5, the paper's setting)."""
     expert_rank: int | None = field(default=None, metadata={"help": "MALoRA r̂ (default r + (1-λ)·r)."})

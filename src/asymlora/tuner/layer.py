@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from asymlora.methods import get_method
 from asymlora.methods.base import ATTR_PREFIX, TENSOR_NAMES, Role, TensorSpec
@@ -29,6 +30,23 @@ from asymlora.routing import (
     topk_gate,
 )
 from asymlora.tuner.config import AsymLoraConfig
+
+SUPPORTED_BASE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+"""Base layer types asymlora adapts: ``nn.Linear`` (weight d_out × d_in) and transformers' ``Conv1D`` (GPT-2
+family, weight stored transposed, d_in × d_out; peft's ``fan_in_fan_out``)."""
+SUPPORTED_NAMES = "torch.nn.Linear, transformers.pytorch_utils.Conv1D"
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of a supported base layer, or None for any other module type.
+
+    ``Conv1D`` computes ``x @ W + b`` with W of shape (d_in, d_out), so d_in = W.shape[0] (as in peft)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return d_in, d_out
+    return None
 
 
 class AsymLoraLayer(BaseTunerLayer):
@@ -48,9 +66,15 @@ class AsymLoraLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.frozen_peft_weight_names = {}
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"asymlora adapts nn.Linear modules only, got {type(base).__name__}")
-        self.in_features, self.out_features = base.in_features, base.out_features
+        features = in_out_features(base)
+        if features is None:
+            raise TypeError(
+                f"asymlora cannot adapt a {type(base).__module__}.{type(base).__name__}; supported base layers: "
+                f"{SUPPORTED_NAMES}. Choose target_modules among the model's modules of those types."
+            )
+        self.in_features, self.out_features = features
+        # peft's name: W0 is stored (d_in × d_out), so a merge adds ΔWᵀ
+        self.fan_in_fan_out = isinstance(base, Conv1D)
 
     # --- construction --------------------------------------------------------------------------
     def specs(self, adapter_name: str) -> dict[str, TensorSpec]:
@@ -107,7 +131,7 @@ class AsymLoraLayer(BaseTunerLayer):
             return None
         call = self.routing_state.call or RoutingCall(open=False)
         if cfg.router == "task":
-            task_ids = call.task_ids_for(x.shape[0])
+            task_ids = call.task_ids_for(x.shape[0], flat_tokens=x.dim() == 2)  # OPT flattens its MLP input
             if task_ids is None:
                 raise ValueError(
                     f"adapter {adapter_name!r} uses router='task' but no task_ids were given: call "
@@ -130,9 +154,13 @@ class AsymLoraLayer(BaseTunerLayer):
         a, b = get_method(cfg.method).task_factors(self.tensors(adapter_name), task)
         return cfg.scaling * (b.float() @ a.float())
 
+    def in_weight_layout(self, delta: Tensor) -> Tensor:
+        """A (d_out × d_in) update in the base weight's layout: transposed for Conv1D (peft's `transpose`)."""
+        return delta.T if self.fan_in_fan_out else delta
+
 
 class Linear(nn.Module, AsymLoraLayer):
-    """An nn.Linear with asymlora adapters."""
+    """An nn.Linear (or transformers Conv1D, see `SUPPORTED_BASE_LAYERS`) with asymlora adapters."""
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, cfg: AsymLoraConfig, routing_state: RoutingState
@@ -167,7 +195,8 @@ class Linear(nn.Module, AsymLoraLayer):
         return method.delta(dropout(x), t, None if gate is None else gate.to(x.dtype))
 
     def get_delta_weight(self, adapter_name: str) -> Tensor:
-        """ΔW of a plain-LoRA adapter; routed adapters have no single ΔW (use `asymlora.merge_task`)."""
+        """ΔW (d_out × d_in) of a plain-LoRA adapter; routed adapters have no single ΔW (use
+        `asymlora.merge_task`). A Conv1D stores its weight transposed: see `in_weight_layout`."""
         cfg = self.asymlora_config[adapter_name]
         if get_method(cfg.method).uses_router:
             raise ValueError(
@@ -180,7 +209,7 @@ class Linear(nn.Module, AsymLoraLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add s·B A into W0 for plain-LoRA adapters (peft's merge API)."""
         for name in check_adapters_to_merge(self, adapter_names):
-            delta = self.get_delta_weight(name)
+            delta = self.in_weight_layout(self.get_delta_weight(name))
             weight = self.get_base_layer().weight
             merged = weight.data + delta.to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
@@ -195,7 +224,7 @@ class Linear(nn.Module, AsymLoraLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight = self.get_base_layer().weight
-            weight.data -= self.get_delta_weight(name).to(weight.dtype)
+            weight.data -= self.in_weight_layout(self.get_delta_weight(name)).to(weight.dtype)
 
     def __repr__(self) -> str:
         return "asymlora." + super().__repr__()

@@ -10,20 +10,30 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from asymlora.methods.base import ATTR_PREFIX
 from asymlora.routing import RoutingCall, RoutingState, bind_to_checkpoints, routing
 from asymlora.tuner.config import AsymLoraConfig
-from asymlora.tuner.layer import AsymLoraLayer, Linear
+from asymlora.tuner.layer import SUPPORTED_BASE_LAYERS, SUPPORTED_NAMES, AsymLoraLayer, Linear
 
 WRAPPERS = ("base_layer", "original_module", "modules_to_save")
 """Module names that peft's wrappers insert (not names of the user's model)."""
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Distinct leaf names of the nn.Linear modules of a model (what `target_modules` may name)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    """Distinct leaf names of the nn.Linear / Conv1D modules of a model (what `target_modules` may name)."""
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, SUPPORTED_BASE_LAYERS)}
+    )
+
+
+def adaptable_phrase(model: nn.Module) -> str:
+    """'nn.Linear modules are [...]' (or 'nn.Linear and Conv1D modules are [...]' for GPT-2-like models)."""
+    kinds = "nn.Linear and Conv1D" if any(isinstance(m, Conv1D) for m in model.modules()) else "nn.Linear"
+    return f"{kinds} modules are {linear_module_names(model)}"
 
 
 def module_leaf_names(model: nn.Module) -> list[str]:
@@ -65,14 +75,38 @@ def check_config_names(model: nn.Module, config: AsymLoraConfig) -> None:
             problems.append(f"layers_to_transform indexes {empty} hold no target module")
     if problems:
         raise ValueError(
-            f"{'; '.join(problems)} of {type(model).__name__}. Its nn.Linear modules are "
-            f"{linear_module_names(model)}; its other modules {module_leaf_names(model)}. Fix the names (a list "
+            f"{'; '.join(problems)} of {type(model).__name__}. Its {adaptable_phrase(model)}; its other "
+            f"modules {module_leaf_names(model)}. Fix the names (a list "
             "entry matches a module whose name equals it or ends with '.<entry>')."
         )
 
 
+def check_target_types(model: nn.Module, config: AsymLoraConfig) -> None:
+    """Raise ValueError naming every module that the config targets but asymlora cannot adapt.
+
+    Runs before any module is replaced, so a refused config leaves the model untouched (peft would raise
+    half-way through the injection). Supported: `asymlora.tuner.layer.SUPPORTED_BASE_LAYERS`.
+    """
+    bad = []
+    for key, module in model.named_modules():
+        parts = key.split(".")
+        if not key or any(p in WRAPPERS or p.startswith(ATTR_PREFIX) for p in parts):
+            continue
+        if not isinstance(module, (*SUPPORTED_BASE_LAYERS, AsymLoraLayer)) and check_target_module_exists(
+            config, key
+        ):
+            bad.append(f"{key} ({type(module).__module__}.{type(module).__name__})")
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise ValueError(
+            f"target_modules={config.target_modules!r} selects modules of {type(model).__name__} that asymlora "
+            f"cannot adapt: {shown}. Supported base layers: {SUPPORTED_NAMES}. Fix: drop those names from "
+            f"target_modules (or list them in exclude_modules); its {adaptable_phrase(model)}."
+        )
+
+
 class AsymLoraModel(BaseTuner):
-    """Injects `asymlora.tuner.layer.Linear` into the target nn.Linear modules of a model.
+    """Injects `asymlora.tuner.layer.Linear` into the target nn.Linear / Conv1D modules of a model.
 
     Holds the `RoutingState` shared by its layers: `routing(task_ids)` makes a batch's task ids visible to
     them for one forward/generate and collects their balance losses.
@@ -89,14 +123,32 @@ class AsymLoraModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """peft's injection (get_peft_model, add_adapter, load_adapter), after checking the config's names."""
         config = self.peft_config[adapter_name]
+        shorthand = str(config.target_modules).lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND  # peft expands it
         if config.target_modules is not None:  # None: filled in from peft's per-architecture defaults
             check_config_names(model, config)
-            if not any(check_target_module_exists(config, key) for key, _ in model.named_modules()):
+            if not shorthand and not any(
+                check_target_module_exists(config, key) for key, _ in model.named_modules()
+            ):
                 raise ValueError(
                     f"target_modules={config.target_modules!r} match no module of {type(model).__name__}. "
-                    f"Its nn.Linear modules are: {linear_module_names(model)}."
+                    f"Its {adaptable_phrase(model)}."
                 )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _prepare_adapter_config(self, peft_config: AsymLoraConfig, model_config: dict) -> AsymLoraConfig:
+        """target_modules=None: peft's LoRA defaults for the model type (``target_module_mapping``)."""
+        model_type = model_config.get("model_type")
+        if peft_config.target_modules is None and model_type not in self.target_module_mapping:
+            raise ValueError(
+                f"target_modules=None, but peft has no default LoRA target modules for model_type "
+                f"{model_type!r} ({type(self.model).__name__}). Pass target_modules (names, or 'all-linear' "
+                f"for every projection); its {adaptable_phrase(self.model)}."
+            )
+        return super()._prepare_adapter_config(peft_config, model_config)
+
+    def _prepare_model(self, peft_config: AsymLoraConfig, model: nn.Module) -> None:
+        """peft's hook after the defaults are filled in and before any module is replaced."""
+        check_target_types(model, peft_config)
 
     def _create_and_replace(
         self,
@@ -111,11 +163,20 @@ class AsymLoraModel(BaseTuner):
         if isinstance(target, AsymLoraLayer):
             target.update_layer(adapter_name, peft_config)  # keeps the layer's train/eval mode
             return
-        if not isinstance(target, nn.Linear):
+        if not isinstance(target, SUPPORTED_BASE_LAYERS):
             raise ValueError(
-                f"target module {current_key!r} is a {type(target).__name__}; asymlora adapts nn.Linear modules "
+                f"target module {current_key!r} is a {type(target).__name__}; asymlora adapts {SUPPORTED_NAMES} "
                 f"only. Choose target_modules among: {linear_module_names(self.model)}."
             )
+        conv1d = isinstance(target, Conv1D)
+        if peft_config.fan_in_fan_out != conv1d:  # peft's LoRA dispatch: warn and follow the module type
+            kind = "Conv1D" if conv1d else "torch.nn.Linear"
+            warnings.warn(
+                f"fan_in_fan_out is set to {peft_config.fan_in_fan_out} but the target module is `{kind}`. "
+                f"Setting fan_in_fan_out to {conv1d}.",
+                stacklevel=2,
+            )
+            peft_config.fan_in_fan_out = conv1d
         new_module = Linear(target, adapter_name, peft_config, self.routing_state).train(target.training)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

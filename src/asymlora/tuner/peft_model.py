@@ -98,7 +98,7 @@ def expected_shapes(model: AsymLoraModelForCausalLM, cfg: AsymLoraConfig) -> dic
     """Checkpoint key -> shape that `cfg` gives on `model`'s target modules (without injecting anything)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from asymlora.tuner.layer import AsymLoraLayer
+    from asymlora.tuner.layer import AsymLoraLayer, in_out_features
 
     method = get_method(cfg.method)
     base = model.base_model.model
@@ -106,11 +106,11 @@ def expected_shapes(model: AsymLoraModelForCausalLM, cfg: AsymLoraConfig) -> dic
     for name, module in base.named_modules():
         if isinstance(module, AsymLoraLayer):
             module = module.get_base_layer()
-        elif not isinstance(module, torch.nn.Linear) or ".base_layer" in f".{name}":
+        elif in_out_features(module) is None or ".base_layer" in f".{name}":
             continue
         if not check_target_module_exists(cfg, name.removesuffix(".base_layer")):
             continue
-        d_in, d_out = module.in_features, module.out_features
+        d_in, d_out = in_out_features(module)
         specs = method.specs(cfg, d_in, d_out)
         for tensor, spec in specs.items():
             shapes[f"{PEFT_KEY_PREFIX}{name}.{ATTR_PREFIX}{tensor}"] = spec.shape
