@@ -217,7 +217,9 @@ class RunConfig:
             )
         for key in ("load_in_4bit", "load_in_8bit"):
             if getattr(self.model, key) and importlib.util.find_spec("bitsandbytes") is None:
-                raise ConfigError(f"model.{key}=true needs the bitsandbytes package: pip install bitsandbytes")
+                raise ConfigError(
+                    f"model.{key}=true needs the bitsandbytes package: pip install bitsandbytes"
+                )
         if not 0 < self.data.test_fraction < 1:
             raise ConfigError(f"data.test_fraction={self.data.test_fraction!r} must lie in (0, 1)")
         for method in [self.adapter.method, *self.compare.methods]:

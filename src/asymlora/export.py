@@ -97,7 +97,9 @@ def _dequantized_linear(base: nn.Module, delta: torch.Tensor, dtype: torch.dtype
         # dequantize_4bit misreads; undo it first, as bitsandbytes' own state_dict() and .cuda() do.
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            base.weight.data, state
+        )
     weight = dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))
     linear = nn.Linear(base.in_features, base.out_features, base.bias is not None, weight.device, dtype)
     linear.requires_grad_(False)

@@ -94,7 +94,7 @@ class AsymLoraLayer(BaseTunerLayer):
         """W_g stays float32 (float64 stays float64) on a bf16/fp16 base, even with peft's
         ``autocast_adapter_dtype=False``: the other tensors follow the base dtype, the router's small
         logit differences and updates would round away in 16 bits (Switch Transformer's selective precision)."""
-        router = self.asymlora_router[adapter_name] if adapter_name in self.asymlora_router else None
+        router = self.asymlora_router.get(adapter_name)
         if router is not None and router.dtype.is_floating_point and router.dtype.itemsize < 4:
             self.asymlora_router[adapter_name] = nn.Parameter(
                 router.detach().float(), requires_grad=router.requires_grad
