@@ -203,6 +203,10 @@ def test_load_in_8bit_through_asymlora_models_and_the_config(base_dir) -> None:
     assert model.lm_head.weight.dtype == torch.float32  # kept in full precision by transformers
     with pytest.raises(ValueError, match=r"load_in_4bit=True and load_in_8bit=True were both given"):
         load(str(base_dir), device="cpu", load_in_4bit=True, load_in_8bit=True)
+    with pytest.raises(
+        ValueError, match=r"dtype=torch.float64 cannot be used with load_in_4bit.*torch.bfloat16"
+    ):
+        load(str(base_dir), device="cpu", dtype=torch.float64, load_in_4bit=True)
     cfg = load_config(None, ["data.tasks=[bigbench:strategyqa]", "model.load_in_8bit=true"])
     assert cfg.model.load_in_8bit and not cfg.model.load_in_4bit
     with pytest.raises(ConfigError, match=r"model.load_in_4bit=true and model.load_in_8bit=true: choose one"):

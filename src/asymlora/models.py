@@ -430,6 +430,11 @@ def _quantization(
         )
     if not (load_in_4bit or load_in_8bit):
         return None
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"dtype={dtype} cannot be used with load_in_{'4' if load_in_4bit else '8'}bit: bitsandbytes quantises "
+            "and computes in 16/32-bit floats only; pass dtype=torch.bfloat16 (QLoRA's), float16 or float32"
+        )
     from transformers import BitsAndBytesConfig
 
     if load_in_8bit:
@@ -473,7 +478,8 @@ def load(
     Raises:
         ModuleNotFoundError: the package of a built-in model is not installed (with the fix).
         FileNotFoundError: a local path does not exist, or a hub id cannot be reached.
-        ValueError: both ``load_in_4bit`` and ``load_in_8bit``.
+        ValueError: both ``load_in_4bit`` and ``load_in_8bit``, or a quantised base in another dtype than
+            float32, bfloat16 or float16 (raised before anything is loaded).
     """
     resolved_device, resolved_dtype = _resolve_device(device, dtype)
     quantized = _quantization(load_in_4bit, load_in_8bit, resolved_device, resolved_dtype)
