@@ -17,9 +17,13 @@ bnb = pytest.importorskip("bitsandbytes")
 from peft.utils.integrations import dequantize_bnb_weight  # noqa: E402  (after the skip)
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:MatMul8bitLt"
-)  # bnb's note that int8 matmuls take fp16 inputs
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:MatMul8bitLt"),  # bnb's note that int8 matmuls take fp16 inputs
+    # peft's prepare_model_for_kbit_training calls transformers' deprecated name and torch's default checkpoint
+    pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:torch.utils.checkpoint. the use_reentrant parameter:UserWarning"),
+]
 
 HIDDEN = 64
 """bitsandbytes' CPU 4-bit inference kernel needs in_features >= its blocksize 64 (hidden 32 fails in eval)."""
