@@ -3,7 +3,7 @@ VENV ?= .venv
 export FLWR_TELEMETRY_ENABLED = 0
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: setup demo test test-fast lint bench mutate
+.PHONY: setup demo test test-fast test-gpu lint bench mutate
 
 setup:
 	bash scripts/setup.sh
@@ -16,6 +16,9 @@ test: setup  ## set up, then run the whole test suite (fast + real-model tests)
 
 test-fast: setup  ## only the fast tests (tiny random models, no downloads)
 	$(VENV)/bin/python -m pytest -q -m "not slow and not fed"
+
+test-gpu: setup  ## the CUDA checks (tests marked gpu: bf16 + checkpointing + 4-bit on the default model, 2-GPU torchrun, benchmarks --device cuda); all skipped without CUDA
+	$(VENV)/bin/python -m pytest -q -rs -m gpu
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks && $(VENV)/bin/ruff format --check src tests benchmarks

@@ -91,7 +91,12 @@ def fed_config(
         "rounds": args.rounds,
         "train": {"local_steps": local_steps, "batch_size": args.batch_size, "lr": 1e-3},
         "eval": {"batch_size": 8, "max_examples": 4, "max_new_tokens": 4, "global_scores": False},
-        "simulation": {"num_cpus": len(tasks), "cpus_per_client": 1, "threads_per_client": args.threads},
+        "simulation": {
+            "num_cpus": len(tasks),
+            "cpus_per_client": 1,
+            "threads_per_client": args.threads,
+            **({"num_gpus": 1, "gpus_per_client": 1 / len(tasks)} if args.device == "cuda" else {}),
+        },
         "run_dir": str(run_dir),
         "seed": 0,
     }
@@ -172,6 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per client (2 clients)")
     parser.add_argument("--out-dir", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--smoke", action="store_true", help="tiny random Llama, 2 rounds of 1 step, for CI")
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the clients share one GPU (bf16)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.local_steps, args.batch_size, args.max_length = 2, 1, 4, 32

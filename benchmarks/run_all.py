@@ -216,7 +216,7 @@ def hot_path_candidate(argv: list[str]) -> dict[str, Any]:
 # --- federated ---------------------------------------------------------------------------------
 def federated_section(args: argparse.Namespace) -> dict[str, Any]:
     """Item 4: ``benchmarks/federated.py`` (real simulation runs; ``--smoke`` passed through)."""
-    argv = ["--smoke"] if args.smoke else []
+    argv = (["--smoke"] if args.smoke else []) + ["--device", "cuda" if args.device == "cuda" else "cpu"]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     result = run("federated", federated.main, argv)

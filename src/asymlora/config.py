@@ -39,6 +39,8 @@ class ModelSettings:
     """Recompute activations in the backward pass: less memory, one more forward (≈ +50 % compute on a frozen base); not with router ``task``."""
     load_in_4bit: bool = False
     """Load the frozen base weights in 4-bit NF4 (bitsandbytes), QLoRA-style; the adapter stays in full precision."""
+    load_in_8bit: bool = False
+    """Load the frozen base weights in 8-bit (bitsandbytes LLM.int8()); not together with ``load_in_4bit``."""
 
 
 @dataclass
@@ -209,10 +211,15 @@ class RunConfig:
                 "model.gradient_checkpointing does not work with adapter.router=task (the recomputed forward "
                 "has no task ids); use router soft/topk or gradient_checkpointing=false"
             )
-        if self.model.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        if self.model.load_in_4bit and self.model.load_in_8bit:
             raise ConfigError(
-                "model.load_in_4bit=true needs the bitsandbytes package: pip install bitsandbytes"
+                "model.load_in_4bit=true and model.load_in_8bit=true: choose one (set the other to false)"
             )
+        for key in ("load_in_4bit", "load_in_8bit"):
+            if getattr(self.model, key) and importlib.util.find_spec("bitsandbytes") is None:
+                raise ConfigError(
+                    f"model.{key}=true needs the bitsandbytes package: pip install bitsandbytes"
+                )
         if not 0 < self.data.test_fraction < 1:
             raise ConfigError(f"data.test_fraction={self.data.test_fraction!r} must lie in (0, 1)")
         for method in [self.adapter.method, *self.compare.methods]:

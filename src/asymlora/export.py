@@ -9,10 +9,12 @@ LoRA server with no trace of asymlora. Soft/topk routing mixes experts per token
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from safetensors.torch import save_file
 from torch import nn
 
@@ -50,15 +52,61 @@ def merge_task(model: nn.Module, task: int | str, adapter_name: str | None = Non
     Like peft's ``merge_and_unload`` this consumes ``model`` (its layers are unwrapped in place); deep-copy
     it first if you still need the adapter. ``task`` is an expert index or a name from ``task_names``.
     A tied base weight (lm_head tied to the input embedding) is untied first, with a warning naming it.
+
+    On a bitsandbytes 4-bit/8-bit base each adapted layer becomes a plain nn.Linear holding the dequantised
+    W0 + ΔW_t in the model's float dtype (other layers stay quantised), with a warning: re-quantising the
+    sum would round most of ΔW_t away, so the merged layers keep their full size (docs/quantization.md).
     """
     adapter_name, cfg = _mergeable_config(model, adapter_name)
     index = cfg.task_index(task)
     getattr(model, "base_model", model).untie_adapted_weights()  # never write through a tied lm_head
-    for _, layer in _layers(model):
-        if adapter_name in layer.asymlora_config:
+    layers = [layer for _, layer in _layers(model) if adapter_name in layer.asymlora_config]
+    quantized = [layer for layer in layers if get_bnb_param_type(layer.get_base_layer().weight)]
+    if quantized:
+        dtype = _float_dtype(model)
+        warnings.warn(
+            f"merge_task on a quantised base: the {len(quantized)} adapted bitsandbytes layers are dequantised "
+            f"to {dtype} and the task merged there (the other layers stay quantised). Re-quantising W0 + ΔW "
+            "would round most of the update away, so they keep their full size; to serve a small model keep "
+            "the adapter (or export_task_adapter) on the quantised base instead.",
+            stacklevel=2,
+        )
+    for layer in layers:
+        delta = layer.task_delta_weight(adapter_name, index)
+        if layer in quantized:
+            layer.base_layer = _dequantized_linear(layer.get_base_layer(), delta, dtype)
+        else:
             weight = layer.get_base_layer().weight
-            weight += layer.in_weight_layout(layer.task_delta_weight(adapter_name, index)).to(weight.dtype)
+            weight += layer.in_weight_layout(delta).to(weight.dtype)
     return model.unload()
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's unquantised base parameters (embeddings, norms): the merged layers' dtype."""
+    for name, p in model.named_parameters():
+        if p.dtype.is_floating_point and ".asymlora_" not in name:
+            return p.dtype
+    return torch.float32
+
+
+def _dequantized_linear(base: nn.Module, delta: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """nn.Linear with weight dequant(W0) + ΔW (peft's bitsandbytes dequantisation) and the same bias."""
+    state = getattr(base.weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes' CPU inference repacks a 4-bit weight in place on its first eval forward, a layout that
+        # dequantize_4bit misreads; undo it first, as bitsandbytes' own state_dict() and .cuda() do.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            base.weight.data, state
+        )
+    weight = dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))
+    linear = nn.Linear(base.in_features, base.out_features, base.bias is not None, weight.device, dtype)
+    linear.requires_grad_(False)
+    linear.weight.copy_(weight.float() + delta.to(weight.device))
+    if base.bias is not None:
+        linear.bias.copy_(base.bias)
+    return linear
 
 
 @torch.no_grad()

@@ -414,24 +414,38 @@ def _finalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is placed by device_map
+    if getattr(model, "hf_quantizer", None) is None:  # a quantised model is placed by device_map
         model.to(device)
     model.eval()
     return model, tokenizer
 
 
-def _quantization(load_in_4bit: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
-    """``from_pretrained`` keywords for a 4-bit NF4 base (QLoRA's settings), or None."""
-    if not load_in_4bit:
+def _quantization(
+    load_in_4bit: bool, load_in_8bit: bool, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any] | None:
+    """``from_pretrained`` keywords for a 4-bit NF4 base (QLoRA's settings) or an 8-bit base, or None."""
+    if load_in_4bit and load_in_8bit:
+        raise ValueError(
+            "load_in_4bit=True and load_in_8bit=True were both given; choose one (4-bit NF4 is QLoRA's setting)"
+        )
+    if not (load_in_4bit or load_in_8bit):
         return None
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"dtype={dtype} cannot be used with load_in_{'4' if load_in_4bit else '8'}bit: bitsandbytes quantises "
+            "and computes in 16/32-bit floats only; pass dtype=torch.bfloat16 (QLoRA's), float16 or float32"
+        )
     from transformers import BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-    )
+    if load_in_8bit:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
     return {"quantization_config": config, "device_map": {"": str(device)}}
 
 
@@ -441,6 +455,7 @@ def load(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer.
 
@@ -453,6 +468,7 @@ def load(
         dtype: parameter dtype; default float32 on CPU, bfloat16 on CUDA where supported.
         load_in_4bit: quantise the base weights to 4-bit NF4 with bitsandbytes (``dtype`` is then
             the compute dtype).
+        load_in_8bit: quantise the base weights to 8-bit (bitsandbytes LLM.int8()).
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode on ``device``, with ``pad_token_id`` set
@@ -462,13 +478,15 @@ def load(
     Raises:
         ModuleNotFoundError: the package of a built-in model is not installed (with the fix).
         FileNotFoundError: a local path does not exist, or a hub id cannot be reached.
+        ValueError: both ``load_in_4bit`` and ``load_in_8bit``, or a quantised base in another dtype than
+            float32, bfloat16 or float16 (raised before anything is loaded).
     """
     resolved_device, resolved_dtype = _resolve_device(device, dtype)
+    quantized = _quantization(load_in_4bit, load_in_8bit, resolved_device, resolved_dtype)
     if name_or_path.lower() in BUILTIN_MODELS:
         source = str(ensure_builtin_cached(name_or_path))
     else:
         source = _resolve_source(name_or_path)
-    quantized = _quantization(load_in_4bit, resolved_device, resolved_dtype)
     model, tokenizer = _load_pretrained(source, resolved_dtype, quantized)
     return _finalize(model, tokenizer, resolved_device)
 

@@ -249,7 +249,12 @@ def run(
     notes = metric_notes(tasks)
     for note in notes.values():
         say(f"note: {note}")
-    model, tokenizer = load(cfg.model.name, device=cfg.model.device, load_in_4bit=cfg.model.load_in_4bit)
+    model, tokenizer = load(
+        cfg.model.name,
+        device=cfg.model.device,
+        load_in_4bit=cfg.model.load_in_4bit,
+        load_in_8bit=cfg.model.load_in_8bit,
+    )
     if cfg.model.gradient_checkpointing:  # transformers ≥ 5.2x: activation_*; older 5.x: gradient_*
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.integrations import get_bnb_param_type
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -110,7 +111,18 @@ class AsymLoraLayer(BaseTunerLayer):
         dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
         self.asymlora_dropout[adapter_name] = dropout.train(self.training)  # the layer's train/eval mode
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._keep_router_float32(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=cfg.inference_mode)
+
+    def _keep_router_float32(self, adapter_name: str) -> None:
+        """W_g stays float32 (float64 stays float64) on a bf16/fp16 base, even with peft's
+        ``autocast_adapter_dtype=False``: the other tensors follow the base dtype, the router's small
+        logit differences and updates would round away in 16 bits (Switch Transformer's selective precision)."""
+        router = self.asymlora_router.get(adapter_name)
+        if router is not None and router.dtype.is_floating_point and router.dtype.itemsize < 4:
+            self.asymlora_router[adapter_name] = nn.Parameter(
+                router.detach().float(), requires_grad=router.requires_grad
+            )
 
     def tensors(self, adapter_name: str) -> dict[str, Tensor]:
         """The adapter's tensors on this layer, by method tensor name (``A``, ``B``, ``S``, ``router``)."""
@@ -139,7 +151,8 @@ class AsymLoraLayer(BaseTunerLayer):
                 )
             return task_gate(task_ids, cfg.num_experts, x)
         if logits is None:
-            probs = router_probs(x, self.asymlora_router[adapter_name])  # (..., N)
+            with torch.autocast(x.device.type, enabled=False):  # float32 under torch.autocast too
+                probs = router_probs(x, self.asymlora_router[adapter_name])  # (..., N)
         else:
             probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
         if call.collect_aux and cfg.balance_loss_weight > 0:
@@ -148,6 +161,18 @@ class AsymLoraLayer(BaseTunerLayer):
         return topk_gate(probs, cfg.top_k) if cfg.router == "topk" else probs
 
     # --- merging -----------------------------------------------------------------------------------
+    def refuse_quantized_merge(self, layer_name: str = "") -> None:
+        """Raise ValueError when the base weight is bitsandbytes-quantised (4-bit or 8-bit): W0 + ΔW
+        re-quantised would round most of the update away (peft only warns). Nothing is written."""
+        kind = get_bnb_param_type(self.get_base_layer().weight)
+        if kind:
+            raise ValueError(
+                f"cannot merge into the {kind} bitsandbytes weight of layer {layer_name or type(self).__name__!r}: "
+                "re-quantising W0 + ΔW rounds most of the update away. Use asymlora.merge_task(model, task) "
+                "(task 0 for plain LoRA), which merges into a dequantised copy of the adapted layers, or load the "
+                "base unquantised, load the adapter on it and merge there."
+            )
+
     def task_delta_weight(self, adapter_name: str, task: int) -> Tensor:
         """ΔW_t = s · B_t A_t (d_out × d_in) of expert/task ``task``."""
         cfg = self.asymlora_config[adapter_name]
@@ -184,11 +209,13 @@ class Linear(nn.Module, AsymLoraLayer):
 
     def adapter_path(self, name: str, x: Tensor, t: dict[str, Tensor]) -> Tensor:
         """delta(x) before scaling. When the router reads the same x as the first adapter product (no
-        dropout, float32 or wider), W_g is stacked under that product's matrix: one pass over x for both."""
+        dropout, float32 or wider, no torch.autocast), W_g is stacked under that product's matrix: one pass
+        over x for both."""
         method = get_method(self.asymlora_config[name].method)
         x_side, router, dropout = method.x_side(t), t.get("router"), self.asymlora_dropout[name]
         no_dropout = isinstance(dropout, nn.Identity) or not dropout.training
-        if x_side is not None and router is not None and no_dropout and x.dtype.itemsize >= 4:
+        full = x.dtype.itemsize >= 4 and not torch.is_autocast_enabled(x.device.type)
+        if x_side is not None and router is not None and no_dropout and full:
             h, logits = F.linear(x, torch.cat([x_side, router])).split([x_side.shape[0], router.shape[0]], -1)
             return method.combine(h, t, self.gate(name, x, logits).to(x.dtype))
         gate = self.gate(name, x)
@@ -207,7 +234,8 @@ class Linear(nn.Module, AsymLoraLayer):
         return self.task_delta_weight(adapter_name, 0)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add s·B A into W0 for plain-LoRA adapters (peft's merge API)."""
+        """Add s·B A into W0 for plain-LoRA adapters (peft's merge API); ValueError on a quantised base."""
+        self.refuse_quantized_merge()
         for name in check_adapters_to_merge(self, adapter_names):
             delta = self.in_weight_layout(self.get_delta_weight(name))
             weight = self.get_base_layer().weight

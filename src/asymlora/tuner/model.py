@@ -185,7 +185,9 @@ class AsymLoraModel(BaseTuner):
     # --- merging ---------------------------------------------------------------------------------
     def _check_merge_allowed(self) -> None:
         """peft calls this before merge_adapter / merge_and_unload write into base weights (peft only warns
-        about tied weights there; we untie them)."""
+        about tied weights there; we untie them). A quantised base weight is refused before any write."""
+        for name, layer in self.adapter_layers():
+            layer.refuse_quantized_merge(name)
         self.untie_adapted_weights()
 
     def untie_adapted_weights(self) -> list[str]:
