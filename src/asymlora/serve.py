@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 __all__ = ["Completion", "ServedModel", "create_app", "generate_rows", "load_served_model", "serve"]
@@ -384,7 +386,7 @@ def _choices(served: ServedModel, results: list[Completion], stop: Any) -> list[
 
 def create_app(
     served: ServedModel, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, max_tokens: int = 256
-) -> Any:
+) -> FastAPI:
     """The FastAPI application: ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``.
 
     Args:
@@ -395,9 +397,6 @@ def create_app(
     Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
     or an unsupported/out-of-range field, 404 for an unknown ``model``; the server keeps serving.
     """
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-
     batcher = Batcher(served, max_batch_size, max_wait_ms / 1000.0)
 
     @contextlib.asynccontextmanager
