@@ -153,6 +153,21 @@ def test_a_list_prompt_gives_one_choice_per_prompt_and_models_lists_the_tasks(ro
         assert choice["finish_reason"] in ("stop", "length")
 
 
+def test_stop_cuts_the_text_and_a_null_max_tokens_means_16(routed_server) -> None:
+    url, _, model, tokenizer = routed_server
+    full = _reference(model, tokenizer, PROMPTS[0], 0, max_tokens=16)
+    assert len(full) >= 2
+    stop = full[1]
+    with httpx.Client(base_url=url, timeout=120) as client:
+        plain = client.post(
+            "/v1/completions", json={"model": "sst", "prompt": PROMPTS[0], "max_tokens": None}
+        )
+        cut = client.post("/v1/completions", json={"model": "sst", "prompt": PROMPTS[0], "stop": [stop]})
+    assert plain.json()["choices"][0]["text"] == full
+    assert cut.json()["choices"][0]["text"] == full[: full.index(stop)]
+    assert cut.json()["choices"][0]["finish_reason"] == "stop"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "says"),
     [

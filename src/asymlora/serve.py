@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 __all__ = ["Completion", "ServedModel", "create_app", "generate_rows", "load_served_model", "serve"]
 
@@ -232,7 +232,8 @@ class Batcher:
     max_wait_s: float = 0.005
     batch_tasks: list[list[int | None]] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
+    def open(self) -> None:
+        """Make the queue and the worker thread; call inside the event loop that will serve."""
         self._queue: asyncio.Queue[_Row] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymlora-generate")
 
@@ -294,6 +295,11 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     logprobs: int | None = None
     echo: bool | None = False
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _default_max_tokens(cls, value: Any) -> Any:
+        return 16 if value is None else value  # null: OpenAI's default
 
 
 class APIError(Exception):
@@ -384,6 +390,26 @@ def _choices(served: ServedModel, results: list[Completion], stop: Any) -> list[
     return choices
 
 
+def _response(
+    served: ServedModel, request: CompletionRequest, rows: list[list[int]], results: list[Completion]
+) -> dict[str, Any]:
+    """OpenAI's text_completion object for the request's prompts (``rows``) and their completions."""
+    generated = sum(len(r.token_ids) for r in results)
+    prompt_tokens = sum(len(ids) for ids in rows)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": _choices(served, results, request.stop),
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": generated,
+            "total_tokens": prompt_tokens + generated,
+        },
+    }
+
+
 def create_app(
     served: ServedModel, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, max_tokens: int = 256
 ) -> FastAPI:
@@ -401,6 +427,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.open()
         worker = asyncio.create_task(batcher.run())
         try:
             yield
@@ -438,20 +465,7 @@ def create_app(
         rows = _prompt_rows(request, served, max_tokens, max_batch_size)
         task = served.names[request.model]
         results = await asyncio.gather(*(batcher.submit(ids, task, request.max_tokens) for ids in rows))
-        generated = sum(len(r.token_ids) for r in results)
-        prompt_tokens = sum(len(ids) for ids in rows)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": request.model,
-            "choices": _choices(served, results, request.stop),
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": generated,
-                "total_tokens": prompt_tokens + generated,
-            },
-        }
+        return _response(served, request, rows, results)
 
     return app
 
