@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import stat
@@ -226,6 +227,35 @@ def test_a_saved_task_routed_adapter_is_served_under_its_task_names(tmp_path) ->
     served = serve.load_served_model(tmp_path / "adapter", base_model=str(tmp_path / "base"))
     assert served.names == {"sst": 0, "qa": 1, "sum": 2}
     assert served.max_positions == 256
+
+
+def test_a_task_routed_run_directory_is_served_under_its_task_names(tmp_path) -> None:
+    """The CLI's usual input: a run of `asymlora train` (2 steps on a tiny model), served per task."""
+    from fastapi.testclient import TestClient
+
+    from asymlora.config import load_config
+    from asymlora.recipes.multitask import run
+
+    _routed_model(save_base_to=tmp_path / "model")
+    rows = [{"input": f"{i}+1=", "output": str(i + 1), "task": t} for t in ("inc", "echo") for i in range(12)]
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "tasks.jsonl"
+    args = [
+        f"model.name={tmp_path / 'model'}", f"data.tasks=[jsonl:{data}#inc, jsonl:{data}#echo]",
+        "data.max_train=8", "data.max_test=2", "adapter.r=2", "adapter.router=task", "adapter.num_experts=2",
+        "adapter.target_modules=[q_proj,v_proj]", "train.steps=2", "train.batch_size=4", "train.lr=1e-2",
+        "train.warmup_steps=0", "eval.base_model=false", "eval.max_new_tokens=2", f"run_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    run(load_config(None, args), quiet=True)
+    served = serve.load_served_model(tmp_path / "run")
+    names = list(served.names)
+    assert len(names) == 2 and served.names == {names[0]: 0, names[1]: 1}
+    with TestClient(serve.create_app(served)) as client:
+        for name in names:
+            reply = client.post("/v1/completions", json={"model": name, "prompt": "7+1=", "max_tokens": 4})
+            assert reply.status_code == 200, reply.text
+            expected = _reference(served.model, served.tokenizer, "7+1=", served.names[name], max_tokens=4)
+            assert reply.json()["choices"][0]["text"] == expected
 
 
 def test_cli_serve_of_a_missing_path_exits_2_with_one_line(tmp_path, capsys) -> None:
