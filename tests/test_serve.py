@@ -266,6 +266,17 @@ def test_cli_serve_of_a_missing_path_exits_2_with_one_line(tmp_path, capsys) -> 
     assert "does not exist" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("limits", "says"),
+    [({"max_batch_size": 0}, "max_batch_size must be"), ({"max_tokens": 0}, "max_tokens must be"),
+     ({"max_wait_ms": -1.0}, "max_wait_ms must be")],
+)  # fmt: skip
+def test_server_limits_are_checked(limits, says) -> None:
+    served = serve.ServedModel(None, None, {"x": None}, max_positions=16)
+    with pytest.raises(ValueError, match=says):
+        serve.create_app(served, **limits)
+
+
 def test_an_exported_adapter_is_readable_by_other_users(tmp_path) -> None:
     """A server running as another user must read the export: 0755 directory, 0644 files (umask 022)."""
     model, _ = _routed_model()

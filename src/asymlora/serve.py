@@ -422,7 +422,15 @@ def create_app(
 
     Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
     or an unsupported/out-of-range field, 404 for an unknown ``model``; the server keeps serving.
+
+    Raises:
+        ValueError: ``max_batch_size`` or ``max_tokens`` < 1, or ``max_wait_ms`` < 0.
     """
+    for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_tokens", max_tokens, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not max_wait_ms >= 0:
+        raise ValueError(f"max_wait_ms must be >= 0 milliseconds, got {max_wait_ms!r}")
     batcher = Batcher(served, max_batch_size, max_wait_ms / 1000.0)
 
     @contextlib.asynccontextmanager
