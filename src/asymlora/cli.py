@@ -8,6 +8,7 @@
     asymlora export RUN_DIR --task NAME --out DIR  one task of a task-routed run as a stock peft LoRA
     asymlora analyze PATH [PATH ...] --out DIR     where the knowledge sits: A vs B similarity, spectra
     asymlora fed CONFIG.yaml [key=value ...]       federated fine-tuning on Flower (simulation)
+    asymlora serve RUN_OR_ADAPTER [--port N]       OpenAI-compatible /v1/completions, tasks batched together
 
 A user mistake (bad config, unknown task, missing path, ...) prints one clear line and exits with 2.
 Every command takes ``--quiet``: no progress bars (download, model conversion, training, evaluation).
@@ -101,6 +102,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     analyze(args.paths, args.out, labels=args.labels, base_model=args.base_model, verbose=True)
     print(f"analysis written to {args.out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from asymlora import serve
+    except ModuleNotFoundError as e:
+        raise ValueError(f"{e}; install the server's packages: pip install 'asymlora[serve]'") from None
+    served = serve.load_served_model(
+        args.path, method=args.method, base_model=args.base_model,
+        served_model_name=args.served_model_name, device=args.device,
+    )  # fmt: skip
+    print(f"serving {sorted(served.names)} on http://{args.host}:{args.port}/v1/completions", flush=True)
+    limits = dict(
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_tokens=args.max_tokens
+    )
+    serve.serve(served, host=args.host, port=args.port, **limits)
     return 0
 
 
@@ -209,6 +227,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["init-similarity"])
     p.add_argument("--out", default="runs/init-similarity", help="output directory")
     p.add_argument("overrides", nargs="*", help="key=value size overrides")
+
+    p = add("serve", cmd_serve, "serve a run or adapter on an OpenAI-compatible /v1/completions endpoint",
+            "Serve RUN_OR_ADAPTER (a run directory or an adapter directory) over HTTP. The request's `model` "
+            "names the task (task-routed adapters; GET /v1/models lists them) or the adapter; concurrent "
+            "requests of different tasks run as one batched forward. Greedy decoding. See docs/serving.md.")  # fmt: skip
+    p.add_argument("path", metavar="RUN_OR_ADAPTER")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--method", help="which method of a compare run (default: the only one)")
+    p.add_argument("--base-model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument(
+        "--served-model-name", help="name of an adapter without task routing (default: its directory)"
+    )
+    p.add_argument("--device", help="cpu (default), auto or a torch device")
+    p.add_argument("--max-batch-size", type=int, default=16, help="most prompts in one forward (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
 
     p = add("fed", cmd_fed, "federated fine-tuning on Flower (simulation)",
             "Run a federated config (configs/fed_*.yaml) with Flower's simulation engine.")  # fmt: skip

@@ -1,0 +1,294 @@
+"""`asymlora serve`: concurrent requests of different tasks batch into one forward and equal per-task generate.
+
+A tiny task-routed ALoRA (random B, so each task's output differs) is served by uvicorn on a real
+127.0.0.1 socket; an httpx client sends concurrent requests. The references are plain ``model.generate``
+calls, one prompt and one task at a time, never the server's own batching code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import stat
+import threading
+import time
+
+import httpx
+import peft
+import pytest
+import torch
+import uvicorn
+
+import asymlora
+from asymlora import serve
+from conftest import make_char_tokenizer, make_tiny_llama
+
+TASKS = ["sst", "qa", "sum"]
+PROMPTS = ["hello there", "Q: who? A:", "x", "a rather longer prompt to pad the others"]
+MAX_TOKENS = 6
+
+
+def _free_port() -> int:
+    for port in range(19300, 19400):
+        with contextlib.closing(socket.socket()) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port in 19300-19399")
+
+
+def _routed_model(router: str = "task", save_base_to=None):
+    """A tiny ALoRA with random B (and router); ``save_base_to``: also save the base and its tokenizer."""
+    tokenizer = make_char_tokenizer()
+    base = make_tiny_llama(vocab_size=len(tokenizer))  # every generated id decodes to a character
+    if save_base_to is not None:
+        base.save_pretrained(save_base_to)
+        tokenizer.save_pretrained(save_base_to)
+    cfg = asymlora.AsymLoraConfig(
+        method="alora",
+        router=router,
+        num_experts=3,
+        task_names=TASKS if router == "task" else None,
+        target_modules=["q_proj", "v_proj"],
+    )
+    model = peft.get_peft_model(base, cfg)
+    with torch.no_grad():
+        for p in asymlora.parameters_by_role(model, "B").values():
+            p.normal_(std=1.0, generator=torch.Generator().manual_seed(p.numel()))
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.normal_(std=1.0, generator=torch.Generator().manual_seed(5))
+    return model.eval(), cfg
+
+
+def _reference(model, tokenizer, prompt: str, task: int | None, max_tokens: int = MAX_TOKENS) -> str:
+    """One prompt, one task, stock ``generate``: new tokens up to EOS, decoded."""
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    kwargs = {} if task is None else {"task_ids": torch.tensor([task])}
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
+    new = out[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+@contextlib.contextmanager
+def _running(app):
+    """uvicorn serving ``app`` on 127.0.0.1:<free port> in a thread; yields the base URL."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def routed_server():
+    model, cfg = _routed_model()
+    tokenizer = make_char_tokenizer()
+    served = serve.ServedModel(model, tokenizer, serve.served_names(cfg, "unused"), max_positions=256)
+    app = serve.create_app(served, max_batch_size=16, max_wait_ms=300, max_tokens=32)
+    with _running(app) as url:
+        yield url, app, model, tokenizer
+
+
+def test_concurrent_requests_of_different_tasks_share_one_batch_and_equal_generate(routed_server) -> None:
+    url, app, model, tokenizer = routed_server
+    requests = [(task, prompt) for prompt in PROMPTS for task in TASKS]
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            body = [{"model": t, "prompt": p, "max_tokens": MAX_TOKENS} for t, p in requests]
+            return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in body))
+
+    before = len(app.state.batcher.batch_tasks)
+    responses = asyncio.run(send_all())
+    for (task, prompt), response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.text
+        data = response.json()
+        assert data["object"] == "text_completion" and data["model"] == task
+        choice = data["choices"][0]
+        assert choice["text"] == _reference(model, tokenizer, prompt, TASKS.index(task)), (task, prompt)
+        assert choice["text"], "an empty completion would compare equal whatever the routing"
+        assert data["usage"]["prompt_tokens"] == len(tokenizer(prompt)["input_ids"])
+    # the tasks really route differently (a server that ignored `model` would fail the equalities above)
+    per_task = {t: tuple(_reference(model, tokenizer, p, i) for p in PROMPTS) for i, t in enumerate(TASKS)}
+    assert len(set(per_task.values())) == len(TASKS), per_task
+    batches = app.state.batcher.batch_tasks[before:]
+    assert sum(len(b) for b in batches) == len(requests)
+    assert max(len(set(b)) for b in batches) == len(TASKS), batches  # several tasks in one forward
+
+
+def test_a_list_prompt_gives_one_choice_per_prompt_and_models_lists_the_tasks(routed_server) -> None:
+    url, _, model, tokenizer = routed_server
+    with httpx.Client(base_url=url, timeout=120) as client:
+        listed = client.get("/v1/models").json()
+        data = client.post(
+            "/v1/completions", json={"model": "qa", "prompt": PROMPTS[:2], "max_tokens": 4}
+        ).json()
+    assert [m["id"] for m in listed["data"]] == TASKS
+    assert [c["index"] for c in data["choices"]] == [0, 1]
+    for choice, prompt in zip(data["choices"], PROMPTS[:2], strict=True):
+        assert choice["text"] == _reference(model, tokenizer, prompt, 1, max_tokens=4)
+        assert choice["finish_reason"] in ("stop", "length")
+
+
+def test_stop_cuts_the_text_and_a_null_max_tokens_means_16(routed_server) -> None:
+    url, _, model, tokenizer = routed_server
+    full = _reference(model, tokenizer, PROMPTS[0], 0, max_tokens=16)
+    assert len(full) >= 2
+    stop = full[1]
+    with httpx.Client(base_url=url, timeout=120) as client:
+        plain = client.post(
+            "/v1/completions", json={"model": "sst", "prompt": PROMPTS[0], "max_tokens": None}
+        )
+        cut = client.post("/v1/completions", json={"model": "sst", "prompt": PROMPTS[0], "stop": [stop]})
+    assert plain.json()["choices"][0]["text"] == full
+    assert cut.json()["choices"][0]["text"] == full[: full.index(stop)]
+    assert cut.json()["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ({"model": "nope", "prompt": "hi"}, 404, "'nope' does not exist"),
+        ({"model": "qa", "prompt": "hi", "max_tokens": 10_000}, 400, "max_tokens=10000"),
+        ({"model": "qa", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens=0"),
+        ({"model": "qa", "prompt": "y" * 250, "max_tokens": 20}, 400, "maximum context length is 256"),
+        ({"model": "qa", "prompt": "hi", "temperature": 0.7}, 400, "temperature=0.7"),
+        ({"model": "qa", "prompt": "hi", "stream": True}, 400, "stream=True"),
+        ({"model": "qa"}, 400, "prompt"),
+        ({"model": "qa", "prompt": [1, 2, 3]}, 400, "prompt"),
+        (b'{"model": "qa", "prompt": ', 400, "invalid request body"),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(
+    routed_server, body, status, says
+) -> None:
+    url, _, model, tokenizer = routed_server
+    with httpx.Client(base_url=url, timeout=120) as client:
+        if isinstance(body, bytes):
+            bad = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        else:
+            bad = client.post("/v1/completions", json=body)
+        good = client.post("/v1/completions", json={"model": "sum", "prompt": "ok", "max_tokens": 3})
+    assert bad.status_code == status, bad.text
+    assert says in bad.json()["error"]["message"]
+    assert good.status_code == 200
+    assert good.json()["choices"][0]["text"] == _reference(model, tokenizer, "ok", 2, max_tokens=3)
+
+
+def test_a_soft_routed_adapter_is_served_under_its_name_without_task_ids(tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    model, _ = _routed_model(router="soft", save_base_to=tmp_path / "base")
+    tokenizer = make_char_tokenizer()
+    model.save_pretrained(tmp_path / "mixture")
+    served = serve.load_served_model(tmp_path / "mixture", base_model=str(tmp_path / "base"))
+    assert served.names == {"mixture": None}
+    with TestClient(serve.create_app(served)) as client:
+        response = client.post(
+            "/v1/completions", json={"model": "mixture", "prompt": PROMPTS[1], "max_tokens": 5}
+        )
+        unknown = client.post("/v1/completions", json={"model": "qa", "prompt": "hi"})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == _reference(
+        model, tokenizer, PROMPTS[1], None, max_tokens=5
+    )
+    assert unknown.status_code == 404
+
+
+def test_a_saved_task_routed_adapter_is_served_under_its_task_names(tmp_path) -> None:
+    model, _ = _routed_model(save_base_to=tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    served = serve.load_served_model(tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    assert served.names == {"sst": 0, "qa": 1, "sum": 2}
+    assert served.max_positions == 256
+
+
+def test_a_task_routed_run_directory_is_served_under_its_task_names(tmp_path) -> None:
+    """The CLI's usual input: a run of `asymlora train` (2 steps on a tiny model), served per task."""
+    from fastapi.testclient import TestClient
+
+    from asymlora.config import load_config
+    from asymlora.recipes.multitask import run
+
+    _routed_model(save_base_to=tmp_path / "model")
+    rows = [{"input": f"{i}+1=", "output": str(i + 1), "task": t} for t in ("inc", "echo") for i in range(12)]
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "tasks.jsonl"
+    args = [
+        f"model.name={tmp_path / 'model'}", f"data.tasks=[jsonl:{data}#inc, jsonl:{data}#echo]",
+        "data.max_train=8", "data.max_test=2", "adapter.r=2", "adapter.router=task", "adapter.num_experts=2",
+        "adapter.target_modules=[q_proj,v_proj]", "train.steps=2", "train.batch_size=4", "train.lr=1e-2",
+        "train.warmup_steps=0", "eval.base_model=false", "eval.max_new_tokens=2", f"run_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    run(load_config(None, args), quiet=True)
+    served = serve.load_served_model(tmp_path / "run")
+    names = list(served.names)
+    assert len(names) == 2 and served.names == {names[0]: 0, names[1]: 1}
+    with TestClient(serve.create_app(served)) as client:
+        for name in names:
+            reply = client.post("/v1/completions", json={"model": name, "prompt": "7+1=", "max_tokens": 4})
+            assert reply.status_code == 200, reply.text
+            expected = _reference(served.model, served.tokenizer, "7+1=", served.names[name], max_tokens=4)
+            assert reply.json()["choices"][0]["text"] == expected
+
+
+def test_cli_serve_of_a_missing_path_exits_2_with_one_line(tmp_path, capsys) -> None:
+    from asymlora.cli import main
+
+    assert main(["serve", str(tmp_path / "missing"), "--port", "19399"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("limits", "says"),
+    [({"max_batch_size": 0}, "max_batch_size must be"), ({"max_tokens": 0}, "max_tokens must be"),
+     ({"max_wait_ms": -1.0}, "max_wait_ms must be")],
+)  # fmt: skip
+def test_server_limits_are_checked(limits, says) -> None:
+    served = serve.ServedModel(None, None, {"x": None}, max_positions=16)
+    with pytest.raises(ValueError, match=says):
+        serve.create_app(served, **limits)
+
+
+def test_an_exported_adapter_is_readable_by_other_users(tmp_path) -> None:
+    """A server running as another user must read the export: 0755 directory, 0644 files (umask 022)."""
+    model, _ = _routed_model()
+    old = os.umask(0o022)
+    try:
+        out = asymlora.export_task_adapter(model, "qa", tmp_path / "qa")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"] or files == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in out.iterdir())
