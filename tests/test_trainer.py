@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import make_char_tokenizer, make_tiny_llama
 
 pytest.importorskip("trl")
@@ -57,6 +58,7 @@ def common_args(tmp_path, **kw) -> dict:
         logging_steps=1,
         disable_tqdm=True,
         seed=0,
+        bf16=False,  # SFTConfig's default bf16=True autocasts on CPU too: compare in float32
     )
     return {**base, **kw}
 
@@ -65,7 +67,7 @@ def randomize_adapter(model, seed: int = 1) -> None:
     """Non-zero B so that the task ids change the output from the first step (B starts at zero)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
 
@@ -102,7 +104,9 @@ def expected_ids(tok, input_ids: torch.Tensor) -> list[int]:
 
 def sft_trainer(tmp_path, config, rows, **kw):
     tok = make_char_tokenizer()
-    args = SFTConfig(**common_args(tmp_path, **{"per_device_train_batch_size": 4, "max_length": 64, **kw.pop("args", {})}))
+    args = SFTConfig(
+        **common_args(tmp_path, **{"per_device_train_batch_size": 4, "max_length": 64, **kw.pop("args", {})})
+    )
     return AsymLoraSFTTrainer(
         model=make_tiny_llama(),
         peft_config=config,
@@ -139,7 +143,9 @@ def manual_loss(model, batch, task_ids) -> float:
         logits = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=task_ids
         ).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100).item()
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    ).item()
 
 
 def test_trainer_loss_is_the_forward_with_the_batch_task_ids(tmp_path):
@@ -148,15 +154,23 @@ def test_trainer_loss_is_the_forward_with_the_batch_task_ids(tmp_path):
     rows = task_rows(8)
     enc = [tok(r["text"]) for r in rows]
     ds = datasets.Dataset.from_list(
-        [{"input_ids": e["input_ids"], "labels": e["input_ids"], "task": r["task"]} for e, r in zip(enc, rows)]
+        [
+            {"input_ids": e["input_ids"], "labels": e["input_ids"], "task": r["task"]}
+            for e, r in zip(enc, rows, strict=True)
+        ]
     )
     model = get_peft_model(make_tiny_llama(), task_config())
     randomize_adapter(model)
     from transformers import DataCollatorForLanguageModeling
 
-    args = TrainingArguments(**common_args(tmp_path), max_steps=1, per_device_train_batch_size=8, learning_rate=0.0)
+    args = TrainingArguments(
+        **common_args(tmp_path), max_steps=1, per_device_train_batch_size=8, learning_rate=0.0
+    )
     trainer = AsymLoraTrainer(
-        model=model, args=args, train_dataset=ds, data_collator=DataCollatorForLanguageModeling(tok, mlm=False)
+        model=model,
+        args=args,
+        train_dataset=ds,
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
     )
     batches = record_batches(trainer)
     trainer.train()
@@ -186,7 +200,9 @@ def own_loop_step(model, micro_batches, lr: float) -> list[float]:
     values = []
     for batch in micro_batches:
         out = model(**batch, use_cache=False)
-        ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+        ce = F.cross_entropy(
+            out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+        )
         aux = out["balance_loss"].item() if "balance_loss" in out else 0.0
         assert out.loss.item() == pytest.approx(ce.item() + aux, rel=1e-6)
         (out.loss / len(micro_batches)).backward()
@@ -223,7 +239,9 @@ def one_step(tmp_path, kind: str, weight: float, lr: float = 0.5):
         trainer = AsymLoraTrainer(
             model=get_peft_model(make_tiny_llama(), soft_config(weight)),
             args=TrainingArguments(**common_args(tmp_path), **opts),
-            train_dataset=datasets.Dataset.from_list([{"input_ids": tok(r["text"])["input_ids"]} for r in rows]),
+            train_dataset=datasets.Dataset.from_list(
+                [{"input_ids": tok(r["text"])["input_ids"]} for r in rows]
+            ),
             data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         )
     randomize_adapter(trainer.model)
@@ -243,23 +261,21 @@ def one_step(tmp_path, kind: str, weight: float, lr: float = 0.5):
 
 @pytest.mark.parametrize("kind", ["trainer", "sft"])
 def test_balance_loss_reaches_the_trainer_loss_and_gradient(tmp_path, kind):
-    """The logged loss is the own loop's mean over micro-batches of (CE + balance loss), and the balance loss's
-    share of the update (adapter with the loss minus adapter without it, routers included) is the own loop's.
-    Plain Trainer: the whole update equals the own loop's too."""
-    start, trained, own, logs, own_loss = one_step(tmp_path / "w", kind, 0.5)
+    """The logged loss is the own loop's mean over micro-batches of (CE + balance loss); the updated adapter
+    and the balance loss's share of the update (adapter with it minus without it, routers included) are the
+    own loop's."""
+    _, trained, own, logs, own_loss = one_step(tmp_path / "w", kind, 0.5)
     _, trained0, own0, logs0, own_loss0 = one_step(tmp_path / "0", kind, 0.0)
     assert logs["loss"] == pytest.approx(own_loss, rel=1e-5)
     assert logs0["loss"] == pytest.approx(own_loss0, rel=1e-5)
-    assert logs["balance_loss"] == pytest.approx(own_loss - own_loss0, rel=1e-4) and logs["balance_loss"] > 0.1
+    assert (
+        logs["balance_loss"] == pytest.approx(own_loss - own_loss0, rel=1e-4) and logs["balance_loss"] > 0.1
+    )
     routers = [k for k in own if "router" in k]
     assert routers
     for name in own:
-        share, want = trained[name] - trained0[name], own[name] - own0[name]
-        if kind == "trainer":
-            torch.testing.assert_close(trained[name], own[name], rtol=1e-4, atol=1e-6)
-        # SFTTrainer's whole update differs from the own loop's by up to ~1% even without a balance loss (not
-        # asymlora's: it does too with the loss unchanged); a lost, doubled or unscaled balance loss is >= 50%.
-        assert (share - want).norm() <= 0.03 * want.norm() + 1e-7, name
+        torch.testing.assert_close(trained[name], own[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(trained[name] - trained0[name], own[name] - own0[name], rtol=1e-3, atol=1e-6)
     assert any((own[k] - own0[k]).abs().max() > 1e-3 for k in routers)
 
 
@@ -340,4 +356,3 @@ def test_unknown_task_name_is_refused_naming_it(tmp_path):
 def test_packing_is_refused_for_task_routing(tmp_path):
     with pytest.raises(ValueError, match=r"packing=True .*set packing=False"):
         sft_trainer(tmp_path, task_config(), task_rows(4), args={"packing": True})
-

@@ -32,7 +32,13 @@ from transformers import Trainer
 from asymlora.routing import RoutingCall, add_balance_loss
 from asymlora.tuner.config import AsymLoraConfig
 
-__all__ = ["TASK_COLUMN", "AsymLoraSFTTrainer", "AsymLoraTrainer", "TaskIdsCollator", "task_id"]
+__all__ = [  # noqa: F822 (AsymLoraSFTTrainer is built on first access, see __getattr__)
+    "TASK_COLUMN",
+    "AsymLoraSFTTrainer",
+    "AsymLoraTrainer",
+    "TaskIdsCollator",
+    "task_id",
+]
 
 TASK_COLUMN = "task"
 """Default name of the dataset column holding each example's task (a name of ``task_names`` or an id)."""
@@ -91,7 +97,9 @@ class TaskIdsCollator:
     collates the remaining fields, and ``task_ids[i]`` is example i's expert index. Raises ValueError when an
     example lacks the column or names an unknown task (before the batch reaches the model)."""
 
-    def __init__(self, collator: Callable[[list[dict]], dict], config: AsymLoraConfig, column: str = TASK_COLUMN):
+    def __init__(
+        self, collator: Callable[[list[dict]], dict], config: AsymLoraConfig, column: str = TASK_COLUMN
+    ):
         self.collator, self.config, self.column = collator, config, column
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
