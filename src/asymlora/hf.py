@@ -146,7 +146,7 @@ class AsymLoraTrainerMixin:
             _check_task_inputs(config, given, task_column)
         super().__init__(*args, **kwargs)
         self._balance_calls: list[tuple[RoutingCall, list[Tensor]]] | None = None
-        self._balance_log: list[float] = []
+        self._balance_log: list[Tensor] = []  # balance loss of each training micro-batch since the last log
         if self.task_column:
             self.data_collator = TaskIdsCollator(self.data_collator, adapter_config(self.model), task_column)
         self.model.base_model.register_forward_hook(self._take_balance_terms)
@@ -173,27 +173,31 @@ class AsymLoraTrainerMixin:
         finally:
             calls, self._balance_calls = self._balance_calls, None
         loss, outputs = result if return_outputs else (result, None)
-        steps = self.current_gradient_accumulation_steps if self._scaled_for_ga(num_items_in_batch) else 1
+        steps = self._ga_steps(num_items_in_batch)
         for call, terms in calls:
             call.aux_losses[:] = terms
             total, aux = add_balance_loss(loss * steps, call)  # d(total)/d(aux) reaches the routers
             loss = total / steps
-            self._balance_log.append(aux.item())
+            if model.training:
+                self._balance_log.append(aux.detach())
         return (loss, outputs) if return_outputs else loss
 
-    def _scaled_for_ga(self, num_items_in_batch: Any) -> bool:
-        """Whether `training_step` leaves this loss undivided by the accumulation steps (Trainer's rule)."""
+    def _ga_steps(self, num_items_in_batch: Any) -> int:
+        """Accumulation steps to divide the balance term by: those of the step when `training_step` leaves
+        the loss undivided (Trainer's rule: a loss normalised by ``num_items_in_batch``), else 1."""
         if not self.model.training:
-            return False
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
-        accepts = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        return accepts or self.compute_loss_func is not None
+            return 1
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            accepts = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            scaled = accepts or self.compute_loss_func is not None
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return steps if scaled else 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Trainer's log, with ``balance_loss``: the mean balance loss since the last log."""
         if self._balance_log and "loss" in logs:
-            logs["balance_loss"] = sum(self._balance_log) / len(self._balance_log)
+            logs["balance_loss"] = torch.stack(self._balance_log).float().mean().item()
             self._balance_log.clear()
         super().log(logs, *args, **kwargs)
 
