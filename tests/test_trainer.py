@@ -250,12 +250,22 @@ def one_step(tmp_path, kind: str, weight: float, lr: float = 0.5):
     trainer.train()
     trained = adapter_state(trainer.model)
     model = trainer.model
+    assert len(batches) == 2
+    # evaluation (one batch of all 8 rows): the eval loss is CE by hand + the balance loss of that batch
+    eval_loss = trainer.evaluate(trainer.train_dataset)["eval_loss"]
+    model.eval()
+    with torch.no_grad():
+        out = model(**batches[2])
+    ce = F.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1), batches[2]["labels"][:, 1:].flatten(), ignore_index=-100
+    )
+    aux = out["balance_loss"].item() if "balance_loss" in out else 0.0
+    assert eval_loss == pytest.approx(ce.item() + aux, rel=1e-5)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(start[name])
-    assert len(batches) == 2
-    values = own_loop_step(model, batches, lr)
+    values = own_loop_step(model, batches[:2], lr)
     return start, trained, adapter_state(model), trainer.state.log_history[0], sum(values) / 2
 
 
