@@ -237,3 +237,4 @@ def test_two_client_simulation_records_epsilon(assets: Path, tmp_path: Path, cli
         res = json.loads((tmp_path / "run" / name / "results.json").read_text())
         assert res["dp"]["epsilon"] == history[-1]["dp"]["epsilon"] and res["dp"]["releases"] == 2
         assert res["dp"]["epsilon_per_round"] == [r["dp"]["epsilon"] for r in history]
+    assert "| **DP (ε, δ) after all rounds** |" in (tmp_path / "run" / "results.md").read_text()
