@@ -211,16 +211,19 @@ assets = fed_apps.assets  # the tiny Llama and tasks of the Flower app tests (a 
 @pytest.mark.fed
 @pytest.mark.parametrize("clipping", ["server", "client"])
 def test_two_client_simulation_records_epsilon(assets: Path, tmp_path: Path, clipping: str) -> None:
-    """fedit + fedalora under DP: every round records z, σ = z·C/2, the update norms and ε after the round
-    (Opacus on the same inputs); results.json has the final ε; client-side clipped uploads reach the server
-    with norm ≤ C (else it would refuse them)."""
+    """Every aggregation under DP (fedit, fedalora: mean; zeropad; fedalora-het with rank 2 < d_m, so the
+    clients upload the factors B2, B1): every round records z, σ = z·C/2, the update norms and ε after the
+    round (Opacus on the same inputs); results.json has the final ε; client-side clipped uploads (Flower's
+    fixedclipping_mod for mean, asymlora's for the others) reach the server with norm ≤ C."""
     from opacus.accountants import RDPAccountant
 
-    cfg = write_config(tmp_path / "fed.yaml", assets, tmp_path / "run", strategies=["fedit", "fedalora"])
+    names = ["fedit", "fedalora", "zeropad", "fedalora-het"]
+    cfg = write_config(tmp_path / "fed.yaml", assets, tmp_path / "run", strategies=names)
     z, c = 1.1, 0.05
     over = [f"dp.clipping={clipping}", f"dp.noise_multiplier={z}", f"dp.clipping_norm={c}", "dp.noise_seed=3"]
-    assert fed(cfg, *over) == 0
-    for name in ("fedit", "fedalora"):
+    het = ["clients.ranks=[2, 2]", "adapter.intermediate_rank=4", "train.local_steps=1"]
+    assert fed(cfg, *over, *het) == 0
+    for name in names:
         history = read_rounds(tmp_path / "run" / name / "rounds.jsonl")
         assert [r["round"] for r in history] == [1, 2]
         for r in history:
