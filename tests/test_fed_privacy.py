@@ -188,6 +188,7 @@ def test_target_epsilon_gives_the_smallest_noise_that_reaches_it() -> None:
         (["dp.clipping=server", "dp.noise_multiplier=-0.5"], r"dp.noise_multiplier=-0.5 must be >= 0"),
         (["dp.clipping=server", "dp.noise_multiplier=1", "dp.delta=1"], r"dp.delta=1.0 must lie in \(0, 1\)"),
         (["dp.clipping=always"], "dp.clipping"),
+        (["dp.target_epsilon=8"], "dp.clipping='off' but dp.noise_multiplier / dp.target_epsilon is set"),
     ],
 )
 def test_bad_dp_config_is_named_before_round_one(overrides: list[str], message: str) -> None:

@@ -336,6 +336,11 @@ class FedConfig:
             )
         if self.dp.enabled:
             noise_multiplier_for(self.dp, self.rounds)  # ValueError naming the key -> ConfigError
+        elif self.dp.noise_multiplier is not None or self.dp.target_epsilon is not None:
+            raise ConfigError(
+                f"dp.clipping={self.dp.clipping!r} but dp.noise_multiplier / dp.target_epsilon is set: "
+                "DP would be silently off; set dp.clipping=server or dp.clipping=client"
+            )
         # the adapter config of every (strategy, client) must build
         from asymlora.federated.strategies import client_config
 

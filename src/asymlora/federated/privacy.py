@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KEY_CLIPPING_NORM",
+    "ClippedUpdates",
     "PrivacyAccountant",
     "PrivacySettings",
     "add_noise",
