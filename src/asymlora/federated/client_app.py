@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from asymlora.federated.privacy import clipping_mod
+
 if TYPE_CHECKING:
     import torch
 
@@ -50,7 +52,8 @@ STATE_TRAINED = "asymlora-trained"
 STATE_META = "asymlora-meta"
 """``context.state`` key of the round and strategy that adapter belongs to (a ConfigRecord)."""
 
-app = ClientApp()
+app = ClientApp(mods=[clipping_mod])
+"""The ClientApp; `privacy.clipping_mod` clips the upload when the server asks (``dp.clipping: client``)."""
 
 
 RAW_STYPE = "torch.raw"

@@ -23,6 +23,7 @@ import yaml
 
 from asymlora.config import ConfigError, apply_overrides, from_dict
 from asymlora.config import DataSettings as MultiTaskDataSettings
+from asymlora.federated.privacy import PrivacySettings, noise_multiplier_for
 from asymlora.federated.strategies import STRATEGY_NAMES, Strategy, check_het_setup, get_strategy
 from asymlora.tuner.config import AsymLoraConfig
 
@@ -34,6 +35,7 @@ __all__ = [
     "FaultSettings",
     "FedConfig",
     "ModelSettings",
+    "PrivacySettings",
     "SimulationSettings",
     "TimeoutSettings",
     "TrainSettings",
@@ -208,6 +210,8 @@ class FedConfig:
     log_keys: bool = False
     """Write the tensor names of every message into rounds.jsonl (for audits and tests)."""
     faults: FaultSettings = field(default_factory=FaultSettings)
+    dp: PrivacySettings = field(default_factory=PrivacySettings)
+    """Client-level differential privacy of the uploads (`asymlora.federated.privacy`); off by default."""
 
     # --- derived ---------------------------------------------------------------------------------
     def strategy(self, name: str) -> Strategy:
@@ -329,6 +333,13 @@ class FedConfig:
         if self.faults.stop_after is not None and not 1 <= self.faults.stop_after <= self.rounds:
             raise ConfigError(
                 f"faults.stop_after={self.faults.stop_after!r} must lie in [1, rounds={self.rounds}]"
+            )
+        if self.dp.enabled:
+            noise_multiplier_for(self.dp, self.rounds)  # ValueError naming the key -> ConfigError
+        elif self.dp.noise_multiplier is not None or self.dp.target_epsilon is not None:
+            raise ConfigError(
+                f"dp.clipping={self.dp.clipping!r} but dp.noise_multiplier / dp.target_epsilon is set: "
+                "DP would be silently off; set dp.clipping=server or dp.clipping=client"
             )
         # the adapter config of every (strategy, client) must build
         from asymlora.federated.strategies import client_config

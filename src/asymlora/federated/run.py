@@ -224,6 +224,15 @@ def _mb_per_client_round(r: dict[str, Any], key: str) -> float | None:
     return b[key] / rounds / clients / 1e6
 
 
+def _dp_cell(r: dict[str, Any]) -> str:
+    """``(ε, δ)`` of a run's results (∞ without noise), or ``off``."""
+    dp = r.get("dp")
+    if not dp:
+        return "off"
+    eps = "∞" if dp["epsilon"] is None else f"{dp['epsilon']:.2f}"
+    return f"({eps}, {dp['delta']:g}), z = {dp['noise_multiplier']:.3g}, C = {dp['clipping_norm']:g}"
+
+
 def format_results(summary: dict[str, Any]) -> str:
     """The markdown comparison: personalised score per client and strategy, summaries, bytes."""
     runs: dict[str, dict] = dict(summary["strategies"])
@@ -256,6 +265,8 @@ def format_results(summary: dict[str, Any]) -> str:
     )
     lines.append(row("Δm% vs local-only", lambda r: _fmt((r.get("personalised") or {}).get("delta_m"), 2)))
     lines.append(row("global average", lambda r: _fmt((r.get("global") or {}).get("average"))))
+    if any("dp" in runs[n] for n in names):
+        lines.append(row("DP (ε, δ) after all rounds", _dp_cell))
     for title, key in BYTE_ROWS:
         lines.append(row(title, lambda r, key=key: _fmt(_mb_per_client_round(r, key), 3)))
     lines.append(

@@ -50,7 +50,16 @@ from torch import Tensor
 from asymlora.federated.client import client_adapter_config, initial_state
 from asymlora.federated.client_app import from_record, to_record
 from asymlora.federated.config import FedConfig, load_fed_config
+from asymlora.federated.privacy import (
+    KEY_CLIPPING_NORM,
+    PrivacyAccountant,
+    add_noise,
+    noise_multiplier_for,
+    noise_std,
+    privatize_updates,
+)
 from asymlora.federated.strategies import (
+    Rejection,
     RoleMap,
     Strategy,
     aggregate,
@@ -249,6 +258,63 @@ def check_ranks(infos: Mapping[int, ClientInfo], cfg: FedConfig, strategy: Strat
             )
 
 
+def _accountant(cfg: FedConfig, history: Sequence[Mapping[str, Any]]) -> PrivacyAccountant | None:
+    """The run's privacy accountant (None without DP), with the releases of ``history`` (resume) composed."""
+    if not cfg.dp.enabled:
+        return None
+    z = noise_multiplier_for(cfg.dp, cfg.rounds)
+    return PrivacyAccountant(
+        z, cfg.dp.delta, releases=sum(1 for r in history if r.get("dp", {}).get("released"))
+    )
+
+
+def _release(
+    cfg: FedConfig,
+    accountant: PrivacyAccountant,
+    state: dict[str, Tensor],
+    accepted: int,
+    norms: Mapping[int, float],
+    rnd: int,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Add the round's Gaussian noise (σ = z·C/m) to the aggregate and compose it in ``accountant``;
+    (noisy state, the round's ``dp`` record). Nothing is released when no update was accepted."""
+    dp, z = cfg.dp, accountant.noise_multiplier
+    std = noise_std(z, dp.clipping_norm, accepted) if accepted else 0.0
+    if accepted:
+        if z > 0:
+            state = add_noise(state, std, None if dp.noise_seed is None else dp.noise_seed + rnd)
+        accountant.step()
+    eps = accountant.epsilon()
+    return state, {
+        "clipping": dp.clipping,
+        "noise_multiplier": z,
+        "clipping_norm": dp.clipping_norm,
+        "noise_std": std,
+        "clients": accepted,
+        "released": bool(accepted),
+        "releases": accountant.releases,
+        "epsilon": _finite_or_none(eps),
+        "delta": dp.delta,
+        "update_norms": {str(k): v for k, v in sorted(norms.items())},
+        "clipped": sorted(k for k, v in norms.items() if v > dp.clipping_norm),
+    }
+
+
+def _dp_summary(cfg: FedConfig, accountant: PrivacyAccountant, history: Sequence[Mapping[str, Any]]) -> dict:
+    """results.json's ``dp``: the settings, the final (ε, δ) and ε after each round."""
+    return {
+        "clipping": cfg.dp.clipping,
+        "noise_multiplier": accountant.noise_multiplier,
+        "target_epsilon": cfg.dp.target_epsilon,
+        "clipping_norm": cfg.dp.clipping_norm,
+        "delta": cfg.dp.delta,
+        "epsilon": _finite_or_none(accountant.epsilon()),
+        "releases": accountant.releases,
+        "epsilon_per_round": [r.get("dp", {}).get("epsilon") for r in history],
+        "accountant": "opacus RDPAccountant, sample rate 1 (every client every round)",
+    }
+
+
 def run_server(
     grid: Grid,
     cfg: FedConfig,
@@ -304,6 +370,7 @@ def run_server(
         say(f"{strategy_name}: resuming after round {meta['round']} from {out_dir / CHECKPOINT_DIR}")
     _write_rounds(out_dir, history)
     fed_json = cfg.to_json()
+    accountant = _accountant(cfg, history)
 
     def config_for(info: ClientInfo, rnd: int) -> ConfigRecord:
         return ConfigRecord(
@@ -315,6 +382,7 @@ def run_server(
                 "rank": info.rank,
                 "state-dir": client_state_dir or "",
                 "threads": threads,
+                **({KEY_CLIPPING_NORM: cfg.dp.clipping_norm} if cfg.dp.clipping == "client" else {}),
             }
         )
 
@@ -395,10 +463,20 @@ def run_server(
             if rec["status"] == "missing":
                 rec.setdefault("reason", f"no reply within timeouts.round={cfg.timeouts.round:g} s")
                 rec.setdefault("bytes_up", 0)
+        refused: dict[int, str] = {}
+        if accountant is not None:
+            clipped = privatize_updates(cfg.dp, strategy, state, updates, roles, ids)
+            updates, ids, refused = clipped.updates, clipped.ids, clipped.refused
         res = aggregate(strategy, state, updates, roles, ids)
         for rej in res.rejected:
             records[rej.client].update(status="rejected", reason=rej.reason, rejected_key=rej.key)
+        for k, why in refused.items():
+            records[k].update(status="rejected", reason=why, rejected_key=None)
+        res.rejected.extend(Rejection(k, why) for k, why in refused.items())
         state = res.state
+        dp_record = None
+        if accountant is not None:
+            state, dp_record = _release(cfg, accountant, res.state, len(res.accepted), clipped.norms, rnd)
         accepted = [records[k] for k in res.accepted]
         with_loss = [r for r in accepted if r["train_loss"] is not None]
         n_acc = sum(r["num_examples"] for r in with_loss)
@@ -429,6 +507,8 @@ def run_server(
             "note": note,
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if dp_record is not None:
+            record["dp"] = dp_record
         history.append(record)
         save_checkpoint(
             out_dir,
@@ -490,6 +570,8 @@ def run_server(
             eval_failures.append({"client": k, "reason": "no evaluation reply"})
     results = assemble_results(cfg, strategy, history, per_client, eval_failures, ranks)
     results["bytes"]["eval_down"] = final_record.count_bytes() * len(msgs)
+    if accountant is not None:
+        results["dp"] = _dp_summary(cfg, accountant, history)
     results["eval_seconds"] = round(time.perf_counter() - t0, 2)
     atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=2, default=float) + "\n")
     outcome.results = results
