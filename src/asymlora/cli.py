@@ -39,8 +39,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from asymlora.recipes.multitask import run
 
     cfg = load_config(args.config, args.overrides)
+    from asymlora import distributed
+
     run(cfg, overwrite=args.overwrite, resume=args.resume)
-    print(f"results: {Path(cfg.run_dir) / 'results.json'}")
+    if distributed.is_main():  # torchrun: one line, not one per process
+        print(f"results: {Path(cfg.run_dir) / 'results.json'}")
     return 0
 
 

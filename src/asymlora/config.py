@@ -119,7 +119,7 @@ class TrainSettings:
     epochs: float | None = None
     """When set, replaces ``steps``: ceil(epochs × training examples / (batch_size × grad_accum))."""
     batch_size: int = 8
-    """Examples per step and process (mixed across tasks)."""
+    """Examples per optimiser micro-step, summed over processes (the global batch; mixed across tasks)."""
     grad_accum: int = 1
     """Gradient accumulation steps."""
     lr: float = 1e-3

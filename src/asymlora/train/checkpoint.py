@@ -64,12 +64,17 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any],
     keep: int,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
+
+    ``rng``: CPU RNG states to store (``torch`` for rank 0, ``torch.rankR`` for the other processes of a
+    multi-process run); default: this process's state as ``torch``.
+    """
     target = checkpoint_dir(run_dir, step)
     opt_tensors, opt_plain = _optimizer_to_files(optimizer.state_dict())
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    rng = dict(rng) if rng is not None else {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and not any(k.startswith("cuda.") for k in rng):
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(str(tmp))
@@ -89,9 +94,17 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, adapter_name: str = "default"
+    path: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    adapter_name: str = "default",
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore a checkpoint into the given objects; returns its JSON state (step, extra fields)."""
+    """Restore a checkpoint into the given objects; returns its JSON state (step, extra fields).
+
+    Process ``rank`` gets its own CPU RNG state back (``torch.rankR``; rank 0's when the checkpoint has none).
+    """
     state = json.loads((path / STATE_FILE).read_text())
     weights = load_file(str(path / ADAPTER_FILE))
     result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
@@ -105,8 +118,11 @@ def load_checkpoint(
     optimizer.load_state_dict(_optimizer_from_files(opt_tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(str(path / RNG_FILE))
-    torch.set_rng_state(rng["torch"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
+    torch.set_rng_state(rng.get(f"torch.rank{rank}", rng["torch"]))
+    if f"cuda.rank{rank}" in rng and device.type == "cuda":  # this process's own GPU (multi-process runs)
+        torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
+    elif (
+        cuda := [rng[k] for k in sorted(rng) if k.startswith("cuda") and "." not in k]
+    ) and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     return state
