@@ -216,3 +216,23 @@ def test_a_world_size_not_dividing_the_global_batch_is_refused_before_anything_i
     assert per_process_batch(8, 2) == 4 and per_process_batch(3, 1) == 3
     with pytest.raises(ValueError, match=r"train.batch_size=5 .* multiple of 4 \(e.g. 8\)"):
         per_process_batch(5, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_over_nccl_train_the_adapter_of_one_gpu(env, tmp_path) -> None:
+    """The same comparison on CUDA (NCCL, one GPU per process, bfloat16 base): equal up to bf16 rounding."""
+    runs = {}
+    for nproc in (1, 2):
+        runs[nproc] = tmp_path / f"gpu{nproc}"
+        done = launch(torchrun(nproc), env["config"], [*overrides(env, runs[nproc]), "model.device=cuda"])
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = adapter(runs[1]), adapter(runs[2])
+    for key in one:
+        a, b = one[key].double(), two[key].double()
+        assert (a - b).norm() <= 0.05 * a.norm(), key
+    losses = [
+        [json.loads(x)["loss"] for x in (d / "train_log.jsonl").read_text().splitlines()]
+        for d in runs.values()
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)

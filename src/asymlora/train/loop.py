@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -162,6 +162,12 @@ def train(
     cpu = next(model.parameters()).device.type == "cpu"
     distributed.init("cpu" if cpu else "cuda")
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=cpu)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"asymlora train runs data-parallel (DDP) only; {accelerator.distributed_type.value} is not supported: "
+            "launch without --use_fsdp / --use_deepspeed, or fit a larger base model per GPU with "
+            "model.load_in_4bit=true (docs/distributed.md)"
+        )
     world, rank = accelerator.num_processes, accelerator.process_index
     per_process = distributed.per_process_batch(settings.batch_size, world)
     torch.manual_seed(settings.seed + rank)  # dropout differs across processes, as across examples
