@@ -101,7 +101,7 @@ def _optimizer_step(
     """
     slots = accelerator.num_processes * settings.grad_accum
     local = torch.stack([target_tokens(b["labels"]) for b in batches]).sum().to(torch.float64)
-    per_slot = (distributed.all_reduce_sum(local) / slots).clamp_min(1.0)
+    per_slot = (distributed.all_reduce_sum(local) / slots).clamp_min(1.0).to(torch.float32)
     total = 0.0
     for batch in batches:
         with accelerator.accumulate(model):
