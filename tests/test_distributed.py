@@ -214,7 +214,7 @@ def test_a_world_size_not_dividing_the_global_batch_is_refused_before_anything_i
     assert "train.batch_size=4" in err and "3 processes" in err and "multiple of 3 (e.g. 6, 9)" in err
     assert "Traceback" not in err and not run_dir.exists()
     assert per_process_batch(8, 2) == 4 and per_process_batch(3, 1) == 3
-    with pytest.raises(ValueError, match=r"train.batch_size=5 .* multiple of 4 \(e.g. 8\)"):
+    with pytest.raises(ValueError, match=r"train.batch_size=5 .* multiple of 4 \(e.g. 8, 12\)"):
         per_process_batch(5, 4)
 
 
