@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -123,14 +124,32 @@ def all_gather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(c[: int(s.item())].tolist())) for c, s in zip(chunks, sizes, strict=True)]
 
 
+_split = {"on": True}
+
+
+@contextmanager
+def lockstep() -> Iterator[None]:
+    """Within this block :func:`shard` gives every process all items (an FSDP-sharded model: every forward
+    is a collective, so all processes must run the same ones)."""
+    saved, _split["on"] = _split["on"], False
+    try:
+        yield
+    finally:
+        _split["on"] = saved
+
+
+def _splitting() -> bool:
+    return active() and _split["on"]
+
+
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's share of ``items``: positions rank, rank + world, ... (all of them for one process)."""
-    return list(items[rank() :: world_size()])
+    return list(items[rank() :: world_size()]) if _splitting() else list(items)
 
 
 def unshard(local: Sequence[Any], total: int) -> list[Any]:
     """Every rank's :func:`shard` results put back in the original order of the ``total`` items."""
-    if not active():
+    if not _splitting():
         return list(local)
     out: list[Any] = [None] * total
     world = world_size()

@@ -18,6 +18,7 @@ side-by-side table.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -185,6 +186,7 @@ def train_and_evaluate(
     from asymlora.data import MultiTaskCollator, MultiTaskDataset
     from asymlora.eval import metric_notes, summarize
     from asymlora.train import train
+    from asymlora.train.sharding import full_adapter_state, is_sharded
 
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = cfg.adapter_for(method)
@@ -203,13 +205,15 @@ def train_and_evaluate(
     settings_train = cfg.train.for_examples(len(dataset))  # train.epochs → steps
     result = train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
                    desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})")  # fmt: skip
-    distributed.on_main(save_adapter, pm, out_dir / "adapter")
+    full_state = full_adapter_state(pm)  # FSDP: gathered to rank 0 (a collective); else None
+    distributed.on_main(save_adapter, pm, out_dir / "adapter", full_state)
     t0 = time.perf_counter()
     routed = peft_cfg.router == "task" and method != "lora"
     examples_path = out_dir / PER_EXAMPLE_FILE
-    per_task = evaluate(
-        pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method
-    )
+    with distributed.lockstep() if is_sharded(pm) else contextlib.nullcontext():  # FSDP: no split
+        per_task = evaluate(
+            pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method
+        )
     summary = summarize(per_task, primary_metrics(tasks), baselines, metric_notes=metric_notes(tasks))
     summary["intervals"] = intervals_of(examples_path, tasks, baseline_examples or baselines)
     results = {
@@ -230,10 +234,11 @@ def train_and_evaluate(
     return results, pm.unload()
 
 
-def save_adapter(model: Any, target: Path) -> None:
-    """``model.save_pretrained`` into ``target`` atomically."""
+def save_adapter(model: Any, target: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """``model.save_pretrained`` into ``target`` atomically (of ``state_dict``, a sharded model's gathered
+    tensors, when given)."""
     with atomic_dir(target, overwrite=True) as tmp:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
 
 
 def run(
@@ -249,6 +254,11 @@ def run(
     from asymlora.models import load
 
     distributed.per_process_batch(cfg.train.batch_size, distributed.launched_world_size())
+    if cfg.train.fsdp and (cfg.compare.methods or cfg.compare.single_task):
+        raise ConfigError(
+            "train.fsdp=true trains one method per launch (the sharded base model cannot be reused); drop "
+            "compare.methods / compare.single_task, or use train.fsdp=false (DDP)"
+        )
     distributed.init(cfg.model.device)
     say = print if not quiet and distributed.is_main() else (lambda *a: None)
     tasks = load_tasks_for(cfg)  # bad data or metrics fail before run_dir is written

@@ -15,6 +15,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ from transformers import get_scheduler
 
 from asymlora import distributed, progress
 from asymlora.config import TrainSettings
-from asymlora.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from asymlora.train import sharding
+from asymlora.train.checkpoint import (
+    latest_checkpoint,
+    load_adapter_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 class TrainingError(RuntimeError):
@@ -140,6 +147,30 @@ def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
     return out
 
 
+def _prepare(model: Any, settings: TrainSettings, accelerator: Accelerator, ckpt: Path | None):
+    """(model, trainable params, optimizer, scheduler) ready to train: DDP-wrapped by accelerate, or with
+    ``settings.fsdp`` in a multi-process run sharded by FSDP2 (after loading ``ckpt``'s adapter weights)."""
+    if settings.fsdp and accelerator.num_processes > 1:
+        if ckpt is not None:
+            load_adapter_weights(ckpt, model)
+        sharding.shard_model(model)  # replaces the parameters by sharded ones: collect them after this
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    # One scheduler step per optimiser step, stepped here (accelerate would step it once per process).
+    scheduler = get_scheduler(
+        settings.scheduler,
+        optimizer,
+        num_warmup_steps=settings.warmup_steps,
+        num_training_steps=settings.steps,
+    )
+    if sharding.is_sharded(model):
+        return model, params, accelerator.prepare(optimizer), scheduler
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, params, optimizer, scheduler
+
+
 def train(
     model: Any,
     dataset: Any,
@@ -154,8 +185,9 @@ def train(
     """Train the trainable parameters of ``model`` (a peft model) on ``dataset`` for ``settings.steps``.
 
     Under ``torchrun`` / ``accelerate launch`` each of the W processes takes ``settings.batch_size / W``
-    examples of every global batch and DDP averages the gradients; the result equals a one-process run with
-    the same ``batch_size`` (to float rounding, dropout aside). Only rank 0 writes into ``run_dir``.
+    examples of every global batch and DDP averages the gradients (with ``settings.fsdp``: FSDP2 shards the
+    model and reduce-scatters them); the result equals a one-process run with the same ``batch_size`` (to
+    float rounding, dropout aside). Only rank 0 writes into ``run_dir``.
     Raises ValueError when W does not divide ``batch_size`` (before any weight changes), TrainingError on a
     non-finite loss.
     """
@@ -164,29 +196,21 @@ def train(
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=cpu)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(
-            f"asymlora train runs data-parallel (DDP) only; {accelerator.distributed_type.value} is not supported: "
-            "launch without --use_fsdp / --use_deepspeed, or fit a larger base model per GPU with "
-            "model.load_in_4bit=true (docs/distributed.md)"
+            f"asymlora train does not use accelerate's {accelerator.distributed_type.value}: launch without "
+            "--use_fsdp / --use_deepspeed, and set train.fsdp=true to shard the model (docs/distributed.md)"
         )
     world, rank = accelerator.num_processes, accelerator.process_index
     per_process = distributed.per_process_batch(settings.batch_size, world)
     torch.manual_seed(settings.seed + rank)  # dropout differs across processes, as across examples
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    # One scheduler step per optimiser step, stepped here (accelerate would step it once per process).
-    scheduler = get_scheduler(
-        settings.scheduler,
-        optimizer,
-        num_warmup_steps=settings.warmup_steps,
-        num_training_steps=settings.steps,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start, resumed_from, losses = 0, None, []
     ckpt = latest_checkpoint(run_dir) if resume else None
+    model, params, optimizer, scheduler = _prepare(model, settings, accelerator, ckpt)
+    start, resumed_from, losses = 0, None, []
     if ckpt is not None:
-        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rank=rank)
+        load_optimizer = None
+        if sharding.is_sharded(model):
+            load_optimizer = partial(sharding.load_optimizer_state, model, optimizer.optimizer, params)
+        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rank=rank,
+                                load_optimizer=load_optimizer)  # fmt: skip
         start = resumed_from = state["step"]
         losses = [tuple(x) for x in state.get("losses", [])]
         accelerator.print(f"resuming from {ckpt} (step {start})")
@@ -214,10 +238,15 @@ def train(
         if on_step is not None and accelerator.is_main_process:
             on_step(done)
         if (settings.save_every and done % settings.save_every == 0) or done == settings.steps:
-            rng = _rng_states(device)  # a collective: every process takes part
+            rng = _rng_states(device)  # collectives: every process takes part
+            full = (
+                sharding.gathered_state(model, optimizer.optimizer, params)
+                if sharding.is_sharded(model)
+                else None
+            )
             if accelerator.is_main_process:
                 save_checkpoint(run_dir, done, accelerator.unwrap_model(model), optimizer, scheduler,
-                                {"losses": losses}, settings.keep_checkpoints, rng=rng)  # fmt: skip
+                                {"losses": losses}, settings.keep_checkpoints, rng=rng, sharded=full)  # fmt: skip
         accelerator.wait_for_everyone()
     bar.close()
     model.eval()
