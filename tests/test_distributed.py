@@ -198,6 +198,9 @@ def test_a_killed_run_resumes_exactly_under_accelerate_launch_and_fsdp(env, tmp_
     killed = launch(torchrun(2), env["config"], args, ASYMLORA_TEST_KILL_AFTER="4")
     assert killed.returncode != 0
     assert (run_dir / "checkpoints" / "step-000004").is_dir() and not (run_dir / "adapter").exists()
+    again = launch(torchrun(2), env["config"], args)  # without --resume: rank 0 refuses, rank 1 stops with it
+    assert again.returncode != 0 and again.stderr.count("already holds a run; pass --resume") == 2
+    assert f"{ROOT / 'src'}" not in again.stderr  # no traceback through our code (torchrun prints its own)
     # `--multi_gpu` is accelerate's torchrun-style launcher, CPU processes included; with `--cpu` accelerate
     # starts ONE process on a single machine (multi-CPU needs mpirun there): this test caught that once
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",

@@ -22,8 +22,9 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 # Exceptions that rank 0 may raise for a user mistake, re-raised with the same type on every other rank.
+# Subclasses (e.g. ConfigError, a ValueError) travel as the first of these they are an instance of.
 _USER_ERRORS: dict[str, type[Exception]] = {
-    cls.__name__: cls for cls in (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError)
+    cls.__name__: cls for cls in (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError)
 }
 
 
@@ -161,8 +162,9 @@ def unshard(local: Sequence[Any], total: int) -> list[Any]:
 def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     """Run ``fn`` on rank 0 only (file writes) and make every rank wait for it; its result on rank 0, else None.
 
-    A user error raised on rank 0 (ValueError, FileExistsError, ...) is raised on every rank with the same
-    type and message, so all processes stop cleanly; other exceptions become RuntimeError elsewhere.
+    A user error raised on rank 0 is raised on every rank with its message, as the first of FileExistsError,
+    FileNotFoundError, NotADirectoryError, ValueError it is an instance of, so all processes stop cleanly;
+    other exceptions become RuntimeError elsewhere.
     """
     if not active():
         return fn(*args, **kwargs)
@@ -171,7 +173,10 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         try:
             result = fn(*args, **kwargs)
         except Exception as raised:
-            all_gather_json([type(raised).__name__, str(raised)])
+            kind = next(
+                (name for name, cls in _USER_ERRORS.items() if isinstance(raised, cls)), "RuntimeError"
+            )
+            all_gather_json([kind, str(raised)])
             raise
     error = all_gather_json(error)[0]
     if error is not None:
