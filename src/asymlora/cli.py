@@ -36,12 +36,14 @@ def demo_config_path() -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from asymlora import distributed
     from asymlora.config import load_config
     from asymlora.recipes.multitask import run
 
     cfg = load_config(args.config, args.overrides)
     run(cfg, overwrite=args.overwrite, resume=args.resume)
-    print(f"results: {Path(cfg.run_dir) / 'results.json'}")
+    if distributed.is_main():  # torchrun: one line, not one per process
+        print(f"results: {Path(cfg.run_dir) / 'results.json'}")
     return 0
 
 

@@ -121,7 +121,7 @@ class TrainSettings:
     epochs: float | None = None
     """When set, replaces ``steps``: ceil(epochs × training examples / (batch_size × grad_accum))."""
     batch_size: int = 8
-    """Examples per step and process (mixed across tasks)."""
+    """Examples per optimiser micro-step, summed over processes (the global batch; mixed across tasks)."""
     grad_accum: int = 1
     """Gradient accumulation steps."""
     lr: float = 1e-3
@@ -142,6 +142,9 @@ class TrainSettings:
     """Most recent checkpoints kept."""
     log_every: int = 10
     """Log the loss every N steps."""
+    fsdp: bool = False
+    """Under torchrun: shard the base model and adapter across the processes (PyTorch FSDP2) instead of
+    replicating them (DDP); one method per launch, evaluation not split (docs/distributed.md)."""
     trace_every: int = 0
     """Record ‖A − A_init‖/‖A_init‖, ‖B‖ and ΔM/ΔD per layer every N steps into traces.jsonl (0 = off)."""
 

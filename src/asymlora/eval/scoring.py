@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from asymlora import distributed
 from asymlora.data.collate import IGNORE_INDEX, encode_example
 from asymlora.data.tasks import Example, Task
 from asymlora.eval.metrics import score_generations
@@ -523,6 +524,9 @@ def evaluate_task(
             sequences of a choice task or the completed examples of a generative one (off under
             ``asymlora --quiet``, :mod:`asymlora.progress`).
 
+    Inside a multi-process run (``torchrun``; :mod:`asymlora.distributed`) every process must call this: each
+    scores its share of the examples and all get the gathered result.
+
     Returns:
         The metrics (means over the examples), plus ``n`` (the number of examples scored), all as
         floats; with ``with_examples``, ``(metrics, rows)`` with one row per example, in split
@@ -539,14 +543,18 @@ def evaluate_task(
         raise ValueError(f"task {task.name!r} has no {split} example to evaluate")
     started = time.perf_counter()
     per_example: dict[str, list[float]]
-    with _task_bar(progress, task.kind, examples) as on_progress:
+    # Under torchrun each process scores every world-th example; the outputs are gathered in split order.
+    mine = distributed.shard(examples)
+    with _task_bar(progress if distributed.is_main() else None, task.kind, mine) as on_progress:
         if task.kind == "choice":
-            scores = option_loglikelihoods(model, tokenizer, examples, task_id=task_id, batch_size=batch_size,
-                                           max_length=max_length, on_progress=on_progress)  # fmt: skip
+            scores = option_loglikelihoods(model, tokenizer, mine, task_id=task_id, batch_size=batch_size,
+                                           max_length=max_length, on_progress=on_progress) if mine else []  # fmt: skip
+            scores = distributed.unshard(scores, len(examples))
         else:
-            predictions = greedy_generate(model, tokenizer, examples, task_id=task_id, batch_size=batch_size,
+            predictions = greedy_generate(model, tokenizer, mine, task_id=task_id, batch_size=batch_size,
                                           max_new_tokens=max_new_tokens, max_length=max_length,
-                                          on_progress=on_progress)  # fmt: skip
+                                          on_progress=on_progress) if mine else []  # fmt: skip
+            predictions = distributed.unshard(predictions, len(examples))
     if task.kind == "choice":
         hits: list[float] = []
         for example, row in zip(examples, scores, strict=True):

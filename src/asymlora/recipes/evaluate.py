@@ -8,6 +8,7 @@ from typing import Any
 
 import peft
 
+from asymlora import distributed
 from asymlora.config import RunConfig, load_config
 from asymlora.recipes.multitask import (
     CONFIG_FILE,
@@ -67,10 +68,11 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     from asymlora.models import load
 
     cfg = _run_config(run_dir)
+    distributed.init(cfg.model.device)  # under torchrun the test sets are split across the processes
     tasks = load_tasks_for(cfg)
     primary, notes = primary_metrics(tasks), metric_notes(tasks)
     baselines, baseline_examples = single_task_baselines(run_dir, cfg, primary)
-    model, tokenizer = load(cfg.model.name, device=cfg.model.device)
+    model, tokenizer = load(cfg.model.name, device=distributed.process_device(cfg.model.device))
     rows: dict[str, Any] = {}
     intervals: dict[str, Any] = {}
     for method, directory in method_dirs(run_dir, cfg).items():
@@ -97,7 +99,8 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     table = format_table(
         rows, primary, [t.name for t in tasks], baselines, metric_notes=notes, intervals=intervals
     )
-    print(table)
+    if distributed.is_main():
+        print(table)
     return rows
 
 

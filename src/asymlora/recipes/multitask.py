@@ -18,6 +18,7 @@ side-by-side table.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ from typing import Any
 import peft
 import torch
 
+from asymlora import distributed
 from asymlora.config import ConfigError, RunConfig, dump_config, load_config
 from asymlora.io import atomic_dir, atomic_write_text
 from asymlora.roles import count_parameters
@@ -39,7 +41,14 @@ PER_EXAMPLE_FILE = "per_example.jsonl"
 
 
 def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> Path:
-    """Create the run directory, refusing to mix two different runs in one directory."""
+    """Create the run directory, refusing to mix two different runs in one directory.
+
+    In a multi-process run only rank 0 checks and writes; the others wait and raise the same error."""
+    distributed.on_main(_prepare_run_dir, cfg, overwrite=overwrite, resume=resume)
+    return Path(cfg.run_dir)
+
+
+def _prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> None:
     run_dir = Path(cfg.run_dir)
     saved = run_dir / CONFIG_FILE
     text = dump_config(cfg)
@@ -61,17 +70,17 @@ def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> Path:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, text)
-    return run_dir
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=float) + "\n")
+    """Write ``data`` as JSON atomically (rank 0 only in a multi-process run; the others wait for it)."""
+    distributed.on_main(atomic_write_text, path, json.dumps(data, indent=2, default=float) + "\n")
 
 
 def write_examples(path: Path, examples: dict[str, list[dict[str, Any]]]) -> None:
-    """Write ``{task: per-example rows}`` as JSON lines ``{"task": name, **row}`` (atomically)."""
+    """Write ``{task: per-example rows}`` as JSON lines ``{"task": name, **row}`` (atomically; rank 0 only)."""
     lines = [json.dumps({"task": task, **row}) + "\n" for task, rows in examples.items() for row in rows]
-    atomic_write_text(path, "".join(lines))
+    distributed.on_main(atomic_write_text, path, "".join(lines))
 
 
 def read_examples(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -186,6 +195,7 @@ def train_and_evaluate(
     from asymlora.data import MultiTaskCollator, MultiTaskDataset
     from asymlora.eval import metric_notes, summarize
     from asymlora.train import train
+    from asymlora.train.sharding import full_adapter_state, is_sharded
 
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = cfg.adapter_for(method)
@@ -204,14 +214,15 @@ def train_and_evaluate(
     settings_train = cfg.train.for_examples(len(dataset))  # train.epochs → steps
     result = train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
                    desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})")  # fmt: skip
-    with atomic_dir(out_dir / "adapter", overwrite=True) as tmp:
-        pm.save_pretrained(str(tmp))
+    full_state = full_adapter_state(pm)  # FSDP: gathered to rank 0 (a collective); else None
+    distributed.on_main(save_adapter, pm, out_dir / "adapter", full_state)
     t0 = time.perf_counter()
     routed = peft_cfg.router == "task" and method != "lora"
     examples_path = out_dir / PER_EXAMPLE_FILE
-    per_task = evaluate(
-        pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method
-    )
+    with distributed.lockstep() if is_sharded(pm) else contextlib.nullcontext():  # FSDP: no split
+        per_task = evaluate(
+            pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method
+        )
     summary = summarize(per_task, primary_metrics(tasks), baselines, metric_notes=metric_notes(tasks))
     summary["intervals"] = intervals_of(examples_path, tasks, baseline_examples or baselines)
     results = {
@@ -232,14 +243,37 @@ def train_and_evaluate(
     return results, pm.unload()
 
 
+def save_adapter(model: Any, target: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """``model.save_pretrained`` into ``target`` atomically (of ``state_dict``, a sharded model's gathered
+    tensors, when given)."""
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
+
+
 def run(
     cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, quiet: bool = False
 ) -> dict[str, Any]:
-    """Run the whole recipe; returns what `results.json` holds."""
+    """Run the whole recipe; returns what `results.json` holds.
+
+    Under ``torchrun`` / ``accelerate launch`` every process runs this: training and evaluation are split
+    across them, rank 0 alone writes. Raises ValueError when the number of processes does not divide
+    ``train.batch_size``, before anything is loaded or written (docs/distributed.md).
+    """
     from asymlora.eval import format_table, metric_notes, plot_results, summarize
     from asymlora.models import load
 
-    say = (lambda *a: None) if quiet else print
+    distributed.per_process_batch(cfg.train.batch_size, distributed.launched_world_size())
+    if cfg.train.fsdp and (cfg.compare.methods or cfg.compare.single_task):
+        raise ConfigError(
+            "train.fsdp=true trains one method per launch (the sharded base model cannot be reused); drop "
+            "compare.methods / compare.single_task, or use train.fsdp=false (DDP)"
+        )
+    if cfg.train.fsdp and cfg.model.load_in_4bit:
+        raise ConfigError(
+            "train.fsdp=true cannot shard a 4-bit base model (model.load_in_4bit=true); use one of the two"
+        )
+    distributed.init(cfg.model.device)
+    say = print if not quiet and distributed.is_main() else (lambda *a: None)
     tasks = load_tasks_for(cfg)  # bad data or metrics fail before run_dir is written
     run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
     say(
@@ -251,7 +285,7 @@ def run(
         say(f"note: {note}")
     model, tokenizer = load(
         cfg.model.name,
-        device=cfg.model.device,
+        device=distributed.process_device(cfg.model.device),
         load_in_4bit=cfg.model.load_in_4bit,
         load_in_8bit=cfg.model.load_in_8bit,
     )
@@ -323,8 +357,8 @@ def run(
     say(table)
     if not flat:
         write_json(run_dir / RESULTS_FILE, combined)
-    atomic_write_text(run_dir / "results.md", table + "\n")
-    plot_results(rows, primary, run_dir / "results.png", intervals=intervals)
+    distributed.on_main(atomic_write_text, run_dir / "results.md", table + "\n")
+    distributed.on_main(plot_results, rows, primary, run_dir / "results.png", intervals=intervals)
     if flat:  # a single-method run: results.json holds that run's keys, plus the base model's scores
         results = json.loads((run_dir / RESULTS_FILE).read_text())
         results["base"] = combined.get("base")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,25 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any],
     keep: int,
+    rng: dict[str, torch.Tensor] | None = None,
+    sharded: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
+
+    ``rng``: CPU RNG states to store (``torch`` for rank 0, ``torch.rankR`` for the other processes of a
+    multi-process run); default: this process's state as ``torch``. ``sharded``: for an FSDP-sharded model,
+    its gathered (adapter state dict, index-keyed optimizer state dict), saved in place of the model's own.
+    """
     target = checkpoint_dir(run_dir, step)
-    opt_tensors, opt_plain = _optimizer_to_files(optimizer.state_dict())
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    adapter_state, optimizer_state = sharded if sharded is not None else (None, optimizer.state_dict())
+    opt_tensors, opt_plain = _optimizer_to_files(optimizer_state)
+    rng = dict(rng) if rng is not None else {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and not any(k.startswith("cuda.") for k in rng):
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     with atomic_dir(target, overwrite=True) as tmp:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(
+            str(tmp), **({"state_dict": adapter_state} if adapter_state is not None else {})
+        )
         save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
         save_file(rng, str(tmp / RNG_FILE))
         state = {
@@ -88,25 +99,49 @@ def save_checkpoint(
     return target
 
 
-def load_checkpoint(
-    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, adapter_name: str = "default"
-) -> dict[str, Any]:
-    """Restore a checkpoint into the given objects; returns its JSON state (step, extra fields)."""
-    state = json.loads((path / STATE_FILE).read_text())
+def load_adapter_weights(path: Path, model: Any, adapter_name: str = "default") -> None:
+    """Load a checkpoint's adapter weights into ``model`` (a peft model); raises ValueError on a mismatch."""
     weights = load_file(str(path / ADAPTER_FILE))
     result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"checkpoint {path} does not match this model (unexpected keys {unexpected[:3]})")
-    device = next(p.device for p in model.parameters() if p.requires_grad)
-    opt_tensors = {
-        k: v.to(device) if v.dim() > 0 else v for k, v in load_file(str(path / OPTIMIZER_FILE)).items()
-    }
-    optimizer.load_state_dict(_optimizer_from_files(opt_tensors, state["optimizer"]))
+
+
+def load_checkpoint(
+    path: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    adapter_name: str = "default",
+    rank: int = 0,
+    load_optimizer: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Restore a checkpoint into the given objects; returns its JSON state (step, extra fields).
+
+    Process ``rank`` gets its own CPU RNG state back (``torch.rankR``; rank 0's when the checkpoint has none).
+    ``load_optimizer``: called with the optimiser state dict (CPU tensors) instead of
+    ``optimizer.load_state_dict`` (an FSDP-sharded model, whose adapter weights :func:`load_adapter_weights`
+    restored before sharding; ``model`` is then ignored).
+    """
+    state = json.loads((path / STATE_FILE).read_text())
+    if load_optimizer is None:
+        load_adapter_weights(path, model, adapter_name)
+    opt_state = _optimizer_from_files(load_file(str(path / OPTIMIZER_FILE)), state["optimizer"])
+    if load_optimizer is not None:
+        load_optimizer(opt_state)
+    else:
+        device = next(p.device for p in model.parameters() if p.requires_grad)
+        for entry in opt_state["state"].values():
+            entry.update({k: v.to(device) for k, v in entry.items() if torch.is_tensor(v) and v.dim() > 0})
+        optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(str(path / RNG_FILE))
-    torch.set_rng_state(rng["torch"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
+    torch.set_rng_state(rng.get(f"torch.rank{rank}", rng["torch"]))
+    if f"cuda.rank{rank}" in rng and torch.cuda.is_available():  # this process's own GPU
+        torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], torch.cuda.current_device())
+    elif (
+        cuda := [rng[k] for k in sorted(rng) if k.startswith("cuda") and "." not in k]
+    ) and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     return state
