@@ -268,10 +268,9 @@ def run(
             "train.fsdp=true trains one method per launch (the sharded base model cannot be reused); drop "
             "compare.methods / compare.single_task, or use train.fsdp=false (DDP)"
         )
-    if cfg.train.fsdp and cfg.model.load_in_4bit:
-        raise ConfigError(
-            "train.fsdp=true cannot shard a 4-bit base model (model.load_in_4bit=true); use one of the two"
-        )
+    if cfg.train.fsdp and (cfg.model.load_in_4bit or cfg.model.load_in_8bit):
+        bits = "model.load_in_4bit=true" if cfg.model.load_in_4bit else "model.load_in_8bit=true"
+        raise ConfigError(f"train.fsdp=true cannot shard a quantised base model ({bits}); use one of the two")
     distributed.init(cfg.model.device)
     say = print if not quiet and distributed.is_main() else (lambda *a: None)
     tasks = load_tasks_for(cfg)  # bad data or metrics fail before run_dir is written
