@@ -588,9 +588,12 @@ def analyze_routing(
                      else None for k in ("max_load", "token_entropy", "load_entropy")},
             "collapsed": final["collapsed"],
         }  # fmt: skip
-        if final["collapsed"]:
-            notes.append(f"{label}: routing collapsed in {len(final['collapsed'])} of {len(final['layers'])} "
-                         f"routed layers at {final['phase']} step {final['step']} (see {log})")  # fmt: skip
+        mean = routing[label]["mean"]
+        notes.append(
+            f"{label}: routing at {final['phase']} step {final['step']}, mean over {len(layers)} layers: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if v is not None)
+            + f"; collapsed in {len(final['collapsed'])} layer(s) (see {log})"
+        )
         plots = {f"router_usage_{slug}.png": plot_router_usage, f"router_load_{slug}.png": plot_router_load}
         for name, plot in plots.items() if figures else ():
             try:
