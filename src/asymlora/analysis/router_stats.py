@@ -48,7 +48,9 @@ from torch import Tensor, nn
 
 from asymlora.analysis.factors import PEFT_KEY_PREFIX
 from asymlora.io import apply_umask
+from asymlora.methods import get_method
 from asymlora.routing import RoutingCall, router_probs, topk_gate
+from asymlora.tuner.layer import AsymLoraLayer
 
 __all__ = [
     "COLLAPSE_MAX_LOAD",
@@ -202,9 +204,6 @@ def collapse_reasons(stats: dict[str, Any]) -> list[str]:
 # --- the recorder --------------------------------------------------------------------------------------------
 def _routed_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Module name (peft prefix dropped) -> asymlora layer with at least one soft/topk adapter."""
-    from asymlora.methods import get_method
-    from asymlora.tuner.layer import AsymLoraLayer
-
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, AsymLoraLayer) and any(
@@ -243,7 +242,6 @@ class RouterStats:
         self._task: int | None = None
         self._depth = 0
         self._mask: Tensor | None = None
-        self._rows: Tensor | None = None
         root = _root(model)
         self._handles = [
             root.register_forward_pre_hook(self._enter, with_kwargs=True),
@@ -256,7 +254,7 @@ class RouterStats:
         self._depth += 1
         if self._depth > 1:
             return
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = kwargs.get("attention_mask")  # peft and generate pass it by name
         self._mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         call = next(iter(self.layers.values())).routing_state.call
         ids = call.task_ids if self._task is None and call is not None else None
@@ -285,8 +283,6 @@ class RouterStats:
             ids = torch.full(x.shape[:-1], self._task, dtype=torch.long, device=x.device)
         elif x.dim() >= 2 and (rows := call.task_ids_for(x.shape[0])) is not None:
             ids = rows.to(x.device).view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-        from asymlora.methods import get_method
-
         for adapter in layer.active_adapters:
             cfg = layer.asymlora_config.get(adapter)
             if cfg is None or cfg.router not in ROUTED or not get_method(cfg.method).uses_router:
