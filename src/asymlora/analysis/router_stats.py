@@ -488,10 +488,23 @@ def plot_router_usage(records: Sequence[dict[str, Any]], out_png: str | os.PathL
     fig = _figure(1.2 + cols * (0.5 + 0.45 * n_exp), 1.0 + rows * (0.8 + 0.35 * n_tasks))
     axes = fig.subplots(rows, cols, squeeze=False)
     names = rec.get("tasks") or []
+    top = max(v for e in layers for row in e["usage"] if row is not None for v in row)  # one colour scale
     image = None
     for ax, e in zip(axes.flat, layers, strict=False):
         grid = [[math.nan] * e["num_experts"] if row is None else row for row in e["usage"]]
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        image = ax.imshow(grid, vmin=0, vmax=top, cmap="viridis", aspect="auto")
+        if n_tasks * n_exp <= 48:
+            for (t, i), v in _cells(grid):
+                if not math.isnan(v):
+                    ax.text(
+                        i,
+                        t,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=5,
+                        color="w" if v < top / 2 else "k",
+                    )
         ax.set_title(e["module"].removeprefix("model.layers.").replace(".self_attn", "").replace(".mlp", ""),
                      fontsize=7)  # fmt: skip
         ax.set_xticks(range(e["num_experts"]))
@@ -500,12 +513,16 @@ def plot_router_usage(records: Sequence[dict[str, Any]], out_png: str | os.PathL
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(layers) :]:
         ax.set_axis_off()
-    fig.colorbar(image, ax=axes, shrink=0.6, label="mean gate ḡ of the expert over the task's tokens")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="mean gate ḡ")
     fig.suptitle(f"{title + ': ' if title else ''}task × expert usage ({rec['phase']}, step {rec['step']}; "
                  "rows: tasks, columns: experts)", fontsize=9)  # fmt: skip
     out = Path(out_png)
     fig.savefig(out, dpi=110)
     return out
+
+
+def _cells(grid: list[list[float]]) -> Iterator[tuple[tuple[int, int], float]]:
+    return (((t, i), v) for t, row in enumerate(grid) for i, v in enumerate(row))
 
 
 def plot_router_load(records: Sequence[dict[str, Any]], out_png: str | os.PathLike, title: str = "") -> Path:
@@ -539,8 +556,11 @@ def plot_router_load(records: Sequence[dict[str, Any]], out_png: str | os.PathLi
     ax_m.set(xlabel="training step", ylabel="max_i load_i", ylim=(0, 1.02),
              title=f"Largest load per layer ({len(modules)} layers)")  # fmt: skip
     ax_m.legend(fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_l, ax_m):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=9)
     out = Path(out_png)
