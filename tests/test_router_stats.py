@@ -247,3 +247,10 @@ def test_append_jsonl_and_bad_logs(tmp_path) -> None:
         read_router_log(path)
     with pytest.raises(ValueError, match="no asymlora layer with a soft or topk router"):
         RouterStats(_toy("soft", [[1.0, 0.0], [0.0, 1.0]]).get_base_model().proj.base_layer)
+
+
+def test_a_negative_log_interval_is_a_config_error() -> None:
+    from asymlora.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.router_log_every=-1 must be >= 0"):
+        load_config(None, ["data.tasks=[bigbench:strategyqa]", "train.router_log_every=-1"])

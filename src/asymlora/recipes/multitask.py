@@ -7,6 +7,7 @@ Run directory of a single-method run::
     run_dir/checkpoints/step-N/  atomic checkpoints (adapter, optimiser, scheduler, RNG)
     run_dir/adapter/             the final adapter (peft save_pretrained)
     run_dir/train_log.jsonl      loss every train.log_every steps
+    run_dir/router.jsonl         router load, entropies, task × expert usage every train.router_log_every steps
     run_dir/results.json         per_task, average, std, worst, delta_m, method, trainable_params, ...,
                                  intervals (95 %: per task, average, Δm%; asymlora.eval.stats)
     run_dir/per_example.jsonl    each test example's scores: {"task", "index", "key", "scores"}
