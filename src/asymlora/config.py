@@ -147,6 +147,9 @@ class TrainSettings:
     replicating them (DDP); one method per launch, evaluation not split (docs/distributed.md)."""
     trace_every: int = 0
     """Record ‖A − A_init‖/‖A_init‖, ‖B‖ and ΔM/ΔD per layer every N steps into traces.jsonl (0 = off)."""
+    router_log_every: int = 10
+    """Soft/topk routers: per layer expert load, mean gate, entropies and task × expert usage over the last N
+    steps into router.jsonl, plus one record at evaluation; warns on a collapsed router (0 = off)."""
 
     def for_examples(self, n_examples: int) -> TrainSettings:
         """These settings with ``steps`` from ``epochs`` over ``n_examples`` (unchanged when epochs is None)."""
@@ -200,6 +203,9 @@ class RunConfig:
             raise ConfigError(
                 "data.tasks is empty: name at least one task, e.g. data.tasks=[bigbench:strategyqa]"
             )
+        for name in ("trace_every", "router_log_every"):
+            if getattr(self.train, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self.train, name)!r} must be >= 0 (0 = off)")
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self.train, name)!r} must be >= 1")

@@ -8,6 +8,8 @@
 - `report`: `analyze(paths, out_dir, labels, base_model)` pairs adapters and writes ``analysis.json``,
   ``summary.txt`` and PNG figures (what ``asymlora analyze`` runs).
 - `traces`: `TraceRecorder(model, path).record(step)` for training-time traces.
+- `router_stats`: `RouterStats(model)` hooks the soft/top-k routers: expert load, entropies, task × expert
+  usage, collapse warnings; ``router.jsonl`` and its figures.
 """
 
 from asymlora.analysis.factors import (
@@ -38,11 +40,14 @@ from asymlora.analysis.report import (
     format_summary,
     plot_traces,
 )
+from asymlora.analysis.router_stats import RouterStats, RoutingCollapseWarning, read_router_log
 from asymlora.analysis.traces import TraceRecorder, read_traces, snapshot_a
 
 __all__ = [
     "AdapterFactors",
     "Comparison",
+    "RouterStats",
+    "RoutingCollapseWarning",
     "TraceRecorder",
     "analyze",
     "analyze_adapters",
@@ -59,6 +64,7 @@ __all__ = [
     "numerical_rank",
     "plot_traces",
     "principal_angles",
+    "read_router_log",
     "read_traces",
     "relative_change",
     "singular_spectrum",

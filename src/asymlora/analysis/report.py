@@ -777,7 +777,8 @@ def analyze(
     Returns:
         the content of analysis.json: ``adapters`` (metadata), ``summary`` (per pairing kind: mean/std of A
         and B similarity and CCA), ``comparisons`` (per pair, per module: φ, CCA, principal angles, mean φ
-        grids per module type), ``spectra``, ``magnitude_direction`` (or None), ``notes``, ``figures``.
+        grids per module type), ``spectra``, ``magnitude_direction`` (or None), ``notes``, ``figures``;
+        ``routing`` for adapters whose run directory holds a router.jsonl (`router_stats.analyze_routing`).
 
     Raises:
         ValueError: a path that is not an adapter, labels that do not fit, incompatible adapters paired
@@ -790,7 +791,7 @@ def analyze(
     adapters = [load_adapter(p, None if labels is None else labels[n]) for n, p in enumerate(paths)]
     if labels is None:
         _unique_labels(adapters)
-    return analyze_adapters(
+    result = analyze_adapters(
         adapters,
         out_dir,
         base_model,
@@ -800,6 +801,24 @@ def analyze(
         figures=figures,
         verbose=verbose,
     )
+    return _add_routing(result, Path(out_dir), figures, verbose)
+
+
+def _add_routing(result: dict[str, Any], out: Path, figures: bool, verbose: bool) -> dict[str, Any]:
+    """Router diagnostics of analysed run directories holding a router.jsonl (`router_stats.analyze_routing`)."""
+    from asymlora.analysis.router_stats import analyze_routing
+
+    routing = analyze_routing(result["adapters"], out, figures=figures)
+    if not routing["routing"]:
+        return result
+    result["routing"] = routing["routing"]
+    result["figures"] += routing["figures"]
+    result["notes"] += routing["notes"]
+    _write_text(out / JSON_NAME, json.dumps(result, indent=1, allow_nan=False))
+    _write_text(out / SUMMARY_NAME, format_summary(result) + "\n")
+    if verbose:
+        print("\n".join(f"note: {n}" for n in routing["notes"]))
+    return result
 
 
 def format_summary(result: Mapping[str, Any]) -> str:

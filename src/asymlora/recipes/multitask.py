@@ -7,6 +7,7 @@ Run directory of a single-method run::
     run_dir/checkpoints/step-N/  atomic checkpoints (adapter, optimiser, scheduler, RNG)
     run_dir/adapter/             the final adapter (peft save_pretrained)
     run_dir/train_log.jsonl      loss every train.log_every steps
+    run_dir/router.jsonl         router load, entropies, task × expert usage every train.router_log_every steps
     run_dir/results.json         per_task, average, std, worst, delta_m, method, trainable_params, ...,
                                  intervals (95 %: per task, average, Δm%; asymlora.eval.stats)
     run_dir/per_example.jsonl    each test example's scores: {"task", "index", "key", "scores"}
@@ -25,7 +26,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import peft
 import torch
@@ -34,6 +35,9 @@ from asymlora import distributed
 from asymlora.config import ConfigError, RunConfig, dump_config, load_config
 from asymlora.io import atomic_dir, atomic_write_text
 from asymlora.roles import count_parameters
+
+if TYPE_CHECKING:
+    from asymlora.analysis.router_stats import RouterStats
 
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
@@ -137,16 +141,20 @@ def evaluate(
     task_routed: bool,
     examples_path: Path | None = None,
     label: str = "model",
+    router_stats: RouterStats | None = None,
 ) -> dict[str, dict]:
     """Score every task; a task-routed adapter gets each task's id.
 
-    Per-example scores go to ``examples_path``; a progress bar per task names ``label``.
+    Per-example scores go to ``examples_path``; a progress bar per task names ``label``; ``router_stats``
+    labels each task's tokens with its index (the task × expert usage).
     """
     from asymlora.eval import evaluate_task
 
     per_task: dict[str, dict] = {}
     examples: dict[str, list[dict[str, Any]]] = {}
     for i, task in enumerate(tasks):
+        if router_stats is not None:
+            router_stats.task_label = i  # this task's tokens fill row i of the task × expert usage
         per_task[task.name], examples[task.name] = evaluate_task(
             model,
             tokenizer,
@@ -158,6 +166,8 @@ def evaluate(
             with_examples=True,
             progress=f"evaluating {label} on {task.name} ({i + 1}/{len(tasks)})",
         )
+    if router_stats is not None:
+        router_stats.task_label = None
     if examples_path is not None:
         write_examples(examples_path, examples)
     return per_task
@@ -212,6 +222,12 @@ def train_and_evaluate(
         recorder = TraceRecorder(pm, out_dir / "traces.jsonl")
         on_step = lambda step: step % cfg.train.trace_every == 0 and recorder.record(step)  # noqa: E731
     settings_train = cfg.train.for_examples(len(dataset))  # train.epochs → steps
+    from asymlora.analysis.router_stats import RouterLog
+
+    router_log = RouterLog.for_run(pm, out_dir, cfg.train.router_log_every, settings_train.steps,
+                                   [t.name for t in tasks]) if distributed.is_main() else None  # fmt: skip
+    if router_log is not None:  # router.jsonl: expert loads and task × expert usage (docs/analysis.md)
+        trace, on_step = on_step, lambda step: (trace and trace(step), router_log(step))
     result = train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
                    desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})")  # fmt: skip
     full_state = full_adapter_state(pm)  # FSDP: gathered to rank 0 (a collective); else None
@@ -220,9 +236,11 @@ def train_and_evaluate(
     routed = peft_cfg.router == "task" and method != "lora"
     examples_path = out_dir / PER_EXAMPLE_FILE
     with distributed.lockstep() if is_sharded(pm) else contextlib.nullcontext():  # FSDP: no split
-        per_task = evaluate(
-            pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method
-        )
+        per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method,
+                            router_stats=router_log and router_log.stats)  # fmt: skip
+    if router_log is not None:
+        router_log.write(result.steps, "eval")
+        router_log.close()
     summary = summarize(per_task, primary_metrics(tasks), baselines, metric_notes=metric_notes(tasks))
     summary["intervals"] = intervals_of(examples_path, tasks, baseline_examples or baselines)
     results = {
