@@ -91,10 +91,11 @@ class AsymLoraLayer(BaseTunerLayer):
     def tensors(self, adapter_name: str) -> dict[str, Tensor]:
         """The adapter's tensors on this layer, by method tensor name (``A``, ``B``, ``S``, ``router``)."""
         out = {}
+        modules = self._modules  # read directly: this runs in every forward, nn.Module.__getattr__ is slow
         for name in TENSOR_NAMES:
-            store = getattr(self, ATTR_PREFIX + name)
-            if adapter_name in store:
-                out[name] = store[adapter_name]
+            value = modules[ATTR_PREFIX + name]._parameters.get(adapter_name)  # = ParameterDict[adapter_name]
+            if value is not None:
+                out[name] = value
         return out
 
     # --- routing ---------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ class AsymLoraLayer(BaseTunerLayer):
         Raises ValueError when the call has no task ids or their number does not fit the batch."""
         call = self.routing_state.call
         rows = None if call is None or x.dim() < 2 else call.task_rows(x.shape[0], x.device)
-        if rows is None:
+        if rows is None:  # the errors
             if x.dim() < 2:
                 raise ValueError("task routing needs a batched input (batch, ..., features)")
             raise ValueError(
@@ -166,7 +167,10 @@ class Linear(nn.Module, AsymLoraLayer):
             if cfg is not None:
                 t = self.tensors(name)
                 delta = self.adapter_path(name, self._cast_input_dtype(x, t["A"].dtype), t)
-                result = result + (cfg.scaling * delta).to(result.dtype)
+                if delta.dtype == result.dtype:
+                    result = torch.add(result, delta, alpha=cfg.scaling)  # W0 x + s · delta, one kernel
+                else:
+                    result = result + (cfg.scaling * delta).to(result.dtype)
         return result
 
     def adapter_path(self, name: str, x: Tensor, t: dict[str, Tensor]) -> Tensor:
@@ -176,12 +180,12 @@ class Linear(nn.Module, AsymLoraLayer):
         under that product's matrix: one pass over x for both."""
         cfg = self.asymlora_config[name]
         method, dropout = get_method(cfg.method), self.asymlora_dropout[name]
+        no_dropout = isinstance(dropout, nn.Identity) or not dropout.training
         if cfg.router == "task" and method.uses_router:
             ids, task = self.task_rows(name, x)
-            x = dropout(x)
+            x = x if no_dropout else dropout(x)
             return method.routed_delta(x, t, ids) if task is None else method.task_delta(x, t, task)
         x_side, router = method.x_side(t), t.get("router")
-        no_dropout = isinstance(dropout, nn.Identity) or not dropout.training
         if x_side is not None and router is not None and no_dropout and x.dtype.itemsize >= 4:
             h, logits = F.linear(x, torch.cat([x_side, router])).split([x_side.shape[0], router.shape[0]], -1)
             return method.combine(h, t, self.gate(name, x, logits).to(x.dtype))
