@@ -13,7 +13,8 @@ adapters on q_proj + v_proj, r = 8, B random non-zero (a trained-looking adapter
 Row b of a batch has task b mod N. Tokens/s of greedy decoding (``--new-tokens``, EOS suppressed, prompt of
 ``--prompt`` random tokens); the variants alternate round after round, median of ``--reps`` after one
 warm-up. The warm-up also checks, row by row, that each method's mixed batch generates the tokens of its
-task's merged model (`asymlora.merge_task`, batch 1), and that peft's mixed batch generates ALoRA's.
+task's merged model (`asymlora.merge_task`, the row alone; its first ``--check-tokens``), and that peft's
+mixed batch generates ALoRA's (all tokens).
 Then the scaling with N (``--scaling-n``) at the largest batch, and a torch.profiler breakdown of where
 ALoRA's extra time goes against the base model (self CPU time per op, one generation each).
 
@@ -123,8 +124,9 @@ def alternate(
 
 
 def merged_agreement(model: nn.Module, prompts: torch.Tensor, mixed: torch.Tensor, n: int, new: int) -> float:
-    """Fraction of rows whose mixed-batch tokens equal their task's merged model's (batch 1, row alone)."""
-    equal = 0
+    """Fraction of rows whose first ``new`` mixed-batch tokens equal their task's merged model's (the row
+    alone, batch 1)."""
+    equal, mixed = 0, mixed[:, :new]
     for t in range(n):
         rows = [i for i in range(prompts.shape[0]) if i % n == t]
         if not rows:
@@ -165,7 +167,7 @@ def main_table(base: nn.Module, args: argparse.Namespace, prompts: dict[int, tor
             "vs_base": {m: round(t[m] / t["base"], 4) for m in [*METHODS, "peft"]},
             "vs_peft": {m: round(t[m] / t["peft"], 4) for m in METHODS},
             "equals_merged": {
-                m: merged_agreement(models[m], prompts[b], outs[b][m], n, args.new_tokens) for m in METHODS
+                m: merged_agreement(models[m], prompts[b], outs[b][m], n, args.check_tokens) for m in METHODS
             },
             "peft_equals_alora": float((outs[b]["peft"] == outs[b]["alora"]).all(-1).float().mean()),
         }
@@ -177,10 +179,18 @@ def main_table(base: nn.Module, args: argparse.Namespace, prompts: dict[int, tor
     return {"batches": rows, "profile": profile}
 
 
-def scaling(base: nn.Module, args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any]:
-    """Tokens/s at one batch size for N tasks in ``args.scaling_n`` (base, ALoRA, peft side by side)."""
-    found: dict[str, Any] = {}
-    for n in args.scaling_n:
+def scaling(base: nn.Module, args: argparse.Namespace, ids: torch.Tensor, row: dict) -> dict[str, Any]:
+    """Tokens/s at one batch size for N tasks in ``args.scaling_n`` (base, ALoRA, peft side by side); the
+    main table's ``row`` (same batch) stands for N = ``args.experts``."""
+    t = row["tokens_per_s"]
+    found: dict[str, Any] = {
+        str(args.experts): {
+            "tokens_per_s": {m: t[m] for m in ("base", "alora", "peft")},
+            "alora_vs_base": row["vs_base"]["alora"],
+            "alora_vs_peft": row["vs_peft"]["alora"],
+        }
+    }
+    for n in (n for n in args.scaling_n if n != args.experts):
         models: dict[str, nn.Module] = {"base": base, "alora": routed_model(base, "alora", n, args)}
         with tempfile.TemporaryDirectory() as tmp:
             models["peft"] = peft_multi_adapter(base, models["alora"], n, Path(tmp))
@@ -191,7 +201,7 @@ def scaling(base: nn.Module, args: argparse.Namespace, ids: torch.Tensor) -> dic
             "alora_vs_peft": round(t["alora"] / t["peft"], 4),
         }
         del models
-    return found
+    return dict(sorted(found.items(), key=lambda kv: int(kv[0])))
 
 
 def report(result: dict[str, Any]) -> None:
@@ -233,6 +243,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scaling-n", default="2,4,8,16", help="N values of the scaling rows")
     parser.add_argument("--b-std", type=float, default=0.05, help="std of the random B (non-zero adapter)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--check-tokens", type=int, default=16, help="new tokens compared with each row's merged model"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--save", default=None, help="also write the JSON result to this file")
@@ -240,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.smoke:
         args.new_tokens, args.prompt, args.reps, args.scaling_n = 4, 4, 1, "2,4"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.check_tokens = min(args.check_tokens, args.new_tokens)
     args.scaling_n = [int(n) for n in args.scaling_n.split(",")]
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
@@ -265,13 +282,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "r": args.r,
             "experts": args.experts,
             "reps": args.reps,
+            "check_tokens": args.check_tokens,
             "scaling_batch": max(batches),
             "threads": torch.get_num_threads(),
         },
         "device": args.device,
         "dtype": args.dtype,
         **table,
-        "scaling": scaling(base, args, prompts[max(batches)]),
+        "scaling": scaling(base, args, prompts[max(batches)], rows[big]),
         "targets": TARGETS,
         "targets_met": met,
         "wall_s": round(time.perf_counter() - t_start, 1),
