@@ -194,7 +194,8 @@ def scaling(base: nn.Module, args: argparse.Namespace, ids: torch.Tensor, row: d
         models: dict[str, nn.Module] = {"base": base, "alora": routed_model(base, "alora", n, args)}
         with tempfile.TemporaryDirectory() as tmp:
             models["peft"] = peft_multi_adapter(base, models["alora"], n, Path(tmp))
-        t = alternate(models, {ids.shape[0]: ids}, n, args)[0][ids.shape[0]]
+        reps = argparse.Namespace(**{**vars(args), "reps": args.scaling_reps or args.reps})
+        t = alternate(models, {ids.shape[0]: ids}, n, reps)[0][ids.shape[0]]
         found[str(n)] = {
             "tokens_per_s": {m: round(v, 2) for m, v in t.items()},
             "alora_vs_base": round(t["alora"] / t["base"], 4),
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scaling-n", default="2,4,8,16", help="N values of the scaling rows")
     parser.add_argument("--b-std", type=float, default=0.05, help="std of the random B (non-zero adapter)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--scaling-reps", type=int, default=None, help="reps of the N-scaling rows (--reps)")
     parser.add_argument(
         "--check-tokens", type=int, default=16, help="new tokens compared with each row's merged model"
     )
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "r": args.r,
             "experts": args.experts,
             "reps": args.reps,
+            "scaling_reps": args.scaling_reps or args.reps,
             "check_tokens": args.check_tokens,
             "scaling_batch": max(batches),
             "threads": torch.get_num_threads(),
