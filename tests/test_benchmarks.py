@@ -86,6 +86,19 @@ def test_inference_smoke(smoke):
         assert r["merged_equals_unmerged"] == 1.0  # merging task 0 == routing to task 0
 
 
+def test_serving_smoke(capsys):
+    """Mixed-task batches: every row of every method equals its task's merged model, peft's = ALoRA's."""
+    from benchmarks import serving
+
+    result = serving.main(["--smoke"])
+    assert set(result["batches"]) == {"1", "8"} and set(result["scaling"]) == {"2", "4", "8"}
+    for r in result["batches"].values():
+        assert set(r["tokens_per_s"]) == {"base", *serving.METHODS, "peft"}
+        assert set(r["equals_merged"].values()) == {1.0} and r["peft_equals_alora"] == 1.0
+    assert result["profile"]["8"]["alora_extra_ms_by_op"]
+    assert '"benchmark": "serving"' in capsys.readouterr().out
+
+
 def test_scaling_smoke_and_plot(smoke):
     result, _, out_dir = smoke
     assert (out_dir / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

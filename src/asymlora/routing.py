@@ -95,6 +95,23 @@ class RoutingCall:
     open: bool = True
     aux_losses: list[Tensor] = field(default_factory=list)
     aux_grad: Tensor | None = None
+    _rows: dict[tuple[int, torch.device], tuple[Tensor, int | None]] = field(default_factory=dict, repr=False)
+
+    def task_rows(
+        self, batch: int, device: torch.device, flat_tokens: bool = False
+    ) -> tuple[Tensor, int | None] | None:
+        """(task id of each of `batch` rows on `device`, the one task when every row has it, else None), or
+        None without task ids. Computed once per call, batch size, device and layout (every adapted layer
+        asks). Raises ValueError on a size mismatch (see `task_ids_for`, also for ``flat_tokens``)."""
+        key = (batch, device, flat_tokens)
+        if key not in self._rows:
+            ids = self.task_ids_for(batch, flat_tokens)
+            if ids is None:
+                return None
+            ids = ids.to(device)
+            uniform = ids.numel() > 0 and bool((ids == ids[0]).all())
+            self._rows[key] = ids, int(ids[0]) if uniform else None
+        return self._rows[key]
 
     def task_ids_for(self, batch: int, flat_tokens: bool = False) -> Tensor | None:
         """Task id of each of `batch` rows. Raises on a size mismatch.

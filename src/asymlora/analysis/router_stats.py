@@ -281,7 +281,7 @@ class RouterStats:
         ids = None
         if self._task is not None:
             ids = torch.full(x.shape[:-1], self._task, dtype=torch.long, device=x.device)
-        elif x.dim() >= 2 and (rows := call.task_ids_for(x.shape[0])) is not None:
+        elif x.dim() >= 2 and (rows := call.task_ids_for(x.shape[0], flat_tokens=x.dim() == 2)) is not None:
             ids = rows.to(x.device).view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
         for adapter in layer.active_adapters:
             cfg = layer.asymlora_config.get(adapter)

@@ -10,6 +10,9 @@ shares a single B:
 
 Fused: the N A's are one (N·r) × d_in matrix; one product gives every expert's projection, the gate mixes
 them on the rank axis, and a single product with B follows (the released code does N products with B).
+Task routing (g = one_hot(t_b) for row b) computes only each row's own A:
+A_sel = A[task_ids] (batch, r, d_in), one batched product, then one product with the shared B for the whole
+batch.
 Parameters per layer: N·r·d_in + r·d_out (+ N·d_in for a learned router).
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method
+from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method, rowwise_linear
 
 
 class ALoRA(AdapterMethod):
@@ -42,6 +45,10 @@ class ALoRA(AdapterMethod):
 
     def task_factors(self, t, task):
         return t["A"][task], t["B"]
+
+    def routed_delta(self, x: Tensor, t: dict[str, Tensor], task_ids: Tensor) -> Tensor:
+        z = rowwise_linear(x, t["A"][task_ids])  # (batch, ..., r): A_{t_b} x_b, A gathered (batch, r, d_in)
+        return F.linear(z, t["B"])  # (batch, ..., d_out): one product with the shared B
 
 
 register_method(ALoRA())

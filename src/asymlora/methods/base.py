@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -69,6 +70,14 @@ def kaiming_(t: Tensor) -> Tensor:
     return t
 
 
+def rowwise_linear(x: Tensor, w: Tensor) -> Tensor:
+    """Each row through its own matrix: y_b = x_b W_bᵀ. x: (batch, ..., k), w: (batch, m, k) -> (batch, ..., m).
+
+    One batched matmul (torch.bmm) over the rows, the token axes flattened in between."""
+    y = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), w.transpose(1, 2))  # (batch, tokens, m)
+    return y.view(*x.shape[:-1], w.shape[1])
+
+
 class AdapterMethod(ABC):
     """One adapter family. Subclasses are stateless; tensors live in the peft layer."""
 
@@ -102,6 +111,26 @@ class AdapterMethod(ABC):
     @abstractmethod
     def task_factors(self, t: dict[str, Tensor], task: int) -> tuple[Tensor, Tensor]:
         """(A_t, B_t) with ΔW_t = s · B_t A_t: the plain LoRA that expert/task ``task`` amounts to."""
+
+    def task_delta(self, x: Tensor, t: dict[str, Tensor], task: int) -> Tensor:
+        """Adapter path of one task for the whole batch: delta(x) = B_t A_t x (before scaling).
+
+        x: (..., d_in) -> (..., d_out). Equals `delta` with the one-hot gate of ``task`` (router="task",
+        docs/design.md §3), computing only that expert: two thin products."""
+        a, b = self.task_factors(t, task)  # (r, d_in), (d_out, r)
+        return F.linear(F.linear(x, a), b)
+
+    def routed_delta(self, x: Tensor, t: dict[str, Tensor], task_ids: Tensor) -> Tensor:
+        """Adapter path with a task per row: delta(x)_b = B_{t_b} A_{t_b} x_b (before scaling).
+
+        x: (batch, ..., d_in); task_ids: (batch,) long, on x's device -> (batch, ..., d_out). Equals `delta`
+        with the one-hot gate of task_ids (router="task") without computing the other N − 1 experts.
+        This default gathers each row's `task_factors`; the methods override it with a gather of their
+        stacked expert tensors (`tensor[task_ids]`) and batched products."""
+        pairs = [self.task_factors(t, i) for i in task_ids.tolist()]
+        a = torch.stack([p[0] for p in pairs])  # (batch, r, d_in)
+        b = torch.stack([p[1] for p in pairs])  # (batch, d_out, r)
+        return rowwise_linear(rowwise_linear(x, a), b)
 
     def num_experts(self, cfg: AsymLoraConfig) -> int:
         return cfg.num_experts if self.uses_router else 1

@@ -6,6 +6,8 @@
 
 Fused: the gated rank-r projections of all heads form one (…, N·r) vector, multiplied once by the
 concatenated [B_1 … B_N] (d_out × N·r).
+Task routing: one product with the shared A for the whole batch, then each row's own head,
+B[task_ids] (batch, d_out, r), in one batched product.
 Parameters per layer: r·d_in + N·r·d_out (+ N·d_in for a learned router).
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method
+from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method, rowwise_linear
 
 
 def concat_experts(b: Tensor) -> Tensor:
@@ -42,6 +44,10 @@ class HydraLoRA(AdapterMethod):
 
     def task_factors(self, t, task):
         return t["A"], t["B"][task]
+
+    def routed_delta(self, x: Tensor, t: dict[str, Tensor], task_ids: Tensor) -> Tensor:
+        h = F.linear(x, t["A"])  # (batch, ..., r): the shared A x
+        return rowwise_linear(h, t["B"][task_ids])  # (batch, ..., d_out): B_{t_b} h_b
 
 
 register_method(HydraLoRA())

@@ -18,6 +18,8 @@ so P_i S_A = K_i V_d V_dᵀ: block i of the best rank-d_sub approximation of the
 i.e. K_i projected onto the shared subspace — not the best rank-d_sub approximation of K_i alone (which would
 need a different subspace per expert). β trades the learning speed of S_A (∝ 1/β) against that of the P_i
 (∝ β); paper default 1, best 1.25.
+Task routing: one product with the shared S_A for the whole batch, then each row's own P_t and B_t
+gathered, two batched products (a uniform batch: three plain products, P_t S_A never formed).
 Parameters per layer: d_sub·d_in + N·(r̂·d_sub + d_out·r̂) (+ N·d_in for a learned router).
 The scaling is alpha / r like the other methods (the paper's alpha = 2·r̂ at r̂ = 12 gives the same s = 2).
 """
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method
+from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method, rowwise_linear
 from asymlora.methods.hydralora import concat_experts
 
 
@@ -68,6 +70,14 @@ class MALoRA(AdapterMethod):
 
     def task_factors(self, t, task):
         return t["A"][task] @ t["S"], t["B"][task]  # (r̂, d_in), (d_out, r̂)
+
+    def task_delta(self, x: Tensor, t: dict[str, Tensor], task: int) -> Tensor:
+        h = F.linear(F.linear(x, t["S"]), t["A"][task])  # (..., r̂): P_t S_A x
+        return F.linear(h, t["B"][task])  # (..., d_out)
+
+    def routed_delta(self, x: Tensor, t: dict[str, Tensor], task_ids: Tensor) -> Tensor:
+        h = rowwise_linear(F.linear(x, t["S"]), t["A"][task_ids])  # (batch, ..., r̂): P_{t_b} S_A x_b
+        return rowwise_linear(h, t["B"][task_ids])  # (batch, ..., d_out): B_{t_b} h_b
 
 
 def cropped_svd_init(k: Tensor, d_sub: int, beta: float) -> tuple[Tensor, Tensor]:

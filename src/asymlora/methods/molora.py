@@ -6,6 +6,8 @@
 
 Fused: one product with the stacked A's (N·r × d_in), the gate on the rank axis, one product with the
 concatenated B's (d_out × N·r).
+Task routing: each row's own A_t and B_t gathered ((batch, r, d_in), (batch, d_out, r)), two batched
+products.
 Parameters per layer: N·r·(d_in + d_out) (+ N·d_in for a learned router).
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method
+from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method, rowwise_linear
 from asymlora.methods.hydralora import concat_experts
 
 
@@ -41,6 +43,10 @@ class MoLoRA(AdapterMethod):
 
     def task_factors(self, t, task):
         return t["A"][task], t["B"][task]
+
+    def routed_delta(self, x: Tensor, t: dict[str, Tensor], task_ids: Tensor) -> Tensor:
+        h = rowwise_linear(x, t["A"][task_ids])  # (batch, ..., r): A_{t_b} x_b
+        return rowwise_linear(h, t["B"][task_ids])  # (batch, ..., d_out): B_{t_b} h_b
 
 
 register_method(MoLoRA())

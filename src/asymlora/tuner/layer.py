@@ -127,10 +127,11 @@ class AsymLoraLayer(BaseTunerLayer):
     def tensors(self, adapter_name: str) -> dict[str, Tensor]:
         """The adapter's tensors on this layer, by method tensor name (``A``, ``B``, ``S``, ``router``)."""
         out = {}
+        modules = self._modules  # read directly: this runs in every forward, nn.Module.__getattr__ is slow
         for name in TENSOR_NAMES:
-            store = getattr(self, ATTR_PREFIX + name)
-            if adapter_name in store:
-                out[name] = store[adapter_name]
+            value = modules[ATTR_PREFIX + name]._parameters.get(adapter_name)  # = ParameterDict[adapter_name]
+            if value is not None:
+                out[name] = value
         return out
 
     # --- routing ---------------------------------------------------------------------------------
@@ -159,6 +160,21 @@ class AsymLoraLayer(BaseTunerLayer):
             aux = cfg.balance_loss_weight * balance_loss(probs, call.token_mask(x))
             probs = attach_balance_loss(probs, aux, call)
         return topk_gate(probs, cfg.top_k) if cfg.router == "topk" else probs
+
+    def task_rows(self, adapter_name: str, x: Tensor) -> tuple[Tensor, int | None]:
+        """(task id per row of x (batch, ..., d_in), the one task of a uniform batch or None) for router="task".
+
+        Raises ValueError when the call has no task ids or their number does not fit the batch."""
+        call = self.routing_state.call
+        rows = None if call is None or x.dim() < 2 else call.task_rows(x.shape[0], x.device, x.dim() == 2)
+        if rows is None:  # the errors
+            if x.dim() < 2:
+                raise ValueError("task routing needs a batched input (batch, ..., features)")
+            raise ValueError(
+                f"adapter {adapter_name!r} uses router='task' but no task_ids were given: call "
+                "model(..., task_ids=LongTensor[batch]) (or model.generate(..., task_ids=...))."
+            )
+        return rows
 
     # --- merging -----------------------------------------------------------------------------------
     def refuse_quantized_merge(self, layer_name: str = "") -> None:
@@ -197,23 +213,32 @@ class Linear(nn.Module, AsymLoraLayer):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
+        if self._disable_adapters or self.merged_adapters:  # peft's disable_adapters / merged, sans property
             return result
         for name in self.active_adapters:
-            if name in self.asymlora_config:
-                cfg = self.asymlora_config[name]
+            cfg = self.asymlora_config.get(name)
+            if cfg is not None:
                 t = self.tensors(name)
-                delta = self.adapter_path(name, self._cast_input_dtype(x, next(iter(t.values())).dtype), t)
-                result = result + (cfg.scaling * delta).to(result.dtype)
+                delta = self.adapter_path(name, self._cast_input_dtype(x, t["A"].dtype), t)
+                if delta.dtype == result.dtype:
+                    result = torch.add(result, delta, alpha=cfg.scaling)  # W0 x + s · delta, one kernel
+                else:
+                    result = result + (cfg.scaling * delta).to(result.dtype)
         return result
 
     def adapter_path(self, name: str, x: Tensor, t: dict[str, Tensor]) -> Tensor:
-        """delta(x) before scaling. When the router reads the same x as the first adapter product (no
-        dropout, float32 or wider, no torch.autocast), W_g is stacked under that product's matrix: one pass
-        over x for both."""
-        method = get_method(self.asymlora_config[name].method)
-        x_side, router, dropout = method.x_side(t), t.get("router"), self.asymlora_dropout[name]
+        """delta(x) before scaling. With router="task" only each row's own expert is computed
+        (`AdapterMethod.routed_delta`; `task_delta` when the whole batch has one task). Otherwise, when the
+        router reads the same x as the first adapter product (no dropout, float32 or wider, no torch.autocast),
+        W_g is stacked under that product's matrix: one pass over x for both."""
+        cfg = self.asymlora_config[name]
+        method, dropout = get_method(cfg.method), self.asymlora_dropout[name]
         no_dropout = isinstance(dropout, nn.Identity) or not dropout.training
+        if cfg.router == "task" and method.uses_router:
+            ids, task = self.task_rows(name, x)
+            x = x if no_dropout else dropout(x)
+            return method.routed_delta(x, t, ids) if task is None else method.task_delta(x, t, task)
+        x_side, router = method.x_side(t), t.get("router")
         full = x.dtype.itemsize >= 4 and not torch.is_autocast_enabled(x.device.type)
         if x_side is not None and router is not None and no_dropout and full:
             h, logits = F.linear(x, torch.cat([x_side, router])).split([x_side.shape[0], router.shape[0]], -1)
