@@ -137,8 +137,12 @@ class AsymLoraModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: AsymLoraConfig, model_config: dict) -> AsymLoraConfig:
         """target_modules=None: peft's LoRA defaults for the model type (``target_module_mapping``)."""
-        model_type = model_config.get("model_type")
-        if peft_config.target_modules is None and model_type not in self.target_module_mapping:
+        if peft_config.target_modules is not None:
+            return super()._prepare_adapter_config(peft_config, model_config)
+        # a dict from transformers' config.to_dict(); a model outside transformers may carry any object
+        get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k, None)
+        model_type = get("model_type")
+        if model_type not in self.target_module_mapping:
             raise ValueError(
                 f"target_modules=None, but peft has no default LoRA target modules for model_type "
                 f"{model_type!r} ({type(self.model).__name__}). Pass target_modules (names, or 'all-linear' "
