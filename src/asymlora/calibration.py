@@ -100,11 +100,16 @@ def _encode_texts(items: Sequence[Any], tokenizer: Any, max_length: int) -> list
     return features
 
 
-def _check_task_ids(batch: Mapping[str, Any], task: int | str) -> None:
-    ids = batch.get("task_ids")
-    if ids is None:
-        return
-    found = sorted({int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()})
+def _check_task_ids(batches: list[Mapping[str, Any]], task: int | str) -> None:
+    """Batches that carry ``task_ids`` (e.g. from MultiTaskCollator) must all hold one task's examples."""
+    found = sorted(
+        {
+            int(i)
+            for b in batches
+            if b.get("task_ids") is not None
+            for i in torch.as_tensor(b["task_ids"]).reshape(-1)
+        }
+    )
     if len(found) > 1 or (isinstance(task, int) and found and found[0] != task):
         raise ValueError(
             f"the calibration batches carry task_ids {found}, but task {task!r} is being exported; "
@@ -146,8 +151,7 @@ def calibration_batches(
     if not items:
         raise ValueError(f"the calibration data for task {task!r} is empty; {CALIBRATION_HELP}")
     if all(_is_batch(b) for b in items):
-        for b in items:
-            _check_task_ids(b, task)
+        _check_task_ids(items, task)
         return [_as_batch(b) for b in items]
     if tokenizer is None:
         raise ValueError(
@@ -186,7 +190,7 @@ def _hooks(layers: list[tuple[str, AsymLoraLayer]], make_hook) -> Iterator[None]
 def _run(model: nn.Module, batches: list[dict[str, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
     """Forward each batch (eval mode, no cache); yields (logits, real-token mask)."""
     device = next(model.parameters()).device
-    for batch in batches:
+    for batch in map(_as_batch, batches):
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         yield model(input_ids=ids, attention_mask=mask, use_cache=False).logits, mask.bool()
 
