@@ -5,7 +5,8 @@ training examples as calibration data (`asymlora.export_task_adapter(..., calibr
 plain peft and score it on the task's test split with the project's evaluation code, beside the routed
 adapter's score from the run's own results.json (same test split, same evaluation settings).
 
-    python benchmarks/calibrated_export.py runs/demo_soft --out runs/demo_soft/exports [--rank molora=8]
+    python benchmarks/calibrated_export.py runs/demo_soft --out runs/demo_soft/exports \
+        [--methods alora] [--rank molora=8] [--calibration-examples 32]
 """
 
 from __future__ import annotations
@@ -25,13 +26,18 @@ from asymlora.recipes.evaluate import _run_config, method_dirs
 from asymlora.recipes.multitask import RESULTS_FILE, load_tasks_for, safe_name
 
 
-def measure(run_dir: Path, out: Path, ranks: dict[str, int]) -> list[dict]:
-    """One row per (method[, rank], task): routed score, export score, fidelity, seconds."""
+def measure(
+    run_dir: Path, out: Path, ranks: dict[str, int], methods: list[str] | None, examples: int | None
+) -> list[dict]:
+    """One row per (method[, rank], task): routed score, export score, fidelity, seconds. ``examples``:
+    calibrate on the first that many training examples of each task (None: all)."""
     cfg = _run_config(run_dir)
     tasks = load_tasks_for(cfg)
     model, tokenizer = load(cfg.model.name, device="cpu")
     rows = []
     for method, directory in method_dirs(run_dir, cfg).items():
+        if methods and method not in methods:
+            continue
         routed = json.loads((directory / RESULTS_FILE).read_text())["per_task"]
         for rank in [None, ranks.get(method)] if method in ranks else [None]:
             label = method if rank is None else f"{method} (rank {rank})"
@@ -39,7 +45,8 @@ def measure(run_dir: Path, out: Path, ranks: dict[str, int]) -> list[dict]:
                 target = out / f"{method}-r{rank or 'full'}" / safe_name(task.name)
                 t0 = time.perf_counter()
                 pm = peft.PeftModel.from_pretrained(model, str(directory / "adapter"))
-                asymlora.export_task_adapter(pm, task.name, target, calibration=task, tokenizer=tokenizer,
+                calibration = task.train[:examples] if examples else task.train
+                asymlora.export_task_adapter(pm, task.name, target, calibration=calibration, tokenizer=tokenizer,
                                              rank=rank, overwrite=True)  # fmt: skip
                 model = pm.unload()
                 export_s = time.perf_counter() - t0
@@ -92,9 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, required=True, help="where the exported adapters and rows go")
     p.add_argument("--rank", action="append", default=[], help="METHOD=K: also export METHOD at rank K")
+    p.add_argument("--methods", nargs="*", help="only these methods of the run (default: all)")
+    p.add_argument(
+        "--calibration-examples", type=int, help="first N training examples per task (default: all)"
+    )
     args = p.parse_args(argv)
     ranks = {m: int(k) for m, k in (item.split("=", 1) for item in args.rank)}
-    rows = measure(args.run_dir, args.out, ranks)
+    rows = measure(args.run_dir, args.out, ranks, args.methods, args.calibration_examples)
     atomic_write_text(args.out / "rows.json", json.dumps(rows, indent=2) + "\n")
     text = table(rows)
     atomic_write_text(args.out / "table.md", text + "\n")
