@@ -27,7 +27,12 @@ from asymlora.recipes.multitask import RESULTS_FILE, load_tasks_for, safe_name
 
 
 def measure(
-    run_dir: Path, out: Path, ranks: dict[str, int], methods: list[str] | None, examples: int | None
+    run_dir: Path,
+    out: Path,
+    ranks: dict[str, int],
+    methods: list[str] | None,
+    examples: int | None,
+    ranked_only: bool = False,
 ) -> list[dict]:
     """One row per (method[, rank], task): routed score, export score, fidelity, seconds. ``examples``:
     calibrate on the first that many training examples of each task (None: all)."""
@@ -39,7 +44,7 @@ def measure(
         if methods and method not in methods:
             continue
         routed = json.loads((directory / RESULTS_FILE).read_text())["per_task"]
-        for rank in [None, ranks.get(method)] if method in ranks else [None]:
+        for rank in ([] if ranked_only else [None]) + ([ranks[method]] if method in ranks else []):
             label = method if rank is None else f"{method} (rank {rank})"
             for task in tasks:
                 target = out / f"{method}-r{rank or 'full'}" / safe_name(task.name)
@@ -100,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="where the exported adapters and rows go")
     p.add_argument("--rank", action="append", default=[], help="METHOD=K: also export METHOD at rank K")
     p.add_argument("--methods", nargs="*", help="only these methods of the run (default: all)")
+    p.add_argument("--ranked-only", action="store_true", help="only the --rank exports (not the full rank)")
     p.add_argument(
         "--calibration-examples", type=int, help="first N training examples per task (default: all)"
     )
     args = p.parse_args(argv)
     ranks = {m: int(k) for m, k in (item.split("=", 1) for item in args.rank)}
-    rows = measure(args.run_dir, args.out, ranks, args.methods, args.calibration_examples)
+    rows = measure(args.run_dir, args.out, ranks, args.methods, args.calibration_examples, args.ranked_only)
     atomic_write_text(args.out / "rows.json", json.dumps(rows, indent=2) + "\n")
     text = table(rows)
     atomic_write_text(args.out / "table.md", text + "\n")
