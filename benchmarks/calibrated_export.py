@@ -81,21 +81,22 @@ def measure(
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table of the rows, with the mean score per method."""
+    """Markdown table of the rows, with the mean score per method (discarded energy: mean over layers)."""
     lines = [
-        "| method | task | metric | routed | export | export rank | logit error | layer error |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| method | task | metric | routed | export | export rank | logit error | layer error | discarded energy |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        energy = "—" if r["discarded_energy"] is None else f"{r['discarded_energy']:.3f}"
         lines.append(
             f"| {r['method']} | {r['task']} | {r['metric']} | {r['routed']:.3f} | {r['export']:.3f} | "
-            f"{r['rank']} | {r['output_error']:.3f} | {r['layer_error']:.3f} |"
+            f"{r['rank']} | {r['output_error']:.3f} | {r['layer_error']:.3f} | {energy} |"
         )
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         routed = sum(r["routed"] for r in mine) / len(mine)
         export = sum(r["export"] for r in mine) / len(mine)
-        lines.append(f"| {method} | **average** | | **{routed:.3f}** | **{export:.3f}** | | | |")
+        lines.append(f"| {method} | **average** | | **{routed:.3f}** | **{export:.3f}** | | | | |")
     return "\n".join(lines)
 
 
