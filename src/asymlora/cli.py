@@ -5,7 +5,7 @@
     asymlora eval RUN_DIR                          re-evaluate a finished run
     asymlora compare RUN_A RUN_B                   paired tests of two runs on the same test examples
     asymlora sweep SWEEP.yaml [--shard i/n]        run a grid of configs resumably into one results ledger
-    asymlora export RUN_DIR --task NAME --out DIR  one task of a task-routed run as a stock peft LoRA
+    asymlora export RUN_DIR --task NAME --out DIR  one task of a run as a stock peft LoRA (--calibration train: soft/topk)
     asymlora analyze PATH [PATH ...] --out DIR     where the knowledge sits: A vs B similarity, spectra
     asymlora fed CONFIG.yaml [key=value ...]       federated fine-tuning on Flower (simulation)
     asymlora serve RUN_OR_ADAPTER [--port N]       OpenAI-compatible /v1/completions, tasks batched together
@@ -93,9 +93,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from asymlora.recipes.evaluate import export_run_task
 
     out = export_run_task(
-        Path(args.run_dir), args.task, Path(args.out), method=args.method, overwrite=args.overwrite
-    )
+        Path(args.run_dir), args.task, Path(args.out), method=args.method, overwrite=args.overwrite,
+        calibration=args.calibration, rank=args.rank,
+    )  # fmt: skip
     print(f"wrote a standard peft LoRA adapter to {out}")
+    if args.calibration:
+        print(f"an approximation of the routed adapter: its fidelity is in {out / 'README.md'}")
     return 0
 
 
@@ -208,12 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("export", cmd_export, "export one task as a standard peft LoRA adapter",
             "Write task NAME of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "
-            "or any LoRA server loads without asymlora. Learned (soft/topk) routing cannot be exported.")  # fmt: skip
+            "or any LoRA server loads without asymlora. A soft/topk-routed run needs --calibration: each layer's "
+            "gate is averaged over the task's examples (an approximation, its fidelity reported).")  # fmt: skip
     p.add_argument("run_dir")
     p.add_argument("--task", required=True, help="task name (as in results.json) or expert index")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", help="which method of a compare run (default: the only one)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--calibration", choices=["train", "test"],
+                   help="soft/topk-routed runs: average each layer's gate over this split of the task's "
+                   "data (an approximation; its fidelity goes into the adapter's README.md)")  # fmt: skip
+    p.add_argument("--rank", type=int, help="with --calibration: truncate the export to this rank (SVD)")
 
     p = add("analyze", cmd_analyze, "compare adapters: A vs B subspace similarity, CCA, spectra",
             "Pair the given adapters (asymlora or plain peft LoRA; adapter or run directories) and their experts, "

@@ -10,6 +10,7 @@ import peft
 
 from asymlora import distributed
 from asymlora.config import RunConfig, load_config
+from asymlora.methods import get_method
 from asymlora.recipes.multitask import (
     CONFIG_FILE,
     PER_EXAMPLE_FILE,
@@ -105,11 +106,23 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
 
 
 def export_run_task(
-    run_dir: Path, task: str, out: Path, *, method: str | None = None, overwrite: bool = False
+    run_dir: Path,
+    task: str,
+    out: Path,
+    *,
+    method: str | None = None,
+    overwrite: bool = False,
+    calibration: str | None = None,
+    rank: int | None = None,
 ) -> Path:
-    """Export task ``task`` (name or index) of a task-routed run as a stock peft LoRA adapter."""
+    """Export task ``task`` (name or index) of a run as a stock peft LoRA adapter: exact for a task-routed
+    run; for a soft/topk-routed one ``calibration`` (``"train"`` or ``"test"``) names the split of the
+    run's data for that task over which each layer's gate is averaged (`asymlora.calibration`)."""
     from asymlora.export import export_task_adapter
     from asymlora.models import load
+
+    if calibration is not None:
+        return _export_calibrated_run_task(run_dir, task, out, method, overwrite, calibration, rank)
 
     cfg = _run_config(run_dir)
     dirs = method_dirs(run_dir, cfg)
@@ -124,8 +137,44 @@ def export_run_task(
         raise FileNotFoundError(f"{adapter} holds no adapter; finish (or resume) the run first")
     model, _ = load(cfg.model.name, device="cpu")
     pm = peft.PeftModel.from_pretrained(model, str(adapter))
+    peft_cfg = pm.peft_config["default"]
+    if get_method(peft_cfg.method).uses_router and peft_cfg.router != "task":
+        raise ValueError(
+            f"the {method} adapter of {run_dir} uses router={peft_cfg.router!r}: exporting one LoRA averages each layer's "
+            "gate over the task's examples; pass --calibration train (the task's training split) and "
+            "optionally --rank K"
+        )
     key: int | str = int(task) if task.isdigit() else task
     return export_task_adapter(pm, key, out, overwrite=overwrite)
+
+
+def _export_calibrated_run_task(
+    run_dir: Path, task: str, out: Path, method: str | None, overwrite: bool, split: str, rank: int | None
+) -> Path:
+    """`export_run_task` of a soft/topk-routed run, calibrated on split ``split`` of task ``task``."""
+    from asymlora.export import export_task_adapter
+    from asymlora.models import load
+
+    if split not in ("train", "test"):
+        raise ValueError(f"--calibration {split!r} is not a split; pass --calibration train (or test)")
+    cfg = _run_config(run_dir)
+    dirs = method_dirs(run_dir, cfg)
+    method = method or (next(iter(dirs)) if len(dirs) == 1 else None)
+    if method not in dirs:
+        raise ValueError(f"{run_dir} holds the methods {list(dirs)}; choose one with --method")
+    tasks = load_tasks_for(cfg)
+    names = [t.name for t in tasks]
+    index = names.index(task) if task in names else int(task) if task.isdigit() else -1
+    if not 0 <= index < len(names):
+        raise ValueError(f"unknown task {task!r}; the tasks of {run_dir} are {names} (or their index)")
+    adapter = dirs[method] / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} holds no adapter; finish (or resume) the run first")
+    model, tokenizer = load(cfg.model.name, device="cpu")
+    pm = peft.PeftModel.from_pretrained(model, str(adapter))
+    examples = getattr(tasks[index], split)
+    return export_task_adapter(pm, names[index], out, overwrite=overwrite, calibration=examples,
+                               tokenizer=tokenizer, rank=rank)  # fmt: skip
 
 
 def _scored_run(path: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
