@@ -356,3 +356,22 @@ def test_only_adapter_tensors_train_and_the_loss_falls(arch: str) -> None:
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 1e-3
+
+
+def test_calibrated_export_of_gpt2_keeps_the_conv1d_layout(tmp_path) -> None:
+    """A soft-routed ALoRA on GPT-2 whose router is zero (g = 1/N on every token, so the calibrated export is
+    exact): stock peft loads the export with fan_in_fan_out and reproduces the routed logits."""
+    pm = peft.get_peft_model(make_model("gpt2"), AsymLoraConfig(method="alora", r=2, num_experts=3,
+                                                                target_modules=["c_attn", "c_proj"]))  # fmt: skip
+    randomise(pm)
+    with torch.no_grad():
+        for _, layer in pm.base_model.adapter_layers():
+            layer.asymlora_router["default"].zero_()
+    batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
+    asymlora.export_task_adapter(pm, "t0", tmp_path / "x", calibration=[batch])
+    config = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    with torch.no_grad():
+        ref = pm(**batch).logits
+        got = peft.PeftModel.from_pretrained(make_model("gpt2"), str(tmp_path / "x"))(**batch).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
