@@ -67,19 +67,9 @@ def _adapter_dir(path: Path, method: str | None) -> Path:
     """The adapter directory of ``path``: an adapter directory itself, or the one of a run (directory)."""
     if (path / "adapter_config.json").is_file():
         return path
-    from asymlora.recipes.evaluate import _run_config, method_dirs
+    from asymlora.recipes.evaluate import run_adapter
 
-    dirs = method_dirs(path, _run_config(path))  # FileNotFoundError names the path if it is no run
-    if method is None:
-        if len(dirs) > 1:
-            raise ValueError(f"{path} holds several methods {list(dirs)}; choose one with --method")
-        method = next(iter(dirs))
-    if method not in dirs:
-        raise ValueError(f"method {method!r} is not in {path}; it holds {list(dirs)}")
-    adapter = dirs[method] / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter} holds no adapter; finish (or resume) the run first")
-    return adapter
+    return run_adapter(path, method)[1]  # FileNotFoundError names the path if it is no run
 
 
 def served_names(config: Any, default_name: str) -> dict[str, int | None]:

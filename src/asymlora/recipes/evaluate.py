@@ -105,6 +105,26 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     return rows
 
 
+def run_adapter(run_dir: Path, method: str | None, cfg: RunConfig | None = None) -> tuple[str, Path]:
+    """(method, adapter directory) of a finished run; ``method`` may be None when the run holds one.
+
+    Raises:
+        ValueError: several methods and none chosen, or an unknown method (both name the run's methods).
+        FileNotFoundError: not a run directory, or the method's adapter is not written yet.
+    """
+    dirs = method_dirs(run_dir, cfg if cfg is not None else _run_config(run_dir))
+    if method is None:
+        if len(dirs) > 1:
+            raise ValueError(f"{run_dir} holds several methods {list(dirs)}; choose one with --method")
+        method = next(iter(dirs))
+    if method not in dirs:
+        raise ValueError(f"method {method!r} is not in {run_dir}; it holds {list(dirs)}")
+    adapter = dirs[method] / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} holds no adapter; finish (or resume) the run first")
+    return method, adapter
+
+
 def export_run_task(
     run_dir: Path,
     task: str,
@@ -125,16 +145,7 @@ def export_run_task(
         return _export_calibrated_run_task(run_dir, task, out, method, overwrite, calibration, rank)
 
     cfg = _run_config(run_dir)
-    dirs = method_dirs(run_dir, cfg)
-    if method is None:
-        if len(dirs) > 1:
-            raise ValueError(f"{run_dir} holds several methods {list(dirs)}; choose one with --method")
-        method = next(iter(dirs))
-    if method not in dirs:
-        raise ValueError(f"method {method!r} is not in {run_dir}; it holds {list(dirs)}")
-    adapter = dirs[method] / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter} holds no adapter; finish (or resume) the run first")
+    method, adapter = run_adapter(run_dir, method, cfg)
     model, _ = load(cfg.model.name, device="cpu")
     pm = peft.PeftModel.from_pretrained(model, str(adapter))
     peft_cfg = pm.peft_config["default"]
@@ -158,18 +169,12 @@ def _export_calibrated_run_task(
     if split not in ("train", "test"):
         raise ValueError(f"--calibration {split!r} is not a split; pass --calibration train (or test)")
     cfg = _run_config(run_dir)
-    dirs = method_dirs(run_dir, cfg)
-    method = method or (next(iter(dirs)) if len(dirs) == 1 else None)
-    if method not in dirs:
-        raise ValueError(f"{run_dir} holds the methods {list(dirs)}; choose one with --method")
+    method, adapter = run_adapter(run_dir, method, cfg)
     tasks = load_tasks_for(cfg)
     names = [t.name for t in tasks]
     index = names.index(task) if task in names else int(task) if task.isdigit() else -1
     if not 0 <= index < len(names):
         raise ValueError(f"unknown task {task!r}; the tasks of {run_dir} are {names} (or their index)")
-    adapter = dirs[method] / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter} holds no adapter; finish (or resume) the run first")
     model, tokenizer = load(cfg.model.name, device="cpu")
     pm = peft.PeftModel.from_pretrained(model, str(adapter))
     examples = getattr(tasks[index], split)
