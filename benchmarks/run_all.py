@@ -557,6 +557,30 @@ def why_missed(row: dict[str, Any], res: dict[str, Any]) -> str:
     return ""
 
 
+# Sections of docs/performance.md written from benchmarks this script does not run (their own command and
+# JSON are in the section): kept as they are when the rest of the page is regenerated.
+KEPT_SECTIONS = ("## 6. Serving mixed-task batches",)
+
+
+def write_doc(path: Path, doc: str) -> None:
+    """Write the regenerated page, carrying over the `KEPT_SECTIONS` of the current one before its
+    "## Findings" section (atomically, like every file asymlora writes)."""
+    from asymlora.io import atomic_write_text
+
+    old = path.read_text() if path.is_file() else ""
+    kept = []
+    for heading in KEPT_SECTIONS:
+        if heading in old:
+            start = old.index(heading)
+            end = old.find("\n## ", start + len(heading))
+            kept.append(old[start : end + 1 if end >= 0 else len(old)])
+    if kept:
+        at = doc.find("## Findings")
+        at = at if at >= 0 else len(doc)
+        doc = doc[:at] + "".join(part if part.endswith("\n\n") else part + "\n" for part in kept) + doc[at:]
+    atomic_write_text(path, doc)
+
+
 def render(res: dict[str, Any], args: argparse.Namespace, mach: dict[str, Any], plot_name: str | None) -> str:
     """docs/performance.md."""
     ts, ly, inf, sc = res.get("train_step"), res.get("layers"), res.get("inference"), res.get("scaling")
@@ -836,7 +860,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out_dir = Path(args.out_dir) if args.out_dir else ROOT / "docs"
         saved = argparse.Namespace(**res["args"])
         plot = "scaling.png" if "scaling" in res and (out_dir / "scaling.png").is_file() else None
-        (out_dir / "performance.md").write_text(render(res, saved, res["machine"], plot))
+        write_doc(out_dir / "performance.md", render(res, saved, res["machine"], plot))
         print(f"wrote {out_dir / 'performance.md'} from {args.render}")
         return res
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -913,7 +937,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         doc = render(res, args, mach, "scaling.png" if plot_path and "scaling" in res else None)
-        (out_dir / "performance.md").write_text(doc)
+        write_doc(out_dir / "performance.md", doc)
         res["doc"] = str(out_dir / "performance.md")
         print(f"wrote {res['doc']}" + (f" and {plot_path}" if plot_path and "scaling" in res else ""))
     if args.save:

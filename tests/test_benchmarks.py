@@ -172,3 +172,18 @@ def test_federated_smoke_bytes_match_the_accounting(tmp_path):
     assert "federated" in json_lines(buf.getvalue())
     doc = (tmp_path / "performance.md").read_text()
     assert "## 4. Federated" in doc and "| `fedalora` |" in doc and "**yes**" in doc
+
+
+def test_regenerating_the_performance_page_keeps_the_serving_section(tmp_path) -> None:
+    from benchmarks.run_all import write_doc
+
+    page = tmp_path / "performance.md"
+    page.write_text("# Performance\n\n## 5. Scaling\n\nold\n\n## 6. Serving mixed-task batches (x)\n\nkept 1.19×\n\n"
+                    "## Findings and recommended changes\n\nold findings\n")  # fmt: skip
+    write_doc(
+        page, "# Performance\n\n## 5. Scaling\n\nnew\n\n## Findings and recommended changes\n\nnew findings\n"
+    )
+    assert page.read_text() == (
+        "# Performance\n\n## 5. Scaling\n\nnew\n\n## 6. Serving mixed-task batches (x)\n\nkept 1.19×\n\n"
+        "## Findings and recommended changes\n\nnew findings\n"
+    )
