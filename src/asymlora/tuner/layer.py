@@ -50,6 +50,15 @@ def in_out_features(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def no_task_ids_error(adapter_name: str) -> ValueError:
+    """The error of a task-routed forward that was given no task ids (what to pass, and where)."""
+    return ValueError(
+        f"adapter {adapter_name!r} uses router='task' but no task_ids were given: call "
+        "model(..., task_ids=LongTensor[batch]) (or model.generate(..., task_ids=...)); with transformers' "
+        "Trainer or TRL's SFTTrainer use asymlora.hf.AsymLoraTrainer / AsymLoraSFTTrainer and a task column."
+    )
+
+
 class AsymLoraLayer(BaseTunerLayer):
     """Mixin holding asymlora adapters on a base layer (peft's BaseTunerLayer contract)."""
 
@@ -146,10 +155,7 @@ class AsymLoraLayer(BaseTunerLayer):
         if cfg.router == "task":
             task_ids = call.task_ids_for(x.shape[0], flat_tokens=x.dim() == 2)  # OPT flattens its MLP input
             if task_ids is None:
-                raise ValueError(
-                    f"adapter {adapter_name!r} uses router='task' but no task_ids were given: call "
-                    "model(..., task_ids=LongTensor[batch]) (or model.generate(..., task_ids=...))."
-                )
+                raise no_task_ids_error(adapter_name)
             return task_gate(task_ids, cfg.num_experts, x)
         if logits is None:
             with torch.autocast(x.device.type, enabled=False):  # float32 under torch.autocast too
@@ -170,10 +176,7 @@ class AsymLoraLayer(BaseTunerLayer):
         if rows is None:  # the errors
             if x.dim() < 2:
                 raise ValueError("task routing needs a batched input (batch, ..., features)")
-            raise ValueError(
-                f"adapter {adapter_name!r} uses router='task' but no task_ids were given: call "
-                "model(..., task_ids=LongTensor[batch]) (or model.generate(..., task_ids=...))."
-            )
+            raise no_task_ids_error(adapter_name)
         return rows
 
     # --- merging -----------------------------------------------------------------------------------
