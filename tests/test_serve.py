@@ -180,6 +180,9 @@ def test_stop_cuts_the_text_and_a_null_max_tokens_means_16(routed_server) -> Non
         ({"model": "qa", "prompt": "y" * 250, "max_tokens": 20}, 400, "maximum context length is 256"),
         ({"model": "qa", "prompt": "hi", "temperature": 0.7}, 400, "temperature=0.7"),
         ({"model": "qa", "prompt": "hi", "stream": True}, 400, "stream=True"),
+        ({"model": "qa", "prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
+        ({"model": "qa", "prompt": "hi", "logit_bias": {"5": 100}}, 400, "logit_bias={'5': 100.0}"),
+        ({"model": "qa", "prompt": "hi", "suffix": "!"}, 400, "suffix='!'"),
         ({"model": "qa"}, 400, "prompt"),
         ({"model": "qa", "prompt": [1, 2, 3]}, 400, "prompt"),
         (b'{"model": "qa", "prompt": ', 400, "invalid request body"),
@@ -264,6 +267,22 @@ def test_cli_serve_of_a_missing_path_exits_2_with_one_line(tmp_path, capsys) -> 
     assert main(["serve", str(tmp_path / "missing"), "--port", "19399"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [(["--port", "99999"], "--port 99999 is out of range; give 1..65535"),
+     (["--port", "-1"], "--port -1 is out of range"),
+     (["--max-tokens", "0"], "--max-tokens 0 is out of range; give >= 1"),
+     (["--max-wait-ms", "-5"], "--max-wait-ms -5.0 is out of range; give >= 0"),
+     (["--device", "bogus"], "--device 'bogus' is not a torch device")],
+)  # fmt: skip
+def test_cli_serve_flags_are_checked_before_the_model_loads(tmp_path, capsys, flags, says) -> None:
+    from asymlora.cli import main
+
+    assert main(["serve", str(tmp_path / "missing"), *flags]) == 2  # the path is never read
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and "serving" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

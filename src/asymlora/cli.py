@@ -110,11 +110,34 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_device(device: str | None) -> None:
+    """ValueError (a user mistake) for a device string torch does not know or cannot use here."""
+    if device in (None, "auto"):
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(
+            f"--device {device!r} is not a torch device; give cpu, auto or e.g. cuda:0"
+        ) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA GPU is available to this torch; give cpu (or auto)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from asymlora import serve
     except ModuleNotFoundError as e:
         raise ValueError(f"{e}; install the server's packages: pip install 'asymlora[serve]'") from None
+    for flag, value, low in (("--port", args.port, 1), ("--max-batch-size", args.max_batch_size, 1),
+                             ("--max-tokens", args.max_tokens, 1), ("--max-wait-ms", args.max_wait_ms, 0)):  # fmt: skip
+        if value < low or (flag == "--port" and value > 65535):
+            raise ValueError(
+                f"{flag} {value} is out of range; give {'1..65535' if flag == '--port' else f'>= {low}'}"
+            )
+    check_device(args.device)  # before the model is loaded
     served = serve.load_served_model(
         args.path, method=args.method, base_model=args.base_model,
         served_model_name=args.served_model_name, device=args.device,

@@ -285,6 +285,8 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     logprobs: int | None = None
     echo: bool | None = False
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -326,13 +328,16 @@ def _check_sampling(request: Any) -> None:
         "stream": bool(request.stream),
         "logprobs": request.logprobs is not None,
         "echo": bool(request.echo),
+        "logit_bias": bool(request.logit_bias),
+        "suffix": bool(request.suffix),
     }
     for name, bad in refused.items():
         if bad:
+            fix = f"omit {name}" + (" (or set it to 0)" if name == "temperature" else "")
             raise APIError(
                 400,
                 f"{name}={getattr(request, name)!r} is not supported: this server decodes greedily, one "
-                f"choice per prompt, without streaming or logprobs; omit {name} (or set temperature=0)",
+                f"choice per prompt, without streaming, logprobs, logit bias or suffix; {fix}",
                 param=name,
             )
 

@@ -284,7 +284,7 @@ def run(
     if cfg.train.fsdp and (cfg.compare.methods or cfg.compare.single_task):
         raise ConfigError(
             "train.fsdp=true trains one method per launch (the sharded base model cannot be reused); drop "
-            "compare.methods / compare.single_task, or use train.fsdp=false (DDP)"
+            "the compare section (override compare=null), or use train.fsdp=false (DDP)"
         )
     if cfg.train.fsdp and (cfg.model.load_in_4bit or cfg.model.load_in_8bit):
         bits = "model.load_in_4bit=true" if cfg.model.load_in_4bit else "model.load_in_8bit=true"
