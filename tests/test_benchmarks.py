@@ -95,7 +95,7 @@ def test_serving_smoke(capsys):
     for r in result["batches"].values():
         assert set(r["tokens_per_s"]) == {"base", *serving.METHODS, "peft"}
         assert set(r["equals_merged"].values()) == {1.0} and r["peft_equals_alora"] == 1.0
-    assert result["profile"]["8"]["alora_extra_ms_by_op"]
+    assert result["profile"]["8"]["extra_ms_by_op"]
     assert '"benchmark": "serving"' in capsys.readouterr().out
 
 

@@ -61,8 +61,7 @@ def _count_scored_examples(log_dir: Path) -> None:
         setattr(scoring, name, counted)
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # run by torchrun with PYTHONPATH = src + the repository (see _launch)
     sys.exit(_worker_main(sys.argv[1:]))
 
 
