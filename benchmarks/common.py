@@ -34,15 +34,18 @@ MiB = 1024**2
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def benchmark_parser(doc: str | None, smoke_help: str, threads_help: str | None = None) -> argparse.ArgumentParser:
-    """A parser with the options every benchmark takes: ``--device``, ``--dtype``, ``--threads``,
-    ``--smoke`` (``smoke_help`` says what it shrinks) and ``--save`` (the JSON result to this file)."""
+def benchmark_parser(
+    doc: str | None, smoke_help: str, *, dtype: bool = True, threads_help: str | None = None
+) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark takes: ``--device``, ``--dtype`` (unless ``dtype=False``),
+    ``--threads``, ``--smoke`` (``smoke_help`` says what it shrinks) and ``--save`` (the JSON result to this
+    file, e.g. ``benchmarks/results/<name>.json``, the folder docs/performance.md is rendered from)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument(
-        "--threads", type=int, default=None, help=threads_help or "torch CPU threads (default: torch's, one per core)"
-    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    if dtype:
+        parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    threads_help = threads_help or "torch CPU threads (default: torch's, one per core)"
+    parser.add_argument("--threads", type=int, default=None, help=threads_help)
     parser.add_argument("--smoke", action="store_true", help=smoke_help)
     parser.add_argument("--save", default=None, help="also write the JSON result to this file")
     return parser

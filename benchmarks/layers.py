@@ -13,9 +13,7 @@ Methods are timed alternately, round after round, and the median is reported (sh
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from collections.abc import Callable
 
 import peft
@@ -25,6 +23,11 @@ from torch import nn
 import asymlora
 from asymlora.routing import RoutingState, router_probs
 from asymlora.tuner.layer import Linear as AsymLinear
+
+try:  # imported as the package `benchmarks`
+    from benchmarks.common import benchmark_parser, finish, parse, timed
+except ImportError:  # run as a script: Python puts this folder first on sys.path
+    from common import benchmark_parser, finish, parse, timed  # type: ignore[no-redef]
 
 TARGETS = {"adapter_vs_loop": 3.0, "adapter_vs_peft_lora": 1.3, "layer_vs_peft_lora": 1.05}
 
@@ -36,20 +39,6 @@ def loop_alora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w_g: tor
     for i in range(a.shape[0]):
         out = out + gate[..., i : i + 1] * ((x @ a[i].T) @ b.T)
     return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    out.float().sum().backward()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -109,19 +98,32 @@ def measure(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def report(args: argparse.Namespace, a: dict[str, float], w: dict[str, float], ratios: dict[str, float]) -> None:
+    """The human table: adapter path and whole layer ms per variant, the three target ratios."""
+    print(
+        f"one linear layer {args.dim}x{args.dim}, {args.tokens} tokens, r={args.r}, N={args.experts}, "
+        f"{args.device}/{args.dtype}, forward+backward, median of {args.reps} (ms)"
     )
+    print(f"{'variant':<18}{'adapter path':>14}{'whole layer':>14}")
+    for name in a:
+        print(f"{name:<18}{1e3 * a[name]:>14.2f}{1e3 * w[name]:>14.2f}")
+    print(f"{'base W0 x only':<18}{'':>14}{1e3 * w['base_only']:>14.2f}")
+    print(f"fused ALoRA vs loop form (adapter path): {ratios['adapter_vs_loop']:.2f}x faster "
+          f"(target >= {TARGETS['adapter_vs_loop']}x)")  # fmt: skip
+    print(f"fused ALoRA / peft LoRA (adapter path):  {ratios['adapter_vs_peft_lora']:.2f}x "
+          f"(target <= {TARGETS['adapter_vs_peft_lora']}x)")  # fmt: skip
+    print(f"fused ALoRA / peft LoRA (whole layer):   {ratios['layer_vs_peft_lora']:.2f}x "
+          f"(target <= {TARGETS['layer_vs_peft_lora']}x)")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = benchmark_parser(__doc__, "tiny shape and 2 reps, for CI")
     parser.add_argument("--dim", type=int, default=4096, help="d_in = d_out (LLaMA-7B: 4096)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per batch")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--smoke", action="store_true", help="tiny shape and 2 reps, for CI")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.smoke:
         args.dim, args.tokens, args.reps = 256, 128, 2
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -135,20 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         "layer_vs_peft_lora": w["fused_alora"] / w["peft_lora"],
         "layer_vs_loop": w["loop_alora"] / w["fused_alora"],
     }
-    print(
-        f"one linear layer {args.dim}x{args.dim}, {args.tokens} tokens, r={args.r}, N={args.experts}, "
-        f"{args.device}/{args.dtype}, forward+backward, median of {args.reps} (ms)"
-    )
-    print(f"{'variant':<18}{'adapter path':>14}{'whole layer':>14}")
-    for name in adapter:
-        print(f"{name:<18}{1e3 * a[name]:>14.2f}{1e3 * w[name]:>14.2f}")
-    print(f"{'base W0 x only':<18}{'':>14}{1e3 * w['base_only']:>14.2f}")
-    print(f"fused ALoRA vs loop form (adapter path): {ratios['adapter_vs_loop']:.2f}x faster "
-          f"(target >= {TARGETS['adapter_vs_loop']}x)")  # fmt: skip
-    print(f"fused ALoRA / peft LoRA (adapter path):  {ratios['adapter_vs_peft_lora']:.2f}x "
-          f"(target <= {TARGETS['adapter_vs_peft_lora']}x)")  # fmt: skip
-    print(f"fused ALoRA / peft LoRA (whole layer):   {ratios['layer_vs_peft_lora']:.2f}x "
-          f"(target <= {TARGETS['layer_vs_peft_lora']}x)")  # fmt: skip
+    report(args, a, w, ratios)
     result = {
         "benchmark": "layers",
         "shape": {"dim": args.dim, "tokens": args.tokens, "r": args.r, "experts": args.experts},
@@ -156,10 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": args.dtype,
         "adapter_ms": {k: round(1e3 * v, 3) for k, v in a.items()},
         "layer_ms": {k: round(1e3 * v, 3) for k, v in w.items()},
+        "adapter_vs_peft": {k: round(v / a["peft_lora"], 4) for k, v in a.items()},
+        "layer_vs_peft": {k: round(v / w["peft_lora"], 4) for k, v in w.items() if k in a},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
     }
-    print(json.dumps(result))
-    return result
+    return finish(result, args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ tensors exist, their shapes and roles come from the method (`asymlora.methods`).
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from asymlora.methods import get_method
-from asymlora.methods.base import ATTR_PREFIX, TENSOR_NAMES, Role, TensorSpec
+from asymlora.methods.base import ATTR_PREFIX, TENSOR_NAMES, Role, TensorSpec, kaiming_
 from asymlora.routing import (
     RoutingCall,
     RoutingState,
@@ -64,6 +64,10 @@ class AsymLoraLayer(BaseTunerLayer):
 
     adapter_layer_names: tuple[str, ...] = tuple(ATTR_PREFIX + n for n in TENSOR_NAMES)
     other_param_names: tuple[str, ...] = ("asymlora_config", "asymlora_dropout")
+    # set by nn.Module (the concrete layers derive from it) and by __init__ (one ParameterDict per tensor name)
+    training: bool
+    _modules: dict[str, nn.Module | None]
+    asymlora_router: nn.ParameterDict
 
     def __init__(self, base_layer: nn.Module, routing_state: RoutingState, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -86,6 +90,11 @@ class AsymLoraLayer(BaseTunerLayer):
         # peft's name: W0 is stored (d_in × d_out), so a merge adds ΔWᵀ
         self.fan_in_fan_out = isinstance(base, Conv1D)
 
+    def base_weight(self) -> nn.Parameter:
+        """W0, the base layer's weight (nn.Linear: d_out × d_in; Conv1D: d_in × d_out; bitsandbytes' quantised
+        parameters are ``nn.Parameter`` subclasses)."""
+        return cast(nn.Parameter, self.get_base_layer().weight)
+
     # --- construction --------------------------------------------------------------------------
     def specs(self, adapter_name: str) -> dict[str, TensorSpec]:
         """Every tensor of this adapter on this layer (router included when routing is learned)."""
@@ -99,7 +108,7 @@ class AsymLoraLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, cfg: AsymLoraConfig) -> None:
         """Create and initialise adapter ``adapter_name``'s tensors on this layer."""
         self.asymlora_config[adapter_name] = cfg
-        weight = self.get_base_layer().weight
+        weight = self.base_weight()
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
         specs = self.specs(adapter_name)
@@ -107,8 +116,6 @@ class AsymLoraLayer(BaseTunerLayer):
         with torch.no_grad():
             get_method(cfg.method).init_(tensors, cfg)
             if "router" in tensors:
-                from asymlora.methods.base import kaiming_
-
                 kaiming_(tensors["router"])
         for name, value in tensors.items():
             getattr(self, ATTR_PREFIX + name)[adapter_name] = nn.Parameter(
@@ -135,8 +142,9 @@ class AsymLoraLayer(BaseTunerLayer):
 
     def tensors(self, adapter_name: str) -> dict[str, Tensor]:
         """The adapter's tensors on this layer, by method tensor name (``A``, ``B``, ``S``, ``router``)."""
-        out = {}
-        modules = self._modules  # read directly: this runs in every forward, nn.Module.__getattr__ is slow
+        out: dict[str, Tensor] = {}
+        # read directly: this runs in every forward, nn.Module.__getattr__ is slow; every entry is a ParameterDict
+        modules = cast(dict[str, nn.ParameterDict], self._modules)
         for name in TENSOR_NAMES:
             value = modules[ATTR_PREFIX + name]._parameters.get(adapter_name)  # = ParameterDict[adapter_name]
             if value is not None:
@@ -183,7 +191,7 @@ class AsymLoraLayer(BaseTunerLayer):
     def refuse_quantized_merge(self, layer_name: str = "") -> None:
         """Raise ValueError when the base weight is bitsandbytes-quantised (4-bit or 8-bit): W0 + ΔW
         re-quantised would round most of the update away (peft only warns). Nothing is written."""
-        kind = get_bnb_param_type(self.get_base_layer().weight)
+        kind = get_bnb_param_type(self.base_weight())
         if kind:
             raise ValueError(
                 f"cannot merge into the {kind} bitsandbytes weight of layer {layer_name or type(self).__name__!r}: "
@@ -245,9 +253,11 @@ class Linear(nn.Module, AsymLoraLayer):
         full = x.dtype.itemsize >= 4 and not torch.is_autocast_enabled(x.device.type)
         if x_side is not None and router is not None and no_dropout and full:
             h, logits = F.linear(x, torch.cat([x_side, router])).split([x_side.shape[0], router.shape[0]], -1)
-            return method.combine(h, t, self.gate(name, x, logits).to(x.dtype))
-        gate = self.gate(name, x)
-        return method.delta(dropout(x), t, None if gate is None else gate.to(x.dtype))
+            gate = self.gate(name, x, logits)
+        else:
+            h, gate = None, self.gate(name, x)
+        gate = None if gate is None else gate.to(x.dtype)
+        return method.delta(dropout(x), t, gate) if h is None else method.combine(h, t, gate)
 
     def get_delta_weight(self, adapter_name: str) -> Tensor:
         """ΔW (d_out × d_in) of a plain-LoRA adapter; routed adapters have no single ΔW (use
@@ -266,7 +276,7 @@ class Linear(nn.Module, AsymLoraLayer):
         self.refuse_quantized_merge()
         for name in check_adapters_to_merge(self, adapter_names):
             delta = self.in_weight_layout(self.get_delta_weight(name))
-            weight = self.get_base_layer().weight
+            weight = self.base_weight()
             merged = weight.data + delta.to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights of adapter {name!r}")
@@ -279,7 +289,7 @@ class Linear(nn.Module, AsymLoraLayer):
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight = self.get_base_layer().weight
+            weight = self.base_weight()
             weight.data -= self.in_weight_layout(self.get_delta_weight(name)).to(weight.dtype)
 
     def __repr__(self) -> str:
