@@ -41,7 +41,9 @@ def benchmark_parser(
     ``--threads``, ``--smoke`` (``smoke_help`` says what it shrinks) and ``--save`` (the JSON result to this
     file, e.g. ``benchmarks/results/<name>.json``, the folder docs/performance.md is rendered from)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
     if dtype:
         parser.add_argument("--dtype", default="float32", choices=DTYPES)
     threads_help = threads_help or "torch CPU threads (default: torch's, one per core)"

@@ -31,6 +31,7 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
+import importlib.util
 import json
 import random
 import statistics
@@ -39,7 +40,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from asymlora.config import ConfigError, from_dict
+
+try:  # imported as the package `benchmarks`
+    from benchmarks.common import ROOT, benchmark_parser, finish
+except ImportError:  # run as a script: Python puts this folder first on sys.path
+    from common import ROOT, benchmark_parser, finish
 HOMOGENEOUS = ("fedit", "ffa", "fedsa", "fedalora")
 HETEROGENEOUS = ("zeropad", "fedalora-het")
 DEMO_TASKS = ("bigbench:multiemo/hotels_sentence_en", "bigbench:fact_checker/fever")
@@ -49,8 +55,6 @@ DEMO_TASKS = ("bigbench:multiemo/hotels_sentence_en", "bigbench:fact_checker/fev
 # --- the setting ---------------------------------------------------------------------------------------
 def smoke_assets(root: Path) -> tuple[str, list[str]]:
     """A tiny random Llama with a character tokenizer and two synthetic choice tasks (no download)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("_asymlora_test_conftest", ROOT / "tests" / "conftest.py")
     if spec is None or spec.loader is None:
         raise FileNotFoundError(ROOT / "tests" / "conftest.py")
@@ -160,10 +164,10 @@ def summarise(no_train: list[dict[str, Any]], train: list[dict[str, Any]], predi
 
 
 # --- main ------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = benchmark_parser(__doc__, "tiny random Llama, 2 rounds of 1 step, for CI", dtype=False,
+                              threads_help="torch threads per client (2 clients)")  # fmt: skip
+    parser.set_defaults(device="cpu", threads=1)  # cuda: the clients share one GPU (bf16)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=5, help="local steps per round with training")
@@ -174,79 +178,86 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ranks", default="64,8", help="client ranks of zeropad and fedalora-het")
     parser.add_argument("--d-m", type=int, default=16, help="fedalora-het's intermediate rank")
     parser.add_argument("--strategies", default=",".join([*HOMOGENEOUS, *HETEROGENEOUS]))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per client (2 clients)")
     parser.add_argument("--out-dir", default=None, help="keep the runs here (default: a temporary folder)")
-    parser.add_argument("--smoke", action="store_true", help="tiny random Llama, 2 rounds of 1 step, for CI")
-    parser.add_argument(
-        "--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the clients share one GPU (bf16)"
-    )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --threads is per client: not this process's
     if args.smoke:
         args.rounds, args.local_steps, args.batch_size, args.max_length = 2, 1, 4, 32
         args.max_train, args.r, args.ranks, args.d_m = 16, 2, "2,2", 4
+    return args
 
-    from asymlora.config import ConfigError, from_dict
+
+def run_group(
+    args: argparse.Namespace, k: int, model: str, tasks: list[str], group: tuple, root: Path
+) -> dict:
+    """One group of strategies, run without (T0) and with (T1) training; each strategy's summary."""
+    # asymlora.federated needs the optional `fed` extra (flwr): imported only when a benchmark runs
     from asymlora.federated.accounting import run_round_cost
     from asymlora.federated.config import FedConfig
     from asymlora.federated.run import run
 
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="asymlora-fedbench-") as tmp:
-        root = Path(args.out_dir) if args.out_dir else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        if args.smoke:
-            model, tasks = smoke_assets(root / "assets")
-        else:
-            model, tasks = args.model, list(DEMO_TASKS)
-        strategies: dict[str, dict[str, Any]] = {}
-        for k, (names, ranks) in enumerate(groups(args)):
-            logs: dict[int, Path] = {}
-            cfgs: dict[int, FedConfig] = {}
-            for steps in (0, args.local_steps):
-                run_dir = root / f"group{k}-steps{steps}"
-                data = fed_config(args, model, tasks, names, ranks, steps, run_dir)
-                try:
-                    cfgs[steps] = from_dict(FedConfig, data).validate()
-                except ConfigError as e:
-                    raise SystemExit(f"benchmarks/federated.py: {e}") from None
-                print(f"\n=== {', '.join(names)}: local_steps={steps}, ranks {ranks or args.r} → {run_dir}")
-                code = run(cfgs[steps], overwrite=True)
-                if code != 0:
-                    raise RuntimeError(f"the federated run in {run_dir} exited with {code}")
-                logs[steps] = run_dir
-            for name in names:
-                predicted = run_round_cost(cfgs[args.local_steps], name)
-                strategies[name] = {
-                    "ranks": ranks or [args.r] * len(tasks),
-                    **summarise(
-                        read_rounds(logs[0] / name / "rounds.jsonl"),
+    names, ranks = group
+    logs: dict[int, Path] = {}
+    cfgs: dict[int, Any] = {}
+    for steps in (0, args.local_steps):
+        run_dir = root / f"group{k}-steps{steps}"
+        data = fed_config(args, model, tasks, names, ranks, steps, run_dir)
+        try:
+            cfgs[steps] = from_dict(FedConfig, data).validate()
+        except ConfigError as e:
+            raise SystemExit(f"benchmarks/federated.py: {e}") from None
+        print(f"\n=== {', '.join(names)}: local_steps={steps}, ranks {ranks or args.r} → {run_dir}")
+        code = run(cfgs[steps], overwrite=True)
+        if code != 0:
+            raise RuntimeError(f"the federated run in {run_dir} exited with {code}")
+        logs[steps] = run_dir
+    return {
+        name: {
+            "ranks": ranks or [args.r] * len(tasks),
+            **summarise(read_rounds(logs[0] / name / "rounds.jsonl"),
                         read_rounds(logs[args.local_steps] / name / "rounds.jsonl"),
-                        predicted,
-                    ),
-                }
+                        run_round_cost(cfgs[args.local_steps], name)),
+        }
+        for name in names
+    }  # fmt: skip
 
-    model_name = "tiny random Llama" if args.smoke else args.model
+
+def print_table(result: dict[str, Any], args: argparse.Namespace) -> None:
+    st = result["setting"]
     print(
-        f"\nfederated rounds: {model_name}, {len(tasks)} clients (one task each, simulation engine, "
+        f"\nfederated rounds: {result['model']}, {st['clients']} clients (one task each, simulation engine, "
         f"{args.threads} torch thread(s) per client), batch {args.batch_size} × {args.max_length} tokens, "
         f"{args.local_steps} local steps per round; median of the warm rounds"
     )
     print(f"{'strategy':<14}{'T0 s':>8}{'T1 s':>8}{'T1-T0':>8}{'T0/(T1-T0)':>12}{'up B/client':>14}"
           f"{'down B/client':>15}{'payload/pred':>14}{'framing':>9}")  # fmt: skip
-    for name, s in strategies.items():
+    for name, s in result["strategies"].items():
         ratio = "–" if s["overhead_vs_training"] is None else f"{s['overhead_vs_training']:.3f}"
         match = min(s["payload_up_vs_predicted"], s["payload_down_vs_predicted"])
         print(f"{name:<14}{s['round_s_no_training']:>8.2f}{s['round_s_training']:>8.2f}"
               f"{s['training_s_per_round']:>8.2f}{ratio:>12}{s['bytes_up']:>14,}{s['bytes_down']:>15,}"
               f"{match:>14.4f}{s['framing_up']:>9.4f}")  # fmt: skip
+    print(
+        f"bytes moved match the accounting of docs/federated.md: {'yes' if result['bytes_match_accounting'] else 'NO'}"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="asymlora-fedbench-") as tmp:
+        root = Path(args.out_dir) if args.out_dir else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        model, tasks = smoke_assets(root / "assets") if args.smoke else (args.model, list(DEMO_TASKS))
+        strategies: dict[str, dict[str, Any]] = {}
+        for k, group in enumerate(groups(args)):
+            strategies.update(run_group(args, k, model, tasks, group, root))
     exact = all(
         s["payload_up_vs_predicted"] == 1.0 and s["payload_down_vs_predicted"] == 1.0
         for s in strategies.values()
     )
-    print(f"bytes moved match the accounting of docs/federated.md: {'yes' if exact else 'NO'}")
     result = {
         "benchmark": "federated",
-        "model": model_name,
+        "model": "tiny random Llama" if args.smoke else args.model,
         "setting": {
             "clients": len(tasks),
             "tasks": tasks if not args.smoke else ["synthetic parity", "synthetic bigger"],
@@ -263,8 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bytes_match_accounting": exact,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    print(json.dumps(result))
-    return result
+    print_table(result, args)
+    return finish(result, args)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from typing import Any
@@ -35,9 +34,11 @@ from torch import nn
 import asymlora
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.train_step import QV, load_base, sync
+    from benchmarks.common import benchmark_parser, finish, parse, sync
+    from benchmarks.train_step import QV, load_base
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from train_step import QV, load_base, sync
+    from common import benchmark_parser, finish, parse, sync
+    from train_step import QV, load_base
 
 TOLERANCE = 0.05
 """Merged vs base tokens/s: at least this close to 1 counts as equal (or half the base's own spread)."""
@@ -83,10 +84,8 @@ def generate(
         )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = benchmark_parser(__doc__, "tiny random Llama, 8 new tokens, 1 rep, for CI")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=32, help="prompt length (random tokens)")
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
@@ -95,26 +94,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--task", type=int, default=0, help="the task merged and routed to")
     parser.add_argument("--b-std", type=float, default=0.05, help="std of the random B (non-zero adapter)")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)"
-    )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--smoke", action="store_true", help="tiny random Llama, 8 new tokens, 1 rep, for CI")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser, argv)
     if args.smoke:
         args.new_tokens, args.prompt, args.reps = 8, 8, 1
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    batches = [int(b) for b in args.batches.split(",")]
-    t_start = time.perf_counter()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    return args
 
-    base, unmerged, merged = build(args, device, dtype)
-    vocab = base.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    prompts = {b: torch.randint(3, vocab, (b, args.prompt), generator=g).to(device) for b in batches}
-    models = {"base": base, "merged": merged, "unmerged": unmerged}
+
+def alternate(
+    args: argparse.Namespace, models: dict[str, nn.Module], prompts: dict[int, torch.Tensor]
+) -> tuple:
+    """(seconds per (batch, variant) over ``args.reps`` alternating rounds, the warm-up's token checks)."""
+    device = next(iter(prompts.values())).device
 
     def run(name: str, b: int) -> tuple[float, torch.Tensor]:
         task_ids = torch.full((b,), args.task, device=device) if name == "unmerged" else None
@@ -125,74 +116,94 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return time.perf_counter() - t0, out
 
     checks: dict[str, dict[str, float]] = {}
-    for b in batches:  # warm-up, and check that merged == unmerged (and != base)
+    for b in prompts:  # warm-up, and check that merged == unmerged (and != base)
         outs = {name: run(name, b)[1][:, args.prompt :] for name in models}
         checks[str(b)] = {
             "merged_equals_unmerged": float((outs["merged"] == outs["unmerged"]).float().mean()),
             "merged_equals_base": float((outs["merged"] == outs["base"]).float().mean()),
         }
-    times: dict[tuple[int, str], list[float]] = {(b, n): [] for b in batches for n in models}
+    times: dict[tuple[int, str], list[float]] = {(b, n): [] for b in prompts for n in models}
     names = list(models)
     for rnd in range(args.reps):
-        order = names[rnd % len(names) :] + names[: rnd % len(names)]
-        for b in batches:
-            for name in order:
+        for b in prompts:
+            for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
                 times[(b, name)].append(run(name, b)[0])
+    return times, checks
 
-    results: dict[str, dict[str, Any]] = {}
-    for b in batches:
-        tps = {n: b * args.new_tokens / statistics.median(times[(b, n)]) for n in names}
-        base_t = times[(b, "base")]
-        spread = (max(base_t) - min(base_t)) / statistics.median(base_t) if len(base_t) > 1 else 0.0
-        tol = max(TOLERANCE, spread / 2)
-        merged_ratio = tps["merged"] / tps["base"]
-        results[str(b)] = {
-            "tokens_per_s": {n: round(v, 2) for n, v in tps.items()},
-            "ms_all": {n: [round(1e3 * t, 1) for t in times[(b, n)]] for n in names},
-            "merged_vs_base": round(merged_ratio, 4),
-            "unmerged_vs_base": round(tps["unmerged"] / tps["base"], 4),
-            "merged_vs_unmerged": round(tps["merged"] / tps["unmerged"], 4),
-            "base_spread": round(spread, 4),
-            "tolerance": round(tol, 4),
-            "merged_equals_base_speed": abs(merged_ratio - 1) <= tol,
-            **checks[str(b)],
-        }
 
-    model_name = "tiny random Llama" if args.smoke else "SmolLM2-135M"
+def batch_row(
+    b: int, new_tokens: int, times: dict[str, list[float]], checks: dict[str, float]
+) -> dict[str, Any]:
+    """Tokens/s of every variant at batch ``b``, the ratios to base and whether merged = base within noise."""
+    tps = {n: b * new_tokens / statistics.median(t) for n, t in times.items()}
+    base_t = times["base"]
+    spread = (max(base_t) - min(base_t)) / statistics.median(base_t) if len(base_t) > 1 else 0.0
+    tol = max(TOLERANCE, spread / 2)
+    merged_ratio = tps["merged"] / tps["base"]
+    return {
+        "tokens_per_s": {n: round(v, 2) for n, v in tps.items()},
+        "ms_all": {n: [round(1e3 * t, 1) for t in ts] for n, ts in times.items()},
+        "merged_vs_base": round(merged_ratio, 4),
+        "unmerged_vs_base": round(tps["unmerged"] / tps["base"], 4),
+        "merged_vs_unmerged": round(tps["merged"] / tps["unmerged"], 4),
+        "base_spread": round(spread, 4),
+        "tolerance": round(tol, 4),
+        "merged_equals_base_speed": abs(merged_ratio - 1) <= tol,
+        **checks,
+    }
+
+
+def print_table(result: dict[str, Any], args: argparse.Namespace) -> None:
     print(
-        f"greedy generation: {model_name}, prompt {args.prompt} + {args.new_tokens} new tokens, ALoRA "
+        f"greedy generation: {result['model']}, prompt {args.prompt} + {args.new_tokens} new tokens, ALoRA "
         f"router=task (N={args.experts}, r={args.r}, q_proj,v_proj), {args.device}/{args.dtype}, "
         f"median of {args.reps} alternating runs after 1 warm-up (tokens/s)"
     )
     print(f"{'batch':<7}{'base':>10}{'merged':>10}{'unmerged':>10}{'merged/base':>13}{'unmerged/base':>15}"
           f"{'base spread':>13}{'merged==unmerged':>18}")  # fmt: skip
-    for b, r in results.items():
+    for b, r in result["batches"].items():
         t = r["tokens_per_s"]
         print(
             f"{b:<7}{t['base']:>10.1f}{t['merged']:>10.1f}{t['unmerged']:>10.1f}{r['merged_vs_base']:>13.3f}"
             f"{r['unmerged_vs_base']:>15.3f}{r['base_spread']:>13.1%}{r['merged_equals_unmerged']:>18.1%}"
         )
-    ok = all(r["merged_equals_base_speed"] for r in results.values())
-    print(f"merged equals the base model's speed within noise: {'yes' if ok else 'NO'}")
+    print(f"merged equals the base model's speed within noise: {'yes' if result['target_met'] else 'NO'}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    t_start = time.perf_counter()
+    base, unmerged, merged = build(args, device, dtype)
+    g = torch.Generator().manual_seed(0)
+    vocab = base.config.vocab_size
+    prompts = {b: torch.randint(3, vocab, (b, args.prompt), generator=g).to(device) for b in args.batches}
+    models = {"base": base, "merged": merged, "unmerged": unmerged}
+    times, checks = alternate(args, models, prompts)
+    results = {
+        str(b): batch_row(b, args.new_tokens, {n: times[(b, n)] for n in models}, checks[str(b)])
+        for b in prompts
+    }
     result = {
         "benchmark": "inference",
-        "model": model_name,
+        "model": "tiny random Llama" if args.smoke else "SmolLM2-135M",
         "setting": {
             "prompt": args.prompt,
             "new_tokens": args.new_tokens,
             "r": args.r,
             "experts": args.experts,
             "reps": args.reps,
+            "tolerance_floor": TOLERANCE,
             "threads": torch.get_num_threads(),
         },
         "device": args.device,
         "dtype": args.dtype,
         "batches": results,
-        "target_met": ok,
+        "target_met": all(r["merged_equals_base_speed"] for r in results.values()),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    print(json.dumps(result))
-    return result
+    print_table(result, args)
+    return finish(result, args)
 
 
 if __name__ == "__main__":

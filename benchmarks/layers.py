@@ -27,7 +27,7 @@ from asymlora.tuner.layer import Linear as AsymLinear
 try:  # imported as the package `benchmarks`
     from benchmarks.common import benchmark_parser, finish, parse, timed
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import benchmark_parser, finish, parse, timed  # type: ignore[no-redef]
+    from common import benchmark_parser, finish, parse, timed
 
 TARGETS = {"adapter_vs_loop": 3.0, "adapter_vs_peft_lora": 1.3, "layer_vs_peft_lora": 1.05}
 
@@ -98,7 +98,9 @@ def measure(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def report(args: argparse.Namespace, a: dict[str, float], w: dict[str, float], ratios: dict[str, float]) -> None:
+def report(
+    args: argparse.Namespace, a: dict[str, float], w: dict[str, float], ratios: dict[str, float]
+) -> None:
     """The human table: adapter path and whole layer ms per variant, the three target ratios."""
     print(
         f"one linear layer {args.dim}x{args.dim}, {args.tokens} tokens, r={args.r}, N={args.experts}, "

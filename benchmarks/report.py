@@ -26,11 +26,20 @@ try:  # imported as the package `benchmarks` (the tests, `python -m benchmarks.r
     from benchmarks import tables
     from benchmarks.common import RESULTS, ROOT
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    import tables  # type: ignore[no-redef]
-    from common import RESULTS, ROOT  # type: ignore[no-redef]
+    import tables
+    from common import RESULTS, ROOT
 
 HERE = Path(__file__).resolve().parent
-RESULT_FILES = ("run_all", "train_step", "train_step_all", "layers", "inference", "federated", "scaling", "serving")
+RESULT_FILES = (
+    "run_all",
+    "train_step",
+    "train_step_all",
+    "layers",
+    "inference",
+    "federated",
+    "scaling",
+    "serving",
+)
 """The JSON files of a results folder, by stem (``<stem>.json``)."""
 
 
@@ -44,7 +53,9 @@ def load_results(results: Path) -> dict[str, Any]:
             "result there), or pass --results with a folder that has one"
         )
     return {
-        stem: json.loads((results / f"{stem}.json").read_text()) if (results / f"{stem}.json").is_file() else None
+        stem: json.loads((results / f"{stem}.json").read_text())
+        if (results / f"{stem}.json").is_file()
+        else None
         for stem in RESULT_FILES
     }
 
@@ -102,7 +113,9 @@ def render_page(results: Path = RESULTS, plot: str | None = "scaling.png") -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON results")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md", help="the page written")
     parser.add_argument("--no-plot", action="store_true", help="leave the scaling plot out of the page")

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,16 @@ import torch
 
 try:  # imported as the package `benchmarks` (the tests, `python -m benchmarks.run_all`)
     from benchmarks import federated, inference, layers, report, scaling, tables, train_step
-    from benchmarks.common import RESULTS, ROOT, cpu_seconds, machine, run_record, start_clock, utc_now
+    from benchmarks.common import RESULTS, ROOT, machine, run_record, start_clock, utc_now
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    import federated  # type: ignore[no-redef]
-    import inference  # type: ignore[no-redef]
-    import layers  # type: ignore[no-redef]
-    import report  # type: ignore[no-redef]
-    import scaling  # type: ignore[no-redef]
-    import tables  # type: ignore[no-redef]
-    import train_step  # type: ignore[no-redef]
-    from common import RESULTS, ROOT, cpu_seconds, machine, run_record, start_clock, utc_now  # type: ignore[no-redef]
+    import federated
+    import inference
+    import layers
+    import report
+    import scaling
+    import tables
+    import train_step
+    from common import RESULTS, ROOT, machine, run_record, start_clock, utc_now
 
 from asymlora.io import atomic_write_text
 
@@ -58,7 +57,7 @@ def run(name: str, fn: Main, argv: list[str], command: str | None = None) -> dic
     try:
         result = fn(argv)
     except Exception as e:  # one broken benchmark must not hide the others' figures
-        import traceback  # noqa: PLC0415 - only on a failure
+        import traceback
 
         traceback.print_exc()
         result = {"_failed": f"{type(e).__name__}: {e}"[:500]}
@@ -67,10 +66,14 @@ def run(name: str, fn: Main, argv: list[str], command: str | None = None) -> dic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="every benchmark with --smoke (seconds)")
     parser.add_argument("--out-dir", default=None, help="where the JSON, performance.md and scaling.png go")
-    parser.add_argument("--all-projections", action="store_true", help="also the step with all seven projections")
+    parser.add_argument(
+        "--all-projections", action="store_true", help="also the step with all seven projections"
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
@@ -81,7 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "oversubscribed by other jobs, 1 avoids OpenMP threads waiting for each other",
     )
     parser.add_argument(
-        "--only", default=None, help=f"comma-separated subset of {','.join(BENCHMARKS)} (written only with --out-dir)"
+        "--only",
+        default=None,
+        help=f"comma-separated subset of {','.join(BENCHMARKS)} (written only with --out-dir)",
     )
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,14 +123,20 @@ def run_benchmarks(args: argparse.Namespace, plot: Path | None) -> dict[str, dic
     if "scaling" in args.only:
         shown = ["--plot", os.path.relpath(plot, ROOT)] if plot else []
         command = " ".join(["python benchmarks/scaling.py", *common, *shown])
-        found["scaling"] = run("scaling", scaling.main, [*common, *(["--plot", str(plot)] if plot else [])], command)
+        found["scaling"] = run(
+            "scaling", scaling.main, [*common, *(["--plot", str(plot)] if plot else [])], command
+        )
     if "federated" in args.only:
         argv = (["--smoke"] if args.smoke else []) + ["--device", "cuda" if args.device == "cuda" else "cpu"]
-        found["federated"] = run("federated", federated.main, argv + (["--threads", str(args.threads)] if args.threads else []))
+        found["federated"] = run(
+            "federated", federated.main, argv + (["--threads", str(args.threads)] if args.threads else [])
+        )
     return found
 
 
-def run_summary(argv: list[str] | None, args: argparse.Namespace, found: dict[str, Any], start: tuple) -> dict[str, Any]:
+def run_summary(
+    argv: list[str] | None, args: argparse.Namespace, found: dict[str, Any], start: tuple
+) -> dict[str, Any]:
     """``run_all.json``: the run's command, date, wall and CPU time, load range, machine, arguments, failures."""
     loads = [v for r in found.values() for v in r["_run"]["load_avg_1min"]]
     record = run_record("", start)
@@ -138,7 +149,11 @@ def run_summary(argv: list[str] | None, args: argparse.Namespace, found: dict[st
         "load_avg_1min": [min(loads), max(loads)] if loads else None,
         "machine": machine(),
         "args": {"device": args.device, "dtype": args.dtype, "smoke": args.smoke, "threads": args.threads},
-        "failed": {k: {"error": r["_failed"], "command": r["_run"]["command"]} for k, r in found.items() if "_failed" in r},
+        "failed": {
+            k: {"error": r["_failed"], "command": r["_run"]["command"]}
+            for k, r in found.items()
+            if "_failed" in r
+        },
     }
 
 
@@ -162,7 +177,11 @@ def write_results(res: dict[str, Any], results: Path, page: Path, plot: Path | N
     results.mkdir(parents=True, exist_ok=True)
     for name, result in res.items():
         atomic_write_text(results / f"{name}.json", json.dumps(result, indent=1, default=str) + "\n")
-    if results != RESULTS and (RESULTS / "serving.json").is_file() and not (results / "serving.json").exists():
+    if (
+        results != RESULTS
+        and (RESULTS / "serving.json").is_file()
+        and not (results / "serving.json").exists()
+    ):
         shutil.copyfile(RESULTS / "serving.json", results / "serving.json")  # §6 comes from serving.py
     page.mkdir(parents=True, exist_ok=True)
     shown = "scaling.png" if plot and "scaling" in res else None

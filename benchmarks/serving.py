@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,12 +38,13 @@ import torch
 from torch import nn
 
 import asymlora
-from asymlora.io import atomic_write_text
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.train_step import QV, load_base, sync
+    from benchmarks.common import benchmark_parser, finish, parse, sync, utc_now
+    from benchmarks.train_step import QV, load_base
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from train_step import QV, load_base, sync
+    from common import benchmark_parser, finish, parse, sync, utc_now
+    from train_step import QV, load_base
 
 METHODS = ("alora", "hydralora", "molora", "malora")
 TARGETS = {"vs_base": 0.95, "vs_peft_batch8": 1.5}  # task-routed ALoRA's tokens/s ratios
@@ -232,10 +233,8 @@ def report(result: dict[str, Any]) -> None:
     print(f"targets met: {result['targets_met']}")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = benchmark_parser(__doc__, "tiny random Llama, 4 new tokens, 1 rep, for CI")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=32, help="prompt length (random tokens)")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
@@ -248,37 +247,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--check-tokens", type=int, default=16, help="new tokens compared with each row's merged model"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
         "--only-scaling", action="store_true", help="skip the method table: the N-scaling rows alone"
     )
-    parser.add_argument("--save", default=None, help="also write the JSON result to this file")
-    parser.add_argument("--smoke", action="store_true", help="tiny random Llama, 4 new tokens, 1 rep, for CI")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.smoke:
         args.new_tokens, args.prompt, args.reps, args.scaling_n = 4, 4, 1, "2,4"
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.check_tokens = min(args.check_tokens, args.new_tokens)
     args.scaling_n = [int(n) for n in args.scaling_n.split(",")]
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    batches = [int(b) for b in args.batches.split(",")]
-    t_start = time.perf_counter()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    return args
 
-    base = load_base(args.smoke, device, dtype).eval()
-    g = torch.Generator().manual_seed(0)
-    vocab = base.config.vocab_size
-    prompts = {b: torch.randint(3, vocab, (b, args.prompt), generator=g).to(device) for b in batches}
-    table = {"batches": {}, "profile": {}} if args.only_scaling else main_table(base, args, prompts)
-    rows, big = table["batches"], str(max(batches))
+
+def targets_met(rows: dict[str, Any], big: str) -> dict[str, bool]:
+    """Which of `TARGETS` task-routed ALoRA met, and whether every row equalled its merged model."""
     met = {f"vs_base_batch{b}": r["vs_base"]["alora"] >= TARGETS["vs_base"] for b, r in rows.items()}
     if rows:
         met[f"vs_peft_batch{big}"] = rows[big]["vs_peft"]["alora"] >= TARGETS["vs_peft_batch8"]
         met["rows_equal_merged"] = all(v == 1.0 for r in rows.values() for v in r["equals_merged"].values())
+    return met
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    started, t_start = utc_now(), time.perf_counter()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    base = load_base(args.smoke, device, dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    vocab = base.config.vocab_size
+    prompts = {b: torch.randint(3, vocab, (b, args.prompt), generator=g).to(device) for b in args.batches}
+    table = {"batches": {}, "profile": {}} if args.only_scaling else main_table(base, args, prompts)
+    rows, big = table["batches"], str(max(args.batches))
     result = {
         "benchmark": "serving",
+        "command": " ".join(["python benchmarks/serving.py", *(argv if argv is not None else sys.argv[1:])]),
+        "started": started,
         "model": "tiny random Llama" if args.smoke else "SmolLM2-135M",
         "setting": {
             "prompt": args.prompt,
@@ -288,22 +291,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "reps": args.reps,
             "scaling_reps": args.scaling_reps or args.reps,
             "check_tokens": args.check_tokens,
-            "scaling_batch": max(batches),
+            "scaling_batch": max(args.batches),
             "threads": torch.get_num_threads(),
+            "b_std": args.b_std,
         },
         "device": args.device,
         "dtype": args.dtype,
         **table,
-        "scaling": scaling(base, args, prompts[max(batches)], rows.get(big)),
+        "scaling": scaling(base, args, prompts[max(args.batches)], rows.get(big)),
         "targets": TARGETS,
-        "targets_met": met,
-        "wall_s": round(time.perf_counter() - t_start, 1),
+        "targets_met": targets_met(rows, big),
     }
+    result.update(finished=utc_now(), wall_s=round(time.perf_counter() - t_start, 1))
     report(result)
-    print(json.dumps(result))
-    if args.save:
-        atomic_write_text(args.save, json.dumps(result, indent=1) + "\n")
-    return result
+    return finish(result, args)
 
 
 if __name__ == "__main__":

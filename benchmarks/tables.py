@@ -11,7 +11,7 @@ from typing import Any
 try:  # imported as the package `benchmarks`
     from benchmarks.common import MiB
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import MiB  # type: ignore[no-redef]
+    from common import MiB
 
 TEMPLATE_FUNCTIONS = (
     "train_step_table", "memory_steps", "profile_text", "layers_table", "inference_table", "min_tolerance",
@@ -66,7 +66,9 @@ def target_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                          loop >= t["adapter_vs_loop"], (t["adapter_vs_loop"] - loop) / t["adapter_vs_loop"]))  # fmt: skip
         rows.append(_at_most("ALoRA / peft LoRA, adapter path (layer)", r["adapter_vs_peft_lora"],
                              t["adapter_vs_peft_lora"]))  # fmt: skip
-        rows.append(_at_most("ALoRA / peft LoRA, whole layer", r["layer_vs_peft_lora"], t["layer_vs_peft_lora"]))
+        rows.append(
+            _at_most("ALoRA / peft LoRA, whole layer", r["layer_vs_peft_lora"], t["layer_vs_peft_lora"])
+        )
     for b, r in ((res.get("inference") or {}).get("batches") or {}).items():
         rows.append(_row(f"merged / base tokens/s, batch {b}", r["merged_vs_base"], f"1 ± {r['tolerance']:.0%}",
                          r["merged_equals_base_speed"], abs(r["merged_vs_base"] - 1) - r["tolerance"]))  # fmt: skip
@@ -269,7 +271,7 @@ def serving_scaling_table(sv: dict[str, Any]) -> str:
 
 
 def faster_than_base(sv: dict[str, Any]) -> str:
-    """"Three methods" (how many read faster than the base model at the largest batch), "" for none."""
+    """ "Three methods" (how many read faster than the base model at the largest batch), "" for none."""
     big = list(sv["batches"])[-1]
     n = sum(sv["batches"][big]["vs_base"][m] > 1 for m in SERVING_METHODS)
     words = {1: "One method", 2: "Two methods", 3: "Three methods", 4: "All four methods"}

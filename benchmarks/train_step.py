@@ -49,7 +49,11 @@ from torch import nn
 
 import asymlora
 
-ROOT = Path(__file__).resolve().parents[1]
+try:  # imported as the package `benchmarks`
+    from benchmarks.common import ROOT, MiB, benchmark_parser, finish, parse, sync
+except ImportError:  # run as a script: Python puts this folder first on sys.path
+    from common import ROOT, MiB, benchmark_parser, finish, parse, sync
+
 VARIANTS: tuple[str, ...] = ("peft_lora", "lora", "alora", "hydralora", "molora", "malora")
 ROUTER = {"alora": "soft", "hydralora": "soft", "molora": "topk", "malora": "topk"}
 """Each method's router as in its paper (MoLoRA/MALoRA: top-2)."""
@@ -57,7 +61,6 @@ QV: tuple[str, ...] = ("q_proj", "v_proj")
 ALL_SEVEN: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGETS = {"step_time": 1.10, "peak_memory": 1.10}
 """ALoRA / peft LoRA upper bounds (docs/performance.md)."""
-MiB = 1024**2
 MMAP_THRESHOLD = 65536
 """glibc's MALLOC_MMAP_THRESHOLD_ in the memory children: every block of 64 KiB or more is its own mapping,
 returned to the OS when freed. glibc's default threshold grows as blocks are freed, after which freed
@@ -126,11 +129,6 @@ def make_batch(args: argparse.Namespace, vocab: int, device: torch.device) -> di
 def log(message: str) -> None:
     """Progress on stderr (stdout carries the table and the JSON line)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
@@ -338,9 +336,7 @@ def compile_layers(model: nn.Module) -> str:
 
 # --- main ----------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, "tiny random Llama, batch 2 × 16, for CI")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--r", type=int, default=8)
@@ -359,16 +355,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="also time torch.compile'd ALoRA and peft LoRA (guarded)"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)"
-    )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--smoke", action="store_true", help="tiny random Llama, batch 2 × 16, for CI")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser, argv)
     args.targets = list(ALL_SEVEN) if args.all_projections else args.targets.split(",")
     args.variants = args.variants.split(",")
     unknown = sorted(set(args.variants) - set(VARIANTS))
@@ -391,39 +379,36 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.memory_child:
-        result = memory_child(args)
-        print(json.dumps(result))
-        return result
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    t_start = time.perf_counter()
-    base = load_base(args.smoke, device, dtype)
-    batch = make_batch(args, base.config.vocab_size, device)
+Models = dict[str, tuple[nn.Module, torch.optim.Optimizer]]
 
-    models: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {
-        v: build_variant(base, v, args) for v in args.variants
-    }
-    compiled_note = None
-    if args.compile:
-        for v in ("peft_lora", "alora"):
-            if v not in models:
-                continue
-            m, _ = build_variant(base, v, args)
-            try:
-                compiled_note = compile_layers(m)
-                models[f"{v}+compile"] = (
-                    m,
-                    torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4),
-                )
-            except Exception as e:  # guarded: compile is optional
-                compiled_note = f"torch.compile unavailable: {type(e).__name__}: {e}"
-    del base
 
+def build_models(base: nn.Module, args: argparse.Namespace) -> tuple[Models, str | None]:
+    """Every variant on a copy of ``base`` (with ``--compile`` also compiled ALoRA and peft LoRA, guarded)."""
+    models: Models = {v: build_variant(base, v, args) for v in args.variants}
+    note = None
+    for v in ("peft_lora", "alora") if args.compile else ():
+        if v not in models:
+            continue
+        m, _ = build_variant(base, v, args)
+        try:
+            note = compile_layers(m)
+            models[f"{v}+compile"] = (
+                m,
+                torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4),
+            )
+        except Exception as e:  # guarded: compile is optional
+            note = f"torch.compile unavailable: {type(e).__name__}: {e}"
+    return models, note
+
+
+def warm_up(
+    models: Models, batch: dict[str, torch.Tensor], note: str | None
+) -> tuple[dict, dict, str | None]:
+    """One warm-up step per variant, which is also the in-process memory accounting; a compiled variant
+    that fails is dropped from ``models``. Returns (accounting, warm-up seconds, compile note)."""
     accounting: dict[str, dict[str, int]] = {}
     warmup_s: dict[str, float] = {}
-    for name, (model, opt) in models.items():  # warm-up step = the in-process memory accounting
+    for name, (model, opt) in models.items():
         t0 = time.perf_counter()
         try:
             if "+compile" in name:
@@ -432,97 +417,130 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except Exception as e:  # only a compiled variant may fail here
             if "+compile" not in name:
                 raise
-            compiled_note = f"torch.compile failed at the first step: {type(e).__name__}: {e}"
+            note = f"torch.compile failed at the first step: {type(e).__name__}: {e}"
         warmup_s[name] = time.perf_counter() - t0
         log(f"warm-up {name}: {warmup_s[name]:.1f} s")
     for name in [n for n in models if n not in accounting]:
         del models[name]
+    return accounting, warmup_s, note
 
+
+def alternate(
+    models: Models, batch: dict[str, torch.Tensor], device: torch.device, steps: int
+) -> tuple[dict, dict]:
+    """Wall and CPU seconds of ``steps`` steps per variant, alternating, the order rotating each round."""
     names = list(models)
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
-    for rnd in range(args.steps):  # alternate, rotating the order each round
-        order = names[rnd % len(names) :] + names[: rnd % len(names)]
-        for name in order:
+    for rnd in range(steps):
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
             w, c = timed_step(*models[name], batch, device)
             wall[name].append(w)
             cpu[name].append(c)
-        log(f"round {rnd + 1}/{args.steps}: " + ", ".join(f"{n} {1e3 * wall[n][-1]:.0f} ms" for n in names))
-    med_wall = {n: statistics.median(v) for n, v in wall.items()}
-    med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
+        log(f"round {rnd + 1}/{steps}: " + ", ".join(f"{n} {1e3 * wall[n][-1]:.0f} ms" for n in names))
+    return wall, cpu
 
-    profiles: dict[str, Any] = {}
-    if args.profile:
-        for name in ("peft_lora", "alora"):
-            if name in models:
-                profiles[name] = profile_step(*models[name], batch, device, args.profile_top)
-    del models
 
-    peaks = run_memory_children(args, args.memory_variants) if args.memory_variants else {}
-
-    ref = "peft_lora"
-    ratios: dict[str, dict[str, float]] = {}
-    for n in names:
-        r = {"step_time": ratio(med_wall[n], med_wall[ref]), "cpu_time": ratio(med_cpu[n], med_cpu[ref])}
-        r["training_state"] = ratio(
-            accounting[n]["training_state_bytes"], accounting[ref]["training_state_bytes"]
-        )
-        r["saved_activations"] = ratio(
-            accounting[n]["saved_activation_bytes"], accounting[ref]["saved_activation_bytes"]
-        )
+def step_ratios(med_wall: dict, med_cpu: dict, accounting: dict, peaks: dict) -> dict[str, dict[str, float]]:
+    """Every variant's figures over peft LoRA's: step and CPU time, training state, saved activations, peak."""
+    ref, ratios = "peft_lora", {}
+    for n in med_wall:
+        acc, base = accounting[n], accounting[ref]
+        r = {"step_time": ratio(med_wall[n], med_wall[ref]), "cpu_time": ratio(med_cpu[n], med_cpu[ref]),
+             "training_state": ratio(acc["training_state_bytes"], base["training_state_bytes"]),
+             "saved_activations": ratio(acc["saved_activation_bytes"], base["saved_activation_bytes"])}  # fmt: skip
         if n in peaks and ref in peaks:
             r["peak_memory"] = ratio(peaks[n]["peak_bytes"], peaks[ref]["peak_bytes"])
             r["peak_increment"] = ratio(peaks[n]["increment_bytes"], peaks[ref]["increment_bytes"])
         ratios[n] = r
-    spread = {n: (max(v) - min(v)) / statistics.median(v) if len(v) > 1 else 0.0 for n, v in wall.items()}
-    targets_met = {}
-    if "alora" in ratios:
-        targets_met["step_time"] = ratios["alora"]["step_time"] <= TARGETS["step_time"]
-        if "peak_memory" in ratios["alora"]:
-            targets_met["peak_memory"] = ratios["alora"]["peak_memory"] <= TARGETS["peak_memory"]
+    return ratios
 
-    model_name = "tiny random Llama" if args.smoke else "SmolLM2-135M"
+
+def extra_calls(profiles: dict[str, Any], top: int = 12) -> list[tuple[str, int]]:
+    """The ``aten::`` ops ALoRA calls more (or fewer) times than peft LoRA in one step, largest first."""
+    if not {"peft_lora", "alora"} <= set(profiles):
+        return []
+    a, p = profiles["alora"]["calls"], profiles["peft_lora"]["calls"]
+    diffs = sorted(((op, a.get(op, 0) - p.get(op, 0)) for op in set(a) | set(p)), key=lambda kv: -abs(kv[1]))
+    return [(op, d) for op, d in diffs if d and op.startswith("aten::")][:top]
+
+
+def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
+    """The human table of one result (as `main` returns it)."""
     print(
-        f"whole-model training step: {model_name}, batch {args.batch} x {args.seq} tokens, r={args.r}, "
+        f"whole-model training step: {res['model']}, batch {args.batch} x {args.seq} tokens, r={args.r}, "
         f"N={args.experts}, targets {','.join(args.targets)}, {args.device}/{args.dtype}, "
         f"median of {args.steps} alternating steps after 1 warm-up"
     )
-    print(
-        f"{'variant':<18}{'step ms':>10}{'x peft':>8}{'cpu ms':>10}{'x peft':>8}{'spread':>8}"
-        f"{'peak MiB':>10}{'x peft':>8}{'+step MiB':>10}{'x peft':>8}{'state MiB':>10}{'x peft':>8}{'params':>10}"
-    )
-    for n in names:
-        r, a, pk = ratios[n], accounting[n], peaks.get(n)
+    print(f"{'variant':<18}{'step ms':>10}{'x peft':>8}{'cpu ms':>10}{'x peft':>8}{'spread':>8}{'peak MiB':>10}"
+          f"{'x peft':>8}{'+step MiB':>10}{'x peft':>8}{'state MiB':>10}{'x peft':>8}{'params':>10}")  # fmt: skip
+    for n, step_ms in res["step_ms"].items():
+        r, a, pk = res["ratios"][n], res["memory"][n], res["peak"].get(n)
         peak_cols = (
             f"{pk['peak_bytes'] / MiB:>10.1f}{r['peak_memory']:>8.3f}{pk['increment_bytes'] / MiB:>10.1f}"
             f"{r['peak_increment']:>8.3f}"
             if pk and "peak_memory" in r
             else f"{'-':>10}{'-':>8}{'-':>10}{'-':>8}"
         )
-        print(
-            f"{n:<18}{1e3 * med_wall[n]:>10.1f}{r['step_time']:>8.3f}{1e3 * med_cpu[n]:>10.1f}{r['cpu_time']:>8.3f}"
-            f"{spread[n]:>8.1%}{peak_cols}{a['training_state_bytes'] / MiB:>10.1f}{r['training_state']:>8.3f}"
-            f"{a['trainable_params']:>10d}"
-        )
-    if "alora" in ratios:
-        print(
-            f"ALoRA / peft LoRA step time: {ratios['alora']['step_time']:.3f}x (target <= {TARGETS['step_time']}x)"
-            + (
-                f"; peak memory: {ratios['alora']['peak_memory']:.3f}x (target <= {TARGETS['peak_memory']}x)"
-                if "peak_memory" in ratios["alora"]
-                else ""
-            )
-        )
-    if compiled_note:
-        print(f"torch.compile: {compiled_note}")
-    for name, prof in profiles.items():
+        print(f"{n:<18}{step_ms:>10.1f}{r['step_time']:>8.3f}{res['cpu_ms'][n]:>10.1f}{r['cpu_time']:>8.3f}"
+              f"{res['spread'][n]:>8.1%}{peak_cols}{a['training_state_bytes'] / MiB:>10.1f}"
+              f"{r['training_state']:>8.3f}{a['trainable_params']:>10d}")  # fmt: skip
+    if res["compile"]:
+        print(f"torch.compile: {res['compile']}")
+    for name, prof in res["profile"].items():
         print(f"profile of one {name} step ({prof['clock']} self time {prof['total_self_ms']:.0f} ms):")
         for row in prof["top"]:
             print(f"  {row['op']:<60}{row['self_ms']:>10.1f} ms{row['share']:>8.1%}{row['calls']:>7d} calls")
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Build, warm up, time (and profile) every variant in this process; the peaks in child processes."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    base = load_base(args.smoke, device, dtype)
+    batch = make_batch(args, base.config.vocab_size, device)
+    models, note = build_models(base, args)
+    del base
+    accounting, warmup_s, note = warm_up(models, batch, note)
+    wall, cpu = alternate(models, batch, device, args.steps)
+    profiles = {name: profile_step(*models[name], batch, device, args.profile_top)
+                for name in ("peft_lora", "alora") if args.profile and name in models}  # fmt: skip
+    del models
+    peaks = run_memory_children(args, args.memory_variants) if args.memory_variants else {}
+    med_wall = {n: statistics.median(v) for n, v in wall.items()}
+    med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
+    return {
+        "step_ms": {n: round(1e3 * v, 2) for n, v in med_wall.items()},
+        "step_ms_all": {n: [round(1e3 * x, 1) for x in v] for n, v in wall.items()},
+        "cpu_ms": {n: round(1e3 * v, 2) for n, v in med_cpu.items()},
+        "spread": {
+            n: round((max(v) - min(v)) / statistics.median(v) if len(v) > 1 else 0.0, 4)
+            for n, v in wall.items()
+        },
+        "warmup_ms": {n: round(1e3 * v, 1) for n, v in warmup_s.items()},
+        "memory": accounting,
+        "peak": peaks,
+        "ratios": {
+            n: {k: round(v, 4) for k, v in r.items()}
+            for n, r in step_ratios(med_wall, med_cpu, accounting, peaks).items()
+        },
+        "compile": note,
+        "profile": profiles,
+        "profile_extra_calls": extra_calls(profiles),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.memory_child:
+        result = memory_child(args)
+        print(json.dumps(result))
+        return result
+    t_start = time.perf_counter()
+    found = measure(args)
+    alora = found["ratios"].get("alora", {})
     result = {
         "benchmark": "train_step",
-        "model": model_name,
+        "model": "tiny random Llama" if args.smoke else "SmolLM2-135M",
         "setting": {
             "batch": args.batch,
             "seq": args.seq,
@@ -530,27 +548,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "experts": args.experts,
             "targets": args.targets,
             "steps": args.steps,
-            "routers": {v: ROUTER.get(v.removesuffix("+compile"), "-") for v in names},
+            "routers": {v: ROUTER.get(v.removesuffix("+compile"), "-") for v in found["step_ms"]},
             "threads": torch.get_num_threads(),
         },
         "device": args.device,
         "dtype": args.dtype,
-        "step_ms": {n: round(1e3 * v, 2) for n, v in med_wall.items()},
-        "step_ms_all": {n: [round(1e3 * x, 1) for x in v] for n, v in wall.items()},
-        "cpu_ms": {n: round(1e3 * v, 2) for n, v in med_cpu.items()},
-        "spread": {n: round(v, 4) for n, v in spread.items()},
-        "warmup_ms": {n: round(1e3 * v, 1) for n, v in warmup_s.items()},
-        "memory": accounting,
-        "peak": peaks,
-        "ratios": {n: {k: round(v, 4) for k, v in r.items()} for n, r in ratios.items()},
+        **found,
         "targets": TARGETS,
-        "targets_met": targets_met,
-        "compile": compiled_note,
-        "profile": profiles,
+        "targets_met": {k: alora[k] <= bound for k, bound in TARGETS.items() if k in alora},
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    print(json.dumps(result))
-    return result
+    print_table(result, args)
+    return finish(result, args)
 
 
 if __name__ == "__main__":
