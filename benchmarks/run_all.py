@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,6 @@ def run(name: str, fn: Main, argv: list[str], command: str | None = None) -> dic
     try:
         result = fn(argv)
     except Exception as e:  # one broken benchmark must not hide the others' figures
-        import traceback
-
         traceback.print_exc()
         result = {"_failed": f"{type(e).__name__}: {e}"[:500]}
     result["_run"] = run_record(command, start)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import asymlora
+from asymlora.methods.base import Role
 from asymlora.routing import RoutingState
 from asymlora.tuner.layer import Linear as AsymLinear
 
@@ -93,8 +94,6 @@ def parts(
 
 def memory(layer: AsymLinear, x: torch.Tensor) -> dict[str, int]:
     """Adapter params (by role) + grads + AdamW state + saved activations, in bytes."""
-    from asymlora.methods.base import Role
-
     t = layer.tensors("default")
     specs = layer.specs("default")
     by_role = {role.value: 0 for role in Role}
@@ -208,7 +207,7 @@ def plot_params(ax: Any, rows: list[Row], shape: dict[str, int]) -> None:
 
 def plot(result: dict[str, Any], path: str | Path) -> None:
     """Six panels: time vs N, time vs r, ALoRA/HydraLoRA/MoLoRA halves vs N; memory vs N, vs r, params vs N."""
-    import matplotlib
+    import matplotlib  # optional: only --plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,10 @@ from typing import Any
 import peft
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import asymlora
+from asymlora.models import load
 
 try:  # imported as the package `benchmarks`
     from benchmarks.common import ROOT, MiB, benchmark_parser, finish, parse, sync
@@ -83,8 +86,6 @@ def load_base(smoke: bool, device: torch.device, dtype: torch.dtype) -> nn.Modul
     """SmolLM2-135M-Instruct (or the tiny random Llama with ``smoke``) on ``device`` in ``dtype``."""
     if smoke:
         return make_tiny_llama().to(device=device, dtype=dtype)
-    from asymlora.models import load
-
     model, _ = load("smollm2-135m", device=str(device), dtype=dtype)
     return model
 
@@ -272,8 +273,6 @@ def run_memory_children(args: argparse.Namespace, variants: list[str]) -> dict[s
     """Peak memory of each variant, each in its own fresh process (peak RSS is per process).
 
     ``--memory-jobs`` children run at a time: a peak does not depend on timing, only the wall time does."""
-    from concurrent.futures import ThreadPoolExecutor
-
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
 
@@ -301,8 +300,6 @@ def profile_step(
     top: int,
 ) -> dict[str, Any]:
     """One step under torch.profiler: the ``top`` ops by self time (ms, share of the step, calls)."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step(model, opt, batch)

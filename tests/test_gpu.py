@@ -192,7 +192,8 @@ def test_benchmarks_run_with_device_cuda(tmp_path) -> None:
         res = run_all.main(
             ["--smoke", "--device", "cuda", "--dtype", "bfloat16", "--only", only, "--out-dir", str(tmp_path)]
         )
-    assert res["args"]["device"] == "cuda" and res["failed"] == {}, res.get("failed")
+    run = res["run_all"]
+    assert run["args"]["device"] == "cuda" and run["failed"] == {}, run["failed"]
     assert "cuda/bfloat16" in (tmp_path / "performance.md").read_text()
 
 
