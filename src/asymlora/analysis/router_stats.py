@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from asymlora.analysis.factors import PEFT_KEY_PREFIX
+from asymlora.analysis.figures import new_figure
 from asymlora.io import apply_umask
 from asymlora.methods import get_method
 from asymlora.routing import RoutingCall, router_probs, topk_gate
@@ -462,12 +463,6 @@ def read_router_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 # --- figures -------------------------------------------------------------------------------------------------
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
 def _final(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The evaluation record if there is one, else the last training record."""
     evals = [r for r in records if r["phase"] == "eval"]
@@ -485,7 +480,7 @@ def plot_router_usage(records: Sequence[dict[str, Any]], out_png: str | os.PathL
     cols = min(6, len(layers))
     rows = math.ceil(len(layers) / cols)
     n_tasks, n_exp = len(layers[0]["usage"]), layers[0]["num_experts"]
-    fig = _figure(1.2 + cols * (0.5 + 0.45 * n_exp), 1.0 + rows * (0.8 + 0.35 * n_tasks))
+    fig = new_figure(1.2 + cols * (0.5 + 0.45 * n_exp), 1.0 + rows * (0.8 + 0.35 * n_tasks))
     axes = fig.subplots(rows, cols, squeeze=False)
     names = rec.get("tasks") or []
     top = max(v for e in layers for row in e["usage"] if row is not None for v in row)  # one colour scale
@@ -534,7 +529,7 @@ def plot_router_load(records: Sequence[dict[str, Any]], out_png: str | os.PathLi
         raise ValueError("no training record with routed tokens to plot")
     train.sort(key=lambda r: r["step"])
     steps = [r["step"] for r in train]
-    fig = _figure(11, 4)
+    fig = new_figure(11, 4)
     ax_l, ax_m = fig.subplots(1, 2)
     n_exp = max(len(e["load"]) for r in train for e in r["layers"] if e.get("load"))
     for i in range(n_exp):
@@ -556,7 +551,7 @@ def plot_router_load(records: Sequence[dict[str, Any]], out_png: str | os.PathLi
     ax_m.set(xlabel="training step", ylabel="max_i load_i", ylim=(0, 1.02),
              title=f"Largest load per layer ({len(modules)} layers)")  # fmt: skip
     ax_m.legend(fontsize=7)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # optional at import time (see figures.new_figure)
 
     for ax in (ax_l, ax_m):
         ax.grid(alpha=0.3)
