@@ -26,7 +26,7 @@ norms Frobenius):
 
 asymlora layers (roles from `asymlora.roles.adapter_tensors`, expert factors from the method) and plain
 peft LoRA layers (``peft.tuners.lora.LoraLayer`` with linear factors) are both traced.
-`asymlora.analysis.report.plot_traces` draws a trace file.
+`asymlora.analysis.figures.plot_traces` draws a trace file.
 """
 
 from __future__ import annotations
