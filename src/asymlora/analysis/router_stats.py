@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,7 @@ from asymlora.analysis.factors import PEFT_KEY_PREFIX
 from asymlora.analysis.figures import new_figure
 from asymlora.io import apply_umask
 from asymlora.methods import get_method
+from asymlora.methods.base import ATTR_PREFIX
 from asymlora.routing import RoutingCall, router_probs, topk_gate
 from asymlora.tuner.layer import AsymLoraLayer
 
@@ -79,6 +80,8 @@ COLLAPSE_MIN_ENTROPY = 0.05
 """A layer whose load entropy H(load) / log N is below this has collapsed (every token to one expert)."""
 
 ROUTED = ("soft", "topk")
+ROUTER_ATTR = ATTR_PREFIX + "router"
+"""The layer attribute holding the router weights W_g of each adapter."""
 
 
 class RoutingCollapseWarning(UserWarning):
@@ -203,9 +206,9 @@ def collapse_reasons(stats: dict[str, Any]) -> list[str]:
 
 
 # --- the recorder --------------------------------------------------------------------------------------------
-def _routed_layers(model: nn.Module) -> dict[str, nn.Module]:
+def _routed_layers(model: nn.Module) -> dict[str, AsymLoraLayer]:
     """Module name (peft prefix dropped) -> asymlora layer with at least one soft/topk adapter."""
-    out = {}
+    out: dict[str, AsymLoraLayer] = {}
     for name, module in model.named_modules():
         if isinstance(module, AsymLoraLayer) and any(
             get_method(c.method).uses_router and c.router in ROUTED for c in module.asymlora_config.values()
@@ -248,7 +251,9 @@ class RouterStats:
             root.register_forward_pre_hook(self._enter, with_kwargs=True),
             root.register_forward_hook(self._leave, always_call=True),
         ]
-        self._handles += [m.register_forward_hook(self._observe(n)) for n, m in self.layers.items()]
+        self._handles += [
+            cast(nn.Module, m).register_forward_hook(self._observe(n)) for n, m in self.layers.items()
+        ]
 
     # hooks
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -259,8 +264,10 @@ class RouterStats:
         self._mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         call = next(iter(self.layers.values())).routing_state.call
         ids = call.task_ids if self._task is None and call is not None else None
-        if self._task is not None or ids is not None:
-            self.num_tasks = max(self.num_tasks, self._task + 1 if ids is None else _check_task_ids(ids, 0))
+        if self._task is not None:
+            self.num_tasks = max(self.num_tasks, self._task + 1)
+        elif ids is not None:
+            self.num_tasks = max(self.num_tasks, _check_task_ids(ids, 0))
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._depth = max(0, self._depth - 1)
@@ -268,14 +275,14 @@ class RouterStats:
             self._mask = None
 
     def _observe(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        def hook(module: Any, args: tuple, output: Any) -> None:
             if self._depth and not (module.disable_adapters or module.merged) and args:
                 with torch.no_grad():
                     self._add(name, module, args[0])
 
         return hook
 
-    def _add(self, name: str, layer: nn.Module, x: Tensor) -> None:
+    def _add(self, name: str, layer: AsymLoraLayer, x: Tensor) -> None:
         call = layer.routing_state.call or RoutingCall()
         tokens = RoutingCall(attention_mask=self._mask if self._mask is not None else call.attention_mask)
         mask = tokens.token_mask(x)  # (batch, seq) or None
@@ -284,11 +291,12 @@ class RouterStats:
             ids = torch.full(x.shape[:-1], self._task, dtype=torch.long, device=x.device)
         elif x.dim() >= 2 and (rows := call.task_ids_for(x.shape[0], flat_tokens=x.dim() == 2)) is not None:
             ids = rows.to(x.device).view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        routers = getattr(layer, ROUTER_ATTR)  # set per adapter by the layer's update_layer
         for adapter in layer.active_adapters:
             cfg = layer.asymlora_config.get(adapter)
             if cfg is None or cfg.router not in ROUTED or not get_method(cfg.method).uses_router:
                 continue
-            probs = router_probs(x, layer.asymlora_router[adapter])
+            probs = router_probs(x, routers[adapter])
             gate = (topk_gate(probs, cfg.top_k) if cfg.router == "topk" else probs).reshape(
                 -1, cfg.num_experts
             )
@@ -345,7 +353,7 @@ class RouterStats:
         Returns it. Raises ValueError when an extra key would replace one of these.
         """
         layers = self.summary()
-        record = {"step": int(step), "phase": phase, "time": round(time.time(), 3), "tasks": self.task_names,
+        record: dict[str, Any] = {"step": int(step), "phase": phase, "time": round(time.time(), 3), "tasks": self.task_names,
                   "layers": layers, "collapsed": [f"{e['module']} ({e['adapter']})" for e in layers if e["collapsed"]]}  # fmt: skip
         for key in extra:
             if key in record:

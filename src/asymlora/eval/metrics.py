@@ -332,8 +332,10 @@ def score_generations(
     for owner in owners:
         compute = METRICS[owner].compute
         assert compute is not None
-        raw = METRICS[owner].raw and raw_predictions is not None
-        results.update(compute(raw_predictions if raw else predictions, references))
+        use_raw = METRICS[owner].raw and raw_predictions is not None
+        results.update(
+            compute(raw_predictions if use_raw and raw_predictions is not None else predictions, references)
+        )
     return results
 
 
@@ -390,10 +392,10 @@ def apply_metric_choices(
         wanted[by_key[key]] = metric
     out = []
     for task in tasks:
-        metric = wanted.get(task.name)
-        if metric is None:
+        chosen = wanted.get(task.name)
+        if chosen is None:
             out.append(task)
             continue
-        check_metric(task.name, task.kind, metric)
-        out.append(replace(task, metrics=list(dict.fromkeys([metric, *task.metrics])), metric_note=None))
+        check_metric(task.name, task.kind, chosen)
+        out.append(replace(task, metrics=list(dict.fromkeys([chosen, *task.metrics])), metric_note=None))
     return out

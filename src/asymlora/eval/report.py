@@ -338,13 +338,12 @@ def _error_bars(
     bounds += [None] * (len(heights) - len(bounds))
     below, above = [], []
     for height, bound in zip(heights, bounds, strict=True):
-        ok = (
-            bool(bound)
-            and bound.get("low") is not None
-            and math.isclose(bound["value"], height, abs_tol=1e-9)
-        )
-        below.append(max(0.0, height - bound["low"]) if ok else 0.0)
-        above.append(max(0.0, bound["high"] - height) if ok else 0.0)
+        if bound and bound.get("low") is not None and math.isclose(bound["value"], height, abs_tol=1e-9):
+            below.append(max(0.0, height - bound["low"]))
+            above.append(max(0.0, bound["high"] - height))
+        else:
+            below.append(0.0)
+            above.append(0.0)
     return [below, above]
 
 

@@ -78,7 +78,7 @@ def example_key(prompt: str, target: str, options: Sequence[str] | None = None) 
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _array(scores: Sequence[float], what: str) -> np.ndarray:
+def _array(scores: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
     values = np.asarray(scores, dtype=float)
     if values.ndim != 1 or values.size == 0:
         raise ValueError(f"{what}: expected a non-empty list of per-example scores, got shape {values.shape}")
@@ -136,7 +136,7 @@ def _stratified_bootstrap(
 
 
 def bootstrap_interval(
-    scores: Sequence[float],
+    scores: Sequence[float] | np.ndarray,
     *,
     confidence: float = CONFIDENCE,
     n_resamples: int = N_BOOTSTRAP,
@@ -165,7 +165,7 @@ def metric_interval(scores: Sequence[float], metric: str, **kwargs: Any) -> dict
         low, high = wilson_interval(int(values.sum()), values.size, kwargs.get("confidence", CONFIDENCE))
         return _interval(values.mean(), low, high, "wilson", values.size)
     ci = bootstrap_interval(values, **kwargs)
-    return _interval(values.mean(), *(ci or (None, None)), "bootstrap", values.size)
+    return _interval(values.mean(), ci and ci[0], ci and ci[1], "bootstrap", values.size)
 
 
 def _per_task_arrays(per_task: Mapping[str, Sequence[float]], what: str) -> dict[str, np.ndarray]:
