@@ -207,6 +207,7 @@ def answer_letter_accuracy(predictions: Sequence[str], references: Sequence[Any]
 
 @lru_cache(maxsize=1)
 def _unstemmed_scorer() -> Any:
+    # imported on first use: ~1.2 s (it loads nltk), and only FLAN-style tasks need it
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)

@@ -365,6 +365,7 @@ def plot_results(
     Returns:
         The path written.
     """
+    # matplotlib is loaded only when a chart is drawn (a run that writes no figure never imports it)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
