@@ -80,8 +80,8 @@ def test_missing_tasks_and_files(tmp_path: Path) -> None:
 
 
 def test_an_override_keeps_the_other_defaults_of_its_section() -> None:
-    from asymlora.analysis.experiment import InitSimilaritySettings
     from asymlora.config import apply_overrides, from_dict
+    from asymlora.recipes.init_similarity import InitSimilaritySettings
 
     settings = from_dict(InitSimilaritySettings, apply_overrides({}, ["train.steps=7"]))
     assert settings.train.steps == 7

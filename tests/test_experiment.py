@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from tests.conftest import make_char_tokenizer, make_tiny_llama
 
-from asymlora.analysis.experiment import DIFFERENT_SEEDS, SAME_SEED, run_init_similarity
 from asymlora.cli import main as cli_main
 from asymlora.config import ConfigError
+from asymlora.recipes.init_similarity import DIFFERENT_SEEDS, SAME_SEED, run_init_similarity
 
 
 def _tiny_env(root: Path) -> tuple[Path, list[str]]:

@@ -44,7 +44,7 @@ def test_module_order_is_layer_number_then_module():
 def test_analysis_tables_and_figures_list_layers_in_natural_order(tmp_path, monkeypatch):
     """12 layers: the adapter file stores 0, 1, 10, 11, 2, ... (string order); every per-module table and
     the per-layer figure must read 0, 1, 2, ..., 11."""
-    from asymlora.analysis import report
+    from asymlora.analysis import figures
 
     for seed in (1, 2):
         model = make_tiny_llama(seed=0, hidden=16, layers=12)
@@ -58,13 +58,13 @@ def test_analysis_tables_and_figures_list_layers_in_natural_order(tmp_path, monk
     expected = [f"model.layers.{n}.self_attn.q_proj" for n in range(12)]
     assert sorted(expected) != expected  # the string order differs: the test can fail
     ticks: dict[str, list[str]] = {}
-    real_save = report._save
+    real_save = figures._save
 
     def save(fig, out_dir, name, figures):
         ticks[name] = [t.get_text() for t in fig.axes[0].get_xticklabels()]
         real_save(fig, out_dir, name, figures)
 
-    monkeypatch.setattr(report, "_save", save)
+    monkeypatch.setattr(figures, "_save", save)
     res = analyze([tmp_path / "lora1", tmp_path / "lora2"], tmp_path / "out", labels=["a", "b"])
     assert list(res["comparisons"][0]["modules"]) == expected
     data = json.loads((tmp_path / "out" / "analysis.json").read_text())

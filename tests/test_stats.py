@@ -253,3 +253,31 @@ def test_a_corpus_level_primary_metric_gets_no_interval_and_no_crash() -> None:
     assert iv["average"] is None and iv["worst"] is None and iv["delta_m"] is None
     both = run_intervals(examples, {"gen": "exact_match", "acc": "accuracy"}, n_resamples=200)
     assert both["average"]["value"] == pytest.approx((0.5 + 2 / 3) / 2) and both["no_example_scores"] == []
+
+
+def test_std_is_the_one_definition_with_its_ddof_stated() -> None:
+    # [1, 2, 3, 4]: mean 2.5, squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5
+    assert stats.std([1.0, 2.0, 3.0, 4.0], 0) == pytest.approx(math.sqrt(5 / 4))
+    assert stats.std([1.0, 2.0, 3.0, 4.0], 1) == pytest.approx(math.sqrt(5 / 3))
+    with pytest.raises(ValueError, match="ddof must be 0"):
+        stats.std([1.0, 2.0], 2)
+    with pytest.raises(ValueError, match="more than 1 values"):
+        stats.std([1.0], 1)
+    assert stats.nan_mean([1.0, None, float("nan"), 3.0]) == 2.0 and stats.nan_mean([None]) is None
+    from asymlora.eval import summarize
+
+    summary = summarize({"a": {"accuracy": 0.2}, "b": {"accuracy": 0.6}}, {})
+    assert summary["std"] == pytest.approx(0.2) and summary["std_ddof"] == 0  # population: √((0.04 + 0.04)/2)
+    assert stats.seed_summary([0.2, 0.6])["std"] == pytest.approx(math.sqrt(0.08)) and stats.STD_DDOF == 1
+
+
+def test_markdown_table_aligns_names_left_and_numbers_right() -> None:
+    from asymlora.eval import markdown_table
+
+    assert markdown_table(["method", "a", "b"], [["lora", "0.5", "0.25"]]) == [
+        "| method | a | b |",
+        "|---|---:|---:|",
+        "| lora | 0.5 | 0.25 |",
+    ]
+    with pytest.raises(ValueError, match="2 cells for 3 columns"):
+        markdown_table(["method", "a", "b"], [["lora", "0.5"]])

@@ -157,7 +157,7 @@ def cmd_fed(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from asymlora.analysis.experiment import run_init_similarity
+    from asymlora.recipes.init_similarity import run_init_similarity
 
     run_init_similarity(args.out, args.overrides)
     return 0

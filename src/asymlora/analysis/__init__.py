@@ -7,6 +7,7 @@
   (A_i, B_i) pairs.
 - `report`: `analyze(paths, out_dir, labels, base_model)` pairs adapters and writes ``analysis.json``,
   ``summary.txt`` and PNG figures (what ``asymlora analyze`` runs).
+- `figures`: the PNG figures of an analysis, `plot_traces(trace_path, out_png)` for a training trace.
 - `traces`: `TraceRecorder(model, path).record(step)` for training-time traces.
 - `router_stats`: `RouterStats(model)` hooks the soft/top-k routers: expert load, entropies, task × expert
   usage, collapse warnings; ``router.jsonl`` and its figures.
@@ -19,6 +20,7 @@ from asymlora.analysis.factors import (
     load_adapter,
     load_base_weights,
 )
+from asymlora.analysis.figures import plot_traces
 from asymlora.analysis.metrics import (
     cca_similarity,
     compare_subspaces,
@@ -38,7 +40,6 @@ from asymlora.analysis.report import (
     analyze_adapters,
     build_comparisons,
     format_summary,
-    plot_traces,
 )
 from asymlora.analysis.router_stats import RouterStats, RoutingCollapseWarning, read_router_log
 from asymlora.analysis.traces import TraceRecorder, read_traces, snapshot_a

@@ -31,9 +31,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+from transformers import AutoModelForCausalLM
 
 from asymlora.methods import get_method
 from asymlora.methods.base import ATTR_PREFIX, TENSOR_NAMES, Role
+from asymlora.tuner.config import AsymLoraConfig
 
 __all__ = [
     "CONFIG_NAME",
@@ -213,15 +215,46 @@ def _unify(spec_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int | N
     return d_in, d_out
 
 
-def _asymlora_config(raw: dict[str, Any], where: Path):
-    from asymlora.tuner.config import AsymLoraConfig
-
+def _asymlora_config(raw: dict[str, Any], where: Path) -> AsymLoraConfig:
     names = set(AsymLoraConfig.__dataclass_fields__)
     kwargs = {k: v for k, v in raw.items() if k in names and k not in ("peft_type",)}
     try:
         return AsymLoraConfig(**kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where / CONFIG_NAME}: invalid asymlora config: {e}") from e
+
+
+def _layer_shape(
+    adapter_dir: Path, module: str, cfg: Any, template: Mapping[str, Any], tensors: Mapping[str, Tensor]
+) -> tuple[int, int]:
+    """(d_in, d_out) of ``module``, read from its tensors against the method's specs ``template``.
+
+    Raises:
+        ValueError: a declared tensor is missing, or a shape does not fit the config.
+    """
+    d_in = d_out = None
+    for name, spec in template.items():
+        if name not in tensors:
+            raise ValueError(
+                f"{adapter_dir}: module {module} lacks tensor {ATTR_PREFIX}{name} that method "
+                f"{cfg.method!r} declares (has: {sorted(tensors)})"
+            )
+        got = tuple(tensors[name].shape)
+        dims = _unify(spec.shape, got)
+        if (
+            dims is None
+            or (d_in is not None and dims[0] not in (None, d_in))
+            or (d_out is not None and dims[1] not in (None, d_out))
+        ):
+            raise ValueError(
+                f"{adapter_dir}: module {module} tensor {name} has shape {got}, which does not fit method "
+                f"{cfg.method!r} with r={cfg.r}, num_experts={cfg.num_experts} (config and weights disagree)"
+            )
+        d_in = dims[0] if dims[0] is not None else d_in
+        d_out = dims[1] if dims[1] is not None else d_out
+    if d_in is None or d_out is None:
+        raise ValueError(f"{adapter_dir}: cannot tell the layer shape of module {module} from its tensors")
+    return d_in, d_out
 
 
 def _load_asymlora(adapter_dir: Path, raw: dict[str, Any], state: dict[str, Tensor]) -> dict[str, Any]:
@@ -249,30 +282,7 @@ def _load_asymlora(adapter_dir: Path, raw: dict[str, Any], state: dict[str, Tens
     modules: dict[str, list[tuple[Tensor, Tensor]]] = {}
     shapes: dict[str, tuple[int, int]] = {}
     for module, tensors in per_module.items():
-        d_in = d_out = None
-        for name, spec in template.items():
-            if name not in tensors:
-                raise ValueError(
-                    f"{adapter_dir}: module {module} lacks tensor {ATTR_PREFIX}{name} that method "
-                    f"{cfg.method!r} declares (has: {sorted(tensors)})"
-                )
-            got = tuple(tensors[name].shape)
-            dims = _unify(spec.shape, got)
-            if (
-                dims is None
-                or (d_in is not None and dims[0] not in (None, d_in))
-                or (d_out is not None and dims[1] not in (None, d_out))
-            ):
-                raise ValueError(
-                    f"{adapter_dir}: module {module} tensor {name} has shape {got}, which does not fit method "
-                    f"{cfg.method!r} with r={cfg.r}, num_experts={cfg.num_experts} (config and weights disagree)"
-                )
-            d_in = dims[0] if dims[0] is not None else d_in
-            d_out = dims[1] if dims[1] is not None else d_out
-        if d_in is None or d_out is None:
-            raise ValueError(
-                f"{adapter_dir}: cannot tell the layer shape of module {module} from its tensors"
-            )
+        d_in, d_out = _layer_shape(adapter_dir, module, cfg, template, tensors)
         t64 = {name: tensors[name].to(torch.float64) for name in template}
         with torch.no_grad():
             pairs = method.expert_factors(t64, n_experts)
@@ -480,8 +490,6 @@ def load_base_weights(
             out = _weights_from_safetensors(root, modules)
         else:
             try:
-                from transformers import AutoModelForCausalLM
-
                 model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
             except Exception as e:  # transformers raises many types for a bad path
                 raise ValueError(f"cannot load base model {str(base_model)!r}: {e}") from e

@@ -386,6 +386,32 @@ def _reduced_bases(
     return vh.mT * keep_mask.unsqueeze(-2), k
 
 
+def _neurons_by_datapoints(X: Tensor, Y: Tensor, side: Side) -> tuple[Tensor, Tensor, torch.Size]:
+    """X and Y as float64 (B, neurons, datapoints) stacks over their broadcast batch shape, and that shape."""
+    xf, yf = _as_f64(X, "X"), _as_f64(Y, "Y")
+    if side == "col":
+        xf, yf = xf.mT, yf.mT
+    if xf.shape[-1] != yf.shape[-1]:
+        raise ValueError(
+            f"X {tuple(X.shape)} and Y {tuple(Y.shape)} must share the datapoint axis "
+            f"({'columns' if side == 'row' else 'rows'}) for CCA"
+        )
+    batch = torch.broadcast_shapes(xf.shape[:-2], yf.shape[:-2])
+    xb = xf.expand(*batch, *xf.shape[-2:]).reshape(-1, *xf.shape[-2:])
+    yb = yf.expand(*batch, *yf.shape[-2:]).reshape(-1, *yf.shape[-2:])
+    return xb, yb, batch
+
+
+def _check_keep(keep: object) -> None:
+    """ValueError unless ``keep`` is a variance fraction in (0, 1] (float) or a count >= 1 (int)."""
+    if isinstance(keep, bool) or not isinstance(keep, int | float):
+        raise ValueError(f"keep must be a variance fraction in (0, 1] or an integer >= 1, got {keep!r}")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep={keep} as a variance fraction must be in (0, 1]; pass an int for a count")
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"keep={keep} as a number of directions must be >= 1")
+
+
 def cca_similarity(
     X: Tensor,
     Y: Tensor,
@@ -427,23 +453,8 @@ def cca_similarity(
         float64 tensor (...).
     """
     side = _check_side(side)
-    if isinstance(keep, bool) or not isinstance(keep, int | float):
-        raise ValueError(f"keep must be a variance fraction in (0, 1] or an integer >= 1, got {keep!r}")
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep={keep} as a variance fraction must be in (0, 1]; pass an int for a count")
-    if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"keep={keep} as a number of directions must be >= 1")
-    xf, yf = _as_f64(X, "X"), _as_f64(Y, "Y")
-    if side == "col":
-        xf, yf = xf.mT, yf.mT
-    if xf.shape[-1] != yf.shape[-1]:
-        raise ValueError(
-            f"X {tuple(X.shape)} and Y {tuple(Y.shape)} must share the datapoint axis "
-            f"({'columns' if side == 'row' else 'rows'}) for CCA"
-        )
-    batch = torch.broadcast_shapes(xf.shape[:-2], yf.shape[:-2])
-    xb = xf.expand(*batch, *xf.shape[-2:]).reshape(-1, *xf.shape[-2:])
-    yb = yf.expand(*batch, *yf.shape[-2:]).reshape(-1, *yf.shape[-2:])
+    _check_keep(keep)
+    xb, yb, batch = _neurons_by_datapoints(X, Y, side)
     tol_x = _default_rtol(X) if rtol is None else rtol
     tol_y = _default_rtol(Y) if rtol is None else rtol
     bx, kx = _reduced_bases(xb, keep, "X", strict, tol_x)

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,12 +37,17 @@ import torch
 from torch import Tensor, nn
 
 from asymlora.analysis.factors import AdapterFactors, check_compatible, load_adapter, load_base_weights
+from asymlora.analysis.figures import plot_traces, write_analysis_figures
 from asymlora.analysis.metrics import (
+    Side,
     cca_similarity,
     compare_subspaces,
     magnitude_direction_change,
     singular_spectrum,
 )
+from asymlora.analysis.names import layer_and_type, module_order
+from asymlora.analysis.router_stats import analyze_routing
+from asymlora.eval.stats import nan_mean, std
 from asymlora.io import atomic_write_text
 
 __all__ = [
@@ -53,15 +57,18 @@ __all__ = [
     "analyze_adapters",
     "build_comparisons",
     "format_summary",
+    "module_order",
     "plot_traces",
 ]
 
 ACROSS = "across adapters"
 """Default pairing kind of adapter-vs-adapter comparisons."""
-ROLES = (("A", 0, "row"), ("B", 1, "col"))
+ROLES: tuple[tuple[str, int, Side], ...] = (("A", 0, "row"), ("B", 1, "col"))
 """(role, index in the (A_i, B_i) pair, side of the subspace)."""
 JSON_NAME = "analysis.json"
 SUMMARY_NAME = "summary.txt"
+STD_DDOF = 1
+"""The summary's std over the comparisons of one pairing kind is the sample std (stated in analysis.json)."""
 
 
 @dataclass(frozen=True)
@@ -77,36 +84,11 @@ class Comparison:
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
-def _layer_and_type(module: str) -> tuple[int | None, str]:
-    """``model.layers.12.self_attn.q_proj`` -> (12, "q_proj")."""
-    m = re.search(r"\.(\d+)\.", f".{module}.")
-    return (int(m.group(1)) if m else None), module.rsplit(".", 1)[-1]
-
-
-def module_order(module: str) -> tuple[Any, ...]:
-    """Sort key putting module names in natural order: layer number, then module.
-
-    ``model.layers.2.mlp.down_proj`` < ``model.layers.2.self_attn.q_proj`` < ``model.layers.10.self_attn.q_proj``
-    (a plain string sort puts layer 10 before layer 2). Every digit run compares as a number.
-    """
-    parts = re.split(r"(\d+)", module)  # text at even positions, digit runs at odd positions
-    return tuple(int(p) if n % 2 else p for n, p in enumerate(parts))
-
-
 def in_layer_order(adapter: AdapterFactors) -> AdapterFactors:
     """A copy of ``adapter`` whose ``modules`` (and so every table and figure made from it) are in
-    :func:`module_order`; safetensors files store their keys in string order."""
+    :func:`~asymlora.analysis.names.module_order`; safetensors files store their keys in string order."""
     order = sorted(adapter.modules, key=module_order)
     return dataclasses.replace(adapter, modules={m: adapter.modules[m] for m in order})
-
-
-def _short(module: str) -> str:
-    layer, kind = _layer_and_type(module)
-    return f"{layer}.{kind}" if layer is not None else module
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "pairing"
 
 
 def _num(x: float | Tensor | None, digits: int = 6) -> float | None:
@@ -116,17 +98,12 @@ def _num(x: float | Tensor | None, digits: int = 6) -> float | None:
     return None if math.isnan(v) or math.isinf(v) else float(f"{v:.{digits}g}")
 
 
-def _nanmean(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else None
-
-
 def _nanstd(values: Sequence[float | None]) -> float | None:
+    """Sample std (`STD_DDOF`) of the values that are not None or NaN; 0 for one value, None for none."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if len(vals) < 2:
         return 0.0 if vals else None
-    mu = sum(vals) / len(vals)
-    return math.sqrt(sum((v - mu) ** 2 for v in vals) / (len(vals) - 1))
+    return std(vals, STD_DDOF)
 
 
 def _member_name(ad: AdapterFactors, expert: int) -> str:
@@ -230,10 +207,8 @@ def _compare(
     return per_module, grids, ks
 
 
-def _mean_grids(grids: Sequence[Tensor]) -> Tensor | None:
-    """Mean of φ grids, cropped to the smallest shape (NaN entries ignored)."""
-    if not grids:
-        return None
+def _mean_grids(grids: Sequence[Tensor]) -> Tensor:
+    """Mean of (at least one) φ grids, cropped to the smallest shape (NaN entries ignored)."""
     rows = min(g.shape[0] for g in grids)
     cols = min(g.shape[1] for g in grids)
     stack = torch.stack([g[:rows, :cols] for g in grids])
@@ -284,7 +259,7 @@ def _spectrum_entry(
                     normalized.append(sv / sv[0])
         entry[role] = {
             "matrices": len(chosen),
-            "effective_rank_90_mean": _nanmean([float(v) for v in eff]),
+            "effective_rank_90_mean": nan_mean([float(v) for v in eff]),
             "mean_normalized": (
                 [_num(v) for v in torch.stack(_crop(normalized)).mean(0).tolist()] if normalized else None
             ),
@@ -325,242 +300,13 @@ def _magnitude_direction(adapters: Sequence[AdapterFactors], base_model: Any) ->
             dms.append(float(res["delta_M"].mean()))
             dds.append(float(res["delta_D"].mean()))
         out[ad.label] = {
-            "mean": {"delta_M": _num(_nanmean(dms)), "delta_D": _num(_nanmean(dds))},
+            "mean": {"delta_M": _num(nan_mean(dms)), "delta_D": _num(nan_mean(dds))},
             "per_module": per_module,
         }
     return out
 
 
 # --- figures ------------------------------------------------------------------------------------------------------
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _save(fig: Any, out_dir: Path, name: str, figures: list[str]) -> None:
-    fig.savefig(out_dir / name, dpi=110)
-    figures.append(name)
-
-
-def _plot_summary(summary: list[dict[str, Any]], out_dir: Path, figures: list[str]) -> None:
-    import numpy as np
-
-    fig = _figure(max(6.0, 1.6 * len(summary) + 3), 4.2)
-    axes = fig.subplots(1, 2)
-    x = np.arange(len(summary))
-    for ax, metric, title in (
-        (axes[0], "similarity", "Subspace similarity φ(i = j = r)"),
-        (axes[1], "cca", "SVCCA similarity"),
-    ):
-        for off, role, color in ((-0.2, "A", "tab:blue"), (0.2, "B", "tab:orange")):
-            means = [s[role][f"{metric}_mean"] for s in summary]
-            stds = [s[role][f"{metric}_std"] for s in summary]
-            ax.bar(
-                x + off,
-                [np.nan if v is None else v for v in means],
-                0.4,
-                yerr=[0 if v is None else v for v in stds],
-                color=color,
-                label=f"{role} ({'row' if role == 'A' else 'column'} space)",
-                capsize=3,
-            )
-        ax.set_xticks(x, [s["kind"] for s in summary], rotation=20, ha="right", fontsize=8)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("mean over modules and pairs")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    fig.suptitle("Where do adapters agree? A vs B similarity per pairing")
-    _save(fig, out_dir, "summary.png", figures)
-
-
-def _plot_layers(
-    records: list[dict[str, Any]], modules: list[str], out_dir: Path, figures: list[str]
-) -> None:
-    import numpy as np
-
-    for role in ("A", "B"):
-        rows = [
-            r
-            for r in records
-            if role not in r["shared_roles"]
-            and any(r["modules"][m][role]["similarity"] is not None for m in modules)
-        ]
-        if not rows:
-            continue
-        data = np.array(
-            [
-                [np.nan if (v := r["modules"][m][role]["similarity"]) is None else v for m in modules]
-                for r in rows
-            ]
-        )
-        fig = _figure(min(24.0, 7 + 0.28 * len(modules)), min(30.0, 2.6 + 0.32 * len(rows)))
-        ax = fig.subplots()
-        im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
-        ax.set_xticks(range(len(modules)), [_short(m) for m in modules], rotation=90, fontsize=7)
-        ax.set_yticks(range(len(rows)), [f"{r['name']}  ({r['kind']})" for r in rows], fontsize=7)
-        ax.set_xlabel("adapted module (layer.module)")
-        ax.set_ylabel("compared pair")
-        space = "row space" if role == "A" else "column space"
-        ax.set_title(f"{role} similarity per layer: φ(i = j = r) of the {space}")
-        fig.colorbar(im, ax=ax, label="φ (0 orthogonal, 1 identical)")
-        _save(fig, out_dir, f"similarity_layers_{role}.png", figures)
-
-
-def _plot_matrix(
-    records: list[dict[str, Any]], adapters: Sequence[AdapterFactors], out_dir: Path, figures: list[str]
-) -> None:
-    import numpy as np
-
-    across = [r for r in records if r["left"]["adapter"] != r["right"]["adapter"]]
-    labels = [ad.label for ad in adapters]
-    used = sorted(
-        {r["left"]["adapter"] for r in across} | {r["right"]["adapter"] for r in across}, key=labels.index
-    )
-    if len(used) < 2:
-        return
-    pos = {lab: n for n, lab in enumerate(used)}
-    for role in ("A", "B"):
-        acc: dict[tuple[int, int], list[float]] = defaultdict(list)
-        for r in across:
-            v = r["mean"][role]["similarity"]
-            if v is not None:
-                x, y = pos[r["left"]["adapter"]], pos[r["right"]["adapter"]]
-                acc[(x, y)].append(v)
-                acc[(y, x)].append(v)
-        if not acc:
-            continue
-        data = np.full((len(used), len(used)), np.nan)
-        for (x, y), vals in acc.items():
-            data[x, y] = sum(vals) / len(vals)
-        fig = _figure(2.5 + 0.6 * len(used), 2.0 + 0.5 * len(used))
-        ax = fig.subplots()
-        im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-        ax.set_xticks(range(len(used)), used, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(used)), used, fontsize=8)
-        if len(used) <= 12:
-            for (x, y), _ in acc.items():
-                ax.text(
-                    y,
-                    x,
-                    f"{data[x, y]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="k" if data[x, y] > 0.6 else "w",
-                )
-        ax.set_xlabel("adapter")
-        ax.set_ylabel("adapter")
-        ax.set_title(f"{role} similarity between adapters (mean φ over modules)")
-        fig.colorbar(im, ax=ax, label="φ")
-        _save(fig, out_dir, f"similarity_matrix_{role}.png", figures)
-
-
-def _plot_grids(
-    kind_grids: dict[str, dict[str, dict[str, Tensor]]], out_dir: Path, figures: list[str]
-) -> None:
-    for kind, by_role in kind_grids.items():
-        types = sorted({t for role in by_role.values() for t in role})
-        if not types:
-            continue
-        fig = _figure(1.2 + 3.2 * len(types), 6.2)
-        axes = fig.subplots(2, len(types), squeeze=False)
-        im = None
-        for row, role in enumerate(("A", "B")):
-            for col, t in enumerate(types):
-                ax = axes[row][col]
-                grid = by_role.get(role, {}).get(t)
-                if grid is not None and bool(torch.isnan(grid).all()):
-                    ax.set_axis_off()
-                    ax.set_title(f"{role}, {t}: no data (zero matrices?)", fontsize=8)
-                    continue
-                if grid is None:
-                    ax.set_axis_off()
-                    ax.set_title(
-                        f"{role}, {t}: shared by experts" if role in by_role else f"{role}, {t}: —",
-                        fontsize=8,
-                    )
-                    continue
-                n_i, n_j = grid.shape
-                im = ax.imshow(
-                    grid.numpy(),
-                    vmin=0,
-                    vmax=1,
-                    cmap="viridis",
-                    origin="lower",
-                    extent=(0.5, n_j + 0.5, 0.5, n_i + 0.5),
-                    interpolation="nearest",
-                    aspect="auto",
-                )
-                ax.set_xlabel("j (top-j directions, right)")
-                ax.set_ylabel("i (top-i directions, left)")
-                ax.set_title(f"{role} ({'row' if role == 'A' else 'column'} space), {t}", fontsize=9)
-        if im is not None:
-            fig.colorbar(im, ax=axes, label="φ(i, j), mean over layers and pairs")
-        fig.suptitle(f"Subspace similarity grid — {kind}")
-        _save(fig, out_dir, f"grid_{_slug(kind)}.png", figures)
-
-
-def _plot_spectra(spectra: list[dict[str, Any]], out_dir: Path, figures: list[str]) -> None:
-    if not spectra:
-        return
-    fig = _figure(10, 4.2)
-    axes = fig.subplots(1, 2)
-    for ax, role in zip(axes, ("A", "B"), strict=True):
-        for entry in spectra:
-            vals = entry[role]["mean_normalized"]
-            if not vals:
-                continue
-            ys = [v if v and v > 0 else math.nan for v in vals]  # zeros would break the log axis
-            ax.plot(
-                range(1, len(ys) + 1),
-                ys,
-                marker="o",
-                ms=3,
-                label=f"{entry['name']} ({len(entry['members'])})",
-            )
-        ax.set_yscale("log")
-        ax.set_xlabel("singular value index k")
-        ax.set_ylabel("σ_k / σ_1 (mean over modules)")
-        how = "stacked along rows" if role == "A" else "side by side (columns)"
-        ax.set_title(f"Spectrum of concatenated {role} matrices ({how})", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    _save(fig, out_dir, "spectra.png", figures)
-
-
-def _plot_magdir(magdir: dict[str, dict[str, Any]], out_dir: Path, figures: list[str]) -> None:
-    fig = _figure(14, 4.2)
-    ax_m, ax_d, ax_s = fig.subplots(1, 3)
-    for label, res in magdir.items():
-        by_type: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
-        for m, vals in res["per_module"].items():
-            layer, t = _layer_and_type(m)
-            dm = _nanmean(vals["delta_M"])
-            dd = _nanmean(vals["delta_D"])
-            if dm is None or dd is None:
-                continue
-            by_type[t].append((layer if layer is not None else len(by_type[t]), dm, dd))
-        for t, pts in sorted(by_type.items()):
-            pts.sort()
-            xs = [p[0] for p in pts]
-            ax_m.plot(xs, [p[1] for p in pts], marker="o", ms=3, label=f"{label} {t}")
-            ax_d.plot(xs, [p[2] for p in pts], marker="o", ms=3, label=f"{label} {t}")
-            ax_s.scatter([p[2] for p in pts], [p[1] for p in pts], s=12, label=f"{label} {t}")
-    from matplotlib.ticker import MaxNLocator
-
-    ax_m.set(xlabel="layer", ylabel="ΔM = mean |m − m0|", title="Magnitude change per layer")
-    ax_d.set(xlabel="layer", ylabel="ΔD = mean (1 − cos)", title="Direction change per layer")
-    ax_s.set(xlabel="ΔD", ylabel="ΔM", title="ΔM vs ΔD (one point per module)")
-    for ax in (ax_m, ax_d):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in (ax_m, ax_d, ax_s):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("DoRA-style magnitude and direction change of W0 + s·B_i A_i (mean over experts)")
-    _save(fig, out_dir, "magnitude_direction.png", figures)
-
-
 def _remove_old_figures(out: Path) -> None:
     """Delete the figures listed by a previous analysis.json in ``out``, so none is left stale."""
     try:
@@ -579,6 +325,150 @@ def _write_text(path: Path, text: str) -> None:
 
 
 # --- main entry points -----------------------------------------------------------------------------------------
+KindGrids = dict[str, dict[str, dict[str, list[Tensor]]]]
+"""``{pairing kind: {role: {module type: [mean φ grid of one comparison, ...]}}}``."""
+
+
+def _checked_comparisons(
+    adapters: Sequence[AdapterFactors],
+    pairs: Sequence[tuple[str, str] | tuple[str, str, str]] | None,
+    expert_pairs: bool,
+    base_model: object,
+) -> list[Comparison]:
+    """`build_comparisons`, after checking there is something to analyse and the labels are unique."""
+    if not adapters:
+        raise ValueError("give at least one adapter to analyse")
+    labels = [ad.label for ad in adapters]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"adapter labels must be unique, got {labels}")
+    comparisons = build_comparisons(adapters, pairs, expert_pairs)
+    if not comparisons and base_model is None:
+        raise ValueError(
+            "nothing to compare: give at least two adapters, or one adapter with several experts (ALoRA, "
+            "HydraLoRA, MoLoRA, MALoRA), or a base model for the magnitude/direction analysis"
+        )
+    return comparisons
+
+
+def _measure(
+    c: Comparison, adapters: Sequence[AdapterFactors], cca_keep: float | int, kind_grids: KindGrids
+) -> dict[str, Any]:
+    """The record of one comparison (analysis.json ``comparisons``); its mean grids go into ``kind_grids``."""
+    a, b = adapters[c.left], adapters[c.right]
+    shared = [role for role, _, _ in ROLES if c.left == c.right and a.shared.get(role)]
+    roles = [role for role, _, _ in ROLES if role not in shared]
+    per_module, grids, ks = _compare(a, c.left_expert, b, c.right_expert, roles, cca_keep)
+    for m in per_module:
+        for role in shared:
+            per_module[m][role] = {"similarity": None, "cca": None, "principal_angles_deg": None}
+    by_type: dict[str, dict[str, list[Tensor]]] = {}
+    for role in roles:
+        for m, g in grids[role].items():
+            by_type.setdefault(role, {}).setdefault(layer_and_type(m)[1], []).append(g)
+        kg = kind_grids.setdefault(c.kind, {}).setdefault(role, {})
+        for t, gs in by_type.get(role, {}).items():
+            kg.setdefault(t, []).append(_mean_grids(gs))
+    for role in shared:
+        kind_grids.setdefault(c.kind, {}).setdefault(role, {})
+    mean = {
+        role: {
+            metric: _num(nan_mean([per_module[m][role][metric] for m in per_module]))
+            for metric in ("similarity", "cca")
+        }
+        for role, _, _ in ROLES
+    }
+    return {
+        "kind": c.kind,
+        "name": f"{_member_name(a, c.left_expert)} vs {_member_name(b, c.right_expert)}",
+        "left": {"adapter": a.label, "expert": c.left_expert},
+        "right": {"adapter": b.label, "expert": c.right_expert},
+        "k": ks,
+        "shared_roles": shared,
+        "mean": mean,
+        "grid": {
+            role: {t: _grid_json(_mean_grids(gs)) for t, gs in by_type.get(role, {}).items()}
+            for role in roles
+        },
+        "modules": per_module,
+    }
+
+
+def _zero_notes(adapters: Sequence[AdapterFactors]) -> list[str]:
+    """A note per adapter and role with all-zero matrices (untrained B: no column space, null similarity)."""
+    notes = []
+    for ad in adapters:
+        for role, idx, _ in ROLES:
+            zero = [m for m, ex in ad.modules.items() if any(float(p[idx].abs().max()) == 0 for p in ex)]
+            if zero:
+                notes.append(
+                    f"{ad.label}: {role} is all zero in {len(zero)} of {len(ad.modules)} modules (untrained?); "
+                    f"its {role} similarities are null there"
+                )
+    return notes
+
+
+def _kind_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per pairing kind: mean and sample std over its comparisons of each role's mean φ and CCA."""
+    summary: list[dict[str, Any]] = []
+    for kind in dict.fromkeys(r["kind"] for r in records):
+        rs = [r for r in records if r["kind"] == kind]
+        entry: dict[str, Any] = {"kind": kind, "comparisons": len(rs)}
+        for role, _, _ in ROLES:
+            stats: dict[str, Any] = {}
+            for metric in ("similarity", "cca"):
+                vals = [r["mean"][role][metric] for r in rs]
+                stats[f"{metric}_mean"] = _num(nan_mean(vals))
+                stats[f"{metric}_std"] = _num(_nanstd(vals))
+            stats["shared"] = all(role in r["shared_roles"] for r in rs)
+            entry[role] = stats
+        summary.append(entry)
+    return summary
+
+
+def _spectra(
+    adapters: Sequence[AdapterFactors], comparisons: Sequence[Comparison], modules: list[str]
+) -> list[dict[str, Any]]:
+    """Spectra per multi-expert adapter, then per pairing kind across adapters (`_spectrum_entry`)."""
+    spectra = [
+        _spectrum_entry(
+            ad.label, "experts of one adapter", [(ad, e) for e in range(ad.num_experts)], list(ad.modules)
+        )
+        for ad in adapters
+        if ad.num_experts > 1
+    ]
+    for kind in dict.fromkeys(c.kind for c in comparisons):
+        across = [c for c in comparisons if c.kind == kind and c.left != c.right]
+        lefts = [(c.left, c.left_expert) for c in across]
+        members = list(dict.fromkeys(lefts + [(c.right, c.right_expert) for c in across]))
+        if members:
+            spectra.append(
+                _spectrum_entry(kind, "pairing kind", [(adapters[n], e) for n, e in members], modules)
+            )
+    return spectra
+
+
+def _settings(cca_keep: float | int, expert_pairs: bool, base_model: object) -> dict[str, Any]:
+    return {
+        "similarity": "phi(X, Y, i, j) = ||U_X^T U_Y||_F^2 / min(i, j) at i = j = k (smaller rank); "
+        "A: row space, B: column space",
+        "summary_std": f"sample std over the comparisons of a pairing kind (ddof={STD_DDOF})",
+        "cca_keep": cca_keep,
+        "expert_pairs": expert_pairs,
+        "base_model": None
+        if base_model is None
+        else str(getattr(base_model, "name_or_path", base_model))[:300],
+    }
+
+
+def _write_result(out: Path, result: Mapping[str, Any], verbose: bool) -> None:
+    """analysis.json and summary.txt (atomic, 0644); the summary printed when ``verbose``."""
+    text = format_summary(result)
+    _write_text(out / JSON_NAME, json.dumps(result, indent=1, allow_nan=False))
+    _write_text(out / SUMMARY_NAME, text + "\n")
+    if verbose:
+        print(text)
+
+
 def analyze_adapters(
     adapters: Sequence[AdapterFactors],
     out_dir: str | os.PathLike,
@@ -591,159 +481,34 @@ def analyze_adapters(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """`analyze` on adapters already loaded with `factors.load_adapter` (labels must be unique)."""
-    if not adapters:
-        raise ValueError("give at least one adapter to analyse")
-    labels = [ad.label for ad in adapters]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"adapter labels must be unique, got {labels}")
     adapters = [in_layer_order(ad) for ad in adapters]
-    comparisons = build_comparisons(adapters, pairs, expert_pairs)
-    if not comparisons and base_model is None:
-        raise ValueError(
-            "nothing to compare: give at least two adapters, or one adapter with several experts (ALoRA, "
-            "HydraLoRA, MoLoRA, MALoRA), or a base model for the magnitude/direction analysis"
-        )
+    comparisons = _checked_comparisons(adapters, pairs, expert_pairs, base_model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _remove_old_figures(out)
-    notes: list[str] = []
-
-    records: list[dict[str, Any]] = []
-    kind_grids: dict[str, dict[str, dict[str, list[Tensor]]]] = {}
-    for c in comparisons:
-        a, b = adapters[c.left], adapters[c.right]
-        shared = [role for role, _, _ in ROLES if c.left == c.right and a.shared.get(role)]
-        roles = [role for role, _, _ in ROLES if role not in shared]
-        per_module, grids, ks = _compare(a, c.left_expert, b, c.right_expert, roles, cca_keep)
-        for m in per_module:
-            for role in shared:
-                per_module[m][role] = {"similarity": None, "cca": None, "principal_angles_deg": None}
-        by_type: dict[str, dict[str, list[Tensor]]] = {}
-        for role in roles:
-            for m, g in grids[role].items():
-                by_type.setdefault(role, {}).setdefault(_layer_and_type(m)[1], []).append(g)
-            kg = kind_grids.setdefault(c.kind, {}).setdefault(role, {})
-            for t, gs in by_type.get(role, {}).items():
-                kg.setdefault(t, []).append(_mean_grids(gs))
-        for role in shared:
-            kind_grids.setdefault(c.kind, {}).setdefault(role, {})
-        mean = {
-            role: {
-                metric: _num(_nanmean([per_module[m][role][metric] for m in per_module]))
-                for metric in ("similarity", "cca")
-            }
-            for role, _, _ in ROLES
-        }
-        records.append(
-            {
-                "kind": c.kind,
-                "name": f"{_member_name(a, c.left_expert)} vs {_member_name(b, c.right_expert)}",
-                "left": {"adapter": a.label, "expert": c.left_expert},
-                "right": {"adapter": b.label, "expert": c.right_expert},
-                "k": ks,
-                "shared_roles": shared,
-                "mean": mean,
-                "grid": {
-                    role: {t: _grid_json(_mean_grids(gs)) for t, gs in by_type.get(role, {}).items()}
-                    for role in roles
-                },
-                "modules": per_module,
-            }
-        )
-
-    # degenerate inputs worth a note
-    for ad in adapters:
-        for role, idx, _ in ROLES:
-            zero = [m for m, ex in ad.modules.items() if any(float(p[idx].abs().max()) == 0 for p in ex)]
-            if zero:
-                notes.append(
-                    f"{ad.label}: {role} is all zero in {len(zero)} of {len(ad.modules)} modules (untrained?); "
-                    f"its {role} similarities are null there"
-                )
-
-    summary: list[dict[str, Any]] = []
-    for kind in dict.fromkeys(r["kind"] for r in records):
-        rs = [r for r in records if r["kind"] == kind]
-        entry: dict[str, Any] = {"kind": kind, "comparisons": len(rs)}
-        for role, _, _ in ROLES:
-            stats: dict[str, Any] = {}
-            for metric in ("similarity", "cca"):
-                vals = [r["mean"][role][metric] for r in rs]
-                stats[f"{metric}_mean"] = _num(_nanmean(vals))
-                stats[f"{metric}_std"] = _num(_nanstd(vals))
-            stats["shared"] = all(role in r["shared_roles"] for r in rs)
-            entry[role] = stats
-        summary.append(entry)
-
-    # spectra: per multi-expert adapter, and per across-adapter pairing kind
+    kind_grids: KindGrids = {}
+    records = [_measure(c, adapters, cca_keep, kind_grids) for c in comparisons]
     modules = list(adapters[0].modules)
-    spectra: list[dict[str, Any]] = []
-    for ad in adapters:
-        if ad.num_experts > 1:
-            spectra.append(
-                _spectrum_entry(
-                    ad.label,
-                    "experts of one adapter",
-                    [(ad, e) for e in range(ad.num_experts)],
-                    list(ad.modules),
-                )
-            )
-    for kind in dict.fromkeys(r["kind"] for r in records):
-        rs = [c for c in comparisons if c.kind == kind and c.left != c.right]
-        members = list(
-            dict.fromkeys([(c.left, c.left_expert) for c in rs] + [(c.right, c.right_expert) for c in rs])
-        )
-        if members:
-            spectra.append(
-                _spectrum_entry(kind, "pairing kind", [(adapters[n], e) for n, e in members], modules)
-            )
-
-    magdir = _magnitude_direction(adapters, base_model) if base_model is not None else None
-
     result: dict[str, Any] = {
         "format": "asymlora-analysis/1",
         "out_dir": str(out),
-        "settings": {
-            "similarity": "phi(X, Y, i, j) = ||U_X^T U_Y||_F^2 / min(i, j) at i = j = k (smaller rank); "
-            "A: row space, B: column space",
-            "cca_keep": cca_keep,
-            "expert_pairs": expert_pairs,
-            "base_model": None
-            if base_model is None
-            else str(getattr(base_model, "name_or_path", base_model))[:300],
-        },
+        "settings": _settings(cca_keep, expert_pairs, base_model),
         "adapters": [ad.metadata() for ad in adapters],
-        "summary": summary,
+        "summary": _kind_summary(records),
         "comparisons": records,
-        "spectra": spectra,
-        "magnitude_direction": magdir,
-        "notes": notes,
+        "spectra": _spectra(adapters, comparisons, modules),
+        "magnitude_direction": _magnitude_direction(adapters, base_model) if base_model is not None else None,
+        "notes": _zero_notes(adapters),
         "figures": [],
     }
     if figures:
-        figs: list[str] = []
-        all_modules = list(adapters[comparisons[0].left].modules) if comparisons else modules
-        if records:
-            _plot_summary(summary, out, figs)
-            _plot_layers(records, all_modules, out, figs)
-            _plot_matrix(records, adapters, out, figs)
-            _plot_grids(
-                {
-                    k: {role: {t: _mean_grids(gs) for t, gs in d.items()} for role, d in v.items()}
-                    for k, v in kind_grids.items()
-                },
-                out,
-                figs,
-            )
-        _plot_spectra(spectra, out, figs)
-        if magdir:
-            _plot_magdir(magdir, out, figs)
-        result["figures"] = figs
-    text = format_summary(result)
-    _write_text(out / JSON_NAME, json.dumps(result, indent=1, allow_nan=False))
-    _write_text(out / SUMMARY_NAME, text + "\n")
-    if verbose:
-        print(text)
+        mean_grids = {
+            kind: {role: {t: _mean_grids(gs) for t, gs in d.items()} for role, d in by_role.items()}
+            for kind, by_role in kind_grids.items()
+        }
+        layer_modules = list(adapters[comparisons[0].left].modules) if comparisons else modules
+        result["figures"] = write_analysis_figures(result, mean_grids, layer_modules, out)
+    _write_result(out, result, verbose)
     return result
 
 
@@ -806,8 +571,6 @@ def analyze(
 
 def _add_routing(result: dict[str, Any], out: Path, figures: bool, verbose: bool) -> dict[str, Any]:
     """Router diagnostics of analysed run directories holding a router.jsonl (`router_stats.analyze_routing`)."""
-    from asymlora.analysis.router_stats import analyze_routing
-
     routing = analyze_routing(result["adapters"], out, figures=figures)
     if not routing["routing"]:
         return result
@@ -858,45 +621,3 @@ def format_summary(result: Mapping[str, Any]) -> str:
             f"written to {result['out_dir']}/{JSON_NAME} (+ {len(result.get('figures') or [])} figures)"
         )
     return "\n".join(lines)
-
-
-def plot_traces(trace_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
-    """Plot a training trace written by `asymlora.analysis.traces.TraceRecorder`: mean ‖A − A_init‖/‖A_init‖,
-    mean ‖B‖, ΔM and ΔD over steps, one line per module type. Returns the PNG path."""
-    from asymlora.analysis.traces import read_traces
-
-    rows = read_traces(trace_path)
-    if not rows:
-        raise ValueError(f"{trace_path} holds no trace records")
-    series: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        by_type: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for layer in row["layers"]:
-            t = _layer_and_type(layer["module"])[1]
-            for key in ("A_rel_change", "B_norm", "delta_M", "delta_D"):
-                v = layer.get(key)
-                if v is not None:
-                    by_type[t][key].append(v)
-        for t, d in by_type.items():
-            for key, vals in d.items():
-                series[key][t].append((row["step"], sum(vals) / len(vals)))
-    fig = _figure(11, 7)
-    axes = fig.subplots(2, 2)
-    titles = {
-        "A_rel_change": ("‖A − A_init‖ / ‖A_init‖", "A: relative change from its initialisation"),
-        "B_norm": ("‖B‖_F", "B: norm (starts at 0)"),
-        "delta_M": ("ΔM", "Magnitude change of W0 + ΔW"),
-        "delta_D": ("ΔD", "Direction change of W0 + ΔW"),
-    }
-    for ax, key in zip(axes.flat, titles, strict=True):
-        for t, pts in sorted(series[key].items()):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=2, label=t)
-        ax.set(xlabel="training step", ylabel=titles[key][0], title=titles[key][1])
-        ax.grid(alpha=0.3)
-        if series[key]:
-            ax.legend(fontsize=7, title="mean over layers", title_fontsize=7)
-    fig.suptitle(f"Training trace: {Path(trace_path).name}")
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out

@@ -41,14 +41,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from asymlora.analysis.factors import PEFT_KEY_PREFIX
+from asymlora.analysis.figures import new_figure
 from asymlora.io import apply_umask
 from asymlora.methods import get_method
+from asymlora.methods.base import ATTR_PREFIX
 from asymlora.routing import RoutingCall, router_probs, topk_gate
 from asymlora.tuner.layer import AsymLoraLayer
 
@@ -78,6 +80,8 @@ COLLAPSE_MIN_ENTROPY = 0.05
 """A layer whose load entropy H(load) / log N is below this has collapsed (every token to one expert)."""
 
 ROUTED = ("soft", "topk")
+ROUTER_ATTR = ATTR_PREFIX + "router"
+"""The layer attribute holding the router weights W_g of each adapter."""
 
 
 class RoutingCollapseWarning(UserWarning):
@@ -202,9 +206,9 @@ def collapse_reasons(stats: dict[str, Any]) -> list[str]:
 
 
 # --- the recorder --------------------------------------------------------------------------------------------
-def _routed_layers(model: nn.Module) -> dict[str, nn.Module]:
+def _routed_layers(model: nn.Module) -> dict[str, AsymLoraLayer]:
     """Module name (peft prefix dropped) -> asymlora layer with at least one soft/topk adapter."""
-    out = {}
+    out: dict[str, AsymLoraLayer] = {}
     for name, module in model.named_modules():
         if isinstance(module, AsymLoraLayer) and any(
             get_method(c.method).uses_router and c.router in ROUTED for c in module.asymlora_config.values()
@@ -247,7 +251,9 @@ class RouterStats:
             root.register_forward_pre_hook(self._enter, with_kwargs=True),
             root.register_forward_hook(self._leave, always_call=True),
         ]
-        self._handles += [m.register_forward_hook(self._observe(n)) for n, m in self.layers.items()]
+        self._handles += [
+            cast(nn.Module, m).register_forward_hook(self._observe(n)) for n, m in self.layers.items()
+        ]
 
     # hooks
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -258,8 +264,10 @@ class RouterStats:
         self._mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         call = next(iter(self.layers.values())).routing_state.call
         ids = call.task_ids if self._task is None and call is not None else None
-        if self._task is not None or ids is not None:
-            self.num_tasks = max(self.num_tasks, self._task + 1 if ids is None else _check_task_ids(ids, 0))
+        if self._task is not None:
+            self.num_tasks = max(self.num_tasks, self._task + 1)
+        elif ids is not None:
+            self.num_tasks = max(self.num_tasks, _check_task_ids(ids, 0))
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._depth = max(0, self._depth - 1)
@@ -267,14 +275,14 @@ class RouterStats:
             self._mask = None
 
     def _observe(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        def hook(module: Any, args: tuple, output: Any) -> None:
             if self._depth and not (module.disable_adapters or module.merged) and args:
                 with torch.no_grad():
                     self._add(name, module, args[0])
 
         return hook
 
-    def _add(self, name: str, layer: nn.Module, x: Tensor) -> None:
+    def _add(self, name: str, layer: AsymLoraLayer, x: Tensor) -> None:
         call = layer.routing_state.call or RoutingCall()
         tokens = RoutingCall(attention_mask=self._mask if self._mask is not None else call.attention_mask)
         mask = tokens.token_mask(x)  # (batch, seq) or None
@@ -283,11 +291,12 @@ class RouterStats:
             ids = torch.full(x.shape[:-1], self._task, dtype=torch.long, device=x.device)
         elif x.dim() >= 2 and (rows := call.task_ids_for(x.shape[0], flat_tokens=x.dim() == 2)) is not None:
             ids = rows.to(x.device).view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        routers = getattr(layer, ROUTER_ATTR)  # set per adapter by the layer's update_layer
         for adapter in layer.active_adapters:
             cfg = layer.asymlora_config.get(adapter)
             if cfg is None or cfg.router not in ROUTED or not get_method(cfg.method).uses_router:
                 continue
-            probs = router_probs(x, layer.asymlora_router[adapter])
+            probs = router_probs(x, routers[adapter])
             gate = (topk_gate(probs, cfg.top_k) if cfg.router == "topk" else probs).reshape(
                 -1, cfg.num_experts
             )
@@ -344,7 +353,7 @@ class RouterStats:
         Returns it. Raises ValueError when an extra key would replace one of these.
         """
         layers = self.summary()
-        record = {"step": int(step), "phase": phase, "time": round(time.time(), 3), "tasks": self.task_names,
+        record: dict[str, Any] = {"step": int(step), "phase": phase, "time": round(time.time(), 3), "tasks": self.task_names,
                   "layers": layers, "collapsed": [f"{e['module']} ({e['adapter']})" for e in layers if e["collapsed"]]}  # fmt: skip
         for key in extra:
             if key in record:
@@ -462,12 +471,6 @@ def read_router_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 # --- figures -------------------------------------------------------------------------------------------------
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
 def _final(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The evaluation record if there is one, else the last training record."""
     evals = [r for r in records if r["phase"] == "eval"]
@@ -485,7 +488,7 @@ def plot_router_usage(records: Sequence[dict[str, Any]], out_png: str | os.PathL
     cols = min(6, len(layers))
     rows = math.ceil(len(layers) / cols)
     n_tasks, n_exp = len(layers[0]["usage"]), layers[0]["num_experts"]
-    fig = _figure(1.2 + cols * (0.5 + 0.45 * n_exp), 1.0 + rows * (0.8 + 0.35 * n_tasks))
+    fig = new_figure(1.2 + cols * (0.5 + 0.45 * n_exp), 1.0 + rows * (0.8 + 0.35 * n_tasks))
     axes = fig.subplots(rows, cols, squeeze=False)
     names = rec.get("tasks") or []
     top = max(v for e in layers for row in e["usage"] if row is not None for v in row)  # one colour scale
@@ -534,7 +537,7 @@ def plot_router_load(records: Sequence[dict[str, Any]], out_png: str | os.PathLi
         raise ValueError("no training record with routed tokens to plot")
     train.sort(key=lambda r: r["step"])
     steps = [r["step"] for r in train]
-    fig = _figure(11, 4)
+    fig = new_figure(11, 4)
     ax_l, ax_m = fig.subplots(1, 2)
     n_exp = max(len(e["load"]) for r in train for e in r["layers"] if e.get("load"))
     for i in range(n_exp):
@@ -556,7 +559,7 @@ def plot_router_load(records: Sequence[dict[str, Any]], out_png: str | os.PathLi
     ax_m.set(xlabel="training step", ylabel="max_i load_i", ylim=(0, 1.02),
              title=f"Largest load per layer ({len(modules)} layers)")  # fmt: skip
     ax_m.legend(fontsize=7)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # optional at import time (see figures.new_figure)
 
     for ax in (ax_l, ax_m):
         ax.grid(alpha=0.3)

@@ -26,7 +26,7 @@ norms Frobenius):
 
 asymlora layers (roles from `asymlora.roles.adapter_tensors`, expert factors from the method) and plain
 peft LoRA layers (``peft.tuners.lora.LoraLayer`` with linear factors) are both traced.
-`asymlora.analysis.report.plot_traces` draws a trace file.
+`asymlora.analysis.figures.plot_traces` draws a trace file.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class _Layer:
     module: str
     adapter: str
     method: str
-    layer: nn.Module
+    layer: Any  # an AsymLoraLayer or a peft LoraLayer: per-adapter attributes are set at run time
     a_names: dict[str, str]  # qualified parameter name -> method tensor name (A role)
     b_names: dict[str, str]  # qualified parameter name -> method tensor name (B role)
     params: dict[str, Tensor]  # qualified parameter name -> parameter
@@ -94,19 +94,20 @@ def _traced_layers(model: nn.Module, adapter_name: str | None) -> list[_Layer]:
             continue
         key = (t.module, t.adapter)
         if key not in layers:
-            layer = model.get_submodule(t.module)
+            layer: Any = model.get_submodule(t.module)
             cfg = layer.asymlora_config[t.adapter]
             layers[key] = _Layer(t.module, t.adapter, cfg.method, layer, {}, {}, {}, peft_lora=False)
         entry = layers[key]
         (entry.a_names if t.role == Role.A else entry.b_names)[t.name] = t.tensor
         entry.params[t.name] = t.param
-    for module_name, layer in model.named_modules():
-        if not isinstance(layer, LoraLayer):
+    for module_name, lora in model.named_modules():
+        if not isinstance(lora, LoraLayer):
             continue
-        for adapter in layer.lora_A:
+        for adapter in lora.lora_A:
+            lora_a, lora_b = lora.lora_A[adapter], lora.lora_B[adapter]
             if adapter_name is not None and adapter != adapter_name:
                 continue
-            if not isinstance(layer.lora_A[adapter], nn.Linear):
+            if not (isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)):
                 continue
             a_name = f"{module_name}.lora_A.{adapter}.weight"
             b_name = f"{module_name}.lora_B.{adapter}.weight"
@@ -114,10 +115,10 @@ def _traced_layers(model: nn.Module, adapter_name: str | None) -> list[_Layer]:
                 module_name,
                 adapter,
                 "lora (peft)",
-                layer,
+                lora,
                 {a_name: "A"},
                 {b_name: "B"},
-                {a_name: layer.lora_A[adapter].weight, b_name: layer.lora_B[adapter].weight},
+                {a_name: lora_a.weight, b_name: lora_b.weight},
                 peft_lora=True,
             )
     return list(layers.values())

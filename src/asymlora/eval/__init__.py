@@ -10,7 +10,8 @@ Quick start::
     print(format_table({"alora": per_task}, primary, [task.name for task in tasks]))
 
 See :mod:`asymlora.eval.scoring` for how sequences are scored, :mod:`asymlora.eval.metrics` for
-the metrics and their registry, and :mod:`asymlora.eval.report` for Δm% and per-metric averages.
+the metrics and their registry, :mod:`asymlora.eval.report` for Δm%, per-metric averages and the
+markdown table writer, and :mod:`asymlora.eval.stats` for intervals, paired tests and the one ``std``.
 """
 
 from asymlora.eval.metrics import (
@@ -33,6 +34,7 @@ from asymlora.eval.report import (
     MIXED,
     delta_m,
     format_table,
+    markdown_table,
     per_metric_means,
     plot_results,
     primary_values,
@@ -63,6 +65,7 @@ __all__ = [
     "exact_match",
     "format_table",
     "greedy_generate",
+    "markdown_table",
     "metric_choices",
     "metric_notes",
     "model_device",

@@ -142,7 +142,9 @@ def detect_rule(labels: Iterable[str]) -> str:
     families = {label_family(value) for value in values}
     if None not in families:
         if len(families) > 1:
-            raise ExtractionError(f"labels mix the answer formats {sorted(families)}; one test set has one")
+            raise ExtractionError(
+                f"labels mix the answer formats {sorted(f for f in families if f is not None)}; one test set has one"
+            )
         return ANSWER_WORD
     if all(value in _LETTER_LABELS for value in values):
         return ANSWER_LETTER
@@ -205,6 +207,7 @@ def answer_letter_accuracy(predictions: Sequence[str], references: Sequence[Any]
 
 @lru_cache(maxsize=1)
 def _unstemmed_scorer() -> Any:
+    # imported on first use: ~1.2 s (it loads nltk), and only FLAN-style tasks need it
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
+import sacrebleu
+
 from asymlora.data.tasks import (
     METRIC_ACCURACY,
     METRIC_BLEU,
@@ -140,7 +142,7 @@ def exact_match_score(predictions: Sequence[str], references: References) -> dic
 
 @lru_cache(maxsize=1)
 def _scorer() -> Any:
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # imported on first use: ~1.2 s (nltk), and most runs score no ROUGE
 
     return rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
 
@@ -150,7 +152,7 @@ def _sentence_tokenizer() -> Any:
     # The Punkt algorithm behind nltk.sent_tokenize (what rouge-score's split_summaries calls),
     # without its trained English model: that one is a separate download, which these machines
     # cannot make, and a result must not depend on whether it happens to be installed.
-    from nltk.tokenize.punkt import PunktSentenceTokenizer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer  # on first use: importing nltk takes ~1.2 s
 
     return PunktSentenceTokenizer()
 
@@ -210,8 +212,6 @@ def bleu_score(predictions: Sequence[str], references: References) -> dict[str, 
     Raises:
         ValueError: the two lists differ in length, or an example has no reference.
     """
-    import sacrebleu
-
     lists = _reference_lists(predictions, references)
     if not lists:
         return {METRIC_BLEU: 0.0}
@@ -332,8 +332,10 @@ def score_generations(
     for owner in owners:
         compute = METRICS[owner].compute
         assert compute is not None
-        raw = METRICS[owner].raw and raw_predictions is not None
-        results.update(compute(raw_predictions if raw else predictions, references))
+        use_raw = METRICS[owner].raw and raw_predictions is not None
+        results.update(
+            compute(raw_predictions if use_raw and raw_predictions is not None else predictions, references)
+        )
     return results
 
 
@@ -390,10 +392,10 @@ def apply_metric_choices(
         wanted[by_key[key]] = metric
     out = []
     for task in tasks:
-        metric = wanted.get(task.name)
-        if metric is None:
+        chosen = wanted.get(task.name)
+        if chosen is None:
             out.append(task)
             continue
-        check_metric(task.name, task.kind, metric)
-        out.append(replace(task, metrics=list(dict.fromkeys([metric, *task.metrics])), metric_note=None))
+        check_metric(task.name, task.kind, chosen)
+        out.append(replace(task, metrics=list(dict.fromkeys([chosen, *task.metrics])), metric_note=None))
     return out

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.eval.metrics import primary_metric
-from asymlora.eval.stats import format_interval
+from asymlora.eval.stats import format_interval, std
 
 __all__ = [
     "MIXED",
     "average_label",
     "delta_m",
     "format_table",
+    "markdown_table",
     "per_metric_means",
     "plot_results",
     "primary_values",
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 MISSING = "–"
 MIXED = "mean of mixed metrics"
 """Label of an average over tasks whose primary metrics differ."""
+STD_DDOF = 0
+"""The std over the tasks of one run is the population std (every task is in the population)."""
 
 
 def _primary_of(task: str, metrics: Mapping[str, float], primary: Mapping[str, str]) -> str:
@@ -119,7 +122,7 @@ def summarize(
     *,
     metric_notes: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Average, population std and worst task of the primary metric, per-metric means, and Δm%.
+    """Average, population std (``std_ddof`` = 0) and worst task of the primary metric, per-metric means, Δm%.
 
     Args:
         per_task: ``{task: {metric: value}}`` (as returned by :func:`~asymlora.eval.evaluate_tasks`).
@@ -131,7 +134,7 @@ def summarize(
 
     Returns:
         ``{"average": float, "average_of": "mean <metric>" | "mean of mixed metrics",
-        "per_metric": {metric: {"average": float, "tasks": [str]}}, "std": float,
+        "per_metric": {metric: {"average": float, "tasks": [str]}}, "std": float, "std_ddof": 0,
         "worst": {"task": str, "value": float}, "delta_m": float | None,
         "primary": {task: metric}, "metric_notes": {task: str}, "notes": [str]}``.
 
@@ -143,7 +146,6 @@ def summarize(
     names = {task: _primary_of(task, metrics, primary) for task, metrics in per_task.items()}
     values = {task: float(per_task[task][name]) for task, name in names.items()}
     average = sum(values.values()) / len(values)
-    std = math.sqrt(sum((v - average) ** 2 for v in values.values()) / len(values))
     worst_task = min(values, key=values.__getitem__)
     dm, notes = delta_m(values, baselines)
     declared = {task: note for task, note in (metric_notes or {}).items() if task in per_task}
@@ -151,7 +153,8 @@ def summarize(
         "average": average,
         "average_of": average_label(names.values()),
         "per_metric": per_metric_means(values, names),
-        "std": std,
+        "std": std(list(values.values()), STD_DDOF),
+        "std_ddof": STD_DDOF,
         "worst": {"task": worst_task, "value": values[worst_task]},
         "delta_m": dm,
         "primary": names,
@@ -213,6 +216,20 @@ def _row_cells(
     return cells, summary
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table: the first column left-aligned (names), the others right-aligned (numbers).
+
+    Raises:
+        ValueError: a row whose number of cells differs from the header's.
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"a table row has {len(row)} cells for {len(header)} columns: {list(row)}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def _per_metric_table(
     summaries: Mapping[str, dict[str, Any] | None], metrics: Mapping[str, str]
 ) -> list[str]:
@@ -220,17 +237,15 @@ def _per_metric_table(
     order = [metric for metric in dict.fromkeys(metrics.values()) if metric != "auto"]
     counts = {metric: sum(name == metric for name in metrics.values()) for metric in order}
     header = ["method", *(f"{m} ({counts[m]} task{'s' * (counts[m] > 1)})" for m in order)]
-    lines = [
-        "Per-metric averages (mean over the tasks scored by each metric):",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * len(order)) + "|",
-    ]
+    rows = []
     for method, summary in summaries.items():
         means = (summary or {}).get("per_metric", {})
-        cells = [_fmt(means[m]["average"]) if m in means else MISSING for m in order]
-        lines.append("| " + " | ".join([method, *cells]) + " |")
-    return lines
+        rows.append([method, *(_fmt(means[m]["average"]) if m in means else MISSING for m in order)])
+    return [
+        "Per-metric averages (mean over the tasks scored by each metric):",
+        "",
+        *markdown_table(header, rows),
+    ]
 
 
 def format_table(
@@ -268,16 +283,13 @@ def format_table(
     mixed = label == MIXED
     average = MIXED if mixed else f"average ({label.removeprefix('mean ')})"
     header = ["method", *(f"{task} ({metrics[task]})" for task in tasks), average, "std", "worst", "Δm%"]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
-    ]
     summaries: dict[str, dict[str, Any] | None] = {}
+    cells: list[list[str]] = []
     for method, per_task in rows.items():
         ivs = (intervals or {}).get(method)
-        cells, summaries[method] = _row_cells(per_task, primary, tasks, baselines, ivs)
-        lines.append("| " + " | ".join([method, *cells]) + " |")
-    lines.append("")
+        row, summaries[method] = _row_cells(per_task, primary, tasks, baselines, ivs)
+        cells.append([method, *row])
+    lines = [*markdown_table(header, cells), ""]
     if mixed:
         lines += [*_per_metric_table(summaries, metrics), ""]
     lines.append(
@@ -326,13 +338,12 @@ def _error_bars(
     bounds += [None] * (len(heights) - len(bounds))
     below, above = [], []
     for height, bound in zip(heights, bounds, strict=True):
-        ok = (
-            bool(bound)
-            and bound.get("low") is not None
-            and math.isclose(bound["value"], height, abs_tol=1e-9)
-        )
-        below.append(max(0.0, height - bound["low"]) if ok else 0.0)
-        above.append(max(0.0, bound["high"] - height) if ok else 0.0)
+        if bound and bound.get("low") is not None and math.isclose(bound["value"], height, abs_tol=1e-9):
+            below.append(max(0.0, height - bound["low"]))
+            above.append(max(0.0, bound["high"] - height))
+        else:
+            below.append(0.0)
+            above.append(0.0)
     return [below, above]
 
 
@@ -354,6 +365,7 @@ def plot_results(
     Returns:
         The path written.
     """
+    # matplotlib is loaded only when a chart is drawn (a run that writes no figure never imports it)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

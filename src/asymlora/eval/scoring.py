@@ -32,12 +32,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationConfig
 
 from asymlora import distributed
 from asymlora.data.collate import IGNORE_INDEX, encode_example
 from asymlora.data.tasks import Example, Task
 from asymlora.eval.metrics import score_generations
 from asymlora.eval.stats import example_key
+from asymlora.progress import bar as progress_bar
+from asymlora.tuner.peft_model import AsymLoraModelForCausalLM
 
 __all__ = [
     "accepts_task_ids",
@@ -71,8 +74,6 @@ def model_device(model: Any) -> torch.device:
 
 def accepts_task_ids(model: Any) -> bool:
     """Whether ``model``'s forward and generate take ``task_ids`` (an asymlora peft model)."""
-    from asymlora.tuner.peft_model import AsymLoraModelForCausalLM
-
     return isinstance(model, AsymLoraModelForCausalLM)
 
 
@@ -122,6 +123,17 @@ def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
     for n, seq in enumerate(seqs):
         ids[n, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[n, : len(seq)] = 1
+    return ids, mask
+
+
+def _pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (len(seqs), longest): the sequences left-padded with ``pad_id``, mask 1 on tokens."""
+    length = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for n, seq in enumerate(seqs):
+        ids[n, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[n, length - len(seq) :] = 1
     return ids, mask
 
 
@@ -206,18 +218,7 @@ def option_loglikelihoods(
     """
     _check_batch_size(batch_size)
     _check_task_id(model, task_id)
-    limit = NO_LIMIT if max_length is None else max_length
-    sequences: list[tuple[list[int], int]] = []
-    owners: list[tuple[int, int]] = []
-    for i, example in enumerate(examples):
-        if not example.options:
-            raise ValueError(
-                f"example {i} ({example.prompt[:60]!r}…) has no options; it is not a choice example"
-            )
-        for j in range(len(example.options)):
-            sequences.append(_option_sequence(tokenizer, example, j, limit))
-            owners.append((i, j))
-
+    sequences, owners = _option_sequences(tokenizer, examples, NO_LIMIT if max_length is None else max_length)
     scores: list[list[float]] = [[0.0] * len(example.options or []) for example in examples]
     pad_id = _pad_id(tokenizer)
     if share_prompt and _supports_cache(model) and _same_prompts(sequences, owners):
@@ -232,6 +233,23 @@ def option_loglikelihoods(
     for (i, j), value in zip(owners, flat, strict=True):
         scores[i][j] = value
     return scores
+
+
+def _option_sequences(
+    tokenizer: Any, examples: Sequence[Example], max_length: int
+) -> tuple[list[tuple[list[int], int]], list[tuple[int, int]]]:
+    """Every (example, option) sequence as (ids, first option position), and its (example, option) index."""
+    sequences: list[tuple[list[int], int]] = []
+    owners: list[tuple[int, int]] = []
+    for i, example in enumerate(examples):
+        if not example.options:
+            raise ValueError(
+                f"example {i} ({example.prompt[:60]!r}…) has no options; it is not a choice example"
+            )
+        for j in range(len(example.options)):
+            sequences.append(_option_sequence(tokenizer, example, j, max_length))
+            owners.append((i, j))
+    return sequences, owners
 
 
 def _supports_cache(model: Any) -> bool:
@@ -262,6 +280,65 @@ def _group_by_example(
     return [groups[i] for i in sorted(groups)]
 
 
+def _chunks(groups: Sequence[tuple[list[int], list[list[int]]]], batch_size: int) -> list[list[int]]:
+    """Example indexes, longest prompt first, in chunks of at most ``batch_size`` options (one example at least)."""
+    order = sorted(range(len(groups)), key=lambda g: len(groups[g][0]), reverse=True)
+    chunks: list[list[int]] = []
+    for g in order:
+        if chunks and sum(len(groups[h][1]) for h in chunks[-1]) + len(groups[g][1]) <= batch_size:
+            chunks[-1].append(g)
+        else:
+            chunks.append([g])
+    return chunks
+
+
+def _prompt_pass(
+    model: Any, prompts: Sequence[list[int]], *, pad_id: int, task_id: int | None, keep_logits: bool
+) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Run left-padded prompts once: (log-probs of the next token (prompts, vocab), KV cache, mask)."""
+    device = model_device(model)
+    input_ids, attention = _pad_left(prompts, pad_id)
+    attention = attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    kwargs: dict[str, Any] = _task_kwargs(task_id, len(prompts), device)
+    if keep_logits:
+        kwargs["logits_to_keep"] = 1
+    first = model(input_ids=input_ids.to(device), attention_mask=attention, position_ids=positions,
+                  use_cache=True, **kwargs)  # fmt: skip
+    return F.log_softmax(first.logits[:, -1].float(), dim=-1), first.past_key_values, attention
+
+
+def _option_tail(
+    model: Any,
+    cache: Any,
+    attention: torch.Tensor,
+    select: torch.Tensor,
+    option_ids: torch.Tensor,
+    option_mask: torch.Tensor,
+    task_id: int | None,
+) -> torch.Tensor:
+    """Summed log-probs of option tokens 2.. (options of 2+ tokens), fed on top of their prompt's cache.
+
+    ``select``: the prompt row of each option; ``option_ids``/``option_mask``: (options, width), right-padded.
+    """
+    device = option_ids.device
+    width = option_ids.shape[1]
+    cache.reorder_cache(select)
+    # feed each option's tokens but its last; logit k predicts option token k + 1
+    rest = model(
+        input_ids=option_ids[:, : width - 1],
+        attention_mask=torch.cat([attention[select], option_mask[:, : width - 1]], dim=-1),
+        position_ids=attention.sum(-1)[select][:, None] + torch.arange(width - 1, device=device)[None, :],
+        past_key_values=cache,
+        use_cache=True,
+        **_task_kwargs(task_id, len(select), device),
+    ).logits
+    rest_lp = F.log_softmax(rest.float(), dim=-1)
+    token_lp = rest_lp.gather(-1, option_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    scored = option_mask[:, 1:].bool()
+    return torch.where(scored, token_lp, torch.zeros_like(token_lp)).sum(-1)
+
+
 def _score_shared(
     model: Any,
     groups: Sequence[tuple[list[int], list[list[int]]]],
@@ -285,62 +362,20 @@ def _score_shared(
     for _, options in groups:
         offsets.append(offsets[-1] + len(options))
     out = [0.0] * offsets[-1]
-    order = sorted(range(len(groups)), key=lambda g: len(groups[g][0]), reverse=True)
-    chunks: list[list[int]] = []
-    for g in order:
-        if chunks and sum(len(groups[h][1]) for h in chunks[-1]) + len(groups[g][1]) <= batch_size:
-            chunks[-1].append(g)
-        else:
-            chunks.append([g])
     with _eval_mode(model):
-        for chunk in chunks:
-            prompts = [groups[g][0] for g in chunk]
-            length = max(len(ids) for ids in prompts)
-            input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(chunk), length), dtype=torch.long)
-            for r, ids in enumerate(prompts):
-                input_ids[r, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention[r, length - len(ids) :] = 1
-            attention = attention.to(device)
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)
-            kwargs: dict[str, Any] = _task_kwargs(task_id, len(chunk), device)
-            if keep_logits:
-                kwargs["logits_to_keep"] = 1
-            first = model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention,
-                position_ids=positions,
-                use_cache=True,
-                **kwargs,
+        for chunk in _chunks(groups, batch_size):
+            first_lp, cache, attention = _prompt_pass(
+                model, [groups[g][0] for g in chunk], pad_id=pad_id, task_id=task_id, keep_logits=keep_logits
             )
-            first_lp = F.log_softmax(first.logits[:, -1].float(), dim=-1)  # (prompts, vocab)
-            cache = first.past_key_values
-
             rows = [(r, option) for r, g in enumerate(chunk) for option in groups[g][1]]
             row_of = torch.tensor([r for r, _ in rows], dtype=torch.long, device=device)
             option_ids, option_mask = _pad_right([option for _, option in rows], pad_id)
-            width = option_ids.shape[1]
             option_ids, option_mask = option_ids.to(device), option_mask.to(device)
             sums = first_lp[row_of, option_ids[:, 0]]
             multi = (option_mask.sum(-1) > 1).nonzero().squeeze(-1)  # options of 2+ tokens
             if multi.numel():
-                # feed each option's tokens but its last; logit k predicts option token k + 1
-                select = row_of[multi]
-                cache.reorder_cache(select)
-                feed_mask = option_mask[multi, : width - 1]
-                rest = model(
-                    input_ids=option_ids[multi, : width - 1],
-                    attention_mask=torch.cat([attention[select], feed_mask], dim=-1),
-                    position_ids=attention.sum(-1)[select][:, None]
-                    + torch.arange(width - 1, device=device)[None, :],
-                    past_key_values=cache,
-                    use_cache=True,
-                    **_task_kwargs(task_id, len(multi), device),
-                ).logits
-                rest_lp = F.log_softmax(rest.float(), dim=-1)
-                token_lp = rest_lp.gather(-1, option_ids[multi, 1:].unsqueeze(-1)).squeeze(-1)
-                scored = option_mask[multi, 1:].bool()
-                sums[multi] += torch.where(scored, token_lp, torch.zeros_like(token_lp)).sum(-1)
+                sums[multi] += _option_tail(model, cache, attention, row_of[multi], option_ids[multi],
+                                            option_mask[multi], task_id)  # fmt: skip
             flat_index = [offsets[g] + k for g in chunk for k in range(len(groups[g][1]))]
             for index, value in zip(flat_index, sums.tolist(), strict=True):
                 out[index] = float(value)
@@ -418,8 +453,6 @@ def greedy_generate(
     Returns:
         One string per example, in the order of ``examples``.
     """
-    from transformers import GenerationConfig
-
     _check_batch_size(batch_size)
     _check_task_id(model, task_id)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -437,13 +470,8 @@ def greedy_generate(
     texts = [""] * len(prompts)
     with _eval_mode(model):
         for chunk in _batches(order, batch_size):
-            length = max(len(prompts[k]) for k in chunk)
-            input_ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-            attention = torch.zeros((len(chunk), length), dtype=torch.long)
-            for r, k in enumerate(chunk):
-                ids = prompts[k]
-                input_ids[r, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention[r, length - len(ids) :] = 1
+            input_ids, attention = _pad_left([prompts[k] for k in chunk], pad)
+            length = input_ids.shape[1]
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
@@ -478,11 +506,9 @@ def _task_bar(
     if desc is None:
         yield None
         return
-    from asymlora import progress
-
     choice = kind == "choice"
     total = sum(len(example.options or []) for example in examples) if choice else len(examples)
-    with progress.bar(desc=desc, total=total, unit="option" if choice else "example", leave=False) as bar:
+    with progress_bar(desc=desc, total=total, unit="option" if choice else "example", leave=False) as bar:
         yield bar.update
 
 
@@ -513,8 +539,7 @@ def evaluate_task(
       unstemmed ROUGE; :mod:`asymlora.eval.extract`), on the whole generation.
 
     Args:
-        task_id: the task's index for task-routed adapters, or None (see
-            :func:`option_loglikelihoods`).
+        task_id: the task's index for task-routed adapters, or None (see :func:`option_loglikelihoods`).
         max_examples: score only the first ``max_examples`` examples of the split.
         max_length: cut long prompts from the left (as training does); None: no cut.
         split: ``"test"`` (default) or ``"train"``.
@@ -524,14 +549,41 @@ def evaluate_task(
             sequences of a choice task or the completed examples of a generative one (off under
             ``asymlora --quiet``, :mod:`asymlora.progress`).
 
-    Inside a multi-process run (``torchrun``; :mod:`asymlora.distributed`) every process must call this: each
-    scores its share of the examples and all get the gathered result.
+    Under ``torchrun`` (:mod:`asymlora.distributed`) every process calls this and scores its share of the
+    examples; all get the gathered result.
 
     Returns:
         The metrics (means over the examples), plus ``n`` (the number of examples scored), all as
         floats; with ``with_examples``, ``(metrics, rows)`` with one row per example, in split
         order: ``{"index": i, "key": stats.example_key(...), "scores": {metric: value}}``.
     """
+    examples = _split_examples(task, split, max_examples)
+    started = time.perf_counter()
+    if task.kind == "choice":
+        scores = _sharded(option_loglikelihoods, model, tokenizer, examples, progress, task.kind,
+                          task_id=task_id, batch_size=batch_size, max_length=max_length)  # fmt: skip
+        results, per_example = _choice_results(examples, scores)
+    else:
+        predictions = _sharded(greedy_generate, model, tokenizer, examples, progress, task.kind, task_id=task_id,
+                               batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length)  # fmt: skip
+        results, per_example = _generation_results(examples, predictions, task.metrics)
+    results["n"] = float(len(examples))
+    logger.info("evaluated %s (%d examples, task_id=%s) in %.1f s: %s", task.name, len(examples), task_id,
+                time.perf_counter() - started, {k: round(v, 4) for k, v in results.items()})  # fmt: skip
+    return (results, _example_rows(examples, per_example)) if with_examples else results
+
+
+def _example_rows(examples: Sequence[Example], per_example: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """One row per example: ``{"index", "key" (stats.example_key), "scores": {metric: value}}``."""
+    return [
+        {"index": i, "key": example_key(e.prompt, e.target, e.options),
+         "scores": {m: v[i] for m, v in per_example.items()}}
+        for i, e in enumerate(examples)
+    ]  # fmt: skip
+
+
+def _split_examples(task: Task, split: str, max_examples: int | None) -> list[Example]:
+    """The first ``max_examples`` examples of the task's split (all with None), checked."""
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
     examples = list(getattr(task, split))
@@ -541,49 +593,51 @@ def evaluate_task(
         examples = examples[:max_examples]
     if not examples:
         raise ValueError(f"task {task.name!r} has no {split} example to evaluate")
-    started = time.perf_counter()
-    per_example: dict[str, list[float]]
-    # Under torchrun each process scores every world-th example; the outputs are gathered in split order.
+    return examples
+
+
+def _sharded(
+    score: Callable[..., list[Any]],
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    desc: str | None,
+    kind: str,
+    **kwargs: Any,
+) -> list[Any]:
+    """``score(model, tokenizer, examples, **kwargs)`` per example, in split order.
+
+    Under torchrun each process scores every world-th example; the outputs are gathered in split order.
+    """
     mine = distributed.shard(examples)
-    with _task_bar(progress if distributed.is_main() else None, task.kind, mine) as on_progress:
-        if task.kind == "choice":
-            scores = option_loglikelihoods(model, tokenizer, mine, task_id=task_id, batch_size=batch_size,
-                                           max_length=max_length, on_progress=on_progress) if mine else []  # fmt: skip
-            scores = distributed.unshard(scores, len(examples))
-        else:
-            predictions = greedy_generate(model, tokenizer, mine, task_id=task_id, batch_size=batch_size,
-                                          max_new_tokens=max_new_tokens, max_length=max_length,
-                                          on_progress=on_progress) if mine else []  # fmt: skip
-            predictions = distributed.unshard(predictions, len(examples))
-    if task.kind == "choice":
-        hits: list[float] = []
-        for example, row in zip(examples, scores, strict=True):
-            best = max(range(len(row)), key=row.__getitem__)
-            options = example.options or []
-            hits.append(float(best == example.answer_index or options[best] in example.references))
-        per_example = {"accuracy": hits}
-        results = {"accuracy": sum(hits) / len(examples)}
-    else:
-        references = [example.references or [example.target] for example in examples]
-        raw = predictions
-        if not any("\n" in ref for refs in references for ref in refs):
-            predictions = [_first_line(text) for text in predictions]
-        results = score_generations(predictions, references, task.metrics, raw)
-        per_example = _per_example_scores(predictions, raw, references, task.metrics, results)
-    results["n"] = float(len(examples))
-    logger.info(
-        "evaluated %s (%d examples, task_id=%s) in %.1f s: %s",
-        task.name,
-        len(examples),
-        task_id,
-        time.perf_counter() - started,
-        {k: round(v, 4) for k, v in results.items()},
-    )
-    if with_examples:
-        rows = [{"index": i, "key": example_key(e.prompt, e.target, e.options),
-                 "scores": {m: v[i] for m, v in per_example.items()}} for i, e in enumerate(examples)]  # fmt: skip
-        return results, rows
-    return results
+    with _task_bar(desc if distributed.is_main() else None, kind, mine) as on_progress:
+        outputs = score(model, tokenizer, mine, on_progress=on_progress, **kwargs) if mine else []
+    return distributed.unshard(outputs, len(examples))
+
+
+def _choice_results(
+    examples: Sequence[Example], scores: Sequence[Sequence[float]]
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Accuracy (the argmax option is the answer or among the references) and each example's hit."""
+    hits: list[float] = []
+    for example, row in zip(examples, scores, strict=True):
+        best = max(range(len(row)), key=row.__getitem__)
+        options = example.options or []
+        hits.append(float(best == example.answer_index or options[best] in example.references))
+    return {"accuracy": sum(hits) / len(examples)}, {"accuracy": hits}
+
+
+def _generation_results(
+    examples: Sequence[Example], raw: list[str], metrics: Sequence[str]
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The generation metrics and each example's scores; completions are cut to their first non-empty
+    line when no reference spans several lines (the papers' extraction rules read the raw text)."""
+    references = [example.references or [example.target] for example in examples]
+    predictions = raw
+    if not any("\n" in ref for refs in references for ref in refs):
+        predictions = [_first_line(text) for text in raw]
+    results = score_generations(predictions, references, metrics, raw)
+    return results, _per_example_scores(predictions, raw, references, metrics, results)
 
 
 def _per_example_scores(

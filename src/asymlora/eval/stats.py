@@ -10,6 +10,8 @@ hand-written samplers:
 - the average over tasks and Δm% (docs/design.md §6): a *stratified* bootstrap, i.e. the examples
   of each task are resampled independently and the statistic recomputed
   (:func:`average_interval`, :func:`delta_m_interval`);
+- spread: :func:`std` is the one standard deviation of the package, with its ``ddof`` always stated
+  in the output (population std, ddof = 0, over tasks; sample std, ddof = 1, over seeds and repeats);
 - several seeds: mean ± sample std (ddof = 1), the per-seed values kept (:func:`seed_summary`);
 - two runs on the same test examples: a paired sign-flip permutation test and a paired bootstrap
   interval of the mean difference, per task and on the average over tasks (:func:`paired_test`,
@@ -42,11 +44,13 @@ __all__ = [
     "example_key",
     "format_interval",
     "metric_interval",
+    "nan_mean",
     "over_tasks_interval",
     "paired_average_test",
     "paired_test",
     "run_intervals",
     "seed_summary",
+    "std",
     "wilson_interval",
 ]
 
@@ -74,7 +78,7 @@ def example_key(prompt: str, target: str, options: Sequence[str] | None = None) 
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _array(scores: Sequence[float], what: str) -> np.ndarray:
+def _array(scores: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
     values = np.asarray(scores, dtype=float)
     if values.ndim != 1 or values.size == 0:
         raise ValueError(f"{what}: expected a non-empty list of per-example scores, got shape {values.shape}")
@@ -132,7 +136,7 @@ def _stratified_bootstrap(
 
 
 def bootstrap_interval(
-    scores: Sequence[float],
+    scores: Sequence[float] | np.ndarray,
     *,
     confidence: float = CONFIDENCE,
     n_resamples: int = N_BOOTSTRAP,
@@ -161,7 +165,7 @@ def metric_interval(scores: Sequence[float], metric: str, **kwargs: Any) -> dict
         low, high = wilson_interval(int(values.sum()), values.size, kwargs.get("confidence", CONFIDENCE))
         return _interval(values.mean(), low, high, "wilson", values.size)
     ci = bootstrap_interval(values, **kwargs)
-    return _interval(values.mean(), *(ci or (None, None)), "bootstrap", values.size)
+    return _interval(values.mean(), ci and ci[0], ci and ci[1], "bootstrap", values.size)
 
 
 def _per_task_arrays(per_task: Mapping[str, Sequence[float]], what: str) -> dict[str, np.ndarray]:
@@ -286,6 +290,30 @@ def delta_m_interval(
     return {**_interval(value, low, high, "stratified bootstrap", n), "tasks": used}
 
 
+def std(values: Sequence[float] | np.ndarray, ddof: int) -> float:
+    """Standard deviation √(Σ (v − mean)² / (n − ddof)) (``numpy.std``).
+
+    ``ddof=0``: population std (the spread of the tasks of one run: every task is in the population);
+    ``ddof=1``: sample std (seeds or repeats drawn from a larger population). Callers state the ddof
+    they used in their output.
+
+    Raises:
+        ValueError: ``ddof`` not 0 or 1, or no more than ``ddof`` values.
+    """
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 (population) or 1 (sample), got {ddof!r}")
+    array = np.asarray(values, dtype=float)
+    if array.ndim != 1 or array.size <= ddof:
+        raise ValueError(f"std with ddof={ddof} needs more than {ddof} values, got shape {array.shape}")
+    return float(np.std(array, ddof=ddof))
+
+
+def nan_mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are not None or NaN; None when there is none."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
 def seed_summary(values: Sequence[float]) -> dict[str, Any]:
     """Mean ± sample std (ddof = 1) of one score over seeds, with the per-seed values kept.
 
@@ -293,8 +321,8 @@ def seed_summary(values: Sequence[float]) -> dict[str, Any]:
         ``{"mean", "std" (None for one seed), "ddof": 1, "n_seeds", "values"}``.
     """
     array = _array(values, "seed_summary")
-    std = float(np.std(array, ddof=STD_DDOF)) if array.size > STD_DDOF else None
-    return {"mean": float(array.mean()), "std": std, "ddof": STD_DDOF, "n_seeds": int(array.size),
+    spread = std(array, STD_DDOF) if array.size > STD_DDOF else None
+    return {"mean": float(array.mean()), "std": spread, "ddof": STD_DDOF, "n_seeds": int(array.size),
             "values": [float(v) for v in array]}  # fmt: skip
 
 

@@ -20,7 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import peft
+import torch
+
+from asymlora.analysis.report import analyze
 from asymlora.config import ConfigError, TrainSettings, apply_overrides, from_dict
+from asymlora.data import MultiTaskCollator, MultiTaskDataset, Task, load_tasks
+from asymlora.io import atomic_dir
+from asymlora.models import load
+from asymlora.recipes.multitask import safe_name
+from asymlora.train import train
+from asymlora.tuner.config import AsymLoraConfig
+
+__all__ = ["DIFFERENT_SEEDS", "SAME_SEED", "InitSimilaritySettings", "plan", "run_init_similarity"]
 
 
 @dataclass
@@ -72,59 +84,67 @@ def plan(settings: InitSimilaritySettings) -> list[tuple[int, int]]:
     return [(t, first) for t in range(len(settings.tasks))] + [(0, s) for s in settings.seeds[1:]]
 
 
+def _train_one(
+    settings: InitSimilaritySettings, task: Task, seed: int, model: Any, tokenizer: Any, out: Path, label: str
+) -> Any:
+    """Train plain LoRA on ``task`` from ``seed``, save it to ``<out>/adapters/<label>``; returns the base
+    model with the adapter unloaded (for the next run)."""
+    torch.manual_seed(seed)  # the adapter's initialisation: identical A for runs of the same seed
+    # no base_model_name_or_path: peft records the directory the model was read from
+    cfg = AsymLoraConfig(method="lora", r=settings.r, lora_alpha=settings.lora_alpha,
+                         target_modules=settings.target_modules)  # fmt: skip
+    pm = peft.get_peft_model(model, cfg)
+    dataset = MultiTaskDataset([task], tokenizer, max_length=settings.max_length)
+    run_settings = dataclasses.replace(settings.train, seed=seed)
+    train(
+        pm, dataset, MultiTaskCollator(tokenizer), run_settings, out / "train" / safe_name(label), desc=label
+    )
+    with atomic_dir(out / "adapters" / safe_name(label), overwrite=True) as tmp:
+        pm.save_pretrained(str(tmp))
+    return pm.unload()
+
+
+def _pairs(settings: InitSimilaritySettings, labels: list[str]) -> list[tuple[str, str, str]]:
+    """The compared pairs: every two runs of the shared seed, every two runs of the first task."""
+    runs = list(zip(plan(settings), labels, strict=True))
+    first_seed = [lab for (_, s), lab in runs if s == settings.seeds[0]]
+    first_task = [lab for (t, _), lab in runs if t == 0]
+    pairs = [(a, b, SAME_SEED) for a, b in itertools.combinations(first_seed, 2)]
+    return pairs + [(a, b, DIFFERENT_SEEDS) for a, b in itertools.combinations(first_task, 2)]
+
+
 def run_init_similarity(out: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train the runs (skipping finished ones), analyse them, write ``<out>/analysis.json`` and figures."""
-    import peft
-    import torch
+    """Train the runs (skipping finished ones), analyse them, write ``<out>/analysis.json`` and figures.
 
-    from asymlora.analysis.report import analyze
-    from asymlora.data import MultiTaskCollator, MultiTaskDataset, load_tasks
-    from asymlora.io import atomic_dir
-    from asymlora.models import load
-    from asymlora.recipes.multitask import safe_name
-    from asymlora.train import train
-    from asymlora.tuner.config import AsymLoraConfig
+    Args:
+        out: the experiment directory (created; finished adapters under ``<out>/adapters/`` are kept).
+        overrides: ``key=value`` settings of `InitSimilaritySettings` (e.g. ``train.steps=20``).
 
+    Returns:
+        the analysis (`asymlora.analysis.analyze`), pairing kinds `SAME_SEED` and `DIFFERENT_SEEDS`.
+
+    Raises:
+        ConfigError: an unknown or invalid setting.
+    """
     settings = from_dict(InitSimilaritySettings, apply_overrides({}, overrides or [])).validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
     tasks = load_tasks(settings.tasks, seed=0, max_train=settings.max_train, max_test=1)
-    model, tokenizer = None, None
+    model: Any = None
+    tokenizer: Any = None
     labels, paths = [], []
     for task_index, seed in plan(settings):
         task = tasks[task_index]
         label = f"{task.name}@seed{seed}"
-        adapter_dir = out / "adapters" / safe_name(label)
         labels.append(label)
-        paths.append(adapter_dir)
-        if (adapter_dir / "adapter_config.json").is_file():
+        paths.append(out / "adapters" / safe_name(label))
+        if (paths[-1] / "adapter_config.json").is_file():
             print(f"{label}: already trained, kept")
             continue
         if model is None:
             model, tokenizer = load(settings.model)
-        torch.manual_seed(seed)  # the adapter's initialisation: identical A for runs of the same seed
-        # no base_model_name_or_path: peft records the directory the model was read from
-        cfg = AsymLoraConfig(method="lora", r=settings.r, lora_alpha=settings.lora_alpha,
-                             target_modules=settings.target_modules)  # fmt: skip
-        pm = peft.get_peft_model(model, cfg)
-        dataset = MultiTaskDataset([task], tokenizer, max_length=settings.max_length)
-        run_settings = dataclasses.replace(settings.train, seed=seed)
-        train(
-            pm,
-            dataset,
-            MultiTaskCollator(tokenizer),
-            run_settings,
-            out / "train" / safe_name(label),
-            desc=label,
-        )
-        with atomic_dir(adapter_dir, overwrite=True) as tmp:
-            pm.save_pretrained(str(tmp))
-        model = pm.unload()
-
-    first_seed = [lab for (t, s), lab in zip(plan(settings), labels, strict=True) if s == settings.seeds[0]]
-    first_task = [lab for (t, s), lab in zip(plan(settings), labels, strict=True) if t == 0]
-    pairs = [(a, b, SAME_SEED) for a, b in itertools.combinations(first_seed, 2)]
-    pairs += [(a, b, DIFFERENT_SEEDS) for a, b in itertools.combinations(first_task, 2)]
-    result = analyze(paths, out, labels=labels, pairs=pairs, expert_pairs=False, verbose=True)
-    return result
+        model = _train_one(settings, task, seed, model, tokenizer, out, label)
+    return analyze(
+        paths, out, labels=labels, pairs=_pairs(settings, labels), expert_pairs=False, verbose=True
+    )
