@@ -304,10 +304,6 @@ def list_task_names(scheme: str, location: str) -> list[str]:
         rows = [row for rows in _hf_row_splits(_open_dataset(location), location).values() for row in rows]
     elif scheme in ("json", "jsonl"):
         rows = read_json_rows(location)
-    elif scheme in ("llm-adapters", "feddpa"):
-        from asymlora.data.paper_formats import list_paper_task_names
-
-        return list_paper_task_names(scheme, location)
     else:
         raise DataError(f"'#*' only works with json:, jsonl: and hf: specs, not {scheme + ':'!r}")
     names = _names_in_order(rows)

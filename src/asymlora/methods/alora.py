@@ -21,17 +21,25 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method, rowwise_linear
+from asymlora.methods.base import (
+    AdapterMethod,
+    MethodConfig,
+    Role,
+    TensorSpec,
+    kaiming_,
+    register_method,
+    rowwise_linear,
+)
 
 
 class ALoRA(AdapterMethod):
     name = "alora"
 
-    def specs(self, cfg, d_in, d_out):
+    def specs(self, cfg: MethodConfig, d_in: int, d_out: int) -> dict[str, TensorSpec]:
         n, r = cfg.num_experts, cfg.r
         return {"A": TensorSpec((n, r, d_in), Role.A, expert_dim=0), "B": TensorSpec((d_out, r), Role.B)}
 
-    def init_(self, t, cfg):
+    def init_(self, t: dict[str, Tensor], cfg: MethodConfig) -> None:
         kaiming_(t["A"])  # one independent draw per expert
         t["B"].zero_()
 

@@ -16,21 +16,29 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method, rowwise_linear
+from asymlora.methods.base import (
+    AdapterMethod,
+    MethodConfig,
+    Role,
+    TensorSpec,
+    kaiming_,
+    register_method,
+    rowwise_linear,
+)
 from asymlora.methods.hydralora import concat_experts
 
 
 class MoLoRA(AdapterMethod):
     name = "molora"
 
-    def specs(self, cfg, d_in, d_out):
+    def specs(self, cfg: MethodConfig, d_in: int, d_out: int) -> dict[str, TensorSpec]:
         n, r = cfg.num_experts, cfg.r
         return {
             "A": TensorSpec((n, r, d_in), Role.A, expert_dim=0),
             "B": TensorSpec((n, d_out, r), Role.B, expert_dim=0),
         }
 
-    def init_(self, t, cfg):
+    def init_(self, t: dict[str, Tensor], cfg: MethodConfig) -> None:
         kaiming_(t["A"])
         t["B"].zero_()
 
