@@ -38,8 +38,20 @@ COMPONENTS = (
 )
 APPLICATION = ("asymlora.recipes", "asymlora.cli")
 
-# Cycles in modules still being restructured on other branches; the lead removes this skip after merging.
-REMAINING_ELSEWHERE: list[str] = []
+# Cycles and back-arrows in modules restructured on other branches this round (federated apps and config;
+# analysis.experiment moving to recipes). The lead empties these after merging, which enables the two strict tests.
+REMAINING_CYCLES: list[list[str]] = [
+    [
+        "asymlora.federated.client",
+        "asymlora.federated.client_app",
+        "asymlora.federated.config",
+        "asymlora.federated.partition",
+        "asymlora.federated.privacy",
+    ],
+]
+REMAINING_BACK_ARROWS: list[tuple[str, str]] = [
+    ("asymlora.analysis.experiment", "asymlora.recipes.multitask")
+]
 
 
 def module_name(path: Path) -> str:
@@ -81,9 +93,9 @@ def imports_of(module: str, path: Path, known: dict[str, Path]) -> set[str]:
         else:
             continue
         for target in targets:
-            if target.split(".")[0] == PACKAGE and (hit := _resolve(target, known)) is not None:
-                if hit != module:
-                    found.add(hit)
+            hit = _resolve(target, known) if target.split(".")[0] == PACKAGE else None
+            if hit is not None and hit != module:
+                found.add(hit)
     return found
 
 
@@ -190,14 +202,31 @@ def test_graph_sees_the_package():
     )
 
 
-@pytest.mark.skipif(bool(REMAINING_ELSEWHERE), reason=f"cycles left on other branches: {REMAINING_ELSEWHERE}")
+def _cycle_text(found: list[list[str]]) -> str:
+    return "\n".join(" <-> ".join(c) for c in found)
+
+
+@pytest.mark.skipif(bool(REMAINING_CYCLES), reason=f"cycles left on other branches: {REMAINING_CYCLES}")
 def test_no_import_cycles():
     found = cycles(import_graph())
-    assert not found, "import cycles among asymlora modules:\n" + "\n".join(" <-> ".join(c) for c in found)
+    assert not found, "import cycles among asymlora modules:\n" + _cycle_text(found)
 
 
+def test_no_new_import_cycles():
+    """Until the strict test is enabled: every cycle lies inside one of the known REMAINING_CYCLES."""
+    known = [set(c) for c in REMAINING_CYCLES]
+    new = [c for c in cycles(import_graph()) if not any(set(c) <= k for k in known)]
+    assert not new, "new import cycles among asymlora modules:\n" + _cycle_text(new)
+
+
+@pytest.mark.skipif(bool(REMAINING_BACK_ARROWS), reason=f"left on other branches: {REMAINING_BACK_ARROWS}")
 def test_components_do_not_import_recipes_or_cli():
     found = back_arrows(import_graph())
     assert not found, "components importing the application layer:\n" + "\n".join(
         f"{a} -> {b}" for a, b in found
     )
+
+
+def test_no_new_back_arrows():
+    new = [arrow for arrow in back_arrows(import_graph()) if arrow not in REMAINING_BACK_ARROWS]
+    assert not new, "components importing the application layer:\n" + "\n".join(f"{a} -> {b}" for a, b in new)

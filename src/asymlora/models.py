@@ -212,7 +212,7 @@ def build_gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
 
     bpe = tokenizer_models.BPE(
         vocab={token: index for index, token in enumerate(tokens)},
-        merges=[tuple(merge.split(" ", 1)) for merge in merges],
+        merges=[(left, right) for left, right in (merge.split(" ", 1) for merge in merges)],
         fuse_unk=False,
         byte_fallback=False,
     )
@@ -223,7 +223,8 @@ def build_gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
         ]
     )
-    backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    # tokenizers' stub declares ByteLevel() without arguments; the Rust class takes these three
+    backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)  # type: ignore[call-arg]
     backend.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True)
     specials = [
         AddedToken(token, special=True, normalized=False)
@@ -390,7 +391,7 @@ def _finalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "hf_quantizer", None) is None:  # a quantised model is placed by device_map
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' `to` wrapper is typed for PreTrainedModel only
     model.eval()
     return model, tokenizer
 

@@ -48,7 +48,7 @@ class ALoRA(AdapterMethod):
 
     def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
         h = h.unflatten(-1, t["A"].shape[:2])  # (..., N, r): A_i x for every i
-        z = (gate.unsqueeze(-1) * h).sum(-2)  # (..., r): Σ_i g_i A_i x
+        z = (self.required_gate(gate).unsqueeze(-1) * h).sum(-2)  # (..., r): Σ_i g_i A_i x
         return F.linear(z, t["B"])  # (..., d_out): one product with the shared B
 
     def task_factors(self, t, task):

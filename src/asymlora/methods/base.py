@@ -141,7 +141,19 @@ class AdapterMethod(ABC):
 
     def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
         """Fused adapter path before scaling. x: (..., d_in); gate: (..., N) broadcastable, or None."""
-        return self.combine(F.linear(x, self.x_side(t)), t, gate)
+        side = self.x_side(t)
+        if side is None:
+            raise NotImplementedError(f"method {self.name!r} has no x_side matrix, so it must override delta")
+        return self.combine(F.linear(x, side), t, gate)
+
+    def required_gate(self, gate: Tensor | None) -> Tensor:
+        """``gate`` itself; ValueError when a method that mixes experts is called without one."""
+        if gate is None:
+            raise ValueError(
+                f"method {self.name!r} mixes its experts with the router's gate (..., N), but the gate is None; "
+                "pass the gate, or use task_delta / routed_delta for task routing"
+            )
+        return gate
 
     @abstractmethod
     def task_factors(self, t: dict[str, Tensor], task: int) -> tuple[Tensor, Tensor]:

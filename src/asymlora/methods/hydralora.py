@@ -47,7 +47,7 @@ class HydraLoRA(AdapterMethod):
         return t["A"]  # (r, d_in)
 
     def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
-        u = gate.unsqueeze(-1) * h.unsqueeze(-2)  # (..., N, r): g_i A x
+        u = self.required_gate(gate).unsqueeze(-1) * h.unsqueeze(-2)  # (..., N, r): g_i A x
         return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
 
     def task_factors(self, t, task):

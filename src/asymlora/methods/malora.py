@@ -73,7 +73,7 @@ class MALoRA(AdapterMethod):
     def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
         p = t["A"]  # (N, r̂, d_sub)
         h = F.linear(h, p.flatten(0, 1)).unflatten(-1, p.shape[:2])  # (..., N, r̂): P_i S_A x
-        u = gate.unsqueeze(-1) * h
+        u = self.required_gate(gate).unsqueeze(-1) * h
         return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
 
     def task_factors(self, t, task):

@@ -46,7 +46,9 @@ class MoLoRA(AdapterMethod):
         return t["A"].flatten(0, 1)  # (N·r, d_in)
 
     def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
-        u = gate.unsqueeze(-1) * h.unflatten(-1, t["A"].shape[:2])  # (..., N, r): g_i A_i x
+        u = self.required_gate(gate).unsqueeze(-1) * h.unflatten(
+            -1, t["A"].shape[:2]
+        )  # (..., N, r): g_i A_i x
         return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
 
     def task_factors(self, t, task):
