@@ -87,7 +87,7 @@ def merge_task(model: nn.Module, task: int | str, adapter_name: str | None = Non
             layer.base_layer = _dequantized_linear(layer.get_base_layer(), delta, dtype)
         else:
             weight = base_weight(layer.get_base_layer())
-            weight += layer.in_weight_layout(delta).to(weight.dtype)
+            weight.add_(layer.in_weight_layout(delta).to(weight.dtype))
     return tuner.unload()  # what PeftModel.unload forwards to
 
 
@@ -111,7 +111,7 @@ def _dequantized_linear(base: nn.Module, delta: torch.Tensor, dtype: torch.dtype
 
         base.weight.data, state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
         base.weight.quant_state = state  # type: ignore[attr-defined]  # Params4bit's attribute, not Parameter's
-    weight = dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))
+    weight = dequantize_bnb_weight(base_weight(base), state=getattr(base, "state", None))
     linear = nn.Linear(base.in_features, base.out_features, base.bias is not None, weight.device, dtype)
     linear.requires_grad_(False)
     linear.weight.copy_(weight.float() + delta.to(weight.device))

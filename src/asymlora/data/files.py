@@ -246,7 +246,7 @@ def _looks_like_path(location: str) -> bool:
 def _open_dataset(location: str) -> Any:
     """``load_from_disk`` for an existing directory, ``load_dataset`` for a hub id."""
     try:
-        import datasets
+        import datasets  # optional extra (asymlora[hf]), and ~0.7 s to import
     except ImportError as error:
         raise DataError("hf: specs need the 'datasets' package: pip install 'asymlora[hf]'") from error
     path = Path(location).expanduser()
