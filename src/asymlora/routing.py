@@ -95,7 +95,9 @@ class RoutingCall:
     open: bool = True
     aux_losses: list[Tensor] = field(default_factory=list)
     aux_grad: Tensor | None = None
-    _rows: dict[tuple[int, torch.device, bool], tuple[Tensor, int | None]] = field(default_factory=dict, repr=False)
+    _rows: dict[tuple[int, torch.device, bool], tuple[Tensor, int | None]] = field(
+        default_factory=dict, repr=False
+    )
 
     def task_rows(
         self, batch: int, device: torch.device, flat_tokens: bool = False
