@@ -1,10 +1,10 @@
 """The package's import graph: no cycle among asymlora modules, and dependencies pointing one way.
 
-Components (methods, routing, tuner, data, io, eval, analysis, train, the federated strategies) are used by
-the recipes, which the CLI (and the server, asymlora.serve) uses; a component never imports a recipe,
-the CLI or the server. The graph is read with
-``ast`` from the source, so it sees imports inside functions and under ``if TYPE_CHECKING:`` as well as
-module-level ones: a cycle hidden in a function body is still a cycle of the design.
+Components (methods, routing, tuner, data, io, eval, analysis, train, the federated strategies, models,
+export, ...) are used by the recipes, which the CLI and the server (asymlora.serve) use; a component never
+imports a recipe, the CLI or the server. The graph is read with ``ast`` from the source, so it sees imports
+inside functions and under ``if TYPE_CHECKING:`` as well as module-level ones: a cycle hidden in a function
+body is still a cycle of the design.
 
 The graph counts the module an import names (``from asymlora.data import tasks`` -> ``asymlora.data.tasks``;
 ``from asymlora.data import Task`` -> ``asymlora.data``), not the parent packages Python also runs on the
