@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import peft
 import pytest
@@ -482,3 +483,24 @@ def test_router_fused_into_first_product_equals_separate_router(method: str) -> 
     layer.asymlora_dropout["default"].p = 0.0  # dropout module active but the identity: separate products
     separate = layer(x)
     torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["alora", "hydralora", "molora", "malora"])
+def test_mixing_methods_refuse_a_missing_gate(method: str) -> None:
+    """A method that mixes experts needs the router's gate: None is refused by name, not a TypeError deep inside."""
+    cfg = AsymLoraConfig(method=method, r=2, num_experts=2, target_modules=["q_proj"])
+    m = asymlora.get_method(method)
+    t = {name: torch.randn(spec.shape) for name, spec in m.specs(cfg, 8, 6).items()}
+    m.init_(t, cfg)
+    with pytest.raises(ValueError, match=f"method '{method}' mixes its experts"):
+        m.delta(torch.randn(3, 8), t, None)
+
+
+def test_method_config_protocol_is_all_methods_read() -> None:
+    """Methods depend on MethodConfig only: a plain object with its six fields lays out every method."""
+    cfg = AsymLoraConfig(method="malora", r=4, num_experts=2, target_modules=["q_proj"])
+    plain = SimpleNamespace(r=4, num_experts=2, intermediate_rank=16, beta=1.0,
+                            malora_subspace_rank=cfg.malora_subspace_rank, malora_expert_rank=cfg.malora_expert_rank)  # fmt: skip
+    for name, method in asymlora.METHODS.items():
+        shapes = {k: s.shape for k, s in method.specs(plain, 8, 6).items()}
+        assert shapes == {k: s.shape for k, s in method.specs(cfg, 8, 6).items()}, name

@@ -228,7 +228,7 @@ def test_math_mixture_rows_by_answer_kind(llm_root) -> None:
 
 
 def test_wildcard_lists_every_dataset(llm_root, feddpa_dir) -> None:
-    from asymlora.data.tasks import _expand_specs
+    from asymlora.data.loading import _expand_specs
 
     expanded = _expand_specs([f"llm-adapters:{llm_root}#*"])
     assert [s.rsplit("#", 1)[1] for s in expanded] == sorted(

@@ -76,6 +76,8 @@ def _is_batch(item: Any) -> bool:
 
 def _encode_texts(items: Sequence[Any], tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
     """Strings -> token ids (no special tokens added); Examples -> prompt + answer as in training."""
+    # asymlora.data is imported here, not at module level: it costs ~1 s (scipy, through asymlora.eval)
+    # and this module is part of `import asymlora`.
     from asymlora.data import DataError, Example, encode_example
 
     features = []
@@ -131,7 +133,7 @@ def calibration_batches(
     Raises:
         ValueError: no data, data of another task, a missing tokenizer, an item of an unknown type.
     """
-    from asymlora.data import MultiTaskCollator, Task
+    from asymlora.data import MultiTaskCollator, Task  # ~1 s import, see _encode_texts
 
     if calibration is None:
         raise ValueError(f"no calibration data given; {CALIBRATION_HELP}")
@@ -174,9 +176,26 @@ def _as_batch(batch: Mapping[str, Any]) -> dict[str, Tensor]:
 
 
 # --- gate averaging -------------------------------------------------------------------------------------
+def _module(layer: AsymLoraLayer) -> nn.Module:
+    # peft's tuner-layer mixin is no nn.Module for the type checker; every concrete asymlora layer is one
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"{type(layer).__name__} is not an nn.Module")
+    return layer
+
+
+def _gate(layer: AsymLoraLayer, name: str, x: Tensor) -> Tensor:
+    """The router's gate g(x), (..., N), of a soft/top-k routed layer (routed_config checked the router)."""
+    gate = layer.gate(name, x)
+    if gate is None:
+        raise ValueError(
+            f"adapter {name!r} has no learned router on this layer, so there is no gate to calibrate"
+        )
+    return gate
+
+
 @contextmanager
 def _hooks(layers: list[tuple[str, AsymLoraLayer]], make_hook) -> Iterator[None]:
-    handles = [layer.register_forward_hook(make_hook(name, layer)) for name, layer in layers]
+    handles = [_module(layer).register_forward_hook(make_hook(name, layer)) for name, layer in layers]
     try:
         yield
     finally:
@@ -210,17 +229,17 @@ def average_gates(
     """
     name, _ = routed_config(model, adapter_name)
     layers = _layers(model, name)
-    sums = {n: None for n, _ in layers}
+    sums: dict[str, Tensor] = {}
     tokens = 0
 
     def make_hook(lname: str, layer: AsymLoraLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             x = args[0]
             t = layer.tensors(name)
-            gate = layer.gate(name, layer._cast_input_dtype(x, next(iter(t.values())).dtype))
+            gate = _gate(layer, name, layer._cast_input_dtype(x, next(iter(t.values())).dtype))
             m = _token_mask(layer, x).to(torch.float64)
             total = (gate.double() * m.unsqueeze(-1)).reshape(-1, gate.shape[-1]).sum(0)
-            sums[lname] = total if sums[lname] is None else sums[lname] + total
+            sums[lname] = sums[lname] + total if lname in sums else total
 
         return hook
 
@@ -229,7 +248,9 @@ def average_gates(
             tokens += int(mask.sum())
     if tokens == 0:
         raise ValueError("the calibration data has no real token (its attention_mask is all 0)")
-    return {n: (s / tokens).cpu() for n, s in sums.items()}, tokens
+    if unseen := [n for n, _ in layers if n not in sums]:
+        raise RuntimeError(f"the calibration forwards never reached the adapted layers {unseen}")
+    return {n: (sums[n] / tokens).cpu() for n, _ in layers}, tokens
 
 
 @contextmanager
@@ -348,8 +369,7 @@ def measure_fidelity(
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             t = layer.tensors(name)
             x = layer._cast_input_dtype(args[0], next(iter(t.values())).dtype)
-            gate = layer.gate(name, x)
-            routed = s * method.delta(x, t, gate.to(x.dtype))
+            routed = s * method.delta(x, t, _gate(layer, name, x).to(x.dtype))
             pair = exports[lname]
             exported = s * ((x.float() @ pair.A.to(x.device).T) @ pair.B.to(x.device).T)
             if mode[0] == "routed":

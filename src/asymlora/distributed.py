@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 
 T = TypeVar("T")
 
@@ -65,8 +66,6 @@ def init(device: str | None) -> None:
     """Join the process group the launcher describes (no-op for one process or when already joined)."""
     if launched_world_size() <= 1 or dist.is_initialized():
         return
-    from accelerate import PartialState
-
     PartialState(cpu=uses_cpu(device))
 
 

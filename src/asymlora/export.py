@@ -24,6 +24,7 @@ from asymlora.lora_files import write_lora_adapter
 from asymlora.methods import get_method
 from asymlora.tuner.config import AsymLoraConfig
 from asymlora.tuner.layer import AsymLoraLayer
+from asymlora.tuner.model import AsymLoraModel, base_weight
 
 
 def _mergeable_config(model: nn.Module, adapter_name: str | None) -> tuple[str, AsymLoraConfig]:
@@ -39,6 +40,14 @@ def _mergeable_config(model: nn.Module, adapter_name: str | None) -> tuple[str, 
             "weight update exists to merge or export. Train with router='task' to get one mergeable LoRA per task."
         )
     return adapter_name, cfg
+
+
+def _tuner_of(model: nn.Module) -> AsymLoraModel:
+    """The asymlora tuner of a peft model (its ``base_model``), or ``model`` itself when it is the tuner."""
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, AsymLoraModel):
+        raise TypeError(f"{type(model).__name__} holds no asymlora adapter (no AsymLoraModel inside it)")
+    return tuner
 
 
 def _layers(model: nn.Module) -> list[tuple[str, AsymLoraLayer]]:
@@ -59,9 +68,10 @@ def merge_task(model: nn.Module, task: int | str, adapter_name: str | None = Non
     """
     adapter_name, cfg = _mergeable_config(model, adapter_name)
     index = cfg.task_index(task)
-    getattr(model, "base_model", model).untie_adapted_weights()  # never write through a tied lm_head
+    tuner = _tuner_of(model)
+    tuner.untie_adapted_weights()  # never write through a tied lm_head
     layers = [layer for _, layer in _layers(model) if adapter_name in layer.asymlora_config]
-    quantized = [layer for layer in layers if get_bnb_param_type(layer.get_base_layer().weight)]
+    quantized = [layer for layer in layers if get_bnb_param_type(base_weight(layer.get_base_layer()))]
     if quantized:
         dtype = _float_dtype(model)
         warnings.warn(
@@ -76,9 +86,9 @@ def merge_task(model: nn.Module, task: int | str, adapter_name: str | None = Non
         if layer in quantized:
             layer.base_layer = _dequantized_linear(layer.get_base_layer(), delta, dtype)
         else:
-            weight = layer.get_base_layer().weight
-            weight += layer.in_weight_layout(delta).to(weight.dtype)
-    return model.unload()
+            weight = base_weight(layer.get_base_layer())
+            weight.add_(layer.in_weight_layout(delta).to(weight.dtype))
+    return tuner.unload()  # what PeftModel.unload forwards to
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -91,16 +101,17 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 def _dequantized_linear(base: nn.Module, delta: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
     """nn.Linear with weight dequant(W0) + ΔW (peft's bitsandbytes dequantisation) and the same bias."""
+    if not isinstance(base, nn.Linear):  # bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear subclasses
+        raise TypeError(f"cannot dequantise a {type(base).__name__}; expected a bitsandbytes linear layer")
     state = getattr(base.weight, "quant_state", None)
-    if getattr(state, "packing_format_for_cpu", False):
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
         # bitsandbytes' CPU inference repacks a 4-bit weight in place on its first eval forward, a layout that
         # dequantize_4bit misreads; undo it first, as bitsandbytes' own state_dict() and .cuda() do.
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # optional dependency
 
-        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-            base.weight.data, state
-        )
-    weight = dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))
+        base.weight.data, state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+        base.weight.quant_state = state  # type: ignore[attr-defined]  # Params4bit's attribute, not Parameter's
+    weight = dequantize_bnb_weight(base_weight(base), state=getattr(base, "state", None))
     linear = nn.Linear(base.in_features, base.out_features, base.bias is not None, weight.device, dtype)
     linear.requires_grad_(False)
     linear.weight.copy_(weight.float() + delta.to(weight.device))
@@ -117,7 +128,7 @@ def _calibrated(model: nn.Module, adapter_name: str | None, calibration: Any, ra
     routed = isinstance(cfg, AsymLoraConfig) and get_method(cfg.method).uses_router and cfg.router != "task"
     if routed and calibration is None:
         raise ValueError(
-            f"adapter {name!r} uses router={cfg.router!r}: its experts are mixed per token, so exporting one "
+            f"adapter {name!r} uses router={getattr(cfg, 'router', None)!r}: its experts are mixed per token, so exporting one "
             "LoRA averages each layer's gate over the task's tokens. Pass calibration= the task's examples, "
             "e.g. export_task_adapter(model, task.name, out_dir, calibration=task, tokenizer=tokenizer) "
             "with task an asymlora.data.Task (or a list of strings / tokenized batches)."

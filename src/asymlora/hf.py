@@ -23,10 +23,10 @@ import functools
 import inspect
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import Trainer
 
 from asymlora.routing import RoutingCall, add_balance_loss
@@ -128,7 +128,13 @@ def check_dataset(dataset: Any, config: AsymLoraConfig, column: str, name: str) 
             task_id(config, value, column)
 
 
-class AsymLoraTrainerMixin:
+if TYPE_CHECKING:
+    _TrainerBase = Trainer  # the mixin's methods run on a Trainer (or SFTTrainer): typed as one
+else:
+    _TrainerBase = object
+
+
+class AsymLoraTrainerMixin(_TrainerBase):
     """Task ids from a dataset column and the balance loss for the trainer it is mixed into (module doc).
 
     Extra keyword argument: ``task_column`` (default ``"task"``), used when the adapter routes by task."""
@@ -148,13 +154,18 @@ class AsymLoraTrainerMixin:
         self._balance_calls: list[tuple[RoutingCall, list[Tensor]]] | None = None
         self._balance_log: list[Tensor] = []  # balance loss of each training micro-batch since the last log
         if self.task_column:
-            self.data_collator = TaskIdsCollator(self.data_collator, adapter_config(self.model), task_column)
-        self.model.base_model.register_forward_hook(self._take_balance_terms)
+            model_config = adapter_config(self.model) or config  # SFTTrainer builds the peft model itself
+            self.data_collator = TaskIdsCollator(self.data_collator, model_config, task_column)
+        tuner = getattr(self.model, "base_model", None)
+        if not isinstance(tuner, nn.Module):
+            raise TypeError(f"{type(self).__name__} needs a peft model, got a {type(self.model).__name__}")
+        tuner.register_forward_hook(self._take_balance_terms)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if self.task_column and self.task_column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, self.task_column]
+        columns = cast("list[str] | None", self._signature_columns)  # transformers annotates it as None
+        if self.task_column and columns is not None and self.task_column not in columns:
+            self._signature_columns = [*columns, self.task_column]  # type: ignore[assignment]  # (same gap)
 
     def _take_balance_terms(self, tuner: Any, args: Any, output: Any) -> None:
         """Forward hook of the tuner: while `compute_loss` runs, move the call's balance terms here, so the
@@ -185,7 +196,7 @@ class AsymLoraTrainerMixin:
     def _ga_steps(self, num_items_in_batch: Any) -> int:
         """Accumulation steps to divide the balance term by: those of the step when `training_step` leaves
         the loss undivided (Trainer's rule: a loss normalised by ``num_items_in_batch``), else 1."""
-        if not self.model.training:
+        if self.model is None or not self.model.training:
             return 1
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:

@@ -72,7 +72,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         raise
 
 
-def atomic_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_file(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Create ``path`` by ``write(tmp_path)`` on a temporary sibling, then one rename; returns ``path``.
 
     For writers that take a file name (e.g. ``safetensors.torch.save_file``). On error the temporary

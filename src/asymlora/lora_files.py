@@ -49,7 +49,7 @@ def write_lora_adapter(
         state[f"{key}.lora_B.weight"] = b.detach().contiguous().cpu().clone()
     lora_cfg = LoraConfig(
         r=rank,
-        lora_alpha=cfg.scaling * rank,
+        lora_alpha=cfg.scaling * rank,  # type: ignore[arg-type]  # peft annotates int; it computes alpha / r
         lora_dropout=dropout,
         fan_in_fan_out=cfg.fan_in_fan_out,  # GPT-2's Conv1D: peft then merges ΔWᵀ, as asymlora does
         target_modules=cfg.target_modules,

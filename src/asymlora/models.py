@@ -19,7 +19,6 @@ atomically, so a half-written cache is never visible.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -27,18 +26,30 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import transformers
+from gguf import GGUFReader
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import models as tokenizer_models
 from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.pytorch_utils import Conv1D
 
+from asymlora import progress
+from asymlora.cache import CACHE_ENV_VAR, cache_root, file_lock
 from asymlora.io import apply_umask
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -54,10 +65,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV_VAR = "ASYMLORA_CACHE"
-"""Environment variable that overrides the cache root (default ``~/.cache/asymlora``)."""
-
-DEFAULT_CACHE_ROOT = "~/.cache/asymlora"
 COMPLETE_MARKER = "asymlora_conversion.json"
 """Written last into a converted checkpoint; its presence marks the cache entry complete."""
 
@@ -99,25 +106,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 """Built-in offline models, by the name accepted by :func:`load`."""
 
 
-# --------------------------------------------------------------------------- cache helpers
-
-
-def cache_root() -> Path:
-    """The asymlora cache root: ``$ASYMLORA_CACHE`` if set, else ``~/.cache/asymlora``."""
-    return Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_ROOT).expanduser()
-
-
-@contextlib.contextmanager
-def file_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_path`` (created if needed) for the block, across processes.
-
-    Uses the maintained ``filelock`` package (the lock ``asymlora sweep`` uses for its ledger too).
-    """
-    from filelock import FileLock
-
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_path)):
-        yield
+# --------------------------------------------------------------------------- cache entries
 
 
 def _is_complete(directory: Path) -> bool:
@@ -161,8 +150,6 @@ def builtin_cache_dir(name: str = "smollm2-135m", root: Path | None = None) -> P
 
     Keyed by the installed transformers version (docs/design.md §7).
     """
-    import transformers
-
     spec = _builtin(name)
     base = root if root is not None else cache_root()
     return base / "models" / spec.cache_name / f"transformers-{transformers.__version__}"
@@ -216,10 +203,6 @@ def build_gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     bos/eos/unk/pad taken from the GGUF ids (SmolLM2: ``<|im_start|>``=1, ``<|im_end|>``=2,
     pad = eos, unk = ``<|endoftext|>``=0).
     """
-    from gguf import GGUFReader
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     reader = GGUFReader(str(path))
     tokens: list[str] = _gguf_field(reader, "tokenizer.ggml.tokens")
     token_types: list[int] = _gguf_field(reader, "tokenizer.ggml.token_type")
@@ -227,9 +210,9 @@ def build_gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     if _gguf_field(reader, "tokenizer.ggml.model") != "gpt2" or not tokens or not merges:
         raise ValueError(f"{path}: expected a GPT-2 style BPE tokenizer in the GGUF metadata")
 
-    bpe = models.BPE(
+    bpe = tokenizer_models.BPE(
         vocab={token: index for index, token in enumerate(tokens)},
-        merges=[tuple(merge.split(" ", 1)) for merge in merges],
+        merges=[(left, right) for left, right in (merge.split(" ", 1) for merge in merges)],
         fuse_unk=False,
         byte_fallback=False,
     )
@@ -240,7 +223,8 @@ def build_gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
         ]
     )
-    backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    # tokenizers' stub declares ByteLevel() without arguments; the Rust class takes these three
+    backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)  # type: ignore[call-arg]
     backend.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True)
     specials = [
         AddedToken(token, special=True, normalized=False)
@@ -271,10 +255,6 @@ def build_gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
 
 def _convert_builtin(spec: BuiltinModel, out_dir: Path) -> None:
     """Dequantise the GGUF into a plain float32 transformers checkpoint in ``out_dir``."""
-    from transformers import AutoModelForCausalLM
-
-    from asymlora import progress
-
     source = gguf_path(spec.name)
     started = time.perf_counter()
     steps = progress.bar(total=4, desc=f"converting {spec.name} once", unit="step")
@@ -315,8 +295,6 @@ def _tied_keys(model: nn.Module) -> set[str]:
 
 
 def _write_marker(out_dir: Path, spec: BuiltinModel, source: Path, seconds: float) -> None:
-    import transformers
-
     info = {
         "model": spec.name,
         "source": spec.source,
@@ -390,8 +368,6 @@ def _resolve_source(name_or_path: str) -> str:
 def _load_pretrained(
     source: str, dtype: torch.dtype, quantized: dict[str, Any] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **(quantized or {}))
@@ -415,7 +391,7 @@ def _finalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "hf_quantizer", None) is None:  # a quantised model is placed by device_map
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' `to` wrapper is typed for PreTrainedModel only
     model.eval()
     return model, tokenizer
 
@@ -435,8 +411,6 @@ def _quantization(
             f"dtype={dtype} cannot be used with load_in_{'4' if load_in_4bit else '8'}bit: bitsandbytes quantises "
             "and computes in 16/32-bit floats only; pass dtype=torch.bfloat16 (QLoRA's), float16 or float32"
         )
-    from transformers import BitsAndBytesConfig
-
     if load_in_8bit:
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -498,8 +472,6 @@ def find_linear_module_names(model: nn.Module) -> list[str]:
     E.g. ``["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     "lm_head"]`` for a Llama model: the names that LoRA ``target_modules`` can match.
     """
-    from transformers.pytorch_utils import Conv1D
-
     names: dict[str, None] = {}
     for qualified_name, module in model.named_modules():
         if isinstance(module, nn.Linear | Conv1D) and qualified_name:

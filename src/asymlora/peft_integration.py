@@ -8,6 +8,7 @@ table consulted by `get_peft_model` and `PeftModel.from_pretrained`. Pinned to p
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import peft
 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
@@ -16,12 +17,16 @@ from peft.mapping import (
     PEFT_TYPE_TO_PREFIX_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
+from peft.utils import PeftType
 
 from asymlora.tuner.config import PEFT_TYPE, TASK_TYPE, AsymLoraConfig
 from asymlora.tuner.model import AsymLoraModel
 from asymlora.tuner.peft_model import AsymLoraModelForCausalLM
 
 SUPPORTED_PEFT = "0.21."
+# peft annotates its tables' keys as its closed PeftType enum; at runtime they are str keys (PeftType is a
+# str enum), and ours is the plain string PEFT_TYPE (see the module docstring).
+_KEY = cast(PeftType, PEFT_TYPE)
 
 
 def register() -> None:
@@ -32,14 +37,14 @@ def register() -> None:
             "install peft>=0.21,<0.22 if registration or loading misbehaves.",
             stacklevel=2,
         )
-    PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = AsymLoraConfig
-    PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = AsymLoraModel
-    PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = AsymLoraModel.prefix
+    PEFT_TYPE_TO_CONFIG_MAPPING[_KEY] = AsymLoraConfig
+    PEFT_TYPE_TO_TUNER_MAPPING[_KEY] = AsymLoraModel
+    PEFT_TYPE_TO_PREFIX_MAPPING[_KEY] = AsymLoraModel.prefix
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TASK_TYPE] = AsymLoraModelForCausalLM
 
 
 def is_registered() -> bool:
     return (
-        PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_TYPE) is AsymLoraModel
+        PEFT_TYPE_TO_TUNER_MAPPING.get(_KEY) is AsymLoraModel
         and MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(TASK_TYPE) is AsymLoraModelForCausalLM
     )

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 __all__ = ["QUIET_ENV", "bar", "enabled", "quiet", "set_env"]
 
@@ -28,17 +29,8 @@ def enabled() -> bool:
 
 
 def _hf_bars(on: bool) -> None:
-    """Switch the bars of an already imported transformers / huggingface_hub on or off."""
-    import sys
-
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
-        (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
-    elif "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-
-        (enable_progress_bars if on else disable_progress_bars)()
+    """Switch the bars of transformers and huggingface_hub on or off (transformers tells huggingface_hub)."""
+    (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
 
 
 @contextlib.contextmanager
@@ -61,7 +53,7 @@ def quiet() -> Iterator[None]:
     """No progress bar in the block, in this process and in the processes it starts meanwhile.
 
     Sets :data:`QUIET_ENV` and ``HF_HUB_DISABLE_PROGRESS_BARS`` (read by huggingface_hub and, at import,
-    by transformers), tells an already imported transformers / huggingface_hub directly, and restores
+    by transformers), tells transformers / huggingface_hub directly, and restores
     all of it afterwards.
     """
     was_enabled = enabled()

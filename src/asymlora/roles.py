@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from asymlora.methods.base import ATTR_PREFIX, Role
 from asymlora.tuner.layer import AsymLoraLayer
@@ -39,6 +39,12 @@ class AdapterTensor:
     param: nn.Parameter
 
 
+def _parameter(tensor: Tensor, name: str) -> nn.Parameter:
+    if not isinstance(tensor, nn.Parameter):  # the layer stores each tensor in a ParameterDict
+        raise TypeError(f"{name} is a {type(tensor).__name__}, not an nn.Parameter of its layer")
+    return tensor
+
+
 def adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> list[AdapterTensor]:
     """Every asymlora tensor of ``model`` (a PeftModel or the model inside it), in module order."""
     out: list[AdapterTensor] = []
@@ -60,7 +66,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> list[A
                         spec.role,
                         spec.expert_dim,
                         spec.trainable,
-                        tensors[tensor],
+                        _parameter(tensors[tensor], name),
                     )
                 )
     return out

@@ -95,7 +95,9 @@ class RoutingCall:
     open: bool = True
     aux_losses: list[Tensor] = field(default_factory=list)
     aux_grad: Tensor | None = None
-    _rows: dict[tuple[int, torch.device], tuple[Tensor, int | None]] = field(default_factory=dict, repr=False)
+    _rows: dict[tuple[int, torch.device, bool], tuple[Tensor, int | None]] = field(
+        default_factory=dict, repr=False
+    )
 
     def task_rows(
         self, batch: int, device: torch.device, flat_tokens: bool = False
@@ -192,7 +194,8 @@ def bind_to_checkpoints(model: nn.Module, state: RoutingState) -> None:
             return _inner(partial(_run_bound, state, state.call, function), *args, **kwargs)
 
         checkpointed._asymlora_state = state  # type: ignore[attr-defined]
-        module._gradient_checkpointing_func = checkpointed
+        # setattr: nn.Module's stub types attributes as Tensor | Module, this one is a function.
+        setattr(module, "_gradient_checkpointing_func", checkpointed)  # noqa: B010
 
 
 class _AttachBalanceLoss(torch.autograd.Function):

@@ -22,16 +22,24 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from transformers import GenerationConfig
+
+from asymlora.methods import get_method
+from asymlora.models import load
+from asymlora.recipes.evaluate import run_adapter
+from asymlora.tuner.config import AsymLoraConfig
 
 __all__ = ["Completion", "ServedModel", "create_app", "generate_rows", "load_served_model", "serve"]
 
@@ -67,16 +75,11 @@ def _adapter_dir(path: Path, method: str | None) -> Path:
     """The adapter directory of ``path``: an adapter directory itself, or the one of a run (directory)."""
     if (path / "adapter_config.json").is_file():
         return path
-    from asymlora.recipes.evaluate import run_adapter
-
     return run_adapter(path, method)[1]  # FileNotFoundError names the path if it is no run
 
 
 def served_names(config: Any, default_name: str) -> dict[str, int | None]:
     """Served model name -> task index: one per task of a task-routed asymlora adapter, else one name."""
-    from asymlora.methods import get_method
-    from asymlora.tuner.config import AsymLoraConfig
-
     if (
         isinstance(config, AsymLoraConfig)
         and get_method(config.method).uses_router
@@ -109,10 +112,6 @@ def load_served_model(
         FileNotFoundError: ``path`` is neither a run nor an adapter directory.
         ValueError: several methods and no ``method``, or no base model known.
     """
-    import peft
-
-    from asymlora.models import load
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; give a run directory or an adapter directory")
@@ -121,11 +120,11 @@ def load_served_model(
     base = base_model or config.base_model_name_or_path
     if not base:
         raise ValueError(f"{adapter}/adapter_config.json names no base model; give it with --base-model")
-    model, tokenizer = load(base, device=device)
-    model = peft.PeftModel.from_pretrained(model, str(adapter))
+    base_lm, tokenizer = load(base, device=device)
+    model = peft.PeftModel.from_pretrained(base_lm, str(adapter))
     model.eval()
     default_name = served_model_name or (adapter.parent.name if adapter.name == "adapter" else adapter.name)
-    positions = getattr(model.get_base_model().config, "max_position_embeddings", None) or 2048
+    positions = getattr(base_lm.config, "max_position_embeddings", None) or 2048
     return ServedModel(model, tokenizer, served_names(config, default_name), int(positions))
 
 
@@ -160,8 +159,6 @@ def generate_rows(
         One :class:`Completion` per row: its new tokens up to (excluding) the first EOS, at most
         ``max_tokens[i]`` of them.
     """
-    from transformers import GenerationConfig
-
     model, tokenizer = served.model, served.tokenizer
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
@@ -179,8 +176,10 @@ def generate_rows(
         pad_token_id=pad,
     )
     kwargs: dict[str, Any] = {}
-    if any(t is not None for t in tasks):
-        kwargs["task_ids"] = torch.tensor([int(t) for t in tasks], dtype=torch.long)
+    if task_ids := [t for t in tasks if t is not None]:
+        if len(task_ids) != len(tasks):
+            raise ValueError(f"tasks must be all task indexes or all None, got {list(tasks)}")
+        kwargs["task_ids"] = torch.tensor(task_ids, dtype=torch.long)
     device = next(model.parameters()).device
     kwargs = {k: v.to(device) for k, v in kwargs.items()}
     output = model.generate(
@@ -251,6 +250,7 @@ class Batcher:
                 continue
             self.batch_tasks = [*self.batch_tasks[-999:], [row.task for row in rows]]
             args = ([r.prompt for r in rows], [r.task for r in rows], [r.max_tokens for r in rows])
+            results: list[Completion] | list[Exception]
             try:
                 results = await loop.run_in_executor(self._executor, generate_rows, self.served, *args)
             except Exception as e:  # a failing batch fails its requests (500), not the server
@@ -405,6 +405,33 @@ def _response(
     }
 
 
+def _check_limits(max_batch_size: int, max_wait_ms: float, max_tokens: int) -> None:
+    """ValueError naming the server limit that is out of range (see :func:`create_app`)."""
+    for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_tokens", max_tokens, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not max_wait_ms >= 0:
+        raise ValueError(f"max_wait_ms must be >= 0 milliseconds, got {max_wait_ms!r}")
+
+
+def _lifespan(batcher: Batcher) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """The app's lifespan: the batcher's worker task runs while the server does, and is stopped after."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.open()
+        worker = asyncio.create_task(batcher.run())
+        try:
+            yield
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+            batcher.close()
+
+    return lifespan
+
+
 def create_app(
     served: ServedModel, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, max_tokens: int = 256
 ) -> FastAPI:
@@ -421,26 +448,9 @@ def create_app(
     Raises:
         ValueError: ``max_batch_size`` or ``max_tokens`` < 1, or ``max_wait_ms`` < 0.
     """
-    for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_tokens", max_tokens, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not max_wait_ms >= 0:
-        raise ValueError(f"max_wait_ms must be >= 0 milliseconds, got {max_wait_ms!r}")
+    _check_limits(max_batch_size, max_wait_ms, max_tokens)
     batcher = Batcher(served, max_batch_size, max_wait_ms / 1000.0)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.open()
-        worker = asyncio.create_task(batcher.run())
-        try:
-            yield
-        finally:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
-            batcher.close()
-
-    app = FastAPI(title="asymlora serve", lifespan=lifespan)
+    app = FastAPI(title="asymlora serve", lifespan=_lifespan(batcher))
     app.state.batcher = batcher
 
     @app.exception_handler(APIError)
@@ -483,7 +493,5 @@ def serve(
     max_tokens: int = 256,
 ) -> None:
     """Run :func:`create_app` under uvicorn until interrupted (binds ``host``, default 127.0.0.1 only)."""
-    import uvicorn
-
     app = create_app(served, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_tokens=max_tokens)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -18,6 +18,7 @@ from asymlora.data.collate import (
     encode_example,
     tokenize_prompt_answer,
 )
+from asymlora.data.loading import load_task, load_tasks
 from asymlora.data.tasks import (
     METRIC_ACCURACY,
     METRIC_BLEU,
@@ -32,8 +33,6 @@ from asymlora.data.tasks import (
     build_task,
     compose_prompt,
     format_prompt,
-    load_task,
-    load_tasks,
     split_examples,
 )
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from asymlora import progress
+from asymlora.cache import cache_root, file_lock
 from asymlora.data.tasks import (
     DEFAULT_ANSWER_PREFIX,
     DEFAULT_INPUT_PREFIX,
@@ -56,7 +58,6 @@ from asymlora.data.tasks import (
     compose_prompt,
 )
 from asymlora.io import atomic_write_bytes
-from asymlora.models import cache_root, file_lock
 
 __all__ = [
     "BIGBENCH_VERSION",
@@ -213,8 +214,6 @@ def _partial_size(pip_tmp: Path) -> int:
 
 def _follow_download(proc: subprocess.Popen, pip_tmp: Path, final: Path) -> None:
     """Wait for ``proc`` (at most :data:`FETCH_TIMEOUT_S`), showing the archive's size as it grows."""
-    from asymlora import progress
-
     deadline = time.monotonic() + FETCH_TIMEOUT_S
     desc = f"downloading BIG-bench {BIGBENCH_VERSION} from PyPI (once)"
     with progress.bar(desc=desc, total=ARCHIVE_BYTES, unit="B", unit_scale=True) as bar:
@@ -289,8 +288,6 @@ def _scan_archive(
 
     Without ``full`` the pass stops as soon as every wanted file has been read.
     """
-    from asymlora import progress
-
     json_tasks: list[str] = []
     programmatic: list[str] = []
     found: dict[str, bytes] = {}

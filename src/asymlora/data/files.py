@@ -246,7 +246,7 @@ def _looks_like_path(location: str) -> bool:
 def _open_dataset(location: str) -> Any:
     """``load_from_disk`` for an existing directory, ``load_dataset`` for a hub id."""
     try:
-        import datasets
+        import datasets  # optional extra (asymlora[hf]), and ~0.7 s to import
     except ImportError as error:
         raise DataError("hf: specs need the 'datasets' package: pip install 'asymlora[hf]'") from error
     path = Path(location).expanduser()
@@ -304,10 +304,6 @@ def list_task_names(scheme: str, location: str) -> list[str]:
         rows = [row for rows in _hf_row_splits(_open_dataset(location), location).values() for row in rows]
     elif scheme in ("json", "jsonl"):
         rows = read_json_rows(location)
-    elif scheme in ("llm-adapters", "feddpa"):
-        from asymlora.data.paper_formats import list_paper_task_names
-
-        return list_paper_task_names(scheme, location)
     else:
         raise DataError(f"'#*' only works with json:, jsonl: and hf: specs, not {scheme + ':'!r}")
     names = _names_in_order(rows)

@@ -1,4 +1,8 @@
-"""The data model (:class:`Example`, :class:`Task`), prompt formatting, splitting and loading.
+"""The data model (:class:`Example`, :class:`Task`), prompt formatting and splitting.
+
+Loading a task from a spec is :mod:`asymlora.data.loading`, which dispatches to the source readers
+(:mod:`~asymlora.data.bigbench`, :mod:`~asymlora.data.files`, :mod:`~asymlora.data.paper_formats`);
+those import this module, never the other way round.
 
 Prompt format (one function, :func:`format_prompt`)::
 
@@ -22,7 +26,6 @@ import random
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, get_args
 
 __all__ = [
@@ -43,8 +46,6 @@ __all__ = [
     "default_metrics",
     "format_prompt",
     "infer_kind",
-    "load_task",
-    "load_tasks",
     "split_examples",
 ]
 
@@ -72,12 +73,6 @@ METRIC_BLEU = "bleu"
 """Generative free-text tasks: corpus BLEU against the references, in [0, 1]."""
 FREE_TEXT_MIN_WORDS = 4
 """Generative tasks whose median reference has at least this many words also get ROUGE."""
-
-SPEC_SCHEMES = ("bigbench", "json", "jsonl", "hf", "llm-adapters", "feddpa")
-PAPER_SCHEMES = ("llm-adapters", "feddpa")
-"""The ALoRA paper's benchmark data (:mod:`asymlora.data.paper_formats`)."""
-TASK_SELECTOR = "#"
-ALL_TASKS = "*"
 
 
 class DataError(ValueError):
@@ -337,162 +332,3 @@ def build_task(
     everything = [*train, *test]
     kind = kind or infer_kind(everything, name)
     return Task(name, kind, train, test, metrics or default_metrics(kind, everything), metric_note)
-
-
-# --------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A parsed task spec: ``scheme:location#selector``."""
-
-    scheme: str
-    location: str
-    selector: str | None = None
-
-
-def parse_spec(spec: str) -> TaskSpec:
-    """Parse ``bigbench:<path>``, ``json:/file.json[#task]``, ``jsonl:/file.jsonl[#task]``, ``hf:<dir|id>[#task]``."""
-    scheme, sep, rest = spec.partition(":")
-    if not sep or scheme not in SPEC_SCHEMES:
-        raise DataError(
-            f"bad task spec {spec!r}: it must start with one of "
-            f"{', '.join(s + ':' for s in SPEC_SCHEMES)} (e.g. bigbench:strategyqa, json:/data/train.jsonl#mytask)"
-        )
-    rest = rest.strip()
-    if not rest:
-        raise DataError(f"bad task spec {spec!r}: nothing after {scheme + ':'!r}")
-    if scheme == "bigbench":
-        return TaskSpec(scheme, rest.strip("/"))
-    location, hash_sign, selector = rest.rpartition(TASK_SELECTOR)
-    if not hash_sign or Path(rest).expanduser().exists():
-        return TaskSpec(scheme, rest)
-    if not selector:
-        raise DataError(f"bad task spec {spec!r}: empty task name after '#'")
-    return TaskSpec(scheme, location, selector)
-
-
-def _load_splits(
-    spec: TaskSpec, cache_dir: str | Path | None, siblings: Sequence[str] = ()
-) -> tuple[str, dict[str, list[Example]], dict]:
-    """Read a spec's examples: ``(task name, splits, build_task keyword overrides)``."""
-    if spec.scheme == "bigbench":
-        from asymlora.data.bigbench import load_bigbench
-
-        loaded = load_bigbench(spec.location, cache_dir=cache_dir)
-        overrides = {"kind": loaded.kind, "metrics": loaded.metrics, "metric_note": loaded.metric_note}
-        return loaded.name, {"all": loaded.examples}, overrides
-    if spec.selector == ALL_TASKS:
-        raise DataError(f"'#{ALL_TASKS}' selects several tasks: use load_tasks([...]) instead of load_task")
-    if spec.scheme in PAPER_SCHEMES:
-        from asymlora.data.paper_formats import load_paper_splits
-
-        return load_paper_splits(spec.scheme, spec.location, spec.selector, siblings)
-    from asymlora.data.files import load_file_splits, load_hf_splits
-
-    if spec.scheme == "hf":
-        name, splits = load_hf_splits(spec.location, spec.selector)
-    else:
-        name, splits = load_file_splits(spec.location, spec.selector)
-    return name, splits, {}
-
-
-def load_task(
-    spec: str,
-    *,
-    seed: int = 0,
-    max_train: int | None = None,
-    max_test: int | None = None,
-    test_fraction: float = 0.2,
-    cache_dir: str | Path | None = None,
-    siblings: Sequence[str] = (),
-) -> Task:
-    """Load one task from a spec.
-
-    Specs:
-        ``bigbench:<path>`` — a BIG-bench JSON task, path under ``bigbench/benchmark_tasks/``
-        without ``task.json`` (``bigbench:strategyqa``, ``bigbench:multiemo/hotels_sentence_en``);
-        fetched at first use into the cache (see :mod:`asymlora.data.bigbench`).
-        ``json:/path/file.json`` / ``jsonl:/path/file.jsonl`` — rows with ``instruction``/``input``/
-        ``output`` or ``input``/``options``/``target`` and an optional ``task`` column;
-        ``#taskname`` selects one task's rows.
-        ``hf:/path/dir`` (``datasets.load_from_disk``) or ``hf:<hub id>`` (needs the hub), same
-        columns and selector; ``train``/``test`` splits are used as given when both exist.
-        ``llm-adapters:<dir|file>#dataset`` / ``feddpa:<dir|file>#category`` — the ALoRA paper's
-        benchmark data in its public formats (see :mod:`asymlora.data.paper_formats`).
-
-    Args:
-        seed: shuffling seed; the same seed always gives the same split, whatever the caps.
-        max_train, max_test: caps applied after splitting (``None``: no cap).
-        test_fraction: share of the examples held out for test (sources without a test split).
-        cache_dir: cache root for BIG-bench (default ``$ASYMLORA_CACHE`` or ``~/.cache/asymlora``).
-        siblings: the other task names loaded from the same source together (``load_tasks`` fills it).
-
-    Raises:
-        DataError: unknown task (with close matches), missing fields (file and line), a path
-            that does not exist, or a task left empty by filtering/capping.
-    """
-    name, splits, overrides = _load_splits(parse_spec(spec), cache_dir, siblings)
-    return build_task(
-        name,
-        splits,
-        seed=seed,
-        max_train=max_train,
-        max_test=max_test,
-        test_fraction=test_fraction,
-        **overrides,
-    )
-
-
-def _expand_specs(specs: Sequence[str]) -> list[str]:
-    """Replace every ``…#*`` spec by one spec per task name found in that source."""
-    from asymlora.data.files import list_task_names
-
-    expanded: list[str] = []
-    for spec in specs:
-        parsed = parse_spec(spec)
-        if parsed.selector != ALL_TASKS:
-            expanded.append(spec)
-            continue
-        names = list_task_names(parsed.scheme, parsed.location)
-        expanded.extend(f"{parsed.scheme}:{parsed.location}{TASK_SELECTOR}{name}" for name in names)
-    return expanded
-
-
-def load_tasks(
-    specs: Sequence[str],
-    *,
-    seed: int = 0,
-    max_train: int | None = None,
-    max_test: int | None = None,
-    test_fraction: float = 0.2,
-    cache_dir: str | Path | None = None,
-) -> list[Task]:
-    """Load several tasks (same arguments as :func:`load_task`, caps per task).
-
-    A ``json:``/``jsonl:``/``hf:`` spec ending in ``#*`` expands to one task per value of its
-    ``task`` column. BIG-bench tasks not yet cached are read from the archive in one pass.
-    """
-    expanded = _expand_specs(specs)
-    bigbench_paths = [parse_spec(spec).location for spec in expanded if spec.startswith("bigbench:")]
-    if bigbench_paths:
-        from asymlora.data.bigbench import prefetch
-
-        prefetch(bigbench_paths, cache_dir=cache_dir)
-    parsed = [parse_spec(spec) for spec in expanded]
-    return [
-        load_task(
-            spec,
-            seed=seed,
-            max_train=max_train,
-            max_test=max_test,
-            test_fraction=test_fraction,
-            cache_dir=cache_dir,
-            siblings=[
-                o.selector
-                for o in parsed
-                if o.selector and (o.scheme, o.location) == (p.scheme, p.location) and o != p
-            ],
-        )
-        for spec, p in zip(expanded, parsed, strict=True)
-    ]

@@ -21,17 +21,25 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method, rowwise_linear
+from asymlora.methods.base import (
+    AdapterMethod,
+    MethodConfig,
+    Role,
+    TensorSpec,
+    kaiming_,
+    register_method,
+    rowwise_linear,
+)
 
 
 class ALoRA(AdapterMethod):
     name = "alora"
 
-    def specs(self, cfg, d_in, d_out):
+    def specs(self, cfg: MethodConfig, d_in: int, d_out: int) -> dict[str, TensorSpec]:
         n, r = cfg.num_experts, cfg.r
         return {"A": TensorSpec((n, r, d_in), Role.A, expert_dim=0), "B": TensorSpec((d_out, r), Role.B)}
 
-    def init_(self, t, cfg):
+    def init_(self, t: dict[str, Tensor], cfg: MethodConfig) -> None:
         kaiming_(t["A"])  # one independent draw per expert
         t["B"].zero_()
 
@@ -40,7 +48,7 @@ class ALoRA(AdapterMethod):
 
     def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
         h = h.unflatten(-1, t["A"].shape[:2])  # (..., N, r): A_i x for every i
-        z = (gate.unsqueeze(-1) * h).sum(-2)  # (..., r): Σ_i g_i A_i x
+        z = (self.required_gate(gate).unsqueeze(-1) * h).sum(-2)  # (..., r): Σ_i g_i A_i x
         return F.linear(z, t["B"])  # (..., d_out): one product with the shared B
 
     def task_factors(self, t, task):

@@ -15,14 +15,11 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from asymlora.tuner.config import AsymLoraConfig
 
 
 class Role(StrEnum):
@@ -78,6 +75,44 @@ def rowwise_linear(x: Tensor, w: Tensor) -> Tensor:
     return y.view(*x.shape[:-1], w.shape[1])
 
 
+class MethodConfig(Protocol):
+    """The hyper-parameters a method reads to lay out and initialise its tensors (docs/design.md §3).
+
+    :class:`asymlora.tuner.config.AsymLoraConfig` satisfies it; methods depend on this protocol only, so
+    the method layer imports nothing from the tuner or from peft.
+    """
+
+    @property
+    def r(self) -> int:
+        """LoRA rank of each expert."""
+        ...
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts N."""
+        ...
+
+    @property
+    def intermediate_rank(self) -> int:
+        """Fed-ALoRA-het's shared rank d_m."""
+        ...
+
+    @property
+    def malora_subspace_rank(self) -> int:
+        """MALoRA's shared subspace rank d_sub."""
+        ...
+
+    @property
+    def malora_expert_rank(self) -> int:
+        """MALoRA's per-expert rank r̂."""
+        ...
+
+    @property
+    def beta(self) -> float:
+        """MALoRA's init scale β (S_A = β·V, P_i = UΣ/β)."""
+        ...
+
+
 class AdapterMethod(ABC):
     """One adapter family. Subclasses are stateless; tensors live in the peft layer."""
 
@@ -86,11 +121,11 @@ class AdapterMethod(ABC):
     """False for plain LoRA (one expert, nothing to route)."""
 
     @abstractmethod
-    def specs(self, cfg: AsymLoraConfig, d_in: int, d_out: int) -> dict[str, TensorSpec]:
+    def specs(self, cfg: MethodConfig, d_in: int, d_out: int) -> dict[str, TensorSpec]:
         """The tensors of one adapted layer, router excluded (the layer adds it when routing is learned)."""
 
     @abstractmethod
-    def init_(self, t: dict[str, Tensor], cfg: AsymLoraConfig) -> None:
+    def init_(self, t: dict[str, Tensor], cfg: MethodConfig) -> None:
         """Initialise the tensors in place (A-side random, B-side zero: the model starts as the base)."""
 
     def x_side(self, t: dict[str, Tensor]) -> Tensor | None:
@@ -106,7 +141,19 @@ class AdapterMethod(ABC):
 
     def delta(self, x: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
         """Fused adapter path before scaling. x: (..., d_in); gate: (..., N) broadcastable, or None."""
-        return self.combine(F.linear(x, self.x_side(t)), t, gate)
+        side = self.x_side(t)
+        if side is None:
+            raise NotImplementedError(f"method {self.name!r} has no x_side matrix, so it must override delta")
+        return self.combine(F.linear(x, side), t, gate)
+
+    def required_gate(self, gate: Tensor | None) -> Tensor:
+        """``gate`` itself; ValueError when a method that mixes experts is called without one."""
+        if gate is None:
+            raise ValueError(
+                f"method {self.name!r} mixes its experts with the router's gate (..., N), but the gate is None; "
+                "pass the gate, or use task_delta / routed_delta for task routing"
+            )
+        return gate
 
     @abstractmethod
     def task_factors(self, t: dict[str, Tensor], task: int) -> tuple[Tensor, Tensor]:
@@ -132,7 +179,7 @@ class AdapterMethod(ABC):
         b = torch.stack([p[1] for p in pairs])  # (batch, d_out, r)
         return rowwise_linear(rowwise_linear(x, a), b)
 
-    def num_experts(self, cfg: AsymLoraConfig) -> int:
+    def num_experts(self, cfg: MethodConfig) -> int:
         return cfg.num_experts if self.uses_router else 1
 
     def expert_factors(self, t: dict[str, Tensor], num_experts: int) -> list[tuple[Tensor, Tensor]]:

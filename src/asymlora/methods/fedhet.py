@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method
+from asymlora.methods.base import AdapterMethod, MethodConfig, Role, TensorSpec, kaiming_, register_method
 
 B0_NAME = "B0"
 """The frozen shared output factor B0 (d_out × d_m), the only tensor the server sends."""
@@ -42,7 +42,7 @@ class FedHet(AdapterMethod):
     name = "fedhet"
     uses_router = False
 
-    def specs(self, cfg, d_in, d_out):
+    def specs(self, cfg: MethodConfig, d_in: int, d_out: int) -> dict[str, TensorSpec]:
         r, d_m = cfg.r, cfg.intermediate_rank
         if d_m < 1:
             raise ValueError(f"intermediate_rank (d_m) must be >= 1, got {d_m}")
@@ -54,7 +54,7 @@ class FedHet(AdapterMethod):
             B0_NAME: TensorSpec((d_out, d_m), Role.B, trainable=False),
         }
 
-    def init_(self, t, cfg):
+    def init_(self, t: dict[str, Tensor], cfg: MethodConfig) -> None:
         kaiming_(t["A"])
         kaiming_(t[M_NAME])
         kaiming_(t[B1_NAME])

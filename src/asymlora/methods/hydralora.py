@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method, rowwise_linear
+from asymlora.methods.base import (
+    AdapterMethod,
+    MethodConfig,
+    Role,
+    TensorSpec,
+    kaiming_,
+    register_method,
+    rowwise_linear,
+)
 
 
 def concat_experts(b: Tensor) -> Tensor:
@@ -27,11 +35,11 @@ def concat_experts(b: Tensor) -> Tensor:
 class HydraLoRA(AdapterMethod):
     name = "hydralora"
 
-    def specs(self, cfg, d_in, d_out):
+    def specs(self, cfg: MethodConfig, d_in: int, d_out: int) -> dict[str, TensorSpec]:
         n, r = cfg.num_experts, cfg.r
         return {"A": TensorSpec((r, d_in), Role.A), "B": TensorSpec((n, d_out, r), Role.B, expert_dim=0)}
 
-    def init_(self, t, cfg):
+    def init_(self, t: dict[str, Tensor], cfg: MethodConfig) -> None:
         kaiming_(t["A"])
         t["B"].zero_()
 
@@ -39,7 +47,7 @@ class HydraLoRA(AdapterMethod):
         return t["A"]  # (r, d_in)
 
     def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
-        u = gate.unsqueeze(-1) * h.unsqueeze(-2)  # (..., N, r): g_i A x
+        u = self.required_gate(gate).unsqueeze(-1) * h.unsqueeze(-2)  # (..., N, r): g_i A x
         return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
 
     def task_factors(self, t, task):

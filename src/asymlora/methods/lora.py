@@ -10,17 +10,17 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method
+from asymlora.methods.base import AdapterMethod, MethodConfig, Role, TensorSpec, kaiming_, register_method
 
 
 class LoRA(AdapterMethod):
     name = "lora"
     uses_router = False
 
-    def specs(self, cfg, d_in, d_out):
+    def specs(self, cfg: MethodConfig, d_in: int, d_out: int) -> dict[str, TensorSpec]:
         return {"A": TensorSpec((cfg.r, d_in), Role.A), "B": TensorSpec((d_out, cfg.r), Role.B)}
 
-    def init_(self, t, cfg):
+    def init_(self, t: dict[str, Tensor], cfg: MethodConfig) -> None:
         kaiming_(t["A"])
         t["B"].zero_()
 

@@ -30,14 +30,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method, rowwise_linear
+from asymlora.methods.base import (
+    AdapterMethod,
+    MethodConfig,
+    Role,
+    TensorSpec,
+    kaiming_,
+    register_method,
+    rowwise_linear,
+)
 from asymlora.methods.hydralora import concat_experts
 
 
 class MALoRA(AdapterMethod):
     name = "malora"
 
-    def specs(self, cfg, d_in, d_out):
+    def specs(self, cfg: MethodConfig, d_in: int, d_out: int) -> dict[str, TensorSpec]:
         n, d_sub, r_hat = cfg.num_experts, cfg.malora_subspace_rank, cfg.malora_expert_rank
         if d_sub > d_in:
             raise ValueError(
@@ -50,7 +58,7 @@ class MALoRA(AdapterMethod):
         }
 
     @torch.no_grad()
-    def init_(self, t, cfg):
+    def init_(self, t: dict[str, Tensor], cfg: MethodConfig) -> None:
         n, r_hat, d_sub = t["A"].shape
         d_in = t["S"].shape[1]
         k = kaiming_(torch.empty(n, r_hat, d_in, dtype=torch.float32))  # the N experts' K_i
@@ -65,7 +73,7 @@ class MALoRA(AdapterMethod):
     def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
         p = t["A"]  # (N, r̂, d_sub)
         h = F.linear(h, p.flatten(0, 1)).unflatten(-1, p.shape[:2])  # (..., N, r̂): P_i S_A x
-        u = gate.unsqueeze(-1) * h
+        u = self.required_gate(gate).unsqueeze(-1) * h
         return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
 
     def task_factors(self, t, task):

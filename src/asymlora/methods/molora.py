@@ -16,21 +16,29 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from asymlora.methods.base import AdapterMethod, Role, TensorSpec, kaiming_, register_method, rowwise_linear
+from asymlora.methods.base import (
+    AdapterMethod,
+    MethodConfig,
+    Role,
+    TensorSpec,
+    kaiming_,
+    register_method,
+    rowwise_linear,
+)
 from asymlora.methods.hydralora import concat_experts
 
 
 class MoLoRA(AdapterMethod):
     name = "molora"
 
-    def specs(self, cfg, d_in, d_out):
+    def specs(self, cfg: MethodConfig, d_in: int, d_out: int) -> dict[str, TensorSpec]:
         n, r = cfg.num_experts, cfg.r
         return {
             "A": TensorSpec((n, r, d_in), Role.A, expert_dim=0),
             "B": TensorSpec((n, d_out, r), Role.B, expert_dim=0),
         }
 
-    def init_(self, t, cfg):
+    def init_(self, t: dict[str, Tensor], cfg: MethodConfig) -> None:
         kaiming_(t["A"])
         t["B"].zero_()
 
@@ -38,7 +46,9 @@ class MoLoRA(AdapterMethod):
         return t["A"].flatten(0, 1)  # (N·r, d_in)
 
     def combine(self, h: Tensor, t: dict[str, Tensor], gate: Tensor | None) -> Tensor:
-        u = gate.unsqueeze(-1) * h.unflatten(-1, t["A"].shape[:2])  # (..., N, r): g_i A_i x
+        u = self.required_gate(gate).unsqueeze(-1) * h.unflatten(
+            -1, t["A"].shape[:2]
+        )  # (..., N, r): g_i A_i x
         return F.linear(u.flatten(-2), concat_experts(t["B"]))  # (..., d_out)
 
     def task_factors(self, t, task):

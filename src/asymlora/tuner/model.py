@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
@@ -45,7 +46,25 @@ def module_leaf_names(model: nn.Module) -> list[str]:
     )
 
 
-def _unmatched(names: list[str] | set[str], keys: list[str]) -> list[str]:
+def asymlora_config(config: PeftConfig) -> AsymLoraConfig:
+    """``config`` narrowed to an AsymLoraConfig; TypeError for another peft config (peft types the tuner's
+    hooks with the PeftConfig base class)."""
+    if not isinstance(config, AsymLoraConfig):
+        raise TypeError(f"AsymLoraModel takes an AsymLoraConfig, got a {type(config).__name__}")
+    return config
+
+
+def base_weight(module: nn.Module) -> nn.Parameter:
+    """The ``weight`` parameter of a base layer (bitsandbytes' are Parameter subclasses); TypeError if none."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter):
+        raise TypeError(
+            f"{type(module).__name__} has no weight tensor; asymlora adapts {SUPPORTED_NAMES} only"
+        )
+    return weight
+
+
+def _unmatched(names: Collection[str], keys: list[str]) -> list[str]:
     """Entries of a name list that equal no module key and are no dotted suffix of one (peft's list rule)."""
     return sorted(n for n in names if not any(k == n or k.endswith(f".{n}") for k in keys))
 
@@ -114,15 +133,16 @@ class AsymLoraModel(BaseTuner):
 
     prefix: str = ATTR_PREFIX
     tuner_layer_cls = AsymLoraLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    # peft annotates the class attribute as dict[str, list[str]] and its own LoRA table with Sequence values
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # type: ignore[assignment]
 
-    def _pre_injection_hook(self, model: nn.Module, config: AsymLoraConfig, adapter_name: str) -> None:
+    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         if not hasattr(self, "routing_state"):
             self.routing_state = RoutingState()
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """peft's injection (get_peft_model, add_adapter, load_adapter), after checking the config's names."""
-        config = self.peft_config[adapter_name]
+        config = asymlora_config(self.peft_config[adapter_name])
         shorthand = str(config.target_modules).lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND  # peft expands it
         if config.target_modules is not None:  # None: filled in from peft's per-architecture defaults
             check_config_names(model, config)
@@ -135,9 +155,9 @@ class AsymLoraModel(BaseTuner):
                 )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
-    def _prepare_adapter_config(self, peft_config: AsymLoraConfig, model_config: dict) -> AsymLoraConfig:
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         """target_modules=None: peft's LoRA defaults for the model type (``target_module_mapping``)."""
-        if peft_config.target_modules is not None:
+        if asymlora_config(peft_config).target_modules is not None:
             return super()._prepare_adapter_config(peft_config, model_config)
         # a dict from transformers' config.to_dict(); a model outside transformers may carry any object
         get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k, None)
@@ -150,20 +170,21 @@ class AsymLoraModel(BaseTuner):
             )
         return super()._prepare_adapter_config(peft_config, model_config)
 
-    def _prepare_model(self, peft_config: AsymLoraConfig, model: nn.Module) -> None:
+    def _prepare_model(self, peft_config: PeftConfig, model: nn.Module) -> None:
         """peft's hook after the defaults are filled in and before any module is replaced."""
-        check_target_types(model, peft_config)
+        check_target_types(model, asymlora_config(peft_config))
 
     def _create_and_replace(
         self,
-        peft_config: AsymLoraConfig,
+        peft_config: PeftConfig,
         adapter_name: str,
         target: nn.Module,
         target_name: str,
         parent: nn.Module,
         current_key: str,
-        **kwargs,
+        parameter_name: str | None = None,
     ) -> None:
+        peft_config = asymlora_config(peft_config)
         if isinstance(target, AsymLoraLayer):
             target.update_layer(adapter_name, peft_config)  # keeps the layer's train/eval mode
             return
@@ -208,18 +229,17 @@ class AsymLoraModel(BaseTuner):
         untied = {}
         for name, layer in self.adapter_layers():
             base = layer.get_base_layer()
-            others = [n for n in owners.get(base.weight.data_ptr(), []) if not n.startswith(f"{name}.")]
+            weight = base_weight(base)
+            others = [n for n in owners.get(weight.data_ptr(), []) if not n.startswith(f"{name}.")]
             if others:
-                base.weight = nn.Parameter(
-                    base.weight.detach().clone(), requires_grad=base.weight.requires_grad
-                )
+                base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
                 untied[name] = others
         if untied:
             config = getattr(self.model, "config", None)
             for c in {
                 id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())
             }.values():
-                if getattr(c, "tie_word_embeddings", False):
+                if c is not None and getattr(c, "tie_word_embeddings", False):
                     c.tie_word_embeddings = False
             detail = "; ".join(f"{k}.weight is tied to {v}" for k, v in untied.items())
             warnings.warn(

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from peft import PeftModelForCausalLM
+from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
@@ -23,9 +24,21 @@ from asymlora.methods import get_method
 from asymlora.methods.base import ATTR_PREFIX
 from asymlora.routing import add_balance_loss
 from asymlora.tuner.config import AsymLoraConfig
+from asymlora.tuner.layer import AsymLoraLayer, in_out_features
+from asymlora.tuner.model import AsymLoraModel
 
 ADAPTER_FILE = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."
+
+
+def _tuner(model: PeftModelForCausalLM) -> AsymLoraModel:
+    """The asymlora tuner a peft model wraps (its ``base_model``); TypeError for another tuner."""
+    tuner = model.base_model
+    if not isinstance(tuner, AsymLoraModel):
+        raise TypeError(
+            f"the peft model wraps a {type(tuner).__name__}, not an asymlora adapter (AsymLoraModel)"
+        )
+    return tuner
 
 
 class AsymLoraModelForCausalLM(PeftModelForCausalLM):
@@ -57,7 +70,7 @@ class AsymLoraModelForCausalLM(PeftModelForCausalLM):
     ):
         collect = labels is not None
         batch = _batch_size(input_ids, inputs_embeds)
-        with self.base_model.routing(task_ids, collect, batch, attention_mask) as call:
+        with _tuner(self).routing(task_ids, collect, batch, attention_mask) as call:
             out = super().forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -77,7 +90,7 @@ class AsymLoraModelForCausalLM(PeftModelForCausalLM):
         """peft's `generate` with one task id per prompt (each also covers its beams / return sequences)."""
         prompts = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("input_ids")
         batch = _batch_size(prompts, kwargs.get("inputs_embeds"))
-        with self.base_model.routing(task_ids, batch=batch, generating=True):
+        with _tuner(self).routing(task_ids, batch=batch, generating=True):
             return super().generate(*args, **kwargs)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any):
@@ -96,21 +109,18 @@ def _batch_size(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> int |
 
 def expected_shapes(model: AsymLoraModelForCausalLM, cfg: AsymLoraConfig) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> shape that `cfg` gives on `model`'s target modules (without injecting anything)."""
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    from asymlora.tuner.layer import AsymLoraLayer, in_out_features
-
     method = get_method(cfg.method)
-    base = model.base_model.model
+    base = _tuner(model).model
     shapes: dict[str, tuple[int, ...]] = {}
     for name, module in base.named_modules():
         if isinstance(module, AsymLoraLayer):
             module = module.get_base_layer()
-        elif in_out_features(module) is None or ".base_layer" in f".{name}":
+        elif ".base_layer" in f".{name}":
             continue
-        if not check_target_module_exists(cfg, name.removesuffix(".base_layer")):
+        features = in_out_features(module)
+        if features is None or not check_target_module_exists(cfg, name.removesuffix(".base_layer")):
             continue
-        d_in, d_out = in_out_features(module)
+        d_in, d_out = features
         specs = method.specs(cfg, d_in, d_out)
         for tensor, spec in specs.items():
             shapes[f"{PEFT_KEY_PREFIX}{name}.{ATTR_PREFIX}{tensor}"] = spec.shape
