@@ -391,7 +391,11 @@ def _normalize(cls: type, data: dict[str, Any]) -> dict[str, Any]:
             del out[key]
         elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
             out[key] = _normalize(typing.cast(type, tp), value)
-        elif typing.get_origin(tp) is list and isinstance(value, str | int | float) and not isinstance(value, bool):
+        elif (
+            typing.get_origin(tp) is list
+            and isinstance(value, str | int | float)
+            and not isinstance(value, bool)
+        ):
             out[key] = [value]
     return out
 
@@ -511,13 +515,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    return data
+    return typing.cast(dict[str, Any], data)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``data`` with the dotted ``key=value`` overrides merged in (OmegaConf's dot-list; each value is
     read as YAML: ``[a, b]``, ``null``, ``1e-4``; an empty value is the empty string)."""
-    merged = OmegaConf.create(data)
+    merged: Any = OmegaConf.create(data)
     for text in overrides:
         if "=" not in text:
             raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=100)")
@@ -531,7 +535,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={raw or chr(39) * 2}"]))
             data = typing.cast(dict[str, Any], OmegaConf.to_container(merged, resolve=True))
         except (yaml.YAMLError, OmegaConfBaseException) as e:
-            raise ConfigError(f"override {text!r}: cannot read the value ({str(e).splitlines()[0]})") from None
+            raise ConfigError(
+                f"override {text!r}: cannot read the value ({str(e).splitlines()[0]})"
+            ) from None
     return typing.cast(dict[str, Any], OmegaConf.to_container(merged, resolve=True))
 
 

@@ -115,7 +115,13 @@ class TrainSettings(BaseTrainSettings):
     """Local training on each client, every round (plain AdamW at a constant learning rate, a fresh
     optimiser each round)."""
 
-    KEY_ORDER: ClassVar[tuple[str, ...]] = ("local_steps", "batch_size", "lr", "weight_decay", "max_grad_norm")
+    KEY_ORDER: ClassVar[tuple[str, ...]] = (
+        "local_steps",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "max_grad_norm",
+    )
     """Key order of config.yaml: the federated section's own key first."""
 
     local_steps: int = 10
