@@ -33,6 +33,7 @@ import peft
 import torch
 
 from asymlora import distributed
+from asymlora import train as training  # called as training.train: tests and tools patch asymlora.train.train
 from asymlora.analysis.router_stats import RouterLog, RouterStats
 from asymlora.analysis.traces import TraceRecorder
 from asymlora.config import ConfigError, RunConfig, dump_config, load_config
@@ -50,7 +51,6 @@ from asymlora.eval.stats import run_intervals
 from asymlora.io import atomic_dir, atomic_write_text
 from asymlora.models import load
 from asymlora.roles import count_parameters
-from asymlora.train import TrainResult, train
 from asymlora.train.sharding import full_adapter_state, is_sharded
 
 CONFIG_FILE = "config.yaml"
@@ -220,7 +220,7 @@ def train_and_evaluate(
     dataset = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length)
     settings_train = cfg.train.for_examples(len(dataset))  # train.epochs → steps
     on_step, router_log = _step_hooks(cfg, pm, out_dir, settings_train.steps, tasks)
-    result = train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
+    result = training.train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
                    desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})")  # fmt: skip
     full_state = full_adapter_state(pm)  # FSDP: gathered to rank 0 (a collective); else None
     distributed.on_main(save_adapter, pm, out_dir / "adapter", full_state)
@@ -262,7 +262,9 @@ def _step_hooks(
     return on_step, router_log
 
 
-def _run_facts(pm: Any, peft_cfg: Any, result: TrainResult, *, eval_seconds: float) -> dict[str, Any]:
+def _run_facts(
+    pm: Any, peft_cfg: Any, result: training.TrainResult, *, eval_seconds: float
+) -> dict[str, Any]:
     """The size, cost and training record of a trained method (the keys of results.json after the scores)."""
     return {
         "trainable_params": count_parameters(pm)["total"],
