@@ -241,3 +241,17 @@ def test_the_cli_refuses_a_bad_config_with_one_line_and_exit_2(argv: list[str], 
     assert any(
         word in err for word in ("does not exist", "did you mean 'steps'", "'shards' is not allowed")
     ), err
+
+
+def test_a_run_from_a_config_without_an_adapter_section_can_be_resumed(tmp_path: Path) -> None:
+    """The saved config.yaml is read back with lora_alpha typed (16.0) while the run's own config kept the
+    declared default (16): the resume check compares the configs, not their text."""
+    from asymlora.recipes.multitask import CONFIG_FILE, prepare_run_dir
+
+    cfg = load_config(None, ["data.tasks=[bigbench:strategyqa]", f"run_dir={tmp_path / 'run'}"])
+    prepare_run_dir(cfg, overwrite=False, resume=False)
+    assert "lora_alpha: 16\n" in (tmp_path / "run" / CONFIG_FILE).read_text()
+    prepare_run_dir(cfg, overwrite=False, resume=True)  # the same config: no error
+    with pytest.raises(ConfigError, match="different config"):
+        prepare_run_dir(load_config(None, ["data.tasks=[bigbench:strategyqa]", f"run_dir={tmp_path / 'run'}",
+                                           "adapter.r=4"]), overwrite=False, resume=True)  # fmt: skip

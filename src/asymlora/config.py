@@ -401,15 +401,17 @@ def _normalize(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _keep_declared_defaults(obj: Any, data: dict[str, Any]) -> None:
-    """Give every field the input did not set its declared default object back.
+    """Give every top-level field the input does not mention its declared default object back.
 
-    OmegaConf types the defaults too (``lora_alpha: float = 16`` becomes 16.0); the dump of a config, and
-    so a sweep cell's id, keeps what it was before OmegaConf read it: 16 when unset, 16.0 when given."""
+    OmegaConf types the defaults too (``lora_alpha: float = 16`` becomes 16.0); before it read the configs,
+    a section the input did not mention kept its declared default objects (16), while a mentioned one was
+    typed through. The dump of a config, and so a sweep cell's id, stays what it was."""
     for f in dataclasses.fields(obj):
-        value, given = getattr(obj, f.name), data.get(f.name)
-        if dataclasses.is_dataclass(value):
-            _keep_declared_defaults(value, given if isinstance(given, dict) else {})
-        elif f.name not in data and f.default == value and type(f.default) is not type(value):
+        if f.name in data:
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            setattr(obj, f.name, f.default_factory())
+        elif f.default is not dataclasses.MISSING:
             setattr(obj, f.name, f.default)
 
 

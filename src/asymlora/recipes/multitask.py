@@ -76,8 +76,8 @@ def _prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> None:
                 f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over "
                 "(or choose another run_dir=...)"
             )
-        previous = load_config(saved)
-        if dump_config(dataclasses.replace(previous, train=cfg.train)) != text:
+        previous = load_config(saved)  # compared by value: a reread 16 is 16.0, the same config
+        if dataclasses.replace(previous, train=cfg.train) != cfg:
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; --resume needs the same config "
                 f"(only train.* may change). Compare with {saved}, or use --overwrite."
