@@ -171,8 +171,8 @@ def _add(
 
 def _add_train(sub: Subparsers) -> None:
     p = _add(sub, "train", cmd_train, "train and evaluate a multi-task config",
-            "Train the configured method(s) on the configured tasks, evaluate every task (and the base model), "
-            "and write results.json, results.md and results.png into run_dir.")  # fmt: skip
+                 "Train the configured method(s) on the configured tasks, evaluate every task (and the base model), "
+                 "and write results.json, results.md and results.png into run_dir.")  # fmt: skip
     p.add_argument("config", help="YAML run config (e.g. configs/multitask_bigbench.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
     mode = p.add_mutually_exclusive_group()
@@ -184,23 +184,23 @@ def _add_train(sub: Subparsers) -> None:
 
 def _add_demo(sub: Subparsers) -> None:
     p = _add(sub, "demo", cmd_demo, "the embedded demo: LoRA, ALoRA, HydraLoRA; SmolLM2-135M; 4 BIG-bench tasks (minutes on 2 CPU cores)",
-            "Train LoRA, ALoRA and HydraLoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
-            "evaluate the base model and each method, print the per-task table and write it with a PNG chart.")  # fmt: skip
+                 "Train LoRA, ALoRA and HydraLoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
+                 "evaluate the base model and each method, print the per-task table and write it with a PNG chart.")  # fmt: skip
     p.add_argument("--run-dir", default="runs/demo", help="where to write (replaced if it exists)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
 
 
 def _add_eval(sub: Subparsers) -> None:
     p = _add(sub, "eval", cmd_eval, "re-evaluate a finished run",
-            "Load the adapter(s) of RUN_DIR and score every task again; rewrites results.json.")  # fmt: skip
+                 "Load the adapter(s) of RUN_DIR and score every task again; rewrites results.json.")  # fmt: skip
     p.add_argument("run_dir")
 
 
 def _add_compare(sub: Subparsers) -> None:
     p = _add(sub, "compare", cmd_compare, "paired tests of two runs on the same test examples",
-            "Per task and on the average over tasks: the difference A − B of the primary metric, its 95 % paired "
-            "bootstrap interval and a paired permutation p-value. Both runs need per_example.jsonl "
-            "(written by train; `asymlora eval RUN` writes it for older runs).")  # fmt: skip
+                 "Per task and on the average over tasks: the difference A − B of the primary metric, its 95 % paired "
+                 "bootstrap interval and a paired permutation p-value. Both runs need per_example.jsonl "
+                 "(written by train; `asymlora eval RUN` writes it for older runs).")  # fmt: skip
     p.add_argument("run_a", help="run directory (or run_dir/<method> of a compare run)")
     p.add_argument("run_b", help="run directory scored on the same test examples")
     p.add_argument("--json", help="also write the tests as JSON to this file")
@@ -208,10 +208,10 @@ def _add_compare(sub: Subparsers) -> None:
 
 def _add_sweep(sub: Subparsers) -> None:
     p = _add(sub, "sweep", cmd_sweep, "run a grid of configs (methods × seeds × tasks) into one results ledger",
-            "Expand the sweep file's grid into cells, train and evaluate the cells not yet in the ledger "
-            "(resuming partial ones), append one record per cell to ledger.jsonl; several processes or machines "
-            "sharing the sweep directory take disjoint cells. --report rebuilds results.md and figures from the "
-            "ledger alone.")  # fmt: skip
+                 "Expand the sweep file's grid into cells, train and evaluate the cells not yet in the ledger "
+                 "(resuming partial ones), append one record per cell to ledger.jsonl; several processes or machines "
+                 "sharing the sweep directory take disjoint cells. --report rebuilds results.md and figures from the "
+                 "ledger alone.")  # fmt: skip
     p.add_argument("config", help="sweep YAML (base config, overrides, grid; see docs/sweep.md)")
     p.add_argument("--shard", help="i/n: take only cells i, i+n, i+2n, ... of the grid (0 <= i < n)")
     p.add_argument(
@@ -227,9 +227,9 @@ def _add_sweep(sub: Subparsers) -> None:
 
 def _add_export(sub: Subparsers) -> None:
     p = _add(sub, "export", cmd_export, "export one task as a standard peft LoRA adapter",
-            "Write task NAME of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "
-            "or any LoRA server loads without asymlora. A soft/topk-routed run needs --calibration: each layer's "
-            "gate is averaged over the task's examples (an approximation, its fidelity reported).")  # fmt: skip
+                 "Write task NAME of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "
+                 "or any LoRA server loads without asymlora. A soft/topk-routed run needs --calibration: each layer's "
+                 "gate is averaged over the task's examples (an approximation, its fidelity reported).")  # fmt: skip
     p.add_argument("run_dir")
     p.add_argument("--task", required=True, help="task name (as in results.json) or expert index")
     p.add_argument("--out", required=True, help="output directory")
@@ -243,8 +243,8 @@ def _add_export(sub: Subparsers) -> None:
 
 def _add_analyze(sub: Subparsers) -> None:
     p = _add(sub, "analyze", cmd_analyze, "compare adapters: A vs B subspace similarity, CCA, spectra",
-            "Pair the given adapters (asymlora or plain peft LoRA; adapter or run directories) and their experts, "
-            "and write analysis.json plus PNG figures.")  # fmt: skip
+                 "Pair the given adapters (asymlora or plain peft LoRA; adapter or run directories) and their experts, "
+                 "and write analysis.json plus PNG figures.")  # fmt: skip
     p.add_argument("paths", nargs="+", help="adapter directories or run directories")
     p.add_argument("--out", default="analysis", help="output directory (default: ./analysis)")
     p.add_argument("--labels", nargs="*", help="one label per path")
@@ -253,8 +253,8 @@ def _add_analyze(sub: Subparsers) -> None:
 
 def _add_experiment(sub: Subparsers) -> None:
     p = _add(sub, "experiment", cmd_experiment, "run the paper's experiments (init-similarity)",
-            "init-similarity: train LoRA on several tasks from one seed and on one task from several seeds, then "
-            "compare A and B similarities (the paper's Figure 1).")  # fmt: skip
+                 "init-similarity: train LoRA on several tasks from one seed and on one task from several seeds, then "
+                 "compare A and B similarities (the paper's Figure 1).")  # fmt: skip
     p.add_argument("name", choices=["init-similarity"])
     p.add_argument("--out", default="runs/init-similarity", help="output directory")
     p.add_argument("overrides", nargs="*", help="key=value size overrides")
@@ -262,9 +262,9 @@ def _add_experiment(sub: Subparsers) -> None:
 
 def _add_serve(sub: Subparsers) -> None:
     p = _add(sub, "serve", cmd_serve, "serve a run or adapter on an OpenAI-compatible /v1/completions endpoint",
-            "Serve RUN_OR_ADAPTER (a run directory or an adapter directory) over HTTP. The request's `model` "
-            "names the task (task-routed adapters; GET /v1/models lists them) or the adapter; concurrent "
-            "requests of different tasks run as one batched forward. Greedy decoding. See docs/serving.md.")  # fmt: skip
+                 "Serve RUN_OR_ADAPTER (a run directory or an adapter directory) over HTTP. The request's `model` "
+                 "names the task (task-routed adapters; GET /v1/models lists them) or the adapter; concurrent "
+                 "requests of different tasks run as one batched forward. Greedy decoding. See docs/serving.md.")  # fmt: skip
     p.add_argument("path", metavar="RUN_OR_ADAPTER")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
@@ -283,7 +283,7 @@ def _add_serve(sub: Subparsers) -> None:
 
 def _add_fed(sub: Subparsers) -> None:
     p = _add(sub, "fed", cmd_fed, "federated fine-tuning on Flower (simulation)",
-            "Run a federated config (configs/fed_*.yaml) with Flower's simulation engine.")  # fmt: skip
+                 "Run a federated config (configs/fed_*.yaml) with Flower's simulation engine.")  # fmt: skip
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--resume", action="store_true", help="continue from the last completed round")
