@@ -86,3 +86,172 @@ def test_an_override_keeps_the_other_defaults_of_its_section() -> None:
     settings = from_dict(InitSimilaritySettings, apply_overrides({}, ["train.steps=7"]))
     assert settings.train.steps == 7
     assert settings.train.warmup_steps == InitSimilaritySettings().train.warmup_steps == 5
+
+
+# --- one config tree, one loader (OmegaConf structured configs) ------------------------------------------
+def test_sweep_cell_ids_are_those_computed_before_the_sections_were_shared() -> None:
+    """The ledger keys finished cells by id: the ids below were computed on the code before the config
+    tree was shared (config.py and federated/config.py with separate classes, no OmegaConf)."""
+    from asymlora.recipes.sweep import cell_id, expand, load_sweep
+
+    cells = expand(load_sweep(ROOT / "configs" / "sweep_multitask.yaml"))
+    assert len(cells) == 45
+    assert [c.id for c in cells[:3]] == ["cd8c1ce81003", "4b3be14dec18", "032ebb2ca357"]
+    assert cells[-1].id == "80c19fecd00c"
+    # from the defaults (adapter.lora_alpha unset: the declared 16, not OmegaConf's 16.0)
+    assert cell_id(load_config(None, ["data.tasks=[bigbench:strategyqa]"])) == "2f07f08ee83a"
+    bench = load_config(ROOT / "configs" / "multitask_bigbench.yaml", ["compare.methods=[]", "compare.single_task=false",
+                        "train.epochs=2", "data.metric={strategyqa: exact_match}"])  # fmt: skip
+    assert cell_id(bench) == "154b7d044327"
+
+
+def test_federated_sections_extend_the_shared_ones_and_keep_their_keys() -> None:
+    import dataclasses
+
+    from asymlora import config as shared
+    from asymlora.federated import config as fed
+
+    for name, base in [("ModelSettings", shared.BaseModelSettings), ("AdapterSettings", shared.BaseAdapterSettings),
+                       ("TrainSettings", shared.BaseTrainSettings), ("EvalSettings", shared.BaseEvalSettings),
+                       ("DataSettings", shared.DataSettings)]:  # fmt: skip
+        assert issubclass(getattr(fed, name), base) and issubclass(getattr(shared, name), base), name
+    keys = {section: sorted(f.name for f in dataclasses.fields(getattr(fed, cls)))
+            for section, cls in [("model", "ModelSettings"), ("adapter", "AdapterSettings"),
+                                 ("train", "TrainSettings"), ("eval", "EvalSettings")]}  # fmt: skip
+    assert keys == {  # the federated keys as they were: no multi-task key leaks in
+        "model": ["name"],
+        "adapter": ["intermediate_rank", "lora_alpha", "lora_dropout", "method", "r", "target_modules"],
+        "train": ["batch_size", "local_steps", "lr", "max_grad_norm", "weight_decay"],
+        "eval": ["batch_size", "global_scores", "local_only", "max_examples", "max_new_tokens"],
+    }
+    cfg = fed.FedConfig()
+    assert (cfg.adapter.method, cfg.adapter.target_modules, cfg.eval.max_new_tokens) == (
+        "lora",
+        ["q_proj", "v_proj"],
+        16,
+    )
+    assert (cfg.data.max_test, cfg.data.max_length, cfg.train.local_steps) == (200, 192, 10)
+    assert list(cfg.to_dict()["train"]) == [
+        "local_steps",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "max_grad_norm",
+    ]
+    run = RunConfig()
+    assert (run.adapter.method, run.adapter.target_modules, run.eval.max_new_tokens) == (
+        "alora",
+        ["q_proj", "o_proj"],
+        24,
+    )
+    assert list(run.to_dict()["train"])[:3] == ["steps", "epochs", "batch_size"]
+
+
+def test_one_adapter_builder_for_both_runs() -> None:
+    from asymlora.federated.config import load_fed_config
+    from asymlora.tuner.config import AsymLoraConfig
+
+    fed = load_fed_config(None, ["data.tasks=[bigbench:a, bigbench:b]", "clients.num=2", "adapter.r=4"])
+    # what FedConfig.base_adapter built by hand before there was one builder
+    assert fed.base_adapter() == AsymLoraConfig(method="lora", r=4, lora_alpha=16, lora_dropout=0.0,
+                                                target_modules=["q_proj", "v_proj"], intermediate_rank=16,
+                                                num_experts=1)  # fmt: skip
+    run = load_config(None, ["data.tasks=[bigbench:a, bigbench:b]", "adapter.router=task"])
+    routed = run.adapter.to_peft(["a", "b"])
+    assert (routed.num_experts, routed.task_names, routed.router) == (2, ["a", "b"], "task")
+    assert run.adapter_for("lora").to_peft(["a", "b"]).num_experts == 3  # lora: no task routing
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["train.steps=3"], r"unknown config key 'train.steps' \(did you mean 'local_steps'\?\)"),
+        (["adapter.num_experts=3"], r"unknown config key 'adapter.num_experts'.*valid keys here: \['method'"),
+        (
+            ["clients.partition=shards"],
+            r"clients.partition='shards' is not allowed; choose one of \['task', 'dirichlet', 'iid'\]",
+        ),
+        (
+            ["dp.clipping=maybe"],
+            r"dp.clipping='maybe' is not allowed; choose one of \['off', 'server', 'client'\]",
+        ),
+        (["clients.ranks=[8, x]"], r"clients.ranks\[1\]: expected int, got 'x' \(str\)"),
+        (["rounds=null"], r"rounds: expected int, got None"),
+        (["train.local_steps=-1"], r"train.local_steps=-1 must be an integer >= 0"),
+    ],
+)
+def test_federated_config_errors_name_the_key_the_value_and_the_fix(overrides: list[str], match: str) -> None:
+    from asymlora.federated.config import load_fed_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_fed_config(None, ["data.tasks=[bigbench:a, bigbench:b]", "clients.num=2", *overrides])
+
+
+def test_the_syntax_conveniences_are_kept(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.tasks=bigbench:strategyqa", "compare.methods=[lora]", "compare=null",
+                             "baselines={strategyqa: 0.5}", "train.lr=1e-4", "run_dir="])  # fmt: skip
+    assert cfg.data.tasks == ["bigbench:strategyqa"]  # one value where a list is expected
+    assert cfg.compare == RunConfig().compare  # null for a section: its defaults
+    assert cfg.baselines == {"strategyqa": 0.5} and cfg.train.lr == 1e-4 and cfg.run_dir == ""
+    with pytest.raises(ConfigError, match=r"baselines.strategyqa: expected float, got 'high' \(str\)"):
+        load_config(None, ["data.tasks=[bigbench:a]", "baselines={strategyqa: high}"])
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match=r"override 'train.steps=3': 'train' is not a section"):
+        load_config(scalar, ["train.steps=3"])
+    with pytest.raises(ConfigError, match="expected a mapping of keys at the top level"):
+        (tmp_path / "list.yaml").write_text("- a\n")
+        load_config(tmp_path / "list.yaml")
+
+
+def test_a_missing_file_is_a_config_error_and_a_file_not_found_error(tmp_path: Path) -> None:
+    from asymlora.federated.config import FedConfig, load_fed_config
+
+    for load in (load_config, load_fed_config):
+        with pytest.raises(ConfigError, match="does not exist") as info:
+            load(tmp_path / "nope.yaml")
+        assert isinstance(info.value, FileNotFoundError)
+    assert isinstance(load_config(None, ["data.tasks=[x:a]", "clients.num=1"], schema=FedConfig), FedConfig)
+
+
+def test_the_federated_config_survives_its_json_message() -> None:
+    from asymlora.federated.config import fed_config_from_json, load_fed_config
+
+    cfg = load_fed_config(ROOT / "configs" / "fed_bigbench_het.yaml", ["rounds=2", "dp.clipping=server",
+                                                                        "dp.noise_multiplier=0.5", "strategy=zeropad"])  # fmt: skip
+    assert cfg.strategies == ["zeropad"]  # the single-strategy alias
+    back = fed_config_from_json(cfg.to_json())
+    assert back == cfg and fed_config_from_json(back.to_json()).to_json() == back.to_json()
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'"):
+        fed_config_from_json(cfg.to_json().replace('"local_steps"', '"stepz"'))
+
+
+@pytest.mark.parametrize("argv", [["train", "nope.yaml"], ["train", "CONFIG", "train.stepz=3"],
+                                  ["fed", "configs/fed_bigbench_homo.yaml", "clients.partition=shards"]])  # fmt: skip
+def test_the_cli_refuses_a_bad_config_with_one_line_and_exit_2(argv: list[str], capsys) -> None:
+    from asymlora.cli import main
+
+    argv = [
+        str(demo_config_path()) if a == "CONFIG" else str(ROOT / a) if a.startswith("configs/") else a
+        for a in argv
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert any(
+        word in err for word in ("does not exist", "did you mean 'steps'", "'shards' is not allowed")
+    ), err
+
+
+def test_a_run_from_a_config_without_an_adapter_section_can_be_resumed(tmp_path: Path) -> None:
+    """The saved config.yaml is read back with lora_alpha typed (16.0) while the run's own config kept the
+    declared default (16): the resume check compares the configs, not their text."""
+    from asymlora.recipes.multitask import CONFIG_FILE, prepare_run_dir
+
+    cfg = load_config(None, ["data.tasks=[bigbench:strategyqa]", f"run_dir={tmp_path / 'run'}"])
+    prepare_run_dir(cfg, overwrite=False, resume=False)
+    assert "lora_alpha: 16\n" in (tmp_path / "run" / CONFIG_FILE).read_text()
+    prepare_run_dir(cfg, overwrite=False, resume=True)  # the same config: no error
+    with pytest.raises(ConfigError, match="different config"):
+        prepare_run_dir(load_config(None, ["data.tasks=[bigbench:strategyqa]", f"run_dir={tmp_path / 'run'}",
+                                           "adapter.r=4"]), overwrite=False, resume=True)  # fmt: skip

@@ -18,12 +18,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+import torch
+
+from asymlora import distributed, progress
+from asymlora.analysis import analyze
+from asymlora.config import load_config
+from asymlora.io import atomic_write_text
+from asymlora.recipes import multitask, sweep
+from asymlora.recipes.evaluate import compare_runs, evaluate_run, export_run_task
+from asymlora.recipes.init_similarity import run_init_similarity
+from asymlora.train import TrainingError
+
+# Before a command imports flwr (asymlora fed, lazily) or a tokenizer forks; nothing above imports flwr.
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,27 +50,18 @@ def demo_config_path() -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from asymlora import distributed
-    from asymlora.config import load_config
-    from asymlora.recipes.multitask import run
-
     cfg = load_config(args.config, args.overrides)
-    run(cfg, overwrite=args.overwrite, resume=args.resume)
+    multitask.run(cfg, overwrite=args.overwrite, resume=args.resume)
     if distributed.is_main():  # torchrun: one line, not one per process
         print(f"results: {Path(cfg.run_dir) / 'results.json'}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import time
-
-    from asymlora.config import load_config
-    from asymlora.recipes.multitask import run
-
     overrides = [f"run_dir={args.run_dir}", *args.overrides]
     cfg = load_config(demo_config_path(), overrides)
     t0 = time.perf_counter()
-    run(cfg, overwrite=True)
+    multitask.run(cfg, overwrite=True)
     print(
         f"demo finished in {time.perf_counter() - t0:.0f} s; table, results.json and results.png in {cfg.run_dir}"
     )
@@ -64,18 +69,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from asymlora.recipes.evaluate import evaluate_run
-
     evaluate_run(Path(args.run_dir))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import json
-
-    from asymlora.io import atomic_write_text
-    from asymlora.recipes.evaluate import compare_runs
-
     tests, table = compare_runs(Path(args.run_a), Path(args.run_b))
     print(table)
     if args.json:
@@ -84,14 +82,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from asymlora.recipes.sweep import main as sweep_main
-
-    return sweep_main(args)
+    return sweep.main(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from asymlora.recipes.evaluate import export_run_task
-
     out = export_run_task(
         Path(args.run_dir), args.task, Path(args.out), method=args.method, overwrite=args.overwrite,
         calibration=args.calibration, rank=args.rank,
@@ -103,8 +97,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from asymlora.analysis import analyze
-
     analyze(args.paths, args.out, labels=args.labels, base_model=args.base_model, verbose=True)
     print(f"analysis written to {args.out}")
     return 0
@@ -114,8 +106,6 @@ def check_device(device: str | None) -> None:
     """ValueError (a user mistake) for a device string torch does not know or cannot use here."""
     if device in (None, "auto"):
         return
-    import torch
-
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -127,7 +117,7 @@ def check_device(device: str | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
+    try:  # the optional [serve] extra (fastapi, uvicorn)
         from asymlora import serve
     except ModuleNotFoundError as e:
         raise ValueError(f"{e}; install the server's packages: pip install 'asymlora[serve]'") from None
@@ -151,14 +141,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_fed(args: argparse.Namespace) -> int:
-    from asymlora.federated.run import main as fed_main
+    from asymlora.federated.run import main as fed_main  # the optional [fed] extra (flwr)
 
     return fed_main(args)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from asymlora.recipes.init_similarity import run_init_similarity
-
     run_init_similarity(args.out, args.overrides)
     return 0
 
@@ -166,29 +154,24 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 QUIET_HELP = "no progress bars or per-step log lines (results and errors are still printed)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="asymlora",
-        description="Fine-tune language models with several LoRA adapters that share parameters asymmetrically "
-        "(ALoRA, Fed-ALoRA) and their peers (LoRA, HydraLoRA, MoLoRA, MALoRA; FedIT, FFA-LoRA, FedSA-LoRA).",
-        epilog="Configs are YAML (see configs/); any key can be overridden as section.key=value, "
-        "e.g. adapter.r=16 train.steps=200 'data.tasks=[bigbench:strategyqa]'.",
-    )
-    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+Subparsers = argparse._SubParsersAction  # argparse's type of add_subparsers()
 
-    def add(
-        name: str, fn: Callable[[argparse.Namespace], int], help: str, description: str
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=description)
-        p.set_defaults(func=fn)
-        # SUPPRESS: a --quiet given before the command (asymlora --quiet COMMAND) is not reset here
-        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
-        return p
 
-    p = add("train", cmd_train, "train and evaluate a multi-task config",
-            "Train the configured method(s) on the configured tasks, evaluate every task (and the base model), "
-            "and write results.json, results.md and results.png into run_dir.")  # fmt: skip
+def _add(
+    sub: Subparsers, name: str, fn: Callable[[argparse.Namespace], int], help: str, description: str
+) -> argparse.ArgumentParser:
+    """Subcommand ``name`` running ``fn``, with ``--quiet``."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.set_defaults(func=fn)
+    # SUPPRESS: a --quiet given before the command (asymlora --quiet COMMAND) is not reset here
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+    return p
+
+
+def _add_train(sub: Subparsers) -> None:
+    p = _add(sub, "train", cmd_train, "train and evaluate a multi-task config",
+                 "Train the configured method(s) on the configured tasks, evaluate every task (and the base model), "
+                 "and write results.json, results.md and results.png into run_dir.")  # fmt: skip
     p.add_argument("config", help="YAML run config (e.g. configs/multitask_bigbench.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
     mode = p.add_mutually_exclusive_group()
@@ -197,29 +180,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start over")
 
-    p = add("demo", cmd_demo, "the embedded demo: LoRA, ALoRA, HydraLoRA; SmolLM2-135M; 4 BIG-bench tasks (minutes on 2 CPU cores)",
-            "Train LoRA, ALoRA and HydraLoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
-            "evaluate the base model and each method, print the per-task table and write it with a PNG chart.")  # fmt: skip
+
+def _add_demo(sub: Subparsers) -> None:
+    p = _add(sub, "demo", cmd_demo, "the embedded demo: LoRA, ALoRA, HydraLoRA; SmolLM2-135M; 4 BIG-bench tasks (minutes on 2 CPU cores)",
+                 "Train LoRA, ALoRA and HydraLoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
+                 "evaluate the base model and each method, print the per-task table and write it with a PNG chart.")  # fmt: skip
     p.add_argument("--run-dir", default="runs/demo", help="where to write (replaced if it exists)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
 
-    p = add("eval", cmd_eval, "re-evaluate a finished run",
-            "Load the adapter(s) of RUN_DIR and score every task again; rewrites results.json.")  # fmt: skip
+
+def _add_eval(sub: Subparsers) -> None:
+    p = _add(sub, "eval", cmd_eval, "re-evaluate a finished run",
+                 "Load the adapter(s) of RUN_DIR and score every task again; rewrites results.json.")  # fmt: skip
     p.add_argument("run_dir")
 
-    p = add("compare", cmd_compare, "paired tests of two runs on the same test examples",
-            "Per task and on the average over tasks: the difference A − B of the primary metric, its 95 % paired "
-            "bootstrap interval and a paired permutation p-value. Both runs need per_example.jsonl "
-            "(written by train; `asymlora eval RUN` writes it for older runs).")  # fmt: skip
+
+def _add_compare(sub: Subparsers) -> None:
+    p = _add(sub, "compare", cmd_compare, "paired tests of two runs on the same test examples",
+                 "Per task and on the average over tasks: the difference A − B of the primary metric, its 95 % paired "
+                 "bootstrap interval and a paired permutation p-value. Both runs need per_example.jsonl "
+                 "(written by train; `asymlora eval RUN` writes it for older runs).")  # fmt: skip
     p.add_argument("run_a", help="run directory (or run_dir/<method> of a compare run)")
     p.add_argument("run_b", help="run directory scored on the same test examples")
     p.add_argument("--json", help="also write the tests as JSON to this file")
 
-    p = add("sweep", cmd_sweep, "run a grid of configs (methods × seeds × tasks) into one results ledger",
-            "Expand the sweep file's grid into cells, train and evaluate the cells not yet in the ledger "
-            "(resuming partial ones), append one record per cell to ledger.jsonl; several processes or machines "
-            "sharing the sweep directory take disjoint cells. --report rebuilds results.md and figures from the "
-            "ledger alone.")  # fmt: skip
+
+def _add_sweep(sub: Subparsers) -> None:
+    p = _add(sub, "sweep", cmd_sweep, "run a grid of configs (methods × seeds × tasks) into one results ledger",
+                 "Expand the sweep file's grid into cells, train and evaluate the cells not yet in the ledger "
+                 "(resuming partial ones), append one record per cell to ledger.jsonl; several processes or machines "
+                 "sharing the sweep directory take disjoint cells. --report rebuilds results.md and figures from the "
+                 "ledger alone.")  # fmt: skip
     p.add_argument("config", help="sweep YAML (base config, overrides, grid; see docs/sweep.md)")
     p.add_argument("--shard", help="i/n: take only cells i, i+n, i+2n, ... of the grid (0 <= i < n)")
     p.add_argument(
@@ -232,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="log a failing cell to failures.jsonl and go on with the next",
     )
 
-    p = add("export", cmd_export, "export one task as a standard peft LoRA adapter",
-            "Write task NAME of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "
-            "or any LoRA server loads without asymlora. A soft/topk-routed run needs --calibration: each layer's "
-            "gate is averaged over the task's examples (an approximation, its fidelity reported).")  # fmt: skip
+
+def _add_export(sub: Subparsers) -> None:
+    p = _add(sub, "export", cmd_export, "export one task as a standard peft LoRA adapter",
+                 "Write task NAME of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "
+                 "or any LoRA server loads without asymlora. A soft/topk-routed run needs --calibration: each layer's "
+                 "gate is averaged over the task's examples (an approximation, its fidelity reported).")  # fmt: skip
     p.add_argument("run_dir")
     p.add_argument("--task", required=True, help="task name (as in results.json) or expert index")
     p.add_argument("--out", required=True, help="output directory")
@@ -246,25 +239,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "data (an approximation; its fidelity goes into the adapter's README.md)")  # fmt: skip
     p.add_argument("--rank", type=int, help="with --calibration: truncate the export to this rank (SVD)")
 
-    p = add("analyze", cmd_analyze, "compare adapters: A vs B subspace similarity, CCA, spectra",
-            "Pair the given adapters (asymlora or plain peft LoRA; adapter or run directories) and their experts, "
-            "and write analysis.json plus PNG figures.")  # fmt: skip
+
+def _add_analyze(sub: Subparsers) -> None:
+    p = _add(sub, "analyze", cmd_analyze, "compare adapters: A vs B subspace similarity, CCA, spectra",
+                 "Pair the given adapters (asymlora or plain peft LoRA; adapter or run directories) and their experts, "
+                 "and write analysis.json plus PNG figures.")  # fmt: skip
     p.add_argument("paths", nargs="+", help="adapter directories or run directories")
     p.add_argument("--out", default="analysis", help="output directory (default: ./analysis)")
     p.add_argument("--labels", nargs="*", help="one label per path")
     p.add_argument("--base-model", help="base model, for the magnitude/direction change of W0 + ΔW")
 
-    p = add("experiment", cmd_experiment, "run the paper's experiments (init-similarity)",
-            "init-similarity: train LoRA on several tasks from one seed and on one task from several seeds, then "
-            "compare A and B similarities (the paper's Figure 1).")  # fmt: skip
+
+def _add_experiment(sub: Subparsers) -> None:
+    p = _add(sub, "experiment", cmd_experiment, "run the paper's experiments (init-similarity)",
+                 "init-similarity: train LoRA on several tasks from one seed and on one task from several seeds, then "
+                 "compare A and B similarities (the paper's Figure 1).")  # fmt: skip
     p.add_argument("name", choices=["init-similarity"])
     p.add_argument("--out", default="runs/init-similarity", help="output directory")
     p.add_argument("overrides", nargs="*", help="key=value size overrides")
 
-    p = add("serve", cmd_serve, "serve a run or adapter on an OpenAI-compatible /v1/completions endpoint",
-            "Serve RUN_OR_ADAPTER (a run directory or an adapter directory) over HTTP. The request's `model` "
-            "names the task (task-routed adapters; GET /v1/models lists them) or the adapter; concurrent "
-            "requests of different tasks run as one batched forward. Greedy decoding. See docs/serving.md.")  # fmt: skip
+
+def _add_serve(sub: Subparsers) -> None:
+    p = _add(sub, "serve", cmd_serve, "serve a run or adapter on an OpenAI-compatible /v1/completions endpoint",
+                 "Serve RUN_OR_ADAPTER (a run directory or an adapter directory) over HTTP. The request's `model` "
+                 "names the task (task-routed adapters; GET /v1/models lists them) or the adapter; concurrent "
+                 "requests of different tasks run as one batched forward. Greedy decoding. See docs/serving.md.")  # fmt: skip
     p.add_argument("path", metavar="RUN_OR_ADAPTER")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
@@ -280,12 +279,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
 
-    p = add("fed", cmd_fed, "federated fine-tuning on Flower (simulation)",
-            "Run a federated config (configs/fed_*.yaml) with Flower's simulation engine.")  # fmt: skip
+
+def _add_fed(sub: Subparsers) -> None:
+    p = _add(sub, "fed", cmd_fed, "federated fine-tuning on Flower (simulation)",
+                 "Run a federated config (configs/fed_*.yaml) with Flower's simulation engine.")  # fmt: skip
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--resume", action="store_true", help="continue from the last completed round")
     p.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start over")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``asymlora`` parser: one subcommand per ``cmd_*`` function."""
+    parser = argparse.ArgumentParser(
+        prog="asymlora",
+        description="Fine-tune language models with several LoRA adapters that share parameters asymmetrically "
+        "(ALoRA, Fed-ALoRA) and their peers (LoRA, HydraLoRA, MoLoRA, MALoRA; FedIT, FFA-LoRA, FedSA-LoRA).",
+        epilog="Configs are YAML (see configs/); any key can be overridden as section.key=value, "
+        "e.g. adapter.r=16 train.steps=200 'data.tasks=[bigbench:strategyqa]'.",
+    )
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (
+        _add_train,
+        _add_demo,
+        _add_eval,
+        _add_compare,
+        _add_sweep,
+        _add_export,
+        _add_analyze,
+        _add_experiment,
+        _add_serve,
+        _add_fed,
+    ):
+        add_command(sub)
     return parser
 
 
@@ -296,8 +323,6 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or not all("=" in a and not a.startswith("-") for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    from asymlora import progress
-
     try:
         with progress.quiet() if args.quiet else contextlib.nullcontext():
             return args.func(args)
@@ -309,8 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a program killed by a closed pipe
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as e:
-        from asymlora.train import TrainingError
-
         if isinstance(e, RuntimeError) and not isinstance(e, TrainingError):
             raise
         print(f"asymlora {args.command}: error: {e}", file=sys.stderr)

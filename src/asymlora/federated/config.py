@@ -1,11 +1,13 @@
-"""Federated run configuration: YAML mapped onto typed dataclasses, with dotted ``key=value`` overrides.
+"""Federated run configuration: the federated sections of the one config tree (`asymlora.config`).
 
     cfg = load_fed_config("configs/fed_bigbench_homo.yaml", ["rounds=3", "train.local_steps=10"])
 
-The same rules as the multi-task config (`asymlora.config`): unknown keys and values of the wrong type
-are refused with a message that names them. `FedConfig.validate` checks everything that can be checked
-before Flower starts (strategy names, client ranks, d_m, partition settings), so a bad config fails in
-a second with one clear line instead of inside a simulation.
+The model, data, adapter, train and eval sections extend the shared ones of `asymlora.config` (other
+defaults; ``train.local_steps``, ``adapter.intermediate_rank``, ``eval.global_scores`` ...), and the file is
+read by the same loader (`asymlora.config.load_config` with ``schema=FedConfig``): unknown keys and values
+of the wrong type are refused with a message that names them. `FedConfig.validate` checks everything that
+can be checked before Flower starts (strategy names, client ranks, d_m, partition settings), so a bad
+config fails in a second with one clear line instead of inside a simulation.
 
 The config travels to the clients inside every server message (`FedConfig.to_json`), so a SuperNode
 needs nothing but its node config (``partition-id``; optionally ``data``, ``rank``, ``state-dir``).
@@ -13,18 +15,31 @@ needs nothing but its node config (``partition-id``; optionally ``data``, ``rank
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import yaml
-
-from asymlora.config import ConfigError, apply_overrides, from_dict
+from asymlora.config import (
+    BaseAdapterSettings,
+    BaseEvalSettings,
+    BaseModelSettings,
+    BaseTrainSettings,
+    ConfigError,
+    config_dict,
+    dump_config,
+    from_dict,
+    load_config,
+)
 from asymlora.config import DataSettings as MultiTaskDataSettings
 from asymlora.federated.privacy import PrivacySettings, noise_multiplier_for
-from asymlora.federated.strategies import STRATEGY_NAMES, Strategy, check_het_setup, get_strategy
+from asymlora.federated.strategies import (
+    STRATEGY_NAMES,
+    Strategy,
+    check_het_setup,
+    client_config,
+    get_strategy,
+)
 from asymlora.tuner.config import AsymLoraConfig
 
 __all__ = [
@@ -46,29 +61,25 @@ __all__ = [
 
 
 @dataclass
-class ModelSettings:
-    """The base model every client adapts."""
-
-    name: str = "smollm2-135m"
-    """Built-in ``smollm2-135m``, a local directory saved with ``save_pretrained``, or a hub id."""
+class ModelSettings(BaseModelSettings):
+    """The base model every client adapts: the built-in ``smollm2-135m``, a local directory saved with
+    ``save_pretrained``, or a hub id."""
 
 
 @dataclass
-class AdapterSettings:
+class AdapterSettings(BaseAdapterSettings):
     """The adapter of every client (heterogeneous strategies change r and alpha per client)."""
 
     method: str = "lora"
     """Adapter method for the homogeneous strategies (``lora``; ``fedalora-het`` always uses ``fedhet``)."""
-    r: int = 8
-    """Rank (homogeneous strategies, and every client without its own rank)."""
-    lora_alpha: float = 16
-    """Scaling numerator (homogeneous); heterogeneous strategies use alpha_i = 2·r_i (the paper's)."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Modules to adapt (the paper's federated setting: q_proj, v_proj)."""
     intermediate_rank: int = 16
     """d_m of ``fedalora-het``: the shared rank of B0 (paper: 16)."""
+
+    def peft_values(self, task_names: list[str]) -> dict[str, Any]:
+        """One expert: a federated client adapts one plain (or fedhet) LoRA."""
+        return {"num_experts": 1}
 
 
 @dataclass
@@ -100,33 +111,39 @@ class DataSettings(MultiTaskDataSettings):
 
 
 @dataclass
-class TrainSettings:
-    """Local training on each client, every round (plain AdamW, fresh optimiser each round)."""
+class TrainSettings(BaseTrainSettings):
+    """Local training on each client, every round (plain AdamW at a constant learning rate, a fresh
+    optimiser each round)."""
+
+    KEY_ORDER: ClassVar[tuple[str, ...]] = (
+        "local_steps",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "max_grad_norm",
+    )
+    """Key order of config.yaml: the federated section's own key first."""
 
     local_steps: int = 10
     """Optimiser steps per client per round. 0: no local training — each client returns what it received,
     so a round costs only the federation itself (messages, aggregation, checkpoint; see
     ``benchmarks/federated.py``); its train loss is then logged as null."""
-    batch_size: int = 8
-    """Examples per step."""
-    lr: float = 1e-3
-    """AdamW learning rate (constant)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping (0 = off)."""
+
+    def check(self) -> None:
+        """Raise `ConfigError` for negative local steps, a batch size below 1 or a learning rate <= 0."""
+        if self.local_steps < 0:
+            raise ConfigError(
+                f"train.local_steps={self.local_steps!r} must be an integer >= 0 (0: no local training)"
+            )
+        super().check()
 
 
 @dataclass
-class EvalSettings:
+class EvalSettings(BaseEvalSettings):
     """Evaluation after the last round, on every client's own test split."""
 
-    batch_size: int = 16
-    """Sequences per forward pass."""
     max_new_tokens: int = 16
     """Generation length for generative tasks."""
-    max_examples: int | None = None
-    """Cap on test examples per client task (None: the whole test split)."""
     global_scores: bool = True
     """Also score the aggregated shared tensors with each client's local ones."""
     local_only: bool = False
@@ -224,16 +241,8 @@ class FedConfig:
 
     def base_adapter(self) -> AsymLoraConfig:
         """The adapter config before per-strategy and per-client changes (`strategies.client_config`)."""
-        a = self.adapter
-        return AsymLoraConfig(
-            method=a.method,
-            r=a.r,
-            lora_alpha=a.lora_alpha,
-            lora_dropout=a.lora_dropout,
-            target_modules=list(a.target_modules),
-            intermediate_rank=a.intermediate_rank,
-            num_experts=1,
-        )  # base_model_name_or_path: peft records the directory the client's model was read from
+        # base_model_name_or_path: peft records the directory the client's model was read from
+        return self.adapter.to_peft()
 
     @property
     def required_nodes(self) -> int:
@@ -252,19 +261,32 @@ class FedConfig:
         return self
 
     def _validate(self) -> None:
+        self._check_strategies()
+        self._check_clients()
+        self.data.check()
+        self._check_partition()
+        self.train.check()
+        self._check_sizes()
+        self._check_simulation()
+        self._check_timeouts_and_faults()
+        self._check_dp()
+        self._check_client_adapters()
+
+    def _check_strategies(self) -> None:
         if not self.strategies:
             raise ConfigError(f"strategies is empty: name at least one of {list(STRATEGY_NAMES)}")
         if len(set(self.strategies)) != len(self.strategies):
             raise ConfigError(f"strategies {self.strategies} lists a strategy twice")
         for name in self.strategies:
             get_strategy(name, local_a=self.local_a)
-        k = self.clients.num
-        if isinstance(k, bool) or k < 1:
+
+    def _check_clients(self) -> None:
+        k, d_m = self.clients.num, self.adapter.intermediate_rank
+        if k < 1:
             raise ConfigError(f"clients.num={k!r} must be an integer >= 1")
-        d_m = self.adapter.intermediate_rank
-        if isinstance(d_m, bool) or d_m < 1:
+        if d_m < 1:
             raise ConfigError(f"adapter.intermediate_rank (d_m) = {d_m!r} is invalid: use an integer >= 1")
-        if isinstance(self.adapter.r, bool) or self.adapter.r < 1:
+        if self.adapter.r < 1:
             raise ConfigError(f"adapter.r={self.adapter.r!r} is invalid: the rank must be an integer >= 1")
         if self.clients.ranks is not None:
             try:
@@ -277,10 +299,9 @@ class FedConfig:
                 f"strategies {homo} need one rank for every client, but clients.ranks={self.clients.ranks}; "
                 "use zeropad / fedalora-het for heterogeneous ranks, or drop clients.ranks"
             )
-        if not self.data.tasks:
-            raise ConfigError(
-                "data.tasks is empty: name at least one task, e.g. data.tasks=[bigbench:strategyqa]"
-            )
+
+    def _check_partition(self) -> None:
+        k = self.clients.num
         if self.clients.partition == "task" and len(self.data.tasks) != k:
             raise ConfigError(
                 f"clients.partition=task gives one task to each client: data.tasks has {len(self.data.tasks)} "
@@ -288,15 +309,10 @@ class FedConfig:
             )
         if self.clients.partition == "dirichlet" and not self.clients.alpha > 0:
             raise ConfigError(f"clients.alpha={self.clients.alpha!r} must be > 0 (Dirichlet concentration)")
-        if not 0 < self.data.test_fraction < 1:
-            raise ConfigError(f"data.test_fraction={self.data.test_fraction!r} must lie in (0, 1)")
-        if isinstance(self.train.local_steps, bool) or self.train.local_steps < 0:
-            raise ConfigError(
-                f"train.local_steps={self.train.local_steps!r} must be an integer >= 0 (0: no local training)"
-            )
+
+    def _check_sizes(self) -> None:
         for where, value in (
             ("rounds", self.rounds),
-            ("train.batch_size", self.train.batch_size),
             ("eval.batch_size", self.eval.batch_size),
             ("data.max_length", self.data.max_length),
             ("simulation.num_cpus", self.simulation.num_cpus),
@@ -305,21 +321,24 @@ class FedConfig:
         ):
             if value < 1:
                 raise ConfigError(f"{where}={value!r} must be >= 1")
-        if self.simulation.cpus_per_client > self.simulation.num_cpus:
-            raise ConfigError(
-                f"simulation.cpus_per_client={self.simulation.cpus_per_client} exceeds "
-                f"simulation.num_cpus={self.simulation.num_cpus}: no client could ever run"
-            )
+        k = self.clients.num
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= k:
+            raise ConfigError(f"min_nodes={self.min_nodes!r} must lie in [1, clients.num={k}]")
+
+    def _check_simulation(self) -> None:
         sim = self.simulation
+        if sim.cpus_per_client > sim.num_cpus:
+            raise ConfigError(
+                f"simulation.cpus_per_client={sim.cpus_per_client} exceeds "
+                f"simulation.num_cpus={sim.num_cpus}: no client could ever run"
+            )
         if sim.num_gpus < 0 or sim.gpus_per_client < 0 or sim.gpus_per_client > max(sim.num_gpus, 0):
             raise ConfigError(
                 f"simulation.gpus_per_client={sim.gpus_per_client!r} with simulation.num_gpus={sim.num_gpus!r}: "
                 "both must be >= 0 and a client cannot need more GPUs than there are"
             )
-        if self.train.lr <= 0:
-            raise ConfigError(f"train.lr={self.train.lr!r} must be positive")
-        if self.min_nodes is not None and not 1 <= self.min_nodes <= k:
-            raise ConfigError(f"min_nodes={self.min_nodes!r} must lie in [1, clients.num={k}]")
+
+    def _check_timeouts_and_faults(self) -> None:
         for name in ("wait_nodes", "round", "evaluate"):
             if getattr(self.timeouts, name) <= 0:
                 raise ConfigError(f"timeouts.{name} must be positive")
@@ -334,6 +353,8 @@ class FedConfig:
             raise ConfigError(
                 f"faults.stop_after={self.faults.stop_after!r} must lie in [1, rounds={self.rounds}]"
             )
+
+    def _check_dp(self) -> None:
         if self.dp.enabled:
             noise_multiplier_for(self.dp, self.rounds)  # ValueError naming the key -> ConfigError
         elif self.dp.noise_multiplier is not None or self.dp.target_epsilon is not None:
@@ -341,18 +362,28 @@ class FedConfig:
                 f"dp.clipping={self.dp.clipping!r} but dp.noise_multiplier / dp.target_epsilon is set: "
                 "DP would be silently off; set dp.clipping=server or dp.clipping=client"
             )
-        # the adapter config of every (strategy, client) must build
-        from asymlora.federated.strategies import client_config
 
+    def _check_client_adapters(self) -> None:
+        """The adapter config of every (strategy, client) must build."""
         base = self.base_adapter()
         for name in self.strategies:
             strategy = self.strategy(name)
-            for c in range(k):
+            for c in range(self.clients.num):
                 client_config(strategy, base, self.client_rank(c) if strategy.heterogeneous else None)
 
     # --- serialisation ---------------------------------------------------------------------------
+    @classmethod
+    def normalize_keys(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A single strategy, e.g. as an override ``strategy=fedalora``, is the list ``strategies``."""
+        if "strategy" in data:
+            data = dict(data)
+            if "strategies" in data and data["strategies"] != data["strategy"]:
+                data.pop("strategies")
+            data["strategies"] = data.pop("strategy")
+        return data
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return config_dict(self)
 
     def to_json(self) -> str:
         """Compact JSON, as sent to the clients inside every message."""
@@ -360,30 +391,16 @@ class FedConfig:
 
 
 def fed_config_from_json(text: str) -> FedConfig:
-    """Inverse of `FedConfig.to_json` (validated)."""
+    """Inverse of `FedConfig.to_json` (validated); raises `ConfigError` for a bad config."""
     return from_dict(FedConfig, json.loads(text)).validate()
 
 
 def load_fed_config(path: str | Path | None, overrides: list[str] | None = None) -> FedConfig:
-    """Read a YAML federated config (or start from defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    data = apply_overrides(data, list(overrides or []))
-    if "strategy" in data:  # a single strategy, e.g. as an override: strategy=fedalora
-        if "strategies" in data and data["strategies"] != data["strategy"]:
-            data.pop("strategies")
-        data["strategies"] = data.pop("strategy")
-    return from_dict(FedConfig, data).validate()
+    """Read a YAML federated config (or start from defaults when ``path`` is None) and apply overrides:
+    `asymlora.config.load_config` with ``schema=FedConfig``."""
+    return load_config(path, overrides, schema=FedConfig)
 
 
 def dump_fed_config(cfg: FedConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """YAML of a federated config (`asymlora.config.dump_config`)."""
+    return dump_config(cfg)

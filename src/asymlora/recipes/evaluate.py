@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,11 @@ import peft
 
 from asymlora import distributed
 from asymlora.config import RunConfig, load_config
+from asymlora.eval import format_table, metric_notes, summarize
+from asymlora.eval.stats import compare_examples, format_interval, with_example_scores
+from asymlora.export import export_task_adapter
 from asymlora.methods import get_method
+from asymlora.models import load
 from asymlora.recipes.multitask import (
     CONFIG_FILE,
     PER_EXAMPLE_FILE,
@@ -24,6 +29,7 @@ from asymlora.recipes.multitask import (
     safe_name,
     write_json,
 )
+from asymlora.tuner.config import AsymLoraConfig
 
 
 def _run_config(run_dir: Path) -> RunConfig:
@@ -65,9 +71,6 @@ def method_dirs(run_dir: Path, cfg: RunConfig) -> dict[str, Path]:
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
     """Score every trained method of a run again on its test splits; rewrites their results.json."""
-    from asymlora.eval import format_table, metric_notes, summarize
-    from asymlora.models import load
-
     cfg = _run_config(run_dir)
     distributed.init(cfg.model.device)  # under torchrun the test sets are split across the processes
     tasks = load_tasks_for(cfg)
@@ -83,7 +86,7 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
                 f"{adapter} holds no adapter: the {method} run did not finish; resume it first"
             )
         pm = peft.PeftModel.from_pretrained(model, str(adapter))
-        routed = pm.peft_config["default"].router == "task" and method != "lora"
+        routed = _peft_config(pm).router == "task" and method != "lora"
         examples_path = directory / PER_EXAMPLE_FILE
         per_task = evaluate(
             pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method
@@ -138,9 +141,6 @@ def export_run_task(
     """Export task ``task`` (name or index) of a run as a stock peft LoRA adapter: exact for a task-routed
     run; for a soft/topk-routed one ``calibration`` (``"train"`` or ``"test"``) names the split of the
     run's data for that task over which each layer's gate is averaged (`asymlora.calibration`)."""
-    from asymlora.export import export_task_adapter
-    from asymlora.models import load
-
     if calibration is not None:
         return _export_calibrated_run_task(run_dir, task, out, method, overwrite, calibration, rank)
 
@@ -148,7 +148,7 @@ def export_run_task(
     method, adapter = run_adapter(run_dir, method, cfg)
     model, _ = load(cfg.model.name, device="cpu")
     pm = peft.PeftModel.from_pretrained(model, str(adapter))
-    peft_cfg = pm.peft_config["default"]
+    peft_cfg = _peft_config(pm)
     if get_method(peft_cfg.method).uses_router and peft_cfg.router != "task":
         raise ValueError(
             f"the {method} adapter of {run_dir} uses router={peft_cfg.router!r}: exporting one LoRA averages each layer's "
@@ -163,9 +163,6 @@ def _export_calibrated_run_task(
     run_dir: Path, task: str, out: Path, method: str | None, overwrite: bool, split: str, rank: int | None
 ) -> Path:
     """`export_run_task` of a soft/topk-routed run, calibrated on split ``split`` of task ``task``."""
-    from asymlora.export import export_task_adapter
-    from asymlora.models import load
-
     if split not in ("train", "test"):
         raise ValueError(f"--calibration {split!r} is not a split; pass --calibration train (or test)")
     cfg = _run_config(run_dir)
@@ -182,7 +179,15 @@ def _export_calibrated_run_task(
                                tokenizer=tokenizer, rank=rank)  # fmt: skip
 
 
-def _scored_run(path: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+def _peft_config(pm: peft.PeftModel) -> AsymLoraConfig:
+    """The asymlora config of a loaded adapter (TypeError for another peft type: not an asymlora run)."""
+    cfg = pm.peft_config["default"]
+    if not isinstance(cfg, AsymLoraConfig):
+        raise TypeError(f"the adapter holds a {type(cfg).__name__}, not an asymlora adapter")
+    return cfg
+
+
+def _scored_run(path: Path) -> tuple[dict[str, Sequence[Mapping[str, Any]]], dict[str, str]]:
     """(per-example rows per task, primary metric per task) of a run (or method) directory."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; give a run directory (or run_dir/<method>)")
@@ -199,8 +204,6 @@ def _scored_run(path: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, 
         task: saved.get(task) or ("accuracy" if "accuracy" in rows[0]["scores"] else "exact_match")
         for task, rows in examples.items()
     }
-    from asymlora.eval.stats import with_example_scores
-
     scored = with_example_scores(examples, primary)
     for task in sorted(set(examples) - set(scored)):
         print(f"note: {path}: task {task!r} is scored by {primary[task]}, a corpus-level metric with no "
@@ -223,8 +226,6 @@ def compare_runs(run_a: Path, run_b: Path) -> tuple[dict[str, Any], str]:
         ExampleMismatchError: the runs share no task, or a task was scored on other examples.
         ValueError: the runs use different primary metrics for a task.
     """
-    from asymlora.eval.stats import compare_examples, format_interval
-
     examples_a, primary_a = _scored_run(run_a)
     examples_b, primary_b = _scored_run(run_b)
     for task in set(primary_a) & set(primary_b):

@@ -25,19 +25,33 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 import peft
 import torch
 
 from asymlora import distributed
+from asymlora import train as training  # called as training.train: tests and tools patch asymlora.train.train
+from asymlora.analysis.router_stats import RouterLog, RouterStats
+from asymlora.analysis.traces import TraceRecorder
 from asymlora.config import ConfigError, RunConfig, dump_config, load_config
+from asymlora.data import MultiTaskCollator, MultiTaskDataset, load_tasks
+from asymlora.eval import (
+    apply_metric_choices,
+    evaluate_task,
+    format_table,
+    metric_notes,
+    plot_results,
+    primary_metric,
+    summarize,
+)
+from asymlora.eval.stats import run_intervals
 from asymlora.io import atomic_dir, atomic_write_text
+from asymlora.models import load
 from asymlora.roles import count_parameters
-
-if TYPE_CHECKING:
-    from asymlora.analysis.router_stats import RouterStats
+from asymlora.train.sharding import full_adapter_state, is_sharded
 
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
@@ -62,8 +76,8 @@ def _prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> None:
                 f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over "
                 "(or choose another run_dir=...)"
             )
-        previous = load_config(saved)
-        if dump_config(dataclasses.replace(previous, train=cfg.train)) != text:
+        previous = load_config(saved)  # compared by value: a reread 16 is 16.0, the same config
+        if dataclasses.replace(previous, train=cfg.train) != cfg:
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; --resume needs the same config "
                 f"(only train.* may change). Compare with {saved}, or use --overwrite."
@@ -119,10 +133,8 @@ def example_scores(path: Path, task: str, metric: str) -> list[float] | None:
     return [row["scores"][metric] for row in rows]
 
 
-def load_tasks_for(cfg: RunConfig):
-    from asymlora.data import load_tasks
-    from asymlora.eval.metrics import apply_metric_choices
-
+def load_tasks_for(cfg: RunConfig) -> list[Any]:
+    """The configured tasks (``data.*``) with the configured primary metrics (``data.metric``)."""
     tasks = load_tasks(
         cfg.data.tasks,
         seed=cfg.data.seed,
@@ -148,14 +160,12 @@ def evaluate(
     Per-example scores go to ``examples_path``; a progress bar per task names ``label``; ``router_stats``
     labels each task's tokens with its index (the task × expert usage).
     """
-    from asymlora.eval import evaluate_task
-
     per_task: dict[str, dict] = {}
     examples: dict[str, list[dict[str, Any]]] = {}
     for i, task in enumerate(tasks):
         if router_stats is not None:
             router_stats.task_label = i  # this task's tokens fill row i of the task × expert usage
-        per_task[task.name], examples[task.name] = evaluate_task(
+        scored = evaluate_task(
             model,
             tokenizer,
             task,
@@ -166,6 +176,9 @@ def evaluate(
             with_examples=True,
             progress=f"evaluating {label} on {task.name} ({i + 1}/{len(tasks)})",
         )
+        per_task[task.name], examples[task.name] = cast(
+            tuple[dict, list[dict[str, Any]]], scored
+        )  # with_examples
     if router_stats is not None:
         router_stats.task_label = None
     if examples_path is not None:
@@ -178,14 +191,10 @@ def intervals_of(examples_path: Path, tasks: list, baselines: dict[str, Any] | N
 
     ``baselines``: per task, the single-task score, or its per-example scores (a paired Δm% interval).
     """
-    from asymlora.eval.stats import run_intervals
-
     return run_intervals(read_examples(examples_path), primary_metrics(tasks), baselines)
 
 
 def primary_metrics(tasks: list) -> dict[str, str]:
-    from asymlora.eval import primary_metric
-
     return {task.name: primary_metric(task) for task in tasks}
 
 
@@ -202,33 +211,16 @@ def train_and_evaluate(
     baseline_examples: dict[str, list[float]] | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Train ``method`` on ``tasks`` into ``out_dir``, evaluate it, and give the base model back."""
-    from asymlora.data import MultiTaskCollator, MultiTaskDataset
-    from asymlora.eval import metric_notes, summarize
-    from asymlora.train import train
-    from asymlora.train.sharding import full_adapter_state, is_sharded
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = cfg.adapter_for(method)
     torch.manual_seed(cfg.train.seed)
     # peft records the directory the model was read from (and reads its config.json when saving); naming
     # anything else here only makes get_peft_model warn that it renamed it.
-    peft_cfg = settings.to_peft([t.name for t in tasks], base_model=model.name_or_path or None)
+    peft_cfg = cfg.adapter_for(method).to_peft([t.name for t in tasks], base_model=model.name_or_path or None)
     pm = peft.get_peft_model(model, peft_cfg)
     dataset = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length)
-    on_step = None
-    if cfg.train.trace_every:
-        from asymlora.analysis.traces import TraceRecorder
-
-        recorder = TraceRecorder(pm, out_dir / "traces.jsonl")
-        on_step = lambda step: step % cfg.train.trace_every == 0 and recorder.record(step)  # noqa: E731
     settings_train = cfg.train.for_examples(len(dataset))  # train.epochs → steps
-    from asymlora.analysis.router_stats import RouterLog
-
-    router_log = RouterLog.for_run(pm, out_dir, cfg.train.router_log_every, settings_train.steps,
-                                   [t.name for t in tasks]) if distributed.is_main() else None  # fmt: skip
-    if router_log is not None:  # router.jsonl: expert loads and task × expert usage (docs/analysis.md)
-        trace, on_step = on_step, lambda step: (trace and trace(step), router_log(step))
-    result = train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
+    on_step, router_log = _step_hooks(cfg, pm, out_dir, settings_train.steps, tasks)
+    result = training.train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
                    desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})")  # fmt: skip
     full_state = full_adapter_state(pm)  # FSDP: gathered to rank 0 (a collective); else None
     distributed.on_main(save_adapter, pm, out_dir / "adapter", full_state)
@@ -237,7 +229,7 @@ def train_and_evaluate(
     examples_path = out_dir / PER_EXAMPLE_FILE
     with distributed.lockstep() if is_sharded(pm) else contextlib.nullcontext():  # FSDP: no split
         per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method,
-                            router_stats=router_log and router_log.stats)  # fmt: skip
+                            router_stats=router_log.stats if router_log else None)  # fmt: skip
     if router_log is not None:
         router_log.write(result.steps, "eval")
         router_log.close()
@@ -247,9 +239,37 @@ def train_and_evaluate(
         "method": method,
         "per_task": per_task,
         **summary,
+        **_run_facts(pm, peft_cfg, result, eval_seconds=time.perf_counter() - t0),
+    }
+    write_json(out_dir / RESULTS_FILE, results)
+    return results, pm.unload()
+
+
+def _step_hooks(
+    cfg: RunConfig, pm: Any, out_dir: Path, steps: int, tasks: list
+) -> tuple[Callable[[int], Any] | None, RouterLog | None]:
+    """The per-step callback of training (A/B traces every ``train.trace_every`` steps, router statistics
+    every ``train.router_log_every``; docs/analysis.md) and the router log it fills (rank 0 only)."""
+    on_step: Callable[[int], Any] | None = None
+    if cfg.train.trace_every:
+        recorder = TraceRecorder(pm, out_dir / "traces.jsonl")
+        on_step = lambda step: step % cfg.train.trace_every == 0 and recorder.record(step)  # noqa: E731
+    router_log = RouterLog.for_run(pm, out_dir, cfg.train.router_log_every, steps,
+                                   [t.name for t in tasks]) if distributed.is_main() else None  # fmt: skip
+    if router_log is not None:  # router.jsonl: expert loads and task × expert usage (docs/analysis.md)
+        trace = on_step
+        on_step = lambda step: (trace and trace(step), router_log(step))  # noqa: E731
+    return on_step, router_log
+
+
+def _run_facts(
+    pm: Any, peft_cfg: Any, result: training.TrainResult, *, eval_seconds: float
+) -> dict[str, Any]:
+    """The size, cost and training record of a trained method (the keys of results.json after the scores)."""
+    return {
         "trainable_params": count_parameters(pm)["total"],
         "train_seconds": round(result.train_seconds, 2),
-        "eval_seconds": round(time.perf_counter() - t0, 2),
+        "eval_seconds": round(eval_seconds, 2),
         "peak_memory_mb": round(result.peak_memory_mb, 1),
         "steps": result.steps,
         "final_loss": result.final_loss,
@@ -257,8 +277,6 @@ def train_and_evaluate(
         "router": peft_cfg.router,
         "num_experts": peft_cfg.experts,
     }
-    write_json(out_dir / RESULTS_FILE, results)
-    return results, pm.unload()
 
 
 def save_adapter(model: Any, target: Path, state_dict: dict[str, Any] | None = None) -> None:
@@ -277,18 +295,7 @@ def run(
     across them, rank 0 alone writes. Raises ValueError when the number of processes does not divide
     ``train.batch_size``, before anything is loaded or written (docs/distributed.md).
     """
-    from asymlora.eval import format_table, metric_notes, plot_results, summarize
-    from asymlora.models import load
-
-    distributed.per_process_batch(cfg.train.batch_size, distributed.launched_world_size())
-    if cfg.train.fsdp and (cfg.compare.methods or cfg.compare.single_task):
-        raise ConfigError(
-            "train.fsdp=true trains one method per launch (the sharded base model cannot be reused); drop "
-            "the compare section (override compare=null), or use train.fsdp=false (DDP)"
-        )
-    if cfg.train.fsdp and (cfg.model.load_in_4bit or cfg.model.load_in_8bit):
-        bits = "model.load_in_4bit=true" if cfg.model.load_in_4bit else "model.load_in_8bit=true"
-        raise ConfigError(f"train.fsdp=true cannot shard a quantised base model ({bits}); use one of the two")
+    check_launch(cfg)
     distributed.init(cfg.model.device)
     say = print if not quiet and distributed.is_main() else (lambda *a: None)
     tasks = load_tasks_for(cfg)  # bad data or metrics fail before run_dir is written
@@ -300,6 +307,60 @@ def run(
     notes = metric_notes(tasks)
     for note in notes.values():
         say(f"note: {note}")
+    model, tokenizer = load_model(cfg)
+    table = _Table(primary_metrics(tasks), notes)
+    combined: dict[str, Any] = {
+        "tasks": [t.name for t in tasks],
+        "primary_metric": table.primary,
+        "methods": {},
+    }
+    combined["metric_notes"] = notes
+    if cfg.eval.base_model:
+        combined["base"] = _base_scores(cfg, model, tokenizer, tasks, run_dir, resume=resume, table=table)
+    baselines, baseline_examples = cfg.baselines, None
+    if cfg.compare.single_task:
+        model, baselines, baseline_examples, combined["single_task"] = _single_task_baselines(
+            cfg, model, tokenizer, tasks, run_dir, resume=resume, table=table
+        )
+    combined["baselines"] = baselines
+    flat = not cfg.compare.methods
+    for method in cfg.compare.methods or [cfg.adapter.method]:
+        res, model = train_and_evaluate(cfg, method, model, tokenizer, tasks, run_dir if flat else run_dir / method,
+                                        resume=resume, baselines=baselines, baseline_examples=baseline_examples)  # fmt: skip
+        table.add(method, res["per_task"], res["intervals"])
+        combined["methods"][method] = {k: v for k, v in res.items() if k != "losses"}
+    text = table.render([t.name for t in tasks], baselines)
+    say(text)
+    if not flat:
+        write_json(run_dir / RESULTS_FILE, combined)
+    distributed.on_main(atomic_write_text, run_dir / "results.md", text + "\n")
+    distributed.on_main(
+        plot_results, table.rows, table.primary, run_dir / "results.png", intervals=table.intervals
+    )
+    if flat:  # a single-method run: results.json holds that run's keys, plus the base model's scores
+        results = json.loads((run_dir / RESULTS_FILE).read_text())
+        results["base"] = combined.get("base")
+        write_json(run_dir / RESULTS_FILE, results)
+        return results
+    return combined
+
+
+def check_launch(cfg: RunConfig) -> None:
+    """Refuse what cannot run under this launch (before anything is loaded or written): a process count
+    that does not divide ``train.batch_size``, FSDP with several methods or with a quantised base model."""
+    distributed.per_process_batch(cfg.train.batch_size, distributed.launched_world_size())
+    if cfg.train.fsdp and (cfg.compare.methods or cfg.compare.single_task):
+        raise ConfigError(
+            "train.fsdp=true trains one method per launch (the sharded base model cannot be reused); drop "
+            "the compare section (override compare=null), or use train.fsdp=false (DDP)"
+        )
+    if cfg.train.fsdp and (cfg.model.load_in_4bit or cfg.model.load_in_8bit):
+        bits = "model.load_in_4bit=true" if cfg.model.load_in_4bit else "model.load_in_8bit=true"
+        raise ConfigError(f"train.fsdp=true cannot shard a quantised base model ({bits}); use one of the two")
+
+
+def load_model(cfg: RunConfig) -> tuple[Any, Any]:
+    """(model, tokenizer) of ``model.*`` on this process's device, gradient checkpointing on if asked."""
     model, tokenizer = load(
         cfg.model.name,
         device=distributed.process_device(cfg.model.device),
@@ -311,77 +372,75 @@ def run(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    primary = primary_metrics(tasks)
-    rows: dict[str, dict[str, dict[str, float]]] = {}
-    intervals: dict[str, dict[str, Any]] = {}  # per row, for the table and the error bars
-    combined: dict[str, Any] = {"tasks": [t.name for t in tasks], "primary_metric": primary, "methods": {}}
-    combined["metric_notes"] = notes
+    return model, tokenizer
 
-    if cfg.eval.base_model:
-        base_file = run_dir / "base.json"
-        if resume and base_file.is_file():
-            base = json.loads(base_file.read_text())
-        else:
-            examples_path = run_dir / f"base_{PER_EXAMPLE_FILE}"
-            per_task = evaluate(model, tokenizer, tasks, cfg, task_routed=False, examples_path=examples_path,
-                                label="the base model")  # fmt: skip
-            base = {
-                "method": "base",
-                "per_task": per_task,
-                **summarize(per_task, primary, None, metric_notes=notes),
-                "intervals": intervals_of(examples_path, tasks, None),
-            }
-            write_json(base_file, base)
-        rows["base"] = base["per_task"]
-        intervals["base"] = base.get("intervals") or {}
-        combined["base"] = base
 
-    baselines = cfg.baselines
-    baseline_examples: dict[str, list[float]] = {}  # single-task per-example scores (paired Δm%)
-    if cfg.compare.single_task:
-        single_cfg = dataclasses.replace(
-            cfg, train=dataclasses.replace(cfg.train, steps=max(1, math.ceil(cfg.train.steps / len(tasks))))
-        )
-        single: dict[str, dict[str, float]] = {}
-        for task in tasks:
-            out = run_dir / "single" / safe_name(task.name)
-            res, model = train_and_evaluate(single_cfg, "lora", model, tokenizer, [task], out,
-                                            resume=resume, baselines=None)  # fmt: skip
-            single[task.name] = res["per_task"][task.name]
-            if (scores := example_scores(out / PER_EXAMPLE_FILE, task.name, primary[task.name])) is not None:
-                baseline_examples[task.name] = scores
-            intervals.setdefault("single-task lora", {"per_task": {}})["per_task"].update(
-                res["intervals"]["per_task"]
-            )
-        rows["single-task lora"] = single
-        baselines = {name: scores[primary[name]] for name, scores in single.items()}
-        combined["single_task"] = {"per_task": single, **summarize(single, primary, None, metric_notes=notes)}
-    combined["baselines"] = baselines
+@dataclasses.dataclass
+class _Table:
+    """The rows of the side-by-side table (results.md, results.png): per row, per-task scores and intervals."""
 
-    methods = cfg.compare.methods or [cfg.adapter.method]
-    flat = not cfg.compare.methods
-    for method in methods:
-        out = run_dir if flat else run_dir / method
-        res, model = train_and_evaluate(cfg, method, model, tokenizer, tasks, out, resume=resume,
-                                        baselines=baselines, baseline_examples=baseline_examples or None)  # fmt: skip
-        rows[method] = res["per_task"]
-        intervals[method] = res["intervals"]
-        combined["methods"][method] = {k: v for k, v in res.items() if k != "losses"}
+    primary: dict[str, str]
+    notes: dict[str, str]
+    rows: dict[str, dict[str, dict[str, float]]] = dataclasses.field(default_factory=dict)
+    intervals: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
-    table = format_table(
-        rows, primary, [t.name for t in tasks], baselines, metric_notes=notes, intervals=intervals
+    def add(self, label: str, per_task: dict[str, dict[str, float]], intervals: dict[str, Any]) -> None:
+        self.rows[label] = per_task
+        self.intervals[label] = intervals
+
+    def render(self, tasks: list[str], baselines: dict[str, float] | None) -> str:
+        return format_table(self.rows, self.primary, tasks, baselines, metric_notes=self.notes,
+                            intervals=self.intervals)  # fmt: skip
+
+
+def _base_scores(
+    cfg: RunConfig, model: Any, tokenizer: Any, tasks: list, run_dir: Path, *, resume: bool, table: _Table
+) -> dict[str, Any]:
+    """The base model's scores (``base.json``; read back when resuming), added to ``table``."""
+    base_file = run_dir / "base.json"
+    if resume and base_file.is_file():
+        base = json.loads(base_file.read_text())
+    else:
+        examples_path = run_dir / f"base_{PER_EXAMPLE_FILE}"
+        per_task = evaluate(model, tokenizer, tasks, cfg, task_routed=False, examples_path=examples_path,
+                            label="the base model")  # fmt: skip
+        base = {
+            "method": "base",
+            "per_task": per_task,
+            **summarize(per_task, table.primary, None, metric_notes=table.notes),
+            "intervals": intervals_of(examples_path, tasks, None),
+        }
+        write_json(base_file, base)
+    table.add("base", base["per_task"], base.get("intervals") or {})
+    return base
+
+
+def _single_task_baselines(
+    cfg: RunConfig, model: Any, tokenizer: Any, tasks: list, run_dir: Path, *, resume: bool, table: _Table
+) -> tuple[Any, dict[str, float], dict[str, list[float]] | None, dict[str, Any]]:
+    """Train one plain LoRA per task (steps / T each) into ``run_dir/single/<task>/``: the Δm% baselines.
+
+    Returns (the base model back, baseline score per task, their per-example scores for a paired Δm%
+    interval or None, the ``single_task`` entry of results.json); adds the row to ``table``."""
+    single_cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, steps=max(1, math.ceil(cfg.train.steps / len(tasks))))
     )
-    say(table)
-    if not flat:
-        write_json(run_dir / RESULTS_FILE, combined)
-    distributed.on_main(atomic_write_text, run_dir / "results.md", table + "\n")
-    distributed.on_main(plot_results, rows, primary, run_dir / "results.png", intervals=intervals)
-    if flat:  # a single-method run: results.json holds that run's keys, plus the base model's scores
-        results = json.loads((run_dir / RESULTS_FILE).read_text())
-        results["base"] = combined.get("base")
-        write_json(run_dir / RESULTS_FILE, results)
-        return results
-    return combined
+    single: dict[str, dict[str, float]] = {}
+    examples: dict[str, list[float]] = {}
+    per_task_intervals: dict[str, Any] = {}
+    for task in tasks:
+        out = run_dir / "single" / safe_name(task.name)
+        res, model = train_and_evaluate(single_cfg, "lora", model, tokenizer, [task], out,
+                                        resume=resume, baselines=None)  # fmt: skip
+        single[task.name] = res["per_task"][task.name]
+        metric = table.primary[task.name]
+        if (scores := example_scores(out / PER_EXAMPLE_FILE, task.name, metric)) is not None:
+            examples[task.name] = scores
+        per_task_intervals.update(res["intervals"]["per_task"])
+    table.add("single-task lora", single, {"per_task": per_task_intervals})
+    baselines = {name: scores[table.primary[name]] for name, scores in single.items()}
+    entry = {"per_task": single, **summarize(single, table.primary, None, metric_notes=table.notes)}
+    return model, baselines, examples or None, entry
 
 
 def safe_name(name: str) -> str:

@@ -49,8 +49,9 @@ import yaml
 from filelock import FileLock, Timeout
 
 from asymlora.config import ConfigError, RunConfig, dump_config, load_config
-from asymlora.eval import stats
+from asymlora.eval import plot_results, stats
 from asymlora.io import atomic_write_text
+from asymlora.recipes import multitask
 from asymlora.recipes.multitask import PER_EXAMPLE_FILE, read_examples
 
 LEDGER_FILE = "ledger.jsonl"
@@ -137,7 +138,8 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def cell_id(cfg: RunConfig) -> str:
-    """12 hex digits of the sha256 of the resolved config without ``run_dir``."""
+    """12 hex digits of the sha256 of the resolved config without ``run_dir`` (its YAML dump: keys in the
+    order `asymlora.config.config_dict` keeps, the ledger's records are keyed by it)."""
     text = dump_config(dataclasses.replace(cfg, run_dir=""))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -279,8 +281,6 @@ def _finite(value: Any) -> Any:
 
 def run_cell(cell: Cell, ledger: Path) -> dict[str, Any]:
     """Train and evaluate one cell (resuming what it left) with the multi-task recipe; append its record."""
-    from asymlora.recipes import multitask
-
     started = time.time()
     results = multitask.run(cell.config, resume=True, quiet=True)
     record = make_record(cell, results, started, time.time())
@@ -593,8 +593,6 @@ def _tables(summary: dict[str, Any]) -> list[str]:
 
 def write_report(sweep: Sweep) -> Path:
     """Regenerate ``results.md``, ``results.json`` and ``results.png`` in ``out_dir`` from the ledger alone."""
-    from asymlora.eval import plot_results
-
     summary = summarize_ledger(sweep)
     lines = [
         f"# Results of {sweep.path.name}",
