@@ -271,7 +271,7 @@ def check_tls_files(
             f"--host {', '.join(hosts)} is checked against the SuperLink's certificate; fix: give its "
             "--cert and --key too (or drop --host on a SuperNode host)"
         )
-    elif cert is not None:
+    elif cert is not None and key is not None:
         _check_server(ca_cert, Path(cert), Path(key), hosts, now, problems)
     seen: dict[bytes, Path] = {}
     for path in map(Path, public_keys):

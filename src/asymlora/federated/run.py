@@ -132,7 +132,7 @@ def simulate(cfg: FedConfig, runs: list[tuple[str, Path, bool]], *, say: Any = p
     s = cfg.simulation
     outcomes: dict[str, Any] = {}
     server = make_server_app(cfg, runs, outcomes, threads=s.threads_per_client, say=say)
-    backend = {
+    backend: dict[str, Any] = {
         "init_args": {
             "address": "local",  # never attach to another user's Ray cluster
             "num_cpus": s.num_cpus,
