@@ -21,11 +21,14 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from asymlora.federated import client as fc
+from asymlora.federated.config import FedConfig, fed_config_from_json
 from asymlora.federated.messages import (
     RAW_STYPE,
     EvaluateReply,
@@ -41,13 +44,8 @@ from asymlora.federated.messages import (
     need_config_reply,
     to_record,
 )
+from asymlora.federated.partition import load_client_tasks
 from asymlora.federated.privacy import clipping_mod
-
-if TYPE_CHECKING:
-    from asymlora.federated.config import FedConfig
-
-# torch and the rest of asymlora are imported inside the handlers: in deployment every message starts a
-# fresh process, and the hello query then answers in a second instead of after importing torch.
 
 __all__ = ["RAW_STYPE", "STATE_CONFIG", "STATE_META", "STATE_TRAINED", "app", "from_record", "to_record"]
 
@@ -84,8 +82,6 @@ def _partition_id(context: Context) -> int:
 def _run_config(instruction: RoundInstruction, message: Message, context: Context) -> FedConfig | None:
     """The run's config: from the per-process cache, else the instruction's ``fed`` field or
     ``context.state`` (parsed and cached); None when neither holds the config of the instruction's hash."""
-    from asymlora.federated.config import fed_config_from_json
-
     key = (message.metadata.run_id, instruction.config_hash)
     if instruction.config_json is not None:
         sent = RunConfig.from_json(instruction.config_json)
@@ -105,8 +101,6 @@ def _run_config(instruction: RoundInstruction, message: Message, context: Contex
 
 def _check(instruction: RoundInstruction, context: Context) -> None:
     """The instruction is for this node's client; set the torch threads it asks for."""
-    import torch
-
     if instruction.client != _partition_id(context):
         raise ValueError(
             f"message for client {instruction.client} reached the node with partition-id {_partition_id(context)}"
@@ -122,8 +116,6 @@ def _state_dir(instruction: RoundInstruction, context: Context) -> str | None:
 
 def _carried(context: Context, state_dir: str | None, client: int, rnd: int, strategy: str) -> dict | None:
     """The client's trained adapter of round ``rnd`` from ``context.state``, else from its disk."""
-    from asymlora.federated import client as fc
-
     meta = context.state.config_records.get(STATE_META)
     if meta is not None and meta["round"] == rnd and meta["strategy"] == strategy:
         return from_record(context.state.array_records[STATE_TRAINED])
@@ -132,8 +124,6 @@ def _carried(context: Context, state_dir: str | None, client: int, rnd: int, str
 
 def _tasks(cfg: FedConfig, client: int, context: Context) -> list:
     """The client's data: its share of the config's tasks, or the node's own ``data``."""
-    from asymlora.federated.partition import load_client_tasks
-
     return load_client_tasks(cfg, client, str(_node(context, "data", "") or "") or None)
 
 
@@ -147,8 +137,6 @@ def hello(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One round of local training; only the strategy's shared tensors go back."""
-    from asymlora.federated import client as fc
-
     ins = decode_instruction(message)
     _check(ins, context)
     cfg = _run_config(ins, message, context)
@@ -176,8 +164,6 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Personalised and global scores of this client on its own test split."""
-    from asymlora.federated import client as fc
-
     ins = decode_instruction(message)
     _check(ins, context)
     cfg = _run_config(ins, message, context)

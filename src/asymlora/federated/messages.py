@@ -1,5 +1,5 @@
 """The federated protocol in one place: what the server and the clients say to each other, and how it is
-laid out in Flower's records (docs/design.md §5, "The messages").
+laid out in Flower's records (docs/design.md §4, "The messages").
 
 Three exchanges, each an instruction from `server_app` and a reply from `client_app`:
 
@@ -31,8 +31,8 @@ earlier reply failed before the config was stored — answers with the error `NE
 guessing; the server then sends the same instruction again with ``fed`` (`server_round.Federation.send`),
 once, within the same timeout. A node counts as holding the config only after an ordinary reply, so a
 failed first round just sends it again. The counted ``bytes_down`` stay the ArrayRecord bytes of every
-instruction sent (two on a resend); the config never counted, only its JSON (about 1.5 kB) left the
-rounds after the first.
+instruction sent (two on a resend): the config's JSON (1.4 kB for ``configs/fed_bigbench_*.yaml``) was
+never counted, it is only no longer sent after a node's first instruction.
 
 Tensors go in ArrayRecords with `to_record` / `from_record` (every dtype bit for bit).
 """
@@ -46,17 +46,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from asymlora.federated.privacy import KEY_CLIPPING_NORM
 
 if TYPE_CHECKING:
-    import torch
-
     from asymlora.federated.config import FedConfig
-
-# torch is imported inside to_record / from_record: in deployment every message starts a fresh process,
-# and the hello query then answers in a second instead of after importing torch.
 
 __all__ = [
     "EVALUATE",
@@ -125,8 +122,6 @@ def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     NumPy serialisation; bfloat16 and float8 go as raw bytes with ``stype`` `RAW_STYPE` (exactly
     numel × element size, so ``ArrayRecord.count_bytes`` counts what is sent).
     """
-    import torch
-
     arrays = {}
     for key, value in state.items():
         t = value.detach().cpu().contiguous()
@@ -140,9 +135,6 @@ def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Inverse of `to_record` (fresh, writable tensors). Raises ValueError on a malformed raw array."""
-    import numpy as np
-    import torch
-
     out = {}
     for key, array in record.items():
         if array.stype != RAW_STYPE:
@@ -309,7 +301,7 @@ class TrainReply:
     """Mean training loss of the round; NaN without a local step (``train.local_steps: 0``)."""
     seconds: float
     a_drift_start: float
-    """‖A − A_init‖ at the start and end of the round (docs/design.md §5)."""
+    """‖A − A_init‖ / ‖A_init‖ at the start and end of the round (docs/design.md §4)."""
     a_drift_end: float
     notes: tuple[str, ...] = ()
 
