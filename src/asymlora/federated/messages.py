@@ -22,10 +22,11 @@ MetricRecord) and, when the client has something to say, ``notes``; an evaluate 
 scores as JSON: they nest deeper than a ConfigRecord can).
 
 **The config travels once per run.** The whole `FedConfig` (`RunConfig`: its JSON and SHA-256) rides
-in the ``fed`` field of the first instruction the server sends each node in a run; every instruction
-carries ``config-hash``. The client keeps the JSON in ``context.state`` (which Flower keeps per run and
-node, across messages — in deployment each message runs in a fresh ClientApp process) and the parsed
-config in a per-process cache keyed by (run id, hash), so it is parsed once per process, not per message.
+in the ``fed`` field of the first instruction a strategy's run (`server_app.run_server`) sends each
+node; every instruction carries ``config-hash``. The client keeps the JSON in ``context.state`` (which
+Flower keeps per run and node, across messages — in deployment each message runs in a fresh ClientApp
+process) and the parsed config in a per-process cache keyed by (run id, hash): parsed once per process
+(simulation: once per client actor), not per message.
 A client that holds no config of that hash — its SuperNode restarted and lost ``context.state``, or an
 earlier reply failed before the config was stored — answers with the error `NEED_CONFIG` instead of
 guessing; the server then sends the same instruction again with ``fed`` (`server_round.Federation.send`),

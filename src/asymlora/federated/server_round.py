@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from torch import Tensor
 
@@ -184,7 +184,7 @@ class Federation:
         return sorted(self.infos.values(), key=lambda i: i.client)
 
     def instruction(
-        self, kind: type[RoundInstruction], info: ClientInfo, rnd: int, arrays: Any
+        self, kind: type[RoundInstruction], info: ClientInfo, rnd: int, arrays: ArrayRecord
     ) -> RoundInstruction:
         """``kind`` (`TrainInstruction` / `EvaluateInstruction`) for client ``info`` in round ``rnd``."""
         common: dict[str, Any] = {
