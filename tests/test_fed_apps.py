@@ -134,6 +134,142 @@ def test_iid_and_task_partitions_and_empty_client() -> None:
         check_plan(empty, ["t"], "IID")
 
 
+# --- the protocol in process: the ServerApp loop against the ClientApp, no Flower engine ------------------------
+class InProcessGrid:
+    """A Flower ``Grid`` that hands every instruction straight to ``client_app.app`` with one ``Context`` per
+    node (as a SuperNode keeps it), recording each instruction's config fields. ``restart`` (node ids) makes
+    those nodes lose their context and the process's config cache before round 2, as a restarted SuperNode."""
+
+    def __init__(self, num: int, restart: tuple[int, ...] = ()) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.contexts = {
+            100 + k: Context(7, 100 + k, {"partition-id": k, "num-partitions": num}, RecordDict(), {})
+            for k in range(num)
+        }
+        self.restart, self.sent = set(restart), []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Context, Error, Message, RecordDict
+
+        from asymlora.federated import client_app
+
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if m.metadata.group_id == "2" and node in self.restart:
+                self.restart.discard(node)
+                old = self.contexts[node]
+                self.contexts[node] = Context(7, node, old.node_config, RecordDict(), {})
+                client_app._CONFIGS.clear()
+            config = m.content.config_records.get("config")
+            self.sent.append((node, m.metadata.message_type, m.metadata.group_id, dict(config or {})))
+            try:
+                out.append(client_app.app(m, self.contexts[node]))
+            except Exception as e:  # what Flower does with a raising ClientApp
+                out.append(Message(Error(2, f"Exception occurred. Message: {e}"), reply_to=m))
+        return out
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """The identity Flower gives the ServerApp process (messages are stamped with it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 7), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _in_process_run(
+    assets: Path, tmp_path: Path, restart: tuple[int, ...] = ()
+) -> tuple[InProcessGrid, dict]:
+    from asymlora.federated.config import load_fed_config
+    from asymlora.federated.server_app import run_server
+
+    cfg = load_fed_config(write_config(tmp_path / "fed.yaml", assets, tmp_path / "run"))
+    grid = InProcessGrid(2, restart)
+    outcome = run_server(grid, cfg, "fedalora", tmp_path / "run" / "fedalora", say=lambda _: None)
+    assert outcome.status == "completed", outcome.message
+    return grid, {
+        "rounds": read_rounds(tmp_path / "run" / "fedalora" / "rounds.jsonl"),
+        "results": outcome.results,
+    }
+
+
+def test_the_config_travels_once_per_run(assets: Path, tmp_path: Path, task_identity) -> None:
+    """Only each node's first instruction carries the config (``fed``); every one carries its hash; the
+    rounds after the first are the same size (ArrayRecord bytes) as the first."""
+    import hashlib
+
+    grid, run = _in_process_run(assets, tmp_path)
+    kinds = [(node, kind, group, "fed" in c) for node, kind, group, c in grid.sent]
+    assert kinds == [
+        (100, "query", "hello", False), (101, "query", "hello", False),
+        (100, "train", "1", True), (101, "train", "1", True),
+        (100, "train", "2", False), (101, "train", "2", False),
+        (100, "evaluate", "evaluate", False), (101, "evaluate", "evaluate", False),
+    ]  # fmt: skip
+    fed_json = grid.sent[2][3]["fed"]
+    assert {c["config-hash"] for *_, c in grid.sent[2:]} == {hashlib.sha256(fed_json.encode()).hexdigest()}
+    r1, r2 = run["rounds"]
+    assert r1["accepted"] == r2["accepted"] == [0, 1] and r1["bytes_down"] == r2["bytes_down"]
+    assert all("config_resent" not in c for r in run["rounds"] for c in r["clients"])
+    # fedalora sends B of q_proj and o_proj (32 × 2) in 2 layers: 4 · 64 values · 4 bytes each way
+    assert run["results"]["bytes"]["payload_per_client_per_round"] == 2 * 1024
+
+
+def test_a_restarted_node_asks_for_the_config_and_gets_it(
+    assets: Path, tmp_path: Path, task_identity
+) -> None:
+    """Node 101 loses its context before round 2 (a restarted SuperNode): it answers NEED_CONFIG, the server
+    sends the instruction again with the config, and the round completes; its download is counted twice."""
+    grid, run = _in_process_run(assets, tmp_path, restart=(101,))
+    round2 = [(node, "fed" in c) for node, kind, group, c in grid.sent if group == "2"]
+    assert round2 == [(100, False), (101, False), (101, True)]
+    _, r2 = run["rounds"]
+    assert r2["accepted"] == [0, 1] and not r2["failed"]
+    kept, restarted = r2["clients"]
+    assert "config_resent" not in kept and restarted["config_resent"] is True
+    assert restarted["bytes_down"] == 2 * kept["bytes_down"] > 0
+    assert r2["bytes_down"] == 3 * kept["bytes_down"]
+    # the restarted node lost its A with its context: it starts round 2 from the initial A again
+    assert restarted["a_drift_start"] == 0.0 and kept["a_drift_start"] > 0
+    assert len(run["results"]["clients"]) == 2
+
+
+def test_malformed_replies_are_refused_with_the_missing_field() -> None:
+    """Reply validation names what is missing; the protocol's decoders refuse a wrong type."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from asymlora.federated.messages import (
+        ReplyError,
+        TrainReply,
+        decode_evaluate_reply,
+        decode_train_reply,
+        encode_train_reply,
+    )
+
+    reply = TrainReply(1, ArrayRecord(), 24, float("nan"), 0.5, 0.0, 0.25, ("a note",))
+    back = decode_train_reply(encode_train_reply(reply))
+    assert (back.client, back.num_examples, back.seconds, back.a_drift_end, back.notes) == (
+        1,
+        24,
+        0.5,
+        0.25,
+        ("a note",),
+    )
+    with pytest.raises(ReplyError, match="no 'metrics' record"):
+        decode_train_reply(RecordDict({"arrays": ArrayRecord()}))
+    bad = RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"client": 1, "num-examples": 2.5})})
+    with pytest.raises(ReplyError, match="'num-examples' is 2.5, not an integer"):
+        decode_train_reply(bad)
+    with pytest.raises(ReplyError, match="no 'personalised' scores"):
+        decode_evaluate_reply(RecordDict({"results": ConfigRecord({"json": "{}"})}))
+
+
 # --- simulations -----------------------------------------------------------------------------------------
 def test_messages_carry_only_the_shared_tensors(assets: Path, tmp_path: Path, capsys) -> None:
     """fedit / fedsa / fedalora in one run: A never leaves the client under fedalora, B never under fedsa,

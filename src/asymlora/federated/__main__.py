@@ -31,6 +31,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from asymlora.federated.deploy import cli_check_tls
+
 APP_PYPROJECT = """\
 # A Flower app whose code is the installed asymlora package (no files of its own).
 # Written by `python -m asymlora.federated app`; submit with `flwr run {dir} <connection>`.
@@ -126,8 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--private-key", action="append", default=[], help="a SuperNode's OpenSSH private key")
     args = parser.parse_args(argv)
     if args.command == "check-tls":
-        from asymlora.federated.deploy import cli_check_tls
-
         return cli_check_tls(args)
     if args.command == "app":
         out = write_app(

@@ -1,14 +1,9 @@
-"""The Flower ``ClientApp``: a thin layer over `asymlora.federated.client`.
+"""The Flower ``ClientApp``: decode the instruction (`messages`), run the client's round logic
+(`asymlora.federated.client`), encode the reply. The protocol — message types, fields, the run config
+sent once per run and the `messages.NEED_CONFIG` answer — is described in `asymlora.federated.messages`.
 
-Message types (all sent by `asymlora.federated.server_app`):
-
-- ``query``: hello. Replies with the node's ``partition-id`` (its client index) and any per-node
-  overrides from its node config (``rank``, ``data``).
-- ``train``: ``arrays`` (the server's shared tensors) and ``config`` (round, strategy, the whole
-  `FedConfig` as JSON, the client index and rank the server assigned). Trains one round and replies
-  with ``arrays`` (only the strategy's upload) and ``metrics``. The client's trained adapter stays in
-  ``context.state`` (and, when a state directory is known, on the client's disk for ``--resume``).
-- ``evaluate``: the final shared tensors; replies with personalised and global scores as JSON.
+The client's trained adapter stays in ``context.state`` (and, when a state directory is known, on the
+client's disk for ``--resume``); the run's config JSON stays in ``context.state`` too.
 
 Node config (``flower-supernode --node-config '...'``): ``partition-id`` (required, 0-based client
 index), ``num-partitions``; optional ``rank`` (this client's adapter rank, heterogeneous strategies),
@@ -25,25 +20,34 @@ os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json
 import logging
-import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from asymlora.federated import client as fc
+from asymlora.federated.config import FedConfig, fed_config_from_json
+from asymlora.federated.messages import (
+    RAW_STYPE,
+    EvaluateReply,
+    Hello,
+    RoundInstruction,
+    RunConfig,
+    TrainReply,
+    decode_instruction,
+    encode_evaluate_reply,
+    encode_hello,
+    encode_train_reply,
+    from_record,
+    need_config_reply,
+    to_record,
+)
+from asymlora.federated.partition import load_client_tasks
 from asymlora.federated.privacy import clipping_mod
 
-if TYPE_CHECKING:
-    import torch
-
-    from asymlora.federated.config import FedConfig
-
-# torch and asymlora are imported inside the handlers: in deployment every message starts a fresh
-# process, and the hello query then answers in a second instead of after importing torch.
-
-__all__ = ["RAW_STYPE", "STATE_META", "STATE_TRAINED", "app", "from_record", "to_record"]
+__all__ = ["RAW_STYPE", "STATE_CONFIG", "STATE_META", "STATE_TRAINED", "app", "from_record", "to_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,57 +55,15 @@ STATE_TRAINED = "asymlora-trained"
 """``context.state`` key of the client's trained adapter (an ArrayRecord)."""
 STATE_META = "asymlora-meta"
 """``context.state`` key of the round and strategy that adapter belongs to (a ConfigRecord)."""
+STATE_CONFIG = "asymlora-config"
+"""``context.state`` key of the run's config: ``json`` and ``hash`` (a ConfigRecord, `messages.RunConfig`)."""
+
+_CONFIGS: dict[tuple[int, str], FedConfig] = {}
+"""Parsed run configs of this process by (run id, config hash): one parse per process, not per message."""
+_MAX_CONFIGS = 8
 
 app = ClientApp(mods=[clipping_mod])
 """The ClientApp; `privacy.clipping_mod` clips the upload when the server asks (``dp.clipping: client``)."""
-
-
-RAW_STYPE = "torch.raw"
-"""Flower ``Array.stype`` of a tensor stored as its raw little-endian bytes: the dtypes NumPy lacks
-(bfloat16, float8 variants), which Flower's own NumPy serialisation rejects."""
-
-
-def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    """A state dict as an ArrayRecord (what goes into a message or ``context.state``).
-
-    Every dtype round-trips bit for bit: NumPy dtypes (float16/32/64, integers) use Flower's standard
-    NumPy serialisation; bfloat16 and float8 go as raw bytes with ``stype`` `RAW_STYPE` (exactly
-    numel × element size, so ``ArrayRecord.count_bytes`` counts what is sent).
-    """
-    import torch
-    from flwr.app import Array
-
-    arrays = {}
-    for key, value in state.items():
-        t = value.detach().cpu().contiguous()
-        try:
-            arrays[key] = Array(t.numpy())
-        except TypeError:  # "Got unsupported ScalarType BFloat16": NumPy has no such dtype
-            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-            arrays[key] = Array(str(t.dtype).removeprefix("torch."), tuple(t.shape), RAW_STYPE, raw)
-    return ArrayRecord(arrays)
-
-
-def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Inverse of `to_record` (fresh, writable tensors). Raises ValueError on a malformed raw array."""
-    import numpy as np
-    import torch
-
-    out = {}
-    for key, array in record.items():
-        if array.stype != RAW_STYPE:
-            out[key] = torch.from_numpy(np.array(array.numpy(), copy=True))
-            continue
-        dtype = getattr(torch, array.dtype, None)
-        shape = tuple(array.shape)
-        if not isinstance(dtype, torch.dtype) or len(array.data) != dtype.itemsize * math.prod(shape):
-            raise ValueError(
-                f"array {key!r} (dtype {array.dtype!r}, shape {shape}) holds {len(array.data)} bytes: not a "
-                "raw tensor written by asymlora's to_record"
-            )
-        flat = torch.frombuffer(bytearray(array.data), dtype=torch.uint8) if array.data else torch.empty(0)
-        out[key] = flat.to(torch.uint8).view(dtype).reshape(shape)
-    return out
 
 
 def _node(context: Context, key: str, default: Any = None) -> Any:
@@ -117,109 +79,103 @@ def _partition_id(context: Context) -> int:
     return int(pid)
 
 
-def _setup(message: Message, context: Context) -> tuple[FedConfig, str, int, int, int]:
-    """(config, strategy name, client, rank, round) of a train/evaluate message; checks the client index."""
-    import torch
+def _run_config(instruction: RoundInstruction, message: Message, context: Context) -> FedConfig | None:
+    """The run's config: from the per-process cache, else the instruction's ``fed`` field or
+    ``context.state`` (parsed and cached); None when neither holds the config of the instruction's hash."""
+    key = (message.metadata.run_id, instruction.config_hash)
+    if instruction.config_json is not None:
+        sent = RunConfig.from_json(instruction.config_json)
+        if sent.hash != instruction.config_hash:
+            raise ValueError("the instruction's config does not match its config-hash (corrupted message)")
+        context.state[STATE_CONFIG] = ConfigRecord({"json": sent.json, "hash": sent.hash})
+    if key in _CONFIGS:
+        return _CONFIGS[key]
+    stored = context.state.config_records.get(STATE_CONFIG)
+    if stored is None or stored.get("hash") != instruction.config_hash:
+        return None
+    if len(_CONFIGS) >= _MAX_CONFIGS:
+        _CONFIGS.pop(next(iter(_CONFIGS)))
+    _CONFIGS[key] = fed_config_from_json(str(stored["json"]))
+    return _CONFIGS[key]
 
-    from asymlora.federated.config import fed_config_from_json
 
-    c = message.content["config"]
-    cfg = fed_config_from_json(str(c["fed"]))
-    client, rank, rnd = int(c["client"]), int(c["rank"]), int(c["round"])
-    if client != _partition_id(context):
+def _check(instruction: RoundInstruction, context: Context) -> None:
+    """The instruction is for this node's client; set the torch threads it asks for."""
+    if instruction.client != _partition_id(context):
         raise ValueError(
-            f"message for client {client} reached the node with partition-id {_partition_id(context)}"
+            f"message for client {instruction.client} reached the node with partition-id {_partition_id(context)}"
         )
-    threads = int(_node(context, "threads", 0) or c.get("threads", 0) or 0)
+    threads = int(_node(context, "threads", 0) or instruction.threads or 0)
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    return cfg, str(c["strategy"]), client, rank, rnd
 
 
-def _state_dir(message: Message, context: Context) -> str | None:
-    return (
-        str(_node(context, "state-dir", "") or message.content["config"].get("state-dir", "") or "") or None
-    )
+def _state_dir(instruction: RoundInstruction, context: Context) -> str | None:
+    return str(_node(context, "state-dir", "") or instruction.state_dir or "") or None
 
 
 def _carried(context: Context, state_dir: str | None, client: int, rnd: int, strategy: str) -> dict | None:
     """The client's trained adapter of round ``rnd`` from ``context.state``, else from its disk."""
-    from asymlora.federated import client as fc
-
-    if STATE_META in context.state:
-        meta = context.state[STATE_META]
-        if int(meta["round"]) == rnd and str(meta["strategy"]) == strategy:
-            return from_record(context.state[STATE_TRAINED])
+    meta = context.state.config_records.get(STATE_META)
+    if meta is not None and meta["round"] == rnd and meta["strategy"] == strategy:
+        return from_record(context.state.array_records[STATE_TRAINED])
     return fc.load_client_state(state_dir, client, rnd, strategy)
 
 
 def _tasks(cfg: FedConfig, client: int, context: Context) -> list:
     """The client's data: its share of the config's tasks, or the node's own ``data``."""
-    from asymlora.federated.partition import load_client_tasks
-
     return load_client_tasks(cfg, client, str(_node(context, "data", "") or "") or None)
 
 
 @app.query()
 def hello(message: Message, context: Context) -> Message:
     """Tell the server who this node is (its partition id and node-config overrides)."""
-    reply = ConfigRecord(
-        {
-            "partition-id": _partition_id(context),
-            "rank": int(_node(context, "rank", 0) or 0),
-            "data": str(_node(context, "data", "") or ""),
-            "pid": os.getpid(),
-        }
-    )
-    return Message(RecordDict({"hello": reply}), reply_to=message)
+    rank, data = int(_node(context, "rank", 0) or 0), str(_node(context, "data", "") or "")
+    return Message(encode_hello(Hello(_partition_id(context), rank, data, os.getpid())), reply_to=message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One round of local training; only the strategy's shared tensors go back."""
-    from asymlora.federated import client as fc
-
-    cfg, name, client, rank, rnd = _setup(message, context)
-    strategy = cfg.strategy(name)
-    state_dir = _state_dir(message, context)
-    carried = _carried(context, state_dir, client, rnd - 1, name) if rnd > 1 else None
-    received = from_record(message.content["arrays"])
-    res = fc.train_round(cfg, strategy, client, rank, rnd, received, carried, _tasks(cfg, client, context))
+    ins = decode_instruction(message)
+    _check(ins, context)
+    cfg = _run_config(ins, message, context)
+    if cfg is None:
+        return need_config_reply(message, ins.config_hash)
+    state_dir = _state_dir(ins, context)
+    carried = _carried(context, state_dir, ins.client, ins.round - 1, ins.strategy) if ins.round > 1 else None
+    res = fc.train_round(
+        cfg, cfg.strategy(ins.strategy), ins.client, ins.rank, ins.round, from_record(ins.arrays), carried,
+        _tasks(cfg, ins.client, context),
+    )  # fmt: skip
     for note in res.notes:
         logger.warning(note)
     context.state[STATE_TRAINED] = to_record(res.trained)
-    context.state[STATE_META] = ConfigRecord({"round": rnd, "strategy": name})
+    context.state[STATE_META] = ConfigRecord({"round": ins.round, "strategy": ins.strategy})
     if state_dir:
-        fc.save_client_state(state_dir, client, rnd, res.trained, name)
-    metrics = MetricRecord(
-        {
-            "client": client,
-            "num-examples": res.num_examples,
-            "train-loss": res.train_loss,
-            "seconds": res.seconds,
-            "a-drift-start": res.a_drift_start,
-            "a-drift-end": res.a_drift_end,
-        }
-    )
-    content = RecordDict({"arrays": to_record(res.upload), "metrics": metrics})
-    if res.notes:
-        content["notes"] = ConfigRecord({"notes": res.notes})
-    return Message(content, reply_to=message)
+        fc.save_client_state(state_dir, ins.client, ins.round, res.trained, ins.strategy)
+    reply = TrainReply(
+        ins.client, to_record(res.upload), res.num_examples, res.train_loss, res.seconds,
+        res.a_drift_start, res.a_drift_end, tuple(res.notes),
+    )  # fmt: skip
+    return Message(encode_train_reply(reply), reply_to=message)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Personalised and global scores of this client on its own test split."""
-    from asymlora.federated import client as fc
-
-    cfg, name, client, rank, rnd = _setup(message, context)
-    trained = _carried(context, _state_dir(message, context), client, rnd, name)
+    ins = decode_instruction(message)
+    _check(ins, context)
+    cfg = _run_config(ins, message, context)
+    if cfg is None:
+        return need_config_reply(message, ins.config_hash)
+    trained = _carried(context, _state_dir(ins, context), ins.client, ins.round, ins.strategy)
     if trained is None:
         raise RuntimeError(
-            f"client {client} holds no trained adapter of round {rnd} ({name}); cannot evaluate"
+            f"client {ins.client} holds no trained adapter of round {ins.round} ({ins.strategy}); cannot evaluate"
         )
-    received = from_record(message.content["arrays"])
-    out = fc.evaluate_client(
-        cfg, cfg.strategy(name), client, rank, received, trained, _tasks(cfg, client, context)
-    )
-    return Message(RecordDict({"results": ConfigRecord({"json": json.dumps(out)})}), reply_to=message)
+    scores = fc.evaluate_client(
+        cfg, cfg.strategy(ins.strategy), ins.client, ins.rank, from_record(ins.arrays), trained,
+        _tasks(cfg, ins.client, context),
+    )  # fmt: skip
+    return Message(encode_evaluate_reply(EvaluateReply(scores)), reply_to=message)

@@ -226,6 +226,41 @@ def _check_private_key(path: Path, problems: list[str]) -> None:
         problems.append(problem)
 
 
+def _check_ca(path: Path, now: dt.datetime, problems: list[str]) -> Any:
+    """The CA certificate in ``path`` if readable (problems noted: invalid now, not a CA)."""
+    from cryptography import x509
+
+    ca_cert = _load_cert(path, "CA certificate", now, problems)
+    if ca_cert is not None:
+        try:
+            is_ca = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            problems.append(
+                f"{path}: not a CA certificate (no basicConstraints CA:TRUE); fix: give the CA's "
+                "certificate (ca.crt), not the SuperLink's"
+            )
+    return ca_cert
+
+
+def _check_node_keys(
+    public_keys: Sequence[str | Path], private_keys: Sequence[str | Path], problems: list[str]
+) -> None:
+    """Every SuperNode key readable, of the right kind, and no public key given twice."""
+    seen: dict[bytes, Path] = {}
+    for path in map(Path, public_keys):
+        blob = _check_public_key(path, problems)  # the key without its comment
+        if blob is not None and blob in seen:
+            problems.append(
+                f"{path}: the same key as {seen[blob]}; fix: give every SuperNode its own key pair"
+            )
+        elif blob is not None:
+            seen[blob] = path
+    for path in map(Path, private_keys):
+        _check_private_key(path, problems)
+
+
 def check_tls_files(
     *,
     ca: str | Path,
@@ -249,21 +284,9 @@ def check_tls_files(
     Raises:
         DeployCheckError: every problem found, as "FILE: what is wrong; fix: how" lines.
     """
-    from cryptography import x509
-
     now = now or dt.datetime.now(dt.UTC)
     problems: list[str] = []
-    ca_cert = _load_cert(Path(ca), "CA certificate", now, problems)
-    if ca_cert is not None:
-        try:
-            is_ca = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
-            problems.append(
-                f"{ca}: not a CA certificate (no basicConstraints CA:TRUE); fix: give the CA's "
-                "certificate (ca.crt), not the SuperLink's"
-            )
+    ca_cert = _check_ca(Path(ca), now, problems)
     if (cert is None) != (key is None):
         problems.append("the SuperLink needs both --cert and --key (its certificate and private key)")
     elif cert is None and hosts:  # the names are in the SuperLink's certificate, not the CA's
@@ -271,19 +294,9 @@ def check_tls_files(
             f"--host {', '.join(hosts)} is checked against the SuperLink's certificate; fix: give its "
             "--cert and --key too (or drop --host on a SuperNode host)"
         )
-    elif cert is not None:
+    elif cert is not None and key is not None:
         _check_server(ca_cert, Path(cert), Path(key), hosts, now, problems)
-    seen: dict[bytes, Path] = {}
-    for path in map(Path, public_keys):
-        blob = _check_public_key(path, problems)  # the key without its comment
-        if blob is not None and blob in seen:
-            problems.append(
-                f"{path}: the same key as {seen[blob]}; fix: give every SuperNode its own key pair"
-            )
-        elif blob is not None:
-            seen[blob] = path
-    for path in map(Path, private_keys):
-        _check_private_key(path, problems)
+    _check_node_keys(public_keys, private_keys, problems)
     if problems:
         raise DeployCheckError(problems)
     done = [f"{ca}: CA certificate valid until {ca_cert.not_valid_after_utc:%Y-%m-%d}"]

@@ -36,8 +36,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from asymlora.config import ConfigError
+from asymlora.federated.client import local_only_baseline
 from asymlora.federated.config import FedConfig, dump_fed_config, load_fed_config
+from asymlora.federated.partition import client_tasks, load_partition, summary_lines
 from asymlora.io import atomic_write_text
 from asymlora.progress import set_env
 
@@ -126,13 +130,13 @@ def simulate(cfg: FedConfig, runs: list[tuple[str, Path, bool]], *, say: Any = p
     (one Ray start; the clients keep their base model loaded); returns each strategy's `ServerOutcome`."""
     from flwr.simulation import run_simulation
 
-    from asymlora.federated.client_app import app as client_app
+    from asymlora.federated.client_app import app as client_app  # the apps import flwr (optional)
     from asymlora.federated.server_app import ServerOutcome, make_server_app
 
     s = cfg.simulation
     outcomes: dict[str, Any] = {}
     server = make_server_app(cfg, runs, outcomes, threads=s.threads_per_client, say=say)
-    backend = {
+    backend: dict[str, Any] = {
         "init_args": {
             "address": "local",  # never attach to another user's Ray cluster
             "num_cpus": s.num_cpus,
@@ -164,11 +168,7 @@ def simulate(cfg: FedConfig, runs: list[tuple[str, Path, bool]], *, say: Any = p
 
 def local_only(cfg: FedConfig, run_dir: Path, tasks: list, plan: list, ranks: list[int], say: Any) -> dict:
     """Each client trains alone (rounds × local_steps steps) and is scored on its test split."""
-    import torch
-
-    from asymlora.federated.client import local_only_baseline
-    from asymlora.federated.partition import client_tasks
-    from asymlora.federated.server_app import client_label, summarize_scores
+    from asymlora.federated.server_results import client_label, summarize_scores  # flwr: optional
 
     out = run_dir / LOCAL_DIR / RESULTS_FILE
     if out.is_file():
@@ -282,9 +282,8 @@ def format_results(summary: dict[str, Any]) -> str:
 
 def run(cfg: FedConfig, *, resume: bool = False, overwrite: bool = False, say: Any = print) -> int:
     """Run every configured strategy (and the local-only baseline); returns the exit code."""
-    from asymlora.federated.partition import load_partition, summary_lines
-    from asymlora.federated.server_app import RESULTS_FILE as STRATEGY_RESULTS
-    from asymlora.federated.server_app import summarize_scores
+    from asymlora.federated.server_results import RESULTS_FILE as STRATEGY_RESULTS  # flwr: optional
+    from asymlora.federated.server_results import summarize_scores
 
     tasks, plan = load_partition(cfg)  # an empty client fails here, before anything is written
     run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)

@@ -1,0 +1,408 @@
+"""The federated protocol in one place: what the server and the clients say to each other, and how it is
+laid out in Flower's records (docs/design.md §4, "The messages").
+
+Three exchanges, each an instruction from `server_app` and a reply from `client_app`:
+
+========== ============================================ ================================================
+type       instruction (server → client)                reply (client → server)
+========== ============================================ ================================================
+query      `hello_message`: empty                       `Hello`: partition id, node-config rank and data
+train      `TrainInstruction`: the shared tensors and   `TrainReply`: the strategy's upload and the
+           the round's fields                           round's metrics (examples, loss, seconds, drift)
+evaluate   `EvaluateInstruction`: the final shared      `EvaluateReply`: personalised and global scores
+           tensors and the client's last trained round
+========== ============================================ ================================================
+
+Record layout of a train / evaluate instruction: ``arrays`` (ArrayRecord, the shared tensors) and
+``config`` (one ConfigRecord: ``round``, ``strategy``, ``client``, ``rank``, ``state-dir``, ``threads``,
+``config-hash``; ``fed`` only while the node does not hold the run's config; ``clipping_norm`` under
+``dp.clipping: client``). Exactly one ArrayRecord and one ConfigRecord: Flower's ``fixedclipping_mod``
+(`privacy.clipping_mod`) requires it. A train reply holds ``arrays`` (the upload), ``metrics`` (a
+MetricRecord) and, when the client has something to say, ``notes``; an evaluate reply ``results`` (the
+scores as JSON: they nest deeper than a ConfigRecord can).
+
+**The config travels once per run.** The whole `FedConfig` (`RunConfig`: its JSON and SHA-256) rides
+in the ``fed`` field of the first instruction a strategy's run (`server_app.run_server`) sends each
+node; every instruction carries ``config-hash``. The client keeps the JSON in ``context.state`` (which
+Flower keeps per run and node, across messages — in deployment each message runs in a fresh ClientApp
+process) and the parsed config in a per-process cache keyed by (run id, hash): parsed once per process
+(simulation: once per client actor), not per message.
+A client that holds no config of that hash — its SuperNode restarted and lost ``context.state``, or an
+earlier reply failed before the config was stored — answers with the error `NEED_CONFIG` instead of
+guessing; the server then sends the same instruction again with ``fed`` (`server_round.Federation.send`),
+once, within the same timeout. A node counts as holding the config only after an ordinary reply, so a
+failed first round just sends it again. The counted ``bytes_down`` stay the ArrayRecord bytes of every
+instruction sent (two on a resend): the config's JSON (1.4 kB for ``configs/fed_bigbench_*.yaml``) was
+never counted, it is only no longer sent after a node's first instruction.
+
+Tensors go in ArrayRecords with `to_record` / `from_record` (every dtype bit for bit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from asymlora.federated.privacy import KEY_CLIPPING_NORM
+
+if TYPE_CHECKING:
+    from asymlora.federated.config import FedConfig
+
+__all__ = [
+    "EVALUATE",
+    "NEED_CONFIG",
+    "QUERY",
+    "RAW_STYPE",
+    "TRAIN",
+    "EvaluateInstruction",
+    "EvaluateReply",
+    "Hello",
+    "ReplyError",
+    "RoundInstruction",
+    "RunConfig",
+    "TrainInstruction",
+    "TrainReply",
+    "decode_evaluate_reply",
+    "decode_hello",
+    "decode_instruction",
+    "decode_train_reply",
+    "encode_evaluate_reply",
+    "encode_hello",
+    "encode_train_reply",
+    "from_record",
+    "hello_message",
+    "instruction_message",
+    "is_need_config",
+    "need_config_reply",
+    "to_record",
+]
+
+QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
+"""Flower message types of the three exchanges."""
+HELLO_GROUP, EVALUATE_GROUP = "hello", "evaluate"
+"""``group_id`` of the hello and evaluate messages; a train message's is its round number."""
+
+NEED_CONFIG = 1001
+"""``Error.code`` of a client that holds no run config of the instruction's hash (Flower's own codes are
+0-8); the server resends the instruction with the config."""
+
+# record names in a message's RecordDict
+ARRAYS, CONFIG, METRICS, NOTES, HELLO, RESULTS = "arrays", "config", "metrics", "notes", "hello", "results"
+# keys of the instruction's ConfigRecord (``clipping_norm``: `privacy.KEY_CLIPPING_NORM`, Flower's name)
+K_ROUND, K_STRATEGY, K_CLIENT, K_RANK = "round", "strategy", "client", "rank"
+K_STATE_DIR, K_THREADS, K_HASH, K_FED = "state-dir", "threads", "config-hash", "fed"
+# keys of the train reply's MetricRecord
+M_CLIENT, M_EXAMPLES, M_LOSS, M_SECONDS = "client", "num-examples", "train-loss", "seconds"
+M_DRIFT_START, M_DRIFT_END = "a-drift-start", "a-drift-end"
+# keys of the hello reply
+H_PARTITION, H_RANK, H_DATA, H_PID = "partition-id", "rank", "data", "pid"
+
+
+class ReplyError(ValueError):
+    """A reply that does not follow the protocol (a missing record or key, a value of the wrong type)."""
+
+
+# --- tensors --------------------------------------------------------------------------------------------
+RAW_STYPE = "torch.raw"
+"""Flower ``Array.stype`` of a tensor stored as its raw little-endian bytes: the dtypes NumPy lacks
+(bfloat16, float8 variants), which Flower's own NumPy serialisation rejects."""
+
+
+def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A state dict as an ArrayRecord (what goes into a message or ``context.state``).
+
+    Every dtype round-trips bit for bit: NumPy dtypes (float16/32/64, integers) use Flower's standard
+    NumPy serialisation; bfloat16 and float8 go as raw bytes with ``stype`` `RAW_STYPE` (exactly
+    numel × element size, so ``ArrayRecord.count_bytes`` counts what is sent).
+    """
+    arrays = {}
+    for key, value in state.items():
+        t = value.detach().cpu().contiguous()
+        try:
+            arrays[key] = Array(t.numpy())
+        except TypeError:  # "Got unsupported ScalarType BFloat16": NumPy has no such dtype
+            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+            arrays[key] = Array(str(t.dtype).removeprefix("torch."), tuple(t.shape), RAW_STYPE, raw)
+    return ArrayRecord(arrays)
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Inverse of `to_record` (fresh, writable tensors). Raises ValueError on a malformed raw array."""
+    out = {}
+    for key, array in record.items():
+        if array.stype != RAW_STYPE:
+            out[key] = torch.from_numpy(np.array(array.numpy(), copy=True))
+            continue
+        dtype = getattr(torch, array.dtype, None)
+        shape = tuple(array.shape)
+        if not isinstance(dtype, torch.dtype) or len(array.data) != dtype.itemsize * math.prod(shape):
+            raise ValueError(
+                f"array {key!r} (dtype {array.dtype!r}, shape {shape}) holds {len(array.data)} bytes: not a "
+                "raw tensor written by asymlora's to_record"
+            )
+        flat = torch.frombuffer(bytearray(array.data), dtype=torch.uint8) if array.data else torch.empty(0)
+        out[key] = flat.to(torch.uint8).view(dtype).reshape(shape)
+    return out
+
+
+# --- the run's config -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunConfig:
+    """The run's `FedConfig` as it travels: its compact JSON (`FedConfig.to_json`) and the JSON's SHA-256."""
+
+    json: str
+    hash: str
+
+    @classmethod
+    def of(cls, cfg: FedConfig) -> RunConfig:
+        return cls.from_json(cfg.to_json())
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls(text, hashlib.sha256(text.encode()).hexdigest())
+
+
+# --- hello ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hello:
+    """A node's answer to the hello query: its client index and node-config overrides (0 / "": none)."""
+
+    partition_id: int
+    rank: int = 0
+    data: str = ""
+    pid: int = 0
+
+
+def hello_message(node_id: int) -> Message:
+    return Message(RecordDict(), dst_node_id=node_id, message_type=QUERY, group_id=HELLO_GROUP)
+
+
+def encode_hello(hello: Hello) -> RecordDict:
+    record = ConfigRecord(
+        {H_PARTITION: hello.partition_id, H_RANK: hello.rank, H_DATA: hello.data, H_PID: hello.pid}
+    )
+    return RecordDict({HELLO: record})
+
+
+def decode_hello(content: RecordDict) -> Hello:
+    h = _record(content, HELLO)
+    return Hello(_int(h, H_PARTITION), _int(h, H_RANK), str(h.get(H_DATA, "")), int(h.get(H_PID, 0)))
+
+
+# --- train and evaluate instructions ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoundInstruction:
+    """What a train or evaluate instruction asks of client ``client``: the shared tensors ``arrays`` and
+    the fields of round ``round`` of strategy ``strategy`` at adapter rank ``rank``."""
+
+    message_type: ClassVar[str] = ""
+    round: int
+    strategy: str
+    client: int
+    rank: int
+    config_hash: str
+    arrays: ArrayRecord = field(default_factory=ArrayRecord, repr=False)
+    state_dir: str = ""
+    """Where the client may keep its adapter between rounds ("" : only in ``context.state``)."""
+    threads: int = 0
+    """torch threads of the client (0: its default)."""
+    config_json: str | None = None
+    """The run's config (`RunConfig.json`) while the node is not known to hold it; else None."""
+
+    def config_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {K_ROUND: self.round, K_STRATEGY: self.strategy, K_CLIENT: self.client}
+        out |= {K_RANK: self.rank, K_STATE_DIR: self.state_dir, K_THREADS: self.threads}
+        out[K_HASH] = self.config_hash
+        if self.config_json is not None:
+            out[K_FED] = self.config_json
+        return out
+
+
+@dataclass(frozen=True)
+class TrainInstruction(RoundInstruction):
+    """Train one round. ``arrays``: the strategy's download (`strategies.download_payload`)."""
+
+    message_type: ClassVar[str] = TRAIN
+    clipping_norm: float | None = None
+    """C of ``dp.clipping: client`` (`privacy.clipping_mod` clips the upload to it); None otherwise."""
+
+    def config_fields(self) -> dict[str, Any]:
+        out = super().config_fields()
+        if self.clipping_norm is not None:
+            out[KEY_CLIPPING_NORM] = self.clipping_norm
+        return out
+
+
+@dataclass(frozen=True)
+class EvaluateInstruction(RoundInstruction):
+    """Score the client's adapter of round ``round`` (its last trained one) alone and with ``arrays``,
+    the final shared tensors."""
+
+    message_type: ClassVar[str] = EVALUATE
+
+
+def instruction_message(instruction: RoundInstruction, node_id: int, ttl: float) -> Message:
+    """The Flower message of ``instruction`` to node ``node_id`` (``ttl`` in seconds)."""
+    content = RecordDict({ARRAYS: instruction.arrays, CONFIG: ConfigRecord(instruction.config_fields())})
+    group = str(instruction.round) if instruction.message_type == TRAIN else EVALUATE_GROUP
+    return Message(
+        content, dst_node_id=node_id, message_type=instruction.message_type, group_id=group, ttl=ttl
+    )
+
+
+def decode_instruction(message: Message) -> RoundInstruction:
+    """The `TrainInstruction` or `EvaluateInstruction` of a received message (ReplyError when malformed)."""
+    c = _record(message.content, CONFIG)
+    fed = c.get(K_FED)
+    common: dict[str, Any] = {
+        "round": _int(c, K_ROUND),
+        "strategy": _str(c, K_STRATEGY),
+        "client": _int(c, K_CLIENT),
+        "rank": _int(c, K_RANK),
+        "config_hash": _str(c, K_HASH),
+        "arrays": _array_record(message.content, ARRAYS),
+        "state_dir": str(c.get(K_STATE_DIR, "") or ""),
+        "threads": int(c.get(K_THREADS, 0) or 0),
+        "config_json": None if fed is None else str(fed),
+    }
+    if message.metadata.message_type == TRAIN:
+        norm = c.get(KEY_CLIPPING_NORM)
+        return TrainInstruction(**common, clipping_norm=None if norm is None else float(norm))
+    return EvaluateInstruction(**common)
+
+
+def need_config_reply(message: Message, config_hash: str) -> Message:
+    """The client's answer to an instruction whose config (hash ``config_hash``) it does not hold."""
+    why = f"this node holds no run config of hash {config_hash[:12]}...; send the instruction with it"
+    return Message(Error(NEED_CONFIG, why), reply_to=message)
+
+
+def is_need_config(reply: Message) -> bool:
+    return reply.has_error() and reply.error.code == NEED_CONFIG
+
+
+# --- replies ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainReply:
+    """A client's answer to a `TrainInstruction`: its upload and the round's metrics."""
+
+    client: int
+    upload: ArrayRecord = field(repr=False)
+    """The strategy's upload (`strategies.client_upload`), after `privacy.clipping_mod` when it clips."""
+    num_examples: int
+    train_loss: float
+    """Mean training loss of the round; NaN without a local step (``train.local_steps: 0``)."""
+    seconds: float
+    a_drift_start: float
+    """‖A − A_init‖ / ‖A_init‖ at the start and end of the round (docs/design.md §4)."""
+    a_drift_end: float
+    notes: tuple[str, ...] = ()
+
+
+def encode_train_reply(reply: TrainReply) -> RecordDict:
+    metrics = MetricRecord(
+        {
+            M_CLIENT: reply.client,
+            M_EXAMPLES: reply.num_examples,
+            M_LOSS: reply.train_loss,
+            M_SECONDS: reply.seconds,
+            M_DRIFT_START: reply.a_drift_start,
+            M_DRIFT_END: reply.a_drift_end,
+        }
+    )
+    content = RecordDict({ARRAYS: reply.upload, METRICS: metrics})
+    if reply.notes:
+        content[NOTES] = ConfigRecord({NOTES: list(reply.notes)})
+    return content
+
+
+def decode_train_reply(content: RecordDict) -> TrainReply:
+    """The `TrainReply` in a reply's content; ReplyError names what is missing or malformed."""
+    m = _record(content, METRICS, "metric_records")
+    notes_record = content.config_records.get(NOTES)
+    notes = notes_record.get(NOTES, []) if notes_record is not None else []
+    if not isinstance(notes, list):
+        raise ReplyError(f"the reply's notes are {notes!r}, not a list of strings")
+    return TrainReply(
+        client=_int(m, M_CLIENT),
+        upload=_array_record(content, ARRAYS),
+        num_examples=_int(m, M_EXAMPLES),
+        train_loss=_float(m, M_LOSS),
+        seconds=_float(m, M_SECONDS),
+        a_drift_start=_float(m, M_DRIFT_START),
+        a_drift_end=_float(m, M_DRIFT_END),
+        notes=tuple(str(n) for n in notes),
+    )
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """A client's scores: ``personalised`` (its own adapter) and, unless disabled, ``global`` (the
+    aggregated tensors alone), each ``{"score", "n", "per_task"}`` (`client.evaluate_client`)."""
+
+    scores: dict[str, Any]
+
+
+def encode_evaluate_reply(reply: EvaluateReply) -> RecordDict:
+    return RecordDict({RESULTS: ConfigRecord({"json": json.dumps(reply.scores)})})
+
+
+def decode_evaluate_reply(content: RecordDict) -> EvaluateReply:
+    text = _str(_record(content, RESULTS), "json")
+    try:
+        scores = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ReplyError(f"the evaluate reply's scores are not JSON: {e}") from None
+    if not isinstance(scores, dict) or "personalised" not in scores:
+        raise ReplyError("the evaluate reply holds no 'personalised' scores")
+    return EvaluateReply(scores)
+
+
+# --- field access with protocol errors ------------------------------------------------------------------------
+def _record(content: RecordDict, name: str, kind: str = "config_records") -> Any:
+    record = getattr(content, kind).get(name)
+    if record is None:
+        raise ReplyError(f"the message has no {name!r} record (it holds {sorted(content)})")
+    return record
+
+
+def _array_record(content: RecordDict, name: str) -> ArrayRecord:
+    record: ArrayRecord | None = content.array_records.get(name)
+    if record is None:
+        raise ReplyError(f"the message has no {name!r} ArrayRecord (it holds {sorted(content)})")
+    return record
+
+
+def _get(record: Mapping[str, Any], key: str) -> Any:
+    if key not in record:
+        raise ReplyError(f"the message's record has no {key!r} (it holds {sorted(record)})")
+    return record[key]
+
+
+def _int(record: Mapping[str, Any], key: str) -> int:
+    value = _get(record, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ReplyError(f"{key!r} is {value!r}, not an integer")
+    return int(value)
+
+
+def _float(record: Mapping[str, Any], key: str) -> float:
+    value = _get(record, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReplyError(f"{key!r} is {value!r}, not a number")
+    return float(value)
+
+
+def _str(record: Mapping[str, Any], key: str) -> str:
+    value = _get(record, key)
+    if not isinstance(value, str):
+        raise ReplyError(f"{key!r} is {value!r}, not a string")
+    return value

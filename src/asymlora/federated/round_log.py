@@ -1,0 +1,126 @@
+"""The server's record of a strategy's run: ``rounds.jsonl``, the checkpoint after every round, and
+``--resume`` from it (docs/federated.md, "Resume").
+
+In ``out_dir``::
+
+    rounds.jsonl                         one line per completed round (`server_round.round_record`)
+    checkpoint/server_state.safetensors  the shared tensors after the last completed round
+    checkpoint/state.json                round number, strategy, client ranks, every round's record,
+                                         the last round each client trained in
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from asymlora.io import atomic_dir, atomic_write_text
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "META_FILE",
+    "ROUNDS_FILE",
+    "STATE_FILE",
+    "RoundLog",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+ROUNDS_FILE = "rounds.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "server_state.safetensors"
+META_FILE = "state.json"
+
+
+def save_checkpoint(out_dir: Path, state: Mapping[str, Tensor], meta: dict[str, Any]) -> None:
+    """Write the shared tensors and the round metadata atomically (a half-written checkpoint never shows)."""
+    with atomic_dir(out_dir / CHECKPOINT_DIR, overwrite=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / STATE_FILE))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=float) + "\n")
+
+
+def load_checkpoint(out_dir: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """(shared tensors, metadata) of the last completed round, or None when there is no checkpoint."""
+    ck = out_dir / CHECKPOINT_DIR
+    if not (ck / META_FILE).is_file() or not (ck / STATE_FILE).is_file():
+        return None
+    return load_file(str(ck / STATE_FILE)), json.loads((ck / META_FILE).read_text())
+
+
+def write_rounds(out_dir: Path, history: Sequence[Mapping[str, Any]]) -> None:
+    """``rounds.jsonl``: one JSON line per round record (written whole, atomically)."""
+    atomic_write_text(out_dir / ROUNDS_FILE, "".join(json.dumps(r, default=float) + "\n" for r in history))
+
+
+class RoundLog:
+    """The completed rounds of one strategy in ``out_dir``: their records (``history``), the last round
+    each client trained in (``last_trained``, what the evaluation asks for) and the checkpoint.
+
+    Raises (from `open`): FileExistsError when ``out_dir`` holds a checkpoint and ``resume`` is off.
+    """
+
+    def __init__(self, out_dir: Path, strategy: str, checkpoint: tuple[dict[str, Tensor], dict] | None):
+        self.out_dir, self.strategy = out_dir, strategy
+        self.history: list[dict[str, Any]] = []
+        self.last_trained: dict[int, int] = {}
+        self.ranks: list[int] = []
+        self.next_round = 1
+        """The first round still to run (1, or the checkpoint's round + 1 once `start` resumed)."""
+        self._checkpoint = checkpoint
+
+    @classmethod
+    def open(cls, out_dir: str | Path, strategy: str, resume: bool) -> RoundLog:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ck = load_checkpoint(out_dir) if resume else None
+        if ck is None and (out_dir / CHECKPOINT_DIR).exists() and not resume:
+            raise FileExistsError(
+                f"{out_dir} already holds a checkpoint; resume it or start in an empty run_dir"
+            )
+        return cls(out_dir, strategy, ck)
+
+    def start(
+        self, state: dict[str, Tensor], ranks: list[int], say: Callable[[str], None]
+    ) -> dict[str, Tensor]:
+        """The shared tensors to start from: ``state`` (round 0), or the checkpoint's when resuming, after
+        checking it belongs to this strategy, these client ranks and these tensor shapes. Rewrites
+        ``rounds.jsonl`` from the checkpoint's history. Raises ValueError when the checkpoint does not fit."""
+        self.ranks = list(ranks)
+        if self._checkpoint is not None:
+            saved, meta = self._checkpoint
+            if meta.get("strategy") != self.strategy:
+                raise ValueError(
+                    f"{self.out_dir} holds a checkpoint of strategy {meta.get('strategy')!r}, not {self.strategy!r}"
+                )
+            if meta.get("ranks") != ranks:
+                raise ValueError(f"the client ranks {ranks} differ from the checkpoint's {meta.get('ranks')}")
+            if set(saved) != set(state) or any(saved[k].shape != state[k].shape for k in state):
+                raise ValueError(
+                    f"the checkpoint in {self.out_dir} does not fit this config's shared tensors"
+                )
+            state, self.history = saved, list(meta["history"])
+            self.last_trained = {int(k): int(v) for k, v in meta.get("last_trained", {}).items()}
+            self.next_round = int(meta["round"]) + 1
+            say(f"{self.strategy}: resuming after round {meta['round']} from {self.out_dir / CHECKPOINT_DIR}")
+        write_rounds(self.out_dir, self.history)
+        return state
+
+    def append(self, record: dict[str, Any], state: Mapping[str, Tensor], trained: Sequence[int]) -> None:
+        """Record a completed round (clients ``trained`` replied with an update): checkpoint, then
+        ``rounds.jsonl``."""
+        self.history.append(record)
+        self.last_trained.update({k: int(record["round"]) for k in trained})
+        meta = {
+            "round": record["round"],
+            "strategy": self.strategy,
+            "ranks": self.ranks,
+            "history": self.history,
+            "last_trained": self.last_trained,
+        }
+        save_checkpoint(self.out_dir, state, meta)
+        write_rounds(self.out_dir, self.history)
