@@ -134,7 +134,7 @@ class Strategy:
             client) or ``"accumulate"`` (B0 <- B0 + Σ p_k B2_k B1_k).
         method: the adapter method the strategy needs (``"lora"``, ``"fedhet"``), or None for any method
             whose tensors are all trainable.
-        heterogeneous: True when clients may have different ranks (then alpha_i = 2 r_i, see `client_config`).
+        heterogeneous: True when clients may have different ranks (then alpha_i = `het_alpha` (r_i)).
         local_a: ``fedalora`` only: ``"persist"`` or ``"reset"``.
         description: one line for logs and docs.
     """
