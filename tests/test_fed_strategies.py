@@ -710,3 +710,48 @@ def test_het_increments_from_products_and_factors_and_their_rejections() -> None
         roles,
     )
     assert torch.equal(res.state["b0"], torch.full((8, 4), 1 + 0.25 * 1 + 0.75 * 3))
+
+
+def test_combine_refuses_what_it_cannot_average_and_keeps_the_server_device() -> None:
+    server = {"x": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match="zip"):  # one weight per update
+        combine("mean", server, [{"x": torch.ones(2, 2)}], [0.5, 0.5])
+    for aggregation in ("mean", "accumulate"):
+        with pytest.raises(
+            ValueError, match=rf"^x: update of shape \(2, 1\) for the server's \(2, 2\) under '{aggregation}'"
+        ):
+            combine(aggregation, server, [{"x": torch.ones(2, 1)}], [1.0])  # type: ignore[arg-type]
+    meta = combine("mean", {"x": torch.empty(2, 2, device="meta")}, [{"x": torch.ones(2, 2)}], [1.0])
+    assert meta["x"].device.type == "meta"  # the accounting's server lives on the meta device
+
+
+def test_long_key_lists_are_cut_to_three_in_messages() -> None:
+    roles = {n: tinfo(n, "B", Role.B, (2, 1)) for n in "abcd"}
+    server = {n: torch.zeros(2, 1) for n in "abcd"}
+    four = {n: torch.zeros(2, 1) for n in "wxyz"}
+    res = aggregate(get_strategy("fedit"), server, [({**server, **four}, 1), ({}, 1)], roles)
+    assert [(r.key, r.reason) for r in res.rejected] == [
+        ("w", "sent tensors that are not shared under this strategy: ['w', 'x', 'y']"),
+        ("a", "missing shared tensors: ['a', 'b', 'c']"),
+    ]
+    zeropad = aggregate(get_strategy("zeropad"), server, [({"a": server["a"]}, 1)], roles)
+    assert zeropad.rejected[0].reason == "missing shared tensors: ['b', 'c', 'd']"
+    extra = het_increments("c", four, {"b0": torch.zeros(8, 4)}, het_roles())
+    assert extra == Rejection(
+        "c", "sent tensors that are not shared under this strategy: ['w', 'x', 'y']", "w"
+    )
+
+
+def test_strategy_descriptions_and_role_hints() -> None:
+    assert {n: get_strategy(n).description for n in STRATEGY_NAMES} == {
+        "fedit": "FedIT: average A and B",
+        "ffa": "FFA-LoRA: average B; A frozen at a shared seed",
+        "fedsa": "FedSA-LoRA: average A; B local",
+        "fedalora": "Fed-ALoRA: average B; A local (persist)",
+        "fedalora-het": "Fed-ALoRA (heterogeneous ranks): B0 <- B0 + sum p_k B2_k B1_k",
+        "zeropad": "Zero padding (HetLoRA-style): pad A, B to the largest rank, average, truncate",
+    }
+    with pytest.raises(
+        ValueError, match=r"frozen tensors \(use strategy 'fedalora-het' with method 'fedhet'\)$"
+    ):
+        get_strategy("ffa").check_roles(het_roles())

@@ -270,7 +270,7 @@ def client_config(strategy: Strategy | None, base: AsymLoraConfig, rank: int | N
     elif strategy.method is not None:
         changes["method"] = strategy.method
     if rank is not None:
-        check_het_setup([rank], 1, base.intermediate_rank)
+        check_het_setup([rank], 1)  # d_m: AsymLoraConfig checks its own intermediate_rank
         changes["r"] = rank
         if strategy is None or strategy.heterogeneous:
             changes["lora_alpha"] = het_alpha(rank)
@@ -304,14 +304,14 @@ def rank_axis(info: TensorInfo) -> int | None:
 
 def truncate(value: Tensor, shape: Sequence[int]) -> Tensor:
     """The leading ``shape`` block of a zero-padded ``value`` (a view): what a client of a smaller rank keeps."""
-    return value[tuple(slice(0, s) for s in shape)]
+    return value[tuple(slice(s) for s in shape)]
 
 
 def zero_pad(value: Tensor, shape: Sequence[int]) -> Tensor:
     """``value`` in the leading corner of a float64 zero tensor of ``shape`` (HetLoRA-style padding of a
     rank-r_k factor to the largest rank; docs/design.md §4)."""
     padded = torch.zeros(tuple(shape), dtype=torch.float64)
-    padded[tuple(slice(0, s) for s in value.shape)] = value
+    padded[tuple(slice(s) for s in value.shape)] = value
     return padded
 
 
@@ -331,7 +331,8 @@ def combine(
 
     ``mean``: Σ p_k U_k. ``zeropad``: Σ p_k pad(U_k), each update zero-padded to the server's shape.
     ``accumulate`` (Fed-ALoRA-het): B0 + Σ p_k Δ_k, the updates being the increments B2_k·B1_k under B0's
-    name. The result takes each server tensor's dtype and device.
+    name. The result takes each server tensor's dtype and device. Raises ValueError when ``weights`` and
+    ``updates`` differ in length or, outside ``zeropad``, an update's shape differs from the server's.
     """
     out: dict[str, Tensor] = {}
     for name, old in server_state.items():
@@ -341,7 +342,12 @@ def combine(
             acc = torch.zeros(old.shape, dtype=torch.float64)
         for p_k, upd in zip(weights, updates, strict=True):
             value = upd[name]
-            if aggregation == "zeropad" and tuple(value.shape) != tuple(old.shape):
+            if tuple(value.shape) != tuple(old.shape):
+                if aggregation != "zeropad":
+                    raise ValueError(
+                        f"{name}: update of shape {tuple(value.shape)} for the server's {tuple(old.shape)} "
+                        f"under {aggregation!r} aggregation; validate updates first (`aggregate` does)"
+                    )
                 value = zero_pad(value, old.shape)
             acc += p_k * value
         out[name] = acc.to(dtype=old.dtype, device=old.device)
@@ -421,12 +427,12 @@ def _validate_zeropad(
     if bad:
         return bad
     for n, t in upd.items():
-        want, axis = tuple(server[n].shape), rank_axis(roles[n])
-        got = tuple(t.shape)
-        ok = len(got) == len(want) and all(
-            g == w or (axis is not None and i == len(want) + axis and 1 <= g <= w)
-            for i, (g, w) in enumerate(zip(got, want, strict=True))
-        )
+        want, got, axis = tuple(server[n].shape), tuple(t.shape), rank_axis(roles[n])
+        if len(got) != len(want) or axis is None:
+            ok = got == want
+        else:  # equal outside the rank axis; on it, 1 <= r_k <= the server's rank
+            i = len(want) + axis
+            ok = got[:i] + got[i + 1 :] == want[:i] + want[i + 1 :] and 1 <= got[i] <= want[i]
         if not ok:
             return Rejection(
                 cid, f"shape {got} does not fit the server's {want} (only the rank may be smaller)", n
@@ -523,7 +529,8 @@ def aggregate(
         raise ValueError(f"{len(ids)} client ids for {len(updates)} updates")
     result = AggregateResult(state={n: t.detach().clone() for n, t in server_state.items()})
     accepted: list[tuple[ClientId, dict[str, Tensor], int]] = []
-    for cid, (upd, n_k) in zip(ids, updates, strict=True):
+    for k, (upd, n_k) in enumerate(updates):  # len(ids) == len(updates), checked above
+        cid = ids[k]
         ok = _accept(strategy, cid, upd, n_k, server_state, roles)
         if isinstance(ok, Rejection):
             result.rejected.append(ok)
@@ -533,6 +540,6 @@ def aggregate(
         return result
     weights = fedavg_weights([n for _, _, n in accepted])
     result.accepted = [cid for cid, _, _ in accepted]
-    result.weights = {cid: p for (cid, _, _), p in zip(accepted, weights, strict=True)}
+    result.weights = {accepted[k][0]: p for k, p in enumerate(weights)}
     result.state = combine(strategy.aggregation, server_state, [u for _, u, _ in accepted], weights)
     return result

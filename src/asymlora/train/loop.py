@@ -142,11 +142,11 @@ class StepLoop:
                 value = self.loss_value(loss)
                 if not math.isfinite(value):
                     raise TrainingError(self.failure(value, step))
-                sync = acc is None or acc.sync_gradients
                 if acc is not None:
                     acc.backward(loss)
                 else:
                     loss.backward()
+                sync = acc is None or acc.sync_gradients
                 if sync and self.max_grad_norm > 0:
                     clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
                     clip(self.params, self.max_grad_norm)
