@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import peft
@@ -17,6 +18,7 @@ from asymlora.federated import (
     STRATEGY_NAMES,
     Rejection,
     Select,
+    Strategy,
     TensorInfo,
     adapter_state,
     aggregate,
@@ -755,3 +757,88 @@ def test_strategy_descriptions_and_role_hints() -> None:
         ValueError, match=r"frozen tensors \(use strategy 'fedalora-het' with method 'fedhet'\)$"
     ):
         get_strategy("ffa").check_roles(het_roles())
+
+
+# --- the client's side of a round: what it loads ----------------------------------------------------------
+FOUR = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def test_client_round_start_names_what_does_not_fit() -> None:
+    _, roles, state = adapted(targets=FOUR)
+    s = get_strategy("fedalora")
+    bs = [n for n, i in roles.items() if i.role == Role.B]
+    as_ = [n for n, i in roles.items() if i.role == Role.A]
+    down = {n: state[n] for n in bs}
+    with pytest.raises(ValueError) as missing:
+        client_round_start(s, state, {}, roles)
+    assert (
+        str(missing.value)
+        == f"server payload does not fit strategy 'fedalora': missing {bs[:3]}, unexpected []"
+    )
+    with pytest.raises(ValueError) as extra:
+        client_round_start(s, state, {**down, **{n: state[n] for n in as_}}, roles)
+    assert (
+        str(extra.value)
+        == f"server payload does not fit strategy 'fedalora': missing [], unexpected {as_[:3]}"
+    )
+    b = bs[0]
+    with pytest.raises(
+        ValueError, match=rf"^{b}: server tensor \(8, 3\) does not match the client's \(8, 2\)$"
+    ):
+        client_round_start(s, state, {**down, b: torch.ones(8, 3)}, roles)
+    with pytest.raises(ValueError, match=r"resets \[.*, .*\]…: pass the client's initial state$") as reset:
+        client_round_start(get_strategy("fedalora", local_a="reset"), state, down, roles)
+    assert str(reset.value).count("lora_A") == 2  # the first two reset tensors are named
+    # zeropad: a server tensor smaller than the client's rank, or of another number of dimensions
+    z = get_strategy("zeropad")
+    _, zroles, zstate = adapted(r=3)
+    a = by_tensor(zroles, "A")
+    zdown = {n: torch.ones(8, 8)[: t.shape[0], : t.shape[1]].clone() for n, t in zstate.items()}
+    for bad in (torch.ones(2, 8), torch.ones(3, 8, 1)):
+        want = rf"^{a}: server tensor {re.escape(str(tuple(bad.shape)))} cannot be truncated to \(3, 8\)$"
+        with pytest.raises(ValueError, match=want):
+            client_round_start(z, zstate, {**zdown, a: bad}, zroles)
+
+
+def test_client_round_start_keeps_the_clients_dtype_and_device() -> None:
+    _, roles, state = adapted()
+    s = get_strategy("fedalora")
+    b = by_tensor(roles, "B")
+    down = {b: torch.full(tuple(state[b].shape), 0.5)}
+    double = client_round_start(s, {n: t.double() for n, t in state.items()}, down, roles)
+    assert double[b].dtype == torch.float64 and torch.equal(double[b], down[b].double())
+    meta = client_round_start(s, {n: t.to("meta") for n, t in state.items()}, down, roles)
+    assert meta[b].device.type == "meta"
+    # nothing to reset: no fresh draw, no config needed
+    keep = Strategy("keep", shared=s.shared, local=s.local, reset_to="fresh")
+    assert torch.equal(
+        client_round_start(keep, state, down, roles)[by_tensor(roles, "A")], state[by_tensor(roles, "A")]
+    )
+
+
+def test_fresh_draw_depends_on_the_seed_only_and_keeps_dtype_and_device() -> None:
+    s = get_strategy("fedalora-het")
+    _, roles, state = adapted("fedhet", r=2, d_m=4)
+    cfg = client_config(s, AsymLoraConfig(target_modules=["q_proj"], intermediate_rank=4), rank=2)
+    down = {by_tensor(roles, B0_NAME): torch.zeros(HIDDEN, 4)}
+    with pytest.raises(
+        ValueError, match=r"^strategy 'fedalora-het' re-initialises tensors each round: pass the client cfg$"
+    ):
+        client_round_start(s, state, down, roles)
+    a = by_tensor(roles, "A")
+    torch.manual_seed(0)
+    first = client_round_start(s, state, down, roles, cfg=cfg, seed=5)
+    torch.manual_seed(1)  # the global generator does not enter
+    again = client_round_start(s, state, down, roles, cfg=cfg, seed=5)
+    other = client_round_start(s, state, down, roles, cfg=cfg, seed=6)
+    assert torch.equal(first[a], again[a]) and not torch.equal(first[a], other[a])
+    double = client_round_start(s, {n: t.double() for n, t in state.items()}, down, roles, cfg=cfg, seed=5)
+    assert double[a].dtype == torch.float64 and torch.equal(double[a], first[a].double())
+    meta = client_round_start(s, {n: t.to("meta") for n, t in state.items()}, down, roles, cfg=cfg, seed=5)
+    assert meta[a].device.type == "meta"
+
+
+def test_freeze_returns_the_frozen_names() -> None:
+    pm, roles, _ = adapted(targets=("q_proj", "v_proj"))
+    assert freeze_(pm, get_strategy("ffa")) == [n for n, i in roles.items() if i.role == Role.A]
+    assert freeze_(pm, get_strategy("fedit")) == []

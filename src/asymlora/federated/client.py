@@ -37,7 +37,6 @@ from asymlora.eval import evaluate_task, primary_metric
 from asymlora.federated.config import FedConfig
 from asymlora.federated.state import (
     RoleMap,
-    TensorInfo,
     adapter_state,
     het_groups,
     layer_groups,
@@ -172,14 +171,10 @@ def a_drift(state: Mapping[str, Tensor], initial: Mapping[str, Tensor], roles: R
 # --- the round: what the client loads and uploads -------------------------------------------------
 def freeze_(model: nn.Module, strategy: Strategy) -> list[str]:
     """Set ``requires_grad=False`` on the tensors the strategy never trains (FFA's A); returns their names."""
-    frozen = []
-    for t in adapter_tensors(model):
-        info = TensorInfo(
-            t.name, t.module, t.adapter, "", t.tensor, t.role, tuple(t.param.shape), t.trainable
-        )
-        if strategy.frozen(info):
-            t.param.requires_grad_(False)
-            frozen.append(t.name)
+    frozen = strategy.frozen.names(role_map(model))
+    params = {t.name: t.param for t in adapter_tensors(model)}
+    for n in frozen:
+        params[n].requires_grad_(False)
     return frozen
 
 
@@ -217,7 +212,7 @@ def client_round_start(
     for n in shared:
         own, value = roles[n].shape, received[n]
         if strategy.aggregation == "zeropad":
-            if value.dim() != len(own) or any(v < o for v, o in zip(value.shape, own, strict=True)):
+            if value.dim() != len(own) or any(value.shape[i] < o for i, o in enumerate(own)):
                 raise ValueError(f"{n}: server tensor {tuple(value.shape)} cannot be truncated to {own}")
             value = truncate(value, own)
         elif tuple(value.shape) != own:
@@ -511,7 +506,7 @@ def global_state(
         own = roles[n].shape
         value = received[n]
         if tuple(value.shape) != tuple(own):
-            if value.dim() != len(own) or any(v < o for v, o in zip(value.shape, own, strict=True)):
+            if value.dim() != len(own) or any(value.shape[i] < o for i, o in enumerate(own)):
                 raise ValueError(f"{n}: server tensor {tuple(value.shape)} does not fit the client's {own}")
             value = value[tuple(slice(0, s) for s in own)]
         out[n] = value.clone().to(dtype=trained[n].dtype)
