@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 
+import numpy as np
 import peft
 import pytest
 import torch
@@ -14,6 +16,10 @@ import asymlora
 from asymlora import AsymLoraConfig, Role
 from asymlora.federated import (
     STRATEGY_NAMES,
+    Rejection,
+    Select,
+    Strategy,
+    TensorInfo,
     adapter_state,
     aggregate,
     arrays_to_state,
@@ -35,6 +41,15 @@ from asymlora.federated import (
     state_to_bytes,
 )
 from asymlora.federated.accounting import communication_table, paper_params, run_round_cost
+from asymlora.federated.strategies import (
+    combine,
+    fedavg_weights,
+    het_alpha,
+    het_increments,
+    rank_axis,
+    truncate,
+    zero_pad,
+)
 from asymlora.methods.fedhet import B0_NAME, B1_NAME, B2_NAME
 from asymlora.tuner.layer import Linear
 
@@ -431,3 +446,399 @@ def test_qwen2_7b_formulas() -> None:
     assert (m("fedit"), m("fedsa"), m("fedalora"), m("zeropad")) == (6.42, 3.21, 3.21, 37.73)
     assert m("fedalora-het") == 9.29  # DESIGN §4's (LLaMA) formula on Qwen2 shapes
     assert m("fedalora-het", het_inner_factors=False) == 9.23  # what the paper's Qwen2 figure works out to
+
+
+# --- the pure aggregation functions, by hand (no model: hand-made role maps) -----------------------------
+def tinfo(name: str, tensor: str, role: Role, shape, trainable: bool = True, method: str = "lora"):
+    return TensorInfo(name, "layer", "default", method, tensor, role, tuple(shape), trainable)
+
+
+def test_fedavg_weights_zero_pad_truncate_and_rank_axis_by_hand() -> None:
+    assert fedavg_weights([1, 3]) == [0.25, 0.75]
+    assert fedavg_weights([2, 2, 4]) == [0.25, 0.25, 0.5]
+    assert fedavg_weights([5]) == [1.0]
+    padded = zero_pad(torch.tensor([[1.0, 2.0]]), (2, 3))
+    assert padded.dtype == torch.float64
+    assert torch.equal(padded, torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64))
+    full = torch.arange(12.0).view(3, 4)
+    assert torch.equal(truncate(full, (2, 3)), torch.tensor([[0.0, 1.0, 2.0], [4.0, 5.0, 6.0]]))
+    assert rank_axis(tinfo("a", "A", Role.A, (2, 8))) == -2  # A: (r, d_in)
+    assert rank_axis(tinfo("b", "B", Role.B, (8, 2))) == -1  # B: (d_out, r)
+    assert rank_axis(tinfo("g", "router", Role.ROUTER, (3, 8))) is None
+
+
+def test_combine_by_hand_for_every_aggregation() -> None:
+    server = {"x": torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float16)}
+    u0 = {"x": torch.tensor([[2.0, 4.0], [6.0, 8.0]], dtype=torch.float64)}
+    u1 = {"x": torch.tensor([[4.0, 0.0], [0.0, 4.0]], dtype=torch.float64)}
+    # mean: 0.25·u0 + 0.75·u1 (the server's values do not enter)
+    mean = combine("mean", server, [u0, u1], [0.25, 0.75])
+    assert mean["x"].dtype == torch.float16
+    assert torch.equal(mean["x"], torch.tensor([[3.5, 1.0], [1.5, 5.0]], dtype=torch.float16))
+    # accumulate: B0 + 0.25·Δ0 + 0.75·Δ1
+    acc = combine("accumulate", server, [u0, u1], [0.25, 0.75])
+    assert torch.equal(acc["x"], torch.tensor([[4.5, 2.0], [2.5, 6.0]], dtype=torch.float16))
+    # zeropad: a rank-1 update [[2], [6]] padded with zeros to (2, 2)
+    small = {"x": torch.tensor([[2.0], [6.0]], dtype=torch.float64)}
+    pad = combine("zeropad", server, [small, u1], [0.5, 0.5])
+    assert torch.equal(pad["x"], torch.tensor([[3.0, 0.0], [3.0, 2.0]], dtype=torch.float16))
+
+
+def test_client_config_is_the_one_builder_with_alpha_twice_the_rank() -> None:
+    assert [het_alpha(r) for r in (1, 3, 64)] == [2, 6, 128]
+    base = AsymLoraConfig(method="alora", r=8, lora_alpha=16, target_modules=["q_proj"])
+    fedhet_base = AsymLoraConfig(method="fedhet", r=8, lora_alpha=16, target_modules=["q_proj"])
+    # a homogeneous strategy keeps alpha; its method (None: any) is taken over
+    fedit = client_config(get_strategy("fedit"), base, rank=4)
+    assert (fedit.method, fedit.r, fedit.lora_alpha) == ("alora", 4, 16)
+    assert client_config(get_strategy("fedit"), base) is base
+    zp = client_config(get_strategy("zeropad"), base, rank=3)
+    assert (zp.method, zp.r, zp.lora_alpha) == ("lora", 3, 6)
+    zp8 = client_config(get_strategy("zeropad"), base)
+    assert (zp8.method, zp8.r, zp8.lora_alpha) == ("lora", 8, 16)
+    # the local-only baseline (strategy None): plain LoRA, alpha_i = 2·r_i at a given rank
+    local = client_config(None, base, rank=5)
+    assert (local.method, local.r, local.lora_alpha) == ("lora", 5, 10)
+    assert (client_config(None, base).method, client_config(None, base).lora_alpha) == ("alora", 16)
+    assert client_config(None, fedhet_base).method == "lora"
+    with pytest.raises(ValueError, match=r"client 0: rank True is invalid"):
+        client_config(None, base, rank=True)
+
+
+def test_select_and_the_strategy_table() -> None:
+    a = tinfo("a", "A", Role.A, (2, 8))
+    b0 = tinfo("b0", B0_NAME, Role.B, (8, 4), trainable=False, method="fedhet")
+    assert Select(frozenset({Role.A}))(a) and not Select(frozenset({Role.B}))(a)
+    assert Select(frozenset({Role.B}), trainable=False)(b0) and not Select(frozenset({Role.B}), True)(b0)
+    assert Select(frozenset({Role.B}))(b0)
+
+    def sel(*roles, trainable=None):
+        return Select(frozenset(roles), trainable)
+
+    A, B, R = Role.A, Role.B, Role.ROUTER
+    none = Select()
+    table = {  # name: shared, local, frozen, seeded, reset, reset_to, aggregation, method, het, local_a
+        "fedit": (sel(A, B, R), none, none, none, none, None, "mean", None, False, None),
+        "ffa": (sel(B), sel(A, R), sel(A), sel(A), none, None, "mean", None, False, None),
+        "fedsa": (sel(A), sel(B, R), none, none, none, None, "mean", None, False, None),
+        "fedalora": (sel(B), sel(A, R), none, none, none, None, "mean", None, False, "persist"),
+        "fedalora-het": (
+            sel(B, trainable=False),
+            sel(A, B, trainable=True),
+            none,
+            none,
+            sel(A, B, trainable=True),
+            "fresh",
+            "accumulate",
+            "fedhet",
+            True,
+            None,
+        ),
+        "zeropad": (sel(A, B), none, none, none, none, None, "zeropad", "lora", True, None),
+    }
+    for name, row in table.items():
+        s = get_strategy(name)
+        got = (s.shared, s.local, s.frozen, s.seeded, s.reset, s.reset_to, s.aggregation, s.method)
+        assert (*got, s.heterogeneous, s.local_a) == row, name
+        assert s.name == name and s.description
+    reset = get_strategy("fedalora", local_a="reset")
+    assert (reset.seeded, reset.reset, reset.reset_to, reset.local_a) == (sel(A), sel(A), "initial", "reset")
+    assert (
+        "(reset)" in reset.description
+        and "B0 <- B0 + sum p_k B2_k B1_k" in get_strategy("fedalora-het").description
+    )
+    with pytest.raises(ValueError, match=r"^local_a='keep' is invalid; choose 'persist' or 'reset'$"):
+        get_strategy("fedit", local_a="keep")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^unknown federated strategy 'fedavg'; choose one of \['fedit'"):
+        get_strategy("fedavg")
+    assert STRATEGY_NAMES == ("fedit", "ffa", "fedsa", "fedalora", "fedalora-het", "zeropad")
+
+
+def het_roles(r: int = 2):
+    return {
+        "a": tinfo("a", "A", Role.A, (r, 8), method="fedhet"),
+        "b0": tinfo("b0", B0_NAME, Role.B, (8, 4), trainable=False, method="fedhet"),
+        "b1": tinfo("b1", B1_NAME, Role.B, (r, 4), method="fedhet"),
+        "b2": tinfo("b2", B2_NAME, Role.B, (8, r), method="fedhet"),
+    }
+
+
+def test_upload_names_and_check_roles() -> None:
+    roles = het_roles()
+    assert get_strategy("fedalora-het").upload_names(roles) == ["b0", "b1", "b2"]
+    lora = {"a": tinfo("a", "A", Role.A, (2, 8)), "b": tinfo("b", "B", Role.B, (8, 2))}
+    assert get_strategy("fedalora").upload_names(lora) == ["b"]
+    assert get_strategy("fedit").upload_names(lora) == ["a", "b"]
+    get_strategy("zeropad").check_roles(lora)  # fits: no error
+    with pytest.raises(
+        ValueError, match=r"^strategy 'zeropad' needs adapter method 'lora' .*uses \['fedhet'\]$"
+    ):
+        get_strategy("zeropad").check_roles(roles)
+    with pytest.raises(
+        ValueError, match=r"^strategy 'fedit' averages trainable tensors only; .*\['fedhet'\]"
+    ):
+        get_strategy("fedit").check_roles(roles)
+    only_a = {"a": tinfo("a", "A", Role.A, (2, 8))}
+    with pytest.raises(
+        ValueError, match=r"^strategy 'fedalora' shares no tensor of this model \(methods \['lora'\]\)$"
+    ):
+        get_strategy("fedalora").check_roles(only_a)
+    server = init_server_state(get_strategy("fedalora"), {"a": torch.ones(2, 8), "b": torch.ones(8, 2)}, lora)
+    assert list(server) == ["b"]
+
+
+def test_check_het_setup_refuses_each_bad_value_by_name() -> None:
+    check_het_setup([1, 2], 2, 1)  # smallest valid values
+    check_het_setup([3], 1, None)
+    with pytest.raises(
+        ValueError, match=r"^got 1 client ranks \[4\] for 2 clients; give exactly one rank per client$"
+    ):
+        check_het_setup([4], 2)
+    with pytest.raises(
+        ValueError, match=r"^client 1: rank True is invalid; every rank must be an integer >= 1$"
+    ):
+        check_het_setup([2, True], 2)
+    with pytest.raises(ValueError, match=r"^client 0: rank 2.0 is invalid"):
+        check_het_setup([2.0], 1)  # type: ignore[list-item]
+    for bad in (0, True, 1.5):
+        with pytest.raises(
+            ValueError, match=rf"^intermediate rank d_m={bad!r} is invalid; use an integer >= 1$"
+        ):
+            check_het_setup([2], 1, bad)  # type: ignore[arg-type]
+
+
+def test_every_rejection_names_the_client_the_tensor_and_the_reason() -> None:
+    s = get_strategy("fedit")
+    roles = {"a": tinfo("a", "A", Role.A, (2, 3)), "b": tinfo("b", "B", Role.B, (3, 2))}
+    server = {"a": torch.zeros(2, 3), "b": torch.zeros(3, 2)}
+    ok = {"a": torch.ones(2, 3), "b": torch.ones(3, 2)}
+    cases = [
+        ({**ok, "a": torch.ones(2, 3, dtype=torch.int64)}, 1, "a", "a is not a floating-point tensor"),
+        ({**ok, "b": torch.tensor([[0.0, math.inf]] * 3)}, 1, "b", "b contains NaN or Inf"),
+        (
+            {**ok, "z": torch.ones(1), "y": torch.ones(1)},
+            1,
+            "y",
+            "sent tensors that are not shared under this strategy: ['y', 'z']",
+        ),
+        ({"b": ok["b"]}, 1, "a", "missing shared tensors: ['a']"),
+        ({**ok, "b": torch.ones(2, 3)}, 1, "b", "shape (2, 3) does not match the server's (3, 2)"),
+        (ok, 0, None, "num_examples=0: must be an integer >= 1"),
+        (ok, True, None, "num_examples=True: must be an integer >= 1"),
+        (ok, 2.0, None, "num_examples=2.0: must be an integer >= 1"),
+    ]
+    res = aggregate(s, server, [(u, n) for u, n, _, _ in cases], roles, client_ids=list("cdefghij"))
+    assert res.kept_previous and res.accepted == [] and res.weights == {}
+    got = [(r.client, r.key, r.reason) for r in res.rejected]
+    assert got == [(cid, key, why) for cid, (_, _, key, why) in zip("cdefghij", cases, strict=True)]
+    assert all(torch.equal(res.state[n], server[n]) and res.state[n] is not server[n] for n in server)
+    res = aggregate(s, server, [(ok, np.int64(3))], roles)  # NumPy integers count as integers
+    assert res.accepted == [0] and res.weights == {0: 1.0} and torch.equal(res.state["a"], ok["a"])
+    with pytest.raises(ValueError, match=r"^1 client ids for 2 updates$"):
+        aggregate(s, server, [(ok, 1), (ok, 1)], roles, client_ids=["x"])
+
+
+def test_zeropad_accepts_only_a_smaller_rank_on_the_rank_axis() -> None:
+    s = get_strategy("zeropad")
+    roles = {
+        "a": tinfo("a", "A", Role.A, (3, 4)),
+        "b": tinfo("b", "B", Role.B, (5, 3)),
+        "g": tinfo("g", "router", Role.ROUTER, (2, 4)),
+    }
+    server = {"a": torch.zeros(3, 4), "b": torch.zeros(5, 3), "g": torch.zeros(2, 4)}
+
+    def upd(a=(3, 4), b=(5, 3), g=(2, 4)):
+        return {"a": torch.ones(a), "b": torch.ones(b), "g": torch.ones(g)}
+
+    good = [upd(), upd(a=(1, 4)), upd(b=(5, 1)), upd(a=(2, 4), b=(5, 2))]
+    bad = [
+        (upd(a=(0, 4)), "a", (0, 4), (3, 4)),  # rank 0
+        (upd(a=(4, 4)), "a", (4, 4), (3, 4)),  # rank above the server's
+        (upd(a=(3, 3)), "a", (3, 3), (3, 4)),  # d_in is not the rank axis
+        (upd(b=(4, 3)), "b", (4, 3), (5, 3)),  # d_out is not the rank axis
+        (upd(g=(1, 4)), "g", (1, 4), (2, 4)),  # a router has no rank axis
+        (upd(a=(3, 4, 1)), "a", (3, 4, 1), (3, 4)),  # another number of dimensions
+    ]
+    res = aggregate(s, server, [(u, 1) for u in good] + [(u, 1) for u, *_ in bad], roles)
+    assert res.accepted == [0, 1, 2, 3]
+    assert [(r.client, r.key, r.reason) for r in res.rejected] == [
+        (4 + i, key, f"shape {got} does not fit the server's {want} (only the rank may be smaller)")
+        for i, (_, key, got, want) in enumerate(bad)
+    ]
+    # p_k = 1/4 each. A's row 0 comes from all 4 clients -> 1; row 1 from clients 0, 2, 3 -> 0.75; row 2 from
+    # clients 0, 2 -> 0.5 (zero padding elsewhere). B's columns likewise (client 1 full, client 2 rank 1).
+    want = torch.tensor([1.0, 0.75, 0.5])
+    assert torch.equal(res.state["a"], want.unsqueeze(1).expand(3, 4))
+    assert torch.equal(res.state["b"], want.unsqueeze(0).expand(5, 3))
+    assert torch.equal(res.state["g"], torch.ones(2, 4))
+
+
+def test_het_increments_from_products_and_factors_and_their_rejections() -> None:
+    roles = het_roles(r=2)
+    server = {"b0": torch.zeros(8, 4)}
+    b2, b1 = torch.ones(8, 2), torch.full((2, 4), 0.5)
+    inc = het_increments("c", {"b2": b2, "b1": b1}, server, roles)
+    assert isinstance(inc, dict) and inc["b0"].dtype == torch.float64
+    assert torch.equal(inc["b0"], torch.ones(8, 4, dtype=torch.float64))  # each entry: 1·0.5 + 1·0.5
+    prod = het_increments("c", {"b0": torch.full((8, 4), 3.0)}, server, roles)
+    assert isinstance(prod, dict) and torch.equal(prod["b0"], torch.full((8, 4), 3.0, dtype=torch.float64))
+    both = "send either the product B2·B1 (under B0's name) or both factors B2 and B1"
+    cases = [
+        ({"b0": torch.ones(8, 5)}, "b0", "product shape (8, 5) does not match B0's (8, 4)"),
+        ({"b0": torch.ones(8, 4), "b1": b1, "b2": b2}, "b0", both),
+        ({"b0": torch.ones(8, 4), "b2": b2}, "b0", both),
+        ({"b2": b2}, "b0", both),
+        ({"b1": b1}, "b0", both),
+        ({}, "b0", both),
+        ({"a": torch.ones(2, 8)}, "a", "sent tensors that are not shared under this strategy: ['a']"),
+    ]
+    factor_shapes = [
+        ((8, 2, 1), (2, 4)),
+        ((8, 2), (2, 4, 1)),
+        ((7, 2), (2, 4)),
+        ((8, 2), (2, 3)),
+        ((8, 2), (3, 4)),
+    ]
+    for s2, s1 in factor_shapes:
+        why = f"factor shapes B2 {s2}, B1 {s1} do not multiply to B0's (8, 4)"
+        cases.append(({"b2": torch.ones(s2), "b1": torch.ones(s1)}, "b2", why))
+    for upd, key, why in cases:
+        assert het_increments("c", upd, server, roles) == Rejection("c", why, key), why
+    # accumulate through aggregate: B0 + Σ p_k Δ_k with p = 1/4, 3/4
+    res = aggregate(
+        get_strategy("fedalora-het"),
+        {"b0": torch.ones(8, 4)},
+        [({"b2": b2, "b1": b1}, 1), ({"b0": torch.full((8, 4), 3.0)}, 3)],
+        roles,
+    )
+    assert torch.equal(res.state["b0"], torch.full((8, 4), 1 + 0.25 * 1 + 0.75 * 3))
+
+
+def test_combine_refuses_what_it_cannot_average_and_keeps_the_server_device() -> None:
+    server = {"x": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match="zip"):  # one weight per update
+        combine("mean", server, [{"x": torch.ones(2, 2)}], [0.5, 0.5])
+    for aggregation in ("mean", "accumulate"):
+        with pytest.raises(
+            ValueError, match=rf"^x: update of shape \(2, 1\) for the server's \(2, 2\) under '{aggregation}'"
+        ):
+            combine(aggregation, server, [{"x": torch.ones(2, 1)}], [1.0])  # type: ignore[arg-type]
+    meta = combine("mean", {"x": torch.empty(2, 2, device="meta")}, [{"x": torch.ones(2, 2)}], [1.0])
+    assert meta["x"].device.type == "meta"  # the accounting's server lives on the meta device
+
+
+def test_long_key_lists_are_cut_to_three_in_messages() -> None:
+    roles = {n: tinfo(n, "B", Role.B, (2, 1)) for n in "abcd"}
+    server = {n: torch.zeros(2, 1) for n in "abcd"}
+    four = {n: torch.zeros(2, 1) for n in "wxyz"}
+    res = aggregate(get_strategy("fedit"), server, [({**server, **four}, 1), ({}, 1)], roles)
+    assert [(r.key, r.reason) for r in res.rejected] == [
+        ("w", "sent tensors that are not shared under this strategy: ['w', 'x', 'y']"),
+        ("a", "missing shared tensors: ['a', 'b', 'c']"),
+    ]
+    zeropad = aggregate(get_strategy("zeropad"), server, [({"a": server["a"]}, 1)], roles, client_ids=["z"])
+    assert zeropad.rejected == [Rejection("z", "missing shared tensors: ['b', 'c', 'd']", "b")]
+    extra = het_increments("c", four, {"b0": torch.zeros(8, 4)}, het_roles())
+    assert extra == Rejection(
+        "c", "sent tensors that are not shared under this strategy: ['w', 'x', 'y']", "w"
+    )
+
+
+def test_strategy_descriptions_and_role_hints() -> None:
+    assert {n: get_strategy(n).description for n in STRATEGY_NAMES} == {
+        "fedit": "FedIT: average A and B",
+        "ffa": "FFA-LoRA: average B; A frozen at a shared seed",
+        "fedsa": "FedSA-LoRA: average A; B local",
+        "fedalora": "Fed-ALoRA: average B; A local (persist)",
+        "fedalora-het": "Fed-ALoRA (heterogeneous ranks): B0 <- B0 + sum p_k B2_k B1_k",
+        "zeropad": "Zero padding (HetLoRA-style): pad A, B to the largest rank, average, truncate",
+    }
+    with pytest.raises(
+        ValueError, match=r"frozen tensors \(use strategy 'fedalora-het' with method 'fedhet'\)$"
+    ):
+        get_strategy("ffa").check_roles(het_roles())
+
+
+# --- the client's side of a round: what it loads ----------------------------------------------------------
+FOUR = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def test_client_round_start_names_what_does_not_fit() -> None:
+    _, roles, state = adapted(targets=FOUR)
+    s = get_strategy("fedalora")
+    bs = [n for n, i in roles.items() if i.role == Role.B]
+    as_ = [n for n, i in roles.items() if i.role == Role.A]
+    down = {n: state[n] for n in bs}
+    with pytest.raises(ValueError) as missing:
+        client_round_start(s, state, {}, roles)
+    assert (
+        str(missing.value)
+        == f"server payload does not fit strategy 'fedalora': missing {bs[:3]}, unexpected []"
+    )
+    with pytest.raises(ValueError) as extra:
+        client_round_start(s, state, {**down, **{n: state[n] for n in as_}}, roles)
+    assert (
+        str(extra.value)
+        == f"server payload does not fit strategy 'fedalora': missing [], unexpected {as_[:3]}"
+    )
+    b = bs[0]
+    with pytest.raises(
+        ValueError, match=rf"^{b}: server tensor \(8, 3\) does not match the client's \(8, 2\)$"
+    ):
+        client_round_start(s, state, {**down, b: torch.ones(8, 3)}, roles)
+    with pytest.raises(ValueError, match=r"resets \[.*, .*\]…: pass the client's initial state$") as reset:
+        client_round_start(get_strategy("fedalora", local_a="reset"), state, down, roles)
+    assert str(reset.value).count("lora_A") == 2  # the first two reset tensors are named
+    # zeropad: a server tensor smaller than the client's rank, or of another number of dimensions
+    z = get_strategy("zeropad")
+    _, zroles, zstate = adapted(r=3)
+    a = by_tensor(zroles, "A")
+    zdown = {n: torch.ones(8, 8)[: t.shape[0], : t.shape[1]].clone() for n, t in zstate.items()}
+    for bad in (torch.ones(2, 8), torch.ones(3, 8, 1)):
+        want = rf"^{a}: server tensor {re.escape(str(tuple(bad.shape)))} cannot be truncated to \(3, 8\)$"
+        with pytest.raises(ValueError, match=want):
+            client_round_start(z, zstate, {**zdown, a: bad}, zroles)
+
+
+def test_client_round_start_keeps_the_clients_dtype_and_device() -> None:
+    _, roles, state = adapted()
+    s = get_strategy("fedalora")
+    b = by_tensor(roles, "B")
+    down = {b: torch.full(tuple(state[b].shape), 0.5)}
+    double = client_round_start(s, {n: t.double() for n, t in state.items()}, down, roles)
+    assert double[b].dtype == torch.float64 and torch.equal(double[b], down[b].double())
+    meta = client_round_start(s, {n: t.to("meta") for n, t in state.items()}, down, roles)
+    assert meta[b].device.type == "meta"
+    # nothing to reset: no fresh draw, no config needed
+    keep = Strategy("keep", shared=s.shared, local=s.local, reset_to="fresh")
+    assert torch.equal(
+        client_round_start(keep, state, down, roles)[by_tensor(roles, "A")], state[by_tensor(roles, "A")]
+    )
+
+
+def test_fresh_draw_depends_on_the_seed_only_and_keeps_dtype_and_device() -> None:
+    s = get_strategy("fedalora-het")
+    _, roles, state = adapted("fedhet", r=2, d_m=4)
+    cfg = client_config(s, AsymLoraConfig(target_modules=["q_proj"], intermediate_rank=4), rank=2)
+    down = {by_tensor(roles, B0_NAME): torch.zeros(HIDDEN, 4)}
+    with pytest.raises(
+        ValueError, match=r"^strategy 'fedalora-het' re-initialises tensors each round: pass the client cfg$"
+    ):
+        client_round_start(s, state, down, roles)
+    a = by_tensor(roles, "A")
+    torch.manual_seed(0)
+    first = client_round_start(s, state, down, roles, cfg=cfg, seed=5)
+    torch.manual_seed(1)  # the global generator does not enter
+    again = client_round_start(s, state, down, roles, cfg=cfg, seed=5)
+    other = client_round_start(s, state, down, roles, cfg=cfg, seed=6)
+    assert torch.equal(first[a], again[a]) and not torch.equal(first[a], other[a])
+    double = client_round_start(s, {n: t.double() for n, t in state.items()}, down, roles, cfg=cfg, seed=5)
+    assert double[a].dtype == torch.float64 and torch.equal(double[a], first[a].double())
+    meta = client_round_start(s, {n: t.to("meta") for n, t in state.items()}, down, roles, cfg=cfg, seed=5)
+    assert meta[a].device.type == "meta"
+
+
+def test_freeze_returns_the_frozen_names() -> None:
+    pm, roles, _ = adapted(targets=("q_proj", "v_proj"))
+    assert freeze_(pm, get_strategy("ffa")) == [n for n, i in roles.items() if i.role == Role.A]
+    assert freeze_(pm, get_strategy("fedit")) == []

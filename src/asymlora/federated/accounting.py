@@ -22,27 +22,27 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import peft
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+from asymlora.federated.client import client_adapter_config, client_upload
+from asymlora.federated.codec import payload_bytes, payload_params
+from asymlora.federated.state import RoleMap, adapter_state, role_map
 from asymlora.federated.strategies import (
     STRATEGY_NAMES,
-    RoleMap,
     Strategy,
-    adapter_state,
     client_config,
-    client_upload,
     download_payload,
     get_strategy,
+    het_alpha,
     init_server_state,
-    payload_bytes,
-    payload_params,
-    role_map,
 )
 from asymlora.methods.base import Role
+from asymlora.models import BUILTIN_MODELS, ensure_builtin_cached
 from asymlora.tuner.config import AsymLoraConfig
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 PAPER_HET_RANKS: tuple[int, ...] = (64, 64, 32, 32, 16, 16, 8, 8)
 """The paper's heterogeneous client ranks (r̄ = 30)."""
 
-ARCHS: dict[str, dict[str, object]] = {
+ARCHS: dict[str, dict[str, Any]] = {
     "llama2-7b": {
         "family": "llama",
         "hidden_size": 4096,
@@ -86,7 +86,7 @@ PUBLISHED: dict[str, dict[str, float]] = {
 
 
 # --- building the models -----------------------------------------------------------------------------
-_CONFIGS: dict[str, object] = {}
+_CONFIGS: dict[str, Any] = {}
 
 
 def meta_model(arch: str) -> nn.Module:
@@ -94,19 +94,12 @@ def meta_model(arch: str) -> nn.Module:
 
     ``arch`` is a key of `ARCHS` (the paper's 7B shapes), a built-in model name (``smollm2-135m``, whose
     config comes from the converted cache) or a local model directory (its ``config.json``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if arch in ARCHS:
         spec = {k: v for k, v in ARCHS[arch].items() if k not in ("family", "targets")}
-        if ARCHS[arch]["family"] == "llama":
-            from transformers import LlamaConfig as Config
-        else:
-            from transformers import Qwen2Config as Config
-        config = Config(**spec)
+        family: Any = LlamaConfig if ARCHS[arch]["family"] == "llama" else Qwen2Config
+        config = family(**spec)
     else:
         if arch not in _CONFIGS:
-            from asymlora.models import BUILTIN_MODELS, ensure_builtin_cached
-
             if arch.lower() in BUILTIN_MODELS:
                 source = str(ensure_builtin_cached(arch))
             elif Path(arch).is_dir():
@@ -227,8 +220,6 @@ def run_round_cost(cfg: FedConfig, strategy_name: str) -> tuple[ClientCost, ...]
     """The traffic one round of ``strategy_name`` must have in the federated run ``cfg`` (its model, target
     modules, client ranks, ``het_upload``), from the strategy's payloads on the meta device, at float32 —
     the reference the bytes logged by a real run (``rounds.jsonl``) are checked against."""
-    from asymlora.federated.client import client_adapter_config
-
     strategy = cfg.strategy(strategy_name)
     ranks = [cfg.client_rank(k) for k in range(cfg.clients.num)]
 
@@ -298,7 +289,9 @@ def communication_table(
     from the payloads; bytes at ``dtype``.
     """
     targets = list(ARCHS[arch]["targets"]) if arch in ARCHS else list(DEFAULT_TARGETS)
-    base = AsymLoraConfig(method="lora", r=r, lora_alpha=2 * r, intermediate_rank=d_m, target_modules=targets)
+    base = AsymLoraConfig(
+        method="lora", r=r, lora_alpha=het_alpha(r), intermediate_rank=d_m, target_modules=targets
+    )
     cache: dict[tuple[str, int], tuple[dict[str, torch.Tensor], RoleMap]] = {}
 
     def model_state(strategy: Strategy, rank: int) -> tuple[dict[str, torch.Tensor], RoleMap]:

@@ -24,29 +24,33 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
+import peft
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from asymlora.data import MultiTaskCollator, MultiTaskDataset
+from asymlora.eval import evaluate_task, primary_metric
 from asymlora.federated.config import FedConfig
-from asymlora.federated.strategies import (
+from asymlora.federated.state import (
     RoleMap,
-    Strategy,
     adapter_state,
-    client_config,
-    client_round_start,
-    client_upload,
-    freeze_,
+    het_groups,
+    layer_groups,
     load_adapter_state_,
-    local_state,
     role_map,
 )
+from asymlora.federated.strategies import Strategy, client_config, truncate
 from asymlora.io import atomic_file
 from asymlora.methods import get_method
 from asymlora.methods.base import Role
-from asymlora.methods.fedhet import B2_NAME
+from asymlora.methods.fedhet import B0_NAME, B1_NAME, B2_NAME
+from asymlora.models import load
 from asymlora.roles import adapter_tensors
+from asymlora.train import StepLoop, step_batches
 from asymlora.tuner.config import AsymLoraConfig
 
 __all__ = [
@@ -54,11 +58,15 @@ __all__ = [
     "adapted_model",
     "base_model",
     "client_adapter_config",
+    "client_round_start",
+    "client_upload",
     "evaluate_client",
+    "freeze_",
     "global_state",
     "initial_state",
     "load_client_state",
     "local_only_baseline",
+    "local_state",
     "save_client_state",
     "score_tasks",
     "train_local",
@@ -75,8 +83,6 @@ _WRAPPED: dict[str, tuple[str, Any]] = {}
 def base_model(name: str) -> tuple[Any, Any]:
     """(model, tokenizer) of ``name``, loaded once per process (`asymlora.models.load`)."""
     if name not in _BASE:
-        from asymlora.models import load
-
         t0 = time.perf_counter()
         _BASE[name] = load(name, device="auto")  # CUDA (bf16) when Ray gave this client a GPU, else CPU
         logger.info("loaded %s in %.1f s (pid %d)", name, time.perf_counter() - t0, os.getpid())
@@ -89,8 +95,6 @@ def _cfg_key(cfg: AsymLoraConfig) -> str:
 
 def adapted_model(name: str, cfg: AsymLoraConfig) -> tuple[Any, Any]:
     """(peft model with adapter ``cfg``, tokenizer); cached until a client of another config needs it."""
-    import peft
-
     key = _cfg_key(cfg)
     cached = _WRAPPED.get(name)
     if cached is not None and cached[0] == key:
@@ -106,17 +110,13 @@ def adapted_model(name: str, cfg: AsymLoraConfig) -> tuple[Any, Any]:
 
 
 def client_adapter_config(cfg: FedConfig, strategy: Strategy | None, rank: int) -> AsymLoraConfig:
-    """The adapter of one client: the strategy's method and, for heterogeneous strategies, r_i and
-    alpha_i = 2·r_i. ``strategy=None`` (local-only baseline): plain LoRA at the client's rank, with
-    alpha_i = 2·r_i when the config gives per-client ranks."""
-    base = cfg.base_adapter()
-    if strategy is not None:
-        return client_config(strategy, base, rank if strategy.heterogeneous else None)
-    from dataclasses import replace
-
-    if cfg.clients.ranks is not None:
-        return replace(base, method="lora", r=rank, lora_alpha=2 * rank)
-    return replace(base, method="lora" if base.method == "fedhet" else base.method)
+    """The adapter of client ``rank``'s client in the run ``cfg`` (`strategies.client_config` on
+    ``cfg.base_adapter()``): the strategy's method and, for heterogeneous strategies, r_i and
+    alpha_i = `het_alpha` (r_i). ``strategy=None`` (local-only baseline): plain LoRA, at the client's rank
+    with alpha_i = `het_alpha` (r_i) when the config gives per-client ranks."""
+    if strategy is None:
+        return client_config(None, cfg.base_adapter(), rank if cfg.clients.ranks is not None else None)
+    return client_config(strategy, cfg.base_adapter(), rank if strategy.heterogeneous else None)
 
 
 def _reset_trainable_(model: nn.Module) -> None:
@@ -137,12 +137,9 @@ def initial_state(roles: RoleMap, cfg: AsymLoraConfig, seed: int) -> dict[str, T
     get the same values: the shared seed of FFA's frozen A and of Fed-ALoRA's initial A.
     """
     method = get_method(cfg.method)
-    groups: dict[tuple[str, str], dict[str, str]] = {}
-    for n, info in roles.items():
-        groups.setdefault((info.module, info.adapter), {})[info.tensor] = n
     out: dict[str, Tensor] = {}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for (module, adapter), members in groups.items():
+        for (module, adapter), members in layer_groups(roles).items():
             torch.manual_seed(_layer_seed(seed, module, adapter))
             fresh = {t: torch.empty(roles[n].shape, dtype=torch.float32) for t, n in members.items()}
             method.init_(fresh, cfg)
@@ -171,7 +168,133 @@ def a_drift(state: Mapping[str, Tensor], initial: Mapping[str, Tensor], roles: R
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
+# --- the round: what the client loads and uploads -------------------------------------------------
+def freeze_(model: nn.Module, strategy: Strategy) -> list[str]:
+    """Set ``requires_grad=False`` on the tensors the strategy never trains (FFA's A); returns their names."""
+    frozen = strategy.frozen.names(role_map(model))
+    params = {t.name: t.param for t in adapter_tensors(model)}
+    for n in frozen:
+        params[n].requires_grad_(False)
+    return frozen
+
+
+def client_round_start(
+    strategy: Strategy,
+    state: Mapping[str, Tensor],
+    received: Mapping[str, Tensor],
+    roles: RoleMap,
+    *,
+    initial: Mapping[str, Tensor] | None = None,
+    cfg: AsymLoraConfig | None = None,
+    seed: int | None = None,
+) -> dict[str, Tensor]:
+    """The client's full adapter state to train from this round.
+
+    Args:
+        state: the client's current adapter tensors (its local ones from ``context.state``, or a fresh model).
+        received: the server's download payload.
+        roles: the client's role map (its own ranks).
+        initial: the client's round-0 adapter state (needed by ``fedalora`` with ``local_a="reset"``).
+        cfg: the client's adapter config (needed by ``fresh`` resets, i.e. ``fedalora-het``).
+        seed: seed of the fresh draw (``fedalora-het``); None uses torch's global generator.
+
+    Shared tensors are replaced by the server's (truncated to the client's rank for ``zeropad``), reset
+    tensors are re-initialised, everything else is kept. Raises ValueError if the payload does not fit.
+    """
+    new = {n: state[n] for n in roles}
+    shared = strategy.shared.names(roles)
+    missing = [n for n in shared if n not in received]
+    extra = [n for n in received if n not in shared]
+    if missing or extra:
+        raise ValueError(
+            f"server payload does not fit strategy {strategy.name!r}: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    for n in shared:
+        own, value = roles[n].shape, received[n]
+        if strategy.aggregation == "zeropad":
+            if value.dim() != len(own) or any(value.shape[i] < o for i, o in enumerate(own)):
+                raise ValueError(f"{n}: server tensor {tuple(value.shape)} cannot be truncated to {own}")
+            value = truncate(value, own)
+        elif tuple(value.shape) != own:
+            raise ValueError(f"{n}: server tensor {tuple(value.shape)} does not match the client's {own}")
+        new[n] = value.detach().clone().to(dtype=state[n].dtype, device=state[n].device)
+
+    reset = strategy.reset.names(roles)
+    if reset and strategy.reset_to == "initial":
+        if initial is None:
+            raise ValueError(
+                f"strategy {strategy.name!r} resets {reset[:2]}…: pass the client's initial state"
+            )
+        for n in reset:
+            new[n] = initial[n].detach().clone()
+    elif reset and strategy.reset_to == "fresh":
+        if cfg is None:
+            raise ValueError(
+                f"strategy {strategy.name!r} re-initialises tensors each round: pass the client cfg"
+            )
+        new.update(_fresh(roles, reset, state, cfg, seed))
+    return new
+
+
+def _fresh(
+    roles: RoleMap, names: Sequence[str], like: Mapping[str, Tensor], cfg: AsymLoraConfig, seed: int | None
+) -> dict[str, Tensor]:
+    """A fresh draw of the method's init for ``names`` (grouped by layer; the other tensors are discarded)."""
+    method = get_method(cfg.method)
+    groups = layer_groups(roles)
+    wanted = set(names)
+    out: dict[str, Tensor] = {}
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            for members in groups.values():
+                fresh = {t: torch.empty(roles[n].shape, dtype=torch.float32) for t, n in members.items()}
+                method.init_(fresh, cfg)
+                for t, n in members.items():
+                    if n in wanted:
+                        out[n] = fresh[t].to(dtype=like[n].dtype, device=like[n].device)
+    return out
+
+
+def local_state(strategy: Strategy, state: Mapping[str, Tensor], roles: RoleMap) -> dict[str, Tensor]:
+    """The tensors a client keeps for the next round (its ``context.state``): the strategy's local ones."""
+    return {n: state[n].detach().clone() for n in strategy.local.names(roles)}
+
+
+def client_upload(
+    strategy: Strategy,
+    state: Mapping[str, Tensor],
+    roles: RoleMap,
+    *,
+    het_upload: Literal["auto", "product", "factors"] = "auto",
+) -> dict[str, Tensor]:
+    """What the client sends back after training.
+
+    ``mean``/``zeropad``: its shared tensors (at its own rank). ``accumulate`` (Fed-ALoRA-het), per layer:
+    the product B2·B1 (d_out × d_m) under B0's name, or — when ``r·(d_out + d_m) < d_out·d_m`` (``"auto"``)
+    — the two factors under B2's and B1's names, for the server to multiply.
+    """
+    if strategy.aggregation != "accumulate":
+        return {n: state[n].detach().clone() for n in strategy.shared.names(roles)}
+    out: dict[str, Tensor] = {}
+    for names in het_groups(roles).values():
+        b2, b1 = state[names[B2_NAME]].detach(), state[names[B1_NAME]].detach()
+        d_out, d_m = roles[names[B0_NAME]].shape
+        r = b2.shape[1]
+        factors = r * (d_out + d_m) < d_out * d_m if het_upload == "auto" else het_upload == "factors"
+        if factors:
+            out[names[B2_NAME]], out[names[B1_NAME]] = b2.clone(), b1.clone()
+        else:
+            out[names[B0_NAME]] = b2 @ b1
+    return out
+
+
 # --- local training ----------------------------------------------------------------------------------
+_TRAIN_KEYS = ("input_ids", "attention_mask", "labels")  # the collator's task ids are not passed: a federated
+# client trains one adapter on its whole mixture
+
+
 def train_local(
     model: nn.Module,
     tokenizer: Any,
@@ -190,11 +313,9 @@ def train_local(
     mean loss is NaN when ``steps`` is 0.
 
     Batches come from `asymlora.train.batch_indices` at global steps ``step_offset`` … so the data order
-    continues across rounds. Raises RuntimeError on a non-finite loss.
+    continues across rounds; the loop is `asymlora.train.StepLoop`. Raises `asymlora.train.TrainingError`
+    (a RuntimeError) on a non-finite loss.
     """
-    from asymlora.data import MultiTaskCollator, MultiTaskDataset
-    from asymlora.train import batch_indices
-
     train_tasks = [t for t in tasks if t.train]
     if not train_tasks:
         raise ValueError("this client has no training example")
@@ -204,32 +325,51 @@ def train_local(
     if not params:
         raise ValueError("no trainable adapter tensor: nothing to train")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    losses: list[float] = []
+    loop = StepLoop(
+        model,
+        optimizer,
+        params,
+        max_grad_norm,
+        failure=lambda value, step: f"non-finite training loss {value} at local step {step - step_offset}",
+    )
+
+    def batches_of(step: int) -> list[dict[str, Tensor]]:
+        return step_batches(dataset, collate, step, batch_size, seed, keys=_TRAIN_KEYS)
+
     model.train()
     try:
-        for s in range(steps):
-            idx = batch_indices(step_offset + s, len(dataset), batch_size, seed)
-            batch = collate([dataset[i] for i in idx])
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                labels=batch["labels"],
-                use_cache=False,  # a training forward needs no KV cache
-            )
-            loss = out.loss
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite training loss {float(loss)} at local step {s}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        losses = loop.run(batches_of, step_offset, step_offset + steps)
     finally:
         model.eval()
         for p in params:
             p.grad = None
     return (sum(losses) / len(losses) if losses else math.nan), len(dataset)
+
+
+def _train_client(
+    cfg: FedConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[Any],
+    client: int,
+    steps: int,
+    step_offset: int = 0,
+) -> tuple[float, int]:
+    """`train_local` with the run's ``train.*`` settings and client ``client``'s data order."""
+    t = cfg.train
+    return train_local(
+        model,
+        tokenizer,
+        tasks,
+        steps=steps,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        seed=data_seed(cfg.seed, client),
+        step_offset=step_offset,
+        max_length=cfg.data.max_length,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+    )
 
 
 @dataclass
@@ -247,6 +387,20 @@ class RoundResult:
     """‖A − A_init‖/‖A_init‖ when the round's training started (0 under local_a=reset)."""
     a_drift_end: float
     notes: list[str] = field(default_factory=list)
+
+
+def _inject_faults(cfg: FedConfig, client: int, rnd: int, upload: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``upload`` with the configured faults of this (client, round): the first tensor NaN
+    (``faults.nan_in``) or one row too long (``faults.bad_shape_in``)."""
+    f = cfg.faults
+    if f.hits("nan_in", client, rnd) and upload:
+        first = next(iter(upload))
+        upload[first] = torch.full_like(upload[first], float("nan"))
+    if f.hits("bad_shape_in", client, rnd) and upload:
+        first = next(iter(upload))
+        bad = upload[first]
+        upload[first] = torch.zeros((bad.shape[0] + 1, *bad.shape[1:]), dtype=bad.dtype)
+    return upload
 
 
 def train_round(
@@ -268,14 +422,13 @@ def train_round(
         tasks: the client's data.
     """
     t0 = time.perf_counter()
-    f = cfg.faults
-    if f.hits("raise_in", client, rnd):
+    if cfg.faults.hits("raise_in", client, rnd):
         raise RuntimeError(f"injected fault: client {client} raises in round {rnd} (faults.raise_in)")
     acfg = client_adapter_config(cfg, strategy, rank)
     model, tokenizer = adapted_model(cfg.model.name, acfg)
     roles = role_map(model)
     init = initial_state(roles, acfg, cfg.seed)
-    notes = []
+    notes: list[str] = []
     state = dict(init)
     if carried is not None:
         state.update(local_state(strategy, carried, roles))
@@ -283,35 +436,17 @@ def train_round(
         notes.append(
             f"client {client}: no local tensors from round {rnd - 1}; starting them from the shared init"
         )
-    start = client_round_start(
-        strategy, state, received, roles, initial=init, cfg=acfg, seed=het_seed(cfg.seed, client, rnd)
-    )
+    seed = het_seed(cfg.seed, client, rnd)
+    start = client_round_start(strategy, state, received, roles, initial=init, cfg=acfg, seed=seed)
     load_adapter_state_(model, start)
     _reset_trainable_(model)
     freeze_(model, strategy)
-    t = cfg.train
-    loss, n = train_local(
-        model,
-        tokenizer,
-        tasks,
-        steps=t.local_steps,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        seed=data_seed(cfg.seed, client),
-        step_offset=(rnd - 1) * t.local_steps,
-        max_length=cfg.data.max_length,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-    )
+    steps = cfg.train.local_steps
+    loss, n = _train_client(cfg, model, tokenizer, tasks, client, steps, step_offset=(rnd - 1) * steps)
     trained = adapter_state(model)
-    upload = client_upload(strategy, trained, roles, het_upload=cfg.het_upload)
-    if f.hits("nan_in", client, rnd) and upload:
-        first = next(iter(upload))
-        upload[first] = torch.full_like(upload[first], float("nan"))
-    if f.hits("bad_shape_in", client, rnd) and upload:
-        first = next(iter(upload))
-        bad = upload[first]
-        upload[first] = torch.zeros((bad.shape[0] + 1, *bad.shape[1:]), dtype=bad.dtype)
+    upload = _inject_faults(
+        cfg, client, rnd, client_upload(strategy, trained, roles, het_upload=cfg.het_upload)
+    )
     return RoundResult(
         upload=upload,
         trained=trained,
@@ -328,8 +463,6 @@ def train_round(
 def score_tasks(model: Any, tokenizer: Any, tasks: Sequence[Any], cfg: FedConfig) -> dict[str, Any]:
     """Scores of ``model`` on the test split of each task; ``score`` is the test-size-weighted mean of the
     tasks' primary metrics (the task's own metric when the client holds one task)."""
-    from asymlora.eval import evaluate_task, primary_metric
-
     e = cfg.eval
     per_task: dict[str, dict[str, float]] = {}
     primary: dict[str, str] = {}
@@ -337,15 +470,18 @@ def score_tasks(model: Any, tokenizer: Any, tasks: Sequence[Any], cfg: FedConfig
     for task in tasks:
         if not task.test:
             continue
-        metrics = evaluate_task(
-            model,
-            tokenizer,
-            task,
-            task_id=None,
-            batch_size=e.batch_size,
-            max_new_tokens=e.max_new_tokens,
-            max_examples=e.max_examples,
-        )
+        metrics = cast(
+            dict[str, float],
+            evaluate_task(
+                model,
+                tokenizer,
+                task,
+                task_id=None,
+                batch_size=e.batch_size,
+                max_new_tokens=e.max_new_tokens,
+                max_examples=e.max_examples,
+            ),
+        )  # with_examples=False: the metrics alone
         per_task[task.name] = metrics
         primary[task.name] = primary_metric(task)
         weighted += metrics[primary[task.name]] * metrics["n"]
@@ -370,7 +506,7 @@ def global_state(
         own = roles[n].shape
         value = received[n]
         if tuple(value.shape) != tuple(own):
-            if value.dim() != len(own) or any(v < o for v, o in zip(value.shape, own, strict=True)):
+            if value.dim() != len(own) or any(value.shape[i] < o for i, o in enumerate(own)):
                 raise ValueError(f"{n}: server tensor {tuple(value.shape)} does not fit the client's {own}")
             value = value[tuple(slice(0, s) for s in own)]
         out[n] = value.clone().to(dtype=trained[n].dtype)
@@ -416,19 +552,7 @@ def local_only_baseline(cfg: FedConfig, client: int, rank: int, tasks: Sequence[
     roles = role_map(model)
     load_adapter_state_(model, initial_state(roles, acfg, cfg.seed))
     _reset_trainable_(model)
-    t = cfg.train
-    loss, n = train_local(
-        model,
-        tokenizer,
-        tasks,
-        steps=cfg.rounds * t.local_steps,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        seed=data_seed(cfg.seed, client),
-        max_length=cfg.data.max_length,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-    )
+    loss, n = _train_client(cfg, model, tokenizer, tasks, client, cfg.rounds * cfg.train.local_steps)
     scores = score_tasks(model, tokenizer, tasks, cfg)
     return {
         "client": client,
@@ -449,8 +573,6 @@ def save_client_state(
     state_dir: str | Path, client: int, rnd: int, trained: Mapping[str, Tensor], strategy: str
 ) -> Path:
     """Write the client's trained adapter of round ``rnd`` atomically; keep this round and the one before."""
-    from safetensors.torch import save_file
-
     path = _state_file(state_dir, client, rnd)
     tensors = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
     atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata={"round": str(rnd), "strategy": strategy}))
@@ -470,9 +592,6 @@ def load_client_state(
     path = _state_file(state_dir, client, rnd)
     if not path.is_file():
         return None
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
     if meta.get("strategy") != strategy or meta.get("round") != str(rnd):

@@ -18,12 +18,14 @@ import dataclasses
 import json
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asymlora.data import Task, load_task, load_tasks
+from asymlora.eval.metrics import apply_metric_choices
+
 if TYPE_CHECKING:
-    from asymlora.data import Task
     from asymlora.federated.config import FedConfig
 
 __all__ = [
@@ -194,9 +196,6 @@ def summary_lines(
 # --- loading -----------------------------------------------------------------------------------------
 def load_partition(cfg: FedConfig) -> tuple[list[Task], Plan]:
     """Load every task of ``cfg.data.tasks`` and partition them (raises on an empty client)."""
-    from asymlora.data import load_tasks
-    from asymlora.eval.metrics import apply_metric_choices
-
     d = cfg.data
     tasks = load_tasks(
         d.tasks, seed=d.seed, max_train=d.max_train, max_test=d.max_test, test_fraction=d.test_fraction
@@ -228,11 +227,8 @@ def load_client_tasks(cfg: FedConfig, client: int, data_override: str | None = N
     )
     if key in _CACHE:
         return _CACHE[key]
-    from asymlora.data import load_task, load_tasks
-    from asymlora.eval.metrics import apply_metric_choices
-
     d = cfg.data
-    caps = {
+    caps: dict[str, Any] = {
         "seed": d.seed,
         "max_train": d.max_train,
         "max_test": d.max_test,

@@ -30,16 +30,20 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
+import torch
+from torch import Tensor
 
+from asymlora.federated.strategies import Rejection, RoleMap, Strategy, get_strategy, het_increments, truncate
+from asymlora.methods.base import ATTR_PREFIX
+
+# flwr and opacus are the optional `fed` extra: imported where used (privacy settings load without them).
 if TYPE_CHECKING:
     from flwr.app import Context, Message
     from flwr.clientapp.typing import ClientAppCallable
-    from torch import Tensor
 
-    from asymlora.federated.strategies import RoleMap, Strategy
 
 __all__ = [
     "KEY_CLIPPING_NORM",
@@ -190,7 +194,6 @@ def noise_std(noise_multiplier: float, clipping_norm: float, num_clients: int) -
 def add_noise(state: Mapping[str, Tensor], std: float, seed: int | None = None) -> dict[str, Tensor]:
     """``state`` plus i.i.d. N(0, std²) on every value (Flower's ``add_gaussian_noise_inplace``, NumPy's
     global generator; with ``seed`` it is seeded for the call and restored after)."""
-    import torch
     from flwr.supercore.differential_privacy import add_gaussian_noise_inplace
 
     arrays = [t.detach().cpu().double().numpy().copy() for t in state.values()]
@@ -198,7 +201,7 @@ def add_noise(state: Mapping[str, Tensor], std: float, seed: int | None = None) 
     try:
         if seed is not None:
             np.random.seed(seed)
-        add_gaussian_noise_inplace(arrays, std)  # type: ignore[arg-type]
+        add_gaussian_noise_inplace(arrays, std)
     finally:
         if saved is not None:
             np.random.set_state(saved)
@@ -223,12 +226,8 @@ def _delta_form(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
     """(upload as aggregated, reference) so that their difference is the client's update, or None when the
     upload does not fit (then `strategies.aggregate` rejects it with its own reason)."""
-    import torch
-
-    from asymlora.federated.strategies import Rejection, _het_increments, _truncate
-
     if strategy.aggregation == "accumulate":  # the increment B2·B1 is the update of B0
-        inc = _het_increments(None, upd, server, roles)
+        inc = het_increments(None, upd, server, roles)
         if isinstance(inc, Rejection):
             return None
         return {k: v.float() for k, v in inc.items()}, {
@@ -243,7 +242,7 @@ def _delta_form(
             return None
         if strategy.aggregation == "mean" and tuple(v.shape) != want:
             return None
-        ref[k] = _truncate(server[k], tuple(v.shape))
+        ref[k] = truncate(server[k], tuple(v.shape))
     return dict(upd), ref
 
 
@@ -259,8 +258,6 @@ def privatize_updates(
     (``server``) or checked against it (``client``: an update above C·(1 + 1e-4) is refused), every valid
     example count replaced by 1 (equal weights). Updates that do not fit pass unchanged, for ``aggregate``
     to reject."""
-    import torch
-
     out = ClippedUpdates([], [])
     c = dp.clipping_norm
     for cid, (upd, n_k) in zip(ids, updates, strict=True):
@@ -304,22 +301,20 @@ def clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
     """
     from flwr.clientapp.mod import fixedclipping_mod
 
-    from asymlora.federated.strategies import get_strategy
-
     config = msg.content.config_records.get("config") if msg.metadata.message_type == "train" else None
     if config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, ctxt)
     aggregation = get_strategy(str(config["strategy"])).aggregation
     if aggregation == "mean":
         return fixedclipping_mod(msg, ctxt, call_next)
-    from asymlora.federated.client_app import from_record, to_record
+    from asymlora.federated.client_app import from_record, to_record  # imports flwr (the optional fed extra)
 
-    sent = from_record(msg.content["arrays"])
+    sent = from_record(msg.content.array_records["arrays"])
     out = call_next(msg, ctxt)
     if out.has_error():
         return out
-    upload = from_record(out.content["arrays"])
-    clipped = _clip_upload_locally(aggregation, upload, sent, float(config[KEY_CLIPPING_NORM]))
+    upload = from_record(out.content.array_records["arrays"])
+    clipped = _clip_upload_locally(aggregation, upload, sent, float(cast(float, config[KEY_CLIPPING_NORM])))
     out.content["arrays"] = to_record(clipped)
     return out
 
@@ -329,16 +324,11 @@ def _clip_upload_locally(
 ) -> dict[str, Tensor]:
     """``zeropad``: clip against the download truncated to the client's rank. ``accumulate``: clip the
     increments (products as sent; factor pairs B2, B1 by √s each, so B2·B1 is scaled by s)."""
-    import torch
-
-    from asymlora.federated.strategies import _truncate
-    from asymlora.methods.base import ATTR_PREFIX
-
     keys = list(upload)
     if aggregation == "zeropad":
         arrays = [upload[k].double().numpy().copy() for k in keys]
         clip_update(
-            arrays, [_truncate(sent[k], tuple(upload[k].shape)).double().numpy() for k in keys], clipping_norm
+            arrays, [truncate(sent[k], tuple(upload[k].shape)).double().numpy() for k in keys], clipping_norm
         )
         return {k: torch.from_numpy(a).to(upload[k].dtype) for k, a in zip(keys, arrays, strict=True)}
     b2, b1 = f".{ATTR_PREFIX}B2.", f".{ATTR_PREFIX}B1."

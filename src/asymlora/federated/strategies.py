@@ -1,4 +1,5 @@
-"""Federated strategies as pure functions over ``dict[str, Tensor]`` (docs/design.md §4).
+"""Federated strategies (docs/design.md §4): the strategy table and the server's aggregation, as pure
+functions over ``dict[str, Tensor]``.
 
 A *strategy* says which adapter tensors travel between server and clients, which stay on the client,
 which are frozen and which are re-initialised every round, and how the server combines client updates.
@@ -15,7 +16,8 @@ every client, whatever its rank).
 | ``fedalora-het`` | ``B0 <- B0 + Σ p_k B2_k B1_k`` | A, M, B1, B2 (fresh every round) |
 | ``zeropad`` (HetLoRA-style) | zero-pad A, B to the largest rank, weighted mean, truncate per client | nothing |
 
-One round, as a Flower ServerApp/ClientApp calls it::
+One round, as a Flower ServerApp/ClientApp calls it (the client side lives in `asymlora.federated.client`,
+the model <-> dict copies in `asymlora.federated.state`, the message codecs in `asymlora.federated.codec`)::
 
     server:  state = init_server_state(strategy, fresh_adapter_state, roles)              # once
              msg   = download_payload(strategy, state)                                      # -> every client
@@ -30,21 +32,27 @@ Client weights are p_k = n_k / Σ_j n_j over the clients whose update was accept
 
 from __future__ import annotations
 
-import io
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from torch import Tensor, nn
+from torch import Tensor
 
-from asymlora.methods import get_method
+# Re-exported: the role map and the codecs were defined here before; server_app.py and the tests import
+# them from this module.
+from asymlora.federated.codec import (
+    arrays_to_state,
+    bytes_to_state,
+    payload_bytes,
+    payload_params,
+    state_to_arrays,
+    state_to_bytes,
+)
+from asymlora.federated.state import RoleMap, TensorInfo, het_groups, role_map
 from asymlora.methods.base import Role
 from asymlora.methods.fedhet import B0_NAME, B1_NAME, B2_NAME
-from asymlora.roles import adapter_tensors
 from asymlora.tuner.config import AsymLoraConfig
 
 __all__ = [
@@ -55,73 +63,31 @@ __all__ = [
     "Select",
     "Strategy",
     "TensorInfo",
-    "adapter_state",
     "aggregate",
     "arrays_to_state",
     "bytes_to_state",
     "check_het_setup",
     "client_config",
-    "client_round_start",
-    "client_upload",
+    "combine",
     "download_payload",
-    "freeze_",
+    "fedavg_weights",
     "get_strategy",
+    "het_alpha",
+    "het_increments",
     "init_server_state",
-    "load_adapter_state_",
-    "local_state",
     "payload_bytes",
     "payload_params",
+    "rank_axis",
     "role_map",
     "state_to_arrays",
     "state_to_bytes",
+    "truncate",
+    "zero_pad",
 ]
 
 StrategyName = Literal["fedit", "ffa", "fedsa", "fedalora", "fedalora-het", "zeropad"]
 STRATEGY_NAMES: tuple[str, ...] = ("fedit", "ffa", "fedsa", "fedalora", "fedalora-het", "zeropad")
 ClientId = Hashable
-
-
-# --- the role map ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorInfo:
-    """What the federation needs to know about one adapter tensor (no data).
-
-    Attributes:
-        name: qualified parameter name: the key in every state dict and message.
-        module: qualified name of the adapted layer.
-        adapter: peft adapter name.
-        method: the adapter method (``lora``, ``fedhet``, ...).
-        tensor: the method's name for the tensor (``A``, ``B``, ``M``, ``B0``, ``B1``, ...).
-        role: `Role.A`, `Role.B` or `Role.ROUTER`, as declared by the method.
-        shape: the tensor's shape on this model (client ranks differ, names do not).
-        trainable: False for tensors the method keeps frozen (Fed-ALoRA-het's B0).
-    """
-
-    name: str
-    module: str
-    adapter: str
-    method: str
-    tensor: str
-    role: Role
-    shape: tuple[int, ...]
-    trainable: bool
-
-
-RoleMap = dict[str, TensorInfo]
-"""Qualified tensor name -> `TensorInfo`, in module order."""
-
-
-def role_map(model: nn.Module, adapter_name: str | None = None) -> RoleMap:
-    """The role map of a model's asymlora tensors (works on meta-device models: only shapes are read)."""
-    out: RoleMap = {}
-    for t in adapter_tensors(model, adapter_name):
-        method = model.get_submodule(t.module).asymlora_config[t.adapter].method
-        out[t.name] = TensorInfo(
-            t.name, t.module, t.adapter, method, t.tensor, t.role, tuple(t.param.shape), t.trainable
-        )
-    if not out:
-        raise ValueError("the model has no asymlora adapter tensors; wrap it with peft.get_peft_model first")
-    return out
 
 
 # --- strategies -------------------------------------------------------------------------------------
@@ -168,7 +134,7 @@ class Strategy:
             client) or ``"accumulate"`` (B0 <- B0 + Σ p_k B2_k B1_k).
         method: the adapter method the strategy needs (``"lora"``, ``"fedhet"``), or None for any method
             whose tensors are all trainable.
-        heterogeneous: True when clients may have different ranks (then alpha_i = 2 r_i, see `client_config`).
+        heterogeneous: True when clients may have different ranks (then alpha_i = `het_alpha` (r_i)).
         local_a: ``fedalora`` only: ``"persist"`` or ``"reset"``.
         description: one line for logs and docs.
     """
@@ -284,54 +250,34 @@ def check_het_setup(ranks: Sequence[int], num_clients: int, intermediate_rank: i
         raise ValueError(f"intermediate rank d_m={intermediate_rank!r} is invalid; use an integer >= 1")
 
 
-def client_config(strategy: Strategy, base: AsymLoraConfig, rank: int | None = None) -> AsymLoraConfig:
-    """The adapter config of one client: ``base`` with the strategy's method and, for heterogeneous
-    strategies, the client's rank and alpha_i = 2·r_i (the paper's setting, s_i = 2)."""
-    changes: dict[str, object] = {}
-    if strategy.method is not None:
+def het_alpha(rank: int) -> int:
+    """The LoRA scaling numerator of a client of rank r_i in a heterogeneous federation: alpha_i = 2·r_i,
+    so every client has the same scale s_i = alpha_i / r_i = 2 (the paper's setting, docs/design.md §4)."""
+    return 2 * rank
+
+
+def client_config(strategy: Strategy | None, base: AsymLoraConfig, rank: int | None = None) -> AsymLoraConfig:
+    """The adapter config of one client, the one builder of per-client configs.
+
+    ``strategy``: ``base`` with the strategy's method and, given ``rank``, r = rank and, for heterogeneous
+    strategies, alpha = `het_alpha` (rank). ``strategy=None`` (the local-only baseline): plain LoRA
+    (``fedhet`` becomes ``lora``), and given ``rank`` r = rank with alpha = `het_alpha` (rank).
+    Raises ValueError on a rank that is not an integer >= 1.
+    """
+    changes: dict[str, Any] = {}
+    if strategy is None:
+        changes["method"] = "lora" if rank is not None or base.method == "fedhet" else base.method
+    elif strategy.method is not None:
         changes["method"] = strategy.method
     if rank is not None:
-        check_het_setup([rank], 1, base.intermediate_rank)
+        check_het_setup([rank], 1)  # d_m: AsymLoraConfig checks its own intermediate_rank
         changes["r"] = rank
-        if strategy.heterogeneous:
-            changes["lora_alpha"] = 2 * rank
+        if strategy is None or strategy.heterogeneous:
+            changes["lora_alpha"] = het_alpha(rank)
     return replace(base, **changes) if changes else base
 
 
-# --- model <-> state dict ----------------------------------------------------------------------------
-def adapter_state(model: nn.Module, adapter_name: str | None = None) -> dict[str, Tensor]:
-    """Detached copies of every adapter tensor of ``model``, keyed by qualified name."""
-    return {t.name: t.param.detach().clone() for t in adapter_tensors(model, adapter_name)}
-
-
-@torch.no_grad()
-def load_adapter_state_(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Copy ``state`` into the model's adapter tensors in place (every key must exist with its shape)."""
-    params = {t.name: t.param for t in adapter_tensors(model)}
-    for name, value in state.items():
-        if name not in params:
-            raise KeyError(f"{name!r} is not an adapter tensor of this model")
-        if tuple(value.shape) != tuple(params[name].shape):
-            raise ValueError(
-                f"{name}: shape {tuple(value.shape)} does not match the model's {tuple(params[name].shape)}"
-            )
-        params[name].copy_(value)
-
-
-def freeze_(model: nn.Module, strategy: Strategy) -> list[str]:
-    """Set ``requires_grad=False`` on the tensors the strategy never trains (FFA's A); returns their names."""
-    frozen = []
-    for t in adapter_tensors(model):
-        info = TensorInfo(
-            t.name, t.module, t.adapter, "", t.tensor, t.role, tuple(t.param.shape), t.trainable
-        )
-        if strategy.frozen(info):
-            t.param.requires_grad_(False)
-            frozen.append(t.name)
-    return frozen
-
-
-# --- the round -------------------------------------------------------------------------------------
+# --- the round, server side ------------------------------------------------------------------------
 def init_server_state(strategy: Strategy, state: Mapping[str, Tensor], roles: RoleMap) -> dict[str, Tensor]:
     """The server's shared tensors at round 0, taken from a freshly initialised adapter ``state``.
 
@@ -350,135 +296,61 @@ def download_payload(strategy: Strategy, server_state: Mapping[str, Tensor]) -> 
     return {n: t.detach().clone() for n, t in server_state.items()}
 
 
-def _rank_axis(info: TensorInfo) -> int | None:
-    """The axis holding the rank in a zero-padded tensor: A is (…, r, d_in), B is (…, d_out, r)."""
+def rank_axis(info: TensorInfo) -> int | None:
+    """The axis holding the rank in a zero-padded tensor: A is (…, r, d_in), B is (…, d_out, r); None for
+    tensors without a rank axis (routers)."""
     return {Role.A: -2, Role.B: -1}.get(info.role)
 
 
-def _truncate(value: Tensor, shape: tuple[int, ...]) -> Tensor:
-    return value[tuple(slice(0, s) for s in shape)]
+def truncate(value: Tensor, shape: Sequence[int]) -> Tensor:
+    """The leading ``shape`` block of a zero-padded ``value`` (a view): what a client of a smaller rank keeps."""
+    return value[tuple(slice(s) for s in shape)]
 
 
-def client_round_start(
-    strategy: Strategy,
-    state: Mapping[str, Tensor],
-    received: Mapping[str, Tensor],
-    roles: RoleMap,
-    *,
-    initial: Mapping[str, Tensor] | None = None,
-    cfg: AsymLoraConfig | None = None,
-    seed: int | None = None,
+def zero_pad(value: Tensor, shape: Sequence[int]) -> Tensor:
+    """``value`` in the leading corner of a float64 zero tensor of ``shape`` (HetLoRA-style padding of a
+    rank-r_k factor to the largest rank; docs/design.md §4)."""
+    padded = torch.zeros(tuple(shape), dtype=torch.float64)
+    padded[tuple(slice(s) for s in value.shape)] = value
+    return padded
+
+
+def fedavg_weights(num_examples: Sequence[int]) -> list[float]:
+    """FedAvg weights p_k = n_k / Σ_j n_j (McMahan et al. 2017), in the order given."""
+    total = sum(num_examples)
+    return [n / total for n in num_examples]
+
+
+def combine(
+    aggregation: Literal["mean", "zeropad", "accumulate"],
+    server_state: Mapping[str, Tensor],
+    updates: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float],
 ) -> dict[str, Tensor]:
-    """The client's full adapter state to train from this round.
+    """The server's new shared tensors from validated updates and their weights p_k, in float64.
 
-    Args:
-        state: the client's current adapter tensors (its local ones from ``context.state``, or a fresh model).
-        received: the server's download payload.
-        roles: the client's role map (its own ranks).
-        initial: the client's round-0 adapter state (needed by ``fedalora`` with ``local_a="reset"``).
-        cfg: the client's adapter config (needed by ``fresh`` resets, i.e. ``fedalora-het``).
-        seed: seed of the fresh draw (``fedalora-het``); None uses torch's global generator.
-
-    Shared tensors are replaced by the server's (truncated to the client's rank for ``zeropad``), reset
-    tensors are re-initialised, everything else is kept. Raises ValueError if the payload does not fit.
+    ``mean``: Σ p_k U_k. ``zeropad``: Σ p_k pad(U_k), each update zero-padded to the server's shape.
+    ``accumulate`` (Fed-ALoRA-het): B0 + Σ p_k Δ_k, the updates being the increments B2_k·B1_k under B0's
+    name. The result takes each server tensor's dtype and device. Raises ValueError when ``weights`` and
+    ``updates`` differ in length or, outside ``zeropad``, an update's shape differs from the server's.
     """
-    new = {n: state[n] for n in roles}
-    shared = strategy.shared.names(roles)
-    missing = [n for n in shared if n not in received]
-    extra = [n for n in received if n not in shared]
-    if missing or extra:
-        raise ValueError(
-            f"server payload does not fit strategy {strategy.name!r}: missing {missing[:3]}, unexpected {extra[:3]}"
-        )
-    for n in shared:
-        own, value = roles[n].shape, received[n]
-        if strategy.aggregation == "zeropad":
-            if value.dim() != len(own) or any(v < o for v, o in zip(value.shape, own, strict=True)):
-                raise ValueError(f"{n}: server tensor {tuple(value.shape)} cannot be truncated to {own}")
-            value = _truncate(value, own)
-        elif tuple(value.shape) != own:
-            raise ValueError(f"{n}: server tensor {tuple(value.shape)} does not match the client's {own}")
-        new[n] = value.detach().clone().to(dtype=state[n].dtype, device=state[n].device)
-
-    reset = strategy.reset.names(roles)
-    if reset and strategy.reset_to == "initial":
-        if initial is None:
-            raise ValueError(
-                f"strategy {strategy.name!r} resets {reset[:2]}…: pass the client's initial state"
-            )
-        for n in reset:
-            new[n] = initial[n].detach().clone()
-    elif reset and strategy.reset_to == "fresh":
-        if cfg is None:
-            raise ValueError(
-                f"strategy {strategy.name!r} re-initialises tensors each round: pass the client cfg"
-            )
-        new.update(_fresh(roles, reset, state, cfg, seed))
-    return new
-
-
-def _fresh(
-    roles: RoleMap, names: Sequence[str], like: Mapping[str, Tensor], cfg: AsymLoraConfig, seed: int | None
-) -> dict[str, Tensor]:
-    """A fresh draw of the method's init for ``names`` (grouped by layer; the other tensors are discarded)."""
-    method = get_method(cfg.method)
-    groups: dict[tuple[str, str], dict[str, str]] = {}
-    for n, info in roles.items():
-        groups.setdefault((info.module, info.adapter), {})[info.tensor] = n
-    wanted = set(names)
     out: dict[str, Tensor] = {}
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        with torch.no_grad():
-            for members in groups.values():
-                fresh = {t: torch.empty(roles[n].shape, dtype=torch.float32) for t, n in members.items()}
-                method.init_(fresh, cfg)
-                for t, n in members.items():
-                    if n in wanted:
-                        out[n] = fresh[t].to(dtype=like[n].dtype, device=like[n].device)
-    return out
-
-
-def local_state(strategy: Strategy, state: Mapping[str, Tensor], roles: RoleMap) -> dict[str, Tensor]:
-    """The tensors a client keeps for the next round (its ``context.state``): the strategy's local ones."""
-    return {n: state[n].detach().clone() for n in strategy.local.names(roles)}
-
-
-def _het_groups(roles: RoleMap) -> dict[tuple[str, str], dict[str, str]]:
-    """(module, adapter) -> {B0/B1/B2 tensor name -> qualified name} for every fedhet layer."""
-    groups: dict[tuple[str, str], dict[str, str]] = {}
-    for n, info in roles.items():
-        if info.tensor in (B0_NAME, B1_NAME, B2_NAME):
-            groups.setdefault((info.module, info.adapter), {})[info.tensor] = n
-    return groups
-
-
-def client_upload(
-    strategy: Strategy,
-    state: Mapping[str, Tensor],
-    roles: RoleMap,
-    *,
-    het_upload: Literal["auto", "product", "factors"] = "auto",
-) -> dict[str, Tensor]:
-    """What the client sends back after training.
-
-    ``mean``/``zeropad``: its shared tensors (at its own rank). ``accumulate`` (Fed-ALoRA-het), per layer:
-    the product B2·B1 (d_out × d_m) under B0's name, or — when ``r·(d_out + d_m) < d_out·d_m`` (``"auto"``)
-    — the two factors under B2's and B1's names, for the server to multiply.
-    """
-    if strategy.aggregation != "accumulate":
-        return {n: state[n].detach().clone() for n in strategy.shared.names(roles)}
-    out: dict[str, Tensor] = {}
-    for names in _het_groups(roles).values():
-        b2, b1 = state[names[B2_NAME]].detach(), state[names[B1_NAME]].detach()
-        d_out, d_m = roles[names[B0_NAME]].shape
-        r = b2.shape[1]
-        factors = r * (d_out + d_m) < d_out * d_m if het_upload == "auto" else het_upload == "factors"
-        if factors:
-            out[names[B2_NAME]], out[names[B1_NAME]] = b2.clone(), b1.clone()
+    for name, old in server_state.items():
+        if aggregation == "accumulate":
+            acc = old.double().clone()
         else:
-            out[names[B0_NAME]] = b2 @ b1
+            acc = torch.zeros(old.shape, dtype=torch.float64)
+        for p_k, upd in zip(weights, updates, strict=True):
+            value = upd[name]
+            if tuple(value.shape) != tuple(old.shape):
+                if aggregation != "zeropad":
+                    raise ValueError(
+                        f"{name}: update of shape {tuple(value.shape)} for the server's {tuple(old.shape)} "
+                        f"under {aggregation!r} aggregation; validate updates first (`aggregate` does)"
+                    )
+                value = zero_pad(value, old.shape)
+            acc += p_k * value
+        out[name] = acc.to(dtype=old.dtype, device=old.device)
     return out
 
 
@@ -555,12 +427,12 @@ def _validate_zeropad(
     if bad:
         return bad
     for n, t in upd.items():
-        want, axis = tuple(server[n].shape), _rank_axis(roles[n])
-        got = tuple(t.shape)
-        ok = len(got) == len(want) and all(
-            g == w or (axis is not None and i == len(want) + axis and 1 <= g <= w)
-            for i, (g, w) in enumerate(zip(got, want, strict=True))
-        )
+        want, got, axis = tuple(server[n].shape), tuple(t.shape), rank_axis(roles[n])
+        if len(got) != len(want) or axis is None:
+            ok = got == want
+        else:  # equal outside the rank axis; on it, 1 <= r_k <= the server's rank
+            i = len(want) + axis
+            ok = got[:i] + got[i + 1 :] == want[:i] + want[i + 1 :] and 1 <= got[i] <= want[i]
         if not ok:
             return Rejection(
                 cid, f"shape {got} does not fit the server's {want} (only the rank may be smaller)", n
@@ -568,11 +440,12 @@ def _validate_zeropad(
     return None
 
 
-def _het_increments(
+def het_increments(
     cid: ClientId, upd: Mapping[str, Tensor], server: Mapping[str, Tensor], roles: RoleMap
 ) -> dict[str, Tensor] | Rejection:
-    """B0 name -> this client's B2·B1 (float64), from products or factors; or why the update is refused."""
-    groups = _het_groups(roles)
+    """B0 name -> this client's increment B2·B1 (float64), from the product or the two factors (see
+    `client.client_upload`); or why the update is refused (``cid`` names the client in the `Rejection`)."""
+    groups = het_groups(roles)
     allowed = {n for g in groups.values() for n in g.values()}
     extra = sorted(set(upd) - allowed)
     if extra:
@@ -608,6 +481,29 @@ def _het_increments(
     return out
 
 
+def _accept(
+    strategy: Strategy,
+    cid: ClientId,
+    upd: Mapping[str, Tensor],
+    n_k: object,
+    server_state: Mapping[str, Tensor],
+    roles: RoleMap,
+) -> dict[str, Tensor] | Rejection:
+    """One client's update as float64 tensors ready for `combine`, or why the server refuses it."""
+    if isinstance(n_k, bool) or not isinstance(n_k, int | np.integer) or n_k < 1:
+        return Rejection(cid, f"num_examples={n_k!r}: must be an integer >= 1")
+    bad = _check_finite(cid, upd)
+    if bad is None and strategy.aggregation == "mean":
+        bad = _validate_mean(cid, upd, server_state)
+    elif bad is None and strategy.aggregation == "zeropad":
+        bad = _validate_zeropad(cid, upd, server_state, roles)
+    if bad is not None:
+        return bad
+    if strategy.aggregation == "accumulate":
+        return het_increments(cid, upd, server_state, roles)
+    return {k: v.double() for k, v in upd.items()}
+
+
 def aggregate(
     strategy: Strategy,
     server_state: Mapping[str, Tensor],
@@ -626,98 +522,24 @@ def aggregate(
 
     Updates with missing or extra keys, shapes that do not match the server's, NaN/Inf values or no examples
     are rejected and recorded, never averaged in. With no accepted update the previous state is returned.
+    Raises ValueError when ``client_ids`` and ``updates`` differ in length.
     """
-    if client_ids is None:
-        client_ids = list(range(len(updates)))
-    if len(client_ids) != len(updates):
-        raise ValueError(f"{len(client_ids)} client ids for {len(updates)} updates")
+    ids = list(range(len(updates))) if client_ids is None else list(client_ids)
+    if len(ids) != len(updates):
+        raise ValueError(f"{len(ids)} client ids for {len(updates)} updates")
     result = AggregateResult(state={n: t.detach().clone() for n, t in server_state.items()})
     accepted: list[tuple[ClientId, dict[str, Tensor], int]] = []
-    for cid, (upd, n_k) in zip(client_ids, updates, strict=True):
-        if isinstance(n_k, bool) or not isinstance(n_k, int | np.integer) or n_k < 1:
-            result.rejected.append(Rejection(cid, f"num_examples={n_k!r}: must be an integer >= 1"))
-            continue
-        bad = _check_finite(cid, upd)
-        if bad is None and strategy.aggregation == "mean":
-            bad = _validate_mean(cid, upd, server_state)
-        elif bad is None and strategy.aggregation == "zeropad":
-            bad = _validate_zeropad(cid, upd, server_state, roles)
-        if bad is not None:
-            result.rejected.append(bad)
-            continue
-        if strategy.aggregation == "accumulate":
-            inc = _het_increments(cid, upd, server_state, roles)
-            if isinstance(inc, Rejection):
-                result.rejected.append(inc)
-                continue
-            accepted.append((cid, inc, int(n_k)))
+    for k, (upd, n_k) in enumerate(updates):  # len(ids) == len(updates), checked above
+        cid = ids[k]
+        ok = _accept(strategy, cid, upd, n_k, server_state, roles)
+        if isinstance(ok, Rejection):
+            result.rejected.append(ok)
         else:
-            accepted.append((cid, {k: v.double() for k, v in upd.items()}, int(n_k)))
+            accepted.append((cid, ok, int(n_k)))
     if not accepted:
         return result
-    total = sum(n for _, _, n in accepted)
+    weights = fedavg_weights([n for _, _, n in accepted])
     result.accepted = [cid for cid, _, _ in accepted]
-    result.weights = {cid: n / total for cid, _, n in accepted}
-    for name, old in server_state.items():
-        acc = (
-            old.double().clone()
-            if strategy.aggregation == "accumulate"
-            else torch.zeros(old.shape, dtype=torch.float64)
-        )
-        for cid, upd, _ in accepted:
-            value = upd[name]
-            if strategy.aggregation == "zeropad" and tuple(value.shape) != tuple(old.shape):
-                padded = torch.zeros(old.shape, dtype=torch.float64)
-                padded[tuple(slice(0, s) for s in value.shape)] = value
-                value = padded
-            acc += result.weights[cid] * value
-        result.state[name] = acc.to(dtype=old.dtype, device=old.device)
+    result.weights = {accepted[k][0]: p for k, p in enumerate(weights)}
+    result.state = combine(strategy.aggregation, server_state, [u for _, u, _ in accepted], weights)
     return result
-
-
-# --- serialisation ---------------------------------------------------------------------------------
-def payload_params(tensors: Mapping[str, Tensor]) -> int:
-    """Number of values in a message (works on meta tensors)."""
-    return sum(t.numel() for t in tensors.values())
-
-
-def payload_bytes(tensors: Mapping[str, Tensor]) -> int:
-    """Bytes of tensor data a message carries: Σ numel × element size, at the tensors' dtype.
-
-    This is what a Flower ``ArrayRecord`` holds as array data; keys and array headers add a few dozen
-    bytes per tensor (see `state_to_bytes` for an exact serialised size).
-    """
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def state_to_arrays(tensors: Mapping[str, Tensor]) -> tuple[list[str], list[np.ndarray]]:
-    """(keys, numpy arrays) in the given order: what Flower's ``ArrayRecord`` takes as a list."""
-    keys = list(tensors)
-    try:
-        return keys, [tensors[k].detach().cpu().contiguous().numpy() for k in keys]
-    except TypeError as e:  # bfloat16 / float8: NumPy has no such dtype
-        raise TypeError(
-            f"{e}: NumPy cannot hold these tensors; send them with asymlora.federated.client_app.to_record "
-            "(bit-exact raw bytes) or state_to_bytes (safetensors)"
-        ) from None
-
-
-def arrays_to_state(keys: Sequence[str], arrays: Sequence[np.ndarray]) -> dict[str, Tensor]:
-    """Inverse of `state_to_arrays`."""
-    if len(keys) != len(arrays):
-        raise ValueError(f"{len(keys)} keys for {len(arrays)} arrays")
-    return {k: torch.from_numpy(np.array(a, copy=True)) for k, a in zip(keys, arrays, strict=True)}
-
-
-def state_to_bytes(tensors: Mapping[str, Tensor]) -> bytes:
-    """A state dict as safetensors bytes (exact, self-describing; len() is the real message size)."""
-    return st_save({k: t.detach().cpu().contiguous() for k, t in tensors.items()})
-
-
-def bytes_to_state(data: bytes | bytearray | io.BytesIO) -> dict[str, Tensor]:
-    """Inverse of `state_to_bytes`; raises ValueError on corrupted bytes."""
-    raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
-    try:
-        return st_load(raw)
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"not a valid safetensors payload ({e})") from None

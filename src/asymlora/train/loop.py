@@ -9,11 +9,12 @@ docs/distributed.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -72,22 +73,29 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _step_batches(
+def step_batches(
     dataset: Any,
-    collate: Callable,
-    settings: TrainSettings,
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
     step: int,
-    per_process: int,
-    rank: int,
-    world: int,
-    device: torch.device,
+    batch_size: int,
+    seed: int,
+    *,
+    grad_accum: int = 1,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | None = None,
+    keys: Sequence[str] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """This process's ``grad_accum`` micro-batches of optimiser step ``step``, on ``device``."""
+    """This process's ``grad_accum`` micro-batches of optimiser step ``step`` (`batch_indices` at global
+    micro-steps ``step · grad_accum + m``), moved to ``device`` (None: left where ``collate`` put them) and
+    restricted to ``keys`` (None: every key the collator returns)."""
     out = []
-    for micro in range(settings.grad_accum):
-        global_micro = step * settings.grad_accum + micro
-        idx = batch_indices(global_micro, len(dataset), per_process, settings.seed, rank, world)
-        out.append({k: v.to(device) for k, v in collate([dataset[i] for i in idx]).items()})
+    for micro in range(grad_accum):
+        idx = batch_indices(step * grad_accum + micro, len(dataset), batch_size, seed, rank, world)
+        batch = collate([dataset[i] for i in idx])
+        if keys is not None:
+            batch = {k: batch[k] for k in keys}
+        out.append({k: v.to(device) for k, v in batch.items()} if device is not None else batch)
     return out
 
 
@@ -96,41 +104,112 @@ def target_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != -100).sum()
 
 
-def _optimizer_step(
-    model, batches, accelerator, optimizer, scheduler, params, settings, run_dir, step
-) -> float:
-    """One optimiser step over this process's micro-batches; returns the global loss of the step.
+def local_loss_value(loss: torch.Tensor) -> float:
+    """The reported value of a one-process loss: the loss itself as a Python float."""
+    return float(loss.detach())
 
-    The loss is the token-weighted mean over the whole global batch (all micro-batches of all processes),
-    exactly as one process holding that batch computes it: each micro-batch's summed token losses are divided
-    by the mean token count per (process, micro-batch), N_global / (world · grad_accum), with N_global
-    all-reduced; accelerate divides by grad_accum and DDP averages over processes (docs/distributed.md).
+
+@dataclass
+class StepLoop:
+    """The optimisation loop of asymlora, shared by `train` (multi-task, accelerate) and the federated client
+    (`asymlora.federated.client.train_local`).
+
+    One optimiser step runs, per micro-batch: forward (``model(**batch, use_cache=False).loss``), the
+    finite-loss check (`TrainingError` with ``failure(value, step)``), backward, gradient clipping to
+    ``max_grad_norm`` (when > 0; on the micro-batch that syncs gradients), the optimiser step, the scheduler
+    step (likewise), zero_grad. The step's reported loss is the sum of ``loss_value`` over its micro-batches.
+    With an ``accelerator`` the model and optimiser must be prepared by it (gradient accumulation, DDP).
     """
-    slots = accelerator.num_processes * settings.grad_accum
+
+    model: Any
+    optimizer: Any
+    params: list[torch.nn.Parameter]
+    max_grad_norm: float
+    scheduler: Any = None
+    accelerator: Accelerator | None = None
+    loss_value: Callable[[torch.Tensor], float] = local_loss_value
+    failure: Callable[[float, int], str] = lambda value, step: (
+        f"non-finite training loss {value} at step {step}"
+    )
+
+    def step(self, batches: Sequence[dict[str, torch.Tensor]], step: int) -> float:
+        """One optimiser step over ``batches`` (the micro-batches of step ``step``, 0-based); its loss."""
+        acc = self.accelerator
+        total = 0.0
+        for batch in batches:
+            with acc.accumulate(self.model) if acc is not None else contextlib.nullcontext():
+                loss = self.model(**batch, use_cache=False).loss  # a training forward needs no KV cache
+                value = self.loss_value(loss)
+                if not math.isfinite(value):
+                    raise TrainingError(self.failure(value, step))
+                if acc is not None:
+                    acc.backward(loss)
+                else:
+                    loss.backward()
+                sync = acc is None or acc.sync_gradients
+                if sync and self.max_grad_norm > 0:
+                    clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
+                    clip(self.params, self.max_grad_norm)
+                self.optimizer.step()
+                if sync and self.scheduler is not None:
+                    self.scheduler.step()
+                self.optimizer.zero_grad()
+            total += value
+        return total
+
+    def run(
+        self,
+        batches_of: Callable[[int], Sequence[dict[str, torch.Tensor]]],
+        start: int,
+        stop: int,
+        after_step: Callable[[int, float], None] | None = None,
+    ) -> list[float]:
+        """Optimiser steps ``start`` … ``stop - 1`` on ``batches_of(step)``; the loss of each step, in order.
+        ``after_step(done, loss)`` runs after each, with ``done = step + 1``."""
+        losses = []
+        for step in range(start, stop):
+            loss = self.step(batches_of(step), step)
+            losses.append(loss)
+            if after_step is not None:
+                after_step(step + 1, loss)
+        return losses
+
+
+def _global_batches(
+    dataset: Any, collate: Callable, settings: TrainSettings, accelerator: Accelerator, step: int
+) -> list[dict[str, torch.Tensor]]:
+    """This process's micro-batches of ``step``, each with ``num_items_in_batch``: the mean token count per
+    (process, micro-batch), N_global / (world · grad_accum), N_global all-reduced.
+
+    With it transformers' loss (summed token losses / num_items_in_batch), divided by grad_accum by accelerate
+    and averaged over processes by DDP, is the token-weighted mean over the whole global batch, exactly as one
+    process holding that batch computes it (docs/distributed.md).
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_process = distributed.per_process_batch(settings.batch_size, world)
+    batches = step_batches(dataset, collate, step, per_process, settings.seed, grad_accum=settings.grad_accum,
+                           rank=rank, world=world, device=accelerator.device)  # fmt: skip
+    slots = world * settings.grad_accum
     local = torch.stack([target_tokens(b["labels"]) for b in batches]).sum().to(torch.float64)
     per_slot = (distributed.all_reduce_sum(local) / slots).clamp_min(1.0).to(torch.float32)
-    total = 0.0
-    for batch in batches:
-        with accelerator.accumulate(model):
-            # a training forward needs no KV cache; transformers' loss sums token losses / num_items_in_batch
-            out = model(**batch, use_cache=False, num_items_in_batch=per_slot.to(batch["labels"].device))
-            loss = out.loss
-            value = distributed.all_reduce_sum(loss.detach().to(torch.float64)).item() / slots
-            if not math.isfinite(value):
-                last = latest_checkpoint(run_dir)
-                raise TrainingError(
-                    f"the loss became {value} at step {step + 1}; stopped. Last good checkpoint: "
-                    f"{last or 'none'}. Lower train.lr or check the data, then resume with --resume."
-                )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and settings.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                scheduler.step()
-            optimizer.zero_grad()
-        total += value
-    return total
+    return [{**b, "num_items_in_batch": per_slot.to(b["labels"].device)} for b in batches]
+
+
+def _global_loss_value(slots: int) -> Callable[[torch.Tensor], float]:
+    """A micro-batch's share of the global loss: its loss summed over processes / (world · grad_accum)."""
+
+    def value(loss: torch.Tensor) -> float:
+        return distributed.all_reduce_sum(loss.detach().to(torch.float64)).item() / slots
+
+    return value
+
+
+def _failure_message(run_dir: Path, value: float, step: int) -> str:
+    last = latest_checkpoint(run_dir)
+    return (
+        f"the loss became {value} at step {step + 1}; stopped. Last good checkpoint: "
+        f"{last or 'none'}. Lower train.lr or check the data, then resume with --resume."
+    )
 
 
 def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
@@ -191,6 +270,44 @@ def train(
     Raises ValueError when W does not divide ``batch_size`` (before any weight changes), TrainingError on a
     non-finite loss.
     """
+    accelerator = _accelerator(model, settings)
+    distributed.per_process_batch(
+        settings.batch_size, accelerator.num_processes
+    )  # ValueError before training
+    torch.manual_seed(settings.seed + accelerator.process_index)  # dropout differs across processes
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    model, params, optimizer, scheduler = _prepare(model, settings, accelerator, ckpt)
+    start, losses = 0, list[tuple[int, float]]()
+    if ckpt is not None:
+        start, losses = _resume(ckpt, model, params, optimizer, scheduler, accelerator)
+    model.train()
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loop = StepLoop(model, optimizer, params, settings.max_grad_norm, scheduler, accelerator,
+                    loss_value=_global_loss_value(accelerator.num_processes * settings.grad_accum),
+                    failure=partial(_failure_message, run_dir))  # fmt: skip
+    book = _Bookkeeping(loop, settings, run_dir, desc, on_step, losses, start)
+    try:
+        loop.run(
+            partial(_global_batches, dataset, collate, settings, accelerator), start, settings.steps, book
+        )
+    finally:
+        book.bar.close()
+    model.eval()
+    return TrainResult(
+        steps=settings.steps,
+        final_loss=book.last_loss,
+        train_seconds=time.perf_counter() - book.t0,
+        peak_memory_mb=peak_memory_mb(device),
+        losses=losses,
+        resumed_from=start if ckpt is not None else None,
+    )
+
+
+def _accelerator(model: Any, settings: TrainSettings) -> Accelerator:
+    """The run's Accelerator (CPU when the model is on the CPU); refuses accelerate's FSDP / DeepSpeed."""
     cpu = next(model.parameters()).device.type == "cpu"
     distributed.init("cpu" if cpu else "cuda")
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=cpu)
@@ -199,65 +316,77 @@ def train(
             f"asymlora train does not use accelerate's {accelerator.distributed_type.value}: launch without "
             "--use_fsdp / --use_deepspeed, and set train.fsdp=true to shard the model (docs/distributed.md)"
         )
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_process = distributed.per_process_batch(settings.batch_size, world)
-    torch.manual_seed(settings.seed + rank)  # dropout differs across processes, as across examples
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    model, params, optimizer, scheduler = _prepare(model, settings, accelerator, ckpt)
-    start, resumed_from, losses = 0, None, []
-    if ckpt is not None:
-        load_optimizer = None
-        if sharding.is_sharded(model):
-            load_optimizer = partial(sharding.load_optimizer_state, model, optimizer.optimizer, params)
-        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rank=rank,
-                                load_optimizer=load_optimizer)  # fmt: skip
-        start = resumed_from = state["step"]
-        losses = [tuple(x) for x in state.get("losses", [])]
-        accelerator.print(f"resuming from {ckpt} (step {start})")
-    model.train()
-    device = accelerator.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    show = accelerator.is_main_process and progress.enabled()  # off under asymlora --quiet
-    bar = tqdm(total=settings.steps, initial=start, desc=desc, disable=not show)
-    t0, seen, last_loss = time.perf_counter(), 0, math.nan
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for step in range(start, settings.steps):
-        batches = _step_batches(dataset, collate, settings, step, per_process, rank, world, device)
-        last_loss = _optimizer_step(
-            model, batches, accelerator, optimizer, scheduler, params, settings, run_dir, step
+    return accelerator
+
+
+def _resume(
+    ckpt: Path, model: Any, params: list, optimizer: Any, scheduler: Any, accelerator: Accelerator
+) -> tuple[int, list[tuple[int, float]]]:
+    """Load checkpoint ``ckpt`` into the prepared model, optimiser and scheduler; (its step, its losses)."""
+    load_optimizer = None
+    if sharding.is_sharded(model):
+        load_optimizer = partial(sharding.load_optimizer_state, model, optimizer.optimizer, params)
+    state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler,
+                            rank=accelerator.process_index, load_optimizer=load_optimizer)  # fmt: skip
+    accelerator.print(f"resuming from {ckpt} (step {state['step']})")
+    return state["step"], [(x[0], x[1]) for x in state.get("losses", [])]
+
+
+class _Bookkeeping:
+    """What `train` does after every optimiser step: progress bar, ``train_log.jsonl``, ``on_step``,
+    checkpoints (every ``save_every`` steps and at the end); the losses every ``log_every`` steps."""
+
+    def __init__(
+        self,
+        loop: StepLoop,
+        settings: TrainSettings,
+        run_dir: Path,
+        desc: str,
+        on_step: Callable[[int], None] | None,
+        losses: list[tuple[int, float]],
+        start: int,
+    ) -> None:
+        assert loop.accelerator is not None
+        self.loop, self.acc, self.settings, self.run_dir, self.desc = (
+            loop,
+            loop.accelerator,
+            settings,
+            run_dir,
+            desc,
         )
-        seen += settings.batch_size * settings.grad_accum
-        done, rate = step + 1, seen / (time.perf_counter() - t0)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}", ex_s=f"{rate:.1f}")
-        if done % settings.log_every == 0 or done == settings.steps:
-            losses.append((done, last_loss))
-            if accelerator.is_main_process:
-                _log(run_dir, desc, done, last_loss, scheduler.get_last_lr()[0], rate, settings.steps, bar)
-        if on_step is not None and accelerator.is_main_process:
-            on_step(done)
-        if (settings.save_every and done % settings.save_every == 0) or done == settings.steps:
-            rng = _rng_states(device)  # collectives: every process takes part
-            full = (
-                sharding.gathered_state(model, optimizer.optimizer, params)
-                if sharding.is_sharded(model)
-                else None
-            )
-            if accelerator.is_main_process:
-                save_checkpoint(run_dir, done, accelerator.unwrap_model(model), optimizer, scheduler,
-                                {"losses": losses}, settings.keep_checkpoints, rng=rng, sharded=full)  # fmt: skip
-        accelerator.wait_for_everyone()
-    bar.close()
-    model.eval()
-    return TrainResult(
-        steps=settings.steps,
-        final_loss=last_loss,
-        train_seconds=time.perf_counter() - t0,
-        peak_memory_mb=peak_memory_mb(device),
-        losses=losses,
-        resumed_from=resumed_from,
-    )
+        self.on_step, self.losses = on_step, losses
+        show = self.acc.is_main_process and progress.enabled()  # off under asymlora --quiet
+        self.bar = tqdm(total=settings.steps, initial=start, desc=desc, disable=not show)
+        self.t0, self.seen, self.last_loss = time.perf_counter(), 0, math.nan
+
+    def __call__(self, done: int, loss: float) -> None:
+        s, acc = self.settings, self.acc
+        self.last_loss = loss
+        self.seen += s.batch_size * s.grad_accum
+        rate = self.seen / (time.perf_counter() - self.t0)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
+        if done % s.log_every == 0 or done == s.steps:
+            self.losses.append((done, loss))
+            if acc.is_main_process:
+                lr = self.loop.scheduler.get_last_lr()[0]
+                _log(self.run_dir, self.desc, done, loss, lr, rate, s.steps, self.bar)
+        if self.on_step is not None and acc.is_main_process:
+            self.on_step(done)
+        if (s.save_every and done % s.save_every == 0) or done == s.steps:
+            self._save(done)
+        acc.wait_for_everyone()
+
+    def _save(self, done: int) -> None:
+        """Checkpoint ``done`` (a collective: every process takes part; rank 0 writes)."""
+        loop, acc = self.loop, self.acc
+        rng = _rng_states(acc.device)
+        full = None
+        if sharding.is_sharded(loop.model):
+            full = sharding.gathered_state(loop.model, loop.optimizer.optimizer, loop.params)
+        if acc.is_main_process:
+            save_checkpoint(self.run_dir, done, acc.unwrap_model(loop.model), loop.optimizer, loop.scheduler,
+                            {"losses": self.losses}, self.settings.keep_checkpoints, rng=rng, sharded=full)  # fmt: skip
 
 
 def _log(

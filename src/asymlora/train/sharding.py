@@ -13,7 +13,7 @@ the index-keyed optimiser format is the one ``optimizer.state_dict()`` gives an 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -62,7 +62,7 @@ def full_adapter_state(model: Any) -> dict[str, torch.Tensor] | None:
     unsharded model). A collective: every process calls it."""
     if not is_sharded(model):
         return None
-    return get_model_state_dict(model, options=_GATHER) or None
+    return cast(dict[str, torch.Tensor], get_model_state_dict(model, options=_GATHER)) or None
 
 
 def gathered_state(
@@ -70,8 +70,8 @@ def gathered_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(adapter state dict, optimiser state dict keyed by position in ``params``) of a sharded model, full on
     rank 0 (empty elsewhere). A collective: every process calls it."""
-    adapter = get_model_state_dict(model, options=_GATHER)
-    optim = get_optimizer_state_dict(model, optimizer, options=_GATHER)
+    adapter = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=_GATHER))
+    optim = cast(dict[str, Any], get_optimizer_state_dict(model, optimizer, options=_GATHER))
     if not optim:
         return adapter, {}
     index = {name: i for i, name in enumerate(_names(model, params))}
@@ -86,7 +86,7 @@ def load_optimizer_state(
 ) -> None:
     """Load an index-keyed full optimiser state dict (a checkpoint's) into the optimiser of a sharded model."""
     names = _names(model, params)
-    by_name = {
+    by_name: Any = {
         "state": {names[int(i)]: entry for i, entry in state["state"].items()},
         "param_groups": [
             {**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]
