@@ -91,12 +91,12 @@ def test_server_clipping_of_each_aggregation() -> None:
 
 def test_client_side_het_factors_are_scaled_by_the_square_root() -> None:
     """Client-side clipping of the factors B2, B1: each is scaled by √s so that B2·B1 is scaled by s."""
-    from asymlora.federated.privacy import _clip_upload_locally
+    from asymlora.federated.privacy import clip_upload_locally
 
     b2n, b1n = "m.asymlora_B2.default", "m.asymlora_B1.default"
     f2, f1 = _unit((6, 2), 1), _unit((2, 4), 2)
     norm = float((f2 @ f1).norm())
-    out = _clip_upload_locally("accumulate", {b2n: f2, b1n: f1}, {}, norm / 4)
+    out = clip_upload_locally("accumulate", {b2n: f2, b1n: f1}, {}, norm / 4)
     torch.testing.assert_close(out[b2n], f2 / 2) and torch.testing.assert_close(out[b1n], f1 / 2)
     torch.testing.assert_close(float((out[b2n] @ out[b1n]).norm()), norm / 4, rtol=1e-5, atol=0)
 

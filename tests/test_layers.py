@@ -16,8 +16,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = "asymlora"
 
@@ -48,21 +46,6 @@ COMPONENTS = (
     "asymlora.cache",
 )
 APPLICATION = ("asymlora.recipes", "asymlora.cli", "asymlora.serve")
-
-# Cycles and back-arrows in modules restructured on other branches this round (federated apps and config;
-# analysis.experiment moving to recipes). The lead empties these after merging, which enables the two strict tests.
-REMAINING_CYCLES: list[list[str]] = [
-    [
-        "asymlora.federated.client",
-        "asymlora.federated.client_app",
-        "asymlora.federated.config",
-        "asymlora.federated.partition",
-        "asymlora.federated.privacy",
-    ],
-]
-REMAINING_BACK_ARROWS: list[tuple[str, str]] = [
-    ("asymlora.analysis.experiment", "asymlora.recipes.multitask")
-]
 
 
 def module_name(path: Path) -> str:
@@ -217,27 +200,13 @@ def _cycle_text(found: list[list[str]]) -> str:
     return "\n".join(" <-> ".join(c) for c in found)
 
 
-@pytest.mark.skipif(bool(REMAINING_CYCLES), reason=f"cycles left on other branches: {REMAINING_CYCLES}")
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles among asymlora modules:\n" + _cycle_text(found)
 
 
-def test_no_new_import_cycles():
-    """Until the strict test is enabled: every cycle lies inside one of the known REMAINING_CYCLES."""
-    known = [set(c) for c in REMAINING_CYCLES]
-    new = [c for c in cycles(import_graph()) if not any(set(c) <= k for k in known)]
-    assert not new, "new import cycles among asymlora modules:\n" + _cycle_text(new)
-
-
-@pytest.mark.skipif(bool(REMAINING_BACK_ARROWS), reason=f"left on other branches: {REMAINING_BACK_ARROWS}")
 def test_components_do_not_import_recipes_or_cli():
     found = back_arrows(import_graph())
     assert not found, "components importing the application layer:\n" + "\n".join(
         f"{a} -> {b}" for a, b in found
     )
-
-
-def test_no_new_back_arrows():
-    new = [arrow for arrow in back_arrows(import_graph()) if arrow not in REMAINING_BACK_ARROWS]
-    assert not new, "components importing the application layer:\n" + "\n".join(f"{a} -> {b}" for a, b in new)

@@ -21,16 +21,22 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from asymlora.federated import client as fc
 from asymlora.federated.config import FedConfig, fed_config_from_json
 from asymlora.federated.messages import (
+    ARRAYS,
+    CONFIG,
+    K_STRATEGY,
     RAW_STYPE,
+    TRAIN,
     EvaluateReply,
     Hello,
     RoundInstruction,
@@ -45,7 +51,8 @@ from asymlora.federated.messages import (
     to_record,
 )
 from asymlora.federated.partition import load_client_tasks
-from asymlora.federated.privacy import clipping_mod
+from asymlora.federated.privacy import KEY_CLIPPING_NORM, clip_upload_locally
+from asymlora.federated.strategies import get_strategy
 
 __all__ = ["RAW_STYPE", "STATE_CONFIG", "STATE_META", "STATE_TRAINED", "app", "from_record", "to_record"]
 
@@ -62,8 +69,35 @@ _CONFIGS: dict[tuple[int, str], FedConfig] = {}
 """Parsed run configs of this process by (run id, config hash): one parse per process, not per message."""
 _MAX_CONFIGS = 8
 
+
+def clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """ClientApp mod of client-side clipping (docs/design.md §4), active on ``train`` messages whose config
+    carries `privacy.KEY_CLIPPING_NORM` (the server adds it under ``dp.clipping: client``); other messages
+    pass through.
+
+    ``mean`` strategies (the upload has the keys and shapes of the download) go through Flower's own
+    ``fixedclipping_mod``; ``zeropad`` (upload at the client's rank) and ``fedalora-het`` (upload =
+    the increment B2·B1 or its factors) are clipped by `privacy.clip_upload_locally` with Flower's
+    ``compute_clip_model_update``.
+    """
+    config = msg.content.config_records.get(CONFIG) if msg.metadata.message_type == TRAIN else None
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, ctxt)
+    aggregation = get_strategy(str(config[K_STRATEGY])).aggregation
+    if aggregation == "mean":
+        return fixedclipping_mod(msg, ctxt, call_next)
+    sent = from_record(msg.content.array_records[ARRAYS])
+    out = call_next(msg, ctxt)
+    if out.has_error():
+        return out
+    upload = from_record(out.content.array_records[ARRAYS])
+    norm = float(cast(float, config[KEY_CLIPPING_NORM]))
+    out.content[ARRAYS] = to_record(clip_upload_locally(aggregation, upload, sent, norm))
+    return out
+
+
 app = ClientApp(mods=[clipping_mod])
-"""The ClientApp; `privacy.clipping_mod` clips the upload when the server asks (``dp.clipping: client``)."""
+"""The ClientApp; `clipping_mod` clips the upload when the server asks (``dp.clipping: client``)."""
 
 
 def _node(context: Context, key: str, default: Any = None) -> Any:

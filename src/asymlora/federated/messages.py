@@ -17,7 +17,7 @@ Record layout of a train / evaluate instruction: ``arrays`` (ArrayRecord, the sh
 ``config`` (one ConfigRecord: ``round``, ``strategy``, ``client``, ``rank``, ``state-dir``, ``threads``,
 ``config-hash``; ``fed`` only while the node does not hold the run's config; ``clipping_norm`` under
 ``dp.clipping: client``). Exactly one ArrayRecord and one ConfigRecord: Flower's ``fixedclipping_mod``
-(`privacy.clipping_mod`) requires it. A train reply holds ``arrays`` (the upload), ``metrics`` (a
+(`client_app.clipping_mod`) requires it. A train reply holds ``arrays`` (the upload), ``metrics`` (a
 MetricRecord) and, when the client has something to say, ``notes``; an evaluate reply ``results`` (the
 scores as JSON: they nest deeper than a ConfigRecord can).
 
@@ -232,7 +232,7 @@ class TrainInstruction(RoundInstruction):
 
     message_type: ClassVar[str] = TRAIN
     clipping_norm: float | None = None
-    """C of ``dp.clipping: client`` (`privacy.clipping_mod` clips the upload to it); None otherwise."""
+    """C of ``dp.clipping: client`` (`client_app.clipping_mod` clips the upload to it); None otherwise."""
 
     def config_fields(self) -> dict[str, Any]:
         out = super().config_fields()
@@ -296,7 +296,7 @@ class TrainReply:
 
     client: int
     upload: ArrayRecord = field(repr=False)
-    """The strategy's upload (`strategies.client_upload`), after `privacy.clipping_mod` when it clips."""
+    """The strategy's upload (`strategies.client_upload`), after `client_app.clipping_mod` when it clips."""
     num_examples: int
     train_loss: float
     """Mean training loss of the round; NaN without a local step (``train.local_steps: 0``)."""

@@ -30,21 +30,16 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from asymlora.federated.strategies import Rejection, RoleMap, Strategy, get_strategy, het_increments, truncate
+from asymlora.federated.strategies import Rejection, RoleMap, Strategy, het_increments, truncate
 from asymlora.methods.base import ATTR_PREFIX
 
 # flwr and opacus are the optional `fed` extra: imported where used (privacy settings load without them).
-if TYPE_CHECKING:
-    from flwr.app import Context, Message
-    from flwr.clientapp.typing import ClientAppCallable
-
-
 __all__ = [
     "KEY_CLIPPING_NORM",
     "ClippedUpdates",
@@ -52,7 +47,7 @@ __all__ = [
     "PrivacySettings",
     "add_noise",
     "clip_update",
-    "clipping_mod",
+    "clip_upload_locally",
     "noise_multiplier_for",
     "noise_std",
     "privatize_updates",
@@ -290,36 +285,8 @@ def privatize_updates(
     return out
 
 
-# --- the client's side -------------------------------------------------------------------------------------
-def clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """ClientApp mod of client-side clipping, active on ``train`` messages whose config carries
-    `KEY_CLIPPING_NORM` (the server adds it under ``dp.clipping: client``); other messages pass through.
-
-    ``mean`` strategies (the upload has the keys and shapes of the download) go through Flower's own
-    ``fixedclipping_mod``; ``zeropad`` (upload at the client's rank) and ``fedalora-het`` (upload =
-    the increment B2·B1 or its factors) are clipped here with Flower's ``compute_clip_model_update``.
-    """
-    from flwr.clientapp.mod import fixedclipping_mod
-
-    config = msg.content.config_records.get("config") if msg.metadata.message_type == "train" else None
-    if config is None or KEY_CLIPPING_NORM not in config:
-        return call_next(msg, ctxt)
-    aggregation = get_strategy(str(config["strategy"])).aggregation
-    if aggregation == "mean":
-        return fixedclipping_mod(msg, ctxt, call_next)
-    from asymlora.federated.client_app import from_record, to_record  # imports flwr (the optional fed extra)
-
-    sent = from_record(msg.content.array_records["arrays"])
-    out = call_next(msg, ctxt)
-    if out.has_error():
-        return out
-    upload = from_record(out.content.array_records["arrays"])
-    clipped = _clip_upload_locally(aggregation, upload, sent, float(cast(float, config[KEY_CLIPPING_NORM])))
-    out.content["arrays"] = to_record(clipped)
-    return out
-
-
-def _clip_upload_locally(
+# --- the client's side (the Flower mod that calls this: `client_app.clipping_mod`) ------------------------
+def clip_upload_locally(
     aggregation: str, upload: Mapping[str, Tensor], sent: Mapping[str, Tensor], clipping_norm: float
 ) -> dict[str, Tensor]:
     """``zeropad``: clip against the download truncated to the client's rank. ``accumulate``: clip the
