@@ -546,3 +546,37 @@ def test_singular_spectrum_errors():
         ValueError, match=whole("matrix 0 must have at least 2 dimensions (..., m, n); got shape (3,)")
     ):
         singular_spectrum([torch.zeros(3)])
+
+
+def test_every_input_is_named_in_its_error():
+    nan = torch.full((2, 2), float("nan"))
+    cases = [
+        ("X", lambda: frobenius_norm(nan)),
+        ("A", lambda: relative_change(nan, torch.eye(2))),
+        ("A_init", lambda: relative_change(torch.eye(2), nan)),
+        ("W0", lambda: magnitude_direction_change(nan, torch.eye(2))),
+        ("X", lambda: compare_subspaces(nan, torch.eye(2))),
+        ("Y", lambda: subspace_similarity_grid(torch.eye(2), nan)),
+        ("Y", lambda: cca_similarity(torch.eye(2), nan)),
+        ("x", lambda: numerical_rank(nan)),
+        ("X", lambda: subspace_basis(nan, 1)),
+        ("B", lambda: subspace_basis(nan, 1, name="B")),
+    ]
+    for name, call in cases:
+        with pytest.raises(
+            ValueError, match=f"^{name} contains non-finite values \\(4 NaN, 0 Inf of 4 entries"
+        ):
+            call()
+
+
+def test_size_errors_count_directions_in_a_batch():
+    # batched (2, 3, 5) X: 3 singular directions per element (not the 5 of the ambient axis)
+    x, y = _batch_with_low_ranks()
+    with pytest.raises(ValueError, match=whole("i=4, j=2 exceed the matrices' sizes (3, 2)")):
+        compare_subspaces(x, y, i=4)
+    with pytest.raises(ValueError, match=whole("i=1, j=3 exceed the matrices' sizes (3, 2)")):
+        compare_subspaces(x, y, i=1, j=3)
+    cols = compare_subspaces(x.mT, y.mT, "col", i=3, j=1)  # col side: (2, 5, 3) → 3 directions
+    close(cols["similarity"], [NAN, 0.36])
+    with pytest.raises(ValueError, match=whole("max_i=2, max_j=3 exceed the matrices' sizes (3, 2)")):
+        subspace_similarity_grid(x.mT, y.mT, "col", strict=False, max_i=2, max_j=3)
