@@ -580,3 +580,56 @@ def test_size_errors_count_directions_in_a_batch():
     close(cols["similarity"], [NAN, 0.36])
     with pytest.raises(ValueError, match=whole("max_i=2, max_j=3 exceed the matrices' sizes (3, 2)")):
         subspace_similarity_grid(x.mT, y.mT, "col", strict=False, max_i=2, max_j=3)
+
+
+def test_compare_subspaces_strict_names_x_and_counts_directions_per_element():
+    x, y = _batch_with_low_ranks()
+    msg = (
+        "asked for the top 3 row-space directions of X, but its numerical rank is 2 at batch index 0; "
+        "use at most 2 (a zero matrix, e.g. an untrained B, has rank 0)."
+    )
+    with pytest.raises(ValueError, match=whole(msg)):
+        compare_subspaces(x, y, i=3, j=1, strict=True)
+    # X (2, 3, 5): 3 directions each; Y rows 4·e1, 3·e2, 2·e3, 1·e5 (2, 4, 5): 4 directions. i = j = min(3, 4) = 3:
+    # top-3 {e1, e2, e4} vs {e1, e2, e3}: G = diag(1, 1, 0) → φ = 2/3, angles (0, 0, π/2)
+    y4 = torch.zeros(4, 5, dtype=F64)
+    y4[0, 0], y4[1, 1], y4[2, 2], y4[3, 4] = 4, 3, 2, 1
+    both = compare_subspaces(torch.stack([X3, X3]), torch.stack([y4, y4]))
+    close(both["similarity"], [2 / 3, 2 / 3])
+    close(both["principal_angles"], [[0.0, 0.0, math.pi / 2]] * 2, atol=1e-7)
+    assert both["grid"].shape == (2, 3, 4)
+
+
+def test_principal_angles_is_strict_by_default_and_takes_rtol():
+    x, y = _batch_with_low_ranks()
+    with pytest.raises(
+        ValueError, match=re.escape("top 3 row-space directions of X, but its numerical rank is 2")
+    ):
+        principal_angles(x, y, 3, 1)
+    with pytest.raises(
+        ValueError, match=re.escape("top 3 row-space directions of X, but its numerical rank is 2;")
+    ):
+        principal_angles(X3, Y2, 3, 1, rtol=0.5)  # σ = (3, 2, 1): 1 is not > 0.5·3
+
+
+def test_angles_of_one_subspace_are_zero_not_nan():
+    # Y = M X spans X's row space; the singular values of G come out at 1 + 2.2e-16 for this draw, where
+    # arccos alone gives NaN: the clamp to [0, 1] keeps the angle at 0.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 12, generator=g, dtype=F64)
+    y = torch.randn(4, 4, generator=g, dtype=F64) @ x
+    close(compare_subspaces(x, y)["principal_angles"], [0.0] * 4, atol=1e-7)
+    close(principal_angles(x, y, 4, 4), [0.0] * 4, atol=1e-7)
+    close(compare_subspaces(x, y)["similarity"], 1.0, atol=1e-12)
+
+
+def test_svcca_variance_counts_only_directions_within_the_rank():
+    # rtol = 0.5 drops σ3 = 1 of XC (σ = 3, 2, 1): variance (9, 4) → fractions (0.692, 1); keep 0.68 → k = 1.
+    # Counting the dropped σ3 too would give 9/14 = 0.643 < 0.68 → k = 2 → 0.8.
+    close(cca_similarity(XC, YC, keep=0.68, rtol=0.5), 1.0, atol=1e-10)
+    # a zero neuron: rank 2 of 3; fractions (9/13, 1): keep 0.5 → k = 1 → 1.0; keep 0.9 → k = 2 → 0.8
+    z = torch.stack([3 * H[1], 2 * H[2], 0 * H[3]])
+    close(cca_similarity(z, YC, keep=0.5), 1.0, atol=1e-10)
+    close(cca_similarity(z, YC, keep=0.9), 0.8, atol=1e-10)
+    # fractions per batch element (not of the whole batch's variance): 10·XC has the same fractions as XC
+    close(cca_similarity(torch.stack([XC, 10 * XC]), YC, keep=0.9), [0.8, 0.8], atol=1e-10)
