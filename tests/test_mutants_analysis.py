@@ -633,3 +633,49 @@ def test_svcca_variance_counts_only_directions_within_the_rank():
     close(cca_similarity(z, YC, keep=0.9), 0.8, atol=1e-10)
     # fractions per batch element (not of the whole batch's variance): 10·XC has the same fractions as XC
     close(cca_similarity(torch.stack([XC, 10 * XC]), YC, keep=0.9), [0.8, 0.8], atol=1e-10)
+
+
+def test_batched_wide_matrices_and_empty_batches():
+    # the float32 threshold takes max(m, n) of each (m, n) matrix, also behind a batch axis:
+    # (1, 2, 100) with σ = (1, 1e-5): 100 · 1.19e-7 = 1.19e-5 → rank 1 (2 · eps32 would count σ2)
+    x = torch.zeros(1, 2, 100)
+    x[0, 0, 0], x[0, 1, 1] = 1.0, 1e-5
+    assert numerical_rank(x).tolist() == [1]
+    r = numerical_rank(torch.zeros(2, 3, 0, 4))
+    assert r.shape == (2, 3) and r.dtype == torch.long
+
+
+def test_svcca_stays_within_one_and_rtol_applies_to_each_matrix():
+    # Y = M X: every canonical correlation is 1; for this draw the singular values come out up to 1 + 4.4e-16,
+    # whose mean exceeds 1 without the clamp. SVCCA is a mean of cosines: at most 1.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 12, generator=g, dtype=F64)
+    y = torch.randn(4, 4, generator=g, dtype=F64) @ x
+    c = cca_similarity(x, y, keep=4).item()
+    assert 1.0 - 1e-12 < c <= 1.0
+    # Y's neurons 3·h1, 2·h3, 1·h2 (σ order h1, h3, h2); rtol 0.5 keeps two directions of each:
+    # {h1, h2} vs {h1, h3} → ρ = (1, 0) → 0.5 (all three of either side would give 1)
+    y2 = torch.stack([3 * H[1], 2 * H[3], H[2]])
+    close(cca_similarity(XC, y2, keep=1.0, rtol=0.5), 0.5, atol=1e-10)
+    close(cca_similarity(y2, XC, keep=1.0, rtol=0.5), 0.5, atol=1e-10)
+    close(cca_similarity(XC, y2, keep=1.0), 1.0, atol=1e-10)
+
+
+def test_svcca_names_the_batch_element_of_x():
+    # 3 batch elements of one neuron each: the third constant; the index counts batch elements, not neurons
+    x = torch.stack([H[1:2], H[2:3], torch.ones(1, 8, dtype=F64)])
+    msg = "X at batch index 2 has no variance to correlate (zero matrix, or every neuron constant)"
+    with pytest.raises(ValueError, match=whole(msg)):
+        cca_similarity(x, H[1:2])
+    msg = "X at batch index 1 has no variance to correlate (zero matrix, or every neuron constant)"
+    with pytest.raises(ValueError, match=whole(msg)):
+        cca_similarity(torch.stack([XC, torch.zeros(3, 8, dtype=F64)]), YC)
+    close(cca_similarity(x, H[1:2], strict=False), [1.0, 0.0, NAN], atol=1e-10)
+
+
+def test_mean_column_norm_of_a_batch_of_w0():
+    w0 = t([[3, 0], [4, 1]])  # column norms (5, 1): mean 3; 2·W0: mean 6
+    out = magnitude_direction_change(torch.stack([w0, 2 * w0]), torch.zeros(2, 2, dtype=F64))
+    close(out["m0_mean"], [3.0, 6.0])
+    close(out["m_mean"], [3.0, 6.0])
+    close(out["delta_M"], [0.0, 0.0])
