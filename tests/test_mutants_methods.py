@@ -74,6 +74,7 @@ def test_task_rows_gives_ids_and_the_uniform_task():
     ids, uniform = RoutingCall(task_ids=torch.tensor([1, 1, 0])).task_rows(3, cpu)  # only the first two agree
     assert uniform is None
     assert RoutingCall().task_rows(4, cpu) is None
+    assert RoutingCall(task_ids=torch.tensor([4])).task_rows(1, cpu)[1] == 4  # one row is uniform
     # no rows: nothing is uniform (and no ids[0] to read)
     ids, uniform = RoutingCall(task_ids=torch.zeros(0, dtype=torch.long)).task_rows(0, cpu)
     assert ids.numel() == 0 and uniform is None
