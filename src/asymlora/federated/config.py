@@ -87,7 +87,7 @@ class ClientSettings:
     """How many clients, their ranks, and how the data is split among them."""
 
     num: int = 8
-    """Number of clients (= SuperNodes); every round waits for all of them."""
+    """Number of clients (= SuperNodes); every round waits for all of them (the sampled ones: ``fraction``)."""
     ranks: list[int] | None = None
     """Heterogeneous strategies: one rank per client (paper: [64, 64, 32, 32, 16, 16, 8, 8]); None: adapter.r."""
     partition: Literal["task", "dirichlet", "iid"] = "task"
