@@ -232,6 +232,27 @@ def run_round_cost(cfg: FedConfig, strategy_name: str) -> tuple[ClientCost, ...]
     return round_cost(strategy, server, [states[k] for k in ranks], ranks, het_upload=cfg.het_upload)
 
 
+def expected_round_bytes(cfg: FedConfig, strategy_name: str) -> dict[str, float]:
+    """Expected traffic of one round of ``strategy_name`` under partial participation (docs/federated.md,
+    "Partial participation"), in bytes of tensor data (the payload; float32), upload + download.
+
+    Every client is sampled with the same probability m / K (m = ``cfg.clients_per_round``, K =
+    ``clients.num``), so a participating client moves on average the mean of `run_round_cost` over all
+    clients (``per_client``; equal for every client under a homogeneous strategy), and a round m times
+    that (``per_round``; ``up_per_round`` + ``down_per_round``).
+    """
+    costs = run_round_cost(cfg, strategy_name)
+    m, k = cfg.clients_per_round, len(costs)
+    up, down = sum(c.bytes_up for c in costs) / k, sum(c.bytes_down for c in costs) / k
+    return {
+        "clients_per_round": m,
+        "per_client": up + down,
+        "per_round": m * (up + down),
+        "up_per_round": m * up,
+        "down_per_round": m * down,
+    }
+
+
 def _layer_dims(roles: RoleMap) -> list[tuple[int, int]]:
     """(d_in, d_out) of every adapted layer of a LoRA role map."""
     dims: dict[str, list[int]] = {}

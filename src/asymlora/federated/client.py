@@ -412,6 +412,8 @@ def train_round(
     received: Mapping[str, Tensor],
     carried: Mapping[str, Tensor] | None,
     tasks: Sequence[Any],
+    *,
+    carried_round: int | None = None,
 ) -> RoundResult:
     """One client's round: start from the server's tensors and its own local ones, train, build the upload.
 
@@ -420,6 +422,8 @@ def train_round(
         received: the server's download payload.
         carried: the client's trained adapter of the previous round (None in round 1 or when lost).
         tasks: the client's data.
+        carried_round: the round ``carried`` is from (partial participation: the last round the client
+            trained in; 0: it never trained, so nothing is missing); None: ``rnd - 1``.
     """
     t0 = time.perf_counter()
     if cfg.faults.hits("raise_in", client, rnd):
@@ -432,9 +436,10 @@ def train_round(
     state = dict(init)
     if carried is not None:
         state.update(local_state(strategy, carried, roles))
-    elif rnd > 1 and strategy.local.names(roles) and not strategy.reset.names(roles):
+    elif rnd > 1 and carried_round != 0 and strategy.local.names(roles) and not strategy.reset.names(roles):
+        src = rnd - 1 if carried_round is None else carried_round
         notes.append(
-            f"client {client}: no local tensors from round {rnd - 1}; starting them from the shared init"
+            f"client {client}: no local tensors from round {src}; starting them from the shared init"
         )
     seed = het_seed(cfg.seed, client, rnd)
     start = client_round_start(strategy, state, received, roles, initial=init, cfg=acfg, seed=seed)
@@ -572,14 +577,15 @@ def _state_file(state_dir: str | Path, client: int, rnd: int) -> Path:
 def save_client_state(
     state_dir: str | Path, client: int, rnd: int, trained: Mapping[str, Tensor], strategy: str
 ) -> Path:
-    """Write the client's trained adapter of round ``rnd`` atomically; keep this round and the one before."""
+    """Write the client's trained adapter of round ``rnd`` atomically; keep it and the last round before it
+    that the client trained in (a round re-run after a resume starts from that one; with partial
+    participation it need not be ``rnd - 1``)."""
     path = _state_file(state_dir, client, rnd)
     tensors = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
     atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata={"round": str(rnd), "strategy": strategy}))
-    for old in path.parent.glob("round-*.safetensors"):
-        r = old.stem.removeprefix("round-")
-        if r.isdigit() and int(r) < rnd - 1:
-            old.unlink(missing_ok=True)
+    saved = {int(n): f for f in path.parent.glob("round-*.safetensors") if (n := f.stem[6:]).isdigit()}
+    for r in sorted(k for k in saved if k < rnd)[:-1]:
+        saved[r].unlink(missing_ok=True)
     return path
 
 

@@ -41,6 +41,7 @@ from asymlora.federated.messages import (
     Hello,
     RoundInstruction,
     RunConfig,
+    TrainInstruction,
     TrainReply,
     decode_instruction,
     encode_evaluate_reply,
@@ -177,10 +178,13 @@ def train(message: Message, context: Context) -> Message:
     if cfg is None:
         return need_config_reply(message, ins.config_hash)
     state_dir = _state_dir(ins, context)
-    carried = _carried(context, state_dir, ins.client, ins.round - 1, ins.strategy) if ins.round > 1 else None
+    src = ins.round - 1
+    if isinstance(ins, TrainInstruction) and ins.carried_round is not None:
+        src = ins.carried_round  # the last round it trained in (partial participation: it may have sat out)
+    carried = _carried(context, state_dir, ins.client, src, ins.strategy) if src > 0 else None
     res = fc.train_round(
         cfg, cfg.strategy(ins.strategy), ins.client, ins.rank, ins.round, from_record(ins.arrays), carried,
-        _tasks(cfg, ins.client, context),
+        _tasks(cfg, ins.client, context), carried_round=src,
     )  # fmt: skip
     for note in res.notes:
         logger.warning(note)

@@ -87,7 +87,7 @@ class ClientSettings:
     """How many clients, their ranks, and how the data is split among them."""
 
     num: int = 8
-    """Number of clients (= SuperNodes); every round waits for all of them."""
+    """Number of clients (= SuperNodes); every round waits for all of them (the sampled ones: ``fraction``)."""
     ranks: list[int] | None = None
     """Heterogeneous strategies: one rank per client (paper: [64, 64, 32, 32, 16, 16, 8, 8]); None: adapter.r."""
     partition: Literal["task", "dirichlet", "iid"] = "task"
@@ -97,6 +97,14 @@ class ClientSettings:
     """What a Dirichlet class is: a task, or a (task, answer option) label of choice tasks."""
     alpha: float = 0.5
     """Dirichlet concentration α (small: skewed clients; large: close to IID)."""
+    fraction: float = 1.0
+    """Partial participation: the fraction of the clients sampled each round, ⌊fraction · num⌋ of them
+    (Flower's ``fraction_train`` rule); 1.0: every client every round (docs/federated.md)."""
+    per_round: int | None = None
+    """Partial participation: the number of clients sampled each round (instead of ``fraction``)."""
+    min_per_round: int = 1
+    """A round is aggregated only when at least this many sampled clients answered (else it is recorded
+    and the shared tensors are kept)."""
 
 
 @dataclass
@@ -245,6 +253,13 @@ class FedConfig:
         return self.adapter.to_peft()
 
     @property
+    def clients_per_round(self) -> int:
+        """Clients sampled each round: ``clients.per_round``, else ⌊clients.fraction · clients.num⌋."""
+        if self.clients.per_round is not None:
+            return self.clients.per_round
+        return int(self.clients.fraction * self.clients.num + 1e-9)  # 1e-9: 0.7 · 10 is 7, not 6.99...
+
+    @property
     def required_nodes(self) -> int:
         """Nodes the server waits for before round 1."""
         return self.min_nodes if self.min_nodes is not None else self.clients.num
@@ -263,6 +278,7 @@ class FedConfig:
     def _validate(self) -> None:
         self._check_strategies()
         self._check_clients()
+        self._check_participation()
         self.data.check()
         self._check_partition()
         self.train.check()
@@ -298,6 +314,29 @@ class FedConfig:
             raise ConfigError(
                 f"strategies {homo} need one rank for every client, but clients.ranks={self.clients.ranks}; "
                 "use zeropad / fedalora-het for heterogeneous ranks, or drop clients.ranks"
+            )
+
+    def _check_participation(self) -> None:
+        c = self.clients
+        if not 0 < c.fraction <= 1:
+            raise ConfigError(
+                f"clients.fraction={c.fraction!r} must lie in (0, 1] (1.0: every client every round)"
+            )
+        if c.per_round is not None and c.fraction != 1.0:
+            raise ConfigError(
+                f"clients.per_round={c.per_round} and clients.fraction={c.fraction} are both set: set only one"
+            )
+        if c.per_round is not None and not 1 <= c.per_round <= c.num:
+            raise ConfigError(f"clients.per_round={c.per_round!r} must lie in [1, clients.num={c.num}]")
+        m = self.clients_per_round
+        if c.min_per_round < 1 or c.min_per_round > m:
+            sampled = f"clients.per_round={m}" if c.per_round is not None else (
+                f"clients.fraction={c.fraction:g} samples ⌊{c.fraction:g} × clients.num={c.num}⌋ = {m} client(s)"
+            )  # fmt: skip
+            raise ConfigError(
+                f"{sampled} per round, but clients.min_per_round={c.min_per_round} must lie in [1, {m}]: "
+                f"raise clients.fraction to >= {c.min_per_round / c.num:.3g} (or clients.per_round to >= "
+                f"{c.min_per_round}), or lower clients.min_per_round"
             )
 
     def _check_partition(self) -> None:

@@ -16,7 +16,8 @@ evaluate   `EvaluateInstruction`: the final shared      `EvaluateReply`: persona
 Record layout of a train / evaluate instruction: ``arrays`` (ArrayRecord, the shared tensors) and
 ``config`` (one ConfigRecord: ``round``, ``strategy``, ``client``, ``rank``, ``state-dir``, ``threads``,
 ``config-hash``; ``fed`` only while the node does not hold the run's config; ``clipping_norm`` under
-``dp.clipping: client``). Exactly one ArrayRecord and one ConfigRecord: Flower's ``fixedclipping_mod``
+``dp.clipping: client``; a train instruction's ``carried-round``: the last round the client trained in).
+Exactly one ArrayRecord and one ConfigRecord: Flower's ``fixedclipping_mod``
 (`client_app.clipping_mod`) requires it. A train reply holds ``arrays`` (the upload), ``metrics`` (a
 MetricRecord) and, when the client has something to say, ``notes``; an evaluate reply ``results`` (the
 scores as JSON: they nest deeper than a ConfigRecord can).
@@ -99,6 +100,7 @@ ARRAYS, CONFIG, METRICS, NOTES, HELLO, RESULTS = "arrays", "config", "metrics", 
 # keys of the instruction's ConfigRecord (``clipping_norm``: `privacy.KEY_CLIPPING_NORM`, Flower's name)
 K_ROUND, K_STRATEGY, K_CLIENT, K_RANK = "round", "strategy", "client", "rank"
 K_STATE_DIR, K_THREADS, K_HASH, K_FED = "state-dir", "threads", "config-hash", "fed"
+K_CARRIED = "carried-round"
 # keys of the train reply's MetricRecord
 M_CLIENT, M_EXAMPLES, M_LOSS, M_SECONDS = "client", "num-examples", "train-loss", "seconds"
 M_DRIFT_START, M_DRIFT_END = "a-drift-start", "a-drift-end"
@@ -233,11 +235,16 @@ class TrainInstruction(RoundInstruction):
     message_type: ClassVar[str] = TRAIN
     clipping_norm: float | None = None
     """C of ``dp.clipping: client`` (`client_app.clipping_mod` clips the upload to it); None otherwise."""
+    carried_round: int | None = None
+    """The last round the client trained in (its local tensors start from that round's adapter; 0: never,
+    partial participation, docs/federated.md); None: round − 1."""
 
     def config_fields(self) -> dict[str, Any]:
         out = super().config_fields()
         if self.clipping_norm is not None:
             out[KEY_CLIPPING_NORM] = self.clipping_norm
+        if self.carried_round is not None:
+            out[K_CARRIED] = self.carried_round
         return out
 
 
@@ -274,8 +281,12 @@ def decode_instruction(message: Message) -> RoundInstruction:
         "config_json": None if fed is None else str(fed),
     }
     if message.metadata.message_type == TRAIN:
-        norm = c.get(KEY_CLIPPING_NORM)
-        return TrainInstruction(**common, clipping_norm=None if norm is None else float(norm))
+        norm, carried = c.get(KEY_CLIPPING_NORM), c.get(K_CARRIED)
+        return TrainInstruction(
+            **common,
+            clipping_norm=None if norm is None else float(norm),
+            carried_round=None if carried is None else _int(c, K_CARRIED),
+        )
     return EvaluateInstruction(**common)
 
 

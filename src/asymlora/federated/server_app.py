@@ -175,7 +175,7 @@ def run_server(
     accountant = make_accountant(cfg, log.history)
     outcome = ServerOutcome()
     for rnd in range(log.next_round, cfg.rounds + 1):
-        state, record, trained = run_round(fed, state, rnd, accountant)
+        state, record, trained = run_round(fed, state, rnd, accountant, last_trained=log.last_trained)
         log.append(record, state, trained)
         _say_round(fed, record)
         outcome.rounds_completed = rnd

@@ -133,6 +133,9 @@ def _bytes(cfg: FedConfig, history: Sequence[Mapping[str, Any]]) -> dict[str, An
         "payload_per_client_per_round": sum(r["payload_up"] + r["payload_down"] for r in history)
         / n_rounds
         / n_clients,
+        # partial participation: per (round, sampled client), cf. accounting.expected_round_bytes
+        "payload_per_sampled_client_per_round": sum(r["payload_up"] + r["payload_down"] for r in history)
+        / max(1, sum(len(r.get("sampled", ())) for r in history)),
     }
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from torch import Tensor
@@ -71,6 +72,9 @@ __all__ = [
     "make_accountant",
     "round_record",
     "run_round",
+    "sample_clients",
+    "sit_out",
+    "too_few_answered",
 ]
 
 Say = Callable[[str], None]
@@ -399,14 +403,68 @@ def round_record(
     }
 
 
+# --- partial participation (docs/federated.md, "Partial participation") -------------------------------------
+def sample_clients(num: int, per_round: int, seed: int, rnd: int) -> list[int]:
+    """The clients of round ``rnd`` (sorted): the first ``per_round`` of a permutation of ``range(num)`` drawn by
+    a NumPy Generator seeded with ``(seed, rnd)`` — uniform without replacement, the same draw on every run
+    and after ``--resume``; every client when ``per_round >= num``."""
+    if per_round >= num:
+        return list(range(num))
+    perm = np.random.default_rng([seed, rnd]).permutation(num)
+    return sorted(int(k) for k in perm[:per_round])
+
+
+def sit_out(
+    fed: Federation, rnd: int, records: dict[int, dict[str, Any]],
+    instructions: dict[int, RoundInstruction], last_trained: Mapping[int, int],
+) -> list[int]:  # fmt: skip
+    """Drop the instructions of the clients not sampled in round ``rnd`` (their records: ``not_sampled``)
+    and tell every sampled client the last round it trained in (0: never), whose local tensors it starts
+    from; the sampled clients."""
+    sampled = sample_clients(fed.cfg.clients.num, fed.cfg.clients_per_round, fed.cfg.seed, rnd)
+    for node in list(instructions):
+        k = fed.infos[node].client
+        if k in sampled:
+            train = cast(TrainInstruction, instructions[node])
+            instructions[node] = dataclasses.replace(train, carried_round=last_trained.get(k, 0))
+        else:
+            del instructions[node]
+    for k, rec in records.items():
+        if k not in sampled:
+            keep = {f: rec[f] for f in ("client", "node_id", "rank") if f in rec}
+            records[k] = keep | {"status": "not_sampled", "bytes_down": 0, "bytes_up": 0}
+    return sampled
+
+
+def too_few_answered(cfg: FedConfig, rnd: int, records: dict[int, dict[str, Any]], ids: Sequence[int]) -> str:
+    """The round's note when fewer than ``clients.min_per_round`` (but some) clients answered — the round is
+    then not aggregated and their records say ``not_aggregated`` —, else ""."""
+    need = cfg.clients.min_per_round
+    if not 0 < len(ids) < need:
+        return ""
+    for k in ids:
+        records[k].update(status="not_aggregated", reason=f"fewer than clients.min_per_round={need} answered")
+    return (
+        f"round {rnd}: {len(ids)} client(s) answered, fewer than clients.min_per_round={need}; not aggregated, "
+        f"the shared tensors of round {rnd - 1} are kept"
+    )
+
+
 def run_round(
-    fed: Federation, state: dict[str, Tensor], rnd: int, accountant: PrivacyAccountant | None
-) -> tuple[dict[str, Tensor], dict[str, Any], list[int]]:
-    """One round: (the new shared tensors, the round's record, the clients that trained)."""
+    fed: Federation, state: dict[str, Tensor], rnd: int, accountant: PrivacyAccountant | None,
+    *, last_trained: Mapping[int, int] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Any], list[int]]:  # fmt: skip
+    """One round: (the new shared tensors, the round's record, the clients that trained).
+
+    ``last_trained`` (the last round each client trained in, `round_log.RoundLog`): when given, only the
+    round's sampled clients (`sit_out`) get an instruction, each told its last trained round."""
     t0 = time.perf_counter()
     down = download_payload(fed.strategy, state)
     down_record = to_record(down)
     records, instructions = _round_start(fed, rnd, down, down_record)
+    sampled = (
+        sorted(records) if last_trained is None else sit_out(fed, rnd, records, instructions, last_trained)
+    )
     replies, sent = fed.send(instructions, fed.cfg.timeouts.round)
     for node, n in sent.items():
         records[fed.infos[node].client]["bytes_down"] = n * down_record.count_bytes()
@@ -414,12 +472,16 @@ def run_round(
             records[fed.infos[node].client]["config_resent"] = True
     updates, ids = collect_train_replies(fed, records, replies)
     trained = list(ids)
+    note = too_few_answered(fed.cfg, rnd, records, ids)
+    if note:
+        updates, ids = [], []  # recorded, not aggregated: the shared tensors stay
+        fed.say(note)
     state, res, dp_record = _aggregate(fed, state, updates, ids, records, accountant, rnd)
-    note = ""
-    if res.kept_previous:
+    if res.kept_previous and not note:
         note = f"round {rnd}: no client update accepted; the shared tensors of round {rnd - 1} are kept"
         fed.say(note)
     record = round_record(rnd, fed.strategy.name, records, res, note, round(time.perf_counter() - t0, 3))
+    record.update(sampled=sampled, weights={str(k): p for k, p in res.weights.items()})
     if dp_record is not None:
         record["dp"] = dp_record
     return state, record, trained

@@ -1,0 +1,250 @@
+"""Partial participation (docs/federated.md, "Partial participation"): the seeded per-round sample, the
+minimum to aggregate, FedAvg weights over the clients that answered, local tensors carried over the
+rounds a client sits out (in memory and from the client's disk after --resume), and the byte accounting."""
+
+from __future__ import annotations
+
+import os
+import re
+
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests import test_fed_apps as apps
+from tests.test_fed_apps import InProcessGrid, fed, read_rounds, write_config
+
+from asymlora.config import ConfigError
+from asymlora.federated.run import EXIT_USER_ERROR
+
+pytestmark = pytest.mark.fed
+
+assets, task_identity = apps.assets, apps.task_identity  # the fixtures of tests/test_fed_apps.py
+
+SEED = 1
+"""With this seed, 2 of 4 clients per round: rounds 1-3 sample [0, 2], [1, 3], [0, 3] (hand draw below):
+client 0 trains in round 1, sits out round 2 and trains again in round 3; client 1 first trains in round 2."""
+
+
+def partial_config(assets: Path, tmp_path: Path, *overrides: str):
+    from asymlora.federated.config import load_fed_config
+
+    path = write_config(tmp_path / "fed.yaml", assets, tmp_path / "run", clients=3, rounds=3)
+    base = ["clients.num=4", "clients.partition=iid", "clients.fraction=0.5", f"seed={SEED}"]
+    return load_fed_config(path, [*base, *overrides])
+
+
+# --- the sample -------------------------------------------------------------------------------------------
+def test_sampling_is_seeded_and_matches_a_hand_draw() -> None:
+    from asymlora.federated.server_round import sample_clients
+
+    # the draw by hand: a PCG64 Generator seeded with SeedSequence([seed, round]) permutes range(4); the first 2
+    for rnd in (1, 2, 3):
+        gen = np.random.Generator(np.random.PCG64(np.random.SeedSequence([SEED, rnd])))
+        assert sample_clients(4, 2, SEED, rnd) == sorted(int(k) for k in gen.permutation(4)[:2])
+    assert [sample_clients(4, 2, SEED, r) for r in (1, 2, 3)] == [[0, 2], [1, 3], [0, 3]]
+    assert [sample_clients(8, 3, 0, r) for r in (1, 2)] == [[1, 3, 7], [2, 5, 6]]
+    assert sample_clients(4, 2, SEED, 2) == sample_clients(4, 2, SEED, 2)  # the same on every call
+    assert sample_clients(4, 4, SEED, 1) == sample_clients(4, 9, SEED, 1) == [0, 1, 2, 3]
+    counts = np.bincount([k for r in range(1, 2001) for k in sample_clients(4, 1, 0, r)], minlength=4)
+    assert counts.min() > 430  # uniform: 500 ± 3 sd (sd ≈ 19) per client
+
+
+def test_clients_per_round_and_the_minimum(assets: Path, tmp_path: Path) -> None:
+    cfg = partial_config(assets, tmp_path)
+    assert cfg.clients_per_round == 2 and cfg.clients.min_per_round == 1
+    cfg.clients.num, cfg.clients.fraction = 10, 0.7
+    assert cfg.clients_per_round == 7  # ⌊0.7 · 10⌋ although 0.7 · 10 = 7.000000000000001 in floats
+    cfg.clients.num, cfg.clients.fraction = 100, 0.29
+    assert cfg.clients_per_round == 29  # 0.29 · 100 = 28.999999999999996 in floats
+    cfg.clients.fraction, cfg.clients.per_round = 1.0, 3
+    assert cfg.clients_per_round == 3
+    for overrides, message in (
+        (["clients.fraction=0.2"], "⌊0.2 × clients.num=4⌋ = 0 client(s) per round"),
+        (["clients.min_per_round=3"], "clients.min_per_round=3 must lie in [1, 2]"),
+        (["clients.fraction=1.5"], "clients.fraction=1.5 must lie in (0, 1]"),
+        (["clients.per_round=2"], "set only one"),
+        (
+            ["clients.fraction=1.0", "clients.per_round=5"],
+            "clients.per_round=5 must lie in [1, clients.num=4]",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            partial_config(assets, tmp_path, *overrides)
+
+
+def test_too_few_sampled_fails_before_round_one(assets: Path, tmp_path: Path, capsys) -> None:
+    """The CLI refuses a fraction that samples fewer clients than the minimum: exit 2, one line naming the
+    values and the fix, no run directory."""
+    path = write_config(tmp_path / "fed.yaml", assets, tmp_path / "run", clients=2)
+    assert fed(path, "clients.fraction=0.5", "clients.min_per_round=2") == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "clients.fraction=0.5 samples ⌊0.5 × clients.num=2⌋ = 1 client(s) per round" in err
+    assert "raise clients.fraction to >= 1" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "fedalora").exists()
+
+
+# --- weights over the clients that answered ----------------------------------------------------------------
+def test_fedavg_weights_are_renormalised_over_the_answering_clients() -> None:
+    """Clients 1 and 3 of 4 answered with 10 and 30 examples: p = 10/40, 30/40 (not /Σ of all four)."""
+    from asymlora.federated.strategies import combine, fedavg_weights
+
+    weights = fedavg_weights([10, 30])
+    assert weights == [0.25, 0.75]
+    new = combine(
+        "mean",
+        {"B": torch.zeros(2)},
+        [{"B": torch.tensor([2.0, 4.0])}, {"B": torch.tensor([6.0, 0.0])}],
+        weights,
+    )
+    assert torch.equal(new["B"], torch.tensor([5.0, 1.0]))  # 0.25·2 + 0.75·6, 0.25·4 + 0.75·0
+
+
+# --- end to end, in process ------------------------------------------------------------------------------------
+class Spy:
+    """Records what `client.train_round` was given (``carried``) and what it trained, per (client, round)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from asymlora.federated import client as fc
+
+        self.carried: dict[tuple[int, int], dict | None] = {}
+        self.trained: dict[tuple[int, int], dict] = {}
+        real = fc.train_round
+
+        def spy(cfg, strategy, client, rank, rnd, received, carried, tasks, **kw):
+            self.carried[(client, rnd)] = (
+                None if carried is None else {k: v.clone() for k, v in carried.items()}
+            )
+            res = real(cfg, strategy, client, rank, rnd, received, carried, tasks, **kw)
+            self.trained[(client, rnd)] = {k: v.clone() for k, v in res.trained.items()}
+            return res
+
+        monkeypatch.setattr(fc, "train_round", spy)
+
+
+def _run(cfg, grid, out: Path, strategy: str = "fedalora", **kw):
+    from asymlora.federated.server_app import run_server
+
+    return run_server(grid, cfg, strategy, out, say=lambda _: None, **kw)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "overrides"),
+    [
+        ("fedalora", []),
+        ("fedsa", []),
+        ("fedalora-het", ["clients.ranks=[2, 1, 2, 1]", "adapter.intermediate_rank=2"]),
+    ],
+)
+def test_a_client_sitting_out_keeps_its_local_tensors(
+    assets: Path, tmp_path: Path, task_identity, monkeypatch, strategy: str, overrides: list[str]
+) -> None:
+    """4 clients, fraction 0.5, 3 rounds: only the sampled nodes get an instruction; client 0 (rounds 1 and
+    3) starts round 3 from exactly the adapter it trained in round 1 — its local tensors (Fed-ALoRA's A,
+    FedSA-LoRA's B, Fed-ALoRA-het's A, M, B1) included; weights over the clients that answered."""
+    spy, grid = Spy(monkeypatch), InProcessGrid(4)
+    cfg = partial_config(assets, tmp_path, f"strategies=[{strategy}]", "log_keys=true", *overrides)
+    outcome = _run(cfg, grid, tmp_path / "run" / strategy, strategy=strategy)
+    assert outcome.status == "completed", outcome.message
+    rounds = read_rounds(tmp_path / "run" / strategy / "rounds.jsonl")
+    assert [r["sampled"] for r in rounds] == [[0, 2], [1, 3], [0, 3]]
+    assert [r["accepted"] for r in rounds] == [[0, 2], [1, 3], [0, 3]]
+    sent = [
+        (node - 100, int(grp), c.get("carried-round")) for node, kind, grp, c in grid.sent if kind == "train"
+    ]
+    assert sent == [(0, 1, 0), (2, 1, 0), (1, 2, 0), (3, 2, 0), (0, 3, 1), (3, 3, 2)]
+    # client 0 sat out round 2: round 3 starts from its round-1 adapter, bit for bit
+    carried, trained1 = spy.carried[(0, 3)], spy.trained[(0, 1)]
+    assert carried is not None and carried.keys() == trained1.keys()
+    assert all(torch.equal(carried[k], trained1[k]) for k in trained1)
+    local = set(carried) - set(rounds[0]["clients"][0]["keys_down"])  # what never left the client
+    assert local and all(not torch.equal(trained1[k], spy.trained[(2, 1)][k]) for k in local)
+    c0 = {r["round"]: next(c for c in r["clients"] if c["client"] == 0) for r in rounds}
+    assert c0[2]["status"] == "not_sampled" and c0[2]["bytes_down"] == c0[2]["bytes_up"] == 0
+    assert spy.carried[(1, 2)] is None  # client 1's first round: nothing carried (and no warning)
+    assert not any("notes" in c for r in rounds for c in r["clients"])
+    for r in rounds:  # p_k = n_k / Σ over the clients that answered
+        n = {c["client"]: c["num_examples"] for c in r["clients"] if c["status"] == "ok"}
+        assert r["weights"] == pytest.approx({str(k): v / sum(n.values()) for k, v in n.items()})
+
+
+def test_bytes_are_counted_per_sampled_client(assets: Path, tmp_path: Path, task_identity) -> None:
+    """Fed-ALoRA's B of q_proj and o_proj (32 × 2) in 2 layers: 4 · 64 values · 4 bytes = 1024 each way per
+    sampled client; a round of 2 sampled clients of 4 moves 2 · 2048 bytes, as the accounting expects."""
+    from asymlora.federated.accounting import expected_round_bytes
+
+    cfg = partial_config(assets, tmp_path, "rounds=2", "train.local_steps=0")
+    outcome = _run(cfg, InProcessGrid(4), tmp_path / "run" / "fedalora")
+    for r in read_rounds(tmp_path / "run" / "fedalora" / "rounds.jsonl"):
+        assert r["payload_up"] == r["payload_down"] == 2 * 1024
+        sat_out = [c for c in r["clients"] if c["client"] not in r["sampled"]]
+        assert len(sat_out) == 2 and all(c["bytes_up"] == c["bytes_down"] == 0 for c in sat_out)
+    assert outcome.results["bytes"]["payload_per_sampled_client_per_round"] == 2048
+    expected = expected_round_bytes(cfg, "fedalora")
+    assert expected == {
+        "clients_per_round": 2, "per_client": 2048, "per_round": 4096, "up_per_round": 2048, "down_per_round": 2048,
+    }  # fmt: skip
+
+
+def test_resume_draws_the_same_clients_and_reads_the_carried_a_from_disk(
+    assets: Path, tmp_path: Path, task_identity, monkeypatch
+) -> None:
+    """Stopped after round 1, resumed by fresh nodes (their memory is gone): rounds 2 and 3 draw the same
+    clients as before, and client 0 reads its round-1 adapter from its disk for round 3."""
+    spy, out, state_dir = Spy(monkeypatch), tmp_path / "run" / "fedalora", str(tmp_path / "clients")
+    cfg = partial_config(assets, tmp_path, "faults.stop_after=1")
+    assert _run(cfg, InProcessGrid(4), out, client_state_dir=state_dir).status == "stopped"
+    cfg.faults.stop_after = None
+    outcome = _run(cfg, InProcessGrid(4), out, resume=True, client_state_dir=state_dir)
+    assert outcome.status == "completed", outcome.message
+    assert [r["sampled"] for r in read_rounds(out / "rounds.jsonl")] == [[0, 2], [1, 3], [0, 3]]
+    carried, trained1 = spy.carried[(0, 3)], spy.trained[(0, 1)]
+    assert carried is not None and all(torch.equal(carried[k], trained1[k]) for k in trained1)
+    assert sorted(p.name for p in (tmp_path / "clients" / "client-0").iterdir()) == [
+        "round-1.safetensors", "round-3.safetensors",
+    ]  # fmt: skip
+
+
+def test_fewer_answers_than_the_minimum_keep_the_shared_tensors(
+    assets: Path, tmp_path: Path, task_identity
+) -> None:
+    """min_per_round=2 and one of the two sampled clients raises in round 1: the round is recorded, not
+    aggregated (the shared B stay the initial ones), and the run goes on to aggregate round 2."""
+    from asymlora.federated.round_log import load_checkpoint
+    from asymlora.federated.server_app import server_roles
+
+    cfg = partial_config(
+        assets, tmp_path, "clients.min_per_round=2", "faults.raise_in=['0:1']", "faults.stop_after=1"
+    )
+    out = tmp_path / "run" / "fedalora"
+    assert _run(cfg, InProcessGrid(4), out).status == "stopped"
+    (r1,) = read_rounds(out / "rounds.jsonl")
+    status = {c["client"]: c["status"] for c in r1["clients"]}
+    assert status == {0: "failed", 1: "not_sampled", 2: "not_aggregated", 3: "not_sampled"}
+    assert r1["kept_previous"] and r1["accepted"] == [] and r1["weights"] == {}
+    assert "fewer than clients.min_per_round=2" in r1["note"]
+    saved, meta = load_checkpoint(out)
+    _, initial = server_roles(cfg, cfg.strategy("fedalora"), [2] * 4)
+    assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in initial)
+    assert meta["last_trained"] == {"2": 1}  # client 2 trained: its A moved on, round 3 starts from it
+    cfg.faults.stop_after = None
+    assert _run(cfg, InProcessGrid(4), out, resume=True).status == "completed"
+    r2 = read_rounds(out / "rounds.jsonl")[1]
+    assert r2["accepted"] == [1, 3] and not r2["kept_previous"]
+
+
+def test_the_client_keeps_its_last_trained_round_on_disk(tmp_path: Path) -> None:
+    from asymlora.federated.client import load_client_state, save_client_state
+
+    for rnd in (1, 3):
+        save_client_state(tmp_path, 0, rnd, {"A": torch.full((2,), float(rnd))}, "fedalora")
+    assert torch.equal(load_client_state(tmp_path, 0, 1, "fedalora")["A"], torch.ones(2))  # kept: 1 < 3 - 1
+    save_client_state(tmp_path, 0, 6, {"A": torch.zeros(2)}, "fedalora")
+    assert sorted(p.name for p in (tmp_path / "client-0").iterdir()) == [
+        "round-3.safetensors",
+        "round-6.safetensors",
+    ]
