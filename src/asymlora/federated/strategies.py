@@ -234,21 +234,7 @@ def get_strategy(
             description=f"Fed-ALoRA: average B; A local ({local_a})",
         )
     if name == "fedalora-het":
-        persist = het_local == "persist"
-        outer_b = Select(frozenset({_B}), True, frozenset({B2_NAME}))  # B2 only: zero every round
-        return Strategy(
-            name,
-            shared=_sel(_B, trainable=False),
-            local=_sel(_A, _B, trainable=True),
-            reset=outer_b if persist else _sel(_A, _B, trainable=True),
-            reset_to="fresh",
-            aggregation="accumulate",
-            method="fedhet",
-            heterogeneous=True,
-            het_local=het_local,
-            description="Fed-ALoRA (heterogeneous ranks): B0 <- B0 + sum p_k B2_k B1_k"
-            + (" (A, M, B1 kept)" if persist else ""),
-        )
+        return _fedalora_het(het_local)
     if name == "zeropad":
         return Strategy(
             name,
@@ -260,6 +246,25 @@ def get_strategy(
             description="Zero padding (HetLoRA-style): pad A, B to the largest rank, average, truncate",
         )
     raise ValueError(f"unknown federated strategy {name!r}; choose one of {list(STRATEGY_NAMES)}")
+
+
+def _fedalora_het(het_local: Literal["fresh", "persist"]) -> Strategy:
+    """Fed-ALoRA-het: B0 shared; A, M, B1, B2 local; all four reset (``fresh``) or B2 only (``persist``)."""
+    persist = het_local == "persist"
+    outer_b = Select(frozenset({_B}), True, frozenset({B2_NAME}))  # B2 only: zero every round
+    return Strategy(
+        "fedalora-het",
+        shared=_sel(_B, trainable=False),
+        local=_sel(_A, _B, trainable=True),
+        reset=outer_b if persist else _sel(_A, _B, trainable=True),
+        reset_to="fresh",
+        aggregation="accumulate",
+        method="fedhet",
+        heterogeneous=True,
+        het_local=het_local,
+        description="Fed-ALoRA (heterogeneous ranks): B0 <- B0 + sum p_k B2_k B1_k"
+        + (" (A, M, B1 kept)" if persist else ""),
+    )
 
 
 def check_het_setup(ranks: Sequence[int], num_clients: int, intermediate_rank: int | None = None) -> None:
