@@ -295,3 +295,34 @@ def test_defaults_keep_todays_behaviour() -> None:
     cfg = FedConfig()
     assert cfg.reject.norm_factor is None and cfg.het_local == "fresh"
     assert cfg.strategy("fedalora-het") == get_strategy("fedalora-het")
+
+
+# --- through Flower: the carried A, M, B1 and the recorded norm rejection ------------------------------------------
+from tests import test_fed_apps as fed_apps  # noqa: E402
+from tests.test_fed_apps import fed, read_rounds, write_config  # noqa: E402
+
+assets = fed_apps.assets  # the tiny Llama and tasks of the Flower app tests (a module-scoped fixture)
+
+
+@pytest.mark.fed
+def test_simulation_persists_a_m_b1_and_records_the_norm_rejection(assets, tmp_path) -> None:
+    """3 clients, fedalora-het with het_local=persist: round 2 starts from round 1's trained A, M (its A drift
+    at the start is the one round 1 ended with); reject.norm_factor just above 1 rejects the one client whose
+    increment norm exceeds the median of three, recorded in rounds.jsonl, and the round goes on."""
+    cfg = write_config(
+        tmp_path / "fed.yaml", assets, tmp_path / "run", clients=3, strategies=["fedalora-het"],
+        het_local="persist", reject={"norm_factor": 1.0001},
+    )  # fmt: skip
+    assert fed(cfg, "clients.ranks=[4, 2, 2]", "adapter.intermediate_rank=4") == 0
+    r1, r2 = read_rounds(tmp_path / "run" / "fedalora-het" / "rounds.jsonl")
+    for c1, c2 in zip(r1["clients"], r2["clients"], strict=True):
+        assert c2["a_drift_start"] == pytest.approx(c1["a_drift_end"], rel=1e-6) and c1["a_drift_end"] > 0
+    for r in (r1, r2):
+        norms = {int(k): v for k, v in r["update_norms"].items()}
+        top = max(norms, key=norms.__getitem__)
+        assert sorted(norms) == [0, 1, 2] and [x["client"] for x in r["rejected"]] == [top]
+        assert sorted(r["accepted"]) == sorted(set(norms) - {top})
+        assert (
+            r["clients"][top]["status"] == "rejected"
+            and "reject.norm_factor=1.0001" in r["clients"][top]["reason"]
+        )
