@@ -412,6 +412,12 @@ def test_stop_and_resume(assets: Path, tmp_path: Path, capsys) -> None:
         ),
         (["clients.num=3"], "data.tasks has 2 task(s) for clients.num=3"),
         (["faults.raise_in=[x]"], "client:round"),
+        (
+            ["dp.clipping=server", "dp.noise_multiplier=1", "dp.clipping_norm=0"],
+            "dp.clipping_norm=0.0 must be",
+        ),
+        (["dp.clipping=server", "dp.target_epsilon=1e-6"], "dp.target_epsilon=1e-06 is out of reach"),
+        (["reject.norm_factor=0.5"], "reject.norm_factor=0.5 must be a finite number > 1"),
     ],
 )
 def test_bad_input_fails_fast_with_a_clear_message(assets, tmp_path, capsys, overrides, message) -> None:

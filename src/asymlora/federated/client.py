@@ -149,7 +149,8 @@ def initial_state(roles: RoleMap, cfg: AsymLoraConfig, seed: int) -> dict[str, T
 
 
 def het_seed(seed: int, client: int, rnd: int) -> int:
-    """Seed of client ``client``'s fresh A, M, B1 in round ``rnd`` (fedalora-het)."""
+    """Seed of client ``client``'s fresh A, M, B1 in round ``rnd`` (fedalora-het: every round under
+    ``het_local="fresh"``; under ``"persist"`` only when the client has no carried A, M, B1)."""
     return (seed * 7_919 + client) * 100_003 + rnd
 
 
@@ -255,6 +256,28 @@ def _fresh(
                     if n in wanted:
                         out[n] = fresh[t].to(dtype=like[n].dtype, device=like[n].device)
     return out
+
+
+def _local_start(
+    strategy: Strategy,
+    carried: Mapping[str, Tensor] | None,
+    init: Mapping[str, Tensor],
+    roles: RoleMap,
+    cfg: AsymLoraConfig,
+    seed: int,
+) -> dict[str, Tensor]:
+    """The client's state before `client_round_start`: the shared init with its carried local tensors.
+
+    Without carried tensors (round 1, or lost), ``fedalora-het`` with ``het_local="persist"`` draws its
+    local A, M, B1 from ``seed`` (`het_seed`), exactly as ``"fresh"`` does every round, so both variants
+    start round 1 from the same adapter.
+    """
+    state = dict(init)
+    if carried is not None:
+        state.update(local_state(strategy, carried, roles))
+    elif strategy.het_local == "persist":
+        state.update(_fresh(roles, strategy.local.names(roles), init, cfg, seed))
+    return state
 
 
 def local_state(strategy: Strategy, state: Mapping[str, Tensor], roles: RoleMap) -> dict[str, Tensor]:
@@ -433,15 +456,13 @@ def train_round(
     roles = role_map(model)
     init = initial_state(roles, acfg, cfg.seed)
     notes: list[str] = []
-    state = dict(init)
-    if carried is not None:
-        state.update(local_state(strategy, carried, roles))
-    elif rnd > 1 and carried_round != 0 and strategy.local.names(roles) and not strategy.reset.names(roles):
-        src = rnd - 1 if carried_round is None else carried_round
-        notes.append(
-            f"client {client}: no local tensors from round {src}; starting them from the shared init"
-        )
     seed = het_seed(cfg.seed, client, rnd)
+    state = _local_start(strategy, carried, init, roles, acfg, seed)
+    kept = set(strategy.local.names(roles)) - set(strategy.reset.names(roles))
+    if carried is None and rnd > 1 and carried_round != 0 and kept:
+        src = rnd - 1 if carried_round is None else carried_round
+        where = "a fresh draw" if strategy.het_local == "persist" else "the shared init"
+        notes.append(f"client {client}: no local tensors from round {src}; starting them from {where}")
     start = client_round_start(strategy, state, received, roles, initial=init, cfg=acfg, seed=seed)
     load_adapter_state_(model, start)
     _reset_trainable_(model)

@@ -16,6 +16,7 @@ needs nothing but its node config (``partition-id``; optionally ``data``, ``rank
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -51,6 +52,7 @@ __all__ = [
     "FedConfig",
     "ModelSettings",
     "PrivacySettings",
+    "RejectSettings",
     "SimulationSettings",
     "TimeoutSettings",
     "TrainSettings",
@@ -207,6 +209,16 @@ class FaultSettings:
 
 
 @dataclass
+class RejectSettings:
+    """Extra checks the server applies to the updates of a round (beyond shape, NaN/Inf, example count)."""
+
+    norm_factor: float | None = None
+    """None: off. A number f > 1: reject an update whose L2 norm (`strategies.update_norm`) exceeds f × the
+    median norm of the round's valid updates (`strategies.norm_outliers`); recorded in rounds.jsonl, the
+    round goes on. Under DP the norms are those of the clipped updates."""
+
+
+@dataclass
 class FedConfig:
     """One federated experiment: model, strategies, clients, data, rounds, local training, evaluation."""
 
@@ -215,6 +227,9 @@ class FedConfig:
     """Strategies run one after the other, same clients, data and seed (each into run_dir/<strategy>/)."""
     local_a: Literal["persist", "reset"] = "persist"
     """``fedalora``: keep each client's A across rounds, or reset it to the shared initial A every round."""
+    het_local: Literal["fresh", "persist"] = "fresh"
+    """``fedalora-het``: draw each client's A, M, B1 afresh every round, or keep its trained A, M, B1 across
+    rounds (B2 is zeroed every round either way, so a round starts from the aggregated B0)."""
     het_upload: Literal["auto", "product", "factors"] = "auto"
     """``fedalora-het`` upload: the smaller of B2·B1 and (B2, B1) per layer, or always one of them."""
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
@@ -235,13 +250,15 @@ class FedConfig:
     log_keys: bool = False
     """Write the tensor names of every message into rounds.jsonl (for audits and tests)."""
     faults: FaultSettings = field(default_factory=FaultSettings)
+    reject: RejectSettings = field(default_factory=RejectSettings)
+    """Server-side rejection of outlying updates; off by default."""
     dp: PrivacySettings = field(default_factory=PrivacySettings)
     """Client-level differential privacy of the uploads (`asymlora.federated.privacy`); off by default."""
 
     # --- derived ---------------------------------------------------------------------------------
     def strategy(self, name: str) -> Strategy:
         """The strategy object of ``name`` with this config's options."""
-        return get_strategy(name, local_a=self.local_a)
+        return get_strategy(name, local_a=self.local_a, het_local=self.het_local)
 
     def client_rank(self, client: int) -> int:
         """Client ``client``'s configured rank (``clients.ranks[client]``, else ``adapter.r``)."""
@@ -286,6 +303,7 @@ class FedConfig:
         self._check_simulation()
         self._check_timeouts_and_faults()
         self._check_dp()
+        self._check_reject()
         self._check_client_adapters()
 
     def _check_strategies(self) -> None:
@@ -294,7 +312,7 @@ class FedConfig:
         if len(set(self.strategies)) != len(self.strategies):
             raise ConfigError(f"strategies {self.strategies} lists a strategy twice")
         for name in self.strategies:
-            get_strategy(name, local_a=self.local_a)
+            self.strategy(name)
 
     def _check_clients(self) -> None:
         k, d_m = self.clients.num, self.adapter.intermediate_rank
@@ -400,6 +418,14 @@ class FedConfig:
             raise ConfigError(
                 f"dp.clipping={self.dp.clipping!r} but dp.noise_multiplier / dp.target_epsilon is set: "
                 "DP would be silently off; set dp.clipping=server or dp.clipping=client"
+            )
+
+    def _check_reject(self) -> None:
+        f = self.reject.norm_factor
+        if f is not None and not (math.isfinite(f) and f > 1):
+            raise ConfigError(
+                f"reject.norm_factor={f!r} must be a finite number > 1 (e.g. reject.norm_factor=10: reject an "
+                "update more than 10 × the round's median norm), or null to turn the check off"
             )
 
     def _check_client_adapters(self) -> None:

@@ -12,7 +12,7 @@ messages —, ``payload_up``/``payload_down`` — tensor data only —, the tens
 ``num_examples``, ``train_loss``, ``a_drift_start``/``a_drift_end``, ``reason``; ``config_resent`` when
 the node had to be sent the run config again), ``bytes_up``, ``bytes_down``, ``train_loss``
 (example-weighted over the accepted clients), ``accepted``, ``rejected``, ``failed``, ``kept_previous``,
-``note``, ``seconds`` and, with DP, ``dp``.
+``note``, ``seconds``, with DP ``dp`` and, with ``reject.norm_factor``, ``update_norms`` (client -> ‖Δ_k‖).
 """
 
 from __future__ import annotations
@@ -356,7 +356,7 @@ def _aggregate(
     if accountant is not None:
         clipped = privatize_updates(fed.cfg.dp, fed.strategy, state, updates, fed.roles, ids)
         updates, ids, refused = clipped.updates, clipped.ids, clipped.refused
-    res = aggregate(fed.strategy, state, updates, fed.roles, ids)
+    res = aggregate(fed.strategy, state, updates, fed.roles, ids, norm_factor=fed.cfg.reject.norm_factor)
     for rej in res.rejected:
         records[cast(int, rej.client)].update(status="rejected", reason=rej.reason, rejected_key=rej.key)
     for k, why in refused.items():
@@ -381,6 +381,7 @@ def round_record(
     accepted = [cast(int, k) for k in res.accepted]  # the server's client ids are the client indexes
     with_loss = [records[k] for k in accepted if records[k]["train_loss"] is not None]
     n_acc = sum(r["num_examples"] for r in with_loss)
+    norms = {"update_norms": {str(k): v for k, v in sorted(res.norms.items())}} if res.norms else {}
     return {
         "round": rnd,
         "strategy": strategy,
@@ -400,6 +401,7 @@ def round_record(
         "kept_previous": res.kept_previous,
         "note": note,
         "seconds": seconds,
+        **norms,  # reject.norm_factor is set: the norms it compared
     }
 
 

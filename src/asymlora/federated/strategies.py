@@ -13,7 +13,7 @@ every client, whatever its rank).
 | ``ffa`` (FFA-LoRA) | weighted mean of B | A, frozen at a shared seed |
 | ``fedsa`` (FedSA-LoRA) | weighted mean of A | B |
 | ``fedalora`` (Fed-ALoRA) | weighted mean of B | A (``local_a="persist"``) or A reset to the shared initial A (``"reset"``) |
-| ``fedalora-het`` | ``B0 <- B0 + Σ p_k B2_k B1_k`` | A, M, B1, B2 (fresh every round) |
+| ``fedalora-het`` | ``B0 <- B0 + Σ p_k B2_k B1_k`` | A, M, B1, B2: drawn afresh every round (``het_local="fresh"``), or A, M, B1 kept and B2 zeroed (``"persist"``) |
 | ``zeropad`` (HetLoRA-style) | zero-pad A, B to the largest rank, weighted mean, truncate per client | nothing |
 
 One round, as a Flower ServerApp/ClientApp calls it (the client side lives in `asymlora.federated.client`,
@@ -75,6 +75,7 @@ __all__ = [
     "het_alpha",
     "het_increments",
     "init_server_state",
+    "norm_outliers",
     "payload_bytes",
     "payload_params",
     "rank_axis",
@@ -82,6 +83,7 @@ __all__ = [
     "state_to_arrays",
     "state_to_bytes",
     "truncate",
+    "update_norm",
     "zero_pad",
 ]
 
@@ -98,9 +100,15 @@ class Select:
     roles: frozenset[Role] = frozenset()
     trainable: bool | None = None
     """None: trainable and frozen tensors alike; True/False: only those."""
+    tensors: frozenset[str] | None = None
+    """None: any method tensor name; else only these (e.g. ``{"B2"}``: Fed-ALoRA-het's outer factor)."""
 
     def __call__(self, info: TensorInfo) -> bool:
-        return info.role in self.roles and (self.trainable is None or info.trainable == self.trainable)
+        return (
+            info.role in self.roles
+            and (self.trainable is None or info.trainable == self.trainable)
+            and (self.tensors is None or info.tensor in self.tensors)
+        )
 
     def names(self, roles: RoleMap) -> list[str]:
         """The selected names of a role map, in its order."""
@@ -136,6 +144,8 @@ class Strategy:
             whose tensors are all trainable.
         heterogeneous: True when clients may have different ranks (then alpha_i = `het_alpha` (r_i)).
         local_a: ``fedalora`` only: ``"persist"`` or ``"reset"``.
+        het_local: ``fedalora-het`` only: ``"fresh"`` (A, M, B1 drawn afresh and B2 zeroed every round) or
+            ``"persist"`` (A, M, B1 carried over, only B2 zeroed; see `get_strategy`).
         description: one line for logs and docs.
     """
 
@@ -150,6 +160,7 @@ class Strategy:
     method: str | None = None
     heterogeneous: bool = False
     local_a: Literal["persist", "reset"] | None = None
+    het_local: Literal["fresh", "persist"] | None = None
     description: str = ""
 
     def upload_names(self, roles: RoleMap) -> list[str]:
@@ -178,10 +189,23 @@ class Strategy:
 _A, _B, _R = Role.A, Role.B, Role.ROUTER
 
 
-def get_strategy(name: str, *, local_a: Literal["persist", "reset"] = "persist") -> Strategy:
-    """The strategy called ``name`` (one of `STRATEGY_NAMES`); ``local_a`` applies to ``fedalora`` only."""
+def get_strategy(
+    name: str,
+    *,
+    local_a: Literal["persist", "reset"] = "persist",
+    het_local: Literal["fresh", "persist"] = "fresh",
+) -> Strategy:
+    """The strategy called ``name`` (one of `STRATEGY_NAMES`).
+
+    ``local_a`` applies to ``fedalora`` only, ``het_local`` to ``fedalora-het`` only (docs/design.md §4):
+    ``"fresh"`` re-draws A, M, B1 and zeroes B2 every round; ``"persist"`` keeps the client's trained A, M
+    and B1 and zeroes only B2, so the round still starts from the aggregated B0 (B2·B1 = 0) with the
+    client's own input side M·A. Raises ValueError for an unknown name or option.
+    """
     if local_a not in ("persist", "reset"):
         raise ValueError(f"local_a={local_a!r} is invalid; choose 'persist' or 'reset'")
+    if het_local not in ("fresh", "persist"):
+        raise ValueError(f"het_local={het_local!r} is invalid; choose 'fresh' or 'persist'")
     if name == "fedit":
         return Strategy(name, shared=_sel(_A, _B, _R), local=NOTHING, description="FedIT: average A and B")
     if name == "ffa":
@@ -210,17 +234,7 @@ def get_strategy(name: str, *, local_a: Literal["persist", "reset"] = "persist")
             description=f"Fed-ALoRA: average B; A local ({local_a})",
         )
     if name == "fedalora-het":
-        return Strategy(
-            name,
-            shared=_sel(_B, trainable=False),
-            local=_sel(_A, _B, trainable=True),
-            reset=_sel(_A, _B, trainable=True),
-            reset_to="fresh",
-            aggregation="accumulate",
-            method="fedhet",
-            heterogeneous=True,
-            description="Fed-ALoRA (heterogeneous ranks): B0 <- B0 + sum p_k B2_k B1_k",
-        )
+        return _fedalora_het(het_local)
     if name == "zeropad":
         return Strategy(
             name,
@@ -232,6 +246,25 @@ def get_strategy(name: str, *, local_a: Literal["persist", "reset"] = "persist")
             description="Zero padding (HetLoRA-style): pad A, B to the largest rank, average, truncate",
         )
     raise ValueError(f"unknown federated strategy {name!r}; choose one of {list(STRATEGY_NAMES)}")
+
+
+def _fedalora_het(het_local: Literal["fresh", "persist"]) -> Strategy:
+    """Fed-ALoRA-het: B0 shared; A, M, B1, B2 local; all four reset (``fresh``) or B2 only (``persist``)."""
+    persist = het_local == "persist"
+    outer_b = Select(frozenset({_B}), True, frozenset({B2_NAME}))  # B2 only: zero every round
+    return Strategy(
+        "fedalora-het",
+        shared=_sel(_B, trainable=False),
+        local=_sel(_A, _B, trainable=True),
+        reset=outer_b if persist else _sel(_A, _B, trainable=True),
+        reset_to="fresh",
+        aggregation="accumulate",
+        method="fedhet",
+        heterogeneous=True,
+        het_local=het_local,
+        description="Fed-ALoRA (heterogeneous ranks): B0 <- B0 + sum p_k B2_k B1_k"
+        + (" (A, M, B1 kept)" if persist else ""),
+    )
 
 
 def check_het_setup(ranks: Sequence[int], num_clients: int, intermediate_rank: int | None = None) -> None:
@@ -379,6 +412,8 @@ class AggregateResult:
     accepted: list[ClientId] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     weights: dict[ClientId, float] = field(default_factory=dict)
+    norms: dict[ClientId, float] = field(default_factory=dict)
+    """With ``norm_factor``: the L2 norm of every valid update (`update_norm`), outliers included."""
 
     @property
     def kept_previous(self) -> bool:
@@ -504,12 +539,56 @@ def _accept(
     return {k: v.double() for k, v in upd.items()}
 
 
+def update_norm(
+    aggregation: Literal["mean", "zeropad", "accumulate"],
+    update: Mapping[str, Tensor],
+    server_state: Mapping[str, Tensor],
+) -> float:
+    """L2 norm of one client's update Δ_k over all its tensors together, as `_accept` returns it.
+
+    ``mean``: the upload minus the server's tensors; ``zeropad``: minus the server's truncated to the
+    client's rank; ``accumulate`` (Fed-ALoRA-het): the increment B2·B1 itself (it is the change of B0).
+    The same Δ_k that DP clips (`asymlora.federated.privacy`; docs/design.md §4).
+    """
+    total = 0.0
+    for name, value in update.items():
+        delta = value.double()
+        if aggregation != "accumulate":
+            delta = delta - truncate(server_state[name], tuple(value.shape)).double()
+        total += float(delta.pow(2).sum())
+    return float(np.sqrt(total))
+
+
+def norm_outliers(norms: Mapping[ClientId, float], factor: float) -> list[Rejection]:
+    """One `Rejection` per client whose update norm exceeds ``factor`` × the median of ``norms``.
+
+    The median runs over every client in ``norms`` (the outliers too; for an even count, the mean of the
+    two middle norms), so one or two clients are never rejected by a factor >= 2 and the check needs about
+    three clients to bite. Raises ValueError unless ``factor`` is a finite number > 1.
+    """
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not 1 < factor < float("inf"):
+        raise ValueError(f"norm factor {factor!r} must be a finite number > 1 (e.g. 10)")
+    if not norms:
+        return []
+    median = float(np.median(list(norms.values())))
+    return [
+        Rejection(
+            cid,
+            f"update norm {v:.6g} exceeds reject.norm_factor={factor:g} × the round's median {median:.6g}",
+        )
+        for cid, v in norms.items()
+        if v > factor * median
+    ]
+
+
 def aggregate(
     strategy: Strategy,
     server_state: Mapping[str, Tensor],
     updates: Sequence[tuple[Mapping[str, Tensor], int]],
     roles: RoleMap,
     client_ids: Sequence[ClientId] | None = None,
+    *,
+    norm_factor: float | None = None,
 ) -> AggregateResult:
     """Combine the client updates of one round with weights p_k = n_k / Σ n_j over the accepted clients.
 
@@ -520,9 +599,14 @@ def aggregate(
             ``zeropad`` the server's, at the largest rank).
         client_ids: ids used in the result (default: the position in ``updates``).
 
+        norm_factor: None (default): no norm check. A number f > 1: an otherwise valid update whose
+            `update_norm` exceeds f × the median norm of the round's valid updates is rejected
+            (`norm_outliers`).
+
     Updates with missing or extra keys, shapes that do not match the server's, NaN/Inf values or no examples
-    are rejected and recorded, never averaged in. With no accepted update the previous state is returned.
-    Raises ValueError when ``client_ids`` and ``updates`` differ in length.
+    (or, with ``norm_factor``, an outlying norm) are rejected and recorded, never averaged in. With no
+    accepted update the previous state is returned. Raises ValueError when ``client_ids`` and ``updates``
+    differ in length.
     """
     ids = list(range(len(updates))) if client_ids is None else list(client_ids)
     if len(ids) != len(updates):
@@ -536,6 +620,12 @@ def aggregate(
             result.rejected.append(ok)
         else:
             accepted.append((cid, ok, int(n_k)))
+    if norm_factor is not None and accepted:
+        result.norms = {cid: update_norm(strategy.aggregation, u, server_state) for cid, u, _ in accepted}
+        outliers = norm_outliers(result.norms, norm_factor)
+        result.rejected.extend(outliers)
+        refused = {r.client for r in outliers}
+        accepted = [a for a in accepted if a[0] not in refused]
     if not accepted:
         return result
     weights = fedavg_weights([n for _, _, n in accepted])

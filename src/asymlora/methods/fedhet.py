@@ -12,7 +12,8 @@ Client i has its own rank r_i; all clients share an intermediate rank d_m (paper
 ``M_i A_i`` (d_m × d_in) is the client's input side, ``B0 + B2_i B1_i`` (d_out × d_m) its output side: an
 ordinary LoRA of rank d_m whose B has one shape for every client whatever its rank. Only B2_i B1_i leaves
 the client; the server folds it into B0 (``B0 <- B0 + Σ_k p_k B2_k B1_k``) and every round starts again
-from a fresh A, M, B1 and a zero B2, so the adapted model starts each round at the aggregated B0.
+from a zero B2 — with a fresh A, M, B1 (the federation's ``het_local="fresh"``) or the client's trained
+ones (``"persist"``) — so the adapted model starts each round at the aggregated B0: ΔW = s_i · B0 M_i A_i.
 The paper uses alpha_i = 2·r_i, i.e. s_i = 2.
 
 Fused: ``z = M (A x)`` (…, d_m), then ``y = B0 z + B2 (B1 z)``: four thin products, never a d_out × d_in
