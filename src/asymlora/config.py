@@ -50,6 +50,7 @@ __all__ = [
     "EvalSettings",
     "ModelSettings",
     "RunConfig",
+    "StoppingSettings",
     "TrainSettings",
     "apply_overrides",
     "config_dict",
@@ -284,6 +285,47 @@ class TrainSettings(BaseTrainSettings):
 
 
 @dataclass
+class StoppingSettings:
+    """The stopping rule of every training run of a config (each method, the single-task baselines, each sweep
+    cell): a validation split per task, its loss every ``every`` steps, early stopping with ``patience``.
+
+    Off by default (``val_examples: 0``): ``train.steps`` alone decides, as before. docs/sweep.md.
+    """
+
+    val_examples: int = 0
+    """Validation examples per task, carved from the task's training split (never its test split): the next
+    ``val_examples`` of the seeded training order after the ``data.max_train`` training examples (0 = off)."""
+    every: int = 50
+    """Validation loss every N optimiser steps (and at the last step) into val_log.jsonl."""
+    patience: int = 0
+    """Stop after this many validations in a row without an improvement larger than ``min_delta`` (0 = never
+    stop early: the validation curves only)."""
+    min_delta: float = 0.0
+    """Smallest decrease of the mean validation loss that counts as an improvement (nats per token)."""
+    restore_best: bool = True
+    """At the stop (or the end) put back the adapter of the validation step with the lowest loss."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.val_examples > 0
+
+    def check(self) -> None:
+        """Raise `ConfigError` for a negative count, ``every`` below 1, or a negative ``min_delta``."""
+        for name in ("val_examples", "patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"stopping.{name}={getattr(self, name)!r} must be >= 0 (0 = off)")
+        if self.every < 1:
+            raise ConfigError(f"stopping.every={self.every!r} must be >= 1 (validation every N steps)")
+        if self.min_delta < 0:
+            raise ConfigError(f"stopping.min_delta={self.min_delta!r} must be >= 0")
+        if self.patience and not self.enabled:
+            raise ConfigError(
+                f"stopping.patience={self.patience} needs a validation split: set stopping.val_examples > 0 "
+                "(or stopping.patience=0)"
+            )
+
+
+@dataclass
 class EvalSettings(BaseEvalSettings):
     """The evaluation."""
 
@@ -309,6 +351,7 @@ class RunConfig:
     data: DataSettings = field(default_factory=DataSettings)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    stopping: StoppingSettings = field(default_factory=StoppingSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     compare: CompareSettings = field(default_factory=CompareSettings)
     run_dir: str = "runs/default"
@@ -325,6 +368,7 @@ class RunConfig:
         """Check what can be checked before anything loads; raise `ConfigError` naming the key otherwise."""
         self.data.check()
         self.train.check()
+        self.stopping.check()
         self._check_model()
         for method in [self.adapter.method, *self.compare.methods]:
             self.adapter_for(method).to_peft([f"t{i}" for i in range(len(self.data.tasks))])

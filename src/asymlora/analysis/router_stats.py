@@ -245,6 +245,7 @@ class RouterStats:
         self._sums: dict[tuple[str, str], _Sums] = {}
         self._task: int | None = None
         self._depth = 0
+        self._paused = 0
         self._mask: Tensor | None = None
         root = _root(model)
         self._handles = [
@@ -276,7 +277,7 @@ class RouterStats:
 
     def _observe(self, name: str):
         def hook(module: Any, args: tuple, output: Any) -> None:
-            if self._depth and not (module.disable_adapters or module.merged) and args:
+            if self._depth and not self._paused and not (module.disable_adapters or module.merged) and args:
                 with torch.no_grad():
                     self._add(name, module, args[0])
 
@@ -327,6 +328,15 @@ class RouterStats:
             yield
         finally:
             self._task = saved
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Count none of the forwards inside (e.g. the validation forwards of the stopping rule)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
     # results
     def summary(self) -> list[dict[str, Any]]:

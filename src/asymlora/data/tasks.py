@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "format_prompt",
     "infer_kind",
     "split_examples",
+    "split_validation",
 ]
 
 TaskKind = Literal["choice", "generate"]
@@ -332,3 +333,25 @@ def build_task(
     everything = [*train, *test]
     kind = kind or infer_kind(everything, name)
     return Task(name, kind, train, test, metrics or default_metrics(kind, everything), metric_note)
+
+
+def split_validation(task: Task, n: int) -> tuple[Task, Task]:
+    """(``task`` without its last ``n`` training examples, a task whose ``train`` split is those ``n``).
+
+    The validation examples come from the training split only (the test split is untouched; the validation
+    task's ``test`` is empty). The training split is already in the seeded order of :func:`build_task`, so
+    the carve is deterministic in the data seed; a task loaded with ``max_train + n`` keeps exactly the
+    ``max_train`` training examples a run without validation has (docs/sweep.md, the stopping rule).
+
+    Raises:
+        DataError: ``n`` < 1, or the training split has no more than ``n`` examples.
+    """
+    if n < 1:
+        raise DataError(f"validation examples n={n!r} must be >= 1")
+    if len(task.train) <= n:
+        raise DataError(
+            f"task {task.name!r} has {len(task.train)} training example(s): too few to carve "
+            f"stopping.val_examples={n} validation examples and keep one to train on; lower stopping.val_examples"
+        )
+    train, val = task.train[:-n], task.train[-n:]
+    return replace(task, train=train), replace(task, train=val, test=[])

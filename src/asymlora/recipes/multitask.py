@@ -7,6 +7,7 @@ Run directory of a single-method run::
     run_dir/checkpoints/step-N/  atomic checkpoints (adapter, optimiser, scheduler, RNG)
     run_dir/adapter/             the final adapter (peft save_pretrained)
     run_dir/train_log.jsonl      loss every train.log_every steps
+    run_dir/val_log.jsonl        validation loss per task and mean every stopping.every steps (stopping rule)
     run_dir/router.jsonl         router load, entropies, task × expert usage every train.router_log_every steps
     run_dir/results.json         per_task, average, std, worst, delta_m, method, trainable_params, ...,
                                  intervals (95 %: per task, average, Δm%; asymlora.eval.stats)
@@ -38,6 +39,7 @@ from asymlora.analysis.router_stats import RouterLog, RouterStats
 from asymlora.analysis.traces import TraceRecorder
 from asymlora.config import ConfigError, RunConfig, dump_config, load_config
 from asymlora.data import MultiTaskCollator, MultiTaskDataset, load_tasks
+from asymlora.data.tasks import split_validation
 from asymlora.eval import (
     apply_metric_choices,
     evaluate_task,
@@ -52,6 +54,7 @@ from asymlora.io import atomic_dir, atomic_write_text
 from asymlora.models import load
 from asymlora.roles import count_parameters
 from asymlora.train.sharding import full_adapter_state, is_sharded
+from asymlora.train.stopping import Validation
 
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
@@ -134,15 +137,31 @@ def example_scores(path: Path, task: str, metric: str) -> list[float] | None:
 
 
 def load_tasks_for(cfg: RunConfig) -> list[Any]:
-    """The configured tasks (``data.*``) with the configured primary metrics (``data.metric``)."""
+    """The configured tasks (``data.*``) with the configured primary metrics (``data.metric``); their
+    training splits without the validation examples of the stopping rule (``stopping.val_examples``)."""
+    return load_split_tasks(cfg)[0]
+
+
+def load_split_tasks(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
+    """(the tasks of `load_tasks_for`, their validation tasks: one per task, whose ``train`` split holds its
+    ``stopping.val_examples`` validation examples; empty when the stopping rule is off).
+
+    Each task is read with ``max_train + val_examples`` training examples in its seeded order; the last
+    ``val_examples`` are its validation split (`asymlora.data.tasks.split_validation`), so the training
+    examples are those of the same config without validation whenever the source has enough of them."""
+    n, max_train = cfg.stopping.val_examples, cfg.data.max_train
     tasks = load_tasks(
         cfg.data.tasks,
         seed=cfg.data.seed,
-        max_train=cfg.data.max_train,
+        max_train=max_train + n if max_train is not None else None,
         max_test=cfg.data.max_test,
         test_fraction=cfg.data.test_fraction,
     )
-    return apply_metric_choices(tasks, cfg.data.metric, cfg.data.tasks)
+    tasks = apply_metric_choices(tasks, cfg.data.metric, cfg.data.tasks)
+    if not n:
+        return tasks, []
+    pairs = [split_validation(task, n) for task in tasks]
+    return [train for train, _ in pairs], [val for _, val in pairs]
 
 
 def evaluate(
@@ -209,8 +228,12 @@ def train_and_evaluate(
     resume: bool,
     baselines: dict[str, float] | None,
     baseline_examples: dict[str, list[float]] | None = None,
+    val_tasks: list | None = None,
 ) -> tuple[dict[str, Any], Any]:
-    """Train ``method`` on ``tasks`` into ``out_dir``, evaluate it, and give the base model back."""
+    """Train ``method`` on ``tasks`` into ``out_dir``, evaluate it, and give the base model back.
+
+    ``val_tasks``: the validation tasks of ``tasks`` (`load_split_tasks`): the run follows the stopping rule
+    ``cfg.stopping`` (val_log.jsonl, early stopping, the best adapter saved and evaluated)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     # peft records the directory the model was read from (and reads its config.json when saving); naming
@@ -220,8 +243,10 @@ def train_and_evaluate(
     dataset = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length)
     settings_train = cfg.train.for_examples(len(dataset))  # train.epochs → steps
     on_step, router_log = _step_hooks(cfg, pm, out_dir, settings_train.steps, tasks)
+    validation = _validation(cfg, tokenizer, val_tasks, router_log)
     result = training.train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
-                   desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})")  # fmt: skip
+                   desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})",
+                   **({"validation": validation} if validation is not None else {}))  # fmt: skip
     full_state = full_adapter_state(pm)  # FSDP: gathered to rank 0 (a collective); else None
     distributed.on_main(save_adapter, pm, out_dir / "adapter", full_state)
     t0 = time.perf_counter()
@@ -243,6 +268,18 @@ def train_and_evaluate(
     }
     write_json(out_dir / RESULTS_FILE, results)
     return results, pm.unload()
+
+
+def _validation(
+    cfg: RunConfig, tokenizer: Any, val_tasks: list | None, router_log: RouterLog | None
+) -> Validation | None:
+    """The stopping rule of a training run (None when ``stopping.val_examples`` is 0); validation forwards
+    are kept out of the router statistics."""
+    if not val_tasks:
+        return None
+    dataset = MultiTaskDataset(val_tasks, tokenizer, max_length=cfg.data.max_length)
+    pause = router_log.stats.paused if router_log is not None else None
+    return Validation(dataset, MultiTaskCollator(tokenizer), cfg.stopping, cfg.eval.batch_size, pause)
 
 
 def _step_hooks(
@@ -276,6 +313,7 @@ def _run_facts(
         "losses": result.losses,
         "router": peft_cfg.router,
         "num_experts": peft_cfg.experts,
+        **({"stopping": result.stopping} if result.stopping is not None else {}),
     }
 
 
@@ -298,11 +336,12 @@ def run(
     check_launch(cfg)
     distributed.init(cfg.model.device)
     say = print if not quiet and distributed.is_main() else (lambda *a: None)
-    tasks = load_tasks_for(cfg)  # bad data or metrics fail before run_dir is written
+    tasks, val_tasks = load_split_tasks(cfg)  # bad data or metrics fail before run_dir is written
     run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
+    val = f"{cfg.stopping.val_examples} validation / " if val_tasks else ""
     say(
         "tasks: "
-        + ", ".join(f"{t.name} ({t.kind}, {len(t.train)} train / {len(t.test)} test)" for t in tasks)
+        + ", ".join(f"{t.name} ({t.kind}, {len(t.train)} train / {val}{len(t.test)} test)" for t in tasks)
     )
     notes = metric_notes(tasks)
     for note in notes.values():
@@ -320,13 +359,14 @@ def run(
     baselines, baseline_examples = cfg.baselines, None
     if cfg.compare.single_task:
         model, baselines, baseline_examples, combined["single_task"] = _single_task_baselines(
-            cfg, model, tokenizer, tasks, run_dir, resume=resume, table=table
+            cfg, model, tokenizer, tasks, run_dir, resume=resume, table=table, val_tasks=val_tasks
         )
     combined["baselines"] = baselines
     flat = not cfg.compare.methods
     for method in cfg.compare.methods or [cfg.adapter.method]:
         res, model = train_and_evaluate(cfg, method, model, tokenizer, tasks, run_dir if flat else run_dir / method,
-                                        resume=resume, baselines=baselines, baseline_examples=baseline_examples)  # fmt: skip
+                                        resume=resume, baselines=baselines, baseline_examples=baseline_examples,
+                                        val_tasks=val_tasks)  # fmt: skip
         table.add(method, res["per_task"], res["intervals"])
         combined["methods"][method] = {k: v for k, v in res.items() if k != "losses"}
     text = table.render([t.name for t in tasks], baselines)
@@ -416,9 +456,18 @@ def _base_scores(
 
 
 def _single_task_baselines(
-    cfg: RunConfig, model: Any, tokenizer: Any, tasks: list, run_dir: Path, *, resume: bool, table: _Table
+    cfg: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    tasks: list,
+    run_dir: Path,
+    *,
+    resume: bool,
+    table: _Table,
+    val_tasks: list | None = None,
 ) -> tuple[Any, dict[str, float], dict[str, list[float]] | None, dict[str, Any]]:
-    """Train one plain LoRA per task (steps / T each) into ``run_dir/single/<task>/``: the Δm% baselines.
+    """Train one plain LoRA per task (steps / T each) into ``run_dir/single/<task>/``: the Δm% baselines,
+    under the same stopping rule as the multi-task runs (``val_tasks``: each task's validation split).
 
     Returns (the base model back, baseline score per task, their per-example scores for a paired Δm%
     interval or None, the ``single_task`` entry of results.json); adds the row to ``table``."""
@@ -428,10 +477,10 @@ def _single_task_baselines(
     single: dict[str, dict[str, float]] = {}
     examples: dict[str, list[float]] = {}
     per_task_intervals: dict[str, Any] = {}
-    for task in tasks:
+    for i, task in enumerate(tasks):
         out = run_dir / "single" / safe_name(task.name)
-        res, model = train_and_evaluate(single_cfg, "lora", model, tokenizer, [task], out,
-                                        resume=resume, baselines=None)  # fmt: skip
+        res, model = train_and_evaluate(single_cfg, "lora", model, tokenizer, [task], out, resume=resume,
+                                        baselines=None, val_tasks=[val_tasks[i]] if val_tasks else None)  # fmt: skip
         single[task.name] = res["per_task"][task.name]
         metric = table.primary[task.name]
         if (scores := example_scores(out / PER_EXAMPLE_FILE, task.name, metric)) is not None:

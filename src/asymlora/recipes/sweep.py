@@ -48,7 +48,7 @@ from typing import Any
 import yaml
 from filelock import FileLock, Timeout
 
-from asymlora.config import ConfigError, RunConfig, dump_config, load_config
+from asymlora.config import ConfigError, RunConfig, StoppingSettings, config_dict, load_config
 from asymlora.eval import plot_results, stats
 from asymlora.io import atomic_write_text
 from asymlora.recipes import multitask
@@ -139,8 +139,12 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def cell_id(cfg: RunConfig) -> str:
     """12 hex digits of the sha256 of the resolved config without ``run_dir`` (its YAML dump: keys in the
-    order `asymlora.config.config_dict` keeps, the ledger's records are keyed by it)."""
-    text = dump_config(dataclasses.replace(cfg, run_dir=""))
+    order `asymlora.config.config_dict` keeps, the ledger's records are keyed by it). A ``stopping`` section
+    at its defaults (off) is left out, so the cells of configs without a stopping rule keep their ids."""
+    data = config_dict(dataclasses.replace(cfg, run_dir=""))
+    if cfg.stopping == StoppingSettings():
+        del data["stopping"]  # no stopping rule: the id the cell had before that section existed
+    text = yaml.safe_dump(data, sort_keys=False)  # = dump_config's text
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -249,9 +253,11 @@ def make_record(cell: Cell, results: dict[str, Any], started: float, finished: f
         }
         for task, rows in stats.with_example_scores(examples, primary).items()
     }
-    keep = ("method", "per_task", "primary", "average", "std", "worst", "delta_m", "intervals",
+    keep: tuple[str, ...] = ("method", "per_task", "primary", "average", "std", "worst", "delta_m", "intervals",
             "trainable_params", "train_seconds", "eval_seconds", "peak_memory_mb", "steps", "final_loss",
             "router", "num_experts")  # fmt: skip
+    if results.get("stopping") is not None:  # the stopping rule's outcome (stopped_at, best_step, ...)
+        keep += ("stopping",)
     return {
         "id": cell.id,
         "params": cell.params,

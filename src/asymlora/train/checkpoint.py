@@ -67,12 +67,15 @@ def save_checkpoint(
     keep: int,
     rng: dict[str, torch.Tensor] | None = None,
     sharded: tuple[dict[str, Any], dict[str, Any]] | None = None,
+    files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
 
     ``rng``: CPU RNG states to store (``torch`` for rank 0, ``torch.rankR`` for the other processes of a
     multi-process run); default: this process's state as ``torch``. ``sharded``: for an FSDP-sharded model,
     its gathered (adapter state dict, index-keyed optimizer state dict), saved in place of the model's own.
+    ``files``: more safetensors files to write, ``{file name: tensors}`` (e.g. the stopping rule's best
+    adapter), read back with :func:`load_tensors`.
     """
     target = checkpoint_dir(run_dir, step)
     adapter_state, optimizer_state = sharded if sharded is not None else (None, optimizer.state_dict())
@@ -86,6 +89,8 @@ def save_checkpoint(
         )
         save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
         save_file(rng, str(tmp / RNG_FILE))
+        for name, tensors in (files or {}).items():
+            save_file(tensors, str(tmp / name))
         state = {
             "step": step,
             "optimizer": opt_plain,
@@ -97,6 +102,13 @@ def save_checkpoint(
     for path in older:
         shutil.rmtree(path, ignore_errors=True)
     return target
+
+
+def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of file ``name`` of checkpoint ``path`` (written by ``save_checkpoint(files=...)``; CPU);
+    empty when the checkpoint has no such file."""
+    file = path / name
+    return load_file(str(file)) if file.is_file() else {}
 
 
 def load_adapter_weights(path: Path, model: Any, adapter_name: str = "default") -> None:

@@ -32,8 +32,10 @@ from asymlora.train.checkpoint import (
     latest_checkpoint,
     load_adapter_weights,
     load_checkpoint,
+    load_tensors,
     save_checkpoint,
 )
+from asymlora.train.stopping import BEST_FILE, Monitor, Validation
 
 
 class TrainingError(RuntimeError):
@@ -48,6 +50,8 @@ class TrainResult:
     peak_memory_mb: float
     losses: list[tuple[int, float]] = field(default_factory=list)
     resumed_from: int | None = None
+    stopping: dict[str, Any] | None = None
+    """The stopping rule's record (`asymlora.train.stopping.Monitor.finish`); None without validation."""
 
 
 def batch_indices(step: int, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
@@ -163,15 +167,19 @@ class StepLoop:
         start: int,
         stop: int,
         after_step: Callable[[int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[float]:
         """Optimiser steps ``start`` … ``stop - 1`` on ``batches_of(step)``; the loss of each step, in order.
-        ``after_step(done, loss)`` runs after each, with ``done = step + 1``."""
+        ``after_step(done, loss)`` runs after each, with ``done = step + 1``; the loop ends early when
+        ``should_stop()`` is true after a step (the stopping rule, `asymlora.train.stopping`)."""
         losses = []
         for step in range(start, stop):
             loss = self.step(batches_of(step), step)
             losses.append(loss)
             if after_step is not None:
                 after_step(step + 1, loss)
+            if should_stop is not None and should_stop():
+                break
         return losses
 
 
@@ -260,6 +268,7 @@ def train(
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
     desc: str = "train",
+    validation: Validation | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` (a peft model) on ``dataset`` for ``settings.steps``.
 
@@ -267,43 +276,72 @@ def train(
     examples of every global batch and DDP averages the gradients (with ``settings.fsdp``: FSDP2 shards the
     model and reduce-scatters them); the result equals a one-process run with the same ``batch_size`` (to
     float rounding, dropout aside). Only rank 0 writes into ``run_dir``.
-    Raises ValueError when W does not divide ``batch_size`` (before any weight changes), TrainingError on a
-    non-finite loss.
+    ``validation``: the stopping rule (`asymlora.train.stopping`; val_log.jsonl, early stopping, the best
+    adapter restored). Raises ValueError when W does not divide ``batch_size`` (before any weight changes)
+    or for validation with an FSDP-sharded model, TrainingError on a non-finite loss.
     """
     accelerator = _accelerator(model, settings)
-    distributed.per_process_batch(
-        settings.batch_size, accelerator.num_processes
-    )  # ValueError before training
+    # ValueError before training
+    distributed.per_process_batch(settings.batch_size, accelerator.num_processes)
     torch.manual_seed(settings.seed + accelerator.process_index)  # dropout differs across processes
     ckpt = latest_checkpoint(run_dir) if resume else None
     model, params, optimizer, scheduler = _prepare(model, settings, accelerator, ckpt)
-    start, losses = 0, list[tuple[int, float]]()
+    start, losses, state = 0, list[tuple[int, float]](), dict[str, Any]()
     if ckpt is not None:
-        start, losses = _resume(ckpt, model, params, optimizer, scheduler, accelerator)
+        start, losses, state = _resume(ckpt, model, params, optimizer, scheduler, accelerator)
     model.train()
     device = accelerator.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run_dir.mkdir(parents=True, exist_ok=True)
+    monitor = _monitor(validation, model, settings, run_dir, accelerator, ckpt, state)
     loop = StepLoop(model, optimizer, params, settings.max_grad_norm, scheduler, accelerator,
                     loss_value=_global_loss_value(accelerator.num_processes * settings.grad_accum),
                     failure=partial(_failure_message, run_dir))  # fmt: skip
-    book = _Bookkeeping(loop, settings, run_dir, desc, on_step, losses, start)
+    book = _Bookkeeping(loop, settings, run_dir, desc, on_step, losses, start, monitor)
+    stop = start if monitor is not None and monitor.stopped else settings.steps
     try:
-        loop.run(
-            partial(_global_batches, dataset, collate, settings, accelerator), start, settings.steps, book
-        )
+        loop.run(partial(_global_batches, dataset, collate, settings, accelerator), start, stop, book,
+                 should_stop=(lambda: monitor.stopped) if monitor is not None else None)  # fmt: skip
     finally:
         book.bar.close()
+    record = monitor.finish() if monitor is not None else None  # the best adapter back (restore_best)
     model.eval()
     return TrainResult(
-        steps=settings.steps,
+        steps=(record or {}).get("stopped_at") or settings.steps,
         final_loss=book.last_loss,
         train_seconds=time.perf_counter() - book.t0,
         peak_memory_mb=peak_memory_mb(device),
         losses=losses,
         resumed_from=start if ckpt is not None else None,
+        stopping=record,
     )
+
+
+def _monitor(
+    validation: Validation | None,
+    model: Any,
+    settings: TrainSettings,
+    run_dir: Path,
+    accelerator: Accelerator,
+    ckpt: Path | None,
+    state: dict[str, Any],
+) -> Monitor | None:
+    """The stopping rule's monitor of this run (None without ``validation``), with a resumed checkpoint's
+    validation history, counters and best adapter."""
+    if validation is None:
+        return None
+    if sharding.is_sharded(model):
+        raise ValueError(
+            "the stopping rule (stopping.val_examples > 0) does not run with an FSDP-sharded model; "
+            "use train.fsdp=false (DDP) or stopping.val_examples=0"
+        )
+    monitor = Monitor(validation, accelerator.unwrap_model(model), settings.steps, run_dir,
+                      device=accelerator.device, rank=accelerator.process_index,
+                      world=accelerator.num_processes, main=accelerator.is_main_process)  # fmt: skip
+    if ckpt is not None and "stopping" in state:
+        monitor.load(state["stopping"], load_tensors(ckpt, BEST_FILE))
+    return monitor
 
 
 def _accelerator(model: Any, settings: TrainSettings) -> Accelerator:
@@ -321,15 +359,16 @@ def _accelerator(model: Any, settings: TrainSettings) -> Accelerator:
 
 def _resume(
     ckpt: Path, model: Any, params: list, optimizer: Any, scheduler: Any, accelerator: Accelerator
-) -> tuple[int, list[tuple[int, float]]]:
-    """Load checkpoint ``ckpt`` into the prepared model, optimiser and scheduler; (its step, its losses)."""
+) -> tuple[int, list[tuple[int, float]], dict[str, Any]]:
+    """Load checkpoint ``ckpt`` into the prepared model, optimiser and scheduler; (its step, its losses, its
+    JSON state)."""
     load_optimizer = None
     if sharding.is_sharded(model):
         load_optimizer = partial(sharding.load_optimizer_state, model, optimizer.optimizer, params)
     state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler,
                             rank=accelerator.process_index, load_optimizer=load_optimizer)  # fmt: skip
     accelerator.print(f"resuming from {ckpt} (step {state['step']})")
-    return state["step"], [(x[0], x[1]) for x in state.get("losses", [])]
+    return state["step"], [(x[0], x[1]) for x in state.get("losses", [])], state
 
 
 class _Bookkeeping:
@@ -345,6 +384,7 @@ class _Bookkeeping:
         on_step: Callable[[int], None] | None,
         losses: list[tuple[int, float]],
         start: int,
+        monitor: Monitor | None = None,
     ) -> None:
         assert loop.accelerator is not None
         self.loop, self.acc, self.settings, self.run_dir, self.desc = (
@@ -354,7 +394,7 @@ class _Bookkeeping:
             run_dir,
             desc,
         )
-        self.on_step, self.losses = on_step, losses
+        self.on_step, self.losses, self.monitor = on_step, losses, monitor
         show = self.acc.is_main_process and progress.enabled()  # off under asymlora --quiet
         self.bar = tqdm(total=settings.steps, initial=start, desc=desc, disable=not show)
         self.t0, self.seen, self.last_loss = time.perf_counter(), 0, math.nan
@@ -373,7 +413,11 @@ class _Bookkeeping:
                 _log(self.run_dir, self.desc, done, loss, lr, rate, s.steps, self.bar)
         if self.on_step is not None and acc.is_main_process:
             self.on_step(done)
-        if (s.save_every and done % s.save_every == 0) or done == s.steps:
+        stopped = False
+        if self.monitor is not None:  # validation before the checkpoint, which holds its outcome
+            self.monitor(done)
+            stopped = self.monitor.stopped
+        if (s.save_every and done % s.save_every == 0) or done == s.steps or stopped:
             self._save(done)
         acc.wait_for_everyone()
 
@@ -384,9 +428,14 @@ class _Bookkeeping:
         full = None
         if sharding.is_sharded(loop.model):
             full = sharding.gathered_state(loop.model, loop.optimizer.optimizer, loop.params)
+        extra: dict[str, Any] = {"losses": self.losses}
+        files = None
+        if self.monitor is not None:
+            extra["stopping"] = self.monitor.state()
+            files = {BEST_FILE: self.monitor.tensors()}
         if acc.is_main_process:
             save_checkpoint(self.run_dir, done, acc.unwrap_model(loop.model), loop.optimizer, loop.scheduler,
-                            {"losses": self.losses}, self.settings.keep_checkpoints, rng=rng, sharded=full)  # fmt: skip
+                            extra, self.settings.keep_checkpoints, rng=rng, sharded=full, files=files)  # fmt: skip
 
 
 def _log(
