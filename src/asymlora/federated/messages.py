@@ -102,6 +102,8 @@ K_STATE_DIR, K_THREADS, K_HASH, K_FED = "state-dir", "threads", "config-hash", "
 # keys of the train reply's MetricRecord
 M_CLIENT, M_EXAMPLES, M_LOSS, M_SECONDS = "client", "num-examples", "train-loss", "seconds"
 M_DRIFT_START, M_DRIFT_END = "a-drift-start", "a-drift-end"
+# the train reply's ConfigRecord of the client's storage: SHA-256 of its local tensors at the round's start
+STATE_RECORD, K_LOCAL_SHA256 = "client-state", "local-sha256"
 # keys of the hello reply
 H_PARTITION, H_RANK, H_DATA, H_PID = "partition-id", "rank", "data", "pid"
 
@@ -305,6 +307,8 @@ class TrainReply:
     """‖A − A_init‖ / ‖A_init‖ at the start and end of the round (docs/design.md §4)."""
     a_drift_end: float
     notes: tuple[str, ...] = ()
+    local_sha256: str = ""
+    """SHA-256 of the client's local tensors when its training started (`client.tensors_sha256`), or ""."""
 
 
 def encode_train_reply(reply: TrainReply) -> RecordDict:
@@ -321,6 +325,8 @@ def encode_train_reply(reply: TrainReply) -> RecordDict:
     content = RecordDict({ARRAYS: reply.upload, METRICS: metrics})
     if reply.notes:
         content[NOTES] = ConfigRecord({NOTES: list(reply.notes)})
+    if reply.local_sha256:
+        content[STATE_RECORD] = ConfigRecord({K_LOCAL_SHA256: reply.local_sha256})
     return content
 
 
@@ -340,6 +346,7 @@ def decode_train_reply(content: RecordDict) -> TrainReply:
         a_drift_start=_float(m, M_DRIFT_START),
         a_drift_end=_float(m, M_DRIFT_END),
         notes=tuple(str(n) for n in notes),
+        local_sha256=str(content.config_records.get(STATE_RECORD, {}).get(K_LOCAL_SHA256, "")),
     )
 
 
