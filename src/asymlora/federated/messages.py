@@ -337,6 +337,7 @@ def decode_train_reply(content: RecordDict) -> TrainReply:
     notes = notes_record.get(NOTES, []) if notes_record is not None else []
     if not isinstance(notes, list):
         raise ReplyError(f"the reply's notes are {notes!r}, not a list of strings")
+    state = content.config_records.get(STATE_RECORD)
     return TrainReply(
         client=_int(m, M_CLIENT),
         upload=_array_record(content, ARRAYS),
@@ -346,7 +347,7 @@ def decode_train_reply(content: RecordDict) -> TrainReply:
         a_drift_start=_float(m, M_DRIFT_START),
         a_drift_end=_float(m, M_DRIFT_END),
         notes=tuple(str(n) for n in notes),
-        local_sha256=str(content.config_records.get(STATE_RECORD, {}).get(K_LOCAL_SHA256, "")),
+        local_sha256=str(state.get(K_LOCAL_SHA256, "")) if state is not None else "",
     )
 
 
