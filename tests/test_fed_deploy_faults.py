@@ -175,7 +175,7 @@ def test_killed_supernode_is_recorded_and_rejoins_with_its_local_a(
     assert r3["accepted"] == [0, 1]
     c1 = r3["clients"][1]
     assert c1["node_id"] != r1["clients"][1]["node_id"]  # the restarted SuperNode is a new node
-    local_a = {k: v for k, v in persisted.items() if ".lora_A." in k}
+    local_a = {k: v for k, v in persisted.items() if ".asymlora_A." in k}
     assert len(local_a) == 4 and c1["local_sha256_start"] == sha256_of(local_a)
     assert c1["a_drift_start"] == r1["clients"][1]["a_drift_end"] > 0  # not a fresh A
     assert "notes" not in c1

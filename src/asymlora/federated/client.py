@@ -599,8 +599,8 @@ def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode())
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)  # bf16 has no numpy dtype: hash its bytes
+        h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
