@@ -18,8 +18,9 @@ Record layout of a train / evaluate instruction: ``arrays`` (ArrayRecord, the sh
 ``config-hash``; ``fed`` only while the node does not hold the run's config; ``clipping_norm`` under
 ``dp.clipping: client``). Exactly one ArrayRecord and one ConfigRecord: Flower's ``fixedclipping_mod``
 (`client_app.clipping_mod`) requires it. A train reply holds ``arrays`` (the upload), ``metrics`` (a
-MetricRecord) and, when the client has something to say, ``notes``; an evaluate reply ``results`` (the
-scores as JSON: they nest deeper than a ConfigRecord can).
+MetricRecord), when the client has something to say, ``notes``, and ``client-state``
+(``local-sha256``: its local tensors at the round's start, `client.tensors_sha256`); an evaluate reply
+``results`` (the scores as JSON: they nest deeper than a ConfigRecord can).
 
 **The config travels once per run.** The whole `FedConfig` (`RunConfig`: its JSON and SHA-256) rides
 in the ``fed`` field of the first instruction a strategy's run (`server_app.run_server`) sends each
