@@ -15,6 +15,7 @@ The base model is loaded once per process and the peft-wrapped model is cached p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -54,9 +55,11 @@ from asymlora.train import StepLoop, step_batches
 from asymlora.tuner.config import AsymLoraConfig
 
 __all__ = [
+    "IDENTITY_KEYS",
     "RoundResult",
     "adapted_model",
     "base_model",
+    "check_client_state",
     "client_adapter_config",
     "client_round_start",
     "client_upload",
@@ -69,6 +72,8 @@ __all__ = [
     "local_state",
     "save_client_state",
     "score_tasks",
+    "state_identity",
+    "tensors_sha256",
     "train_local",
     "train_round",
 ]
@@ -410,6 +415,8 @@ class RoundResult:
     """‖A − A_init‖/‖A_init‖ when the round's training started (0 under local_a=reset)."""
     a_drift_end: float
     notes: list[str] = field(default_factory=list)
+    local_sha256_start: str = ""
+    """`tensors_sha256` of the strategy's local tensors as loaded into the model at the round's start."""
 
 
 def _inject_faults(cfg: FedConfig, client: int, rnd: int, upload: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -465,6 +472,7 @@ def train_round(
         notes.append(f"client {client}: no local tensors from round {src}; starting them from {where}")
     start = client_round_start(strategy, state, received, roles, initial=init, cfg=acfg, seed=seed)
     load_adapter_state_(model, start)
+    local_start = tensors_sha256(local_state(strategy, adapter_state(model), roles))
     _reset_trainable_(model)
     freeze_(model, strategy)
     steps = cfg.train.local_steps
@@ -482,6 +490,7 @@ def train_round(
         a_drift_start=a_drift(start, init, roles),
         a_drift_end=a_drift(trained, init, roles),
         notes=notes,
+        local_sha256_start=local_start,
     )
 
 
@@ -595,32 +604,88 @@ def _state_file(state_dir: str | Path, client: int, rnd: int) -> Path:
     return Path(state_dir) / f"client-{client}" / f"round-{rnd}.safetensors"
 
 
+IDENTITY_KEYS = ("model", "adapter", "clients", "data", "train", "seed", "local_a", "het_local", "dp")
+"""The config keys that decide what a client trains: two runs that agree on them (and on the strategy)
+are the same run for the client's storage — a ``--resume`` may change ``rounds``, ``timeouts``, ``faults``,
+``eval`` and ``run_dir``, not these."""
+
+
+def state_identity(cfg: FedConfig, strategy: str) -> str:
+    """SHA-256 (hex, 64 characters) of the strategy and the `IDENTITY_KEYS` of ``cfg``: the run identity
+    stored with the client's adapter (`save_client_state`) and checked when it is read back."""
+    d = cfg.to_dict()
+    text = json.dumps({"strategy": strategy, **{k: d.get(k) for k in IDENTITY_KEYS}}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 (hex) over ``tensors`` in name order: each name's UTF-8 bytes, then the raw bytes of the
+    tensor (row-major, its own dtype). Equal digests mean bit-equal tensors; used to show what a client
+    started a round from (``local_sha256_start`` in ``rounds.jsonl``)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)  # bf16 has no numpy dtype: hash its bytes
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_client_state(
-    state_dir: str | Path, client: int, rnd: int, trained: Mapping[str, Tensor], strategy: str
-) -> Path:
-    """Write the client's trained adapter of round ``rnd`` atomically; keep it and the last round before it
-    that the client trained in (a round re-run after a resume starts from that one; with partial
+    state_dir: str | Path, client: int, rnd: int, trained: Mapping[str, Tensor], strategy: str,
+    *, identity: str = "",
+) -> Path:  # fmt: skip
+    """Write the client's trained adapter of round ``rnd`` atomically (temp file + rename), with its
+    round, strategy and run ``identity`` (`state_identity`) as metadata; keep it and the last round before
+    it that the client trained in (a round re-run after a resume starts from that one; with partial
     participation it need not be ``rnd - 1``)."""
     path = _state_file(state_dir, client, rnd)
     tensors = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
-    atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata={"round": str(rnd), "strategy": strategy}))
+    meta = {"round": str(rnd), "strategy": strategy, "identity": identity}
+    atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     saved = {int(n): f for f in path.parent.glob("round-*.safetensors") if (n := f.stem[6:]).isdigit()}
     for r in sorted(k for k in saved if k < rnd)[:-1]:
         saved[r].unlink(missing_ok=True)
     return path
 
 
+def check_client_state(state_dir: str | Path | None, client: int, identity: str) -> None:
+    """Refuse a state directory that holds client ``client``'s adapter of another run.
+
+    Raises:
+        ValueError: a ``client-K/round-R.safetensors`` there was written under another run identity
+            (`state_identity`: another config or strategy), naming the file and the fix.
+    """
+    if not state_dir or not identity:
+        return
+    for path in sorted((Path(state_dir) / f"client-{client}").glob("round-*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            theirs = (fh.metadata() or {}).get("identity", "")
+        if theirs and theirs != identity:
+            raise ValueError(
+                f"state-dir {state_dir}: {path.name} of client {client} belongs to another run (identity "
+                f"{theirs[:12]}, this run {identity[:12]}: another config or strategy); give this node an "
+                "empty state-dir or remove that run's files"
+            )
+
+
 def load_client_state(
-    state_dir: str | Path | None, client: int, rnd: int, strategy: str
-) -> dict[str, Tensor] | None:
-    """The client's trained adapter of round ``rnd`` from its storage, or None if it is not there."""
+    state_dir: str | Path | None, client: int, rnd: int, strategy: str, *, identity: str = "",
+    or_earlier: bool = False,
+) -> dict[str, Tensor] | None:  # fmt: skip
+    """The client's trained adapter of round ``rnd`` from its storage, or None if it is not there.
+
+    ``or_earlier``: else the one of its latest earlier round still kept (a client that missed a round —
+    its SuperNode was killed — continues from where it was). With ``identity``, a file of another run
+    raises ValueError (`check_client_state`)."""
     if not state_dir:
         return None
-    path = _state_file(state_dir, client, rnd)
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    if meta.get("strategy") != strategy or meta.get("round") != str(rnd):
-        return None
-    return load_file(str(path))
+    check_client_state(state_dir, client, identity)
+    for r in range(rnd, 0 if or_earlier else rnd - 1, -1):
+        path = _state_file(state_dir, client, r)
+        if not path.is_file():
+            continue
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("strategy") == strategy and meta.get("round") == str(r):
+            return load_file(str(path))
+    return None

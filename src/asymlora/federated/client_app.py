@@ -149,12 +149,17 @@ def _state_dir(instruction: RoundInstruction, context: Context) -> str | None:
     return str(_node(context, "state-dir", "") or instruction.state_dir or "") or None
 
 
-def _carried(context: Context, state_dir: str | None, client: int, rnd: int, strategy: str) -> dict | None:
-    """The client's trained adapter of round ``rnd`` from ``context.state``, else from its disk."""
+def _carried(
+    context: Context, state_dir: str | None, client: int, rnd: int, strategy: str, identity: str = "",
+    or_earlier: bool = False,
+) -> dict | None:  # fmt: skip
+    """The client's trained adapter of round ``rnd`` from ``context.state``, else from its disk (a
+    restarted SuperNode; ``or_earlier``: its latest kept round before, when it missed rounds); a state
+    dir of another run (``identity``) raises ValueError."""
     meta = context.state.config_records.get(STATE_META)
     if meta is not None and meta["round"] == rnd and meta["strategy"] == strategy:
         return from_record(context.state.array_records[STATE_TRAINED])
-    return fc.load_client_state(state_dir, client, rnd, strategy)
+    return fc.load_client_state(state_dir, client, rnd, strategy, identity=identity, or_earlier=or_earlier)
 
 
 def _tasks(cfg: FedConfig, client: int, context: Context) -> list:
@@ -177,11 +182,17 @@ def train(message: Message, context: Context) -> Message:
     cfg = _run_config(ins, message, context)
     if cfg is None:
         return need_config_reply(message, ins.config_hash)
-    state_dir = _state_dir(ins, context)
+    state_dir, identity = _state_dir(ins, context), fc.state_identity(cfg, ins.strategy)
+    fc.check_client_state(state_dir, ins.client, identity)
     src = ins.round - 1
     if isinstance(ins, TrainInstruction) and ins.carried_round is not None:
         src = ins.carried_round  # the last round it trained in (partial participation: it may have sat out)
-    carried = _carried(context, state_dir, ins.client, src, ins.strategy) if src > 0 else None
+    # or_earlier: a node that was killed continues from its latest round kept on disk
+    carried = (
+        _carried(context, state_dir, ins.client, src, ins.strategy, identity, or_earlier=True)
+        if src > 0
+        else None
+    )
     res = fc.train_round(
         cfg, cfg.strategy(ins.strategy), ins.client, ins.rank, ins.round, from_record(ins.arrays), carried,
         _tasks(cfg, ins.client, context), carried_round=src,
@@ -191,10 +202,10 @@ def train(message: Message, context: Context) -> Message:
     context.state[STATE_TRAINED] = to_record(res.trained)
     context.state[STATE_META] = ConfigRecord({"round": ins.round, "strategy": ins.strategy})
     if state_dir:
-        fc.save_client_state(state_dir, ins.client, ins.round, res.trained, ins.strategy)
+        fc.save_client_state(state_dir, ins.client, ins.round, res.trained, ins.strategy, identity=identity)
     reply = TrainReply(
         ins.client, to_record(res.upload), res.num_examples, res.train_loss, res.seconds,
-        res.a_drift_start, res.a_drift_end, tuple(res.notes),
+        res.a_drift_start, res.a_drift_end, tuple(res.notes), res.local_sha256_start,
     )  # fmt: skip
     return Message(encode_train_reply(reply), reply_to=message)
 
@@ -207,7 +218,8 @@ def evaluate(message: Message, context: Context) -> Message:
     cfg = _run_config(ins, message, context)
     if cfg is None:
         return need_config_reply(message, ins.config_hash)
-    trained = _carried(context, _state_dir(ins, context), ins.client, ins.round, ins.strategy)
+    identity = fc.state_identity(cfg, ins.strategy)
+    trained = _carried(context, _state_dir(ins, context), ins.client, ins.round, ins.strategy, identity)
     if trained is None:
         raise RuntimeError(
             f"client {ins.client} holds no trained adapter of round {ins.round} ({ins.strategy}); cannot evaluate"

@@ -19,8 +19,9 @@ Record layout of a train / evaluate instruction: ``arrays`` (ArrayRecord, the sh
 ``dp.clipping: client``; a train instruction's ``carried-round``: the last round the client trained in).
 Exactly one ArrayRecord and one ConfigRecord: Flower's ``fixedclipping_mod``
 (`client_app.clipping_mod`) requires it. A train reply holds ``arrays`` (the upload), ``metrics`` (a
-MetricRecord) and, when the client has something to say, ``notes``; an evaluate reply ``results`` (the
-scores as JSON: they nest deeper than a ConfigRecord can).
+MetricRecord), when the client has something to say, ``notes``, and ``client-state``
+(``local-sha256``: its local tensors at the round's start, `client.tensors_sha256`); an evaluate reply
+``results`` (the scores as JSON: they nest deeper than a ConfigRecord can).
 
 **The config travels once per run.** The whole `FedConfig` (`RunConfig`: its JSON and SHA-256) rides
 in the ``fed`` field of the first instruction a strategy's run (`server_app.run_server`) sends each
@@ -104,6 +105,8 @@ K_CARRIED = "carried-round"
 # keys of the train reply's MetricRecord
 M_CLIENT, M_EXAMPLES, M_LOSS, M_SECONDS = "client", "num-examples", "train-loss", "seconds"
 M_DRIFT_START, M_DRIFT_END = "a-drift-start", "a-drift-end"
+# the train reply's ConfigRecord of the client's storage: SHA-256 of its local tensors at the round's start
+STATE_RECORD, K_LOCAL_SHA256 = "client-state", "local-sha256"
 # keys of the hello reply
 H_PARTITION, H_RANK, H_DATA, H_PID = "partition-id", "rank", "data", "pid"
 
@@ -316,6 +319,8 @@ class TrainReply:
     """‖A − A_init‖ / ‖A_init‖ at the start and end of the round (docs/design.md §4)."""
     a_drift_end: float
     notes: tuple[str, ...] = ()
+    local_sha256: str = ""
+    """SHA-256 of the client's local tensors when its training started (`client.tensors_sha256`), or ""."""
 
 
 def encode_train_reply(reply: TrainReply) -> RecordDict:
@@ -332,6 +337,8 @@ def encode_train_reply(reply: TrainReply) -> RecordDict:
     content = RecordDict({ARRAYS: reply.upload, METRICS: metrics})
     if reply.notes:
         content[NOTES] = ConfigRecord({NOTES: list(reply.notes)})
+    if reply.local_sha256:
+        content[STATE_RECORD] = ConfigRecord({K_LOCAL_SHA256: reply.local_sha256})
     return content
 
 
@@ -342,6 +349,7 @@ def decode_train_reply(content: RecordDict) -> TrainReply:
     notes = notes_record.get(NOTES, []) if notes_record is not None else []
     if not isinstance(notes, list):
         raise ReplyError(f"the reply's notes are {notes!r}, not a list of strings")
+    state = content.config_records.get(STATE_RECORD)
     return TrainReply(
         client=_int(m, M_CLIENT),
         upload=_array_record(content, ARRAYS),
@@ -351,6 +359,7 @@ def decode_train_reply(content: RecordDict) -> TrainReply:
         a_drift_start=_float(m, M_DRIFT_START),
         a_drift_end=_float(m, M_DRIFT_END),
         notes=tuple(str(n) for n in notes),
+        local_sha256=str(state.get(K_LOCAL_SHA256, "")) if state is not None else "",
     )
 
 

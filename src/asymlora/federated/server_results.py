@@ -103,6 +103,7 @@ def evaluate_and_write(
     ``results.json``: (the results, the number of clients that returned scores)."""
     t0 = time.perf_counter()
     final_record = to_record(download_payload(fed.strategy, state))
+    fed.rejoin(fed.cfg.timeouts.wait_nodes)  # a SuperNode restarted during the last round
     alive = set(fed.grid.get_node_ids())
     instructions = {
         i.node_id: fed.instruction(EvaluateInstruction, i, log.last_trained[i.client], final_record)

@@ -183,9 +183,53 @@ class Federation:
         self.state_dir, self.threads = state_dir, threads
         self.run_config = RunConfig.of(cfg)
         self.holds_config: set[int] = set()
+        self.failed: set[int] = set()
+        """Nodes whose last exchange ended in an error or no reply (their client may move to a new node)."""
+        self.ignored: set[int] = set()
+        """Nodes that connected later and were left out by `rejoin`."""
 
     def sorted_infos(self) -> list[ClientInfo]:
         return sorted(self.infos.values(), key=lambda i: i.client)
+
+    def rejoin(self, timeout: float) -> list[ClientInfo]:
+        """Take in nodes that connected after `discover` — a restarted SuperNode registers under a new
+        node id — by asking them the hello query (up to ``timeout`` s). A node's client replaces the
+        client's old node when that one is gone from the grid or failed its last exchange
+        (``self.failed``); a client never seen before joins. Its rank must be the one the run's tensors
+        were built for (`ClientInfo.rank`, else ``clients.ranks``); a node that does not fit is named
+        (``say``) and left out.
+        Returns the clients that (re)joined."""
+        alive = set(self.grid.get_node_ids())
+        new = sorted(alive - set(self.infos) - self.ignored)
+        if not new:
+            return []
+        hellos = [hello_message(n) for n in new]
+        joined = []
+        for r in self.grid.send_and_receive(hellos, timeout=timeout):
+            node, why = _replying_node(r, hellos), ""
+            if r.has_error():
+                why = f"no hello reply: {error_reason(r)}"
+            else:
+                h = decode_hello(r.content)
+                k, old = h.partition_id, self.by_client.get(h.partition_id)
+                rank = h.rank or self.cfg.client_rank(k)
+                if not 0 <= k < self.cfg.clients.num or rank != (
+                    old.rank if old else self.cfg.client_rank(k)
+                ):
+                    why = f"partition-id={k}, rank {rank} do not fit this run"
+                elif old is not None and old.node_id in alive and old.node_id not in self.failed:
+                    why = f"client {k} is still served by node {old.node_id}"
+            if why:
+                self.ignored.add(node)
+                self.say(f"node {node} left out: {why}")
+                continue
+            info = ClientInfo(node, k, rank, h.data)
+            if old is not None:
+                del self.infos[old.node_id]
+            self.infos[node], self.by_client[k] = info, info
+            joined.append(info)
+            self.say(f"client {k} (re)joined on node {node}" + (f" (was node {old.node_id})" if old else ""))
+        return joined
 
     def instruction(
         self, kind: type[RoundInstruction], info: ClientInfo, rnd: int, arrays: ArrayRecord
@@ -217,6 +261,8 @@ class Federation:
             self.say(f"node(s) {sorted(again)} hold no run config (restarted?); sending it again")
             replies.update(self._exchange(again, max(1.0, deadline - time.monotonic()), sent))
         self.holds_config.update(n for n, r in replies.items() if not r.has_error())
+        self.failed = (self.failed - set(replies)) | {n for n, r in replies.items() if r.has_error()}
+        self.failed |= set(instructions) - set(replies)
         return replies, sent
 
     def _exchange(
@@ -227,14 +273,24 @@ class Federation:
         msgs = [instruction_message(ins, node, timeout + TTL_MARGIN) for node, ins in instructions.items()]
         sent.update(instructions.keys())
         replies = self.grid.send_and_receive(msgs, timeout=timeout)
-        return {r.metadata.src_node_id: r for r in replies if r.metadata.src_node_id in instructions}
+        return {n: r for r in replies if (n := _replying_node(r, msgs)) in instructions}
+
+
+def _replying_node(reply: Message, sent: Sequence[Message]) -> int:
+    """The node a reply answers for: its source, or — for the error the SuperLink itself writes when a
+    node went silent (Flower's "Node Unavailable", sent from the SuperLink's own node id) — the
+    destination of the instruction it replies to."""
+    by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 # --- one round --------------------------------------------------------------------------------------------
 def _round_start(
     fed: Federation, rnd: int, down: Mapping[str, Tensor], down_record: Any
 ) -> tuple[dict[int, dict[str, Any]], dict[int, RoundInstruction]]:
-    """Every client's record (missing when its node is gone) and the instruction of every live node."""
+    """Every client's record (missing when its node is gone) and the instruction of every live node;
+    nodes that connected since the last round (a restarted SuperNode) are taken in first (`Federation.rejoin`)."""
+    fed.rejoin(fed.cfg.timeouts.wait_nodes)
     alive = set(fed.grid.get_node_ids())
     records: dict[int, dict[str, Any]] = {}
     instructions: dict[int, RoundInstruction] = {}
@@ -297,6 +353,8 @@ def collect_train_replies(
         )  # fmt: skip
         if train.notes:
             rec["notes"] = list(train.notes)
+        if train.local_sha256:
+            rec["local_sha256_start"] = train.local_sha256
         if fed.cfg.log_keys:
             rec["keys_up"] = list(up)
         updates.append((up, train.num_examples))
