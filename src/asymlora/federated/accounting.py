@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from asymlora.federated.client import client_adapter_config, client_upload
-from asymlora.federated.codec import payload_bytes, payload_params
+from asymlora.federated.codec import payload_bytes, payload_params, transfer_payload_bytes
 from asymlora.federated.state import RoleMap, adapter_state, role_map
 from asymlora.federated.strategies import (
     STRATEGY_NAMES,
@@ -193,6 +193,7 @@ def round_cost(
     ranks: Sequence[int],
     *,
     het_upload: Literal["auto", "product", "factors"] = "auto",
+    transfer: tuple[str, str] | None = None,
 ) -> tuple[ClientCost, ...]:
     """Traffic of one round, from the strategy's real payloads.
 
@@ -203,23 +204,26 @@ def round_cost(
             meta tensors are fine).
         ranks: each client's rank, for the record.
         het_upload: ``fedalora-het``'s upload choice (see `client_upload`).
+        transfer: (up, down) wire dtypes (`codec.TRANSFER_DTYPES`): bytes as `codec.transfer_payload_bytes`
+            counts them (int8: 1 B per value + a float32 scale per row); None: at the tensors' dtype.
     """
     down = download_payload(strategy, init_server_state(strategy, *server))
     out = []
     for k, ((state, roles), rank) in enumerate(zip(clients, ranks, strict=True)):
         up = client_upload(strategy, state, roles, het_upload=het_upload)
-        out.append(
-            ClientCost(
-                k, rank, payload_params(up), payload_params(down), payload_bytes(up), payload_bytes(down)
-            )
-        )
+        if transfer is None:
+            b_up, b_down = payload_bytes(up), payload_bytes(down)
+        else:
+            b_up, b_down = transfer_payload_bytes(up, transfer[0]), transfer_payload_bytes(down, transfer[1])
+        out.append(ClientCost(k, rank, payload_params(up), payload_params(down), b_up, b_down))
     return tuple(out)
 
 
 def run_round_cost(cfg: FedConfig, strategy_name: str) -> tuple[ClientCost, ...]:
     """The traffic one round of ``strategy_name`` must have in the federated run ``cfg`` (its model, target
-    modules, client ranks, ``het_upload``), from the strategy's payloads on the meta device, at float32 —
-    the reference the bytes logged by a real run (``rounds.jsonl``) are checked against."""
+    modules, client ranks, ``het_upload``), from the strategy's payloads on the meta device, at the wire
+    dtypes ``transfer.up`` / ``transfer.down`` — the reference the bytes logged by a real run
+    (``rounds.jsonl``'s ``payload_up`` / ``payload_down``) are checked against."""
     strategy = cfg.strategy(strategy_name)
     ranks = [cfg.client_rank(k) for k in range(cfg.clients.num)]
 
@@ -229,7 +233,10 @@ def run_round_cost(cfg: FedConfig, strategy_name: str) -> tuple[ClientCost, ...]
 
     server = model_state(max(ranks) if strategy.heterogeneous else cfg.adapter.r)
     states = {k: model_state(k) for k in set(ranks)}
-    return round_cost(strategy, server, [states[k] for k in ranks], ranks, het_upload=cfg.het_upload)
+    wire = (cfg.transfer.up, cfg.transfer.down)
+    return round_cost(
+        strategy, server, [states[k] for k in ranks], ranks, het_upload=cfg.het_upload, transfer=wire
+    )
 
 
 def _layer_dims(roles: RoleMap) -> list[tuple[int, int]]:
