@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.test_fed_apps import InProcessGrid, assets, read_rounds, task_identity, write_config  # noqa: F401  (fixtures shared with the app tests)
+from tests import test_fed_apps as apps
 
 from asymlora.config import ConfigError
 from asymlora.federated.codec import dequantize_int8_rows, quantize_int8_rows, transfer_payload_bytes
 
 pytest.importorskip("flwr")
+# the app tests' fixtures: the tiny model and tasks on disk, the identity Flower gives the ServerApp
+assets, task_identity = apps.assets, apps.task_identity
 
 
 # --- the quantiser ---------------------------------------------------------------------------------------------
@@ -111,8 +113,8 @@ def test_a_transfer_dtype_the_run_cannot_use_is_refused_before_round_1(tmp_path:
 
 
 # --- a round in process ------------------------------------------------------------------------------------------
-class RecordingGrid(InProcessGrid):
-    """`InProcessGrid` that also keeps every train reply's upload ArrayRecord, by client node."""
+class RecordingGrid(apps.InProcessGrid):
+    """`apps.InProcessGrid` that also keeps every train reply's upload ArrayRecord, by client node."""
 
     def __init__(self, num: int) -> None:
         super().__init__(num)
@@ -133,19 +135,19 @@ def _run(root: Path, tmp_path: Path, name: str, **transfer: str) -> tuple[Record
     from asymlora.federated.server_app import run_server
 
     run = tmp_path / name
-    path = write_config(tmp_path / f"{name}.yaml", root, run, rounds=1, log_keys=True, transfer=transfer)
+    path = apps.write_config(tmp_path / f"{name}.yaml", root, run, rounds=1, log_keys=True, transfer=transfer)
     grid = RecordingGrid(2)
     outcome = run_server(grid, load_fed_config(path), "fedalora", run / "fedalora", say=lambda _: None)
     assert outcome.status == "completed", outcome.message
-    (record,) = read_rounds(run / "fedalora" / "rounds.jsonl")
+    (record,) = apps.read_rounds(run / "fedalora" / "rounds.jsonl")
     return grid, record, load_file(str(run / "fedalora" / "checkpoint" / "server_state.safetensors"))
 
 
 @pytest.mark.fed
 def test_int8_upload_round_counts_the_bytes_sent_and_aggregates_within_the_error(
-    assets: Path,  # noqa: F811
+    assets: Path,
     tmp_path: Path,
-    task_identity,  # noqa: F811
+    task_identity,
 ) -> None:
     """fedalora on the tiny model, 2 clients, 1 round, up = int8: each client sends its 4 B matrices (32 × 2)
     as 64 int8 values + 32 float32 scales + the key; the aggregate is the float32 run's within Σ_k p_k s_k / 2
