@@ -6,6 +6,7 @@ Pure functions over ``dict[str, Tensor]``; no Flower import (docs/design.md §4)
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -86,7 +87,7 @@ INT8_LEVELS = 127
 
 def rows_view(t: Tensor) -> Tensor:
     """``t`` as a matrix of rows: (shape[0], numel / shape[0]) for ndim ≥ 2, one row for ndim ≤ 1."""
-    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])) if t.dim() >= 2 else t.reshape(1, t.numel())
 
 
 def quantize_int8_rows(t: Tensor) -> tuple[Tensor, Tensor]:
