@@ -9,8 +9,8 @@ download → train replies validated into per-client records (`collect_train_rep
 A ``rounds.jsonl`` line: ``round``, ``strategy``, ``clients`` (one record per client: ``status`` ok /
 rejected / failed / missing, ``bytes_up``, ``bytes_down`` — the ArrayRecord bytes actually put into the
 messages —, ``payload_up``/``payload_down`` — tensor data only, at the ``transfer`` wire dtypes —, the
-tensor kinds sent each way, ``num_examples``, ``train_loss``, ``a_drift_start``/``a_drift_end``, ``reason``; ``config_resent`` when
-the node had to be sent the run config again), ``bytes_up``, ``bytes_down``, ``train_loss``
+tensor kinds sent each way, ``num_examples``, ``train_loss``, ``a_drift_start``/``a_drift_end``,
+``reason``; ``config_resent`` when the node had to be sent the run config again), ``bytes_up``, ``bytes_down``, ``train_loss``
 (example-weighted over the accepted clients), ``accepted``, ``rejected``, ``failed``, ``kept_previous``,
 ``note``, ``seconds`` and, with DP, ``dp``.
 """
