@@ -11,6 +11,7 @@ ranks [64, 64, 32, 32, 16, 16, 8, 8], r̄ = 30, d_m = 16).
 
     python -m asymlora.federated.accounting                # LLaMA-2-7B and Qwen2-7B tables (markdown)
     python -m asymlora.federated.accounting --arch llama2-7b
+    python -m asymlora.federated.accounting --arch llama2-7b --transfer int8   # bytes at int8 both ways
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from asymlora.federated.client import client_adapter_config, client_upload
-from asymlora.federated.codec import payload_bytes, payload_params
+from asymlora.federated.codec import TRANSFER_DTYPES, payload_bytes, payload_params, transfer_payload_bytes
 from asymlora.federated.state import RoleMap, adapter_state, role_map
 from asymlora.federated.strategies import (
     STRATEGY_NAMES,
@@ -193,6 +194,7 @@ def round_cost(
     ranks: Sequence[int],
     *,
     het_upload: Literal["auto", "product", "factors"] = "auto",
+    transfer: tuple[str, str] | None = None,
 ) -> tuple[ClientCost, ...]:
     """Traffic of one round, from the strategy's real payloads.
 
@@ -203,23 +205,26 @@ def round_cost(
             meta tensors are fine).
         ranks: each client's rank, for the record.
         het_upload: ``fedalora-het``'s upload choice (see `client_upload`).
+        transfer: (up, down) wire dtypes (`codec.TRANSFER_DTYPES`): bytes as `codec.transfer_payload_bytes`
+            counts them (int8: 1 B per value + a float32 scale per row); None: at the tensors' dtype.
     """
     down = download_payload(strategy, init_server_state(strategy, *server))
     out = []
     for k, ((state, roles), rank) in enumerate(zip(clients, ranks, strict=True)):
         up = client_upload(strategy, state, roles, het_upload=het_upload)
-        out.append(
-            ClientCost(
-                k, rank, payload_params(up), payload_params(down), payload_bytes(up), payload_bytes(down)
-            )
-        )
+        if transfer is None:
+            b_up, b_down = payload_bytes(up), payload_bytes(down)
+        else:
+            b_up, b_down = transfer_payload_bytes(up, transfer[0]), transfer_payload_bytes(down, transfer[1])
+        out.append(ClientCost(k, rank, payload_params(up), payload_params(down), b_up, b_down))
     return tuple(out)
 
 
 def run_round_cost(cfg: FedConfig, strategy_name: str) -> tuple[ClientCost, ...]:
     """The traffic one round of ``strategy_name`` must have in the federated run ``cfg`` (its model, target
-    modules, client ranks, ``het_upload``), from the strategy's payloads on the meta device, at float32 —
-    the reference the bytes logged by a real run (``rounds.jsonl``) are checked against."""
+    modules, client ranks, ``het_upload``), from the strategy's payloads on the meta device, at the wire
+    dtypes ``transfer.up`` / ``transfer.down`` — the reference the bytes logged by a real run
+    (``rounds.jsonl``'s ``payload_up`` / ``payload_down``) are checked against."""
     strategy = cfg.strategy(strategy_name)
     ranks = [cfg.client_rank(k) for k in range(cfg.clients.num)]
 
@@ -229,7 +234,10 @@ def run_round_cost(cfg: FedConfig, strategy_name: str) -> tuple[ClientCost, ...]
 
     server = model_state(max(ranks) if strategy.heterogeneous else cfg.adapter.r)
     states = {k: model_state(k) for k in set(ranks)}
-    return round_cost(strategy, server, [states[k] for k in ranks], ranks, het_upload=cfg.het_upload)
+    wire = (cfg.transfer.up, cfg.transfer.down)
+    return round_cost(
+        strategy, server, [states[k] for k in ranks], ranks, het_upload=cfg.het_upload, transfer=wire
+    )
 
 
 def expected_round_bytes(cfg: FedConfig, strategy_name: str) -> dict[str, float]:
@@ -302,12 +310,13 @@ def communication_table(
     ranks: Sequence[int] = PAPER_HET_RANKS,
     d_m: int = 16,
     dtype: torch.dtype = torch.float32,
+    transfer: tuple[str, str] | None = None,
 ) -> list[StrategyCost]:
     """Per-client per-round traffic of every strategy on ``arch`` (meta device), with the paper's figures.
 
     Homogeneous strategies use rank ``r`` on every client (as many clients as ``ranks``); ``zeropad`` and
     ``fedalora-het`` use the client ranks ``ranks`` and intermediate rank ``d_m``. Parameters are counted
-    from the payloads; bytes at ``dtype``.
+    from the payloads; bytes at ``dtype``, or at the (up, down) wire dtypes ``transfer`` (`round_cost`).
     """
     targets = list(ARCHS[arch]["targets"]) if arch in ARCHS else list(DEFAULT_TARGETS)
     base = AsymLoraConfig(
@@ -333,7 +342,7 @@ def communication_table(
         client_ranks = list(ranks) if strategy.heterogeneous else homo_ranks
         server = model_state(strategy, max(client_ranks))
         clients = [model_state(strategy, k) for k in client_ranks]
-        costs = round_cost(strategy, server, clients, client_ranks)
+        costs = round_cost(strategy, server, clients, client_ranks, transfer=transfer)
         note = ""
         paper = paper_params(name, dims, r, ranks, d_m)
         if name == "fedalora-het":
@@ -350,12 +359,20 @@ def communication_table(
     return rows
 
 
-def format_table(arch: str, rows: Sequence[StrategyCost], dtype: torch.dtype = torch.float32) -> str:
-    """A markdown table of `communication_table`'s rows (millions of parameters, MB = 10⁶ bytes)."""
+def format_table(
+    arch: str,
+    rows: Sequence[StrategyCost],
+    dtype: torch.dtype = torch.float32,
+    transfer: tuple[str, str] | None = None,
+) -> str:
+    """A markdown table of `communication_table`'s rows (millions of parameters, MB = 10⁶ bytes);
+    ``transfer``: the (up, down) wire dtypes the rows' bytes were counted at."""
     size = torch.empty((), dtype=dtype).element_size()
+    at = f"{str(dtype).removeprefix('torch.')}, {size} B/value"
+    if transfer is not None:
+        at = f"up {transfer[0]}, down {transfer[1]}; int8: 1 B/value + a float32 scale per row"
     lines = [
-        f"{arch}: per client per round, mean over clients (bytes at {str(dtype).removeprefix('torch.')}, "
-        f"{size} B/value)",
+        f"{arch}: per client per round, mean over clients (bytes at {at})",
         "",
         "| strategy | client ranks | up (M) | down (M) | measured total (M) | MB | paper formula (M) "
         "| published (M) | note |",
@@ -373,6 +390,17 @@ def format_table(arch: str, rows: Sequence[StrategyCost], dtype: torch.dtype = t
             f"| {row.note} |"
         )
     return "\n".join(lines)
+
+
+def _transfer_arg(parser: argparse.ArgumentParser, text: str | None) -> tuple[str, str] | None:
+    """``--transfer UP[,DOWN]`` as (up, down); a parser error names a value outside `TRANSFER_DTYPES`."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    bad = [p for p in parts if p not in TRANSFER_DTYPES]
+    if bad or len(parts) > 2:
+        parser.error(f"--transfer {text!r}: give UP or UP,DOWN, each one of {list(TRANSFER_DTYPES)}")
+    return parts[0], parts[-1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -395,7 +423,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--d-m", type=int, default=16, help="Fed-ALoRA-het intermediate rank d_m (default 16)"
     )
+    parser.add_argument(
+        "--transfer",
+        default=None,
+        metavar="UP[,DOWN]",
+        help=f"count bytes at these wire dtypes (one of {list(TRANSFER_DTYPES)}; DOWN defaults to UP)",
+    )
     args = parser.parse_args(argv)
+    transfer = _transfer_arg(parser, args.transfer)
     try:
         ranks = [int(k) for k in args.ranks.split(",") if k.strip()]
     except ValueError:
@@ -407,10 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if i:
             print()
         try:
-            rows = communication_table(arch, args.r, ranks, args.d_m)
+            rows = communication_table(arch, args.r, ranks, args.d_m, transfer=transfer)
         except ValueError as e:
             parser.error(str(e))
-        print(format_table(arch, rows))
+        print(format_table(arch, rows, transfer=transfer))
     print(
         f"\nr = {args.r}; heterogeneous ranks {ranks} (r̄ = {math.fsum(ranks) / len(ranks):g}), d_m = {args.d_m}"
     )

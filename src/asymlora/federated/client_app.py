@@ -35,6 +35,7 @@ from asymlora.federated.messages import (
     ARRAYS,
     CONFIG,
     K_STRATEGY,
+    K_TRANSFER_UP,
     RAW_STYPE,
     TRAIN,
     EvaluateReply,
@@ -97,8 +98,26 @@ def clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
     return out
 
 
-app = ClientApp(mods=[clipping_mod])
-"""The ClientApp; `clipping_mod` clips the upload when the server asks (``dp.clipping: client``)."""
+def transfer_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """ClientApp mod of compressed uploads (docs/design.md §4, "Compressed transfers"): on ``train``
+    messages whose config carries `messages.K_TRANSFER_UP`, the reply's upload is re-encoded at that wire
+    dtype (`messages.to_record`). It is the outermost mod, so it quantises what `clipping_mod` clipped
+    (clip, then round). The download needs nothing here: `messages.from_record` decodes it by its stype.
+    """
+    config = msg.content.config_records.get(CONFIG) if msg.metadata.message_type == TRAIN else None
+    if config is None or K_TRANSFER_UP not in config:
+        return call_next(msg, ctxt)
+    out = call_next(msg, ctxt)
+    if out.has_error():
+        return out
+    upload = from_record(out.content.array_records[ARRAYS])
+    out.content[ARRAYS] = to_record(upload, transfer_dtype=str(config[K_TRANSFER_UP]))
+    return out
+
+
+app = ClientApp(mods=[transfer_mod, clipping_mod])
+"""The ClientApp; `clipping_mod` clips the upload when the server asks (``dp.clipping: client``) and
+`transfer_mod` (outermost: after the clip) encodes it at ``transfer.up``."""
 
 
 def _node(context: Context, key: str, default: Any = None) -> Any:

@@ -6,6 +6,7 @@ Pure functions over ``dict[str, Tensor]``; no Flower import (docs/design.md §4)
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -15,12 +16,18 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 __all__ = [
+    "INT8_LEVELS",
+    "TRANSFER_DTYPES",
     "arrays_to_state",
     "bytes_to_state",
+    "dequantize_int8_rows",
     "payload_bytes",
     "payload_params",
+    "quantize_int8_rows",
+    "rows_view",
     "state_to_arrays",
     "state_to_bytes",
+    "transfer_payload_bytes",
 ]
 
 
@@ -69,3 +76,64 @@ def bytes_to_state(data: bytes | bytearray | io.BytesIO) -> dict[str, Tensor]:
         return st_load(raw)
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"not a valid safetensors payload ({e})") from None
+
+
+# --- compressed transfers (docs/design.md §4, "Compressed transfers") ----------------------------------------
+TRANSFER_DTYPES = ("float32", "bfloat16", "float16", "int8")
+"""Wire dtypes of the shared tensors, per direction (``transfer.up`` / ``transfer.down``)."""
+INT8_LEVELS = 127
+"""Symmetric int8 grid: q ∈ [−127, 127] (−128 unused, so that q and −q are both representable)."""
+
+
+def rows_view(t: Tensor) -> Tensor:
+    """``t`` as a matrix of rows: (shape[0], numel / shape[0]) for ndim ≥ 2, one row for ndim ≤ 1."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])) if t.dim() >= 2 else t.reshape(1, t.numel())
+
+
+def quantize_int8_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row absmax int8 quantisation: (q int8 of ``t``'s shape, scale float32 of shape (rows,)).
+
+    Row i (`rows_view`) gets s_i = max_j |x_ij| / 127 and q_ij = round(x_ij / s_i) ∈ [−127, 127]
+    (round half to even), so |x_ij − s_i·q_ij| ≤ s_i / 2; an all-zero row has s_i = 0 and q = 0. The
+    arithmetic is float32 (the server's dtype). Raises ValueError for a non-finite or non-float tensor.
+
+    Our own code: the scheme is the per-row ("per-channel") absmax of LLM.int8 (Dettmers et al. 2022,
+    arXiv:2208.07339, §3.1), and neither torch's quantized tensors (per-channel affine, deprecated
+    quantization API) nor bitsandbytes (CPU build) give an int8 + float32-scale pair to put on the wire.
+    """
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"int8 transfer quantises floating-point tensors, got {t.dtype}")
+    x = rows_view(t.detach().to(torch.float32))
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("int8 transfer cannot quantise a tensor holding NaN or Inf")
+    scale = x.abs().amax(dim=1) / INT8_LEVELS if x.numel() else torch.zeros(x.shape[0])
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / safe[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    return q.reshape(t.shape), scale.to(torch.float32)
+
+
+def dequantize_int8_rows(q: Tensor, scale: Tensor) -> Tensor:
+    """Inverse of `quantize_int8_rows` up to rounding: s_i · q_ij as float32, of ``q``'s shape."""
+    rows = rows_view(q)
+    if scale.shape != (rows.shape[0],):
+        raise ValueError(
+            f"int8 tensor of shape {tuple(q.shape)} needs {rows.shape[0]} row scales, got {tuple(scale.shape)}"
+        )
+    return (rows.to(torch.float32) * scale.to(torch.float32)[:, None]).reshape(q.shape)
+
+
+def transfer_payload_bytes(tensors: Mapping[str, Tensor], transfer_dtype: str) -> int:
+    """Bytes of tensor data ``tensors`` take on the wire at ``transfer_dtype`` (`TRANSFER_DTYPES`): numel × 4
+    / 2 / 2 for float32 / bfloat16 / float16; numel + 4 × rows for int8 (one float32 scale per row).
+    Non-floating tensors travel as they are. Works on meta tensors."""
+    if transfer_dtype not in TRANSFER_DTYPES:
+        raise ValueError(f"transfer dtype {transfer_dtype!r} is not one of {list(TRANSFER_DTYPES)}")
+    total = 0
+    for t in tensors.values():
+        if not t.dtype.is_floating_point:
+            total += t.numel() * t.element_size()
+        elif transfer_dtype == "int8":
+            total += t.numel() + 4 * rows_view(t).shape[0]
+        else:
+            total += t.numel() * getattr(torch, transfer_dtype).itemsize
+    return total

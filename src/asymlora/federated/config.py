@@ -33,6 +33,7 @@ from asymlora.config import (
     load_config,
 )
 from asymlora.config import DataSettings as MultiTaskDataSettings
+from asymlora.federated.codec import TRANSFER_DTYPES
 from asymlora.federated.privacy import PrivacySettings, noise_multiplier_for
 from asymlora.federated.strategies import (
     STRATEGY_NAMES,
@@ -56,6 +57,7 @@ __all__ = [
     "SimulationSettings",
     "TimeoutSettings",
     "TrainSettings",
+    "TransferSettings",
     "dump_fed_config",
     "fed_config_from_json",
     "load_fed_config",
@@ -219,6 +221,23 @@ class RejectSettings:
 
 
 @dataclass
+class TransferSettings:
+    """Wire dtype of the shared tensors each way (docs/design.md §4, "Compressed transfers"); the
+    server's state stays float32 and ``rounds.jsonl`` counts the bytes actually sent."""
+
+    up: Literal["float32", "bfloat16", "float16", "int8"] = "float32"
+    """Client → server: the upload, cast (or int8-quantised per row, `codec.quantize_int8_rows`) after
+    client-side clipping; the server aggregates the decoded float32 values."""
+    down: Literal["float32", "bfloat16", "float16", "int8"] = "float32"
+    """Server → client: the download (train and evaluate); the client trains from the decoded values."""
+
+    @property
+    def lossy(self) -> bool:
+        """True when either direction is not float32."""
+        return (self.up, self.down) != ("float32", "float32")
+
+
+@dataclass
 class FedConfig:
     """One federated experiment: model, strategies, clients, data, rounds, local training, evaluation."""
 
@@ -254,6 +273,8 @@ class FedConfig:
     """Server-side rejection of outlying updates; off by default."""
     dp: PrivacySettings = field(default_factory=PrivacySettings)
     """Client-level differential privacy of the uploads (`asymlora.federated.privacy`); off by default."""
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    """Wire dtype of the shared tensors each way (``transfer.up`` / ``transfer.down``); float32 by default."""
 
     # --- derived ---------------------------------------------------------------------------------
     def strategy(self, name: str) -> Strategy:
@@ -304,6 +325,7 @@ class FedConfig:
         self._check_timeouts_and_faults()
         self._check_dp()
         self._check_reject()
+        self._check_transfer()
         self._check_client_adapters()
 
     def _check_strategies(self) -> None:
@@ -426,6 +448,23 @@ class FedConfig:
             raise ConfigError(
                 f"reject.norm_factor={f!r} must be a finite number > 1 (e.g. reject.norm_factor=10: reject an "
                 "update more than 10 × the round's median norm), or null to turn the check off"
+            )
+
+    def _check_transfer(self) -> None:
+        """Wire dtypes the run can use: not a lossy one with client-side DP clipping (the server checks
+        the received update against C, and rounding after the clip can exceed it)."""
+        t = self.transfer
+        for way in ("up", "down"):
+            if getattr(t, way) not in TRANSFER_DTYPES:
+                raise ConfigError(
+                    f"transfer.{way}={getattr(t, way)!r} is not a transfer dtype: use one of {list(TRANSFER_DTYPES)}"
+                )
+        if self.dp.clipping == "client" and t.lossy:
+            raise ConfigError(
+                f"transfer.up={t.up!r}, transfer.down={t.down!r} with dp.clipping=client: the server refuses "
+                "an update above dp.clipping_norm, and rounding the clipped upload (or the download it is "
+                "measured from) can push it over; use dp.clipping=server (the server clips the decoded "
+                "update) or transfer float32 both ways"
             )
 
     def _check_client_adapters(self) -> None:

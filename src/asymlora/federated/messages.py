@@ -16,8 +16,9 @@ evaluate   `EvaluateInstruction`: the final shared      `EvaluateReply`: persona
 Record layout of a train / evaluate instruction: ``arrays`` (ArrayRecord, the shared tensors) and
 ``config`` (one ConfigRecord: ``round``, ``strategy``, ``client``, ``rank``, ``state-dir``, ``threads``,
 ``config-hash``; ``fed`` only while the node does not hold the run's config; ``clipping_norm`` under
-``dp.clipping: client``; a train instruction's ``carried-round``: the last round the client trained in).
-Exactly one ArrayRecord and one ConfigRecord: Flower's ``fixedclipping_mod``
+``dp.clipping: client``; a train instruction's ``carried-round``: the last round the client trained in;
+``transfer-up`` when the upload's wire dtype is not float32). Exactly one ArrayRecord and one ConfigRecord:
+Flower's ``fixedclipping_mod``
 (`client_app.clipping_mod`) requires it. A train reply holds ``arrays`` (the upload), ``metrics`` (a
 MetricRecord), when the client has something to say, ``notes``, and ``client-state``
 (``local-sha256``: its local tensors at the round's start, `client.tensors_sha256`); an evaluate reply
@@ -38,6 +39,12 @@ instruction sent (two on a resend): the config's JSON (1.4 kB for ``configs/fed_
 never counted, it is only no longer sent after a node's first instruction.
 
 Tensors go in ArrayRecords with `to_record` / `from_record` (every dtype bit for bit).
+
+**Compressed transfers** (``transfer.up`` / ``transfer.down``, docs/design.md §4): the server encodes the
+download at ``transfer.down`` (`to_record`'s ``transfer_dtype``; int8 as `INT8_STYPE`), the client
+(`client_app.transfer_mod`, outside the clipping mod) encodes its upload at ``transfer-up``; decoding is
+self-describing (`from_record`), and the server decodes uploads to float32, its state's dtype. The
+counted bytes are those of the encoded ArrayRecords.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from asymlora.federated.codec import TRANSFER_DTYPES, dequantize_int8_rows, quantize_int8_rows
 from asymlora.federated.privacy import KEY_CLIPPING_NORM
 
 if TYPE_CHECKING:
@@ -60,6 +68,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EVALUATE",
+    "INT8_STYPE",
     "NEED_CONFIG",
     "QUERY",
     "RAW_STYPE",
@@ -102,6 +111,7 @@ ARRAYS, CONFIG, METRICS, NOTES, HELLO, RESULTS = "arrays", "config", "metrics", 
 K_ROUND, K_STRATEGY, K_CLIENT, K_RANK = "round", "strategy", "client", "rank"
 K_STATE_DIR, K_THREADS, K_HASH, K_FED = "state-dir", "threads", "config-hash", "fed"
 K_CARRIED = "carried-round"
+K_TRANSFER_UP = "transfer-up"
 # keys of the train reply's MetricRecord
 M_CLIENT, M_EXAMPLES, M_LOSS, M_SECONDS = "client", "num-examples", "train-loss", "seconds"
 M_DRIFT_START, M_DRIFT_END = "a-drift-start", "a-drift-end"
@@ -119,19 +129,35 @@ class ReplyError(ValueError):
 RAW_STYPE = "torch.raw"
 """Flower ``Array.stype`` of a tensor stored as its raw little-endian bytes: the dtypes NumPy lacks
 (bfloat16, float8 variants), which Flower's own NumPy serialisation rejects."""
+INT8_STYPE = "asymlora.int8-rowwise"
+"""Flower ``Array.stype`` of an int8-quantised tensor (`codec.quantize_int8_rows`): ``dtype`` "int8",
+``shape`` the tensor's, ``data`` its numel int8 values (row-major) followed by its rows' float32 scales
+(little-endian), so ``ArrayRecord.count_bytes`` counts numel + 4 × rows (+ the key)."""
 
 
-def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+def to_record(state: Mapping[str, torch.Tensor], transfer_dtype: str | None = None) -> ArrayRecord:
     """A state dict as an ArrayRecord (what goes into a message or ``context.state``).
 
-    Every dtype round-trips bit for bit: NumPy dtypes (float16/32/64, integers) use Flower's standard
-    NumPy serialisation; bfloat16 and float8 go as raw bytes with ``stype`` `RAW_STYPE` (exactly
-    numel × element size, so ``ArrayRecord.count_bytes`` counts what is sent).
+    ``transfer_dtype`` None: every dtype round-trips bit for bit — NumPy dtypes (float16/32/64, integers)
+    use Flower's standard NumPy serialisation; bfloat16 and float8 go as raw bytes with ``stype``
+    `RAW_STYPE` (exactly numel × element size, so ``ArrayRecord.count_bytes`` counts what is sent).
+    Otherwise (`codec.TRANSFER_DTYPES`) floating tensors are first cast to it, or, for ``int8``, sent as
+    `INT8_STYPE` arrays (`codec.quantize_int8_rows`); see docs/design.md §4, "Compressed transfers".
+    Raises ValueError for an unknown ``transfer_dtype`` or an int8 tensor holding NaN/Inf.
     """
+    if transfer_dtype is not None and transfer_dtype not in TRANSFER_DTYPES:
+        raise ValueError(f"transfer dtype {transfer_dtype!r} is not one of {list(TRANSFER_DTYPES)}")
     arrays = {}
     for key, value in state.items():
         t = value.detach().cpu().contiguous()
+        if transfer_dtype is not None and t.dtype.is_floating_point:
+            if transfer_dtype == "int8":
+                arrays[key] = _int8_array(t)
+                continue
+            t = t.to(getattr(torch, transfer_dtype))
         try:
+            if transfer_dtype in ("bfloat16", "float16") and t.dtype.is_floating_point:  # no .npy header
+                raise TypeError("16-bit floats go as raw bytes")
             arrays[key] = Array(t.numpy())
         except TypeError:  # "Got unsupported ScalarType BFloat16": NumPy has no such dtype
             raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -139,23 +165,55 @@ def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(arrays)
 
 
-def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Inverse of `to_record` (fresh, writable tensors). Raises ValueError on a malformed raw array."""
+def from_record(record: ArrayRecord, float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of `to_record` (fresh, writable tensors); `INT8_STYPE` arrays are dequantised to float32.
+    ``float_dtype``: cast every floating tensor to it (the server decodes uploads to float32, its state's
+    dtype). Raises ValueError on a malformed raw or int8 array."""
     out = {}
     for key, array in record.items():
-        if array.stype != RAW_STYPE:
+        if array.stype == INT8_STYPE:
+            out[key] = _from_int8_array(key, array)
+        elif array.stype != RAW_STYPE:
             out[key] = torch.from_numpy(np.array(array.numpy(), copy=True))
-            continue
-        dtype = getattr(torch, array.dtype, None)
-        shape = tuple(array.shape)
-        if not isinstance(dtype, torch.dtype) or len(array.data) != dtype.itemsize * math.prod(shape):
-            raise ValueError(
-                f"array {key!r} (dtype {array.dtype!r}, shape {shape}) holds {len(array.data)} bytes: not a "
-                "raw tensor written by asymlora's to_record"
-            )
-        flat = torch.frombuffer(bytearray(array.data), dtype=torch.uint8) if array.data else torch.empty(0)
-        out[key] = flat.to(torch.uint8).view(dtype).reshape(shape)
+        else:
+            out[key] = _from_raw_array(key, array)
+        if float_dtype is not None and out[key].dtype.is_floating_point:
+            out[key] = out[key].to(float_dtype)
     return out
+
+
+def _from_raw_array(key: str, array: Array) -> torch.Tensor:
+    dtype = getattr(torch, array.dtype, None)
+    shape = tuple(array.shape)
+    if not isinstance(dtype, torch.dtype) or len(array.data) != dtype.itemsize * math.prod(shape):
+        raise ValueError(
+            f"array {key!r} (dtype {array.dtype!r}, shape {shape}) holds {len(array.data)} bytes: not a "
+            "raw tensor written by asymlora's to_record"
+        )
+    flat = torch.frombuffer(bytearray(array.data), dtype=torch.uint8) if array.data else torch.empty(0)
+    return flat.to(torch.uint8).view(dtype).reshape(shape)
+
+
+def _int8_array(t: torch.Tensor) -> Array:
+    """`INT8_STYPE` array of ``t``: its int8 values, then its float32 row scales (little-endian)."""
+    q, scale = quantize_int8_rows(t)
+    data = q.reshape(-1).numpy().tobytes() + scale.numpy().astype("<f4").tobytes()
+    return Array("int8", tuple(t.shape), INT8_STYPE, data)
+
+
+def _from_int8_array(key: str, array: Array) -> torch.Tensor:
+    shape = tuple(array.shape)
+    numel = math.prod(shape)
+    rows = shape[0] if len(shape) >= 2 else 1
+    if array.dtype != "int8" or len(array.data) != numel + 4 * rows:
+        raise ValueError(
+            f"array {key!r} (dtype {array.dtype!r}, shape {shape}) holds {len(array.data)} bytes, not "
+            f"{numel} int8 values + {rows} float32 scales: not an int8 tensor written by asymlora's to_record"
+        )
+    data = bytearray(array.data)
+    q = torch.frombuffer(data, dtype=torch.int8, count=numel) if numel else torch.empty(0, dtype=torch.int8)
+    scale = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=rows, offset=numel).astype(np.float32))
+    return dequantize_int8_rows(q.reshape(shape), scale)
 
 
 # --- the run's config -----------------------------------------------------------------------------------
@@ -241,6 +299,8 @@ class TrainInstruction(RoundInstruction):
     carried_round: int | None = None
     """The last round the client trained in (its local tensors start from that round's adapter; 0: never,
     partial participation, docs/federated.md); None: round − 1."""
+    transfer_up: str = "float32"
+    """Wire dtype of the upload (``transfer.up``; `client_app.transfer_mod` encodes it, after clipping)."""
 
     def config_fields(self) -> dict[str, Any]:
         out = super().config_fields()
@@ -248,6 +308,8 @@ class TrainInstruction(RoundInstruction):
             out[KEY_CLIPPING_NORM] = self.clipping_norm
         if self.carried_round is not None:
             out[K_CARRIED] = self.carried_round
+        if self.transfer_up != "float32":
+            out[K_TRANSFER_UP] = self.transfer_up
         return out
 
 
@@ -290,6 +352,9 @@ def decode_instruction(message: Message) -> RoundInstruction:
             clipping_norm=None if norm is None else float(norm),
             carried_round=None if carried is None else _int(c, K_CARRIED),
         )
+        norm = c.get(KEY_CLIPPING_NORM)
+        up = str(c.get(K_TRANSFER_UP, "float32"))
+        return TrainInstruction(**common, clipping_norm=None if norm is None else float(norm), transfer_up=up)
     return EvaluateInstruction(**common)
 
 

@@ -102,7 +102,7 @@ def evaluate_and_write(
     """Send the final shared tensors to every live client that trained, collect its scores and write
     ``results.json``: (the results, the number of clients that returned scores)."""
     t0 = time.perf_counter()
-    final_record = to_record(download_payload(fed.strategy, state))
+    final_record = to_record(download_payload(fed.strategy, state), transfer_dtype=fed.cfg.transfer.down)
     fed.rejoin(fed.cfg.timeouts.wait_nodes)  # a SuperNode restarted during the last round
     alive = set(fed.grid.get_node_ids())
     instructions = {
@@ -129,6 +129,7 @@ def _bytes(cfg: FedConfig, history: Sequence[Mapping[str, Any]]) -> dict[str, An
         "up": up,
         "down": down,
         "total": up + down,
+        "transfer": {"up": cfg.transfer.up, "down": cfg.transfer.down},
         "per_round": [{"round": r["round"], "up": r["bytes_up"], "down": r["bytes_down"]} for r in history],
         "per_client_per_round": (up + down) / n_rounds / n_clients,
         "payload_per_client_per_round": sum(r["payload_up"] + r["payload_down"] for r in history)

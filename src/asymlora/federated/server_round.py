@@ -8,9 +8,9 @@ download → train replies validated into per-client records (`collect_train_rep
 
 A ``rounds.jsonl`` line: ``round``, ``strategy``, ``clients`` (one record per client: ``status`` ok /
 rejected / failed / missing, ``bytes_up``, ``bytes_down`` — the ArrayRecord bytes actually put into the
-messages —, ``payload_up``/``payload_down`` — tensor data only —, the tensor kinds sent each way,
-``num_examples``, ``train_loss``, ``a_drift_start``/``a_drift_end``, ``reason``; ``config_resent`` when
-the node had to be sent the run config again), ``bytes_up``, ``bytes_down``, ``train_loss``
+messages —, ``payload_up``/``payload_down`` — tensor data only, at the ``transfer`` wire dtypes —, the
+tensor kinds sent each way, ``num_examples``, ``train_loss``, ``a_drift_start``/``a_drift_end``,
+``reason``; ``config_resent`` when the node had to be sent the run config again), ``bytes_up``, ``bytes_down``, ``train_loss``
 (example-weighted over the accepted clients), ``accepted``, ``rejected``, ``failed``, ``kept_previous``,
 ``note``, ``seconds``, with DP ``dp`` and, with ``reject.norm_factor``, ``update_norms`` (client -> ‖Δ_k‖).
 """
@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from torch import Tensor
 
+from asymlora.federated.codec import transfer_payload_bytes
 from asymlora.federated.config import FedConfig
 from asymlora.federated.messages import (
     RoundInstruction,
@@ -108,6 +110,12 @@ def error_reason(msg: Message) -> str:
 def _kinds(keys: Sequence[str], roles: RoleMap) -> dict[str, int]:
     """How many tensors of each method tensor name (A, B, B0, ...) a message carries."""
     return dict(Counter(roles[k].tensor if k in roles else "?" for k in keys))
+
+
+def _wire_bytes(fed: Federation, tensors: Mapping[str, Tensor], way: str) -> int:
+    """Tensor data of ``tensors`` at the run's wire dtype of direction ``way`` (``transfer.up/down``)."""
+    dtype = getattr(fed.cfg.transfer, way)
+    return payload_bytes(tensors) if dtype == "float32" else transfer_payload_bytes(tensors, dtype)
 
 
 # --- who is there ----------------------------------------------------------------------------------------
@@ -241,6 +249,8 @@ class Federation:
             "threads": self.threads,
             "config_json": None if info.node_id in self.holds_config else self.run_config.json,
         }  # fmt: skip
+        if kind is TrainInstruction:
+            common["transfer_up"] = self.cfg.transfer.up
         if kind is TrainInstruction and self.cfg.dp.clipping == "client":
             return TrainInstruction(**common, clipping_norm=self.cfg.dp.clipping_norm)
         return kind(**common)
@@ -294,6 +304,7 @@ def _round_start(
     alive = set(fed.grid.get_node_ids())
     records: dict[int, dict[str, Any]] = {}
     instructions: dict[int, RoundInstruction] = {}
+    down_bytes = _wire_bytes(fed, down, "down")
     for info in fed.sorted_infos():
         rec: dict[str, Any] = {"client": info.client, "node_id": info.node_id, "rank": info.rank}
         records[info.client] = rec
@@ -301,7 +312,7 @@ def _round_start(
             rec.update(status="missing", reason="node disconnected", bytes_down=0, bytes_up=0)
             continue
         instructions[info.node_id] = fed.instruction(TrainInstruction, info, rnd, down_record)
-        rec.update(bytes_down=0, payload_down=payload_bytes(down), tensors_down=_kinds(list(down), fed.roles))
+        rec.update(bytes_down=0, payload_down=down_bytes, tensors_down=_kinds(list(down), fed.roles))
         if fed.cfg.log_keys:
             rec["keys_down"] = list(down)
     for k in range(fed.cfg.clients.num):
@@ -324,7 +335,7 @@ def _validated(
         return error_reason(reply)
     try:
         train = decode_train_reply(reply.content)
-        upload = from_record(train.upload)
+        upload = from_record(train.upload, float_dtype=torch.float32)  # the server's state stays float32
     except ValueError as e:
         return f"malformed reply: {e}"
     if train.client != info.client:
@@ -346,7 +357,7 @@ def collect_train_replies(
             continue
         train, up = got
         rec.update(
-            status="ok", bytes_up=train.upload.count_bytes(), payload_up=payload_bytes(up),
+            status="ok", bytes_up=train.upload.count_bytes(), payload_up=_wire_bytes(fed, up, "up"),
             tensors_up=_kinds(list(up), fed.roles), num_examples=train.num_examples,
             train_loss=finite_or_none(train.train_loss),  # None: no local step (local_steps=0)
             client_seconds=train.seconds, a_drift_start=train.a_drift_start, a_drift_end=train.a_drift_end,
@@ -520,7 +531,7 @@ def run_round(
     round's sampled clients (`sit_out`) get an instruction, each told its last trained round."""
     t0 = time.perf_counter()
     down = download_payload(fed.strategy, state)
-    down_record = to_record(down)
+    down_record = to_record(down, transfer_dtype=fed.cfg.transfer.down)
     records, instructions = _round_start(fed, rnd, down, down_record)
     sampled = (
         sorted(records) if last_trained is None else sit_out(fed, rnd, records, instructions, last_trained)
