@@ -68,3 +68,89 @@ def test_check_metric_messages_whole() -> None:
         "task 'summaries' is a generate task (scored on generated text): metric 'accuracy' scores choice "
         f"tasks; choose one of {GENERATE}"
     )
+
+
+# --------------------------------------------------------------------------- apply_metric_choices
+
+
+def test_no_choice_returns_the_tasks_as_a_list() -> None:
+    tasks = (_gen(), _choice())
+    for choices in (None, {}):
+        out = apply_metric_choices(tasks, choices)
+        assert isinstance(out, list) and out == list(tasks)
+
+
+def test_choice_moves_the_metric_first_without_duplicates_and_clears_the_note() -> None:
+    gen = _gen(metrics=["exact_match", "bleu", "rougeLsum"], note="BIG-bench prefers bleurt")
+    quiz = _choice()
+    out = apply_metric_choices([quiz, gen], {"summaries": "bleu"})
+    assert out[0] is quiz  # a task without a choice is passed through unchanged
+    assert out[1].metrics == ["bleu", "exact_match", "rougeLsum"]
+    assert out[1].metric_note is None
+    assert (
+        gen.metrics == ["exact_match", "bleu", "rougeLsum"] and gen.metric_note
+    )  # the input is not modified
+    new = apply_metric_choices([gen], {"summaries": "rougeL"})[0]
+    assert new.metrics == ["rougeL", "exact_match", "bleu", "rougeLsum"]
+
+
+def test_spec_keys_need_one_spec_per_task() -> None:
+    gen, quiz = _gen(), _choice()
+    specs = ["jsonl:/d/s.jsonl#summaries", "bigbench:quiz"]
+    out = apply_metric_choices([gen, quiz], {specs[0]: "bleu"}, specs)
+    assert out[0].metrics == ["bleu", "exact_match"] and out[1] is quiz
+    # specs that do not match the tasks one to one are not used: the spec key names no task
+    with pytest.raises(DataError) as err:
+        apply_metric_choices([gen, quiz], {specs[0]: "bleu"}, specs[:1])
+    assert str(err.value) == (
+        "data.metric names task 'jsonl:/d/s.jsonl#summaries', which is not loaded; tasks: ['summaries', 'quiz']"
+    )
+
+
+def test_non_strict_skips_unknown_keys_and_applies_the_others() -> None:
+    gen, quiz = _gen(), _choice()
+    out = apply_metric_choices([gen, quiz], {"elsewhere": "bleu", "summaries": "rougeL"}, strict=False)
+    assert out[0].metrics == ["rougeL", "exact_match"] and out[1] is quiz
+    with pytest.raises(DataError, match=r"^data\.metric names task 'elsewhere', which is not loaded; "):
+        apply_metric_choices([gen, quiz], {"elsewhere": "bleu", "summaries": "rougeL"})
+
+
+def test_choice_checked_against_the_task_kind() -> None:
+    with pytest.raises(DataError) as err:
+        apply_metric_choices([_gen(), _choice()], {"quiz": "bleu"})
+    assert str(err.value) == (
+        "task 'quiz' is a choice task (scored by option log-likelihood): metric 'bleu' scores generate "
+        "tasks; choose one of ['accuracy']"
+    )
+    assert apply_metric_choices([_choice()], {"quiz": "accuracy"})[0].metrics == ["accuracy"]
+
+
+# --------------------------------------------------------------------------- BLEU edges
+#
+# "the dog ran away" against "a dog ran away fast now": matches 3/4, 2/3, 1/2, 0/1; exponential smoothing
+# replaces the first zero count by 1/(2 · 1) → geometric mean (3/4 · 2/3 · 1/2 · 1/2)^(1/4) = (1/8)^(1/4);
+# lengths 4 < 6 → brevity penalty exp(1 − 6/4); BLEU = 0.59460 · 0.60653 = 0.36065 (no smoothing: 0).
+# "«the cat» sat" against "« the cat » sat": the intl tokenizer splits the guillemets off → 1.0 (13a: 0).
+
+
+def test_bleu_exponential_smoothing_by_hand() -> None:
+    got = bleu_score(["the dog ran away"], ["a dog ran away fast now"])["bleu"]
+    assert got == pytest.approx((1 / 8) ** 0.25 * 2.718281828459045**-0.5, abs=1e-9)
+
+
+def test_bleu_uses_the_intl_tokenizer() -> None:
+    assert bleu_score(["«the cat» sat"], ["« the cat » sat"])["bleu"] == pytest.approx(1.0)
+
+
+def test_bleu_pads_short_reference_lists_with_their_first_reference() -> None:
+    # example 1 has one reference, example 2 three: example 1's stream is padded with its only reference
+    refs = [["the cat sat on a mat"], ["x y z", "the dog ran away", "q"]]
+    assert bleu_score(["the cat sat on a mat", "the dog ran away"], refs)["bleu"] == pytest.approx(1.0)
+    refs = [["the cat sat on a mat", "zz"], ["the dog ran away"]]
+    assert bleu_score(["the cat sat on a mat", "the dog ran away"], refs)["bleu"] == pytest.approx(1.0)
+
+
+def test_bleu_message_of_an_example_without_reference() -> None:
+    with pytest.raises(ValueError) as err:
+        bleu_score(["a", "b"], ["a", []])
+    assert str(err.value) == "prediction 'b'… has no reference answer"

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from torch.utils.checkpoint import checkpoint
 
 from asymlora.routing import (
     RoutingCall,
@@ -18,6 +16,7 @@ from asymlora.routing import (
     bind_to_checkpoints,
     routing,
 )
+from conftest import make_tiny_llama
 
 # transformers 5 deprecates the name gradient_checkpointing_enable; users and the Trainer still call it
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
