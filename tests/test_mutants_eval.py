@@ -10,7 +10,10 @@ from asymlora.eval.metrics import (
     apply_metric_choices,
     bleu_score,
     check_metric,
+    exact_match_score,
     metric_choices,
+    primary_metric,
+    score_generations,
 )
 
 GENERATE = [
@@ -154,3 +157,39 @@ def test_bleu_message_of_an_example_without_reference() -> None:
     with pytest.raises(ValueError) as err:
         bleu_score(["a", "b"], ["a", []])
     assert str(err.value) == "prediction 'b'… has no reference answer"
+
+
+# --------------------------------------------------------------------------- score_generations, primary_metric
+#
+# prediction (first line) "the cat", whole generation "the cat\nsat", reference "the cat":
+#   exact match on the first line: 1.0 (on the whole generation it would be 0.0)
+#   flan_rouge (a `raw` metric, on the whole generation): unigrams "the cat sat" vs "the cat":
+#   P = 2/3, R = 1 → F = 2 · (2/3) · 1 / (2/3 + 1) = 0.8 (on the first line: 1.0)
+
+
+def test_raw_metrics_read_the_whole_generation_and_the_others_the_prediction() -> None:
+    got = score_generations(["the cat"], ["the cat"], ["flan_rouge"], raw_predictions=["the cat\nsat"])
+    assert got == pytest.approx({"exact_match": 1.0, "flan_rouge1": 0.8, "flan_rougeL": 0.8})
+    # without whole generations the raw metrics fall back to the predictions
+    got = score_generations(["the cat"], ["the cat"], ["flan_rouge1"])
+    assert got == pytest.approx({"exact_match": 1.0, "flan_rouge1": 1.0, "flan_rougeL": 1.0})
+
+
+@pytest.mark.parametrize("name", ["accuracy", "bleurt"])
+def test_score_generations_refuses_metrics_that_do_not_score_text(name) -> None:
+    with pytest.raises(ValueError) as err:
+        score_generations(["a"], ["a"], ["bleu", name])
+    assert str(err.value) == f"metric {name!r} does not score generated text; choose from {GENERATE}"
+
+
+def test_exact_match_score_of_no_example_is_zero() -> None:
+    assert exact_match_score([], []) == {"exact_match": 0.0}
+    assert exact_match_score(["The Cat", "dog"], ["cat", ["a dog", "x"]]) == {"exact_match": 1.0}
+    assert exact_match_score(["cat", "dog"], ["cat", "cow"]) == {"exact_match": 0.5}
+
+
+def test_primary_metric_of_a_registry_name_is_its_first_key() -> None:
+    assert primary_metric("flan_rouge") == "flan_rouge1"
+    assert primary_metric("flan_rougeL") == "flan_rougeL"
+    assert primary_metric("bleu") == "bleu"  # one key: the name itself
+    assert primary_metric(["answer_number", "exact_match"]) == "answer_number"

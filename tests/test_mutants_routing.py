@@ -15,6 +15,7 @@ from asymlora.routing import (
     balance_loss,
     bind_to_checkpoints,
     routing,
+    task_gate,
 )
 from conftest import make_tiny_llama
 
@@ -27,12 +28,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` 
 def test_token_mask_keeps_the_last_seq_columns_as_bool() -> None:
     # a KV cache: 5 mask columns (3 past + 2 new tokens); x holds the 2 new ones
     mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 1, 1]])
-    got = RoutingCall(attention_mask=mask).token_mask(torch.zeros(2, 2, 4))
+    # (the feature size, 16, exceeds every sequence length, so the axes cannot be confused)
+    got = RoutingCall(attention_mask=mask).token_mask(torch.zeros(2, 2, 16))
     assert got is not None
     assert got.dtype == torch.bool
     assert got.tolist() == [[True, False], [True, True]]
     # mask as long as the sequence: the whole mask
-    full = RoutingCall(attention_mask=mask).token_mask(torch.zeros(2, 5, 4))
+    full = RoutingCall(attention_mask=mask).token_mask(torch.zeros(2, 5, 16))
     assert full is not None and full.tolist() == mask.bool().tolist()
 
 
@@ -50,7 +52,9 @@ def test_token_mask_is_none_where_it_cannot_apply(mask, x) -> None:
     assert RoutingCall(attention_mask=mask).token_mask(x) is None
 
 
-@pytest.mark.parametrize(("mask_shape", "x_shape"), [((3, 4), (2, 4, 8)), ((2, 3), (2, 4, 8))])
+@pytest.mark.parametrize(
+    ("mask_shape", "x_shape"), [((3, 4), (2, 4, 8)), ((2, 3), (2, 4, 8)), ((2, 3), (2, 4, 2))]
+)
 def test_token_mask_refuses_a_mask_that_does_not_fit(mask_shape, x_shape) -> None:
     call = RoutingCall(attention_mask=torch.ones(mask_shape))
     expected = (
@@ -87,6 +91,14 @@ def test_balance_loss_counts_only_real_tokens(mask) -> None:
 def test_balance_loss_without_mask_counts_every_token() -> None:
     assert balance_loss(PROBS).item() == pytest.approx(1.0, abs=1e-12)
     assert balance_loss(PROBS, torch.ones(2, 3)).item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_balance_loss_keeps_the_router_dtype_whatever_the_mask_dtype() -> None:
+    probs = PROBS.float()
+    for mask in (MASK.double(), MASK, MASK.bool()):
+        loss = balance_loss(probs, mask)
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(1.15, abs=1e-6)
 
 
 def test_balance_loss_single_real_token_and_none() -> None:
@@ -237,6 +249,26 @@ def test_a_loss_without_the_balance_term_leaves_the_router_its_task_gradient_onl
     x = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
     ((x @ ref.T).softmax(-1) * torch.tensor([1.0, -3.0], dtype=torch.float64)).sum().backward()
     torch.testing.assert_close(w.grad, ref.grad)
+
+
+def test_add_balance_loss_averages_in_the_loss_dtype() -> None:
+    # float32 terms 0.1, 0.2, 0.4 averaged in float64 (the loss dtype): float64(0.1f + 0.2f + 0.4f) / 3,
+    # which the float32 mean 0.23333334f misses by about 1e-8
+    call = RoutingCall(collect_aux=True)
+    call.aux_losses = [torch.tensor(v, dtype=torch.float32) for v in (0.1, 0.2, 0.4)]
+    loss = torch.tensor(1.0, dtype=torch.float64)
+    total, mean = add_balance_loss(loss, call)
+    exact = sum(float(torch.tensor(v, dtype=torch.float32)) for v in (0.1, 0.2, 0.4)) / 3
+    assert mean.dtype == torch.float64 and total.dtype == torch.float64
+    assert mean.item() == pytest.approx(exact, abs=1e-15)
+    assert total.item() == pytest.approx(1.0 + exact, abs=1e-15)
+
+
+def test_task_gate_has_one_column_per_expert() -> None:
+    # task ids 0 and 1 of N = 3 experts: the third column exists and is zero
+    gate = task_gate(torch.tensor([1, 0]), 3, torch.zeros(2, 4, 5))
+    assert gate.shape == (2, 1, 3)
+    assert gate[:, 0].tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
 
 
 def test_closed_call_records_no_term() -> None:
