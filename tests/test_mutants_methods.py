@@ -98,3 +98,18 @@ def test_task_rows_caches_per_batch_size_and_layout():
     assert same.task_rows(2, cpu)[1] == 3
     assert same.task_rows(4, cpu, flat_tokens=True)[1] == 3
     assert same.task_rows(4, cpu, flat_tokens=True)[0].tolist() == [3, 3, 3, 3]
+
+
+def test_default_delta_and_required_gate_messages():
+    # PerTaskPairs has no x_side matrix and does not override delta
+    with pytest.raises(NotImplementedError) as err:
+        PerTaskPairs().delta(X, T, torch.ones(3, 2))
+    assert str(err.value) == "method 'per_task_pairs_test' has no x_side matrix, so it must override delta"
+    gate = torch.ones(3, 2)
+    assert PerTaskPairs().required_gate(gate) is gate
+    with pytest.raises(ValueError) as err:
+        PerTaskPairs().required_gate(None)
+    assert str(err.value) == (
+        "method 'per_task_pairs_test' mixes its experts with the router's gate (..., N), but the gate is None; "
+        "pass the gate, or use task_delta / routed_delta for task routing"
+    )
