@@ -504,3 +504,11 @@ def test_method_config_protocol_is_all_methods_read() -> None:
     for name, method in asymlora.METHODS.items():
         shapes = {k: s.shape for k, s in method.specs(plain, 8, 6).items()}
         assert shapes == {k: s.shape for k, s in method.specs(cfg, 8, 6).items()}, name
+
+
+@pytest.mark.parametrize("modules", [[], [""], ["q_proj", " "]])
+def test_target_modules_that_name_no_module_are_refused(modules: list[str]) -> None:
+    """An empty list or an empty name (``adapter.target_modules=`` on the command line) adapts nothing: refused
+    with the value and the fix, before a model is touched."""
+    with pytest.raises(ValueError, match=r"names no module: give module names such as"):
+        AsymLoraConfig(method="alora", target_modules=modules)

@@ -184,3 +184,24 @@ def test_the_accounting_table_counts_the_wire_bytes() -> None:
     int8 = {row.strategy: row for row in communication_table("llama2-7b", transfer=("int8", "int8"))}
     assert int8["fedalora"].bytes == 2 * 64 * (32768 + 4 * 4096)
     assert int8["fedsa"].bytes == 2 * 64 * (32768 + 4 * 8)
+
+
+def test_a_train_instruction_keeps_its_optional_fields_through_the_wire() -> None:
+    """Every optional field of a train instruction (transfer dtype, carried round, client-side clipping norm)
+    decodes to what was encoded: the client reads the instruction through `decode_instruction` only."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    from asymlora.federated import messages as m
+
+    sent = m.TrainInstruction(
+        round=2, strategy="fedalora", client=1, rank=8, config_hash="h",
+        clipping_norm=0.5, carried_round=0, transfer_up="int8",
+    )  # fmt: skip
+    content = RecordDict({m.ARRAYS: sent.arrays, m.CONFIG: ConfigRecord(sent.config_fields())})
+    got = m.decode_instruction(
+        SimpleNamespace(content=content, metadata=SimpleNamespace(message_type=m.TRAIN))
+    )
+    assert (got.transfer_up, got.carried_round, got.clipping_norm) == ("int8", 0, 0.5)
+    assert got == sent

@@ -351,10 +351,8 @@ def decode_instruction(message: Message) -> RoundInstruction:
             **common,
             clipping_norm=None if norm is None else float(norm),
             carried_round=None if carried is None else _int(c, K_CARRIED),
+            transfer_up=str(c.get(K_TRANSFER_UP, "float32")),
         )
-        norm = c.get(KEY_CLIPPING_NORM)
-        up = str(c.get(K_TRANSFER_UP, "float32"))
-        return TrainInstruction(**common, clipping_norm=None if norm is None else float(norm), transfer_up=up)
     return EvaluateInstruction(**common)
 
 

@@ -94,6 +94,12 @@ class AsymLoraConfig(PeftConfig):
         self.peft_type = PEFT_TYPE
         self._validate()
         if isinstance(self.target_modules, list | tuple | set):
+            names = [str(name).strip() for name in self.target_modules]
+            if not names or not all(names):
+                raise ValueError(
+                    f"target_modules={list(self.target_modules)!r} names no module: give module names such as "
+                    "['q_proj', 'o_proj'], 'all-linear', or None for peft's default of the architecture"
+                )
             self.target_modules = sorted(set(self.target_modules))
 
     def _validate(self) -> None:
