@@ -121,19 +121,22 @@ def exact_match(prediction: str, references: str | Sequence[str]) -> float:
 
 
 def _reference_lists(predictions: Sequence[str], references: References) -> list[list[str]]:
+    """The reference answers of each prediction, as lists (index i: prediction i's). Raises ValueError on a
+    length mismatch or a prediction without reference. (Indexing rather than ``zip``: the lengths are
+    checked first, with a message that says so.)"""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
     lists = [[refs] if isinstance(refs, str) else list(refs) for refs in references]
-    for prediction, refs in zip(predictions, lists, strict=True):
+    for i, refs in enumerate(lists):
         if not refs:
-            raise ValueError(f"prediction {prediction[:60]!r}… has no reference answer")
+            raise ValueError(f"prediction {predictions[i][:60]!r}… has no reference answer")
     return lists
 
 
 def exact_match_score(predictions: Sequence[str], references: References) -> dict[str, float]:
     """``{"exact_match": share of predictions matching a reference}`` (0.0 for no example)."""
     lists = _reference_lists(predictions, references)
-    hits = sum(exact_match(p, refs) for p, refs in zip(predictions, lists, strict=True))
+    hits = sum(exact_match(predictions[i], refs) for i, refs in enumerate(lists))
     return {METRIC_EXACT_MATCH: hits / len(lists) if lists else 0.0}
 
 
@@ -189,8 +192,8 @@ def rouge_scores(predictions: Sequence[str], references: References) -> dict[str
     if not lists:
         return totals
     scorer = _scorer()
-    for prediction, refs in zip(predictions, lists, strict=True):
-        candidate = split_sentences(prediction)
+    for i, refs in enumerate(lists):
+        candidate = split_sentences(predictions[i])
         scores = [scorer.score(split_sentences(reference), candidate) for reference in refs]
         for key in ROUGE_KEYS:
             totals[key] += max(score[key].fmeasure for score in scores)
@@ -380,7 +383,7 @@ def apply_metric_choices(
         return list(tasks)
     by_key = {task.name: task.name for task in tasks}
     if len(specs) == len(tasks):
-        by_key |= {spec: task.name for spec, task in zip(specs, tasks, strict=True)}
+        by_key |= {spec: tasks[i].name for i, spec in enumerate(specs)}  # same length: checked above
     wanted: dict[str, str] = {}
     for key, metric in choices.items():
         if key not in by_key and not strict:
