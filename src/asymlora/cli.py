@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"asymlora {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        distributed.shutdown()  # under torchrun / accelerate launch: leave the process group before exiting
 
 
 if __name__ == "__main__":

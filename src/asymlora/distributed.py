@@ -69,6 +69,14 @@ def init(device: str | None) -> None:
     PartialState(cpu=uses_cpu(device))
 
 
+def shutdown() -> None:
+    """Leave the process group this process joined (no-op without one). PyTorch asks every process to
+    destroy its group before it exits; without it, gloo's threads can abort the interpreter at exit
+    ("terminate called without an active exception", exit code -6) after the run has finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def process_device(device: str | None) -> str | None:
     """The device this process puts its model on: ``cuda:LOCAL_RANK`` for a multi-process CUDA run."""
     if launched_world_size() <= 1 or uses_cpu(device) or device not in ("auto", "cuda"):
