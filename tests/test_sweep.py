@@ -107,6 +107,24 @@ def test_grid_expands_to_distinct_cells_with_stable_ids(env, campaign) -> None:
     assert all(c.run_dir.parent == campaign["spec"].out_dir / "runs" for c in cells)
 
 
+def test_order_by_sorts_cells_stably_without_changing_their_ids(env, tmp_path) -> None:
+    spec = yaml.safe_load(env["sweep"].read_text())
+    spec["grid"][0]["train.seed"] = [10, 2, 0]  # numbers sort by value: 0, 2, 10 (not "10" < "2")
+    spec["grid"][1]["train.seed"] = [2]
+    spec["out_dir"] = str(env["root"] / "campaign")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(spec))
+    spec["order_by"] = ["train.seed"]
+    ordered = tmp_path / "ordered.yaml"
+    ordered.write_text(yaml.safe_dump(spec))
+    grid_order = sweep.expand(sweep.load_sweep(plain))
+    by_seed = sweep.expand(sweep.load_sweep(ordered))
+    assert sorted(c.id for c in by_seed) == sorted(c.id for c in grid_order)
+    got = [(c.config.train.seed, c.config.adapter.method, len(c.config.data.tasks)) for c in by_seed]
+    assert got == [(0, "lora", 2), (0, "alora", 2), (2, "lora", 2), (2, "alora", 2), (2, "lora", 1),
+                   (2, "lora", 1), (10, "lora", 2), (10, "alora", 2)]  # fmt: skip
+
+
 def test_killed_sweep_reruns_only_what_is_missing(campaign) -> None:
     ids = [c.id for c in campaign["cells"]]
     assert campaign["after_kill"] == ids[:1] and campaign["first_runs"] == ids[:2]
@@ -238,6 +256,8 @@ def test_compare_runs_and_its_user_errors(env, campaign, tmp_path, capsys) -> No
         ("out_dir: x\ngrids: {}\n", "unknown keys ['grids']"),
         ("out_dir: x\noverrides: ['compare.methods=[lora,alora]', 'data.tasks=[a]']\ngrid: {train.seed: [0]}\n",
          "a sweep cell is one run"),
+        ("out_dir: x\norder_by: [train.sed]\ngrid: {train.seed: [0], data.tasks: [[bigbench:strategyqa]]}\n", "'train.sed' is not a config key"),
+        ("out_dir: x\norder_by: train.seed\ngrid: {train.seed: [0]}\n", "order_by must be a list"),
     ],
 )  # fmt: skip
 def test_sweep_user_errors_exit_2(tmp_path, capsys, text, message) -> None:

@@ -14,6 +14,8 @@ A sweep file (YAML)::
     report:
       reference: alora        # paired tests of this method against every other multi-task group
       baseline_method: lora   # single-task cells of this method are the Δm% baselines
+    order_by: [train.seed]    # optional: run the cells sorted by these config keys (stable, grid order
+                              # within), e.g. seed 0 of every group first, so a partial ledger compares
 
 Each cell is ``base + overrides + its grid values``; its id is the first 12 hex digits of the sha256
 of the resolved config (``run_dir`` left out), and it runs in ``out_dir/runs/<id>/`` with the
@@ -56,7 +58,7 @@ from asymlora.recipes.multitask import PER_EXAMPLE_FILE, read_examples
 
 LEDGER_FILE = "ledger.jsonl"
 FAILURES_FILE = "failures.jsonl"
-SWEEP_KEYS = {"base", "out_dir", "overrides", "grid", "report"}
+SWEEP_KEYS = {"base", "out_dir", "overrides", "grid", "report", "order_by"}
 REPORT_KEYS = {"reference", "baseline_method"}
 
 
@@ -83,6 +85,7 @@ class Sweep:
     overrides: list[str]
     grid: list[dict[str, list[Any]]]
     report: dict[str, Any]
+    order_by: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ledger(self) -> Path:
@@ -127,6 +130,9 @@ def load_sweep(path: str | Path) -> Sweep:
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list):
         raise ConfigError(f"{path}: overrides must be a list of key=value strings")
+    order_by = data.get("order_by") or []
+    if not isinstance(order_by, list) or not all(isinstance(k, str) for k in order_by):
+        raise ConfigError(f"{path}: order_by must be a list of config keys, e.g. order_by: [train.seed]")
     return Sweep(
         path=path,
         base=_resolve(path, data["base"]) if data.get("base") else None,
@@ -134,6 +140,7 @@ def load_sweep(path: str | Path) -> Sweep:
         overrides=[str(o) for o in overrides],
         grid=grids,
         report=report,
+        order_by=order_by,
     )
 
 
@@ -154,12 +161,30 @@ def _points(grid: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
         yield dict(zip(keys, values, strict=True))
 
 
+def _config_value(cfg: RunConfig, key: str) -> Any:
+    """The value of a dotted key (``train.seed``) in a resolved config; ConfigError names an unknown key."""
+    value: Any = config_dict(cfg)
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"order_by: {key!r} is not a config key (e.g. train.seed, adapter.method)")
+        value = value[part]
+    return value
+
+
+def _sort_key(value: Any) -> tuple[int, float, str]:
+    """Numbers by value (2 before 10), anything else by its JSON text after them."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, json.dumps(value, sort_keys=True))
+
+
 def expand(sweep: Sweep) -> list[Cell]:
-    """The cells of the grid, in grid order, without duplicates.
+    """The cells of the grid without duplicates, in grid order, or stably sorted by ``sweep.order_by``.
 
     Raises:
-        ConfigError: a cell whose config is invalid (the message names the cell), or a cell that
-            asks for several methods (``compare.*``: put methods in the grid instead).
+        ConfigError: a cell whose config is invalid (the message names the cell), a cell that
+            asks for several methods (``compare.*``: put methods in the grid instead), or an
+            ``order_by`` key that is not in the config.
     """
     cells: dict[str, Cell] = {}
     for grid in sweep.grid:
@@ -177,7 +202,8 @@ def expand(sweep: Sweep) -> list[Cell]:
             cid = cell_id(cfg)
             run_dir = sweep.out_dir / "runs" / cid
             cells.setdefault(cid, Cell(params, dataclasses.replace(cfg, run_dir=str(run_dir)), cid))
-    return list(cells.values())
+    keys = {cid: tuple(_sort_key(_config_value(c.config, k)) for k in sweep.order_by) for cid, c in cells.items()}
+    return sorted(cells.values(), key=lambda cell: keys[cell.id])  # stable: grid order among equal keys
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
