@@ -202,7 +202,9 @@ def expand(sweep: Sweep) -> list[Cell]:
             cid = cell_id(cfg)
             run_dir = sweep.out_dir / "runs" / cid
             cells.setdefault(cid, Cell(params, dataclasses.replace(cfg, run_dir=str(run_dir)), cid))
-    keys = {cid: tuple(_sort_key(_config_value(c.config, k)) for k in sweep.order_by) for cid, c in cells.items()}
+    keys = {
+        cid: tuple(_sort_key(_config_value(c.config, k)) for k in sweep.order_by) for cid, c in cells.items()
+    }
     return sorted(cells.values(), key=lambda cell: keys[cell.id])  # stable: grid order among equal keys
 
 
