@@ -192,7 +192,7 @@ def _add_demo(sub: Subparsers) -> None:
 def _add_eval(sub: Subparsers) -> None:
     p = _add(sub, "eval", cmd_eval, "re-evaluate a finished run",
                  "Load the adapter(s) of RUN_DIR and score every task again; rewrites results.json.")  # fmt: skip
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="directory of a finished run (its run_dir)")
 
 
 def _add_compare(sub: Subparsers) -> None:
@@ -229,7 +229,7 @@ def _add_export(sub: Subparsers) -> None:
                  "Write task NAME of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "
                  "or any LoRA server loads without asymlora. A soft/topk-routed run needs --calibration: each layer's "
                  "gate is averaged over the task's examples (an approximation, its fidelity reported).")  # fmt: skip
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="directory of a finished task-routed (or soft/topk) run")
     p.add_argument("--task", required=True, help="task name (as in results.json) or expert index")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", help="which method of a compare run (default: the only one)")
@@ -264,7 +264,7 @@ def _add_serve(sub: Subparsers) -> None:
                  "Serve RUN_OR_ADAPTER (a run directory or an adapter directory) over HTTP. The request's `model` "
                  "names the task (task-routed adapters; GET /v1/models lists them) or the adapter; concurrent "
                  "requests of different tasks run as one batched forward. Greedy decoding. See docs/serving.md.")  # fmt: skip
-    p.add_argument("path", metavar="RUN_OR_ADAPTER")
+    p.add_argument("path", metavar="RUN_OR_ADAPTER", help="a run directory or an adapter directory")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -283,8 +283,8 @@ def _add_serve(sub: Subparsers) -> None:
 def _add_fed(sub: Subparsers) -> None:
     p = _add(sub, "fed", cmd_fed, "federated fine-tuning on Flower (simulation)",
                  "Run a federated config (configs/fed_*.yaml) with Flower's simulation engine.")  # fmt: skip
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("config", help="federated YAML config (e.g. configs/fed_bigbench_homo.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. rounds=5 clients.num=4")
     p.add_argument("--resume", action="store_true", help="continue from the last completed round")
     p.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start over")
 

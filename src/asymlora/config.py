@@ -369,6 +369,11 @@ class RunConfig:
         self.data.check()
         self.train.check()
         self.stopping.check()
+        if self.train.fsdp and self.stopping.enabled:  # refused here, not once the model is loaded
+            raise ConfigError(
+                "the stopping rule (stopping.val_examples > 0) does not run with an FSDP-sharded model "
+                "(train.fsdp=true); use train.fsdp=false (DDP) or stopping.val_examples=0"
+            )
         self._check_model()
         for method in [self.adapter.method, *self.compare.methods]:
             self.adapter_for(method).to_peft([f"t{i}" for i in range(len(self.data.tasks))])
@@ -422,19 +427,25 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _normalize(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+def _normalize(cls: type, data: dict[str, Any], where: str = "") -> dict[str, Any]:
     """The two conveniences of the config syntax, applied before typing: a single value where a list is
     expected is that list of one (``data.tasks=bigbench:x``), and ``null`` for a section is its defaults
-    (``compare=null``). Unknown keys pass through (the typed merge refuses them)."""
+    (``compare=null``). Unknown keys pass through (the typed merge refuses them); a section given a value
+    that is not a mapping (``stopping=5``) raises `ConfigError` naming its keys (`_section_error`)."""
     hints, out = _hints(cls), dict(data)
     for key, value in data.items():
         if key not in hints:
             continue
         tp, _ = _strip_optional(hints[key])
+        path = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(tp) and value is None and hints[key] is tp:
             del out[key]
         elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            out[key] = _normalize(typing.cast(type, tp), value)
+            out[key] = _normalize(typing.cast(type, tp), value, path)
+        elif dataclasses.is_dataclass(tp) and value is not None:
+            raise _section_error(typing.cast(type, tp), path, value)
+        elif isinstance(value, dict) and typing.get_origin(tp) is not dict:
+            raise ConfigError(f"{path}: expected {_type_name(hints[key])}, got the mapping {value!r}")
         elif (
             typing.get_origin(tp) is list
             and isinstance(value, str | int | float)
@@ -442,6 +453,38 @@ def _normalize(cls: type, data: dict[str, Any]) -> dict[str, Any]:
         ):
             out[key] = [value]
     return out
+
+
+def _field_names(cls: type) -> list[str]:
+    """The keys of section ``cls`` in the order its dump writes them (``KEY_ORDER`` first, `config_dict`)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    order = [k for k in getattr(cls, "KEY_ORDER", ()) if k in names]
+    return [*order, *(k for k in names if k not in order)]
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    """Whether a key of declared type ``tp`` could take ``value`` as it is (for `_section_error`'s example)."""
+    inner, _ = _strip_optional(tp)
+    if typing.get_origin(inner) is Literal:
+        return value in typing.get_args(inner)
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(inner)
+    if kinds is not None:
+        return isinstance(value, kinds) and (inner is bool) == isinstance(value, bool)
+    return typing.get_origin(inner) is list and isinstance(value, list)
+
+
+def _section_error(section: type, path: str, value: Any) -> ConfigError:
+    """The error for section ``path`` (dataclass ``section``) given ``value`` instead of a mapping: its keys,
+    and as the fix the first key that takes ``value`` as it is (else the first key, with its default)."""
+    names, hints = _field_names(section), _hints(section)
+    fits = [n for n in names if _accepts(hints[n], value)]
+    key = fits[0] if fits else names[0]
+    example = value if fits else getattr(section(), key)
+    text = yaml.safe_dump(example, default_flow_style=True).strip().removesuffix("...").strip()
+    return ConfigError(
+        f"{path} is a section (keys: {', '.join(names)}), not a value ({value!r}); set one of its keys, "
+        f"e.g. {path}.{key}={text}"
+    )
 
 
 def _keep_declared_defaults(obj: Any, data: dict[str, Any]) -> None:
@@ -471,7 +514,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
-    data = _normalize(cls, data)
+    data = _normalize(cls, data, where)
     try:
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
     except ConfigKeyError as e:
@@ -578,7 +621,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if node is not None and not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k!r} is not a section")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={raw or chr(39) * 2}"]))
+            update = OmegaConf.from_dotlist([f"{key}={raw or chr(39) * 2}"])
+            try:
+                merged = OmegaConf.merge(merged, update)
+            except TypeError:  # a list for a mapping (train=[1, 2]) or back: replace it, from_dict judges it
+                OmegaConf.update(merged, key, OmegaConf.select(update, key), merge=False)
             data = typing.cast(dict[str, Any], OmegaConf.to_container(merged, resolve=True))
         except (yaml.YAMLError, OmegaConfBaseException) as e:
             raise ConfigError(

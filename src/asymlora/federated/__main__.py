@@ -26,11 +26,13 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from asymlora.federated.config import load_fed_config
 from asymlora.federated.deploy import cli_check_tls
 
 APP_PYPROJECT = """\
@@ -111,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("app", help="write a Flower app directory for deployment")
-    p.add_argument("dir")
-    p.add_argument("--config", required=True, help="federated YAML config (path on the SuperLink host)")
+    p.add_argument("dir", help="directory to write the app's pyproject.toml into (created if missing)")
+    p.add_argument("--config", required=True, help="federated YAML config (path on the SuperLink host; "
+                   "validated with --overrides when it exists on this machine too)")  # fmt: skip
     p.add_argument("--overrides", default="", help='e.g. "rounds=5 train.local_steps=20"')
-    p.add_argument("--strategy", default="")
-    p.add_argument("--run-dir", default="")
+    p.add_argument("--strategy", default="", help="strategy of this run (default: the config's first)")
+    p.add_argument("--run-dir", default="", help="where the run writes (default: the config's run_dir)")
     p = sub.add_parser("status", help="the outcome of runs on a SuperLink (exit 1 if the run failed)")
     p.add_argument("connection", nargs="?", default=None, help="SuperLink connection name (flwr config)")
-    p.add_argument("--run-id", type=int, default=None)
+    p.add_argument("--run-id", type=int, default=None, help="only this run (default: every run)")
     p = sub.add_parser("check-tls", help="check TLS certificates and SuperNode keys before deploying")
     p.add_argument("--ca", required=True, help="CA certificate (PEM) the SuperNodes and flwr trust")
     p.add_argument("--cert", help="the SuperLink's certificate (PEM)")
@@ -130,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-tls":
         return cli_check_tls(args)
     if args.command == "app":
+        if Path(args.config).is_file():  # else it exists on the SuperLink host only: checked there
+            try:
+                cfg = load_fed_config(args.config, shlex.split(args.overrides))
+                if args.strategy and args.strategy not in cfg.strategies:  # as the ServerApp will
+                    cfg.strategies.append(args.strategy)
+                    cfg.validate()
+            except ValueError as e:  # ConfigError, or unbalanced quotes in --overrides
+                print(f"python -m asymlora.federated app: error: {e}", file=sys.stderr)
+                return 2
         out = write_app(
             args.dir, args.config, overrides=args.overrides, strategy=args.strategy, run_dir=args.run_dir
         )

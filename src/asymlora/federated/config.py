@@ -325,6 +325,7 @@ class FedConfig:
         self._check_timeouts_and_faults()
         self._check_dp()
         self._check_reject()
+        self._check_het_local()
         self._check_transfer()
         self._check_client_adapters()
 
@@ -368,16 +369,39 @@ class FedConfig:
             )
         if c.per_round is not None and not 1 <= c.per_round <= c.num:
             raise ConfigError(f"clients.per_round={c.per_round!r} must lie in [1, clients.num={c.num}]")
-        m = self.clients_per_round
-        if c.min_per_round < 1 or c.min_per_round > m:
-            sampled = f"clients.per_round={m}" if c.per_round is not None else (
-                f"clients.fraction={c.fraction:g} samples ⌊{c.fraction:g} × clients.num={c.num}⌋ = {m} client(s)"
-            )  # fmt: skip
-            raise ConfigError(
-                f"{sampled} per round, but clients.min_per_round={c.min_per_round} must lie in [1, {m}]: "
-                f"raise clients.fraction to >= {c.min_per_round / c.num:.3g} (or clients.per_round to >= "
-                f"{c.min_per_round}), or lower clients.min_per_round"
+        m, k = self.clients_per_round, c.min_per_round
+        if 1 <= k <= m:
+            return
+        sampled = f"clients.per_round={m}" if c.per_round is not None else (
+            f"clients.fraction={c.fraction:g} samples ⌊{c.fraction:g} × clients.num={c.num}⌋ = {m} client(s)"
+        )  # fmt: skip
+        beyond = f" (it cannot exceed clients.num={c.num})" if k > c.num else ""
+        problem = (
+            f"but clients.min_per_round={k} must lie in [1, {m}]{beyond}" if m
+            else f"so no client would ever train (clients.min_per_round={k}{beyond})"
+        )  # fmt: skip
+        raise ConfigError(
+            f"{sampled} per round, {problem}; fix: "
+            + "; or ".join(self._participation_fixes())
+        )
+
+    def _participation_fixes(self) -> list[str]:
+        """The fixes of a ``clients.min_per_round`` outside [1, clients sampled per round], each one feasible:
+        sample more clients (when the minimum is at most ``clients.num``), lower / raise the minimum into the
+        range (when a client is sampled at all), else both."""
+        c, m, k = self.clients, self.clients_per_round, self.clients.min_per_round
+        fixes = []
+        if 1 <= k <= c.num:
+            fixes.append(
+                f"raise clients.per_round to >= {k}"
+                if c.per_round is not None
+                else f"raise clients.fraction to >= {min_fraction(k, c.num):g}"
             )
+        if m >= 1:
+            fixes.append(f"set clients.min_per_round to a value in [1, {m}]")
+        elif not fixes:  # nobody is sampled and the minimum is out of range: both
+            fixes.append(f"set clients.min_per_round=1 and raise clients.fraction to >= {min_fraction(1, c.num):g}")
+        return fixes
 
     def _check_partition(self) -> None:
         k = self.clients.num
@@ -449,6 +473,26 @@ class FedConfig:
                 f"reject.norm_factor={f!r} must be a finite number > 1 (e.g. reject.norm_factor=10: reject an "
                 "update more than 10 × the round's median norm), or null to turn the check off"
             )
+        m = self.clients_per_round
+        if f is not None and (m == 1 or (m == 2 and f >= 2)):
+            # strategies.norm_outliers: the median runs over every norm of the round, the outlier's too
+            why = (
+                f"the round's median is the one update's own norm, never exceeded {f:g} times" if m == 1 else
+                f"the median of two norms is their mean, which neither exceeds {f:g} times; a factor f < 2 "
+                "rejects a norm above f/(2 − f) × the other, e.g. 1.5: above 3 ×"
+            )  # fmt: skip
+            raise ConfigError(
+                f"reject.norm_factor={f:g} with {m} client(s) per round can never reject an update ({why}); "
+                "set reject.norm_factor=null, or sample >= 3 clients per round"
+                + (", or use a factor below 2" if m == 2 else "")
+            )
+
+    def _check_het_local(self) -> None:
+        if self.het_local != "fresh" and not any(self.strategy(s).het_local for s in self.strategies):
+            raise ConfigError(
+                f"het_local={self.het_local} applies to fedalora-het only, but strategies={self.strategies} "
+                "has none: it would change nothing; drop het_local (or set het_local=fresh), or add fedalora-het"
+            )
 
     def _check_transfer(self) -> None:
         """Wire dtypes the run can use: not a lossy one with client-side DP clipping (the server checks
@@ -492,6 +536,15 @@ class FedConfig:
     def to_json(self) -> str:
         """Compact JSON, as sent to the clients inside every message."""
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+
+def min_fraction(k: int, num: int) -> float:
+    """The smallest ``clients.fraction`` with three decimals that samples at least ``k`` of ``num`` clients
+    (⌊fraction · num⌋ >= k, as `FedConfig.clients_per_round` counts), for 1 <= k <= num."""
+    f = math.ceil(k / num * 1000 - 1e-6) / 1000
+    while int(f * num + 1e-9) < k:  # float rounding of k / num · 1000
+        f = round(f + 0.001, 3)
+    return min(f, 1.0)
 
 
 def fed_config_from_json(text: str) -> FedConfig:

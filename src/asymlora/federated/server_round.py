@@ -431,6 +431,7 @@ def _aggregate(
     for k, why in refused.items():
         records[k].update(status="rejected", reason=why, rejected_key=None)
     res.rejected.extend(Rejection(k, why) for k, why in refused.items())
+    res = too_few_accepted(fed.cfg, res, state, records)
     if accountant is None:
         return res.state, res, None
     noisy, dp_record = _release(fed.cfg, accountant, res.state, len(res.accepted), clipped.norms, rnd)
@@ -521,6 +522,22 @@ def too_few_answered(cfg: FedConfig, rnd: int, records: dict[int, dict[str, Any]
     )
 
 
+def too_few_accepted(
+    cfg: FedConfig, res: AggregateResult, state: Mapping[str, Tensor], records: dict[int, dict[str, Any]]
+) -> AggregateResult:
+    """``res`` itself, or — when fewer than ``clients.min_per_round`` updates were accepted (the others
+    rejected: shape, NaN/Inf, norm, DP bound) — the previous ``state`` with no client accepted, the accepted
+    ones' records then ``not_aggregated``: the minimum counts the updates averaged, not the answers."""
+    need = cfg.clients.min_per_round
+    if not 0 < len(res.accepted) < need:
+        return res
+    for k in res.accepted:
+        reason = f"{len(res.accepted)} update(s) accepted, fewer than clients.min_per_round={need}"
+        records[cast(int, k)].update(status="not_aggregated", reason=reason)
+    kept = {n: t.detach().clone() for n, t in state.items()}
+    return dataclasses.replace(res, state=kept, accepted=[], weights={})
+
+
 def run_round(
     fed: Federation, state: dict[str, Tensor], rnd: int, accountant: PrivacyAccountant | None,
     *, last_trained: Mapping[int, int] | None = None,
@@ -548,7 +565,15 @@ def run_round(
         updates, ids = [], []  # recorded, not aggregated: the shared tensors stay
         fed.say(note)
     state, res, dp_record = _aggregate(fed, state, updates, ids, records, accountant, rnd)
-    if res.kept_previous and not note:
+    withheld = [k for k in ids if records[k]["status"] == "not_aggregated"]
+    if withheld and not note:
+        note = (
+            f"round {rnd}: {len(withheld)} update(s) accepted, {len(res.rejected)} rejected: fewer than "
+            f"clients.min_per_round={fed.cfg.clients.min_per_round}; not aggregated, the shared tensors of "
+            f"round {rnd - 1} are kept"
+        )
+        fed.say(note)
+    elif res.kept_previous and not note:
         note = f"round {rnd}: no client update accepted; the shared tensors of round {rnd - 1} are kept"
         fed.say(note)
     record = round_record(rnd, fed.strategy.name, records, res, note, round(time.perf_counter() - t0, 3))
