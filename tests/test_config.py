@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -255,3 +257,86 @@ def test_a_run_from_a_config_without_an_adapter_section_can_be_resumed(tmp_path:
     with pytest.raises(ConfigError, match="different config"):
         prepare_run_dir(load_config(None, ["data.tasks=[bigbench:strategyqa]", f"run_dir={tmp_path / 'run'}",
                                            "adapter.r=4"]), overwrite=False, resume=True)  # fmt: skip
+
+
+# --- a section given a value, FSDP with the stopping rule, the help of every argument -----------------------
+@pytest.mark.parametrize(
+    ("schema", "yaml_text", "overrides", "message"),
+    [
+        ("run", "", ["stopping=5"], "stopping is a section (keys: val_examples, every, patience, min_delta, "
+         "restore_best), not a value (5); set one of its keys, e.g. stopping.val_examples=5"),
+        ("run", "stopping: 5\n", [], "e.g. stopping.val_examples=5"),
+        ("run", "", ["train=3"], "train is a section (keys: steps, epochs, batch_size, "),
+        ("run", "train: {steps: 4}\n", ["train=3"], "e.g. train.steps=3"),
+        ("run", "adapter: lora\n", [], "not a value ('lora'); set one of its keys, e.g. adapter.method=lora"),
+        ("run", "", ["stopping=true"], "e.g. stopping.restore_best=true"),
+        ("run", "train: {steps: 4}\n", ["train=[1, 2]"], "not a value ([1, 2]); set one of its keys, e.g. train.steps=200"),
+        ("fed", "", ["clients=1"], "clients is a section (keys: num, ranks, partition, dirichlet_over, alpha, "
+         "fraction, per_round, min_per_round), not a value (1); set one of its keys, e.g. clients.num=1"),
+        ("fed", "timeouts: 60\n", [], "e.g. timeouts.wait_nodes=60"),
+    ],
+)  # fmt: skip
+def test_a_section_given_a_value_names_its_keys_and_a_fix_that_works(
+    tmp_path: Path, schema: str, yaml_text: str, overrides: list[str], message: str
+) -> None:
+    from asymlora.federated.config import FedConfig
+
+    cls = RunConfig if schema == "run" else FedConfig
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data: {tasks: [bigbench:a]}\n" + ("clients: {num: 1}\n" if cls is FedConfig else "") + yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides, schema=cls)
+    assert message in str(info.value)
+    fix = str(info.value).rsplit("e.g. ", 1)[1]  # the suggested key=value loads once the bad value is gone
+    section = fix.split(".", 1)[0]
+    cleaned = tmp_path / "clean.yaml"
+    cleaned.write_text("".join(line + "\n" for line in path.read_text().splitlines() if not line.startswith(section)))
+    assert load_config(cleaned, [fix], schema=cls) is not None
+
+
+def test_a_mapping_where_a_value_is_expected_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"^data.tasks: expected list\[str\], got the mapping \{'a': 1\}$"):
+        load_config(None, ["data.tasks={a: 1}"])
+    with pytest.raises(ConfigError, match=r"^train.steps: expected int, got the mapping"):
+        load_config(None, ["data.tasks=[bigbench:a]", "train.steps={a: 1}"])
+
+
+@pytest.mark.parametrize("override", ["stopping=5", "train=[1, 2]", "adapter=lora"])
+def test_the_cli_refuses_a_section_given_a_value_with_one_line_and_exit_2(override: str, capsys) -> None:
+    from asymlora.cli import main
+
+    assert main(["train", str(ROOT / "configs" / "multitask_bigbench.yaml"), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "is a section (keys: " in err
+
+
+def test_fsdp_with_the_stopping_rule_is_refused_before_anything_is_loaded() -> None:
+    base = ["data.tasks=[bigbench:a]", "model.name=/nope/never/loaded"]
+    with pytest.raises(ConfigError, match=re.escape(
+        "the stopping rule (stopping.val_examples > 0) does not run with an FSDP-sharded model (train.fsdp=true); "
+        "use train.fsdp=false (DDP) or stopping.val_examples=0"
+    )):  # fmt: skip
+        load_config(None, [*base, "train.fsdp=true", "stopping.val_examples=4"])
+    assert load_config(None, [*base, "train.fsdp=true"]).train.fsdp  # either alone is fine
+    assert load_config(None, [*base, "stopping.val_examples=4"]).stopping.enabled
+
+
+def _positionals(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action]]:
+    """(command, action) of every positional argument of ``parser``'s subcommands."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += [(name, a) for a in sub._actions if not a.option_strings]
+    return out
+
+
+def test_every_positional_argument_has_help() -> None:
+    from asymlora.cli import build_parser
+    from asymlora.federated.__main__ import build_parser as build_fed_parser
+
+    for parser in (build_parser(), build_fed_parser()):
+        positionals = _positionals(parser)
+        assert len(positionals) >= 2
+        missing = [f"{command} {a.dest}" for command, a in positionals if not a.help]
+        assert not missing, missing

@@ -254,7 +254,7 @@ def _add_experiment(sub: Subparsers) -> None:
     p = _add(sub, "experiment", cmd_experiment, "run the paper's experiments (init-similarity)",
                  "init-similarity: train LoRA on several tasks from one seed and on one task from several seeds, then "
                  "compare A and B similarities (the paper's Figure 1).")  # fmt: skip
-    p.add_argument("name", choices=["init-similarity"])
+    p.add_argument("name", choices=["init-similarity"], help="the experiment to run")
     p.add_argument("--out", default="runs/init-similarity", help="output directory")
     p.add_argument("overrides", nargs="*", help="key=value size overrides")
 

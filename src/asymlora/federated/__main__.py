@@ -107,7 +107,8 @@ def run_status(connection: str | None, run_id: int | None = None) -> list[dict]:
     return list(data.get("runs", []))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m asymlora.federated`` (subcommands app, status, check-tls)."""
     parser = argparse.ArgumentParser(
         prog="python -m asymlora.federated", description=__doc__.split("\n\n")[0]
     )
@@ -129,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", action="append", default=[], help="an address the SuperNodes dial (repeatable)")
     p.add_argument("--public-key", action="append", default=[], help="a SuperNode's OpenSSH public key")
     p.add_argument("--private-key", action="append", default=[], help="a SuperNode's OpenSSH private key")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "check-tls":
         return cli_check_tls(args)
     if args.command == "app":
