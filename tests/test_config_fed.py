@@ -1,0 +1,188 @@
+"""Federated config checks before round 1 (docs/federated.md): partial participation's fixes are feasible,
+a norm check that can never reject and ``het_local`` without fedalora-het are refused; and
+``clients.min_per_round`` counts the accepted updates, not the answers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tests import test_fed_apps
+from tests.test_fed_het_local import _three_clients
+
+from asymlora.config import ConfigError
+from asymlora.federated import get_strategy
+from asymlora.federated.config import FedConfig, load_fed_config
+from asymlora.federated.privacy import PrivacySettings
+from asymlora.federated.server_round import _aggregate, make_accountant, round_record
+from asymlora.federated.strategies import norm_outliers
+
+assets, task_identity = test_fed_apps.assets, test_fed_apps.task_identity  # the Flower app tests' fixtures
+
+
+def fed(num: int, *overrides: str) -> FedConfig:
+    return load_fed_config(None, ["data.tasks=[bigbench:a]", "clients.partition=iid", f"clients.num={num}",
+                                  *overrides])  # fmt: skip
+
+
+# --- partial participation: every suggested fix loads --------------------------------------------------------
+def _fix_overrides(fix: str, cfg: FedConfig) -> list[list[str]]:
+    """The override sets one suggested fix stands for (a range: both of its ends)."""
+    sets: list[list[str]] = [[]]
+    for part in fix.split(" and "):
+        if m := re.fullmatch(r"raise (clients\.\w+) to >= ([\d.]+)", part):
+            sets = [s + [f"{m[1]}={m[2]}"] for s in sets]
+        elif m := re.fullmatch(r"set (clients\.\w+) to a value in \[(\d+), (\d+)\]", part):
+            sets = [s + [f"{m[1]}={v}"] for s in sets for v in (m[2], m[3])]
+        elif m := re.fullmatch(r"set (clients\.\w+=\d+)", part):
+            sets = [s + [m[1]] for s in sets]
+        else:
+            raise AssertionError(f"unparsed fix {part!r}")
+    return sets
+
+
+# (clients.num, clients.fraction, clients.per_round, clients.min_per_round, the fixes expected)
+CASES = [
+    (8, 0.25, None, 3, ["raise clients.fraction to >= 0.375", "set clients.min_per_round to a value in [1, 2]"]),
+    (3, 0.5, None, 2, ["raise clients.fraction to >= 0.667", "set clients.min_per_round to a value in [1, 1]"]),
+    (7, 0.3, None, 3, ["raise clients.fraction to >= 0.429", "set clients.min_per_round to a value in [1, 2]"]),
+    (10, 0.7, None, 9, ["raise clients.fraction to >= 0.9", "set clients.min_per_round to a value in [1, 7]"]),
+    (3, 0.2, None, 1, ["raise clients.fraction to >= 0.334"]),  # ⌊0.333 × 3⌋ = 0: not enough
+    (4, 0.2, None, 0, ["set clients.min_per_round=1 and raise clients.fraction to >= 0.25"]),
+    (4, 0.2, None, 7, ["set clients.min_per_round=1 and raise clients.fraction to >= 0.25"]),
+    (5, 1.0, None, 6, ["set clients.min_per_round to a value in [1, 5]"]),  # not fraction 1.2
+    (5, 1.0, 3, 4, ["raise clients.per_round to >= 4", "set clients.min_per_round to a value in [1, 3]"]),
+    (5, 1.0, 2, 9, ["set clients.min_per_round to a value in [1, 2]"]),  # not per_round 9 > 5 clients
+    (5, 1.0, 2, 0, ["set clients.min_per_round to a value in [1, 2]"]),
+]
+
+
+@pytest.mark.parametrize(("num", "fraction", "per_round", "minimum", "fixes"), CASES)
+def test_every_suggested_participation_fix_is_feasible(num, fraction, per_round, minimum, fixes) -> None:
+    given = [f"clients.fraction={fraction}", f"clients.min_per_round={minimum}"]
+    given += [] if per_round is None else [f"clients.per_round={per_round}"]
+    with pytest.raises(ConfigError) as info:
+        fed(num, *given)
+    message = str(info.value)
+    assert message.rsplit("; fix: ", 1)[1].split("; or ") == fixes, message
+    for fix in fixes:
+        for extra in _fix_overrides(fix, fed(num)):
+            cfg = fed(num, *given, *extra)  # loads: the fix is feasible
+            assert 1 <= cfg.clients.min_per_round <= cfg.clients_per_round
+    for fix in fixes:  # and the suggested fraction is the smallest with three decimals
+        if m := re.search(r"clients\.fraction to >= ([\d.]+)", fix):
+            lower = round(float(m[1]) - 0.001, 3)
+            target = int(re.search(r"min_per_round=(\d+)", fix)[1]) if "min_per_round=" in fix else minimum
+            assert int(lower * num + 1e-9) < target
+
+
+def test_the_sampled_count_is_named() -> None:
+    with pytest.raises(ConfigError, match=re.escape(
+        "clients.fraction=0.2 samples ⌊0.2 × clients.num=4⌋ = 0 client(s) per round, so no client would ever "
+        "train (clients.min_per_round=7 (it cannot exceed clients.num=4)); fix: "
+    )):  # fmt: skip
+        fed(4, "clients.fraction=0.2", "clients.min_per_round=7")
+
+
+# --- a norm check that cannot reject, het_local that changes nothing -------------------------------------------
+def test_the_norm_check_needs_peers_it_can_reject_against() -> None:
+    # by hand: with two norms a <= b the median is (a + b) / 2, and b > f (a + b) / 2 iff b > a f / (2 - f)
+    assert norm_outliers({0: 1.0, 1: 1e9}, 2.0) == []  # f >= 2 never rejects one of two
+    assert [r.client for r in norm_outliers({0: 1.0, 1: 3.0001}, 1.5)] == [1]  # f = 1.5: above 3 ×
+    assert norm_outliers({0: 1.0, 1: 2.9999}, 1.5) == [] and norm_outliers({0: 5.0}, 1.0001) == []
+    for num, extra, m in ((1, [], 1), (2, [], 2), (4, ["clients.per_round=2"], 2), (4, ["clients.fraction=0.25"], 1)):
+        with pytest.raises(ConfigError, match=rf"reject.norm_factor=10 with {m} client\(s\) per round can never "
+                           r"reject an update .*; set reject.norm_factor=null, or sample >= 3 clients per round"):
+            fed(num, *extra, "reject.norm_factor=10")  # fmt: skip
+    with pytest.raises(ConfigError, match="or use a factor below 2"):
+        fed(2, "reject.norm_factor=2")
+    assert fed(2, "reject.norm_factor=1.5").reject.norm_factor == 1.5  # two clients, f < 2: it can bite
+    assert fed(3, "reject.norm_factor=10").reject.norm_factor == 10
+    assert fed(1).reject.norm_factor is None  # off: no constraint
+
+
+def test_het_local_persist_needs_fedalora_het() -> None:
+    with pytest.raises(ConfigError, match=re.escape(
+        "het_local=persist applies to fedalora-het only, but strategies=['fedit', 'fedalora'] has none: it would "
+        "change nothing; drop het_local (or set het_local=fresh), or add fedalora-het"
+    )):  # fmt: skip
+        fed(2, "strategies=[fedit, fedalora]", "het_local=persist")
+    assert fed(2, "strategies=[fedit, fedalora-het]", "het_local=persist").het_local == "persist"
+    assert fed(2, "strategies=[fedit]", "het_local=fresh").het_local == "fresh"
+
+
+# --- clients.min_per_round counts the accepted updates -----------------------------------------------------------
+def _round(min_per_round: int, dp: PrivacySettings | None = None, nan_client: int | None = None):
+    """fedalora, three clients (tests/test_fed_het_local.py: ‖Δ‖ = 1, 2, 200, n = 1, 3, 4), reject.norm_factor=10
+    (rejects client 2 unless client 1 sends NaN: the median of 1 and 200 is 100.5): the new B, the aggregation,
+    the DP record, the client records and the accountant."""
+    roles, server, updates = _three_clients()
+    if nan_client is not None:
+        updates[nan_client] = ({"layer.B": torch.full((2, 2), float("nan"))}, 1)
+    cfg = load_fed_config(None, ["data.tasks=[x:a, x:b, x:c]", "clients.num=3", "reject.norm_factor=10",
+                                 f"clients.min_per_round={min_per_round}"])  # fmt: skip
+    cfg.dp = dp or cfg.dp
+    federation = SimpleNamespace(cfg=cfg, strategy=get_strategy("fedalora"), roles=roles)
+    records = {k: {"client": k, "status": "ok", "train_loss": 0.5, "num_examples": n}
+               for k, (_, n) in enumerate(updates)}  # fmt: skip
+    accountant = make_accountant(cfg, [])
+    state, res, dp_record = _aggregate(federation, server, updates, [0, 1, 2], records, accountant, 1)  # type: ignore[arg-type]
+    return server, state, res, dp_record, records, accountant
+
+
+def test_a_round_with_fewer_accepted_updates_than_the_minimum_keeps_the_shared_tensors() -> None:
+    server, state, res, _, records, _ = _round(min_per_round=3)  # 3 answered, 2 accepted
+    assert res.accepted == [] and res.kept_previous and res.weights == {}
+    assert torch.equal(state["layer.B"], server["layer.B"])
+    assert [r.client for r in res.rejected] == [2] and records[2]["status"] == "rejected"
+    for k in (0, 1):
+        assert records[k]["status"] == "not_aggregated"
+        assert records[k]["reason"] == "2 update(s) accepted, fewer than clients.min_per_round=3"
+    assert round_record(1, "fedalora", records, res, "", 0.1)["accepted"] == []
+    _, state, res, _, records, _ = _round(min_per_round=2)  # 2 accepted: averaged with p = 1/4, 3/4
+    assert res.accepted == [0, 1] and records[0]["status"] == "ok"
+    torch.testing.assert_close(state["layer.B"], torch.tensor([[1.25, 2.5], [1, 1]]), rtol=0, atol=0)
+
+
+def test_under_dp_a_withheld_round_releases_nothing() -> None:
+    dp = PrivacySettings(clipping="server", noise_multiplier=1.0, clipping_norm=1000.0, noise_seed=0)
+    server, state, res, dp_record, records, accountant = _round(3, dp, nan_client=1)  # NaN refused: 2 accepted
+    assert res.accepted == [] and torch.equal(state["layer.B"], server["layer.B"])  # no noise added
+    assert dp_record is not None and not dp_record["released"] and accountant is not None
+    assert accountant.releases == 0 and records[0]["status"] == "not_aggregated"
+    _, state, res, dp_record, _, accountant = _round(1, dp, nan_client=1)
+    assert res.accepted == [0, 2] and dp_record["released"] and accountant.releases == 1
+
+
+@pytest.mark.fed
+def test_the_round_record_says_why_a_round_with_a_rejected_update_was_not_aggregated(
+    assets: Path, tmp_path: Path, task_identity
+) -> None:
+    """Through the server (tests/test_fed_partial.py's 4 clients, 2 sampled, round 1: [0, 2]): client 0 sends
+    NaN, client 2's update is accepted, clients.min_per_round=2: both answered, one update accepted — the round
+    is recorded, not aggregated, and the shared tensors stay the initial ones."""
+    from tests.test_fed_apps import InProcessGrid, read_rounds
+    from tests.test_fed_partial import _run, partial_config
+
+    from asymlora.federated.round_log import load_checkpoint
+    from asymlora.federated.server_app import server_roles
+
+    cfg = partial_config(
+        assets, tmp_path, "clients.min_per_round=2", "faults.nan_in=['0:1']", "faults.stop_after=1"
+    )
+    out = tmp_path / "run" / "fedalora"
+    assert _run(cfg, InProcessGrid(4), out).status == "stopped"
+    (r1,) = read_rounds(out / "rounds.jsonl")
+    status = {c["client"]: c["status"] for c in r1["clients"]}
+    assert status == {0: "rejected", 1: "not_sampled", 2: "not_aggregated", 3: "not_sampled"}
+    assert r1["kept_previous"] and r1["accepted"] == [] and r1["weights"] == {}
+    assert r1["note"] == (
+        "round 1: 1 update(s) accepted, 1 rejected: fewer than clients.min_per_round=2; not aggregated, the "
+        "shared tensors of round 0 are kept"
+    )
+    saved, _ = load_checkpoint(out)
+    _, initial = server_roles(cfg, cfg.strategy("fedalora"), [2] * 4)
+    assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in initial)
