@@ -283,14 +283,18 @@ def test_a_section_given_a_value_names_its_keys_and_a_fix_that_works(
 
     cls = RunConfig if schema == "run" else FedConfig
     path = tmp_path / "cfg.yaml"
-    path.write_text("data: {tasks: [bigbench:a]}\n" + ("clients: {num: 1}\n" if cls is FedConfig else "") + yaml_text)
+    path.write_text(
+        "data: {tasks: [bigbench:a]}\n" + ("clients: {num: 1}\n" if cls is FedConfig else "") + yaml_text
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path, overrides, schema=cls)
     assert message in str(info.value)
     fix = str(info.value).rsplit("e.g. ", 1)[1]  # the suggested key=value loads once the bad value is gone
     section = fix.split(".", 1)[0]
     cleaned = tmp_path / "clean.yaml"
-    cleaned.write_text("".join(line + "\n" for line in path.read_text().splitlines() if not line.startswith(section)))
+    cleaned.write_text(
+        "".join(line + "\n" for line in path.read_text().splitlines() if not line.startswith(section))
+    )
     assert load_config(cleaned, [fix], schema=cls) is not None
 
 

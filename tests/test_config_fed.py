@@ -34,11 +34,11 @@ def _fix_overrides(fix: str, cfg: FedConfig) -> list[list[str]]:
     sets: list[list[str]] = [[]]
     for part in fix.split(" and "):
         if m := re.fullmatch(r"raise (clients\.\w+) to >= ([\d.]+)", part):
-            sets = [s + [f"{m[1]}={m[2]}"] for s in sets]
+            sets = [[*s, f"{m[1]}={m[2]}"] for s in sets]
         elif m := re.fullmatch(r"set (clients\.\w+) to a value in \[(\d+), (\d+)\]", part):
-            sets = [s + [f"{m[1]}={v}"] for s in sets for v in (m[2], m[3])]
+            sets = [[*s, f"{m[1]}={v}"] for s in sets for v in (m[2], m[3])]
         elif m := re.fullmatch(r"set (clients\.\w+=\d+)", part):
-            sets = [s + [m[1]] for s in sets]
+            sets = [[*s, m[1]] for s in sets]
         else:
             raise AssertionError(f"unparsed fix {part!r}")
     return sets
@@ -46,10 +46,34 @@ def _fix_overrides(fix: str, cfg: FedConfig) -> list[list[str]]:
 
 # (clients.num, clients.fraction, clients.per_round, clients.min_per_round, the fixes expected)
 CASES = [
-    (8, 0.25, None, 3, ["raise clients.fraction to >= 0.375", "set clients.min_per_round to a value in [1, 2]"]),
-    (3, 0.5, None, 2, ["raise clients.fraction to >= 0.667", "set clients.min_per_round to a value in [1, 1]"]),
-    (7, 0.3, None, 3, ["raise clients.fraction to >= 0.429", "set clients.min_per_round to a value in [1, 2]"]),
-    (10, 0.7, None, 9, ["raise clients.fraction to >= 0.9", "set clients.min_per_round to a value in [1, 7]"]),
+    (
+        8,
+        0.25,
+        None,
+        3,
+        ["raise clients.fraction to >= 0.375", "set clients.min_per_round to a value in [1, 2]"],
+    ),
+    (
+        3,
+        0.5,
+        None,
+        2,
+        ["raise clients.fraction to >= 0.667", "set clients.min_per_round to a value in [1, 1]"],
+    ),
+    (
+        7,
+        0.3,
+        None,
+        3,
+        ["raise clients.fraction to >= 0.429", "set clients.min_per_round to a value in [1, 2]"],
+    ),
+    (
+        10,
+        0.7,
+        None,
+        9,
+        ["raise clients.fraction to >= 0.9", "set clients.min_per_round to a value in [1, 7]"],
+    ),
     (3, 0.2, None, 1, ["raise clients.fraction to >= 0.334"]),  # ⌊0.333 × 3⌋ = 0: not enough
     (4, 0.2, None, 0, ["set clients.min_per_round=1 and raise clients.fraction to >= 0.25"]),
     (4, 0.2, None, 7, ["set clients.min_per_round=1 and raise clients.fraction to >= 0.25"]),
@@ -93,9 +117,17 @@ def test_the_norm_check_needs_peers_it_can_reject_against() -> None:
     assert norm_outliers({0: 1.0, 1: 1e9}, 2.0) == []  # f >= 2 never rejects one of two
     assert [r.client for r in norm_outliers({0: 1.0, 1: 3.0001}, 1.5)] == [1]  # f = 1.5: above 3 ×
     assert norm_outliers({0: 1.0, 1: 2.9999}, 1.5) == [] and norm_outliers({0: 5.0}, 1.0001) == []
-    for num, extra, m in ((1, [], 1), (2, [], 2), (4, ["clients.per_round=2"], 2), (4, ["clients.fraction=0.25"], 1)):
-        with pytest.raises(ConfigError, match=rf"reject.norm_factor=10 with {m} client\(s\) per round can never "
-                           r"reject an update .*; set reject.norm_factor=null, or sample >= 3 clients per round"):
+    for num, extra, m in (
+        (1, [], 1),
+        (2, [], 2),
+        (4, ["clients.per_round=2"], 2),
+        (4, ["clients.fraction=0.25"], 1),
+    ):
+        with pytest.raises(
+            ConfigError,
+            match=rf"reject.norm_factor=10 with {m} client\(s\) per round can never "
+            r"reject an update .*; set reject.norm_factor=null, or sample >= 3 clients per round",
+        ):
             fed(num, *extra, "reject.norm_factor=10")  # fmt: skip
     with pytest.raises(ConfigError, match="or use a factor below 2"):
         fed(2, "reject.norm_factor=2")
@@ -149,7 +181,9 @@ def test_a_round_with_fewer_accepted_updates_than_the_minimum_keeps_the_shared_t
 
 def test_under_dp_a_withheld_round_releases_nothing() -> None:
     dp = PrivacySettings(clipping="server", noise_multiplier=1.0, clipping_norm=1000.0, noise_seed=0)
-    server, state, res, dp_record, records, accountant = _round(3, dp, nan_client=1)  # NaN refused: 2 accepted
+    server, state, res, dp_record, records, accountant = _round(
+        3, dp, nan_client=1
+    )  # NaN refused: 2 accepted
     assert res.accepted == [] and torch.equal(state["layer.B"], server["layer.B"])  # no noise added
     assert dp_record is not None and not dp_record["released"] and accountant is not None
     assert accountant.releases == 0 and records[0]["status"] == "not_aggregated"

@@ -13,9 +13,8 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import make_char_tokenizer, make_tiny_llama
+from tests.conftest import tiny_alora, tiny_run_overrides, write_two_task_env
 
-import asymlora
 from asymlora.config import ConfigError, load_config
 from asymlora.data import MultiTaskCollator, MultiTaskDataset
 from asymlora.data.tasks import DataError
@@ -23,30 +22,20 @@ from asymlora.recipes.multitask import load_split_tasks, run
 from asymlora.train import stopping, train
 from asymlora.train.stopping import BEST_FILE, VAL_LOG, EarlyStopping, Validation, validation_losses
 
+SIZES = {
+    "data.max_train": 30, "data.max_test": 8, "data.max_length": 48, "adapter.target_modules": "[q_proj]",
+    "adapter.r": 4, "adapter.num_experts": 2, "train.steps": 12, "train.batch_size": 4, "train.lr": "1e-2",
+    "train.warmup_steps": 1, "train.log_every": 1, "eval.batch_size": 8, "eval.max_new_tokens": 3,
+}  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("env")
-    model = make_tiny_llama(hidden=48, layers=2, initializer_range=0.2)
-    model.save_pretrained(root / "model")
-    make_char_tokenizer().save_pretrained(root / "model")
-    add = [{"input": str(i), "output": str(i + 1), "task": "add"} for i in range(60)]
-    parity = [{"input": f"Is {i} even?", "options": ["yes", "no"], "target": "yes" if i % 2 == 0 else "no",
-               "task": "parity"} for i in range(60)]  # fmt: skip
-    data = root / "tasks.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in add + parity))
-    return {"model": root / "model", "data": data}
+    return write_two_task_env(tmp_path_factory.mktemp("env"))
 
 
 def overrides(env: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"model.name={env['model']}", "model.device=cpu",
-        f"data.tasks=[jsonl:{env['data']}#add, jsonl:{env['data']}#parity]",
-        "data.max_train=30", "data.max_test=8", "data.max_length=48", "adapter.target_modules=[q_proj]",
-        "adapter.r=4", "adapter.num_experts=2", "train.steps=12", "train.batch_size=4", "train.lr=1e-2",
-        "train.warmup_steps=1", "train.log_every=1", "eval.batch_size=8", "eval.max_new_tokens=3",
-        f"run_dir={run_dir}", *extra,
-    ]  # fmt: skip
+    return tiny_run_overrides(env, run_dir, SIZES, *extra)
 
 
 # --- the validation split ----------------------------------------------------------------------------------
@@ -142,18 +131,9 @@ def test_early_stopping_follows_patience_and_min_delta() -> None:
 
 
 # --- in the training loop -----------------------------------------------------------------------------------
-def _peft(env):
-    from asymlora.models import load
-
-    model, tok = load(str(env["model"]))
-    torch.manual_seed(0)
-    cfg = asymlora.AsymLoraConfig(method="alora", r=4, num_experts=2, target_modules=["q_proj"])
-    return peft.get_peft_model(model, cfg), tok
-
-
 def _run(env, run_dir: Path, *extra: str, resume=False, on_step=None):
     cfg = load_config(None, overrides(env, run_dir, "stopping.val_examples=4", *extra))
-    pm, tok = _peft(env)
+    pm, tok = tiny_alora(env["model"])
     tasks, val = load_split_tasks(cfg)
     ds, collate = MultiTaskDataset(tasks, tok, max_length=48), MultiTaskCollator(tok)
     validation = Validation(MultiTaskDataset(val, tok, max_length=48), collate, cfg.stopping, 4)

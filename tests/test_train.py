@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import make_char_tokenizer, make_tiny_llama
+from tests.conftest import tiny_alora, tiny_run_overrides, write_two_task_env
 
-import asymlora
 from asymlora.cli import main as cli_main
 from asymlora.config import ConfigError, load_config
 from asymlora.recipes.multitask import run
@@ -21,31 +19,21 @@ RESULT_KEYS = {"per_task", "average", "std", "worst", "delta_m", "method", "trai
                "peak_memory_mb"}  # fmt: skip
 
 
+SIZES = {
+    "data.max_train": 40, "data.max_test": 10, "data.max_length": 64,
+    "adapter.target_modules": "[q_proj,v_proj,o_proj,up_proj,down_proj]", "adapter.r": 4, "train.steps": 30,
+    "train.batch_size": 8, "train.lr": "1e-2", "train.warmup_steps": 2, "train.log_every": 1,
+    "train.save_every": 10, "eval.batch_size": 8, "eval.max_new_tokens": 4,
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("env")
-    model = make_tiny_llama(hidden=48, layers=2, initializer_range=0.2)
-    model.save_pretrained(root / "model")
-    make_char_tokenizer().save_pretrained(root / "model")
-    add = [
-        {"instruction": "Add one.", "input": str(i), "output": str(i + 1), "task": "add"} for i in range(60)
-    ]
-    parity = [{"input": f"Is {i} even?", "options": ["yes", "no"], "target": "yes" if i % 2 == 0 else "no",
-               "task": "parity"} for i in range(60)]  # fmt: skip
-    data = root / "tasks.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in add + parity))
-    return {"model": root / "model", "data": data}
+    return write_two_task_env(tmp_path_factory.mktemp("env"), instruction="Add one.")
 
 
 def overrides(env: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"model.name={env['model']}", "model.device=cpu",
-        f"data.tasks=[jsonl:{env['data']}#add, jsonl:{env['data']}#parity]",
-        "data.max_train=40", "data.max_test=10", "data.max_length=64",
-        "adapter.target_modules=[q_proj,v_proj,o_proj,up_proj,down_proj]", "adapter.r=4",
-        "train.steps=30", "train.batch_size=8", "train.lr=1e-2", "train.warmup_steps=2", "train.log_every=1",
-        "train.save_every=10", "eval.batch_size=8", "eval.max_new_tokens=4", f"run_dir={run_dir}", *extra,
-    ]  # fmt: skip
+    return tiny_run_overrides(env, run_dir, SIZES, *extra)
 
 
 def test_batch_order_is_a_function_of_seed_and_step() -> None:
@@ -85,17 +73,6 @@ def test_short_run_lowers_the_loss_and_writes_results(env, tmp_path) -> None:
     assert ckpts == ["step-000020", "step-000030"]  # keep_checkpoints=2, no temporary leftovers
 
 
-def _tiny_peft(env, router="soft"):
-    from asymlora.models import load
-
-    model, tok = load(str(env["model"]))
-    torch.manual_seed(0)
-    cfg = asymlora.AsymLoraConfig(
-        method="alora", r=4, router=router, num_experts=2, target_modules=["q_proj"]
-    )
-    return peft.get_peft_model(model, cfg), tok
-
-
 def _dataset(env, tok):
     from asymlora.data import MultiTaskCollator, MultiTaskDataset, load_tasks
 
@@ -106,7 +83,7 @@ def _dataset(env, tok):
 def test_kill_and_resume_reaches_the_same_final_step_and_weights(env, tmp_path) -> None:
     settings = load_config(None, overrides(env, tmp_path / "x", "train.steps=12", "train.save_every=4")).train
 
-    pm, tok = _tiny_peft(env)
+    pm, tok = tiny_alora(env["model"])
     ds, collate = _dataset(env, tok)
     full = train(pm, ds, collate, settings, tmp_path / "full")
     reference = load_file(tmp_path / "full" / "checkpoints" / "step-000012" / "adapter_model.safetensors")
@@ -118,11 +95,11 @@ def test_kill_and_resume_reaches_the_same_final_step_and_weights(env, tmp_path) 
         if step == 6:
             raise Killed
 
-    pm, tok = _tiny_peft(env)
+    pm, tok = tiny_alora(env["model"])
     with pytest.raises(Killed):
         train(pm, ds, collate, settings, tmp_path / "killed", on_step=kill_at_6)
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-000004"]
-    pm, tok = _tiny_peft(env)
+    pm, tok = tiny_alora(env["model"])
     resumed = train(pm, ds, collate, settings, tmp_path / "killed", resume=True)
     assert resumed.resumed_from == 4 and resumed.steps == full.steps == 12
     final = load_file(tmp_path / "killed" / "checkpoints" / "step-000012" / "adapter_model.safetensors")
@@ -133,7 +110,7 @@ def test_kill_and_resume_reaches_the_same_final_step_and_weights(env, tmp_path) 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(env, tmp_path) -> None:
     settings = load_config(None, overrides(env, tmp_path / "x", "train.steps=10", "train.save_every=2")).train
-    pm, tok = _tiny_peft(env)
+    pm, tok = tiny_alora(env["model"])
     ds, collate = _dataset(env, tok)
     calls = {"n": 0}
 

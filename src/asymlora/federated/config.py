@@ -381,8 +381,7 @@ class FedConfig:
             else f"so no client would ever train (clients.min_per_round={k}{beyond})"
         )  # fmt: skip
         raise ConfigError(
-            f"{sampled} per round, {problem}; fix: "
-            + "; or ".join(self._participation_fixes())
+            f"{sampled} per round, {problem}; fix: " + "; or ".join(self._participation_fixes())
         )
 
     def _participation_fixes(self) -> list[str]:
@@ -400,7 +399,9 @@ class FedConfig:
         if m >= 1:
             fixes.append(f"set clients.min_per_round to a value in [1, {m}]")
         elif not fixes:  # nobody is sampled and the minimum is out of range: both
-            fixes.append(f"set clients.min_per_round=1 and raise clients.fraction to >= {min_fraction(1, c.num):g}")
+            fixes.append(
+                f"set clients.min_per_round=1 and raise clients.fraction to >= {min_fraction(1, c.num):g}"
+            )
         return fixes
 
     def _check_partition(self) -> None:
