@@ -257,7 +257,7 @@ class TrainSettings(BaseTrainSettings):
     """Log the loss every N steps."""
     fsdp: bool = False
     """Under torchrun: shard the base model and adapter across the processes (PyTorch FSDP2) instead of
-    replicating them (DDP); one method per launch, evaluation not split (docs/distributed.md)."""
+    replicating them (DDP); one method per launch, evaluation not split, no stopping rule (docs/distributed.md)."""
     trace_every: int = 0
     """Record ‖A − A_init‖/‖A_init‖, ‖B‖ and ΔM/ΔD per layer every N steps into traces.jsonl (0 = off)."""
     router_log_every: int = 10

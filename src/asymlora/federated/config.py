@@ -107,8 +107,9 @@ class ClientSettings:
     per_round: int | None = None
     """Partial participation: the number of clients sampled each round (instead of ``fraction``)."""
     min_per_round: int = 1
-    """A round is aggregated only when at least this many sampled clients answered (else it is recorded
-    and the shared tensors are kept)."""
+    """A round is aggregated only when at least this many client updates are accepted — answered and passed
+    the server's checks (shape, NaN/Inf, ``reject``, DP bound) — else it is recorded and the shared tensors
+    are kept (docs/federated.md, "Partial participation")."""
 
 
 @dataclass
@@ -217,7 +218,8 @@ class RejectSettings:
     norm_factor: float | None = None
     """None: off. A number f > 1: reject an update whose L2 norm (`strategies.update_norm`) exceeds f × the
     median norm of the round's valid updates (`strategies.norm_outliers`); recorded in rounds.jsonl, the
-    round goes on. Under DP the norms are those of the clipped updates."""
+    round goes on. Under DP the norms are those of the clipped updates. Refused when it can never reject: one
+    client per round, or two with f >= 2 (the median counts the update itself)."""
 
 
 @dataclass
