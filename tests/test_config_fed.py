@@ -220,3 +220,24 @@ def test_the_round_record_says_why_a_round_with_a_rejected_update_was_not_aggreg
     saved, _ = load_checkpoint(out)
     _, initial = server_roles(cfg, cfg.strategy("fedalora"), [2] * 4)
     assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in initial)
+
+
+def test_the_app_command_checks_a_config_it_can_read_before_writing(tmp_path: Path, capsys) -> None:
+    from asymlora.federated.__main__ import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "fed_bigbench_homo.yaml"
+    app = tmp_path / "app"
+    for overrides, message in (
+        ("clients=3", "clients is a section (keys: num, "),
+        ("rounds=2 het_local=persist", "het_local=persist applies to fedalora-het only"),
+    ):
+        assert main(["app", str(app), "--config", str(config), "--overrides", overrides]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("python -m asymlora.federated app: error: ") and message in err
+        assert "Traceback" not in err and not app.exists()
+    assert main(["app", str(app), "--config", str(config), "--strategy", "fedavg"]) == 2
+    assert "unknown federated strategy 'fedavg'" in capsys.readouterr().err and not app.exists()
+    assert main(["app", str(app), "--config", str(config), "--overrides", "rounds=2"]) == 0
+    assert (app / "pyproject.toml").is_file()
+    elsewhere = str(tmp_path / "on_the_superlink_only.yaml")  # not on this machine: written unchecked
+    assert main(["app", str(tmp_path / "app2"), "--config", elsewhere, "--overrides", "clients=3"]) == 0
