@@ -270,6 +270,7 @@ def test_a_run_from_a_config_without_an_adapter_section_can_be_resumed(tmp_path:
         ("run", "train: {steps: 4}\n", ["train=3"], "e.g. train.steps=3"),
         ("run", "adapter: lora\n", [], "not a value ('lora'); set one of its keys, e.g. adapter.method=lora"),
         ("run", "", ["stopping=true"], "e.g. stopping.restore_best=true"),
+        ("run", "", ["adapter=task"], "e.g. adapter.router=task"),  # the key whose choices name it
         ("run", "train: {steps: 4}\n", ["train=[1, 2]"], "not a value ([1, 2]); set one of its keys, e.g. train.steps=200"),
         ("fed", "", ["clients=1"], "clients is a section (keys: num, ranks, partition, dirichlet_over, alpha, "
          "fraction, per_round, min_per_round), not a value (1); set one of its keys, e.g. clients.num=1"),

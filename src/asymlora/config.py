@@ -475,9 +475,13 @@ def _accepts(tp: Any, value: Any) -> bool:
 
 def _section_error(section: type, path: str, value: Any) -> ConfigError:
     """The error for section ``path`` (dataclass ``section``) given ``value`` instead of a mapping: its keys,
-    and as the fix the first key that takes ``value`` as it is (else the first key, with its default)."""
+    and as the fix the first key that takes ``value`` as it is — one whose choices include it first — (else
+    the first key, with its default)."""
     names, hints = _field_names(section), _hints(section)
-    fits = [n for n in names if _accepts(hints[n], value)]
+    fits = sorted(  # a key whose choices name the value first (adapter=task: router, not method)
+        (n for n in names if _accepts(hints[n], value)),
+        key=lambda n: typing.get_origin(_strip_optional(hints[n])[0]) is not Literal,
+    )
     key = fits[0] if fits else names[0]
     example = value if fits else getattr(section(), key)
     text = yaml.safe_dump(example, default_flow_style=True).strip().removesuffix("...").strip()
