@@ -35,6 +35,7 @@ from asymlora.config import (
 from asymlora.config import DataSettings as MultiTaskDataSettings
 from asymlora.federated.codec import TRANSFER_DTYPES
 from asymlora.federated.privacy import PrivacySettings, noise_multiplier_for
+from asymlora.federated.secagg import SecAggSettings, check_secagg
 from asymlora.federated.strategies import (
     STRATEGY_NAMES,
     Strategy,
@@ -54,6 +55,7 @@ __all__ = [
     "ModelSettings",
     "PrivacySettings",
     "RejectSettings",
+    "SecAggSettings",
     "SimulationSettings",
     "TimeoutSettings",
     "TrainSettings",
@@ -275,6 +277,8 @@ class FedConfig:
     """Client-level differential privacy of the uploads (`asymlora.federated.privacy`); off by default."""
     transfer: TransferSettings = field(default_factory=TransferSettings)
     """Wire dtype of the shared tensors each way (``transfer.up`` / ``transfer.down``); float32 by default."""
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    """Secure aggregation with Flower's SecAgg+ (`asymlora.federated.secagg`); off by default."""
 
     # --- derived ---------------------------------------------------------------------------------
     def strategy(self, name: str) -> Strategy:
@@ -326,6 +330,7 @@ class FedConfig:
         self._check_dp()
         self._check_reject()
         self._check_transfer()
+        check_secagg(self)  # after dp, reject and transfer: it names the options it cannot honour
         self._check_client_adapters()
 
     def _check_strategies(self) -> None:
