@@ -30,10 +30,23 @@ from asymlora.federated.server_app import run_server
 
 pytestmark = pytest.mark.fed
 assets, task_identity = fed_apps.assets, fed_apps.task_identity
-InProcessGrid, read_rounds, write_config = fed_apps.InProcessGrid, fed_apps.read_rounds, fed_apps.write_config
+read_rounds, write_config = fed_apps.read_rounds, fed_apps.write_config
 
 SECAGG = {"enabled": True, "max_weight": 100.0}
-DIRICHLET = {"num": 3, "partition": "dirichlet", "alpha": 1.0}  # unequal example counts
+DIRICHLET = ("clients.partition=dirichlet", "clients.alpha=1.0")  # unequal example counts
+
+
+class CopyingGrid(fed_apps.InProcessGrid):
+    """`InProcessGrid` that gives every node its own copy of a message's content, as Flower's wire does
+    (Flower's workflow sends one RecordDict object to all nodes, and ``secaggplus_mod`` edits it)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+        messages = list(messages)
+        for m in messages:
+            m.content = recorddict_from_proto(recorddict_to_proto(m.content))
+        return super().send_and_receive(messages, timeout=timeout)
 
 
 @pytest.fixture
@@ -51,12 +64,12 @@ def captured(monkeypatch) -> list[dict]:
 
 def _run(assets: Path, tmp_path: Path, strategy: str, *overrides: str, **top) -> tuple[dict, list[dict]]:
     """One in-process run of ``strategy`` over 3 clients; (round-1 state from the checkpoint, rounds)."""
-    top.setdefault("clients", DIRICHLET)
     top.setdefault("secagg", SECAGG)
-    path = write_config(tmp_path / "fed.yaml", assets, tmp_path / "run", strategies=[strategy], rounds=1, **top)
-    cfg = load_fed_config(path, list(overrides))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = write_config(tmp_path / "fed.yaml", assets, tmp_path / "run", 3, strategies=[strategy], rounds=1, **top)
+    cfg = load_fed_config(path, [*DIRICHLET, *overrides])
     out = tmp_path / "run" / strategy
-    outcome = run_server(InProcessGrid(3), cfg, strategy, out, say=lambda _: None)
+    outcome = run_server(CopyingGrid(3), cfg, strategy, out, say=lambda _: None)
     assert outcome.status == "completed", outcome.message
     state, _ = load_checkpoint(out)
     return state, read_rounds(out / "rounds.jsonl")
@@ -205,6 +218,6 @@ def test_bad_secagg_configs_fail_before_round_1(overrides: list[str], message: s
 
 
 def test_secagg_is_off_by_default_and_auto_becomes_product() -> None:
-    assert FedConfig().secagg.enabled is False and FedConfig().validate().het_upload == "auto"
-    cfg = load_fed_config(None, ["clients.num=3", "secagg.enabled=true", "data.tasks=[a, b, c]"])
-    assert cfg.het_upload == "product"
+    base = ["clients.num=3", "data.tasks=[a, b, c]"]
+    assert FedConfig().secagg.enabled is False and load_fed_config(None, base).het_upload == "auto"
+    assert load_fed_config(None, [*base, "secagg.enabled=true"]).het_upload == "product"

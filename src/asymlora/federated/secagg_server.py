@@ -68,9 +68,13 @@ def protocol_bytes(content: RecordDict) -> int:
     """Bytes of a SecAgg+ message as counted in ``rounds.jsonl``: its ArrayRecords plus Flower's SecAgg+
     ConfigRecord (asymlora's own config and metrics are not counted, as in rounds without SecAgg+)."""
     protocol = content.config_records.get(RECORD_KEY_CONFIGS)
-    return sum(r.count_bytes() for r in content.array_records.values()) + (
-        protocol.count_bytes() if protocol is not None else 0
-    )
+    arrays = sum(r.count_bytes() for r in content.array_records.values())
+    if protocol is None:
+        return arrays
+    # Flower 1.41's ConfigRecord.count_bytes raises IndexError on an empty list (the unmask stage's list of
+    # dropped nodes is usually empty); an empty list holds no bytes, so it is left out of the count
+    filled = ConfigRecord({k: v for k, v in protocol.items() if not (isinstance(v, list) and not v)})
+    return arrays + filled.count_bytes()
 
 
 class CountingGrid:
@@ -158,6 +162,8 @@ def _exchange(
     grid = CountingGrid(fed.grid)
     strategy = SecAggStrategy(fitins, grid)
     context = LegacyContext(Context(0, 0, {}, RecordDict(), {}), strategy=strategy)
+    for proxy, _ in strategy.configure_fit(rnd, Parameters([], ""), context.client_manager):
+        context.client_manager.register(proxy)  # only for Flower's log line ("sampled N clients out of M")
     context.state[MAIN_PARAMS_RECORD] = ArrayRecord()
     context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
     workflow(cast(Grid, grid), context)
