@@ -24,6 +24,7 @@ from tests import test_fed_apps as fed_apps
 from asymlora.config import ConfigError
 from asymlora.federated import secagg_client
 from asymlora.federated.config import FedConfig, load_fed_config
+from asymlora.federated.messages import decode_train_reply
 from asymlora.federated.round_log import load_checkpoint
 from asymlora.federated.secagg import SecAggSettings, error_bound, secagg_vector, weight_factor
 from asymlora.federated.server_app import run_server
@@ -51,13 +52,22 @@ class CopyingGrid(fed_apps.InProcessGrid):
 
 @pytest.fixture
 def captured(monkeypatch) -> list[dict]:
-    """Every client's plaintext input to SecAgg+ (upload, download, weight), recorded on the client."""
+    """Every client's plaintext input to SecAgg+, recorded on the client: its upload and the download, its
+    id and num_examples as its train reply says (``weight``: the reference's n_k, not what the mod chose)."""
     seen: list[dict] = []
+    replies: list = []
+
+    def reply_spy(content):
+        replies.append(decode_train_reply(content))
+        return replies[-1]
 
     def spy(aggregation, upload, download, settings, weight):
-        seen.append({"upload": dict(upload), "download": dict(download), "weight": weight})
+        last = replies[-1]  # in process, each client's reply is decoded right before its vector is built
+        seen.append({"upload": dict(upload), "download": dict(download), "weight": last.num_examples})
+        seen[-1]["client"] = last.client
         return secagg_vector(aggregation, upload, download, settings, weight)
 
+    monkeypatch.setattr(secagg_client, "decode_train_reply", reply_spy)
     monkeypatch.setattr(secagg_client, "secagg_vector", spy)
     return seen
 
@@ -107,8 +117,9 @@ def test_fedalora_aggregate_is_the_weighted_mean_within_the_bound(
     mean of the captured uploads within the analytic bound, and visibly not the unweighted mean."""
     state, (r1,) = _run(assets, tmp_path, "fedalora")
     assert len(captured) == 3 and r1["accepted"] == [0, 1, 2] and r1["secagg"]["completed"]
+    captured.sort(key=lambda s: s["client"])
     weights = [s["weight"] for s in captured]
-    assert len(set(weights)) > 1, weights  # the weighting matters
+    assert weights == [c["num_examples"] for c in r1["clients"]] and len(set(weights)) > 1, weights
     reference = _plain_fedavg(captured)
     err, bound = _max_error(state, reference), _bound(captured, reference)
     assert 0 < err <= bound, (err, bound)
