@@ -76,7 +76,9 @@ def _run(assets: Path, tmp_path: Path, strategy: str, *overrides: str, **top) ->
     """One in-process run of ``strategy`` over 3 clients; (round-1 state from the checkpoint, rounds)."""
     top.setdefault("secagg", SECAGG)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    path = write_config(tmp_path / "fed.yaml", assets, tmp_path / "run", 3, strategies=[strategy], rounds=1, **top)
+    path = write_config(
+        tmp_path / "fed.yaml", assets, tmp_path / "run", 3, strategies=[strategy], rounds=1, **top
+    )
     cfg = load_fed_config(path, [*DIRICHLET, *overrides])
     out = tmp_path / "run" / strategy
     outcome = run_server(CopyingGrid(3), cfg, strategy, out, say=lambda _: None)
@@ -131,13 +133,17 @@ def test_fedalora_aggregate_is_the_weighted_mean_within_the_bound(
     assert r1["weights"] == {str(k): pytest.approx(w / total) for k, w in enumerate(weights)}
 
 
-def test_zeropad_and_fedalora_het_through_secagg(assets: Path, tmp_path: Path, task_identity, captured) -> None:
+def test_zeropad_and_fedalora_het_through_secagg(
+    assets: Path, tmp_path: Path, task_identity, captured
+) -> None:
     """Ranks [4, 2, 2]: zeropad pads every client's A and B to rank 4 before masking; fedalora-het sends the
     product B2·B1 under B0's name and the server adds the mean to B0. Both within the bound."""
     ranks = ("clients.ranks=[4, 2, 2]", "adapter.intermediate_rank=4")
     state, (r1,) = _run(assets, tmp_path / "zp", "zeropad", *ranks)
     assert r1["accepted"] == [0, 1, 2]
-    assert {tuple(s["upload"][n].shape) for s in captured for n in s["upload"] if n.endswith("A.default")} == {
+    assert {
+        tuple(s["upload"][n].shape) for s in captured for n in s["upload"] if n.endswith("A.default")
+    } == {
         (4, 32),
         (2, 32),
     }

@@ -35,7 +35,7 @@ from asymlora.config import (
 from asymlora.config import DataSettings as MultiTaskDataSettings
 from asymlora.federated.codec import TRANSFER_DTYPES
 from asymlora.federated.privacy import PrivacySettings, noise_multiplier_for
-from asymlora.federated.secagg import SecAggSettings, check_secagg
+from asymlora.federated.secagg import SecAggSettings, check_secagg, check_secagg_compatible
 from asymlora.federated.strategies import (
     STRATEGY_NAMES,
     Strategy,
@@ -330,7 +330,7 @@ class FedConfig:
         self._check_dp()
         self._check_reject()
         self._check_transfer()
-        check_secagg(self)  # after dp, reject and transfer: it names the options it cannot honour
+        self._check_secagg()
         self._check_client_adapters()
 
     def _check_strategies(self) -> None:
@@ -471,6 +471,18 @@ class FedConfig:
                 "measured from) can push it over; use dp.clipping=server (the server clips the decoded "
                 "update) or transfer float32 both ways"
             )
+
+    def _check_secagg(self) -> None:
+        """SecAgg+ (`secagg.check_secagg`): enough clients, and none of the options it cannot honour;
+        ``het_upload: auto`` becomes ``product`` (SecAgg+ sums one shape per tensor)."""
+        if not self.secagg.enabled:
+            return
+        check_secagg(self.secagg, self.clients_per_round)
+        check_secagg_compatible(
+            norm_factor=self.reject.norm_factor, dp_clipping=self.dp.clipping,
+            transfer=(self.transfer.up, self.transfer.down), het_upload=self.het_upload, strategies=self.strategies,
+        )  # fmt: skip
+        self.het_upload = "product"
 
     def _check_client_adapters(self) -> None:
         """The adapter config of every (strategy, client) must build."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,12 +34,10 @@ from torch import Tensor
 
 from asymlora.federated.strategies import zero_pad
 
-if TYPE_CHECKING:
-    from asymlora.federated.config import FedConfig
-
 __all__ = [
     "SecAggSettings",
     "check_secagg",
+    "check_secagg_compatible",
     "error_bound",
     "round_shares",
     "secagg_state",
@@ -91,14 +89,11 @@ def round_shares(settings: SecAggSettings, clients: int) -> int:
     return shares
 
 
-def check_secagg(cfg: FedConfig) -> None:
-    """Raise ValueError naming the value and the fix when ``cfg.secagg`` cannot run (checked before round 1);
-    resolves ``het_upload: auto`` to ``product`` (SecAgg+ sums tensors of one shape)."""
-    s = cfg.secagg
-    if not s.enabled:
-        return
+def check_secagg(s: SecAggSettings, clients_per_round: int) -> None:
+    """Raise ValueError naming the value and the fix when SecAgg+ with ``s`` cannot run rounds of
+    ``clients_per_round`` clients (checked before round 1, `FedConfig.validate`)."""
     _check_numbers(s)
-    m = cfg.clients_per_round
+    m = clients_per_round
     if m < 2:
         raise ValueError(
             f"secagg.enabled with {m} client per round: SecAgg+ sums the updates of at least 2 clients; "
@@ -117,7 +112,6 @@ def check_secagg(cfg: FedConfig) -> None:
             f"{m} clients × secagg.quantization_range={s.quantization_range} reach secagg.modulus_range="
             f"{s.modulus_range}: the masked sum would overflow; lower quantization_range"
         )
-    _check_compatible(cfg)
 
 
 def _check_numbers(s: SecAggSettings) -> None:
@@ -142,29 +136,37 @@ def _check_numbers(s: SecAggSettings) -> None:
         raise ValueError(f"secagg.modulus_range={s.modulus_range} must be a power of 2, at most 2^32")
 
 
-def _check_compatible(cfg: FedConfig) -> None:
-    """Options that need every client's update in the clear, or change its values after the clip."""
-    if cfg.reject.norm_factor is not None:
+def check_secagg_compatible(
+    *,
+    norm_factor: float | None,
+    dp_clipping: str,
+    transfer: tuple[str, str],
+    het_upload: str,
+    strategies: list[str],
+) -> None:
+    """Raise ValueError for the options SecAgg+ cannot honour: those that need every client's update in
+    the clear (``reject.norm_factor``, ``dp.clipping: server``), lossy ``transfer`` (up, down) and
+    ``het_upload: factors`` under fedalora-het (the sum needs one shape per tensor)."""
+    if norm_factor is not None:
         raise ValueError(
-            f"secagg.enabled with reject.norm_factor={cfg.reject.norm_factor}: the server never sees a "
-            "client's update under SecAgg+, so it cannot compare norms; set reject.norm_factor=null"
+            f"secagg.enabled with reject.norm_factor={norm_factor}: the server never sees a client's update "
+            "under SecAgg+, so it cannot compare norms; set reject.norm_factor=null"
         )
-    if cfg.dp.clipping == "server":
+    if dp_clipping == "server":
         raise ValueError(
             "secagg.enabled with dp.clipping=server: the server cannot clip updates it never sees; use "
             "dp.clipping=client (each client clips, the server adds the noise to the sum)"
         )
-    if cfg.transfer.lossy:
+    if transfer != ("float32", "float32"):
         raise ValueError(
-            f"secagg.enabled with transfer.up={cfg.transfer.up!r}, transfer.down={cfg.transfer.down!r}: "
-            "SecAgg+ quantises the upload itself and sends the download as float32; set both to float32"
+            f"secagg.enabled with transfer.up={transfer[0]!r}, transfer.down={transfer[1]!r}: SecAgg+ "
+            "quantises the upload itself and sends the download as float32; set both to float32"
         )
-    if cfg.het_upload == "factors" and "fedalora-het" in cfg.strategies:
+    if het_upload == "factors" and "fedalora-het" in strategies:
         raise ValueError(
             "secagg.enabled with het_upload=factors: SecAgg+ sums one shape per tensor, so fedalora-het "
             "clients must send the product B2·B1; set het_upload=product (or auto)"
         )
-    cfg.het_upload = "product"
 
 
 def weight_factor(num_examples: int, max_weight: float, quantization_range: int) -> float:
