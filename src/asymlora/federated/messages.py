@@ -54,7 +54,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -509,7 +509,7 @@ def decode_secagg_fitins(content: RecordDict) -> tuple[RecordDict, SecAggFit]:
     download = to_record(
         {n: torch.from_numpy(np.array(a, copy=True)) for n, a in zip(names, arrays, strict=True)}
     )
-    return RecordDict({ARRAYS: download, CONFIG: ConfigRecord(config)}), fit
+    return RecordDict({ARRAYS: download, CONFIG: ConfigRecord(cast(Any, config))}), fit
 
 
 def encode_secagg_fitres(content: RecordDict, vector: list[np.ndarray], weight: int, clipped: int) -> None:

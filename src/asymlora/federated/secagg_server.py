@@ -261,7 +261,7 @@ def run_secagg_round(
     res = AggregateResult(state={n: t.detach().clone() for n, t in state.items()})
     if strategy.mean is not None and not note:
         res.state = secagg_state(fed.strategy.aggregation, state, strategy.mean, fed.cfg.secagg.scale)
-        res.accepted = sorted(summed)
+        res.accepted = list(sorted(summed))
         res.weights = {k: w / sum(summed.values()) for k, w in sorted(summed.items())}
     if note:
         fed.say(note)
