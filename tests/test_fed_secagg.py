@@ -14,6 +14,7 @@ import os
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
+import json
 import math
 from pathlib import Path
 
@@ -27,11 +28,12 @@ from asymlora.federated.config import FedConfig, load_fed_config
 from asymlora.federated.messages import decode_train_reply
 from asymlora.federated.round_log import load_checkpoint
 from asymlora.federated.secagg import SecAggSettings, error_bound, secagg_vector, weight_factor
+from asymlora.federated.secagg_server import STAGES
 from asymlora.federated.server_app import run_server
 
 pytestmark = pytest.mark.fed
 assets, task_identity = fed_apps.assets, fed_apps.task_identity
-read_rounds, write_config = fed_apps.read_rounds, fed_apps.write_config
+fed, read_rounds, write_config = fed_apps.fed, fed_apps.read_rounds, fed_apps.write_config
 
 SECAGG = {"enabled": True, "max_weight": 100.0}
 DIRICHLET = ("clients.partition=dirichlet", "clients.alpha=1.0")  # unequal example counts
@@ -238,3 +240,24 @@ def test_secagg_is_off_by_default_and_auto_becomes_product() -> None:
     base = ["clients.num=3", "data.tasks=[a, b, c]"]
     assert FedConfig().secagg.enabled is False and load_fed_config(None, base).het_upload == "auto"
     assert load_fed_config(None, [*base, "secagg.enabled=true"]).het_upload == "product"
+
+
+def test_flower_simulation_engine(assets: Path, tmp_path: Path) -> None:
+    """Flower's simulation engine (Ray), 3 clients of ranks [2, 2, 1], zeropad, 1 round: the round completes
+    with all clients, nothing is clipped, the download is float32 at the largest rank, the upload is the
+    masked int64 vector (8 B per value + the weight) and the messages carry the protocol's keys and shares
+    on top; the evaluation runs on the aggregate."""
+    cfg = write_config(
+        tmp_path / "fed.yaml", assets, tmp_path / "run", 3, strategies=["zeropad"], secagg=SECAGG
+    )
+    assert fed(cfg, "clients.ranks=[2, 2, 1]", "rounds=1") == 0
+    (r1,) = read_rounds(tmp_path / "run" / "zeropad" / "rounds.jsonl")
+    assert r1["accepted"] == [0, 1, 2] and r1["secagg"]["completed"] and r1["secagg"]["shares"] == 3
+    assert sum(r1["secagg"]["clipped"].values()) == 0
+    assert [s["stage"] for s in r1["secagg"]["stages"]] == list(STAGES)
+    values = 4 * (2 * 32 + 32 * 2)  # A (2 × 32) and B (32 × 2) of q_proj and o_proj in 2 layers, at rank 2
+    for c in r1["clients"]:
+        assert c["payload_down"] == 4 * values and c["payload_up"] == 8 * (values + 1)
+        assert c["bytes_up"] > c["payload_up"] and c["bytes_down"] > c["payload_down"]
+    res = json.loads((tmp_path / "run" / "zeropad" / "results.json").read_text())
+    assert res["global"] is not None and len(res["clients"]) == 3
