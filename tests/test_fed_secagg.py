@@ -269,3 +269,22 @@ def test_flower_simulation_engine(assets: Path, tmp_path: Path) -> None:
         assert c["bytes_up"] > c["payload_up"] and c["bytes_down"] > c["payload_down"]
     res = json.loads((tmp_path / "run" / "zeropad" / "results.json").read_text())
     assert res["global"] is not None and len(res["clients"]) == 3
+
+
+def test_client_side_dp_through_secagg(assets: Path, tmp_path: Path, task_identity, captured) -> None:
+    """dp.clipping=client (clip only, z = 0): the clients clip before masking, every weight is 1 (W = 1),
+    so the aggregate is the plain mean of the clipped uploads; the round's DP record is written."""
+    dp = ("dp.clipping=client", "dp.noise_multiplier=0.0", "dp.clipping_norm=0.01")
+    state, (r1,) = _run(assets, tmp_path, "fedalora", *dp)
+    assert r1["accepted"] == [0, 1, 2] and r1["secagg"]["max_weight"] == 1.0
+    assert r1["weights"] == {str(k): pytest.approx(1 / 3) for k in range(3)}
+    assert r1["dp"]["released"] and r1["dp"]["clients"] == 3
+    equal = [dict(s, weight=1) for s in captured]
+    for s in equal:  # each client's update (B − B_sent) was clipped to C before it left the client
+        norm = math.sqrt(
+            sum(float((s["upload"][n] - s["download"][n]).double().pow(2).sum()) for n in s["upload"])
+        )
+        assert norm <= 0.01 * (1 + 1e-5)
+    reference = _plain_fedavg(equal)
+    bound = error_bound(SecAggSettings(**SECAGG), [1, 1, 1], max_weight=1.0) + 2.0**-24 * 0.01
+    assert _max_error(state, reference) <= bound

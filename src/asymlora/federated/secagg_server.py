@@ -197,12 +197,14 @@ def _fill_records(
 
 def _bookkeeping(fed: Federation, grid: CountingGrid, instructed: set[int]) -> set[int]:
     """Update which nodes hold the run config and which failed; the nodes whose training was summed."""
-    answered = {n for _, replies, _ in grid.stages for n, r in replies.items() if not r.has_error()}
     failed = {n for _, replies, _ in grid.stages for n, r in replies.items() if r.has_error()}
+    failed |= {m.metadata.dst_node_id for sent, replies, _ in grid.stages for m in sent} - {
+        n for _, replies, _ in grid.stages for n in replies
+    }  # sent a stage's message and never answered it
     trained = {n for n, r in (grid.stages[2][1] if len(grid.stages) > 2 else {}).items() if not r.has_error()}
     fed.holds_config.update(trained)
     fed.holds_config -= failed  # a node that failed (maybe restarted) gets the config again
-    fed.failed = (fed.failed - instructed) | failed | (instructed - answered)
+    fed.failed = (fed.failed - instructed) | failed
     return trained
 
 
