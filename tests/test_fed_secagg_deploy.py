@@ -31,7 +31,11 @@ def test_secagg_deployment_superlink_and_two_supernodes(assets: Path, tmp_path: 
     port, p1, p2 = fd.free_port(19700, 19720), fd.free_port(19740, 19770), fd.free_port(19770, 19800)
     fd.write_connection(env, "local", port)
     cfg = write_config(
-        tmp_path / "fed.yaml", assets, tmp_path / "run", rounds=1, secagg={"enabled": True, "max_weight": 100.0}
+        tmp_path / "fed.yaml",
+        assets,
+        tmp_path / "run",
+        rounds=1,
+        secagg={"enabled": True, "max_weight": 100.0},
     )
     app = write_app(tmp_path / "app", str(cfg), run_dir=str(tmp_path / "run"))
     (tmp_path / "db").mkdir()
