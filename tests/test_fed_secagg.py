@@ -225,8 +225,13 @@ def test_quantisation_arithmetic_against_flower(monkeypatch) -> None:
     [
         (
             ["secagg.reconstruction_threshold=4"],
-            "secagg.reconstruction_threshold=4 needs that many live neighbours per client, but a round has 3 "
-            "clients",
+            "secagg.reconstruction_threshold=4 needs that many live neighbours per client, but a round may "
+            "have 3 clients",
+        ),
+        (
+            ["min_nodes=2", "secagg.reconstruction_threshold=3"],
+            "secagg.reconstruction_threshold=3 needs that many live neighbours per client, but a round may "
+            "have 2 clients",
         ),
         (["clients.per_round=1"], "secagg.enabled with 1 client per round"),
         (["secagg.num_shares=2"], "secagg.num_shares=2: Flower's SecAgg+ needs at least 3 shares"),

@@ -477,7 +477,7 @@ class FedConfig:
         ``het_upload: auto`` becomes ``product`` (SecAgg+ sums one shape per tensor)."""
         if not self.secagg.enabled:
             return
-        check_secagg(self.secagg, self.clients_per_round)
+        check_secagg(self.secagg, min(self.clients_per_round, self.required_nodes))  # min_nodes may start it
         check_secagg_compatible(
             norm_factor=self.reject.norm_factor, dp_clipping=self.dp.clipping,
             transfer=(self.transfer.up, self.transfer.down), het_upload=self.het_upload, strategies=self.strategies,

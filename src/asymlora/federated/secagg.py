@@ -91,19 +91,20 @@ def round_shares(settings: SecAggSettings, clients: int) -> int:
 
 def check_secagg(s: SecAggSettings, clients_per_round: int) -> None:
     """Raise ValueError naming the value and the fix when SecAgg+ with ``s`` cannot run rounds of
-    ``clients_per_round`` clients (checked before round 1, `FedConfig.validate`)."""
+    ``clients_per_round`` clients (the fewest a round may have; checked before round 1,
+    `FedConfig.validate`)."""
     _check_numbers(s)
     m = clients_per_round
     if m < 2:
         raise ValueError(
             f"secagg.enabled with {m} client per round: SecAgg+ sums the updates of at least 2 clients; "
-            "sample more clients (clients.per_round / clients.fraction) or set secagg.enabled=false"
+            "sample more clients (clients.per_round / clients.fraction / min_nodes) or set secagg.enabled=false"
         )
     neighbours = min(round_shares(s, m), m)
     if s.reconstruction_threshold > neighbours:
         raise ValueError(
             f"secagg.reconstruction_threshold={s.reconstruction_threshold} needs that many live neighbours per "
-            f"client, but a round has {m} clients (clients.per_round / clients.fraction) and "
+            f"client, but a round may have {m} clients (clients.per_round / clients.fraction / min_nodes) and "
             f"{neighbours} shares each (secagg.num_shares={s.num_shares}): lower the threshold to at most "
             f"{neighbours} or sample more clients"
         )
