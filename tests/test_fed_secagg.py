@@ -189,7 +189,7 @@ def test_too_few_live_clients_halt_the_round(assets: Path, tmp_path: Path, task_
     assert all(float(t.abs().max()) == 0.0 for t in state.values())  # B starts at zero and stays
 
 
-def test_quantisation_arithmetic_against_flower(monkeypatch) -> None:
+def test_quantisation_arithmetic_against_flower() -> None:
     """The client's input and the server's unscaling around Flower's own quantiser: two clients, known
     values, weights 30 and 10 of W = 100; the dequantised weighted mean / scale is the hand-computed mean
     within the bound, a value above β is counted as clipped."""
