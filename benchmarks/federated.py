@@ -78,10 +78,12 @@ def smoke_assets(root: Path) -> tuple[str, list[str]]:
 
 def fed_config(
     args: argparse.Namespace, model: str, tasks: list[str], strategies: list[str], ranks: list[int] | None,
-    local_steps: int, run_dir: Path,
+    local_steps: int, run_dir: Path, secagg: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """The federated config of one run (a dict, validated by `asymlora.federated.config`)."""
+    """The federated config of one run (a dict, validated by `asymlora.federated.config`); ``secagg``:
+    with Flower's SecAgg+ (`asymlora.federated.secagg`, its defaults)."""
     return {
+        **({"secagg": {"enabled": True}} if secagg else {}),
         "model": {"name": model},
         "strategies": strategies,
         "adapter": {
@@ -163,6 +165,25 @@ def summarise(no_train: list[dict[str, Any]], train: list[dict[str, Any]], predi
     return out
 
 
+def secagg_summary(plain: list[dict[str, Any]], secagg: list[dict[str, Any]]) -> dict[str, Any]:
+    """What SecAgg+ adds to a round with training (``--secagg``): seconds (median of the warm rounds) and
+    bytes per client per round, against the same run without it."""
+    out: dict[str, Any] = {
+        "round_s": round(statistics.median(r["seconds"] for r in warm(secagg)), 3),
+        "extra_round_s": round(
+            statistics.median(r["seconds"] for r in warm(secagg))
+            - statistics.median(r["seconds"] for r in warm(plain)),
+            3,
+        ),
+        "clipped": sum(v for r in secagg for v in r["secagg"]["clipped"].values()),
+        "error_bound": max(r["secagg"]["error_bound"] for r in secagg),
+    }
+    for way in ("up", "down"):
+        out[f"bytes_{way}"] = round(per_client(secagg, f"bytes_{way}"))
+        out[f"extra_bytes_{way}"] = out[f"bytes_{way}"] - round(per_client(plain, f"bytes_{way}"))
+    return out
+
+
 # --- main ------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "tiny random Llama, 2 rounds of 1 step, for CI", dtype=False,
@@ -179,6 +200,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--d-m", type=int, default=16, help="fedalora-het's intermediate rank")
     parser.add_argument("--strategies", default=",".join([*HOMOGENEOUS, *HETEROGENEOUS]))
     parser.add_argument("--out-dir", default=None, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--secagg", action="store_true", help="also run with training under Flower's SecAgg+")
     args = parser.parse_args(argv)  # --threads is per client: not this process's
     if args.smoke:
         args.rounds, args.local_steps, args.batch_size, args.max_length = 2, 1, 4, 32
@@ -210,7 +232,13 @@ def run_group(
         if code != 0:
             raise RuntimeError(f"the federated run in {run_dir} exited with {code}")
         logs[steps] = run_dir
-    return {
+    if args.secagg:  # the run with training again, under SecAgg+
+        logs[-1] = root / f"group{k}-steps{args.local_steps}-secagg"
+        data = fed_config(args, model, tasks, names, ranks, args.local_steps, logs[-1], secagg=True)
+        print(f"\n=== {', '.join(names)}: local_steps={args.local_steps} under SecAgg+ → {logs[-1]}")
+        if run(from_dict(FedConfig, data).validate(), overwrite=True) != 0:
+            raise RuntimeError(f"the federated run in {logs[-1]} exited with an error")
+    out = {
         name: {
             "ranks": ranks or [args.r] * len(tasks),
             **summarise(read_rounds(logs[0] / name / "rounds.jsonl"),
@@ -219,6 +247,12 @@ def run_group(
         }
         for name in names
     }  # fmt: skip
+    for name in names if args.secagg else ():
+        out[name]["secagg"] = secagg_summary(
+            read_rounds(logs[args.local_steps] / name / "rounds.jsonl"),
+            read_rounds(logs[-1] / name / "rounds.jsonl"),
+        )
+    return out
 
 
 def print_table(result: dict[str, Any], args: argparse.Namespace) -> None:
@@ -239,6 +273,12 @@ def print_table(result: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"bytes moved match the accounting of docs/federated.md: {'yes' if result['bytes_match_accounting'] else 'NO'}"
     )
+    for name, s in result["strategies"].items():
+        if "secagg" in s:
+            sa = s["secagg"]
+            print(f"{name} under SecAgg+: +{sa['extra_round_s']:.2f} s per round ({sa['round_s']:.2f} s), "
+                  f"+{sa['extra_bytes_up']:,} B up and +{sa['extra_bytes_down']:,} B down per client per round, "
+                  f"{sa['clipped']} values clipped, error bound {sa['error_bound']:.3g}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

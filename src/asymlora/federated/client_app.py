@@ -54,6 +54,7 @@ from asymlora.federated.messages import (
 )
 from asymlora.federated.partition import load_client_tasks
 from asymlora.federated.privacy import KEY_CLIPPING_NORM, clip_upload_locally
+from asymlora.federated.secagg_client import secagg_fit_mod, secaggplus_gate
 from asymlora.federated.strategies import get_strategy
 
 __all__ = ["RAW_STYPE", "STATE_CONFIG", "STATE_META", "STATE_TRAINED", "app", "from_record", "to_record"]
@@ -115,9 +116,10 @@ def transfer_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
     return out
 
 
-app = ClientApp(mods=[transfer_mod, clipping_mod])
+app = ClientApp(mods=[transfer_mod, secaggplus_gate, secagg_fit_mod, clipping_mod])
 """The ClientApp; `clipping_mod` clips the upload when the server asks (``dp.clipping: client``) and
-`transfer_mod` (outermost: after the clip) encodes it at ``transfer.up``."""
+`transfer_mod` (outermost: after the clip) encodes it at ``transfer.up``. In SecAgg+ rounds
+(`secagg_client`), Flower's ``secaggplus_mod`` masks the clipped upload; other messages pass both mods."""
 
 
 def _node(context: Context, key: str, default: Any = None) -> Any:

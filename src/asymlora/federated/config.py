@@ -35,6 +35,7 @@ from asymlora.config import (
 from asymlora.config import DataSettings as MultiTaskDataSettings
 from asymlora.federated.codec import TRANSFER_DTYPES
 from asymlora.federated.privacy import PrivacySettings, noise_multiplier_for
+from asymlora.federated.secagg import SecAggSettings, check_secagg, check_secagg_compatible
 from asymlora.federated.strategies import (
     STRATEGY_NAMES,
     Strategy,
@@ -54,6 +55,7 @@ __all__ = [
     "ModelSettings",
     "PrivacySettings",
     "RejectSettings",
+    "SecAggSettings",
     "SimulationSettings",
     "TimeoutSettings",
     "TrainSettings",
@@ -277,6 +279,8 @@ class FedConfig:
     """Client-level differential privacy of the uploads (`asymlora.federated.privacy`); off by default."""
     transfer: TransferSettings = field(default_factory=TransferSettings)
     """Wire dtype of the shared tensors each way (``transfer.up`` / ``transfer.down``); float32 by default."""
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    """Secure aggregation with Flower's SecAgg+ (`asymlora.federated.secagg`); off by default."""
 
     # --- derived ---------------------------------------------------------------------------------
     def strategy(self, name: str) -> Strategy:
@@ -329,6 +333,7 @@ class FedConfig:
         self._check_reject()
         self._check_het_local()
         self._check_transfer()
+        self._check_secagg()
         self._check_client_adapters()
 
     def _check_strategies(self) -> None:
@@ -513,6 +518,18 @@ class FedConfig:
                 "measured from) can push it over; use dp.clipping=server (the server clips the decoded "
                 "update) or transfer float32 both ways"
             )
+
+    def _check_secagg(self) -> None:
+        """SecAgg+ (`secagg.check_secagg`): enough clients, and none of the options it cannot honour;
+        ``het_upload: auto`` becomes ``product`` (SecAgg+ sums one shape per tensor)."""
+        if not self.secagg.enabled:
+            return
+        check_secagg(self.secagg, min(self.clients_per_round, self.required_nodes))  # min_nodes may start it
+        check_secagg_compatible(
+            norm_factor=self.reject.norm_factor, dp_clipping=self.dp.clipping,
+            transfer=(self.transfer.up, self.transfer.down), het_upload=self.het_upload, strategies=self.strategies,
+        )  # fmt: skip
+        self.het_upload = "product"
 
     def _check_client_adapters(self) -> None:
         """The adapter config of every (strategy, client) must build."""

@@ -54,11 +54,13 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from asymlora.federated.codec import TRANSFER_DTYPES, dequantize_int8_rows, quantize_int8_rows
 from asymlora.federated.privacy import KEY_CLIPPING_NORM
@@ -79,20 +81,25 @@ __all__ = [
     "ReplyError",
     "RoundInstruction",
     "RunConfig",
+    "SecAggFit",
     "TrainInstruction",
     "TrainReply",
     "decode_evaluate_reply",
     "decode_hello",
     "decode_instruction",
+    "decode_secagg_fitins",
+    "decode_secagg_metrics",
     "decode_train_reply",
     "encode_evaluate_reply",
     "encode_hello",
+    "encode_secagg_fitres",
     "encode_train_reply",
     "from_record",
     "hello_message",
     "instruction_message",
     "is_need_config",
     "need_config_reply",
+    "secagg_fitins",
     "to_record",
 ]
 
@@ -119,6 +126,11 @@ M_DRIFT_START, M_DRIFT_END = "a-drift-start", "a-drift-end"
 STATE_RECORD, K_LOCAL_SHA256 = "client-state", "local-sha256"
 # keys of the hello reply
 H_PARTITION, H_RANK, H_DATA, H_PID = "partition-id", "rank", "data", "pid"
+# SecAgg+ rounds (`asymlora.federated.secagg`): extra keys of the instruction's config (the legacy FitIns
+# config), and of the train reply's MetricRecord
+K_SECAGG_NAMES, K_SECAGG_BOUND = "secagg-names", "secagg-value-bound"
+K_SECAGG_CLIPPING, K_SECAGG_MAX_WEIGHT = "secagg-clipping-range", "secagg-max-weight"
+M_SECAGG_CLIPPED, M_SECAGG_VALUES = "secagg-clipped", "secagg-values"
 
 
 class ReplyError(ValueError):
@@ -447,6 +459,78 @@ def decode_evaluate_reply(content: RecordDict) -> EvaluateReply:
     if not isinstance(scores, dict) or "personalised" not in scores:
         raise ReplyError("the evaluate reply holds no 'personalised' scores")
     return EvaluateReply(scores)
+
+
+# --- SecAgg+ rounds: the legacy FitIns / FitRes layout Flower's workflow and mod use -------------------------
+@dataclass(frozen=True)
+class SecAggFit:
+    """What a SecAgg+ train instruction adds to a `TrainInstruction`: the download's tensor names (the
+    legacy layout has none), the value bound β, Flower's clipping range c and the weight bound W."""
+
+    names: tuple[str, ...]
+    value_bound: float
+    clipping_range: float
+    max_weight: float
+
+
+def secagg_fitins(
+    instruction: TrainInstruction, download: Mapping[str, torch.Tensor], fit: SecAggFit
+) -> FitIns:
+    """The legacy ``FitIns`` of a SecAgg+ round (`secagg_server`): the download as float32 NumPy arrays
+    in ``fit.names`` order, the instruction's config fields plus `SecAggFit`'s (all scalars)."""
+    config = instruction.config_fields() | {
+        K_SECAGG_NAMES: json.dumps(list(fit.names)),
+        K_SECAGG_BOUND: fit.value_bound,
+        K_SECAGG_CLIPPING: fit.clipping_range,
+        K_SECAGG_MAX_WEIGHT: fit.max_weight,
+    }
+    arrays = [download[n].detach().cpu().float().numpy() for n in fit.names]
+    return FitIns(ndarrays_to_parameters(arrays), config)
+
+
+def decode_secagg_fitins(content: RecordDict) -> tuple[RecordDict, SecAggFit]:
+    """A SecAgg+ train message's legacy FitIns content as an ordinary instruction's content (``arrays``:
+    the named download, ``config``) and its `SecAggFit`; ReplyError when malformed."""
+    try:
+        fitins = recorddict_to_fitins(content, keep_input=True)
+    except (KeyError, TypeError) as e:
+        raise ReplyError(f"not a SecAgg+ train instruction: {e}") from None
+    config = dict(fitins.config)
+    names = json.loads(_str(config, K_SECAGG_NAMES))
+    fit = SecAggFit(
+        tuple(names), _float(config, K_SECAGG_BOUND), _float(config, K_SECAGG_CLIPPING),
+        _float(config, K_SECAGG_MAX_WEIGHT),
+    )  # fmt: skip
+    for key in (K_SECAGG_NAMES, K_SECAGG_BOUND, K_SECAGG_CLIPPING, K_SECAGG_MAX_WEIGHT):
+        del config[key]
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(arrays) != len(names):
+        raise ReplyError(f"SecAgg+ instruction: {len(arrays)} arrays for {len(names)} names")
+    download = to_record(
+        {n: torch.from_numpy(np.array(a, copy=True)) for n, a in zip(names, arrays, strict=True)}
+    )
+    return RecordDict({ARRAYS: download, CONFIG: ConfigRecord(cast(Any, config))}), fit
+
+
+def encode_secagg_fitres(content: RecordDict, vector: list[np.ndarray], weight: int, clipped: int) -> None:
+    """Turn a train reply's ``content`` into what Flower's ``secaggplus_mod`` reads (a legacy FitRes:
+    ``vector`` as its parameters, ``weight`` as its num_examples), in place: the plaintext upload is
+    emptied and the clip count joins the metrics."""
+    legacy = fitres_to_recorddict(
+        FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), weight, {}), False
+    )
+    content[ARRAYS] = ArrayRecord()
+    values = sum(int(a.size) for a in vector)
+    content.metric_records[METRICS][M_SECAGG_CLIPPED] = clipped
+    content.metric_records[METRICS][M_SECAGG_VALUES] = values
+    for name, record in legacy.items():
+        content[name] = record
+
+
+def decode_secagg_metrics(content: RecordDict) -> tuple[int, int]:
+    """(values clipped by SecAgg+, values sent) of a SecAgg+ train reply."""
+    m = _record(content, METRICS, "metric_records")
+    return _int(m, M_SECAGG_CLIPPED), _int(m, M_SECAGG_VALUES)
 
 
 # --- field access with protocol errors ------------------------------------------------------------------------

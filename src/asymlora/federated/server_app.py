@@ -49,6 +49,7 @@ from asymlora.federated.accounting import meta_model
 from asymlora.federated.client import client_adapter_config, initial_state
 from asymlora.federated.config import FedConfig, load_fed_config
 from asymlora.federated.round_log import CHECKPOINT_DIR, ROUNDS_FILE, RoundLog, load_checkpoint
+from asymlora.federated.secagg_server import run_secagg_round
 from asymlora.federated.server_results import (
     RESULTS_FILE,
     assemble_results,
@@ -174,8 +175,9 @@ def run_server(
     )
     accountant = make_accountant(cfg, log.history)
     outcome = ServerOutcome()
+    one_round = run_secagg_round if cfg.secagg.enabled else run_round  # Flower's SecAgg+ as the exchange
     for rnd in range(log.next_round, cfg.rounds + 1):
-        state, record, trained = run_round(fed, state, rnd, accountant, last_trained=log.last_trained)
+        state, record, trained = one_round(fed, state, rnd, accountant, last_trained=log.last_trained)
         log.append(record, state, trained)
         _say_round(fed, record)
         outcome.rounds_completed = rnd
