@@ -10,8 +10,11 @@ Objects cross processes as JSON in byte tensors, never as pickles.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -69,12 +72,49 @@ def init(device: str | None) -> None:
     PartialState(cpu=uses_cpu(device))
 
 
+# DTensor (the parameters of an FSDP2-sharded model) memoises its plans per DeviceMesh in module-level caches,
+# and a DeviceMesh holds its ProcessGroups (``_pg_registry``). (module, attribute path) of each cache's clearer:
+# redistribute planners and transforms, mesh topology, sharding propagation (Python and C++ fast path).
+_DTENSOR_CACHE_CLEARERS = (
+    ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+    ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+    ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
+    ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
+)
+
+
+def _clear_dtensor_caches() -> None:
+    """Empty DTensor's per-mesh caches so that the meshes, and the process groups they hold, can be freed.
+
+    These are private torch functions, looked up by name so that a torch release that renames one only
+    skips it (the multi-process tests then fail on the threads left running, tests/test_distributed.py)."""
+    if "torch.distributed.tensor" not in sys.modules:  # DTensor never used: nothing cached
+        return
+    for module_name, path in _DTENSOR_CACHE_CLEARERS:
+        try:
+            target: Any = importlib.import_module(module_name)
+            for name in path.split("."):
+                target = getattr(target, name)
+        except (ImportError, AttributeError):
+            continue
+        target()
+
+
 def shutdown() -> None:
-    """Leave the process group this process joined (no-op without one). PyTorch asks every process to
-    destroy its group before it exits; without it, gloo's threads can abort the interpreter at exit
-    ("terminate called without an active exception", exit code -6) after the run has finished."""
+    """Leave the process group this process joined and stop its threads (no-op without one).
+
+    A gloo (or NCCL) process group runs C++ threads (``pt_gloo_runloop``, ``gloo_tcp_loop``) that stop only
+    when the last reference to the group goes; `destroy_process_group` drops torch.distributed's own
+    references but not the others'. Threads still running while the interpreter shuts down can abort it
+    ("terminate called without an active exception", exit code -6) after the run has finished. With DDP the
+    model held the last reference and is gone by now; with FSDP2 DTensor's caches keep the DeviceMesh, hence
+    the group, alive until interpreter exit, so they are emptied first, and the meshes (which sit in
+    reference cycles) collected after (docs/distributed.md, "Leaving the process group").
+    """
     if dist.is_available() and dist.is_initialized():
+        _clear_dtensor_caches()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def process_device(device: str | None) -> str | None:
