@@ -87,8 +87,12 @@ def env(tmp_path_factory) -> dict[str, Path]:
         "strategies": ["fedit", "fedalora"],
         "adapter": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "o_proj"]},
         "clients": {"num": 2},
-        "data": {"tasks": [f"jsonl:{root / 'tasks.jsonl'}#{t}" for t in ("parity", "bigger")],
-                 "max_train": 16, "max_test": 8, "max_length": 32},  # fmt: skip
+        "data": {
+            "tasks": [f"jsonl:{root / 'tasks.jsonl'}#{t}" for t in ("parity", "bigger")],
+            "max_train": 16,
+            "max_test": 8,
+            "max_length": 32,
+        },
         "rounds": 2,
         "train": {"local_steps": 2, "batch_size": 4, "lr": 0.05},
         "eval": {"batch_size": 8, "local_only": True},
@@ -99,7 +103,10 @@ def env(tmp_path_factory) -> dict[str, Path]:
         "base": "fed.yaml",
         "out_dir": "campaign",
         "overrides": ["eval.local_only=false"],
-        "grid": [{"strategy": ["fedit", "fedalora"], "seed": [0, 1]}, {"strategy": ["local-only"], "seed": [0]}],
+        "grid": [
+            {"strategy": ["fedit", "fedalora"], "seed": [0, 1]},
+            {"strategy": ["local-only"], "seed": [0]},
+        ],
         "order_by": ["seed"],
         "report": {"reference": "fedalora"},
     }
@@ -223,7 +230,9 @@ def test_report_paired_tests_match_a_hand_computation(campaign) -> None:
 
     a, b = averaged("fedalora"), averaged("fedit")
     diffs = {c: a[c] - b[c] for c in clients}
-    assert any(d.any() for d in diffs.values()), "the strategies scored identically: the test would be vacuous"
+    assert any(d.any() for d in diffs.values()), (
+        "the strategies scored identically: the test would be vacuous"
+    )
     for c in clients:
         t = test["tests"][c]
         assert t["difference"] == pytest.approx(diffs[c].mean(), abs=1e-12)
@@ -251,7 +260,9 @@ def test_report_groups_over_seeds_and_the_page(campaign) -> None:
     averages = [records[("fedalora", s)]["average"] for s in (0, 1)]
     assert g["personalised"]["average"]["value"] == pytest.approx(sum(averages) / 2)
     assert g["personalised"]["average"]["std"] == pytest.approx(abs(averages[0] - averages[1]) / math.sqrt(2))
-    assert g["bytes_total"] == pytest.approx(sum(records[("fedalora", s)]["bytes"]["total"] for s in (0, 1)) / 2)
+    assert g["bytes_total"] == pytest.approx(
+        sum(records[("fedalora", s)]["bytes"]["total"] for s in (0, 1)) / 2
+    )
     one = groups["local-only"]["personalised"]["average"]  # one seed: its stratified bootstrap interval
     assert one["low"] <= one["value"] <= one["high"] and "std" not in one
     page = campaign["page"].read_text()
@@ -290,17 +301,30 @@ def test_bad_federated_cells_are_refused_with_the_cell_named(env, tmp_path, grid
 @pytest.mark.parametrize(
     ("name", "cells", "strategies"),
     [
-        ("campaign_federated.yaml", None, {"fedit", "ffa", "fedsa", "fedalora", "local-only", "zeropad",
-                                           "fedalora-het"}),  # fmt: skip
-        ("campaign_dp.yaml", None, {"fedit", "ffa", "fedalora"}),
+        ("campaign_federated.yaml", 19, {"fedit", "ffa", "fedsa", "fedalora", "local-only"}),
+        ("campaign_federated_het.yaml", 12, {"zeropad", "fedalora-het", "local-only"}),
+        ("campaign_federated_rouge.yaml", 12, {"fedsa", "fedalora", "fedit", "local-only"}),
+        ("campaign_dp.yaml", 36, {"fedit", "ffa", "fedalora"}),
     ],
 )
-def test_campaign_configs_expand_and_list(name, cells, strategies, capsys) -> None:
+def test_campaign_configs_expand_validate_and_list(name, cells, strategies, capsys) -> None:
     spec = sweep.load_sweep(ROOT / "configs" / name)
-    expanded = sweep.expand(spec)
-    assert spec.kind == "federated" and {c.strategy for c in expanded} == strategies
+    expanded = sweep.expand(spec)  # every cell's config read and validated (no data, no model loaded)
+    assert (
+        spec.kind == "federated" and len(expanded) == cells and {c.strategy for c in expanded} == strategies
+    )
     seeds = [c.config.seed for c in expanded]
     assert seeds == sorted(seeds) and set(seeds) == {0, 1, 2}  # order_by seed: seed 0 of every group first
     assert all(not c.config.eval.local_only and c.config.model.name == "smollm2-135m" for c in expanded)
     assert cli_main(["sweep", str(ROOT / "configs" / name), "--list"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == len(expanded)
+    assert len(capsys.readouterr().out.splitlines()) == cells
+
+
+def test_dp_campaign_cells_share_delta_and_set_epsilon_or_no_noise() -> None:
+    cells = sweep.expand(sweep.load_sweep(ROOT / "configs" / "campaign_dp.yaml"))
+    settings = {(c.config.dp.target_epsilon, c.config.dp.noise_multiplier, c.config.dp.clipping_norm)
+                for c in cells}  # fmt: skip
+    assert settings == {(None, 0.0, 1e9), (8.0, None, 0.5), (3.0, None, 0.5), (1.0, None, 0.5)}
+    assert {(c.config.dp.clipping, c.config.dp.delta, c.config.rounds) for c in cells} == {
+        ("server", 1e-5, 10)
+    }

@@ -285,8 +285,8 @@ def _group_key(record: Mapping[str, Any]) -> str:
 
 
 def _label(record: Mapping[str, Any]) -> str:
-    extra = [f"{key.split('.')[-1]}={value}" for key, value in record["params"].items()
-             if key not in (STRATEGY_KEY, "seed")]  # fmt: skip
+    extra = [f"{key.split('.')[-1]}={value:g}" if isinstance(value, float) else f"{key.split('.')[-1]}={value}"
+             for key, value in record["params"].items() if key not in (STRATEGY_KEY, "seed")]  # fmt: skip
     return " ".join([record["strategy"], *extra])
 
 
@@ -315,9 +315,9 @@ def _over_seeds(values: list[float], interval: Mapping[str, Any] | None) -> dict
 
 
 def _side_summary(group: FedGroup, which: str) -> dict[str, Any] | None:
-    sides = [r.get(which) for r in group.records]
-    if any(s is None for s in sides):
+    if any(r.get(which) is None for r in group.records):
         return None
+    sides: list[dict[str, Any]] = [r[which] for r in group.records]
     one = sides[0]["intervals"] if len(sides) == 1 else {"per_client": {}, "average": None}
     return {
         "per_client": {c: _over_seeds([s["per_client"][c] for s in sides], one["per_client"].get(c))
@@ -369,9 +369,24 @@ def paired(ref: FedGroup, peer: FedGroup, which: str = "personalised") -> dict[s
     return {"a": ref.label, "b": peer.label, "seeds": seeds, "tests": tests}
 
 
+STRATEGY_OPTIONS = frozenset({STRATEGY_KEY, "seed", "local_a", "het_local", "het_upload"})
+"""Grid keys that belong to a strategy (its variant) rather than to the setting it runs in."""
+
+
+def _setting(group: FedGroup) -> dict[str, Any]:
+    return {k: v for k, v in group.records[0]["params"].items() if k not in STRATEGY_OPTIONS}
+
+
+def comparable(ref: FedGroup, peer: FedGroup) -> bool:
+    """Whether the report tests ``ref`` against ``peer``: the same strategy in another setting (e.g. more
+    rounds, another ε, A reset) or another strategy in the same setting (the grid values other than the
+    strategy, its options and the seed), so that one test answers one question."""
+    return peer.strategy == ref.strategy or _setting(peer) == _setting(ref)
+
+
 def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> dict[str, Any]:
     """Everything the federated results page shows: per-group scores over seeds, costs, paired tests of
-    every group of strategy ``reference`` against every other group (same clients and examples)."""
+    every group of strategy ``reference`` against every `comparable` group (same clients and examples)."""
     groups = group_records(records)
     summary: dict[str, Any] = {"kind": "federated", "groups": [], "paired": [], "std_ddof": stats.STD_DDOF,
                                "records": len(records), "reference": reference}  # fmt: skip
@@ -382,7 +397,7 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> di
             "global": _side_summary(g, "global"), **_cost(g),
         })  # fmt: skip
     for ref in (g for g in groups if g.strategy == reference):
-        for peer in (g for g in groups if g is not ref):
+        for peer in (g for g in groups if g is not ref and comparable(ref, g)):
             result = paired(ref, peer)
             if result:
                 summary["paired"].append(result)
