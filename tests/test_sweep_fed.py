@@ -94,7 +94,7 @@ def env(tmp_path_factory) -> dict[str, Path]:
             "max_length": 32,
         },
         "rounds": 2,
-        "train": {"local_steps": 2, "batch_size": 4, "lr": 0.05},
+        "train": {"local_steps": 2, "batch_size": 4, "lr": 0.3},
         "eval": {"batch_size": 8, "local_only": True},
         "timeouts": {"wait_nodes": 60, "round": 60, "evaluate": 60},
     }
@@ -214,7 +214,8 @@ def exact_sign_flip_p(weighted_diffs: np.ndarray) -> float:
     return float(np.mean(null >= observed - 1e-12))
 
 
-def test_report_paired_tests_match_a_hand_computation(campaign) -> None:
+def test_report_paired_tests_of_the_run_match_the_records(campaign) -> None:
+    """On the real records (the tiny model's scores may tie; the fixed-input test below is the sharp one)."""
     spec = campaign["spec"]
     records = records_by(spec)
     summary = json.loads((spec.out_dir / "results.json").read_text())
@@ -328,3 +329,61 @@ def test_dp_campaign_cells_share_delta_and_set_epsilon_or_no_noise() -> None:
     assert {(c.config.dp.clipping, c.config.dp.delta, c.config.rounds) for c in cells} == {
         ("server", 1e-5, 10)
     }
+
+
+def client_scores(label: str, scores: list[float]) -> dict:
+    """One client's evaluation as `client.score_tasks` returns it (one task, accuracy, 0/1 per example)."""
+    examples = {"t": {"keys": [f"{label}-{i}" for i in range(len(scores))], "scores": scores}}
+    return {"label": label, "personalised": {"score": sum(scores) / len(scores), "n": len(scores),
+            "per_task": {"t": {}}, "primary": {"t": "accuracy"}, "examples": examples}}  # fmt: skip
+
+
+def fixed_record(strategy: str, seed: int, c0: list[float], c1: list[float]) -> dict:
+    personalised = fed_sweep.side_record([client_scores("c0", c0), client_scores("c1", c1)], "personalised")
+    return {"id": f"{strategy}-{seed}", "kind": "federated", "params": {"strategy": strategy, "seed": seed},
+            "strategy": strategy, "seed": seed, "clients": ["c0", "c1"], "average": personalised["average"],
+            "personalised": personalised, "global": None, "dp": None, "rounds": 2, "local_steps": 3,
+            "bytes": {"up": 100, "down": 300, "total": 400, "per_round": [{}, {}]}, "wall_seconds": 1.0,
+            "config": {"run_dir": "", "seed": seed, "strategies": [strategy], "rounds": 2}}  # fmt: skip
+
+
+def test_report_paired_tests_on_fixed_scores_equal_a_hand_computation(tmp_path) -> None:
+    """Per-example scores fixed by hand; the expected differences and exact sign-flip p-values worked out
+    on paper (below), not by the code under test."""
+    records = [
+        fixed_record("fedalora", 0, [1, 1, 1, 0, 1, 0], [1, 1, 1, 0]),
+        fixed_record("fedalora", 1, [1, 0, 1, 1, 0, 0], [1, 1, 1, 0]),
+        fixed_record("fedit", 0, [0, 1, 0, 0, 1, 0], [1, 0, 0, 0]),
+        fixed_record("fedit", 1, [0, 0, 1, 0, 1, 0], [1, 0, 0, 0]),
+        fixed_record("local-only", 0, [0, 0, 0, 0, 0, 0], [0, 0, 0, 0]),
+    ]
+    (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"kind": "federated", "out_dir": ".", "grid": {"seed": [0]},
+                                                     "report": {"reference": "fedalora"}}))  # fmt: skip
+    spec = sweep.load_sweep(tmp_path / "s.yaml")
+    assert spec.kind == "federated"
+    sweep.write_report(spec)
+    summary = json.loads((tmp_path / "results.json").read_text())
+    pairs = {(p["a"], p["b"]): p for p in summary["paired"]}
+    # fedalora vs fedit, each example averaged over seeds 0 and 1:
+    #   c0: A = [1, .5, 1, .5, .5, 0], B = [0, .5, .5, 0, 1, 0], A − B = [1, 0, .5, .5, −.5, 0]: mean 1.5/6 = 0.25;
+    #       sign flips of (1, .5, .5, .5) in halves (2, 1, 1, 1), observed 3: |sum| >= 3 in 8 of 16: p = 0.5
+    #   c1: A = [1, 1, 1, 0], B = [1, 0, 0, 0], A − B = [0, 1, 1, 0]: mean 0.5; |sum| >= 2 in 2 of 4: p = 0.5
+    #   average over clients, each 1/2: (0.25 + 0.5) / 2 = 0.375 (pooling the 10 examples would give 0.35);
+    #       weights 1/12 (c0), 1/8 (c1): in 24ths the non-zero terms are 2, 1, 1, −1 (c0) and 3, 3 (c1),
+    #       observed 9; |sum| >= 9 in 8 of 64 sign flips: p = 0.125
+    t = pairs[("fedalora", "fedit")]["tests"]
+    assert pairs[("fedalora", "fedit")]["seeds"] == [0, 1]
+    assert (t["c0"]["difference"], t["c0"]["p_value"]) == pytest.approx((0.25, 0.5))
+    assert (t["c1"]["difference"], t["c1"]["p_value"]) == pytest.approx((0.5, 0.5))
+    assert (t["average"]["difference"], t["average"]["p_value"]) == pytest.approx((0.375, 0.125))
+    # fedalora vs local-only: seed 0 only (local-only has no seed 1): c0 A − B = [1, 1, 1, 0, 1, 0]: 4/6,
+    #   four non-zero pairs of 1: |sum| >= 4 only for all signs alike, 2 of 16: p = 0.125
+    lo = pairs[("fedalora", "local-only")]
+    assert lo["seeds"] == [0]
+    assert (lo["tests"]["c0"]["difference"], lo["tests"]["c0"]["p_value"]) == pytest.approx((4 / 6, 0.125))
+    # the group over seeds: client c0 of fedalora scored 4/6 and 3/6: mean 7/12, sample std (1/6)/sqrt(2)
+    g = next(g for g in summary["groups"] if g["label"] == "fedalora")
+    assert g["personalised"]["per_client"]["c0"]["value"] == pytest.approx(7 / 12)
+    assert g["personalised"]["per_client"]["c0"]["std"] == pytest.approx((1 / 6) / math.sqrt(2))
+    assert g["bytes_total"] == 400 and g["mb_per_client_per_round"] == pytest.approx(400 / 2 / 2 / 1e6)
