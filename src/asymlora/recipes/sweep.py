@@ -418,12 +418,13 @@ def run_sweep(
     return counts
 
 
-def cell_status(sweep: Sweep) -> list[tuple[AnyCell, str]]:
-    """Each cell with ``done`` (in the ledger), ``partial`` (its run directory exists) or ``todo``."""
+def cell_status(sweep: Sweep, cells: list[AnyCell] | None = None) -> list[tuple[AnyCell, str]]:
+    """Each cell (of ``cells``, default: the whole grid) with ``done`` (in the ledger), ``partial`` (its run
+    directory exists) or ``todo``."""
     done = {record["id"] for record in read_ledger(sweep.ledger)}
     return [
         (cell, "done" if cell.id in done else "partial" if cell.run_dir.is_dir() else "todo")
-        for cell in expand(sweep)
+        for cell in (expand(sweep) if cells is None else cells)
     ]
 
 
@@ -436,10 +437,8 @@ def main(args: Any) -> int:
         return 0
     index, count = parse_shard(args.shard)  # a bad --shard is refused before anything, --list too
     if args.list:
-        mine = {cell.id for cell in shard(expand(sweep), index, count)}
-        for cell, status in cell_status(sweep):
-            if cell.id in mine:
-                print(f"{cell.id}  {status:7s}  {cell.params}")
+        for cell, status in cell_status(sweep, shard(expand(sweep), index, count)):
+            print(f"{cell.id}  {status:7s}  {cell.params}")
         return 0
     counts = run_sweep(sweep, shard_index=index, shard_count=count, keep_going=args.keep_going)
     print(
