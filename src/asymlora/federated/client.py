@@ -497,33 +497,35 @@ def train_round(
 # --- evaluation --------------------------------------------------------------------------------------
 def score_tasks(model: Any, tokenizer: Any, tasks: Sequence[Any], cfg: FedConfig) -> dict[str, Any]:
     """Scores of ``model`` on the test split of each task; ``score`` is the test-size-weighted mean of the
-    tasks' primary metrics (the task's own metric when the client holds one task)."""
+    tasks' primary metrics (the task's own metric when the client holds one task). ``examples`` holds, per
+    task, the example keys (`asymlora.eval.stats.example_key`) and each example's primary score in split
+    order (absent for a corpus-level metric such as BLEU): the intervals and paired tests of a sweep."""
     e = cfg.eval
     per_task: dict[str, dict[str, float]] = {}
     primary: dict[str, str] = {}
+    examples: dict[str, dict[str, list[Any]]] = {}
     total = weighted = 0.0
     for task in tasks:
         if not task.test:
             continue
-        metrics = cast(
-            dict[str, float],
-            evaluate_task(
-                model,
-                tokenizer,
-                task,
-                task_id=None,
-                batch_size=e.batch_size,
-                max_new_tokens=e.max_new_tokens,
-                max_examples=e.max_examples,
-            ),
-        )  # with_examples=False: the metrics alone
+        metrics, rows = cast(
+            tuple[dict[str, float], list[dict[str, Any]]],
+            evaluate_task(model, tokenizer, task, task_id=None, batch_size=e.batch_size,
+                          max_new_tokens=e.max_new_tokens, max_examples=e.max_examples, with_examples=True),
+        )  # fmt: skip
         per_task[task.name] = metrics
-        primary[task.name] = primary_metric(task)
+        primary[task.name] = metric = primary_metric(task)
+        if rows and all(metric in r["scores"] for r in rows):
+            examples[task.name] = {
+                "keys": [r["key"] for r in rows],
+                "scores": [r["scores"][metric] for r in rows],
+            }
         weighted += metrics[primary[task.name]] * metrics["n"]
         total += metrics["n"]
     if total == 0:
         raise ValueError("this client has no test example to evaluate")
-    return {"score": weighted / total, "n": int(total), "per_task": per_task, "primary": primary}
+    return {"score": weighted / total, "n": int(total), "per_task": per_task, "primary": primary,
+            "examples": examples}  # fmt: skip
 
 
 def global_state(

@@ -30,6 +30,10 @@ runs a cell and skips cells locked by another, and the ledger is rewritten under
 any number of processes or machines pointed at one shared ``out_dir`` take disjoint cells;
 ``--shard i/n`` also splits the grid statically (cells i, i+n, ...). ``--report`` regenerates
 ``results.md``, ``results.json`` and ``results.png`` from the ledger alone.
+
+A sweep whose base is a federated config (``kind: federated``, detected from the base file) runs each
+cell as one federated simulation of one strategy into the same kind of ledger, with the same locks,
+shards and ``order_by``: `asymlora.recipes.fed_sweep`.
 """
 
 from __future__ import annotations
@@ -53,12 +57,14 @@ from filelock import FileLock, Timeout
 from asymlora.config import ConfigError, RunConfig, StoppingSettings, config_dict, load_config
 from asymlora.eval import plot_results, stats
 from asymlora.io import atomic_write_text
-from asymlora.recipes import multitask
+from asymlora.recipes import fed_sweep, multitask
 from asymlora.recipes.multitask import PER_EXAMPLE_FILE, read_examples
 
 LEDGER_FILE = "ledger.jsonl"
 FAILURES_FILE = "failures.jsonl"
-SWEEP_KEYS = {"base", "out_dir", "overrides", "grid", "report", "order_by"}
+SWEEP_KEYS = {"base", "out_dir", "overrides", "grid", "report", "order_by", "kind"}
+KINDS = ("multitask", "federated")
+"""``kind`` of a sweep: cells of the multi-task recipe, or federated simulations (`fed_sweep`)."""
 REPORT_KEYS = {"reference", "baseline_method"}
 
 
@@ -86,6 +92,8 @@ class Sweep:
     grid: list[dict[str, list[Any]]]
     report: dict[str, Any]
     order_by: list[str] = dataclasses.field(default_factory=list)
+    kind: str = "multitask"
+    """``multitask`` or ``federated`` (`KINDS`)."""
 
     @property
     def ledger(self) -> Path:
@@ -133,14 +141,21 @@ def load_sweep(path: str | Path) -> Sweep:
     order_by = data.get("order_by") or []
     if not isinstance(order_by, list) or not all(isinstance(k, str) for k in order_by):
         raise ConfigError(f"{path}: order_by must be a list of config keys, e.g. order_by: [train.seed]")
+    base = _resolve(path, data["base"]) if data.get("base") else None
+    kind = data.get("kind") or ("federated" if fed_sweep.is_federated(base) else "multitask")
+    if kind not in KINDS:
+        raise ConfigError(
+            f"{path}: kind={kind!r} is not one of {list(KINDS)} (omit it: the base config decides)"
+        )
     return Sweep(
         path=path,
-        base=_resolve(path, data["base"]) if data.get("base") else None,
+        base=base,
         out_dir=_resolve(path, str(data["out_dir"])),
         overrides=[str(o) for o in overrides],
         grid=grids,
         report=report,
         order_by=order_by,
+        kind=kind,
     )
 
 
@@ -161,12 +176,14 @@ def _points(grid: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
         yield dict(zip(keys, values, strict=True))
 
 
-def _config_value(cfg: RunConfig, key: str) -> Any:
+def _config_value(cfg: Any, key: str) -> Any:
     """The value of a dotted key (``train.seed``) in a resolved config; ConfigError names an unknown key."""
     value: Any = config_dict(cfg)
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise ConfigError(f"order_by: {key!r} is not a config key (e.g. train.seed, adapter.method)")
+            raise ConfigError(
+                f"order_by: {key!r} is not a config key (e.g. train.seed, adapter.method; federated: seed)"
+            )
         value = value[part]
     return value
 
@@ -178,30 +195,42 @@ def _sort_key(value: Any) -> tuple[int, float, str]:
     return (1, 0.0, json.dumps(value, sort_keys=True))
 
 
-def expand(sweep: Sweep) -> list[Cell]:
+AnyCell = Cell | fed_sweep.FedCell
+"""A multi-task cell or a federated one (`fed_sweep.FedCell`): both have ``params``, ``config``, ``id``, ``run_dir``."""
+
+
+def _multitask_cell(sweep: Sweep, params: dict[str, Any]) -> Cell:
+    extra = [f"{key}={json.dumps(value)}" for key, value in params.items()]
+    try:
+        cfg = load_config(sweep.base, [*sweep.overrides, *extra])
+    except ConfigError as e:
+        raise ConfigError(f"grid cell {params}: {e}") from None
+    if cfg.compare.methods or cfg.compare.single_task:
+        raise ConfigError(
+            f"grid cell {params}: a sweep cell is one run; put methods in the grid (adapter.method: "
+            "[...]) and single-task baselines as cells with one task, not compare.*"
+        )
+    cid = cell_id(cfg)
+    return Cell(params, dataclasses.replace(cfg, run_dir=str(sweep.out_dir / "runs" / cid)), cid)
+
+
+def expand(sweep: Sweep) -> list[AnyCell]:
     """The cells of the grid without duplicates, in grid order, or stably sorted by ``sweep.order_by``.
 
     Raises:
         ConfigError: a cell whose config is invalid (the message names the cell), a cell that
-            asks for several methods (``compare.*``: put methods in the grid instead), or an
-            ``order_by`` key that is not in the config.
+            asks for several methods (``compare.*``: put methods in the grid instead) or several
+            federated strategies, or an ``order_by`` key that is not in the config.
     """
-    cells: dict[str, Cell] = {}
+    cells: dict[str, AnyCell] = {}
     for grid in sweep.grid:
         for params in _points(grid):
-            extra = [f"{key}={json.dumps(value)}" for key, value in params.items()]
-            try:
-                cfg = load_config(sweep.base, [*sweep.overrides, *extra])
-            except ConfigError as e:
-                raise ConfigError(f"grid cell {params}: {e}") from None
-            if cfg.compare.methods or cfg.compare.single_task:
-                raise ConfigError(
-                    f"grid cell {params}: a sweep cell is one run; put methods in the grid (adapter.method: "
-                    "[...]) and single-task baselines as cells with one task, not compare.*"
-                )
-            cid = cell_id(cfg)
-            run_dir = sweep.out_dir / "runs" / cid
-            cells.setdefault(cid, Cell(params, dataclasses.replace(cfg, run_dir=str(run_dir)), cid))
+            cell: AnyCell = (
+                fed_sweep.make_cell(sweep.base, sweep.overrides, params, sweep.out_dir)
+                if sweep.kind == "federated"
+                else _multitask_cell(sweep, params)
+            )
+            cells.setdefault(cell.id, cell)
     keys = {
         cid: tuple(_sort_key(_config_value(c.config, k)) for k in sweep.order_by) for cid, c in cells.items()
     }
@@ -221,7 +250,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def shard(cells: list[Cell], index: int, count: int) -> list[Cell]:
+def shard(cells: list[AnyCell], index: int, count: int) -> list[AnyCell]:
     """Cells ``index, index + count, ...``: the shards of ``count`` processes are disjoint and complete."""
     return cells[index::count]
 
@@ -313,11 +342,23 @@ def _finite(value: Any) -> Any:
 # --------------------------------------------------------------------------- running
 
 
-def run_cell(cell: Cell, ledger: Path) -> dict[str, Any]:
-    """Train and evaluate one cell (resuming what it left) with the multi-task recipe; append its record."""
+def _fed_record(cell: fed_sweep.FedCell) -> dict[str, Any]:
     started = time.time()
-    results = multitask.run(cell.config, resume=True, quiet=True)
-    record = make_record(cell, results, started, time.time())
+    results = fed_sweep.run_cell(cell)
+    when = datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds")
+    return fed_sweep.make_record(cell, results, started=when, wall_seconds=time.time() - started,
+                                 commit=git_commit(), host=socket.gethostname())  # fmt: skip
+
+
+def run_cell(cell: AnyCell, ledger: Path) -> dict[str, Any]:
+    """Train and evaluate one cell (resuming what it left) with the multi-task recipe, or run its federated
+    simulation (`fed_sweep.run_cell`); append its record."""
+    if isinstance(cell, fed_sweep.FedCell):
+        record = _fed_record(cell)
+    else:
+        started = time.time()
+        results = multitask.run(cell.config, resume=True, quiet=True)
+        record = make_record(cell, results, started, time.time())
     append_record(ledger, record)
     return record
 
@@ -377,12 +418,13 @@ def run_sweep(
     return counts
 
 
-def cell_status(sweep: Sweep) -> list[tuple[Cell, str]]:
-    """Each cell with ``done`` (in the ledger), ``partial`` (its run directory exists) or ``todo``."""
+def cell_status(sweep: Sweep, cells: list[AnyCell] | None = None) -> list[tuple[AnyCell, str]]:
+    """Each cell (of ``cells``, default: the whole grid) with ``done`` (in the ledger), ``partial`` (its run
+    directory exists) or ``todo``."""
     done = {record["id"] for record in read_ledger(sweep.ledger)}
     return [
         (cell, "done" if cell.id in done else "partial" if cell.run_dir.is_dir() else "todo")
-        for cell in expand(sweep)
+        for cell in (expand(sweep) if cells is None else cells)
     ]
 
 
@@ -395,10 +437,8 @@ def main(args: Any) -> int:
         return 0
     index, count = parse_shard(args.shard)  # a bad --shard is refused before anything, --list too
     if args.list:
-        mine = {cell.id for cell in shard(expand(sweep), index, count)}
-        for cell, status in cell_status(sweep):
-            if cell.id in mine:
-                print(f"{cell.id}  {status:7s}  {cell.params}")
+        for cell, status in cell_status(sweep, shard(expand(sweep), index, count)):
+            print(f"{cell.id}  {status:7s}  {cell.params}")
         return 0
     counts = run_sweep(sweep, shard_index=index, shard_count=count, keep_going=args.keep_going)
     print(
@@ -546,6 +586,8 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{sweep.ledger} holds no record yet; run `asymlora sweep {sweep.path}` first"
         )
+    if sweep.kind == "federated":
+        return fed_sweep.summarize(records, sweep.report.get("reference"))
     groups = group_records(records)
     baseline_method = sweep.report.get("baseline_method", "lora")
     baselines = {g.tasks[0]: g for g in groups if len(g.tasks) == 1 and g.method == baseline_method}
@@ -625,6 +667,29 @@ def _tables(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+MULTITASK_NOTE = (
+    "One seed: value [95 % interval] (Wilson for accuracy / exact match, bootstrap over examples otherwise; "
+    "stratified bootstrap for the average and Δm%). Several seeds: mean ± std over seeds (sample std, "
+    f"ddof={stats.STD_DDOF}). Paired tests: two-sided sign-flip permutation p-value and paired bootstrap "
+    "interval. Δm% (lower is better) against the single-task {baseline} cells."
+)
+
+
+def _plot_rows(summary: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """(rows, primary, intervals) of `plot_results`: a bar per group, a group of bars per task (client)."""
+    if summary.get("kind") == "federated":
+        rows, primary, intervals = fed_sweep.plot_rows(summary)
+    else:
+        rows, intervals, primary = {}, {}, {}
+        for g in summary["groups"]:
+            primary.update(g["primary"])
+            rows[g["label"]] = {t: {g["primary"][t]: v["value"]} for t, v in g["per_task"].items()}
+            intervals[g["label"]] = {"per_task": g["per_task"], "average": g["average"]}
+    bars = {label: {"per_task": {t: _bar(v) for t, v in iv["per_task"].items()}, "average": _bar(iv["average"])}
+            for label, iv in intervals.items()}  # fmt: skip
+    return rows, primary, bars
+
+
 def write_report(sweep: Sweep) -> Path:
     """Regenerate ``results.md``, ``results.json`` and ``results.png`` in ``out_dir`` from the ledger alone."""
     summary = summarize_ledger(sweep)
@@ -634,25 +699,20 @@ def write_report(sweep: Sweep) -> Path:
         f"{summary['records']} runs from {sweep.ledger.name}.",
         "",
     ]
-    lines += _tables(summary)
-    lines += ["", "One seed: value [95 % interval] (Wilson for accuracy / exact match, bootstrap over examples "
-              "otherwise; stratified bootstrap for the average and Δm%). Several seeds: mean ± std over seeds "
-              f"(sample std, ddof={stats.STD_DDOF}). Paired tests: two-sided sign-flip permutation p-value and "
-              "paired bootstrap interval. Δm% (lower is better) against the single-task "
-              f"{sweep.report.get('baseline_method', 'lora')} cells."]  # fmt: skip
+    if sweep.kind == "federated":
+        lines += [*fed_sweep.tables(summary), "", fed_sweep.NOTE]
+    else:
+        lines += [
+            *_tables(summary),
+            "",
+            MULTITASK_NOTE.format(baseline=sweep.report.get("baseline_method", "lora")),
+        ]
     page = sweep.out_dir / "results.md"
     atomic_write_text(page, "\n".join(lines) + "\n")
     atomic_write_text(sweep.out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
-    rows, intervals, primary = {}, {}, {}
-    for g in summary["groups"]:
-        primary.update(g["primary"])
-        rows[g["label"]] = {t: {g["primary"][t]: v["value"]} for t, v in g["per_task"].items()}
-        intervals[g["label"]] = {
-            "per_task": {t: _bar(v) for t, v in g["per_task"].items()},
-            "average": _bar(g["average"]),
-        }
+    rows, primary, bars = _plot_rows(summary)
     plot_results(rows, primary, sweep.out_dir / "results.png", title=f"{sweep.path.stem}: 95 % interval or ± std over seeds",
-                 intervals=intervals)  # fmt: skip
+                 intervals=bars)  # fmt: skip
     return page
 
 

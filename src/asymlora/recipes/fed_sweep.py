@@ -1,0 +1,484 @@
+"""The federated cells of a sweep: ``asymlora sweep`` on a federated base config (configs/fed_*.yaml).
+
+A sweep whose ``base`` is a federated config (`asymlora.federated.config.FedConfig`; recognised by its
+top-level ``strategies`` / ``clients`` / ``rounds`` keys, or by ``kind: federated`` in the sweep file) runs
+each cell as one federated simulation of ONE strategy, with the code of ``asymlora fed``
+(`asymlora.federated.run.run`, resumable from its per-round checkpoint), into the sweep's one ledger::
+
+    base: fed_bigbench_homo.yaml
+    out_dir: ../results/campaign_federated
+    overrides: [eval.local_only=false]          # the local-only baseline is a cell of its own (below)
+    grid:
+      - strategy: [fedit, ffa, fedsa, fedalora, local-only]
+        seed: [0, 1, 2]
+    order_by: [seed]
+    report: {reference: fedalora}
+
+The grid key ``strategy`` names the cell's strategy (`asymlora.federated.strategies.STRATEGY_NAMES`) or
+``local-only`` (every client trains alone for rounds × local_steps steps: `asymlora.federated.run.local_only`;
+it trains each client to the end in one go, so a killed local-only cell starts over). Any other grid key
+is a key of the federated config (``seed``, ``local_a``, ``dp.target_epsilon`` ...).
+
+A cell's record (`make_record`) holds the strategy, the seed, each client's personalised score (and
+global score) with its 95 % interval, the average over clients with its stratified-bootstrap interval,
+each client's per-example primary scores (concatenated over its tasks, with a hash of the example
+keys) so strategies can be compared by paired tests on the same test examples, the bytes of every
+round, ε when DP is on, rounds × local steps, the wall time and the commit. `summarize` and `tables`
+build the report (docs/sweep.md, "The federated campaign").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from asymlora.config import ConfigError, config_dict, load_config, read_config_file
+from asymlora.eval import stats
+from asymlora.federated import run as fed_run
+from asymlora.federated.config import FedConfig
+from asymlora.federated.partition import load_partition
+from asymlora.federated.strategies import STRATEGY_NAMES
+
+__all__ = ["FED_KEYS", "LOCAL_ONLY", "FedCell", "is_federated", "make_cell", "make_record", "run_cell",
+           "summarize", "tables"]  # fmt: skip
+
+LOCAL_ONLY = "local-only"
+"""The grid's ``strategy`` value of the local-only baseline (every client trains alone)."""
+STRATEGY_KEY = "strategy"
+"""The grid key naming a cell's strategy."""
+FED_KEYS = frozenset({"strategies", "strategy", "clients", "rounds", "local_a", "het_local", "het_upload"})
+"""Top-level keys only a federated config has: a base file with one of them makes a federated sweep."""
+LOG_FILE = "sweep.log"
+"""The federated run's own messages (rounds, scores) in the cell's run directory."""
+
+
+def is_federated(base: Path | None) -> bool:
+    """True when the sweep's base config file is a federated config (it has one of `FED_KEYS`)."""
+    return base is not None and bool(set(read_config_file(base)) & FED_KEYS)
+
+
+@dataclasses.dataclass(frozen=True)
+class FedCell:
+    """One federated grid point: its grid values, resolved config, strategy (or ``local-only``) and id."""
+
+    params: dict[str, Any]
+    config: FedConfig
+    id: str
+    strategy: str
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+
+def fed_cell_id(cfg: FedConfig, strategy: str) -> str:
+    """12 hex digits of the sha256 of the resolved config (``run_dir`` left out, ``strategies`` = the
+    cell's one strategy or ``local-only``), as `asymlora.recipes.sweep.cell_id` for multi-task cells."""
+    data = config_dict(dataclasses.replace(cfg, run_dir=""))
+    data["strategies"] = [strategy]
+    return hashlib.sha256(yaml.safe_dump(data, sort_keys=False).encode()).hexdigest()[:12]
+
+
+def make_cell(
+    base: Path | None, overrides: Sequence[str], params: Mapping[str, Any], out_dir: Path
+) -> FedCell:
+    """The cell of grid values ``params``: ``base + overrides + params`` read as a `FedConfig`.
+
+    Raises:
+        ConfigError: an invalid config (the message names the cell), an unknown ``strategy``, a cell with
+            several strategies, or ``eval.local_only=true`` (the baseline is a ``local-only`` cell).
+    """
+    values = dict(params)
+    strategy = values.pop(STRATEGY_KEY, None)
+    if strategy is not None and strategy != LOCAL_ONLY and strategy not in STRATEGY_NAMES:
+        raise ConfigError(
+            f"grid cell {dict(params)}: strategy {strategy!r} is unknown; use one of "
+            f"{[*STRATEGY_NAMES, LOCAL_ONLY]}"
+        )
+    extra = [f"{key}={json.dumps(value)}" for key, value in values.items()]
+    if strategy not in (None, LOCAL_ONLY):
+        extra.append(f"strategies={json.dumps([strategy])}")
+    try:
+        cfg = load_config(base, [*overrides, *extra], schema=FedConfig)
+    except ConfigError as e:
+        raise ConfigError(f"grid cell {dict(params)}: {e}") from None
+    if strategy is None:
+        if len(cfg.strategies) != 1:
+            raise ConfigError(
+                f"grid cell {dict(params)}: a sweep cell runs one strategy, the config has {cfg.strategies}; "
+                f"put them in the grid (strategy: [{', '.join(cfg.strategies)}, {LOCAL_ONLY}])"
+            )
+        strategy = cfg.strategies[0]
+    if cfg.eval.local_only:
+        raise ConfigError(
+            f"grid cell {dict(params)}: eval.local_only=true would train the local-only baseline inside "
+            f"every cell; add eval.local_only=false to the overrides and {LOCAL_ONLY!r} to the grid's strategies"
+        )
+    cid = fed_cell_id(cfg, strategy)
+    return FedCell(dict(params), dataclasses.replace(cfg, run_dir=str(out_dir / "runs" / cid)), cid, strategy)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _logger(cell: FedCell) -> Callable[[str], None]:
+    log = cell.run_dir / LOG_FILE
+
+    def say(line: Any = "") -> None:
+        with log.open("a", encoding="utf-8") as f:
+            f.write(f"{line}\n")
+
+    return say
+
+
+def run_cell(cell: FedCell) -> dict[str, Any]:
+    """Run the cell (resuming its checkpoint when its run directory holds one) and return its strategy's
+    ``results.json`` (`asymlora.federated.server_results.assemble_results`; local-only:
+    `asymlora.federated.run.local_only`). The run's messages go to ``run_dir/sweep.log``.
+
+    Raises:
+        RuntimeError: the federated run did not complete (exit code and the log named).
+    """
+    cfg = cell.config
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    say = _logger(cell)
+    if cell.strategy == LOCAL_ONLY:
+        tasks, plan = load_partition(cfg)
+        ranks = [cfg.client_rank(k) for k in range(cfg.clients.num)]
+        return fed_run.local_only(cfg, cell.run_dir, tasks, plan, ranks, say)
+    resume = (cell.run_dir / fed_run.CONFIG_FILE).is_file()
+    code = fed_run.run(cfg, resume=resume, say=say)
+    results = cell.run_dir / cell.strategy / fed_run.RESULTS_FILE
+    if code != 0 or not results.is_file():
+        raise RuntimeError(
+            f"the federated run of {cell.strategy} in {cell.run_dir} ended with exit code {code}; "
+            f"see {cell.run_dir / LOG_FILE}"
+        )
+    return dict(json.loads(results.read_text()))
+
+
+# --------------------------------------------------------------------------- the ledger record
+
+
+def _client_metric(scores: Mapping[str, Any]) -> str:
+    """The metric of a client's score: its tasks' primary metric, or ``primary`` when they differ."""
+    metrics = set(scores["primary"].values())
+    return metrics.pop() if len(metrics) == 1 else "primary"
+
+
+def _client_examples(scores: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A client's per-example primary scores over its tasks (in task order; their mean is its score) and
+    the hash of their example keys; None when a task has none (a corpus-level metric, an old client)."""
+    examples = scores.get("examples") or {}
+    tasks = list(scores["per_task"])
+    if not tasks or any(task not in examples for task in tasks):
+        return None
+    keys = "".join(key for task in tasks for key in examples[task]["keys"])
+    return {
+        "keys": hashlib.sha1(keys.encode()).hexdigest()[:16],
+        "scores": [float(v) for task in tasks for v in examples[task]["scores"]],
+    }
+
+
+def side_record(clients: Sequence[Mapping[str, Any]], which: str) -> dict[str, Any] | None:
+    """The ``personalised`` (or ``global``) scores of every client: per client, their average, population
+    std and worst client over clients, intervals (Wilson or bootstrap per client, stratified bootstrap
+    over clients for the average: `asymlora.eval.stats`) and per-example scores; None when no client has them."""
+    per_client: dict[str, float] = {}
+    metric: dict[str, str] = {}
+    per_example: dict[str, dict[str, Any]] = {}
+    for client in clients:
+        scores = client.get(which)
+        if not scores:
+            continue
+        label = client["label"]
+        per_client[label], metric[label] = float(scores["score"]), _client_metric(scores)
+        examples = _client_examples(scores)
+        if examples is not None:
+            per_example[label] = examples
+    if not per_client:
+        return None
+    values = list(per_client.values())
+    average = sum(values) / len(values)
+    worst = min(per_client, key=per_client.__getitem__)
+    whole = len(per_example) == len(per_client)
+    intervals = {
+        "per_client": {c: stats.metric_interval(e["scores"], metric[c]) for c, e in per_example.items()},
+        "average": stats.average_interval({c: e["scores"] for c, e in per_example.items()})
+        if whole
+        else None,
+    }
+    return {"per_client": per_client, "metric": metric, "average": average,
+            "std": math.sqrt(sum((v - average) ** 2 for v in values) / len(values)),
+            "worst": {"client": worst, "value": per_client[worst]}, "intervals": intervals,
+            "per_example": per_example}  # fmt: skip
+
+
+def _bytes(results: Mapping[str, Any]) -> dict[str, Any] | None:
+    b = results.get("bytes")
+    if not b:
+        return None
+    return {key: b.get(key) for key in ("up", "down", "total", "eval_down", "per_round", "transfer")}
+
+
+def _dp(results: Mapping[str, Any]) -> dict[str, Any] | None:
+    dp = results.get("dp")
+    if not dp:
+        return None
+    keys = ("epsilon", "delta", "noise_multiplier", "clipping_norm", "clipping", "target_epsilon")
+    return {key: dp.get(key) for key in keys}
+
+
+def make_record(
+    cell: FedCell, results: Mapping[str, Any], *, started: str, wall_seconds: float, commit: str | None,
+    host: str,
+) -> dict[str, Any]:  # fmt: skip
+    """The ledger record of a finished federated cell (``results``: `run_cell`'s)."""
+    cfg = cell.config
+    personalised = side_record(results["clients"], "personalised")
+    if personalised is None:
+        raise RuntimeError(f"{cell.run_dir}: no client returned personalised scores")
+    rounds = int(results.get("rounds", cfg.rounds))
+    return {
+        "id": cell.id, "kind": "federated", "params": cell.params, "strategy": cell.strategy, "seed": cfg.seed,
+        "clients": list(personalised["per_client"]), "commit": commit, "host": host,
+        "average": personalised["average"], "personalised": personalised,
+        "global": side_record(results["clients"], "global"),
+        "bytes": _bytes(results), "dp": _dp(results),
+        "rounds": rounds, "local_steps": cfg.train.local_steps, "steps": rounds * cfg.train.local_steps,
+        "train_loss": results.get("train_loss"), "eval_failures": results.get("eval_failures", []),
+        "started": started, "wall_seconds": round(wall_seconds, 2), "config": cfg.to_dict(),
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclasses.dataclass
+class FedGroup:
+    """The records of one federated config over seeds."""
+
+    label: str
+    strategy: str
+    clients: list[str]
+    records: list[dict[str, Any]]  # one per seed, sorted by seed
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r["seed"] for r in self.records]
+
+    def by_seed(self, seed: int) -> dict[str, Any]:
+        return next(r for r in self.records if r["seed"] == seed)
+
+
+def _group_key(record: Mapping[str, Any]) -> str:
+    config = json.loads(json.dumps(record["config"]))
+    config["run_dir"], config["seed"], config["strategies"] = "", 0, [record["strategy"]]
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _label(record: Mapping[str, Any]) -> str:
+    extra = [f"{key.split('.')[-1]}={value:g}" if isinstance(value, float) else f"{key.split('.')[-1]}={value}"
+             for key, value in record["params"].items() if key not in (STRATEGY_KEY, "seed")]  # fmt: skip
+    return " ".join([record["strategy"], *extra])
+
+
+def group_records(records: Sequence[Mapping[str, Any]]) -> list[FedGroup]:
+    """Records grouped by config (all but ``seed``), in ledger order; the last record of an id wins."""
+    latest = {r["id"]: dict(r) for r in records}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in latest.values():
+        groups.setdefault(_group_key(record), []).append(record)
+    labels = [_label(rs[0]) for rs in groups.values()]
+    out = []
+    for (key, rs), label in zip(groups.items(), labels, strict=True):
+        label = f"{label} (config {key})" if labels.count(label) > 1 else label
+        rs = sorted(rs, key=lambda r: r["seed"])
+        out.append(FedGroup(label, rs[0]["strategy"], rs[0]["clients"], rs))
+    return out
+
+
+def _over_seeds(values: list[float], interval: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Mean ± std over seeds (several), or the one value with its 95 % interval."""
+    if len(values) > 1:
+        summary = stats.seed_summary(values)
+        return {"value": summary["mean"], "std": summary["std"], "values": summary["values"]}
+    iv = interval or {}
+    return {"value": values[0], "low": iv.get("low"), "high": iv.get("high"), "values": values}
+
+
+def _side_summary(group: FedGroup, which: str) -> dict[str, Any] | None:
+    if any(r.get(which) is None for r in group.records):
+        return None
+    sides: list[dict[str, Any]] = [r[which] for r in group.records]
+    one = sides[0]["intervals"] if len(sides) == 1 else {"per_client": {}, "average": None}
+    return {
+        "per_client": {c: _over_seeds([s["per_client"][c] for s in sides], one["per_client"].get(c))
+                       for c in group.clients},
+        "average": _over_seeds([s["average"] for s in sides], one["average"]),
+        "metric": sides[0]["metric"],
+    }  # fmt: skip
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    found = [v for v in values if v is not None]
+    return sum(found) / len(found) if found else None
+
+
+def _cost(group: FedGroup) -> dict[str, Any]:
+    """Bytes (mean over seeds), ε (mean over seeds, None without DP), rounds × local steps, wall time."""
+    records = group.records
+    b = [r["bytes"] for r in records if r.get("bytes")]
+    clients = max(1, len(group.clients))
+    return {
+        "bytes_up": _mean([x["up"] for x in b]), "bytes_down": _mean([x["down"] for x in b]),
+        "bytes_total": _mean([x["total"] for x in b]),
+        "mb_per_client_per_round": _mean([x["total"] / max(1, len(x["per_round"])) / clients / 1e6 for x in b]),
+        "epsilon": _mean([(r.get("dp") or {}).get("epsilon") for r in records]),
+        "delta": (records[0].get("dp") or {}).get("delta"),
+        "rounds": records[0]["rounds"], "local_steps": records[0]["local_steps"],
+        "wall_seconds": _mean([r["wall_seconds"] for r in records]),
+    }  # fmt: skip
+
+
+def paired(ref: FedGroup, peer: FedGroup, which: str = "personalised") -> dict[str, Any] | None:
+    """Paired tests of ``ref`` against ``peer`` per client and on the average over clients, on the seeds
+    both have (each example's score averaged over them); None when the clients or examples differ."""
+    seeds = [s for s in ref.seeds if s in peer.seeds]
+    if not seeds or ref.clients != peer.clients:
+        return None
+    a: dict[str, list[float]] = {}
+    b: dict[str, list[float]] = {}
+    for client in ref.clients:
+        rows_a = [(ref.by_seed(s).get(which) or {}).get("per_example", {}).get(client) for s in seeds]
+        rows_b = [(peer.by_seed(s).get(which) or {}).get("per_example", {}).get(client) for s in seeds]
+        rows = rows_a + rows_b
+        if any(r is None for r in rows) or len({r["keys"] for r in rows}) != 1:
+            return None  # scored on other examples (or without per-example scores): no paired test
+        a[client] = [sum(col) / len(seeds) for col in zip(*(r["scores"] for r in rows_a), strict=True)]
+        b[client] = [sum(col) / len(seeds) for col in zip(*(r["scores"] for r in rows_b), strict=True)]
+    tests = {client: stats.paired_test(a[client], b[client]) for client in ref.clients}
+    tests["average"] = stats.paired_average_test(a, b)
+    return {"a": ref.label, "b": peer.label, "seeds": seeds, "tests": tests}
+
+
+STRATEGY_OPTIONS = frozenset({STRATEGY_KEY, "seed", "local_a", "het_local", "het_upload"})
+"""Grid keys that belong to a strategy (its variant) rather than to the setting it runs in."""
+
+
+def _setting(group: FedGroup) -> dict[str, Any]:
+    return {k: v for k, v in group.records[0]["params"].items() if k not in STRATEGY_OPTIONS}
+
+
+def comparable(ref: FedGroup, peer: FedGroup) -> bool:
+    """Whether the report tests ``ref`` against ``peer``: the same strategy in another setting (e.g. more
+    rounds, another ε, A reset) or another strategy in the same setting (the grid values other than the
+    strategy, its options and the seed), so that one test answers one question."""
+    return peer.strategy == ref.strategy or _setting(peer) == _setting(ref)
+
+
+def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> dict[str, Any]:
+    """Everything the federated results page shows: per-group scores over seeds, costs, paired tests of
+    every group of strategy ``reference`` against every `comparable` group (same clients and examples)."""
+    groups = group_records(records)
+    summary: dict[str, Any] = {"kind": "federated", "groups": [], "paired": [], "std_ddof": stats.STD_DDOF,
+                               "records": len(records), "reference": reference}  # fmt: skip
+    for g in groups:
+        summary["groups"].append({
+            "label": g.label, "strategy": g.strategy, "clients": g.clients, "seeds": g.seeds,
+            "ids": [r["id"] for r in g.records], "personalised": _side_summary(g, "personalised"),
+            "global": _side_summary(g, "global"), **_cost(g),
+        })  # fmt: skip
+    for ref in (g for g in groups if g.strategy == reference):
+        for peer in (g for g in groups if g is not ref and comparable(ref, g)):
+            result = paired(ref, peer)
+            if result:
+                summary["paired"].append(result)
+    return summary
+
+
+def _text(v: Mapping[str, Any] | None, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if "std" in v:
+        return f"{v['value']:.{digits}f} ± {v['std']:.{digits}f}"
+    return stats.format_interval(v["value"], v.get("low"), v.get("high"), digits)
+
+
+def _number(v: float | None, digits: int) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _score_table(summary: Mapping[str, Any], clients: list[str]) -> list[str]:
+    header = ["strategy", "seeds", *clients, "average", "global average", "rounds × local steps",
+              "MB / client / round", "MB total", "ε", "wall s"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for g in summary["groups"]:
+        p, gl = g["personalised"] or {}, g["global"] or {}
+        cells = [g["label"], ",".join(map(str, g["seeds"]))]
+        cells += [_text((p.get("per_client") or {}).get(c)) for c in clients]
+        cells += [_text(p.get("average")), _text(gl.get("average")), f"{g['rounds']} × {g['local_steps']}",
+                  _number(g["mb_per_client_per_round"], 3),
+                  _number(None if g["bytes_total"] is None else g["bytes_total"] / 1e6, 2),
+                  _number(g["epsilon"], 2), _number(g["wall_seconds"], 0)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def tables(summary: Mapping[str, Any]) -> list[str]:
+    """The markdown of the federated report: scores and costs per group, per-seed values, paired tests."""
+    clients: list[str] = []
+    for g in summary["groups"]:
+        clients += [c for c in g["clients"] if c not in clients]
+    lines = _score_table(summary, clients)
+    lines += ["", "Per-seed personalised averages:", ""]
+    for g in summary["groups"]:
+        values = (g["personalised"] or {}).get("average", {}).get("values", [])
+        lines.append(f"- {g['label']} (seeds {g['seeds']}): {[round(v, 4) for v in values]}")
+    if summary["paired"]:
+        lines += ["", "Paired tests of the personalised scores (A − B on the same test examples, per-example "
+                  "scores averaged over the shared seeds):", "",
+                  "| A | B | seeds | " + " | ".join([*clients, "average"]) + " |",
+                  "|---|---|---|" + "---:|" * (len(clients) + 1)]  # fmt: skip
+        for p in summary["paired"]:
+            cells = [
+                f"{stats.format_interval(t['difference'], t['low'], t['high'])} (p={t['p_value']:.3g})"
+                if t else "–"
+                for t in (p["tests"].get(name) for name in [*clients, "average"])
+            ]  # fmt: skip
+            lines.append(
+                f"| {p['a']} | {p['b']} | {','.join(map(str, p['seeds']))} | " + " | ".join(cells) + " |"
+            )
+    return lines
+
+
+NOTE = (
+    "Scores: each client's personalised adapter (global average: the aggregated adapter alone) on its own "
+    "test split, the primary metric of its tasks. One seed: value [95 % interval] (Wilson for accuracy / "
+    "exact match, bootstrap otherwise; stratified bootstrap over clients for the average). Several seeds: "
+    f"mean ± std over seeds (sample std, ddof={stats.STD_DDOF}). Paired tests: two-sided sign-flip "
+    "permutation p-value and paired bootstrap interval; the average weights every client 1/K. MB = 10^6 "
+    "bytes of Flower messages, up + down, mean over seeds; ε: (ε, δ)-DP of the uploads after all rounds."
+)
+
+
+def plot_rows(summary: Mapping[str, Any]) -> tuple[dict, dict, dict]:
+    """(rows, primary, intervals) of `asymlora.eval.plot_results`: one bar per group, one group per client."""
+    rows: dict[str, Any] = {}
+    intervals: dict[str, Any] = {}
+    primary: dict[str, str] = {}
+    for g in summary["groups"]:
+        p = g["personalised"]
+        if p is None:
+            continue
+        primary.update(p["metric"])
+        rows[g["label"]] = {c: {p["metric"][c]: v["value"]} for c, v in p["per_client"].items()}
+        intervals[g["label"]] = {"per_task": dict(p["per_client"]), "average": p["average"]}
+    return rows, primary, intervals
