@@ -523,13 +523,39 @@ class FedConfig:
         """SecAgg+ (`secagg.check_secagg`): enough clients, and none of the options it cannot honour;
         ``het_upload: auto`` becomes ``product`` (SecAgg+ sums one shape per tensor)."""
         if not self.secagg.enabled:
+            changed = [k for k, v in config_dict(self.secagg).items() if v != getattr(SecAggSettings(), k)]
+            if changed:
+                raise ConfigError(
+                    f"secagg.enabled is false but secagg.{changed[0]} is set: it would change nothing; set "
+                    f"secagg.enabled=true or remove secagg.{', secagg.'.join(changed)}"
+                )
             return
-        check_secagg(self.secagg, min(self.clients_per_round, self.required_nodes))  # min_nodes may start it
+        m = self.clients_per_round  # the most a round may have; min_nodes may start round 1 with fewer
+        if min(m, self.required_nodes) < 2:
+            raise ConfigError(self._secagg_too_few())
+        check_secagg(self.secagg, min(m, self.required_nodes), largest=m)
         check_secagg_compatible(
             norm_factor=self.reject.norm_factor, dp_clipping=self.dp.clipping,
             transfer=(self.transfer.up, self.transfer.down), het_upload=self.het_upload, strategies=self.strategies,
         )  # fmt: skip
         self.het_upload = "product"
+
+    def _secagg_too_few(self) -> str:
+        """The error of SecAgg+ with a round of fewer than 2 clients, with a fix that works."""
+        c, m, need = self.clients, self.clients_per_round, "SecAgg+ sums the updates of at least 2 clients"
+        if c.num < 2:
+            return f"secagg.enabled with clients.num={c.num}: {need}; set clients.num >= 2 or secagg.enabled=false"
+        if m < 2:
+            fix = (
+                "clients.per_round=2"
+                if c.per_round is not None
+                else f"clients.fraction={min_fraction(2, c.num):g} (2 of clients.num={c.num})"
+            )
+            return f"secagg.enabled with {m} client per round: {need}; set {fix} or more, or secagg.enabled=false"
+        return (
+            f"secagg.enabled with min_nodes={self.min_nodes}: round 1 may start with {self.min_nodes} client, "
+            f"but {need}; set min_nodes >= 2 (or null: wait for every client)"
+        )
 
     def _check_client_adapters(self) -> None:
         """The adapter config of every (strategy, client) must build."""

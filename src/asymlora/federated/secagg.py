@@ -89,29 +89,49 @@ def round_shares(settings: SecAggSettings, clients: int) -> int:
     return shares
 
 
-def check_secagg(s: SecAggSettings, clients_per_round: int) -> None:
+def check_secagg(s: SecAggSettings, clients_per_round: int, *, largest: int | None = None) -> None:
     """Raise ValueError naming the value and the fix when SecAgg+ with ``s`` cannot run rounds of
-    ``clients_per_round`` clients (the fewest a round may have; checked before round 1,
-    `FedConfig.validate`)."""
+    ``clients_per_round`` (the fewest a round may have: the reconstruction threshold must fit) to ``largest``
+    clients (the most a round may have, default ``clients_per_round``: the masked sum must not overflow and
+    Flower must not change ``num_shares``); checked before round 1, `FedConfig.validate`."""
     _check_numbers(s)
     m = clients_per_round
+    big = max(m, largest if largest is not None else m)
     if m < 2:
         raise ValueError(
             f"secagg.enabled with {m} client per round: SecAgg+ sums the updates of at least 2 clients; "
-            "sample more clients (clients.per_round / clients.fraction / min_nodes) or set secagg.enabled=false"
+            "sample at least 2 clients per round or set secagg.enabled=false"
         )
     neighbours = min(round_shares(s, m), m)
     if s.reconstruction_threshold > neighbours:
         raise ValueError(
             f"secagg.reconstruction_threshold={s.reconstruction_threshold} needs that many live neighbours per "
             f"client, but a round may have {m} clients (clients.per_round / clients.fraction / min_nodes) and "
-            f"{neighbours} shares each (secagg.num_shares={s.num_shares}): lower the threshold to at most "
-            f"{neighbours} or sample more clients"
+            f"{neighbours} shares each (secagg.num_shares={_yaml(s.num_shares)}): lower the threshold to at "
+            f"most {neighbours} or sample more clients"
         )
-    if m * s.quantization_range >= s.modulus_range:
+    _check_largest_round(s, big)
+
+
+def _yaml(value: object) -> str:
+    return "null" if value is None else str(value)
+
+
+def _check_largest_round(s: SecAggSettings, big: int) -> None:
+    """The checks against the largest round (``big`` clients): Flower's share rule and the overflow."""
+    if s.num_shares is not None and s.num_shares % 2 == 0 and s.num_shares < big:
+        # SecAggPlusWorkflow.setup_stage sends the clients num_shares, then makes it odd on the server only
+        # (a round of more clients than shares): the clients' share lists are one short and they all fail
         raise ValueError(
-            f"{m} clients × secagg.quantization_range={s.quantization_range} reach secagg.modulus_range="
-            f"{s.modulus_range}: the masked sum would overflow; lower quantization_range"
+            f"secagg.num_shares={s.num_shares} is even and below the {big} clients a round may have: Flower's "
+            f"SecAgg+ would raise it to {s.num_shares + 1} on the server only and every client would fail; "
+            f"set secagg.num_shares={s.num_shares + 1} (odd) or null (every client)"
+        )
+    if big * s.quantization_range >= s.modulus_range:
+        raise ValueError(
+            f"{big} clients × secagg.quantization_range={s.quantization_range} reach secagg.modulus_range="
+            f"{s.modulus_range}: the masked sum of the largest round would overflow; lower "
+            f"secagg.quantization_range to at most {(s.modulus_range - 1) // big}"
         )
 
 
@@ -135,6 +155,11 @@ def _check_numbers(s: SecAggSettings) -> None:
         raise ValueError(f"secagg.quantization_range={s.quantization_range} must be an integer >= 2")
     if s.modulus_range > 2**32 or s.modulus_range & (s.modulus_range - 1):
         raise ValueError(f"secagg.modulus_range={s.modulus_range} must be a power of 2, at most 2^32")
+    if s.num_shares is not None and s.num_shares * s.quantization_range > s.modulus_range:
+        raise ValueError(  # SecAggPlusWorkflow refuses it when it starts
+            f"secagg.num_shares={s.num_shares} exceeds secagg.modulus_range / secagg.quantization_range = "
+            f"{s.modulus_range // s.quantization_range} (Flower's rule); lower num_shares or quantization_range"
+        )
 
 
 def check_secagg_compatible(
