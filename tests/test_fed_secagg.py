@@ -189,6 +189,27 @@ def test_too_few_live_clients_halt_the_round(assets: Path, tmp_path: Path, task_
     assert all(float(t.abs().max()) == 0.0 for t in state.values())  # B starts at zero and stays
 
 
+def test_clipped_values_void_the_bound_and_warn(
+    assets: Path, tmp_path: Path, task_identity, captured, caplog
+) -> None:
+    """value_bound 1e-12, far below the trained B: Flower clips values, so the round's record holds the
+    clients' own clip counts (recounted here from the captured uploads), a null error bound, a warning
+    naming the round and the fix, and results.json the count."""
+    secagg = dict(SECAGG, value_bound=1e-12)
+    with caplog.at_level("WARNING", logger="asymlora.federated.secagg_server"):
+        _, (r1,) = _run(assets, tmp_path, "fedalora", secagg=secagg)
+    expected = 0
+    for c in captured:  # |d_k · U| > β, with d_k = n_k / W (W = 100 divides Q: exact)
+        d_k = c["weight"] / 100.0
+        expected += sum(int((u.double().abs() * d_k > 1e-12).sum()) for u in c["upload"].values())
+    assert expected > 0 and r1["secagg"]["clipped_total"] == expected
+    assert sum(r1["secagg"]["clipped"].values()) == expected and r1["secagg"]["error_bound"] is None
+    (warning,) = [r.getMessage() for r in caplog.records if "clipped" in r.getMessage()]
+    assert f"round 1: SecAgg+ clipped {expected} value(s)" in warning and "raise secagg.value_bound" in warning
+    res = json.loads((tmp_path / "run" / "fedalora" / "results.json").read_text())
+    assert res["secagg_clipped"] == expected and res["secagg_rounds_clipped"] == [1]
+
+
 def test_quantisation_arithmetic_against_flower() -> None:
     """The client's input and the server's unscaling around Flower's own quantiser: two clients, known
     values, weights 30 and 10 of W = 100; the dequantised weighted mean / scale is the hand-computed mean
@@ -234,6 +255,32 @@ def test_quantisation_arithmetic_against_flower() -> None:
             "have 2 clients",
         ),
         (["clients.per_round=1"], "secagg.enabled with 1 client per round"),
+        (["clients.per_round=1"], "set clients.per_round=2 or more"),
+        (["clients.fraction=0.5"], "set clients.fraction=0.667 (2 of clients.num=3) or more"),
+        (["min_nodes=1"], "secagg.enabled with min_nodes=1: round 1 may start with 1 client"),
+        # the overflow check counts the largest round: 3 × 1431655765 = 2^32 − 1 < 2^32 would pass, 3 ×
+        # 1431655766 = 2^32 + 2 overflows, even with min_nodes=2 (2 × 1431655766 < 2^32)
+        (
+            ["min_nodes=2", "secagg.quantization_range=1431655766"],
+            "3 clients × secagg.quantization_range=1431655766 reach secagg.modulus_range=4294967296: the "
+            "masked sum of the largest round would overflow; lower secagg.quantization_range to at most "
+            "1431655765",
+        ),
+        (
+            ["clients.num=5", "data.tasks=[a, b, c, d, e]", "secagg.num_shares=4"],
+            "secagg.num_shares=4 is even and below the 5 clients a round may have: Flower's SecAgg+ would "
+            "raise it to 5 on the server only and every client would fail; set secagg.num_shares=5",
+        ),
+        (
+            ["secagg.reconstruction_threshold=4", "secagg.num_shares=5"],
+            "(secagg.num_shares=5)",
+        ),
+        (["secagg.reconstruction_threshold=4"], "(secagg.num_shares=null)"),
+        (
+            ["secagg.enabled=false", "secagg.max_weight=10"],
+            "secagg.enabled is false but secagg.max_weight is set: it would change nothing; set "
+            "secagg.enabled=true or remove secagg.max_weight",
+        ),
         (["secagg.num_shares=2"], "secagg.num_shares=2: Flower's SecAgg+ needs at least 3 shares"),
         (["reject.norm_factor=10"], "cannot compare norms; set reject.norm_factor=null"),
         (["dp.clipping=server", "dp.noise_multiplier=1.0"], "use dp.clipping=client"),
@@ -247,6 +294,17 @@ def test_bad_secagg_configs_fail_before_round_1(overrides: list[str], message: s
     with pytest.raises(ConfigError) as err:
         load_fed_config(None, base + overrides)
     assert message in str(err.value)
+
+
+def test_the_largest_round_and_flowers_share_rule_pass() -> None:
+    """The boundary values the checks above refuse one step further: 3 × (2^32 − 1) // 3 < 2^32; an even
+    num_shares at (or above) the largest round is left alone by Flower; an odd one below it too."""
+    base = ["clients.num=3", "secagg.enabled=true", "data.tasks=[a, b, c]"]
+    load_fed_config(None, [*base, "min_nodes=2", "secagg.quantization_range=1431655765"])
+    load_fed_config(None, [*base, "secagg.num_shares=4"])
+    five = ["clients.num=5", "data.tasks=[a, b, c, d, e]"]
+    load_fed_config(None, [*base, *five, "secagg.num_shares=3"])
+    load_fed_config(None, [*base, *five, "secagg.num_shares=6"])
 
 
 def test_secagg_is_off_by_default_and_auto_becomes_product() -> None:

@@ -22,6 +22,7 @@ cannot reject an update it never sees, so ``rejected`` stays empty.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -59,6 +60,8 @@ from asymlora.federated.server_round import (
 from asymlora.federated.strategies import AggregateResult, download_payload
 
 __all__ = ["STAGES", "CountingGrid", "SecAggStrategy", "protocol_bytes", "run_secagg_round"]
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("setup", "share-keys", "collect-masked-vectors", "unmask")
 """The four exchanges of Flower's SecAgg+ workflow, in order."""
@@ -219,12 +222,27 @@ def _secagg_record(
         "clipping_range": s.clipping_range, "quantization_range": s.quantization_range,
         "max_weight": _max_weight(fed),
         "clipped": {str(k): v for k, v in sorted(clipped.items())},
-        "error_bound": error_bound(s, weights, _max_weight(fed)) if weights else None,
+        "clipped_total": sum(clipped.values()),
+        # the bound holds only while nothing is clipped: null says the aggregate is off by more
+        "error_bound": error_bound(s, weights, _max_weight(fed)) if weights and not any(clipped.values()) else None,
         "stages": [
             {"stage": STAGES[i], "seconds": round(sec, 3), "messages": len(sent), "replies": len(replies)}
             for i, (sent, replies, sec) in enumerate(grid.stages)
         ],
     }  # fmt: skip
+
+
+def _warn_clipped(fed: Federation, rnd: int, clipped: Mapping[int, int]) -> None:
+    """Warn (logging) when Flower clipped values of round ``rnd``: its aggregate is then not the weighted mean
+    within `secagg.error_bound` (``rounds.jsonl`` records a null bound)."""
+    total = sum(clipped.values())
+    if total:
+        logger.warning(
+            "%s round %d: SecAgg+ clipped %d value(s) (clients %s) whose |n_k / max_weight · value| exceeds "
+            "secagg.value_bound=%g: the aggregate is wrong by an unknown amount; raise secagg.value_bound "
+            "above the largest |value| of any round (with a margin)",
+            fed.strategy.name, rnd, total, sorted(k for k, v in clipped.items() if v), fed.cfg.secagg.value_bound,
+        )  # fmt: skip
 
 
 def _halted(fed: Federation, rnd: int, records: dict[int, dict[str, Any]], stages: int) -> str:
@@ -273,6 +291,7 @@ def run_secagg_round(
     record = round_record(rnd, fed.strategy.name, records, res, note, round(time.perf_counter() - t0, 3))
     record.update(sampled=sampled, weights={str(k): p for k, p in res.weights.items()})
     record["secagg"] = _secagg_record(fed, grid, strategy, clipped, len(instructions))
+    _warn_clipped(fed, rnd, clipped)
     if dp_record is not None:
         record["dp"] = dp_record
     return res.state, record, trained

@@ -175,4 +175,18 @@ def assemble_results(
         "rounds_with_failures": [r["round"] for r in history if r["failed"] or r["rejected"]],
         "rounds_kept_previous": [r["round"] for r in history if r["kept_previous"]],
         "train_loss": [r["train_loss"] for r in history],
+        **_secagg_clipped(history),
+    }
+
+
+def _secagg_clipped(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """SecAgg+ runs: the values Flower clipped, in all and per round (each such round's aggregate is off
+    by more than its error bound, which ``rounds.jsonl`` then records as null)."""
+    rounds = [r for r in history if "secagg" in r]
+    if not rounds:
+        return {}
+    per_round = {str(r["round"]): sum(r["secagg"]["clipped"].values()) for r in rounds}
+    return {
+        "secagg_clipped": sum(per_round.values()),
+        "secagg_rounds_clipped": [int(k) for k, n in per_round.items() if n],
     }
