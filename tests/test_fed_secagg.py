@@ -307,6 +307,19 @@ def test_the_largest_round_and_flowers_share_rule_pass() -> None:
     load_fed_config(None, [*base, *five, "secagg.num_shares=6"])
 
 
+def test_max_weight_below_a_client_fails_before_round_1(assets: Path, tmp_path: Path, capsys) -> None:
+    """The Dirichlet partition of the tests gives the clients 36, 29 and 7 training examples (the table of
+    docs/federated.md): max_weight 35 is refused before anything runs, naming client 0 and the value 36;
+    under DP (every weight 1) it is not a limit."""
+    cfg = write_config(
+        tmp_path / "fed.yaml", assets, tmp_path / "run", 3, strategies=["fedalora"], secagg=SECAGG, rounds=1
+    )
+    assert fed(cfg, *DIRICHLET, "secagg.max_weight=35") == 2
+    err = capsys.readouterr().err
+    assert "secagg.max_weight=35 is below client 0's 36 training examples" in err
+    assert "set secagg.max_weight=36 (the largest client)" in err and not (tmp_path / "run").exists()
+
+
 def test_secagg_is_off_by_default_and_auto_becomes_product() -> None:
     base = ["clients.num=3", "data.tasks=[a, b, c]"]
     assert FedConfig().secagg.enabled is False and load_fed_config(None, base).het_upload == "auto"

@@ -42,6 +42,7 @@ from asymlora.config import ConfigError
 from asymlora.federated.client import local_only_baseline
 from asymlora.federated.config import FedConfig, dump_fed_config, load_fed_config
 from asymlora.federated.partition import client_tasks, load_partition, summary_lines
+from asymlora.federated.secagg import check_secagg_weights
 from asymlora.io import atomic_write_text
 from asymlora.progress import set_env
 
@@ -286,6 +287,8 @@ def run(cfg: FedConfig, *, resume: bool = False, overwrite: bool = False, say: A
     from asymlora.federated.server_results import summarize_scores
 
     tasks, plan = load_partition(cfg)  # an empty client fails here, before anything is written
+    if cfg.secagg.enabled and not cfg.dp.enabled:  # DP: every weight is 1
+        check_secagg_weights(cfg.secagg, [sum(len(s.train) for s in shards) for shards in plan])
     run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
     ranks = [cfg.client_rank(k) for k in range(cfg.clients.num)]
     for line in summary_lines(cfg, tasks, plan, ranks):

@@ -38,6 +38,7 @@ __all__ = [
     "SecAggSettings",
     "check_secagg",
     "check_secagg_compatible",
+    "check_secagg_weights",
     "error_bound",
     "round_shares",
     "secagg_state",
@@ -193,6 +194,20 @@ def check_secagg_compatible(
             "secagg.enabled with het_upload=factors: SecAgg+ sums one shape per tensor, so fedalora-het "
             "clients must send the product B2·B1; set het_upload=product (or auto)"
         )
+
+
+def check_secagg_weights(s: SecAggSettings, examples: Sequence[int]) -> None:
+    """Raise ValueError when a client's training examples (``examples[k]``: client k's n_k, from the
+    partition) exceed ``max_weight`` W: Flower's weight n_k / W must be <= 1, so that client would refuse
+    to send (`secagg_client.secagg_fit_mod`) after training. Checked before round 1 (not under DP, whose
+    weights are 1)."""
+    if not examples or max(examples) <= s.max_weight:
+        return
+    k = max(range(len(examples)), key=lambda i: examples[i])
+    raise ValueError(
+        f"secagg.max_weight={s.max_weight:g} is below client {k}'s {examples[k]} training examples: SecAgg+ "
+        f"weighs a client by n_k / max_weight <= 1; set secagg.max_weight={examples[k]} (the largest client)"
+    )
 
 
 def weight_factor(num_examples: int, max_weight: float, quantization_range: int) -> float:
