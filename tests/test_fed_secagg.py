@@ -66,7 +66,7 @@ def captured(monkeypatch) -> list[dict]:
     def spy(aggregation, upload, download, settings, weight):
         last = replies[-1]  # in process, each client's reply is decoded right before its vector is built
         seen.append({"upload": dict(upload), "download": dict(download), "weight": last.num_examples})
-        seen[-1]["client"] = last.client
+        seen[-1].update(client=last.client, settings=settings)
         return secagg_vector(aggregation, upload, download, settings, weight)
 
     monkeypatch.setattr(secagg_client, "decode_train_reply", reply_spy)
@@ -193,14 +193,15 @@ def test_clipped_values_void_the_bound_and_warn(
     assets: Path, tmp_path: Path, task_identity, captured, caplog
 ) -> None:
     """value_bound 1e-12, far below the trained B: Flower clips values, so the round's record holds the
-    clients' own clip counts (recounted here from the captured uploads), a null error bound, a warning
-    naming the round and the fix, and results.json the count."""
-    secagg = dict(SECAGG, value_bound=1e-12)
+    clients' own clip counts (recounted here from the captured uploads, with the run's Q = 2^20), a null
+    error bound, a warning naming the round and the fix, and results.json the count."""
+    secagg = dict(SECAGG, value_bound=1e-12, quantization_range=2**20)
     with caplog.at_level("WARNING", logger="asymlora.federated.secagg_server"):
         _, (r1,) = _run(assets, tmp_path, "fedalora", secagg=secagg)
     expected = 0
-    for c in captured:  # |d_k · U| > β, with d_k = n_k / W (W = 100 divides Q: exact)
-        d_k = c["weight"] / 100.0
+    for c in captured:  # |d_k · U| > β, d_k = round(n_k / W · Q) / Q: Flower's weight (W = 100, Q = 2^20)
+        assert c["settings"].quantization_range == 2**20  # the client counts with the run's Q
+        d_k = round(c["weight"] / 100.0 * 2**20) / 2**20
         expected += sum(int((u.double().abs() * d_k > 1e-12).sum()) for u in c["upload"].values())
     assert expected > 0 and r1["secagg"]["clipped_total"] == expected
     assert sum(r1["secagg"]["clipped"].values()) == expected and r1["secagg"]["error_bound"] is None

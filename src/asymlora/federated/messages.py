@@ -130,6 +130,7 @@ H_PARTITION, H_RANK, H_DATA, H_PID = "partition-id", "rank", "data", "pid"
 # config), and of the train reply's MetricRecord
 K_SECAGG_NAMES, K_SECAGG_BOUND = "secagg-names", "secagg-value-bound"
 K_SECAGG_CLIPPING, K_SECAGG_MAX_WEIGHT = "secagg-clipping-range", "secagg-max-weight"
+K_SECAGG_Q = "secagg-quantization-range"
 M_SECAGG_CLIPPED, M_SECAGG_VALUES = "secagg-clipped", "secagg-values"
 
 
@@ -465,12 +466,14 @@ def decode_evaluate_reply(content: RecordDict) -> EvaluateReply:
 @dataclass(frozen=True)
 class SecAggFit:
     """What a SecAgg+ train instruction adds to a `TrainInstruction`: the download's tensor names (the
-    legacy layout has none), the value bound β, Flower's clipping range c and the weight bound W."""
+    legacy layout has none), the value bound β, Flower's clipping range c, the weight bound W and the
+    quantisation range Q (the client counts the values Flower clips with W and Q)."""
 
     names: tuple[str, ...]
     value_bound: float
     clipping_range: float
     max_weight: float
+    quantization_range: int = 2**22
 
 
 def secagg_fitins(
@@ -483,6 +486,7 @@ def secagg_fitins(
         K_SECAGG_BOUND: fit.value_bound,
         K_SECAGG_CLIPPING: fit.clipping_range,
         K_SECAGG_MAX_WEIGHT: fit.max_weight,
+        K_SECAGG_Q: fit.quantization_range,
     }
     arrays = [download[n].detach().cpu().float().numpy() for n in fit.names]
     return FitIns(ndarrays_to_parameters(arrays), config)
@@ -499,9 +503,9 @@ def decode_secagg_fitins(content: RecordDict) -> tuple[RecordDict, SecAggFit]:
     names = json.loads(_str(config, K_SECAGG_NAMES))
     fit = SecAggFit(
         tuple(names), _float(config, K_SECAGG_BOUND), _float(config, K_SECAGG_CLIPPING),
-        _float(config, K_SECAGG_MAX_WEIGHT),
+        _float(config, K_SECAGG_MAX_WEIGHT), _int(config, K_SECAGG_Q),
     )  # fmt: skip
-    for key in (K_SECAGG_NAMES, K_SECAGG_BOUND, K_SECAGG_CLIPPING, K_SECAGG_MAX_WEIGHT):
+    for key in (K_SECAGG_NAMES, K_SECAGG_BOUND, K_SECAGG_CLIPPING, K_SECAGG_MAX_WEIGHT, K_SECAGG_Q):
         del config[key]
     arrays = parameters_to_ndarrays(fitins.parameters)
     if len(arrays) != len(names):

@@ -79,6 +79,7 @@ def secagg_fit_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
         value_bound=fit.value_bound,
         clipping_range=fit.clipping_range,
         max_weight=fit.max_weight,
+        quantization_range=fit.quantization_range,  # d_k's rounding, as Flower's mod computes it
     )
     aggregation = get_strategy(str(config[K_STRATEGY])).aggregation
     download = from_record(content.array_records[ARRAYS])

@@ -155,7 +155,7 @@ def _exchange(
 ) -> tuple[SecAggStrategy, CountingGrid]:
     """Run Flower's SecAgg+ workflow once: the sampled nodes train and their masked sum is unmasked."""
     s = fed.cfg.secagg
-    fit = SecAggFit(tuple(down), s.value_bound, s.clipping_range, _max_weight(fed))
+    fit = SecAggFit(tuple(down), s.value_bound, s.clipping_range, _max_weight(fed), s.quantization_range)
     fitins = {n: secagg_fitins(cast(TrainInstruction, ins), down, fit) for n, ins in instructions.items()}
     workflow = SecAggPlusWorkflow(
         s.num_shares if s.num_shares is not None else 1.0, s.reconstruction_threshold,
