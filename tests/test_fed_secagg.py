@@ -206,7 +206,9 @@ def test_clipped_values_void_the_bound_and_warn(
     assert expected > 0 and r1["secagg"]["clipped_total"] == expected
     assert sum(r1["secagg"]["clipped"].values()) == expected and r1["secagg"]["error_bound"] is None
     (warning,) = [r.getMessage() for r in caplog.records if "clipped" in r.getMessage()]
-    assert f"round 1: SecAgg+ clipped {expected} value(s)" in warning and "raise secagg.value_bound" in warning
+    assert (
+        f"round 1: SecAgg+ clipped {expected} value(s)" in warning and "raise secagg.value_bound" in warning
+    )
     res = json.loads((tmp_path / "run" / "fedalora" / "results.json").read_text())
     assert res["secagg_clipped"] == expected and res["secagg_rounds_clipped"] == [1]
 

@@ -62,7 +62,8 @@ class SecAggSettings:
     live neighbours; a larger value resists more colluding clients. >= 2 and <= the shares."""
     value_bound: float = 1.0
     """β: |values| up to β are mapped onto ±clipping_range (x = U · clipping_range / β); larger ones are
-    clipped (counted in rounds.jsonl, ``secagg.clipped``)."""
+    clipped (counted in rounds.jsonl, ``secagg.clipped``; that round's error bound is then null). LoRA B
+    grows over the rounds: β must bound the largest |value| of any round, with a margin."""
     clipping_range: float = 8.0
     """c of Flower's quantiser (its default): values are clipped to ±c before quantisation."""
     quantization_range: int = 2**22
@@ -71,7 +72,8 @@ class SecAggSettings:
     """Modulus of the masked arithmetic, a power of 2 (Flower's default and maximum 2^32)."""
     max_weight: float = 1000.0
     """W: the largest num_examples a client may have (Flower's weight n_k / W must stay <= 1). The error
-    grows with W / Σ n_k: set it near the largest client. Under DP every weight is 1 and W is 1."""
+    grows with W / Σ n_k: set it to the largest client (a smaller W is refused before round 1,
+    `check_secagg_weights`). Under DP every weight is 1 and W is 1."""
 
     @property
     def scale(self) -> float:
