@@ -285,6 +285,7 @@ def test_a_run_from_a_config_without_an_adapter_section_can_be_resumed(tmp_path:
         ("fed", "", ["clients.num=2", "clients.partition=iid", "secagg=true"], "e.g. secagg.enabled=true"),  # the enabled key first
         ("fed", "", ["secagg=true"], "e.g. secagg.enabled=<value>"),  # SecAgg+ with 1 client is refused
         ("fed", "", ["data=bigbench:x"], "e.g. data.tasks=[bigbench:x]"),
+        ("fed", "", ["adapter=lora"], "e.g. adapter.method=<value>"),  # its default, not target_modules=[lora]
     ],
 )  # fmt: skip
 def test_a_section_given_a_value_names_its_keys_and_a_fix_that_works(

@@ -478,20 +478,26 @@ def _accepts(tp: Any, value: Any) -> bool:
     return False
 
 
+def _is_literal(tp: Any) -> bool:
+    return typing.get_origin(_strip_optional(tp)[0]) is Literal
+
+
 def _fix_candidates(section: type, value: Any) -> list[tuple[str, Any]]:
     """The ``(key, value)`` pairs of ``section`` that could replace ``value`` given to the whole section,
     best first: for ``true`` an ``enabled`` key; for a string a key whose choices name it, then a string
-    key, then a list-of-strings key with the value wrapped (``data.tasks=[bigbench:x]``); else field order.
-    A pair equal to the key's default (a no-op) is left out."""
+    key, else (a section with no string key) a list-of-strings key with the value wrapped
+    (``data.tasks=[bigbench:x]``); otherwise field order. A pair equal to the key's default (a no-op) is
+    left out."""
     names, hints, defaults = _field_names(section), _hints(section), config_dict(section())
+    wrap = isinstance(value, str) and not any(_accepts(hints[n], "") or _is_literal(hints[n]) for n in names)
     out: list[tuple[int, str, Any]] = []
     for name in names:
         inner, _ = _strip_optional(hints[name])
         if _accepts(inner, value):
             example, rank = value, 1
-            if (value is True and name == "enabled") or typing.get_origin(inner) is Literal:
+            if (value is True and name == "enabled") or _is_literal(inner):
                 rank = 0
-        elif isinstance(value, str) and _accepts(inner, [value]):
+        elif wrap and _accepts(inner, [value]):
             example, rank = [value], 2
         else:
             continue
