@@ -509,7 +509,7 @@ def _fix_candidates(section: type, value: Any) -> list[tuple[str, Any]]:
 def _section_works(section: type, path: str, key: str, example: Any) -> bool:
     """Whether section ``section`` with only ``key=example`` set types and passes its own ``check``."""
     try:
-        obj = from_dict(section, {key: example}, path)
+        obj: Any = from_dict(section, {key: example}, path)
         getattr(obj, "check", lambda: None)()
     except ValueError:
         return False
