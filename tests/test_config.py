@@ -269,12 +269,23 @@ def test_a_run_from_a_config_without_an_adapter_section_can_be_resumed(tmp_path:
         ("run", "", ["train=3"], "train is a section (keys: steps, epochs, batch_size, "),
         ("run", "train: {steps: 4}\n", ["train=3"], "e.g. train.steps=3"),
         ("run", "adapter: lora\n", [], "not a value ('lora'); set one of its keys, e.g. adapter.method=lora"),
-        ("run", "", ["stopping=true"], "e.g. stopping.restore_best=true"),
+        # never a no-op (the key's default) nor a value that fails validation: else the generic form
+        ("run", "", ["stopping=true"], "not a value (True); set one of its keys, e.g. stopping.val_examples=<value>"),
+        ("run", "", ["stopping=[1, 2]"], "e.g. stopping.val_examples=<value>"),
+        ("run", "", ["stopping=0"], "e.g. stopping.val_examples=<value>"),  # every=0 is refused, the rest defaults
+        ("run", "", ["data=bigbench:x"], "e.g. data.tasks=[bigbench:x]"),  # a string into a list of strings
         ("run", "", ["adapter=task"], "e.g. adapter.router=task"),  # the key whose choices name it
-        ("run", "train: {steps: 4}\n", ["train=[1, 2]"], "not a value ([1, 2]); set one of its keys, e.g. train.steps=200"),
+        ("run", "", ["model=true"], "e.g. model.gradient_checkpointing=true"),
+        ("run", "train: {steps: 4}\n", ["train=[1, 2]"], "not a value ([1, 2]); set one of its keys, e.g. train.steps=<value>"),
         ("fed", "", ["clients=1"], "clients is a section (keys: num, ranks, partition, dirichlet_over, alpha, "
          "fraction, per_round, min_per_round), not a value (1); set one of its keys, e.g. clients.num=1"),
         ("fed", "timeouts: 60\n", [], "e.g. timeouts.wait_nodes=60"),
+        ("fed", "", ["dp=true"], "e.g. dp.clipping=<value>"),  # dp.clipping=server alone is refused
+        ("fed", "", ["secagg=[1, 2]"], "e.g. secagg.enabled=<value>"),
+        ("fed", "", ["clients.num=2", "clients.partition=iid", "secagg=true"], "e.g. secagg.enabled=true"),  # the enabled key first
+        ("fed", "", ["secagg=true"], "e.g. secagg.enabled=<value>"),  # SecAgg+ with 1 client is refused
+        ("fed", "", ["data=bigbench:x"], "e.g. data.tasks=[bigbench:x]"),
+        ("fed", "", ["adapter=lora"], "e.g. adapter.method=<value>"),  # its default, not target_modules=[lora]
     ],
 )  # fmt: skip
 def test_a_section_given_a_value_names_its_keys_and_a_fix_that_works(
@@ -291,12 +302,52 @@ def test_a_section_given_a_value_names_its_keys_and_a_fix_that_works(
         load_config(path, overrides, schema=cls)
     assert message in str(info.value)
     fix = str(info.value).rsplit("e.g. ", 1)[1]  # the suggested key=value loads once the bad value is gone
+    if fix.endswith("=<value>"):
+        return
     section = fix.split(".", 1)[0]
     cleaned = tmp_path / "clean.yaml"
     cleaned.write_text(
         "".join(line + "\n" for line in path.read_text().splitlines() if not line.startswith(section))
     )
-    assert load_config(cleaned, [fix], schema=cls) is not None
+    kept = [o for o in overrides if not o.startswith(section + "=")]
+    assert load_config(cleaned, [*kept, fix], schema=cls) is not None
+
+
+@pytest.mark.parametrize("schema", ["run", "fed"])
+def test_every_concrete_fix_for_a_section_given_a_value_loads_and_changes_the_config(schema: str) -> None:
+    """Each section of both schemas given 5, true, a string, a list: the suggested ``key=value`` loads and
+    is not a no-op; or none is invented (the generic ``key=<value>`` form naming a key of the section)."""
+    import dataclasses
+
+    from asymlora.federated.config import FedConfig
+
+    cls: type = RunConfig if schema == "run" else FedConfig
+    base = ["data.tasks=[bigbench:a]"] + (
+        ["clients.num=4", "clients.partition=iid"] if cls is FedConfig else []
+    )
+    reference = dump_config(load_config(None, base, schema=cls))
+    sections = [f for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default_factory)]
+    assert len(sections) == (7 if cls is RunConfig else 13)
+    concrete = 0
+    for f in sections:
+        keys = [k.name for k in dataclasses.fields(typing_cast_type(f.default_factory))]
+        for value in ("5", "true", "lora", "[1, 2]", "bigbench:x"):
+            with pytest.raises(ConfigError) as info:
+                load_config(None, [*base, f"{f.name}={value}"], schema=cls)
+            message = str(info.value)
+            assert message.startswith(f"{f.name} is a section (keys: "), message
+            key, _, suggested = message.rsplit(f"e.g. {f.name}.", 1)[1].partition("=")
+            assert key in keys, message
+            if suggested != "<value>":
+                concrete += 1
+                fixed = load_config(None, [*base, f"{f.name}.{key}={suggested}"], schema=cls)
+                assert dump_config(fixed) != reference, message
+    assert concrete >= 10  # the rule still suggests values where one fits
+
+
+def typing_cast_type(factory: object) -> type:
+    assert isinstance(factory, type)
+    return factory
 
 
 def test_a_mapping_where_a_value_is_expected_is_named() -> None:

@@ -241,3 +241,16 @@ def test_the_app_command_checks_a_config_it_can_read_before_writing(tmp_path: Pa
     assert (app / "pyproject.toml").is_file()
     elsewhere = str(tmp_path / "on_the_superlink_only.yaml")  # not on this machine: written unchecked
     assert main(["app", str(tmp_path / "app2"), "--config", elsewhere, "--overrides", "clients=3"]) == 0
+
+
+@pytest.mark.parametrize("command", [[], ["app"], ["status"], ["check-tls"]])
+def test_the_federated_help_is_plain_text_with_a_description_per_command(command: list[str], capsys) -> None:
+    from asymlora.federated.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]  # argparse: usage, a blank line, the description
+    assert "``" not in out and not description.startswith(("positional arguments", "options"))
+    assert len(description.split()) >= 8, description

@@ -20,12 +20,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import math
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, TypeVar, overload
@@ -463,32 +464,92 @@ def _field_names(cls: type) -> list[str]:
 
 
 def _accepts(tp: Any, value: Any) -> bool:
-    """Whether a key of declared type ``tp`` could take ``value`` as it is (for `_section_error`'s example)."""
+    """Whether a key of declared type ``tp`` could take ``value`` as it is (for `_section_error`'s example);
+    a list only where every item fits the item type."""
     inner, _ = _strip_optional(tp)
     if typing.get_origin(inner) is Literal:
         return value in typing.get_args(inner)
     kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(inner)
     if kinds is not None:
         return isinstance(value, kinds) and (inner is bool) == isinstance(value, bool)
-    return typing.get_origin(inner) is list and isinstance(value, list)
+    if typing.get_origin(inner) is list and isinstance(value, list):
+        (item,) = typing.get_args(inner) or (Any,)
+        return item is Any or all(_accepts(item, v) for v in value)
+    return False
 
 
-def _section_error(section: type, path: str, value: Any) -> ConfigError:
-    """The error for section ``path`` (dataclass ``section``) given ``value`` instead of a mapping: its keys,
-    and as the fix the first key that takes ``value`` as it is — one whose choices include it first — (else
-    the first key, with its default)."""
-    names, hints = _field_names(section), _hints(section)
-    fits = sorted(  # a key whose choices name the value first (adapter=task: router, not method)
-        (n for n in names if _accepts(hints[n], value)),
-        key=lambda n: typing.get_origin(_strip_optional(hints[n])[0]) is not Literal,
-    )
-    key = fits[0] if fits else names[0]
-    example = value if fits else getattr(section(), key)
-    text = yaml.safe_dump(example, default_flow_style=True).strip().removesuffix("...").strip()
-    return ConfigError(
+def _is_literal(tp: Any) -> bool:
+    return typing.get_origin(_strip_optional(tp)[0]) is Literal
+
+
+def _fix_candidates(section: type, value: Any) -> list[tuple[str, Any]]:
+    """The ``(key, value)`` pairs of ``section`` that could replace ``value`` given to the whole section,
+    best first: for ``true`` an ``enabled`` key; for a string a key whose choices name it, then a string
+    key, else (a section with no string key) a list-of-strings key with the value wrapped
+    (``data.tasks=[bigbench:x]``); otherwise field order. A pair equal to the key's default (a no-op) is
+    left out."""
+    names, hints, defaults = _field_names(section), _hints(section), config_dict(section())
+    wrap = isinstance(value, str) and not any(_accepts(hints[n], "") or _is_literal(hints[n]) for n in names)
+    out: list[tuple[int, str, Any]] = []
+    for name in names:
+        inner, _ = _strip_optional(hints[name])
+        if _accepts(inner, value):
+            example, rank = value, 1
+            if (value is True and name == "enabled") or _is_literal(inner):
+                rank = 0
+        elif wrap and _accepts(inner, [value]):
+            example, rank = [value], 2
+        else:
+            continue
+        if example != defaults[name]:
+            out.append((rank, name, example))
+    return [(name, example) for _, name, example in sorted(out, key=lambda c: c[0])]
+
+
+def _section_works(section: type, path: str, key: str, example: Any) -> bool:
+    """Whether section ``section`` with only ``key=example`` set types and passes its own ``check``."""
+    try:
+        obj: Any = from_dict(section, {key: example}, path)
+        getattr(obj, "check", lambda: None)()
+    except ValueError:
+        return False
+    return True
+
+
+class SectionValueError(ConfigError):
+    """A section (``stopping``) given a value (``stopping=5``) instead of a mapping: the message names its
+    keys and, when one fits, a ``key=value`` that ``works`` (`_section_message`)."""
+
+    def __init__(self, section: type, path: str, value: Any, works: Callable[[str, Any], bool]) -> None:
+        self.section, self.path, self.value = section, path, value
+        super().__init__(_section_message(section, path, value, works))
+
+
+def _section_message(section: type, path: str, value: Any, works: Callable[[str, Any], bool]) -> str:
+    """The keys of section ``path``, and as the fix the first `_fix_candidates` pair that ``works`` (never
+    one equal to its default); when none does, the generic form ``path.<first key>=<value>``."""
+    names = _field_names(section)
+    fix = next(((k, v) for k, v in _fix_candidates(section, value) if works(k, v)), None)
+    example = f"{names[0]}=<value>" if fix is None else f"{fix[0]}={_override_text(fix[1])}"
+    return (
         f"{path} is a section (keys: {', '.join(names)}), not a value ({value!r}); set one of its keys, "
-        f"e.g. {path}.{key}={text}"
+        f"e.g. {path}.{example}"
     )
+
+
+def _override_text(value: Any) -> str:
+    """``value`` as the YAML of an override, a list item by item (``[bigbench:x]``, not ``['bigbench:x']``)."""
+    flow = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    if isinstance(value, list):
+        items = "[" + ", ".join(_override_text(v) for v in value) + "]"
+        return items if yaml.safe_load(items) == value else flow
+    return flow
+
+
+def _section_error(section: type, path: str, value: Any) -> SectionValueError:
+    """The error for section ``path`` (dataclass ``section``) given ``value`` instead of a mapping, its fix
+    checked on the section alone (`load_config` checks it on the whole config)."""
+    return SectionValueError(section, path, value, lambda k, v: _section_works(section, path, k, v))
 
 
 def _keep_declared_defaults(obj: Any, data: dict[str, Any]) -> None:
@@ -664,13 +725,43 @@ def load_config(
     data = read_config_file(path) if path is not None else {}
     data = schema.normalize_keys(apply_overrides(data, list(overrides or [])))
     try:
+        return _load(schema, data)
+    except SectionValueError as e:  # the suggested fix, checked on the whole config
+        raise SectionValueError(e.section, e.path, e.value, _fix_checker(schema, data, e.path)) from None
+
+
+def _load(schema: type[Any], data: dict[str, Any]) -> Any:
+    """``data`` typed as ``schema`` and validated; any ValueError becomes a `ConfigError`."""
+    try:
         cfg = from_dict(schema, data)
         cfg.validate()
+        return cfg
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return cfg
+
+
+def _fix_checker(schema: type[Any], data: dict[str, Any], path: str) -> Callable[[str, Any], bool]:
+    """Whether section ``path`` of ``data`` set to ``{key: value}`` alone loads — or fails only as ``data``
+    without that section does, for a reason that names no key of it (another mistake of the user's)."""
+
+    def error_with(section: dict[str, Any] | None) -> str | None:
+        trial, parts = copy.deepcopy(data), path.split(".")
+        node = functools.reduce(lambda d, k: d.setdefault(k, {}), parts[:-1], trial)
+        if section is None:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = section
+        try:
+            _load(schema, trial)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    without = error_with(None)
+    other = without if without is not None and f"{path}." not in without else None
+    return lambda key, value: error_with({key: value}) in (None, other)
 
 
 def dump_config(cfg: Any) -> str:

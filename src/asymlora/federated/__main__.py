@@ -70,6 +70,24 @@ resume = false
 """
 
 
+# Plain text for --help (the module docstring is reST).
+DESCRIPTION = "Helpers for deploying federated runs with a Flower SuperLink and SuperNodes."
+APP_DESCRIPTION = (
+    "Write a Flower app directory (only a pyproject.toml) whose ServerApp and ClientApp are asymlora's; "
+    "submit it with: flwr run DIR <connection>. The config is the path on the SuperLink host; when it "
+    "exists on this machine too it is checked first, with --overrides (exit 2 on an error)."
+)
+STATUS_DESCRIPTION = (
+    "List the runs of a SuperLink and their outcome (finished:completed, finished:failed, ...). Exits 1 "
+    "when a run failed or was stopped: flwr run itself exits 0 even when the ServerApp crashed."
+)
+
+TLS_DESCRIPTION = (
+    "Check a secured deployment's certificates and SuperNode keys before starting it: exit 2 with one "
+    "'FILE: problem; fix: ...' line each when one is expired, for another host, missing or malformed."
+)
+
+
 def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
@@ -109,21 +127,27 @@ def run_status(connection: str | None, run_id: int | None = None) -> list[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m asymlora.federated`` (subcommands app, status, check-tls)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m asymlora.federated", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m asymlora.federated", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("app", help="write a Flower app directory for deployment")
+    p = sub.add_parser("app", help="write a Flower app directory for deployment", description=APP_DESCRIPTION)
     p.add_argument("dir", help="directory to write the app's pyproject.toml into (created if missing)")
     p.add_argument("--config", required=True, help="federated YAML config (path on the SuperLink host; "
                    "validated with --overrides when it exists on this machine too)")  # fmt: skip
     p.add_argument("--overrides", default="", help='e.g. "rounds=5 train.local_steps=20"')
     p.add_argument("--strategy", default="", help="strategy of this run (default: the config's first)")
     p.add_argument("--run-dir", default="", help="where the run writes (default: the config's run_dir)")
-    p = sub.add_parser("status", help="the outcome of runs on a SuperLink (exit 1 if the run failed)")
+    p = sub.add_parser(
+        "status",
+        help="the outcome of runs on a SuperLink (exit 1 if the run failed)",
+        description=STATUS_DESCRIPTION,
+    )
     p.add_argument("connection", nargs="?", default=None, help="SuperLink connection name (flwr config)")
     p.add_argument("--run-id", type=int, default=None, help="only this run (default: every run)")
-    p = sub.add_parser("check-tls", help="check TLS certificates and SuperNode keys before deploying")
+    p = sub.add_parser(
+        "check-tls",
+        help="check TLS certificates and SuperNode keys before deploying",
+        description=TLS_DESCRIPTION,
+    )
     p.add_argument("--ca", required=True, help="CA certificate (PEM) the SuperNodes and flwr trust")
     p.add_argument("--cert", help="the SuperLink's certificate (PEM)")
     p.add_argument("--key", help="the SuperLink's private key (PEM)")
