@@ -120,10 +120,10 @@ def test_federated_sections_extend_the_shared_ones_and_keep_their_keys() -> None
     keys = {section: sorted(f.name for f in dataclasses.fields(getattr(fed, cls)))
             for section, cls in [("model", "ModelSettings"), ("adapter", "AdapterSettings"),
                                  ("train", "TrainSettings"), ("eval", "EvalSettings")]}  # fmt: skip
-    assert keys == {  # the federated keys as they were: no multi-task key leaks in
+    assert keys == {  # the federated keys (+ the shared mixed_precision): no multi-task key leaks in
         "model": ["name"],
         "adapter": ["intermediate_rank", "lora_alpha", "lora_dropout", "method", "r", "target_modules"],
-        "train": ["batch_size", "local_steps", "lr", "max_grad_norm", "weight_decay"],
+        "train": ["batch_size", "local_steps", "lr", "max_grad_norm", "mixed_precision", "weight_decay"],
         "eval": ["batch_size", "global_scores", "local_only", "max_examples", "max_new_tokens"],
     }
     cfg = fed.FedConfig()

@@ -172,3 +172,72 @@ def test_cli_user_errors_exit_2_without_traceback(env, tmp_path, capsys, argv, m
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_bf16_mixed_precision_autocasts_training_and_validation(env, tmp_path) -> None:
+    """train.mixed_precision=bf16: the training and validation forwards run in bfloat16 (the losses move off
+    the float32 run's by more than float rounding, less than a bf16 mantissa allows), the adapter stays
+    float32."""
+    from asymlora.train.stopping import Validation
+
+    runs = {}
+    for precision in ("null", "bf16"):
+        cfg = load_config(None, overrides(env, tmp_path / "x", "train.steps=6", "train.save_every=0",
+                                          "stopping.every=3", f"train.mixed_precision={precision}"))  # fmt: skip
+        pm, tok = tiny_alora(env["model"])
+        ds, collate = _dataset(env, tok)
+        seen: list[tuple[bool, torch.dtype]] = []
+        pm.get_base_model().lm_head.register_forward_hook(
+            lambda m, i, o, seen=seen: seen.append((m.training, o.dtype))
+        )
+        val = Validation(ds, collate, cfg.stopping, batch_size=8)
+        result = train(pm, ds, collate, cfg.train, tmp_path / precision, validation=val)
+        runs[precision] = (result, set(seen), {p.dtype for p in pm.parameters() if p.requires_grad})
+    (fp32, fp32_seen, _), (bf16, bf16_seen, trainable) = runs["null"], runs["bf16"]
+    assert fp32_seen == {(True, torch.float32), (False, torch.float32)}
+    assert bf16_seen == {(True, torch.bfloat16), (False, torch.bfloat16)}  # training and validation
+    assert trainable == {torch.float32}
+    first32, first16 = fp32.losses[0][1], bf16.losses[0][1]
+    assert first16 != first32 and first16 == pytest.approx(first32, rel=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["train.mixed_precision=fp16"],
+            "train.mixed_precision='fp16' is not allowed; choose one of ['bf16']",
+        ),
+        (["train.mixed_precision=no"], "train.mixed_precision=False is not allowed; choose one of ['bf16']"),
+    ],
+)
+def test_mixed_precision_values_other_than_bf16_are_refused(env, tmp_path, extra, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides(env, tmp_path / "r", *extra))
+    assert message in str(e.value)
+
+
+def test_mixed_precision_with_fsdp_is_refused_before_loading(env, tmp_path) -> None:
+    from asymlora.recipes.multitask import check_launch
+
+    cfg = load_config(None, overrides(env, tmp_path / "r", "train.mixed_precision=bf16", "train.fsdp=true"))
+    with pytest.raises(ConfigError, match="does not reach an FSDP-sharded model"):
+        check_launch(cfg)
+
+
+def test_the_federated_client_autocasts_its_local_steps(env, tmp_path) -> None:
+    from asymlora.data import load_tasks
+    from asymlora.federated.client import train_local
+
+    tasks = load_tasks([f"jsonl:{env['data']}#add", f"jsonl:{env['data']}#parity"], max_train=16, max_test=2)
+    losses = {}
+    for dtype in (None, torch.bfloat16):
+        pm, tok = tiny_alora(env["model"])
+        seen: set[torch.dtype] = set()
+        pm.get_base_model().lm_head.register_forward_hook(lambda m, i, o, seen=seen: seen.add(o.dtype))
+        losses[dtype], _ = train_local(pm, tok, tasks, steps=2, batch_size=4, lr=1e-2, seed=0, autocast=dtype)
+        assert seen == {dtype or torch.float32}
+        assert {p.dtype for p in pm.parameters() if p.requires_grad} == {torch.float32}
+    assert losses[torch.bfloat16] != losses[None] and losses[torch.bfloat16] == pytest.approx(
+        losses[None], rel=2e-2
+    )

@@ -52,6 +52,7 @@ from asymlora.methods.fedhet import B0_NAME, B1_NAME, B2_NAME
 from asymlora.models import load
 from asymlora.roles import adapter_tensors
 from asymlora.train import StepLoop, step_batches
+from asymlora.train.precision import autocast_dtype
 from asymlora.tuner.config import AsymLoraConfig
 
 __all__ = [
@@ -336,9 +337,10 @@ def train_local(
     max_length: int = 192,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
+    autocast: torch.dtype | None = None,
 ) -> tuple[float, int]:
     """``steps`` AdamW steps on the training examples of ``tasks``; returns (mean loss, examples). The
-    mean loss is NaN when ``steps`` is 0.
+    mean loss is NaN when ``steps`` is 0. ``autocast``: the forwards' autocast dtype (None: off).
 
     Batches come from `asymlora.train.batch_indices` at global steps ``step_offset`` … so the data order
     continues across rounds; the loop is `asymlora.train.StepLoop`. Raises `asymlora.train.TrainingError`
@@ -359,6 +361,7 @@ def train_local(
         params,
         max_grad_norm,
         failure=lambda value, step: f"non-finite training loss {value} at local step {step - step_offset}",
+        autocast=autocast,
     )
 
     def batches_of(step: int) -> list[dict[str, Tensor]]:
@@ -397,6 +400,7 @@ def _train_client(
         max_length=cfg.data.max_length,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
+        autocast=autocast_dtype(t.mixed_precision),
     )
 
 

@@ -387,7 +387,8 @@ def run(
 
 def check_launch(cfg: RunConfig) -> None:
     """Refuse what cannot run under this launch (before anything is loaded or written): a process count
-    that does not divide ``train.batch_size``, FSDP with several methods or with a quantised base model."""
+    that does not divide ``train.batch_size``, FSDP with several methods, a quantised base model or mixed
+    precision."""
     distributed.per_process_batch(cfg.train.batch_size, distributed.launched_world_size())
     if cfg.train.fsdp and (cfg.compare.methods or cfg.compare.single_task):
         raise ConfigError(
@@ -397,6 +398,11 @@ def check_launch(cfg: RunConfig) -> None:
     if cfg.train.fsdp and (cfg.model.load_in_4bit or cfg.model.load_in_8bit):
         bits = "model.load_in_4bit=true" if cfg.model.load_in_4bit else "model.load_in_8bit=true"
         raise ConfigError(f"train.fsdp=true cannot shard a quantised base model ({bits}); use one of the two")
+    if cfg.train.mixed_precision is not None and cfg.train.fsdp:
+        raise ConfigError(
+            f"train.mixed_precision={cfg.train.mixed_precision} does not reach an FSDP-sharded model (FSDP2 has "
+            "its own MixedPrecisionPolicy, not wired here); use train.fsdp=false (DDP) or train.mixed_precision=null"
+        )
 
 
 def load_model(cfg: RunConfig) -> tuple[Any, Any]:

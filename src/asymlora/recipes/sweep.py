@@ -162,10 +162,13 @@ def load_sweep(path: str | Path) -> Sweep:
 def cell_id(cfg: RunConfig) -> str:
     """12 hex digits of the sha256 of the resolved config without ``run_dir`` (its YAML dump: keys in the
     order `asymlora.config.config_dict` keeps, the ledger's records are keyed by it). A ``stopping`` section
-    at its defaults (off) is left out, so the cells of configs without a stopping rule keep their ids."""
+    at its defaults (off) and ``train.mixed_precision: null`` are left out, so the cells of configs without
+    them keep the ids they had before those keys existed."""
     data = config_dict(dataclasses.replace(cfg, run_dir=""))
     if cfg.stopping == StoppingSettings():
         del data["stopping"]  # no stopping rule: the id the cell had before that section existed
+    if cfg.train.mixed_precision is None:
+        del data["train"]["mixed_precision"]  # likewise before train.mixed_precision existed
     text = yaml.safe_dump(data, sort_keys=False)  # = dump_config's text
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

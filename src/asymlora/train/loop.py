@@ -35,7 +35,9 @@ from asymlora.train.checkpoint import (
     load_tensors,
     save_checkpoint,
 )
+from asymlora.train.precision import autocast, autocast_dtype
 from asymlora.train.stopping import BEST_FILE, Monitor, Validation
+from asymlora.train.targets import on_targets
 
 
 class TrainingError(RuntimeError):
@@ -118,7 +120,9 @@ class StepLoop:
     """The optimisation loop of asymlora, shared by `train` (multi-task, accelerate) and the federated client
     (`asymlora.federated.client.train_local`).
 
-    One optimiser step runs, per micro-batch: forward (``model(**batch, use_cache=False).loss``), the
+    One optimiser step runs, per micro-batch: forward (``model(**batch, use_cache=False).loss``, the
+    vocabulary projected on the target positions only: `asymlora.train.targets`; autocast to ``autocast``
+    when set: `asymlora.train.precision`), the
     finite-loss check (`TrainingError` with ``failure(value, step)``), backward, gradient clipping to
     ``max_grad_norm`` (when > 0; on the micro-batch that syncs gradients), the optimiser step, the scheduler
     step (likewise), zero_grad. The step's reported loss is the sum of ``loss_value`` over its micro-batches.
@@ -135,6 +139,8 @@ class StepLoop:
     failure: Callable[[float, int], str] = lambda value, step: (
         f"non-finite training loss {value} at step {step}"
     )
+    autocast: torch.dtype | None = None
+    """Autocast the forwards to this dtype (``train.mixed_precision``, `asymlora.train.precision`); None: off."""
 
     def step(self, batches: Sequence[dict[str, torch.Tensor]], step: int) -> float:
         """One optimiser step over ``batches`` (the micro-batches of step ``step``, 0-based); its loss."""
@@ -142,7 +148,10 @@ class StepLoop:
         total = 0.0
         for batch in batches:
             with acc.accumulate(self.model) if acc is not None else contextlib.nullcontext():
-                loss = self.model(**batch, use_cache=False).loss  # a training forward needs no KV cache
+                with autocast(
+                    batch["input_ids"].device, self.autocast
+                ):  # no KV cache in training; logits on the target positions only
+                    loss = self.model(**on_targets(self.model, batch), use_cache=False).loss
                 value = self.loss_value(loss)
                 if not math.isfinite(value):
                     raise TrainingError(self.failure(value, step))
@@ -297,7 +306,8 @@ def train(
     monitor = _monitor(validation, model, settings, run_dir, accelerator, ckpt, state)
     loop = StepLoop(model, optimizer, params, settings.max_grad_norm, scheduler, accelerator,
                     loss_value=_global_loss_value(accelerator.num_processes * settings.grad_accum),
-                    failure=partial(_failure_message, run_dir))  # fmt: skip
+                    failure=partial(_failure_message, run_dir),
+                    autocast=autocast_dtype(settings.mixed_precision))  # fmt: skip
     book = _Bookkeeping(loop, settings, run_dir, desc, on_step, losses, start, monitor)
     stop = start if monitor is not None and monitor.stopped else settings.steps
     try:
@@ -338,7 +348,8 @@ def _monitor(
         )
     monitor = Monitor(validation, accelerator.unwrap_model(model), settings.steps, run_dir,
                       device=accelerator.device, rank=accelerator.process_index,
-                      world=accelerator.num_processes, main=accelerator.is_main_process)  # fmt: skip
+                      world=accelerator.num_processes, main=accelerator.is_main_process,
+                      autocast=autocast_dtype(settings.mixed_precision))  # fmt: skip
     if ckpt is not None and "stopping" in state:
         monitor.load(state["stopping"], load_tensors(ckpt, BEST_FILE))
     return monitor

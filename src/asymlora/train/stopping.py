@@ -39,23 +39,30 @@ import torch.nn.functional as F
 from asymlora import distributed
 from asymlora.config import StoppingSettings
 from asymlora.io import atomic_write_text
+from asymlora.train.precision import autocast
+from asymlora.train.targets import IGNORE_INDEX, slices_logits, target_mask
 
 VAL_LOG = "val_log.jsonl"
 """The validation curves in a run directory: one JSON line per validation."""
 BEST_FILE = "best_adapter.safetensors"
 """The best adapter's trainable tensors inside a checkpoint directory."""
-IGNORE_INDEX = -100
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(Σ −log p of the predicted tokens, their number), float64, shape (2,).
 
     ``logits`` (batch, seq, vocab) of a causal LM, ``labels`` (batch, seq) with −100 where nothing is
-    predicted; position t predicts label t + 1 (the shift transformers' loss applies)."""
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+    predicted; position t predicts label t + 1 (the shift transformers' loss applies). Or, from a model
+    given ``logits_to_keep=target_mask(labels)`` (`asymlora.train.targets`), ``logits`` (n_targets, vocab)
+    of the target positions only, in row-major order, with the same ``labels``."""
+    targets = labels[:, 1:]
+    if logits.dim() == 2:  # target positions only: their targets, in the mask's row-major order
+        targets = targets[target_mask(labels)[:, :-1]]
+    else:
+        logits = logits[:, :-1]
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                           ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
-    count = (shift_labels != IGNORE_INDEX).sum()
+    count = (targets != IGNORE_INDEX).sum()
     return torch.stack([nll.to(torch.float64), count.to(torch.float64)])
 
 
@@ -68,8 +75,10 @@ def validation_losses(
     rank: int = 0,
     world: int = 1,
     device: torch.device | None = None,
+    autocast_to: torch.dtype | None = None,
 ) -> list[float]:
-    """L_τ of every task of ``dataset`` (a `MultiTaskDataset`: ``task_indices`` per task), in task order.
+    """L_τ of every task of ``dataset`` (a `MultiTaskDataset`: ``task_indices`` per task), in task order;
+    the forwards autocast to ``autocast_to`` when set (``train.mixed_precision``).
 
     Process ``rank`` of ``world`` scores examples rank, rank + world, … of each task; the (loss, token) sums
     are all-reduced. Runs under no_grad; the caller sets eval mode. Raises ValueError for a task with no
@@ -82,7 +91,10 @@ def validation_losses(
                 batch = collate([dataset[i] for i in mine[start : start + batch_size]])
                 batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
                 labels = batch.pop("labels")
-                logits = model(**batch, use_cache=False).logits
+                if slices_logits(model):  # the vocabulary projection on target positions only
+                    batch["logits_to_keep"] = target_mask(labels)
+                with autocast(batch["input_ids"].device, autocast_to):
+                    logits = model(**batch, use_cache=False).logits
                 sums[t] += token_loss_sum(logits, labels).to(sums.device)
     sums = distributed.all_reduce_sum(sums)
     if bool((sums[:, 1] == 0).any()):
@@ -148,6 +160,8 @@ class Monitor:
     rank: int = 0
     world: int = 1
     main: bool = True
+    autocast: torch.dtype | None = None
+    """The training forwards' autocast dtype; validation uses it too."""
     history: list[dict[str, Any]] = field(default_factory=list)
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -171,7 +185,8 @@ class Monitor:
         try:
             with v.pause() if v.pause is not None else contextlib.nullcontext():
                 per_task = validation_losses(self.model, v.dataset, v.collate, v.batch_size,
-                                             rank=self.rank, world=self.world, device=self.device)  # fmt: skip
+                                             rank=self.rank, world=self.world, device=self.device,
+                                             autocast_to=self.autocast)  # fmt: skip
         finally:
             self.model.train(training)
         mean = sum(per_task) / len(per_task)
