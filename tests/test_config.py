@@ -139,6 +139,7 @@ def test_federated_sections_extend_the_shared_ones_and_keep_their_keys() -> None
         "lr",
         "weight_decay",
         "max_grad_norm",
+        "mixed_precision",
     ]
     run = RunConfig()
     assert (run.adapter.method, run.adapter.target_modules, run.eval.max_new_tokens) == (
