@@ -4,6 +4,7 @@ a norm check that can never reject and ``het_local`` without fedalora-het are re
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -254,3 +255,24 @@ def test_the_federated_help_is_plain_text_with_a_description_per_command(command
     description = out.split("\n\n")[1]  # argparse: usage, a blank line, the description
     assert "``" not in out and not description.startswith(("positional arguments", "options"))
     assert len(description.split()) >= 8, description
+
+
+def test_status_when_flwr_ls_fails_is_an_error_line_and_exit_2(tmp_path, monkeypatch, capsys) -> None:
+    import asymlora.federated.__main__ as fed_main
+
+    flwr = tmp_path / "flwr"  # stands in for flwr: prints what `flwr ls` prints for an unknown connection
+    reply = {
+        "success": False,
+        "error-message": "\\nSuperLink connection 'nosuch' not found in the Flower configuration file.",
+    }
+    (tmp_path / "reply.json").write_text(json.dumps(reply))
+    flwr.write_text(f"#!/bin/sh\ncat {tmp_path / 'reply.json'}\n")
+    flwr.chmod(0o755)
+    monkeypatch.setattr(fed_main.shutil, "which", lambda name: str(flwr))
+    assert fed_main.main(["status", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "status: error:" in err
+        and "SuperLink connection 'nosuch' not found" in err
+        and "Traceback" not in err
+    )

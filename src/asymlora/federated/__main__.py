@@ -110,7 +110,9 @@ def write_app(
 
 
 def run_status(connection: str | None, run_id: int | None = None) -> list[dict]:
-    """The runs of a SuperLink as ``flwr ls --format json`` reports them."""
+    """The runs of a SuperLink as ``flwr ls --format json`` reports them.
+
+    Raises RuntimeError with flwr's own message when ``flwr ls`` fails (e.g. no connection of that name)."""
     flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
     cmd = [flwr, "ls"] + ([connection] if connection else []) + ["--format", "json"]
     if run_id is not None:
@@ -120,8 +122,9 @@ def run_status(connection: str | None, run_id: int | None = None) -> list[dict]:
         data = json.loads(out.stdout)
     except json.JSONDecodeError:
         raise RuntimeError(f"`{' '.join(cmd)}` failed: {out.stderr.strip() or out.stdout.strip()}") from None
-    if not data.get("success", False):
-        raise RuntimeError(f"`{' '.join(cmd)}` failed: {data}")
+    if not isinstance(data, dict) or not data.get("success", False):
+        reason = data.get("error-message", data) if isinstance(data, dict) else data
+        raise RuntimeError(f"`{' '.join(cmd)}` failed: {' '.join(str(reason).split())}")
     return list(data.get("runs", []))
 
 
@@ -176,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"wrote {out / 'pyproject.toml'}; submit with: flwr run {out} <connection>")
         return 0
-    runs = run_status(args.connection, args.run_id)
+    try:
+        runs = run_status(args.connection, args.run_id)
+    except RuntimeError as e:  # flwr's own message: no connection of that name, SuperLink unreachable, ...
+        print(f"python -m asymlora.federated status: error: {e}", file=sys.stderr)
+        return 2
     failed = False
     for r in runs:
         print(f"{r['run-id']}  {r['status']}  {r.get('status-details', '')}")
