@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,6 +194,20 @@ def stop(procs: list[subprocess.Popen]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=10)
+
+
+def start_local_federation(
+    env: dict, root: Path, port: int, node_ports: Sequence[int], procs: list[subprocess.Popen]
+) -> None:
+    """A SuperLink on 127.0.0.1:``port`` (state in ``root/db``, no TLS) and one SuperNode per ``node_ports``
+    (partition k of len(node_ports), state dir ``root/node<k>``), each appended to ``procs`` as it starts (the
+    caller stops them, `stop`, even when a later start fails); returns once the SuperLink answers ``flwr``."""
+    (root / "db").mkdir(exist_ok=True)
+    procs.append(start(superlink_cmd(port, root / "db" / "state.db", tls=None), root / "superlink.log", env))
+    for k, p in enumerate(node_ports):
+        node_config = f'partition-id={k} num-partitions={len(node_ports)} state-dir="{root / f"node{k}"}"'
+        procs.append(start(supernode_cmd(port, p, node_config, ca=None), root / f"supernode{k}.log", env))
+    wait_listening(env, "local")
 
 
 def superlink_cmd(port: int, db: Path, tls: tuple[Path, Path, Path] | None, auth: bool = False) -> list[str]:

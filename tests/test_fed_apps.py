@@ -454,17 +454,9 @@ def test_deployment_superlink_and_two_supernodes(assets: Path, tmp_path: Path) -
     fd.write_connection(env, "local", port)
     cfg = write_config(tmp_path / "fed.yaml", assets, tmp_path / "run")
     app = write_app(tmp_path / "app", str(cfg), run_dir=str(tmp_path / "run"))
-    (tmp_path / "db").mkdir()
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(fd.start(fd.superlink_cmd(port, tmp_path / "db" / "state.db", tls=None),
-                              tmp_path / "superlink.log", env))  # fmt: skip
-        for k, p in enumerate((p1, p2)):
-            node_config = f'partition-id={k} num-partitions=2 state-dir="{tmp_path / f"node{k}"}"'
-            procs.append(
-                fd.start(fd.supernode_cmd(port, p, node_config, ca=None), tmp_path / f"supernode{k}.log", env)
-            )
-        fd.wait_listening(env, "local")
+        fd.start_local_federation(env, tmp_path, port, (p1, p2), procs)
         sub = fd.flwr(env, "run", str(app), "local", "--format", "json")
         assert sub.returncode == 0 and '"run-id"' in sub.stdout, sub.stdout + sub.stderr
         run_id = json.loads(sub.stdout)["run-id"]

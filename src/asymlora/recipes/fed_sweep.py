@@ -45,6 +45,7 @@ from asymlora.federated import run as fed_run
 from asymlora.federated.config import FedConfig
 from asymlora.federated.partition import load_partition
 from asymlora.federated.strategies import STRATEGY_NAMES
+from asymlora.recipes.groups import SeedGroup, config_key
 
 __all__ = ["FED_KEYS", "LOCAL_ONLY", "FedCell", "is_federated", "make_cell", "make_record", "run_cell",
            "summarize", "tables"]  # fmt: skip
@@ -262,26 +263,17 @@ def make_record(
 
 
 @dataclasses.dataclass
-class FedGroup:
+class FedGroup(SeedGroup):
     """The records of one federated config over seeds."""
 
-    label: str
     strategy: str
     clients: list[str]
-    records: list[dict[str, Any]]  # one per seed, sorted by seed
-
-    @property
-    def seeds(self) -> list[int]:
-        return [r["seed"] for r in self.records]
-
-    def by_seed(self, seed: int) -> dict[str, Any]:
-        return next(r for r in self.records if r["seed"] == seed)
 
 
 def _group_key(record: Mapping[str, Any]) -> str:
     config = json.loads(json.dumps(record["config"]))
     config["run_dir"], config["seed"], config["strategies"] = "", 0, [record["strategy"]]
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    return config_key(config)
 
 
 def _label(record: Mapping[str, Any]) -> str:
@@ -301,7 +293,7 @@ def group_records(records: Sequence[Mapping[str, Any]]) -> list[FedGroup]:
     for (key, rs), label in zip(groups.items(), labels, strict=True):
         label = f"{label} (config {key})" if labels.count(label) > 1 else label
         rs = sorted(rs, key=lambda r: r["seed"])
-        out.append(FedGroup(label, rs[0]["strategy"], rs[0]["clients"], rs))
+        out.append(FedGroup(label, rs, strategy=rs[0]["strategy"], clients=rs[0]["clients"]))
     return out
 
 

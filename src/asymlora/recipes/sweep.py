@@ -58,6 +58,7 @@ from asymlora.config import ConfigError, RunConfig, StoppingSettings, config_dic
 from asymlora.eval import plot_results, stats
 from asymlora.io import atomic_write_text
 from asymlora.recipes import fed_sweep, multitask
+from asymlora.recipes.groups import SeedGroup, config_key
 from asymlora.recipes.multitask import PER_EXAMPLE_FILE, read_examples
 
 LEDGER_FILE = "ledger.jsonl"
@@ -457,27 +458,18 @@ def main(args: Any) -> int:
 
 
 @dataclasses.dataclass
-class Group:
-    """The records of one config over seeds."""
+class Group(SeedGroup):
+    """The records of one multi-task config over seeds."""
 
-    label: str
     method: str
     tasks: list[str]
     primary: dict[str, str]
-    records: list[dict[str, Any]]  # one per seed, sorted by seed
-
-    @property
-    def seeds(self) -> list[int]:
-        return [r["seed"] for r in self.records]
-
-    def by_seed(self, seed: int) -> dict[str, Any]:
-        return next(r for r in self.records if r["seed"] == seed)
 
 
 def _group_key(record: dict[str, Any]) -> str:
     config = json.loads(json.dumps(record["config"]))
     config["run_dir"], config["train"]["seed"] = "", 0
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    return config_key(config)
 
 
 def _label(record: dict[str, Any]) -> str:
@@ -500,7 +492,7 @@ def group_records(records: list[dict[str, Any]]) -> list[Group]:
         if labels.count(label) > 1:
             label = f"{label} (config {key})"
         rs = sorted(rs, key=lambda r: r["seed"])
-        out.append(Group(label, rs[0]["method"], rs[0]["tasks"], rs[0]["primary"], rs))
+        out.append(Group(label, rs, method=rs[0]["method"], tasks=rs[0]["tasks"], primary=rs[0]["primary"]))
     return out
 
 
