@@ -186,12 +186,14 @@ def train_precision_table(tp: dict[str, Any]) -> str:
         v, r = tp["variants"][n], tp["ratios"][n]
         rows.append([
             f"`{n}`", v["autocast"] or "— (float32)", "target positions" if v["target_logits"] else "every position",
-            f"{step_s:.2f}", fmt_ratio(r["step_time"]), f"{tp['cpu_s'][n]:.2f}", fmt_ratio(r["cpu_time"]),
+            f"{step_s:.2f}", fmt_ratio(r["step_time"]), fmt_ratio(r["step_time_paired"]), f"{tp['cpu_s'][n]:.2f}",
+            fmt_ratio(r["cpu_time"]),
             f"{tp['spread'][n]:.0%}", f"{tp['first_batch_loss'][n]:.6f}", f"{tp['loss_rel_diff'][n]:.1e}",
             f"{tp['loss_rel_diff_max_over_steps'][n]:.1e}",
         ])  # fmt: skip
     header = [
-        "variant", "autocast", "logits at", "step s", f"× `{tp['baseline']}`", "CPU s", f"× `{tp['baseline']}`",
+        "variant", "autocast", "logits at", "step s", f"× `{tp['baseline']}`", "× per round", "CPU s",
+        f"× `{tp['baseline']}`",
         "spread", "first-batch loss", "rel. diff. (first batch)", "max rel. diff. (every step)",
     ]  # fmt: skip
     return md_table(header, rows)

@@ -212,6 +212,15 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / abs(b) if b else float(a != b)
 
 
+def ratios(
+    run: dict[str, list[float]], base: dict[str, list[float]], step: float, cpu: float
+) -> dict[str, float]:
+    """``step_time`` and ``cpu_time``: the ratio of the medians to the baseline's; ``step_time_paired``: the
+    median over the rounds of the ratio of the two steps of one round (same batch, moments apart)."""
+    paired = statistics.median(a / b for a, b in zip(run["wall"][1:], base["wall"][1:], strict=True))
+    return {"step_time": round(step, 4), "cpu_time": round(cpu, 4), "step_time_paired": round(paired, 4)}
+
+
 def summarize(runs: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     """Medians of the timed steps (the warm-up left out), ratios to `BASELINE`, the first-batch losses and
     their relative differences to the baseline's (also the largest over every step: the trajectories)."""
@@ -226,8 +235,7 @@ def summarize(runs: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
         "step_s_all": {n: [round(x, 3) for x in v] for n, v in wall.items()},
         "warmup_s": {n: round(r["wall"][0], 3) for n, r in runs.items()},
         "ratios": {
-            n: {"step_time": round(med[n] / med[BASELINE], 4), "cpu_time": round(cpu[n] / cpu[BASELINE], 4)}
-            for n in runs
+            n: ratios(runs[n], runs[BASELINE], med[n] / med[BASELINE], cpu[n] / cpu[BASELINE]) for n in runs
         },
         "first_batch_loss": {n: r["loss"][0] for n, r in runs.items()},
         "loss_rel_diff": {n: rel_diff(r["loss"][0], base[0]) for n, r in runs.items()},
@@ -267,11 +275,12 @@ def print_table(res: dict[str, Any]) -> None:
           f"median of {s['steps']} alternating steps after 1 warm-up")  # fmt: skip
     print(f"tokens per batch: {tok['target_per_batch']:.1f} targets of {tok['positions_per_batch']:.1f} positions "
           f"({tok['target_fraction']:.2%}); {tok['real_per_batch']:.1f} real tokens")  # fmt: skip
-    print(f"{'variant':<14}{'step s':>9}{'x base':>8}{'cpu s':>9}{'x base':>8}{'spread':>8}"
+    print(f"{'variant':<14}{'step s':>9}{'x base':>8}{'paired':>8}{'cpu s':>9}{'x base':>8}{'spread':>8}"
           f"{'1st loss':>12}{'rel diff':>11}{'max diff':>11}")  # fmt: skip
     for n, step_s in res["step_s"].items():
         r = res["ratios"][n]
-        print(f"{n:<14}{step_s:>9.3f}{r['step_time']:>8.3f}{res['cpu_s'][n]:>9.3f}{r['cpu_time']:>8.3f}"
+        print(f"{n:<14}{step_s:>9.3f}{r['step_time']:>8.3f}{r['step_time_paired']:>8.3f}{res['cpu_s'][n]:>9.3f}"
+              f"{r['cpu_time']:>8.3f}"
               f"{res['spread'][n]:>8.1%}{res['first_batch_loss'][n]:>12.6f}{res['loss_rel_diff'][n]:>11.2e}"
               f"{res['loss_rel_diff_max_over_steps'][n]:>11.2e}")  # fmt: skip
 

@@ -86,7 +86,7 @@ def test_train_precision_smoke(smoke):
     tp = result["train_precision"]
     assert set(tp["step_s"]) == set(tp["cpu_s"]) == set(tp["ratios"]) == set(train_precision.VARIANTS)
     assert tp["variants"]["bf16_targets"] == {"autocast": "bfloat16", "target_logits": True}
-    assert tp["ratios"]["fp32_full"] == {"step_time": 1.0, "cpu_time": 1.0}
+    assert tp["ratios"]["fp32_full"] == {"step_time": 1.0, "cpu_time": 1.0, "step_time_paired": 1.0}
     assert tp["slices_logits"] and tp["setting"]["steps"] == 2 and len(tp["step_s_all"]["bf16_full"]) == 2
     assert tp["setting"]["batch"] == 8 and tp["setting"]["targets"] == ["q_proj", "o_proj"]  # the config's
     tok = tp["tokens"]
@@ -281,7 +281,8 @@ def hand_made_precision() -> dict:
     variants = {n: {"autocast": "bfloat16" if n.startswith("bf16") else None, "target_logits": n.endswith("targets")}
                 for n in train_precision.VARIANTS}  # fmt: skip
     step = {"fp32_full": 4.70, "fp32_targets": 3.90, "bf16_full": 3.30, "bf16_targets": 2.75}
-    ratios = {n: {"step_time": round(s / 4.70, 4), "cpu_time": round(s / 4.70, 4)} for n, s in step.items()}
+    ratios = {n: {"step_time": round(s / 4.70, 4), "cpu_time": round(s / 4.70, 4), "step_time_paired": 0.6}
+              for n, s in step.items()}  # fmt: skip
     return {
         "benchmark": "train_precision", "command": "python benchmarks/train_precision.py --save x.json",
         "date": "2026-11-30 18:00 UTC", "model": "smollm2-135m", "smoke": False, "device": "cpu",
@@ -322,6 +323,6 @@ def test_the_page_reads_the_precision_figures_from_the_json(tmp_path):
     assert "autocast makes the step 1.42× faster; with the target-position logits, 1.71× faster" in section
     assert "differ by 4.0e-08 relative (the benchmark stops above 1e-05)" in section
     assert "This CPU has AVX512-BF16" in section
-    row = "| `bf16_targets` | bfloat16 | target positions | 2.75 | 0.585× | 5.50 | 0.585× | 5% | 2.520000 |"
+    row = "| `bf16_targets` | bfloat16 | target positions | 2.75 | 0.585× | 0.600× | 5.50 | 0.585× | 5% | 2.520000 |"
     assert row in section  # 2.75 / 4.70 = 0.5851; CPU 2 × 2.75 s
     assert "python benchmarks/train_precision.py --save x.json\n" in page[page.index("## Reproduce") :]
