@@ -5,9 +5,10 @@
 
 `render_page` fills the template ``performance.md.j2`` (and ``serving.md.j2`` for §6) with the figures of
 ``run_all.json`` (the run: command, date, machine), ``train_step.json``, ``train_step_all.json``,
-``layers.json``, ``inference.json``, ``federated.json``, ``scaling.json`` and ``serving.json``; a missing file
-drops its section. The tables are built by the functions of ``tables.py``; the prose, with its placeholders,
-lives in the templates, so no figure is typed by hand (tests/test_benchmarks.py re-renders the committed page).
+``train_precision.json``, ``layers.json``, ``inference.json``, ``federated.json``, ``scaling.json`` and
+``serving.json``; a missing file drops its section. The tables are built by the functions of ``tables.py``;
+the prose, with its placeholders, lives in the templates, so no figure is typed by hand (tests/test_benchmarks.py
+re-renders the committed page).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ RESULT_FILES = (
     "run_all",
     "train_step",
     "train_step_all",
+    "train_precision",
     "layers",
     "inference",
     "federated",
@@ -78,9 +80,17 @@ def environment() -> jinja2.Environment:
 
 
 def reproduce_commands(res: dict[str, Any]) -> list[str]:
-    """The command of every benchmark in the page, in the page's order (the serving one last)."""
-    keys = ("layers", "train_step", "train_step_all", "inference", "scaling", "federated")
-    commands = [res[k]["_run"]["command"] for k in keys if res.get(k) and "_run" in res[k]]
+    """The command of every benchmark in the page, in the page's order (the serving one last).
+
+    ``train_precision`` and ``serving`` carry their own ``command`` (they are usually run alone, with
+    ``--save``); the others the ``_run`` record of ``run_all.py``."""
+    keys = ("layers", "train_step", "train_step_all", "train_precision", "inference", "scaling", "federated")
+    commands = []
+    for key in keys:
+        found = res.get(key) or {}
+        command = found.get("command") if key == "train_precision" else found.get("_run", {}).get("command")
+        if command:
+            commands.append(command)
     if res.get("serving"):
         commands.append(res["serving"]["command"])
     return commands
@@ -99,6 +109,7 @@ def render_page(results: Path = RESULTS, plot: str | None = "scaling.png") -> st
         "mach": run["machine"],
         "ts": res["train_step"],
         "ts7": res["train_step_all"],
+        "tp": res["train_precision"],
         "ly": res["layers"],
         "inf": res["inference"],
         "fed": res["federated"],

@@ -7,6 +7,7 @@
 
 Benchmarks run in this process, one after the other (never two at once): ``layers.py`` (layer level),
 ``train_step.py`` (whole-model step, with a torch.profiler comparison of ALoRA and peft LoRA),
+``train_precision.py`` (the campaign's step: target-position logits and bf16 autocast against float32),
 ``inference.py`` (merged / unmerged / base generation), ``scaling.py`` (N and r sweeps, the PNG) and
 ``federated.py`` (Flower's per-round overhead against local training, bytes per round per strategy). Each
 result is written to ``<results>/<name>.json``, the run's own record to ``<results>/run_all.json``, and the
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 try:  # imported as the package `benchmarks` (the tests, `python -m benchmarks.run_all`)
-    from benchmarks import federated, inference, layers, report, scaling, tables, train_step
+    from benchmarks import federated, inference, layers, report, scaling, tables, train_precision, train_step
     from benchmarks.common import RESULTS, ROOT, machine, run_record, start_clock, utc_now
 except ImportError:  # run as a script: Python puts this folder first on sys.path
     import federated
@@ -39,12 +40,13 @@ except ImportError:  # run as a script: Python puts this folder first on sys.pat
     import report
     import scaling
     import tables
+    import train_precision
     import train_step
     from common import RESULTS, ROOT, machine, run_record, start_clock, utc_now
 
 from asymlora.io import atomic_write_text
 
-BENCHMARKS = ("layers", "train_step", "inference", "scaling", "federated")
+BENCHMARKS = ("layers", "train_step", "train_precision", "inference", "scaling", "federated")
 Main = Callable[[list[str]], dict[str, Any]]
 
 
@@ -108,8 +110,8 @@ def out_dirs(args: argparse.Namespace) -> tuple[Path, Path] | None:
 
 def run_benchmarks(args: argparse.Namespace, plot: Path | None) -> dict[str, dict[str, Any]]:
     """Every selected benchmark, in the page's order, by result name (``train_step_all`` included)."""
-    base = ["--device", args.device, "--dtype", args.dtype] + (["--smoke"] if args.smoke else [])
-    common = base + (["--threads", str(args.threads)] if args.threads else [])
+    rest = (["--smoke"] if args.smoke else []) + (["--threads", str(args.threads)] if args.threads else [])
+    common = ["--device", args.device, "--dtype", args.dtype, *rest]
     found: dict[str, dict[str, Any]] = {}
     if "layers" in args.only:
         found["layers"] = run("layers", layers.main, common)
@@ -117,6 +119,9 @@ def run_benchmarks(args: argparse.Namespace, plot: Path | None) -> dict[str, dic
         found["train_step"] = run("train_step", train_step.main, [*common, "--profile"])
         if args.all_projections:
             found["train_step_all"] = run("train_step", train_step.main, [*common, "--all-projections"])
+    if "train_precision" in args.only:  # float32 and bf16 autocast are its variants: no --dtype
+        argv = ["--device", args.device, *rest]
+        found["train_precision"] = run("train_precision", train_precision.main, argv)
     if "inference" in args.only:
         found["inference"] = run("inference", inference.main, common)
     if "scaling" in args.only:
@@ -166,6 +171,9 @@ def print_figures(res: dict[str, Any]) -> None:
         print(f"whole-model step {n:<12} time {tables.fmt_ratio(r['step_time'])} cpu {tables.fmt_ratio(r['cpu_time'])} "
               f"peak {tables.fmt_ratio(r.get('peak_memory'))} training state {tables.fmt_ratio(r['training_state'])} "
               "vs peft LoRA")  # fmt: skip
+    for n, r in (res.get("train_precision") or {}).get("ratios", {}).items():
+        print(f"campaign step {n:<16} time {tables.fmt_ratio(r['step_time'])} cpu {tables.fmt_ratio(r['cpu_time'])} "
+              "vs float32 full logits")  # fmt: skip
     for key, failure in res["run_all"]["failed"].items():
         print(f"FAILED {key}: {failure['error']} ({failure['command']})")
     print(f"total: {res['run_all']['wall_s'] / 60:.1f} min wall, {res['run_all']['cpu_s'] / 60:.1f} CPU-min")

@@ -20,7 +20,7 @@ except ImportError:  # run as a script: Python puts this folder first on sys.pat
 TEMPLATE_FUNCTIONS = (
     "train_step_table", "memory_steps", "profile_text", "layers_table", "inference_table", "min_tolerance",
     "federated_table", "federated_failure", "scaling_table", "serving_table", "serving_scaling_table", "faster_than_base",
-    "scaling_range",
+    "scaling_range", "train_precision_table", "faster_or_slower",
 )  # fmt: skip
 
 
@@ -172,6 +172,31 @@ def profile_text(ts: dict[str, Any]) -> str:
         f"more than milliseconds).\n\nOps ALoRA calls more (or fewer) times than peft LoRA per step "
         f"(exact, from the profiler): {extra}."
     )
+
+
+def faster_or_slower(ratio: float) -> str:
+    """A step-time ratio to its baseline in words: ``1.72× faster`` (ratio < 1) or ``1.05× slower``."""
+    return f"{1 / ratio:.2f}× faster" if ratio < 1 else f"{ratio:.2f}× slower"
+
+
+def train_precision_table(tp: dict[str, Any]) -> str:
+    """The four variants of the campaign's step: times and ratios to float32 full logits, first-batch losses."""
+    rows = []
+    for n, step_s in tp["step_s"].items():
+        v, r = tp["variants"][n], tp["ratios"][n]
+        rows.append([
+            f"`{n}`", v["autocast"] or "— (float32)", "target positions" if v["target_logits"] else "every position",
+            f"{step_s:.2f}", fmt_ratio(r["step_time"]), fmt_ratio(r["step_time_paired"]), f"{tp['cpu_s'][n]:.2f}",
+            fmt_ratio(r["cpu_time"]),
+            f"{tp['spread'][n]:.0%}", f"{tp['first_batch_loss'][n]:.6f}", f"{tp['loss_rel_diff'][n]:.1e}",
+            f"{tp['loss_rel_diff_max_over_steps'][n]:.1e}",
+        ])  # fmt: skip
+    header = [
+        "variant", "autocast", "logits at", "step s", f"× `{tp['baseline']}`", "× per round", "CPU s",
+        f"× `{tp['baseline']}`",
+        "spread", "first-batch loss", "rel. diff. (first batch)", "max rel. diff. (every step)",
+    ]  # fmt: skip
+    return md_table(header, rows)
 
 
 # --- §2 layers, §3 inference, §4 federated, §5 scaling ---------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from benchmarks import report, run_all, tables, train_step
+from benchmarks import report, run_all, tables, train_precision, train_step
 from benchmarks.common import RESULTS, ROOT
 
 NOT_FEDERATED = ",".join(b for b in run_all.BENCHMARKS if b != "federated")
@@ -49,8 +49,9 @@ def json_lines(stdout: str) -> dict[str, dict]:
 def test_every_benchmark_prints_a_json_line(smoke):
     result, stdout, out_dir = smoke
     assert result["run_all"]["failed"] == {}
-    assert {"layers", "train_step", "inference", "scaling", "run_all"} <= set(json_lines(stdout))
-    for name in ("run_all", "layers", "train_step", "inference", "scaling"):  # what the page is rendered from
+    page_from = ("run_all", "layers", "train_step", "train_precision", "inference", "scaling")
+    assert set(page_from) <= set(json_lines(stdout))
+    for name in page_from:  # what the page is rendered from
         assert json.loads((out_dir / f"{name}.json").read_text())["benchmark"] in (name, "run_all"), name
 
 
@@ -76,6 +77,46 @@ def test_train_step_smoke(smoke):
     assert {"peft_lora", "alora"} <= set(result["peak"])
     assert result["peak"]["alora"]["peak_bytes"] >= result["peak"]["alora"]["baseline_bytes"] > 0
     assert "peak_memory" in result["ratios"]["alora"]
+
+
+def test_train_precision_smoke(smoke):
+    """Four variants on real (synthetic) batches; the float32 target-logits loss is the full-logits loss,
+    first batch and every step (each variant has its own adapter: shared, the first batch would differ)."""
+    result, _, out_dir = smoke
+    tp = result["train_precision"]
+    assert set(tp["step_s"]) == set(tp["cpu_s"]) == set(tp["ratios"]) == set(train_precision.VARIANTS)
+    assert tp["variants"]["bf16_targets"] == {"autocast": "bfloat16", "target_logits": True}
+    assert tp["ratios"]["fp32_full"] == {"step_time": 1.0, "cpu_time": 1.0, "step_time_paired": 1.0}
+    assert tp["slices_logits"] and tp["setting"]["steps"] == 2 and len(tp["step_s_all"]["bf16_full"]) == 2
+    assert tp["setting"]["batch"] == 8 and tp["setting"]["targets"] == ["q_proj", "o_proj"]  # the config's
+    tok = tp["tokens"]
+    assert 0 < tok["target_per_batch"] < tok["real_per_batch"] <= tok["positions_per_batch"]
+    loss = tp["first_batch_loss"]
+    assert loss["fp32_targets"] == pytest.approx(loss["fp32_full"], rel=1e-5)
+    assert tp["loss_rel_diff"]["fp32_targets"] <= tp["loss_rtol"] == 1e-5
+    assert tp["loss_rel_diff_max_over_steps"]["fp32_targets"] <= 1e-5
+    assert loss["bf16_targets"] == pytest.approx(loss["fp32_full"], rel=1e-2)  # bf16 rounding, recorded
+    page = (out_dir / "performance.md").read_text()
+    assert "### Target-position logits and bf16 autocast" in page and "| `bf16_targets` | bfloat16 |" in page
+
+
+def test_train_precision_counts_and_checks_by_hand():
+    """Target tokens are the labels after the one-token shift; a float32 loss gap over 1e-5 stops the run."""
+    import torch
+
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, 6, 7, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    counts = train_precision.token_counts([{"labels": labels, "attention_mask": mask}])
+    assert counts == {"target_per_batch": 6, "positions_per_batch": 10, "real_per_batch": 9,
+                      "target_fraction": 0.6, "batches": 1}  # fmt: skip
+    assert train_precision.rel_diff(2.0, 4.0) == 0.5 and train_precision.rel_diff(0.0, 0.0) == 0.0
+    found = {
+        "first_batch_loss": {"fp32_full": 4.0, "fp32_targets": 4.0001},
+        "loss_rel_diff": {"fp32_targets": 2.5e-5},
+    }
+    with pytest.raises(AssertionError, match="2.5e-05 relative"):
+        train_precision.check_losses(found)
+    train_precision.check_losses({**found, "loss_rel_diff": {"fp32_targets": 9e-6}})
 
 
 def test_inference_smoke(smoke):
@@ -233,3 +274,55 @@ def test_extra_calls_by_hand():
     profiles = {"peft_lora": {"calls": {"aten::mm": 10, "aten::cat": 1, "cudaLaunch": 3}},
                 "alora": {"calls": {"aten::mm": 10, "aten::cat": 4, "aten::softmax": 2, "cudaLaunch": 9}}}  # fmt: skip
     assert train_step.extra_calls(profiles) == [("aten::cat", 3), ("aten::softmax", 2)]
+
+
+def hand_made_precision() -> dict:
+    """A small train_precision.json by hand: 4.70 / 3.90 / 3.30 / 2.75 s per step, 40 targets of 1200."""
+    variants = {n: {"autocast": "bfloat16" if n.startswith("bf16") else None, "target_logits": n.endswith("targets")}
+                for n in train_precision.VARIANTS}  # fmt: skip
+    step = {"fp32_full": 4.70, "fp32_targets": 3.90, "bf16_full": 3.30, "bf16_targets": 2.75}
+    ratios = {n: {"step_time": round(s / 4.70, 4), "cpu_time": round(s / 4.70, 4), "step_time_paired": 0.6}
+              for n, s in step.items()}  # fmt: skip
+    return {
+        "benchmark": "train_precision", "command": "python benchmarks/train_precision.py --save x.json",
+        "date": "2026-11-30 18:00 UTC", "model": "smollm2-135m", "smoke": False, "device": "cpu",
+        "setting": {"config": "configs/multitask_bigbench.yaml", "batch": 8, "max_length": 192, "method": "alora",
+                    "r": 8, "experts": 3, "router": "soft", "targets": ["q_proj", "o_proj"], "steps": 10,
+                    "threads": 2},
+        "variants": variants, "baseline": "fp32_full", "loss_rtol": 1e-5, "tasks": [f"t{i}" for i in range(8)],
+        "slices_logits": True, "vocab_size": 49152, "hidden_size": 576,
+        "tokens": {"target_per_batch": 40.0, "positions_per_batch": 1200.0, "real_per_batch": 1000.0,
+                   "target_fraction": 40 / 1200, "batches": 11},
+        "step_s": step, "cpu_s": {n: 2 * s for n, s in step.items()}, "spread": dict.fromkeys(step, 0.05),
+        "ratios": ratios, "first_batch_loss": {"fp32_full": 2.5, "fp32_targets": 2.5000001, "bf16_full": 2.51,
+                                               "bf16_targets": 2.52},
+        "loss_rel_diff": {"fp32_full": 0.0, "fp32_targets": 4e-8, "bf16_full": 0.004, "bf16_targets": 0.008},
+        "loss_rel_diff_max_over_steps": {"fp32_full": 0.0, "fp32_targets": 3e-7, "bf16_full": 0.01,
+                                         "bf16_targets": 0.02},
+        "cpu_bf16": {"avx512_bf16": True, "amx_bf16": False},
+        "machine": {"cpu": "Test CPU", "cores": 2, "commit": "abc1234"}, "load_avg_1min": [0.5, 2.0], "wall_s": 300,
+    }  # fmt: skip
+
+
+def test_the_page_reads_the_precision_figures_from_the_json(tmp_path):
+    """train_precision.json adds its section after §1 (figures hand-computed from `hand_made_precision`);
+    without the file the page has no such section."""
+    for path in RESULTS.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / "train_precision.json").unlink(missing_ok=True)
+    without = report.render_page(tmp_path)
+    assert "Target-position logits" not in without and "train_precision.py" not in without
+    (tmp_path / "train_precision.json").write_text(json.dumps(hand_made_precision()))
+    page = report.render_page(tmp_path)
+    section = page[page.index("### Target-position logits and bf16 autocast (the campaign's step)") :]
+    order = [page.index(h) for h in ("### Where the time goes", "### Target-position", "## 2. Layer")]
+    assert order == sorted(order)
+    assert "holds 40.0 target tokens on average (3.3 % of them)" in section  # 40 / 1200
+    assert "a 49,152 × 576 product per position" in section
+    assert "The step is 1.21× faster in float32, 1.20× faster under bf16" in section  # 4.70/3.90, 3.30/2.75
+    assert "autocast makes the step 1.42× faster; with the target-position logits, 1.71× faster" in section
+    assert "differ by 4.0e-08 relative (the benchmark stops above 1e-05)" in section
+    assert "This CPU has AVX512-BF16" in section
+    row = "| `bf16_targets` | bfloat16 | target positions | 2.75 | 0.585× | 0.600× | 5.50 | 0.585× | 5% | 2.520000 |"
+    assert row in section  # 2.75 / 4.70 = 0.5851; CPU 2 × 2.75 s
+    assert "python benchmarks/train_precision.py --save x.json\n" in page[page.index("## Reproduce") :]
