@@ -398,3 +398,19 @@ def test_report_paired_tests_on_fixed_scores_equal_a_hand_computation(tmp_path) 
     assert g["personalised"]["per_client"]["c0"]["value"] == pytest.approx(7 / 12)
     assert g["personalised"]["per_client"]["c0"]["std"] == pytest.approx((1 / 6) / math.sqrt(2))
     assert g["bytes_total"] == 400 and g["mb_per_client_per_round"] == pytest.approx(400 / 2 / 2 / 1e6)
+
+
+def test_cell_ids_ignore_how_fast_a_cell_runs_but_not_what_it_computes() -> None:
+    import dataclasses
+
+    from asymlora.federated.config import FedConfig
+
+    cfg = FedConfig()
+    base = fed_sweep.fed_cell_id(cfg, "fedalora")
+    slower = dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, num_cpus=1, object_store_mb=256),
+                                 timeouts=dataclasses.replace(cfg.timeouts, round=60.0))  # fmt: skip
+    assert fed_sweep.fed_cell_id(slower, "fedalora") == base
+    on_gpu = dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, num_gpus=1.0))
+    assert fed_sweep.fed_cell_id(on_gpu, "fedalora") != base
+    assert fed_sweep.fed_cell_id(dataclasses.replace(cfg, rounds=cfg.rounds + 1), "fedalora") != base
+    assert fed_sweep.fed_cell_id(cfg, "fedit") != base

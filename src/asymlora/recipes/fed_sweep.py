@@ -79,11 +79,22 @@ class FedCell:
         return Path(self.config.run_dir)
 
 
+PACE_KEYS = {"simulation": ("num_cpus", "cpus_per_client", "threads_per_client", "object_store_mb")}
+"""Keys that set how fast a cell runs on a machine, not what it computes: left out of its id (a campaign can
+be run with fewer CPUs beside another job, or more on a bigger machine, and keep its ledger). The GPU keys
+stay in: with a GPU the clients load the model in bfloat16."""
+
+
 def fed_cell_id(cfg: FedConfig, strategy: str) -> str:
-    """12 hex digits of the sha256 of the resolved config (``run_dir`` left out, ``strategies`` = the
-    cell's one strategy or ``local-only``), as `asymlora.recipes.sweep.cell_id` for multi-task cells."""
+    """12 hex digits of the sha256 of the resolved config (``run_dir``, the `PACE_KEYS` and ``timeouts`` left
+    out, ``strategies`` = the cell's one strategy or ``local-only``), as `asymlora.recipes.sweep.cell_id` for
+    multi-task cells."""
     data = config_dict(dataclasses.replace(cfg, run_dir=""))
     data["strategies"] = [strategy]
+    data.pop("timeouts", None)
+    for section, keys in PACE_KEYS.items():
+        for key in keys:
+            data[section].pop(key, None)
     return hashlib.sha256(yaml.safe_dump(data, sort_keys=False).encode()).hexdigest()[:12]
 
 

@@ -4,7 +4,7 @@ asymlora autocasts itself rather than through accelerate's ``mixed_precision``: 
 process-wide state that refuses a second value in the same process (a library user training twice, the
 federated client, tests), and the federated client does not use accelerate at all. Only bfloat16 is
 offered: float16 needs loss scaling, which this loop does not do, and bfloat16 is what current GPUs and
-CPUs with AVX512-BF16 or AMX run fast (docs/performance.md, "Mixed precision").
+CPUs with AVX512-BF16 or AMX run fast (docs/performance.md, "Target-position logits and bf16 autocast").
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The vocabulary projection on target positions only: the same causal-LM loss for less compute.
 
-Prompt-masked training predicts a few answer tokens per example (about 5 of 150 in the default BIG-bench
-mixture), yet a plain forward projects every position onto the vocabulary (49,152 rows for SmolLM2): on
-SmolLM2-135M at batch 8 × 150 tokens that projection and its backward are about a fifth of a training step
-(docs/performance.md, "Target-position logits"). transformers 5 computes logits only where a boolean
+Prompt-masked training predicts a few answer tokens per example (in the default BIG-bench mixture about 35
+target tokens in a batch of 8 padded to ~114 positions each), yet a plain forward projects every position
+onto the vocabulary (49,152 rows for SmolLM2), and that projection and its backward are a large share of a
+SmolLM2-135M training step (docs/performance.md, "Target-position logits and bf16 autocast").
+transformers 5 computes logits only where a boolean
 ``(batch, seq)`` mask ``logits_to_keep`` is true (`transformers.modeling_utils.slice_logits_to_keep`:
 logits ``(n_targets, vocab)``) and its causal-LM loss takes the matching ``shift_labels`` ``(n_targets,)``,
 so the loss — mean over target tokens, or sum / ``num_items_in_batch`` — is the same number (the same
