@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from filelock import FileLock
 from tests.conftest import make_char_tokenizer, make_tiny_llama
@@ -365,3 +366,22 @@ def test_list_into_a_closed_pipe_ends_quietly(env) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_records_name_their_hardware_and_the_report_warns_when_it_differs(tiny_llama) -> None:
+    from asymlora.models import hardware
+    from asymlora.recipes.sweep import hardware_line
+
+    hw = hardware(tiny_llama)
+    assert (hw["device"], hw["dtype"], hw["torch_threads"]) == ("cpu", "float32", torch.get_num_threads())
+    cpu = {"device": "cpu", "dtype": "float32", "device_name": "AMD EPYC", "torch_threads": 2}
+    gpu = {"device": "cuda", "dtype": "bfloat16", "device_name": "NVIDIA H200", "torch_threads": 8}
+    same = [{"id": "a", "hardware": cpu}, {"id": "b", "hardware": cpu}, {"id": "a", "hardware": cpu}]
+    assert (
+        hardware_line(same) == "Hardware: cpu float32 (AMD EPYC): 2 runs."
+    )  # the last record of an id counts
+    mixed = hardware_line([{"id": "a", "hardware": cpu}, {"id": "b", "hardware": gpu}, {"id": "c"}])
+    assert mixed.startswith(
+        "Hardware: cpu float32 (AMD EPYC): 1 run, cuda bfloat16 (NVIDIA H200): 1 run, not recorded: 1 run. "
+        "**The runs did not all compute on the same kind"
+    )

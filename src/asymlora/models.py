@@ -465,6 +465,27 @@ def load(
     return _finalize(model, tokenizer, resolved_device)
 
 
+def hardware(model: nn.Module) -> dict[str, Any]:
+    """Where and in what dtype ``model`` computes: ``device`` (``cpu`` / ``cuda``), ``device_name`` (the GPU's
+    name, or the CPU's model from /proc/cpuinfo when readable), ``dtype`` of its frozen weights (``float32``,
+    ``bfloat16``, ``uint8`` for a 4-bit base, ...) and ``torch_threads``. Results from different entries are
+    different settings: a CUDA run loads the base model in bfloat16, a CPU run in float32."""
+    frozen = next((p for p in model.parameters() if not p.requires_grad), None)
+    param = frozen if frozen is not None else next(model.parameters())
+    device = param.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": device.type, "device_name": name, "dtype": str(param.dtype).removeprefix("torch."),
+            "torch_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def _cpu_name() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def find_linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the ``nn.Linear`` (and GPT-2 ``Conv1D``) modules of ``model``, in order of first
     appearance.

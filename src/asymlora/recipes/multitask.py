@@ -51,7 +51,7 @@ from asymlora.eval import (
 )
 from asymlora.eval.stats import run_intervals
 from asymlora.io import atomic_dir, atomic_write_text
-from asymlora.models import load
+from asymlora.models import hardware, load
 from asymlora.roles import count_parameters
 from asymlora.train.sharding import full_adapter_state, is_sharded
 from asymlora.train.stopping import Validation
@@ -313,6 +313,7 @@ def _run_facts(
         "losses": result.losses,
         "router": peft_cfg.router,
         "num_experts": peft_cfg.experts,
+        "hardware": hardware(pm),
         **({"stopping": result.stopping} if result.stopping is not None else {}),
     }
 

@@ -47,7 +47,7 @@ import math
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -316,7 +316,7 @@ def make_record(cell: Cell, results: dict[str, Any], started: float, finished: f
     }
     keep: tuple[str, ...] = ("method", "per_task", "primary", "average", "std", "worst", "delta_m", "intervals",
             "trainable_params", "train_seconds", "eval_seconds", "peak_memory_mb", "steps", "final_loss",
-            "router", "num_experts")  # fmt: skip
+            "router", "num_experts", "hardware")  # fmt: skip
     if results.get("stopping") is not None:  # the stopping rule's outcome (stopped_at, best_step, ...)
         keep += ("stopping",)
     return {
@@ -685,6 +685,24 @@ def _plot_rows(summary: dict[str, Any]) -> tuple[dict, dict, dict]:
     return rows, primary, bars
 
 
+def hardware_line(records: Sequence[dict[str, Any]]) -> str:
+    """One line naming where the records ran (device, weight dtype, device name, with counts); a warning when
+    they ran on more than one kind: a CUDA cell computes in bfloat16 weights, a CPU cell in float32, so their
+    differences are not only the methods'."""
+    kinds: dict[str, int] = {}
+    for r in {r["id"]: r for r in records}.values():
+        hw = r.get("hardware")
+        kind = (
+            f"{hw['device']} {hw['dtype']} ({hw.get('device_name') or 'unnamed'})" if hw else "not recorded"
+        )
+        kinds[kind] = kinds.get(kind, 0) + 1
+    text = ", ".join(f"{kind}: {n} run{'s' if n > 1 else ''}" for kind, n in kinds.items())
+    if len(kinds) > 1:
+        return (f"Hardware: {text}. **The runs did not all compute on the same kind of hardware and dtype**: "
+                "compare cells of one kind (`hardware` in each ledger record), or re-run the others there.")  # fmt: skip
+    return f"Hardware: {text}."
+
+
 def write_report(sweep: Sweep) -> Path:
     """Regenerate ``results.md``, ``results.json`` and ``results.png`` in ``out_dir`` from the ledger alone."""
     summary = summarize_ledger(sweep)
@@ -701,6 +719,8 @@ def write_report(sweep: Sweep) -> Path:
             *_tables(summary),
             "",
             MULTITASK_NOTE.format(baseline=sweep.report.get("baseline_method", "lora")),
+            "",
+            hardware_line(read_ledger(sweep.ledger)),
         ]
     page = sweep.out_dir / "results.md"
     atomic_write_text(page, "\n".join(lines) + "\n")
