@@ -385,3 +385,21 @@ def test_records_name_their_hardware_and_the_report_warns_when_it_differs(tiny_l
         "Hardware: cpu float32 (AMD EPYC): 1 run, cuda bfloat16 (NVIDIA H200): 1 run, not recorded: 1 run. "
         "**The runs did not all compute on the same kind"
     )
+
+
+def test_records_from_before_mixed_precision_group_with_new_ones() -> None:
+    from asymlora.config import load_config
+    from asymlora.recipes.sweep import cell_id, group_records
+
+    def record(seed: int, legacy: bool) -> dict:
+        cfg = load_config(None, ["data.tasks=[bigbench:strategyqa]", f"train.seed={seed}"])
+        config = cfg.to_dict()
+        if legacy:  # a ledger record written before train.mixed_precision existed
+            del config["train"]["mixed_precision"]
+        return {"id": cell_id(cfg), "params": {"train.seed": seed}, "seed": seed, "method": "alora",
+                "tasks": ["strategyqa"], "primary": {"strategyqa": "accuracy"}, "config": config}  # fmt: skip
+
+    assert [g.seeds for g in group_records([record(0, True), record(1, False)])] == [[0, 1]]
+    bf16 = record(2, False)
+    bf16["config"]["train"]["mixed_precision"] = "bf16"
+    assert [g.seeds for g in group_records([record(0, True), bf16])] == [[0], [2]]

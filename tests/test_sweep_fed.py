@@ -407,10 +407,29 @@ def test_cell_ids_ignore_how_fast_a_cell_runs_but_not_what_it_computes() -> None
 
     cfg = FedConfig()
     base = fed_sweep.fed_cell_id(cfg, "fedalora")
-    slower = dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, num_cpus=1, object_store_mb=256),
-                                 timeouts=dataclasses.replace(cfg.timeouts, round=60.0))  # fmt: skip
+    slower = dataclasses.replace(
+        cfg, simulation=dataclasses.replace(cfg.simulation, num_cpus=1, object_store_mb=256)
+    )
     assert fed_sweep.fed_cell_id(slower, "fedalora") == base
+    shorter = dataclasses.replace(cfg, timeouts=dataclasses.replace(cfg.timeouts, round=60.0))
+    assert fed_sweep.fed_cell_id(shorter, "fedalora") != base  # a timeout can leave a client out of a round
     on_gpu = dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, num_gpus=1.0))
     assert fed_sweep.fed_cell_id(on_gpu, "fedalora") != base
     assert fed_sweep.fed_cell_id(dataclasses.replace(cfg, rounds=cfg.rounds + 1), "fedalora") != base
     assert fed_sweep.fed_cell_id(cfg, "fedit") != base
+
+
+def test_seeds_run_with_other_cpu_settings_stay_one_report_group() -> None:
+    base = Path(__file__).resolve().parents[1] / "configs" / "fed_bigbench_het.yaml"
+
+    def record(seed: int, cpus: int) -> dict:
+        cell = fed_sweep.make_cell(base, ["eval.local_only=false", f"simulation.num_cpus={cpus}"],
+                                   {"strategy": "zeropad", "seed": seed}, Path("/nonexistent"))  # fmt: skip
+        return {"id": cell.id, "params": cell.params, "strategy": cell.strategy, "seed": seed, "clients": ["c0"],
+                "config": cell.config.to_dict()}  # fmt: skip
+
+    groups = fed_sweep.group_records([record(0, 2), record(1, 1), record(2, 1)])
+    assert [g.seeds for g in groups] == [[0, 1, 2]]
+    longer = record(1, 1)
+    longer["config"]["timeouts"]["round"] = 60.0  # a timeout can drop a client: another config
+    assert [g.seeds for g in fed_sweep.group_records([record(0, 2), longer])] == [[0], [1]]

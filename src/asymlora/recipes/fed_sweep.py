@@ -80,22 +80,31 @@ class FedCell:
 
 
 PACE_KEYS = {"simulation": ("num_cpus", "cpus_per_client", "threads_per_client", "object_store_mb")}
-"""Keys that set how fast a cell runs on a machine, not what it computes: left out of its id (a campaign can
-be run with fewer CPUs beside another job, or more on a bigger machine, and keep its ledger). The GPU keys
-stay in: with a GPU the clients load the model in bfloat16."""
+"""Keys that set how fast a cell runs on a machine, not what it computes: left out of its identity (a
+campaign can run with fewer CPUs beside another job, or more on a bigger machine, and keep its ledger and its
+report groups). The GPU keys stay in (with a GPU the clients load the model in bfloat16), and so do the
+timeouts (a client that misses one is left out of its round)."""
+
+
+def identity(data: Mapping[str, Any], strategy: str) -> dict[str, Any]:
+    """A copy of a federated config dict (``FedConfig.to_dict()``, or a ledger record's ``config``) as a cell's
+    identity: ``run_dir`` blank, ``strategies`` = [``strategy``], the `PACE_KEYS` and
+    ``train.mixed_precision: null`` left out."""
+    out = json.loads(json.dumps(data))
+    out["run_dir"], out["strategies"] = "", [strategy]
+    for section, keys in PACE_KEYS.items():
+        for key in keys:
+            out.get(section, {}).pop(key, None)
+    if out.get("train", {}).get("mixed_precision") is None:
+        out.get("train", {}).pop("mixed_precision", None)
+    return out
 
 
 def fed_cell_id(cfg: FedConfig, strategy: str) -> str:
-    """12 hex digits of the sha256 of the resolved config (``run_dir``, the `PACE_KEYS` and ``timeouts`` left
-    out, ``strategies`` = the cell's one strategy or ``local-only``), as `asymlora.recipes.sweep.cell_id` for
-    multi-task cells."""
-    data = config_dict(dataclasses.replace(cfg, run_dir=""))
-    data["strategies"] = [strategy]
-    data.pop("timeouts", None)
-    for section, keys in PACE_KEYS.items():
-        for key in keys:
-            data[section].pop(key, None)
-    return hashlib.sha256(yaml.safe_dump(data, sort_keys=False).encode()).hexdigest()[:12]
+    """12 hex digits of the sha256 of the YAML dump of the cell's `identity` (``strategy``: the cell's one
+    strategy or ``local-only``), as `asymlora.recipes.sweep.cell_id` for multi-task cells."""
+    text = yaml.safe_dump(identity(config_dict(cfg), strategy), sort_keys=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def make_cell(
@@ -282,8 +291,8 @@ class FedGroup(SeedGroup):
 
 
 def _group_key(record: Mapping[str, Any]) -> str:
-    config = json.loads(json.dumps(record["config"]))
-    config["run_dir"], config["seed"], config["strategies"] = "", 0, [record["strategy"]]
+    config = identity(record["config"], record["strategy"])
+    config["seed"] = 0
     return config_key(config)
 
 

@@ -160,17 +160,24 @@ def load_sweep(path: str | Path) -> Sweep:
     )
 
 
+def identity(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a multi-task config dict (`asymlora.config.config_dict`, or a ledger record's ``config``) as a
+    cell's identity: ``run_dir`` blank, and a ``stopping`` section at its defaults (off) and
+    ``train.mixed_precision: null`` left out, so the cells of configs without them keep the ids they had
+    before those keys existed (and their records group with the new ones)."""
+    data = json.loads(json.dumps(data))
+    data["run_dir"] = ""
+    if data.get("stopping", {}) == dataclasses.asdict(StoppingSettings()):
+        data.pop("stopping", None)
+    if data.get("train", {}).get("mixed_precision") is None:
+        data.get("train", {}).pop("mixed_precision", None)
+    return data
+
+
 def cell_id(cfg: RunConfig) -> str:
-    """12 hex digits of the sha256 of the resolved config without ``run_dir`` (its YAML dump: keys in the
-    order `asymlora.config.config_dict` keeps, the ledger's records are keyed by it). A ``stopping`` section
-    at its defaults (off) and ``train.mixed_precision: null`` are left out, so the cells of configs without
-    them keep the ids they had before those keys existed."""
-    data = config_dict(dataclasses.replace(cfg, run_dir=""))
-    if cfg.stopping == StoppingSettings():
-        del data["stopping"]  # no stopping rule: the id the cell had before that section existed
-    if cfg.train.mixed_precision is None:
-        del data["train"]["mixed_precision"]  # likewise before train.mixed_precision existed
-    text = yaml.safe_dump(data, sort_keys=False)  # = dump_config's text
+    """12 hex digits of the sha256 of the YAML dump of the cell's `identity` (keys in the order
+    `asymlora.config.config_dict` keeps; the ledger's records are keyed by it)."""
+    text = yaml.safe_dump(identity(config_dict(cfg)), sort_keys=False)  # = dump_config's text
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -467,8 +474,8 @@ class Group(SeedGroup):
 
 
 def _group_key(record: dict[str, Any]) -> str:
-    config = json.loads(json.dumps(record["config"]))
-    config["run_dir"], config["train"]["seed"] = "", 0
+    config = identity(record["config"])
+    config["train"]["seed"] = 0
     return config_key(config)
 
 
