@@ -4,7 +4,7 @@ Default setting: the model, tasks and adapter of configs/multitask_bigbench.yaml
 BIG-bench tasks, max_train 400 each, max_length 192; ALoRA r = 8, alpha 16, N = 3, soft router, q_proj +
 o_proj) and REAL batches of ``train.batch_size`` = 8 examples, drawn as the training loop draws them
 (`asymlora.train.step_batches` over a `asymlora.data.MultiTaskDataset`, with ``num_items_in_batch``).
-Four variants of one step (forward + backward + AdamW step + zero_grad):
+Four variants of one step (forward + backward + gradient clipping + AdamW step + zero_grad):
 
 - ``fp32_full``: float32, the vocabulary projected at every position (``model(**batch).loss``; the
   baseline of every ratio);
@@ -139,11 +139,13 @@ class Variant:
     targets: bool
     weights: dict[str, torch.Tensor]
     opt: torch.optim.Optimizer
+    max_grad_norm: float
 
 
 def make_variants(model: nn.Module, cfg: RunConfig) -> list[Variant]:
     """Every variant of `VARIANTS`, each with a copy of ``model``'s initial adapter and its own AdamW (the
-    loop's: ``train.lr``, ``train.weight_decay``) over the model's trainable parameters."""
+    loop's: ``train.lr``, ``train.weight_decay``; gradients clipped to ``train.max_grad_norm``) over the model's
+    trainable parameters."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     return [
@@ -153,6 +155,7 @@ def make_variants(model: nn.Module, cfg: RunConfig) -> list[Variant]:
             targets,
             {n: p.detach().clone() for n, p in named},
             torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay),
+            cfg.train.max_grad_norm,
         )
         for name, (dtype, targets) in VARIANTS.items()
     ]
@@ -177,6 +180,8 @@ def timed_step(
     with autocast(device, variant.dtype):
         loss = model(**inputs, use_cache=False).loss
     loss.backward()
+    if variant.max_grad_norm > 0:  # StepLoop's clipping (train.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(variant.opt.param_groups[0]["params"], variant.max_grad_norm)
     variant.opt.step()
     variant.opt.zero_grad(set_to_none=True)
     sync(device)

@@ -127,6 +127,13 @@ def test_which_models_slice_their_logits():
 
     batch = _batch()
     assert not slices_logits(Plain()) and on_targets(Plain(), batch) is batch
+    from transformers import BartConfig, BartForCausalLM
+
+    bart = BartForCausalLM(BartConfig(vocab_size=128, d_model=16, decoder_layers=1, encoder_layers=1,
+                                      decoder_attention_heads=2, encoder_attention_heads=2, decoder_ffn_dim=32,
+                                      encoder_ffn_dim=32))  # fmt: skip
+    assert not slices_logits(bart)  # it slices its logits but computes its own loss (no shift_labels)
+    assert on_targets(bart, batch) is batch and torch.isfinite(bart(**batch).loss)
     no_labels = {k: v for k, v in batch.items() if k != "labels"}
     assert on_targets(make_tiny_llama(), no_labels) is no_labels
 

@@ -206,9 +206,12 @@ def test_bf16_mixed_precision_autocasts_training_and_validation(env, tmp_path) -
     [
         (
             ["train.mixed_precision=fp16"],
-            "train.mixed_precision='fp16' is not allowed; choose one of ['bf16']",
+            "train.mixed_precision='fp16' is not allowed; choose one of ['bf16'] or null",
         ),
-        (["train.mixed_precision=no"], "train.mixed_precision=False is not allowed; choose one of ['bf16']"),
+        (
+            ["train.mixed_precision=no"],
+            "=False is not allowed; choose one of ['bf16'] or null (YAML reads no / off as false: write null",
+        ),
     ],
 )
 def test_mixed_precision_values_other_than_bf16_are_refused(env, tmp_path, extra, message) -> None:
@@ -221,8 +224,26 @@ def test_mixed_precision_with_fsdp_is_refused_before_loading(env, tmp_path) -> N
     from asymlora.recipes.multitask import check_launch
 
     cfg = load_config(None, overrides(env, tmp_path / "r", "train.mixed_precision=bf16", "train.fsdp=true"))
-    with pytest.raises(ConfigError, match="does not reach an FSDP-sharded model"):
+    with pytest.raises(ConfigError, match="with train.fsdp=true is not supported"):
         check_launch(cfg)
+
+
+def test_accelerate_launch_mixed_precision_must_agree_with_the_config(env, tmp_path, monkeypatch) -> None:
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION: refused unless the config
+    says the same (asymlora autocasts from its config alone; accelerate's own autocast stays off)."""
+    from asymlora.recipes.multitask import check_launch
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match=r"'bf16' \(ACCELERATE_MIXED_PRECISION.*train.mixed_precision=null"):
+        check_launch(load_config(None, overrides(env, tmp_path / "r")))
+    check_launch(load_config(None, overrides(env, tmp_path / "r", "train.mixed_precision=bf16")))
+    pm, tok = tiny_alora(env["model"])
+    ds, collate = _dataset(env, tok)
+    seen: set[torch.dtype] = set()
+    pm.get_base_model().lm_head.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    settings = load_config(None, overrides(env, tmp_path / "r", "train.steps=1", "train.save_every=0")).train
+    train(pm, ds, collate, settings, tmp_path / "run")  # the env's bf16 does not reach a null-precision run
+    assert seen == {torch.float32}
 
 
 def test_the_federated_client_autocasts_its_local_steps(env, tmp_path) -> None:

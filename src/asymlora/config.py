@@ -650,9 +650,16 @@ def _bad_value_error(cls: type, data: dict[str, Any], e: ValidationError, where:
         value = _value_at(data, parts)
     except (KeyError, IndexError, TypeError, ValueError):
         return ConfigError(f"{key}: {str(e).splitlines()[0]}")
-    inner, _ = _strip_optional(tp)
+    inner, optional = _strip_optional(tp)
     if typing.get_origin(inner) is Literal:
-        return ConfigError(f"{key}={value!r} is not allowed; choose one of {list(typing.get_args(inner))}")
+        choices = list(typing.get_args(inner))
+        off = " or null" if optional else ""
+        hint = (
+            " (YAML reads no / off as false: write null to turn it off)"
+            if optional and value is False
+            else ""
+        )
+        return ConfigError(f"{key}={value!r} is not allowed; choose one of {choices}{off}{hint}")
     return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 

@@ -109,12 +109,12 @@ def write_app(
     return directory
 
 
-def run_status(connection: str | None, run_id: int | None = None) -> list[dict]:
+def run_status(connection: str, run_id: int | None = None) -> list[dict]:
     """The runs of a SuperLink as ``flwr ls --format json`` reports them.
 
     Raises RuntimeError with flwr's own message when ``flwr ls`` fails (e.g. no connection of that name)."""
     flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
-    cmd = [flwr, "ls"] + ([connection] if connection else []) + ["--format", "json"]
+    cmd = [flwr, "ls", connection, "--format", "json"]
     if run_id is not None:
         cmd += ["--run-id", str(run_id)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the outcome of runs on a SuperLink (exit 1 if the run failed)",
         description=STATUS_DESCRIPTION,
     )
-    p.add_argument("connection", nargs="?", default=None, help="SuperLink connection name (flwr config)")
+    p.add_argument("connection", help="SuperLink connection name in flwr's config (~/.flwr/config.toml); required: "
+                   "without one flwr would start a local SuperLink of its own and leave it running")  # fmt: skip
     p.add_argument("--run-id", type=int, default=None, help="only this run (default: every run)")
     p = sub.add_parser(
         "check-tls",

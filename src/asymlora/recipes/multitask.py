@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -389,7 +390,7 @@ def run(
 def check_launch(cfg: RunConfig) -> None:
     """Refuse what cannot run under this launch (before anything is loaded or written): a process count
     that does not divide ``train.batch_size``, FSDP with several methods, a quantised base model or mixed
-    precision."""
+    precision, an ``accelerate launch --mixed_precision`` that disagrees with ``train.mixed_precision``."""
     distributed.per_process_batch(cfg.train.batch_size, distributed.launched_world_size())
     if cfg.train.fsdp and (cfg.compare.methods or cfg.compare.single_task):
         raise ConfigError(
@@ -401,8 +402,17 @@ def check_launch(cfg: RunConfig) -> None:
         raise ConfigError(f"train.fsdp=true cannot shard a quantised base model ({bits}); use one of the two")
     if cfg.train.mixed_precision is not None and cfg.train.fsdp:
         raise ConfigError(
-            f"train.mixed_precision={cfg.train.mixed_precision} does not reach an FSDP-sharded model (FSDP2 has "
-            "its own MixedPrecisionPolicy, not wired here); use train.fsdp=false (DDP) or train.mixed_precision=null"
+            f"train.mixed_precision={cfg.train.mixed_precision} with train.fsdp=true is not supported here (not "
+            "tested with a sharded model; FSDP2 has its own MixedPrecisionPolicy); use train.fsdp=false (DDP) "
+            "or train.mixed_precision=null"
+        )
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched != (cfg.train.mixed_precision or "no"):
+        raise ConfigError(
+            f"accelerate's mixed precision is {launched!r} (ACCELERATE_MIXED_PRECISION, set by `accelerate launch "
+            f"--mixed_precision` or its config file) but train.mixed_precision={cfg.train.mixed_precision or 'null'}: "
+            "asymlora autocasts from its config alone; set train.mixed_precision=bf16 (or null) and launch "
+            "without --mixed_precision"
         )
 
 

@@ -359,7 +359,10 @@ def _accelerator(model: Any, settings: TrainSettings) -> Accelerator:
     """The run's Accelerator (CPU when the model is on the CPU); refuses accelerate's FSDP / DeepSpeed."""
     cpu = next(model.parameters()).device.type == "cpu"
     distributed.init("cpu" if cpu else "cuda")
-    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=cpu)
+    # mixed_precision="no": asymlora autocasts itself (train.mixed_precision, asymlora.train.precision), and an
+    # ACCELERATE_MIXED_PRECISION from `accelerate launch --mixed_precision` must not change the run behind the
+    # config's back (check_launch refuses the mismatch before loading)
+    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=cpu, mixed_precision="no")
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(
             f"asymlora train does not use accelerate's {accelerator.distributed_type.value}: launch without "

@@ -37,15 +37,17 @@ def base_model(model: Any) -> Any:
 def _class_slices_logits(cls: type) -> bool:
     forward = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))
     code = getattr(forward, "__code__", None)
-    if code is None or "slice_logits_to_keep" not in code.co_names:
+    # both names called by the forward: the causal-LM classes of encoder-decoder families (Bart, Marian, ...)
+    # and XLM / XLNet slice their logits but compute their own loss, which knows no shift_labels
+    if code is None or not {"slice_logits_to_keep", "loss_function"} <= set(code.co_names):
         return False
-    loss = getattr(cls, "loss_function", None)
-    return "logits_to_keep" in inspect.signature(forward).parameters and loss is not None
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def slices_logits(model: Any) -> bool:
     """Whether ``model`` (possibly peft- or DDP-wrapped) takes a boolean ``logits_to_keep`` mask and
-    ``shift_labels``: its class's forward calls transformers' `slice_logits_to_keep`."""
+    ``shift_labels``: its class's forward calls transformers' `slice_logits_to_keep` and its
+    ``loss_function``."""
     return _class_slices_logits(type(base_model(model)))  # type: ignore[arg-type]  # a class is hashable
 
 
