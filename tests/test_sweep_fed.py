@@ -198,6 +198,7 @@ def test_records_hold_per_client_per_example_scores_bytes_and_steps(campaign) ->
             assert (iv["low"], iv["high"]) == pytest.approx(wilson(int(sum(scores)), 8))
         assert r["average"] == pytest.approx(sum(p["per_client"].values()) / 2)
         assert (r["global"] is None) == (strategy == "local-only") and r["dp"] is None
+        assert (r["hardware"]["device"], r["hardware"]["dtype"]) == ("cpu", "float32")
     fedit, fedalora = records[("fedit", 0)]["bytes"], records[("fedalora", 0)]["bytes"]
     for b in (fedit, fedalora):
         assert [x["round"] for x in b["per_round"]] == [1, 2]
@@ -268,6 +269,7 @@ def test_report_groups_over_seeds_and_the_page(campaign) -> None:
     assert one["low"] <= one["value"] <= one["high"] and "std" not in one
     page = campaign["page"].read_text()
     assert "| fedalora | 0,1 |" in page and "Paired tests" in page and "client-1 (bigger)" in page
+    assert "Hardware: cpu float32 (" in page and ": 5 runs." in page
     assert (spec.out_dir / "results.png").stat().st_size > 0
 
 

@@ -473,12 +473,13 @@ def hardware(model: nn.Module) -> dict[str, Any]:
     frozen = next((p for p in model.parameters() if not p.requires_grad), None)
     param = frozen if frozen is not None else next(model.parameters())
     device = param.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": device.type, "device_name": name, "dtype": str(param.dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads()}  # fmt: skip
 
 
-def _cpu_name() -> str | None:
+def cpu_name() -> str | None:
+    """This machine's CPU model (the first ``model name`` of /proc/cpuinfo); None where unreadable."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from asymlora.config import ConfigError, config_dict, load_config, read_config_file
@@ -45,6 +46,7 @@ from asymlora.federated import run as fed_run
 from asymlora.federated.config import FedConfig
 from asymlora.federated.partition import load_partition
 from asymlora.federated.strategies import STRATEGY_NAMES
+from asymlora.models import cpu_name
 from asymlora.recipes.groups import SeedGroup, config_key
 
 __all__ = ["FED_KEYS", "LOCAL_ONLY", "FedCell", "is_federated", "make_cell", "make_record", "run_cell",
@@ -276,7 +278,19 @@ def make_record(
         "rounds": rounds, "local_steps": cfg.train.local_steps, "steps": rounds * cfg.train.local_steps,
         "train_loss": results.get("train_loss"), "eval_failures": results.get("eval_failures", []),
         "started": started, "wall_seconds": round(wall_seconds, 2), "config": cfg.to_dict(),
+        "hardware": client_hardware(cfg),
     }  # fmt: skip
+
+
+def client_hardware(cfg: FedConfig) -> dict[str, Any]:
+    """Where the simulated clients computed, as `asymlora.models.hardware` names it: CUDA with bfloat16 weights
+    when the simulation gave them GPUs on a machine with CUDA (the clients load with ``device="auto"``), else
+    the CPU in float32 with ``simulation.threads_per_client`` threads."""
+    if cfg.simulation.num_gpus > 0 and torch.cuda.is_available():
+        return {"device": "cuda", "device_name": torch.cuda.get_device_name(0), "dtype": "bfloat16",
+                "torch_threads": cfg.simulation.threads_per_client}  # fmt: skip
+    return {"device": "cpu", "device_name": cpu_name(), "dtype": "float32",
+            "torch_threads": cfg.simulation.threads_per_client}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the report

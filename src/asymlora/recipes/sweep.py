@@ -720,7 +720,13 @@ def write_report(sweep: Sweep) -> Path:
         "",
     ]
     if sweep.kind == "federated":
-        lines += [*fed_sweep.tables(summary), "", fed_sweep.NOTE]
+        lines += [
+            *fed_sweep.tables(summary),
+            "",
+            fed_sweep.NOTE,
+            "",
+            hardware_line(read_ledger(sweep.ledger)),
+        ]
     else:
         lines += [
             *_tables(summary),
