@@ -159,8 +159,8 @@ class BaseTrainSettings:
     """Gradient clipping (0 = off)."""
     mixed_precision: Literal["bf16"] | None = None
     """Autocast the training and validation forwards to bfloat16 (null: off, the model's own dtype); the
-    adapter, its gradients and AdamW stay float32, evaluation runs in the model's dtype. ≈ 1.5× faster per
-    step on a CPU with AVX512-BF16 or AMX (docs/performance.md); no fp16 (it needs loss scaling). Write
+    adapter, its gradients and AdamW stay float32, evaluation runs in the model's dtype. 1.4× faster per step
+    measured on a CPU with AVX512-BF16 (docs/performance.md); no fp16 (it needs loss scaling). Write
     ``null``, not ``no`` (YAML reads ``no`` as false). `asymlora.train.precision`."""
 
     def check(self) -> None:

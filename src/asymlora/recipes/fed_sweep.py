@@ -286,11 +286,9 @@ def client_hardware(cfg: FedConfig) -> dict[str, Any]:
     """Where the simulated clients computed, as `asymlora.models.hardware` names it: CUDA with bfloat16 weights
     when the simulation gave them GPUs on a machine with CUDA (the clients load with ``device="auto"``), else
     the CPU in float32 with ``simulation.threads_per_client`` threads."""
-    if cfg.simulation.num_gpus > 0 and torch.cuda.is_available():
-        return {"device": "cuda", "device_name": torch.cuda.get_device_name(0), "dtype": "bfloat16",
-                "torch_threads": cfg.simulation.threads_per_client}  # fmt: skip
-    return {"device": "cpu", "device_name": cpu_name(), "dtype": "float32",
-            "torch_threads": cfg.simulation.threads_per_client}  # fmt: skip
+    cuda = cfg.simulation.num_gpus > 0 and torch.cuda.is_available()
+    return {"device": "cuda" if cuda else "cpu", "device_name": torch.cuda.get_device_name(0) if cuda else cpu_name(),
+            "dtype": "bfloat16" if cuda else "float32", "torch_threads": cfg.simulation.threads_per_client}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the report
