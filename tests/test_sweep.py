@@ -51,6 +51,7 @@ def env(tmp_path_factory) -> dict[str, Path]:
             "eval.batch_size=8",
             "eval.max_new_tokens=3",
             "eval.base_model=false",
+            "train.mixed_precision=bf16",  # as every campaign file: a sweep process runs bf16 cells
         ],
         "grid": [
             {"adapter.method": ["lora", "alora"], "train.seed": [0, 1]},

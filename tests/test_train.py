@@ -233,6 +233,11 @@ def test_accelerate_launch_mixed_precision_must_agree_with_the_config(env, tmp_p
     says the same (asymlora autocasts from its config alone; accelerate's own autocast stays off)."""
     from asymlora.recipes.multitask import check_launch
 
+    bf16 = load_config(None, overrides(env, tmp_path / "r", "train.mixed_precision=bf16"))
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    check_launch(bf16)  # a plain `python` / `asymlora sweep` process: the config alone decides
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    check_launch(bf16)  # `accelerate launch` without --mixed_precision sets "no": not a request for float32
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(ConfigError, match=r"'bf16' \(ACCELERATE_MIXED_PRECISION.*train.mixed_precision=null"):
         check_launch(load_config(None, overrides(env, tmp_path / "r")))

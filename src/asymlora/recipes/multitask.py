@@ -406,8 +406,11 @@ def check_launch(cfg: RunConfig) -> None:
             "tested with a sharded model; FSDP2 has its own MixedPrecisionPolicy); use train.fsdp=false (DDP) "
             "or train.mixed_precision=null"
         )
+    # `accelerate launch` always sets ACCELERATE_MIXED_PRECISION ("no" without --mixed_precision), and a plain
+    # `python` / sweep process leaves it unset: only a precision asked for at launch that the config does not
+    # say is refused (the Accelerator is built with mixed_precision="no", so it would be silently dropped)
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if launched != (cfg.train.mixed_precision or "no"):
+    if launched != "no" and launched != cfg.train.mixed_precision:
         raise ConfigError(
             f"accelerate's mixed precision is {launched!r} (ACCELERATE_MIXED_PRECISION, set by `accelerate launch "
             f"--mixed_precision` or its config file) but train.mixed_precision={cfg.train.mixed_precision or 'null'}: "
