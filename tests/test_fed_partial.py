@@ -248,3 +248,61 @@ def test_the_client_keeps_its_last_trained_round_on_disk(tmp_path: Path) -> None
         "round-3.safetensors",
         "round-6.safetensors",
     ]
+
+
+# --- rounds no client answered ------------------------------------------------------------------------------
+def test_rounds_no_client_answered_stop_the_run_and_run_again_on_resume(
+    assets: Path, tmp_path: Path, task_identity
+) -> None:
+    """Both sampled clients raise in rounds 2 and 3 of 4 (clients.max_failed_rounds=2): the server stops
+    after round 3, failed, naming the reason, instead of spending round 4 on a run that trained nothing
+    since round 1. --resume (fresh nodes, client state on disk) runs rounds 2 and 3 again from the round-1
+    tensors, keeps the failed rounds' records aside, and ends with an uninterrupted run's tensors, bit for bit."""
+    from asymlora.federated.round_log import RERUN_FILE, RoundLog, load_checkpoint
+
+    faults = "faults.raise_in=['1:2', '3:2', '0:3', '3:3']"  # rounds 2, 3 sample [1, 3], [0, 3]
+    cfg = partial_config(assets, tmp_path, faults, "clients.max_failed_rounds=2", "rounds=4")
+    out, state_dir = tmp_path / "run" / "fedalora", str(tmp_path / "clients")
+    outcome = _run(cfg, InProcessGrid(4), out, client_state_dir=state_dir)
+    assert (outcome.status, outcome.rounds_completed) == ("failed", 3)
+    assert "rounds 2-3 had no answer from any client" in outcome.message
+    assert "injected fault" in outcome.message and "--resume" in outcome.message
+    assert [r["round"] for r in read_rounds(out / "rounds.jsonl")] == [1, 2, 3]
+    assert not (out / "results.json").exists()
+
+    saved, _ = load_checkpoint(out)
+    for _ in range(2):  # a resume killed before its first round drops the failed rounds once, not twice
+        RoundLog.open(out, "fedalora", resume=True).start(dict(saved), [2] * 4, say=lambda _: None)
+    assert load_checkpoint(out)[1]["round"] == 1
+    assert [r["round"] for r in read_rounds(out / RERUN_FILE)] == [2, 3]
+
+    cfg.faults.raise_in = []
+    assert _run(cfg, InProcessGrid(4), out, resume=True, client_state_dir=state_dir).status == "completed"
+    rounds = read_rounds(out / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4] and all(r["accepted"] for r in rounds)
+    straight = tmp_path / "straight" / "fedalora"
+    outcome = _run(cfg, InProcessGrid(4), straight, client_state_dir=str(tmp_path / "straight-clients"))
+    assert outcome.status == "completed"
+    resumed, uninterrupted = load_checkpoint(out)[0], load_checkpoint(straight)[0]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_one_round_no_client_answered_is_survived_and_the_limit_is_validated(
+    assets: Path, tmp_path: Path
+) -> None:
+    from asymlora.federated.round_log import no_client_answered, trailing_failed_rounds
+
+    def rnd(*statuses: str) -> dict:
+        return {"clients": [{"client": k, "status": s} for k, s in enumerate(statuses)]}
+
+    assert no_client_answered(rnd("failed", "not_sampled", "missing"))
+    assert not no_client_answered(rnd("failed", "rejected"))  # a rejected update was sent: not re-run
+    assert not no_client_answered(rnd("not_sampled", "not_sampled"))
+    assert not no_client_answered(rnd("failed", "not_aggregated"))
+    history = [rnd("ok"), rnd("failed"), rnd("ok"), rnd("missing"), rnd("failed", "not_sampled")]
+    assert trailing_failed_rounds(history) == 2 and trailing_failed_rounds(history[:3]) == 0
+    with pytest.raises(ConfigError, match=re.escape("clients.max_failed_rounds=0 must be >= 1")):
+        partial_config(assets, tmp_path, "clients.max_failed_rounds=0")
+    assert (
+        partial_config(assets, tmp_path, "clients.max_failed_rounds=null").clients.max_failed_rounds is None
+    )

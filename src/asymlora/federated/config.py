@@ -112,6 +112,11 @@ class ClientSettings:
     """A round is aggregated only when at least this many client updates are accepted — answered and passed
     the server's checks (shape, NaN/Inf, ``reject``, DP bound) — else it is recorded and the shared tensors
     are kept (docs/federated.md, "Partial participation")."""
+    max_failed_rounds: int | None = 2
+    """The server stops the strategy (status ``failed``) after this many consecutive rounds in which every
+    sampled client failed (raised, timed out, node gone): such rounds train nothing, and a run that went on
+    would end with fewer trained rounds than its config says. ``--resume`` runs them again from the last
+    round a client answered (docs/federated.md, "Rounds no client answered"). null: never stop."""
 
 
 @dataclass
@@ -376,6 +381,11 @@ class FedConfig:
             )
         if c.per_round is not None and not 1 <= c.per_round <= c.num:
             raise ConfigError(f"clients.per_round={c.per_round!r} must lie in [1, clients.num={c.num}]")
+        if c.max_failed_rounds is not None and c.max_failed_rounds < 1:
+            raise ConfigError(
+                f"clients.max_failed_rounds={c.max_failed_rounds!r} must be >= 1 (rounds in a row in which every "
+                "client failed before the server stops), or null to never stop"
+            )
         m, k = self.clients_per_round, c.min_per_round
         if 1 <= k <= m:
             return

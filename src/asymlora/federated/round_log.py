@@ -7,6 +7,8 @@ In ``out_dir``::
     checkpoint/server_state.safetensors  the shared tensors after the last completed round
     checkpoint/state.json                round number, strategy, client ranks, every round's record,
                                          the last round each client trained in
+    rounds_rerun.jsonl                   the records of rounds no client answered that a ``--resume`` ran
+                                         again (`no_client_answered`), kept for the record
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ from asymlora.io import atomic_dir, atomic_write_text
 __all__ = [
     "CHECKPOINT_DIR",
     "META_FILE",
+    "RERUN_FILE",
     "ROUNDS_FILE",
     "STATE_FILE",
     "RoundLog",
     "load_checkpoint",
+    "no_client_answered",
     "save_checkpoint",
+    "trailing_failed_rounds",
 ]
 
 ROUNDS_FILE = "rounds.jsonl"
+RERUN_FILE = "rounds_rerun.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "server_state.safetensors"
 META_FILE = "state.json"
@@ -50,6 +56,21 @@ def load_checkpoint(out_dir: Path) -> tuple[dict[str, Tensor], dict[str, Any]] |
     if not (ck / META_FILE).is_file() or not (ck / STATE_FILE).is_file():
         return None
     return load_file(str(ck / STATE_FILE)), json.loads((ck / META_FILE).read_text())
+
+
+def no_client_answered(record: Mapping[str, Any]) -> bool:
+    """True for a round in which every sampled client failed (status ``failed`` or ``missing``: raised,
+    timed out, node gone): nothing was trained, uploaded or released, so the round can be run again."""
+    sampled = [c for c in record["clients"] if c["status"] != "not_sampled"]
+    return bool(sampled) and all(c["status"] in ("failed", "missing") for c in sampled)
+
+
+def trailing_failed_rounds(history: Sequence[Mapping[str, Any]]) -> int:
+    """How many rounds at the end of ``history`` no client answered (`no_client_answered`)."""
+    n = 0
+    while n < len(history) and no_client_answered(history[-1 - n]):
+        n += 1
+    return n
 
 
 def write_rounds(out_dir: Path, history: Sequence[Mapping[str, Any]]) -> None:
@@ -106,17 +127,45 @@ class RoundLog:
             state, self.history = saved, list(meta["history"])
             self.last_trained = {int(k): int(v) for k, v in meta.get("last_trained", {}).items()}
             self.next_round = int(meta["round"]) + 1
-            say(f"{self.strategy}: resuming after round {meta['round']} from {self.out_dir / CHECKPOINT_DIR}")
+            if self._rerun_failed_rounds(say):
+                self._save(state)  # a resume killed before its next round does not drop them twice
+            say(
+                f"{self.strategy}: resuming after round {self.next_round - 1} from {self.out_dir / CHECKPOINT_DIR}"
+            )
         write_rounds(self.out_dir, self.history)
         return state
+
+    def _rerun_failed_rounds(self, say: Callable[[str], None]) -> int:
+        """Drop the rounds at the end of the history that no client answered, so that they run again: they
+        kept the shared tensors (the checkpoint's are those of the last round before them), trained no
+        client (``last_trained`` is unchanged) and released nothing (the DP accountant composes only
+        releases). Their records go to ``rounds_rerun.jsonl``."""
+        n = trailing_failed_rounds(self.history)
+        if not n:
+            return 0
+        dropped, self.history = self.history[-n:], self.history[:-n]
+        self.next_round -= n
+        old = (self.out_dir / RERUN_FILE).read_text() if (self.out_dir / RERUN_FILE).is_file() else ""
+        atomic_write_text(
+            self.out_dir / RERUN_FILE, old + "".join(json.dumps(r, default=float) + "\n" for r in dropped)
+        )
+        say(
+            f"{self.strategy}: round(s) {dropped[0]['round']}-{dropped[-1]['round']} had no answer from any client; "
+            f"they run again (their records: {self.out_dir / RERUN_FILE})"
+        )
+        return n
 
     def append(self, record: dict[str, Any], state: Mapping[str, Tensor], trained: Sequence[int]) -> None:
         """Record a completed round (clients ``trained`` replied with an update): checkpoint, then
         ``rounds.jsonl``."""
         self.history.append(record)
         self.last_trained.update({k: int(record["round"]) for k in trained})
+        self._save(state)
+
+    def _save(self, state: Mapping[str, Tensor]) -> None:
+        """The checkpoint (after the last round of ``history``), then ``rounds.jsonl``."""
         meta = {
-            "round": record["round"],
+            "round": self.history[-1]["round"] if self.history else 0,
             "strategy": self.strategy,
             "ranks": self.ranks,
             "history": self.history,

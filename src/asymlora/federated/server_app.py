@@ -48,7 +48,13 @@ from torch import Tensor
 from asymlora.federated.accounting import meta_model
 from asymlora.federated.client import client_adapter_config, initial_state
 from asymlora.federated.config import FedConfig, load_fed_config
-from asymlora.federated.round_log import CHECKPOINT_DIR, ROUNDS_FILE, RoundLog, load_checkpoint
+from asymlora.federated.round_log import (
+    CHECKPOINT_DIR,
+    ROUNDS_FILE,
+    RoundLog,
+    load_checkpoint,
+    trailing_failed_rounds,
+)
 from asymlora.federated.secagg_server import run_secagg_round
 from asymlora.federated.server_results import (
     RESULTS_FILE,
@@ -135,6 +141,26 @@ def _finish(outcome: ServerOutcome, fed: Federation, results: dict[str, Any], sc
     )
 
 
+def _too_many_failed_rounds(
+    outcome: ServerOutcome, cfg: FedConfig, history: Sequence[Mapping[str, Any]], say: Say
+) -> bool:
+    """True (and ``outcome`` failed, with the reasons) when the last ``clients.max_failed_rounds`` rounds
+    had no answer from any client: the run stops rather than spend its remaining rounds training nothing."""
+    limit, n = cfg.clients.max_failed_rounds, trailing_failed_rounds(history)
+    if limit is None or n < limit:
+        return False
+    last = history[-1]
+    reasons = sorted({f"{f['status']}: {f['reason']}" for f in last["failed"]})
+    outcome.status = "failed"
+    outcome.message = (
+        f"{last['strategy']}: rounds {last['round'] - n + 1}-{last['round']} had no answer from any client "
+        f"(clients.max_failed_rounds={limit}; round {last['round']}: {'; '.join(reasons)[:500]}); stopped. "
+        "Fix the clients and continue with --resume: those rounds run again from the shared tensors before them"
+    )
+    say(outcome.message)
+    return True
+
+
 def run_server(
     grid: Grid,
     cfg: FedConfig,
@@ -181,6 +207,8 @@ def run_server(
         log.append(record, state, trained)
         _say_round(fed, record)
         outcome.rounds_completed = rnd
+        if _too_many_failed_rounds(outcome, cfg, log.history, say):
+            return outcome
         if cfg.faults.stop_after == rnd and rnd < cfg.rounds:
             outcome.status = "stopped"
             outcome.message = (
