@@ -291,6 +291,68 @@ def test_balance_loss_reaches_the_trainer_loss_and_gradient(tmp_path, kind):
     assert any((own[k] - own0[k]).abs().max() > 1e-3 for k in routers)
 
 
+# --- target-position logits ----------------------------------------------------------------------
+
+
+def masked_step(tmp_path, **extra):
+    """One SGD step of AsymLoraTrainer on 8 equal-length rows whose first 5 tokens (the prompt) are labelled
+    -100. Returns (start adapter, trained adapter, the batch, the LM head's output shapes, the logged loss)."""
+    from transformers import default_data_collator
+
+    tok = make_char_tokenizer()
+    rows = []
+    for r in task_rows(8):
+        ids = tok(r["text"])["input_ids"]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * 5 + ids[5:]})
+    opts = dict(max_steps=1, per_device_train_batch_size=8, learning_rate=0.5, optim="sgd", max_grad_norm=0.0,
+                lr_scheduler_type="constant", weight_decay=0.0, train_sampling_strategy="sequential")  # fmt: skip
+    trainer = AsymLoraTrainer(
+        model=get_peft_model(make_tiny_llama(), soft_config(0.0)),
+        args=TrainingArguments(**common_args(tmp_path), **opts, **extra),
+        train_dataset=datasets.Dataset.from_list(rows),
+        data_collator=default_data_collator,
+    )
+    randomize_adapter(trainer.model)
+    start, batches, shapes = adapter_state(trainer.model), record_batches(trainer), []
+    head = trainer.model.get_base_model().lm_head
+    hook = head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    trainer.train()
+    hook.remove()
+    return (
+        start,
+        adapter_state(trainer.model),
+        trainer,
+        batches[0],
+        shapes,
+        trainer.state.log_history[0]["loss"],
+    )
+
+
+def test_training_projects_only_the_target_positions(tmp_path):
+    """Prompt-masked labels: the training forward projects only the 8 x (len - 5) target positions onto the
+    vocabulary; the logged loss is the cross-entropy by hand from the full logits, and the SGD update is the
+    one of that hand loss. With label_smoothing_factor (Trainer's own loss from the logits) the full
+    (batch, seq, vocab) logits stay."""
+    start, trained, trainer, batch, shapes, logged = masked_step(tmp_path / "t")
+    vocab, (n, seq) = trainer.model.config.vocab_size, batch["input_ids"].shape
+    assert shapes == [(n * (seq - 5), vocab)]
+    model = trainer.model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(start[name])
+    model.train()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    ce.backward()
+    assert logged == pytest.approx(ce.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(trained[name], start[name] - 0.5 * p.grad, rtol=1e-4, atol=1e-6)
+    *_, smoothed_shapes, _ = masked_step(tmp_path / "s", label_smoothing_factor=0.1)
+    assert smoothed_shapes == [(n, seq, vocab)]
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 

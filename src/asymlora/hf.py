@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from asymlora.routing import RoutingCall, add_balance_loss
+from asymlora.train.targets import on_targets
 from asymlora.tuner.config import AsymLoraConfig
 
 __all__ = [  # noqa: F822 (AsymLoraSFTTrainer is built on first access, see __getattr__)
@@ -230,7 +231,20 @@ class AsymLoraTrainer(AsymLoraTrainerMixin, Trainer):
     """`transformers.Trainer` for a peft model with an asymlora adapter (task ids, balance loss; module doc).
 
     ``AsymLoraTrainer(model=get_peft_model(base, AsymLoraConfig(...)), args=..., train_dataset=...,
-    task_column="task")``; everything else is Trainer's, checkpoints and ``resume_from_checkpoint`` included."""
+    task_column="task")``; everything else is Trainer's, checkpoints and ``resume_from_checkpoint`` included.
+
+    Training steps project only the target positions onto the vocabulary (`asymlora.train.targets`: the same
+    loss and gradient, less compute when prompts are masked with -100), where the model's forward supports
+    it and Trainer uses the model's own loss (no ``label_smoothing_factor``, no ``compute_loss_func``);
+    evaluation and prediction keep the full ``(batch, seq, vocab)`` logits."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss (with the balance term, `AsymLoraTrainerMixin.compute_loss`), on target-position
+        logits during training (class docstring)."""
+        own_loss = self.label_smoother is None and self.compute_loss_func is None
+        if model.training and not return_outputs and own_loss:
+            inputs = on_targets(model, inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 @functools.cache
