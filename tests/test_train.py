@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,48 @@ def test_kill_and_resume_reaches_the_same_final_step_and_weights(env, tmp_path) 
     assert final.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+def test_training_time_and_step_time_add_up_over_a_resume(env, tmp_path) -> None:
+    """A run killed after step 3 (checkpoint at 2) and resumed: train_seconds counts the killed process's
+    time up to its checkpoint too (each step's bookkeeping sleeps 0.2 s, so 4 steps take >= 0.8 s), while
+    step_seconds, the median of the 4 timed steps (2 before the checkpoint, 2 after the resume), leaves the
+    bookkeeping out. A checkpoint written before train_seconds was recorded gives None, not the resumed
+    process's time alone."""
+    import json
+    import statistics
+    import time
+
+    settings = load_config(None, overrides(env, tmp_path / "x", "train.steps=4", "train.save_every=2")).train
+    pm, tok = tiny_alora(env["model"])
+    ds, collate = _dataset(env, tok)
+
+    class Killed(Exception):
+        pass
+
+    def slow_then_kill_at_3(step: int) -> None:
+        time.sleep(0.2)
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(pm, ds, collate, settings, tmp_path / "run", on_step=slow_then_kill_at_3)
+    state_file = tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["train_seconds"] >= 0.4 and len(state["step_seconds"]) == 2
+    pm, tok = tiny_alora(env["model"])
+    resumed = train(
+        pm, ds, collate, settings, tmp_path / "run", resume=True, on_step=lambda _: time.sleep(0.2)
+    )
+    assert resumed.resumed_from == 2 and resumed.train_seconds is not None and resumed.train_seconds >= 0.8
+    final = json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert final["step_seconds"][:2] == state["step_seconds"] and len(final["step_seconds"]) == 4
+    assert resumed.step_seconds == statistics.median(final["step_seconds"]) and resumed.step_seconds < 0.2
+    del state["train_seconds"]  # a checkpoint from before the field
+    state_file.write_text(json.dumps(state))
+    pm, tok = tiny_alora(env["model"])
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
+    assert train(pm, ds, collate, settings, tmp_path / "run", resume=True).train_seconds is None
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(env, tmp_path) -> None:

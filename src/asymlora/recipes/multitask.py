@@ -306,7 +306,8 @@ def _run_facts(
     """The size, cost and training record of a trained method (the keys of results.json after the scores)."""
     return {
         "trainable_params": count_parameters(pm)["total"],
-        "train_seconds": round(result.train_seconds, 2),
+        "train_seconds": None if result.train_seconds is None else round(result.train_seconds, 2),
+        "step_seconds": None if result.step_seconds is None else round(result.step_seconds, 4),
         "eval_seconds": round(eval_seconds, 2),
         "peak_memory_mb": round(result.peak_memory_mb, 1),
         "steps": result.steps,

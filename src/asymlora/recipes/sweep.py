@@ -47,7 +47,7 @@ import math
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +322,8 @@ def make_record(cell: Cell, results: dict[str, Any], started: float, finished: f
         for task, rows in stats.with_example_scores(examples, primary).items()
     }
     keep: tuple[str, ...] = ("method", "per_task", "primary", "average", "std", "worst", "delta_m", "intervals",
-            "trainable_params", "train_seconds", "eval_seconds", "peak_memory_mb", "steps", "final_loss",
+            "trainable_params", "train_seconds", "step_seconds", "eval_seconds", "peak_memory_mb", "steps",
+            "final_loss",
             "router", "num_experts", "hardware")  # fmt: skip
     if results.get("stopping") is not None:  # the stopping rule's outcome (stopped_at, best_step, ...)
         keep += ("stopping",)
@@ -607,7 +608,8 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
             "worst": _value(g, None, "worst"), "std_over_tasks": _value(g, None, "std_over_tasks"),
             "delta_m": _delta_m(g, baselines), "ids": [r["id"] for r in g.records],
             "trainable_params": g.records[0]["trainable_params"],
-            "train_seconds": sum(r["train_seconds"] for r in g.records) / len(g.records),
+            "train_seconds": _mean_known(r.get("train_seconds") for r in g.records),
+            "step_seconds": _mean_known(r.get("step_seconds") for r in g.records),
             "steps": g.records[0]["steps"],
         })  # fmt: skip
     for ref in (g for g in groups if g.method == reference and len(g.tasks) > 1):
@@ -616,6 +618,17 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
             if result:
                 summary["paired"].append({"a": ref.label, "b": peer.label, **result})
     return summary
+
+
+def _mean_known(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are known (records from before a field, or a resumed run whose earlier
+    time was not recorded, hold None), or None when none is."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _seconds_text(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def _tables(summary: dict[str, Any]) -> list[str]:
@@ -632,6 +645,7 @@ def _tables(summary: dict[str, Any]) -> list[str]:
         "Δm%",
         "params",
         "train s",
+        "s/step",
         "steps",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -640,7 +654,8 @@ def _tables(summary: dict[str, Any]) -> list[str]:
         cells += [_cell_text(g["per_task"].get(t)) for t in tasks]
         cells += [_cell_text(g[k]) for k in ("average", "worst", "std_over_tasks")]
         cells += [_cell_text(g["delta_m"], 1), f"{g['trainable_params']:,}",
-                  f"{g['train_seconds']:.1f}", str(g["steps"])]  # fmt: skip
+                  _seconds_text(g["train_seconds"], 1), _seconds_text(g.get("step_seconds"), 2),
+                  str(g["steps"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per-seed values:", ""]
     for g in summary["groups"]:

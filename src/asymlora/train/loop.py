@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import resource
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,12 +49,17 @@ class TrainingError(RuntimeError):
 class TrainResult:
     steps: int
     final_loss: float
-    train_seconds: float
+    train_seconds: float | None
+    """Wall seconds of training (validation and checkpoints included), summed over resumes; None when the run
+    resumed from a checkpoint written before asymlora recorded it."""
     peak_memory_mb: float
     losses: list[tuple[int, float]] = field(default_factory=list)
     resumed_from: int | None = None
     stopping: dict[str, Any] | None = None
     """The stopping rule's record (`asymlora.train.stopping.Monitor.finish`); None without validation."""
+    step_seconds: float | None = None
+    """Median wall seconds of one optimiser step (batch, forward, backward, update; not validation or
+    checkpoints) over the steps trained, resumes included; None when no step was timed."""
 
 
 def batch_indices(step: int, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
@@ -308,7 +314,7 @@ def train(
                     loss_value=_global_loss_value(accelerator.num_processes * settings.grad_accum),
                     failure=partial(_failure_message, run_dir),
                     autocast=autocast_dtype(settings.mixed_precision))  # fmt: skip
-    book = _Bookkeeping(loop, settings, run_dir, desc, on_step, losses, start, monitor)
+    book = _Bookkeeping(loop, settings, run_dir, desc, on_step, losses, start, monitor, state)
     stop = start if monitor is not None and monitor.stopped else settings.steps
     try:
         loop.run(partial(_global_batches, dataset, collate, settings, accelerator), start, stop, book,
@@ -320,7 +326,8 @@ def train(
     return TrainResult(
         steps=(record or {}).get("stopped_at") or settings.steps,
         final_loss=book.last_loss,
-        train_seconds=time.perf_counter() - book.t0,
+        train_seconds=book.train_seconds(),
+        step_seconds=statistics.median(book.step_times) if book.step_times else None,
         peak_memory_mb=peak_memory_mb(device),
         losses=losses,
         resumed_from=start if ckpt is not None else None,
@@ -399,6 +406,7 @@ class _Bookkeeping:
         losses: list[tuple[int, float]],
         start: int,
         monitor: Monitor | None = None,
+        resumed: dict[str, Any] | None = None,
     ) -> None:
         assert loop.accelerator is not None
         self.loop, self.acc, self.settings, self.run_dir, self.desc = (
@@ -412,8 +420,22 @@ class _Bookkeeping:
         show = self.acc.is_main_process and progress.enabled()  # off under asymlora --quiet
         self.bar = tqdm(total=settings.steps, initial=start, desc=desc, disable=not show)
         self.t0, self.seen, self.last_loss = time.perf_counter(), 0, math.nan
+        self.t_mark = self.t0  # the end of the last step's bookkeeping: the next step starts here
+        resumed = resumed or {}
+        # the time of the processes before a resume (None: a checkpoint from before it was recorded)
+        self.prior_seconds: float | None = resumed.get("train_seconds", None if start else 0.0)
+        self.step_times: list[float] = list(resumed.get("step_seconds", []))
+
+    def train_seconds(self) -> float | None:
+        """Wall seconds of training so far, the processes before a resume included (None: unknown)."""
+        return None if self.prior_seconds is None else self.prior_seconds + time.perf_counter() - self.t0
 
     def __call__(self, done: int, loss: float) -> None:
+        self.step_times.append(round(time.perf_counter() - self.t_mark, 4))
+        self._after_step(done, loss)
+        self.t_mark = time.perf_counter()
+
+    def _after_step(self, done: int, loss: float) -> None:
         s, acc = self.settings, self.acc
         self.last_loss = loss
         self.seen += s.batch_size * s.grad_accum
@@ -442,7 +464,9 @@ class _Bookkeeping:
         full = None
         if sharding.is_sharded(loop.model):
             full = sharding.gathered_state(loop.model, loop.optimizer.optimizer, loop.params)
-        extra: dict[str, Any] = {"losses": self.losses}
+        extra: dict[str, Any] = {"losses": self.losses, "step_seconds": self.step_times}
+        if (seconds := self.train_seconds()) is not None:
+            extra["train_seconds"] = round(seconds, 3)
         files = None
         if self.monitor is not None:
             extra["stopping"] = self.monitor.state()
