@@ -47,7 +47,7 @@ from asymlora.federated.config import FedConfig
 from asymlora.federated.partition import load_partition
 from asymlora.federated.strategies import STRATEGY_NAMES
 from asymlora.models import cpu_name
-from asymlora.recipes.groups import SeedGroup, config_key
+from asymlora.recipes.groups import SeedGroup, config_key, paired_over_seeds
 
 __all__ = ["FED_KEYS", "LOCAL_ONLY", "FedCell", "is_federated", "make_cell", "make_record", "run_cell",
            "summarize", "tables"]  # fmt: skip
@@ -373,24 +373,16 @@ def _cost(group: FedGroup) -> dict[str, Any]:
 
 
 def paired(ref: FedGroup, peer: FedGroup, which: str = "personalised") -> dict[str, Any] | None:
-    """Paired tests of ``ref`` against ``peer`` per client and on the average over clients, on the seeds
-    both have (each example's score averaged over them); None when the clients or examples differ."""
-    seeds = [s for s in ref.seeds if s in peer.seeds]
-    if not seeds or ref.clients != peer.clients:
+    """Paired tests of ``ref`` against ``peer`` per client and on the average over clients
+    (`groups.paired_over_seeds`) on the ``which`` scores; None when the clients or examples differ."""
+    if ref.clients != peer.clients:
         return None
-    a: dict[str, list[float]] = {}
-    b: dict[str, list[float]] = {}
-    for client in ref.clients:
-        rows_a = [(ref.by_seed(s).get(which) or {}).get("per_example", {}).get(client) for s in seeds]
-        rows_b = [(peer.by_seed(s).get(which) or {}).get("per_example", {}).get(client) for s in seeds]
-        rows = rows_a + rows_b
-        if any(r is None for r in rows) or len({r["keys"] for r in rows}) != 1:
-            return None  # scored on other examples (or without per-example scores): no paired test
-        a[client] = [sum(col) / len(seeds) for col in zip(*(r["scores"] for r in rows_a), strict=True)]
-        b[client] = [sum(col) / len(seeds) for col in zip(*(r["scores"] for r in rows_b), strict=True)]
-    tests = {client: stats.paired_test(a[client], b[client]) for client in ref.clients}
-    tests["average"] = stats.paired_average_test(a, b)
-    return {"a": ref.label, "b": peer.label, "seeds": seeds, "tests": tests}
+
+    def examples(record: dict[str, Any], client: str) -> Any:
+        return (record.get(which) or {}).get("per_example", {}).get(client)
+
+    result = paired_over_seeds(ref, peer, ref.clients, examples)
+    return None if result is None else {"a": ref.label, "b": peer.label, **result}
 
 
 STRATEGY_OPTIONS = frozenset({STRATEGY_KEY, "seed", "local_a", "het_local", "het_upload"})

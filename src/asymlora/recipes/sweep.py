@@ -58,7 +58,7 @@ from asymlora.config import ConfigError, RunConfig, StoppingSettings, config_dic
 from asymlora.eval import plot_results, stats
 from asymlora.io import atomic_write_text
 from asymlora.recipes import fed_sweep, multitask
-from asymlora.recipes.groups import SeedGroup, config_key
+from asymlora.recipes.groups import SeedGroup, config_key, paired_over_seeds
 from asymlora.recipes.multitask import PER_EXAMPLE_FILE, read_examples
 
 LEDGER_FILE = "ledger.jsonl"
@@ -564,22 +564,10 @@ def _delta_m(group: Group, baselines: dict[str, Group]) -> dict[str, Any] | None
 
 
 def _paired(ref: Group, peer: Group) -> dict[str, Any] | None:
-    """Paired tests of ``ref`` against ``peer`` on the seeds both have (per-example scores averaged over them)."""
-    seeds = [s for s in ref.seeds if s in peer.seeds]
-    if not seeds or ref.tasks != peer.tasks:
+    """Paired tests of ``ref`` against ``peer`` per task and on the average (`groups.paired_over_seeds`)."""
+    if ref.tasks != peer.tasks:
         return None
-    a: dict[str, list[float]] = {}
-    b: dict[str, list[float]] = {}
-    for task in ref.tasks:
-        rows_a = [_examples(ref.by_seed(s), task) for s in seeds]
-        rows_b = [_examples(peer.by_seed(s), task) for s in seeds]
-        if len({r["keys"] for r in rows_a + rows_b}) != 1:
-            return None  # scored on other examples: no paired test
-        a[task] = [sum(col) / len(seeds) for col in zip(*(r["scores"] for r in rows_a), strict=True)]
-        b[task] = [sum(col) / len(seeds) for col in zip(*(r["scores"] for r in rows_b), strict=True)]
-    tests = {task: stats.paired_test(a[task], b[task]) for task in ref.tasks}
-    tests["average"] = stats.paired_average_test(a, b)
-    return {"seeds": seeds, "tests": tests}
+    return paired_over_seeds(ref, peer, ref.tasks, lambda record, task: record["per_example"].get(task))
 
 
 def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
