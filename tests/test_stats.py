@@ -281,3 +281,45 @@ def test_markdown_table_aligns_names_left_and_numbers_right() -> None:
     ]
     with pytest.raises(ValueError, match="2 cells for 3 columns"):
         markdown_table(["method", "a", "b"], [["lora", "0.5"]])
+
+
+# --- how many examples or seeds would resolve a difference -----------------------------------------------
+def _t_test_power(effect: float, n: int, alpha: float = 0.05) -> float:
+    """Power of a two-sided one-sample t-test with n observations at standardised effect ``effect``, from
+    scipy's noncentral t (independent of statsmodels, which the library uses)."""
+    from scipy.stats import nct
+    from scipy.stats import t as student
+
+    crit = student.ppf(1 - alpha / 2, n - 1)
+    nc = effect * n**0.5
+    return float(nct.sf(crit, n - 1, nc) + nct.cdf(-crit, n - 1, nc))
+
+
+def test_examples_to_resolve_sizes_the_paired_average_test_by_hand() -> None:
+    """Two tasks of 4 examples. Differences a − b: task x [1, 0, 1, 0] (mean 0.5, sample variance 1/3),
+    task y [0, 0, 1, -1] (mean 0, variance 2/3). D = (0.5 + 0) / 2 = 0.25; with n examples per task
+    Var(D) = (1/3 + 2/3) / (4 n), so one observation's std is s = sqrt(1) / 2 = 0.5 and the effect 0.5:
+    the answer is the smallest n whose t-test power reaches 0.8."""
+    from asymlora.eval.stats import examples_to_resolve
+
+    a = {"x": [1, 1, 1, 1], "y": [0, 1, 1, 0]}
+    b = {"x": [0, 1, 0, 1], "y": [0, 1, 0, 1]}
+    n = examples_to_resolve(a, b)
+    assert n is not None and _t_test_power(0.5, n) >= 0.8 > _t_test_power(0.5, n - 1)
+    assert n == 34  # the textbook value for d = 0.5, alpha 0.05, power 0.8 (33.4 rounded up)
+    assert examples_to_resolve(a, a) is None  # every difference is 0: nothing to resolve
+    with pytest.raises(stats.ExampleMismatchError):
+        examples_to_resolve(a, {"x": [0, 1, 0, 1]})
+
+
+def test_seeds_to_resolve_from_the_spread_over_seeds() -> None:
+    """Per-seed differences [0.02, 0.01, 0.03]: mean 0.02, sample std 0.01, effect 2."""
+    from asymlora.eval.stats import seeds_to_resolve
+
+    n = seeds_to_resolve([0.02, 0.01, 0.03])
+    assert n is not None and _t_test_power(2.0, n) >= 0.8 and (n == 2 or _t_test_power(2.0, n - 1) < 0.8)
+    assert n == 5
+    small = seeds_to_resolve([0.004, -0.006, 0.011])  # mean 0.003, std ≈ 0.00854: effect ≈ 0.35
+    assert small is not None and small > 50
+    assert seeds_to_resolve([0.02]) is None and seeds_to_resolve([0.01, 0.01]) is None
+    assert seeds_to_resolve([5.0, 5.1]) == 2  # an effect so large that 2 seeds suffice

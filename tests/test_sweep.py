@@ -14,6 +14,7 @@ from tests.conftest import make_char_tokenizer, make_tiny_llama
 
 import asymlora.train
 from asymlora.cli import main as cli_main
+from asymlora.eval import stats
 from asymlora.recipes import multitask, sweep
 
 
@@ -195,6 +196,15 @@ def test_report_is_regenerated_from_the_ledger_alone(env, campaign, capsys) -> N
     (paired,) = summary["paired"]
     assert (paired["a"], paired["b"], paired["seeds"]) == ("method=alora", "method=lora", [0, 1])
     assert 0 <= paired["tests"]["average"]["p_value"] <= 1
+    # what would resolve the average's difference: from the per-seed differences of the records' averages
+    lora = {r["seed"]: r["average"] for r in sweep.read_ledger(out / "ledger.jsonl")
+            if r["method"] == "lora" and len(r["tasks"]) == 2}  # fmt: skip
+    by_seed = {r["seed"]: r["average"] for r in records}
+    resolve = paired["resolve"]
+    assert resolve["per_seed_differences"] == pytest.approx([by_seed[s] - lora[s] for s in (0, 1)], abs=1e-12)
+    assert resolve["seeds"] == stats.seeds_to_resolve(resolve["per_seed_differences"])
+    assert resolve["examples_now"] == 6 and resolve["seeds_now"] == 2
+    assert "method=alora − method=lora: " in page  # p = 1 here (equal scores): "no difference to resolve"
     assert (out / "results.png").stat().st_size > 0
     assert cli_main(["sweep", str(env["sweep"]), "--list"]) == 0
     listed = capsys.readouterr().out
@@ -404,3 +414,36 @@ def test_records_from_before_mixed_precision_group_with_new_ones() -> None:
     bf16 = record(2, False)
     bf16["config"]["train"]["mixed_precision"] = "bf16"
     assert [g.seeds for g in group_records([record(0, True), bf16])] == [[0], [2]]
+
+
+def test_paired_report_says_what_would_resolve_an_unresolved_average() -> None:
+    """Two groups over seeds 0 and 1, two tasks of 4 examples. Seed 0: A − B = +0.25 on x, 0 on y (average
+    +0.125); seed 1: +0.5 on x, −0.25 on y (average +0.125)... (by hand below). The report line names the
+    per-seed spread's answer and the examples' answer, each what `stats` gives for the hand-made inputs."""
+    from asymlora.recipes.groups import SeedGroup, paired_lines, paired_over_seeds
+
+    def record(seed: int, x: list[int], y: list[int]) -> dict:
+        rows = {t: {"keys": t, "scores": v} for t, v in (("x", x), ("y", y))}
+        return {"seed": seed, "per_example": rows}
+
+    a = SeedGroup("A", [record(0, [1, 1, 0, 0], [1, 0, 1, 0]), record(1, [1, 1, 1, 0], [0, 0, 1, 0])])
+    b = SeedGroup("B", [record(0, [1, 0, 0, 0], [1, 0, 1, 0]), record(1, [0, 1, 0, 0], [1, 0, 1, 0])])
+    result = paired_over_seeds(a, b, ["x", "y"], lambda rec, t: rec["per_example"].get(t))
+    assert result is not None
+    resolve = result["resolve"]
+    # seed 0: x 0.50 − 0.25 = 0.25, y 0 → 0.125; seed 1: x 0.75 − 0.25 = 0.5, y 0.25 − 0.5 = −0.25 → 0.125
+    assert resolve["per_seed_differences"] == pytest.approx([0.125, 0.125])
+    assert resolve["seeds"] is None  # the same difference on both seeds: no spread to size a study by
+    # the seed-averaged per-example differences: x [0.5, 0.5, 0.5, 0] (A seeds avg [1, 1, .5, 0] − B [.5, .5, 0, 0]),
+    # y [-0.5, 0, 0, 0] (A [.5, 0, 1, 0] − B [1, 0, 1, 0])
+    assert resolve["examples_per_unit"] == stats.examples_to_resolve(
+        {"x": [0.5, 0.5, 0.5, 0.0], "y": [-0.5, 0.0, 0.0, 0.0]}, {"x": [0.0] * 4, "y": [0.0] * 4}
+    )
+    # by hand: both tasks' differences have sample variance 0.0625, so s = sqrt(0.125) / 2 and the effect
+    # 0.125 / s = 0.707: a t-test needs 17.7 → 18 observations for 80 % power
+    assert resolve["examples_per_unit"] == 18
+    assert resolve["examples_now"] == 4 and resolve["seeds_now"] == 2
+    lines = "\n".join(paired_lines([{"a": "A", "b": "B", **result}], ["x", "y"], "Paired:", "task"))
+    assert result["tests"]["average"]["p_value"] >= 0.05  # 4 examples: unresolved
+    assert "- A − B: +0.1250 (p=" in lines and "≈ 18 test examples per task (now 4)" in lines
+    assert "the 2 seeds gave the same difference" in lines

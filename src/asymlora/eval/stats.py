@@ -15,7 +15,10 @@ hand-written samplers:
 - several seeds: mean ± sample std (ddof = 1), the per-seed values kept (:func:`seed_summary`);
 - two runs on the same test examples: a paired sign-flip permutation test and a paired bootstrap
   interval of the mean difference, per task and on the average over tasks (:func:`paired_test`,
-  :func:`paired_average_test`, :func:`compare_examples`).
+  :func:`paired_average_test`, :func:`compare_examples`);
+- a difference the paired test cannot resolve: the test examples per task, or the seeds, at which a
+  difference of the observed size would be detected with 80 % power, from the observed variance
+  (statsmodels' ``TTestPower``: :func:`examples_to_resolve`, :func:`seeds_to_resolve`).
 
 Intervals are dicts ``{"value", "low", "high", "method", "n"}`` (``low``/``high`` None when an
 interval cannot be formed, e.g. a single example), ready for JSON.
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+from statsmodels.stats.power import TTestPower
 
 __all__ = [
     "BINARY_METRICS",
@@ -42,6 +46,7 @@ __all__ = [
     "compare_examples",
     "delta_m_interval",
     "example_key",
+    "examples_to_resolve",
     "format_interval",
     "metric_interval",
     "nan_mean",
@@ -50,6 +55,7 @@ __all__ = [
     "paired_test",
     "run_intervals",
     "seed_summary",
+    "seeds_to_resolve",
     "std",
     "wilson_interval",
 ]
@@ -64,6 +70,8 @@ SEED = 0
 """Seed of the resampling: the same scores always give the same interval and p-value."""
 STD_DDOF = 1
 """Std over seeds is the sample std (divisor n − 1)."""
+POWER = 0.8
+"""Power at which `examples_to_resolve` / `seeds_to_resolve` size a study (the conventional 80 %)."""
 BINARY_METRICS = frozenset({"accuracy", "exact_match"})
 """Metrics whose per-example score is 0 or 1 (Wilson interval)."""
 
@@ -346,6 +354,26 @@ def _sign_flip_pvalue(weighted_a: np.ndarray, weighted_b: np.ndarray, n_resample
     return float(min(1.0, result.pvalue))
 
 
+def _paired_arrays(
+    per_task_a: Mapping[str, Sequence[float]], per_task_b: Mapping[str, Sequence[float]], what: str
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The two runs' scores as arrays, task by task in A's order; ExampleMismatchError when their tasks or a
+    task's number of examples differ."""
+    if set(per_task_a) != set(per_task_b):
+        raise ExampleMismatchError(
+            f"the runs cover different tasks: {sorted(per_task_a)} vs {sorted(per_task_b)}"
+        )
+    a = _per_task_arrays(per_task_a, f"{what} (run A)")
+    b = _per_task_arrays({t: per_task_b[t] for t in a}, f"{what} (run B)")
+    for task in a:
+        if a[task].size != b[task].size:
+            raise ExampleMismatchError(
+                f"task {task!r}: run A has {a[task].size} scored examples, run B {b[task].size}; "
+                "a paired test needs the same test examples"
+            )
+    return a, b
+
+
 def paired_average_test(
     per_task_a: Mapping[str, Sequence[float]],
     per_task_b: Mapping[str, Sequence[float]],
@@ -372,18 +400,7 @@ def paired_average_test(
     Raises:
         ExampleMismatchError: different tasks, or a task with different numbers of examples.
     """
-    if set(per_task_a) != set(per_task_b):
-        raise ExampleMismatchError(
-            f"the runs cover different tasks: {sorted(per_task_a)} vs {sorted(per_task_b)}"
-        )
-    a = _per_task_arrays(per_task_a, "paired_average_test (run A)")
-    b = _per_task_arrays({t: per_task_b[t] for t in a}, "paired_average_test (run B)")
-    for task in a:
-        if a[task].size != b[task].size:
-            raise ExampleMismatchError(
-                f"task {task!r}: run A has {a[task].size} scored examples, run B {b[task].size}; "
-                "a paired test needs the same test examples"
-            )
+    a, b = _paired_arrays(per_task_a, per_task_b, "paired_average_test")
     diffs = [a[t] - b[t] for t in a]
     # weight 1/(T·n_t) per example: Σ_j w_j (a_j − b_j) is D, and a sign flip of a pair swaps its terms
     weights = np.concatenate([np.full(d.size, 1.0 / (len(diffs) * d.size)) for d in diffs])
@@ -517,3 +534,55 @@ def format_interval(
     if low is None or high is None:
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _sample_size(effect: float, power: float, alpha: float) -> int | None:
+    """The smallest n at which a two-sided one-sample t-test at level ``alpha`` detects a standardised
+    effect ``effect`` (mean / std of one observation) with probability ``power`` (statsmodels'
+    ``TTestPower.solve_power``); 2 when even that many suffice; None for no effect."""
+    if not effect > 0 or not math.isfinite(effect):
+        return None
+    test = TTestPower()
+    if test.power(effect_size=effect, nobs=2, alpha=alpha, alternative="two-sided") >= power:
+        return 2  # the root finder has no root above n = 2 to find (it warns and gives nan)
+    n = test.solve_power(effect_size=effect, alpha=alpha, power=power, alternative="two-sided")
+    return max(2, math.ceil(n))
+
+
+def examples_to_resolve(
+    per_task_a: Mapping[str, Sequence[float]],
+    per_task_b: Mapping[str, Sequence[float]],
+    *,
+    power: float = POWER,
+    confidence: float = CONFIDENCE,
+) -> int | None:
+    """Test examples per task at which the paired test on the average over tasks (`paired_average_test`)
+    would detect the observed difference with probability ``power`` (two-sided, level 1 − ``confidence``).
+
+    With n examples in each of the T tasks, D = (1/T) Σ_t mean_i d_ti has variance Σ_t σ_t² / (T² n), σ_t²
+    the sample variance of task t's paired differences d_ti = a_ti − b_ti; so D is a one-sample mean of n
+    observations of standard deviation s = sqrt(Σ_t σ_t²) / T, and n solves the t-test's power at effect
+    |D| / s (`_sample_size`). It holds the examples' difficulty mix and the seeds fixed.
+
+    Returns None when D = 0 or every difference is constant. Raises ExampleMismatchError as
+    `paired_average_test`."""
+    a, b = _paired_arrays(per_task_a, per_task_b, "examples_to_resolve")
+    diffs = [a[t] - b[t] for t in a]
+    difference = float(np.mean([d.mean() for d in diffs]))
+    spread = math.sqrt(sum(float(np.var(d, ddof=1)) if d.size > 1 else 0.0 for d in diffs)) / len(diffs)
+    if spread == 0:
+        return None
+    return _sample_size(abs(difference) / spread, power, 1 - confidence)
+
+
+def seeds_to_resolve(
+    differences: Sequence[float], *, power: float = POWER, confidence: float = CONFIDENCE
+) -> int | None:
+    """Seeds at which a one-sample t-test over per-seed differences (A − B, one value per seed, e.g. of
+    the average over tasks) would detect their observed mean with probability ``power`` (two-sided, level
+    1 − ``confidence``): effect = |mean| / sample std (ddof 1). None below 2 seeds, or when every seed
+    gives the same difference."""
+    values = _array(differences, "seeds_to_resolve")
+    if values.size < 2 or float(np.std(values, ddof=1)) == 0:
+        return None
+    return _sample_size(abs(float(values.mean())) / float(np.std(values, ddof=1)), power, 1 - confidence)

@@ -47,7 +47,7 @@ from asymlora.federated.config import FedConfig
 from asymlora.federated.partition import load_partition
 from asymlora.federated.strategies import STRATEGY_NAMES
 from asymlora.models import cpu_name
-from asymlora.recipes.groups import SeedGroup, config_key, paired_over_seeds
+from asymlora.recipes.groups import SeedGroup, config_key, paired_lines, paired_over_seeds
 
 __all__ = ["FED_KEYS", "LOCAL_ONLY", "FedCell", "is_federated", "make_cell", "make_record", "run_cell",
            "summarize", "tables"]  # fmt: skip
@@ -458,20 +458,11 @@ def tables(summary: Mapping[str, Any]) -> list[str]:
     for g in summary["groups"]:
         values = (g["personalised"] or {}).get("average", {}).get("values", [])
         lines.append(f"- {g['label']} (seeds {g['seeds']}): {[round(v, 4) for v in values]}")
-    if summary["paired"]:
-        lines += ["", "Paired tests of the personalised scores (A − B on the same test examples, per-example "
-                  "scores averaged over the shared seeds):", "",
-                  "| A | B | seeds | " + " | ".join([*clients, "average"]) + " |",
-                  "|---|---|---|" + "---:|" * (len(clients) + 1)]  # fmt: skip
-        for p in summary["paired"]:
-            cells = [
-                f"{stats.format_interval(t['difference'], t['low'], t['high'])} (p={t['p_value']:.3g})"
-                if t else "–"
-                for t in (p["tests"].get(name) for name in [*clients, "average"])
-            ]  # fmt: skip
-            lines.append(
-                f"| {p['a']} | {p['b']} | {','.join(map(str, p['seeds']))} | " + " | ".join(cells) + " |"
-            )
+    intro = (
+        "Paired tests of the personalised scores (A − B on the same test examples, per-example scores "
+        "averaged over the shared seeds):"
+    )
+    lines += paired_lines(summary["paired"], clients, intro, "client")
     return lines
 
 

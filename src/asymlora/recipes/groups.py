@@ -60,7 +60,76 @@ def paired_over_seeds(
         b[unit] = _seed_mean([r["scores"] for r in rows_b if r is not None])
     tests: dict[str, Any] = {unit: stats.paired_test(a[unit], b[unit]) for unit in units}
     tests["average"] = stats.paired_average_test(a, b)
-    return {"seeds": seeds, "tests": tests}
+    return {"seeds": seeds, "tests": tests, "resolve": _resolve(ref, peer, seeds, units, examples, a, b)}
+
+
+def _resolve(
+    ref: SeedGroup, peer: SeedGroup, seeds: Sequence[int], units: Sequence[str], examples: ExampleRows,
+    a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]],
+) -> dict[str, Any]:  # fmt: skip
+    """What would resolve the average's difference at 80 % power: test examples per unit (with these seeds,
+    `stats.examples_to_resolve`) or seeds (from the per-seed differences of the average,
+    `stats.seeds_to_resolve`), and the numbers there are now."""
+    per_seed = []
+    for s in seeds:
+        ra = [examples(ref.by_seed(s), u) for u in units]
+        rb = [examples(peer.by_seed(s), u) for u in units]
+        diffs = [sum(x["scores"]) / len(x["scores"]) - sum(y["scores"]) / len(y["scores"])
+                 for x, y in zip(ra, rb, strict=True) if x is not None and y is not None]  # fmt: skip
+        per_seed.append(sum(diffs) / len(diffs))
+    return {
+        "examples_per_unit": stats.examples_to_resolve(a, b),
+        "examples_now": min(len(v) for v in a.values()),
+        "seeds": stats.seeds_to_resolve(per_seed),
+        "seeds_now": len(seeds),
+        "per_seed_differences": per_seed,
+    }
+
+
+def paired_lines(
+    paired: Sequence[Mapping[str, Any]], units: Sequence[str], intro: str, unit: str
+) -> list[str]:
+    """The markdown of a report's paired tests: a table (A − B per ``units`` and on the average, interval and
+    p-value) and, for each average the test does not resolve (p ≥ 0.05), how many test examples per
+    ``unit`` (a task, a client) or seeds would resolve a difference of its size."""
+    if not paired:
+        return []
+    lines = ["", intro, "", "| A | B | seeds | " + " | ".join([*units, "average"]) + " |",
+             "|---|---|---|" + "---:|" * (len(units) + 1)]  # fmt: skip
+    for p in paired:
+        cells = [
+            f"{stats.format_interval(t['difference'], t['low'], t['high'])} (p={t['p_value']:.3g})"
+            if t
+            else "–"
+            for t in (p["tests"].get(name) for name in [*units, "average"])
+        ]
+        lines.append(
+            f"| {p['a']} | {p['b']} | {','.join(map(str, p['seeds']))} | " + " | ".join(cells) + " |"
+        )
+    unresolved = [
+        _resolve_line(p, unit) for p in paired if p["tests"]["average"]["p_value"] >= 1 - stats.CONFIDENCE
+    ]
+    if unresolved:
+        lines += ["", f"Averages the paired test does not resolve (p ≥ {1 - stats.CONFIDENCE:.2g}), and what would "
+                  f"detect a difference of that size with {stats.POWER:.0%} power (two-sided, from the measured "
+                  "variance; `asymlora.eval.stats.examples_to_resolve`, `seeds_to_resolve`):", "", *unresolved]  # fmt: skip
+    return lines
+
+
+def _resolve_line(p: Mapping[str, Any], unit: str) -> str:
+    avg, r = p["tests"]["average"], p.get("resolve") or {}
+    head = f"- {p['a']} − {p['b']}: {avg['difference']:+.4f} (p={avg['p_value']:.3g})"
+    if r.get("examples_per_unit") is None:
+        return f"{head}: no difference to resolve"
+    if r.get("seeds") is not None:
+        seeds = f"≈ {r['seeds']} seeds (now {r['seeds_now']})"
+    elif r.get("seeds_now", 0) < 2:
+        seeds = "more seeds (their spread needs 2 seeds or more to estimate)"
+    else:
+        seeds = f"more seeds (the {r['seeds_now']} seeds gave the same difference: no spread to size by)"
+    return (
+        f"{head}: ≈ {r['examples_per_unit']:,} test examples per {unit} (now {r['examples_now']}), or {seeds}"
+    )
 
 
 def _seed_mean(scores: Sequence[Sequence[float]]) -> list[float]:

@@ -58,7 +58,7 @@ from asymlora.config import ConfigError, RunConfig, StoppingSettings, config_dic
 from asymlora.eval import plot_results, stats
 from asymlora.io import atomic_write_text
 from asymlora.recipes import fed_sweep, multitask
-from asymlora.recipes.groups import SeedGroup, config_key, paired_over_seeds
+from asymlora.recipes.groups import SeedGroup, config_key, paired_lines, paired_over_seeds
 from asymlora.recipes.multitask import PER_EXAMPLE_FILE, read_examples
 
 LEDGER_FILE = "ledger.jsonl"
@@ -651,24 +651,8 @@ def _tables(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {g['label']} (seeds {g['seeds']}): {per}; average {[round(v, 4) for v in g['average']['values']]}"
         )
-    if summary["paired"]:
-        lines += [
-            "",
-            "Paired tests (A − B on the same test examples, per-example scores averaged over shared seeds):",
-            "",
-        ]
-        lines += ["| A | B | seeds | " + " | ".join([*tasks, "average"]) + " |",
-                  "|---|---|---|" + "---:|" * (len(tasks) + 1)]  # fmt: skip
-        for p in summary["paired"]:
-            cells = [
-                f"{stats.format_interval(t['difference'], t['low'], t['high'])} (p={t['p_value']:.3g})"
-                if t
-                else "–"
-                for t in (p["tests"].get(name) for name in [*tasks, "average"])
-            ]
-            lines.append(
-                f"| {p['a']} | {p['b']} | {','.join(map(str, p['seeds']))} | " + " | ".join(cells) + " |"
-            )
+    intro = "Paired tests (A − B on the same test examples, per-example scores averaged over shared seeds):"
+    lines += paired_lines(summary["paired"], tasks, intro, "task")
     return lines
 
 
