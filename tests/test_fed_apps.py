@@ -395,7 +395,11 @@ def test_stop_and_resume(assets: Path, tmp_path: Path, capsys) -> None:
     assert r2["accepted"] == [0, 1]
     for c1, c2 in zip(r1["clients"], r2["clients"], strict=True):
         assert c2["a_drift_start"] == pytest.approx(c1["a_drift_end"], rel=1e-6)
-    assert json.loads((run / "results.json").read_text())["rounds"] == 2
+    results = json.loads((run / "results.json").read_text())
+    assert results["rounds"] == 2
+    # the rounds' time counts the stopped process's round 1 too (each round's own "seconds", as recorded)
+    assert results["round_seconds"] == pytest.approx(r1["seconds"] + r2["seconds"], abs=0.01)
+    assert r1["seconds"] > 0 and r2["seconds"] > 0
 
 
 @pytest.mark.parametrize(

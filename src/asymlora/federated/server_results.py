@@ -174,6 +174,7 @@ def assemble_results(
         "bytes": _bytes(cfg, history),
         "rounds_with_failures": [r["round"] for r in history if r["failed"] or r["rejected"]],
         "rounds_kept_previous": [r["round"] for r in history if r["kept_previous"]],
+        "round_seconds": round(sum(r["seconds"] for r in history), 2),  # resumes included
         "train_loss": [r["train_loss"] for r in history],
         **_secagg_clipped(history),
     }

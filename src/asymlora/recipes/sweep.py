@@ -47,7 +47,7 @@ import math
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -596,8 +596,8 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
             "worst": _value(g, None, "worst"), "std_over_tasks": _value(g, None, "std_over_tasks"),
             "delta_m": _delta_m(g, baselines), "ids": [r["id"] for r in g.records],
             "trainable_params": g.records[0]["trainable_params"],
-            "train_seconds": _mean_known(r.get("train_seconds") for r in g.records),
-            "step_seconds": _mean_known(r.get("step_seconds") for r in g.records),
+            "train_seconds": stats.nan_mean([r.get("train_seconds") for r in g.records]),
+            "step_seconds": stats.nan_mean([r.get("step_seconds") for r in g.records]),
             "steps": g.records[0]["steps"],
         })  # fmt: skip
     for ref in (g for g in groups if g.method == reference and len(g.tasks) > 1):
@@ -606,13 +606,6 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
             if result:
                 summary["paired"].append({"a": ref.label, "b": peer.label, **result})
     return summary
-
-
-def _mean_known(values: Iterable[float | None]) -> float | None:
-    """The mean of the values that are known (records from before a field, or a resumed run whose earlier
-    time was not recorded, hold None), or None when none is."""
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known else None
 
 
 def _seconds_text(value: float | None, digits: int) -> str:
