@@ -28,7 +28,7 @@ from asymlora.federated.partition import (
     summary_lines,
     task_partition,
 )
-from asymlora.federated.run import EXIT_STOPPED, EXIT_USER_ERROR, main
+from asymlora.federated.run import EXIT_FAILED, EXIT_STOPPED, EXIT_USER_ERROR, main
 from asymlora.methods.base import Role
 
 pytestmark = pytest.mark.fed
@@ -375,6 +375,29 @@ def test_bad_clients_are_recorded_and_the_run_goes_on(assets: Path, tmp_path: Pa
     res = json.loads((tmp_path / "run" / "fedalora" / "results.json").read_text())
     assert res["rounds_kept_previous"] == [3] and res["rounds_with_failures"] == [1, 2, 3]
     assert len(res["clients"]) == 3  # every client is still evaluated (on its last trained adapter)
+
+
+def test_a_simulation_no_client_answers_stops_and_resumes(assets: Path, tmp_path: Path, capsys) -> None:
+    """In Flower's simulation (Ray), both clients raise in rounds 1 and 2 of 3: the run stops after round 2
+    with exit 1 and one line naming the rounds and the reason; fixed and resumed, it runs rounds 1-3."""
+    cfg = write_config(
+        tmp_path / "fed.yaml",
+        assets,
+        tmp_path / "run",
+        rounds=3,
+        faults={"raise_in": ["0:1", "1:1", "0:2", "1:2"]},
+    )
+    run = tmp_path / "run" / "fedalora"
+    assert fed(cfg) == EXIT_FAILED
+    out = capsys.readouterr()
+    assert (
+        "rounds 1-2 had no answer from any client" in out.out + out.err
+    )  # (Flower logs the clients' errors)
+    assert len(read_rounds(run / "rounds.jsonl")) == 2 and not (run / "results.json").exists()
+    assert fed(cfg, "faults.raise_in=[]", resume=True) == 0
+    assert "round(s) 1-2 had no answer from any client; they run again" in capsys.readouterr().out
+    assert [r["accepted"] for r in read_rounds(run / "rounds.jsonl")] == [[0, 1]] * 3
+    assert [r["round"] for r in read_rounds(run / "rounds_rerun.jsonl")] == [1, 2]
 
 
 def test_stop_and_resume(assets: Path, tmp_path: Path, capsys) -> None:
