@@ -306,3 +306,44 @@ def test_one_round_no_client_answered_is_survived_and_the_limit_is_validated(
     assert (
         partial_config(assets, tmp_path, "clients.max_failed_rounds=null").clients.max_failed_rounds is None
     )
+
+
+class LosingGrid(InProcessGrid):
+    """`InProcessGrid` whose train replies of the rounds in ``lose`` never come back (the clients trained
+    and saved their adapters, but the server timed out: status ``missing``)."""
+
+    def __init__(self, num: int, lose: set[str]) -> None:
+        super().__init__(num)
+        self.lose = lose
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        lost = {m.metadata.message_id for m in messages if m.metadata.group_id in self.lose}
+        return [r for r in replies if r.metadata.reply_to_message_id not in lost]
+
+
+def test_a_rerun_round_finds_the_local_tensors_of_clients_whose_replies_were_lost(
+    assets: Path, tmp_path: Path, task_identity
+) -> None:
+    """Every client trains and saves rounds 2 and 3, but no reply reaches the server (a timeout): the run
+    stops after round 3. The resume runs round 2 again from each client's round-1 adapter, which its disk
+    must still hold although the client has since saved two later rounds; it ends bit for bit as a run
+    whose replies all arrived, and no client starts its local tensors afresh."""
+    from asymlora.federated.round_log import load_checkpoint
+
+    cfg = partial_config(assets, tmp_path, "clients.fraction=1.0", "rounds=4")
+    out, state_dir = tmp_path / "run" / "fedalora", str(tmp_path / "clients")
+    outcome = _run(cfg, LosingGrid(4, {"2", "3"}), out, client_state_dir=state_dir)
+    assert (outcome.status, outcome.rounds_completed) == ("failed", 3)
+    assert "no reply within timeouts.round" in outcome.message
+    assert _run(cfg, InProcessGrid(4), out, resume=True, client_state_dir=state_dir).status == "completed"
+    rounds = read_rounds(out / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert not [
+        n for r in rounds for c in r["clients"] for n in c.get("notes", []) if "no local tensors" in n
+    ]
+    straight = tmp_path / "straight" / "fedalora"
+    assert _run(cfg, InProcessGrid(4), straight, client_state_dir=str(tmp_path / "s")).status == "completed"
+    resumed, uninterrupted = load_checkpoint(out)[0], load_checkpoint(straight)[0]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

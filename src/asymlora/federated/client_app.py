@@ -223,7 +223,9 @@ def train(message: Message, context: Context) -> Message:
     context.state[STATE_TRAINED] = to_record(res.trained)
     context.state[STATE_META] = ConfigRecord({"round": ins.round, "strategy": ins.strategy})
     if state_dir:
-        fc.save_client_state(state_dir, ins.client, ins.round, res.trained, ins.strategy, identity=identity)
+        fc.save_client_state(
+            state_dir, ins.client, ins.round, res.trained, ins.strategy, identity=identity, started_from=src
+        )
     reply = TrainReply(
         ins.client, to_record(res.upload), res.num_examples, res.train_loss, res.seconds,
         res.a_drift_start, res.a_drift_end, tuple(res.notes), res.local_sha256_start,
