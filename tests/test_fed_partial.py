@@ -347,3 +347,22 @@ def test_a_rerun_round_finds_the_local_tensors_of_clients_whose_replies_were_los
     assert _run(cfg, InProcessGrid(4), straight, client_state_dir=str(tmp_path / "s")).status == "completed"
     resumed, uninterrupted = load_checkpoint(out)[0], load_checkpoint(straight)[0]
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_max_failed_rounds_leaves_the_client_state_identity_alone() -> None:
+    """A client file written before clients.max_failed_rounds existed carries the SHA-256 of a config whose
+    ``clients`` lacks the key (digest by hand below); the resumed run's clients must accept it, whatever the
+    limit (a server-only setting), or every client of a resumed older run fails with "another run"."""
+    import hashlib
+    import json
+
+    from asymlora.federated.client import IDENTITY_KEYS, state_identity
+    from asymlora.federated.config import FedConfig
+
+    cfg = FedConfig()
+    d = cfg.to_dict()
+    del d["clients"]["max_failed_rounds"]
+    older = json.dumps({"strategy": "fedalora", **{k: d[k] for k in IDENTITY_KEYS}}, sort_keys=True)
+    assert state_identity(cfg, "fedalora") == hashlib.sha256(older.encode()).hexdigest()
+    cfg.clients.max_failed_rounds = None
+    assert state_identity(cfg, "fedalora") == hashlib.sha256(older.encode()).hexdigest()

@@ -620,6 +620,9 @@ def state_identity(cfg: FedConfig, strategy: str) -> str:
     """SHA-256 (hex, 64 characters) of the strategy and the `IDENTITY_KEYS` of ``cfg``: the run identity
     stored with the client's adapter (`save_client_state`) and checked when it is read back."""
     d = cfg.to_dict()
+    # clients.max_failed_rounds only says when the server stops: not what a client trains, and leaving it out
+    # keeps the identity of the client files written before the setting existed (their runs can resume)
+    d["clients"] = {k: v for k, v in d["clients"].items() if k != "max_failed_rounds"}
     text = json.dumps({"strategy": strategy, **{k: d.get(k) for k in IDENTITY_KEYS}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
