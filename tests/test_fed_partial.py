@@ -366,3 +366,20 @@ def test_max_failed_rounds_leaves_the_client_state_identity_alone() -> None:
     assert state_identity(cfg, "fedalora") == hashlib.sha256(older.encode()).hexdigest()
     cfg.clients.max_failed_rounds = None
     assert state_identity(cfg, "fedalora") == hashlib.sha256(older.encode()).hexdigest()
+
+
+def test_one_round_of_lost_replies_is_survived_without_a_state_dir(
+    assets: Path, tmp_path: Path, task_identity, monkeypatch
+) -> None:
+    """No client state dir (a SuperNode keeps its adapter in its Context only): every client trains round 2
+    but no reply arrives; in round 3 each client starts from exactly the adapter it trained in round 1 (the
+    last round the server saw it train), kept in memory, not from fresh local tensors."""
+    spy = Spy(monkeypatch)
+    cfg = partial_config(assets, tmp_path, "clients.fraction=1.0")
+    assert _run(cfg, LosingGrid(4, {"2"}), tmp_path / "run" / "fedalora").status == "completed"
+    rounds = read_rounds(tmp_path / "run" / "fedalora" / "rounds.jsonl")
+    assert [r["accepted"] for r in rounds] == [[0, 1, 2, 3], [], [0, 1, 2, 3]]
+    assert not [n for c in rounds[2]["clients"] for n in c.get("notes", []) if "no local tensors" in n]
+    for k in range(4):
+        carried, trained = spy.carried[(k, 3)], spy.trained[(k, 1)]
+        assert carried is not None and all(torch.equal(carried[n], trained[n]) for n in trained)
