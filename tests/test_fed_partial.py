@@ -293,7 +293,11 @@ def test_one_round_no_client_answered_is_survived_and_the_limit_is_validated(
     from asymlora.federated.round_log import no_client_answered, trailing_failed_rounds
 
     def rnd(*statuses: str) -> dict:
-        return {"clients": [{"client": k, "status": s} for k, s in enumerate(statuses)]}
+        return {"clients": [{"client": k, "node_id": 100 + k, "status": s} for k, s in enumerate(statuses)]}
+
+    never = {"client": 9, "status": "missing", "reason": "never connected"}  # min_nodes < clients.num
+    assert not no_client_answered({"clients": [never, *rnd("not_sampled", "not_sampled")["clients"]]})
+    assert no_client_answered({"clients": [never, *rnd("not_sampled", "missing")["clients"]]})
 
     assert no_client_answered(rnd("failed", "not_sampled", "missing"))
     assert not no_client_answered(rnd("failed", "rejected"))  # a rejected update was sent: not re-run
