@@ -248,6 +248,13 @@ def test_the_client_keeps_its_last_trained_round_on_disk(tmp_path: Path) -> None
         "round-3.safetensors",
         "round-6.safetensors",
     ]
+    # round 7 started from round 3 (the server never got round 6's reply): 3 and 6 stay, 3 may be asked again
+    save_client_state(tmp_path, 0, 7, {"A": torch.zeros(2)}, "fedalora", started_from=3)
+    names = sorted(p.name for p in (tmp_path / "client-0").iterdir())
+    assert names == ["round-3.safetensors", "round-6.safetensors", "round-7.safetensors"]
+    save_client_state(tmp_path, 0, 8, {"A": torch.zeros(2)}, "fedalora", started_from=7)
+    names = sorted(p.name for p in (tmp_path / "client-0").iterdir())
+    assert names == ["round-7.safetensors", "round-8.safetensors"]
 
 
 # --- rounds no client answered ------------------------------------------------------------------------------
