@@ -248,6 +248,13 @@ def test_the_client_keeps_its_last_trained_round_on_disk(tmp_path: Path) -> None
         "round-3.safetensors",
         "round-6.safetensors",
     ]
+    # round 7 started from round 3 (the server never got round 6's reply): 3 and 6 stay, 3 may be asked again
+    save_client_state(tmp_path, 0, 7, {"A": torch.zeros(2)}, "fedalora", started_from=3)
+    names = sorted(p.name for p in (tmp_path / "client-0").iterdir())
+    assert names == ["round-3.safetensors", "round-6.safetensors", "round-7.safetensors"]
+    save_client_state(tmp_path, 0, 8, {"A": torch.zeros(2)}, "fedalora", started_from=7)
+    names = sorted(p.name for p in (tmp_path / "client-0").iterdir())
+    assert names == ["round-7.safetensors", "round-8.safetensors"]
 
 
 # --- rounds no client answered ------------------------------------------------------------------------------
@@ -293,7 +300,11 @@ def test_one_round_no_client_answered_is_survived_and_the_limit_is_validated(
     from asymlora.federated.round_log import no_client_answered, trailing_failed_rounds
 
     def rnd(*statuses: str) -> dict:
-        return {"clients": [{"client": k, "status": s} for k, s in enumerate(statuses)]}
+        return {"clients": [{"client": k, "node_id": 100 + k, "status": s} for k, s in enumerate(statuses)]}
+
+    never = {"client": 9, "status": "missing", "reason": "never connected"}  # min_nodes < clients.num
+    assert not no_client_answered({"clients": [never, *rnd("not_sampled", "not_sampled")["clients"]]})
+    assert no_client_answered({"clients": [never, *rnd("not_sampled", "missing")["clients"]]})
 
     assert no_client_answered(rnd("failed", "not_sampled", "missing"))
     assert not no_client_answered(rnd("failed", "rejected"))  # a rejected update was sent: not re-run
@@ -306,3 +317,80 @@ def test_one_round_no_client_answered_is_survived_and_the_limit_is_validated(
     assert (
         partial_config(assets, tmp_path, "clients.max_failed_rounds=null").clients.max_failed_rounds is None
     )
+
+
+class LosingGrid(InProcessGrid):
+    """`InProcessGrid` whose train replies of the rounds in ``lose`` never come back (the clients trained
+    and saved their adapters, but the server timed out: status ``missing``)."""
+
+    def __init__(self, num: int, lose: set[str]) -> None:
+        super().__init__(num)
+        self.lose = lose
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        lost = {m.metadata.message_id for m in messages if m.metadata.group_id in self.lose}
+        return [r for r in replies if r.metadata.reply_to_message_id not in lost]
+
+
+def test_a_rerun_round_finds_the_local_tensors_of_clients_whose_replies_were_lost(
+    assets: Path, tmp_path: Path, task_identity
+) -> None:
+    """Every client trains and saves rounds 2 and 3, but no reply reaches the server (a timeout): the run
+    stops after round 3. The resume runs round 2 again from each client's round-1 adapter, which its disk
+    must still hold although the client has since saved two later rounds; it ends bit for bit as a run
+    whose replies all arrived, and no client starts its local tensors afresh."""
+    from asymlora.federated.round_log import load_checkpoint
+
+    cfg = partial_config(assets, tmp_path, "clients.fraction=1.0", "rounds=4")
+    out, state_dir = tmp_path / "run" / "fedalora", str(tmp_path / "clients")
+    outcome = _run(cfg, LosingGrid(4, {"2", "3"}), out, client_state_dir=state_dir)
+    assert (outcome.status, outcome.rounds_completed) == ("failed", 3)
+    assert "no reply within timeouts.round" in outcome.message
+    assert _run(cfg, InProcessGrid(4), out, resume=True, client_state_dir=state_dir).status == "completed"
+    rounds = read_rounds(out / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert not [
+        n for r in rounds for c in r["clients"] for n in c.get("notes", []) if "no local tensors" in n
+    ]
+    straight = tmp_path / "straight" / "fedalora"
+    assert _run(cfg, InProcessGrid(4), straight, client_state_dir=str(tmp_path / "s")).status == "completed"
+    resumed, uninterrupted = load_checkpoint(out)[0], load_checkpoint(straight)[0]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_max_failed_rounds_leaves_the_client_state_identity_alone() -> None:
+    """A client file written before clients.max_failed_rounds existed carries the SHA-256 of a config whose
+    ``clients`` lacks the key (digest by hand below); the resumed run's clients must accept it, whatever the
+    limit (a server-only setting), or every client of a resumed older run fails with "another run"."""
+    import hashlib
+    import json
+
+    from asymlora.federated.client import IDENTITY_KEYS, state_identity
+    from asymlora.federated.config import FedConfig
+
+    cfg = FedConfig()
+    d = cfg.to_dict()
+    del d["clients"]["max_failed_rounds"]
+    older = json.dumps({"strategy": "fedalora", **{k: d[k] for k in IDENTITY_KEYS}}, sort_keys=True)
+    assert state_identity(cfg, "fedalora") == hashlib.sha256(older.encode()).hexdigest()
+    cfg.clients.max_failed_rounds = None
+    assert state_identity(cfg, "fedalora") == hashlib.sha256(older.encode()).hexdigest()
+
+
+def test_one_round_of_lost_replies_is_survived_without_a_state_dir(
+    assets: Path, tmp_path: Path, task_identity, monkeypatch
+) -> None:
+    """No client state dir (a SuperNode keeps its adapter in its Context only): every client trains round 2
+    but no reply arrives; in round 3 each client starts from exactly the adapter it trained in round 1 (the
+    last round the server saw it train), kept in memory, not from fresh local tensors."""
+    spy = Spy(monkeypatch)
+    cfg = partial_config(assets, tmp_path, "clients.fraction=1.0")
+    assert _run(cfg, LosingGrid(4, {"2"}), tmp_path / "run" / "fedalora").status == "completed"
+    rounds = read_rounds(tmp_path / "run" / "fedalora" / "rounds.jsonl")
+    assert [r["accepted"] for r in rounds] == [[0, 1, 2, 3], [], [0, 1, 2, 3]]
+    assert not [n for c in rounds[2]["clients"] for n in c.get("notes", []) if "no local tensors" in n]
+    for k in range(4):
+        carried, trained = spy.carried[(k, 3)], spy.trained[(k, 1)]
+        assert carried is not None and all(torch.equal(carried[n], trained[n]) for n in trained)

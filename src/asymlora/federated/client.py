@@ -620,6 +620,9 @@ def state_identity(cfg: FedConfig, strategy: str) -> str:
     """SHA-256 (hex, 64 characters) of the strategy and the `IDENTITY_KEYS` of ``cfg``: the run identity
     stored with the client's adapter (`save_client_state`) and checked when it is read back."""
     d = cfg.to_dict()
+    # clients.max_failed_rounds only says when the server stops: not what a client trains, and leaving it out
+    # keeps the identity of the client files written before the setting existed (their runs can resume)
+    d["clients"] = {k: v for k, v in d["clients"].items() if k != "max_failed_rounds"}
     text = json.dumps({"strategy": strategy, **{k: d.get(k) for k in IDENTITY_KEYS}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -638,19 +641,23 @@ def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
 
 def save_client_state(
     state_dir: str | Path, client: int, rnd: int, trained: Mapping[str, Tensor], strategy: str,
-    *, identity: str = "",
+    *, identity: str = "", started_from: int | None = None,
 ) -> Path:  # fmt: skip
     """Write the client's trained adapter of round ``rnd`` atomically (temp file + rename), with its
-    round, strategy and run ``identity`` (`state_identity`) as metadata; keep it and the last round before
+    round, strategy and run ``identity`` (`state_identity`) as metadata; keep it, the last round before
     it that the client trained in (a round re-run after a resume starts from that one; with partial
-    participation it need not be ``rnd - 1``)."""
+    participation it need not be ``rnd - 1``) and every round from ``started_from`` on — the round the
+    server said the client last trained in: rounds after it whose replies never reached the server may
+    be run again from it (docs/federated.md, "Rounds no client answered")."""
     path = _state_file(state_dir, client, rnd)
     tensors = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
     meta = {"round": str(rnd), "strategy": strategy, "identity": identity}
     atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     saved = {int(n): f for f in path.parent.glob("round-*.safetensors") if (n := f.stem[6:]).isdigit()}
+    keep_from = rnd if started_from is None else started_from
     for r in sorted(k for k in saved if k < rnd)[:-1]:
-        saved[r].unlink(missing_ok=True)
+        if r < keep_from:
+            saved[r].unlink(missing_ok=True)
     return path
 
 

@@ -57,14 +57,28 @@ from asymlora.federated.privacy import KEY_CLIPPING_NORM, clip_upload_locally
 from asymlora.federated.secagg_client import secagg_fit_mod, secaggplus_gate
 from asymlora.federated.strategies import get_strategy
 
-__all__ = ["RAW_STYPE", "STATE_CONFIG", "STATE_META", "STATE_TRAINED", "app", "from_record", "to_record"]
+__all__ = [
+    "RAW_STYPE",
+    "STATE_CONFIG",
+    "STATE_META",
+    "STATE_STARTED",
+    "STATE_TRAINED",
+    "app",
+    "from_record",
+    "to_record",
+]
 
 logger = logging.getLogger(__name__)
 
 STATE_TRAINED = "asymlora-trained"
 """``context.state`` key of the client's trained adapter (an ArrayRecord)."""
 STATE_META = "asymlora-meta"
-"""``context.state`` key of the round and strategy that adapter belongs to (a ConfigRecord)."""
+"""``context.state`` key of the round and strategy that adapter belongs to, and ``started_round`` (a
+ConfigRecord)."""
+STATE_STARTED = "asymlora-started"
+"""``context.state`` key of the adapter the client started that round from (its trained adapter of
+``started_round``, the last round the server saw it train): when the reply is lost, the server's next
+instruction asks for that round again (docs/federated.md, "Rounds no client answered")."""
 STATE_CONFIG = "asymlora-config"
 """``context.state`` key of the run's config: ``json`` and ``hash`` (a ConfigRecord, `messages.RunConfig`)."""
 
@@ -178,8 +192,11 @@ def _carried(
     restarted SuperNode; ``or_earlier``: its latest kept round before, when it missed rounds); a state
     dir of another run (``identity``) raises ValueError."""
     meta = context.state.config_records.get(STATE_META)
-    if meta is not None and meta["round"] == rnd and meta["strategy"] == strategy:
-        return from_record(context.state.array_records[STATE_TRAINED])
+    if meta is not None and meta["strategy"] == strategy:
+        if meta["round"] == rnd:
+            return from_record(context.state.array_records[STATE_TRAINED])
+        if meta.get("started_round") == rnd and STATE_STARTED in context.state.array_records:
+            return from_record(context.state.array_records[STATE_STARTED])
     return fc.load_client_state(state_dir, client, rnd, strategy, identity=identity, or_earlier=or_earlier)
 
 
@@ -221,9 +238,17 @@ def train(message: Message, context: Context) -> Message:
     for note in res.notes:
         logger.warning(note)
     context.state[STATE_TRAINED] = to_record(res.trained)
-    context.state[STATE_META] = ConfigRecord({"round": ins.round, "strategy": ins.strategy})
+    meta = ConfigRecord({"round": ins.round, "strategy": ins.strategy})
+    if carried is not None:
+        context.state[STATE_STARTED] = to_record(carried)
+        meta["started_round"] = src
+    elif STATE_STARTED in context.state.array_records:
+        del context.state.array_records[STATE_STARTED]
+    context.state[STATE_META] = meta
     if state_dir:
-        fc.save_client_state(state_dir, ins.client, ins.round, res.trained, ins.strategy, identity=identity)
+        fc.save_client_state(
+            state_dir, ins.client, ins.round, res.trained, ins.strategy, identity=identity, started_from=src
+        )
     reply = TrainReply(
         ins.client, to_record(res.upload), res.num_examples, res.train_loss, res.seconds,
         res.a_drift_start, res.a_drift_end, tuple(res.notes), res.local_sha256_start,

@@ -60,9 +60,12 @@ def load_checkpoint(out_dir: Path) -> tuple[dict[str, Tensor], dict[str, Any]] |
 
 def no_client_answered(record: Mapping[str, Any]) -> bool:
     """True for a round in which every sampled client failed (status ``failed`` or ``missing``: raised,
-    timed out, node gone): nothing was trained, uploaded or released, so the round can be run again."""
-    sampled = [c for c in record["clients"] if c["status"] != "not_sampled"]
-    return bool(sampled) and all(c["status"] in ("failed", "missing") for c in sampled)
+    timed out, node gone): nothing was trained, uploaded or released, so the round can be run again.
+    Sampled clients whose node never connected (``min_nodes`` below ``clients.num``: no ``node_id``) are
+    left out — nobody asked them — so a round that sampled only those is not one (else a run whose absent
+    clients happen to be drawn twice in a row would stop, and stop again on every resume)."""
+    asked = [c for c in record["clients"] if c["status"] != "not_sampled" and c.get("node_id") is not None]
+    return bool(asked) and all(c["status"] in ("failed", "missing") for c in asked)
 
 
 def trailing_failed_rounds(history: Sequence[Mapping[str, Any]]) -> int:
