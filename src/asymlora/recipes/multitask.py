@@ -416,7 +416,7 @@ def check_launch(cfg: RunConfig) -> None:
             f"accelerate's mixed precision is {launched!r} (ACCELERATE_MIXED_PRECISION, set by `accelerate launch "
             f"--mixed_precision` or its config file) but train.mixed_precision={cfg.train.mixed_precision or 'null'}: "
             "asymlora autocasts from its config alone; set train.mixed_precision=bf16 (or null) and launch "
-            "without --mixed_precision"
+            "without --mixed_precision (and with mixed_precision: 'no' in accelerate's config file)"
         )
 
 
