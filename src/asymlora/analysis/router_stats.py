@@ -13,12 +13,18 @@ after zeroing and renormalising) and N the number of experts:
     token_entropy   = (1/T) · Σ_t H(g_t) / log N                         0: every token picks one expert
     load_entropy    = H(load) / log N                                    0: one expert takes every token
     max_load        = max_i load_i
+    max_gate        = max_i ḡ_i                                           the largest share of the gate weight
+    gate_entropy    = H(ḡ) / log N                                       0: one expert gets all the weight
     usage[τ][i]     = mean of g_t,i over the tokens of task τ            the task × expert matrix
 
 with H(p) = −Σ_i p_i log p_i (0 log 0 = 0); the entropies are null for N = 1. A layer is *collapsed* when
-max_load > `COLLAPSE_MAX_LOAD` or load_entropy < `COLLAPSE_MIN_ENTROPY`; `write` then warns
-(`RoutingCollapseWarning`) and lists the layer under ``"collapsed"`` in the record. A low token entropy
-alone is not collapse: it means hard, confident routing, which is what specialised experts look like.
+max_gate > `COLLAPSE_MAX_SHARE` or gate_entropy < `COLLAPSE_MIN_ENTROPY`: expert i's adapter gets the
+gradient through g_t,i, so ḡ_i is its share of the training signal, and the others then get almost none;
+`write` warns (`RoutingCollapseWarning`) and lists the layer under ``"collapsed"`` in the record. With top-1
+routing ḡ = load. A soft router's top-1 load alone is not the measure: gates of (0.31, 0.39, 0.30) on every
+token put all of the load on one expert while all three train (observed in the multi-task campaign). A low
+token entropy alone is not collapse either: it means hard, confident routing, which is what specialised
+experts look like.
 
 The gate is recomputed in a forward hook from the layer's input, ``router_probs(x, W_g)`` then
 ``topk_gate`` (`asymlora.routing`), under no_grad: the layer's own code is untouched, and the value is the
@@ -55,7 +61,7 @@ from asymlora.routing import RoutingCall, router_probs, topk_gate
 from asymlora.tuner.layer import AsymLoraLayer
 
 __all__ = [
-    "COLLAPSE_MAX_LOAD",
+    "COLLAPSE_MAX_SHARE",
     "COLLAPSE_MIN_ENTROPY",
     "ROUTER_LOG",
     "RouterLog",
@@ -73,11 +79,11 @@ __all__ = [
 ROUTER_LOG = "router.jsonl"
 """File name of the router log in a run directory."""
 
-COLLAPSE_MAX_LOAD = 0.95
-"""A layer whose busiest expert is the top-1 of more than this share of the real tokens has collapsed."""
+COLLAPSE_MAX_SHARE = 0.95
+"""A layer one of whose experts gets more than this share of the gate weight (its mean gate) has collapsed."""
 
 COLLAPSE_MIN_ENTROPY = 0.05
-"""A layer whose load entropy H(load) / log N is below this has collapsed (every token to one expert)."""
+"""A layer whose gate-weight entropy H(ḡ) / log N is below this has collapsed (all weight on one expert)."""
 
 ROUTED = ("soft", "topk")
 ROUTER_ATTR = ATTR_PREFIX + "router"
@@ -174,7 +180,8 @@ def _finish(s: _Sums) -> dict[str, Any]:
     n, tokens = s.top1.shape[0], float(s.tokens)
     if tokens == 0:
         return {"tokens": 0, "load": None, "mean_gate": None, "token_entropy": None, "load_entropy": None,
-                "max_load": None, "usage": None, "task_tokens": [0] * s.task_tokens.shape[0]}  # fmt: skip
+                "max_load": None, "max_gate": None, "gate_entropy": None, "usage": None,
+                "task_tokens": [0] * s.task_tokens.shape[0]}  # fmt: skip
     load = s.top1 / tokens
     log_n = math.log(n) if n > 1 else None
     usage = [
@@ -188,20 +195,28 @@ def _finish(s: _Sums) -> dict[str, Any]:
         "token_entropy": None if log_n is None else _r(float(s.entropy) / tokens / log_n),
         "load_entropy": None if log_n is None else _r(float(_entropy(load)) / log_n),
         "max_load": _r(float(load.max())),
+        "max_gate": _r(float((s.gate / tokens).max())),
+        "gate_entropy": None if log_n is None else _r(float(_entropy(s.gate / tokens)) / log_n),
         "usage": usage,
         "task_tokens": [round(v) for v in s.task_tokens.tolist()],
     }
 
 
 def collapse_reasons(stats: dict[str, Any]) -> list[str]:
-    """Why a layer's routing counts as collapsed (empty list: it does not). ``stats`` as `routing_statistics`."""
-    reasons = []
-    load = stats.get("load")
-    if load and len(load) > 1 and stats["max_load"] > COLLAPSE_MAX_LOAD:
-        top = max(range(len(load)), key=load.__getitem__)
-        reasons.append(f"expert {top} is the top-1 of {100 * stats['max_load']:.1f} % of the tokens")
-    if stats.get("load_entropy") is not None and stats["load_entropy"] < COLLAPSE_MIN_ENTROPY:
-        reasons.append(f"load entropy {stats['load_entropy']:.3f} < {COLLAPSE_MIN_ENTROPY}")
+    """Why a layer's routing counts as collapsed (empty list: it does not), from its ``mean_gate`` (module
+    docstring; records written before ``max_gate`` existed are judged the same way). ``stats`` as
+    `routing_statistics`."""
+    gate = stats.get("mean_gate")
+    if not gate or len(gate) < 2:
+        return []
+    share = torch.tensor(gate, dtype=torch.float64)
+    share = share / share.sum()
+    reasons, top = [], int(share.argmax())
+    if float(share[top]) > COLLAPSE_MAX_SHARE:
+        reasons.append(f"expert {top} gets {100 * float(share[top]):.1f} % of the gate weight")
+    entropy = float(_entropy(share)) / math.log(len(gate))
+    if entropy < COLLAPSE_MIN_ENTROPY:
+        reasons.append(f"gate-weight entropy {entropy:.3f} < {COLLAPSE_MIN_ENTROPY}")
     return reasons
 
 
@@ -374,8 +389,8 @@ class RouterStats:
         if record["collapsed"]:
             warnings.warn(
                 f"routing collapsed in {len(record['collapsed'])} of {len(layers)} routed layers "
-                f"(e.g. {record['collapsed'][0]}): one expert is the top-1 of more than "
-                f"{100 * COLLAPSE_MAX_LOAD:.0f} % of the tokens or the load entropy is below "
+                f"(e.g. {record['collapsed'][0]}): one expert gets more than "
+                f"{100 * COLLAPSE_MAX_SHARE:.0f} % of the gate weight or the gate-weight entropy is below "
                 f"{COLLAPSE_MIN_ENTROPY}; the other experts get almost no training. Details: {path}",
                 RoutingCollapseWarning,
                 stacklevel=2,
@@ -540,8 +555,8 @@ def _cells(grid: list[list[float]]) -> Iterator[tuple[tuple[int, int], float]]:
 
 def plot_router_load(records: Sequence[dict[str, Any]], out_png: str | os.PathLike, title: str = "") -> Path:
     """Expert load over training steps: left, each expert's load averaged over the routed layers; right, the
-    largest load of each layer, with the collapse threshold. Returns the PNG path. Raises ValueError when
-    no training record has tokens."""
+    largest share of the gate weight in each layer (max_i ḡ_i), with the collapse threshold. Returns the PNG
+    path. Raises ValueError when no training record has tokens."""
     train = [r for r in records if r["phase"] == "train" and any(e.get("load") for e in r["layers"])]
     if not train:
         raise ValueError("no training record with routed tokens to plot")
@@ -561,13 +576,13 @@ def plot_router_load(records: Sequence[dict[str, Any]], out_png: str | os.PathLi
     ax_l.legend(fontsize=7, ncol=2)
     modules = list(dict.fromkeys((e["module"], e["adapter"]) for r in train for e in r["layers"]))
     for module, adapter in modules:
-        ys = [next((e["max_load"] for e in r["layers"] if (e["module"], e["adapter"]) == (module, adapter)
-                    and e.get("max_load") is not None), math.nan) for r in train]  # fmt: skip
+        ys = [next((max(e["mean_gate"]) for e in r["layers"] if (e["module"], e["adapter"]) == (module, adapter)
+                    and e.get("mean_gate")), math.nan) for r in train]  # fmt: skip
         ax_m.plot(steps, ys, lw=0.8, alpha=0.6)
-    ax_m.axhline(COLLAPSE_MAX_LOAD, color="red", ls="--", lw=1, label=f"collapse ({COLLAPSE_MAX_LOAD})")
+    ax_m.axhline(COLLAPSE_MAX_SHARE, color="red", ls="--", lw=1, label=f"collapse ({COLLAPSE_MAX_SHARE})")
     ax_m.axhline(1 / n_exp, color="gray", ls=":", lw=1, label=f"balanced (1/{n_exp})")
-    ax_m.set(xlabel="training step", ylabel="max_i load_i", ylim=(0, 1.02),
-             title=f"Largest load per layer ({len(modules)} layers)")  # fmt: skip
+    ax_m.set(xlabel="training step", ylabel="max_i mean gate_i", ylim=(0, 1.02),
+             title=f"Largest gate share per layer ({len(modules)} layers)")  # fmt: skip
     ax_m.legend(fontsize=7)
     from matplotlib.ticker import MaxNLocator  # optional at import time (see figures.new_figure)
 
@@ -615,13 +630,14 @@ def analyze_routing(
             "log": str(log), "step": final["step"], "phase": final["phase"],
             "mean": {k: _r(sum(e[k] for e in layers) / len(layers)) if layers and all(e[k] is not None for e in layers)
                      else None for k in ("max_load", "token_entropy", "load_entropy")},
-            "collapsed": final["collapsed"],
+            # judged again from the statistics, so logs written under an older definition read the same way
+            "collapsed": [f"{e['module']} ({e['adapter']})" for e in final["layers"] if collapse_reasons(e)],
         }  # fmt: skip
         mean = routing[label]["mean"]
         notes.append(
             f"{label}: routing at {final['phase']} step {final['step']}, mean over {len(layers)} layers: "
             + ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if v is not None)
-            + f"; collapsed in {len(final['collapsed'])} layer(s) (see {log})"
+            + f"; collapsed in {len(routing[label]['collapsed'])} layer(s) (see {log})"
         )
         plots = {f"router_usage_{slug}.png": plot_router_usage, f"router_load_{slug}.png": plot_router_load}
         for name, plot in plots.items() if figures else ():
