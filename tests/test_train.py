@@ -144,6 +144,9 @@ def test_training_time_and_step_time_add_up_over_a_resume(env, tmp_path) -> None
     final = json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert final["step_seconds"][:2] == state["step_seconds"] and len(final["step_seconds"]) == 4
     assert resumed.step_seconds == statistics.median(final["step_seconds"]) and resumed.step_seconds < 0.2
+    # the killed process had logged step 3 after its step-2 checkpoint: dropped on resume, logged once again
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").open()]
+    assert logged == sorted(set(logged)) and logged[-2:] == [3, 4]
     del state["train_seconds"]  # a checkpoint from before the field
     state_file.write_text(json.dumps(state))
     pm, tok = tiny_alora(env["model"])
@@ -310,3 +313,26 @@ def test_the_federated_client_autocasts_its_local_steps(env, tmp_path) -> None:
     assert losses[torch.bfloat16] != losses[None] and losses[torch.bfloat16] == pytest.approx(
         losses[None], rel=2e-2
     )
+
+
+def test_purge_after_step_keeps_what_a_resumed_run_stands_on(tmp_path) -> None:
+    from asymlora.io import purge_after_step
+
+    log = tmp_path / "router.jsonl"
+    lines = ['{"step": 10, "phase": "train"}', '{"step": 20}', "not json", '{"step": 30}', '{"step": 20.5}',
+             '{"other": 1}', '{"step": true}', "[1, 2]"]  # fmt: skip
+    log.write_text("\n".join(lines) + "\n")
+    assert purge_after_step(log, 20) == 2  # steps 30 and 20.5
+    assert log.read_text().splitlines() == [
+        lines[0],
+        lines[1],
+        "not json",
+        '{"other": 1}',
+        '{"step": true}',
+        "[1, 2]",
+    ]
+    before = log.stat().st_mtime_ns
+    assert (
+        purge_after_step(log, 20) == 0 and log.stat().st_mtime_ns == before
+    )  # nothing to drop: not rewritten
+    assert purge_after_step(tmp_path / "missing.jsonl", 0) == 0 and not (tmp_path / "missing.jsonl").exists()

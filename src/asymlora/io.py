@@ -8,6 +8,7 @@ be unreadable to it. Every writer here therefore gives what it publishes the mod
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -15,7 +16,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["apply_umask", "atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "apply_umask",
+    "atomic_dir",
+    "atomic_file",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "purge_after_step",
+]
 
 
 def _umask() -> int:
@@ -101,3 +109,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_file`)."""
     return atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def purge_after_step(path: str | os.PathLike, step: int) -> int:
+    """Drop the lines of the JSON-lines log ``path`` whose ``"step"`` is above ``step`` (rewritten atomically);
+    the number dropped (0, and nothing written, when the file is missing or has none). A run resumed from
+    its step-``step`` checkpoint calls this on its step logs, so records a killed process wrote after that
+    checkpoint do not stand beside the resumed run's own (what TensorBoard's ``purge_step`` does for its
+    event files). Lines that are not JSON objects with a numeric ``step`` are kept."""
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    lines = p.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if not _after(line, step)]
+    if len(kept) < len(lines):
+        atomic_write_text(p, "".join(kept))
+    return len(lines) - len(kept)
+
+
+def _after(line: str, step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    value = record.get("step") if isinstance(record, dict) else None
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > step

@@ -36,7 +36,7 @@ import torch
 
 from asymlora import distributed
 from asymlora import train as training  # called as training.train: tests and tools patch asymlora.train.train
-from asymlora.analysis.router_stats import RouterLog, RouterStats
+from asymlora.analysis.router_stats import ROUTER_LOG, RouterLog, RouterStats
 from asymlora.analysis.traces import TraceRecorder
 from asymlora.config import ConfigError, RunConfig, dump_config, load_config
 from asymlora.data import MultiTaskCollator, MultiTaskDataset, load_tasks
@@ -246,7 +246,7 @@ def train_and_evaluate(
     on_step, router_log = _step_hooks(cfg, pm, out_dir, settings_train.steps, tasks)
     validation = _validation(cfg, tokenizer, val_tasks, router_log)
     result = training.train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
-                   desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})",
+                   desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})", step_logs=(ROUTER_LOG,),
                    **({"validation": validation} if validation is not None else {}))  # fmt: skip
     full_state = full_adapter_state(pm)  # FSDP: gathered to rank 0 (a collective); else None
     distributed.on_main(save_adapter, pm, out_dir / "adapter", full_state)

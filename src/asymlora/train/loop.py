@@ -28,6 +28,7 @@ from transformers import get_scheduler
 
 from asymlora import distributed, progress
 from asymlora.config import TrainSettings
+from asymlora.io import purge_after_step
 from asymlora.train import sharding
 from asymlora.train.checkpoint import (
     latest_checkpoint,
@@ -37,8 +38,11 @@ from asymlora.train.checkpoint import (
     save_checkpoint,
 )
 from asymlora.train.precision import autocast, autocast_dtype
-from asymlora.train.stopping import BEST_FILE, Monitor, Validation
+from asymlora.train.stopping import BEST_FILE, VAL_LOG, Monitor, Validation
 from asymlora.train.targets import on_targets
+
+TRAIN_LOG = "train_log.jsonl"
+"""One JSON line per ``log_every`` steps: ``{"step", "loss", "lr", "examples_per_s"}``."""
 
 
 class TrainingError(RuntimeError):
@@ -284,6 +288,7 @@ def train(
     on_step: Callable[[int], None] | None = None,
     desc: str = "train",
     validation: Validation | None = None,
+    step_logs: Sequence[str] = (),
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` (a peft model) on ``dataset`` for ``settings.steps``.
 
@@ -292,7 +297,10 @@ def train(
     model and reduce-scatters them); the result equals a one-process run with the same ``batch_size`` (to
     float rounding, dropout aside). Only rank 0 writes into ``run_dir``.
     ``validation``: the stopping rule (`asymlora.train.stopping`; val_log.jsonl, early stopping, the best
-    adapter restored). Raises ValueError when W does not divide ``batch_size`` (before any weight changes)
+    adapter restored). On resume from step S, the records above S that a killed process left in
+    ``train_log.jsonl``, ``val_log.jsonl`` and the ``step_logs`` (more JSON-lines files in ``run_dir`` with a
+    ``step``, e.g. ``router.jsonl``) are dropped (`asymlora.io.purge_after_step`).
+    Raises ValueError when W does not divide ``batch_size`` (before any weight changes)
     or for validation with an FSDP-sharded model, TrainingError on a non-finite loss.
     """
     accelerator = _accelerator(model, settings)
@@ -304,6 +312,9 @@ def train(
     start, losses, state = 0, list[tuple[int, float]](), dict[str, Any]()
     if ckpt is not None:
         start, losses, state = _resume(ckpt, model, params, optimizer, scheduler, accelerator)
+        if accelerator.is_main_process:
+            for name in (TRAIN_LOG, VAL_LOG, *step_logs):
+                purge_after_step(run_dir / name, start)
     model.train()
     device = accelerator.device
     if device.type == "cuda":
@@ -481,7 +492,7 @@ def _log(
 ) -> None:
     """Append one record to ``train_log.jsonl`` (and a line when no live bar shows it)."""
     record = {"step": done, "loss": loss, "lr": lr, "examples_per_s": rate}
-    with (run_dir / "train_log.jsonl").open("a") as fh:
+    with (run_dir / TRAIN_LOG).open("a") as fh:
         fh.write(json.dumps(record) + "\n")
     if progress.enabled() and (bar.disable or not bar.fp.isatty()):
         tqdm.write(f"{desc} step {done}/{steps} loss {loss:.4f} ({rate:.1f} ex/s)")
