@@ -279,7 +279,7 @@ def test_a_run_from_a_config_without_an_adapter_section_can_be_resumed(tmp_path:
         ("run", "", ["model=true"], "e.g. model.gradient_checkpointing=true"),
         ("run", "train: {steps: 4}\n", ["train=[1, 2]"], "not a value ([1, 2]); set one of its keys, e.g. train.steps=<value>"),
         ("fed", "", ["clients=1"], "clients is a section (keys: num, ranks, partition, dirichlet_over, alpha, "
-         "fraction, per_round, min_per_round), not a value (1); set one of its keys, e.g. clients.num=1"),
+         "fraction, per_round, min_per_round, max_failed_rounds), not a value (1); set one of its keys, e.g. clients.num=1"),
         ("fed", "timeouts: 60\n", [], "e.g. timeouts.wait_nodes=60"),
         ("fed", "", ["dp=true"], "e.g. dp.clipping=<value>"),  # dp.clipping=server alone is refused
         ("fed", "", ["secagg=[1, 2]"], "e.g. secagg.enabled=<value>"),
