@@ -352,11 +352,6 @@ def _side_summary(group: FedGroup, which: str) -> dict[str, Any] | None:
     }  # fmt: skip
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    found = [v for v in values if v is not None]
-    return sum(found) / len(found) if found else None
-
-
 def _cost(group: FedGroup) -> dict[str, Any]:
     """Bytes (mean over seeds), ε (mean over seeds, None without DP), rounds × local steps, wall time (of the
     last invocation) and the rounds' seconds (summed over resumes; None in records from before it was kept)."""
@@ -364,14 +359,14 @@ def _cost(group: FedGroup) -> dict[str, Any]:
     b = [r["bytes"] for r in records if r.get("bytes")]
     clients = max(1, len(group.clients))
     return {
-        "bytes_up": _mean([x["up"] for x in b]), "bytes_down": _mean([x["down"] for x in b]),
-        "bytes_total": _mean([x["total"] for x in b]),
-        "mb_per_client_per_round": _mean([x["total"] / max(1, len(x["per_round"])) / clients / 1e6 for x in b]),
-        "epsilon": _mean([(r.get("dp") or {}).get("epsilon") for r in records]),
+        "bytes_up": stats.nan_mean([x["up"] for x in b]), "bytes_down": stats.nan_mean([x["down"] for x in b]),
+        "bytes_total": stats.nan_mean([x["total"] for x in b]),
+        "mb_per_client_per_round": stats.nan_mean([x["total"] / max(1, len(x["per_round"])) / clients / 1e6 for x in b]),
+        "epsilon": stats.nan_mean([(r.get("dp") or {}).get("epsilon") for r in records]),
         "delta": (records[0].get("dp") or {}).get("delta"),
         "rounds": records[0]["rounds"], "local_steps": records[0]["local_steps"],
-        "wall_seconds": _mean([r["wall_seconds"] for r in records]),
-        "round_seconds": _mean([r.get("round_seconds") for r in records]),
+        "wall_seconds": stats.nan_mean([r["wall_seconds"] for r in records]),
+        "round_seconds": stats.nan_mean([r.get("round_seconds") for r in records]),
     }  # fmt: skip
 
 

@@ -50,33 +50,34 @@ def paired_over_seeds(
         return None
     a: dict[str, list[float]] = {}
     b: dict[str, list[float]] = {}
+    unit_diffs: list[list[float]] = []  # per unit, per seed: mean(A) − mean(B)
     for unit in units:
         rows_a = [examples(ref.by_seed(s), unit) for s in seeds]
         rows_b = [examples(peer.by_seed(s), unit) for s in seeds]
         rows = rows_a + rows_b
         if any(r is None for r in rows) or len({r["keys"] for r in rows if r is not None}) != 1:
             return None  # scored on other examples (or without per-example scores): no paired test
-        a[unit] = _seed_mean([r["scores"] for r in rows_a if r is not None])
-        b[unit] = _seed_mean([r["scores"] for r in rows_b if r is not None])
+        scores_a = [r["scores"] for r in rows_a if r is not None]
+        scores_b = [r["scores"] for r in rows_b if r is not None]
+        a[unit], b[unit] = _seed_mean(scores_a), _seed_mean(scores_b)
+        unit_diffs.append(
+            [sum(x) / len(x) - sum(y) / len(y) for x, y in zip(scores_a, scores_b, strict=True)]
+        )
     tests: dict[str, Any] = {unit: stats.paired_test(a[unit], b[unit]) for unit in units}
     tests["average"] = stats.paired_average_test(a, b)
-    return {"seeds": seeds, "tests": tests, "resolve": _resolve(ref, peer, seeds, units, examples, a, b)}
+    per_seed = [sum(col) / len(col) for col in zip(*unit_diffs, strict=True)]  # the average's, per seed
+    return {"seeds": seeds, "tests": tests, "resolve": _resolve(seeds, a, b, per_seed)}
 
 
 def _resolve(
-    ref: SeedGroup, peer: SeedGroup, seeds: Sequence[int], units: Sequence[str], examples: ExampleRows,
-    a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]],
-) -> dict[str, Any]:  # fmt: skip
+    seeds: Sequence[int],
+    a: Mapping[str, Sequence[float]],
+    b: Mapping[str, Sequence[float]],
+    per_seed: list[float],
+) -> dict[str, Any]:
     """What would resolve the average's difference at 80 % power: test examples per unit (with these seeds,
     `stats.examples_to_resolve`) or seeds (from the per-seed differences of the average,
     `stats.seeds_to_resolve`), and the numbers there are now."""
-    per_seed = []
-    for s in seeds:
-        ra = [examples(ref.by_seed(s), u) for u in units]
-        rb = [examples(peer.by_seed(s), u) for u in units]
-        diffs = [sum(x["scores"]) / len(x["scores"]) - sum(y["scores"]) / len(y["scores"])
-                 for x, y in zip(ra, rb, strict=True) if x is not None and y is not None]  # fmt: skip
-        per_seed.append(sum(diffs) / len(diffs))
     return {
         "examples_per_unit": stats.examples_to_resolve(a, b),
         "examples_now": min(len(v) for v in a.values()),
