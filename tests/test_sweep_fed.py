@@ -435,3 +435,15 @@ def test_seeds_run_with_other_cpu_settings_stay_one_report_group() -> None:
     longer = record(1, 1)
     longer["config"]["timeouts"]["round"] = 60.0  # a timeout can drop a client: another config
     assert [g.seeds for g in fed_sweep.group_records([record(0, 2), longer])] == [[0], [1]]
+
+
+def test_a_cell_started_before_a_new_stop_key_keeps_its_id() -> None:
+    """``clients.max_failed_rounds`` only says when a run whose rounds no client answered gives up (``--resume``
+    re-runs them bit for bit): a cell's id must not depend on it, or every campaign cell started before the key
+    existed would start again from round 0 in a new directory (it did once: 7 rounds of a heterogeneous-rank
+    cell, about 2 hours). ``0fe747593e37`` is the id that campaign's first cell had before the key."""
+    base = Path(__file__).resolve().parents[1] / "configs" / "fed_bigbench_het.yaml"
+    overrides = ["train.mixed_precision=bf16", "eval.local_only=false", "simulation.num_cpus=1"]
+    for extra in ([], ["clients.max_failed_rounds=null"], ["clients.max_failed_rounds=7"]):
+        cell = fed_sweep.make_cell(base, [*overrides, *extra], {"strategy": "zeropad", "seed": 0}, Path("/x"))
+        assert cell.id == "0fe747593e37", extra

@@ -81,11 +81,16 @@ class FedCell:
         return Path(self.config.run_dir)
 
 
-PACE_KEYS = {"simulation": ("num_cpus", "cpus_per_client", "threads_per_client", "object_store_mb")}
-"""Keys that set how fast a cell runs on a machine, not what it computes: left out of its identity (a
-campaign can run with fewer CPUs beside another job, or more on a bigger machine, and keep its ledger and its
-report groups). The GPU keys stay in (with a GPU the clients load the model in bfloat16), and so do the
-timeouts (a client that misses one is left out of its round)."""
+PACE_KEYS = {
+    "simulation": ("num_cpus", "cpus_per_client", "threads_per_client", "object_store_mb"),
+    "clients": ("max_failed_rounds",),
+}
+"""Keys that set how fast a cell runs on a machine, or when it gives up, not what it computes: left out of its
+identity (a campaign can run with fewer CPUs beside another job, or more on a bigger machine, and keep its
+ledger and its report groups; ``clients.max_failed_rounds`` only stops a run whose rounds no client answered,
+and ``--resume`` re-runs those rounds bit for bit, so a finished cell is the same whatever it says, and cells
+started before the key existed keep their directories). The GPU keys stay in (with a GPU the clients load the
+model in bfloat16), and so do the timeouts (a client that misses one is left out of its round)."""
 
 
 def identity(data: Mapping[str, Any], strategy: str) -> dict[str, Any]:
