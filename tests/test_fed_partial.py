@@ -394,3 +394,22 @@ def test_one_round_of_lost_replies_is_survived_without_a_state_dir(
     for k in range(4):
         carried, trained = spy.carried[(k, 3)], spy.trained[(k, 1)]
         assert carried is not None and all(torch.equal(carried[n], trained[n]) for n in trained)
+
+
+def test_a_run_stopped_by_failed_rounds_resumes_with_another_limit(tmp_path: Path) -> None:
+    """clients.max_failed_rounds may change on --resume (a run it stopped is resumed with a higher limit);
+    any other clients key may not."""
+    from asymlora.config import ConfigError
+    from asymlora.federated.config import load_fed_config
+    from asymlora.federated.run import prepare_run_dir
+
+    def cfg(*extra: str):
+        return load_fed_config(
+            None, ["data.tasks=[bigbench:strategyqa]", "clients.num=1", f"run_dir={tmp_path / 'run'}", *extra]
+        )
+
+    prepare_run_dir(cfg(), overwrite=False, resume=False)
+    prepare_run_dir(cfg("clients.max_failed_rounds=5"), overwrite=False, resume=True)
+    prepare_run_dir(cfg("clients.max_failed_rounds=null"), overwrite=False, resume=True)
+    with pytest.raises(ConfigError, match=r"\(clients differ\)"):
+        prepare_run_dir(cfg("clients.alpha=0.7"), overwrite=False, resume=True)

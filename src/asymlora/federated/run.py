@@ -54,12 +54,26 @@ EXIT_STOPPED = 3
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
 LOCAL_DIR = "local_only"
-VOLATILE = ("rounds", "faults", "timeouts", "simulation", "eval", "strategies", "log_keys")
-"""Config keys that may change between a run and its ``--resume``."""
+VOLATILE = (
+    "rounds",
+    "faults",
+    "timeouts",
+    "simulation",
+    "eval",
+    "strategies",
+    "log_keys",
+    "clients.max_failed_rounds",
+)
+"""Config keys (sections, or ``section.key``) that may change between a run and its ``--resume``: how long
+and how it runs, not what its finished rounds computed (``clients.max_failed_rounds`` so that a run stopped
+by rounds no client answered can be resumed with a higher limit)."""
 
 
 def _stable(cfg: FedConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict().items() if k not in VOLATILE}
+    out = {k: v for k, v in cfg.to_dict().items() if k not in VOLATILE}
+    for section, _, key in (v.partition(".") for v in VOLATILE if "." in v):
+        out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def prepare_run_dir(cfg: FedConfig, *, overwrite: bool, resume: bool) -> Path:
