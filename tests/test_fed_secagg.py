@@ -189,6 +189,37 @@ def test_too_few_live_clients_halt_the_round(assets: Path, tmp_path: Path, task_
     assert all(float(t.abs().max()) == 0.0 for t in state.values())  # B starts at zero and stays
 
 
+class SetupLostGrid(CopyingGrid):
+    """`CopyingGrid` whose node 101 (client 1) never answers SecAgg+'s first exchange (setup), as a SuperNode
+    that died before it: the others answer it and then wait for a stage that never comes."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        stages = {str(m.content.config_records.get("secaggplus_configs", {}).get("stage")) for m in messages}
+        replies = super().send_and_receive(messages, timeout=timeout)
+        return [r for r in replies if not (stages == {"setup"} and r.metadata.src_node_id == 101)]
+
+
+def test_clients_never_asked_to_train_are_not_said_to_have_missed_a_reply(
+    assets: Path, tmp_path: Path, task_identity
+) -> None:
+    """Threshold 3 of 3 and client 1 silent in setup: SecAgg+ halts before it sends the training stage. Client
+    1's record says it did not reply; clients 0 and 2, which answered every message they were sent, say the
+    workflow halted before asking them to train (not "no reply within timeouts.round")."""
+    secagg = dict(SECAGG, reconstruction_threshold=3)
+    path = write_config(tmp_path / "fed.yaml", assets, tmp_path / "run", 3, strategies=["fedalora"], rounds=1,
+                        secagg=secagg)  # fmt: skip
+    out = tmp_path / "run" / "fedalora"
+    run_server(SetupLostGrid(3), load_fed_config(path, list(DIRICHLET)), "fedalora", out, say=lambda _: None)
+    (r1,) = read_rounds(out / "rounds.jsonl")
+    assert r1["kept_previous"] and not r1["secagg"]["completed"] and len(r1["secagg"]["stages"]) < 3
+    lost, *waiting = [r1["clients"][k] for k in (1, 0, 2)]
+    assert lost["status"] == "missing" and "no reply within timeouts.round" in lost["reason"]
+    for rec in waiting:
+        assert rec["status"] == "missing" and "no reply" not in rec["reason"], rec
+        assert "SecAgg+ halted in its setup stage before asking this client to train" in rec["reason"]
+
+
 def test_clipped_values_void_the_bound_and_warn(
     assets: Path, tmp_path: Path, task_identity, captured, caplog
 ) -> None:

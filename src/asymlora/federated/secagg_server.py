@@ -245,12 +245,22 @@ def _warn_clipped(fed: Federation, rnd: int, clipped: Mapping[int, int]) -> None
         )  # fmt: skip
 
 
-def _halted(fed: Federation, rnd: int, records: dict[int, dict[str, Any]], stages: int) -> str:
-    """The round's note when the workflow stopped before aggregating (too few live clients)."""
-    stage = STAGES[max(stages - 1, 0)]
-    for rec in records.values():
-        if rec.get("status") == "ok":
+def _halted(fed: Federation, rnd: int, records: dict[int, dict[str, Any]], grid: CountingGrid) -> str:
+    """The round's note when the workflow stopped before aggregating (too few live clients). A client that
+    trained is ``not_aggregated``; one that answered every message it was sent but was never asked to train
+    stays ``missing`` (no update: the round trained nothing of it) with the halt, not a timeout, as reason."""
+    stage = STAGES[max(len(grid.stages) - 1, 0)]
+    unanswered = {m.metadata.dst_node_id for sent, replies, _ in grid.stages for m in sent} - {
+        n for _, replies, _ in grid.stages for n in replies
+    }
+    for node, info in fed.infos.items():
+        rec = records.get(info.client)
+        if rec is None or rec.get("status") not in ("ok", "missing"):
+            continue
+        if rec["status"] == "ok":
             rec.update(status="not_aggregated", reason=f"SecAgg+ halted in its {stage} stage")
+        elif node not in unanswered:
+            rec["reason"] = f"SecAgg+ halted in its {stage} stage before asking this client to train"
     return (
         f"round {rnd}: SecAgg+ halted in its {stage} stage (fewer live clients than "
         f"secagg.reconstruction_threshold={fed.cfg.secagg.reconstruction_threshold}, or fewer than 2); "
@@ -277,7 +287,7 @@ def run_secagg_round(
     summed = {fed.infos[n].client: w for n, w in strategy.summed}
     note = too_few_answered(fed.cfg, rnd, records, sorted(summed))
     if strategy.mean is None and instructions:
-        note = _halted(fed, rnd, records, len(grid.stages))
+        note = _halted(fed, rnd, records, grid)
     res = AggregateResult(state={n: t.detach().clone() for n, t in state.items()})
     if strategy.mean is not None and not note:
         res.state = secagg_state(fed.strategy.aggregation, state, strategy.mean, fed.cfg.secagg.scale)
