@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -213,13 +214,47 @@ def test_report_is_regenerated_from_the_ledger_alone(env, campaign, capsys) -> N
     halves = []
     for part in ("0/2", "1/2"):
         assert cli_main(["sweep", str(env["sweep"]), "--list", "--shard", part]) == 0
-        halves.append(capsys.readouterr().out.splitlines())
+        *lines, estimate = capsys.readouterr().out.splitlines()
+        assert estimate.endswith(" to do") or "h on one worker" in estimate, estimate
+        halves.append(lines)
     cells = [line for line in listed.splitlines() if "{" in line]
     assert sorted(halves[0] + halves[1]) == sorted(cells) and not set(halves[0]) & set(halves[1])
     assert abs(len(halves[0]) - len(halves[1])) <= 1
     for bad in ("1/0", "abc"):
         assert cli_main(["sweep", str(env["sweep"]), "--list", "--shard", bad]) == 2
     assert "--shard" in capsys.readouterr().err
+
+
+def test_list_estimates_the_hours_left_from_the_done_cells_of_each_kind(env, tmp_path: Path) -> None:
+    """6 cells: 4 of two tasks (lora/alora x seeds 0, 1), 2 single-task. The ledger holds two of the 2-task
+    cells (train + eval: 3000 + 600 s, 5000 + 1000 s), a 2-task record of a cell no longer in the grid
+    (10000 + 2000 s: it still tells the cost of its kind) and one whose training time is unknown (resumed
+    from an older checkpoint: no cost). Median of 3600, 6000, 12000 s: 6000 s. One 2-task cell has a
+    checkpoint at step 2. Left: 2 two-task cells x 6000 s = 3.3 h; the 2 single-task cells: no estimate."""
+    spec = sweep.load_sweep(env["sweep"])
+    spec = dataclasses.replace(spec, out_dir=tmp_path)
+    cells = sweep.expand(spec)
+    two = [c for c in cells if len(c.config.data.tasks) == 2]
+    assert len(two) == 4 and len(cells) == 6
+    records = [
+        {"id": two[0].id, "tasks": ["add", "parity"], "train_seconds": 3000.0, "eval_seconds": 600.0},
+        {"id": two[1].id, "tasks": ["add", "parity"], "train_seconds": 5000.0, "eval_seconds": 1000.0,
+         "wall_seconds": 10.0},
+        {"id": "0123456789ab", "tasks": ["add", "parity"], "train_seconds": 10000.0, "eval_seconds": 2000.0},
+        {"id": "ba9876543210", "tasks": ["add", "parity"], "train_seconds": None, "eval_seconds": 900.0,
+         "wall_seconds": 950.0},
+    ]  # fmt: skip
+    (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (two[2].run_dir / "checkpoints" / "step-000002").mkdir(parents=True)
+    statuses = sweep.cell_status(spec)
+    assert [s for _, s in statuses].count("done") == 2 and [s for _, s in statuses].count("partial") == 1
+    assert sweep.cell_progress(two[2]) == "checkpoint at step 2"
+    assert sweep.estimate_line(spec, statuses) == (
+        "2 done, 1 started, 3 to do; the 2 left of a kind already done: about 3.3 h on one worker "
+        "(2 of kinds none of which is done: no estimate)"
+    )
+    assert sweep.cell_seconds({"kind": "federated", "round_seconds": 700.0, "wall_seconds": 900.0}) == 900.0
+    assert sweep.cell_seconds({"kind": "federated", "round_seconds": 700.0, "wall_seconds": 90.0}) == 700.0
 
 
 def test_ledger_values_are_strict_json() -> None:

@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -331,7 +332,9 @@ def test_campaign_configs_expand_validate_and_list(campaigns, name, capsys) -> N
     assert all(not c.config.eval.local_only and c.config.model.name == "smollm2-135m" for c in expanded)
     if name == "campaign_federated.yaml":  # the CLI's --list (the same expansion again)
         assert cli_main(["sweep", str(ROOT / "configs" / name), "--list"]) == 0
-        assert len(capsys.readouterr().out.splitlines()) == cells
+        *listed, estimate = capsys.readouterr().out.splitlines()
+        counts = re.match(r"(\d+) done, (\d+) started, (\d+) to do", estimate)
+        assert len(listed) == cells and counts and sum(map(int, counts.groups())) == cells, estimate
 
 
 def test_dp_campaign_cells_share_delta_and_set_epsilon_or_no_noise(campaigns) -> None:
@@ -447,3 +450,18 @@ def test_a_cell_started_before_a_new_stop_key_keeps_its_id() -> None:
     for extra in ([], ["clients.max_failed_rounds=null"], ["clients.max_failed_rounds=7"]):
         cell = fed_sweep.make_cell(base, [*overrides, *extra], {"strategy": "zeropad", "seed": 0}, Path("/x"))
         assert cell.id == "0fe747593e37", extra
+
+
+def test_list_shows_the_rounds_a_started_cell_recorded(tmp_path: Path) -> None:
+    base = Path(__file__).resolve().parents[1] / "configs" / "fed_bigbench_het.yaml"
+    cell = fed_sweep.make_cell(
+        base, ["rounds=10", "eval.local_only=false"], {"strategy": "zeropad", "seed": 0}, tmp_path
+    )
+    rounds = cell.run_dir / "zeropad" / "rounds.jsonl"
+    rounds.parent.mkdir(parents=True)
+    rounds.write_text('{"round": 1}\n{"round": 2}\n\n{"round": 3}\n')
+    assert sweep.cell_progress(cell) == "round 3 of 10 recorded"
+    alone = fed_sweep.make_cell(
+        base, ["eval.local_only=false"], {"strategy": "local-only", "seed": 0}, tmp_path
+    )
+    assert sweep.cell_progress(alone) == ""

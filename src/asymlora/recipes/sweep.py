@@ -45,6 +45,7 @@ import itertools
 import json
 import math
 import socket
+import statistics
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -56,6 +57,7 @@ from filelock import FileLock, Timeout
 
 from asymlora.config import ConfigError, RunConfig, StoppingSettings, config_dict, load_config
 from asymlora.eval import plot_results, stats
+from asymlora.federated.round_log import ROUNDS_FILE
 from asymlora.io import atomic_write_text
 from asymlora.recipes import fed_sweep, multitask
 from asymlora.recipes.groups import SeedGroup, config_key, paired_lines, paired_over_seeds
@@ -440,6 +442,60 @@ def cell_status(sweep: Sweep, cells: list[AnyCell] | None = None) -> list[tuple[
     ]
 
 
+def cell_progress(cell: AnyCell) -> str:
+    """Where a started cell stands, from its run directory: the step of a multi-task cell's last checkpoint
+    (where ``--resume`` continues), or the rounds each strategy of a federated cell has recorded."""
+    if isinstance(cell, fed_sweep.FedCell):
+        rounds = cell.run_dir / cell.strategy / ROUNDS_FILE
+        done = sum(1 for line in rounds.read_text().splitlines() if line.strip()) if rounds.is_file() else 0
+        return f"round {done} of {cell.config.rounds} recorded" if cell.strategy != "local-only" else ""
+    steps = [int(p.name[5:]) for p in (cell.run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    return f"checkpoint at step {max(steps)}" if steps else "no checkpoint yet"
+
+
+def cell_seconds(record: dict[str, Any]) -> float | None:
+    """What a finished cell cost on its machine, in seconds: a multi-task cell's training (over its resumes)
+    plus evaluation (None when its record lacks the training time: its wall time would count only what its
+    last process did); a federated cell's rounds (over its resumes) or its wall time, the larger (its
+    evaluation is in the wall time of the process that finished it)."""
+    if record.get("kind") != "federated":
+        train, evaluation = record.get("train_seconds"), record.get("eval_seconds")
+        return None if train is None or evaluation is None else float(train + evaluation)
+    known = [v for v in (record.get("round_seconds"), record.get("wall_seconds")) if v is not None]
+    return float(max(known)) if known else None
+
+
+def _cost_kind(item: AnyCell | dict[str, Any]) -> str:
+    """Cells of one kind cost about the same: a federated strategy, or a multi-task cell's number of tasks
+    (a single-task baseline trains a fraction of the steps)."""
+    if isinstance(item, fed_sweep.FedCell):
+        return item.strategy
+    if isinstance(item, Cell):
+        return f"{len(item.config.data.tasks)} task(s)"
+    return str(item["strategy"]) if item.get("kind") == "federated" else f"{len(item['tasks'])} task(s)"
+
+
+def estimate_line(sweep: Sweep, statuses: list[tuple[AnyCell, str]]) -> str:
+    """One line under ``--list``: how many cells are done / started / to do, and the hours the rest would take
+    on one worker at the median cost (`cell_seconds`) of the done cells of the same kind (`_cost_kind`); a
+    started cell counts whole. An estimate from this ledger's machine, not a promise."""
+    costs: dict[str, list[float]] = {}
+    for record in read_ledger(sweep.ledger):
+        if (seconds := cell_seconds(record)) is not None:
+            costs.setdefault(_cost_kind(record), []).append(seconds)
+    left = [cell for cell, status in statuses if status != "done"]
+    known = [statistics.median(costs[_cost_kind(c)]) for c in left if _cost_kind(c) in costs]
+    counts = {s: sum(1 for _, status in statuses if status == s) for s in ("done", "partial", "todo")}
+    line = f"{counts['done']} done, {counts['partial']} started, {counts['todo']} to do"
+    if known:
+        line += (
+            f"; the {len(known)} left of a kind already done: about {sum(known) / 3600:.1f} h on one worker"
+        )
+    if len(known) < len(left):
+        line += f" ({len(left) - len(known)} of kinds none of which is done: no estimate)"
+    return line
+
+
 def main(args: Any) -> int:
     """``asymlora sweep CONFIG [--shard i/n] [--report] [--list]``."""
     sweep = load_sweep(args.config)
@@ -449,8 +505,11 @@ def main(args: Any) -> int:
         return 0
     index, count = parse_shard(args.shard)  # a bad --shard is refused before anything, --list too
     if args.list:
-        for cell, status in cell_status(sweep, shard(expand(sweep), index, count)):
-            print(f"{cell.id}  {status:7s}  {cell.params}")
+        statuses = cell_status(sweep, shard(expand(sweep), index, count))
+        for cell, status in statuses:
+            where = f"  ({progress})" if status == "partial" and (progress := cell_progress(cell)) else ""
+            print(f"{cell.id}  {status:7s}  {cell.params}{where}")
+        print(estimate_line(sweep, statuses))
         return 0
     counts = run_sweep(sweep, shard_index=index, shard_count=count, keep_going=args.keep_going)
     print(
