@@ -431,6 +431,9 @@ def test_records_name_their_hardware_and_the_report_warns_when_it_differs(tiny_l
         "Hardware: cpu float32 (AMD EPYC): 1 run, cuda bfloat16 (NVIDIA H200): 1 run, not recorded: 1 run. "
         "**The runs did not all compute on the same kind"
     )
+    bf16 = {"id": "d", "hardware": cpu, "config": {"train": {"mixed_precision": "bf16"}}}
+    assert hardware_line([bf16]) == "Hardware: cpu float32, bf16 autocast in training (AMD EPYC): 1 run."
+    assert "**The runs did not all" in hardware_line([same[0], bf16])  # float32 and bf16 training mixed
 
 
 def test_records_from_before_mixed_precision_group_with_new_ones() -> None:

@@ -732,14 +732,18 @@ def _plot_rows(summary: dict[str, Any]) -> tuple[dict, dict, dict]:
 
 
 def hardware_line(records: Sequence[dict[str, Any]]) -> str:
-    """One line naming where the records ran (device, weight dtype, device name, with counts); a warning when
-    they ran on more than one kind: a CUDA cell computes in bfloat16 weights, a CPU cell in float32, so their
-    differences are not only the methods'."""
+    """One line naming where the records ran (device, weight dtype, the autocast dtype of training when the
+    config's ``train.mixed_precision`` set one, device name, with counts); a warning when they ran on more
+    than one kind: a CUDA cell computes in bfloat16 weights, a CPU cell in float32, a bf16-autocast cell
+    trains in other arithmetic than a float32 one, so their differences are not only the methods'."""
     kinds: dict[str, int] = {}
     for r in {r["id"]: r for r in records}.values():
-        hw = r.get("hardware")
+        hw, autocast = r.get("hardware"), ((r.get("config") or {}).get("train") or {}).get("mixed_precision")
+        during = f", {autocast} autocast in training" if autocast else ""
         kind = (
-            f"{hw['device']} {hw['dtype']} ({hw.get('device_name') or 'unnamed'})" if hw else "not recorded"
+            f"{hw['device']} {hw['dtype']}{during} ({hw.get('device_name') or 'unnamed'})"
+            if hw
+            else "not recorded"
         )
         kinds[kind] = kinds.get(kind, 0) + 1
     text = ", ".join(f"{kind}: {n} run{'s' if n > 1 else ''}" for kind, n in kinds.items())
