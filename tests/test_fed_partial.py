@@ -4,6 +4,8 @@ rounds a client sits out (in memory and from the client's disk after --resume), 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 
@@ -413,3 +415,55 @@ def test_a_run_stopped_by_failed_rounds_resumes_with_another_limit(tmp_path: Pat
     prepare_run_dir(cfg("clients.max_failed_rounds=null"), overwrite=False, resume=True)
     with pytest.raises(ConfigError, match=r"\(clients differ\)"):
         prepare_run_dir(cfg("clients.alpha=0.7"), overwrite=False, resume=True)
+
+
+def test_a_killed_local_only_baseline_retrains_only_the_clients_it_had_not_finished(
+    assets: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """4 clients, lora_dropout 0.5 (so training draws random numbers): the run is killed while client 1
+    trains. The rerun reads client 0 back and trains clients 1 and 2 only; every client's result equals
+    that of an uninterrupted run (a client's draws do not depend on the clients before it). Another
+    ``rounds`` (which --resume may change) trains client 0 again."""
+    from asymlora.federated import run as fed_run
+    from asymlora.federated.partition import load_partition
+
+    cfg = partial_config(assets, tmp_path, "adapter.lora_dropout=0.5")
+    tasks, plan = load_partition(cfg)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # local_only sets the process's threads
+    real, trained = fed_run.local_only_baseline, []
+
+    def baseline(c, k, rank, client_tasks, kill_at=None):
+        if k == kill_at:
+            raise KeyboardInterrupt
+        trained.append(k)
+        return real(c, k, rank, client_tasks)
+
+    def local(run_dir: Path, kill_at=None, c=cfg) -> dict:
+        monkeypatch.setattr(fed_run, "local_only_baseline", lambda *a: baseline(*a, kill_at=kill_at))
+        return fed_run.local_only(c, run_dir, tasks, plan, [2] * len(plan), say=lambda _: None)
+
+    straight = local(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        local(tmp_path / "killed", kill_at=1)
+    trained.clear()
+    resumed = local(tmp_path / "killed")
+    assert trained == [1, 2, 3]
+
+    def timeless(x):  # as results.json holds it, without the timings (at any depth)
+        if isinstance(x, dict):
+            return {k: timeless(v) for k, v in x.items() if "seconds" not in k}
+        return [timeless(v) for v in x] if isinstance(x, list) else x
+
+    def same(a: dict, b: dict) -> bool:
+        return timeless(json.loads(json.dumps(a, default=float))) == timeless(
+            json.loads(json.dumps(b, default=float))
+        )
+
+    for a, b in zip(resumed["clients"], straight["clients"], strict=True):
+        ta, tb = (timeless(json.loads(json.dumps(x, default=float))) for x in (a, b))
+        assert same(a, b), [(k, ta[k], tb.get(k)) for k in ta if ta[k] != tb.get(k)]
+    assert [c["train_loss"] for c in straight["clients"]] == [c["train_loss"] for c in resumed["clients"]]
+    (tmp_path / "killed" / "local_only" / "results.json").unlink()
+    trained.clear()
+    local(tmp_path / "killed", c=dataclasses.replace(cfg, rounds=cfg.rounds + 1))
+    assert trained == [0, 1, 2, 3]

@@ -386,7 +386,24 @@ def _train_client(
     steps: int,
     step_offset: int = 0,
 ) -> tuple[float, int]:
-    """`train_local` with the run's ``train.*`` settings and client ``client``'s data order."""
+    """`train_local` with the run's ``train.*`` settings and client ``client``'s data order. The steps draw
+    their random numbers (adapter dropout) from torch's generator seeded by the run seed, the client and
+    ``step_offset`` (restored afterwards), not from whatever the process drew before (loading the model the
+    first time, other clients), so a client's round trains the same in a restarted or resumed process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(data_seed(cfg.seed, client) * 1_000_003 + step_offset)
+        return _train_local_with(cfg, model, tokenizer, tasks, client, steps, step_offset)
+
+
+def _train_local_with(
+    cfg: FedConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[Any],
+    client: int,
+    steps: int,
+    step_offset: int,
+) -> tuple[float, int]:
     t = cfg.train
     return train_local(
         model,

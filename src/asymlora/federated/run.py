@@ -181,6 +181,27 @@ def simulate(cfg: FedConfig, runs: list[tuple[str, Path, bool]], *, say: Any = p
     return outcomes
 
 
+def _local_client(
+    cfg: FedConfig, out_dir: Path, k: int, rank: int, tasks: list
+) -> tuple[dict[str, Any], str]:
+    """Client ``k``'s local-only result, and ``", saved earlier"`` when it was read back: each client's result
+    is written (``client-K.json``, atomically) as soon as it is scored, with what it depends on beyond the
+    run's stable config (its steps and the ``eval`` section, which ``--resume`` may change), so a run killed
+    after some clients re-trains only the others (a cell of 8 clients takes hours); a client's training draws
+    from a generator seeded by the run seed and ``k`` (`asymlora.federated.client._train_client`), so the
+    clients re-trained after a kill train as they would have in one go."""
+    part = out_dir / f"client-{k}.json"
+    basis = {"steps": cfg.rounds * cfg.train.local_steps, "eval": cfg.to_dict()["eval"]}
+    if part.is_file():
+        saved = json.loads(part.read_text())
+        if saved.get("basis") == basis:
+            return saved["result"], ", saved earlier"
+    res = local_only_baseline(cfg, k, rank, tasks)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(part, json.dumps({"basis": basis, "result": res}, indent=2, default=float) + "\n")
+    return res, ""
+
+
 def local_only(cfg: FedConfig, run_dir: Path, tasks: list, plan: list, ranks: list[int], say: Any) -> dict:
     """Each client trains alone (rounds × local_steps steps) and is scored on its test split."""
     from asymlora.federated.server_results import client_label, summarize_scores  # flwr: optional
@@ -193,11 +214,11 @@ def local_only(cfg: FedConfig, run_dir: Path, tasks: list, plan: list, ranks: li
     clients = []
     scores: dict[str, float] = {}
     for k, shards in enumerate(plan):
-        res = local_only_baseline(cfg, k, ranks[k], client_tasks(tasks, shards))
+        res, saved = _local_client(cfg, run_dir / LOCAL_DIR, k, ranks[k], client_tasks(tasks, shards))
         label = client_label(k, list(res["personalised"]["per_task"]))
         scores[label] = res["personalised"]["score"]
         clients.append({"label": label, **res})
-        say(f"local-only client {k}: score {scores[label]:.4f} ({res['seconds']:.0f} s)")
+        say(f"local-only client {k}: score {scores[label]:.4f} ({res['seconds']:.0f} s{saved})")
     result = {
         "strategy": "local-only",
         "clients": clients,
