@@ -390,35 +390,23 @@ def _train_client(
     their random numbers (adapter dropout) from torch's generator seeded by the run seed, the client and
     ``step_offset`` (restored afterwards), not from whatever the process drew before (loading the model the
     first time, other clients), so a client's round trains the same in a restarted or resumed process."""
+    t = cfg.train
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(data_seed(cfg.seed, client) * 1_000_003 + step_offset)
-        return _train_local_with(cfg, model, tokenizer, tasks, client, steps, step_offset)
-
-
-def _train_local_with(
-    cfg: FedConfig,
-    model: nn.Module,
-    tokenizer: Any,
-    tasks: Sequence[Any],
-    client: int,
-    steps: int,
-    step_offset: int,
-) -> tuple[float, int]:
-    t = cfg.train
-    return train_local(
-        model,
-        tokenizer,
-        tasks,
-        steps=steps,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        seed=data_seed(cfg.seed, client),
-        step_offset=step_offset,
-        max_length=cfg.data.max_length,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        autocast=autocast_dtype(t.mixed_precision),
-    )
+        return train_local(
+            model,
+            tokenizer,
+            tasks,
+            steps=steps,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            seed=data_seed(cfg.seed, client),
+            step_offset=step_offset,
+            max_length=cfg.data.max_length,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            autocast=autocast_dtype(t.mixed_precision),
+        )
 
 
 @dataclass
