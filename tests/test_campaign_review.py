@@ -4,14 +4,12 @@ lines that say what would resolve an unresolved comparison. Each test failed bef
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from asymlora.config import ConfigError, load_config
 
@@ -43,3 +41,81 @@ def test_a_moved_run_directory_resumes(tmp_path: Path) -> None:
     fed_run.prepare_run_dir(federated("d/fed"), overwrite=False, resume=True)
     with pytest.raises(ConfigError, match=r"\(adapter differ\)"):
         fed_run.prepare_run_dir(federated("d/fed", "adapter.r=4"), overwrite=False, resume=True)
+
+
+def test_a_key_listed_as_later_is_left_out_of_every_identity(monkeypatch) -> None:
+    """What `test_a_new_config_key_is_a_decision_about_run_identities` asks of a new key: listed in
+    `LATER_KEYS` at its neutral value, it is left out of the multi-task and federated cell ids (a ledger record
+    written without it keeps its id and group) and of the clients' state identity (client files written without
+    it are accepted on resume; hex digest by hand: sha256 of the identity JSON without the key). Here an existing
+    key plays the new one."""
+    from asymlora.config import LATER_KEYS
+    from asymlora.federated.client import IDENTITY_KEYS, state_identity
+    from asymlora.federated.config import load_fed_config
+    from asymlora.recipes import fed_sweep, sweep
+
+    monkeypatch.setitem(LATER_KEYS, "train.weight_decay", 0.0)
+    run = load_config(None, ["data.tasks=[bigbench:strategyqa]"]).to_dict()
+    older = json.loads(json.dumps(run))
+    del older["train"]["weight_decay"]
+    assert sweep.identity(older) == sweep.identity(run)
+    run["train"]["weight_decay"] = 0.1  # not neutral: another cell
+    assert sweep.identity(older) != sweep.identity(run)
+
+    cfg = load_fed_config(None, ["data.tasks=[bigbench:strategyqa]", "clients.num=1"])
+    fed = cfg.to_dict()
+    del fed["train"]["weight_decay"]
+    assert fed_sweep.identity(fed, "fedalora") == fed_sweep.identity(cfg.to_dict(), "fedalora")
+    del fed["clients"]["max_failed_rounds"]  # as state_identity leaves it out
+    text = json.dumps({"strategy": "fedalora", **{k: fed[k] for k in IDENTITY_KEYS}}, sort_keys=True)
+    assert state_identity(cfg, "fedalora") == hashlib.sha256(text.encode()).hexdigest()
+
+
+RUN_KEYS = (
+    "model.name model.device model.gradient_checkpointing model.load_in_4bit model.load_in_8bit data.tasks "
+    "data.max_train data.max_test data.test_fraction data.max_length data.seed data.metric adapter.method adapter.r "
+    "adapter.lora_alpha adapter.lora_dropout adapter.num_experts adapter.router adapter.top_k "
+    "adapter.balance_loss_weight adapter.target_modules adapter.subspace_rank adapter.expert_rank adapter.beta "
+    "train.steps train.epochs train.batch_size train.grad_accum train.lr train.weight_decay train.warmup_steps "
+    "train.scheduler train.max_grad_norm train.seed train.save_every train.keep_checkpoints train.log_every "
+    "train.fsdp train.trace_every train.router_log_every eval.batch_size eval.max_new_tokens eval.max_examples "
+    "eval.base_model compare.methods compare.single_task run_dir baselines"
+)
+FED_KEYS = (
+    "model.name strategies local_a het_local het_upload adapter.method adapter.r adapter.lora_alpha "
+    "adapter.lora_dropout adapter.target_modules adapter.intermediate_rank clients.num clients.ranks "
+    "clients.partition clients.dirichlet_over clients.alpha clients.fraction clients.per_round "
+    "clients.min_per_round clients.max_failed_rounds data.tasks data.max_train data.max_test data.test_fraction "
+    "data.max_length data.seed data.metric rounds train.local_steps train.batch_size train.lr train.weight_decay "
+    "train.max_grad_norm eval.batch_size eval.max_new_tokens eval.max_examples eval.global_scores eval.local_only "
+    "simulation.num_cpus simulation.cpus_per_client simulation.threads_per_client simulation.object_store_mb "
+    "simulation.num_gpus simulation.gpus_per_client timeouts.wait_nodes timeouts.round timeouts.evaluate "
+    "min_nodes run_dir seed log_keys faults.raise_in faults.nan_in faults.bad_shape_in faults.stop_after "
+    "reject.norm_factor dp.clipping dp.noise_multiplier dp.target_epsilon dp.clipping_norm dp.delta dp.noise_seed "
+    "transfer.up transfer.down secagg.enabled secagg.num_shares secagg.reconstruction_threshold secagg.value_bound "
+    "secagg.clipping_range secagg.quantization_range secagg.modulus_range secagg.max_weight"
+)
+
+
+def _flat_keys(data: dict, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in data.items():
+        out += _flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [prefix + key]
+    return out
+
+
+@pytest.mark.parametrize("name", ["run", "fed"])
+def test_a_new_config_key_is_a_decision_about_run_identities(name: str) -> None:
+    """Every key of a run config enters the sweep cell ids and (federated) the clients' state identity, so a key
+    added with a default changes the id of every cell of every running campaign: finished cells run again and
+    a half-finished one starts over in a new directory (``clients.max_failed_rounds`` did). Adding a key must
+    be decided: list it in `asymlora.config.LATER_KEYS` with the value at which it changes nothing (or leave it
+    out of the identities as ``fed_sweep.PACE_KEYS`` do), or, when ids must change, add it here and say so in
+    docs/sweep.md."""
+    from asymlora.config import LATER_KEYS, RunConfig, config_dict
+    from asymlora.federated.config import FedConfig
+
+    keys = _flat_keys(config_dict(RunConfig() if name == "run" else FedConfig()))
+    new = {k for k in keys if not any(k == later or k.startswith(later + ".") for later in LATER_KEYS)}
+    pinned = set((RUN_KEYS if name == "run" else FED_KEYS).split())
+    assert new == pinned, f"config keys added: {sorted(new - pinned)}, removed: {sorted(pinned - new)}"

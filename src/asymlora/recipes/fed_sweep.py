@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import yaml
 
-from asymlora.config import ConfigError, config_dict, load_config, read_config_file
+from asymlora.config import ConfigError, config_dict, load_config, read_config_file, without_later_keys
 from asymlora.eval import stats
 from asymlora.federated import run as fed_run
 from asymlora.federated.config import FedConfig
@@ -95,16 +95,15 @@ model in bfloat16), and so do the timeouts (a client that misses one is left out
 
 def identity(data: Mapping[str, Any], strategy: str) -> dict[str, Any]:
     """A copy of a federated config dict (``FedConfig.to_dict()``, or a ledger record's ``config``) as a cell's
-    identity: ``run_dir`` blank, ``strategies`` = [``strategy``], the `PACE_KEYS` and
-    ``train.mixed_precision: null`` left out."""
+    identity: ``run_dir`` blank, ``strategies`` = [``strategy``], the `PACE_KEYS` left out, and the keys added
+    since the first ledgers at their neutral values (`asymlora.config.LATER_KEYS`, e.g.
+    ``train.mixed_precision: null``)."""
     out = json.loads(json.dumps(data))
     out["run_dir"], out["strategies"] = "", [strategy]
     for section, keys in PACE_KEYS.items():
         for key in keys:
             out.get(section, {}).pop(key, None)
-    if out.get("train", {}).get("mixed_precision") is None:
-        out.get("train", {}).pop("mixed_precision", None)
-    return out
+    return without_later_keys(out)
 
 
 def fed_cell_id(cfg: FedConfig, strategy: str) -> str:

@@ -54,7 +54,7 @@ from typing import Any
 import yaml
 from filelock import FileLock, Timeout
 
-from asymlora.config import ConfigError, RunConfig, StoppingSettings, config_dict, load_config
+from asymlora.config import ConfigError, RunConfig, config_dict, load_config, without_later_keys
 from asymlora.eval import plot_results, stats
 from asymlora.io import atomic_write_text
 from asymlora.recipes import fed_sweep, multitask
@@ -162,16 +162,13 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def identity(data: dict[str, Any]) -> dict[str, Any]:
     """A copy of a multi-task config dict (`asymlora.config.config_dict`, or a ledger record's ``config``) as a
-    cell's identity: ``run_dir`` blank, and a ``stopping`` section at its defaults (off) and
-    ``train.mixed_precision: null`` left out, so the cells of configs without them keep the ids they had
-    before those keys existed (and their records group with the new ones)."""
+    cell's identity: ``run_dir`` blank, and the keys added since the first ledgers left out at their neutral
+    values (`asymlora.config.LATER_KEYS`: a ``stopping`` section at its defaults, ``train.mixed_precision:
+    null``), so the cells of configs without them keep the ids they had before those keys existed (and their
+    records group with the new ones)."""
     data = json.loads(json.dumps(data))
     data["run_dir"] = ""
-    if data.get("stopping", {}) == dataclasses.asdict(StoppingSettings()):
-        data.pop("stopping", None)
-    if data.get("train", {}).get("mixed_precision") is None:
-        data.get("train", {}).pop("mixed_precision", None)
-    return data
+    return without_later_keys(data)
 
 
 def cell_id(cfg: RunConfig) -> str:
