@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from asymlora.config import ConfigError, load_config
 
@@ -119,3 +120,61 @@ def test_a_new_config_key_is_a_decision_about_run_identities(name: str) -> None:
     new = {k for k in keys if not any(k == later or k.startswith(later + ".") for later in LATER_KEYS)}
     pinned = set((RUN_KEYS if name == "run" else FED_KEYS).split())
     assert new == pinned, f"config keys added: {sorted(new - pinned)}, removed: {sorted(pinned - new)}"
+
+
+def _client(label: str, scores: list[int]) -> dict:
+    """One client's evaluation as the federated results hold it (one task, accuracy, 0/1 per example)."""
+    examples = {"t": {"keys": [f"{label}-{i}" for i in range(len(scores))], "scores": scores}}
+    return {"label": label, "personalised": {"score": sum(scores) / len(scores), "n": len(scores),
+            "per_task": {"t": {}}, "primary": {"t": "accuracy"}, "examples": examples}}  # fmt: skip
+
+
+def _fed_record(strategy: str, seed: int, clients: dict[str, list[int]]) -> dict:
+    from asymlora.recipes import fed_sweep
+
+    side = fed_sweep.side_record([_client(label, s) for label, s in clients.items()], "personalised")
+    return {"id": f"{strategy}-{seed}", "kind": "federated", "params": {"strategy": strategy, "seed": seed},
+            "strategy": strategy, "seed": seed, "clients": list(side["per_client"]), "average": side["average"],
+            "personalised": side, "global": None, "dp": None, "rounds": 2, "local_steps": 3,
+            "bytes": {"up": 100, "down": 300, "total": 400, "per_round": [{}, {}]}, "wall_seconds": 1.0,
+            "config": {"run_dir": "", "seed": seed, "strategies": [strategy], "rounds": 2}}  # fmt: skip
+
+
+def _write_ledger(where: Path, records: list[dict], kind: str, reference: str) -> Path:
+    from asymlora.recipes import sweep
+
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = {"kind": kind, "out_dir": ".", "grid": {"seed": [0]}, "report": {"reference": reference}}
+    (where / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    page = sweep.write_report(sweep.load_sweep(where / "sweep.yaml"))
+    assert page == where / "results.md"
+    return page
+
+
+def test_a_seed_in_which_a_client_has_no_score_is_reported(tmp_path: Path) -> None:
+    """A client whose evaluation failed, or that was never sampled (partial participation), is absent from that
+    seed's record. The report indexed every seed's scores by the first seed's clients: KeyError, and no page
+    (it is also written at the end of every sweep invocation). Now: each client over the seeds that have it,
+    a line naming what is missing, and the paired tests on the seeds where both groups have every client."""
+    a0, a1, a2 = [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]
+    records = [
+        _fed_record("fedalora", 0, {"c0": [1, 1, 1, 0], "c1": a0}),
+        _fed_record("fedalora", 1, {"c0": [1, 0, 1, 1]}),  # c1: no score in seed 1
+        _fed_record("fedalora", 2, {"c0": [1, 1, 1, 1], "c1": a2}),
+        _fed_record("fedit", 0, {"c0": [0, 1, 0, 0], "c1": a1}),
+        _fed_record("fedit", 1, {"c0": [0, 0, 1, 0], "c1": a1}),
+        _fed_record("fedit", 2, {"c0": [0, 1, 1, 0], "c1": a1}),
+    ]
+    page = _write_ledger(tmp_path, records, "federated", "fedalora").read_text()
+    summary = json.loads((tmp_path / "results.json").read_text())
+    group = next(g for g in summary["groups"] if g["label"] == "fedalora")
+    assert group["missing_clients"] == {"c1": [1]}
+    c1 = group["personalised"]["per_client"]["c1"]  # seeds 0 and 2: 2/4 and 3/4
+    assert c1["values"] == [0.5, 0.75] and c1["value"] == pytest.approx(0.625)
+    assert c1["std"] == pytest.approx(0.25 / 2**0.5)
+    assert "- fedalora: no score of c1 in seed(s) [1]" in page
+    (pair,) = summary["paired"]
+    assert pair["seeds"] == [0, 2]
+    # c1 over seeds 0 and 2: A = [1, 1, .5, 0], B = [1, 0, 0, 0]: mean difference 1.5 / 4
+    assert pair["tests"]["c1"]["difference"] == pytest.approx(0.375)
