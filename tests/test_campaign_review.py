@@ -178,3 +178,59 @@ def test_a_seed_in_which_a_client_has_no_score_is_reported(tmp_path: Path) -> No
     assert pair["seeds"] == [0, 2]
     # c1 over seeds 0 and 2: A = [1, 1, .5, 0], B = [1, 0, 0, 0]: mean difference 1.5 / 4
     assert pair["tests"]["c1"]["difference"] == pytest.approx(0.375)
+
+
+def _mt_record(method: str, seed: int, scores: dict[str, list[float]], bleu: str = "y") -> dict:
+    """A multi-task ledger record as `sweep.make_record` writes it, task ``bleu`` scored by corpus BLEU (no
+    per-example scores: its rows carry none, so it has no interval and no per_example entry)."""
+    from asymlora.eval import stats
+    from asymlora.recipes import sweep
+
+    tasks = list(scores)
+    specs = [f"jsonl:/data.jsonl#{t}" for t in tasks]
+    cfg = load_config(
+        None, [f"data.tasks={json.dumps(specs)}", f"train.seed={seed}", f"adapter.method={method}"]
+    )
+    primary = {t: "bleu" if t == bleu else "accuracy" for t in tasks}
+    rows = {t: [{"key": f"{t}{i}", "scores": {} if t == bleu else {"accuracy": v}} for i, v in enumerate(s)]
+            for t, s in scores.items()}  # fmt: skip
+    per_task = {t: {primary[t]: sum(s) / len(s)} for t, s in scores.items()}
+    means = [per_task[t][primary[t]] for t in tasks]
+    worst = min(tasks, key=lambda t: per_task[t][primary[t]])
+    per_example = {t: {"keys": t, "scores": [r["scores"]["accuracy"] for r in rs]}
+                   for t, rs in rows.items() if t != bleu}  # fmt: skip
+    params = {
+        "adapter.method": method,
+        "train.seed": seed,
+        **({"data.tasks": specs} if len(tasks) == 1 else {}),
+    }
+    return {"id": sweep.cell_id(cfg), "params": params, "seed": seed, "tasks": tasks, "method": method,
+            "per_task": per_task, "primary": primary, "average": sum(means) / len(means), "std": 0.0,
+            "worst": {"task": worst, "value": per_task[worst][primary[worst]]},
+            "intervals": stats.run_intervals(rows, primary), "per_example": per_example,
+            "trainable_params": 100, "steps": 4, "config": cfg.to_dict()}  # fmt: skip
+
+
+@pytest.mark.parametrize("seeds", [[0], [0, 1]])
+def test_a_task_scored_by_corpus_bleu_is_reported(tmp_path: Path, seeds: list[int]) -> None:
+    """A task whose primary metric is corpus-level (``bleu``, e.g. ``data.metric``) has no per-example scores,
+    so no interval and no ``per_example`` entry. The multi-task report looked both up: KeyError (one seed: its
+    interval; several: Δm%'s per-example scores), no page. Now its cell is the bare value and Δm% the point
+    value against the single-task baselines (by hand: alora (1 − 0.75) / 1 and (0.8 − 0.4) / 0.8 → 37.5 %)."""
+    records = []
+    for s in seeds:
+        records += [
+            _mt_record("alora", s, {"x": [1, 0, 1, 1], "y": [0.4]}),
+            _mt_record("lora", s, {"x": [0, 0, 1, 1], "y": [0.2]}),
+            _mt_record("lora", s, {"x": [1, 1, 1, 1]}),
+            _mt_record("lora", s, {"y": [0.8]}),
+        ]
+    page = _write_ledger(tmp_path, records, "multitask", "alora").read_text()
+    summary = json.loads((tmp_path / "results.json").read_text())
+    alora = next(g for g in summary["groups"] if g["label"] == "method=alora")
+    assert alora["delta_m"]["value"] == pytest.approx(37.5)
+    assert alora["per_task"]["y"]["value"] == pytest.approx(0.4)
+    lora = next(g for g in summary["groups"] if g["label"] == "method=lora")
+    assert lora["delta_m"]["value"] == pytest.approx((50 + 75) / 2)  # (1 − .5) / 1, (.8 − .2) / .8
+    if seeds == [0]:
+        assert "| method=alora | 0 | 0.750 [0.301, 0.954] | 0.400 | 0.575 |" in page  # Wilson for x; y bare

@@ -56,6 +56,7 @@ from filelock import FileLock, Timeout
 
 from asymlora.config import ConfigError, RunConfig, config_dict, load_config, without_later_keys
 from asymlora.eval import plot_results, stats
+from asymlora.eval.report import delta_m
 from asymlora.io import atomic_write_text
 from asymlora.recipes import fed_sweep, multitask
 from asymlora.recipes.groups import SeedGroup, config_key, paired_lines, paired_over_seeds
@@ -521,7 +522,7 @@ def _value(group: Group, task: str | None, key: str = "average") -> dict[str, An
         summary = stats.seed_summary(values)
         return {"value": summary["mean"], "std": summary["std"], "values": summary["values"]}
     iv = group.records[0]["intervals"]
-    iv = (iv["per_task"][task] if task is not None else iv.get(key)) or {}
+    iv = (iv["per_task"].get(task) if task is not None else iv.get(key)) or {}  # none: a corpus-level metric
     return {"value": values[0], "low": iv.get("low"), "high": iv.get("high"), "values": values}
 
 
@@ -543,11 +544,14 @@ def _delta_m(group: Group, baselines: dict[str, Group]) -> dict[str, Any] | None
         return None
     per_seed = []
     for record in group.records:
+        if not all(t in record["per_example"] for t in group.tasks):  # a corpus-level metric (BLEU)
+            per_seed.append(_delta_m_value(group, record, baselines))
+            continue
         scores = {t: _examples(record, t)["scores"] for t in group.tasks}
         base: dict[str, Any] = {}
         for t in group.tasks:
             b = baselines[t]
-            same = [r for r in b.records if r["seed"] == record["seed"]]
+            same = [r for r in b.records if r["seed"] == record["seed"] and t in r["per_example"]]
             if same and _examples(same[0], t)["keys"] == _examples(record, t)["keys"]:
                 base[t] = _examples(same[0], t)["scores"]
             else:
@@ -558,6 +562,22 @@ def _delta_m(group: Group, baselines: dict[str, Group]) -> dict[str, Any] | None
         summary = stats.seed_summary([d["value"] for d in found])
         return {"value": summary["mean"], "std": summary["std"], "values": summary["values"]}
     return found[0] if found else None
+
+
+def _delta_m_value(
+    group: Group, record: dict[str, Any], baselines: dict[str, Group]
+) -> dict[str, Any] | None:
+    """Δm% of one record without an interval (`asymlora.eval.report.delta_m`), for a run with a task scored by a
+    corpus-level metric (no per-example scores to resample): against each baseline's score of the same seed,
+    else its mean over seeds."""
+    values = {t: record["per_task"][t][group.primary[t]] for t in group.tasks}
+    base = {}
+    for t in group.tasks:
+        b = baselines[t]
+        same = [r["per_task"][t][b.primary[t]] for r in b.records if r["seed"] == record["seed"]]
+        base[t] = same[0] if same else sum(r["per_task"][t][b.primary[t]] for r in b.records) / len(b.records)
+    value, _ = delta_m(values, base)
+    return None if value is None else {"value": value}
 
 
 def _paired(ref: Group, peer: Group) -> dict[str, Any] | None:
