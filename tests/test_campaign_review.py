@@ -234,3 +234,42 @@ def test_a_task_scored_by_corpus_bleu_is_reported(tmp_path: Path, seeds: list[in
     assert lora["delta_m"]["value"] == pytest.approx((50 + 75) / 2)  # (1 − .5) / 1, (.8 − .2) / .8
     if seeds == [0]:
         assert "| method=alora | 0 | 0.750 [0.301, 0.954] | 0.400 | 0.575 |" in page  # Wilson for x; y bare
+
+
+def test_a_paired_test_on_one_example_per_task() -> None:
+    """A smoke campaign scores one test example per task (``eval.max_examples=1``, as in docs/sweep.md's timing
+    command). The per-task paired test handed one pair to scipy's permutation_test, which needs two: ValueError,
+    and no report. One pair's two sign flips both reach |a − b|, so the two-sided p is 2/2 = 1."""
+    from asymlora.eval import stats
+
+    one = stats.paired_test([1.0], [0.0])
+    assert (one["difference"], one["p_value"], one["low"], one["high"], one["n"]) == (1.0, 1.0, None, None, 1)
+    # the average over two such tasks: 4 sign flips of (+1/2, +1/2), |sum| >= 1 in 2: p = 0.5
+    assert stats.paired_average_test({"x": [1.0], "y": [1.0]}, {"x": [0.0], "y": [0.0]})["p_value"] == 0.5
+
+
+def test_an_unresolved_difference_without_spread_is_not_called_no_difference() -> None:
+    """Two test examples per task, A right on all, B wrong on all: the average differs by +1 (p = 0.125: 2 of
+    the 16 sign flips reach |1|), but the paired differences have no variance, so `stats.examples_to_resolve`
+    has nothing to size by (None); the report then said "no difference to resolve" about a difference of +1."""
+    from asymlora.recipes.groups import SeedGroup, paired_lines, paired_over_seeds
+
+    def group(label: str, score: int) -> SeedGroup:
+        return SeedGroup(
+            label, [{"seed": 0, "per_example": {t: {"keys": t, "scores": [score] * 2} for t in "xy"}}]
+        )
+
+    result = paired_over_seeds(group("A", 1), group("B", 0), ["x", "y"], lambda r, t: r["per_example"][t])
+    assert result is not None
+    assert result["tests"]["average"]["difference"] == 1.0 and result["tests"]["average"]["p_value"] == 0.125
+    assert result["resolve"]["examples_per_unit"] is None
+    lines = paired_lines([{"a": "A", "b": "B", **result}], ["x", "y"], "Paired:", "task")
+    assert lines[-1] == (
+        "- A − B: +1.0000 (p=0.125): every test example differs by the same amount (now 2 per task), so there is "
+        "no spread to size a study by: score more test examples per task"
+    )
+    same = paired_over_seeds(group("A", 1), group("B", 1), ["x", "y"], lambda r, t: r["per_example"][t])
+    assert same is not None
+    assert paired_lines([{"a": "A", "b": "B", **same}], ["x", "y"], "Paired:", "task")[-1].endswith(
+        ": no difference to resolve"
+    )
