@@ -273,3 +273,33 @@ def test_an_unresolved_difference_without_spread_is_not_called_no_difference() -
     assert paired_lines([{"a": "A", "b": "B", **same}], ["x", "y"], "Paired:", "task")[-1].endswith(
         ": no difference to resolve"
     )
+
+
+def test_a_finished_cell_stays_done_when_an_upgrade_changes_how_ids_are_computed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The federated cell ids changed once (the pace keys left out, then ``clients.max_failed_rounds``): a cell
+    recorded under its old id was no longer found in the ledger and ran again, hours of work. A record keeps
+    its full config, so the cell is found by the id that config has under the code now. ``fb10736c1016`` is the
+    id the code of commit abbc4c2^ gave this cell; its record's config lacks the two keys added since."""
+    from asymlora.recipes import fed_sweep, sweep
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "fed_bigbench_het.yaml"
+    spec = {"base": str(base), "out_dir": "campaign", "overrides": ["eval.local_only=false"],
+            "grid": {"strategy": ["fedalora-het"], "seed": [0, 1]}}  # fmt: skip
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    loaded = sweep.load_sweep(tmp_path / "sweep.yaml")
+    cells = sweep.expand(loaded)
+    config = cells[0].config.to_dict()
+    del config["clients"]["max_failed_rounds"], config["train"]["mixed_precision"]
+    old = {"id": "fb10736c1016", "kind": "federated", "strategy": "fedalora-het", "seed": 0, "config": config}
+    assert cells[0].id != old["id"]
+    loaded.out_dir.mkdir()
+    loaded.ledger.write_text(json.dumps(old) + "\n")
+    assert [status for _, status in sweep.cell_status(loaded)] == ["done", "todo"]
+    ran: list[str] = []
+    monkeypatch.setattr(sweep, "run_cell", lambda cell, ledger: ran.append(cell.id) or {"average": 0.0,
+                                                                                        "wall_seconds": 0.0})  # fmt: skip
+    counts = sweep.run_sweep(loaded, say=lambda *a: None)
+    assert ran == [cells[1].id] and (counts["done"], counts["ran"]) == (1, 1)
+    assert fed_sweep.fed_cell_id(cells[0].config, "fedalora-het") == cells[0].id

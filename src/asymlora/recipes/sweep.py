@@ -175,8 +175,26 @@ def identity(data: dict[str, Any]) -> dict[str, Any]:
 def cell_id(cfg: RunConfig) -> str:
     """12 hex digits of the sha256 of the YAML dump of the cell's `identity` (keys in the order
     `asymlora.config.config_dict` keeps; the ledger's records are keyed by it)."""
-    text = yaml.safe_dump(identity(config_dict(cfg)), sort_keys=False)  # = dump_config's text
+    return _hash_id(identity(config_dict(cfg)))
+
+
+def _hash_id(identity_dict: dict[str, Any]) -> str:
+    text = yaml.safe_dump(identity_dict, sort_keys=False)  # = dump_config's text
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def done_ids(records: Sequence[dict[str, Any]]) -> set[str]:
+    """The ids of the cells a ledger holds: each record's ``id`` and the id its ``config`` has under this code
+    (`identity`; `fed_sweep.identity` for federated records), so a finished cell stays done when an upgrade
+    changes how ids are computed (the federated ids did once, when the pace keys were left out)."""
+    out = set()
+    for record in records:
+        out.add(record["id"])
+        if isinstance(record.get("config"), dict):
+            config = record["config"]
+            out.add(_hash_id(fed_sweep.identity(config, record["strategy"]) if record.get("kind") == "federated"
+                             else identity(config)))  # fmt: skip
+    return out
 
 
 def _points(grid: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
@@ -393,7 +411,7 @@ def run_sweep(
     """
     cells = shard(expand(sweep), shard_index, shard_count)
     (sweep.out_dir / "locks").mkdir(parents=True, exist_ok=True)
-    done = {record["id"] for record in read_ledger(sweep.ledger)}
+    done = done_ids(read_ledger(sweep.ledger))
     counts = {"cells": len(cells), "done": 0, "ran": 0, "taken": 0, "failed": 0}
     for n, cell in enumerate(cells, 1):
         where = f"[{n}/{len(cells)}] {cell.id} {cell.params}"
@@ -408,7 +426,7 @@ def run_sweep(
             counts["taken"] += 1
             continue
         try:
-            if cell.id in {record["id"] for record in read_ledger(sweep.ledger)}:
+            if cell.id in done_ids(read_ledger(sweep.ledger)):
                 counts["done"] += 1  # finished by another process since this one started
                 continue
             say(f"{where}: running in {cell.run_dir}")
@@ -431,7 +449,7 @@ def run_sweep(
 def cell_status(sweep: Sweep, cells: list[AnyCell] | None = None) -> list[tuple[AnyCell, str]]:
     """Each cell (of ``cells``, default: the whole grid) with ``done`` (in the ledger), ``partial`` (its run
     directory exists) or ``todo``."""
-    done = {record["id"] for record in read_ledger(sweep.ledger)}
+    done = done_ids(read_ledger(sweep.ledger))
     return [
         (cell, "done" if cell.id in done else "partial" if cell.run_dir.is_dir() else "todo")
         for cell in (expand(sweep) if cells is None else cells)
