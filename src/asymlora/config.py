@@ -419,7 +419,8 @@ LATER_KEYS: dict[str, Any] = {
 cell ids (`asymlora.recipes.sweep.cell_id`, `asymlora.recipes.fed_sweep.fed_cell_id`) and the federated
 clients' state identity (`asymlora.federated.client.state_identity`) — each with the value at which it computes
 what a config without it computed. Every identity leaves such a key out at that value (`without_later_keys`),
-so the runs, client files and ledger records written before it keep their identity. A new key whose default
+so the runs, client files and ledger records written before it keep their identity (the state identity keeps
+``train.mixed_precision``: it held the key from the day it was added). A new key whose default
 changes nothing belongs here; tests/test_campaign_review.py pins the key set, so a key added elsewhere fails
 that test rather than silently restarting every campaign cell."""
 
