@@ -161,26 +161,14 @@ def load_sweep(path: str | Path) -> Sweep:
     )
 
 
-PACE_KEYS = {"train": ("save_every", "keep_checkpoints", "log_every")}
-"""Keys that set how often a run checkpoints and logs, not what it computes: a cell's identity holds them at
-their defaults (set, not left out, so the ids of cells at the defaults, those of every campaign recorded before,
-are unchanged), so a campaign can checkpoint more often on a machine that gets killed and keep its cells and
-ledger (`done_ids` finds the cells recorded with other values). ``trace_every`` and ``router_log_every`` stay
-in: they change what a run records (traces, the ledger's router statistics)."""
-
-
 def identity(data: dict[str, Any]) -> dict[str, Any]:
     """A copy of a multi-task config dict (`asymlora.config.config_dict`, or a ledger record's ``config``) as a
     cell's identity: ``run_dir`` blank, and the keys added since the first ledgers left out at their neutral
     values (`asymlora.config.LATER_KEYS`: a ``stopping`` section at its defaults, ``train.mixed_precision:
     null``), so the cells of configs without them keep the ids they had before those keys existed (and their
-    records group with the new ones); the `PACE_KEYS` at their defaults."""
+    records group with the new ones)."""
     data = json.loads(json.dumps(data))
     data["run_dir"] = ""
-    defaults = config_dict(RunConfig())
-    for section, keys in PACE_KEYS.items():
-        for key in (k for k in keys if k in data.get(section, {})):
-            data[section][key] = defaults[section][key]
     return without_later_keys(data)
 
 
