@@ -39,6 +39,7 @@ from asymlora.eval.metrics import metric_choices
 from asymlora.tuner.config import AsymLoraConfig
 
 __all__ = [
+    "LATER_KEYS",
     "AdapterSettings",
     "BaseAdapterSettings",
     "BaseEvalSettings",
@@ -59,6 +60,7 @@ __all__ = [
     "from_dict",
     "load_config",
     "read_config_file",
+    "without_later_keys",
 ]
 
 
@@ -406,6 +408,37 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return config_dict(self)
+
+
+# --- run identities ----------------------------------------------------------------------------------
+LATER_KEYS: dict[str, Any] = {
+    "train.mixed_precision": None,
+    "stopping": dataclasses.asdict(StoppingSettings()),
+}
+"""Config keys (``section.key``, or a whole section) added after run identities were first recorded — sweep
+cell ids (`asymlora.recipes.sweep.cell_id`, `asymlora.recipes.fed_sweep.fed_cell_id`) and the federated
+clients' state identity (`asymlora.federated.client.state_identity`) — each with the value at which it computes
+what a config without it computed. Every identity leaves such a key out at that value (`without_later_keys`),
+so the runs, client files and ledger records written before it keep their identity (the state identity keeps
+``train.mixed_precision``: it held the key from the day it was added). A new key whose default
+changes nothing belongs here; tests/test_campaign_review.py pins the key set, so a key added elsewhere fails
+that test rather than silently restarting every campaign cell."""
+
+
+def without_later_keys(data: dict[str, Any], keep: Sequence[str] = ()) -> dict[str, Any]:
+    """``data`` (a config dict, `config_dict`; changed in place and returned) without the `LATER_KEYS` that
+    hold their neutral value, except those in ``keep`` (keys an identity already held when they were added
+    to the registry); a key the config does not have is skipped."""
+    for path, neutral in LATER_KEYS.items():
+        if path in keep:
+            continue
+        *sections, key = path.split(".")
+        parent: Any = data
+        for section in sections:
+            parent = parent.get(section) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and key in parent and parent[key] == neutral:
+            del parent[key]
+    return data
 
 
 # --- dataclass <-> mapping ---------------------------------------------------------------------------

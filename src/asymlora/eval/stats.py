@@ -340,8 +340,8 @@ def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray
 
 def _sign_flip_pvalue(weighted_a: np.ndarray, weighted_b: np.ndarray, n_resamples: int, seed: int) -> float:
     """Two-sided p-value of Σ (a_i − b_i) under random swaps of a_i and b_i (``permutation_type="samples"``)."""
-    if np.all(weighted_a == weighted_b):
-        return 1.0
+    if np.all(weighted_a == weighted_b) or weighted_a.size < 2:
+        return 1.0  # one pair: both of its sign flips reach |a − b|, so p = 2/2 (scipy needs two pairs)
     result = stats.permutation_test(
         (weighted_a, weighted_b),
         _mean_difference,

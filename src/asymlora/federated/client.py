@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from asymlora.config import without_later_keys
 from asymlora.data import MultiTaskCollator, MultiTaskDataset
 from asymlora.eval import evaluate_task, primary_metric
 from asymlora.federated.config import FedConfig
@@ -628,6 +629,10 @@ def state_identity(cfg: FedConfig, strategy: str) -> str:
     # clients.max_failed_rounds only says when the server stops: not what a client trains, and leaving it out
     # keeps the identity of the client files written before the setting existed (their runs can resume)
     d["clients"] = {k: v for k, v in d["clients"].items() if k != "max_failed_rounds"}
+    # keys added later at their neutral value: files written before them match. train.mixed_precision has been
+    # in this identity since it was added (16:38 UTC, 2026-11-30; files written since carry it at null), so it
+    # stays (the files of runs started before it, with it null, are refused: one or the other had to be)
+    without_later_keys(d, keep=("train.mixed_precision",))
     text = json.dumps({"strategy": strategy, **{k: d.get(k) for k in IDENTITY_KEYS}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -63,10 +63,12 @@ VOLATILE = (
     "strategies",
     "log_keys",
     "clients.max_failed_rounds",
+    "run_dir",
 )
 """Config keys (sections, or ``section.key``) that may change between a run and its ``--resume``: how long
 and how it runs, not what its finished rounds computed (``clients.max_failed_rounds`` so that a run stopped
-by rounds no client answered can be resumed with a higher limit)."""
+by rounds no client answered can be resumed with a higher limit; ``run_dir`` because a run directory may be
+moved or copied, e.g. a campaign's ``out_dir`` to another machine: every path in it is relative to it)."""
 
 
 def _stable(cfg: FedConfig) -> dict[str, Any]:

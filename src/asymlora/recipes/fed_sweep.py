@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import yaml
 
-from asymlora.config import ConfigError, config_dict, load_config, read_config_file
+from asymlora.config import ConfigError, config_dict, load_config, read_config_file, without_later_keys
 from asymlora.eval import stats
 from asymlora.federated import run as fed_run
 from asymlora.federated.config import FedConfig
@@ -95,16 +95,15 @@ model in bfloat16), and so do the timeouts (a client that misses one is left out
 
 def identity(data: Mapping[str, Any], strategy: str) -> dict[str, Any]:
     """A copy of a federated config dict (``FedConfig.to_dict()``, or a ledger record's ``config``) as a cell's
-    identity: ``run_dir`` blank, ``strategies`` = [``strategy``], the `PACE_KEYS` and
-    ``train.mixed_precision: null`` left out."""
+    identity: ``run_dir`` blank, ``strategies`` = [``strategy``], the `PACE_KEYS` left out, and the keys added
+    since the first ledgers at their neutral values (`asymlora.config.LATER_KEYS`, e.g.
+    ``train.mixed_precision: null``)."""
     out = json.loads(json.dumps(data))
     out["run_dir"], out["strategies"] = "", [strategy]
     for section, keys in PACE_KEYS.items():
         for key in keys:
             out.get(section, {}).pop(key, None)
-    if out.get("train", {}).get("mixed_precision") is None:
-        out.get("train", {}).pop("mixed_precision", None)
-    return out
+    return without_later_keys(out)
 
 
 def fed_cell_id(cfg: FedConfig, strategy: str) -> str:
@@ -331,8 +330,19 @@ def group_records(records: Sequence[Mapping[str, Any]]) -> list[FedGroup]:
     for (key, rs), label in zip(groups.items(), labels, strict=True):
         label = f"{label} (config {key})" if labels.count(label) > 1 else label
         rs = sorted(rs, key=lambda r: r["seed"])
-        out.append(FedGroup(label, rs, strategy=rs[0]["strategy"], clients=rs[0]["clients"]))
+        clients = list(dict.fromkeys(c for r in rs for c in r["clients"]))  # a seed may lack a client
+        out.append(FedGroup(label, rs, strategy=rs[0]["strategy"], clients=clients))
     return out
+
+
+def missing_clients(group: FedGroup) -> dict[str, list[int]]:
+    """``{client: [seeds whose record has no personalised score of it]}``: a client whose evaluation failed, or
+    that never trained (partial participation), is absent from that seed's record (`side_record`)."""
+    out = {
+        c: [r["seed"] for r in group.records if c not in r["personalised"]["per_client"]]
+        for c in group.clients
+    }
+    return {c: seeds for c, seeds in out.items() if seeds}
 
 
 def _over_seeds(values: list[float], interval: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -349,9 +359,10 @@ def _side_summary(group: FedGroup, which: str) -> dict[str, Any] | None:
         return None
     sides: list[dict[str, Any]] = [r[which] for r in group.records]
     one = sides[0]["intervals"] if len(sides) == 1 else {"per_client": {}, "average": None}
+    # a client missing from a seed's record (`missing_clients`): its value over the seeds that have it
+    values = {c: [s["per_client"][c] for s in sides if c in s["per_client"]] for c in group.clients}
     return {
-        "per_client": {c: _over_seeds([s["per_client"][c] for s in sides], one["per_client"].get(c))
-                       for c in group.clients},
+        "per_client": {c: _over_seeds(v, one["per_client"].get(c)) for c, v in values.items() if v},
         "average": _over_seeds([s["average"] for s in sides], one["average"]),
         "metric": sides[0]["metric"],
     }  # fmt: skip
@@ -384,7 +395,12 @@ def paired(ref: FedGroup, peer: FedGroup, which: str = "personalised") -> dict[s
     def examples(record: dict[str, Any], client: str) -> Any:
         return (record.get(which) or {}).get("per_example", {}).get(client)
 
-    result = paired_over_seeds(ref, peer, ref.clients, examples)
+    def whole(group: FedGroup) -> SeedGroup:  # the seeds with every client's per-example scores
+        return SeedGroup(
+            group.label, [r for r in group.records if all(examples(r, c) is not None for c in ref.clients)]
+        )
+
+    result = paired_over_seeds(whole(ref), whole(peer), ref.clients, examples)
     return None if result is None else {"a": ref.label, "b": peer.label, **result}
 
 
@@ -413,7 +429,7 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> di
         summary["groups"].append({
             "label": g.label, "strategy": g.strategy, "clients": g.clients, "seeds": g.seeds,
             "ids": [r["id"] for r in g.records], "personalised": _side_summary(g, "personalised"),
-            "global": _side_summary(g, "global"), **_cost(g),
+            "global": _side_summary(g, "global"), "missing_clients": missing_clients(g), **_cost(g),
         })  # fmt: skip
     for ref in (g for g in groups if g.strategy == reference):
         for peer in (g for g in groups if g is not ref and comparable(ref, g)):
@@ -461,6 +477,12 @@ def tables(summary: Mapping[str, Any]) -> list[str]:
     for g in summary["groups"]:
         values = (g["personalised"] or {}).get("average", {}).get("values", [])
         lines.append(f"- {g['label']} (seeds {g['seeds']}): {[round(v, 4) for v in values]}")
+    missing = [f"- {g['label']}: no score of {client} in seed(s) {seeds}" for g in summary["groups"]
+               for client, seeds in (g.get("missing_clients") or {}).items()]  # fmt: skip
+    if missing:
+        lines += ["", "Clients without a score in some seeds (their evaluation failed, or they never trained): "
+                  "their value is over the other seeds, that seed's average is over fewer clients, and the "
+                  "paired tests leave that seed out:", "", *missing]  # fmt: skip
     intro = (
         "Paired tests of the personalised scores (A − B on the same test examples, per-example scores "
         "averaged over the shared seeds):"

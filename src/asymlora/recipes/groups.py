@@ -121,7 +121,13 @@ def _resolve_line(p: Mapping[str, Any], unit: str) -> str:
     avg, r = p["tests"]["average"], p.get("resolve") or {}
     head = f"- {p['a']} − {p['b']}: {avg['difference']:+.4f} (p={avg['p_value']:.3g})"
     if r.get("examples_per_unit") is None:
-        return f"{head}: no difference to resolve"
+        if abs(avg["difference"]) < 1e-12:
+            return f"{head}: no difference to resolve"
+        # a difference, but every example's the same (e.g. one test example per unit): no variance to size by
+        return (
+            f"{head}: every test example differs by the same amount (now {r.get('examples_now')} per {unit}), "
+            f"so there is no spread to size a study by: score more test examples per {unit}"
+        )
     if r.get("seeds") is not None:
         seeds = f"≈ {r['seeds']} seeds (now {r['seeds_now']})"
     elif r.get("seeds_now", 0) < 2:

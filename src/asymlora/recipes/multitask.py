@@ -81,10 +81,11 @@ def _prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> None:
                 "(or choose another run_dir=...)"
             )
         previous = load_config(saved)  # compared by value: a reread 16 is 16.0, the same config
-        if dataclasses.replace(previous, train=cfg.train) != cfg:
+        # run_dir: the directory may have been moved or copied (a campaign's out_dir on another machine)
+        if dataclasses.replace(previous, train=cfg.train, run_dir=cfg.run_dir) != cfg:
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; --resume needs the same config "
-                f"(only train.* may change). Compare with {saved}, or use --overwrite."
+                f"(only train.* and run_dir may change). Compare with {saved}, or use --overwrite."
             )
     elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite and not saved.is_file():
         raise FileExistsError(f"{run_dir} exists and is not an asymlora run; choose another run_dir=...")

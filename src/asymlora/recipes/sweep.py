@@ -55,8 +55,9 @@ from typing import Any
 import yaml
 from filelock import FileLock, Timeout
 
-from asymlora.config import ConfigError, RunConfig, StoppingSettings, config_dict, load_config
+from asymlora.config import ConfigError, RunConfig, config_dict, load_config, without_later_keys
 from asymlora.eval import plot_results, stats
+from asymlora.eval.report import delta_m
 from asymlora.federated.round_log import ROUNDS_FILE
 from asymlora.io import atomic_write_text
 from asymlora.recipes import fed_sweep, multitask
@@ -164,23 +165,38 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def identity(data: dict[str, Any]) -> dict[str, Any]:
     """A copy of a multi-task config dict (`asymlora.config.config_dict`, or a ledger record's ``config``) as a
-    cell's identity: ``run_dir`` blank, and a ``stopping`` section at its defaults (off) and
-    ``train.mixed_precision: null`` left out, so the cells of configs without them keep the ids they had
-    before those keys existed (and their records group with the new ones)."""
+    cell's identity: ``run_dir`` blank, and the keys added since the first ledgers left out at their neutral
+    values (`asymlora.config.LATER_KEYS`: a ``stopping`` section at its defaults, ``train.mixed_precision:
+    null``), so the cells of configs without them keep the ids they had before those keys existed (and their
+    records group with the new ones)."""
     data = json.loads(json.dumps(data))
     data["run_dir"] = ""
-    if data.get("stopping", {}) == dataclasses.asdict(StoppingSettings()):
-        data.pop("stopping", None)
-    if data.get("train", {}).get("mixed_precision") is None:
-        data.get("train", {}).pop("mixed_precision", None)
-    return data
+    return without_later_keys(data)
 
 
 def cell_id(cfg: RunConfig) -> str:
     """12 hex digits of the sha256 of the YAML dump of the cell's `identity` (keys in the order
     `asymlora.config.config_dict` keeps; the ledger's records are keyed by it)."""
-    text = yaml.safe_dump(identity(config_dict(cfg)), sort_keys=False)  # = dump_config's text
+    return _hash_id(identity(config_dict(cfg)))
+
+
+def _hash_id(identity_dict: dict[str, Any]) -> str:
+    text = yaml.safe_dump(identity_dict, sort_keys=False)  # = dump_config's text
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def done_ids(records: Sequence[dict[str, Any]]) -> set[str]:
+    """The ids of the cells a ledger holds: each record's ``id`` and the id its ``config`` has under this code
+    (`identity`; `fed_sweep.identity` for federated records), so a finished cell stays done when an upgrade
+    changes how ids are computed (the federated ids did once, when the pace keys were left out)."""
+    out = set()
+    for record in records:
+        out.add(record["id"])
+        if isinstance(record.get("config"), dict):
+            config = record["config"]
+            out.add(_hash_id(fed_sweep.identity(config, record["strategy"]) if record.get("kind") == "federated"
+                             else identity(config)))  # fmt: skip
+    return out
 
 
 def _points(grid: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
@@ -397,7 +413,7 @@ def run_sweep(
     """
     cells = shard(expand(sweep), shard_index, shard_count)
     (sweep.out_dir / "locks").mkdir(parents=True, exist_ok=True)
-    done = {record["id"] for record in read_ledger(sweep.ledger)}
+    done = done_ids(read_ledger(sweep.ledger))
     counts = {"cells": len(cells), "done": 0, "ran": 0, "taken": 0, "failed": 0}
     for n, cell in enumerate(cells, 1):
         where = f"[{n}/{len(cells)}] {cell.id} {cell.params}"
@@ -412,7 +428,7 @@ def run_sweep(
             counts["taken"] += 1
             continue
         try:
-            if cell.id in {record["id"] for record in read_ledger(sweep.ledger)}:
+            if cell.id in done_ids(read_ledger(sweep.ledger)):
                 counts["done"] += 1  # finished by another process since this one started
                 continue
             say(f"{where}: running in {cell.run_dir}")
@@ -435,7 +451,7 @@ def run_sweep(
 def cell_status(sweep: Sweep, cells: list[AnyCell] | None = None) -> list[tuple[AnyCell, str]]:
     """Each cell (of ``cells``, default: the whole grid) with ``done`` (in the ledger), ``partial`` (its run
     directory exists) or ``todo``."""
-    done = {record["id"] for record in read_ledger(sweep.ledger)}
+    done = done_ids(read_ledger(sweep.ledger))
     return [
         (cell, "done" if cell.id in done else "partial" if cell.run_dir.is_dir() else "todo")
         for cell in (expand(sweep) if cells is None else cells)
@@ -583,7 +599,7 @@ def _value(group: Group, task: str | None, key: str = "average") -> dict[str, An
         summary = stats.seed_summary(values)
         return {"value": summary["mean"], "std": summary["std"], "values": summary["values"]}
     iv = group.records[0]["intervals"]
-    iv = (iv["per_task"][task] if task is not None else iv.get(key)) or {}
+    iv = (iv["per_task"].get(task) if task is not None else iv.get(key)) or {}  # none: a corpus-level metric
     return {"value": values[0], "low": iv.get("low"), "high": iv.get("high"), "values": values}
 
 
@@ -605,11 +621,14 @@ def _delta_m(group: Group, baselines: dict[str, Group]) -> dict[str, Any] | None
         return None
     per_seed = []
     for record in group.records:
+        if not all(t in record["per_example"] for t in group.tasks):  # a corpus-level metric (BLEU)
+            per_seed.append(_delta_m_value(group, record, baselines))
+            continue
         scores = {t: _examples(record, t)["scores"] for t in group.tasks}
         base: dict[str, Any] = {}
         for t in group.tasks:
             b = baselines[t]
-            same = [r for r in b.records if r["seed"] == record["seed"]]
+            same = [r for r in b.records if r["seed"] == record["seed"] and t in r["per_example"]]
             if same and _examples(same[0], t)["keys"] == _examples(record, t)["keys"]:
                 base[t] = _examples(same[0], t)["scores"]
             else:
@@ -620,6 +639,22 @@ def _delta_m(group: Group, baselines: dict[str, Group]) -> dict[str, Any] | None
         summary = stats.seed_summary([d["value"] for d in found])
         return {"value": summary["mean"], "std": summary["std"], "values": summary["values"]}
     return found[0] if found else None
+
+
+def _delta_m_value(
+    group: Group, record: dict[str, Any], baselines: dict[str, Group]
+) -> dict[str, Any] | None:
+    """Δm% of one record without an interval (`asymlora.eval.report.delta_m`), for a run with a task scored by a
+    corpus-level metric (no per-example scores to resample): against each baseline's score of the same seed,
+    else its mean over seeds."""
+    values = {t: record["per_task"][t][group.primary[t]] for t in group.tasks}
+    base = {}
+    for t in group.tasks:
+        b = baselines[t]
+        same = [r["per_task"][t][b.primary[t]] for r in b.records if r["seed"] == record["seed"]]
+        base[t] = same[0] if same else sum(r["per_task"][t][b.primary[t]] for r in b.records) / len(b.records)
+    value, _ = delta_m(values, base)
+    return None if value is None else {"value": value}
 
 
 def _paired(ref: Group, peer: Group) -> dict[str, Any] | None:
