@@ -564,11 +564,12 @@ def _label(record: dict[str, Any]) -> str:
 
 
 def group_records(records: list[dict[str, Any]]) -> list[Group]:
-    """Records grouped by config (all but ``train.seed``), in ledger order; the last record of an id wins."""
-    latest = {record["id"]: record for record in records}
+    """Records grouped by config (all but ``train.seed``), in ledger order; of the records of one cell (one config
+    and seed: a cell recorded twice, or under the id older code gave it) the last wins."""
+    latest = {(_group_key(record), record["seed"]): record for record in records}
     groups: dict[str, list[dict[str, Any]]] = {}
-    for record in latest.values():
-        groups.setdefault(_group_key(record), []).append(record)
+    for (key, _), record in latest.items():
+        groups.setdefault(key, []).append(record)
     out: list[Group] = []
     labels = [_label(rs[0]) for rs in groups.values()]
     for (key, rs), label in zip(groups.items(), labels, strict=True):
@@ -681,7 +682,7 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
         "groups": [],
         "paired": [],
         "std_ddof": stats.STD_DDOF,
-        "records": len(records),
+        "records": sum(len(g.records) for g in groups),  # cells: a cell recorded twice counts once
     }
     for g in groups:
         summary["groups"].append({
@@ -791,10 +792,13 @@ def hardware_line(records: Sequence[dict[str, Any]]) -> str:
 def write_report(sweep: Sweep) -> Path:
     """Regenerate ``results.md``, ``results.json`` and ``results.png`` in ``out_dir`` from the ledger alone."""
     summary = summarize_ledger(sweep)
+    lines_read = len(read_ledger(sweep.ledger))
+    repeats = (f" ({lines_read} records: {lines_read - summary['records']} of a cell recorded before, the last "
+               "kept)") if lines_read > summary["records"] else ""  # fmt: skip
     lines = [
         f"# Results of {sweep.path.name}",
         "",
-        f"{summary['records']} runs from {sweep.ledger.name}.",
+        f"{summary['records']} runs from {sweep.ledger.name}{repeats}.",
         "",
     ]
     if sweep.kind == "federated":
