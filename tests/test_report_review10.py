@@ -219,3 +219,39 @@ def test_a_resume_killed_while_it_sets_aside_failed_rounds_keeps_their_records_o
     assert log.next_round == 2
     lines = (tmp_path / RERUN_FILE).read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [2, 3]
+
+
+def test_differences_that_cancel_to_rounding_noise_are_no_difference() -> None:
+    """A better on x by 2/5 and z by 1/5, worse on y by 3/5: the average's difference is 0, computed as
+    1.85e-17. `stats.examples_to_resolve` then asked statsmodels for the sample size at an effect of 1e-16, its
+    root finder gave NaN, and `math.ceil(nan)` raised ValueError: no report (the federated DP grid's synthetic
+    ledger hit it). Now a difference below 1e-12 is none: nothing to size, and the line says so."""
+    from asymlora.recipes.groups import SeedGroup, paired_lines, paired_over_seeds
+
+    a = {"x": [1, 0, 1, 0, 1], "y": [0, 0, 0, 0, 0], "z": [0, 1, 1, 0, 0]}
+    b = {"x": [0, 1, 0, 0, 0], "y": [1, 1, 0, 1, 0], "z": [0, 1, 0, 0, 0]}
+
+    def group(label: str, scores: dict) -> SeedGroup:
+        return SeedGroup(label, [{"seed": s, "per_example": {t: {"keys": t, "scores": v} for t, v in scores.items()}}
+                                 for s in (0, 1)])  # fmt: skip
+
+    result = paired_over_seeds(group("A", a), group("B", b), list(a), lambda r, t: r["per_example"][t])
+    assert result is not None
+    assert abs(result["tests"]["average"]["difference"]) < 1e-12
+    assert result["resolve"]["examples_per_unit"] is None and result["resolve"]["seeds"] is None
+    lines = paired_lines([{"a": "A", "b": "B", **result}], list(a), "Paired:", "task")
+    assert lines[-1].endswith(": no difference to resolve")
+
+
+def test_a_tiny_but_real_difference_is_sized_not_a_crash() -> None:
+    """Per-seed differences of mean 1e-10 (a seed ahead by 1, another behind by 1): above the rounding noise, so a
+    difference, but statsmodels' root finder gives NaN below an effect of about 1e-9, and the report raised
+    ValueError. There the t-test is the z-test: n = ((z_.975 + z_.8) / effect)², effect = 1e-10 / √2 here."""
+    from asymlora.eval import stats
+
+    values = [1.0 + 1e-10, -1.0 + 1e-10]
+    mean = (values[0] + values[1]) / 2
+    effect = abs(mean) / (abs(values[0] - values[1]) / math.sqrt(2))  # sample std of two values: |a − b| / √2
+    assert stats.seeds_to_resolve(values) == math.ceil(
+        ((1.959963984540054 + 0.8416212335729143) / effect) ** 2
+    )

@@ -138,7 +138,7 @@ def _resolve_line(p: Mapping[str, Any], unit: str) -> str:
     avg, r = p["tests"]["average"], p.get("resolve") or {}
     head = f"- {p['a']} − {p['b']}: {avg['difference']:+.4f} (p={avg['p_value']:.3g})"
     if r.get("examples_per_unit") is None:
-        if abs(avg["difference"]) < 1e-12:
+        if abs(avg["difference"]) < stats.NO_DIFFERENCE:
             return f"{head}: no difference to resolve"
         # a difference, but every example's the same (e.g. one test example per unit): no variance to size by
         return (
