@@ -255,3 +255,42 @@ def test_a_tiny_but_real_difference_is_sized_not_a_crash() -> None:
     assert stats.seeds_to_resolve(values) == math.ceil(
         ((1.959963984540054 + 0.8416212335729143) / effect) ** 2
     )
+
+
+def test_two_groups_of_the_reference_are_tested_once_not_mirrored(tmp_path: Path) -> None:
+    """The DP campaign has four Fed-ALoRA groups (no DP, ε 8, 3, 1), the multi-task campaign two ALoRA groups
+    (soft and task routing): every reference group was tested against every other, so each pair of reference
+    groups appeared twice, as A − B and as B − A (12 of the DP campaign's 24 rows were mirrors). Now once, in
+    ledger order."""
+    records = [
+        _fed_record(s, seed, [_client("c0", [seed, 1, 0, 1])], f"{s}-{seed}")
+        for s in ("fedalora", "fedit")
+        for seed in (0, 1)
+    ]
+    for r in records[:2]:  # a second Fed-ALoRA setting: the same strategy with A reset
+        records.append({**r, "id": r["id"] + "-reset", "params": {**r["params"], "local_a": "reset"},
+                        "config": {**r["config"], "local_a": "reset"}})  # fmt: skip
+    _, summary = _report(tmp_path, records, "federated", "fedalora")
+    pairs = [(p["a"], p["b"]) for p in summary["paired"]]
+    assert pairs == [
+        ("fedalora", "fedit"),
+        ("fedalora", "fedalora local_a=reset"),
+        ("fedalora local_a=reset", "fedit"),  # no ("fedalora local_a=reset", "fedalora"): its mirror is above
+    ]
+
+
+def test_two_alora_groups_of_the_multitask_report_are_tested_once(tmp_path: Path) -> None:
+    """The multi-task campaign's two ALoRA groups (soft and task routing) were tested both ways."""
+    records = []
+    for seed in (0, 1):
+        soft = _mt_record("alora", seed, {"x": [1, 0], "z": [1, 1]})
+        task = {**soft, "params": {**soft["params"], "adapter.router": "task"}, "id": f"task-{seed}",
+                "config": {**soft["config"], "adapter": {**soft["config"]["adapter"], "router": "task"}}}  # fmt: skip
+        records += [soft, task, _mt_record("lora", seed, {"x": [0, 0], "z": [1, 0]})]
+    _, summary = _report(tmp_path, records, "multitask", "alora")
+    pairs = [(p["a"], p["b"]) for p in summary["paired"]]
+    assert pairs == [
+        ("method=alora", "method=alora router=task"),
+        ("method=alora", "method=lora"),
+        ("method=alora router=task", "method=lora"),
+    ]

@@ -435,8 +435,9 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> di
             "ids": [r["id"] for r in g.records], "personalised": _side_summary(g, "personalised"),
             "global": _side_summary(g, "global"), "missing_clients": missing_clients(g), **_cost(g),
         })  # fmt: skip
-    for ref in (g for g in groups if g.strategy == reference):
-        for peer in (g for g in groups if g is not ref and comparable(ref, g)):
+    refs = [g for g in groups if g.strategy == reference]
+    for i, ref in enumerate(refs):  # two groups of the reference strategy are tested once (A − B), not twice
+        for peer in (g for g in groups if comparable(ref, g) and not any(g is r for r in refs[: i + 1])):
             result = paired(ref, peer)
             if result:
                 summary["paired"].append(result)

@@ -695,8 +695,9 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
             "step_seconds": stats.nan_mean([r.get("step_seconds") for r in g.records]),
             "steps": g.records[0]["steps"],
         })  # fmt: skip
-    for ref in (g for g in groups if g.method == reference and len(g.tasks) > 1):
-        for peer in (g for g in groups if g is not ref and len(g.tasks) > 1):
+    refs = [g for g in groups if g.method == reference and len(g.tasks) > 1]
+    for i, ref in enumerate(refs):  # two reference groups (e.g. soft and task routing) are tested once, not twice
+        for peer in (g for g in groups if len(g.tasks) > 1 and not any(g is r for r in refs[: i + 1])):
             result = _paired(ref, peer)
             if result:
                 summary["paired"].append({"a": ref.label, "b": peer.label, **result})
