@@ -436,7 +436,8 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> di
             "global": _side_summary(g, "global"), "missing_clients": missing_clients(g), **_cost(g),
         })  # fmt: skip
     refs = [g for g in groups if g.strategy == reference]
-    for i, ref in enumerate(refs):  # two groups of the reference strategy are tested once (A − B), not twice
+    # two groups of the reference strategy (e.g. no DP and ε = 8) are tested once, not as A − B and B − A
+    for i, ref in enumerate(refs):
         for peer in (g for g in groups if comparable(ref, g) and not any(g is r for r in refs[: i + 1])):
             result = paired(ref, peer)
             if result:

@@ -696,7 +696,8 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
             "steps": g.records[0]["steps"],
         })  # fmt: skip
     refs = [g for g in groups if g.method == reference and len(g.tasks) > 1]
-    for i, ref in enumerate(refs):  # two reference groups (e.g. soft and task routing) are tested once, not twice
+    # two reference groups (e.g. soft and task routing) are tested once, not as A − B and B − A
+    for i, ref in enumerate(refs):
         for peer in (g for g in groups if len(g.tasks) > 1 and not any(g is r for r in refs[: i + 1])):
             result = _paired(ref, peer)
             if result:
