@@ -294,3 +294,20 @@ def test_two_alora_groups_of_the_multitask_report_are_tested_once(tmp_path: Path
         ("method=alora", "method=lora"),
         ("method=alora router=task", "method=lora"),
     ]
+
+
+def test_seeds_already_enough_is_not_offered_as_what_would_resolve() -> None:
+    """Two seeds whose differences of the average agree closely (-0.0137, -0.0131: the synthetic BLEU campaign)
+    make `stats.seeds_to_resolve` 2, and the line under an unresolved paired test read "or ≈ 2 seeds (now 2)":
+    as if the seeds there are would resolve what the paired test does not. Now it says what that number means."""
+    from asymlora.recipes.groups import paired_lines
+
+    test = {"difference": -0.0134, "low": -0.029, "high": 0.003, "p_value": 0.0964}
+    resolve = {"examples_per_unit": 578, "examples_now": 200, "seeds": 2, "seeds_now": 2}
+    (line,) = paired_lines([{"a": "A", "b": "B", "seeds": [0, 1], "tests": {"average": test}, "resolve": resolve}],
+                           [], "Paired:", "task")[-1:]  # fmt: skip
+    assert "≈ 2 seeds (now 2)" not in line
+    assert line.endswith(
+        "≈ 578 test examples per task (now 200), or more seeds (the 2 per-seed differences agree so closely "
+        "that, taken at face value, 2 seeds would do, but so few seeds size their spread only roughly)"
+    )

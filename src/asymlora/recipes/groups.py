@@ -145,7 +145,10 @@ def _resolve_line(p: Mapping[str, Any], unit: str) -> str:
             f"{head}: every test example differs by the same amount (now {r.get('examples_now')} per {unit}), "
             f"so there is no spread to size a study by: score more test examples per {unit}"
         )
-    if r.get("seeds") is not None:
+    if r.get("seeds") is not None and r["seeds"] <= r["seeds_now"]:  # the seeds agree (or only 2 to tell)
+        seeds = (f"more seeds (the {r['seeds_now']} per-seed differences agree so closely that, taken at face "
+                 f"value, {r['seeds_now']} seeds would do, but so few seeds size their spread only roughly)")  # fmt: skip
+    elif r.get("seeds") is not None:
         seeds = f"≈ {r['seeds']} seeds (now {r['seeds_now']})"
     elif r.get("seeds_now", 0) < 2:
         seeds = "more seeds (their spread needs 2 seeds or more to estimate)"
