@@ -311,3 +311,17 @@ def test_seeds_already_enough_is_not_offered_as_what_would_resolve() -> None:
         "≈ 578 test examples per task (now 200), or more seeds (the 2 per-seed differences agree so closely "
         "that, taken at face value, 2 seeds would do, but so few seeds size their spread only roughly)"
     )
+
+
+def test_delta_m_says_which_baselines_are_missing(tmp_path: Path) -> None:
+    """Before any single-task cell ran (the campaign now), or when a baseline cell failed, the Δm% column was "–"
+    (or a seed's baseline silently its mean over the other seeds) with nothing saying why. Now a line per case.
+    Seed 1 of ALoRA against x's single-task cell of seed 0 alone: x (1 − .5) / 1 = 50 %, z (1 − 1) / 1 = 0."""
+    records = [_mt_record("alora", s, {"x": [1, 0], "z": [1, 1]}) for s in (0, 1)]
+    records += [_mt_record("lora", 0, {"x": [1, 1]}), *(_mt_record("lora", s, {"z": [1, 1]}) for s in (0, 1))]
+    page, summary = _report(tmp_path, records, "multitask", "alora")
+    assert "- method=alora, seed(s) [1]: no single-task cell of x with that seed; its mean over seeds [0] is the " \
+           "baseline" in page  # fmt: skip
+    assert _group(summary, "method=alora")["delta_m"]["values"] == pytest.approx([25.0, 25.0])
+    page, _ = _report(tmp_path, records[:2], "multitask", "alora")
+    assert "- method=alora: no Δm%: no single-task lora cell of x, z in the ledger" in page

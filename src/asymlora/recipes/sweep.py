@@ -658,6 +658,24 @@ def _delta_m_value(
     return None if value is None else {"value": value}
 
 
+def delta_m_notes(groups: Sequence[Group], baselines: dict[str, Group], method: str) -> list[str]:
+    """What the Δm% column rests on where it is not every seed against its own single-task cells: the tasks of a
+    multi-task group with no single-task ``method`` cell in the ledger (then no Δm%), and the seeds whose
+    baseline of a task is its mean over the baseline's seeds (that seed's single-task cell is missing)."""
+    notes: list[str] = []
+    without: dict[str, list[str]] = {}  # the tasks without a baseline -> the groups they leave without Δm%
+    for g in (g for g in groups if len(g.tasks) > 1):
+        if missing := [t for t in g.tasks if t not in baselines]:
+            without.setdefault(", ".join(missing), []).append(g.label)
+            continue
+        for t in g.tasks:
+            if lacking := [s for s in g.seeds if s not in baselines[t].seeds]:
+                notes.append(f"- {g.label}, seed(s) {lacking}: no single-task cell of {t} with that seed; "
+                             f"its mean over seeds {baselines[t].seeds} is the baseline")  # fmt: skip
+    return [f"- {'; '.join(labels)}: no Δm%: no single-task {method} cell of {tasks} in the ledger"
+            for tasks, labels in without.items()] + notes  # fmt: skip
+
+
 def _paired(ref: Group, peer: Group) -> dict[str, Any] | None:
     """Paired tests of ``ref`` against ``peer`` per task and on the average (`groups.paired_over_seeds`)."""
     if ref.tasks != peer.tasks:
@@ -683,6 +701,7 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
         "paired": [],
         "std_ddof": stats.STD_DDOF,
         "records": sum(len(g.records) for g in groups),  # cells: a cell recorded twice counts once
+        "delta_m_notes": delta_m_notes(groups, baselines, baseline_method),
     }
     for g in groups:
         summary["groups"].append({
@@ -741,6 +760,8 @@ def _tables(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {g['label']} (seeds {g['seeds']}): {per}; average {[round(v, 4) for v in g['average']['values']]}"
         )
+    if summary.get("delta_m_notes"):
+        lines += ["", "Δm%:", "", *summary["delta_m_notes"]]
     intro = "Paired tests (A − B on the same test examples, per-example scores averaged over shared seeds):"
     lines += paired_lines(summary["paired"], tasks, intro, "task")
     return lines
