@@ -325,3 +325,12 @@ def test_delta_m_says_which_baselines_are_missing(tmp_path: Path) -> None:
     assert _group(summary, "method=alora")["delta_m"]["values"] == pytest.approx([25.0, 25.0])
     page, _ = _report(tmp_path, records[:2], "multitask", "alora")
     assert "- method=alora: no Δm%: no single-task lora cell of x, z in the ledger" in page
+
+
+def test_a_reference_with_no_run_is_said_not_silently_untested(tmp_path: Path) -> None:
+    """``report.reference`` misspelt (or not run yet): the page had no paired test and no word of why."""
+    records = [_fed_record(s, 0, [_client("c0", [1, 0, 1, 1])]) for s in ("fedalora", "fedit")]
+    page, summary = _report(tmp_path, records, "federated", "fedalorra")
+    assert summary["paired"] == []
+    assert "No paired tests: the ledger holds no run of report.reference 'fedalorra' (yet: it holds fedalora, " \
+           "fedit)." in page  # fmt: skip

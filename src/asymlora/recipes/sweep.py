@@ -840,6 +840,7 @@ def write_report(sweep: Sweep) -> Path:
             "",
             hardware_line(read_ledger(sweep.ledger)),
         ]
+    lines += _reference_line(sweep.report.get("reference"), summary["groups"])
     page = sweep.out_dir / "results.md"
     atomic_write_text(page, "\n".join(lines) + "\n")
     atomic_write_text(sweep.out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
@@ -847,6 +848,16 @@ def write_report(sweep: Sweep) -> Path:
     plot_results(rows, primary, sweep.out_dir / "results.png", title=f"{sweep.path.stem}: 95 % interval or ± std over seeds",
                  intervals=bars)  # fmt: skip
     return page
+
+
+def _reference_line(reference: str | None, groups: Sequence[dict[str, Any]]) -> list[str]:
+    """A line when ``report.reference`` names no method (strategy) of the ledger: no paired test, and why (not
+    run yet, or misspelt)."""
+    names = sorted({str(g.get("method") or g.get("strategy")) for g in groups})
+    if reference is None or reference in names:
+        return []
+    return ["", f"No paired tests: the ledger holds no run of report.reference {reference!r} (yet: it holds "
+            f"{', '.join(names)})."]  # fmt: skip
 
 
 def _bar(v: dict[str, Any]) -> dict[str, Any]:
