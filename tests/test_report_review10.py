@@ -58,7 +58,7 @@ def _group(summary: dict, label: str) -> dict:
 
 
 # two seeds of ALoRA and LoRA on x, y (corpus BLEU) and z, and the single-task LoRA cells of each task and seed
-A = {0: {"x": [1, 1, 0, 1], "y": 0.3, "z": [1, 0, 1, 1]}, 1: {"x": [1, 0, 0, 1], "y": 0.4, "z": [1, 1, 1, 1]}}
+A = {0: {"x": [1, 1, 0, 1], "y": 0.3, "z": [1, 0, 1, 1]}, 1: {"x": [0, 0, 0, 1], "y": 0.4, "z": [1, 1, 1, 1]}}
 B = {0: {"x": [0, 1, 0, 1], "y": 0.2, "z": [1, 0, 0, 1]}, 1: {"x": [0, 0, 0, 1], "y": 0.3, "z": [1, 0, 1, 1]}}
 SINGLE = {
     0: {"x": [1, 1, 1, 1], "y": 0.5, "z": [1, 1, 0, 1]},
@@ -81,9 +81,9 @@ def test_a_task_scored_by_bleu_leaves_the_paired_test_of_the_other_tasks_and_the
     the whole pair: no paired test of any task and none of the average (the multi-task campaign's two generative
     tasks would have hidden every comparison had one been scored by BLEU). Now BLEU's task is left out, named,
     and the average's test is over the other tasks. By hand, each example's score averaged over seeds 0 and 1:
-    x: A [1, .5, 0, 1], B [0, .5, 0, 1] (+.25); z: A [1, .5, 1, 1], B [1, 0, .5, 1] (+.25); the average +.25.
-    Its sign flips: three non-zero weighted differences (1/8, 1/16, 1/16) reach |1/4| only all of one sign: p =
-    2/8."""
+    x: A [.5, .5, 0, 1], B [0, .5, 0, 1] (+.125; seed 0 alone: +.25); z: A [1, .5, 1, 1], B [1, 0, .5, 1] (+.25);
+    the average +.1875. Its sign flips: three non-zero weighted differences (1/16 each) reach |3/16| only all of
+    one sign: p = 2/8."""
     page, summary = _report(tmp_path, _bleu_campaign(), "multitask", "alora")
     (pair,) = summary["paired"]
     assert (pair["a"], pair["b"], pair["seeds"], pair["left_out"]) == (
@@ -93,9 +93,9 @@ def test_a_task_scored_by_bleu_leaves_the_paired_test_of_the_other_tasks_and_the
         ["y"],
     )
     assert "y" not in pair["tests"]
-    assert pair["tests"]["x"]["difference"] == pytest.approx(0.25)
+    assert pair["tests"]["x"]["difference"] == pytest.approx(0.125)
     assert pair["tests"]["z"]["difference"] == pytest.approx(0.25)
-    assert pair["tests"]["average"]["difference"] == pytest.approx(0.25)
+    assert pair["tests"]["average"]["difference"] == pytest.approx(0.1875)
     assert pair["tests"]["average"]["p_value"] == pytest.approx(0.25)
     assert pair["tests"]["average"]["n"] == 8
     assert "- method=alora − method=lora: y" in page
@@ -105,18 +105,18 @@ def test_a_task_scored_by_bleu_leaves_the_paired_test_of_the_other_tasks_and_the
 def test_several_seeds_mean_std_and_delta_m_by_hand(tmp_path: Path) -> None:
     """The multi-seed rows: mean ± sample std (ddof 1) of every task and of the average, and Δm% per seed against
     the single-task cells of the same seed (a BLEU task: its point value), then mean ± std over seeds.
-    ALoRA's average: seed 0 (.75 + .3 + .75) / 3 = .6, seed 1 (.5 + .4 + 1) / 3 = .6333.
+    ALoRA's average: seed 0 (.75 + .3 + .75) / 3 = .6, seed 1 (.25 + .4 + 1) / 3 = .55.
     Δm% seed 0: x (1 − .75) / 1, y (.5 − .3) / .5, z (.75 − .75) / .75 → (25 + 40 + 0) / 3 = 21.667;
-    seed 1: x (.75 − .5) / .75, y 0, z 0 → 11.111; positive: worse than the single-task cells."""
+    seed 1: x (.75 − .25) / .75, y 0, z 0 → 22.222; positive: worse than the single-task cells."""
     _, summary = _report(tmp_path, _bleu_campaign(), "multitask", "alora")
     alora = _group(summary, "method=alora")
     assert alora["seeds"] == [0, 1]
-    assert alora["average"]["values"] == pytest.approx([0.6, 1.9 / 3])
-    assert alora["average"]["value"] == pytest.approx((0.6 + 1.9 / 3) / 2)
-    assert alora["average"]["std"] == pytest.approx(abs(0.6 - 1.9 / 3) / math.sqrt(2))  # ddof 1
+    assert alora["average"]["values"] == pytest.approx([0.6, 0.55])
+    assert alora["average"]["value"] == pytest.approx((0.6 + 0.55) / 2)
+    assert alora["average"]["std"] == pytest.approx(abs(0.6 - 0.55) / math.sqrt(2))  # ddof 1
     assert alora["per_task"]["y"]["value"] == pytest.approx(0.35)
     assert alora["per_task"]["y"]["std"] == pytest.approx(0.1 / math.sqrt(2))
-    seed0, seed1 = (25 + 40 + 0) / 3, (25 / 0.75 + 0 + 0) / 3
+    seed0, seed1 = (25 + 40 + 0) / 3, (50 / 0.75 + 0 + 0) / 3
     assert alora["delta_m"]["values"] == pytest.approx([seed0, seed1])
     assert alora["delta_m"]["value"] == pytest.approx((seed0 + seed1) / 2)
     assert alora["delta_m"]["std"] == pytest.approx(abs(seed0 - seed1) / math.sqrt(2))
