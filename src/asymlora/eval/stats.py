@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 from statsmodels.stats.power import TTestPower
+from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
 __all__ = [
     "BINARY_METRICS",
@@ -536,16 +537,27 @@ def format_interval(
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+NO_DIFFERENCE = 1e-12
+"""A mean difference smaller than this is none: differences that cancel (+2/5, −3/5, +1/5 over three tasks)
+leave rounding noise (1e-17), at which no sample size is defined (statsmodels' root finder gives NaN)."""
+
+
 def _sample_size(effect: float, power: float, alpha: float) -> int | None:
     """The smallest n at which a two-sided one-sample t-test at level ``alpha`` detects a standardised
     effect ``effect`` (mean / std of one observation) with probability ``power`` (statsmodels'
-    ``TTestPower.solve_power``); 2 when even that many suffice; None for no effect."""
+    ``TTestPower.solve_power``); 2 when even that many suffice; None for no effect. Below an effect of about
+    1e-9 the root finder fails (NaN); there n is ~1e17 or more, where the t-test is the z-test, whose n is
+    ((z_(1−α/2) + z_power) / effect)²."""
     if not effect > 0 or not math.isfinite(effect):
         return None
     test = TTestPower()
     if test.power(effect_size=effect, nobs=2, alpha=alpha, alternative="two-sided") >= power:
         return 2  # the root finder has no root above n = 2 to find (it warns and gives nan)
-    n = test.solve_power(effect_size=effect, alpha=alpha, power=power, alternative="two-sided")
+    with warnings.catch_warnings():  # its ConvergenceWarning: the NaN is replaced below
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        n = test.solve_power(effect_size=effect, alpha=alpha, power=power, alternative="two-sided")
+    if not math.isfinite(n):
+        n = ((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) / effect) ** 2
     return max(2, math.ceil(n))
 
 
@@ -564,13 +576,13 @@ def examples_to_resolve(
     observations of standard deviation s = sqrt(Σ_t σ_t²) / T, and n solves the t-test's power at effect
     |D| / s (`_sample_size`). It holds the examples' difficulty mix and the seeds fixed.
 
-    Returns None when D = 0 or every difference is constant. Raises ExampleMismatchError as
+    Returns None when D = 0 (below `NO_DIFFERENCE`) or every difference is constant. Raises ExampleMismatchError as
     `paired_average_test`."""
     a, b = _paired_arrays(per_task_a, per_task_b, "examples_to_resolve")
     diffs = [a[t] - b[t] for t in a]
     difference = float(np.mean([d.mean() for d in diffs]))
     spread = math.sqrt(sum(float(np.var(d, ddof=1)) if d.size > 1 else 0.0 for d in diffs)) / len(diffs)
-    if spread == 0:
+    if spread == 0 or abs(difference) < NO_DIFFERENCE:
         return None
     return _sample_size(abs(difference) / spread, power, 1 - confidence)
 
@@ -580,9 +592,9 @@ def seeds_to_resolve(
 ) -> int | None:
     """Seeds at which a one-sample t-test over per-seed differences (A − B, one value per seed, e.g. of
     the average over tasks) would detect their observed mean with probability ``power`` (two-sided, level
-    1 − ``confidence``): effect = |mean| / sample std (ddof 1). None below 2 seeds, or when every seed
-    gives the same difference."""
+    1 − ``confidence``): effect = |mean| / sample std (ddof 1). None below 2 seeds, when every seed
+    gives the same difference, or when their mean is 0 (below `NO_DIFFERENCE`)."""
     values = _array(differences, "seeds_to_resolve")
-    if values.size < 2 or float(np.std(values, ddof=1)) == 0:
+    if values.size < 2 or float(np.std(values, ddof=1)) == 0 or abs(float(values.mean())) < NO_DIFFERENCE:
         return None
     return _sample_size(abs(float(values.mean())) / float(np.std(values, ddof=1)), power, 1 - confidence)

@@ -149,9 +149,10 @@ class RoundLog:
         dropped, self.history = self.history[-n:], self.history[:-n]
         self.next_round -= n
         old = (self.out_dir / RERUN_FILE).read_text() if (self.out_dir / RERUN_FILE).is_file() else ""
-        atomic_write_text(
-            self.out_dir / RERUN_FILE, old + "".join(json.dumps(r, default=float) + "\n" for r in dropped)
-        )
+        # a resume killed after this write but before its checkpoint drops the same records again: kept once
+        kept = set(old.splitlines())
+        new = [line for line in (json.dumps(r, default=float) for r in dropped) if line not in kept]
+        atomic_write_text(self.out_dir / RERUN_FILE, old + "".join(line + "\n" for line in new))
         say(
             f"{self.strategy}: round(s) {dropped[0]['round']}-{dropped[-1]['round']} had no answer from any client; "
             f"they run again (their records: {self.out_dir / RERUN_FILE})"

@@ -320,11 +320,12 @@ def _label(record: Mapping[str, Any]) -> str:
 
 
 def group_records(records: Sequence[Mapping[str, Any]]) -> list[FedGroup]:
-    """Records grouped by config (all but ``seed``), in ledger order; the last record of an id wins."""
-    latest = {r["id"]: dict(r) for r in records}
+    """Records grouped by config (all but ``seed``), in ledger order; of the records of one cell (one config and
+    seed: a cell recorded twice, or under the id older code gave it) the last wins."""
+    latest = {(_group_key(r), r["seed"]): dict(r) for r in records}
     groups: dict[str, list[dict[str, Any]]] = {}
-    for record in latest.values():
-        groups.setdefault(_group_key(record), []).append(record)
+    for (key, _), record in latest.items():
+        groups.setdefault(key, []).append(record)
     labels = [_label(rs[0]) for rs in groups.values()]
     out = []
     for (key, rs), label in zip(groups.items(), labels, strict=True):
@@ -395,9 +396,12 @@ def paired(ref: FedGroup, peer: FedGroup, which: str = "personalised") -> dict[s
     def examples(record: dict[str, Any], client: str) -> Any:
         return (record.get(which) or {}).get("per_example", {}).get(client)
 
-    def whole(group: FedGroup) -> SeedGroup:  # the seeds with every client's per-example scores
+    # a client scored by a corpus-level metric (BLEU) has per-example scores in no record: left out of the tests
+    scored = [c for c in ref.clients if any(examples(r, c) is not None for r in ref.records + peer.records)]
+
+    def whole(group: FedGroup) -> SeedGroup:  # the seeds with every scored client's per-example scores
         return SeedGroup(
-            group.label, [r for r in group.records if all(examples(r, c) is not None for c in ref.clients)]
+            group.label, [r for r in group.records if all(examples(r, c) is not None for c in scored)]
         )
 
     result = paired_over_seeds(whole(ref), whole(peer), ref.clients, examples)
@@ -424,15 +428,17 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> di
     every group of strategy ``reference`` against every `comparable` group (same clients and examples)."""
     groups = group_records(records)
     summary: dict[str, Any] = {"kind": "federated", "groups": [], "paired": [], "std_ddof": stats.STD_DDOF,
-                               "records": len(records), "reference": reference}  # fmt: skip
+                               "records": sum(len(g.records) for g in groups), "reference": reference}  # fmt: skip
     for g in groups:
         summary["groups"].append({
             "label": g.label, "strategy": g.strategy, "clients": g.clients, "seeds": g.seeds,
             "ids": [r["id"] for r in g.records], "personalised": _side_summary(g, "personalised"),
             "global": _side_summary(g, "global"), "missing_clients": missing_clients(g), **_cost(g),
         })  # fmt: skip
-    for ref in (g for g in groups if g.strategy == reference):
-        for peer in (g for g in groups if g is not ref and comparable(ref, g)):
+    refs = [g for g in groups if g.strategy == reference]
+    # two groups of the reference strategy (e.g. no DP and ε = 8) are tested once, not as A − B and B − A
+    for i, ref in enumerate(refs):
+        for peer in (g for g in groups if comparable(ref, g) and not any(g is r for r in refs[: i + 1])):
             result = paired(ref, peer)
             if result:
                 summary["paired"].append(result)

@@ -43,18 +43,27 @@ def paired_over_seeds(
 ) -> dict[str, Any] | None:
     """Paired tests of ``ref`` against ``peer`` per unit (a task, or a federated client) and on the average
     over units (`asymlora.eval.stats.paired_test`, `paired_average_test`), on the seeds both groups have, each
-    example's score averaged over those seeds: ``{"seeds": [...], "tests": {unit: ..., "average": ...}}``.
-    None when they share no seed, or a unit lacks per-example scores or was scored on other examples."""
+    example's score averaged over those seeds: ``{"seeds": [...], "tests": {unit: ..., "average": ...},
+    "left_out": [...]}``.
+
+    A unit without per-example scores in any of those records (a corpus-level metric such as BLEU) has no test
+    and is left out of the average's (``left_out``), which is then the average over the other units. None when
+    the groups share no seed, no unit has per-example scores, or a unit was scored on other examples (or has
+    per-example scores in some of the records only)."""
     seeds = [s for s in ref.seeds if s in peer.seeds]
     if not seeds:
         return None
     a: dict[str, list[float]] = {}
     b: dict[str, list[float]] = {}
+    left_out: list[str] = []
     unit_diffs: list[list[float]] = []  # per unit, per seed: mean(A) − mean(B)
     for unit in units:
         rows_a = [examples(ref.by_seed(s), unit) for s in seeds]
         rows_b = [examples(peer.by_seed(s), unit) for s in seeds]
         rows = rows_a + rows_b
+        if all(r is None for r in rows):  # a corpus-level metric: no per-example scores to pair
+            left_out.append(unit)
+            continue
         if any(r is None for r in rows) or len({r["keys"] for r in rows if r is not None}) != 1:
             return None  # scored on other examples (or without per-example scores): no paired test
         scores_a = [r["scores"] for r in rows_a if r is not None]
@@ -63,10 +72,12 @@ def paired_over_seeds(
         unit_diffs.append(
             [sum(x) / len(x) - sum(y) / len(y) for x, y in zip(scores_a, scores_b, strict=True)]
         )
-    tests: dict[str, Any] = {unit: stats.paired_test(a[unit], b[unit]) for unit in units}
+    if not a:
+        return None
+    tests: dict[str, Any] = {unit: stats.paired_test(a[unit], b[unit]) for unit in a}
     tests["average"] = stats.paired_average_test(a, b)
     per_seed = [sum(col) / len(col) for col in zip(*unit_diffs, strict=True)]  # the average's, per seed
-    return {"seeds": seeds, "tests": tests, "resolve": _resolve(seeds, a, b, per_seed)}
+    return {"seeds": seeds, "tests": tests, "resolve": _resolve(seeds, a, b, per_seed), "left_out": left_out}
 
 
 def _resolve(
@@ -91,8 +102,9 @@ def paired_lines(
     paired: Sequence[Mapping[str, Any]], units: Sequence[str], intro: str, unit: str
 ) -> list[str]:
     """The markdown of a report's paired tests: a table (A − B per ``units`` and on the average, interval and
-    p-value) and, for each average the test does not resolve (p ≥ 0.05), how many test examples per
-    ``unit`` (a task, a client) or seeds would resolve a difference of its size."""
+    p-value), the ``unit``s left out of a test (`paired_over_seeds`: no per-example scores) and, for each average
+    the test does not resolve (p ≥ 0.05), how many test examples per ``unit`` (a task, a client) or seeds would
+    resolve a difference of its size."""
     if not paired:
         return []
     lines = ["", intro, "", "| A | B | seeds | " + " | ".join([*units, "average"]) + " |",
@@ -107,6 +119,11 @@ def paired_lines(
         lines.append(
             f"| {p['a']} | {p['b']} | {','.join(map(str, p['seeds']))} | " + " | ".join(cells) + " |"
         )
+    partial = [f"- {p['a']} − {p['b']}: {', '.join(p['left_out'])}" for p in paired if p.get("left_out")]
+    if partial:
+        lines += ["", f"Left out of the paired tests (a {unit} scored by a corpus-level metric such as BLEU has no "
+                  f"per-example scores to pair); the average's test is over the other {unit}s, so its difference is "
+                  f"not the difference of the averages over every {unit}:", "", *partial]  # fmt: skip
     unresolved = [
         _resolve_line(p, unit) for p in paired if p["tests"]["average"]["p_value"] >= 1 - stats.CONFIDENCE
     ]
@@ -121,14 +138,17 @@ def _resolve_line(p: Mapping[str, Any], unit: str) -> str:
     avg, r = p["tests"]["average"], p.get("resolve") or {}
     head = f"- {p['a']} − {p['b']}: {avg['difference']:+.4f} (p={avg['p_value']:.3g})"
     if r.get("examples_per_unit") is None:
-        if abs(avg["difference"]) < 1e-12:
+        if abs(avg["difference"]) < stats.NO_DIFFERENCE:
             return f"{head}: no difference to resolve"
         # a difference, but every example's the same (e.g. one test example per unit): no variance to size by
         return (
             f"{head}: every test example differs by the same amount (now {r.get('examples_now')} per {unit}), "
             f"so there is no spread to size a study by: score more test examples per {unit}"
         )
-    if r.get("seeds") is not None:
+    if r.get("seeds") is not None and r["seeds"] <= r["seeds_now"]:  # the seeds agree (or only 2 to tell)
+        seeds = (f"more seeds (the {r['seeds_now']} per-seed differences agree so closely that, taken at face "
+                 f"value, {r['seeds_now']} seeds would do, but so few seeds size their spread only roughly)")  # fmt: skip
+    elif r.get("seeds") is not None:
         seeds = f"≈ {r['seeds']} seeds (now {r['seeds_now']})"
     elif r.get("seeds_now", 0) < 2:
         seeds = "more seeds (their spread needs 2 seeds or more to estimate)"

@@ -564,11 +564,12 @@ def _label(record: dict[str, Any]) -> str:
 
 
 def group_records(records: list[dict[str, Any]]) -> list[Group]:
-    """Records grouped by config (all but ``train.seed``), in ledger order; the last record of an id wins."""
-    latest = {record["id"]: record for record in records}
+    """Records grouped by config (all but ``train.seed``), in ledger order; of the records of one cell (one config
+    and seed: a cell recorded twice, or under the id older code gave it) the last wins."""
+    latest = {(_group_key(record), record["seed"]): record for record in records}
     groups: dict[str, list[dict[str, Any]]] = {}
-    for record in latest.values():
-        groups.setdefault(_group_key(record), []).append(record)
+    for (key, _), record in latest.items():
+        groups.setdefault(key, []).append(record)
     out: list[Group] = []
     labels = [_label(rs[0]) for rs in groups.values()]
     for (key, rs), label in zip(groups.items(), labels, strict=True):
@@ -657,6 +658,24 @@ def _delta_m_value(
     return None if value is None else {"value": value}
 
 
+def delta_m_notes(groups: Sequence[Group], baselines: dict[str, Group], method: str) -> list[str]:
+    """What the Δm% column rests on where it is not every seed against its own single-task cells: the tasks of a
+    multi-task group with no single-task ``method`` cell in the ledger (then no Δm%), and the seeds whose
+    baseline of a task is its mean over the baseline's seeds (that seed's single-task cell is missing)."""
+    notes: list[str] = []
+    without: dict[str, list[str]] = {}  # the tasks without a baseline -> the groups they leave without Δm%
+    for g in (g for g in groups if len(g.tasks) > 1):
+        if missing := [t for t in g.tasks if t not in baselines]:
+            without.setdefault(", ".join(missing), []).append(g.label)
+            continue
+        for t in g.tasks:
+            if lacking := [s for s in g.seeds if s not in baselines[t].seeds]:
+                notes.append(f"- {g.label}, seed(s) {lacking}: no single-task cell of {t} with that seed; "
+                             f"its mean over seeds {baselines[t].seeds} is the baseline")  # fmt: skip
+    return [f"- {'; '.join(labels)}: no Δm%: no single-task {method} cell of {tasks} in the ledger"
+            for tasks, labels in without.items()] + notes  # fmt: skip
+
+
 def _paired(ref: Group, peer: Group) -> dict[str, Any] | None:
     """Paired tests of ``ref`` against ``peer`` per task and on the average (`groups.paired_over_seeds`)."""
     if ref.tasks != peer.tasks:
@@ -681,7 +700,8 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
         "groups": [],
         "paired": [],
         "std_ddof": stats.STD_DDOF,
-        "records": len(records),
+        "records": sum(len(g.records) for g in groups),  # cells: a cell recorded twice counts once
+        "delta_m_notes": delta_m_notes(groups, baselines, baseline_method),
     }
     for g in groups:
         summary["groups"].append({
@@ -694,8 +714,10 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
             "step_seconds": stats.nan_mean([r.get("step_seconds") for r in g.records]),
             "steps": g.records[0]["steps"],
         })  # fmt: skip
-    for ref in (g for g in groups if g.method == reference and len(g.tasks) > 1):
-        for peer in (g for g in groups if g is not ref and len(g.tasks) > 1):
+    refs = [g for g in groups if g.method == reference and len(g.tasks) > 1]
+    # two reference groups (e.g. soft and task routing) are tested once, not as A − B and B − A
+    for i, ref in enumerate(refs):
+        for peer in (g for g in groups if len(g.tasks) > 1 and not any(g is r for r in refs[: i + 1])):
             result = _paired(ref, peer)
             if result:
                 summary["paired"].append({"a": ref.label, "b": peer.label, **result})
@@ -738,6 +760,8 @@ def _tables(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {g['label']} (seeds {g['seeds']}): {per}; average {[round(v, 4) for v in g['average']['values']]}"
         )
+    if summary.get("delta_m_notes"):
+        lines += ["", "Δm%:", "", *summary["delta_m_notes"]]
     intro = "Paired tests (A − B on the same test examples, per-example scores averaged over shared seeds):"
     lines += paired_lines(summary["paired"], tasks, intro, "task")
     return lines
@@ -791,10 +815,13 @@ def hardware_line(records: Sequence[dict[str, Any]]) -> str:
 def write_report(sweep: Sweep) -> Path:
     """Regenerate ``results.md``, ``results.json`` and ``results.png`` in ``out_dir`` from the ledger alone."""
     summary = summarize_ledger(sweep)
+    lines_read = len(read_ledger(sweep.ledger))
+    repeats = (f" ({lines_read} records: {lines_read - summary['records']} of a cell recorded before, the last "
+               "kept)") if lines_read > summary["records"] else ""  # fmt: skip
     lines = [
         f"# Results of {sweep.path.name}",
         "",
-        f"{summary['records']} runs from {sweep.ledger.name}.",
+        f"{summary['records']} runs from {sweep.ledger.name}{repeats}.",
         "",
     ]
     if sweep.kind == "federated":
@@ -813,6 +840,7 @@ def write_report(sweep: Sweep) -> Path:
             "",
             hardware_line(read_ledger(sweep.ledger)),
         ]
+    lines += _reference_line(sweep.report.get("reference"), summary["groups"])
     page = sweep.out_dir / "results.md"
     atomic_write_text(page, "\n".join(lines) + "\n")
     atomic_write_text(sweep.out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
@@ -820,6 +848,16 @@ def write_report(sweep: Sweep) -> Path:
     plot_results(rows, primary, sweep.out_dir / "results.png", title=f"{sweep.path.stem}: 95 % interval or ± std over seeds",
                  intervals=bars)  # fmt: skip
     return page
+
+
+def _reference_line(reference: str | None, groups: Sequence[dict[str, Any]]) -> list[str]:
+    """A line when ``report.reference`` names no method (strategy) of the ledger: no paired test, and why (not
+    run yet, or misspelt)."""
+    names = sorted({str(g.get("method") or g.get("strategy")) for g in groups})
+    if reference is None or reference in names:
+        return []
+    return ["", f"No paired tests: the ledger holds no run of report.reference {reference!r} (yet: it holds "
+            f"{', '.join(names)})."]  # fmt: skip
 
 
 def _bar(v: dict[str, Any]) -> dict[str, Any]:
