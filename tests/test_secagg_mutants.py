@@ -233,3 +233,27 @@ def test_check_secagg_weights_names_the_largest_client() -> None:
         "secagg.max_weight=2.5 is below client 2's 3 training examples: SecAgg+ weighs a client by n_k / "
         "max_weight <= 1; set secagg.max_weight=3 (the largest client)",
     )
+
+
+def test_the_remaining_edges_of_the_messages_and_the_state() -> None:
+    # 3 clients × 1431655766 overflow 2^32: (2^32 − 1) // 3 = 1431655765 is the largest that fits
+    _raises(
+        lambda: secagg.check_secagg(SecAggSettings(quantization_range=1431655766), 3),
+        "3 clients × secagg.quantization_range=1431655766 reach secagg.modulus_range=4294967296: the masked "
+        "sum of the largest round would overflow; lower secagg.quantization_range to at most 1431655765",
+    )
+    # modulus 1 = 2^0 is a power of 2 (the overflow check refuses it next)
+    _raises(
+        lambda: secagg.check_secagg(SecAggSettings(modulus_range=1, quantization_range=2), 3),
+        "3 clients × secagg.quantization_range=2 reach secagg.modulus_range=1: the masked sum of the largest "
+        "round would overflow; lower secagg.quantization_range to at most 0",
+    )
+    # at most three unknown names are listed
+    extra = {k: torch.zeros(1) for k in ("B", "c", "d", "e", "f")}
+    _raises(
+        lambda: secagg.secagg_vector("mean", extra, {"B": torch.zeros(1)}, SecAggSettings(), 10),
+        "upload has tensors the server does not hold: ['c', 'd', 'e']",
+    )
+    # float32 arrays from Flower are unscaled in float64: 1 / 3 to the last bit of a float64 server tensor
+    out = secagg.secagg_state("mean", {"w": torch.zeros(1, dtype=torch.float64)}, [np.float32([1.0])], 3.0)
+    assert out["w"].item() == 1 / 3
