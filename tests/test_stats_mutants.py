@@ -397,12 +397,14 @@ def test_seeds_to_resolve_when_three_seeds_suffice_but_two_do_not() -> None:
 def test_examples_to_resolve_no_difference_and_tasks_of_one_or_two_examples() -> None:
     # differences (1, −1): D = 0 with a non-zero spread: nothing to resolve
     assert stats.examples_to_resolve({"t": [1.0, 0.0]}, {"t": [0.0, 1.0]}) is None
-    # task x differences (1, 0, 1, 0): mean 1/2, variance 1/3; task y one difference 1 (variance taken as 0);
-    # D = (1/2 + 1) / 2 = 3/4, s = sqrt(1/3) / 2, effect = 3/4 · 2 · sqrt(3) = 2.598
+    # task x differences (1, 0, 1, 0): mean 1/2, variance 1/3; task y one difference 1: no variance of its own,
+    # so the pooled variance of the tasks of two examples or more, here x's 1/3 (as 0 it understated the
+    # spread: effect 2.598 and n = 4, too few);
+    # D = (1/2 + 1) / 2 = 3/4, s = sqrt(1/3 + 1/3) / 2, effect = 3/4 · 2 / sqrt(2/3) = 1.837
     a, b = {"x": [1.0, 1.0, 1.0, 1.0], "y": [1.0]}, {"x": [0.0, 1.0, 0.0, 1.0], "y": [0.0]}
-    effect = 0.75 / (math.sqrt(1 / 3) / 2)
+    effect = 0.75 / (math.sqrt(2 / 3) / 2)
     n = stats.examples_to_resolve(a, b)
-    assert t_test_power(effect, n) >= 0.8 > t_test_power(effect, n - 1) and n == 4
+    assert t_test_power(effect, n) >= 0.8 > t_test_power(effect, n - 1) and n == 5
     # task y of two differences (1, 0): mean 1/2, variance 1/2; D = (1/2 + 1/2) / 2 = 1/2
     a2, b2 = {"x": a["x"], "y": [1.0, 1.0]}, {"x": b["x"], "y": [0.0, 1.0]}
     effect2 = 0.5 / (math.sqrt(1 / 3 + 1 / 2) / 2)
@@ -410,3 +412,16 @@ def test_examples_to_resolve_no_difference_and_tasks_of_one_or_two_examples() ->
     assert t_test_power(effect2, n2) >= 0.8 > t_test_power(effect2, n2 - 1)
     n3 = stats.examples_to_resolve(a, b, power=0.95, confidence=0.99)
     assert t_test_power(effect, n3, alpha=0.01) >= 0.95 > t_test_power(effect, n3 - 1, alpha=0.01)
+
+
+def test_examples_to_resolve_pools_the_variance_for_a_task_of_one_example() -> None:
+    """x differences (1, 0, 1, 0): variance 1/3 on 3 degrees of freedom; y (1, −1): variance 2 on 1; z one
+    difference 1: the pooled (3 · 1/3 + 1 · 2) / (3 + 1) = 3/4 (not 0). D = (1/2 + 0 + 1) / 3 = 1/2,
+    s = sqrt(1/3 + 2 + 3/4) / 3 = sqrt(37/12) / 3, effect = 1.5 / sqrt(37/12) = 0.8542. Every task of one
+    example: no variance to estimate, None."""
+    a = {"x": [1.0, 1.0, 1.0, 1.0], "y": [1.0, 0.0], "z": [1.0]}
+    b = {"x": [0.0, 1.0, 0.0, 1.0], "y": [0.0, 1.0], "z": [0.0]}
+    effect = 1.5 / math.sqrt(37 / 12)
+    n = stats.examples_to_resolve(a, b)
+    assert n is not None and t_test_power(effect, n) >= 0.8 > t_test_power(effect, n - 1) and n == 13
+    assert stats.examples_to_resolve({"x": [1.0], "y": [1.0]}, {"x": [0.0], "y": [0.0]}) is None

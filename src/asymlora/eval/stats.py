@@ -572,19 +572,34 @@ def examples_to_resolve(
     would detect the observed difference with probability ``power`` (two-sided, level 1 − ``confidence``).
 
     With n examples in each of the T tasks, D = (1/T) Σ_t mean_i d_ti has variance Σ_t σ_t² / (T² n), σ_t²
-    the sample variance of task t's paired differences d_ti = a_ti − b_ti; so D is a one-sample mean of n
-    observations of standard deviation s = sqrt(Σ_t σ_t²) / T, and n solves the t-test's power at effect
+    the sample variance (ddof 1) of task t's paired differences d_ti = a_ti − b_ti; so D is a one-sample mean of
+    n observations of standard deviation s = sqrt(Σ_t σ_t²) / T, and n solves the t-test's power at effect
     |D| / s (`_sample_size`). It holds the examples' difficulty mix and the seeds fixed.
 
-    Returns None when D = 0 (below `NO_DIFFERENCE`) or every difference is constant. Raises ExampleMismatchError as
-    `paired_average_test`."""
+    A task of one example has no sample variance (ddof 1 divides by 0); taking it as 0 would understate s and so
+    the examples needed. Its σ_t² is instead the pooled variance of the tasks with two examples or more,
+    Σ_u (n_u − 1) σ_u² / Σ_u (n_u − 1) (the pooled estimate of a common variance, as the two-sample t-test's).
+
+    Returns None when D = 0 (below `NO_DIFFERENCE`), every difference is constant, or no task has two
+    examples (no variance to estimate). Raises ExampleMismatchError as `paired_average_test`."""
     a, b = _paired_arrays(per_task_a, per_task_b, "examples_to_resolve")
     diffs = [a[t] - b[t] for t in a]
     difference = float(np.mean([d.mean() for d in diffs]))
-    spread = math.sqrt(sum(float(np.var(d, ddof=1)) if d.size > 1 else 0.0 for d in diffs)) / len(diffs)
-    if spread == 0 or abs(difference) < NO_DIFFERENCE:
+    spread = _pooled_spread(diffs)
+    if spread is None or spread == 0 or abs(difference) < NO_DIFFERENCE:
         return None
     return _sample_size(abs(difference) / spread, power, 1 - confidence)
+
+
+def _pooled_spread(diffs: Sequence[np.ndarray]) -> float | None:
+    """sqrt(Σ_t σ_t²) / T over the T tasks' paired differences, σ_t² of a one-example task the pooled ddof-1
+    variance of the others (`examples_to_resolve`); None when no task has two examples."""
+    several = [d for d in diffs if d.size > 1]
+    if not several:
+        return None
+    pooled = sum(float(np.var(d, ddof=1)) * (d.size - 1) for d in several) / sum(d.size - 1 for d in several)
+    variances = [float(np.var(d, ddof=1)) if d.size > 1 else pooled for d in diffs]
+    return math.sqrt(sum(variances)) / len(diffs)
 
 
 def seeds_to_resolve(

@@ -140,7 +140,12 @@ def _resolve_line(p: Mapping[str, Any], unit: str) -> str:
     if r.get("examples_per_unit") is None:
         if abs(avg["difference"]) < stats.NO_DIFFERENCE:
             return f"{head}: no difference to resolve"
-        # a difference, but every example's the same (e.g. one test example per unit): no variance to size by
+        if r.get("examples_now", 0) < 2:  # one test example per unit: no variance to estimate
+            return (
+                f"{head}: one test example per {unit}, so there is no spread to size a study by: score more "
+                f"test examples per {unit}"
+            )
+        # a difference, but every example's the same: no variance to size by
         return (
             f"{head}: every test example differs by the same amount (now {r.get('examples_now')} per {unit}), "
             f"so there is no spread to size a study by: score more test examples per {unit}"
