@@ -97,15 +97,52 @@ def test_int8_of_empty_tensors_has_one_zero_scale_per_row() -> None:
         torch.set_default_dtype(previous)
 
 
-def test_int8_rows_of_subnormal_values_stay_in_range() -> None:
-    """A row whose absmax is 190 float32 ulps (2.66e-43): absmax / 127 rounds to 1 ulp, so x / s = ±190
-    and only the clamp keeps q at ±127. A row of 2e-44 (14 ulps): s = 14 ulps / 127 underflows to 0, so
-    the row is sent as zeros (dividing by that 0 instead would give ±inf → ±127)."""
+def test_int8_rows_of_subnormal_values_get_the_smallest_normal_scale() -> None:
+    """A row whose absmax is 190 float32 ulps (2.66e-43): absmax / 127 rounded to 1 ulp (subnormal), and a
+    row of 14 ulps: s = 14 ulps / 127 underflowed to 0, the row sent as zeros with an error (14 ulps) above its
+    s/2 = 0 bound. Now both scales are the smallest normal float32 2^−126 (x / s < 1/2: q = 0), within the
+    bound, and 1 / s is finite."""
     ulp = float(torch.tensor(1, dtype=torch.int32).view(torch.float32))
+    tiny = 2.0**-126
     x = torch.tensor([[190 * ulp, -190 * ulp, 0.0], [14 * ulp, -14 * ulp, 7 * ulp]])
     q, s = codec.quantize_int8_rows(x)
-    assert q.tolist() == [[127, -127, 0], [0, 0, 0]]
-    assert s.tolist() == [ulp, 0.0]
+    assert q.tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert s.tolist() == [tiny, tiny] and tiny == codec.SMALLEST_SCALE
+
+
+def _bounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, s, decoded) of ``x``, checked: each scale 0 (an all-zero row) or a normal float32 with a finite
+    reciprocal, and every value within s/2 of its decoded value."""
+    q, s = codec.quantize_int8_rows(x)
+    back = codec.dequantize_int8_rows(q, s)
+    assert bool(((s == 0) | (s >= 2.0**-126)).all()) and bool(torch.isfinite(1 / s[s > 0]).all())
+    x64, back64, s64 = x.double(), back.double(), s.double()
+    assert bool(((x64 - back64).abs() <= s64[:, None] / 2).all()), (x, q, s, back)
+    return q, s, back
+
+
+def test_int8_zero_tiny_and_mixed_rows_round_trip_within_half_a_step() -> None:
+    """A zero row: scale 0, decoded exactly. A row of 1e-40 (subnormal): its scale was 1e-40 / 127 = 7.9e-43,
+    subnormal, whose reciprocal is inf (a decoder multiplying by 1 / s gets inf · 0 = NaN); now 2^−126, q = 0,
+    decoded to 0 within 2^−127. A row mixing 1e-40 and 1.0: s = 1/127, 1.0 decoded exactly, 1e-40 to 0."""
+    x = torch.tensor([[0.0, 0.0, 0.0], [1e-40, -1e-40, 1e-40], [1e-40, 1.0, -1e-40]])
+    q, s, back = _bounded(x)
+    assert q.tolist() == [[0, 0, 0], [0, 0, 0], [0, 127, 0]]
+    assert s.tolist() == [0.0, 2.0**-126, pytest.approx(1 / 127)]
+    assert back[0].tolist() == [0.0, 0.0, 0.0] and back[1].tolist() == [0.0, 0.0, 0.0]
+    assert back[2].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_int8_small_normal_rows_survive_flush_to_zero_arithmetic() -> None:
+    """A row of normal values (1e-37, −3e-38): absmax / 127 = 7.9e-40 is subnormal, which flush-to-zero
+    arithmetic (torch.set_flush_denormal(True), as fast-math kernels) makes 0: the row was sent as zeros, an
+    error of 1e-37. With s = 2^−126: q = round(1e-37 / 2^−126) = round(8.51) = 9, round(−2.55) = −3."""
+    assert torch.set_flush_denormal(True), "this CPU has no flush-to-zero mode"
+    try:
+        q, s, _ = _bounded(torch.tensor([[1e-37, -3e-38, 0.0]]))
+    finally:
+        torch.set_flush_denormal(False)
+    assert q.tolist() == [[9, -3, 0]] and s.tolist() == [2.0**-126]
 
 
 def test_int8_messages_and_dequantised_dtype() -> None:

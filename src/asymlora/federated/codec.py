@@ -17,6 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "INT8_LEVELS",
+    "SMALLEST_SCALE",
     "TRANSFER_DTYPES",
     "arrays_to_state",
     "bytes_to_state",
@@ -83,6 +84,9 @@ TRANSFER_DTYPES = ("float32", "bfloat16", "float16", "int8")
 """Wire dtypes of the shared tensors, per direction (``transfer.up`` / ``transfer.down``)."""
 INT8_LEVELS = 127
 """Symmetric int8 grid: q ∈ [−127, 127] (−128 unused, so that q and −q are both representable)."""
+SMALLEST_SCALE = torch.finfo(torch.float32).tiny
+"""The smallest int8 row scale of a non-zero row: the smallest normal float32, 2^−126 ≈ 1.18e-38
+(`quantize_int8_rows`)."""
 
 
 def rows_view(t: Tensor) -> Tensor:
@@ -93,9 +97,10 @@ def rows_view(t: Tensor) -> Tensor:
 def quantize_int8_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row absmax int8 quantisation: (q int8 of ``t``'s shape, scale float32 of shape (rows,)).
 
-    Row i (`rows_view`) gets s_i = max_j |x_ij| / 127 and q_ij = round(x_ij / s_i) ∈ [−127, 127]
-    (round half to even), so |x_ij − s_i·q_ij| ≤ s_i / 2; an all-zero row has s_i = 0 and q = 0. The
-    arithmetic is float32 (the server's dtype). Raises ValueError for a non-finite or non-float tensor.
+    Row i (`rows_view`) gets s_i = max(max_j |x_ij| / 127, `SMALLEST_SCALE`) and q_ij = round(x_ij / s_i) ∈
+    [−127, 127] (round half to even), so |x_ij − s_i·q_ij| ≤ s_i / 2; an all-zero row has s_i = 0 and q = 0
+    (decoded exactly). The arithmetic is float32 (the server's dtype). Raises ValueError for a non-finite or
+    non-float tensor.
 
     Our own code: the scheme is the per-row ("per-channel") absmax of LLM.int8 (Dettmers et al. 2022,
     arXiv:2208.07339, §3.1), and neither torch's quantized tensors (per-channel affine, deprecated
@@ -106,7 +111,14 @@ def quantize_int8_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     x = rows_view(t.detach().to(torch.float32))
     if not bool(torch.isfinite(x).all()):
         raise ValueError("int8 transfer cannot quantise a tensor holding NaN or Inf")
-    scale = x.abs().amax(dim=1) / INT8_LEVELS if x.numel() else torch.zeros(x.shape[0])
+    absmax = x.abs().amax(dim=1) if x.numel() else torch.zeros(x.shape[0])
+    # a row of max |x| below 127 × the smallest normal float32 (1.5e-36) would get a subnormal scale, or 0 when
+    # absmax / 127 underflows (the row then decoded to 0, its error above the s/2 bound); 1 / s overflows to
+    # inf for a subnormal s, and flush-to-zero arithmetic (torch.set_flush_denormal, fast-math kernels) reads
+    # it as 0. So the scale is held at the smallest normal, as maintained quantisers hold theirs away from 0
+    # (torch.ao.quantization's observers: scale = max(scale, eps); fbgemm's ChooseQuantizationParams replaces
+    # a scale whose reciprocal is inf); the tiny value of finfo.tiny leaves every other row's scale as it was.
+    scale = torch.where(absmax > 0, torch.clamp_min(absmax / INT8_LEVELS, SMALLEST_SCALE), 0.0)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(x / safe[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
     return q.reshape(t.shape), scale.to(torch.float32)
