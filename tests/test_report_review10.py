@@ -334,3 +334,46 @@ def test_a_reference_with_no_run_is_said_not_silently_untested(tmp_path: Path) -
     assert summary["paired"] == []
     assert "No paired tests: the ledger holds no run of report.reference 'fedalorra' (yet: it holds fedalora, " \
            "fedit)." in page  # fmt: skip
+
+
+def _dp_record(strategy: str, seed: int, z: float | None, epsilon: float | None) -> dict:
+    """A federated record of a DP setting: ``z`` None is DP off (``dp`` None, as `fed_sweep.make_record` writes
+    it); else clipping at the server with noise multiplier ``z`` and the accountant's final ``epsilon`` (None:
+    infinite, z = 0)."""
+    record = _fed_record(strategy, seed, [_client("c0", [1, 0, 1, 1])], f"{strategy}-{z}-{seed}")
+    if z is not None:
+        record["params"]["dp.noise_multiplier"] = z
+        record["config"]["dp"] = {"clipping": "server", "noise_multiplier": z}
+        record["dp"] = {"epsilon": epsilon, "delta": 1e-5, "noise_multiplier": z, "clipping_norm": 1.0,
+                        "clipping": "server", "target_epsilon": None}  # fmt: skip
+    return record
+
+
+def _row(page: str, label: str) -> list[str]:
+    line = next(line for line in page.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_clipping_without_noise_shows_an_unbounded_epsilon_not_no_dp(tmp_path: Path) -> None:
+    """ε of a DP cell with noise multiplier 0 (clipping only) is infinite, recorded as ``epsilon: null``; the
+    report averaged it with `nan_mean` to None and showed "–", as for a cell without DP. Now: no DP "–", z = 0
+    "∞", z = 1 the mean over seeds (5 + 7) / 2 = 6.00, and a group with one seed of infinite ε "∞" (a mean
+    with ∞ is ∞; it was the other seed's 4.00)."""
+    records = [
+        *(_dp_record("fedalora", s, None, None) for s in (0, 1)),
+        *(_dp_record("fedalora", s, 0.0, None) for s in (0, 1)),
+        _dp_record("fedalora", 0, 1.0, 5.0), _dp_record("fedalora", 1, 1.0, 7.0),
+        _dp_record("fedit", 0, 0.5, 4.0), _dp_record("fedit", 1, 0.5, None),
+    ]  # fmt: skip
+    page, summary = _report(tmp_path, records, "federated", "fedalora")
+    header = _row(page, "strategy")
+    column = header.index("ε")
+    assert _row(page, "fedalora")[column] == "–"
+    assert _row(page, "fedalora noise_multiplier=0")[column] == "∞"
+    assert _row(page, "fedalora noise_multiplier=1")[column] == "6.00"
+    assert _row(page, "fedit noise_multiplier=0.5")[column] == "∞"
+    off, clip_only = _group(summary, "fedalora"), _group(summary, "fedalora noise_multiplier=0")
+    assert (off["epsilon"], off["epsilon_infinite"]) == (None, False)
+    assert (clip_only["epsilon"], clip_only["epsilon_infinite"]) == (None, True)
+    assert _group(summary, "fedalora noise_multiplier=1")["epsilon"] == pytest.approx(6.0)
+    assert "∞: clipping without noise, no guarantee; –: no DP" in page

@@ -369,17 +369,30 @@ def _side_summary(group: FedGroup, which: str) -> dict[str, Any] | None:
     }  # fmt: skip
 
 
+def _epsilon(records: Sequence[Mapping[str, Any]]) -> tuple[float | None, bool]:
+    """(ε: mean over the seeds, None without DP or when unbounded; whether DP is on with no finite ε).
+
+    A record's ``dp`` is None when DP is off; with clipping on it holds ``epsilon``, None when the accountant's
+    ε is infinite (noise multiplier z = 0: clipping only, no privacy guarantee; `PrivacyAccountant.epsilon`).
+    One seed without a finite ε makes the group's unbounded (a mean with ∞ is ∞)."""
+    dps = [r["dp"] for r in records if r.get("dp")]
+    if any(dp.get("epsilon") is None for dp in dps):
+        return None, True
+    return stats.nan_mean([dp["epsilon"] for dp in dps]), False
+
+
 def _cost(group: FedGroup) -> dict[str, Any]:
-    """Bytes (mean over seeds), ε (mean over seeds, None without DP), rounds × local steps, wall time (of the
-    last invocation) and the rounds' seconds (summed over resumes; None in records from before it was kept)."""
+    """Bytes (mean over seeds), ε (`_epsilon`), rounds × local steps, wall time (of the last invocation) and
+    the rounds' seconds (summed over resumes; None in records from before it was kept)."""
     records = group.records
+    epsilon, unbounded = _epsilon(records)
     b = [r["bytes"] for r in records if r.get("bytes")]
     clients = max(1, len(group.clients))
     return {
         "bytes_up": stats.nan_mean([x["up"] for x in b]), "bytes_down": stats.nan_mean([x["down"] for x in b]),
         "bytes_total": stats.nan_mean([x["total"] for x in b]),
         "mb_per_client_per_round": stats.nan_mean([x["total"] / max(1, len(x["per_round"])) / clients / 1e6 for x in b]),
-        "epsilon": stats.nan_mean([(r.get("dp") or {}).get("epsilon") for r in records]),
+        "epsilon": epsilon, "epsilon_infinite": unbounded,
         "delta": (records[0].get("dp") or {}).get("delta"),
         "rounds": records[0]["rounds"], "local_steps": records[0]["local_steps"],
         "wall_seconds": stats.nan_mean([r["wall_seconds"] for r in records]),
@@ -468,7 +481,8 @@ def _score_table(summary: Mapping[str, Any], clients: list[str]) -> list[str]:
         cells += [_text(p.get("average")), _text(gl.get("average")), f"{g['rounds']} × {g['local_steps']}",
                   _number(g["mb_per_client_per_round"], 3),
                   _number(None if g["bytes_total"] is None else g["bytes_total"] / 1e6, 2),
-                  _number(g["epsilon"], 2), _number(g.get("round_seconds"), 0)]  # fmt: skip
+                  "∞" if g.get("epsilon_infinite") else _number(g["epsilon"], 2),
+                  _number(g.get("round_seconds"), 0)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -503,7 +517,8 @@ NOTE = (
     "exact match, bootstrap otherwise; stratified bootstrap over clients for the average). Several seeds: "
     f"mean ± std over seeds (sample std, ddof={stats.STD_DDOF}). Paired tests: two-sided sign-flip "
     "permutation p-value and paired bootstrap interval; the average weights every client 1/K. MB = 10^6 "
-    "bytes of Flower messages, up + down, mean over seeds; ε: (ε, δ)-DP of the uploads after all rounds."
+    "bytes of Flower messages, up + down, mean over seeds; ε: (ε, δ)-DP of the uploads after all rounds (∞: "
+    "clipping without noise, no guarantee; –: no DP)."
 )
 
 
