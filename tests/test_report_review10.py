@@ -377,3 +377,29 @@ def test_clipping_without_noise_shows_an_unbounded_epsilon_not_no_dp(tmp_path: P
     assert (clip_only["epsilon"], clip_only["epsilon_infinite"]) == (None, True)
     assert _group(summary, "fedalora noise_multiplier=1")["epsilon"] == pytest.approx(6.0)
     assert "∞: clipping without noise, no guarantee; –: no DP" in page
+
+
+def test_the_hardware_line_and_the_list_estimate_count_a_cell_once(tmp_path: Path) -> None:
+    """Four cells (ALoRA and LoRA, seeds 0 and 1) costing 1000, 1000, 5000 and 6000 s, then ALoRA seed 0
+    recorded again and LoRA seed 0 again under an old id (1000 s each). The report counted 4 runs, but the
+    hardware line deduplicated by id only (5 runs) and the ``--list`` estimate not at all: the median of
+    1000, 1000, 5000, 6000, 1000, 1000 s is 1000 s (0.3 h for the one cell left). Now both count each cell's last
+    record, as the report: 4 runs, median of 1000, 1000, 5000, 6000 s = 3000 s, 0.8 h."""
+    from asymlora.recipes import sweep
+
+    def record(method: str, seed: int, seconds: float, record_id: str | None = None) -> dict:
+        r = _mt_record(method, seed, {"x": [1, 0], "z": [1, 1]})
+        return {**r, "id": record_id or r["id"], "train_seconds": seconds - 100, "eval_seconds": 100.0,
+                "hardware": {"device": "cpu", "dtype": "float32", "device_name": "xeon"}}  # fmt: skip
+
+    records = [record("alora", 0, 1000), record("lora", 0, 1000), record("alora", 1, 5000),
+               record("lora", 1, 6000), record("alora", 0, 1000), record("lora", 0, 1000, "0123456789ab")]  # fmt: skip
+    page, summary = _report(tmp_path, records, "multitask", "alora")
+    assert summary["records"] == 4
+    assert "Hardware: cpu float32 (xeon): 4 runs." in page
+    spec = sweep.load_sweep(tmp_path / "sweep.yaml")
+    cfg = load_config(None, ['data.tasks=["jsonl:/data.jsonl#x", "jsonl:/data.jsonl#z"]', "train.seed=2"])
+    left = sweep.Cell({"train.seed": 2}, cfg, sweep.cell_id(cfg))
+    assert sweep.estimate_line(spec, [(left, "todo")]) == (
+        "0 done, 0 started, 1 to do; the 1 left of a kind already done: about 0.8 h on one worker"
+    )

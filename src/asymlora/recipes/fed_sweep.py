@@ -47,7 +47,7 @@ from asymlora.federated.config import FedConfig
 from asymlora.federated.partition import load_partition
 from asymlora.federated.strategies import STRATEGY_NAMES
 from asymlora.models import cpu_name
-from asymlora.recipes.groups import SeedGroup, config_key, paired_lines, paired_over_seeds
+from asymlora.recipes.groups import SeedGroup, config_key, latest_per_cell, paired_lines, paired_over_seeds
 
 __all__ = ["FED_KEYS", "LOCAL_ONLY", "FedCell", "is_federated", "make_cell", "make_record", "run_cell",
            "summarize", "tables"]  # fmt: skip
@@ -313,6 +313,12 @@ def _group_key(record: Mapping[str, Any]) -> str:
     return config_key(config)
 
 
+def cell_key(record: Mapping[str, Any]) -> tuple[str, int]:
+    """A federated record's cell: its config without the seed (`identity`) and its seed, whatever id it was
+    recorded under (`groups.latest_per_cell`)."""
+    return _group_key(record), record["seed"]
+
+
 def _label(record: Mapping[str, Any]) -> str:
     extra = [f"{key.split('.')[-1]}={value:g}" if isinstance(value, float) else f"{key.split('.')[-1]}={value}"
              for key, value in record["params"].items() if key not in (STRATEGY_KEY, "seed")]  # fmt: skip
@@ -322,10 +328,9 @@ def _label(record: Mapping[str, Any]) -> str:
 def group_records(records: Sequence[Mapping[str, Any]]) -> list[FedGroup]:
     """Records grouped by config (all but ``seed``), in ledger order; of the records of one cell (one config and
     seed: a cell recorded twice, or under the id older code gave it) the last wins."""
-    latest = {(_group_key(r), r["seed"]): dict(r) for r in records}
     groups: dict[str, list[dict[str, Any]]] = {}
-    for (key, _), record in latest.items():
-        groups.setdefault(key, []).append(record)
+    for record in latest_per_cell([dict(r) for r in records], cell_key):
+        groups.setdefault(_group_key(record), []).append(record)
     labels = [_label(rs[0]) for rs in groups.values()]
     out = []
     for (key, rs), label in zip(groups.items(), labels, strict=True):

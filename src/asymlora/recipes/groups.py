@@ -33,6 +33,16 @@ def config_key(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def latest_per_cell(records: Sequence[dict[str, Any]], cell: Callable[[dict[str, Any]], Any]) -> list[dict[str, Any]]:
+    """One record per cell (``cell``: a record's cell, e.g. its config without the seed and its seed), the last
+    one recorded, in the order of each cell's first record: a cell recorded twice (again after a kill, shard
+    ledgers concatenated with an overlap) or under the id older code gave it counts once, with its last record."""
+    latest: dict[Any, dict[str, Any]] = {}
+    for record in records:
+        latest[cell(record)] = record
+    return list(latest.values())
+
+
 ExampleRows = Callable[[dict[str, Any], str], "Mapping[str, Any] | None"]
 """(a record, a unit) -> that unit's per-example scores in the record, ``{"keys": hash, "scores": [...]}``,
 or None when the record has none."""

@@ -61,7 +61,7 @@ from asymlora.eval.report import delta_m
 from asymlora.federated.round_log import ROUNDS_FILE
 from asymlora.io import atomic_write_text
 from asymlora.recipes import fed_sweep, multitask
-from asymlora.recipes.groups import SeedGroup, config_key, paired_lines, paired_over_seeds
+from asymlora.recipes.groups import SeedGroup, config_key, latest_per_cell, paired_lines, paired_over_seeds
 from asymlora.recipes.multitask import PER_EXAMPLE_FILE, read_examples
 
 LEDGER_FILE = "ledger.jsonl"
@@ -493,10 +493,10 @@ def _cost_kind(item: AnyCell | dict[str, Any]) -> str:
 
 def estimate_line(sweep: Sweep, statuses: list[tuple[AnyCell, str]]) -> str:
     """One line under ``--list``: how many cells are done / started / to do, and the hours the rest would take
-    on one worker at the median cost (`cell_seconds`) of the done cells of the same kind (`_cost_kind`); a
-    started cell counts whole. An estimate from this ledger's machine, not a promise."""
+    on one worker at the median cost (`cell_seconds`) of the done cells of the same kind (`_cost_kind`; each cell's last record,
+    `latest_records`); a started cell counts whole. An estimate from this ledger's machine, not a promise."""
     costs: dict[str, list[float]] = {}
-    for record in read_ledger(sweep.ledger):
+    for record in latest_records(read_ledger(sweep.ledger)):  # a cell recorded twice counts once
         if (seconds := cell_seconds(record)) is not None:
             costs.setdefault(_cost_kind(record), []).append(seconds)
     left = [cell for cell, status in statuses if status != "done"]
@@ -555,6 +555,23 @@ def _group_key(record: dict[str, Any]) -> str:
     return config_key(config)
 
 
+def cell_key(record: dict[str, Any]) -> tuple[str, Any]:
+    """A record's cell, as the report's groups tell cells apart (`group_records`, `fed_sweep.group_records`): its
+    config without the seed and its seed, whatever id it was recorded under; a record without a config (not
+    one this code writes) is its id."""
+    if not isinstance(record.get("config"), dict):
+        return "id", record["id"]
+    if record.get("kind") == "federated":
+        return fed_sweep.cell_key(record)
+    return _group_key(record), record.get("seed")
+
+
+def latest_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ledger's last record of each cell (`cell_key`, `groups.latest_per_cell`): what the report, the hardware
+    line and the ``--list`` estimate count, so a cell recorded twice or under an old id counts once."""
+    return latest_per_cell(list(records), cell_key)
+
+
 def _label(record: dict[str, Any]) -> str:
     parts = [f"{key.split('.')[-1]}={value}" for key, value in record["params"].items()
              if key not in ("train.seed", "data.tasks")]  # fmt: skip
@@ -566,10 +583,9 @@ def _label(record: dict[str, Any]) -> str:
 def group_records(records: list[dict[str, Any]]) -> list[Group]:
     """Records grouped by config (all but ``train.seed``), in ledger order; of the records of one cell (one config
     and seed: a cell recorded twice, or under the id older code gave it) the last wins."""
-    latest = {(_group_key(record), record["seed"]): record for record in records}
     groups: dict[str, list[dict[str, Any]]] = {}
-    for (key, _), record in latest.items():
-        groups.setdefault(key, []).append(record)
+    for record in latest_per_cell(records, cell_key):
+        groups.setdefault(_group_key(record), []).append(record)
     out: list[Group] = []
     labels = [_label(rs[0]) for rs in groups.values()]
     for (key, rs), label in zip(groups.items(), labels, strict=True):
@@ -792,11 +808,11 @@ def _plot_rows(summary: dict[str, Any]) -> tuple[dict, dict, dict]:
 
 def hardware_line(records: Sequence[dict[str, Any]]) -> str:
     """One line naming where the records ran (device, weight dtype, the autocast dtype of training when the
-    config's ``train.mixed_precision`` set one, device name, with counts); a warning when they ran on more
+    config's ``train.mixed_precision`` set one, device name, with counts of cells: `latest_records`); a warning when they ran on more
     than one kind: a CUDA cell computes in bfloat16 weights, a CPU cell in float32, a bf16-autocast cell
     trains in other arithmetic than a float32 one, so their differences are not only the methods'."""
     kinds: dict[str, int] = {}
-    for r in {r["id"]: r for r in records}.values():
+    for r in latest_records(records):
         hw, autocast = r.get("hardware"), ((r.get("config") or {}).get("train") or {}).get("mixed_precision")
         during = f", {autocast} autocast in training" if autocast else ""
         kind = (
