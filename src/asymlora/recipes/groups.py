@@ -33,7 +33,9 @@ def config_key(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def latest_per_cell(records: Sequence[dict[str, Any]], cell: Callable[[dict[str, Any]], Any]) -> list[dict[str, Any]]:
+def latest_per_cell(
+    records: Sequence[dict[str, Any]], cell: Callable[[dict[str, Any]], Any]
+) -> list[dict[str, Any]]:
     """One record per cell (``cell``: a record's cell, e.g. its config without the seed and its seed), the last
     one recorded, in the order of each cell's first record: a cell recorded twice (again after a kill, shard
     ledgers concatenated with an overlap) or under the id older code gave it counts once, with its last record."""
