@@ -303,3 +303,46 @@ def test_a_finished_cell_stays_done_when_an_upgrade_changes_how_ids_are_computed
     counts = sweep.run_sweep(loaded, say=lambda *a: None)
     assert ran == [cells[1].id] and (counts["done"], counts["ran"]) == (1, 1)
     assert fed_sweep.fed_cell_id(cells[0].config, "fedalora-het") == cells[0].id
+
+
+def test_how_a_multitask_cell_is_saved_and_logged_is_not_part_of_its_id() -> None:
+    """``train.save_every``, ``train.keep_checkpoints`` and ``train.log_every`` only say how often a run
+    checkpoints, how many checkpoints it keeps and how often it logs its loss, yet each changed a cell's id:
+    checkpointing more often made every finished cell of a campaign run again. Now a cell's identity holds them
+    at their defaults (50, 2, 10), so the id is the one of the defaults (hex digest by hand: sha256 of the YAML
+    dump of the config at the defaults, run_dir blank, the `LATER_KEYS` at their neutral values left out), and
+    records that differ only there are one group. Anything else still makes another cell."""
+    from asymlora.recipes import sweep
+
+    tasks = "data.tasks=[bigbench:strategyqa]"
+    base = load_config(None, [tasks])
+    logged = load_config(None, [tasks, "train.save_every=7", "train.keep_checkpoints=5", "train.log_every=3"])
+    by_hand = base.to_dict()
+    by_hand["run_dir"] = ""
+    del by_hand["stopping"], by_hand["train"]["mixed_precision"]
+    digest = hashlib.sha256(yaml.safe_dump(by_hand, sort_keys=False).encode()).hexdigest()[:12]
+    assert sweep.cell_id(base) == sweep.cell_id(logged) == digest
+    assert sweep.cell_id(load_config(None, [tasks, "train.steps=7"])) != digest
+
+    def record(cfg, seed: int) -> dict:
+        config = cfg.to_dict()
+        config["train"]["seed"] = seed
+        return {"id": f"old-{seed}", "seed": seed, "method": "lora", "tasks": ["t"], "primary": {"t": "accuracy"},
+                "params": {"train.seed": seed}, "config": config}  # fmt: skip
+
+    (group,) = sweep.group_records([record(base, 0), record(logged, 1)])
+    assert group.seeds == [0, 1]
+    assert sweep.done_ids([record(logged, 0)]) >= {sweep.cell_id(base)}
+
+
+@pytest.mark.parametrize("campaign", ["campaign_multitask", "campaign_federated_het"])
+def test_the_committed_campaign_cells_keep_the_ids_they_were_recorded_under(campaign: str) -> None:
+    """Every record of a committed campaign ledger is a cell of its sweep file under the id it was recorded
+    with, so no change to how ids are computed leaves a done cell "done" only through its config while the
+    half-finished cells of the campaign (run directories keyed by id) would start over."""
+    from asymlora.recipes import sweep
+
+    root = Path(__file__).resolve().parents[1]
+    spec = sweep.load_sweep(root / "configs" / f"{campaign}.yaml")
+    recorded = {r["id"] for r in sweep.read_ledger(root / "results" / campaign / "ledger.jsonl")}
+    assert recorded and recorded <= {cell.id for cell in sweep.expand(spec)}

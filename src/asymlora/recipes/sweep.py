@@ -55,7 +55,14 @@ from typing import Any
 import yaml
 from filelock import FileLock, Timeout
 
-from asymlora.config import ConfigError, RunConfig, config_dict, load_config, without_later_keys
+from asymlora.config import (
+    ConfigError,
+    RunConfig,
+    TrainSettings,
+    config_dict,
+    load_config,
+    without_later_keys,
+)
 from asymlora.eval import plot_results, stats
 from asymlora.eval.report import delta_m
 from asymlora.federated.round_log import ROUNDS_FILE
@@ -163,15 +170,32 @@ def load_sweep(path: str | Path) -> Sweep:
     )
 
 
+BOOKKEEPING_KEYS = {"train": ("save_every", "keep_checkpoints", "log_every")}
+"""Keys that set only how a multi-task run is saved and logged, not what it computes: how often it checkpoints
+(a resume continues bit for bit from any checkpoint, and the stopping rule validates on its own
+``stopping.every``), how many checkpoints it keeps and how often it logs the loss. A cell's `identity` holds
+them at the `TrainSettings` defaults whatever the config says, so a campaign may checkpoint more or less
+often and keep its ledger, its run directories and its report groups. Held at the defaults rather than
+left out (as `fed_sweep.PACE_KEYS` are): every multi-task cell recorded before had them at the defaults, so
+its id does not change."""
+
+
 def identity(data: dict[str, Any]) -> dict[str, Any]:
     """A copy of a multi-task config dict (`asymlora.config.config_dict`, or a ledger record's ``config``) as a
-    cell's identity: ``run_dir`` blank, and the keys added since the first ledgers left out at their neutral
-    values (`asymlora.config.LATER_KEYS`: a ``stopping`` section at its defaults, ``train.mixed_precision:
-    null``), so the cells of configs without them keep the ids they had before those keys existed (and their
-    records group with the new ones)."""
+    cell's identity: ``run_dir`` blank, the `BOOKKEEPING_KEYS` at their defaults, and the keys added since the
+    first ledgers left out at their neutral values (`asymlora.config.LATER_KEYS`: a ``stopping`` section at its
+    defaults, ``train.mixed_precision: null``), so the cells of configs without them keep the ids they had
+    before those keys existed (and their records group with the new ones)."""
     data = json.loads(json.dumps(data))
     data["run_dir"] = ""
+    for section, keys in BOOKKEEPING_KEYS.items():
+        for key in keys:
+            if key in data.get(section, {}):
+                data[section][key] = _BOOKKEEPING_DEFAULTS[f"{section}.{key}"]
     return without_later_keys(data)
+
+
+_BOOKKEEPING_DEFAULTS = {f"train.{key}": getattr(TrainSettings(), key) for key in BOOKKEEPING_KEYS["train"]}
 
 
 def cell_id(cfg: RunConfig) -> str:
