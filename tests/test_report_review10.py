@@ -403,3 +403,46 @@ def test_the_hardware_line_and_the_list_estimate_count_a_cell_once(tmp_path: Pat
     assert sweep.estimate_line(spec, [(left, "todo")]) == (
         "0 done, 0 started, 1 to do; the 1 left of a kind already done: about 0.8 h on one worker"
     )
+
+
+def _run_dir(where: Path, tasks: dict[str, tuple[str, list[float] | None]]) -> Path:
+    """A run directory as training writes it: ``results.json``'s primary metric per task and
+    ``per_example.jsonl`` (``scores`` None: a corpus-level metric, rows without a per-example score of it)."""
+    where.mkdir(parents=True)
+    rows = [{"task": t, "key": f"{t}{i}", "scores": {"chrf": 0.5} if s is None else {m: v}}
+            for t, (m, s) in tasks.items() for i, v in enumerate(s or [0.0, 0.0])]  # fmt: skip
+    (where / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (where / "results.json").write_text(json.dumps({"primary": {t: m for t, (m, _) in tasks.items()}}))
+    return where
+
+
+def test_compare_names_why_each_task_has_no_paired_test(tmp_path: Path) -> None:
+    """`asymlora compare`: a task scored by BLEU in A and accuracy in B crashed it (KeyError: A's scored tasks
+    lacked it, B's had it, and B's means were looked up with A's metrics; had it got that far, the table would
+    have said "only in run B"), a task scored by BLEU in both was left out without a word in the table (a
+    note on stdout only), and a task scored by exact match in A and accuracy in B stopped the whole comparison
+    (ValueError). Now each is left out of the tests with its reason, and x (A .75, B .5: +.25) is tested
+    alone; only-in-one-run tasks are still said so."""
+    from asymlora.recipes.evaluate import compare_runs
+
+    a = _run_dir(tmp_path / "a", {"x": ("accuracy", [1, 0, 1, 1]), "m": ("bleu", None), "g": ("bleu", None),
+                                  "e": ("exact_match", [1, 0]), "only_a": ("accuracy", [1, 1])})  # fmt: skip
+    b = _run_dir(tmp_path / "b", {"x": ("accuracy", [0, 0, 1, 1]), "m": ("accuracy", [1, 0]), "g": ("bleu", None),
+                                  "e": ("accuracy", [1, 1]), "only_b": ("accuracy", [0, 1])})  # fmt: skip
+    tests, table = compare_runs(a, b)
+    assert set(tests) == {"x", "average"}
+    assert tests["x"]["difference"] == pytest.approx(0.25)
+    assert "| x | accuracy | 4 | 0.750 | 0.500 |" in table
+    assert table.split("Left out of the paired tests (and of the average):\n")[1].split("\n\n")[
+        0
+    ].splitlines() == [
+        "- m: scored by different metrics in A and B: bleu in A, accuracy in B",
+        "- g: bleu is a corpus-level score: no per-example scores to pair",
+        "- e: scored by different metrics in A and B: exact_match in A, accuracy in B",
+        "- only_a: only in run A",
+        "- only_b: only in run B",
+    ]
+    with pytest.raises(ValueError, match="no task of .* has a paired test: g: bleu is a corpus-level score"):
+        compare_runs(
+            _run_dir(tmp_path / "c", {"g": ("bleu", None)}), _run_dir(tmp_path / "d", {"g": ("bleu", None)})
+        )

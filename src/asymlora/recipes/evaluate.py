@@ -12,7 +12,7 @@ import peft
 from asymlora import distributed
 from asymlora.config import RunConfig, load_config
 from asymlora.eval import format_table, metric_notes, summarize
-from asymlora.eval.stats import compare_examples, format_interval, with_example_scores
+from asymlora.eval.stats import ExampleMismatchError, compare_examples, format_interval, with_example_scores
 from asymlora.export import export_task_adapter
 from asymlora.methods import get_method
 from asymlora.models import load
@@ -188,7 +188,8 @@ def _peft_config(pm: peft.PeftModel) -> AsymLoraConfig:
 
 
 def _scored_run(path: Path) -> tuple[dict[str, Sequence[Mapping[str, Any]]], dict[str, str]]:
-    """(per-example rows per task, primary metric per task) of a run (or method) directory."""
+    """(per-example rows per task that has per-example scores of its primary metric, primary metric of every
+    task) of a run (or method) directory; a task scored by a corpus-level metric (BLEU) is in the second only."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; give a run directory (or run_dir/<method>)")
     if not (path / PER_EXAMPLE_FILE).is_file() and (path / CONFIG_FILE).is_file():
@@ -204,18 +205,36 @@ def _scored_run(path: Path) -> tuple[dict[str, Sequence[Mapping[str, Any]]], dic
         task: saved.get(task) or ("accuracy" if "accuracy" in rows[0]["scores"] else "exact_match")
         for task, rows in examples.items()
     }
-    scored = with_example_scores(examples, primary)
-    for task in sorted(set(examples) - set(scored)):
-        print(f"note: {path}: task {task!r} is scored by {primary[task]}, a corpus-level metric with no "
-              "per-example scores; it has no paired test")  # fmt: skip
-    return scored, {task: primary[task] for task in scored}
+    return dict(with_example_scores(examples, primary)), primary
+
+
+def left_out(
+    scored_a: Mapping[str, Any],
+    primary_a: Mapping[str, str],
+    scored_b: Mapping[str, Any],
+    primary_b: Mapping[str, str],
+) -> dict[str, str]:
+    """``{task: why it has no paired test}`` over the tasks of run A then run B: only in one run, scored by
+    different metrics in A and B, or scored by a corpus-level metric (BLEU) with no per-example scores to pair."""
+    reasons: dict[str, str] = {}
+    for task in [*primary_a, *(t for t in primary_b if t not in primary_a)]:
+        if task not in primary_b or task not in primary_a:
+            reasons[task] = f"only in run {'A' if task in primary_a else 'B'}"
+        elif primary_a[task] != primary_b[task]:
+            reasons[task] = (
+                f"scored by different metrics in A and B: {primary_a[task]} in A, {primary_b[task]} in B"
+            )
+        elif task not in scored_a or task not in scored_b:
+            reasons[task] = f"{primary_a[task]} is a corpus-level score: no per-example scores to pair"
+    return reasons
 
 
 def compare_runs(run_a: Path, run_b: Path) -> tuple[dict[str, Any], str]:
     """Paired tests of run A against run B on their shared tasks and on the average over those tasks.
 
     Both runs must have been scored on the same test examples (``per_example.jsonl``, written by
-    training and by ``asymlora eval``).
+    training and by ``asymlora eval``). A task without a paired test (`left_out`: in one run only, scored by
+    different metrics, or by a corpus-level metric such as BLEU) is named under the table with the reason.
 
     Returns:
         (``{task | "average": paired test}`` as in :func:`asymlora.eval.stats.compare_examples`,
@@ -223,16 +242,19 @@ def compare_runs(run_a: Path, run_b: Path) -> tuple[dict[str, Any], str]:
 
     Raises:
         FileNotFoundError: a run without per-example scores (the message says how to produce them).
-        ExampleMismatchError: the runs share no task, or a task was scored on other examples.
-        ValueError: the runs use different primary metrics for a task.
+        ExampleMismatchError: no task has a paired test (the message gives each task's reason), or a task was
+            scored on other examples.
     """
     examples_a, primary_a = _scored_run(run_a)
     examples_b, primary_b = _scored_run(run_b)
-    for task in set(primary_a) & set(primary_b):
-        if primary_a[task] != primary_b[task]:
-            raise ValueError(
-                f"task {task!r} is scored by {primary_a[task]} in {run_a} but by {primary_b[task]} in {run_b}"
-            )
+    reasons = left_out(examples_a, primary_a, examples_b, primary_b)
+    examples_a = {t: rows for t, rows in examples_a.items() if t not in reasons}
+    examples_b = {t: rows for t, rows in examples_b.items() if t not in reasons}
+    if not examples_a:
+        raise ExampleMismatchError(
+            f"no task of {run_a} and {run_b} has a paired test: "
+            + "; ".join(f"{task}: {why}" for task, why in reasons.items())
+        )
     tests = compare_examples(examples_a, examples_b, primary_a)
     mean = {
         label: {t: sum(r["scores"][primary_a[t]] for r in rows) / len(rows) for t, rows in ex.items()}
@@ -254,9 +276,9 @@ def compare_runs(run_a: Path, run_b: Path) -> tuple[dict[str, Any], str]:
         lines.append(
             f"| {task} | {test['metric']} | {test['n']} | {a:.3f} | {b:.3f} | {diff} | {test['p_value']:.4f} |"
         )
-    for label, ex, other in (("A", examples_a, examples_b), ("B", examples_b, examples_a)):
-        if only := [t for t in ex if t not in other]:
-            lines.append(f"\nLeft out (only in run {label}): {', '.join(only)}.")
+    if reasons:
+        lines += ["", "Left out of the paired tests (and of the average):"]
+        lines += [f"- {task}: {why}" for task, why in reasons.items()]
     lines += [
         "",
         "p: two-sided paired permutation test (sign flips of A − B per example); interval: paired bootstrap "
