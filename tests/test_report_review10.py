@@ -446,3 +446,24 @@ def test_compare_names_why_each_task_has_no_paired_test(tmp_path: Path) -> None:
         compare_runs(
             _run_dir(tmp_path / "c", {"g": ("bleu", None)}), _run_dir(tmp_path / "d", {"g": ("bleu", None)})
         )
+
+
+def test_one_test_example_per_task_is_said_not_called_a_constant_difference() -> None:
+    """One test example per task (a smoke campaign, ``eval.max_examples=1``): x differs by +1, y by 0, so not
+    every example differs by the same amount, yet the line said so. A one-example task has no variance of its
+    own (`stats.examples_to_resolve` pools the others', here none), and the line now says that."""
+    from asymlora.recipes.groups import SeedGroup, paired_lines, paired_over_seeds
+
+    def group(label: str, scores: dict) -> SeedGroup:
+        return SeedGroup(
+            label, [{"seed": 0, "per_example": {t: {"keys": t, "scores": v} for t, v in scores.items()}}]
+        )
+
+    result = paired_over_seeds(group("A", {"x": [1], "y": [1]}), group("B", {"x": [0], "y": [1]}), ["x", "y"],
+                               lambda r, t: r["per_example"][t])  # fmt: skip
+    assert result is not None and result["resolve"]["examples_per_unit"] is None
+    lines = paired_lines([{"a": "A", "b": "B", **result}], ["x", "y"], "Paired:", "task")
+    assert lines[-1] == (
+        "- A − B: +0.5000 (p=1): too few test examples per task to estimate their spread (now 1 in the smallest), "
+        "so there is none to size a study by: score more test examples per task"
+    )

@@ -152,10 +152,10 @@ def _resolve_line(p: Mapping[str, Any], unit: str) -> str:
     if r.get("examples_per_unit") is None:
         if abs(avg["difference"]) < stats.NO_DIFFERENCE:
             return f"{head}: no difference to resolve"
-        if r.get("examples_now", 0) < 2:  # one test example per unit: no variance to estimate
+        if r.get("examples_now", 0) < 2:  # a unit of one test example: no variance of its own
             return (
-                f"{head}: one test example per {unit}, so there is no spread to size a study by: score more "
-                f"test examples per {unit}"
+                f"{head}: too few test examples per {unit} to estimate their spread (now {r.get('examples_now')} "
+                f"in the smallest), so there is none to size a study by: score more test examples per {unit}"
             )
         # a difference, but every example's the same: no variance to size by
         return (
