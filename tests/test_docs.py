@@ -119,10 +119,31 @@ def _check_asymlora(words: list[str], where: str) -> None:
         load_config(ROOT / config, overrides)
 
 
+def _check_federated_helper(words: list[str], where: str) -> None:
+    """``python -m asymlora.federated app|status|check-tls ...``: parses with its own parser (``<RUN_ID>``-style
+    placeholders read as 1); ``app --config`` of a file named like one in configs/ (the docs write the path on
+    the SuperLink host) loads with its ``--overrides`` and ``--strategy``, as ``app`` itself checks it."""
+    from asymlora.federated.__main__ import build_parser as build_fed_parser
+    from asymlora.federated.config import load_fed_config
+
+    argv = [re.sub(r"^<[A-Z_]+>$", "1", w) for w in words[3:]]
+    try:
+        args = build_fed_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"{where}: {shlex.join(words)!r} does not parse")
+    if args.command == "app" and (ROOT / "configs" / Path(args.config).name).is_file():
+        cfg = load_fed_config(ROOT / "configs" / Path(args.config).name, shlex.split(args.overrides))
+        if args.strategy and args.strategy not in cfg.strategies:
+            cfg.strategies.append(args.strategy)
+            cfg.validate()
+
+
 def _check_command(words: list[str], where: str) -> None:
     program = words[0]
     if program == "asymlora":
         _check_asymlora(words, where)
+    elif program == "python" and words[1:3] == ["-m", "asymlora.federated"]:
+        _check_federated_helper(words, where)
     elif program == "make":
         targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.MULTILINE)
         assert words[1] in targets, f"{where}: no make target {words[1]!r}"
@@ -148,9 +169,37 @@ def test_shell_block_commands_are_valid(code: str, where: str) -> None:
         "asymlora fed configs/no_such.yaml",
         "make dmeo",
         "python -m asymlora.no_such_module",
+        "python -m asymlora.federated app fedapp --config /srv/fed_bigbench_homo.yaml --overrides 'secagg.enable=true'",
+        "python -m asymlora.federated status prod --run-id <RUN_ID> --json",  # no such option
+        "python -m asymlora.federated check-tls --cert certs/server.pem",  # --ca missing
     ],
 )
 def test_the_shell_check_rejects_a_wrong_line(line: str) -> None:
     with pytest.raises((AssertionError, pytest.fail.Exception, ValueError)):
         for words in _commands(line):
             _check_command(words, "planted")
+
+
+def _cited_design_sections() -> list[tuple[str, str, str]]:
+    """(file, cited file name, section number) of every ``design.md §N`` in the docs, code, configs and scripts."""
+    files = [*DOCS, ROOT / "pyproject.toml", ROOT / "Makefile"]
+    for folder, pattern in [("src", "*.py"), ("tests", "*.py"), ("benchmarks", "*.py"), ("benchmarks", "*.j2"),
+                            ("configs", "*.yaml"), ("scripts", "*.sh"), ("examples", "*.py")]:  # fmt: skip
+        files += sorted((ROOT / folder).rglob(pattern))
+    cited = []
+    for path in files:
+        text = path.read_text().replace("\n", " ")
+        for match in re.finditer(r"([\w/]*design(?:\.md)?)\s*§\s*(\d+)", text, re.IGNORECASE):
+            cited.append((str(path.relative_to(ROOT)), match.group(1), match.group(2)))
+    return cited
+
+
+def test_design_section_citations_name_the_file_and_an_existing_section() -> None:
+    """Code and docs cite ``docs/design.md §N``; they once also cited a ``DESIGN.md`` that no longer exists."""
+    sections = set(re.findall(r"^## (\d+)\. ", (ROOT / "docs" / "design.md").read_text(), re.MULTILINE))
+    cited = _cited_design_sections()
+    assert len(cited) >= 50 and len(sections) >= 13
+    right_file = {"docs/design.md", "design.md"}  # design.md: cited from inside docs/
+    wrong = [f"{where}: {name} §{number}" for where, name, number in cited
+             if name not in right_file or number not in sections]  # fmt: skip
+    assert not wrong, wrong

@@ -185,7 +185,9 @@ def _add_demo(sub: Subparsers) -> None:
     p = _add(sub, "demo", cmd_demo, "the embedded demo: LoRA, ALoRA, HydraLoRA; SmolLM2-135M; 4 BIG-bench tasks (minutes on 2 CPU cores)",
                  "Train LoRA, ALoRA and HydraLoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
                  "evaluate the base model and each method, print the per-task table and write it with a PNG chart.")  # fmt: skip
-    p.add_argument("--run-dir", default="runs/demo", help="where to write (replaced if it exists)")
+    p.add_argument(
+        "--run-dir", default="runs/demo", help="where to write (default runs/demo; replaced if it exists)"
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
 
 
@@ -255,8 +257,14 @@ def _add_experiment(sub: Subparsers) -> None:
                  "init-similarity: train LoRA on several tasks from one seed and on one task from several seeds, then "
                  "compare A and B similarities (the paper's Figure 1).")  # fmt: skip
     p.add_argument("name", choices=["init-similarity"], help="the experiment to run")
-    p.add_argument("--out", default="runs/init-similarity", help="output directory")
-    p.add_argument("overrides", nargs="*", help="key=value size overrides")
+    p.add_argument(
+        "--out", default="runs/init-similarity", help="output directory (default runs/init-similarity)"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides of the sizes, e.g. train.steps=20 max_length=96 'seeds=[0,1]'",
+    )
 
 
 def _add_serve(sub: Subparsers) -> None:
@@ -276,8 +284,15 @@ def _add_serve(sub: Subparsers) -> None:
     )
     p.add_argument("--device", help="cpu (default), auto or a torch device")
     p.add_argument("--max-batch-size", type=int, default=16, help="most prompts in one forward (default 16)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more requests, in ms (default 5)",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for (default 256)"
+    )
 
 
 def _add_fed(sub: Subparsers) -> None:
