@@ -16,12 +16,14 @@ switched on for the suite, while the shell-line checks need our own code anyway.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shlex
 import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -63,6 +65,7 @@ def _commands(code: str) -> list[list[str]]:
 
 PYTHON_BLOCKS = _blocks({"python", "py"})
 SHELL_BLOCKS = _blocks(SHELL)
+YAML_BLOCKS = _blocks({"yaml", "yml"})
 
 
 def test_the_collector_finds_the_readme_blocks():
@@ -203,3 +206,34 @@ def test_design_section_citations_name_the_file_and_an_existing_section() -> Non
     wrong = [f"{where}: {name} §{number}" for where, name, number in cited
              if name not in right_file or number not in sections]  # fmt: skip
     assert not wrong, wrong
+
+
+def _dotted(mapping: dict, prefix: str = "") -> list[str]:
+    """``{"stopping": {"every": 50}}`` as the overrides ``["stopping.every=50"]``."""
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+@pytest.mark.parametrize(("code", "where"), YAML_BLOCKS)
+def test_yaml_block_loads(code: str, where: str, tmp_path) -> None:
+    """A sweep file shown in the docs (it has a ``grid``) loads and expands with its ``base`` read from configs/
+    (the docs write a path relative to the file, or one on another machine) and ``out_dir`` in a temporary
+    folder; any other block is a run-config fragment that loads onto configs/multitask_bigbench.yaml."""
+    from asymlora.config import load_config
+    from asymlora.recipes.sweep import expand, load_sweep
+
+    data = yaml.safe_load(code)  # a block that is not valid YAML fails here
+    assert isinstance(data, dict), where
+    if "grid" not in data:
+        load_config(ROOT / "configs" / "multitask_bigbench.yaml", _dotted(data))
+        return
+    data["base"] = str(ROOT / "configs" / Path(data["base"]).name)
+    data["out_dir"] = str(tmp_path / "out")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(data))
+    assert expand(load_sweep(sweep)), f"{where}: no cell"
