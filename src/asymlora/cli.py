@@ -7,6 +7,7 @@
     asymlora sweep SWEEP.yaml [--shard i/n]        run a grid of configs resumably into one results ledger
     asymlora export RUN_DIR --task NAME --out DIR  one task of a run as a stock peft LoRA (--calibration train: soft/topk)
     asymlora analyze PATH [PATH ...] --out DIR     where the knowledge sits: A vs B similarity, spectra
+    asymlora experiment init-similarity            the paper's Figure 1: A vs B similarity across tasks and seeds
     asymlora fed CONFIG.yaml [key=value ...]       federated fine-tuning on Flower (simulation)
     asymlora serve RUN_OR_ADAPTER [--port N]       OpenAI-compatible /v1/completions, tasks batched together
 
@@ -193,7 +194,8 @@ def _add_demo(sub: Subparsers) -> None:
 
 def _add_eval(sub: Subparsers) -> None:
     p = _add(sub, "eval", cmd_eval, "re-evaluate a finished run",
-                 "Load the adapter(s) of RUN_DIR and score every task again; rewrites results.json.")  # fmt: skip
+                 "Load the adapter(s) of RUN_DIR and score every task again; rewrites results.json and per_example.jsonl "
+                 "(the per-example scores `asymlora compare` reads).")  # fmt: skip
     p.add_argument("run_dir", help="directory of a finished run (its run_dir)")
 
 
@@ -228,7 +230,7 @@ def _add_sweep(sub: Subparsers) -> None:
 
 def _add_export(sub: Subparsers) -> None:
     p = _add(sub, "export", cmd_export, "export one task as a standard peft LoRA adapter",
-                 "Write task NAME of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "
+                 "Write task TASK of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "
                  "or any LoRA server loads without asymlora. A soft/topk-routed run needs --calibration: each layer's "
                  "gate is averaged over the task's examples (an approximation, its fidelity reported).")  # fmt: skip
     p.add_argument("run_dir", help="directory of a finished task-routed (or soft/topk) run")
