@@ -282,7 +282,9 @@ def _add_serve(sub: Subparsers) -> None:
     p.add_argument("--method", help="which method of a compare run (default: the only one)")
     p.add_argument("--base-model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument(
-        "--served-model-name", help="name of an adapter without task routing (default: its directory)"
+        "--served-model-name",
+        help="name of an adapter without task routing (default: the run's directory name, a compare run's "
+        "method, or the adapter directory's name)",
     )
     p.add_argument("--device", help="cpu (default), auto or a torch device")
     p.add_argument("--max-batch-size", type=int, default=16, help="most prompts in one forward (default 16)")
