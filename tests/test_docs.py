@@ -237,3 +237,17 @@ def test_yaml_block_loads(code: str, where: str, tmp_path) -> None:
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump(data))
     assert expand(load_sweep(sweep)), f"{where}: no cell"
+
+
+@pytest.mark.parametrize("doc", ["docs/design.md", "docs/deployment.md"])
+def test_the_client_run_identity_keys_are_those_of_the_code(doc: str) -> None:
+    """The docs list the config keys of a client state file's run identity; they once lacked ``het_local``."""
+    from asymlora.federated.client import IDENTITY_KEYS
+
+    text = (ROOT / doc).read_text().replace("\n", " ")
+    listed = re.search(
+        r"config keys that decide (?:training|what a client trains)[^`]*((?:`[\w.]+`[^`;]*?)+)[;)]", text
+    )
+    assert listed, f"{doc}: no list of the identity keys"
+    names = {name.split(".")[0] for name in re.findall(r"`([\w.]+)`", listed.group(1)) if "." not in name}
+    assert names == set(IDENTITY_KEYS), f"{doc}: {sorted(names)} != {sorted(IDENTITY_KEYS)}"
