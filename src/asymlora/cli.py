@@ -7,6 +7,7 @@
     asymlora sweep SWEEP.yaml [--shard i/n]        run a grid of configs resumably into one results ledger
     asymlora export RUN_DIR --task NAME --out DIR  one task of a run as a stock peft LoRA (--calibration train: soft/topk)
     asymlora analyze PATH [PATH ...] --out DIR     where the knowledge sits: A vs B similarity, spectra
+    asymlora experiment init-similarity            the paper's Figure 1: A vs B similarity across tasks and seeds
     asymlora fed CONFIG.yaml [key=value ...]       federated fine-tuning on Flower (simulation)
     asymlora serve RUN_OR_ADAPTER [--port N]       OpenAI-compatible /v1/completions, tasks batched together
 
@@ -185,13 +186,16 @@ def _add_demo(sub: Subparsers) -> None:
     p = _add(sub, "demo", cmd_demo, "the embedded demo: LoRA, ALoRA, HydraLoRA; SmolLM2-135M; 4 BIG-bench tasks (minutes on 2 CPU cores)",
                  "Train LoRA, ALoRA and HydraLoRA on four BIG-bench tasks of different kinds with SmolLM2-135M, "
                  "evaluate the base model and each method, print the per-task table and write it with a PNG chart.")  # fmt: skip
-    p.add_argument("--run-dir", default="runs/demo", help="where to write (replaced if it exists)")
+    p.add_argument(
+        "--run-dir", default="runs/demo", help="where to write (default runs/demo; replaced if it exists)"
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
 
 
 def _add_eval(sub: Subparsers) -> None:
     p = _add(sub, "eval", cmd_eval, "re-evaluate a finished run",
-                 "Load the adapter(s) of RUN_DIR and score every task again; rewrites results.json.")  # fmt: skip
+                 "Load the adapter(s) of RUN_DIR and score every task again; rewrites results.json and per_example.jsonl "
+                 "(the per-example scores `asymlora compare` reads).")  # fmt: skip
     p.add_argument("run_dir", help="directory of a finished run (its run_dir)")
 
 
@@ -226,7 +230,7 @@ def _add_sweep(sub: Subparsers) -> None:
 
 def _add_export(sub: Subparsers) -> None:
     p = _add(sub, "export", cmd_export, "export one task as a standard peft LoRA adapter",
-                 "Write task NAME of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "
+                 "Write task TASK of a task-routed run (router: task) as a stock peft LoRA adapter that peft, vLLM "
                  "or any LoRA server loads without asymlora. A soft/topk-routed run needs --calibration: each layer's "
                  "gate is averaged over the task's examples (an approximation, its fidelity reported).")  # fmt: skip
     p.add_argument("run_dir", help="directory of a finished task-routed (or soft/topk) run")
@@ -255,8 +259,14 @@ def _add_experiment(sub: Subparsers) -> None:
                  "init-similarity: train LoRA on several tasks from one seed and on one task from several seeds, then "
                  "compare A and B similarities (the paper's Figure 1).")  # fmt: skip
     p.add_argument("name", choices=["init-similarity"], help="the experiment to run")
-    p.add_argument("--out", default="runs/init-similarity", help="output directory")
-    p.add_argument("overrides", nargs="*", help="key=value size overrides")
+    p.add_argument(
+        "--out", default="runs/init-similarity", help="output directory (default runs/init-similarity)"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides of the sizes, e.g. train.steps=20 max_length=96 'seeds=[0,1]'",
+    )
 
 
 def _add_serve(sub: Subparsers) -> None:
@@ -272,12 +282,21 @@ def _add_serve(sub: Subparsers) -> None:
     p.add_argument("--method", help="which method of a compare run (default: the only one)")
     p.add_argument("--base-model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument(
-        "--served-model-name", help="name of an adapter without task routing (default: its directory)"
+        "--served-model-name",
+        help="name of an adapter without task routing (default: the run's directory name, a compare run's "
+        "method, or the adapter directory's name)",
     )
     p.add_argument("--device", help="cpu (default), auto or a torch device")
     p.add_argument("--max-batch-size", type=int, default=16, help="most prompts in one forward (default 16)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more requests, in ms (default 5)",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for (default 256)"
+    )
 
 
 def _add_fed(sub: Subparsers) -> None:

@@ -104,8 +104,9 @@ def load_served_model(
         path: a run directory of ``asymlora train`` or a directory with ``adapter_config.json``.
         method: which method of a compare run (default: the only one).
         base_model: base model name or path (default: the adapter's ``base_model_name_or_path``).
-        served_model_name: the name of an adapter without task routing (default: the method name of a
-            run, else the adapter directory's name). Task-routed adapters are served under their task names.
+        served_model_name: the name of an adapter without task routing (default: the directory that holds
+            ``adapter/``: a run's own name, or the method's in a compare run; else the adapter directory's
+            name). Task-routed adapters are served under their task names.
         device: as :func:`asymlora.models.load`.
 
     Raises:
