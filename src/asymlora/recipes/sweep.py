@@ -176,8 +176,9 @@ BOOKKEEPING_KEYS = {"train": ("save_every", "keep_checkpoints", "log_every")}
 ``stopping.every``), how many checkpoints it keeps and how often it logs the loss. A cell's `identity` holds
 them at the `TrainSettings` defaults whatever the config says, so a campaign may checkpoint more or less
 often and keep its ledger, its run directories and its report groups. Held at the defaults rather than
-left out (as `fed_sweep.PACE_KEYS` are): every multi-task cell recorded before had them at the defaults, so
-its id does not change."""
+left out (as `fed_sweep.PACE_KEYS` are): the campaign's cells had them at the defaults, so their ids did not
+change; cells of configs with other values (multitask_bigbench.yaml saves every 100 steps) got new ids, and
+`done_ids` keeps such cells of an older ledger done."""
 
 
 def identity(data: dict[str, Any]) -> dict[str, Any]:
