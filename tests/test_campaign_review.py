@@ -306,17 +306,19 @@ def test_a_finished_cell_stays_done_when_an_upgrade_changes_how_ids_are_computed
 
 
 def test_how_a_multitask_cell_is_saved_and_logged_is_not_part_of_its_id() -> None:
-    """``train.save_every``, ``train.keep_checkpoints`` and ``train.log_every`` only say how often a run
-    checkpoints, how many checkpoints it keeps and how often it logs its loss, yet each changed a cell's id:
-    checkpointing more often made every finished cell of a campaign run again. Now a cell's identity holds them
-    at their defaults (50, 2, 10), so the id is the one of the defaults (hex digest by hand: sha256 of the YAML
+    """``train.save_every``, ``train.keep_checkpoints``, ``train.log_every``, ``train.trace_every`` and
+    ``train.router_log_every`` only say how often a run checkpoints, how many checkpoints it keeps and how often
+    it logs its loss, A/B traces and router statistics, yet each changed a cell's id: checkpointing more often
+    made every finished cell of a campaign run again. Now a cell's identity holds them at their defaults
+    (50, 2, 10, 0, 10), so the id is the one of the defaults (hex digest by hand: sha256 of the YAML
     dump of the config at the defaults, run_dir blank, the `LATER_KEYS` at their neutral values left out), and
     records that differ only there are one group. Anything else still makes another cell."""
     from asymlora.recipes import sweep
 
     tasks = "data.tasks=[bigbench:strategyqa]"
     base = load_config(None, [tasks])
-    logged = load_config(None, [tasks, "train.save_every=7", "train.keep_checkpoints=5", "train.log_every=3"])
+    logged = load_config(None, [tasks, "train.save_every=7", "train.keep_checkpoints=5", "train.log_every=3",
+                                "train.trace_every=4", "train.router_log_every=1"])  # fmt: skip
     by_hand = base.to_dict()
     by_hand["run_dir"] = ""
     del by_hand["stopping"], by_hand["train"]["mixed_precision"]

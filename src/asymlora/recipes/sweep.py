@@ -170,10 +170,11 @@ def load_sweep(path: str | Path) -> Sweep:
     )
 
 
-BOOKKEEPING_KEYS = {"train": ("save_every", "keep_checkpoints", "log_every")}
+BOOKKEEPING_KEYS = {"train": ("save_every", "keep_checkpoints", "log_every", "trace_every", "router_log_every")}
 """Keys that set only how a multi-task run is saved and logged, not what it computes: how often it checkpoints
 (a resume continues bit for bit from any checkpoint, and the stopping rule validates on its own
-``stopping.every``), how many checkpoints it keeps and how often it logs the loss. A cell's `identity` holds
+``stopping.every``), how many checkpoints it keeps, how often it logs the loss, and how often it writes the
+A/B traces and the router statistics (both read the model under no_grad and draw no random numbers). A cell's `identity` holds
 them at the `TrainSettings` defaults whatever the config says, so a campaign may checkpoint more or less
 often and keep its ledger, its run directories and its report groups. Held at the defaults rather than
 left out (as `fed_sweep.PACE_KEYS` are): the campaign's cells had them at the defaults, so their ids did not
