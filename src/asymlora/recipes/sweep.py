@@ -170,7 +170,9 @@ def load_sweep(path: str | Path) -> Sweep:
     )
 
 
-BOOKKEEPING_KEYS = {"train": ("save_every", "keep_checkpoints", "log_every", "trace_every", "router_log_every")}
+BOOKKEEPING_KEYS = {
+    "train": ("save_every", "keep_checkpoints", "log_every", "trace_every", "router_log_every")
+}
 """Keys that set only how a multi-task run is saved and logged, not what it computes: how often it checkpoints
 (a resume continues bit for bit from any checkpoint, and the stopping rule validates on its own
 ``stopping.every``), how many checkpoints it keeps, how often it logs the loss, and how often it writes the
