@@ -323,3 +323,46 @@ def test_seeds_to_resolve_from_the_spread_over_seeds() -> None:
     assert small is not None and small > 50
     assert seeds_to_resolve([0.02]) is None and seeds_to_resolve([0.01, 0.01]) is None
     assert seeds_to_resolve([5.0, 5.1]) == 2  # an effect so large that 2 seeds suffice
+
+
+def _t_test_power_by_integration(effect: float, n: int, alpha: float = 0.05) -> float:
+    """The same power written out: with V ~ χ²(n − 1), T = (Z + effect·√n) / √(V / (n − 1)), so
+    P(|T| > c) = E_V[Φ(−c·√(V/(n−1)) + effect·√n) + Φ(−c·√(V/(n−1)) − effect·√n)], integrated numerically
+    over u = F_χ²(V) in (0, 1) (no noncentral t: scipy's ``nct.cdf`` is NaN in this lower tail)."""
+    from scipy import integrate
+    from scipy.stats import chi2, norm
+    from scipy.stats import t as student
+
+    df, nc = n - 1, effect * math.sqrt(n)
+    crit = student.ppf(1 - alpha / 2, df)
+
+    def tails(u: float) -> float:
+        scale = crit * math.sqrt(chi2.ppf(u, df) / df)
+        return float(norm.sf(scale - nc) + norm.cdf(-scale - nc))
+
+    return float(integrate.quad(tails, 0, 1, limit=400)[0])
+
+
+@pytest.mark.parametrize(
+    ("effect", "expected"), [(4.5, 3), (6.0, 3), (10.0, 3), (12.5, 2), (3.5, 3), (2.0, 5)]
+)
+def test_sample_size_of_a_large_effect_is_not_the_z_tests(effect, expected) -> None:
+    """statsmodels' t-test power is NaN at n = 2 from an effect of about 5.5 (and at n = 3 to 5 from about 4), so
+    its root finder failed and `_sample_size` fell back on the z-test's n, ((1.96 + 0.84) / 6)² = 0.22 → 2 for an
+    effect of 6, where the t-test's power with 2 observations is only 0.49: 3 are needed. Reference: the power
+    integrated over the χ² of the sample variance."""
+    assert _t_test_power_by_integration(effect, expected) >= 0.8
+    if expected > 2:
+        assert _t_test_power_by_integration(effect, expected - 1) < 0.8
+    assert stats._sample_size(effect, 0.8, 0.05) == expected
+
+
+def test_seeds_to_resolve_three_closely_agreeing_seeds() -> None:
+    """Per-seed differences [0.10, 0.12, 0.09]: mean 0.1033, sample std 0.01528, effect 6.76. The t-test with 2
+    seeds has power 0.547 (1 degree of freedom: its critical value is 12.7), with 3 seeds 0.9988: 3 seeds, not
+    the 2 given before."""
+    values = [0.10, 0.12, 0.09]
+    effect = float(np.mean(values) / np.std(values, ddof=1))
+    assert _t_test_power_by_integration(effect, 2) == pytest.approx(0.5468, abs=1e-3)
+    assert _t_test_power_by_integration(effect, 3) == pytest.approx(0.9988, abs=1e-3)
+    assert stats.seeds_to_resolve(values) == 3
