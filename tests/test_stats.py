@@ -366,3 +366,21 @@ def test_seeds_to_resolve_three_closely_agreeing_seeds() -> None:
     assert _t_test_power_by_integration(effect, 2) == pytest.approx(0.5468, abs=1e-3)
     assert _t_test_power_by_integration(effect, 3) == pytest.approx(0.9988, abs=1e-3)
     assert stats.seeds_to_resolve(values) == 3
+
+
+def test_a_paired_difference_of_zero_has_p_value_one() -> None:
+    """A better on 20 examples, B on 20 others, 10 ties: the mean difference is 0, so every one of the 2⁴⁰
+    sign flips of the 40 non-zero differences reaches |0| and the two-sided p-value is 1 (by hand). It was
+    0.870: the observed sum, rounding noise around 0, was compared with the flips' sums within a tolerance
+    relative to itself (scipy's), so the flips that also sum to 0 but rounded the other way were not counted.
+    In the campaign (strategyqa, ALoRA − LoRA, 20 + 20 non-zero differences) it read p=0.993."""
+    a = np.array([1] * 20 + [0] * 20 + [1] * 10, dtype=float)
+    b = np.array([0] * 20 + [1] * 20 + [1] * 10, dtype=float)
+    assert stats.paired_test(a, b)["p_value"] == 1.0
+    order = np.random.default_rng(3).permutation(a.size)
+    assert stats.paired_test(a[order], b[order])["p_value"] == 1.0
+    # over tasks of 2 and 4 examples: x differences [1, 0] (mean +0.5), y [−1, −1, 0, 0] (−0.5): D = 0
+    x_a, x_b, y_a, y_b = [1, 0], [0, 0], [0, 0, 1, 0], [1, 1, 1, 0]
+    assert stats.paired_average_test({"x": x_a, "y": y_a}, {"x": x_b, "y": y_b})["p_value"] == 1.0
+    # a difference that is not 0 keeps its p-value: 3 of 3 non-zero differences positive, 2/8 flips reach |3|
+    assert stats.paired_test([1, 1, 1, 0], [0, 0, 0, 0])["p_value"] == pytest.approx(2 / 8)

@@ -339,10 +339,22 @@ def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray
     return np.sum(x - y, axis=axis)
 
 
+ZERO_SUM = 1e-9
+"""A sum of paired differences below this fraction of the sum of their sizes is 0 (rounding noise): its
+sign-flip p-value is 1 (to within 1e-6 even if it was not noise: the sign flips' sums spread over
+√(Σ d²) ≥ Σ |d| / √n)."""
+
+
 def _sign_flip_pvalue(weighted_a: np.ndarray, weighted_b: np.ndarray, n_resamples: int, seed: int) -> float:
     """Two-sided p-value of Σ (a_i − b_i) under random swaps of a_i and b_i (``permutation_type="samples"``)."""
     if np.all(weighted_a == weighted_b) or weighted_a.size < 2:
         return 1.0  # one pair: both of its sign flips reach |a − b|, so p = 2/2 (scipy needs two pairs)
+    differences = weighted_a - weighted_b
+    if abs(float(differences.sum())) <= ZERO_SUM * float(np.abs(differences).sum()):
+        # a difference of 0 (+1 on 20 examples, −1 on 20 others): every sign flip reaches it, p = 1. scipy
+        # counts a flip as reaching it within a tolerance relative to it, so a sum of 0 computed as 1e-17
+        # and flips that sum to 0 computed as −1e-17 were not counted: p = 0.87 there
+        return 1.0
     result = stats.permutation_test(
         (weighted_a, weighted_b),
         _mean_difference,
