@@ -176,6 +176,20 @@ def test_evaluate_task_reports_declared_metrics(monkeypatch) -> None:
     assert primary_metric(task) == "rougeLsum"
 
 
+def test_corpus_bleu_has_no_per_example_scores_even_where_they_would_average_to_it(monkeypatch) -> None:
+    """Corpus BLEU is not a mean over examples, so its per-example "scores" were dropped only when their mean
+    differed from the corpus score. Where nothing matches, every sentence's BLEU and the corpus's are 0 (by hand:
+    no unigram in common), the mean agreed and ``bleu`` got per-example scores in this run but not in a run whose
+    BLEU is not 0: a sweep's paired test of the two groups was then dropped whole (`groups.paired_over_seeds`).
+    Exact match still gets its per-example scores."""
+    monkeypatch.setattr(scoring, "greedy_generate", lambda *a, **k: ["zzz qqq", "xxx"])
+    examples = [Example("Question: q1", "the cat sat"), Example("Question: q2", "a dog ran")]
+    task = Task("gen", "generate", examples[:1], examples, ["bleu"])
+    result, rows = evaluate_task(None, None, task, task_id=None, with_examples=True)
+    assert result["bleu"] == 0.0 and result["exact_match"] == 0.0
+    assert [row["scores"] for row in rows] == [{"exact_match": 0.0}, {"exact_match": 0.0}]
+
+
 # --------------------------------------------------------------------------- configured metrics
 
 

@@ -323,3 +323,64 @@ def test_seeds_to_resolve_from_the_spread_over_seeds() -> None:
     assert small is not None and small > 50
     assert seeds_to_resolve([0.02]) is None and seeds_to_resolve([0.01, 0.01]) is None
     assert seeds_to_resolve([5.0, 5.1]) == 2  # an effect so large that 2 seeds suffice
+
+
+def _t_test_power_by_integration(effect: float, n: int, alpha: float = 0.05) -> float:
+    """The same power written out: with V ~ χ²(n − 1), T = (Z + effect·√n) / √(V / (n − 1)), so
+    P(|T| > c) = E_V[Φ(−c·√(V/(n−1)) + effect·√n) + Φ(−c·√(V/(n−1)) − effect·√n)], integrated numerically
+    over u = F_χ²(V) in (0, 1) (no noncentral t: scipy's ``nct.cdf`` is NaN in this lower tail)."""
+    from scipy import integrate
+    from scipy.stats import chi2, norm
+    from scipy.stats import t as student
+
+    df, nc = n - 1, effect * math.sqrt(n)
+    crit = student.ppf(1 - alpha / 2, df)
+
+    def tails(u: float) -> float:
+        scale = crit * math.sqrt(chi2.ppf(u, df) / df)
+        return float(norm.sf(scale - nc) + norm.cdf(-scale - nc))
+
+    return float(integrate.quad(tails, 0, 1, limit=400)[0])
+
+
+@pytest.mark.parametrize(
+    ("effect", "expected"), [(4.5, 3), (6.0, 3), (10.0, 3), (12.5, 2), (3.5, 3), (2.0, 5)]
+)
+def test_sample_size_of_a_large_effect_is_not_the_z_tests(effect, expected) -> None:
+    """statsmodels' t-test power is NaN at n = 2 from an effect of about 5.5 (and at n = 3 to 5 from about 4), so
+    its root finder failed and `_sample_size` fell back on the z-test's n, ((1.96 + 0.84) / 6)² = 0.22 → 2 for an
+    effect of 6, where the t-test's power with 2 observations is only 0.49: 3 are needed. Reference: the power
+    integrated over the χ² of the sample variance."""
+    assert _t_test_power_by_integration(effect, expected) >= 0.8
+    if expected > 2:
+        assert _t_test_power_by_integration(effect, expected - 1) < 0.8
+    assert stats._sample_size(effect, 0.8, 0.05) == expected
+
+
+def test_seeds_to_resolve_three_closely_agreeing_seeds() -> None:
+    """Per-seed differences [0.10, 0.12, 0.09]: mean 0.1033, sample std 0.01528, effect 6.76. The t-test with 2
+    seeds has power 0.547 (1 degree of freedom: its critical value is 12.7), with 3 seeds 0.9988: 3 seeds, not
+    the 2 given before."""
+    values = [0.10, 0.12, 0.09]
+    effect = float(np.mean(values) / np.std(values, ddof=1))
+    assert _t_test_power_by_integration(effect, 2) == pytest.approx(0.5468, abs=1e-3)
+    assert _t_test_power_by_integration(effect, 3) == pytest.approx(0.9988, abs=1e-3)
+    assert stats.seeds_to_resolve(values) == 3
+
+
+def test_a_paired_difference_of_zero_has_p_value_one() -> None:
+    """A better on 20 examples, B on 20 others, 10 ties: the mean difference is 0, so every one of the 2⁴⁰
+    sign flips of the 40 non-zero differences reaches |0| and the two-sided p-value is 1 (by hand). It was
+    0.870: the observed sum, rounding noise around 0, was compared with the flips' sums within a tolerance
+    relative to itself (scipy's), so the flips that also sum to 0 but rounded the other way were not counted.
+    In the campaign (strategyqa, ALoRA − LoRA, 20 + 20 non-zero differences) it read p=0.993."""
+    a = np.array([1] * 20 + [0] * 20 + [1] * 10, dtype=float)
+    b = np.array([0] * 20 + [1] * 20 + [1] * 10, dtype=float)
+    assert stats.paired_test(a, b)["p_value"] == 1.0
+    order = np.random.default_rng(3).permutation(a.size)
+    assert stats.paired_test(a[order], b[order])["p_value"] == 1.0
+    # over tasks of 2 and 4 examples: x differences [1, 0] (mean +0.5), y [−1, −1, 0, 0] (−0.5): D = 0
+    x_a, x_b, y_a, y_b = [1, 0], [0, 0], [0, 0, 1, 0], [1, 1, 1, 0]
+    assert stats.paired_average_test({"x": x_a, "y": y_a}, {"x": x_b, "y": y_b})["p_value"] == 1.0
+    # a difference that is not 0 keeps its p-value: 3 of 3 non-zero differences positive, 2/8 flips reach |3|
+    assert stats.paired_test([1, 1, 1, 0], [0, 0, 0, 0])["p_value"] == pytest.approx(2 / 8)

@@ -51,6 +51,7 @@ __all__ = [
     "apply_metric_choices",
     "bleu_score",
     "check_metric",
+    "corpus_level",
     "exact_match",
     "exact_match_score",
     "metric_choices",
@@ -91,12 +92,15 @@ class Metric:
             option log-likelihoods by :func:`asymlora.eval.scoring.evaluate_task`.
         raw: scores the whole generation (the papers' extraction rules, :mod:`asymlora.eval.extract`)
             rather than its first line.
+        corpus: one score of the whole corpus, not a mean over examples (BLEU pools n-gram counts): no
+            per-example scores (:func:`asymlora.eval.scoring.evaluate_task`), so no interval or paired test.
     """
 
     kind: TaskKind
     keys: tuple[str, ...]
     compute: MetricFn | None = None
     raw: bool = False
+    corpus: bool = False
 
 
 # --------------------------------------------------------------------------- exact match
@@ -230,7 +234,7 @@ METRICS: dict[str, Metric] = {
     METRIC_ACCURACY: Metric("choice", (METRIC_ACCURACY,)),
     METRIC_EXACT_MATCH: Metric("generate", (METRIC_EXACT_MATCH,), exact_match_score),
     METRIC_ROUGE: Metric("generate", ROUGE_KEYS, rouge_scores),
-    METRIC_BLEU: Metric("generate", (METRIC_BLEU,), bleu_score),
+    METRIC_BLEU: Metric("generate", (METRIC_BLEU,), bleu_score, corpus=True),
     # the ALoRA paper's benchmarks (commonsense, math, FLAN / FedDPA), on the whole generation
     ANSWER_WORD: Metric("generate", (ANSWER_WORD,), PAPER_METRICS[ANSWER_WORD], raw=True),
     ANSWER_NUMBER: Metric("generate", (ANSWER_NUMBER,), PAPER_METRICS[ANSWER_NUMBER], raw=True),
@@ -247,6 +251,12 @@ def _metric_of_key(name: str) -> str | None:
     if name in METRICS:
         return name
     return next((metric for metric, spec in METRICS.items() if name in spec.keys), None)
+
+
+def corpus_level(key: str) -> bool:
+    """Whether result key ``key`` is a corpus-level score (:attr:`Metric.corpus`, e.g. ``bleu``)."""
+    metric = _metric_of_key(key)
+    return metric is not None and METRICS[metric].corpus
 
 
 def metric_choices(kind: TaskKind | None = None) -> list[str]:

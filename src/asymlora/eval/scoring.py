@@ -37,7 +37,7 @@ from transformers import GenerationConfig
 from asymlora import distributed
 from asymlora.data.collate import IGNORE_INDEX, encode_example
 from asymlora.data.tasks import Example, Task
-from asymlora.eval.metrics import score_generations
+from asymlora.eval.metrics import corpus_level, score_generations
 from asymlora.eval.stats import example_key
 from asymlora.progress import bar as progress_bar
 from asymlora.tuner.peft_model import AsymLoraModelForCausalLM
@@ -649,14 +649,17 @@ def _per_example_scores(
 ) -> dict[str, list[float]]:
     """Each example's score, for the metrics whose task value is the mean over examples.
 
-    Corpus-level metrics (BLEU: n-gram counts pooled over the corpus) are left out, since the mean
-    of sentence scores is not the corpus score; intervals and paired tests then skip them.
+    Corpus-level metrics (BLEU: n-gram counts pooled over the corpus, `metrics.corpus_level`) are left out,
+    since the mean of sentence scores is not the corpus score; intervals and paired tests then skip them.
+    Left out by name, not only when the mean of the sentence scores differs from the corpus score: where the
+    two agree (BLEU 0 on every sentence and on the corpus) the task had per-example scores in one run and none
+    in another, and a sweep's paired test of the two groups was dropped whole.
     """
     rows = [
         score_generations([p], [r], metrics, [w])
         for p, w, r in zip(predictions, raw, references, strict=True)
     ]
-    per_example = {key: [row[key] for row in rows] for key in rows[0]}
+    per_example = {key: [row[key] for row in rows] for key in rows[0] if not corpus_level(key)}
     return {
         key: values
         for key, values in per_example.items()

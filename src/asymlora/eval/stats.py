@@ -339,10 +339,22 @@ def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray
     return np.sum(x - y, axis=axis)
 
 
+ZERO_SUM = 1e-9
+"""A sum of paired differences below this fraction of the sum of their sizes is 0 (rounding noise): its
+sign-flip p-value is 1 (to within 1e-6 even if it was not noise: the sign flips' sums spread over
+√(Σ d²) ≥ Σ |d| / √n)."""
+
+
 def _sign_flip_pvalue(weighted_a: np.ndarray, weighted_b: np.ndarray, n_resamples: int, seed: int) -> float:
     """Two-sided p-value of Σ (a_i − b_i) under random swaps of a_i and b_i (``permutation_type="samples"``)."""
     if np.all(weighted_a == weighted_b) or weighted_a.size < 2:
         return 1.0  # one pair: both of its sign flips reach |a − b|, so p = 2/2 (scipy needs two pairs)
+    differences = weighted_a - weighted_b
+    if abs(float(differences.sum())) <= ZERO_SUM * float(np.abs(differences).sum()):
+        # a difference of 0 (+1 on 20 examples, −1 on 20 others): every sign flip reaches it, p = 1. scipy
+        # counts a flip as reaching it within a tolerance relative to it, so a sum of 0 computed as 1e-17
+        # and flips that sum to 0 computed as −1e-17 were not counted: p = 0.87 there
+        return 1.0
     result = stats.permutation_test(
         (weighted_a, weighted_b),
         _mean_difference,
@@ -542,23 +554,45 @@ NO_DIFFERENCE = 1e-12
 leave rounding noise (1e-17), at which no sample size is defined (statsmodels' root finder gives NaN)."""
 
 
+EXACT_SIZE_BELOW = 10**6
+"""Sample sizes below this are checked against the t-test's power at n and n − 1 (`_t_power`)."""
+
+
+def _t_power(effect: float, n: int, alpha: float) -> float:
+    """Power of the two-sided one-sample t-test at level ``alpha`` with ``n`` observations and standardised
+    effect ``effect`` > 0: P(T > c) + P(T < −c), T noncentral t (n − 1 degrees of freedom, noncentrality
+    effect·√n), each tail as scipy's ``nct.sf`` (P(T < −c) = P(T' > c) with T' of noncentrality −effect·√n).
+    statsmodels' ``TTestPower.power`` is the same number where it is finite, but NaN from an effect of
+    about 4 at n = 2 to 5 (its lower tail, ``nct.cdf(−c)``, is NaN there)."""
+    df, nc = n - 1, effect * math.sqrt(n)
+    crit = stats.t.ppf(1 - alpha / 2, df)
+    return float(stats.nct.sf(crit, df, nc) + stats.nct.sf(crit, df, -nc))
+
+
 def _sample_size(effect: float, power: float, alpha: float) -> int | None:
     """The smallest n at which a two-sided one-sample t-test at level ``alpha`` detects a standardised
     effect ``effect`` (mean / std of one observation) with probability ``power`` (statsmodels'
-    ``TTestPower.solve_power``); 2 when even that many suffice; None for no effect. Below an effect of about
-    1e-9 the root finder fails (NaN); there n is ~1e17 or more, where the t-test is the z-test, whose n is
-    ((z_(1−α/2) + z_power) / effect)²."""
+    ``TTestPower.solve_power``, then checked against the power at n and n − 1, `_t_power`); 2 when even that
+    many suffice; None for no effect. Where the root finder fails (NaN) the z-test's n,
+    ((z_(1−α/2) + z_power) / effect)², is the start: below an effect of about 1e-9 (n ~1e17 or more, where
+    the t-test is the z-test), and above an effect of about 5, where statsmodels' power is NaN at small n and
+    the z-test's n (below 1) is too small: an effect of 6 needs 3 observations (power 0.49 at n = 2)."""
     if not effect > 0 or not math.isfinite(effect):
         return None
-    test = TTestPower()
-    if test.power(effect_size=effect, nobs=2, alpha=alpha, alternative="two-sided") >= power:
+    if _t_power(effect, 2, alpha) >= power:
         return 2  # the root finder has no root above n = 2 to find (it warns and gives nan)
     with warnings.catch_warnings():  # its ConvergenceWarning: the NaN is replaced below
         warnings.simplefilter("ignore", ConvergenceWarning)
-        n = test.solve_power(effect_size=effect, alpha=alpha, power=power, alternative="two-sided")
+        n = TTestPower().solve_power(effect_size=effect, alpha=alpha, power=power, alternative="two-sided")
     if not math.isfinite(n):
         n = ((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) / effect) ** 2
-    return max(2, math.ceil(n))
+    size = max(2, math.ceil(n))
+    if size < EXACT_SIZE_BELOW:  # the smallest n whose power reaches ``power`` (power grows with n)
+        while size > 2 and _t_power(effect, size - 1, alpha) >= power:
+            size -= 1
+        while _t_power(effect, size, alpha) < power:
+            size += 1
+    return size
 
 
 def examples_to_resolve(
