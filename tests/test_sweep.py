@@ -485,3 +485,36 @@ def test_paired_report_says_what_would_resolve_an_unresolved_average() -> None:
     assert result["tests"]["average"]["p_value"] >= 0.05  # 4 examples: unresolved
     assert "- A − B: +0.1250 (p=" in lines and "≈ 18 test examples per task (now 4)" in lines
     assert "the 2 seeds gave the same difference" in lines
+
+
+def test_a_record_names_the_commit_its_process_started_on_and_only_source_changes_make_it_dirty(
+    tmp_path: Path,
+) -> None:
+    """A cell's record named the commit at the END of the cell (`git describe` run then), so a commit made
+    while it trained was recorded as the code that ran; and ``--dirty`` looked at the whole repository, so
+    once the campaign had appended to its own tracked ledger every later record said "-dirty". Reference:
+    the sha git itself gives for the commit (``git rev-parse``)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return out.stdout.strip()
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "code.py").write_text("x = 1\n")
+    (tmp_path / "ledger.jsonl").write_text("")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    first = git("rev-parse", "--short=12", "HEAD")
+    sweep.git_commit.cache_clear()
+    (tmp_path / "ledger.jsonl").write_text("{}\n")  # the campaign's own tracked output changed
+    assert sweep.git_commit(tmp_path / "src") == first
+    (tmp_path / "src" / "code.py").write_text("x = 2\n")
+    git("commit", "-qam", "two")  # a commit made while the process runs
+    assert sweep.git_commit(tmp_path / "src") == first  # still the code the process started on
+    sweep.git_commit.cache_clear()
+    (tmp_path / "src" / "code.py").write_text("x = 3\n")
+    assert sweep.git_commit(tmp_path / "src") == git("rev-parse", "--short=12", "HEAD") + "-dirty"
+    sweep.git_commit.cache_clear()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import itertools
 import json
@@ -340,20 +341,31 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
         atomic_write_text(path, text + json.dumps(record, default=float) + "\n")
 
 
-def git_commit() -> str | None:
-    """``git describe --always --dirty`` of the asymlora source tree, or None outside a git checkout."""
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+"""The asymlora package's source folder (src/asymlora): what `git_commit` describes."""
+
+
+@functools.cache
+def git_commit(root: Path = PACKAGE_ROOT) -> str | None:
+    """The commit of the asymlora source tree this process runs (``git describe --always --abbrev=12``),
+    with ``-dirty`` when a tracked file under ``root`` differs from it; None outside a git checkout.
+
+    Read once per process (`run_sweep` reads it before its first cell): the code a process runs is the code
+    it imported when it started, so a commit made while a cell trains must not be what its record names.
+    Only the source tree counts as dirty, not the repository: a campaign's own ledger and results pages are
+    tracked files it rewrites, so ``git describe --dirty`` said "dirty" for every record after the first.
+    """
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
+        commit = git("describe", "--always", "--abbrev=12")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return (f"{commit}-dirty" if changed else commit) or None
 
 
 def make_record(cell: Cell, results: dict[str, Any], started: float, finished: float) -> dict[str, Any]:
@@ -440,6 +452,7 @@ def run_sweep(
         "failed"}``.
     """
     cells = shard(expand(sweep), shard_index, shard_count)
+    git_commit()  # the code this process imported, before any cell runs (a later commit is not what ran)
     (sweep.out_dir / "locks").mkdir(parents=True, exist_ok=True)
     done = done_ids(read_ledger(sweep.ledger))
     counts = {"cells": len(cells), "done": 0, "ran": 0, "taken": 0, "failed": 0}
