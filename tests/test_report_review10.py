@@ -467,3 +467,19 @@ def test_one_test_example_per_task_is_said_not_called_a_constant_difference() ->
         "- A − B: +0.5000 (p=1): too few test examples per task to estimate their spread (now 1 in the smallest), "
         "so there is none to size a study by: score more test examples per task"
     )
+
+
+def test_two_single_task_configs_of_one_task_say_which_is_the_baseline(tmp_path: Path) -> None:
+    """Two single-task lora groups of task x (4 steps and 9 steps, e.g. a re-run with another budget): the Δm%
+    column silently used whichever came last in the ledger. The value stays the last one's (x: (1 − .5)/1 = 50 %
+    against the 9-step cell scoring [1, 1]; z: 0), and the page now says which group that is."""
+    records = [_mt_record("alora", 0, {"x": [1, 0], "z": [1, 1]}), _mt_record("lora", 0, {"z": [1, 1]})]
+    short = _mt_record("lora", 0, {"x": [0, 0]})
+    longer = _mt_record("lora", 0, {"x": [1, 1]})
+    longer["config"] = {**longer["config"], "train": {**longer["config"]["train"], "steps": 9}}
+    longer["id"] = "long-x"
+    page, _ = _report(tmp_path, [*records, short, longer], "multitask", "alora")
+    assert "| method=alora | 0 |" in page and "| 25.0 [0.0, 50.0] |" in page
+    (note,) = [line for line in page.splitlines() if line.startswith("- x: 2 single-task groups")]
+    assert note.endswith("the Δm% baseline is the last in the ledger, method=lora on x (config "
+                         f"{note.split('(config ')[-1].split(')')[0]}) (cells long-x)")  # fmt: skip

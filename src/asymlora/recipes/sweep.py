@@ -733,6 +733,17 @@ def delta_m_notes(groups: Sequence[Group], baselines: dict[str, Group], method: 
             for tasks, labels in without.items()] + notes  # fmt: skip
 
 
+def _baseline_choice_notes(candidates: Sequence[Group]) -> list[str]:
+    """A note for each task that has single-task groups of more than one config (e.g. two step counts): which
+    one the Δm% column uses (the last in ledger order), so the choice is on the page, not silent."""
+    by_task: dict[str, list[Group]] = {}
+    for g in candidates:
+        by_task.setdefault(g.tasks[0], []).append(g)
+    return [f"- {t}: {len(gs)} single-task groups of different configs ({'; '.join(g.label for g in gs)}); "
+            f"the Δm% baseline is the last in the ledger, {gs[-1].label} (cells {', '.join(r['id'] for r in gs[-1].records)})"
+            for t, gs in by_task.items() if len(gs) > 1]  # fmt: skip
+
+
 def _paired(ref: Group, peer: Group) -> dict[str, Any] | None:
     """Paired tests of ``ref`` against ``peer`` per task and on the average (`groups.paired_over_seeds`)."""
     if ref.tasks != peer.tasks:
@@ -751,14 +762,17 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
         return fed_sweep.summarize(records, sweep.report.get("reference"))
     groups = group_records(records)
     baseline_method = sweep.report.get("baseline_method", "lora")
-    baselines = {g.tasks[0]: g for g in groups if len(g.tasks) == 1 and g.method == baseline_method}
+    candidates = [g for g in groups if len(g.tasks) == 1 and g.method == baseline_method]
+    # the last group of a task (in ledger order) is its baseline; _baseline_choice_notes says so on the page
+    baselines = {g.tasks[0]: g for g in candidates}
     reference = sweep.report.get("reference")
     summary: dict[str, Any] = {
         "groups": [],
         "paired": [],
         "std_ddof": stats.STD_DDOF,
         "records": sum(len(g.records) for g in groups),  # cells: a cell recorded twice counts once
-        "delta_m_notes": delta_m_notes(groups, baselines, baseline_method),
+        "delta_m_notes": delta_m_notes(groups, baselines, baseline_method)
+        + _baseline_choice_notes(candidates),
     }
     for g in groups:
         summary["groups"].append({
