@@ -177,10 +177,10 @@ BOOKKEEPING_KEYS = {
 """Keys that set only how a multi-task run is saved and logged, not what it computes: how often it checkpoints
 (a resume continues bit for bit from any checkpoint, and the stopping rule validates on its own
 ``stopping.every``), how many checkpoints it keeps, how often it logs the loss, and how often it writes the
-A/B traces and the router statistics (both read the model under no_grad and draw no random numbers). A cell's `identity` holds
-them at the `TrainSettings` defaults whatever the config says, so a campaign may checkpoint more or less
-often and keep its ledger, its run directories and its report groups. Held at the defaults rather than
-left out (as `fed_sweep.PACE_KEYS` are): the campaign's cells had them at the defaults, so their ids did not
+A/B traces and the router statistics (both read the model under no_grad and draw no random numbers). A
+cell's `identity` holds them at the `TrainSettings` defaults whatever the config says, so a campaign may
+checkpoint more or less often and keep its ledger, its run directories and its report groups. Held at the
+defaults rather than left out (as `fed_sweep.PACE_KEYS` are): the campaign's cells had them at the defaults, so their ids did not
 change; cells of configs with other values (multitask_bigbench.yaml saves every 100 steps) got new ids, and
 `done_ids` keeps such cells of an older ledger done."""
 
@@ -365,7 +365,9 @@ def git_commit(root: Path = PACKAGE_ROOT) -> str | None:
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return None
-    return (f"{commit}-dirty" if changed else commit) or None
+    if not commit:
+        return None
+    return f"{commit}-dirty" if changed else commit
 
 
 def make_record(cell: Cell, results: dict[str, Any], started: float, finished: float) -> dict[str, Any]:
