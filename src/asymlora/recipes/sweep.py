@@ -180,9 +180,9 @@ BOOKKEEPING_KEYS = {
 A/B traces and the router statistics (both read the model under no_grad and draw no random numbers). A
 cell's `identity` holds them at the `TrainSettings` defaults whatever the config says, so a campaign may
 checkpoint more or less often and keep its ledger, its run directories and its report groups. Held at the
-defaults rather than left out (as `fed_sweep.PACE_KEYS` are): the campaign's cells had them at the defaults, so their ids did not
-change; cells of configs with other values (multitask_bigbench.yaml saves every 100 steps) got new ids, and
-`done_ids` keeps such cells of an older ledger done."""
+defaults rather than left out (as `fed_sweep.PACE_KEYS` are): the campaign's cells had them at the
+defaults, so their ids did not change; cells of configs with other values (multitask_bigbench.yaml saves
+every 100 steps) got new ids, and `done_ids` keeps such cells of an older ledger done."""
 
 
 def identity(data: dict[str, Any]) -> dict[str, Any]:
