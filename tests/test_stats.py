@@ -384,3 +384,17 @@ def test_a_paired_difference_of_zero_has_p_value_one() -> None:
     assert stats.paired_average_test({"x": x_a, "y": y_a}, {"x": x_b, "y": y_b})["p_value"] == 1.0
     # a difference that is not 0 keeps its p-value: 3 of 3 non-zero differences positive, 2/8 flips reach |3|
     assert stats.paired_test([1, 1, 1, 0], [0, 0, 0, 0])["p_value"] == pytest.approx(2 / 8)
+
+
+def test_sign_flips_are_enumerated_exactly_when_few_differences_are_not_zero() -> None:
+    """200 examples, 5 of them scored differently (+1 on four, −1 on one; sum 3): flipping a tie changes
+    nothing, so the exact p-value is over the 2⁵ sign vectors of the five, 12/32 by hand (|Σ| ≥ 3 with
+    4 or 5 signs alike: 2·(1 + 5)). Random flips of all 200 pairs only estimated it (0.3754 with seed 0)."""
+    a = np.zeros(200)
+    b = np.zeros(200)
+    a[[3, 50, 97, 120]] = 1.0
+    b[181] = 1.0
+    assert stats.paired_test(a, b)["p_value"] == 12 / 32
+    assert stats.paired_test(a, b, seed=7)["p_value"] == 12 / 32  # no randomness left to vary
+    b[[3, 50, 97, 120]] = 1.0  # one non-zero pair left: both of its flips reach it
+    assert stats.paired_test(a, b)["p_value"] == 1.0

@@ -12,7 +12,13 @@ import peft
 from asymlora import distributed
 from asymlora.config import RunConfig, load_config
 from asymlora.eval import format_table, metric_notes, summarize
-from asymlora.eval.stats import ExampleMismatchError, compare_examples, format_interval, with_example_scores
+from asymlora.eval.stats import (
+    PERMUTATION_NOTE,
+    ExampleMismatchError,
+    compare_examples,
+    format_interval,
+    with_example_scores,
+)
 from asymlora.export import export_task_adapter
 from asymlora.methods import get_method
 from asymlora.models import load
@@ -281,7 +287,7 @@ def compare_runs(run_a: Path, run_b: Path) -> tuple[dict[str, Any], str]:
         lines += [f"- {task}: {why}" for task, why in reasons.items()]
     lines += [
         "",
-        "p: two-sided paired permutation test (sign flips of A − B per example); interval: paired bootstrap "
-        "over examples (stratified by task for the average, each task weighted 1/T).",
+        f"p: two-sided paired permutation test (sign flips of A − B per example; {PERMUTATION_NOTE}); "
+        "interval: paired bootstrap over examples (stratified by task for the average, each task weighted 1/T).",
     ]
     return tests, "\n".join(lines)

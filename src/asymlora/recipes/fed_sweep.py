@@ -521,7 +521,7 @@ NOTE = (
     "test split, the primary metric of its tasks. One seed: value [95 % interval] (Wilson for accuracy / "
     "exact match, bootstrap otherwise; stratified bootstrap over clients for the average). Several seeds: "
     f"mean ± std over seeds (sample std, ddof={stats.STD_DDOF}). Paired tests: two-sided sign-flip "
-    "permutation p-value and paired bootstrap interval; the average weights every client 1/K. MB = 10^6 "
+    f"permutation p-value ({stats.PERMUTATION_NOTE}) and paired bootstrap interval; the average weights every client 1/K. MB = 10^6 "
     "bytes of Flower messages, up + down, mean over seeds; ε: (ε, δ)-DP of the uploads after all rounds (∞: "
     "clipping without noise, no guarantee; –: no DP)."
 )

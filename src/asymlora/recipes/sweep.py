@@ -843,8 +843,8 @@ def _tables(summary: dict[str, Any]) -> list[str]:
 MULTITASK_NOTE = (
     "One seed: value [95 % interval] (Wilson for accuracy / exact match, bootstrap over examples otherwise; "
     "stratified bootstrap for the average and Δm%). Several seeds: mean ± std over seeds (sample std, "
-    f"ddof={stats.STD_DDOF}). Paired tests: two-sided sign-flip permutation p-value and paired bootstrap "
-    "interval. Δm% (lower is better) against the single-task {baseline} cells."
+    f"ddof={stats.STD_DDOF}). Paired tests: two-sided sign-flip permutation p-value ({stats.PERMUTATION_NOTE}) "
+    "and paired bootstrap interval. Δm% (lower is better) against the single-task {baseline} cells."
 )
 
 
