@@ -398,3 +398,21 @@ def test_sign_flips_are_enumerated_exactly_when_few_differences_are_not_zero() -
     assert stats.paired_test(a, b, seed=7)["p_value"] == 12 / 32  # no randomness left to vary
     b[[3, 50, 97, 120]] = 1.0  # one non-zero pair left: both of its flips reach it
     assert stats.paired_test(a, b)["p_value"] == 1.0
+
+
+def test_scores_of_0_or_1_get_the_exact_sign_test() -> None:
+    """24 examples where A and B differ, 20 for A and 4 for B, the rest tied (the het campaign's arithmetic
+    client): every non-zero difference is ±1, so the sign flips' sum is 2K − 24 with K ~ Binomial(24, 1/2)
+    and p = 2·Σ_{k≤4} C(24, k)/2²⁴ = 2·12,951/16,777,216 by hand (Monte Carlo read 0.0022)."""
+    a = np.array([1.0] * 20 + [0.0] * 4 + [1.0] * 100 + [0.0] * 76)
+    b = np.array([0.0] * 20 + [1.0] * 4 + [1.0] * 100 + [0.0] * 76)
+    exact = 2 * (1 + 24 + 276 + 2024 + 10626) / 2**24
+    assert stats.paired_test(a, b)["p_value"] == pytest.approx(exact, rel=1e-12)
+    # the average over two tasks of 200 examples each: weights 1/400 for both, so still ±w: the sign test
+    result = stats.paired_average_test({"x": a, "y": b}, {"x": b, "y": a})
+    assert result["difference"] == pytest.approx(0.0) and result["p_value"] == 1.0
+    result = stats.paired_average_test({"x": a, "y": a}, {"x": b, "y": a})
+    assert result["p_value"] == pytest.approx(exact, rel=1e-12)
+    # tasks of different sizes weight their differences differently (1/(2·200) vs 1/(2·100)): random flips
+    result = stats.paired_average_test({"x": a, "y": a[:100]}, {"x": b, "y": b[:100]})
+    assert result["p_value"] != pytest.approx(exact, rel=1e-3)

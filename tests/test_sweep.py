@@ -518,3 +518,27 @@ def test_a_record_names_the_commit_its_process_started_on_and_only_source_change
     (tmp_path / "src" / "code.py").write_text("x = 3\n")
     assert sweep.git_commit(tmp_path / "src") == git("rev-parse", "--short=12", "HEAD") + "-dirty"
     sweep.git_commit.cache_clear()
+
+
+def test_report_gives_each_seeds_steps_and_says_when_a_time_is_of_fewer_seeds(
+    env, campaign, tmp_path
+) -> None:
+    """The stopping rule stops each seed on its own (the campaign's LoRA: 500 and 550 steps) and a cell
+    resumed after training records no training time: the table showed the first seed's steps and the timed
+    seeds' mean as if it were every seed's."""
+    spec = yaml.safe_load(env["sweep"].read_text())
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "campaign").mkdir()
+    records = sweep.read_ledger(campaign["spec"].ledger)
+    alora = sorted((r for r in records if r["method"] == "alora"), key=lambda r: r["seed"])
+    alora[0]["train_seconds"], alora[0]["step_seconds"] = 30.0, 7.5
+    alora[1]["train_seconds"], alora[1]["step_seconds"] = None, None  # resumed after training
+    alora[0]["steps"], alora[1]["steps"] = 4, 5
+    (tmp_path / "campaign" / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli_main(["sweep", str(tmp_path / "sweep.yaml"), "--report"]) == 0
+    row = next(line for line in (tmp_path / "campaign" / "results.md").read_text().splitlines()
+               if line.startswith("| method=alora | 0,1 |"))  # fmt: skip
+    assert row.endswith("| 30.0 (1 of 2 seeds) | 7.50 (1 of 2 seeds) | 4 / 5 |"), row
+    lora = next(line for line in (tmp_path / "campaign" / "results.md").read_text().splitlines()
+                if line.startswith("| method=lora | 0,1 |"))  # fmt: skip
+    assert "seeds)" not in lora and lora.endswith("| 4 / 4 |"), lora

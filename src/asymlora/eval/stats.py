@@ -69,9 +69,9 @@ N_PERMUTATIONS = 10000
 """Random sign flips of a permutation test; with 2**n ≤ this many sign flips of the n pairs whose scores
 differ, all of them are enumerated exactly instead."""
 PERMUTATION_NOTE = (
-    f"exact over all sign flips when at most {int(math.log2(N_PERMUTATIONS))} examples' scores differ, "
-    f"else from {N_PERMUTATIONS:,} random flips (standard error √(p(2 − p)/{N_PERMUTATIONS:,}): ±0.0014 at "
-    "p = 0.01, ±0.009 at p = 0.5)"
+    "exact when the differing examples differ by the same amount (0/1 scores: the sign test) or when at most "
+    f"{int(math.log2(N_PERMUTATIONS))} examples' scores differ, else from {N_PERMUTATIONS:,} random flips "
+    f"(standard error √(p(2 − p)/{N_PERMUTATIONS:,}): ±0.0014 at p = 0.01, ±0.009 at p = 0.5)"
 )
 """How a paired p-value was computed and how precise it is, for the reports' notes. The two-sided p is twice
 the smaller one-sided tail q = p/2 (scipy's ``permutation_test``), each a proportion of the random flips:
@@ -368,6 +368,12 @@ def _sign_flip_pvalue(weighted_a: np.ndarray, weighted_b: np.ndarray, n_resample
     nonzero = differences != 0
     if int(nonzero.sum()) < 2:
         return 1.0  # one non-zero pair: both of its sign flips reach |a − b|, p = 2/2 (scipy needs two)
+    sizes = np.abs(differences[nonzero])
+    if np.allclose(sizes, sizes[0], rtol=1e-9, atol=0.0):
+        # every non-zero difference has one size w (0/1 scores; tasks of equal size for the average): the
+        # flips' sum is w·(2K − n), K ~ Binomial(n, 1/2), so the exact p is the two-sided sign test's
+        # (scipy's binomtest sums the outcomes no likelier than the observed one: |2K − n| ≥ |2k − n|)
+        return float(stats.binomtest(int((differences > 0).sum()), int(nonzero.sum()), 0.5).pvalue)
     result = stats.permutation_test(
         (weighted_a[nonzero], weighted_b[nonzero]),
         _mean_difference,

@@ -785,7 +785,9 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
             "trainable_params": g.records[0]["trainable_params"],
             "train_seconds": stats.nan_mean([r.get("train_seconds") for r in g.records]),
             "step_seconds": stats.nan_mean([r.get("step_seconds") for r in g.records]),
-            "steps": g.records[0]["steps"],
+            # seeds whose training time is recorded (a cell resumed after training has none): the mean is theirs
+            "timed_seeds": sum(_is_number(r.get("train_seconds")) for r in g.records),
+            "steps": [r["steps"] for r in g.records],  # per seed: the stopping rule stops each seed on its own
         })  # fmt: skip
     refs = [g for g in groups if g.method == reference and len(g.tasks) > 1]
     # two reference groups (e.g. soft and task routing) are tested once, not as A − B and B − A
@@ -795,6 +797,10 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
             if result:
                 summary["paired"].append({"a": ref.label, "b": peer.label, **result})
     return summary
+
+
+def _is_number(value: Any) -> bool:
+    return value is not None and not math.isnan(value)
 
 
 def _seconds_text(value: float | None, digits: int) -> str:
@@ -823,9 +829,11 @@ def _tables(summary: dict[str, Any]) -> list[str]:
         cells = [g["label"], ",".join(map(str, g["seeds"]))]
         cells += [_cell_text(g["per_task"].get(t)) for t in tasks]
         cells += [_cell_text(g[k]) for k in ("average", "worst", "std_over_tasks")]
+        n_seeds, n_timed = len(g["seeds"]), g["timed_seeds"]
+        timed = "" if n_timed in (0, n_seeds) else f" ({n_timed} of {n_seeds} seeds)"
         cells += [_cell_text(g["delta_m"], 1), f"{g['trainable_params']:,}",
-                  _seconds_text(g["train_seconds"], 1), _seconds_text(g.get("step_seconds"), 2),
-                  str(g["steps"])]  # fmt: skip
+                  _seconds_text(g["train_seconds"], 1) + timed, _seconds_text(g.get("step_seconds"), 2) + timed,
+                  " / ".join(map(str, g["steps"]))]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per-seed values:", ""]
     for g in summary["groups"]:
