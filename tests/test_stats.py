@@ -416,3 +416,17 @@ def test_scores_of_0_or_1_get_the_exact_sign_test() -> None:
     # tasks of different sizes weight their differences differently (1/(2·200) vs 1/(2·100)): random flips
     result = stats.paired_average_test({"x": a, "y": a[:100]}, {"x": b, "y": b[:100]})
     assert result["p_value"] != pytest.approx(exact, rel=1e-3)
+
+
+def test_holm_adjusts_each_tasks_p_over_the_tasks_by_hand() -> None:
+    """p = 0.01, 0.04, 0.03, 0.5 over four tasks. Holm by hand: sorted 0.01, 0.03, 0.04, 0.5 times 4, 3, 2, 1
+    = 0.04, 0.09, 0.08, 0.5, then a running maximum: 0.04, 0.09, 0.09, 0.5. The average's test is its own."""
+    tests = {
+        t: {"p_value": p, "difference": 0.1} for t, p in zip("wxyz", (0.01, 0.04, 0.03, 0.5), strict=True)
+    }
+    tests["average"] = {"p_value": 0.02, "difference": 0.1}
+    out = stats.holm_adjusted(tests)
+    assert [out[t]["p_holm"] for t in "wxyz"] == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert "p_holm" not in out["average"] and "p_holm" not in tests["w"]  # the input is left as it was
+    assert stats.holm_adjusted({"x": {"p_value": 0.7}})["x"]["p_holm"] == pytest.approx(0.7)  # one task
+    assert stats.holm_adjusted({"x": {"p_value": 0.4}, "y": {"p_value": 0.9}})["x"]["p_holm"] == 0.8

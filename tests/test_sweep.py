@@ -542,3 +542,22 @@ def test_report_gives_each_seeds_steps_and_says_when_a_time_is_of_fewer_seeds(
     lora = next(line for line in (tmp_path / "campaign" / "results.md").read_text().splitlines()
                 if line.startswith("| method=lora | 0,1 |"))  # fmt: skip
     assert "seeds)" not in lora and lora.endswith("| 4 / 4 |"), lora
+
+
+def test_paired_report_names_the_per_task_differences_that_survive_holm() -> None:
+    """Task x: A right and B wrong on all 20 examples, sign test p = 2/2²⁰; task y: 3 examples for A, 1 for
+    B, 2 ties, p = (1 + 4 + 4 + 1)/16 = 0.625 (by hand). Holm over the two tasks: x 2·2/2²⁰ = 3.81e-06,
+    y max(3.81e-06, 0.625) = 0.625: only x is called different."""
+    from asymlora.recipes.groups import SeedGroup, paired_lines, paired_over_seeds
+
+    scores = {"A": {"x": [1] * 20, "y": [1, 1, 1, 0, 0, 0]}, "B": {"x": [0] * 20, "y": [0, 0, 0, 1, 0, 0]}}
+    a, b = (SeedGroup(k, [{"seed": 0, "per_example": {t: {"keys": t, "scores": v} for t, v in scores[k].items()}}])
+            for k in "AB")  # fmt: skip
+    result = paired_over_seeds(a, b, ["x", "y"], lambda r, t: r["per_example"][t])
+    assert result is not None
+    assert result["tests"]["x"]["p_value"] == pytest.approx(2 / 2**20)
+    assert result["tests"]["y"]["p_value"] == pytest.approx(0.625)
+    assert result["tests"]["x"]["p_holm"] == pytest.approx(4 / 2**20)
+    assert result["tests"]["y"]["p_holm"] == pytest.approx(0.625)
+    lines = paired_lines([{"a": "A", "b": "B", **result}], ["x", "y"], "Paired:", "task")
+    assert "- A − B: x +1.000 (p_Holm=3.81e-06)" in lines

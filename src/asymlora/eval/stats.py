@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
@@ -49,6 +50,7 @@ __all__ = [
     "example_key",
     "examples_to_resolve",
     "format_interval",
+    "holm_adjusted",
     "metric_interval",
     "nan_mean",
     "over_tasks_interval",
@@ -458,6 +460,23 @@ def paired_test(a: Sequence[float], b: Sequence[float], **kwargs: Any) -> dict[s
     return paired_average_test({"task": a}, {"task": b}, **kwargs)
 
 
+def holm_adjusted(tests: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``tests`` with ``"p_holm"`` added to each per-task test (every key but ``"average"``): its p-value
+    adjusted by Holm's step-down procedure over the tasks (statsmodels' ``multipletests``), so that calling
+    each task with ``p_holm`` < 0.05 a difference keeps the chance of any false call among them at 5 %.
+
+    Holm: sort the T p-values, p_(1) ≤ ... ≤ p_(T); the k-th becomes max_{j ≤ k} min(1, (T − j + 1)·p_(j)).
+    The average's test is one test of its own and is left as it is.
+    """
+    tasks = [t for t in tests if t != "average"]
+    out = {t: dict(test) for t, test in tests.items()}
+    if tasks:
+        adjusted = multipletests([tests[t]["p_value"] for t in tasks], method="holm")[1]
+        for task, p in zip(tasks, adjusted, strict=True):
+            out[task]["p_holm"] = float(p)
+    return out
+
+
 def compare_examples(
     examples_a: Mapping[str, Sequence[Mapping[str, Any]]],
     examples_b: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -473,7 +492,8 @@ def compare_examples(
 
     Returns:
         ``{task: paired test, ..., "average": paired test}`` (see :func:`paired_average_test`),
-        each with the ``"metric"`` used (``"average"``: ``"primary"``).
+        each with the ``"metric"`` used (``"average"``: ``"primary"``); each task's with ``"p_holm"``,
+        its p-value adjusted over the tasks (:func:`holm_adjusted`).
 
     Raises:
         ExampleMismatchError: the runs share no task, or a shared task was scored on other examples
@@ -501,7 +521,7 @@ def compare_examples(
         scores_b[task] = [float(row["scores"][metric]) for row in examples_b[task]]
     out = {t: {**paired_test(scores_a[t], scores_b[t], **kwargs), "metric": primary[t]} for t in tasks}
     out["average"] = {**paired_average_test(scores_a, scores_b, **kwargs), "metric": "primary"}
-    return out
+    return holm_adjusted(out)
 
 
 def with_example_scores(

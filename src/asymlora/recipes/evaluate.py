@@ -269,8 +269,8 @@ def compare_runs(run_a: Path, run_b: Path) -> tuple[dict[str, Any], str]:
     lines = [
         f"A = {run_a}, B = {run_b}",
         "",
-        "| task | metric | n | A | B | A − B [95 % CI] | p |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| task | metric | n | A | B | A − B [95 % CI] | p | p (Holm) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for task, test in tests.items():
         if task == "average":
@@ -279,8 +279,9 @@ def compare_runs(run_a: Path, run_b: Path) -> tuple[dict[str, Any], str]:
         else:
             a, b = mean["a"][task], mean["b"][task]
         diff = format_interval(test["difference"], test["low"], test["high"])
+        holm = f"{test['p_holm']:.4f}" if "p_holm" in test else "–"
         lines.append(
-            f"| {task} | {test['metric']} | {test['n']} | {a:.3f} | {b:.3f} | {diff} | {test['p_value']:.4f} |"
+            f"| {task} | {test['metric']} | {test['n']} | {a:.3f} | {b:.3f} | {diff} | {test['p_value']:.4f} | {holm} |"
         )
     if reasons:
         lines += ["", "Left out of the paired tests (and of the average):"]
@@ -288,6 +289,8 @@ def compare_runs(run_a: Path, run_b: Path) -> tuple[dict[str, Any], str]:
     lines += [
         "",
         f"p: two-sided paired permutation test (sign flips of A − B per example; {PERMUTATION_NOTE}); "
-        "interval: paired bootstrap over examples (stratified by task for the average, each task weighted 1/T).",
+        "interval: paired bootstrap over examples (stratified by task for the average, each task weighted 1/T). "
+        "p (Holm): a task's p adjusted by Holm's procedure over the tasks compared (call a task different where "
+        "it is below 0.05, and the chance of any false call among them is at most 5 %).",
     ]
     return tests, "\n".join(lines)

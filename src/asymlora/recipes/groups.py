@@ -88,6 +88,7 @@ def paired_over_seeds(
         return None
     tests: dict[str, Any] = {unit: stats.paired_test(a[unit], b[unit]) for unit in a}
     tests["average"] = stats.paired_average_test(a, b)
+    tests = stats.holm_adjusted(tests)  # each unit's p also adjusted over the units (`p_holm`)
     per_seed = [sum(col) / len(col) for col in zip(*unit_diffs, strict=True)]  # the average's, per seed
     return {"seeds": seeds, "tests": tests, "resolve": _resolve(seeds, a, b, per_seed), "left_out": left_out}
 
@@ -136,6 +137,7 @@ def paired_lines(
         lines += ["", f"Left out of the paired tests (a {unit} scored by a corpus-level metric such as BLEU has no "
                   f"per-example scores to pair); the average's test is over the other {unit}s, so its difference is "
                   f"not the difference of the averages over every {unit}:", "", *partial]  # fmt: skip
+    lines += _holm_lines(paired, unit)
     unresolved = [
         _resolve_line(p, unit) for p in paired if p["tests"]["average"]["p_value"] >= 1 - stats.CONFIDENCE
     ]
@@ -144,6 +146,20 @@ def paired_lines(
                   f"detect a difference of that size with {stats.POWER:.0%} power (two-sided, from the measured "
                   "variance; `asymlora.eval.stats.examples_to_resolve`, `seeds_to_resolve`):", "", *unresolved]  # fmt: skip
     return lines
+
+
+def _holm_lines(paired: Sequence[Mapping[str, Any]], unit: str) -> list[str]:
+    """Each pair's per-``unit`` differences that stay significant after Holm's correction over its units."""
+    alpha = 1 - stats.CONFIDENCE
+    lines = []
+    for p in paired:
+        held = [
+            (name, t) for name, t in p["tests"].items() if t.get("p_holm") is not None and t["p_holm"] < alpha
+        ]
+        found = ", ".join(f"{name} {t['difference']:+.3f} (p_Holm={t['p_holm']:.3g})" for name, t in held)
+        lines.append(f"- {p['a']} − {p['b']}: {found or 'none'}")
+    return ["", f"Per-{unit} differences that hold after Holm's correction over each pair's {unit}s (p_Holm < "
+            f"{alpha:.2g}: at most a 5 % chance of any false call among a pair's {unit}s):", "", *lines]  # fmt: skip
 
 
 def _resolve_line(p: Mapping[str, Any], unit: str) -> str:
