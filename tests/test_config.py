@@ -62,6 +62,12 @@ def test_overrides_are_typed() -> None:
         ("adapter.method=foo", "method='foo'"),
         ("adapter.r=0", "r=0"),
         ("train.steps=0", "train.steps=0 must be >= 1"),
+        (
+            "train.lr=nan",
+            r"train.lr=nan must be a finite number > 0",
+        ),  # the shared check: multi-task runs too
+        ("train.weight_decay=-0.1", r"train.weight_decay=-0.1 must be a finite number >= 0"),
+        ("train.max_grad_norm=inf", r"train.max_grad_norm=inf must be a finite number >= 0"),
         ("train", "not of the form key=value"),
     ],
 )
@@ -184,6 +190,18 @@ def test_one_adapter_builder_for_both_runs() -> None:
         (["clients.ranks=[8, x]"], r"clients.ranks\[1\]: expected int, got 'x' \(str\)"),
         (["rounds=null"], r"rounds: expected int, got None"),
         (["train.local_steps=-1"], r"train.local_steps=-1 must be an integer >= 0"),
+        # each of these ran: AdamW raised on every client in round 1 (NaN lr, negative or NaN weight decay),
+        # an infinite lr made every loss NaN (exit 0), and a negative / NaN clipping norm turned clipping off
+        (["train.lr=nan"], r"train.lr=nan must be a finite number > 0, e.g. train.lr=1e-3"),
+        (["train.lr=inf"], r"train.lr=inf must be a finite number > 0"),
+        (["train.lr=0"], r"train.lr=0.0 must be a finite number > 0"),
+        (["train.weight_decay=-1"], r"train.weight_decay=-1.0 must be a finite number >= 0 \(0 = off\)"),
+        (["train.weight_decay=nan"], r"train.weight_decay=nan must be a finite number >= 0"),
+        (
+            ["train.max_grad_norm=-1"],
+            r"train.max_grad_norm=-1.0 must be a finite number >= 0 \(0 = no clipping\)",
+        ),
+        (["train.max_grad_norm=nan"], r"train.max_grad_norm=nan must be a finite number >= 0"),
     ],
 )
 def test_federated_config_errors_name_the_key_the_value_and_the_fix(overrides: list[str], match: str) -> None:
