@@ -147,6 +147,44 @@ def test_het_local_persist_needs_fedalora_het() -> None:
     assert fed(2, "strategies=[fedit]", "het_local=fresh").het_local == "fresh"
 
 
+# --- values that used to pass and fail only once Flower ran --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # every client trained all rounds, then each failed to score (exit 1)
+        ("eval.max_examples=0", "eval.max_examples=0 must be >= 1, or null for the whole test split"),
+        ("eval.max_examples=-3", "eval.max_examples=-3 must be >= 1"),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens=0 must be >= 1"),
+        # round 1's sample (NumPy's SeedSequence([seed, 1])) crashed the server after the run dir was written
+        ("seed=-1", "seed=-1 must be an integer >= 0"),
+        # Flower refused every message with a NaN time-to-live: the server failed in round 1
+        ("timeouts.round=nan", "timeouts.round=nan must be a positive number of seconds"),
+        ("timeouts.evaluate=0", "timeouts.evaluate=0.0 must be a positive number of seconds"),
+        # Ray refused to start and the simulation hung
+        (
+            "simulation.object_store_mb=0",
+            "simulation.object_store_mb=0 is below Ray's minimum object store of 75 MB; set "
+            "simulation.object_store_mb >= 75 (default 512)",
+        ),
+    ],
+)
+def test_values_that_fail_inside_flower_are_refused_before_it_starts(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        fed(2, "clients.fraction=0.5", override)
+
+
+def test_the_object_store_minimum_is_rays() -> None:
+    from ray._private.ray_constants import OBJECT_STORE_MINIMUM_MEMORY_BYTES
+
+    assert (
+        OBJECT_STORE_MINIMUM_MEMORY_BYTES == 75 * 2**20
+    )  # what run.simulate passes: object_store_mb * 2**20
+    assert fed(2, "simulation.object_store_mb=75").simulation.object_store_mb == 75
+    with pytest.raises(ConfigError, match="simulation.object_store_mb=74 is below"):
+        fed(2, "simulation.object_store_mb=74")
+    assert fed(2, "seed=0", "eval.max_examples=1", "eval.max_new_tokens=1", "timeouts.round=inf").seed == 0
+
+
 # --- clients.min_per_round counts the accepted updates -----------------------------------------------------------
 def _round(min_per_round: int, dp: PrivacySettings | None = None, nan_client: int | None = None):
     """fedalora, three clients (tests/test_fed_het_local.py: ‖Δ‖ = 1, 2, 200, n = 1, 3, 4), reject.norm_factor=10

@@ -445,9 +445,23 @@ class FedConfig:
         k = self.clients.num
         if self.min_nodes is not None and not 1 <= self.min_nodes <= k:
             raise ConfigError(f"min_nodes={self.min_nodes!r} must lie in [1, clients.num={k}]")
+        # the clients score after the last round: a bad value there failed every client after all the training
+        if self.eval.max_new_tokens < 1:
+            raise ConfigError(f"eval.max_new_tokens={self.eval.max_new_tokens!r} must be >= 1")
+        if self.eval.max_examples is not None and self.eval.max_examples < 1:
+            raise ConfigError(
+                f"eval.max_examples={self.eval.max_examples!r} must be >= 1, or null for the whole test split"
+            )
+        if self.seed < 0:  # round r's sample is drawn with NumPy's SeedSequence([seed, r]): no negatives
+            raise ConfigError(f"seed={self.seed!r} must be an integer >= 0")
 
     def _check_simulation(self) -> None:
         sim = self.simulation
+        if sim.object_store_mb < OBJECT_STORE_MIN_MB:  # else Ray crashed at start and the simulation hung
+            raise ConfigError(
+                f"simulation.object_store_mb={sim.object_store_mb!r} is below Ray's minimum object store of "
+                f"{OBJECT_STORE_MIN_MB} MB; set simulation.object_store_mb >= {OBJECT_STORE_MIN_MB} (default 512)"
+            )
         if sim.cpus_per_client > sim.num_cpus:
             raise ConfigError(
                 f"simulation.cpus_per_client={sim.cpus_per_client} exceeds "
@@ -461,8 +475,10 @@ class FedConfig:
 
     def _check_timeouts_and_faults(self) -> None:
         for name in ("wait_nodes", "round", "evaluate"):
-            if getattr(self.timeouts, name) <= 0:
-                raise ConfigError(f"timeouts.{name} must be positive")
+            if not getattr(self.timeouts, name) > 0:  # NaN too: Flower refused a message with a NaN ttl
+                raise ConfigError(
+                    f"timeouts.{name}={getattr(self.timeouts, name)!r} must be a positive number of seconds"
+                )
         for kind in ("raise_in", "nan_in", "bad_shape_in"):
             for entry in getattr(self.faults, kind):
                 client, sep, rnd = str(entry).partition(":")
@@ -592,6 +608,10 @@ class FedConfig:
     def to_json(self) -> str:
         """Compact JSON, as sent to the clients inside every message."""
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+
+OBJECT_STORE_MIN_MB = 75
+"""Ray's smallest object store, in MB of 2^20 bytes (``ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES``)."""
 
 
 def min_fraction(k: int, num: int) -> float:
