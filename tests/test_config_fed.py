@@ -157,6 +157,8 @@ def test_het_local_persist_needs_fedalora_het() -> None:
         ("eval.max_new_tokens=0", "eval.max_new_tokens=0 must be >= 1"),
         # round 1's sample (NumPy's SeedSequence([seed, 1])) crashed the server after the run dir was written
         ("seed=-1", "seed=-1 must be an integer >= 0"),
+        # the IID split (NumPy's default_rng) said only "expected non-negative integer"
+        ("data.seed=-1", "data.seed=-1 must be an integer >= 0: it seeds the clients.partition=iid split"),
         # Flower refused every message with a NaN time-to-live: the server failed in round 1
         ("timeouts.round=nan", "timeouts.round=nan must be a positive number of seconds"),
         ("timeouts.evaluate=0", "timeouts.evaluate=0.0 must be a positive number of seconds"),

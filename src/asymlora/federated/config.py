@@ -430,6 +430,11 @@ class FedConfig:
             )
         if self.clients.partition == "dirichlet" and not self.clients.alpha > 0:
             raise ConfigError(f"clients.alpha={self.clients.alpha!r} must be > 0 (Dirichlet concentration)")
+        if self.clients.partition != "task" and self.data.seed < 0:  # NumPy: "expected non-negative integer"
+            raise ConfigError(
+                f"data.seed={self.data.seed!r} must be an integer >= 0: it seeds the clients.partition="
+                f"{self.clients.partition} split"
+            )
 
     def _check_sizes(self) -> None:
         for where, value in (
