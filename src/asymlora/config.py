@@ -737,6 +737,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if "=" not in text:
             raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=100)")
         key, raw = (part.strip() for part in text.split("=", 1))
+        if not all(part.strip() for part in key.split(".")):  # "=3", ".rounds=3", "train..lr=1"
+            raise ConfigError(
+                f"override {text!r}: the key {key!r} has an empty name; write key=value or section.key=value "
+                "(e.g. train.lr=1e-3)"
+            )
         node: Any = data
         for k in key.split(".")[:-1]:
             node = node.get(k) if isinstance(node, dict) else None
