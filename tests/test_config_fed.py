@@ -263,6 +263,41 @@ def test_the_round_record_says_why_a_round_with_a_rejected_update_was_not_aggreg
     assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in initial)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "model.name=MISSING",
+            "model.name='MISSING' cannot be read: unknown architecture 'MISSING': choose one of",
+        ),
+        ("model.name=EMPTY", "model.name='EMPTY' cannot be read: "),
+        (
+            "adapter.target_modules=[x_proj]",
+            "target_modules entries ['x_proj'] match no module of LlamaForCausalLM",
+        ),
+    ],
+)
+def test_a_model_that_cannot_be_adapted_fails_before_the_run_directory(
+    assets: Path, tmp_path: Path, monkeypatch, capsys, override: str, message: str
+) -> None:
+    """These failed on the server once the simulation had started: exit 1 and a run directory left behind that
+    only --overwrite clears. Now: exit 2 with one line naming the value, nothing written, no simulation."""
+    from asymlora.federated import run as fed_run
+
+    def started(*args, **kwargs):
+        raise AssertionError("the simulation started")
+
+    monkeypatch.setattr(fed_run, "simulate", started)
+    (tmp_path / "empty").mkdir()
+    override = override.replace("MISSING", str(tmp_path / "nope")).replace("EMPTY", str(tmp_path / "empty"))
+    message = message.replace("MISSING", str(tmp_path / "nope")).replace("EMPTY", str(tmp_path / "empty"))
+    path = test_fed_apps.write_config(tmp_path / "fed.yaml", assets, tmp_path / "run")
+    assert test_fed_apps.fed(path, override) == fed_run.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("asymlora fed: error: ") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_the_app_command_checks_a_config_it_can_read_before_writing(tmp_path: Path, capsys) -> None:
     from asymlora.federated.__main__ import main
 
