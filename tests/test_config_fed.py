@@ -298,6 +298,29 @@ def test_a_model_that_cannot_be_adapted_fails_before_the_run_directory(
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
+def test_a_strategy_no_client_scored_says_why() -> None:
+    """A client state directory of another run fails every client's training and evaluation (a recorded
+    failure): the strategy's FAILED line now gives the clients' reasons, not only "no client returned
+    evaluation scores" (they were in results.json alone)."""
+    from asymlora.federated.server_app import ServerOutcome, _finish
+
+    theirs = (
+        "state-dir /s: round-1.safetensors of client {} belongs to another run (...); give this node an empty"
+    )
+    failures = [{"client": k, "reason": theirs.format(k)} for k in (1, 0)] + [
+        {"client": 2, "reason": "no reply"}
+    ]
+    fed = SimpleNamespace(strategy=SimpleNamespace(name="fedalora"))
+    outcome = ServerOutcome()
+    _finish(outcome, fed, {"eval_failures": failures}, 0)  # type: ignore[arg-type]
+    assert outcome.status == "failed"
+    assert outcome.message == (
+        f"fedalora: no client returned evaluation scores (no reply; {theirs.format(0)}; {theirs.format(1)})"
+    )
+    _finish(outcome := ServerOutcome(), fed, {"eval_failures": []}, 0)  # type: ignore[arg-type]
+    assert outcome.message == "fedalora: no client returned evaluation scores"
+
+
 def test_the_app_command_checks_a_config_it_can_read_before_writing(tmp_path: Path, capsys) -> None:
     from asymlora.federated.__main__ import main
 
