@@ -298,6 +298,21 @@ def test_a_model_that_cannot_be_adapted_fails_before_the_run_directory(
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_a_run_dir_that_is_a_file_is_named(assets: Path, tmp_path: Path, capsys, under: str) -> None:
+    """run_dir on a file (or under one) said only "[Errno 20] Not a directory: '...'"."""
+    (tmp_path / "afile").write_text("x")
+    run_dir = tmp_path / "afile" / under if under else tmp_path / "afile"
+    path = test_fed_apps.write_config(tmp_path / "fed.yaml", assets, run_dir)
+    assert test_fed_apps.fed(path) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"asymlora fed: error: run_dir={run_dir}: {tmp_path / 'afile'} is a file, not a directory; choose another "
+        "run_dir=...\n"
+    )
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_a_strategy_no_client_scored_says_why() -> None:
     """A client state directory of another run fails every client's training and evaluation (a recorded
     failure): the strategy's FAILED line now gives the clients' reasons, not only "no client returned

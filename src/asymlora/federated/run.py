@@ -84,6 +84,11 @@ def prepare_run_dir(cfg: FedConfig, *, overwrite: bool, resume: bool) -> Path:
     if overwrite and resume:
         raise ValueError("--resume and --overwrite exclude each other")
     run_dir = Path(cfg.run_dir)
+    for path in (run_dir, *run_dir.parents):  # else "[Errno 20] Not a directory", without the key or a fix
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(
+                f"run_dir={cfg.run_dir}: {path} is a file, not a directory; choose another run_dir=..."
+            )
     saved = run_dir / CONFIG_FILE
     if saved.is_file() and not overwrite:
         if not resume:
