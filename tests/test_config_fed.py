@@ -16,7 +16,7 @@ from tests.test_fed_het_local import _three_clients
 
 from asymlora.config import ConfigError
 from asymlora.federated import get_strategy
-from asymlora.federated.config import FedConfig, load_fed_config
+from asymlora.federated.config import FedConfig, fed_config_from_json, load_fed_config
 from asymlora.federated.privacy import PrivacySettings
 from asymlora.federated.server_round import _aggregate, make_accountant, round_record
 from asymlora.federated.strategies import norm_outliers
@@ -145,6 +145,26 @@ def test_het_local_persist_needs_fedalora_het() -> None:
         fed(2, "strategies=[fedit, fedalora]", "het_local=persist")
     assert fed(2, "strategies=[fedit, fedalora-het]", "het_local=persist").het_local == "persist"
     assert fed(2, "strategies=[fedit]", "het_local=fresh").het_local == "fresh"
+
+
+def test_local_a_and_het_upload_need_their_strategy() -> None:
+    """Like het_local: local_a=reset without fedalora, het_upload without fedalora-het ran and changed nothing."""
+    with pytest.raises(ConfigError, match=re.escape(
+        "local_a=reset applies to fedalora only, but strategies=['fedit', 'ffa'] has none: it would change "
+        "nothing; drop local_a (or set local_a=persist), or add fedalora"
+    )):  # fmt: skip
+        fed(2, "strategies=[fedit, ffa]", "local_a=reset")
+    with pytest.raises(ConfigError, match=re.escape(
+        "het_upload=factors applies to fedalora-het only, but strategies=['fedalora'] has none: it would change "
+        "nothing; drop het_upload (or set het_upload=auto), or add fedalora-het"
+    )):  # fmt: skip
+        fed(2, "strategies=[fedalora]", "het_upload=factors")
+    assert fed(2, "strategies=[fedit, fedalora]", "local_a=reset").local_a == "reset"
+    assert fed(2, "strategies=[fedit]", "local_a=persist").local_a == "persist"
+    assert fed(2, "strategies=[zeropad, fedalora-het]", "het_upload=product").het_upload == "product"
+    # SecAgg+ turns het_upload into product for any strategies, and the clients validate that config again
+    cfg = fed(2, "strategies=[fedalora]", "secagg.enabled=true")
+    assert cfg.het_upload == "product" and fed_config_from_json(cfg.to_json()) == cfg
 
 
 # --- values that used to pass and fail only once Flower ran --------------------------------------------------------

@@ -532,6 +532,17 @@ class FedConfig:
                 f"het_local={self.het_local} applies to fedalora-het only, but strategies={self.strategies} "
                 "has none: it would change nothing; drop het_local (or set het_local=fresh), or add fedalora-het"
             )
+        if self.local_a != "persist" and "fedalora" not in self.strategies:
+            raise ConfigError(
+                f"local_a={self.local_a} applies to fedalora only, but strategies={self.strategies} has none: it "
+                "would change nothing; drop local_a (or set local_a=persist), or add fedalora"
+            )
+        # SecAgg+ sets het_upload=product itself (`_check_secagg`), for any strategies
+        if self.het_upload != "auto" and not self.secagg.enabled and "fedalora-het" not in self.strategies:
+            raise ConfigError(
+                f"het_upload={self.het_upload} applies to fedalora-het only, but strategies={self.strategies} "
+                "has none: it would change nothing; drop het_upload (or set het_upload=auto), or add fedalora-het"
+            )
 
     def _check_transfer(self) -> None:
         """Wire dtypes the run can use: not a lossy one with client-side DP clipping (the server checks
