@@ -147,6 +147,18 @@ def test_het_local_persist_needs_fedalora_het() -> None:
     assert fed(2, "strategies=[fedit]", "het_local=fresh").het_local == "fresh"
 
 
+def test_one_rank_for_every_client_must_be_adapter_r_under_a_homogeneous_strategy() -> None:
+    """clients.ranks=[4, 4] with adapter.r=2 passed the config and failed on the server, once the simulation
+    had started ("node ... asks for rank 4, but strategy 'fedalora' needs adapter.r=2")."""
+    with pytest.raises(ConfigError, match=re.escape(
+        "strategies ['fedalora'] train every client at adapter.r=2, but clients.ranks=[4, 4]; set adapter.r=4 "
+        "or drop clients.ranks"
+    )):  # fmt: skip
+        fed(2, "adapter.r=2", "clients.ranks=[4, 4]")
+    assert fed(2, "adapter.r=4", "clients.ranks=[4, 4]").clients.ranks == [4, 4]
+    assert fed(2, "adapter.r=2", "clients.ranks=[4, 4]", "strategies=[zeropad]").client_rank(1) == 4
+
+
 def test_local_a_and_het_upload_need_their_strategy() -> None:
     """Like het_local: local_a=reset without fedalora, het_upload without fedalora-het ran and changed nothing."""
     with pytest.raises(ConfigError, match=re.escape(

@@ -368,6 +368,13 @@ class FedConfig:
                 f"strategies {homo} need one rank for every client, but clients.ranks={self.clients.ranks}; "
                 "use zeropad / fedalora-het for heterogeneous ranks, or drop clients.ranks"
             )
+        if (
+            homo and self.clients.ranks and self.clients.ranks[0] != self.adapter.r
+        ):  # `check_ranks` on the server
+            raise ConfigError(
+                f"strategies {homo} train every client at adapter.r={self.adapter.r}, but clients.ranks="
+                f"{self.clients.ranks}; set adapter.r={self.clients.ranks[0]} or drop clients.ranks"
+            )
 
     def _check_participation(self) -> None:
         c = self.clients
