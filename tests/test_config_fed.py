@@ -345,6 +345,49 @@ def test_a_run_dir_that_is_a_file_is_named(assets: Path, tmp_path: Path, capsys,
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_resuming_with_fewer_rounds_than_completed_is_refused(
+    assets: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A run stopped after round 2 of 3, resumed with rounds=1, ran no round, scored the round-2 model, exited 0
+    and rewrote config.yaml with rounds=1. Now: exit 2, config.yaml untouched, no simulation; a resume that keeps
+    the completed rounds (or that runs a round no client answered again) passes."""
+    import torch
+
+    from asymlora.federated import run as fed_run
+    from asymlora.federated.round_log import save_checkpoint
+
+    started: list[int] = []
+
+    class Started(Exception):
+        pass
+
+    def simulate(cfg, runs, say=print):
+        started.append(cfg.rounds)
+        raise Started
+
+    monkeypatch.setattr(fed_run, "simulate", simulate)
+    path = test_fed_apps.write_config(tmp_path / "fed.yaml", assets, tmp_path / "run", rounds=3)
+    cfg = load_fed_config(path)
+    fed_run.prepare_run_dir(cfg, overwrite=False, resume=False)
+    ok = {"clients": [{"client": 0, "status": "accepted", "node_id": 1}]}
+    failed = {"clients": [{"client": 0, "status": "failed", "node_id": 1}]}
+    out = tmp_path / "run" / "fedalora"
+    save_checkpoint(out, {"w": torch.zeros(1)}, {"round": 2, "strategy": "fedalora", "history": [ok, ok]})
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert test_fed_apps.fed(path, "rounds=1", resume=True) == 2
+    assert capsys.readouterr().err == (
+        f"asymlora fed: error: rounds=1 is below the 2 rounds {out} has already completed; --resume with "
+        "rounds >= 2, or start over with --overwrite\n"
+    )
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved and not started
+    with pytest.raises(Started):  # past the check
+        test_fed_apps.fed(path, "rounds=2", resume=True)
+    save_checkpoint(out, {"w": torch.zeros(1)}, {"round": 2, "strategy": "fedalora", "history": [ok, failed]})
+    with pytest.raises(Started):  # round 2 runs again: 1 round kept
+        test_fed_apps.fed(path, "rounds=1", resume=True)
+    assert started == [2, 1]
+
+
 def test_a_strategy_no_client_scored_says_why() -> None:
     """A client state directory of another run fails every client's training and evaluation (a recorded
     failure): the strategy's FAILED line now gives the clients' reasons, not only "no client returned

@@ -43,6 +43,7 @@ from asymlora.federated.accounting import adapted_meta_model, meta_model
 from asymlora.federated.client import client_adapter_config, local_only_baseline
 from asymlora.federated.config import FedConfig, dump_fed_config, load_fed_config
 from asymlora.federated.partition import client_tasks, load_partition, summary_lines
+from asymlora.federated.round_log import completed_rounds
 from asymlora.federated.secagg import check_secagg_weights
 from asymlora.io import atomic_write_text
 from asymlora.progress import set_env
@@ -103,6 +104,13 @@ def prepare_run_dir(cfg: FedConfig, *, overwrite: bool, resume: bool) -> Path:
                 f"{run_dir} holds a run with a different config ({', '.join(diff)} differ); --resume needs the "
                 f"same config (only {', '.join(VOLATILE)} may change). Compare with {saved}, or use --overwrite."
             )
+        for name in cfg.strategies:  # else it ran no round, scored the later model and recorded rounds=N
+            done = completed_rounds(run_dir / name)
+            if done > cfg.rounds:
+                raise ConfigError(
+                    f"rounds={cfg.rounds} is below the {done} rounds {run_dir / name} has already completed; "
+                    f"--resume with rounds >= {done}, or start over with --overwrite"
+                )
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not saved.is_file():
             raise FileExistsError(
