@@ -62,7 +62,20 @@ def test_overrides_are_typed() -> None:
         ("adapter.method=foo", "method='foo'"),
         ("adapter.r=0", "r=0"),
         ("train.steps=0", "train.steps=0 must be >= 1"),
+        (
+            "train.lr=nan",
+            r"train.lr=nan must be a finite number > 0",
+        ),  # the shared check: multi-task runs too
+        ("train.weight_decay=-0.1", r"train.weight_decay=-0.1 must be a finite number >= 0"),
+        ("train.max_grad_norm=inf", r"train.max_grad_norm=inf must be a finite number >= 0"),
         ("train", "not of the form key=value"),
+        # an empty key raised IndexError out of the error message itself (a traceback, exit 1); an empty part
+        # gave "unknown config key 'train' (did you mean 'train'?)"
+        ("=3", r"override '=3': the key '' has an empty name; write key=value or section.key=value"),
+        (" =3", r"override ' =3': the key '' has an empty name"),
+        (".steps=3", r"override '.steps=3': the key '.steps' has an empty name"),
+        ("train..lr=1", r"override 'train..lr=1': the key 'train..lr' has an empty name"),
+        ("train.=1", r"override 'train.=1': the key 'train.' has an empty name"),
     ],
 )
 def test_bad_overrides_are_named(override: str, match: str) -> None:
@@ -184,6 +197,18 @@ def test_one_adapter_builder_for_both_runs() -> None:
         (["clients.ranks=[8, x]"], r"clients.ranks\[1\]: expected int, got 'x' \(str\)"),
         (["rounds=null"], r"rounds: expected int, got None"),
         (["train.local_steps=-1"], r"train.local_steps=-1 must be an integer >= 0"),
+        # each of these ran: AdamW raised on every client in round 1 (NaN lr, negative or NaN weight decay),
+        # an infinite lr made every loss NaN (exit 0), and a negative / NaN clipping norm turned clipping off
+        (["train.lr=nan"], r"train.lr=nan must be a finite number > 0, e.g. train.lr=1e-3"),
+        (["train.lr=inf"], r"train.lr=inf must be a finite number > 0"),
+        (["train.lr=0"], r"train.lr=0.0 must be a finite number > 0"),
+        (["train.weight_decay=-1"], r"train.weight_decay=-1.0 must be a finite number >= 0 \(0 = off\)"),
+        (["train.weight_decay=nan"], r"train.weight_decay=nan must be a finite number >= 0"),
+        (
+            ["train.max_grad_norm=-1"],
+            r"train.max_grad_norm=-1.0 must be a finite number >= 0 \(0 = no clipping\)",
+        ),
+        (["train.max_grad_norm=nan"], r"train.max_grad_norm=nan must be a finite number >= 0"),
     ],
 )
 def test_federated_config_errors_name_the_key_the_value_and_the_fix(overrides: list[str], match: str) -> None:
@@ -233,7 +258,8 @@ def test_the_federated_config_survives_its_json_message() -> None:
 
 
 @pytest.mark.parametrize("argv", [["train", "nope.yaml"], ["train", "CONFIG", "train.stepz=3"],
-                                  ["fed", "configs/fed_bigbench_homo.yaml", "clients.partition=shards"]])  # fmt: skip
+                                  ["fed", "configs/fed_bigbench_homo.yaml", "clients.partition=shards"],
+                                  ["fed", "configs/fed_bigbench_homo.yaml", "=3"]])  # fmt: skip
 def test_the_cli_refuses_a_bad_config_with_one_line_and_exit_2(argv: list[str], capsys) -> None:
     from asymlora.cli import main
 
@@ -245,7 +271,8 @@ def test_the_cli_refuses_a_bad_config_with_one_line_and_exit_2(argv: list[str], 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert any(
-        word in err for word in ("does not exist", "did you mean 'steps'", "'shards' is not allowed")
+        word in err
+        for word in ("does not exist", "did you mean 'steps'", "'shards' is not allowed", "empty name")
     ), err
 
 

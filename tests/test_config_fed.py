@@ -16,7 +16,7 @@ from tests.test_fed_het_local import _three_clients
 
 from asymlora.config import ConfigError
 from asymlora.federated import get_strategy
-from asymlora.federated.config import FedConfig, load_fed_config
+from asymlora.federated.config import FedConfig, fed_config_from_json, load_fed_config
 from asymlora.federated.privacy import PrivacySettings
 from asymlora.federated.server_round import _aggregate, make_accountant, round_record
 from asymlora.federated.strategies import norm_outliers
@@ -147,6 +147,78 @@ def test_het_local_persist_needs_fedalora_het() -> None:
     assert fed(2, "strategies=[fedit]", "het_local=fresh").het_local == "fresh"
 
 
+def test_one_rank_for_every_client_must_be_adapter_r_under_a_homogeneous_strategy() -> None:
+    """clients.ranks=[4, 4] with adapter.r=2 passed the config and failed on the server, once the simulation
+    had started ("node ... asks for rank 4, but strategy 'fedalora' needs adapter.r=2")."""
+    with pytest.raises(ConfigError, match=re.escape(
+        "strategies ['fedalora'] train every client at adapter.r=2, but clients.ranks=[4, 4]; set adapter.r=4 "
+        "or drop clients.ranks"
+    )):  # fmt: skip
+        fed(2, "adapter.r=2", "clients.ranks=[4, 4]")
+    assert fed(2, "adapter.r=4", "clients.ranks=[4, 4]").clients.ranks == [4, 4]
+    assert fed(2, "adapter.r=2", "clients.ranks=[4, 4]", "strategies=[zeropad]").client_rank(1) == 4
+
+
+def test_local_a_and_het_upload_need_their_strategy() -> None:
+    """Like het_local: local_a=reset without fedalora, het_upload without fedalora-het ran and changed nothing."""
+    with pytest.raises(ConfigError, match=re.escape(
+        "local_a=reset applies to fedalora only, but strategies=['fedit', 'ffa'] has none: it would change "
+        "nothing; drop local_a (or set local_a=persist), or add fedalora"
+    )):  # fmt: skip
+        fed(2, "strategies=[fedit, ffa]", "local_a=reset")
+    with pytest.raises(ConfigError, match=re.escape(
+        "het_upload=factors applies to fedalora-het only, but strategies=['fedalora'] has none: it would change "
+        "nothing; drop het_upload (or set het_upload=auto), or add fedalora-het"
+    )):  # fmt: skip
+        fed(2, "strategies=[fedalora]", "het_upload=factors")
+    assert fed(2, "strategies=[fedit, fedalora]", "local_a=reset").local_a == "reset"
+    assert fed(2, "strategies=[fedit]", "local_a=persist").local_a == "persist"
+    assert fed(2, "strategies=[zeropad, fedalora-het]", "het_upload=product").het_upload == "product"
+    # SecAgg+ turns het_upload into product for any strategies, and the clients validate that config again
+    cfg = fed(2, "strategies=[fedalora]", "secagg.enabled=true")
+    assert cfg.het_upload == "product" and fed_config_from_json(cfg.to_json()) == cfg
+
+
+# --- values that used to pass and fail only once Flower ran --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # every client trained all rounds, then each failed to score (exit 1)
+        ("eval.max_examples=0", "eval.max_examples=0 must be >= 1, or null for the whole test split"),
+        ("eval.max_examples=-3", "eval.max_examples=-3 must be >= 1"),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens=0 must be >= 1"),
+        # round 1's sample (NumPy's SeedSequence([seed, 1])) crashed the server after the run dir was written
+        ("seed=-1", "seed=-1 must be an integer >= 0"),
+        # the IID split (NumPy's default_rng) said only "expected non-negative integer"
+        ("data.seed=-1", "data.seed=-1 must be an integer >= 0: it seeds the clients.partition=iid split"),
+        # Flower refused every message with a NaN time-to-live: the server failed in round 1
+        ("timeouts.round=nan", "timeouts.round=nan must be a positive number of seconds"),
+        ("timeouts.evaluate=0", "timeouts.evaluate=0.0 must be a positive number of seconds"),
+        # Ray refused to start and the simulation hung
+        (
+            "simulation.object_store_mb=0",
+            "simulation.object_store_mb=0 is below Ray's minimum object store of 75 MB; set "
+            "simulation.object_store_mb >= 75 (default 512)",
+        ),
+    ],
+)
+def test_values_that_fail_inside_flower_are_refused_before_it_starts(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        fed(2, "clients.fraction=0.5", override)
+
+
+def test_the_object_store_minimum_is_rays() -> None:
+    from ray._private.ray_constants import OBJECT_STORE_MINIMUM_MEMORY_BYTES
+
+    assert (
+        OBJECT_STORE_MINIMUM_MEMORY_BYTES == 75 * 2**20
+    )  # what run.simulate passes: object_store_mb * 2**20
+    assert fed(2, "simulation.object_store_mb=75").simulation.object_store_mb == 75
+    with pytest.raises(ConfigError, match="simulation.object_store_mb=74 is below"):
+        fed(2, "simulation.object_store_mb=74")
+    assert fed(2, "seed=0", "eval.max_examples=1", "eval.max_new_tokens=1", "timeouts.round=inf").seed == 0
+
+
 # --- clients.min_per_round counts the accepted updates -----------------------------------------------------------
 def _round(min_per_round: int, dp: PrivacySettings | None = None, nan_client: int | None = None):
     """fedalora, three clients (tests/test_fed_het_local.py: ‖Δ‖ = 1, 2, 200, n = 1, 3, 4), reject.norm_factor=10
@@ -221,6 +293,122 @@ def test_the_round_record_says_why_a_round_with_a_rejected_update_was_not_aggreg
     saved, _ = load_checkpoint(out)
     _, initial = server_roles(cfg, cfg.strategy("fedalora"), [2] * 4)
     assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in initial)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "model.name=MISSING",
+            "model.name='MISSING' cannot be read: unknown architecture 'MISSING': choose one of",
+        ),
+        ("model.name=EMPTY", "model.name='EMPTY' cannot be read: "),
+        (
+            "adapter.target_modules=[x_proj]",
+            "target_modules entries ['x_proj'] match no module of LlamaForCausalLM",
+        ),
+    ],
+)
+def test_a_model_that_cannot_be_adapted_fails_before_the_run_directory(
+    assets: Path, tmp_path: Path, monkeypatch, capsys, override: str, message: str
+) -> None:
+    """These failed on the server once the simulation had started: exit 1 and a run directory left behind that
+    only --overwrite clears. Now: exit 2 with one line naming the value, nothing written, no simulation."""
+    from asymlora.federated import run as fed_run
+
+    def started(*args, **kwargs):
+        raise AssertionError("the simulation started")
+
+    monkeypatch.setattr(fed_run, "simulate", started)
+    (tmp_path / "empty").mkdir()
+    override = override.replace("MISSING", str(tmp_path / "nope")).replace("EMPTY", str(tmp_path / "empty"))
+    message = message.replace("MISSING", str(tmp_path / "nope")).replace("EMPTY", str(tmp_path / "empty"))
+    path = test_fed_apps.write_config(tmp_path / "fed.yaml", assets, tmp_path / "run")
+    assert test_fed_apps.fed(path, override) == fed_run.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("asymlora fed: error: ") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_a_run_dir_that_is_a_file_is_named(assets: Path, tmp_path: Path, capsys, under: str) -> None:
+    """run_dir on a file (or under one) said only "[Errno 20] Not a directory: '...'"."""
+    (tmp_path / "afile").write_text("x")
+    run_dir = tmp_path / "afile" / under if under else tmp_path / "afile"
+    path = test_fed_apps.write_config(tmp_path / "fed.yaml", assets, run_dir)
+    assert test_fed_apps.fed(path) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"asymlora fed: error: run_dir={run_dir}: {tmp_path / 'afile'} is a file, not a directory; choose another "
+        "run_dir=...\n"
+    )
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_resuming_with_fewer_rounds_than_completed_is_refused(
+    assets: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A run stopped after round 2 of 3, resumed with rounds=1, ran no round, scored the round-2 model, exited 0
+    and rewrote config.yaml with rounds=1. Now: exit 2, config.yaml untouched, no simulation; a resume that keeps
+    the completed rounds (or that runs a round no client answered again) passes."""
+    import torch
+
+    from asymlora.federated import run as fed_run
+    from asymlora.federated.round_log import save_checkpoint
+
+    started: list[int] = []
+
+    class Started(Exception):
+        pass
+
+    def simulate(cfg, runs, say=print):
+        started.append(cfg.rounds)
+        raise Started
+
+    monkeypatch.setattr(fed_run, "simulate", simulate)
+    path = test_fed_apps.write_config(tmp_path / "fed.yaml", assets, tmp_path / "run", rounds=3)
+    cfg = load_fed_config(path)
+    fed_run.prepare_run_dir(cfg, overwrite=False, resume=False)
+    ok = {"clients": [{"client": 0, "status": "accepted", "node_id": 1}]}
+    failed = {"clients": [{"client": 0, "status": "failed", "node_id": 1}]}
+    out = tmp_path / "run" / "fedalora"
+    save_checkpoint(out, {"w": torch.zeros(1)}, {"round": 2, "strategy": "fedalora", "history": [ok, ok]})
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert test_fed_apps.fed(path, "rounds=1", resume=True) == 2
+    assert capsys.readouterr().err == (
+        f"asymlora fed: error: rounds=1 is below the 2 rounds {out} has already completed; --resume with "
+        "rounds >= 2, or start over with --overwrite\n"
+    )
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved and not started
+    with pytest.raises(Started):  # past the check
+        test_fed_apps.fed(path, "rounds=2", resume=True)
+    save_checkpoint(out, {"w": torch.zeros(1)}, {"round": 2, "strategy": "fedalora", "history": [ok, failed]})
+    with pytest.raises(Started):  # round 2 runs again: 1 round kept
+        test_fed_apps.fed(path, "rounds=1", resume=True)
+    assert started == [2, 1]
+
+
+def test_a_strategy_no_client_scored_says_why() -> None:
+    """A client state directory of another run fails every client's training and evaluation (a recorded
+    failure): the strategy's FAILED line now gives the clients' reasons, not only "no client returned
+    evaluation scores" (they were in results.json alone)."""
+    from asymlora.federated.server_app import ServerOutcome, _finish
+
+    theirs = (
+        "state-dir /s: round-1.safetensors of client {} belongs to another run (...); give this node an empty"
+    )
+    failures = [{"client": k, "reason": theirs.format(k)} for k in (1, 0)] + [
+        {"client": 2, "reason": "no reply"}
+    ]
+    fed = SimpleNamespace(strategy=SimpleNamespace(name="fedalora"))
+    outcome = ServerOutcome()
+    _finish(outcome, fed, {"eval_failures": failures}, 0)  # type: ignore[arg-type]
+    assert outcome.status == "failed"
+    assert outcome.message == (
+        f"fedalora: no client returned evaluation scores (no reply; {theirs.format(0)}; {theirs.format(1)})"
+    )
+    _finish(outcome := ServerOutcome(), fed, {"eval_failures": []}, 0)  # type: ignore[arg-type]
+    assert outcome.message == "fedalora: no client returned evaluation scores"
 
 
 def test_the_app_command_checks_a_config_it_can_read_before_writing(tmp_path: Path, capsys) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -402,6 +403,12 @@ def test_plain_lora_merges_through_peft() -> None:
         ({"num_experts": 0}, "num_experts=0"),
         ({"router": "topk", "top_k": 4, "num_experts": 3}, "top_k=4"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
+        # NaN passed the `<= 0` test: a federated run's clients all failed with a NaN loss in round 1
+        ({"lora_alpha": math.nan}, r"lora_alpha=nan is invalid: use a finite positive number"),
+        ({"lora_alpha": math.inf}, r"lora_alpha=inf is invalid"),
+        ({"lora_alpha": 0.0}, r"lora_alpha=0.0 is invalid"),
+        ({"balance_loss_weight": math.nan}, r"balance_loss_weight=nan is invalid: use a finite weight >= 0"),
+        ({"method": "malora", "beta": math.nan}, r"beta=nan is invalid: use a finite positive number"),
         ({"router": "task", "balance_loss_weight": 0.1}, "nothing to balance"),
         ({"method": "malora", "subspace_rank": 100, "r": 2, "num_experts": 2}, "subspace_rank"),
     ],

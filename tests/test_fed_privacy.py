@@ -189,11 +189,42 @@ def test_target_epsilon_gives_the_smallest_noise_that_reaches_it() -> None:
         (["dp.clipping=server", "dp.noise_multiplier=1", "dp.delta=1"], r"dp.delta=1.0 must lie in \(0, 1\)"),
         (["dp.clipping=always"], "dp.clipping"),
         (["dp.target_epsilon=8"], "dp.clipping='off' but dp.noise_multiplier / dp.target_epsilon is set"),
+        # infinite noise made every client's loss NaN from round 2 on, and the run still exited 0
+        (["dp.clipping=server", "dp.noise_multiplier=inf"], r"dp.noise_multiplier=inf must be finite"),
+        # Opacus answers ε = ∞ with its starting z = 10: heavy noise for a user who asked for none
+        (
+            ["dp.clipping=server", "dp.target_epsilon=inf"],
+            r"dp.target_epsilon=inf must be finite.*noise_multiplier=0",
+        ),
+        # the server seeds round r's noise with noise_seed + r: NumPy refused it after round 1 had trained
+        (
+            ["dp.clipping=server", "dp.noise_multiplier=1", "dp.noise_seed=-5"],
+            r"dp.noise_seed=-5 must lie in \[0, 4294967292\]",
+        ),
+        (
+            ["dp.clipping=server", "dp.noise_multiplier=1", "dp.noise_seed=4294967293"],
+            r"dp.noise_seed=4294967293 must lie",
+        ),
     ],
 )
 def test_bad_dp_config_is_named_before_round_one(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_fed_config("configs/fed_bigbench_homo.yaml", ["rounds=3", *overrides])
+
+
+def test_the_noise_seed_range_is_numpys() -> None:
+    """The largest accepted dp.noise_seed, plus the last round, is the largest seed NumPy's legacy generator takes
+    (`add_noise` seeds it with noise_seed + round); one more is what the server crashed on."""
+    top = 2**32 - 1 - 3  # rounds=3
+    cfg = load_fed_config(
+        "configs/fed_bigbench_homo.yaml",
+        ["rounds=3", "dp.clipping=server", "dp.noise_multiplier=1", f"dp.noise_seed={top}"],
+    )
+    state = {"w": torch.zeros(2)}
+    add_noise(state, 1.0, seed=cfg.dp.noise_seed + 3)  # the last round: accepted by NumPy
+    for seed in (top + 4, -5 + 1):
+        with pytest.raises(ValueError, match="Seed must be between 0 and 2\\*\\*32 - 1"):
+            add_noise(state, 1.0, seed=seed)
 
 
 def test_dp_off_by_default_and_target_resolves() -> None:

@@ -242,11 +242,32 @@ def test_the_remaining_edges_of_the_messages_and_the_state() -> None:
         "3 clients × secagg.quantization_range=1431655766 reach secagg.modulus_range=4294967296: the masked "
         "sum of the largest round would overflow; lower secagg.quantization_range to at most 1431655765",
     )
-    # modulus 1 = 2^0 is a power of 2 (the overflow check refuses it next)
+    # modulus 1 = 2^0 is a power of 2 (the overflow check refuses it next); no quantization_range >= 2 fits
+    # below it, so the fix is the smallest power of 2 above 3 · 2 = 6 (it used to say "at most 0")
     _raises(
         lambda: secagg.check_secagg(SecAggSettings(modulus_range=1, quantization_range=2), 3),
         "3 clients × secagg.quantization_range=2 reach secagg.modulus_range=1: the masked sum of the largest "
-        "round would overflow; lower secagg.quantization_range to at most 0",
+        "round would overflow; raise secagg.modulus_range to 8 or more (a power of 2, at most 2^32)",
+    )
+    secagg.check_secagg(SecAggSettings(modulus_range=8, quantization_range=2), 3)  # that fix works
+    # 8 = 2^3 is also the fix at the edge: 3 · 2 = 6 < 8 and (8 − 1) // 3 = 2 is the largest range that fits
+    _raises(
+        lambda: secagg.check_secagg(SecAggSettings(modulus_range=4, quantization_range=2), 3),
+        "3 clients × secagg.quantization_range=2 reach secagg.modulus_range=4: the masked sum of the largest "
+        "round would overflow; raise secagg.modulus_range to 8 or more (a power of 2, at most 2^32)",
+    )
+    # no modulus up to 2^32 holds 3 · 2^31: both change, and the pair given works
+    _raises(
+        lambda: secagg.check_secagg(SecAggSettings(modulus_range=4, quantization_range=2**31), 3),
+        "3 clients × secagg.quantization_range=2147483648 reach secagg.modulus_range=4: the masked sum of the "
+        "largest round would overflow; set secagg.modulus_range=4294967296 (2^32) and "
+        "secagg.quantization_range to at most 1431655765",
+    )
+    secagg.check_secagg(SecAggSettings(modulus_range=2**32, quantization_range=1431655765), 3)
+    # modulus 0 passed the power-of-2 test (0 & -1 == 0) and got the fix "at most -1"
+    _raises(
+        lambda: secagg.check_secagg(SecAggSettings(modulus_range=0), 3),
+        "secagg.modulus_range=0 must be a power of 2, at most 2^32",
     )
     # at most three unknown names are listed
     extra = {k: torch.zeros(1) for k in ("B", "c", "d", "e", "f")}

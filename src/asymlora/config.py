@@ -166,11 +166,23 @@ class BaseTrainSettings:
     ``null``, not ``no`` (YAML reads ``no`` as false). `asymlora.train.precision`."""
 
     def check(self) -> None:
-        """Raise `ConfigError` for a batch size below 1 or a learning rate that is not positive."""
+        """Raise `ConfigError` for a batch size below 1, a learning rate that is not a finite positive number,
+        or a weight decay / gradient clipping norm that is not a finite number >= 0 (AdamW refuses a NaN
+        learning rate or a negative weight decay only once training starts; an infinite learning rate makes
+        the loss NaN; a negative or NaN clipping norm silently turned clipping off)."""
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size={self.batch_size!r} must be >= 1")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr={self.lr!r} must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr={self.lr!r} must be a finite number > 0, e.g. train.lr=1e-3")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(
+                f"train.weight_decay={self.weight_decay!r} must be a finite number >= 0 (0 = off)"
+            )
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ConfigError(
+                f"train.max_grad_norm={self.max_grad_norm!r} must be a finite number >= 0 (0 = no clipping), "
+                "e.g. train.max_grad_norm=1.0"
+            )
 
 
 @dataclass
@@ -725,6 +737,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if "=" not in text:
             raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=100)")
         key, raw = (part.strip() for part in text.split("=", 1))
+        if not all(part.strip() for part in key.split(".")):  # "=3", ".rounds=3", "train..lr=1"
+            raise ConfigError(
+                f"override {text!r}: the key {key!r} has an empty name; write key=value or section.key=value "
+                "(e.g. train.lr=1e-3)"
+            )
         node: Any = data
         for k in key.split(".")[:-1]:
             node = node.get(k) if isinstance(node, dict) else None

@@ -368,6 +368,13 @@ class FedConfig:
                 f"strategies {homo} need one rank for every client, but clients.ranks={self.clients.ranks}; "
                 "use zeropad / fedalora-het for heterogeneous ranks, or drop clients.ranks"
             )
+        if (
+            homo and self.clients.ranks and self.clients.ranks[0] != self.adapter.r
+        ):  # `check_ranks` on the server
+            raise ConfigError(
+                f"strategies {homo} train every client at adapter.r={self.adapter.r}, but clients.ranks="
+                f"{self.clients.ranks}; set adapter.r={self.clients.ranks[0]} or drop clients.ranks"
+            )
 
     def _check_participation(self) -> None:
         c = self.clients
@@ -430,6 +437,11 @@ class FedConfig:
             )
         if self.clients.partition == "dirichlet" and not self.clients.alpha > 0:
             raise ConfigError(f"clients.alpha={self.clients.alpha!r} must be > 0 (Dirichlet concentration)")
+        if self.clients.partition != "task" and self.data.seed < 0:  # NumPy: "expected non-negative integer"
+            raise ConfigError(
+                f"data.seed={self.data.seed!r} must be an integer >= 0: it seeds the clients.partition="
+                f"{self.clients.partition} split"
+            )
 
     def _check_sizes(self) -> None:
         for where, value in (
@@ -445,9 +457,23 @@ class FedConfig:
         k = self.clients.num
         if self.min_nodes is not None and not 1 <= self.min_nodes <= k:
             raise ConfigError(f"min_nodes={self.min_nodes!r} must lie in [1, clients.num={k}]")
+        # the clients score after the last round: a bad value there failed every client after all the training
+        if self.eval.max_new_tokens < 1:
+            raise ConfigError(f"eval.max_new_tokens={self.eval.max_new_tokens!r} must be >= 1")
+        if self.eval.max_examples is not None and self.eval.max_examples < 1:
+            raise ConfigError(
+                f"eval.max_examples={self.eval.max_examples!r} must be >= 1, or null for the whole test split"
+            )
+        if self.seed < 0:  # round r's sample is drawn with NumPy's SeedSequence([seed, r]): no negatives
+            raise ConfigError(f"seed={self.seed!r} must be an integer >= 0")
 
     def _check_simulation(self) -> None:
         sim = self.simulation
+        if sim.object_store_mb < OBJECT_STORE_MIN_MB:  # else Ray crashed at start and the simulation hung
+            raise ConfigError(
+                f"simulation.object_store_mb={sim.object_store_mb!r} is below Ray's minimum object store of "
+                f"{OBJECT_STORE_MIN_MB} MB; set simulation.object_store_mb >= {OBJECT_STORE_MIN_MB} (default 512)"
+            )
         if sim.cpus_per_client > sim.num_cpus:
             raise ConfigError(
                 f"simulation.cpus_per_client={sim.cpus_per_client} exceeds "
@@ -461,8 +487,10 @@ class FedConfig:
 
     def _check_timeouts_and_faults(self) -> None:
         for name in ("wait_nodes", "round", "evaluate"):
-            if getattr(self.timeouts, name) <= 0:
-                raise ConfigError(f"timeouts.{name} must be positive")
+            if not getattr(self.timeouts, name) > 0:  # NaN too: Flower refused a message with a NaN ttl
+                raise ConfigError(
+                    f"timeouts.{name}={getattr(self.timeouts, name)!r} must be a positive number of seconds"
+                )
         for kind in ("raise_in", "nan_in", "bad_shape_in"):
             for entry in getattr(self.faults, kind):
                 client, sep, rnd = str(entry).partition(":")
@@ -510,6 +538,17 @@ class FedConfig:
             raise ConfigError(
                 f"het_local={self.het_local} applies to fedalora-het only, but strategies={self.strategies} "
                 "has none: it would change nothing; drop het_local (or set het_local=fresh), or add fedalora-het"
+            )
+        if self.local_a != "persist" and "fedalora" not in self.strategies:
+            raise ConfigError(
+                f"local_a={self.local_a} applies to fedalora only, but strategies={self.strategies} has none: it "
+                "would change nothing; drop local_a (or set local_a=persist), or add fedalora"
+            )
+        # SecAgg+ sets het_upload=product itself (`_check_secagg`), for any strategies
+        if self.het_upload != "auto" and not self.secagg.enabled and "fedalora-het" not in self.strategies:
+            raise ConfigError(
+                f"het_upload={self.het_upload} applies to fedalora-het only, but strategies={self.strategies} "
+                "has none: it would change nothing; drop het_upload (or set het_upload=auto), or add fedalora-het"
             )
 
     def _check_transfer(self) -> None:
@@ -592,6 +631,10 @@ class FedConfig:
     def to_json(self) -> str:
         """Compact JSON, as sent to the clients inside every message."""
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+
+OBJECT_STORE_MIN_MB = 75
+"""Ray's smallest object store, in MB of 2^20 bytes (``ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES``)."""
 
 
 def min_fraction(k: int, num: int) -> float:

@@ -89,7 +89,8 @@ def noise_multiplier_for(dp: PrivacySettings, rounds: int) -> float:
     rate 1) is at most ``target_epsilon`` (Opacus ``get_noise_multiplier``, RDP, tolerance 0.01).
 
     Raises ValueError naming the bad key and the fix: clipping_norm ≤ 0, δ outside (0, 1), both or neither
-    of noise_multiplier / target_epsilon, a negative z, or a target ε that no z reaches.
+    of noise_multiplier / target_epsilon, a negative or infinite z, a target ε that is not finite or that no
+    z reaches, or a noise_seed whose seed + round leaves [0, 2^32 - 1].
     """
     if dp.clipping not in DP_CLIPPING:
         raise ValueError(f"dp.clipping={dp.clipping!r} is invalid: choose one of {list(DP_CLIPPING)}")
@@ -107,11 +108,31 @@ def noise_multiplier_for(dp: PrivacySettings, rounds: int) -> float:
             "with dp.clipping on, give exactly one of dp.noise_multiplier (e.g. 1.0) and dp.target_epsilon "
             f"(e.g. 8); got noise_multiplier={dp.noise_multiplier!r}, target_epsilon={dp.target_epsilon!r}"
         )
+    _check_noise_seed(dp.noise_seed, rounds)
     if dp.noise_multiplier is not None:
         if not dp.noise_multiplier >= 0:
             raise ValueError(f"dp.noise_multiplier={dp.noise_multiplier!r} must be >= 0 (0: clipping only)")
+        if math.isinf(dp.noise_multiplier):  # infinite noise: the aggregate and every client's loss are NaN
+            raise ValueError(
+                f"dp.noise_multiplier={dp.noise_multiplier!r} must be finite, e.g. dp.noise_multiplier=1.0 (or "
+                "give dp.target_epsilon: the smallest z that reaches it)"
+            )
         return float(dp.noise_multiplier)
     return _solve_noise(float(dp.target_epsilon), dp.delta, rounds)  # type: ignore[arg-type]
+
+
+NOISE_SEED_MAX = 2**32 - 1
+"""The largest seed NumPy's legacy generator takes (`add_noise` seeds it with noise_seed + round)."""
+
+
+def _check_noise_seed(seed: int | None, rounds: int) -> None:
+    """Round r's noise is seeded with ``seed + r`` (`server_round`), which NumPy needs in [0, 2^32 - 1]."""
+    if seed is not None and not 0 <= seed <= NOISE_SEED_MAX - rounds:
+        raise ValueError(
+            f"dp.noise_seed={seed!r} must lie in [0, {NOISE_SEED_MAX - rounds}] (round r's noise is seeded "
+            f"with dp.noise_seed + r, at most 2^32 - 1 after rounds={rounds}), e.g. dp.noise_seed=0; or null "
+            "for fresh entropy"
+        )
 
 
 def _solve_noise(target: float, delta: float, rounds: int) -> float:
@@ -119,6 +140,11 @@ def _solve_noise(target: float, delta: float, rounds: int) -> float:
 
     if not target > 0:
         raise ValueError(f"dp.target_epsilon={target!r} must be > 0, e.g. dp.target_epsilon=8")
+    if math.isinf(target):  # Opacus would return its starting z (10), far from "no noise"
+        raise ValueError(
+            f"dp.target_epsilon={target!r} must be finite, e.g. dp.target_epsilon=8; for no noise (ε = ∞) "
+            "give dp.noise_multiplier=0 instead"
+        )
     try:
         with warnings.catch_warnings():  # see PrivacyAccountant.epsilon
             warnings.simplefilter("ignore", UserWarning)

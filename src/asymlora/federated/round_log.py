@@ -30,6 +30,7 @@ __all__ = [
     "ROUNDS_FILE",
     "STATE_FILE",
     "RoundLog",
+    "completed_rounds",
     "load_checkpoint",
     "no_client_answered",
     "save_checkpoint",
@@ -56,6 +57,16 @@ def load_checkpoint(out_dir: Path) -> tuple[dict[str, Tensor], dict[str, Any]] |
     if not (ck / META_FILE).is_file() or not (ck / STATE_FILE).is_file():
         return None
     return load_file(str(ck / STATE_FILE)), json.loads((ck / META_FILE).read_text())
+
+
+def completed_rounds(out_dir: Path) -> int:
+    """The rounds a ``--resume`` of ``out_dir`` keeps: its checkpoint's round less the rounds at its end that no
+    client answered (they run again, `RoundLog.start`); 0 without a checkpoint."""
+    meta = out_dir / CHECKPOINT_DIR / META_FILE
+    if not meta.is_file():
+        return 0
+    saved = json.loads(meta.read_text())
+    return int(saved["round"]) - trailing_failed_rounds(saved.get("history", []))
 
 
 def no_client_answered(record: Mapping[str, Any]) -> bool:

@@ -39,14 +39,16 @@ from typing import Any
 import torch
 
 from asymlora.config import ConfigError
-from asymlora.federated.client import local_only_baseline
+from asymlora.federated.accounting import adapted_meta_model, meta_model
+from asymlora.federated.client import client_adapter_config, local_only_baseline
 from asymlora.federated.config import FedConfig, dump_fed_config, load_fed_config
 from asymlora.federated.partition import client_tasks, load_partition, summary_lines
+from asymlora.federated.round_log import completed_rounds
 from asymlora.federated.secagg import check_secagg_weights
 from asymlora.io import atomic_write_text
 from asymlora.progress import set_env
 
-__all__ = ["EXIT_FAILED", "EXIT_STOPPED", "EXIT_USER_ERROR", "main", "run", "simulate"]
+__all__ = ["EXIT_FAILED", "EXIT_STOPPED", "EXIT_USER_ERROR", "check_model", "main", "run", "simulate"]
 
 EXIT_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -83,6 +85,11 @@ def prepare_run_dir(cfg: FedConfig, *, overwrite: bool, resume: bool) -> Path:
     if overwrite and resume:
         raise ValueError("--resume and --overwrite exclude each other")
     run_dir = Path(cfg.run_dir)
+    for path in (run_dir, *run_dir.parents):  # else "[Errno 20] Not a directory", without the key or a fix
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(
+                f"run_dir={cfg.run_dir}: {path} is a file, not a directory; choose another run_dir=..."
+            )
     saved = run_dir / CONFIG_FILE
     if saved.is_file() and not overwrite:
         if not resume:
@@ -97,6 +104,13 @@ def prepare_run_dir(cfg: FedConfig, *, overwrite: bool, resume: bool) -> Path:
                 f"{run_dir} holds a run with a different config ({', '.join(diff)} differ); --resume needs the "
                 f"same config (only {', '.join(VOLATILE)} may change). Compare with {saved}, or use --overwrite."
             )
+        for name in cfg.strategies:  # else it ran no round, scored the later model and recorded rounds=N
+            done = completed_rounds(run_dir / name)
+            if done > cfg.rounds:
+                raise ConfigError(
+                    f"rounds={cfg.rounds} is below the {done} rounds {run_dir / name} has already completed; "
+                    f"--resume with rounds >= {done}, or start over with --overwrite"
+                )
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not saved.is_file():
             raise FileExistsError(
@@ -109,6 +123,21 @@ def prepare_run_dir(cfg: FedConfig, *, overwrite: bool, resume: bool) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, dump_fed_config(cfg))
     return run_dir
+
+
+def check_model(cfg: FedConfig, ranks: list[int]) -> None:
+    """Adapt ``model.name`` (its shapes on the meta device: no weights) as every strategy's server does, so that
+    a model that cannot be read or ``adapter.target_modules`` that match none of its modules fail before the run
+    directory is written (the server would fail only once the simulation had started: exit 1, a run directory
+    left that needs --overwrite). Raises ValueError naming the value."""
+    try:
+        meta_model(cfg.model.name)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.name={cfg.model.name!r} cannot be read: {e}") from None
+    for name in cfg.strategies:
+        strategy = cfg.strategy(name)
+        rank = max(ranks) if strategy.heterogeneous else cfg.adapter.r  # as `server_app.server_roles`
+        adapted_meta_model(cfg.model.name, client_adapter_config(cfg, strategy, rank))
 
 
 RUN_SIMULATION_DEPRECATION = "The `run_simulation` function is deprecated"
@@ -326,8 +355,9 @@ def run(cfg: FedConfig, *, resume: bool = False, overwrite: bool = False, say: A
     tasks, plan = load_partition(cfg)  # an empty client fails here, before anything is written
     if cfg.secagg.enabled and not cfg.dp.enabled:  # DP: every weight is 1
         check_secagg_weights(cfg.secagg, [sum(len(s.train) for s in shards) for shards in plan])
-    run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
     ranks = [cfg.client_rank(k) for k in range(cfg.clients.num)]
+    check_model(cfg, ranks)  # so does a model or target_modules that cannot be adapted
+    run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
     for line in summary_lines(cfg, tasks, plan, ranks):
         say(line)
     t_all = time.perf_counter()

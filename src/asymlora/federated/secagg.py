@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 Aggregation = Literal["mean", "zeropad", "accumulate"]
+MAX_MODULUS = 2**32
+"""The largest ``modulus_range`` Flower's SecAgg+ takes."""
 
 
 @dataclass
@@ -133,9 +135,23 @@ def _check_largest_round(s: SecAggSettings, big: int) -> None:
     if big * s.quantization_range >= s.modulus_range:
         raise ValueError(
             f"{big} clients × secagg.quantization_range={s.quantization_range} reach secagg.modulus_range="
-            f"{s.modulus_range}: the masked sum of the largest round would overflow; lower "
-            f"secagg.quantization_range to at most {(s.modulus_range - 1) // big}"
+            f"{s.modulus_range}: the masked sum of the largest round would overflow; {_overflow_fix(s, big)}"
         )
+
+
+def _overflow_fix(s: SecAggSettings, big: int) -> str:
+    """A fix of ``big`` × quantization_range >= modulus_range that works: a quantization_range of at least 2
+    below the modulus, else a larger modulus (a power of 2, at most 2^32), else both."""
+    most = (s.modulus_range - 1) // big
+    if most >= 2:
+        return f"lower secagg.quantization_range to at most {most}"
+    modulus = 1 << (big * s.quantization_range).bit_length()  # the smallest power of 2 above the sum
+    if modulus <= MAX_MODULUS:
+        return f"raise secagg.modulus_range to {modulus} or more (a power of 2, at most 2^32)"
+    return (
+        f"set secagg.modulus_range={MAX_MODULUS} (2^32) and secagg.quantization_range to at most "
+        f"{(MAX_MODULUS - 1) // big}"
+    )
 
 
 def _check_numbers(s: SecAggSettings) -> None:
@@ -156,7 +172,7 @@ def _check_numbers(s: SecAggSettings) -> None:
             raise ValueError(f"secagg.{key}={value!r} must be a finite number > 0")
     if s.quantization_range < 2:
         raise ValueError(f"secagg.quantization_range={s.quantization_range} must be an integer >= 2")
-    if s.modulus_range > 2**32 or s.modulus_range & (s.modulus_range - 1):
+    if not 1 <= s.modulus_range <= MAX_MODULUS or s.modulus_range & (s.modulus_range - 1):  # 0 & -1 == 0
         raise ValueError(f"secagg.modulus_range={s.modulus_range} must be a power of 2, at most 2^32")
     if s.num_shares is not None and s.num_shares * s.quantization_range > s.modulus_range:
         raise ValueError(  # SecAggPlusWorkflow refuses it when it starts

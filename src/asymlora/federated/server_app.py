@@ -131,8 +131,10 @@ def _say_round(fed: Federation, record: dict[str, Any]) -> None:
 def _finish(outcome: ServerOutcome, fed: Federation, results: dict[str, Any], scored: int) -> None:
     outcome.results = results
     name = fed.strategy.name
-    if not scored:
-        outcome.status, outcome.message = "failed", f"{name}: no client returned evaluation scores"
+    if not scored:  # say why, as _too_many_failed_rounds does: the reasons are otherwise only in results.json
+        reasons = sorted({str(f["reason"]) for f in results.get("eval_failures", [])})
+        why = f" ({'; '.join(reasons)[:500]})" if reasons else ""
+        outcome.status, outcome.message = "failed", f"{name}: no client returned evaluation scores{why}"
         return
     outcome.status = "completed"
     outcome.message = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -118,18 +119,19 @@ class AsymLoraConfig(PeftConfig):
             raise bad("top_k", self.top_k, f"use 1 <= top_k <= num_experts ({self.num_experts})")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", self.lora_dropout, "use a probability in [0, 1)")
-        if self.lora_alpha <= 0:
-            raise bad("lora_alpha", self.lora_alpha, "use a positive number")
-        if self.balance_loss_weight < 0:
-            raise bad("balance_loss_weight", self.balance_loss_weight, "use a weight >= 0")
+        # NaN compares False both ways, and an infinite scale makes the output NaN: finite numbers only
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise bad("lora_alpha", self.lora_alpha, "use a finite positive number")
+        if not (math.isfinite(self.balance_loss_weight) and self.balance_loss_weight >= 0):
+            raise bad("balance_loss_weight", self.balance_loss_weight, "use a finite weight >= 0")
         if self.balance_loss_weight > 0 and self.router == "task":
             raise bad(
                 "balance_loss_weight", self.balance_loss_weight, "task routing has nothing to balance; use 0"
             )
         if self.intermediate_rank < 1:
             raise bad("intermediate_rank", self.intermediate_rank, "d_m must be an integer >= 1")
-        if self.beta <= 0:
-            raise bad("beta", self.beta, "use a positive number")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise bad("beta", self.beta, "use a finite positive number")
         if self.subspace_rank is not None and self.subspace_rank < 1:
             raise bad("subspace_rank", self.subspace_rank, "use an integer >= 1 or None for the default")
         if self.expert_rank is not None and self.expert_rank < 1:
