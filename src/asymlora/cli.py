@@ -303,7 +303,9 @@ def _add_fed(sub: Subparsers) -> None:
     p = _add(sub, "fed", cmd_fed, "federated fine-tuning on Flower (simulation)",
                  "Run a federated config (configs/fed_*.yaml) with Flower's simulation engine.")  # fmt: skip
     p.add_argument("config", help="federated YAML config (e.g. configs/fed_bigbench_homo.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. rounds=5 clients.num=4")
+    p.add_argument(
+        "overrides", nargs="*", help="section.key=value overrides, e.g. rounds=5 train.local_steps=20"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last completed round")
     p.add_argument("--overwrite", action="store_true", help="delete what run_dir holds and start over")
 

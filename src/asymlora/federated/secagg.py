@@ -61,7 +61,8 @@ class SecAggSettings:
     of the round (Flower's ``num_shares=1.0``). An integer must be >= 3 (Flower's rule)."""
     reconstruction_threshold: int = 2
     """Shares needed to rebuild a secret: the round survives dropouts while every client keeps this many
-    live neighbours; a larger value resists more colluding clients. >= 2 and <= the shares."""
+    live neighbours; a larger value resists more colluding clients. >= 2, and below ``num_shares`` when that
+    is set (else at most the clients of the smallest round)."""
     value_bound: float = 1.0
     """β: |values| up to β are mapped onto ±clipping_range (x = U · clipping_range / β); larger ones are
     clipped (counted in rounds.jsonl, ``secagg.clipped``; that round's error bound is then null). LoRA B
