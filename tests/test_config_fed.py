@@ -137,16 +137,6 @@ def test_the_norm_check_needs_peers_it_can_reject_against() -> None:
     assert fed(1).reject.norm_factor is None  # off: no constraint
 
 
-def test_het_local_persist_needs_fedalora_het() -> None:
-    with pytest.raises(ConfigError, match=re.escape(
-        "het_local=persist applies to fedalora-het only, but strategies=['fedit', 'fedalora'] has none: it would "
-        "change nothing; drop het_local (or set het_local=fresh), or add fedalora-het"
-    )):  # fmt: skip
-        fed(2, "strategies=[fedit, fedalora]", "het_local=persist")
-    assert fed(2, "strategies=[fedit, fedalora-het]", "het_local=persist").het_local == "persist"
-    assert fed(2, "strategies=[fedit]", "het_local=fresh").het_local == "fresh"
-
-
 def test_one_rank_for_every_client_must_be_adapter_r_under_a_homogeneous_strategy() -> None:
     """clients.ranks=[4, 4] with adapter.r=2 passed the config and failed on the server, once the simulation
     had started ("node ... asks for rank 4, but strategy 'fedalora' needs adapter.r=2")."""
@@ -159,22 +149,31 @@ def test_one_rank_for_every_client_must_be_adapter_r_under_a_homogeneous_strateg
     assert fed(2, "adapter.r=2", "clients.ranks=[4, 4]", "strategies=[zeropad]").client_rank(1) == 4
 
 
-def test_local_a_and_het_upload_need_their_strategy() -> None:
-    """Like het_local: local_a=reset without fedalora, het_upload without fedalora-het ran and changed nothing."""
+@pytest.mark.parametrize(
+    ("strategies", "option", "default", "strategy"),
+    [
+        ("[fedit, fedalora]", "het_local=persist", "fresh", "fedalora-het"),
+        ("[fedit, ffa]", "local_a=reset", "persist", "fedalora"),
+        ("[fedalora]", "het_upload=factors", "auto", "fedalora-het"),
+    ],
+)
+def test_a_strategys_option_needs_that_strategy(
+    strategies: str, option: str, default: str, strategy: str
+) -> None:
+    """het_local, local_a and het_upload set without their strategy ran and changed nothing."""
+    key = option.split("=")[0]
+    names = [s.strip() for s in strategies.strip("[]").split(",")]
     with pytest.raises(ConfigError, match=re.escape(
-        "local_a=reset applies to fedalora only, but strategies=['fedit', 'ffa'] has none: it would change "
-        "nothing; drop local_a (or set local_a=persist), or add fedalora"
+        f"{option} applies to {strategy} only, but strategies={names} has none: it would change nothing; drop "
+        f"{key} (or set {key}={default}), or add {strategy}"
     )):  # fmt: skip
-        fed(2, "strategies=[fedit, ffa]", "local_a=reset")
-    with pytest.raises(ConfigError, match=re.escape(
-        "het_upload=factors applies to fedalora-het only, but strategies=['fedalora'] has none: it would change "
-        "nothing; drop het_upload (or set het_upload=auto), or add fedalora-het"
-    )):  # fmt: skip
-        fed(2, "strategies=[fedalora]", "het_upload=factors")
-    assert fed(2, "strategies=[fedit, fedalora]", "local_a=reset").local_a == "reset"
-    assert fed(2, "strategies=[fedit]", "local_a=persist").local_a == "persist"
-    assert fed(2, "strategies=[zeropad, fedalora-het]", "het_upload=product").het_upload == "product"
-    # SecAgg+ turns het_upload into product for any strategies, and the clients validate that config again
+        fed(2, f"strategies={strategies}", option)
+    assert getattr(fed(2, f"strategies=[fedit, {strategy}]", option), key) == option.split("=")[1]
+    assert getattr(fed(2, "strategies=[fedit]", f"{key}={default}"), key) == default
+
+
+def test_secagg_sets_het_upload_for_any_strategies() -> None:
+    """SecAgg+ turns het_upload into product for any strategies, and the clients validate that config again."""
     cfg = fed(2, "strategies=[fedalora]", "secagg.enabled=true")
     assert cfg.het_upload == "product" and fed_config_from_json(cfg.to_json()) == cfg
 

@@ -336,7 +336,7 @@ class FedConfig:
         self._check_timeouts_and_faults()
         self._check_dp()
         self._check_reject()
-        self._check_het_local()
+        self._check_strategy_options()
         self._check_transfer()
         self._check_secagg()
         self._check_client_adapters()
@@ -533,23 +533,21 @@ class FedConfig:
                 + (", or use a factor below 2" if m == 2 else "")
             )
 
-    def _check_het_local(self) -> None:
-        if self.het_local != "fresh" and not any(self.strategy(s).het_local for s in self.strategies):
-            raise ConfigError(
-                f"het_local={self.het_local} applies to fedalora-het only, but strategies={self.strategies} "
-                "has none: it would change nothing; drop het_local (or set het_local=fresh), or add fedalora-het"
-            )
-        if self.local_a != "persist" and "fedalora" not in self.strategies:
-            raise ConfigError(
-                f"local_a={self.local_a} applies to fedalora only, but strategies={self.strategies} has none: it "
-                "would change nothing; drop local_a (or set local_a=persist), or add fedalora"
-            )
-        # SecAgg+ sets het_upload=product itself (`_check_secagg`), for any strategies
-        if self.het_upload != "auto" and not self.secagg.enabled and "fedalora-het" not in self.strategies:
-            raise ConfigError(
-                f"het_upload={self.het_upload} applies to fedalora-het only, but strategies={self.strategies} "
-                "has none: it would change nothing; drop het_upload (or set het_upload=auto), or add fedalora-het"
-            )
+    def _check_strategy_options(self) -> None:
+        """An option of one strategy, set away from its default in a run without that strategy, would change
+        nothing: refused, naming the fix."""
+        options = [("het_local", "fresh", "fedalora-het"), ("local_a", "persist", "fedalora")]
+        if (
+            not self.secagg.enabled
+        ):  # SecAgg+ sets het_upload=product itself (`_check_secagg`), for any strategies
+            options.append(("het_upload", "auto", "fedalora-het"))
+        for key, default, strategy in options:
+            value = getattr(self, key)
+            if value != default and strategy not in self.strategies:
+                raise ConfigError(
+                    f"{key}={value} applies to {strategy} only, but strategies={self.strategies} has none: it "
+                    f"would change nothing; drop {key} (or set {key}={default}), or add {strategy}"
+                )
 
     def _check_transfer(self) -> None:
         """Wire dtypes the run can use: not a lossy one with client-side DP clipping (the server checks
