@@ -537,9 +537,8 @@ class FedConfig:
         """An option of one strategy, set away from its default in a run without that strategy, would change
         nothing: refused, naming the fix."""
         options = [("het_local", "fresh", "fedalora-het"), ("local_a", "persist", "fedalora")]
-        if (
-            not self.secagg.enabled
-        ):  # SecAgg+ sets het_upload=product itself (`_check_secagg`), for any strategies
+        # SecAgg+ sets het_upload=product itself (`_check_secagg`), for any strategies
+        if not self.secagg.enabled:
             options.append(("het_upload", "auto", "fedalora-het"))
         for key, default, strategy in options:
             value = getattr(self, key)
