@@ -288,6 +288,7 @@ def test_compare_runs_and_its_user_errors(env, campaign, tmp_path, capsys) -> No
         ([str(alora), str(damaged)], "per_example.jsonl line 4 is not a per-example record"),
         ([str(alora), str(bare)], "asymlora eval"),
         ([str(alora), str(tmp_path / "nope")], "is not a directory"),
+        ([str(alora), str(lora), "--json", str(tmp_path)], "is a folder; give a file name"),
     ]:
         assert cli_main(["compare", *argv]) == 2
         err = capsys.readouterr().err
@@ -305,6 +306,10 @@ def test_compare_runs_and_its_user_errors(env, campaign, tmp_path, capsys) -> No
          "a sweep cell is one run"),
         ("out_dir: x\norder_by: [train.sed]\ngrid: {train.seed: [0], data.tasks: [[bigbench:strategyqa]]}\n", "'train.sed' is not a config key"),
         ("out_dir: x\norder_by: train.seed\ngrid: {train.seed: [0]}\n", "order_by must be a list"),
+        ("- out_dir\n- grid\n", "a sweep file is a mapping of ['base', 'grid'"),
+        ("hello\n", "not a str"),
+        ("out_dir:\ngrid: {train.seed: [0]}\n", "out_dir=None must be a folder path"),
+        ("out_dir: [a, b]\ngrid: {train.seed: [0]}\n", "out_dir=['a', 'b'] must be a folder path"),
     ],
 )  # fmt: skip
 def test_sweep_user_errors_exit_2(tmp_path, capsys, text, message) -> None:
@@ -313,6 +318,18 @@ def test_sweep_user_errors_exit_2(tmp_path, capsys, text, message) -> None:
     assert cli_main(["sweep", str(path), "--list"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", "42", '{"params": {"train.seed": 1}}'])
+@pytest.mark.parametrize("flag", ["--list", "--report"])
+def test_ledger_line_that_is_not_a_record_exits_2(tmp_path, capsys, line, flag) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text("out_dir: out\ngrid: {train.seed: [0], data.tasks: [[bigbench:strategyqa]]}\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ledger.jsonl").write_text('{"id": "abc", "params": {}}\n' + line + "\n")
+    assert cli_main(["sweep", str(path), flag]) == 2
+    err = capsys.readouterr().err
+    assert "ledger.jsonl, line 2: not a record" in err and "remove or fix the line" in err
 
 
 def test_keep_going_logs_a_failing_cell_and_runs_the_others(env, tmp_path, monkeypatch) -> None:

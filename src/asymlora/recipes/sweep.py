@@ -130,12 +130,21 @@ def load_sweep(path: str | Path) -> Sweep:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict) or set(data) - SWEEP_KEYS:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a sweep file is a mapping of {sorted(SWEEP_KEYS)}, not a {type(data).__name__} "
+            "(see docs/sweep.md, e.g. out_dir: runs/campaign and grid: {adapter.method: [lora, alora]})"
+        )
+    if set(data) - SWEEP_KEYS:
         raise ConfigError(
             f"{path}: unknown keys {sorted(set(data) - SWEEP_KEYS)}; a sweep has {sorted(SWEEP_KEYS)}"
         )
     if "out_dir" not in data:
         raise ConfigError(f"{path}: set out_dir (where the runs and the ledger go)")
+    if not isinstance(data["out_dir"], str) or not data["out_dir"].strip():
+        raise ConfigError(
+            f"{path}: out_dir={data['out_dir']!r} must be a folder path, e.g. out_dir: runs/campaign"
+        )
     grid = data.get("grid")
     grids = [grid] if isinstance(grid, dict) else grid
     if not grids or not isinstance(grids, list) or not all(isinstance(g, dict) and g for g in grids):
@@ -329,6 +338,11 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(
                     f"{path}, line {number}: not a JSON record ({e}); remove or fix the line"
                 ) from None
+            if not isinstance(records[-1], dict) or "id" not in records[-1]:
+                raise ValueError(
+                    f'{path}, line {number}: not a record (a JSON object with an "id", got '
+                    f"{line.strip()[:60]!r}); remove or fix the line"
+                )
     return records
 
 
