@@ -320,6 +320,18 @@ def test_sweep_user_errors_exit_2(tmp_path, capsys, text, message) -> None:
     assert message in err and "Traceback" not in err
 
 
+def test_report_of_a_record_without_its_scores_exits_2(tmp_path, capsys) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text("out_dir: out\ngrid: {train.seed: [0], data.tasks: [[bigbench:strategyqa]]}\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ledger.jsonl").write_text(
+        '{"id": "abc", "params": {}, "seed": 0, "method": "lora"}\n'
+    )
+    assert cli_main(["sweep", str(path), "--report"]) == 2
+    err = capsys.readouterr().err
+    assert "the record of cell 'abc' lacks ['tasks', 'per_task', 'primary'" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("line", ["[1, 2]", "42", '{"params": {"train.seed": 1}}'])
 @pytest.mark.parametrize("flag", ["--list", "--report"])
 def test_ledger_line_that_is_not_a_record_exits_2(tmp_path, capsys, line, flag) -> None:

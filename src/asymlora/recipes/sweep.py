@@ -78,6 +78,8 @@ SWEEP_KEYS = {"base", "out_dir", "overrides", "grid", "report", "order_by", "kin
 KINDS = ("multitask", "federated")
 """``kind`` of a sweep: cells of the multi-task recipe, or federated simulations (`fed_sweep`)."""
 REPORT_KEYS = {"reference", "baseline_method"}
+REPORT_RECORD_KEYS = ("params", "seed", "tasks", "method", "per_task", "primary", "average", "std", "worst")
+"""The keys of a multi-task ledger record (`make_record`) the report reads; a record without one is refused."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -776,6 +778,12 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
         )
     if sweep.kind == "federated":
         return fed_sweep.summarize(records, sweep.report.get("reference"))
+    for record in records:
+        if missing := [key for key in REPORT_RECORD_KEYS if key not in record]:
+            raise ValueError(
+                f"{sweep.ledger}: the record of cell {record['id']!r} lacks {missing} (not written by "
+                f"`asymlora sweep`); remove its line (the cell is then run again) or fix it"
+            )
     groups = group_records(records)
     baseline_method = sweep.report.get("baseline_method", "lora")
     candidates = [g for g in groups if len(g.tasks) == 1 and g.method == baseline_method]
