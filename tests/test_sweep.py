@@ -320,6 +320,19 @@ def test_sweep_user_errors_exit_2(tmp_path, capsys, text, message) -> None:
     assert message in err and "Traceback" not in err
 
 
+def test_export_of_a_lora_run_by_task_name_says_to_pass_task_0(env, campaign, tmp_path, capsys) -> None:
+    lora = next(
+        c.run_dir for c in campaign["cells"] if c.params == {"adapter.method": "lora", "train.seed": 0}
+    )
+    for task in ("parity", "1"):
+        assert cli_main(["export", str(lora), "--task", task, "--out", str(tmp_path / task)]) == 2
+        err = capsys.readouterr().err
+        assert "all its tasks share" in err and "pass --task 0" in err and "Traceback" not in err
+        assert not (tmp_path / task).exists()
+    assert cli_main(["export", str(lora), "--task", "0", "--out", str(tmp_path / "all")]) == 0
+    assert (tmp_path / "all" / "adapter_config.json").is_file()
+
+
 def test_report_of_a_record_without_its_scores_exits_2(tmp_path, capsys) -> None:
     path = tmp_path / "sweep.yaml"
     path.write_text("out_dir: out\ngrid: {train.seed: [0], data.tasks: [[bigbench:strategyqa]]}\n")
