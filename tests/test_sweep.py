@@ -294,6 +294,15 @@ def test_compare_runs_and_its_user_errors(env, campaign, tmp_path, capsys) -> No
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
 
+    # a plain-LoRA run has one adapter shared by its tasks: exported as --task 0, not by a task's name
+    for task in ("parity", "1"):
+        assert cli_main(["export", str(lora), "--task", task, "--out", str(tmp_path / task)]) == 2
+        err = capsys.readouterr().err
+        assert "all its tasks share" in err and "pass --task 0" in err and "Traceback" not in err
+        assert not (tmp_path / task).exists()
+    assert cli_main(["export", str(lora), "--task", "0", "--out", str(tmp_path / "all")]) == 0
+    assert (tmp_path / "all" / "adapter_config.json").is_file()
+
 
 @pytest.mark.parametrize(
     ("text", "message"),
@@ -310,27 +319,16 @@ def test_compare_runs_and_its_user_errors(env, campaign, tmp_path, capsys) -> No
         ("hello\n", "not a str"),
         ("out_dir:\ngrid: {train.seed: [0]}\n", "out_dir=None must be a folder path"),
         ("out_dir: [a, b]\ngrid: {train.seed: [0]}\n", "out_dir=['a', 'b'] must be a folder path"),
+        ("out_dir: a_file\ngrid: {train.seed: [0], data.tasks: [[bigbench:strategyqa]]}\n", "a_file' is a file; give a folder"),
     ],
 )  # fmt: skip
 def test_sweep_user_errors_exit_2(tmp_path, capsys, text, message) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
+    (tmp_path / "a_file").write_text("")
     assert cli_main(["sweep", str(path), "--list"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-
-
-def test_export_of_a_lora_run_by_task_name_says_to_pass_task_0(env, campaign, tmp_path, capsys) -> None:
-    lora = next(
-        c.run_dir for c in campaign["cells"] if c.params == {"adapter.method": "lora", "train.seed": 0}
-    )
-    for task in ("parity", "1"):
-        assert cli_main(["export", str(lora), "--task", task, "--out", str(tmp_path / task)]) == 2
-        err = capsys.readouterr().err
-        assert "all its tasks share" in err and "pass --task 0" in err and "Traceback" not in err
-        assert not (tmp_path / task).exists()
-    assert cli_main(["export", str(lora), "--task", "0", "--out", str(tmp_path / "all")]) == 0
-    assert (tmp_path / "all" / "adapter_config.json").is_file()
 
 
 def test_report_of_a_record_without_its_scores_exits_2(tmp_path, capsys) -> None:

@@ -170,10 +170,13 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(
             f"{path}: kind={kind!r} is not one of {list(KINDS)} (omit it: the base config decides)"
         )
+    out_dir = _resolve(path, data["out_dir"])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{path}: out_dir {str(out_dir)!r} is a file; give a folder (new or a campaign's)")
     return Sweep(
         path=path,
         base=base,
-        out_dir=_resolve(path, str(data["out_dir"])),
+        out_dir=out_dir,
         overrides=[str(o) for o in overrides],
         grid=grids,
         report=report,
