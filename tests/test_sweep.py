@@ -288,10 +288,20 @@ def test_compare_runs_and_its_user_errors(env, campaign, tmp_path, capsys) -> No
         ([str(alora), str(damaged)], "per_example.jsonl line 4 is not a per-example record"),
         ([str(alora), str(bare)], "asymlora eval"),
         ([str(alora), str(tmp_path / "nope")], "is not a directory"),
+        ([str(alora), str(lora), "--json", str(tmp_path)], "is a folder; give a file name"),
     ]:
         assert cli_main(["compare", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+    # a plain-LoRA run has one adapter shared by its tasks: exported as --task 0, not by a task's name
+    for task in ("parity", "1"):
+        assert cli_main(["export", str(lora), "--task", task, "--out", str(tmp_path / task)]) == 2
+        err = capsys.readouterr().err
+        assert "all its tasks share" in err and "pass --task 0" in err and "Traceback" not in err
+        assert not (tmp_path / task).exists()
+    assert cli_main(["export", str(lora), "--task", "0", "--out", str(tmp_path / "all")]) == 0
+    assert (tmp_path / "all" / "adapter_config.json").is_file()
 
 
 @pytest.mark.parametrize(
@@ -305,14 +315,44 @@ def test_compare_runs_and_its_user_errors(env, campaign, tmp_path, capsys) -> No
          "a sweep cell is one run"),
         ("out_dir: x\norder_by: [train.sed]\ngrid: {train.seed: [0], data.tasks: [[bigbench:strategyqa]]}\n", "'train.sed' is not a config key"),
         ("out_dir: x\norder_by: train.seed\ngrid: {train.seed: [0]}\n", "order_by must be a list"),
+        ("- out_dir\n- grid\n", "a sweep file is a mapping of ['base', 'grid'"),
+        ("hello\n", "not a str"),
+        ("out_dir:\ngrid: {train.seed: [0]}\n", "out_dir=None must be a folder path"),
+        ("out_dir: [a, b]\ngrid: {train.seed: [0]}\n", "out_dir=['a', 'b'] must be a folder path"),
+        ("out_dir: a_file\ngrid: {train.seed: [0], data.tasks: [[bigbench:strategyqa]]}\n", "a_file' is a file; give a folder"),
     ],
 )  # fmt: skip
 def test_sweep_user_errors_exit_2(tmp_path, capsys, text, message) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
+    (tmp_path / "a_file").write_text("")
     assert cli_main(["sweep", str(path), "--list"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_report_of_a_record_without_its_scores_exits_2(tmp_path, capsys) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text("out_dir: out\ngrid: {train.seed: [0], data.tasks: [[bigbench:strategyqa]]}\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ledger.jsonl").write_text(
+        '{"id": "abc", "params": {}, "seed": 0, "method": "lora"}\n'
+    )
+    assert cli_main(["sweep", str(path), "--report"]) == 2
+    err = capsys.readouterr().err
+    assert "the record of cell 'abc' lacks ['tasks', 'per_task', 'primary'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", "42", '{"params": {"train.seed": 1}}'])
+@pytest.mark.parametrize("flag", ["--list", "--report"])
+def test_ledger_line_that_is_not_a_record_exits_2(tmp_path, capsys, line, flag) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text("out_dir: out\ngrid: {train.seed: [0], data.tasks: [[bigbench:strategyqa]]}\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ledger.jsonl").write_text('{"id": "abc", "params": {}}\n' + line + "\n")
+    assert cli_main(["sweep", str(path), flag]) == 2
+    err = capsys.readouterr().err
+    assert "ledger.jsonl, line 2: not a record" in err and "remove or fix the line" in err
 
 
 def test_keep_going_logs_a_failing_cell_and_runs_the_others(env, tmp_path, monkeypatch) -> None:

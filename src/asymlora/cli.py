@@ -75,6 +75,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    if args.json and Path(args.json).is_dir():  # checked before the tests, not after them
+        raise ValueError(
+            f"--json {args.json!r} is a folder; give a file name, e.g. {Path(args.json) / 'compare.json'}"
+        )
     tests, table = compare_runs(Path(args.run_a), Path(args.run_b))
     print(table)
     if args.json:

@@ -162,6 +162,11 @@ def export_run_task(
             "optionally --rank K"
         )
     key: int | str = int(task) if task.isdigit() else task
+    if peft_cfg.experts == 1 and key != 0:
+        raise ValueError(
+            f"the {method} adapter of {run_dir} is one set of weights that all its tasks share (no per-task "
+            f"expert): pass --task 0 to export it (the same adapter for every task)"
+        )
     return export_task_adapter(pm, key, out, overwrite=overwrite)
 
 

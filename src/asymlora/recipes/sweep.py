@@ -78,6 +78,8 @@ SWEEP_KEYS = {"base", "out_dir", "overrides", "grid", "report", "order_by", "kin
 KINDS = ("multitask", "federated")
 """``kind`` of a sweep: cells of the multi-task recipe, or federated simulations (`fed_sweep`)."""
 REPORT_KEYS = {"reference", "baseline_method"}
+REPORT_RECORD_KEYS = ("params", "seed", "tasks", "method", "per_task", "primary", "average", "std", "worst")
+"""The keys of a multi-task ledger record (`make_record`) the report reads; a record without one is refused."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +132,21 @@ def load_sweep(path: str | Path) -> Sweep:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict) or set(data) - SWEEP_KEYS:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a sweep file is a mapping of {sorted(SWEEP_KEYS)}, not a {type(data).__name__} "
+            "(see docs/sweep.md, e.g. out_dir: runs/campaign and grid: {adapter.method: [lora, alora]})"
+        )
+    if set(data) - SWEEP_KEYS:
         raise ConfigError(
             f"{path}: unknown keys {sorted(set(data) - SWEEP_KEYS)}; a sweep has {sorted(SWEEP_KEYS)}"
         )
     if "out_dir" not in data:
         raise ConfigError(f"{path}: set out_dir (where the runs and the ledger go)")
+    if not isinstance(data["out_dir"], str) or not data["out_dir"].strip():
+        raise ConfigError(
+            f"{path}: out_dir={data['out_dir']!r} must be a folder path, e.g. out_dir: runs/campaign"
+        )
     grid = data.get("grid")
     grids = [grid] if isinstance(grid, dict) else grid
     if not grids or not isinstance(grids, list) or not all(isinstance(g, dict) and g for g in grids):
@@ -159,10 +170,13 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(
             f"{path}: kind={kind!r} is not one of {list(KINDS)} (omit it: the base config decides)"
         )
+    out_dir = _resolve(path, data["out_dir"])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{path}: out_dir {str(out_dir)!r} is a file; give a folder (new or a campaign's)")
     return Sweep(
         path=path,
         base=base,
-        out_dir=_resolve(path, str(data["out_dir"])),
+        out_dir=out_dir,
         overrides=[str(o) for o in overrides],
         grid=grids,
         report=report,
@@ -329,6 +343,11 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(
                     f"{path}, line {number}: not a JSON record ({e}); remove or fix the line"
                 ) from None
+            if not isinstance(records[-1], dict) or "id" not in records[-1]:
+                raise ValueError(
+                    f'{path}, line {number}: not a record (a JSON object with an "id", got '
+                    f"{line.strip()[:60]!r}); remove or fix the line"
+                )
     return records
 
 
@@ -762,6 +781,12 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
         )
     if sweep.kind == "federated":
         return fed_sweep.summarize(records, sweep.report.get("reference"))
+    for record in records:
+        if missing := [key for key in REPORT_RECORD_KEYS if key not in record]:
+            raise ValueError(
+                f"{sweep.ledger}: the record of cell {record['id']!r} lacks {missing} (not written by "
+                f"`asymlora sweep`); remove its line (the cell is then run again) or fix it"
+            )
     groups = group_records(records)
     baseline_method = sweep.report.get("baseline_method", "lora")
     candidates = [g for g in groups if len(g.tasks) == 1 and g.method == baseline_method]
