@@ -73,7 +73,8 @@ differ, all of them are enumerated exactly instead."""
 PERMUTATION_NOTE = (
     "exact when the differing examples differ by the same amount (0/1 scores: the sign test) or when at most "
     f"{int(math.log2(N_PERMUTATIONS))} examples' scores differ, else from {N_PERMUTATIONS:,} random flips "
-    f"(standard error √(p(2 − p)/{N_PERMUTATIONS:,}): ±0.0014 at p = 0.01, ±0.009 at p = 0.5)"
+    f"(standard error √(p(2 − p)/{N_PERMUTATIONS:,}): ±{math.sqrt(0.01 * 1.99 / N_PERMUTATIONS):.2g} at p = 0.01, "
+    f"±{math.sqrt(0.5 * 1.5 / N_PERMUTATIONS):.2g} at p = 0.5)"
 )
 """How a paired p-value was computed and how precise it is, for the reports' notes. The two-sided p is twice
 the smaller one-sided tail q = p/2 (scipy's ``permutation_test``), each a proportion of the random flips:

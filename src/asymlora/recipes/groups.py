@@ -159,7 +159,7 @@ def _holm_lines(paired: Sequence[Mapping[str, Any]], unit: str) -> list[str]:
         found = ", ".join(f"{name} {t['difference']:+.3f} (p_Holm={t['p_holm']:.3g})" for name, t in held)
         lines.append(f"- {p['a']} − {p['b']}: {found or 'none'}")
     return ["", f"Per-{unit} differences that hold after Holm's correction over each pair's {unit}s (p_Holm < "
-            f"{alpha:.2g}: at most a 5 % chance of any false call among a pair's {unit}s):", "", *lines]  # fmt: skip
+            f"{alpha:.2g}: at most a {alpha:.0%} chance of any false call among a pair's {unit}s):", "", *lines]  # fmt: skip
 
 
 def _resolve_line(p: Mapping[str, Any], unit: str) -> str:
