@@ -31,6 +31,7 @@ import torch
 
 from asymlora import distributed, progress
 from asymlora.analysis import analyze
+from asymlora.calibration import REPORT_FILE
 from asymlora.config import load_config
 from asymlora.io import atomic_write_text
 from asymlora.recipes import multitask, sweep
@@ -96,7 +97,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         calibration=args.calibration, rank=args.rank,
     )  # fmt: skip
     print(f"wrote a standard peft LoRA adapter to {out}")
-    if args.calibration:
+    if (out / REPORT_FILE).is_file():  # a soft/topk run's calibrated export (a task-routed one is exact)
         print(f"an approximation of the routed adapter: its fidelity is in {out / 'README.md'}")
     return 0
 
