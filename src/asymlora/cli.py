@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -129,9 +130,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"{e}; install the server's packages: pip install 'asymlora[serve]'") from None
     for flag, value, low in (("--port", args.port, 1), ("--max-batch-size", args.max_batch_size, 1),
                              ("--max-tokens", args.max_tokens, 1), ("--max-wait-ms", args.max_wait_ms, 0)):  # fmt: skip
-        if value < low or (flag == "--port" and value > 65535):
+        if not low <= value < math.inf or (flag == "--port" and value > 65535):  # NaN and inf fail too
             raise ValueError(
-                f"{flag} {value} is out of range; give {'1..65535' if flag == '--port' else f'>= {low}'}"
+                f"{flag} {value} is out of range; give "
+                + {"--port": "1..65535", "--max-wait-ms": "a finite number >= 0"}.get(flag, f">= {low}")
             )
     check_device(args.device)  # before the model is loaded
     served = serve.load_served_model(
