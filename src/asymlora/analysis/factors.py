@@ -471,10 +471,11 @@ def load_base_weights(
 ) -> dict[str, Tensor]:
     """Frozen weights W0 (d_out × d_in as stored) of ``modules`` from the base model.
 
-    ``base_model`` may be a directory of ``*.safetensors`` files (read lazily, only the needed tensors), an
+    ``base_model`` may be a directory of ``*.safetensors`` files (read lazily, only the needed tensors), a
+    built-in model name (``smollm2-135m``: its converted cache directory, as `asymlora.models.load` reads), an
     in-memory ``nn.Module`` (a base model or a peft model wrapping it), a state dict, or anything
     ``transformers.AutoModelForCausalLM.from_pretrained`` accepts. Raises ``ValueError`` naming the missing
-    modules.
+    modules, ``FileNotFoundError`` for a local path that does not exist.
     """
     if isinstance(base_model, nn.Module):
         out = _weights_from_module(base_model, modules)
@@ -485,7 +486,13 @@ def load_base_weights(
             if key is not None:
                 out[module] = base_model[key]
     else:
-        root = Path(base_model)
+        from asymlora import models  # lazily: the GGUF converter is not needed to read adapters
+
+        name = str(base_model)
+        if isinstance(base_model, str) and name.lower() in models.BUILTIN_MODELS:
+            root = models.ensure_builtin_cached(name)  # the directory `models.load(name)` reads
+        else:  # FileNotFoundError for a local path that does not exist (it was tried as a hub id)
+            root = Path(models.resolve_source(name))
         if root.is_dir() and any(root.glob("*.safetensors")):
             out = _weights_from_safetensors(root, modules)
         else:
