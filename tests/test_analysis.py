@@ -314,6 +314,12 @@ def test_not_an_adapter(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"is not an adapter: no adapter_config\.json"):
         load_adapter(tmp_path / "empty")
+    # a compare run (what `asymlora demo` writes): <run>/<method>/adapter, named so the user can pick one
+    for method in ("alora", "lora"):
+        (tmp_path / "demo" / method / "adapter").mkdir(parents=True)
+        (tmp_path / "demo" / method / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holding adapters \(pass them\): \[.*demo/alora', .*demo/lora'\]"):
+        load_adapter(tmp_path / "demo")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     (tmp_path / "other" / "adapter_model.safetensors").write_bytes(b"")

@@ -289,6 +289,16 @@ def test_cli_serve_of_a_missing_path_exits_2_with_one_line(tmp_path, capsys) -> 
     assert main(["serve", str(tmp_path / "missing"), "--port", "19399"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+    # a file, and a folder that is neither: each named for what it is (were "does not exist", and "not an
+    # asymlora run directory (no config.yaml); train one first", with no word of adapter directories)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    for path, says in [("adapter_config.json", "adapter_config.json is a file; give a run directory or an "
+                        "adapter directory"), ("empty", "is neither an adapter directory (no adapter_config.json) "
+                        "nor an asymlora run directory (no config.yaml)")]:  # fmt: skip
+        assert main(["serve", str(tmp_path / path), "--port", "19399"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

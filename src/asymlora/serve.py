@@ -41,6 +41,7 @@ from transformers import GenerationConfig
 from asymlora.methods import get_method
 from asymlora.models import load
 from asymlora.recipes.evaluate import run_adapter
+from asymlora.recipes.multitask import CONFIG_FILE
 from asymlora.tuner.config import AsymLoraConfig
 
 __all__ = ["Completion", "ServedModel", "create_app", "generate_rows", "load_served_model", "serve"]
@@ -77,7 +78,12 @@ def _adapter_dir(path: Path, method: str | None) -> Path:
     """The adapter directory of ``path``: an adapter directory itself, or the one of a run (directory)."""
     if (path / "adapter_config.json").is_file():
         return path
-    return run_adapter(path, method)[1]  # FileNotFoundError names the path if it is no run
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{path} is neither an adapter directory (no adapter_config.json) nor an asymlora run directory "
+            f"(no {CONFIG_FILE}); give one of them"
+        )
+    return run_adapter(path, method)[1]
 
 
 def served_names(config: Any, default_name: str) -> dict[str, int | None]:
@@ -116,6 +122,10 @@ def load_served_model(
         ValueError: several methods and no ``method``, or no base model known.
     """
     path = Path(path)
+    if path.is_file():
+        raise FileNotFoundError(
+            f"{path} is a file; give a run directory or an adapter directory (its folder)"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; give a run directory or an adapter directory")
     adapter = _adapter_dir(path, method)

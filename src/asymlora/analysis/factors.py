@@ -153,8 +153,10 @@ def find_adapter_dir(path: str | os.PathLike) -> Path:
     for c in candidates:
         if (c / CONFIG_NAME).is_file():
             return c
-    nested = sorted(str(c.parent) for c in p.glob(f"*/{CONFIG_NAME}"))
-    hint = f" Subdirectories holding adapters: {nested[:5]}." if nested else ""
+    # a compare run (asymlora demo, compare.methods) keeps one run directory per method: <run>/<method>/adapter
+    nested = sorted({str(c.parent) for c in p.glob(f"*/{CONFIG_NAME}")}
+                    | {str(c.parent.parent) for c in p.glob(f"*/adapter/{CONFIG_NAME}")})  # fmt: skip
+    hint = f" Subdirectories holding adapters (pass them): {nested[:5]}." if nested else ""
     raise ValueError(
         f"{p} is not an adapter: no {CONFIG_NAME} in it, nor in {p.name}/adapter, {p.name}/final or a "
         f"{p.name}/checkpoint-* directory.{hint} Pass a directory written by save_pretrained (asymlora or "
