@@ -314,6 +314,12 @@ def test_not_an_adapter(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"is not an adapter: no adapter_config\.json"):
         load_adapter(tmp_path / "empty")
+    # a compare run (what `asymlora demo` writes): <run>/<method>/adapter, named so the user can pick one
+    for method in ("alora", "lora"):
+        (tmp_path / "demo" / method / "adapter").mkdir(parents=True)
+        (tmp_path / "demo" / method / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holding adapters \(pass them\): \[.*demo/alora', .*demo/lora'\]"):
+        load_adapter(tmp_path / "demo")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     (tmp_path / "other" / "adapter_model.safetensors").write_bytes(b"")
@@ -408,6 +414,34 @@ def test_analyze_writes_json_and_figures(saved, tmp_path):
     } <= set(data["figures"])
     text = (out / "summary.txt").read_text()
     assert "across adapters" in text and "experts within alora" in text
+
+
+def test_a_bad_base_model_fails_before_a_previous_analysis_loses_its_figures(saved, tmp_path, monkeypatch):
+    """A mistyped --base-model used to delete the figures of the analysis already in out_dir (its
+    analysis.json still listing them) before failing with transformers' "Repo id must be in the form"."""
+    from asymlora import models
+
+    out = tmp_path / "analysis"
+    paths = [saved["root"] / "alora", saved["root"] / "lora"]
+    first = analyze(paths, out, labels=["alora", "lora"])
+    with pytest.raises(FileNotFoundError, match=r"model directory '.*typo' does not exist"):
+        analyze(paths, out, labels=["alora", "lora"], base_model=tmp_path / "typo")
+    assert first["figures"] and all((out / name).is_file() for name in first["figures"])
+    assert json.loads((out / "analysis.json").read_text())["figures"] == first["figures"]
+    # a built-in model name is read from its converted cache, as asymlora.models.load reads it (it was
+    # passed to from_pretrained as a hub id)
+    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    spec = models.BuiltinModel("tiny-builtin", "tiny", "no_such_package", "none==0", "tiny.gguf", "tiny/tiny")
+    monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-builtin", spec)
+    make_tiny_llama(seed=0).save_pretrained(models.builtin_cache_dir("tiny-builtin"))
+    (models.builtin_cache_dir("tiny-builtin") / models.COMPLETE_MARKER).write_text("{}")
+    by_name = analyze(
+        paths, tmp_path / "a", labels=["alora", "lora"], base_model="tiny-builtin", figures=False
+    )
+    by_dir = analyze(
+        paths, tmp_path / "b", labels=["alora", "lora"], base_model=saved["root"] / "base", figures=False
+    )
+    assert by_name["magnitude_direction"] == by_dir["magnitude_direction"] is not None
 
 
 def test_expert_pairs_inside_one_alora_adapter(saved, tmp_path):

@@ -183,6 +183,13 @@ def test_stop_cuts_the_text_and_a_null_max_tokens_means_16(routed_server) -> Non
         ({"model": "qa", "prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
         ({"model": "qa", "prompt": "hi", "logit_bias": {"5": 100}}, 400, "logit_bias={'5': 100.0}"),
         ({"model": "qa", "prompt": "hi", "suffix": "!"}, 400, "suffix='!'"),
+        # penalties change greedy tokens: refused, not ignored (they were answered 200 without them)
+        (
+            {"model": "qa", "prompt": "hi", "presence_penalty": 1.0},
+            400,
+            "presence_penalty=1.0 is not supported",
+        ),
+        ({"model": "qa", "prompt": "hi", "frequency_penalty": -0.5}, 400, "frequency_penalty=-0.5"),
         ({"model": "qa"}, 400, "prompt"),
         ({"model": "qa", "prompt": [1, 2, 3]}, 400, "prompt"),
         (b'{"model": "qa", "prompt": ', 400, "invalid request body"),
@@ -282,6 +289,16 @@ def test_cli_serve_of_a_missing_path_exits_2_with_one_line(tmp_path, capsys) -> 
     assert main(["serve", str(tmp_path / "missing"), "--port", "19399"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+    # a file, and a folder that is neither: each named for what it is (were "does not exist", and "not an
+    # asymlora run directory (no config.yaml); train one first", with no word of adapter directories)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    for path, says in [("adapter_config.json", "adapter_config.json is a file; give a run directory or an "
+                        "adapter directory"), ("empty", "is neither an adapter directory (no adapter_config.json) "
+                        "nor an asymlora run directory (no config.yaml)")]:  # fmt: skip
+        assert main(["serve", str(tmp_path / path), "--port", "19399"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -289,7 +306,10 @@ def test_cli_serve_of_a_missing_path_exits_2_with_one_line(tmp_path, capsys) -> 
     [(["--port", "99999"], "--port 99999 is out of range; give 1..65535"),
      (["--port", "-1"], "--port -1 is out of range"),
      (["--max-tokens", "0"], "--max-tokens 0 is out of range; give >= 1"),
-     (["--max-wait-ms", "-5"], "--max-wait-ms -5.0 is out of range; give >= 0"),
+     (["--max-wait-ms", "-5"], "--max-wait-ms -5.0 is out of range; give a finite number >= 0"),
+     # inf made a lone request wait for a full batch; NaN passed the check and failed after the model loaded
+     (["--max-wait-ms", "inf"], "--max-wait-ms inf is out of range"),
+     (["--max-wait-ms", "nan"], "--max-wait-ms nan is out of range"),
      (["--device", "bogus"], "--device 'bogus' is not a torch device")],
 )  # fmt: skip
 def test_cli_serve_flags_are_checked_before_the_model_loads(tmp_path, capsys, flags, says) -> None:
@@ -303,7 +323,8 @@ def test_cli_serve_flags_are_checked_before_the_model_loads(tmp_path, capsys, fl
 @pytest.mark.parametrize(
     ("limits", "says"),
     [({"max_batch_size": 0}, "max_batch_size must be"), ({"max_tokens": 0}, "max_tokens must be"),
-     ({"max_wait_ms": -1.0}, "max_wait_ms must be")],
+     ({"max_wait_ms": -1.0}, "max_wait_ms must be"), ({"max_wait_ms": float("inf")}, "finite number"),
+     ({"max_wait_ms": float("nan")}, "max_wait_ms must be")],
 )  # fmt: skip
 def test_server_limits_are_checked(limits, says) -> None:
     served = serve.ServedModel(None, None, {"x": None}, max_positions=16)

@@ -295,8 +295,8 @@ def test_compare_runs_and_its_user_errors(env, campaign, tmp_path, capsys) -> No
         assert message in err and "Traceback" not in err
 
     # a plain-LoRA run has one adapter shared by its tasks: exported as --task 0, not by a task's name
-    for task in ("parity", "1"):
-        assert cli_main(["export", str(lora), "--task", task, "--out", str(tmp_path / task)]) == 2
+    for task, extra in (("parity", []), ("1", []), ("parity", ["--calibration", "train"])):
+        assert cli_main(["export", str(lora), "--task", task, "--out", str(tmp_path / task), *extra]) == 2
         err = capsys.readouterr().err
         assert "all its tasks share" in err and "pass --task 0" in err and "Traceback" not in err
         assert not (tmp_path / task).exists()

@@ -192,6 +192,22 @@ def test_cli_train_export_and_eval_of_a_task_routed_run(env, tmp_path, capsys) -
     assert cli_main(["export", str(run_dir), "--task", "parity", "--out", str(tmp_path / "parity")]) == 0
     exported = json.loads((tmp_path / "parity" / "adapter_config.json").read_text())
     assert exported["peft_type"] == "LORA" and exported["r"] == 4
+    capsys.readouterr()
+    export = ["export", str(run_dir), "--task", "parity", "--out"]
+    # --rank truncates calibrated exports only: refused here (it was ignored, rc 0, at rank 4)
+    assert cli_main([*export, str(tmp_path / "r2"), "--rank", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--rank 2" in err and "drop --rank" in err and "Traceback" not in err
+    assert not (tmp_path / "r2").exists()
+    # --out naming a file (was "[Errno 20] Not a directory", after loading the model)
+    assert cli_main([*export, str(tmp_path / "parity" / "adapter_config.json")]) == 2
+    assert "adapter_config.json is a file, not a directory" in capsys.readouterr().err
+    # --calibration on a task-routed run: the exact export, said so (it printed "an approximation ... its
+    # fidelity is in .../README.md", a file it did not write)
+    with pytest.warns(UserWarning, match="--calibration train is not used.*exported exactly"):
+        assert cli_main([*export, str(tmp_path / "cal"), "--calibration", "train"]) == 0
+    assert "approximation" not in capsys.readouterr().out
+    assert not (tmp_path / "cal" / "README.md").exists()
     assert cli_main(["eval", str(run_dir)]) == 0
     assert "parity" in capsys.readouterr().out
 

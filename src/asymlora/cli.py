@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ import torch
 
 from asymlora import distributed, progress
 from asymlora.analysis import analyze
+from asymlora.calibration import REPORT_FILE
 from asymlora.config import load_config
 from asymlora.io import atomic_write_text
 from asymlora.recipes import multitask, sweep
@@ -96,7 +98,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         calibration=args.calibration, rank=args.rank,
     )  # fmt: skip
     print(f"wrote a standard peft LoRA adapter to {out}")
-    if args.calibration:
+    if (out / REPORT_FILE).is_file():  # a soft/topk run's calibrated export (a task-routed one is exact)
         print(f"an approximation of the routed adapter: its fidelity is in {out / 'README.md'}")
     return 0
 
@@ -128,9 +130,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"{e}; install the server's packages: pip install 'asymlora[serve]'") from None
     for flag, value, low in (("--port", args.port, 1), ("--max-batch-size", args.max_batch_size, 1),
                              ("--max-tokens", args.max_tokens, 1), ("--max-wait-ms", args.max_wait_ms, 0)):  # fmt: skip
-        if value < low or (flag == "--port" and value > 65535):
+        if not low <= value < math.inf or (flag == "--port" and value > 65535):  # NaN and inf fail too
             raise ValueError(
-                f"{flag} {value} is out of range; give {'1..65535' if flag == '--port' else f'>= {low}'}"
+                f"{flag} {value} is out of range; give "
+                + {"--port": "1..65535", "--max-wait-ms": "a finite number >= 0"}.get(flag, f">= {low}")
             )
     check_device(args.device)  # before the model is loaded
     served = serve.load_served_model(

@@ -22,6 +22,7 @@ __all__ = [
     "atomic_file",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_target_dir",
     "purge_after_step",
 ]
 
@@ -48,6 +49,23 @@ def apply_umask(path: str | os.PathLike) -> None:
             child.chmod((0o777 if child.is_dir() else 0o666) & ~mask)
 
 
+def check_target_dir(target: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``target`` as a Path, when :func:`atomic_dir` may write it: not a file (even with ``overwrite``: a file
+    where a directory is expected is a mistyped path), and empty or absent unless ``overwrite``.
+
+    Raises:
+        FileExistsError: naming ``target`` and the fix.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file, not a directory; give the path of a new directory")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{target} already exists and is not empty; choose another path or overwrite it."
+        )
+    return target
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; on success it replaces ``target`` in one rename.
@@ -56,13 +74,9 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     get umask-based modes (:func:`apply_umask`) before the rename.
 
     Raises:
-        FileExistsError: ``target`` exists, is not empty, and ``overwrite`` is False.
+        FileExistsError: ``target`` is a file, or exists, is not empty, and ``overwrite`` is False.
     """
-    target = Path(target)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{target} already exists and is not empty; choose another path or overwrite it."
-        )
+    target = check_target_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

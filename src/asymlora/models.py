@@ -61,6 +61,7 @@ __all__ = [
     "file_lock",
     "find_linear_module_names",
     "load",
+    "resolve_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _resolve_source(name_or_path: str) -> str:
+def resolve_source(name_or_path: str) -> str:
     """Local directory (checked to exist) or hub id, for ``from_pretrained``."""
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -460,7 +461,7 @@ def load(
     if name_or_path.lower() in BUILTIN_MODELS:
         source = str(ensure_builtin_cached(name_or_path))
     else:
-        source = _resolve_source(name_or_path)
+        source = resolve_source(name_or_path)
     model, tokenizer = _load_pretrained(source, resolved_dtype, quantized)
     return _finalize(model, tokenizer, resolved_device)
 

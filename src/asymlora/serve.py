@@ -8,7 +8,8 @@ has one name, its served model name. Concurrent requests, of any tasks, are coll
 routing selects expert t per example), so a batch of k tasks costs one forward per token, not k.
 
 Decoding is greedy (``temperature`` absent or 0); the server refuses what it cannot honour (sampling,
-``n`` > 1, streaming, logprobs) with a 400 naming the field, rather than silently ignoring it.
+``n`` > 1, streaming, logprobs, presence/frequency penalties) with a 400 naming the field, rather than
+silently ignoring it.
 
 The HTTP layer is FastAPI + uvicorn (the optional extra ``asymlora[serve]``); the request queue and the
 batching loop are our own because they must group rows of different tasks into one routed forward, which
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 import uuid
@@ -39,6 +41,7 @@ from transformers import GenerationConfig
 from asymlora.methods import get_method
 from asymlora.models import load
 from asymlora.recipes.evaluate import run_adapter
+from asymlora.recipes.multitask import CONFIG_FILE
 from asymlora.tuner.config import AsymLoraConfig
 
 __all__ = ["Completion", "ServedModel", "create_app", "generate_rows", "load_served_model", "serve"]
@@ -75,7 +78,12 @@ def _adapter_dir(path: Path, method: str | None) -> Path:
     """The adapter directory of ``path``: an adapter directory itself, or the one of a run (directory)."""
     if (path / "adapter_config.json").is_file():
         return path
-    return run_adapter(path, method)[1]  # FileNotFoundError names the path if it is no run
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{path} is neither an adapter directory (no adapter_config.json) nor an asymlora run directory "
+            f"(no {CONFIG_FILE}); give one of them"
+        )
+    return run_adapter(path, method)[1]
 
 
 def served_names(config: Any, default_name: str) -> dict[str, int | None]:
@@ -114,6 +122,10 @@ def load_served_model(
         ValueError: several methods and no ``method``, or no base model known.
     """
     path = Path(path)
+    if path.is_file():
+        raise FileNotFoundError(
+            f"{path} is a file; give a run directory or an adapter directory (its folder)"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; give a run directory or an adapter directory")
     adapter = _adapter_dir(path, method)
@@ -288,6 +300,8 @@ class CompletionRequest(BaseModel):
     echo: bool | None = False
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -331,14 +345,17 @@ def _check_sampling(request: Any) -> None:
         "echo": bool(request.echo),
         "logit_bias": bool(request.logit_bias),
         "suffix": bool(request.suffix),
+        "presence_penalty": request.presence_penalty not in (None, 0),
+        "frequency_penalty": request.frequency_penalty not in (None, 0),
     }
     for name, bad in refused.items():
         if bad:
-            fix = f"omit {name}" + (" (or set it to 0)" if name == "temperature" else "")
+            zero = name in ("temperature", "presence_penalty", "frequency_penalty")
+            fix = f"omit {name}" + (" (or set it to 0)" if zero else "")
             raise APIError(
                 400,
                 f"{name}={getattr(request, name)!r} is not supported: this server decodes greedily, one "
-                f"choice per prompt, without streaming, logprobs, logit bias or suffix; {fix}",
+                f"choice per prompt, without streaming, logprobs, logit bias, penalties or suffix; {fix}",
                 param=name,
             )
 
@@ -411,8 +428,8 @@ def _check_limits(max_batch_size: int, max_wait_ms: float, max_tokens: int) -> N
     for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_tokens", max_tokens, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not max_wait_ms >= 0:
-        raise ValueError(f"max_wait_ms must be >= 0 milliseconds, got {max_wait_ms!r}")
+    if not 0 <= max_wait_ms < math.inf:  # inf: a lone request would wait for a full batch; NaN: never ordered
+        raise ValueError(f"max_wait_ms must be a finite number >= 0 of milliseconds, got {max_wait_ms!r}")
 
 
 def _lifespan(batcher: Batcher) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
@@ -447,7 +464,7 @@ def create_app(
     or an unsupported/out-of-range field, 404 for an unknown ``model``; the server keeps serving.
 
     Raises:
-        ValueError: ``max_batch_size`` or ``max_tokens`` < 1, or ``max_wait_ms`` < 0.
+        ValueError: ``max_batch_size`` or ``max_tokens`` < 1, or ``max_wait_ms`` not a finite number >= 0.
     """
     _check_limits(max_batch_size, max_wait_ms, max_tokens)
     batcher = Batcher(served, max_batch_size, max_wait_ms / 1000.0)

@@ -153,8 +153,10 @@ def find_adapter_dir(path: str | os.PathLike) -> Path:
     for c in candidates:
         if (c / CONFIG_NAME).is_file():
             return c
-    nested = sorted(str(c.parent) for c in p.glob(f"*/{CONFIG_NAME}"))
-    hint = f" Subdirectories holding adapters: {nested[:5]}." if nested else ""
+    # a compare run (asymlora demo, compare.methods) keeps one run directory per method: <run>/<method>/adapter
+    nested = sorted({str(c.parent) for c in p.glob(f"*/{CONFIG_NAME}")}
+                    | {str(c.parent.parent) for c in p.glob(f"*/adapter/{CONFIG_NAME}")})  # fmt: skip
+    hint = f" Subdirectories holding adapters (pass them): {nested[:5]}." if nested else ""
     raise ValueError(
         f"{p} is not an adapter: no {CONFIG_NAME} in it, nor in {p.name}/adapter, {p.name}/final or a "
         f"{p.name}/checkpoint-* directory.{hint} Pass a directory written by save_pretrained (asymlora or "
@@ -471,10 +473,11 @@ def load_base_weights(
 ) -> dict[str, Tensor]:
     """Frozen weights W0 (d_out × d_in as stored) of ``modules`` from the base model.
 
-    ``base_model`` may be a directory of ``*.safetensors`` files (read lazily, only the needed tensors), an
+    ``base_model`` may be a directory of ``*.safetensors`` files (read lazily, only the needed tensors), a
+    built-in model name (``smollm2-135m``: its converted cache directory, as `asymlora.models.load` reads), an
     in-memory ``nn.Module`` (a base model or a peft model wrapping it), a state dict, or anything
     ``transformers.AutoModelForCausalLM.from_pretrained`` accepts. Raises ``ValueError`` naming the missing
-    modules.
+    modules, ``FileNotFoundError`` for a local path that does not exist.
     """
     if isinstance(base_model, nn.Module):
         out = _weights_from_module(base_model, modules)
@@ -485,7 +488,13 @@ def load_base_weights(
             if key is not None:
                 out[module] = base_model[key]
     else:
-        root = Path(base_model)
+        from asymlora import models  # lazily: the GGUF converter is not needed to read adapters
+
+        name = str(base_model)
+        if isinstance(base_model, str) and name.lower() in models.BUILTIN_MODELS:
+            root = models.ensure_builtin_cached(name)  # the directory `models.load(name)` reads
+        else:  # FileNotFoundError for a local path that does not exist (it was tried as a hub id)
+            root = Path(models.resolve_source(name))
         if root.is_dir() and any(root.glob("*.safetensors")):
             out = _weights_from_safetensors(root, modules)
         else:

@@ -484,8 +484,8 @@ def analyze_adapters(
     adapters = [in_layer_order(ad) for ad in adapters]
     comparisons = _checked_comparisons(adapters, pairs, expert_pairs, base_model)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_old_figures(out)
+    # the base model first: a bad one must fail before a previous analysis in out_dir loses its figures
+    magnitude_direction = _magnitude_direction(adapters, base_model) if base_model is not None else None
     kind_grids: KindGrids = {}
     records = [_measure(c, adapters, cca_keep, kind_grids) for c in comparisons]
     modules = list(adapters[0].modules)
@@ -497,10 +497,12 @@ def analyze_adapters(
         "summary": _kind_summary(records),
         "comparisons": records,
         "spectra": _spectra(adapters, comparisons, modules),
-        "magnitude_direction": _magnitude_direction(adapters, base_model) if base_model is not None else None,
+        "magnitude_direction": magnitude_direction,
         "notes": _zero_notes(adapters),
         "figures": [],
     }
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_old_figures(out)
     if figures:
         mean_grids = {
             kind: {role: {t: _mean_grids(gs) for t, gs in d.items()} for role, d in by_role.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from asymlora.eval.stats import (
     with_example_scores,
 )
 from asymlora.export import export_task_adapter
+from asymlora.io import check_target_dir
 from asymlora.methods import get_method
 from asymlora.models import load
 from asymlora.recipes.multitask import (
@@ -146,38 +148,54 @@ def export_run_task(
 ) -> Path:
     """Export task ``task`` (name or index) of a run as a stock peft LoRA adapter: exact for a task-routed
     run; for a soft/topk-routed one ``calibration`` (``"train"`` or ``"test"``) names the split of the
-    run's data for that task over which each layer's gate is averaged (`asymlora.calibration`)."""
-    if calibration is not None:
-        return _export_calibrated_run_task(run_dir, task, out, method, overwrite, calibration, rank)
-
+    run's data for that task over which each layer's gate is averaged (`asymlora.calibration`), and ``rank``
+    truncates that export. Every refusal (and ``out`` not writable) is raised before the model is loaded."""
+    if calibration is not None and calibration not in ("train", "test"):
+        raise ValueError(f"--calibration {calibration!r} is not a split; pass --calibration train (or test)")
     cfg = _run_config(run_dir)
     method, adapter = run_adapter(run_dir, method, cfg)
-    model, _ = load(cfg.model.name, device="cpu")
-    pm = peft.PeftModel.from_pretrained(model, str(adapter))
-    peft_cfg = _peft_config(pm)
-    if get_method(peft_cfg.method).uses_router and peft_cfg.router != "task":
+    peft_cfg = peft.PeftConfig.from_pretrained(str(adapter))
+    if not isinstance(peft_cfg, AsymLoraConfig):
+        raise ValueError(f"{adapter} holds a {type(peft_cfg).__name__}, not an asymlora adapter")
+    routed = get_method(peft_cfg.method).uses_router and peft_cfg.router != "task"
+    routing = f"router={peft_cfg.router!r}" if get_method(peft_cfg.method).uses_router else "no router"
+    if routed and calibration is None:
         raise ValueError(
             f"the {method} adapter of {run_dir} uses router={peft_cfg.router!r}: exporting one LoRA averages each layer's "
             "gate over the task's examples; pass --calibration train (the task's training split) and "
             "optionally --rank K"
         )
+    if not routed and rank is not None:
+        raise ValueError(
+            f"--rank {rank} truncates the calibrated export of a soft/topk-routed run, but the {method} adapter "
+            f"of {run_dir} ({routing}) exports exactly at its rank {peft_cfg.r}: drop --rank"
+        )
     key: int | str = int(task) if task.isdigit() else task
-    if peft_cfg.experts == 1 and key != 0:
+    if not routed and peft_cfg.experts == 1 and key != 0:
         raise ValueError(
             f"the {method} adapter of {run_dir} is one set of weights that all its tasks share (no per-task "
             f"expert): pass --task 0 to export it (the same adapter for every task)"
         )
+    check_target_dir(out, overwrite)
+    if routed:
+        return _export_calibrated_run_task(run_dir, cfg, adapter, task, out, overwrite, calibration, rank)
+    if calibration is not None:
+        warnings.warn(
+            f"--calibration {calibration} is not used: the {method} adapter of {run_dir} "
+            f"({routing}) is exported exactly",
+            stacklevel=2,
+        )
+    model, _ = load(cfg.model.name, device="cpu")
+    pm = peft.PeftModel.from_pretrained(model, str(adapter))
     return export_task_adapter(pm, key, out, overwrite=overwrite)
 
 
 def _export_calibrated_run_task(
-    run_dir: Path, task: str, out: Path, method: str | None, overwrite: bool, split: str, rank: int | None
-) -> Path:
-    """`export_run_task` of a soft/topk-routed run, calibrated on split ``split`` of task ``task``."""
-    if split not in ("train", "test"):
-        raise ValueError(f"--calibration {split!r} is not a split; pass --calibration train (or test)")
-    cfg = _run_config(run_dir)
-    method, adapter = run_adapter(run_dir, method, cfg)
+    run_dir: Path, cfg: RunConfig, adapter: Path, task: str, out: Path, overwrite: bool, split: str | None,
+    rank: int | None,
+) -> Path:  # fmt: skip
+    """`export_run_task` of a soft/topk-routed run (its config ``cfg``, adapter directory ``adapter``),
+    calibrated on split ``split`` of task ``task``."""
     tasks = load_tasks_for(cfg)
     names = [t.name for t in tasks]
     index = names.index(task) if task in names else int(task) if task.isdigit() else -1
@@ -185,7 +203,7 @@ def _export_calibrated_run_task(
         raise ValueError(f"unknown task {task!r}; the tasks of {run_dir} are {names} (or their index)")
     model, tokenizer = load(cfg.model.name, device="cpu")
     pm = peft.PeftModel.from_pretrained(model, str(adapter))
-    examples = getattr(tasks[index], split)
+    examples = getattr(tasks[index], split or "train")
     return export_task_adapter(pm, names[index], out, overwrite=overwrite, calibration=examples,
                                tokenizer=tokenizer, rank=rank)  # fmt: skip
 
