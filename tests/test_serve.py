@@ -169,6 +169,10 @@ def test_stop_cuts_the_text_and_a_null_max_tokens_means_16(routed_server) -> Non
     assert plain.json()["choices"][0]["text"] == full
     assert cut.json()["choices"][0]["text"] == full[: full.index(stop)]
     assert cut.json()["choices"][0]["finish_reason"] == "stop"
+    # one character = one token here: the tokens counted end with the one that completes the stop string
+    # (OpenAI and vLLM stop there), not the 16 this server generated before cutting the text
+    assert plain.json()["usage"]["completion_tokens"] == len(full)
+    assert cut.json()["usage"]["completion_tokens"] == full.index(stop) + 1
 
 
 @pytest.mark.parametrize(
@@ -318,6 +322,27 @@ def test_cli_serve_flags_are_checked_before_the_model_loads(tmp_path, capsys, fl
     assert main(["serve", str(tmp_path / "missing"), *flags]) == 2  # the path is never read
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and "serving" not in capsys.readouterr().out
+
+
+def test_cli_serve_refuses_a_taken_port_or_unknown_host_before_the_model_loads(tmp_path, capsys) -> None:
+    """Both failed in uvicorn with exit 1, after the model had loaded and 'serving ...' had printed."""
+    import socket
+
+    from asymlora.cli import main
+
+    with socket.socket() as held:  # a port another process listens on
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["serve", str(tmp_path / "missing"), "--port", str(port)]) == 2  # the path is never read
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}" in err and "give another --port" in err
+    assert (
+        main(["serve", str(tmp_path / "missing"), "--host", "no-such-host.invalid", "--port", "19398"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "--host 'no-such-host.invalid' is not an address" in err and "Traceback" not in err
+    assert "serving" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

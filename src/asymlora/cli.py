@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -123,6 +124,28 @@ def check_device(device: str | None) -> None:
         raise ValueError(f"--device {device!r}: no CUDA GPU is available to this torch; give cpu (or auto)")
 
 
+def check_listen(host: str, port: int) -> None:
+    """ValueError when ``host``:``port`` cannot be listened on (no such address here, or the port is taken):
+    checked by binding it once, as uvicorn will, before the model loads (uvicorn itself reports it only after).
+    Another process may still take the port in between; uvicorn then exits 1 with its own message."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(
+            f"--host {host!r} is not an address this machine has ({e.strerror}); give e.g. 127.0.0.1"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # as uvicorn: a port left in TIME_WAIT by a closed server is free, one being listened on is not
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise ValueError(
+                f"cannot listen on {host}:{port} ({e.strerror}); give another --port (or stop what holds it)"
+            ) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:  # the optional [serve] extra (fastapi, uvicorn)
         from asymlora import serve
@@ -136,6 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 + {"--port": "1..65535", "--max-wait-ms": "a finite number >= 0"}.get(flag, f">= {low}")
             )
     check_device(args.device)  # before the model is loaded
+    check_listen(args.host, args.port)
     served = serve.load_served_model(
         args.path, method=args.method, base_model=args.base_model,
         served_model_name=args.served_model_name, device=args.device,

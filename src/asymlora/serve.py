@@ -393,28 +393,43 @@ def _cut_at_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-def _choices(served: ServedModel, results: list[Completion], stop: Any) -> list[dict[str, Any]]:
-    choices = []
+def _tokens_to_stop(served: ServedModel, token_ids: list[int], stop: Any) -> int:
+    """How many of ``token_ids`` were needed to produce the first stop string: the shortest prefix whose text
+    holds one (binary search: a longer prefix's text extends a shorter one's). OpenAI and vLLM stop generating
+    there, so ``usage.completion_tokens`` counts those tokens, not the ones this batched server generated past
+    the stop before cutting the text."""
+    low, high = 1, len(token_ids)
+    while low < high:
+        mid = (low + high) // 2
+        text = served.tokenizer.decode(token_ids[:mid], skip_special_tokens=True)
+        low, high = (low, mid) if _cut_at_stop(text, stop)[1] else (mid + 1, high)
+    return high
+
+
+def _choices(served: ServedModel, results: list[Completion], stop: Any) -> tuple[list[dict[str, Any]], int]:
+    """OpenAI's choices for ``results``, and the completion tokens they count (up to each stop string)."""
+    choices, tokens = [], 0
     for index, result in enumerate(results):
         text = served.tokenizer.decode(result.token_ids, skip_special_tokens=True)
         text, stopped = _cut_at_stop(text, stop)
         reason = "stop" if stopped else result.finish_reason
+        tokens += _tokens_to_stop(served, result.token_ids, stop) if stopped else len(result.token_ids)
         choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
-    return choices
+    return choices, tokens
 
 
 def _response(
     served: ServedModel, request: CompletionRequest, rows: list[list[int]], results: list[Completion]
 ) -> dict[str, Any]:
     """OpenAI's text_completion object for the request's prompts (``rows``) and their completions."""
-    generated = sum(len(r.token_ids) for r in results)
+    choices, generated = _choices(served, results, request.stop)
     prompt_tokens = sum(len(ids) for ids in rows)
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": request.model,
-        "choices": _choices(served, results, request.stop),
+        "choices": choices,
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": generated,
