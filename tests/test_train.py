@@ -13,6 +13,7 @@ from tests.conftest import tiny_alora, tiny_run_overrides, write_two_task_env
 
 from asymlora.cli import main as cli_main
 from asymlora.config import ConfigError, load_config
+from asymlora.recipes import multitask
 from asymlora.recipes.multitask import run
 from asymlora.train import TrainingError, batch_indices, train
 
@@ -210,6 +211,40 @@ def test_cli_train_export_and_eval_of_a_task_routed_run(env, tmp_path, capsys) -
     assert not (tmp_path / "cal" / "README.md").exists()
     assert cli_main(["eval", str(run_dir)]) == 0
     assert "parity" in capsys.readouterr().out
+
+
+def test_gradient_checkpointing_with_task_routing_trains_the_adapter_of_a_run_without(
+    env, tmp_path, monkeypatch
+) -> None:
+    """model.gradient_checkpointing=true with adapter.router=task: the layers run twice per step (forward and
+    recomputation) and the adapter equals that of the same run without checkpointing (was refused by the config
+    check, although the recomputed layers see the batch's task ids)."""
+    calls: list[bool] = []
+    load_model = multitask.load_model
+
+    def counting_load_model(cfg):
+        model, tokenizer = load_model(cfg)
+        model.model.layers[0].self_attn.register_forward_hook(
+            lambda module, a, o: calls.append(module.training)
+        )
+        return model, tokenizer
+
+    monkeypatch.setattr(multitask, "load_model", counting_load_model)
+    adapters, forwards = {}, {}
+    for checkpointing in ("false", "true"):
+        run_dir = tmp_path / f"checkpointing-{checkpointing}"
+        extra = ["train.steps=3", "train.save_every=0", "adapter.router=task", "eval.base_model=false",
+                 "data.max_test=2", f"model.gradient_checkpointing={checkpointing}"]  # fmt: skip
+        calls.clear()
+        run(load_config(None, overrides(env, run_dir, *extra)), quiet=True)
+        adapters[checkpointing] = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+        forwards[checkpointing] = sum(calls)  # attention calls in training mode
+    # one forward per step; with checkpointing also its recomputation in backward
+    assert forwards == {"false": 3, "true": 6}
+    assert adapters["true"].keys() == adapters["false"].keys()
+    for name, tensor in adapters["false"].items():
+        assert tensor.abs().max() > 0
+        torch.testing.assert_close(adapters["true"][name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(

@@ -205,7 +205,8 @@ class ModelSettings(BaseModelSettings):
     device: str = "auto"
     """``auto`` (CUDA with bf16 when available, else CPU float32), ``cpu`` or ``cuda``."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, one more forward (≈ +50 % compute on a frozen base); not with router ``task``."""
+    """Recompute activations in the backward pass: less memory, one more forward (≈ +50 % compute on a frozen base);
+    every router, ``task`` included (the recomputed layers see their batch's task ids, `asymlora.routing`)."""
     load_in_4bit: bool = False
     """Load the frozen base weights in 4-bit NF4 (bitsandbytes), QLoRA-style; the adapter stays in full precision."""
     load_in_8bit: bool = False
@@ -400,11 +401,6 @@ class RunConfig:
         return self
 
     def _check_model(self) -> None:
-        if self.model.gradient_checkpointing and self.adapter.router == "task":
-            raise ConfigError(
-                "model.gradient_checkpointing does not work with adapter.router=task (the recomputed forward "
-                "has no task ids); use router soft/topk or gradient_checkpointing=false"
-            )
         if self.model.load_in_4bit and self.model.load_in_8bit:
             raise ConfigError(
                 "model.load_in_4bit=true and model.load_in_8bit=true: choose one (set the other to false)"
