@@ -271,9 +271,40 @@ def test_invalid_json_and_bad_values(tmp_path):
         load_task(f"jsonl:{mixed}")
 
 
-def test_missing_paths(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+def test_byte_order_mark_and_non_utf8_bytes(tmp_path):
+    """A file saved with a UTF-8 BOM (Notepad, spreadsheet exports) reads as without one, as JSON Lines and
+    as a JSON array; Latin-1 bytes are refused naming the file, the line and the fix (not a bare
+    UnicodeDecodeError)."""
+    rows = qa_rows(5)
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    for name, text in (("bom.jsonl", lines), ("bom.json", json.dumps(rows, indent=1))):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        task = load_task(f"jsonl:{tmp_path / name}", test_fraction=0.2)
+        expected = sorted(f"Add one.\n\nQuestion: {i}" for i in range(5))
+        assert sorted(prompts(task.train + task.test)) == expected
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(lines.encode() + '{"input": "café", "output": "x"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{latin}:6: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        load_task(f"jsonl:{latin}")
+
+
+def test_text_after_the_json_array_is_refused(tmp_path):
+    """Two arrays in one .json file (or anything after the closing ']') would silently lose the rest."""
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(qa_rows(3)) + "\n\n" + json.dumps(qa_rows(3)) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:3: text after the closing '\]' of the JSON array"):
+        load_task(f"json:{path}")
+    path.write_text(json.dumps(qa_rows(3), indent=2) + "  \n\n")  # trailing whitespace is fine
+    assert len(load_task(f"json:{path}").train) == 2
+
+
+def test_missing_paths(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="does not exist; pass"):
         load_task(f"jsonl:{tmp_path / 'nope.jsonl'}")
+    monkeypatch.chdir(tmp_path)  # relative: the message says where it was looked for (not the config's dir)
+    cwd = rf"\(relative paths start at the current directory, {tmp_path}\)"
+    with pytest.raises(DataError, match=rf"'nope.jsonl' does not exist {cwd}; pass"):
+        load_task("jsonl:nope.jsonl")
     with pytest.raises(DataError, match="does not exist"):
         load_task(f"hf:{tmp_path / 'nope_dir'}")
 
