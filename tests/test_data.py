@@ -244,6 +244,29 @@ def test_multitask_dataset_flattens_tasks(tokenizer):
         MultiTaskDataset([task("a", 3)], tokenizer, max_length=3)
 
 
+def test_multitask_dataset_counts_skipped_examples_and_cut_prompts(tokenizer, caplog):
+    """One token per character, max_length 12: 'Q\\nAnswer:' (9) + ' a' + EOS (3) fits exactly;
+    'Question: 1\\nAnswer:' (19) + ' 2' + EOS is cut to 12 (its first 10 prompt tokens go); an answer of
+    20 characters + space + EOS (22) cannot fit and is skipped. The user is told both counts."""
+    train = [Example("Q", "a"), Example("Question: 1", "2"), Example("Q", "x" * 20)]
+    task = Task("t", "generate", train, [Example("Q", "a")], ["exact_match"])
+    with caplog.at_level("WARNING", logger="asymlora.data.collate"):
+        dataset = MultiTaskDataset([task], tokenizer, max_length=12)
+    note = (
+        "task 't', max_length=12: skipped 1 of 3 train examples whose answer does not fit; "
+        "cut the prompt of 1 of 3 train examples from the left to fit"
+    )
+    assert dataset.notes == [note] and [r.getMessage() for r in caplog.records] == [note]
+    assert [len(f["input_ids"]) for f in dataset.features] == [12, 12]
+    assert tokenizer.decode(dataset.features[1]["input_ids"]) == "1\nAnswer: 2</s>"
+    caplog.clear()
+    quiet = MultiTaskDataset([task], tokenizer, max_length=12, warn=False, label="validation")
+    assert quiet.notes == [note.replace("train", "validation")] and not caplog.records
+    assert MultiTaskDataset([task], tokenizer, max_length=64).notes == []
+    with pytest.raises(DataError, match="task 't' has no validation example that fits in max_length=3"):
+        MultiTaskDataset([task], tokenizer, max_length=3, label="validation")
+
+
 # --------------------------------------------------------------------------- bad input
 
 
