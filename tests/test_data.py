@@ -321,6 +321,21 @@ def test_text_after_the_json_array_is_refused(tmp_path):
     assert len(load_task(f"json:{path}").train) == 2
 
 
+def test_task_names_with_a_hash_and_empty_task_names(tmp_path):
+    """A 'task' value holding '#' is selected (and expanded by '#*') as written; an empty one names its row
+    (was: "bad task spec 'jsonl:F#': empty task name after '#'", a spec the user never wrote)."""
+    rows = [*qa_rows(5, task="c#"), *qa_rows(5, task="ok")]
+    path = write_jsonl(tmp_path / "names.jsonl", rows)
+    assert [len(t.train) for t in load_tasks([f"jsonl:{path}#c#"])] == [4]
+    assert [t.name for t in load_tasks([f"jsonl:{path}#*"])] == ["c#", "ok"]
+    empty = write_jsonl(
+        tmp_path / "empty_name.jsonl", [*qa_rows(2, task="ok"), {**qa_rows(1)[0], "task": ""}]
+    )
+    for spec in (f"jsonl:{empty}#*", f"jsonl:{empty}#ok"):
+        with pytest.raises(DataError, match=rf"{empty}:3: field 'task' is empty"):
+            load_tasks([spec])
+
+
 def test_missing_paths(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="does not exist; pass"):
         load_task(f"jsonl:{tmp_path / 'nope.jsonl'}")

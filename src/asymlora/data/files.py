@@ -218,6 +218,10 @@ def _names_in_order(rows: Iterable[Row]) -> list[str]:
     names: dict[str, None] = {}
     for row in rows:
         value = _task_value(row)
+        if value is not None and not value.strip():
+            raise DataError(
+                f"{row.where}: field {TASK_FIELD!r} is empty; give the row a task name or no {TASK_FIELD!r}"
+            )
         if value is not None:
             names[value] = None
     return list(names)
