@@ -244,6 +244,29 @@ def test_multitask_dataset_flattens_tasks(tokenizer):
         MultiTaskDataset([task("a", 3)], tokenizer, max_length=3)
 
 
+def test_multitask_dataset_counts_skipped_examples_and_cut_prompts(tokenizer, caplog):
+    """One token per character, max_length 12: 'Q\\nAnswer:' (9) + ' a' + EOS (3) fits exactly;
+    'Question: 1\\nAnswer:' (19) + ' 2' + EOS is cut to 12 (its first 10 prompt tokens go); an answer of
+    20 characters + space + EOS (22) cannot fit and is skipped. The user is told both counts."""
+    train = [Example("Q", "a"), Example("Question: 1", "2"), Example("Q", "x" * 20)]
+    task = Task("t", "generate", train, [Example("Q", "a")], ["exact_match"])
+    with caplog.at_level("WARNING", logger="asymlora.data.collate"):
+        dataset = MultiTaskDataset([task], tokenizer, max_length=12)
+    note = (
+        "task 't', max_length=12: skipped 1 of 3 train examples whose answer does not fit; "
+        "cut the prompt of 1 of 3 train examples from the left to fit"
+    )
+    assert dataset.notes == [note] and [r.getMessage() for r in caplog.records] == [note]
+    assert [len(f["input_ids"]) for f in dataset.features] == [12, 12]
+    assert tokenizer.decode(dataset.features[1]["input_ids"]) == "1\nAnswer: 2</s>"
+    caplog.clear()
+    quiet = MultiTaskDataset([task], tokenizer, max_length=12, warn=False, label="validation")
+    assert quiet.notes == [note.replace("train", "validation")] and not caplog.records
+    assert MultiTaskDataset([task], tokenizer, max_length=64).notes == []
+    with pytest.raises(DataError, match="task 't' has no validation example that fits in max_length=3"):
+        MultiTaskDataset([task], tokenizer, max_length=3, label="validation")
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -271,9 +294,55 @@ def test_invalid_json_and_bad_values(tmp_path):
         load_task(f"jsonl:{mixed}")
 
 
-def test_missing_paths(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+def test_byte_order_mark_and_non_utf8_bytes(tmp_path):
+    """A file saved with a UTF-8 BOM (Notepad, spreadsheet exports) reads as without one, as JSON Lines and
+    as a JSON array; Latin-1 bytes are refused naming the file, the line and the fix (not a bare
+    UnicodeDecodeError)."""
+    rows = qa_rows(5)
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    for name, text in (("bom.jsonl", lines), ("bom.json", json.dumps(rows, indent=1))):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        task = load_task(f"jsonl:{tmp_path / name}", test_fraction=0.2)
+        expected = sorted(f"Add one.\n\nQuestion: {i}" for i in range(5))
+        assert sorted(prompts(task.train + task.test)) == expected
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(lines.encode() + '{"input": "café", "output": "x"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{latin}:6: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        load_task(f"jsonl:{latin}")
+
+
+def test_text_after_the_json_array_is_refused(tmp_path):
+    """Two arrays in one .json file (or anything after the closing ']') would silently lose the rest."""
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(qa_rows(3)) + "\n\n" + json.dumps(qa_rows(3)) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:3: text after the closing '\]' of the JSON array"):
+        load_task(f"json:{path}")
+    path.write_text(json.dumps(qa_rows(3), indent=2) + "  \n\n")  # trailing whitespace is fine
+    assert len(load_task(f"json:{path}").train) == 2
+
+
+def test_task_names_with_a_hash_and_empty_task_names(tmp_path):
+    """A 'task' value holding '#' is selected (and expanded by '#*') as written; an empty one names its row
+    (was: "bad task spec 'jsonl:F#': empty task name after '#'", a spec the user never wrote)."""
+    rows = [*qa_rows(5, task="c#"), *qa_rows(5, task="ok")]
+    path = write_jsonl(tmp_path / "names.jsonl", rows)
+    assert [len(t.train) for t in load_tasks([f"jsonl:{path}#c#"])] == [4]
+    assert [t.name for t in load_tasks([f"jsonl:{path}#*"])] == ["c#", "ok"]
+    empty = write_jsonl(
+        tmp_path / "empty_name.jsonl", [*qa_rows(2, task="ok"), {**qa_rows(1)[0], "task": ""}]
+    )
+    for spec in (f"jsonl:{empty}#*", f"jsonl:{empty}#ok"):
+        with pytest.raises(DataError, match=rf"{empty}:3: field 'task' is empty"):
+            load_tasks([spec])
+
+
+def test_missing_paths(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="does not exist; pass"):
         load_task(f"jsonl:{tmp_path / 'nope.jsonl'}")
+    monkeypatch.chdir(tmp_path)  # relative: the message says where it was looked for (not the config's dir)
+    cwd = rf"\(relative paths start at the current directory, {tmp_path}\)"
+    with pytest.raises(DataError, match=rf"'nope.jsonl' does not exist {cwd}; pass"):
+        load_task("jsonl:nope.jsonl")
     with pytest.raises(DataError, match="does not exist"):
         load_task(f"hf:{tmp_path / 'nope_dir'}")
 

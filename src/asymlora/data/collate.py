@@ -2,7 +2,7 @@
 
 Only the answer and the closing EOS token are learned: prompt positions carry label ``-100``.
 A prompt too long for ``max_length`` is cut from the left (its start, usually the instruction,
-goes first); the answer is never truncated.
+goes first); the answer is never truncated. :class:`MultiTaskDataset` counts both per task.
 """
 
 from __future__ import annotations
@@ -63,6 +63,11 @@ def encode_example(tokenizer: Any, example: Example, max_length: int) -> dict[st
     Raises:
         DataError: the answer plus EOS (and one prompt token) does not fit in ``max_length``.
     """
+    return _encode(tokenizer, example, max_length)[0]
+
+
+def _encode(tokenizer: Any, example: Example, max_length: int) -> tuple[dict[str, list[int]], int]:
+    """(:func:`encode_example`'s features, how many prompt tokens were cut to fit ``max_length``)."""
     prompt_ids, answer_ids = tokenize_prompt_answer(tokenizer, format_prompt(example), example.target)
     keep_bos = 1 if getattr(tokenizer, "add_bos_token", False) and prompt_ids else 0
     room = max_length - len(answer_ids) - keep_bos
@@ -72,12 +77,14 @@ def encode_example(tokenizer: Any, example: Example, max_length: int) -> dict[st
             f"does not fit in max_length={max_length} with its prompt; raise max_length"
         )
     body = prompt_ids[keep_bos:]
-    prompt_ids = prompt_ids[:keep_bos] + body[max(0, len(body) - room) :]
-    return {
+    cut = max(0, len(body) - room)
+    prompt_ids = prompt_ids[:keep_bos] + body[cut:]
+    features = {
         "input_ids": prompt_ids + answer_ids,
         "attention_mask": [1] * (len(prompt_ids) + len(answer_ids)),
         "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
     }
+    return features, cut
 
 
 class MultiTaskCollator:
@@ -138,12 +145,15 @@ class MultiTaskCollator:
 class MultiTaskDataset(Dataset):
     """The encoded examples of several tasks, flattened; each carries ``task_id`` = its task's index.
 
-    Examples whose answer cannot fit in ``max_length`` are skipped with a warning (the answer is
-    never truncated); a task left with no example raises :class:`DataError`.
+    Examples whose answer cannot fit in ``max_length`` are skipped (the answer is never truncated),
+    prompts too long for it are cut from the left; both are counted per task in :attr:`notes` and
+    logged as warnings (``warn=False``: only counted). A task left with no example raises
+    :class:`DataError`. ``label`` names the examples in both (default: ``split``; e.g. ``"validation"``).
 
     Attributes:
         task_names: names of the tasks, indexed by ``task_id``.
         task_indices: for each task, the dataset indices of its examples (for per-task sampling).
+        notes: one line per task that lost examples or prompt tokens to ``max_length``, saying how many.
     """
 
     def __init__(
@@ -152,6 +162,9 @@ class MultiTaskDataset(Dataset):
         tokenizer: Any,
         max_length: int = 512,
         split: Literal["train", "test"] = "train",
+        *,
+        warn: bool = True,
+        label: str | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise DataError(f"split must be 'train' or 'test', got {split!r}")
@@ -160,31 +173,41 @@ class MultiTaskDataset(Dataset):
         self.task_names: list[str] = [task.name for task in tasks]
         self.task_indices: list[list[int]] = []
         self.features: list[dict[str, Any]] = []
+        self.notes: list[str] = []
         for task_id, task in enumerate(tasks):
-            self.task_indices.append(self._add_task(task, task_id, tokenizer, max_length, split))
+            self.task_indices.append(self._add_task(task, task_id, tokenizer, max_length, split, warn, label))
 
-    def _add_task(self, task: Task, task_id: int, tokenizer: Any, max_length: int, split: str) -> list[int]:
+    def _add_task(
+        self,
+        task: Task,
+        task_id: int,
+        tokenizer: Any,
+        max_length: int,
+        split: str,
+        warn: bool,
+        label: str | None,
+    ) -> list[int]:
         indices: list[int] = []
-        skipped = 0
+        skipped = cut = 0
         for example in getattr(task, split):
             try:
-                feature: dict[str, Any] = encode_example(tokenizer, example, max_length)
+                encoded, cut_tokens = _encode(tokenizer, example, max_length)
             except DataError:
                 skipped += 1
                 continue
-            feature["task_id"] = task_id
+            cut += cut_tokens > 0
             indices.append(len(self.features))
-            self.features.append(feature)
-        if skipped:
-            logger.warning(
-                "task %r: skipped %d example(s) whose answer exceeds max_length=%d",
-                task.name,
-                skipped,
-                max_length,
-            )
+            self.features.append({**encoded, "task_id": task_id})
+        total, label = len(getattr(task, split)), label or split
+        lost = [f"skipped {skipped} of {total} {label} examples whose answer does not fit"] if skipped else []
+        lost += [f"cut the prompt of {cut} of {total} {label} examples from the left to fit"] if cut else []
+        if lost:
+            self.notes.append(f"task {task.name!r}, max_length={max_length}: {'; '.join(lost)}")
+            if warn:
+                logger.warning("%s", self.notes[-1])
         if not indices:
             raise DataError(
-                f"task {task.name!r} has no {split} example that fits in max_length={max_length}; "
+                f"task {task.name!r} has no {label} example that fits in max_length={max_length}; "
                 "raise max_length or check the task's data"
             )
         return indices

@@ -85,6 +85,13 @@ def _json_array_rows(text: str, source: str) -> list[Row]:
             raise DataError(f"{source}:{line}: expected ',' or ']' after this element of the JSON array")
     if pos >= len(text):
         raise DataError(f"{source}: the JSON array is not closed with ']'")
+    after = _skip_whitespace(text, pos + 1)
+    if after < len(text):
+        line = text.count("\n", 0, after) + 1
+        raise DataError(
+            f"{source}:{line}: text after the closing ']' of the JSON array; a JSON "
+            "file holds one array of objects: put every row in it (or write JSON Lines, one object per line)"
+        )
     return rows
 
 
@@ -106,16 +113,30 @@ def _jsonl_rows(text: str, source: str) -> list[Row]:
 def _existing_file(location: str) -> Path:
     path = Path(location).expanduser()
     if not path.exists():
-        raise DataError(f"data file {str(path)!r} does not exist; pass an existing .json or .jsonl file")
+        cwd = "" if path.is_absolute() else f" (relative paths start at the current directory, {Path.cwd()})"
+        raise DataError(f"data file {str(path)!r} does not exist{cwd}; pass an existing .json or .jsonl file")
     if not path.is_file():
         raise DataError(f"{str(path)!r} is not a file; json:/jsonl: specs take a .json or .jsonl file")
     return path
 
 
+def _read_text(path: Path) -> str:
+    """The file's text: UTF-8, a leading byte-order mark (Windows editors, spreadsheet exports) dropped."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); save the file as UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8 {path} > fixed.jsonl (name its real encoding after -f)"
+        ) from None
+
+
 def read_json_rows(location: str | Path) -> list[Row]:
-    """Every record of a JSON-array or JSON-Lines file, with its ``file:line``."""
+    """Every record of a JSON-array or JSON-Lines file (UTF-8, with or without a BOM), with its ``file:line``."""
     path = _existing_file(str(location))
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         return _json_array_rows(text, str(path))
     return _jsonl_rows(text, str(path))
@@ -197,6 +218,10 @@ def _names_in_order(rows: Iterable[Row]) -> list[str]:
     names: dict[str, None] = {}
     for row in rows:
         value = _task_value(row)
+        if value is not None and not value.strip():
+            raise DataError(
+                f"{row.where}: field {TASK_FIELD!r} is empty; give the row a task name or no {TASK_FIELD!r}"
+            )
         if value is not None:
             names[value] = None
     return list(names)

@@ -49,6 +49,11 @@ def parse_spec(spec: str) -> TaskSpec:
     location, hash_sign, selector = rest.rpartition(TASK_SELECTOR)
     if not hash_sign or Path(rest).expanduser().exists():
         return TaskSpec(scheme, rest)
+    # a task name holding '#' (a 'task' value such as 'c#'): split after the first part that exists
+    cuts = [at for at, char in enumerate(rest) if char == TASK_SELECTOR]
+    at = next((at for at in cuts if Path(rest[:at]).expanduser().exists()), None)
+    if at is not None:
+        location, selector = rest[:at], rest[at + 1 :]
     if not selector:
         raise DataError(f"bad task spec {spec!r}: empty task name after '#'")
     return TaskSpec(scheme, location, selector)

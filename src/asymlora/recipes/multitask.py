@@ -40,7 +40,7 @@ from asymlora.analysis.router_stats import ROUTER_LOG, RouterLog, RouterStats
 from asymlora.analysis.traces import TraceRecorder
 from asymlora.config import ConfigError, RunConfig, dump_config, load_config
 from asymlora.data import MultiTaskCollator, MultiTaskDataset, load_tasks
-from asymlora.data.tasks import split_validation
+from asymlora.data.tasks import DataError, split_validation
 from asymlora.eval import (
     apply_metric_choices,
     evaluate_task,
@@ -70,10 +70,23 @@ def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> Path:
     return Path(cfg.run_dir)
 
 
+def check_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> None:
+    """Raise what `prepare_run_dir` would refuse (another run, another config, not a run), writing nothing."""
+    distributed.on_main(_check_run_dir, cfg, overwrite=overwrite, resume=resume)
+
+
 def _prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> None:
+    _check_run_dir(cfg, overwrite=overwrite, resume=resume)
+    run_dir = Path(cfg.run_dir)
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+
+
+def _check_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> None:
     run_dir = Path(cfg.run_dir)
     saved = run_dir / CONFIG_FILE
-    text = dump_config(cfg)
     if saved.is_file() and not overwrite:
         if not resume:
             raise FileExistsError(
@@ -89,10 +102,6 @@ def _prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> None:
             )
     elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite and not saved.is_file():
         raise FileExistsError(f"{run_dir} exists and is not an asymlora run; choose another run_dir=...")
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, text)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -159,11 +168,25 @@ def load_split_tasks(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
         max_test=cfg.data.max_test,
         test_fraction=cfg.data.test_fraction,
     )
+    check_unique_names(tasks)
     tasks = apply_metric_choices(tasks, cfg.data.metric, cfg.data.tasks)
     if not n:
         return tasks, []
     pairs = [split_validation(task, n) for task in tasks]
     return [train for train, _ in pairs], [val for _, val in pairs]
+
+
+def check_unique_names(tasks: list[Any]) -> None:
+    """Raise `DataError` when two of ``data.tasks`` have the same name (results, the task router and
+    ``data.metric`` are keyed by it: the second would overwrite the first's scores)."""
+    names = [task.name for task in tasks]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise DataError(
+            f"data.tasks gives more than one task the name {', '.join(map(repr, twice))} (tasks: {names}); a task "
+            "is named by its '#name' selector, else by its file or directory name: list each task once, and "
+            "rename one of two files of the same name (or put their rows in one file with a 'task' column)"
+        )
 
 
 def evaluate(
@@ -242,7 +265,9 @@ def train_and_evaluate(
     # anything else here only makes get_peft_model warn that it renamed it.
     peft_cfg = cfg.adapter_for(method).to_peft([t.name for t in tasks], base_model=model.name_or_path or None)
     pm = peft.get_peft_model(model, peft_cfg)
-    dataset = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length)
+    dataset = MultiTaskDataset(
+        tasks, tokenizer, max_length=cfg.data.max_length, warn=False
+    )  # check_data_fits
     settings_train = cfg.train.for_examples(len(dataset))  # train.epochs → steps
     on_step, router_log = _step_hooks(cfg, pm, out_dir, settings_train.steps, tasks)
     validation = _validation(cfg, tokenizer, val_tasks, router_log)
@@ -279,7 +304,7 @@ def _validation(
     are kept out of the router statistics."""
     if not val_tasks:
         return None
-    dataset = MultiTaskDataset(val_tasks, tokenizer, max_length=cfg.data.max_length)
+    dataset = MultiTaskDataset(val_tasks, tokenizer, max_length=cfg.data.max_length, warn=False)
     pause = router_log.stats.paused if router_log is not None else None
     return Validation(dataset, MultiTaskCollator(tokenizer), cfg.stopping, cfg.eval.batch_size, pause)
 
@@ -341,7 +366,7 @@ def run(
     distributed.init(cfg.model.device)
     say = print if not quiet and distributed.is_main() else (lambda *a: None)
     tasks, val_tasks = load_split_tasks(cfg)  # bad data or metrics fail before run_dir is written
-    run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
+    check_run_dir(cfg, overwrite=overwrite, resume=resume)
     val = f"{cfg.stopping.val_examples} validation / " if val_tasks else ""
     say(
         "tasks: "
@@ -351,6 +376,8 @@ def run(
     for note in notes.values():
         say(f"note: {note}")
     model, tokenizer = load_model(cfg)
+    check_data_fits(cfg, tokenizer, tasks, val_tasks)  # a task with no example that fits: before run_dir
+    run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
     table = _Table(primary_metrics(tasks), notes)
     combined: dict[str, Any] = {
         "tasks": [t.name for t in tasks],
@@ -387,6 +414,14 @@ def run(
         write_json(run_dir / RESULTS_FILE, results)
         return results
     return combined
+
+
+def check_data_fits(cfg: RunConfig, tokenizer: Any, tasks: list, val_tasks: list) -> None:
+    """Raise `DataError` for a task (or validation split) with no example whose answer fits in
+    ``data.max_length``; warn, once per run, of each task's examples skipped or prompts cut to fit it."""
+    MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length)
+    if val_tasks:
+        MultiTaskDataset(val_tasks, tokenizer, max_length=cfg.data.max_length, label="validation")
 
 
 def check_launch(cfg: RunConfig) -> None:
