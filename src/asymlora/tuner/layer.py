@@ -201,10 +201,12 @@ class AsymLoraLayer(BaseTunerLayer):
             )
 
     def task_delta_weight(self, adapter_name: str, task: int) -> Tensor:
-        """ΔW_t = s · B_t A_t (d_out × d_in) of expert/task ``task``."""
+        """ΔW_t = s · B_t A_t (d_out × d_in) of expert/task ``task``, in float32 (float64 for a float64 adapter:
+        a float64 model merges in float64, not through float32)."""
         cfg = self.asymlora_config[adapter_name]
         a, b = get_method(cfg.method).task_factors(self.tensors(adapter_name), task)
-        return cfg.scaling * (b.float() @ a.float())
+        dtype = torch.promote_types(b.dtype, torch.float32)
+        return cfg.scaling * (b.to(dtype) @ a.to(dtype))
 
     def in_weight_layout(self, delta: Tensor) -> Tensor:
         """A (d_out × d_in) update in the base weight's layout: transposed for Conv1D (peft's `transpose`)."""
