@@ -481,6 +481,18 @@ def test_magnitude_direction_by_hand():
     close(magnitude_direction_change(w0, t([[0, 0], [0, -2]]))["delta_D"], 1.0)
 
 
+# per="row" (DoRA's released code, peft): the same W0, ΔW; row norms m0 = (3, √17), m = (√10, √17).
+#   ΔM = (√10 − 3)/2;  row 0: cos = (3·3 + 0·1)/(3·√10) = 3/√10, row 1 unchanged → ΔD = (1 − 3/√10)/2
+def test_magnitude_direction_per_row_by_hand():
+    out = magnitude_direction_change(t([[3, 0], [4, 1]]), t([[0, 1], [0, 0]]), per="row")
+    close(out["delta_M"], (math.sqrt(10) - 3) / 2)
+    close(out["delta_D"], (1 - 3 / math.sqrt(10)) / 2)
+    close(out["m0_mean"], (3 + math.sqrt(17)) / 2)
+    close(out["m_mean"], (math.sqrt(10) + math.sqrt(17)) / 2)
+    with pytest.raises(ValueError, match="per='rows': give 'column'"):
+        magnitude_direction_change(t([[3, 0], [4, 1]]), t([[0, 1], [0, 0]]), per="rows")
+
+
 def test_magnitude_direction_batches_and_zero_columns():
     w0 = t([[3, 0], [4, 1]])
     out = magnitude_direction_change(w0, torch.stack([t([[0, 1], [0, 0]]), t([[0, 0], [0, -0.5]])]))

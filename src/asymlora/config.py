@@ -128,7 +128,8 @@ class BaseAdapterSettings:
     r: int = 8
     """Rank of each expert."""
     lora_alpha: float = 16
-    """Scaling numerator, s = lora_alpha / r."""
+    """Scaling numerator, s = lora_alpha / r, with r as given here for every method: MALoRA's paper pairs
+    alpha with its enlarged rank r̂ (r̂ = 12, alpha = 24: s = 2), so to match it give alpha = 2·r (16 at r = 8)."""
     lora_dropout: float = 0.0
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "o_proj"])

@@ -468,10 +468,14 @@ def cca_similarity(
 
 
 # --- magnitude and direction ---------------------------------------------------------------------------------
-def magnitude_direction_change(W0: Tensor, delta_W: Tensor, *, eps: float = 1e-30) -> dict[str, Tensor]:
+def magnitude_direction_change(
+    W0: Tensor, delta_W: Tensor, *, per: str = "column", eps: float = 1e-30
+) -> dict[str, Tensor]:
     """DoRA-style magnitude and direction change of W = W0 + ΔW against W0 (Liu et al. 2024, §3).
 
-    Per column c (one per input feature; W is d_out × d_in):
+    Per column c (one per input feature; W is d_out × d_in), as the DoRA paper's ``‖·‖_c`` reads with
+    y = W x and docs/design.md §5 states; ``per="row"`` takes one per output feature instead, as DoRA's
+    released code and peft's DoRA do (their magnitude vector has d_out entries). The formulas:
 
         m_c = ‖W[:, c]‖₂,   m0_c = ‖W0[:, c]‖₂,   V = W / m,   V0 = W0 / m0
         ΔM = mean_c |m_c − m0_c|
@@ -483,10 +487,12 @@ def magnitude_direction_change(W0: Tensor, delta_W: Tensor, *, eps: float = 1e-3
     Args:
         W0: (..., d_out, d_in) frozen weight.
         delta_W: (..., d_out, d_in) update (for LoRA: s · B A), broadcastable against W0.
+        per: ``"column"`` (the paper's notation, the default) or ``"row"`` (DoRA's code): the vectors whose
+            norms are the magnitudes. ValueError for anything else.
 
     Returns:
         {"delta_M": (...), "delta_D": (...), "m0_mean": (...), "m_mean": (...)} float64 tensors
-        (``m0_mean``/``m_mean`` are the mean column norms, for relating ΔM to the weight's scale).
+        (``m0_mean``/``m_mean`` are the mean column (row) norms, for relating ΔM to the weight's scale).
     """
     w0 = _as_f64(W0, "W0")
     dw = _as_f64(delta_W, "delta_W")
@@ -496,6 +502,12 @@ def magnitude_direction_change(W0: Tensor, delta_W: Tensor, *, eps: float = 1e-3
         raise ValueError(
             f"W0 {tuple(W0.shape)} and delta_W {tuple(delta_W.shape)} do not have the same shape"
         ) from None
+    if per not in ("column", "row"):
+        raise ValueError(
+            f"per={per!r}: give 'column' (one magnitude per input feature) or 'row' (per output)"
+        )
+    if per == "row":  # the rows of W are the columns of Wᵀ
+        w0, w = w0.transpose(-2, -1), w.transpose(-2, -1)
     m0 = torch.linalg.vector_norm(w0, dim=-2)
     m = torch.linalg.vector_norm(w, dim=-2)
     v0 = w0 / m0.clamp_min(eps).unsqueeze(-2)
