@@ -156,6 +156,19 @@ def test_a_list_prompt_gives_one_choice_per_prompt_and_models_lists_the_tasks(ro
         assert choice["finish_reason"] in ("stop", "length")
 
 
+def test_an_unknown_route_or_method_gets_an_openai_error_body(routed_server) -> None:
+    """OpenAI clients read error.message; FastAPI's default body is {"detail": "Not Found"}."""
+    url = routed_server[0]
+    with httpx.Client(base_url=url, timeout=60) as client:
+        missing = client.post("/v1/chat/completions", json={"model": "qa", "messages": []})
+        wrong = client.get("/v1/completions")
+    assert missing.status_code == 404 and wrong.status_code == 405
+    says = "Not Found: POST /v1/chat/completions; this server answers POST /v1/completions"
+    assert missing.json()["error"]["message"].startswith(says)
+    assert wrong.json()["error"]["message"].startswith("Method Not Allowed: GET /v1/completions")
+    assert wrong.headers["allow"] == "POST"
+
+
 def test_stop_cuts_the_text_and_a_null_max_tokens_means_16(routed_server) -> None:
     url, _, model, tokenizer = routed_server
     full = _reference(model, tokenizer, PROMPTS[0], 0, max_tokens=16)

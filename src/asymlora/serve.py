@@ -36,6 +36,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from starlette.exceptions import HTTPException
 from transformers import GenerationConfig
 
 from asymlora.methods import get_method
@@ -489,6 +490,14 @@ def create_app(
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse(_error_body(e.message, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(HTTPException)  # unknown route, wrong method: OpenAI's error shape, not {"detail"}
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        message = (
+            f"{e.detail}: {request.method} {request.url.path}; this server answers POST /v1/completions, "
+            "GET /v1/models and GET /health"
+        )
+        return JSONResponse(_error_body(message), status_code=e.status_code, headers=e.headers)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
