@@ -61,3 +61,20 @@ def test_two_tasks_of_the_same_name_are_refused(env, tmp_path, tasks) -> None:
     cfg = load_config(None, tiny_run_overrides(env, tmp_path / "run", SIZES, spec))
     with pytest.raises(DataError, match=r"data.tasks gives more than one task the name '(add|parity|train)'"):
         load_split_tasks(cfg)
+
+
+def test_prompts_cut_to_fit_are_recorded_in_results_json(env, tmp_path) -> None:
+    """Every prompt of 'cut' (50 characters) is longer than max_length=32: the run says how many it cut, in
+    results.json's data_notes as well as on the console (was: truncated silently)."""
+    data = tmp_path / "cut.jsonl"
+    data.write_text("".join(json.dumps({"input": "x" * 50 + str(i), "output": "a"}) + "\n" for i in range(8)))
+    run_dir = tmp_path / "run"
+    tasks = f"data.tasks=[jsonl:{env['data']}#add, jsonl:{data}]"
+    run(load_config(None, tiny_run_overrides(env, run_dir, SIZES, tasks)), quiet=True)
+    notes = json.loads((run_dir / "results.json").read_text())["data_notes"]
+    assert len(notes) == 1, notes
+    n = len(load_split_tasks(load_config(None, tiny_run_overrides(env, run_dir, SIZES, tasks)))[0][1].train)
+    assert (
+        notes[0]
+        == f"task 'cut', max_length=32: cut the prompt of {n} of {n} train examples from the left to fit"
+    )

@@ -10,7 +10,8 @@ Run directory of a single-method run::
     run_dir/val_log.jsonl        validation loss per task and mean every stopping.every steps (stopping rule)
     run_dir/router.jsonl         router load, entropies, task × expert usage every train.router_log_every steps
     run_dir/results.json         per_task, average, std, worst, delta_m, method, trainable_params, ...,
-                                 intervals (95 %: per task, average, Δm%; asymlora.eval.stats)
+                                 intervals (95 %: per task, average, Δm%; asymlora.eval.stats), data_notes
+                                 (examples skipped or prompts cut to fit data.max_length, per task)
     run_dir/per_example.jsonl    each test example's scores: {"task", "index", "key", "scores"}
 
 With ``compare.methods`` each method gets such a directory ``run_dir/<method>/``, single-task baselines go
@@ -376,7 +377,7 @@ def run(
     for note in notes.values():
         say(f"note: {note}")
     model, tokenizer = load_model(cfg)
-    check_data_fits(cfg, tokenizer, tasks, val_tasks)  # a task with no example that fits: before run_dir
+    data_notes = check_data_fits(cfg, tokenizer, tasks, val_tasks)  # no example that fits: before run_dir
     run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
     table = _Table(primary_metrics(tasks), notes)
     combined: dict[str, Any] = {
@@ -385,6 +386,7 @@ def run(
         "methods": {},
     }
     combined["metric_notes"] = notes
+    combined["data_notes"] = data_notes  # examples skipped or prompts cut to fit data.max_length
     if cfg.eval.base_model:
         combined["base"] = _base_scores(cfg, model, tokenizer, tasks, run_dir, resume=resume, table=table)
     baselines, baseline_examples = cfg.baselines, None
@@ -411,17 +413,22 @@ def run(
     if flat:  # a single-method run: results.json holds that run's keys, plus the base model's scores
         results = json.loads((run_dir / RESULTS_FILE).read_text())
         results["base"] = combined.get("base")
+        results["data_notes"] = data_notes
         write_json(run_dir / RESULTS_FILE, results)
         return results
     return combined
 
 
-def check_data_fits(cfg: RunConfig, tokenizer: Any, tasks: list, val_tasks: list) -> None:
+def check_data_fits(cfg: RunConfig, tokenizer: Any, tasks: list, val_tasks: list) -> list[str]:
     """Raise `DataError` for a task (or validation split) with no example whose answer fits in
-    ``data.max_length``; warn, once per run, of each task's examples skipped or prompts cut to fit it."""
-    MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length)
+    ``data.max_length``; warn, once per run, of each task's examples skipped or prompts cut to fit it, and
+    return those lines (``results.json``'s ``data_notes``)."""
+    notes = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length).notes
     if val_tasks:
-        MultiTaskDataset(val_tasks, tokenizer, max_length=cfg.data.max_length, label="validation")
+        notes += MultiTaskDataset(
+            val_tasks, tokenizer, max_length=cfg.data.max_length, label="validation"
+        ).notes
+    return notes
 
 
 def check_launch(cfg: RunConfig) -> None:
