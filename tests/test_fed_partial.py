@@ -467,3 +467,22 @@ def test_a_killed_local_only_baseline_retrains_only_the_clients_it_had_not_finis
     trained.clear()
     local(tmp_path / "killed", c=dataclasses.replace(cfg, rounds=cfg.rounds + 1))
     assert trained == [0, 1, 2, 3]
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path: Path) -> None:
+    """resume=true in a run_dir without this strategy's checkpoint (a first run, or a deployment's resume that
+    named no strategy and so resumed the config's first one) started at round 1 without a word."""
+    from asymlora.federated.round_log import CHECKPOINT_DIR, RoundLog
+
+    said: list[str] = []
+    log = RoundLog.open(tmp_path / "fedalora", "fedalora", resume=True)
+    log.start({"w": torch.zeros(2)}, [2], say=said.append)
+    assert log.next_round == 1
+    assert said == [
+        f"fedalora: nothing to resume in {tmp_path / 'fedalora' / CHECKPOINT_DIR}; starting at round 1"
+    ]
+    quiet: list[str] = []
+    RoundLog.open(tmp_path / "fresh", "fedalora", resume=False).start(
+        {"w": torch.zeros(2)}, [2], say=quiet.append
+    )
+    assert quiet == []

@@ -107,6 +107,8 @@ class RoundLog:
         self.next_round = 1
         """The first round still to run (1, or the checkpoint's round + 1 once `start` resumed)."""
         self._checkpoint = checkpoint
+        self.resume_asked = False
+        """Whether the run asked to resume (`start` says so when there was no checkpoint to resume)."""
 
     @classmethod
     def open(cls, out_dir: str | Path, strategy: str, resume: bool) -> RoundLog:
@@ -117,7 +119,9 @@ class RoundLog:
             raise FileExistsError(
                 f"{out_dir} already holds a checkpoint; resume it or start in an empty run_dir"
             )
-        return cls(out_dir, strategy, ck)
+        log = cls(out_dir, strategy, ck)
+        log.resume_asked = resume
+        return log
 
     def start(
         self, state: dict[str, Tensor], ranks: list[int], say: Callable[[str], None]
@@ -146,6 +150,8 @@ class RoundLog:
             say(
                 f"{self.strategy}: resuming after round {self.next_round - 1} from {self.out_dir / CHECKPOINT_DIR}"
             )
+        elif self.resume_asked:  # e.g. resume=true naming another strategy's run_dir, or a first run
+            say(f"{self.strategy}: nothing to resume in {self.out_dir / CHECKPOINT_DIR}; starting at round 1")
         write_rounds(self.out_dir, self.history)
         return state
 
