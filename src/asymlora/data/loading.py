@@ -154,13 +154,16 @@ def load_tasks(
 
     A ``json:``/``jsonl:``/``hf:`` spec ending in ``#*`` expands to one task per value of its
     ``task`` column. BIG-bench tasks not yet cached are read from the archive in one pass.
+
+    Raises:
+        DataError: a bad spec or file, or two tasks of the same name.
     """
     expanded = _expand_specs(specs)
     bigbench_paths = [parse_spec(spec).location for spec in expanded if spec.startswith("bigbench:")]
     if bigbench_paths:
         prefetch(bigbench_paths, cache_dir=cache_dir)
     parsed = [parse_spec(spec) for spec in expanded]
-    return [
+    tasks = [
         load_task(
             spec,
             seed=seed,
@@ -176,3 +179,18 @@ def load_tasks(
         )
         for spec, p in zip(expanded, parsed, strict=True)
     ]
+    _check_unique_names(tasks)
+    return tasks
+
+
+def _check_unique_names(tasks: Sequence[Task]) -> None:
+    """Raise `DataError` when two tasks have the same name (results, the task router, ``data.metric`` and
+    the federated clients are keyed by it: the second would overwrite the first's scores)."""
+    names = [task.name for task in tasks]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise DataError(
+            f"data.tasks gives more than one task the name {', '.join(map(repr, twice))} (tasks: {names}); a task "
+            "is named by its '#name' selector, else by its file or directory name: list each task once, and "
+            "rename one of two files of the same name (or put their rows in one file with a 'task' column)"
+        )

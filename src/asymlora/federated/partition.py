@@ -201,9 +201,6 @@ def load_partition(cfg: FedConfig) -> tuple[list[Task], Plan]:
         d.tasks, seed=d.seed, max_train=d.max_train, max_test=d.max_test, test_fraction=d.test_fraction
     )
     tasks = apply_metric_choices(tasks, d.metric, d.tasks)
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise ValueError(f"data.tasks names the same task twice: {names}")
     if cfg.clients.partition == "task" and len(tasks) != cfg.clients.num:
         raise ValueError(
             f"clients.partition=task: data.tasks expands to {len(tasks)} task(s) for {cfg.clients.num} clients"

@@ -41,7 +41,7 @@ from asymlora.analysis.router_stats import ROUTER_LOG, RouterLog, RouterStats
 from asymlora.analysis.traces import TraceRecorder
 from asymlora.config import ConfigError, RunConfig, dump_config, load_config
 from asymlora.data import MultiTaskCollator, MultiTaskDataset, load_tasks
-from asymlora.data.tasks import DataError, split_validation
+from asymlora.data.tasks import split_validation
 from asymlora.eval import (
     apply_metric_choices,
     evaluate_task,
@@ -169,25 +169,11 @@ def load_split_tasks(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
         max_test=cfg.data.max_test,
         test_fraction=cfg.data.test_fraction,
     )
-    check_unique_names(tasks)
     tasks = apply_metric_choices(tasks, cfg.data.metric, cfg.data.tasks)
     if not n:
         return tasks, []
     pairs = [split_validation(task, n) for task in tasks]
     return [train for train, _ in pairs], [val for _, val in pairs]
-
-
-def check_unique_names(tasks: list[Any]) -> None:
-    """Raise `DataError` when two of ``data.tasks`` have the same name (results, the task router and
-    ``data.metric`` are keyed by it: the second would overwrite the first's scores)."""
-    names = [task.name for task in tasks]
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise DataError(
-            f"data.tasks gives more than one task the name {', '.join(map(repr, twice))} (tasks: {names}); a task "
-            "is named by its '#name' selector, else by its file or directory name: list each task once, and "
-            "rename one of two files of the same name (or put their rows in one file with a 'task' column)"
-        )
 
 
 def evaluate(
