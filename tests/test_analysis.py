@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import peft
 import pytest
@@ -488,6 +489,70 @@ def test_untrained_b_is_reported_not_crashed(tmp_path):
     res = analyze([tmp_path / "fresh", tmp_path / "lora"], tmp_path / "out", figures=False)
     assert res["summary"][0]["B"]["similarity_mean"] is None
     assert any("B is all zero" in n for n in res["notes"])
+
+
+# --- bad paths, partial writes ---------------------------------------------------------------------------------
+def test_an_unfinished_asymlora_run_and_an_experiment_directory_are_found(saved, tmp_path):
+    run = tmp_path / "run"  # killed before run/adapter: only its checkpoints/step-N (train.checkpoint)
+    for step in (4, 10):
+        saved["lora"].save_pretrained(run / "checkpoints" / f"step-{step:06d}")
+    assert find_adapter_dir(run) == run / "checkpoints" / "step-000010"
+    exp = tmp_path / "exp"  # `asymlora experiment init-similarity --out exp`
+    for label in ("add1_seed0", "add1_seed1"):
+        saved["lora"].save_pretrained(exp / "adapters" / label)
+    with pytest.raises(ValueError, match=r"\(pass them\): \[.*exp/adapters/add1_seed0', .*add1_seed1'\]"):
+        load_adapter(exp)
+
+
+def test_an_out_that_is_a_file_or_not_writable_is_named_before_any_work(saved, tmp_path, monkeypatch, capsys):
+    from asymlora.cli import main as cli_main
+
+    paths = [str(saved["root"] / "alora"), str(saved["root"] / "lora")]
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    for out in (afile, afile / "sub"):
+        assert cli_main(["analyze", *paths, "--out", str(out)]) == 2
+        assert f"--out {out} is not a directory" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+    monkeypatch.setattr("os.access", lambda *a, **k: False)  # as a user without write permission there
+    assert cli_main(["analyze", *paths, "--out", str(tmp_path / "new")]) == 2
+    assert f"{tmp_path} is not writable by this user" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+
+    def denied(*a, **k):  # what root, whom os.access lets through, meets on a read-only file system
+        raise PermissionError(1, "Operation not permitted", "/sys/out")
+
+    monkeypatch.setattr("asymlora.cli.analyze", denied)
+    assert cli_main(["analyze", *paths, "--out", "/sys/out"]) == 2
+    assert "error: /sys/out: Operation not permitted; give a path you can write" in capsys.readouterr().err
+
+
+def test_figures_are_written_whole_or_not_at_all(saved, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.png").write_bytes(b"a previous figure")
+
+    def disk_full(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        analyze([saved["root"] / "alora", saved["root"] / "lora"], out)
+    assert (out / "summary.png").read_bytes() == b"a previous figure"
+    assert sorted(p.name for p in out.iterdir()) == ["summary.png"]
+
+
+def test_only_our_own_analysis_json_names_figures_to_delete(saved, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "analysis.json").write_text(json.dumps({"figures": ["plot.png"]}))  # another tool's
+    (out / "plot.png").write_bytes(b"the user's")
+    analyze([saved["root"] / "alora", saved["root"] / "lora"], out, figures=False)
+    assert (out / "plot.png").read_bytes() == b"the user's"
 
 
 # --- traces ------------------------------------------------------------------------------------------------------

@@ -385,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         # Python's documented recipe: point stdout at devnull so the interpreter's final flush is silent.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a program killed by a closed pipe
+    except PermissionError as e:  # a path the user gave that this user may not write (or read)
+        print(
+            f"asymlora {args.command}: error: {e.filename}: {e.strerror}; give a path you can write",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not isinstance(e, TrainingError):
             raise

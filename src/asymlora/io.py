@@ -22,6 +22,7 @@ __all__ = [
     "atomic_file",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_out_dir",
     "check_target_dir",
     "purge_after_step",
 ]
@@ -64,6 +65,26 @@ def check_target_dir(target: str | os.PathLike, overwrite: bool = False) -> Path
             f"{target} already exists and is not empty; choose another path or overwrite it."
         )
     return target
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as a Path, when an output directory can be made or written there; creates nothing, so a
+    command that checks it first and fails later leaves no empty directory behind.
+
+    Raises:
+        FileExistsError: ``path``, or a folder on the way to it, is a file.
+        ValueError: the nearest existing folder is not writable by this user.
+    """
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} on the way to it is a file)"
+        raise FileExistsError(f"{flag} {path} is not a directory{where}; give the path of a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{flag} {path}: {existing} is not writable by this user; give a directory you can write"
+        )
+    return path
 
 
 @contextmanager

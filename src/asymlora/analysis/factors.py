@@ -10,7 +10,8 @@ Two formats are understood:
   ``<module>.lora_B.weight`` (d_out × r), one expert.
 
 A path may be the adapter directory itself or a run directory holding one: ``<dir>/adapter``,
-``<dir>/final`` (or ``<dir>/final/adapter``), or the newest ``<dir>/checkpoint-<step>``.
+``<dir>/final`` (or ``<dir>/final/adapter``), or the newest ``<dir>/checkpoint-<step>`` (a Trainer's) or
+``<dir>/checkpoints/step-<step>`` (an asymlora run still training, or killed).
 
     from asymlora.analysis.factors import load_adapter
     ad = load_adapter("runs/alora-seed0")
@@ -124,7 +125,7 @@ class AdapterFactors:
 
 # --- locating the adapter ------------------------------------------------------------------------------------
 def _checkpoint_step(p: Path) -> int:
-    m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+    m = re.fullmatch(r"(?:checkpoint|step)-(\d+)", p.name)
     return int(m.group(1)) if m else -1
 
 
@@ -132,7 +133,8 @@ def find_adapter_dir(path: str | os.PathLike) -> Path:
     """The directory holding ``adapter_config.json`` for ``path``.
 
     Looks in ``path`` itself, then ``path/adapter``, ``path/final``, ``path/final/adapter``, then the
-    newest ``path/checkpoint-<step>`` (highest step; itself or its ``adapter`` subdirectory).
+    newest ``path/checkpoint-<step>`` or ``path/checkpoints/step-<step>`` (highest step; itself or its
+    ``adapter`` subdirectory).
     Raises ``ValueError`` saying what was looked for when nothing is found.
     """
     p = Path(path)
@@ -145,8 +147,11 @@ def find_adapter_dir(path: str | os.PathLike) -> Path:
             f"{p} is a file; pass the adapter directory (the one holding {CONFIG_NAME}) or a run directory"
         )
     candidates = [p, p / "adapter", p / "final", p / "final" / "adapter"]
+    # a Trainer's checkpoint-<step>, or asymlora's own checkpoints/step-<step> of a run still training or killed
     checkpoints = sorted(
-        (c for c in p.glob("checkpoint-*") if c.is_dir()), key=_checkpoint_step, reverse=True
+        (c for c in [*p.glob("checkpoint-*"), *p.glob("checkpoints/step-*")] if c.is_dir()),
+        key=_checkpoint_step,
+        reverse=True,
     )
     for ckpt in checkpoints:
         candidates += [ckpt, ckpt / "adapter"]
@@ -154,12 +159,14 @@ def find_adapter_dir(path: str | os.PathLike) -> Path:
         if (c / CONFIG_NAME).is_file():
             return c
     # a compare run (asymlora demo, compare.methods) keeps one run directory per method: <run>/<method>/adapter
+    # and `asymlora experiment init-similarity` keeps its adapters as <out>/adapters/<run>
     nested = sorted({str(c.parent) for c in p.glob(f"*/{CONFIG_NAME}")}
-                    | {str(c.parent.parent) for c in p.glob(f"*/adapter/{CONFIG_NAME}")})  # fmt: skip
+                    | {str(c.parent.parent) for c in p.glob(f"*/adapter/{CONFIG_NAME}")}
+                    | {str(c.parent) for c in p.glob(f"adapters/*/{CONFIG_NAME}")})  # fmt: skip
     hint = f" Subdirectories holding adapters (pass them): {nested[:5]}." if nested else ""
     raise ValueError(
         f"{p} is not an adapter: no {CONFIG_NAME} in it, nor in {p.name}/adapter, {p.name}/final or a "
-        f"{p.name}/checkpoint-* directory.{hint} Pass a directory written by save_pretrained (asymlora or "
+        f"{p.name}/checkpoint-* or {p.name}/checkpoints/step-* directory.{hint} Pass a directory written by save_pretrained (asymlora or "
         "peft LoRA) or a training run directory."
     )
 

@@ -7,7 +7,8 @@ analysis with ``figures=False`` never loads it.
 - `write_analysis_figures`: the figures of one ``analysis.json`` (summary bars, per-layer similarity, the
   adapter × adapter matrix, φ(i, j) grids per pairing kind, spectra, magnitude/direction change);
 - `plot_traces`: a ``traces.jsonl`` written by `asymlora.analysis.traces.TraceRecorder`;
-- `new_figure`: the figure every plot starts from (also used by `asymlora.analysis.router_stats`).
+- `new_figure`: the figure every plot starts from, `save_figure`: its atomic write (both also used by
+  `asymlora.analysis.router_stats`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from torch import Tensor
 from asymlora.analysis.names import layer_and_type, short_name, slug
 from asymlora.analysis.traces import read_traces
 from asymlora.eval.stats import nan_mean
+from asymlora.io import atomic_file
 
-__all__ = ["new_figure", "plot_traces", "write_analysis_figures"]
+__all__ = ["new_figure", "plot_traces", "save_figure", "write_analysis_figures"]
 
 
 def new_figure(width: float, height: float) -> Any:
@@ -37,8 +39,15 @@ def new_figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``path`` (format from its suffix, PNG without one) whole or not at all: a temporary
+    file, then one rename, so an interrupted run leaves no half-written image over a previous one."""
+    path = Path(path)
+    return atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:] or "png"))
+
+
 def _save(fig: Any, out_dir: Path, name: str, figures: list[str]) -> None:
-    fig.savefig(out_dir / name, dpi=110)
+    save_figure(fig, out_dir / name)
     figures.append(name)
 
 
@@ -330,7 +339,4 @@ def plot_traces(trace_path: str | os.PathLike, out_png: str | os.PathLike) -> Pa
         if series[key]:
             ax.legend(fontsize=7, title="mean over layers", title_fontsize=7)
     fig.suptitle(f"Training trace: {Path(trace_path).name}")
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, out_png)

@@ -48,7 +48,7 @@ from asymlora.analysis.metrics import (
 from asymlora.analysis.names import layer_and_type, module_order
 from asymlora.analysis.router_stats import analyze_routing
 from asymlora.eval.stats import nan_mean, std
-from asymlora.io import atomic_write_text
+from asymlora.io import atomic_write_text, check_out_dir
 
 __all__ = [
     "ACROSS",
@@ -66,6 +66,7 @@ ACROSS = "across adapters"
 ROLES: tuple[tuple[str, int, Side], ...] = (("A", 0, "row"), ("B", 1, "col"))
 """(role, index in the (A_i, B_i) pair, side of the subspace)."""
 JSON_NAME = "analysis.json"
+FORMAT = "asymlora-analysis/1"
 SUMMARY_NAME = "summary.txt"
 STD_DDOF = 1
 """The summary's std over the comparisons of one pairing kind is the sample std (stated in analysis.json)."""
@@ -310,9 +311,12 @@ def _magnitude_direction(adapters: Sequence[AdapterFactors], base_model: Any) ->
 def _remove_old_figures(out: Path) -> None:
     """Delete the figures listed by a previous analysis.json in ``out``, so none is left stale."""
     try:
-        old = json.loads((out / JSON_NAME).read_text()).get("figures") or []
-    except (OSError, ValueError, AttributeError):
+        previous = json.loads((out / JSON_NAME).read_text())
+    except (OSError, ValueError):
         return
+    if not isinstance(previous, dict) or previous.get("format") != FORMAT:  # not ours: its files neither
+        return
+    old = previous.get("figures") or []
     for name in old:
         if isinstance(name, str) and "/" not in name and name.endswith(".png"):
             (out / name).unlink(missing_ok=True)
@@ -481,16 +485,16 @@ def analyze_adapters(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """`analyze` on adapters already loaded with `factors.load_adapter` (labels must be unique)."""
+    out = check_out_dir(out_dir)
     adapters = [in_layer_order(ad) for ad in adapters]
     comparisons = _checked_comparisons(adapters, pairs, expert_pairs, base_model)
-    out = Path(out_dir)
     # the base model first: a bad one must fail before a previous analysis in out_dir loses its figures
     magnitude_direction = _magnitude_direction(adapters, base_model) if base_model is not None else None
     kind_grids: KindGrids = {}
     records = [_measure(c, adapters, cca_keep, kind_grids) for c in comparisons]
     modules = list(adapters[0].modules)
     result: dict[str, Any] = {
-        "format": "asymlora-analysis/1",
+        "format": FORMAT,
         "out_dir": str(out),
         "settings": _settings(cca_keep, expert_pairs, base_model),
         "adapters": [ad.metadata() for ad in adapters],

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from asymlora.analysis.factors import PEFT_KEY_PREFIX
-from asymlora.analysis.figures import new_figure
+from asymlora.analysis.figures import new_figure, save_figure
 from asymlora.io import apply_umask
 from asymlora.methods import get_method
 from asymlora.methods.base import ATTR_PREFIX
@@ -544,9 +544,7 @@ def plot_router_usage(records: Sequence[dict[str, Any]], out_png: str | os.PathL
     fig.colorbar(image, ax=axes, shrink=0.6, label="mean gate ḡ")
     fig.suptitle(f"{title + ': ' if title else ''}task × expert usage ({rec['phase']}, step {rec['step']}; "
                  "rows: tasks, columns: experts)", fontsize=9)  # fmt: skip
-    out = Path(out_png)
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, out_png)
 
 
 def _cells(grid: list[list[float]]) -> Iterator[tuple[tuple[int, int], float]]:
@@ -591,9 +589,7 @@ def plot_router_load(records: Sequence[dict[str, Any]], out_png: str | os.PathLi
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=9)
-    out = Path(out_png)
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, out_png)
 
 
 def _log_for(entry: dict[str, Any]) -> Path | None:
