@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports for a program killed by a closed pipe
     except PermissionError as e:  # a path the user gave that this user may not write (or read)
         print(
-            f"asymlora {args.command}: error: {e.filename}: {e.strerror}; give a path you can write",
+            f"asymlora {args.command}: error: "
+            f"{f'{e.filename}: {e.strerror}' if e.filename else e}; give a path you can write",
             file=sys.stderr,
         )
         return EXIT_USER_ERROR
