@@ -4,6 +4,8 @@ Default shape: LLaMA-7B attention projection (4096 × 4096), 2048 tokens, r = 8,
 Ratios are of the *adapter path* (the layer's output minus W0 x), forward + backward, with x requiring
 grad as inside a network; the frozen base product is timed beside them, and whole-layer ratios too.
 Methods are timed alternately, round after round, and the median is reported (shared, noisy machines).
+Before any timing, fused ALoRA's outputs (adapter path and whole layer) must equal the loop form's
+(`check_fused_equals_loop`; largest difference relative to the loop's largest value, `EQUAL_RTOL`).
 
     python benchmarks/layers.py                 # full size (about a minute on 2 CPU cores)
     python benchmarks/layers.py --smoke         # seconds, for CI
@@ -30,6 +32,8 @@ except ImportError:  # run as a script: Python puts this folder first on sys.pat
     from common import benchmark_parser, finish, parse, timed
 
 TARGETS = {"adapter_vs_loop": 3.0, "adapter_vs_peft_lora": 1.3, "layer_vs_peft_lora": 1.05}
+EQUAL_RTOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}
+"""Fused vs loop ALoRA: largest |fused − loop| over the loop's largest |value|, per dtype (rounding only)."""
 
 
 def loop_alora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w_g: torch.Tensor) -> torch.Tensor:
@@ -84,6 +88,24 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     return x, adapter, whole
 
 
+def check_fused_equals_loop(
+    adapter: dict[str, Callable[[], torch.Tensor]], whole: dict[str, Callable[[], torch.Tensor]], dtype: str
+) -> dict[str, float]:
+    """Largest |fused − loop| / max |loop| of the adapter path and of the whole layer (no grad); raises
+    AssertionError above `EQUAL_RTOL` (the timed loop form would not compute what fused ALoRA computes)."""
+    found = {}
+    with torch.no_grad():
+        for part, fns in (("adapter", adapter), ("layer", whole)):
+            fused, loop = fns["fused_alora"]().float(), fns["loop_alora"]().float()
+            found[part] = float((fused - loop).abs().max() / loop.abs().max().clamp_min(1e-30))
+    if not max(found.values()) <= EQUAL_RTOL[dtype]:
+        raise AssertionError(
+            f"fused ALoRA differs from the loop form by {found} (relative to the loop's largest value; "
+            f"at most {EQUAL_RTOL[dtype]:g} in {dtype}): the ratios would compare different computations"
+        )
+    return {k: float(f"{v:.3g}") for k, v in found.items()}
+
+
 def measure(
     fns: dict[str, Callable[[], torch.Tensor]], x: torch.Tensor, reps: int, device
 ) -> dict[str, float]:
@@ -131,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     x, adapter, whole = build(args, device, dtype)
+    equal = check_fused_equals_loop(adapter, whole, args.dtype)
     a = measure(adapter, x, args.reps, device)
     w = measure(whole, x, args.reps, device)
     ratios = {
@@ -140,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         "layer_vs_loop": w["loop_alora"] / w["fused_alora"],
     }
     report(args, a, w, ratios)
+    print(f"fused ALoRA = loop form (checked before timing; max |diff| / max |loop|): {equal}")
     result = {
         "benchmark": "layers",
         "shape": {"dim": args.dim, "tokens": args.tokens, "r": args.r, "experts": args.experts},
@@ -150,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         "adapter_vs_peft": {k: round(v / a["peft_lora"], 4) for k, v in a.items()},
         "layer_vs_peft": {k: round(v / w["peft_lora"], 4) for k, v in w.items() if k in a},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "fused_vs_loop_max_rel_diff": equal,
     }
     return finish(result, args)
 

@@ -58,6 +58,19 @@ def test_every_benchmark_prints_a_json_line(smoke):
 def test_layers_smoke(smoke):
     result = smoke[0]["layers"]
     assert {"adapter_vs_loop", "adapter_vs_peft_lora", "layer_vs_peft_lora"} <= set(result["ratios"])
+    assert max(result["fused_vs_loop_max_rel_diff"].values()) <= 1e-5  # float32: rounding only
+
+
+def test_layers_times_the_loop_only_when_it_equals_fused(monkeypatch):
+    """A loop form that computes something else than fused ALoRA (here 1 % larger) stops the benchmark
+    before any timing: its ratio would compare two different computations."""
+    from benchmarks import layers
+
+    loop = layers.loop_alora_delta
+    monkeypatch.setattr(layers, "loop_alora_delta", lambda *a: 1.01 * loop(*a))
+    monkeypatch.setattr(layers, "measure", lambda *a: pytest.fail("timed before the check"))
+    with pytest.raises(AssertionError, match="fused ALoRA differs from the loop form"):
+        layers.main(["--smoke", "--device", "cpu"])
 
 
 def test_train_step_smoke(smoke):
