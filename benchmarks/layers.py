@@ -27,9 +27,9 @@ from asymlora.routing import RoutingState, router_probs
 from asymlora.tuner.layer import Linear as AsymLinear
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.common import benchmark_parser, finish, parse, timed
+    from benchmarks.common import benchmark_parser, finish, parse, positive_int, timed
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import benchmark_parser, finish, parse, timed
+    from common import benchmark_parser, finish, parse, positive_int, timed
 
 TARGETS = {"adapter_vs_loop": 3.0, "adapter_vs_peft_lora": 1.3, "layer_vs_peft_lora": 1.05}
 EQUAL_RTOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}
@@ -142,11 +142,11 @@ def report(
 
 def main(argv: list[str] | None = None) -> dict:
     parser = benchmark_parser(__doc__, "tiny shape and 2 reps, for CI")
-    parser.add_argument("--dim", type=int, default=4096, help="d_in = d_out (LLaMA-7B: 4096)")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per batch")
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--dim", type=positive_int, default=4096, help="d_in = d_out (LLaMA-7B: 4096)")
+    parser.add_argument("--tokens", type=positive_int, default=2048, help="tokens per batch")
+    parser.add_argument("--r", type=positive_int, default=8)
+    parser.add_argument("--experts", type=positive_int, default=3)
+    parser.add_argument("--reps", type=positive_int, default=7)
     args = parse(parser, argv)
     if args.smoke:
         args.dim, args.tokens, args.reps = 256, 128, 2

@@ -32,7 +32,16 @@ import torch
 
 try:  # imported as the package `benchmarks` (the tests, `python -m benchmarks.run_all`)
     from benchmarks import federated, inference, layers, report, scaling, tables, train_precision, train_step
-    from benchmarks.common import RESULTS, ROOT, machine, run_record, start_clock, utc_now
+    from benchmarks.common import (
+        RESULTS,
+        ROOT,
+        check_device,
+        machine,
+        positive_int,
+        run_record,
+        start_clock,
+        utc_now,
+    )
 except ImportError:  # run as a script: Python puts this folder first on sys.path
     import federated
     import inference
@@ -42,7 +51,7 @@ except ImportError:  # run as a script: Python puts this folder first on sys.pat
     import tables
     import train_precision
     import train_step
-    from common import RESULTS, ROOT, machine, run_record, start_clock, utc_now
+    from common import RESULTS, ROOT, check_device, machine, positive_int, run_record, start_clock, utc_now
 
 from asymlora.io import atomic_write_text
 
@@ -75,11 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--all-projections", action="store_true", help="also the step with all seven projections"
     )
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="torch CPU threads for every benchmark (default: torch's, one per core); on a machine "
         "oversubscribed by other jobs, 1 avoids OpenMP threads waiting for each other",
@@ -91,6 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(parser, args)
     args.only = args.only.split(",") if args.only else list(BENCHMARKS)
     if set(args.only) - set(BENCHMARKS):
         parser.error(f"--only: unknown {sorted(set(args.only) - set(BENCHMARKS))}; choose from {BENCHMARKS}")

@@ -45,10 +45,10 @@ from asymlora.routing import RoutingState
 from asymlora.tuner.layer import Linear as AsymLinear
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.common import MiB, benchmark_parser, finish, parse, timed
+    from benchmarks.common import MiB, benchmark_parser, finish, parse, positive_int, positive_ints, timed
     from benchmarks.train_step import count_saved
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import MiB, benchmark_parser, finish, parse, timed
+    from common import MiB, benchmark_parser, finish, parse, positive_int, positive_ints, timed
     from train_step import count_saved
 
 METHODS: tuple[str, ...] = ("alora", "hydralora", "molora")
@@ -229,19 +229,17 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "tiny shapes, 1 rep, for CI")
-    parser.add_argument("--dim", type=int, default=4096, help="d_in = d_out (LLaMA-7B: 4096)")
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--ns", default="1,2,4,8,16", help="numbers of experts (at --r)")
-    parser.add_argument("--rs", default="4,8,16,32,64", help="ranks (at --experts)")
-    parser.add_argument("--r", type=int, default=8, help="rank of the N sweep")
-    parser.add_argument("--experts", type=int, default=3, help="N of the r sweep")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dim", type=positive_int, default=4096, help="d_in = d_out (LLaMA-7B: 4096)")
+    parser.add_argument("--tokens", type=positive_int, default=2048)
+    parser.add_argument("--ns", type=positive_ints, default="1,2,4,8,16", help="numbers of experts (at --r)")
+    parser.add_argument("--rs", type=positive_ints, default="4,8,16,32,64", help="ranks (at --experts)")
+    parser.add_argument("--r", type=positive_int, default=8, help="rank of the N sweep")
+    parser.add_argument("--experts", type=positive_int, default=3, help="N of the r sweep")
+    parser.add_argument("--reps", type=positive_int, default=5)
     parser.add_argument("--plot", default=None, help="write the PNG plot here")
     args = parse(parser, argv)
     if args.smoke:
-        args.dim, args.tokens, args.reps, args.ns, args.rs = 128, 64, 1, "1,2,4", "4,8"
-    args.ns = [int(v) for v in args.ns.split(",")]
-    args.rs = [int(v) for v in args.rs.split(",")]
+        args.dim, args.tokens, args.reps, args.ns, args.rs = 128, 64, 1, [1, 2, 4], [4, 8]
     return args
 
 

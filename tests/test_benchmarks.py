@@ -182,6 +182,41 @@ def test_train_step_args():
         train_step.parse_args(["--variants", "alora"])  # the baseline must be there
 
 
+BAD_FLAGS = [
+    ("layers", "main", ["--smoke", "--threads", "-1"], "argument --threads: expected an integer >= 1, got -1"),
+    ("layers", "main", ["--smoke", "--device", "cuda"], "--device cuda: torch sees no CUDA device"),
+    ("inference", "parse_args", ["--smoke", "--batches", "1,x"], "argument --batches: expected an integer >= 1"),
+    ("inference", "parse_args", ["--smoke", "--task", "3"], "--task must be one of the --experts 3 tasks"),
+    ("train_step", "parse_args", ["--smoke", "--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+    ("train_step", "parse_args", ["--smoke", "--memory-variants", "alora,foo"], "--memory-variants: unknown ['foo']"),
+    ("train_precision", "parse_args", ["--smoke", "--steps", "0"], "argument --steps: expected an integer >= 1"),
+    ("scaling", "parse_args", ["--smoke", "--ns", "0"], "argument --ns: expected an integer >= 1, got 0"),
+    ("serving", "parse_args", ["--smoke", "--scaling-n", "2,-4"], "argument --scaling-n: expected an integer >= 1"),
+    ("federated", "parse_args", ["--smoke", "--strategies", "fedit,bogus"], "--strategies: unknown ['bogus']"),
+    ("federated", "parse_args", ["--smoke", "--device", "cuda"], "--device cuda: torch sees no CUDA device"),
+    ("run_all", "parse_args", ["--smoke", "--device", "cuda"], "--device cuda: torch sees no CUDA device"),
+    ("run_all", "parse_args", ["--smoke", "--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
+    ("calibrated_export", "main", ["runs/none", "--out", "x", "--rank", "molora"], "--rank takes METHOD=K"),
+    ("calibrated_export", "main", ["runs/none", "--out", "x"], "runs/none is not an asymlora run directory"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("module", "entry", "argv", "message"), BAD_FLAGS)
+def test_bad_flags_exit_2_with_the_reason(module, entry, argv, message, monkeypatch, capsys):
+    """A bad value (a count below 1, a malformed list, an unknown name, ``--device cuda`` on a machine
+    without CUDA) is the parser's error, exit 2, before anything is built or timed (they were tracebacks
+    mid-run, a StatisticsError after the steps, or Ray waiting for a GPU)."""
+    import importlib
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exited:
+        getattr(importlib.import_module(f"benchmarks.{module}"), entry)(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_count_saved_counts_unique_storages():
     import torch
 
