@@ -190,10 +190,14 @@ def print_figures(res: dict[str, Any]) -> None:
 
 
 def write_results(res: dict[str, Any], results: Path, page: Path, plot: Path | None) -> None:
-    """Each result of ``res`` as ``results/<name>.json``, then the page rendered from them."""
+    """Each result of ``res`` as ``results/<name>.json``, then the page rendered from them. A failed
+    benchmark's file from an earlier run is removed: the page lists the failure instead of showing the
+    earlier run's figures under this run's date and machine."""
     results.mkdir(parents=True, exist_ok=True)
     for name, result in res.items():
         atomic_write_text(results / f"{name}.json", json.dumps(result, indent=1, default=str) + "\n")
+    for name in res["run_all"]["failed"]:
+        (results / f"{name}.json").unlink(missing_ok=True)
     if (
         results != RESULTS
         and (RESULTS / "serving.json").is_file()

@@ -295,6 +295,22 @@ def test_the_templates_type_no_measured_figure():
         assert not typed, f"{template.name} types measured figures: {typed}"
 
 
+def test_a_failed_benchmark_leaves_no_earlier_figures_on_the_page(tmp_path):
+    """run_all writes over a results folder that holds an earlier run: a benchmark that failed this time
+    has its earlier JSON removed, so the page lists the failure and shows no figure of the earlier run
+    under this run's header (the targets table included)."""
+    for path in RESULTS.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    run = json.loads((RESULTS / "run_all.json").read_text())
+    run["failed"] = {"layers": {"error": "RuntimeError: boom", "command": "python benchmarks/layers.py"}}
+    run_all.write_results({"run_all": run}, tmp_path, tmp_path, None)
+    page = (tmp_path / "performance.md").read_text()
+    assert not (tmp_path / "layers.json").exists()
+    assert "- `python benchmarks/layers.py`: RuntimeError: boom" in page
+    assert "## 2. Layer level" not in page and "fused ALoRA vs loop form, adapter path" not in page
+    assert "## 1. Training step, whole model" in page  # the others' files stay
+
+
 def test_render_without_the_run_record_names_the_fix(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="run_all.json"):
         report.render_page(tmp_path)
