@@ -230,4 +230,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if main()["run_all"]["failed"] else 0)  # a failed benchmark fails the command

@@ -169,6 +169,25 @@ def test_run_all_writes_the_doc(smoke):
     assert "python benchmarks/train_step.py" in doc
 
 
+def test_run_all_exits_1_when_a_benchmark_failed(monkeypatch, capsys):
+    """The run goes on past a failed benchmark, but the command exits 1 (it exited 0: CI and `make bench`
+    saw success)."""
+    import runpy
+    import sys
+
+    from benchmarks import layers
+
+    def boom(argv):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(layers, "main", boom)
+    monkeypatch.setattr(sys, "argv", ["benchmarks/run_all.py", "--smoke", "--only", "layers"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(ROOT / "benchmarks" / "run_all.py"), run_name="__main__")
+    assert exited.value.code == 1
+    assert "FAILED layers: RuntimeError: boom" in capsys.readouterr().out
+
+
 def test_run_all_page_is_the_render_of_its_json(smoke):
     out_dir = smoke[2]
     assert report.render_page(out_dir) == (out_dir / "performance.md").read_text()
