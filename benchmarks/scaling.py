@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import asymlora
+from asymlora.io import atomic_file
 from asymlora.methods.base import Role
 from asymlora.routing import RoutingState
 from asymlora.tuner.layer import Linear as AsymLinear
@@ -222,9 +223,10 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
         f"{result['device']}/{result['dtype']} (medians of {shape['reps']} alternating runs)"
     )
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # atomically: an interrupted run leaves the previous plot, not half a PNG
+        atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

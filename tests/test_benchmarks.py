@@ -161,6 +161,28 @@ def test_scaling_smoke_and_plot(smoke):
     assert checks["hydralora"]["params_B_growth"] == max(checks["N_range"])
 
 
+def test_scaling_plot_is_written_atomically(tmp_path, monkeypatch):
+    """The plot of the committed scaling.json, then a plot that fails half-way: the first PNG is intact
+    (savefig wrote docs/scaling.png in place)."""
+    from benchmarks import scaling
+    from matplotlib.figure import Figure
+
+    result = json.loads((RESULTS / "scaling.json").read_text())
+    target = tmp_path / "docs" / "scaling.png"
+    scaling.plot(result, target)
+    first = target.read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def half_written(self, fname, **kwargs):
+        Path(fname).write_bytes(first[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        scaling.plot(result, target)
+    assert target.read_bytes() == first and [p.name for p in target.parent.iterdir()] == ["scaling.png"]
+
+
 def test_run_all_writes_the_doc(smoke):
     doc = (smoke[2] / "performance.md").read_text()
     for heading in ("## Targets", "## 1. Training step", "## 2. Layer level", "## 3. Inference",
