@@ -166,7 +166,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"fused ALoRA = loop form (checked before timing; max |diff| / max |loop|): {equal}")
     result = {
         "benchmark": "layers",
-        "shape": {"dim": args.dim, "tokens": args.tokens, "r": args.r, "experts": args.experts},
+        "shape": {
+            "dim": args.dim,
+            "tokens": args.tokens,
+            "r": args.r,
+            "experts": args.experts,
+            "reps": args.reps,
+        },
         "device": args.device,
         "dtype": args.dtype,
         "adapter_ms": {k: round(1e3 * v, 3) for k, v in a.items()},

@@ -305,6 +305,41 @@ def test_the_committed_page_is_the_render_of_the_committed_json():
     )
 
 
+def test_the_readme_figures_are_the_committed_json():
+    """README.md types its benchmark figures by hand (the layer table and ratios of its "Benchmarks"
+    section, the bf16 speed-up of its train example): each must be the committed JSON's, at the printed
+    precision."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Benchmarks") : readme.index("## Development")]
+    ly = json.loads((RESULTS / "layers.json").read_text())
+    run = json.loads((RESULTS / "run_all.json").read_text())
+    shape, a, w, r = ly["shape"], ly["adapter_ms"], ly["layer_ms"], ly["ratios"]
+    reps = shape.get("reps", 7 if "--reps" not in ly["_run"]["command"] else None)  # layers.py's default
+    assert f"`{ly['_run']['command'].split(' --')[0]}` — one adapted {shape['dim']}×{shape['dim']} layer, " \
+        f"{shape['tokens']} tokens, r = {shape['r']}, N = {shape['experts']}," in section  # fmt: skip
+    assert f"({run['machine']['cores']} CPU cores,\n{ly['dtype']}, median of {reps};" in section
+    rows = [
+        f"| ALoRA fused | {a['fused_alora']:.1f} | {w['fused_alora']:.1f} |",
+        f"| ALoRA loop over experts (released code's algorithm) | {a['loop_alora']:.1f} | {w['loop_alora']:.1f} |",
+        f"| peft LoRA, same r | {a['peft_lora']:.1f} | {w['peft_lora']:.1f} |",
+        "| HydraLoRA / MoLoRA / MALoRA fused | "
+        + " / ".join(f"{a[m + '_fused']:.1f}" for m in ("hydralora", "molora", "malora"))
+        + " | "
+        + " / ".join(f"{w[m + '_fused']:.1f}" for m in ("hydralora", "molora", "malora"))
+        + " |",
+        f"| W0 x alone | | {w['base_only']:.1f} |",
+    ]
+    for row in rows:
+        assert row in section, row
+    assert (f"Fused ALoRA is {r['adapter_vs_loop']:.2f}× faster than the loop form on the adapter path, "
+            f"{r['adapter_vs_peft_lora']:.2f}× peft LoRA's adapter path and\n{r['layer_vs_peft_lora']:.3f}× peft "
+            "LoRA's whole layer") in section  # fmt: skip
+    tp = json.loads((RESULTS / "train_precision.json").read_text())
+    speedup = tp["step_s"]["fp32_full"] / tp["step_s"]["bf16_full"]
+    assert f"bfloat16 autocast: {speedup:.1f}x faster steps on this AVX512-BF16 CPU" in readme
+    assert tp["cpu_bf16"]["avx512_bf16"]
+
+
 def test_the_page_reads_its_figures_from_the_json(tmp_path):
     """A changed figure in a JSON file changes the page (and the target status); a missing file drops its
     section; the serving paragraph's sums are the JSON's (hand-computed from serving.json below)."""
