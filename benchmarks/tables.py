@@ -18,7 +18,7 @@ except ImportError:  # run as a script: Python puts this folder first on sys.pat
     from train_step import TARGETS as STEP_TARGETS
 
 TEMPLATE_FUNCTIONS = (
-    "train_step_table", "memory_steps", "profile_text", "layers_table", "inference_table", "min_tolerance",
+    "train_step_table", "peak_text", "profile_text", "layers_table", "inference_table", "min_tolerance",
     "federated_table", "federated_failure", "scaling_table", "serving_table", "serving_scaling_table", "faster_than_base",
     "scaling_range", "train_precision_table", "faster_or_slower",
 )  # fmt: skip
@@ -147,6 +147,38 @@ def train_step_table(ts: dict[str, Any]) -> str:
 def memory_steps(ts: dict[str, Any]) -> str:
     """Steps each peak-memory child ran ("—" when none ran)."""
     return str(next(iter(ts["peak"].values()))["steps"]) if ts["peak"] else "—"
+
+
+def peak_text(ts: dict[str, Any]) -> str:
+    """What the peak-memory columns measured, from the children's own records (``how``, the glibc mmap
+    threshold): peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. A record without them (read
+    back from the page of the 2026-11-23 run) was measured as VmHWM after clear_refs, threshold 65536."""
+    peaks = list(ts["peak"].values())
+    if not peaks:
+        return "not measured (`--memory-variants none`)."
+    hows = {p.get("how", "VmHWM after clear_refs") for p in peaks}
+    thresholds = {p.get("malloc_mmap_threshold", "65536") for p in peaks}
+    steps, child = memory_steps(ts), "a fresh child process per variant (`--memory-child`"
+    if hows == {"torch.cuda.max_memory_allocated"}:
+        return (f"`torch.cuda.max_memory_allocated` of {child}; reset after the model is built) over {steps} "
+                "steps: the tensors torch allocated on the GPU, the frozen base model included. **step peak − "
+                "model**: that peak minus the memory allocated for the built model before the first step.")  # fmt: skip
+    if hows != {"VmHWM after clear_refs"} or len(thresholds) != 1:
+        return (f"peak memory of {child}) over {steps} steps, measured as {' / '.join(sorted(hows))} (ru_maxrss: "
+                "the whole process's peak, loading included). **step peak − model**: that peak minus the RSS of "
+                "the built model before the first step.")  # fmt: skip
+    (threshold,) = thresholds
+    mmap = (
+        "glibc's default mmap threshold, which grows as blocks are freed (the peak of the same step then "
+        "depends on the allocation history)"
+        if threshold is None
+        else f"glibc's mmap threshold fixed at {int(threshold) // 1024} KiB (`MALLOC_MMAP_THRESHOLD_`) so that "
+        "freed tensors return to the OS at once and the RSS follows the live tensors (with glibc's growing "
+        "default threshold the peak of the same step depends on the allocation history)"
+    )
+    return (f"peak RSS of {child}; VmHWM reset after the model is built, so loading does not count) over {steps} "
+            f"steps, with {mmap}; it includes the frozen base model and the Python/torch runtime. **step peak − "
+            "model**: that peak minus the RSS of the built model before the first step.")  # fmt: skip
 
 
 def profile_text(ts: dict[str, Any]) -> str:

@@ -360,6 +360,31 @@ def test_the_page_reads_its_figures_from_the_json(tmp_path):
     assert "## 5. Scaling" not in page and "## 2. Layer level" in page
 
 
+def test_the_page_says_how_the_peaks_were_measured(tmp_path):
+    """§1 describes the peak-memory columns from the children's records: peak RSS (VmHWM) with the mmap
+    threshold they ran with, or torch.cuda.max_memory_allocated on CUDA (it called every peak an RSS
+    with a 64 KiB threshold, whatever was measured)."""
+    for path in RESULTS.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    ts = json.loads((RESULTS / "train_step.json").read_text())
+
+    def section_1(how: str, threshold: str | None) -> str:
+        for peak in ts["peak"].values():
+            peak.update(how=how, malloc_mmap_threshold=threshold)
+        (tmp_path / "train_step.json").write_text(json.dumps(ts))
+        page = report.render_page(tmp_path)
+        return page[page.index("## 1. Training step") : page.index("### All seven projections")]
+
+    cuda = section_1("torch.cuda.max_memory_allocated", "65536")
+    assert "**peak MiB**: `torch.cuda.max_memory_allocated` of a fresh child process" in cuda
+    assert "RSS" not in cuda and "KiB" not in cuda
+    rss = section_1("VmHWM after clear_refs", "131072")
+    assert "peak RSS of a fresh child process" in rss and "mmap threshold fixed at 128 KiB" in rss
+    assert "glibc's default mmap threshold, which grows" in section_1("VmHWM after clear_refs", None)
+    maxrss = section_1("ru_maxrss (includes loading)", "65536")
+    assert "loading included" in maxrss and "so loading does not count" not in maxrss
+
+
 def test_the_templates_type_no_measured_figure():
     """Outside its {{ placeholders }} and {% tags %}, a template's prose has no number with a unit of a
     measurement (×, %, ms, s, MiB, tok/s): those come from the JSON."""
