@@ -191,12 +191,16 @@ def print_figures(res: dict[str, Any]) -> None:
 
 def write_results(res: dict[str, Any], results: Path, page: Path, plot: Path | None) -> None:
     """Each result of ``res`` as ``results/<name>.json``, then the page rendered from them. A failed
-    benchmark's file from an earlier run is removed: the page lists the failure instead of showing the
-    earlier run's figures under this run's date and machine."""
+    benchmark's file from an earlier run is removed (the page lists the failure instead of showing the
+    earlier run's figures under this run's date and machine), and so is the seven-projection step's when
+    the step ran without ``--all-projections``."""
     results.mkdir(parents=True, exist_ok=True)
     for name, result in res.items():
         atomic_write_text(results / f"{name}.json", json.dumps(result, indent=1, default=str) + "\n")
-    for name in res["run_all"]["failed"]:
+    stale = set(res["run_all"]["failed"])
+    if "train_step" in res or "train_step" in stale:  # the step ran: so is the seven-projection one, or none
+        stale |= {"train_step_all"} - set(res)
+    for name in sorted(stale):
         (results / f"{name}.json").unlink(missing_ok=True)
     if (
         results != RESULTS

@@ -412,6 +412,20 @@ def test_a_failed_benchmark_leaves_no_earlier_figures_on_the_page(tmp_path):
     assert "## 1. Training step, whole model" in page  # the others' files stay
 
 
+def test_a_step_without_all_projections_drops_the_earlier_seven_projection_step(tmp_path):
+    """`run_all.py` without ``--all-projections`` over a folder holding an earlier seven-projection step: that
+    file is removed (the page showed the earlier run's table and targets under this run's header)."""
+    for path in RESULTS.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    run = json.loads((RESULTS / "run_all.json").read_text())
+    ts = json.loads((RESULTS / "train_step.json").read_text())
+    run_all.write_results({"train_step": ts, "run_all": run}, tmp_path, tmp_path, None)
+    page = (tmp_path / "performance.md").read_text()
+    assert not (tmp_path / "train_step_all.json").exists() and (tmp_path / "layers.json").exists()
+    assert "### All seven projections" not in page and "(whole model, all seven projections)" not in page
+    assert "## 1. Training step, whole model" in page
+
+
 def test_render_without_the_run_record_names_the_fix(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="run_all.json"):
         report.render_page(tmp_path)
