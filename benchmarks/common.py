@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -106,6 +107,11 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
     fn().float().sum().backward()
     sync(device)
     return time.perf_counter() - t0
+
+
+def spread(times: list[float]) -> float:
+    """(max − min) / median of one variant's own repetitions (0 for a single one)."""
+    return (max(times) - min(times)) / statistics.median(times) if len(times) > 1 else 0.0
 
 
 def cpu_seconds() -> float:

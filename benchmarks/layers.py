@@ -27,9 +27,9 @@ from asymlora.routing import RoutingState, router_probs
 from asymlora.tuner.layer import Linear as AsymLinear
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.common import benchmark_parser, finish, parse, positive_int, timed
+    from benchmarks.common import benchmark_parser, finish, parse, positive_int, spread, timed
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import benchmark_parser, finish, parse, positive_int, timed
+    from common import benchmark_parser, finish, parse, positive_int, spread, timed
 
 TARGETS = {"adapter_vs_loop": 3.0, "adapter_vs_peft_lora": 1.3, "layer_vs_peft_lora": 1.05}
 EQUAL_RTOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}
@@ -108,7 +108,8 @@ def check_fused_equals_loop(
 
 def measure(
     fns: dict[str, Callable[[], torch.Tensor]], x: torch.Tensor, reps: int, device
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(median seconds, spread) of each of ``fns``, timed alternately round after round after a warm-up."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         timed(fn, device)
@@ -117,7 +118,7 @@ def measure(
         for name, fn in fns.items():
             times[name].append(timed(fn, device))
             x.grad = None
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, {k: spread(v) for k, v in times.items()}
 
 
 def report(
@@ -154,8 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     x, adapter, whole = build(args, device, dtype)
     equal = check_fused_equals_loop(adapter, whole, args.dtype)
-    a = measure(adapter, x, args.reps, device)
-    w = measure(whole, x, args.reps, device)
+    a, a_spread = measure(adapter, x, args.reps, device)
+    w, w_spread = measure(whole, x, args.reps, device)
     ratios = {
         "adapter_vs_loop": a["loop_alora"] / a["fused_alora"],
         "adapter_vs_peft_lora": a["fused_alora"] / a["peft_lora"],
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": args.dtype,
         "adapter_ms": {k: round(1e3 * v, 3) for k, v in a.items()},
         "layer_ms": {k: round(1e3 * v, 3) for k, v in w.items()},
+        "adapter_spread": {k: round(v, 4) for k, v in a_spread.items()},
+        "layer_spread": {k: round(v, 4) for k, v in w_spread.items()},
         "adapter_vs_peft": {k: round(v / a["peft_lora"], 4) for k, v in a.items()},
         "layer_vs_peft": {k: round(v / w["peft_lora"], 4) for k, v in w.items() if k in a},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},

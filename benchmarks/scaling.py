@@ -46,10 +46,19 @@ from asymlora.routing import RoutingState
 from asymlora.tuner.layer import Linear as AsymLinear
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.common import MiB, benchmark_parser, finish, parse, positive_int, positive_ints, timed
+    from benchmarks.common import (
+        MiB,
+        benchmark_parser,
+        finish,
+        parse,
+        positive_int,
+        positive_ints,
+        spread,
+        timed,
+    )
     from benchmarks.train_step import count_saved
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import MiB, benchmark_parser, finish, parse, positive_int, positive_ints, timed
+    from common import MiB, benchmark_parser, finish, parse, positive_int, positive_ints, spread, timed
     from train_step import count_saved
 
 METHODS: tuple[str, ...] = ("alora", "hydralora", "molora")
@@ -280,7 +289,8 @@ def measure(args: argparse.Namespace) -> list[Row]:
                 times[k][p].append(run(k, p))
     return [
         {"sweep": k[0], "N": k[1], "r": k[2], "method": k[3],
-         "ms": {p: round(1e3 * statistics.median(v), 3) for p, v in ts.items()}, "memory": mems[k]}
+         "ms": {p: round(1e3 * statistics.median(v), 3) for p, v in ts.items()},
+         "spread": {p: round(spread(v), 4) for p, v in ts.items()}, "memory": mems[k]}
         for k, ts in times.items()
     ]  # fmt: skip
 

@@ -233,10 +233,20 @@ def train_precision_table(tp: dict[str, Any]) -> str:
 
 # --- §2 layers, §3 inference, §4 federated, §5 scaling ---------------------------------------------------------
 def layers_table(ly: dict[str, Any]) -> str:
+    """Adapter path and whole layer per variant; with the spreads where the run recorded them."""
     a, w, ax, wx = ly["adapter_ms"], ly["layer_ms"], ly["adapter_vs_peft"], ly["layer_vs_peft"]
-    rows = [[f"`{n}`", f"{ms:.1f}", fmt_ratio(ax[n]), f"{w[n]:.1f}", fmt_ratio(wx[n])] for n, ms in a.items()]
-    rows.append(["`base W0 x only`", "", "", f"{w['base_only']:.1f}", ""])
-    return md_table(["variant", "adapter path ms", "× peft LoRA", "whole layer ms", "× peft LoRA"], rows)
+    if "adapter_spread" not in ly:  # the committed run's file has none
+        rows = [
+            [f"`{n}`", f"{ms:.1f}", fmt_ratio(ax[n]), f"{w[n]:.1f}", fmt_ratio(wx[n])] for n, ms in a.items()
+        ]
+        rows.append(["`base W0 x only`", "", "", f"{w['base_only']:.1f}", ""])
+        return md_table(["variant", "adapter path ms", "× peft LoRA", "whole layer ms", "× peft LoRA"], rows)
+    sa, sw = ly["adapter_spread"], ly["layer_spread"]
+    rows = [[f"`{n}`", f"{ms:.1f}", f"{sa[n]:.0%}", fmt_ratio(ax[n]), f"{w[n]:.1f}", f"{sw[n]:.0%}", fmt_ratio(wx[n])]
+            for n, ms in a.items()]  # fmt: skip
+    rows.append(["`base W0 x only`", "", "", "", f"{w['base_only']:.1f}", f"{sw['base_only']:.0%}", ""])
+    header = ["variant", "adapter path ms", "spread", "× peft LoRA", "whole layer ms", "spread", "× peft LoRA"]  # fmt: skip
+    return md_table(header, rows)
 
 
 def inference_table(inf: dict[str, Any]) -> str:
@@ -286,16 +296,18 @@ def federated_failure(run: dict[str, Any]) -> str:
 
 
 def scaling_table(sc: dict[str, Any]) -> str:
-    rows = []
+    rows, has_spread = [], bool(sc["rows"]) and "spread" in sc["rows"][0]
     for row in sc["rows"]:
         ms, mem = row["ms"], row["memory"]
+        spread = [f"{row['spread']['total']:.0%}"] if has_spread else []
         rows.append([
-            row["sweep"], row["N"], row["r"], row["method"], f"{ms['total']:.1f}", f"{ms['x_side']:.1f}",
+            row["sweep"], row["N"], row["r"], row["method"], f"{ms['total']:.1f}", *spread, f"{ms['x_side']:.1f}",
             f"{ms['b_side']:.1f}", f"{mem['params_A']:,}", f"{mem['params_B']:,}", f"{mem['params_router']:,}",
             f"{mem['saved_bytes'] / MiB:.2f}", f"{mem['total_bytes'] / MiB:.2f}",
         ])  # fmt: skip
     header = [
-        "sweep", "N", "r", "method", "adapter ms", "x side ms", "B side ms", "A-side params", "B-side params",
+        "sweep", "N", "r", "method", "adapter ms", *(["spread"] if has_spread else []), "x side ms", "B side ms",
+        "A-side params", "B-side params",
         "router params", "saved act. MiB", "memory MiB",
     ]  # fmt: skip
     return md_table(header, rows)

@@ -59,6 +59,22 @@ def test_layers_smoke(smoke):
     result = smoke[0]["layers"]
     assert {"adapter_vs_loop", "adapter_vs_peft_lora", "layer_vs_peft_lora"} <= set(result["ratios"])
     assert max(result["fused_vs_loop_max_rel_diff"].values()) <= 1e-5  # float32: rounding only
+    assert (
+        set(result["adapter_spread"]) == set(result["adapter_ms"]) and "base_only" in result["layer_spread"]
+    )
+    assert result["shape"]["reps"] == 2
+    page = (smoke[2] / "performance.md").read_text()
+    assert (
+        "| variant | adapter path ms | spread | × peft LoRA | whole layer ms | spread | × peft LoRA |" in page
+    )
+
+
+def test_spread_by_hand():
+    from benchmarks.common import spread
+
+    assert (
+        spread([1.0, 3.0, 2.0]) == 1.0 and spread([0.5, 0.5]) == 0.0 and spread([4.0]) == 0.0
+    )  # (3 − 1) / 2
 
 
 def test_layers_times_the_loop_only_when_it_equals_fused(monkeypatch):
@@ -159,6 +175,11 @@ def test_scaling_smoke_and_plot(smoke):
     assert checks["fit_alora"]["params_A_is_N_r_d_in_and_B_is_r_d_out"]
     assert checks["alora"]["params_B_growth"] == 1  # ALoRA's B does not grow with N
     assert checks["hydralora"]["params_B_growth"] == max(checks["N_range"])
+    assert all(set(row["spread"]) == {"total", "x_side", "b_side"} for row in result["scaling"]["rows"])
+    assert (
+        "| sweep | N | r | method | adapter ms | spread | x side ms |"
+        in (out_dir / "performance.md").read_text()
+    )
 
 
 def test_scaling_plot_is_written_atomically(tmp_path, monkeypatch):
