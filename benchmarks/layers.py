@@ -3,7 +3,8 @@
 Default shape: LLaMA-7B attention projection (4096 × 4096), 2048 tokens, r = 8, N = 3 (docs/design.md §11).
 Ratios are of the *adapter path* (the layer's output minus W0 x), forward + backward, with x requiring
 grad as inside a network; the frozen base product is timed beside them, and whole-layer ratios too.
-Methods are timed alternately, round after round, and the median is reported (shared, noisy machines).
+Methods are timed alternately, round after round (the order rotating each round), and the median is
+reported with the spread (shared, noisy machines).
 Before any timing, fused ALoRA's outputs (adapter path and whole layer) must equal the loop form's
 (`check_fused_equals_loop`; largest difference relative to the loop's largest value, `EQUAL_RTOL`).
 
@@ -109,14 +110,16 @@ def check_fused_equals_loop(
 def measure(
     fns: dict[str, Callable[[], torch.Tensor]], x: torch.Tensor, reps: int, device
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """(median seconds, spread) of each of ``fns``, timed alternately round after round after a warm-up."""
+    """(median seconds, spread) of each of ``fns``, timed alternately round after round after a warm-up, the
+    order rotating each round (as the other benchmarks: no variant always runs first, or after the same one)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         timed(fn, device)
         x.grad = None
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device))
+    names = list(fns)
+    for rnd in range(reps):
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+            times[name].append(timed(fns[name], device))
             x.grad = None
     return {k: statistics.median(v) for k, v in times.items()}, {k: spread(v) for k, v in times.items()}
 

@@ -69,6 +69,18 @@ def test_layers_smoke(smoke):
     )
 
 
+def test_layers_rotates_the_order_each_round():
+    """Warm-up in order, then one round per repetition, each starting one variant later (it ran them in the
+    same order every round: fused ALoRA always first, the loop form always after it)."""
+    import torch
+    from benchmarks import layers
+
+    order, x = [], torch.zeros(1, requires_grad=True)
+    fns = {n: (lambda n=n: order.append(n) or x * 1.0) for n in "abc"}
+    layers.measure(fns, x, 3, torch.device("cpu"))
+    assert "".join(order) == "abc" + "abc" + "bca" + "cab"
+
+
 def test_spread_by_hand():
     from benchmarks.common import spread
 
