@@ -61,9 +61,13 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
                 p.normal_(std=0.02)
         layers[method] = layer
 
-    holder = nn.Sequential(base)  # peft's own LoRA at the same r on the same base layer
-    peft_lora = peft.get_peft_model(holder, peft.LoraConfig(r=args.r, lora_alpha=16, target_modules=["0"]))
+    # peft's own LoRA at the same r on the same base layer, its adapter in the layer's dtype like asymlora's
+    # (peft's default autocast_adapter_dtype keeps a bf16/fp16 model's LoRA in float32)
+    holder = nn.Sequential(base)
+    lora_cfg = peft.LoraConfig(r=args.r, lora_alpha=16, target_modules=["0"])
+    peft_lora = peft.get_peft_model(holder, lora_cfg, autocast_adapter_dtype=False)
     peft_layer = peft_lora.base_model.model[0]
+    peft_scale = peft_layer.scaling["default"]
 
     def adapter_path(layer: AsymLinear) -> Callable[[], torch.Tensor]:
         cfg, t = layer.asymlora_config["default"], layer.tensors("default")
@@ -74,7 +78,7 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     adapter: dict[str, Callable[[], torch.Tensor]] = {
         "fused_alora": adapter_path(layers["alora"]),
         "loop_alora": lambda: scale * loop_alora_delta(x, alora["A"], alora["B"], alora["router"]),
-        "peft_lora": lambda: peft_layer.lora_B["default"](peft_layer.lora_A["default"](x)) * 2.0,
+        "peft_lora": lambda: peft_layer.lora_B["default"](peft_layer.lora_A["default"](x)) * peft_scale,
     }
     adapter.update({f"{m}_fused": adapter_path(layers[m]) for m in ("lora", "hydralora", "molora", "malora")})
     whole: dict[str, Callable[[], torch.Tensor]] = {

@@ -89,6 +89,17 @@ def test_spread_by_hand():
     )  # (3 − 1) / 2
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_layers_runs_in_half_precision(dtype, capsys):
+    """`layers.py --dtype bfloat16` (the documented GPU command) ran peft's LoRA with float32 adapter weights
+    on a bf16 input and stopped at the first product; every variant now runs in the layer's dtype."""
+    from benchmarks import layers
+
+    result = layers.main(["--smoke", "--device", "cpu", "--dtype", dtype])
+    assert result["dtype"] == dtype and result["adapter_ms"]["peft_lora"] > 0
+    assert max(result["fused_vs_loop_max_rel_diff"].values()) <= layers.EQUAL_RTOL[dtype]
+
+
 def test_layers_times_the_loop_only_when_it_equals_fused(monkeypatch):
     """A loop form that computes something else than fused ALoRA (here 1 % larger) stops the benchmark
     before any timing: its ratio would compare two different computations."""
