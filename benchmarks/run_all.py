@@ -62,13 +62,13 @@ Main = Callable[[list[str]], dict[str, Any]]
 def run(name: str, fn: Main, argv: list[str], command: str | None = None) -> dict[str, Any]:
     """Run one benchmark's ``main(argv)``; record its command line, wall and CPU seconds, load average.
 
-    A benchmark that raises is reported (``_failed``) and the run goes on."""
+    A benchmark that raises (or exits: a config it cannot read) is reported (``_failed``) and the run goes on."""
     command = command or " ".join(["python", f"benchmarks/{name}.py", *argv])
     print(f"\n=== {command}", flush=True)
     start = start_clock()
     try:
         result = fn(argv)
-    except Exception as e:  # one broken benchmark must not hide the others' figures
+    except (Exception, SystemExit) as e:  # one broken benchmark must not hide the others' figures
         traceback.print_exc()
         result = {"_failed": f"{type(e).__name__}: {e}"[:500]}
     result["_run"] = run_record(command, start)

@@ -254,6 +254,21 @@ def test_run_all_exits_1_when_a_benchmark_failed(monkeypatch, capsys):
     assert "FAILED layers: RuntimeError: boom" in capsys.readouterr().out
 
 
+def test_run_all_goes_on_past_a_benchmark_that_exits(monkeypatch, capsys):
+    """A benchmark that exits (train_precision's unreadable --config, federated's invalid config raise
+    SystemExit) is a failure like any other: the run goes on (it ended the whole run, and the results of the
+    benchmarks before it were lost)."""
+    from benchmarks import layers
+
+    def exits(argv):
+        raise SystemExit("benchmarks/layers.py: cannot")
+
+    monkeypatch.setattr(layers, "main", exits)
+    res = run_all.main(["--smoke", "--only", "layers,scaling"])
+    assert res["run_all"]["failed"]["layers"]["error"] == "SystemExit: benchmarks/layers.py: cannot"
+    assert "scaling" in res and "layers" not in res
+
+
 def test_run_all_page_is_the_render_of_its_json(smoke):
     out_dir = smoke[2]
     assert report.render_page(out_dir) == (out_dir / "performance.md").read_text()
