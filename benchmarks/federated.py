@@ -35,6 +35,7 @@ import importlib.util
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -215,6 +216,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_configs(args: argparse.Namespace, model: str, tasks: list[str], plan: list, root: Path) -> None:
+    """Every run's config validated before the first run starts: an invalid one (``--ranks`` not one per
+    client, ...) exits 2 naming the error, not after the groups before it have run."""
+    from asymlora.federated.config import FedConfig
+
+    for k, (names, ranks) in enumerate(plan):
+        for steps in (0, args.local_steps):
+            data = fed_config(args, model, tasks, names, ranks, steps, root / f"group{k}-steps{steps}")
+            try:
+                from_dict(FedConfig, data).validate()
+            except ConfigError as e:
+                print(f"benchmarks/federated.py: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+
 def run_group(
     args: argparse.Namespace, k: int, model: str, tasks: list[str], group: tuple, root: Path
 ) -> dict:
@@ -295,8 +311,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = Path(args.out_dir) if args.out_dir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         model, tasks = smoke_assets(root / "assets") if args.smoke else (args.model, list(DEMO_TASKS))
+        plan = groups(args)
+        check_configs(args, model, tasks, plan, root)
         strategies: dict[str, dict[str, Any]] = {}
-        for k, group in enumerate(groups(args)):
+        for k, group in enumerate(plan):
             strategies.update(run_group(args, k, model, tasks, group, root))
     exact = all(
         s["payload_up_vs_predicted"] == 1.0 and s["payload_down_vs_predicted"] == 1.0

@@ -325,11 +325,12 @@ def measure(args: argparse.Namespace, cfg: RunConfig) -> dict[str, Any]:
 
 
 def read_config(args: argparse.Namespace) -> RunConfig:
-    """``--config`` (SystemExit naming the file and the error when it does not load)."""
+    """``--config`` (exit 2, naming the file and the error, when it does not load)."""
     try:
         return load_config(args.config)
     except ConfigError as e:
-        raise SystemExit(f"benchmarks/train_precision.py: --config {args.config}: {e}") from None
+        print(f"benchmarks/train_precision.py: --config {args.config}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def setting(args: argparse.Namespace, cfg: RunConfig) -> dict[str, Any]:

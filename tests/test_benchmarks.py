@@ -317,6 +317,23 @@ def test_bad_flags_exit_2_with_the_reason(module, entry, argv, message, monkeypa
     assert message in capsys.readouterr().err
 
 
+def test_invalid_configs_exit_2_before_anything_runs(monkeypatch, capsys):
+    """federated.py with --ranks not one per client (its second group's config) and train_precision.py with
+    a --config that does not load exit 2 naming the error, before any run (federated ran its first group,
+    minutes, then exited 1; train_precision exited 1)."""
+    from benchmarks import federated
+
+    import asymlora.federated.run
+
+    monkeypatch.setattr(asymlora.federated.run, "run", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as exited:
+        federated.main(["--ranks", "8,8,16"])
+    assert exited.value.code == 2 and "got 3 client ranks [8, 8, 16] for 2 clients" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        train_precision.main(["--smoke", "--config", "no-such.yaml"])
+    assert exited.value.code == 2 and "--config no-such.yaml: config file" in capsys.readouterr().err
+
+
 def test_count_saved_counts_unique_storages():
     import torch
 
