@@ -23,7 +23,12 @@ from asymlora.eval import evaluate_task, primary_metric
 from asymlora.io import atomic_write_text
 from asymlora.models import load
 from asymlora.recipes.evaluate import _run_config, method_dirs
-from asymlora.recipes.multitask import RESULTS_FILE, load_tasks_for, safe_name
+from asymlora.recipes.multitask import CONFIG_FILE, RESULTS_FILE, load_tasks_for, safe_name
+
+try:  # imported as the package `benchmarks`
+    from benchmarks.common import positive_int
+except ImportError:  # run as a script: Python puts this folder first on sys.path
+    from common import positive_int
 
 
 def measure(
@@ -108,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="*", help="only these methods of the run (default: all)")
     p.add_argument("--ranked-only", action="store_true", help="only the --rank exports (not the full rank)")
     p.add_argument(
-        "--calibration-examples", type=int, help="first N training examples per task (default: all)"
+        "--calibration-examples", type=positive_int, help="first N training examples per task (default: all)"
     )
     args = p.parse_args(argv)
-    ranks = {m: int(k) for m, k in (item.split("=", 1) for item in args.rank)}
+    try:
+        ranks = {m: positive_int(k) for m, k in (item.split("=", 1) for item in args.rank)}
+    except (ValueError, argparse.ArgumentTypeError):
+        p.error(f"--rank takes METHOD=K with K an integer >= 1 (e.g. molora=8), got {args.rank}")
+    if not (args.run_dir / CONFIG_FILE).is_file():
+        p.error(f"{args.run_dir} is not an asymlora run directory (no {CONFIG_FILE}); train one first")
     rows = measure(args.run_dir, args.out, ranks, args.methods, args.calibration_examples, args.ranked_only)
     atomic_write_text(args.out / "rows.json", json.dumps(rows, indent=2) + "\n")
     text = table(rows)

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -34,6 +35,28 @@ MiB = 1024**2
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a count, a size, a number of repetitions)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated integers of at least 1 (``1,4``)."""
+    return [positive_int(v) for v in text.split(",")]
+
+
+def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--device cuda`` without a CUDA device: the parser's error (exit 2), not a traceback mid-run."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device on this machine; run with --device cpu")
+
+
 def benchmark_parser(
     doc: str | None, smoke_help: str, *, dtype: bool = True, threads_help: str | None = None
 ) -> argparse.ArgumentParser:
@@ -47,15 +70,17 @@ def benchmark_parser(
     if dtype:
         parser.add_argument("--dtype", default="float32", choices=DTYPES)
     threads_help = threads_help or "torch CPU threads (default: torch's, one per core)"
-    parser.add_argument("--threads", type=int, default=None, help=threads_help)
+    parser.add_argument("--threads", type=positive_int, default=None, help=threads_help)
     parser.add_argument("--smoke", action="store_true", help=smoke_help)
     parser.add_argument("--save", default=None, help="also write the JSON result to this file")
     return parser
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """``parser.parse_args(argv)``, then the torch thread count of ``--threads`` (when given)."""
+    """``parser.parse_args(argv)`` (a ``--device cuda`` without CUDA is an error, exit 2), then the torch
+    thread count of ``--threads`` (when given)."""
     args = parser.parse_args(argv)
+    check_device(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
@@ -82,6 +107,11 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
     fn().float().sum().backward()
     sync(device)
     return time.perf_counter() - t0
+
+
+def spread(times: list[float]) -> float:
+    """(max − min) / median of one variant's own repetitions (0 for a single one)."""
+    return (max(times) - min(times)) / statistics.median(times) if len(times) > 1 else 0.0
 
 
 def cpu_seconds() -> float:

@@ -35,6 +35,7 @@ import importlib.util
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,9 +44,9 @@ from typing import Any
 from asymlora.config import ConfigError, from_dict
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.common import ROOT, benchmark_parser, finish
+    from benchmarks.common import ROOT, benchmark_parser, check_device, finish, positive_int, positive_ints
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import ROOT, benchmark_parser, finish
+    from common import ROOT, benchmark_parser, check_device, finish, positive_int, positive_ints
 HOMOGENEOUS = ("fedit", "ffa", "fedsa", "fedalora")
 HETEROGENEOUS = ("zeropad", "fedalora-het")
 DEMO_TASKS = ("bigbench:multiemo/hotels_sentence_en", "bigbench:fact_checker/fever")
@@ -111,13 +112,9 @@ def fed_config(
 def groups(args: argparse.Namespace) -> list[tuple[list[str], list[int] | None]]:
     """(strategies, client ranks) of each simulation: homogeneous at ``--r``, heterogeneous at ``--ranks``
     (one group when the ranks are all equal to ``--r``)."""
-    chosen = [s for s in args.strategies.split(",") if s]
-    homo = [s for s in chosen if s in HOMOGENEOUS]
-    het = [s for s in chosen if s in HETEROGENEOUS]
-    unknown = sorted(set(chosen) - set(HOMOGENEOUS) - set(HETEROGENEOUS))
-    if unknown:
-        raise SystemExit(f"unknown strategies {unknown}; choose from {[*HOMOGENEOUS, *HETEROGENEOUS]}")
-    ranks = [int(k) for k in args.ranks.split(",")]
+    homo = [s for s in args.strategies if s in HOMOGENEOUS]
+    het = [s for s in args.strategies if s in HETEROGENEOUS]
+    ranks = args.ranks
     if set(ranks) == {args.r}:
         return [(homo + het, None)] if homo + het else []
     return [g for g in ((homo, None), (het, ranks)) if g[0]]
@@ -190,22 +187,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                               threads_help="torch threads per client (2 clients)")  # fmt: skip
     parser.set_defaults(device="cpu", threads=1)  # cuda: the clients share one GPU (bf16)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=5, help="local steps per round with training")
-    parser.add_argument("--batch-size", type=int, default=8, help="the demo's batch")
-    parser.add_argument("--max-length", type=int, default=128, help="the demo's sequence length")
-    parser.add_argument("--max-train", type=int, default=64, help="training examples per client")
-    parser.add_argument("--r", type=int, default=8, help="rank of the homogeneous strategies")
-    parser.add_argument("--ranks", default="64,8", help="client ranks of zeropad and fedalora-het")
-    parser.add_argument("--d-m", type=int, default=16, help="fedalora-het's intermediate rank")
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument(
+        "--local-steps", type=positive_int, default=5, help="local steps per round with training"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="the demo's batch")
+    parser.add_argument("--max-length", type=positive_int, default=128, help="the demo's sequence length")
+    parser.add_argument("--max-train", type=positive_int, default=64, help="training examples per client")
+    parser.add_argument("--r", type=positive_int, default=8, help="rank of the homogeneous strategies")
+    parser.add_argument(
+        "--ranks", type=positive_ints, default="64,8", help="client ranks of zeropad and fedalora-het"
+    )
+    parser.add_argument("--d-m", type=positive_int, default=16, help="fedalora-het's intermediate rank")
     parser.add_argument("--strategies", default=",".join([*HOMOGENEOUS, *HETEROGENEOUS]))
     parser.add_argument("--out-dir", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--secagg", action="store_true", help="also run with training under Flower's SecAgg+")
     args = parser.parse_args(argv)  # --threads is per client: not this process's
+    check_device(parser, args)
+    args.strategies = [s for s in args.strategies.split(",") if s]
+    unknown = sorted(set(args.strategies) - {*HOMOGENEOUS, *HETEROGENEOUS})
+    if unknown or not args.strategies:
+        parser.error(
+            f"--strategies: unknown {unknown or 'none given'}; choose from {[*HOMOGENEOUS, *HETEROGENEOUS]}"
+        )
     if args.smoke:
         args.rounds, args.local_steps, args.batch_size, args.max_length = 2, 1, 4, 32
-        args.max_train, args.r, args.ranks, args.d_m = 16, 2, "2,2", 4
+        args.max_train, args.r, args.ranks, args.d_m = 16, 2, [2, 2], 4
     return args
+
+
+def check_configs(args: argparse.Namespace, model: str, tasks: list[str], plan: list, root: Path) -> None:
+    """Every run's config validated before the first run starts: an invalid one (``--ranks`` not one per
+    client, ...) exits 2 naming the error, not after the groups before it have run."""
+    from asymlora.federated.config import FedConfig
+
+    for k, (names, ranks) in enumerate(plan):
+        for steps in (0, args.local_steps):
+            data = fed_config(args, model, tasks, names, ranks, steps, root / f"group{k}-steps{steps}")
+            try:
+                from_dict(FedConfig, data).validate()
+            except ConfigError as e:
+                print(f"benchmarks/federated.py: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
 
 
 def run_group(
@@ -288,8 +311,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = Path(args.out_dir) if args.out_dir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         model, tasks = smoke_assets(root / "assets") if args.smoke else (args.model, list(DEMO_TASKS))
+        plan = groups(args)
+        check_configs(args, model, tasks, plan, root)
         strategies: dict[str, dict[str, Any]] = {}
-        for k, group in enumerate(groups(args)):
+        for k, group in enumerate(plan):
             strategies.update(run_group(args, k, model, tasks, group, root))
     exact = all(
         s["payload_up_vs_predicted"] == 1.0 and s["payload_down_vs_predicted"] == 1.0
@@ -306,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "max_length": args.max_length,
             "r": args.r,
-            "ranks": [int(k) for k in args.ranks.split(",")],
+            "ranks": args.ranks,
             "d_m": args.d_m,
             "threads_per_client": args.threads,
         },

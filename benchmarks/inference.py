@@ -34,10 +34,10 @@ from torch import nn
 import asymlora
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.common import benchmark_parser, finish, parse, sync
+    from benchmarks.common import benchmark_parser, finish, parse, positive_int, positive_ints, sync
     from benchmarks.train_step import QV, load_base
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import benchmark_parser, finish, parse, sync
+    from common import benchmark_parser, finish, parse, positive_int, positive_ints, sync
     from train_step import QV, load_base
 
 TOLERANCE = 0.05
@@ -86,18 +86,21 @@ def generate(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "tiny random Llama, 8 new tokens, 1 rep, for CI")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt", type=int, default=32, help="prompt length (random tokens)")
-    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=3, help="N = number of tasks")
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument("--prompt", type=positive_int, default=32, help="prompt length (random tokens)")
+    parser.add_argument("--batches", type=positive_ints, default="1,4", help="comma-separated batch sizes")
+    parser.add_argument("--r", type=positive_int, default=8)
+    parser.add_argument("--experts", type=positive_int, default=3, help="N = number of tasks")
     parser.add_argument("--task", type=int, default=0, help="the task merged and routed to")
     parser.add_argument("--b-std", type=float, default=0.05, help="std of the random B (non-zero adapter)")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=positive_int, default=5)
     args = parse(parser, argv)
     if args.smoke:
         args.new_tokens, args.prompt, args.reps = 8, 8, 1
-    args.batches = [int(b) for b in args.batches.split(",")]
+    if not 0 <= args.task < args.experts:
+        parser.error(
+            f"--task must be one of the --experts {args.experts} tasks (0..{args.experts - 1}), got {args.task}"
+        )
     return args
 
 

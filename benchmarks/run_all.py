@@ -32,7 +32,16 @@ import torch
 
 try:  # imported as the package `benchmarks` (the tests, `python -m benchmarks.run_all`)
     from benchmarks import federated, inference, layers, report, scaling, tables, train_precision, train_step
-    from benchmarks.common import RESULTS, ROOT, machine, run_record, start_clock, utc_now
+    from benchmarks.common import (
+        RESULTS,
+        ROOT,
+        check_device,
+        machine,
+        positive_int,
+        run_record,
+        start_clock,
+        utc_now,
+    )
 except ImportError:  # run as a script: Python puts this folder first on sys.path
     import federated
     import inference
@@ -42,7 +51,7 @@ except ImportError:  # run as a script: Python puts this folder first on sys.pat
     import tables
     import train_precision
     import train_step
-    from common import RESULTS, ROOT, machine, run_record, start_clock, utc_now
+    from common import RESULTS, ROOT, check_device, machine, positive_int, run_record, start_clock, utc_now
 
 from asymlora.io import atomic_write_text
 
@@ -53,13 +62,13 @@ Main = Callable[[list[str]], dict[str, Any]]
 def run(name: str, fn: Main, argv: list[str], command: str | None = None) -> dict[str, Any]:
     """Run one benchmark's ``main(argv)``; record its command line, wall and CPU seconds, load average.
 
-    A benchmark that raises is reported (``_failed``) and the run goes on."""
+    A benchmark that raises (or exits: a config it cannot read) is reported (``_failed``) and the run goes on."""
     command = command or " ".join(["python", f"benchmarks/{name}.py", *argv])
     print(f"\n=== {command}", flush=True)
     start = start_clock()
     try:
         result = fn(argv)
-    except Exception as e:  # one broken benchmark must not hide the others' figures
+    except (Exception, SystemExit) as e:  # one broken benchmark must not hide the others' figures
         traceback.print_exc()
         result = {"_failed": f"{type(e).__name__}: {e}"[:500]}
     result["_run"] = run_record(command, start)
@@ -75,11 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--all-projections", action="store_true", help="also the step with all seven projections"
     )
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="torch CPU threads for every benchmark (default: torch's, one per core); on a machine "
         "oversubscribed by other jobs, 1 avoids OpenMP threads waiting for each other",
@@ -91,6 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(parser, args)
     args.only = args.only.split(",") if args.only else list(BENCHMARKS)
     if set(args.only) - set(BENCHMARKS):
         parser.error(f"--only: unknown {sorted(set(args.only) - set(BENCHMARKS))}; choose from {BENCHMARKS}")
@@ -180,10 +190,18 @@ def print_figures(res: dict[str, Any]) -> None:
 
 
 def write_results(res: dict[str, Any], results: Path, page: Path, plot: Path | None) -> None:
-    """Each result of ``res`` as ``results/<name>.json``, then the page rendered from them."""
+    """Each result of ``res`` as ``results/<name>.json``, then the page rendered from them. A failed
+    benchmark's file from an earlier run is removed (the page lists the failure instead of showing the
+    earlier run's figures under this run's date and machine), and so is the seven-projection step's when
+    the step ran without ``--all-projections``."""
     results.mkdir(parents=True, exist_ok=True)
     for name, result in res.items():
         atomic_write_text(results / f"{name}.json", json.dumps(result, indent=1, default=str) + "\n")
+    stale = set(res["run_all"]["failed"])
+    if "train_step" in res or "train_step" in stale:  # the step ran: so is the seven-projection one, or none
+        stale |= {"train_step_all"} - set(res)
+    for name in sorted(stale):
+        (results / f"{name}.json").unlink(missing_ok=True)
     if (
         results != RESULTS
         and (RESULTS / "serving.json").is_file()
@@ -216,4 +234,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if main()["run_all"]["failed"] else 0)  # a failed benchmark fails the command

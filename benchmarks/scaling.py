@@ -40,15 +40,25 @@ import torch.nn.functional as F
 from torch import nn
 
 import asymlora
+from asymlora.io import atomic_file
 from asymlora.methods.base import Role
 from asymlora.routing import RoutingState
 from asymlora.tuner.layer import Linear as AsymLinear
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.common import MiB, benchmark_parser, finish, parse, timed
+    from benchmarks.common import (
+        MiB,
+        benchmark_parser,
+        finish,
+        parse,
+        positive_int,
+        positive_ints,
+        spread,
+        timed,
+    )
     from benchmarks.train_step import count_saved
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import MiB, benchmark_parser, finish, parse, timed
+    from common import MiB, benchmark_parser, finish, parse, positive_int, positive_ints, spread, timed
     from train_step import count_saved
 
 METHODS: tuple[str, ...] = ("alora", "hydralora", "molora")
@@ -222,26 +232,25 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
         f"{result['device']}/{result['dtype']} (medians of {shape['reps']} alternating runs)"
     )
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # atomically: an interrupted run leaves the previous plot, not half a PNG
+        atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "tiny shapes, 1 rep, for CI")
-    parser.add_argument("--dim", type=int, default=4096, help="d_in = d_out (LLaMA-7B: 4096)")
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--ns", default="1,2,4,8,16", help="numbers of experts (at --r)")
-    parser.add_argument("--rs", default="4,8,16,32,64", help="ranks (at --experts)")
-    parser.add_argument("--r", type=int, default=8, help="rank of the N sweep")
-    parser.add_argument("--experts", type=int, default=3, help="N of the r sweep")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dim", type=positive_int, default=4096, help="d_in = d_out (LLaMA-7B: 4096)")
+    parser.add_argument("--tokens", type=positive_int, default=2048)
+    parser.add_argument("--ns", type=positive_ints, default="1,2,4,8,16", help="numbers of experts (at --r)")
+    parser.add_argument("--rs", type=positive_ints, default="4,8,16,32,64", help="ranks (at --experts)")
+    parser.add_argument("--r", type=positive_int, default=8, help="rank of the N sweep")
+    parser.add_argument("--experts", type=positive_int, default=3, help="N of the r sweep")
+    parser.add_argument("--reps", type=positive_int, default=5)
     parser.add_argument("--plot", default=None, help="write the PNG plot here")
     args = parse(parser, argv)
     if args.smoke:
-        args.dim, args.tokens, args.reps, args.ns, args.rs = 128, 64, 1, "1,2,4", "4,8"
-    args.ns = [int(v) for v in args.ns.split(",")]
-    args.rs = [int(v) for v in args.rs.split(",")]
+        args.dim, args.tokens, args.reps, args.ns, args.rs = 128, 64, 1, [1, 2, 4], [4, 8]
     return args
 
 
@@ -280,7 +289,8 @@ def measure(args: argparse.Namespace) -> list[Row]:
                 times[k][p].append(run(k, p))
     return [
         {"sweep": k[0], "N": k[1], "r": k[2], "method": k[3],
-         "ms": {p: round(1e3 * statistics.median(v), 3) for p, v in ts.items()}, "memory": mems[k]}
+         "ms": {p: round(1e3 * statistics.median(v), 3) for p, v in ts.items()},
+         "spread": {p: round(spread(v), 4) for p, v in ts.items()}, "memory": mems[k]}
         for k, ts in times.items()
     ]  # fmt: skip
 

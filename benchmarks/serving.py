@@ -40,10 +40,10 @@ from torch import nn
 import asymlora
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.common import benchmark_parser, finish, parse, sync, utc_now
+    from benchmarks.common import benchmark_parser, finish, parse, positive_int, positive_ints, sync, utc_now
     from benchmarks.train_step import QV, load_base
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import benchmark_parser, finish, parse, sync, utc_now
+    from common import benchmark_parser, finish, parse, positive_int, positive_ints, sync, utc_now
     from train_step import QV, load_base
 
 METHODS = ("alora", "hydralora", "molora", "malora")
@@ -235,15 +235,19 @@ def report(result: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "tiny random Llama, 4 new tokens, 1 rep, for CI")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt", type=int, default=32, help="prompt length (random tokens)")
-    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=8, help="N = number of tasks (main table)")
-    parser.add_argument("--scaling-n", default="2,4,8,16", help="N values of the scaling rows")
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument("--prompt", type=positive_int, default=32, help="prompt length (random tokens)")
+    parser.add_argument("--batches", type=positive_ints, default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--r", type=positive_int, default=8)
+    parser.add_argument("--experts", type=positive_int, default=8, help="N = number of tasks (main table)")
+    parser.add_argument(
+        "--scaling-n", type=positive_ints, default="2,4,8,16", help="N values of the scaling rows"
+    )
     parser.add_argument("--b-std", type=float, default=0.05, help="std of the random B (non-zero adapter)")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--scaling-reps", type=int, default=None, help="reps of the N-scaling rows (--reps)")
+    parser.add_argument("--reps", type=positive_int, default=5)
+    parser.add_argument(
+        "--scaling-reps", type=positive_int, default=None, help="reps of the N-scaling rows (--reps)"
+    )
     parser.add_argument(
         "--check-tokens", type=int, default=16, help="new tokens compared with each row's merged model"
     )
@@ -252,10 +256,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parse(parser, argv)
     if args.smoke:
-        args.new_tokens, args.prompt, args.reps, args.scaling_n = 4, 4, 1, "2,4"
+        args.new_tokens, args.prompt, args.reps, args.scaling_n = 4, 4, 1, [2, 4]
     args.check_tokens = min(args.check_tokens, args.new_tokens)
-    args.scaling_n = [int(n) for n in args.scaling_n.split(",")]
-    args.batches = [int(b) for b in args.batches.split(",")]
     return args
 
 

@@ -18,7 +18,7 @@ except ImportError:  # run as a script: Python puts this folder first on sys.pat
     from train_step import TARGETS as STEP_TARGETS
 
 TEMPLATE_FUNCTIONS = (
-    "train_step_table", "memory_steps", "profile_text", "layers_table", "inference_table", "min_tolerance",
+    "train_step_table", "peak_text", "profile_text", "layers_table", "inference_table", "min_tolerance",
     "federated_table", "federated_failure", "scaling_table", "serving_table", "serving_scaling_table", "faster_than_base",
     "scaling_range", "train_precision_table", "faster_or_slower",
 )  # fmt: skip
@@ -149,6 +149,38 @@ def memory_steps(ts: dict[str, Any]) -> str:
     return str(next(iter(ts["peak"].values()))["steps"]) if ts["peak"] else "—"
 
 
+def peak_text(ts: dict[str, Any]) -> str:
+    """What the peak-memory columns measured, from the children's own records (``how``, the glibc mmap
+    threshold): peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. A record without them (read
+    back from the page of the 2026-11-23 run) was measured as VmHWM after clear_refs, threshold 65536."""
+    peaks = list(ts["peak"].values())
+    if not peaks:
+        return "not measured (`--memory-variants none`)."
+    hows = {p.get("how", "VmHWM after clear_refs") for p in peaks}
+    thresholds = {p.get("malloc_mmap_threshold", "65536") for p in peaks}
+    steps, child = memory_steps(ts), "a fresh child process per variant (`--memory-child`"
+    if hows == {"torch.cuda.max_memory_allocated"}:
+        return (f"`torch.cuda.max_memory_allocated` of {child}; reset after the model is built) over {steps} "
+                "steps: the tensors torch allocated on the GPU, the frozen base model included. **step peak − "
+                "model**: that peak minus the memory allocated for the built model before the first step.")  # fmt: skip
+    if hows != {"VmHWM after clear_refs"} or len(thresholds) != 1:
+        return (f"peak memory of {child}) over {steps} steps, measured as {' / '.join(sorted(hows))} (ru_maxrss: "
+                "the whole process's peak, loading included). **step peak − model**: that peak minus the RSS of "
+                "the built model before the first step.")  # fmt: skip
+    (threshold,) = thresholds
+    mmap = (
+        "glibc's default mmap threshold, which grows as blocks are freed (the peak of the same step then "
+        "depends on the allocation history)"
+        if threshold is None
+        else f"glibc's mmap threshold fixed at {int(threshold) // 1024} KiB (`MALLOC_MMAP_THRESHOLD_`) so that "
+        "freed tensors return to the OS at once and the RSS follows the live tensors (with glibc's growing "
+        "default threshold the peak of the same step depends on the allocation history)"
+    )
+    return (f"peak RSS of {child}; VmHWM reset after the model is built, so loading does not count) over {steps} "
+            f"steps, with {mmap}; it includes the frozen base model and the Python/torch runtime. **step peak − "
+            "model**: that peak minus the RSS of the built model before the first step.")  # fmt: skip
+
+
 def profile_text(ts: dict[str, Any]) -> str:
     """Top ops of one profiled step, peft LoRA and ALoRA side by side, then the ops ALoRA calls more often."""
     prof = ts.get("profile") or {}
@@ -201,10 +233,20 @@ def train_precision_table(tp: dict[str, Any]) -> str:
 
 # --- §2 layers, §3 inference, §4 federated, §5 scaling ---------------------------------------------------------
 def layers_table(ly: dict[str, Any]) -> str:
+    """Adapter path and whole layer per variant; with the spreads where the run recorded them."""
     a, w, ax, wx = ly["adapter_ms"], ly["layer_ms"], ly["adapter_vs_peft"], ly["layer_vs_peft"]
-    rows = [[f"`{n}`", f"{ms:.1f}", fmt_ratio(ax[n]), f"{w[n]:.1f}", fmt_ratio(wx[n])] for n, ms in a.items()]
-    rows.append(["`base W0 x only`", "", "", f"{w['base_only']:.1f}", ""])
-    return md_table(["variant", "adapter path ms", "× peft LoRA", "whole layer ms", "× peft LoRA"], rows)
+    if "adapter_spread" not in ly:  # the committed run's file has none
+        rows = [
+            [f"`{n}`", f"{ms:.1f}", fmt_ratio(ax[n]), f"{w[n]:.1f}", fmt_ratio(wx[n])] for n, ms in a.items()
+        ]
+        rows.append(["`base W0 x only`", "", "", f"{w['base_only']:.1f}", ""])
+        return md_table(["variant", "adapter path ms", "× peft LoRA", "whole layer ms", "× peft LoRA"], rows)
+    sa, sw = ly["adapter_spread"], ly["layer_spread"]
+    rows = [[f"`{n}`", f"{ms:.1f}", f"{sa[n]:.0%}", fmt_ratio(ax[n]), f"{w[n]:.1f}", f"{sw[n]:.0%}", fmt_ratio(wx[n])]
+            for n, ms in a.items()]  # fmt: skip
+    rows.append(["`base W0 x only`", "", "", "", f"{w['base_only']:.1f}", f"{sw['base_only']:.0%}", ""])
+    header = ["variant", "adapter path ms", "spread", "× peft LoRA", "whole layer ms", "spread", "× peft LoRA"]  # fmt: skip
+    return md_table(header, rows)
 
 
 def inference_table(inf: dict[str, Any]) -> str:
@@ -254,16 +296,18 @@ def federated_failure(run: dict[str, Any]) -> str:
 
 
 def scaling_table(sc: dict[str, Any]) -> str:
-    rows = []
+    rows, has_spread = [], bool(sc["rows"]) and "spread" in sc["rows"][0]
     for row in sc["rows"]:
         ms, mem = row["ms"], row["memory"]
+        spread = [f"{row['spread']['total']:.0%}"] if has_spread else []
         rows.append([
-            row["sweep"], row["N"], row["r"], row["method"], f"{ms['total']:.1f}", f"{ms['x_side']:.1f}",
+            row["sweep"], row["N"], row["r"], row["method"], f"{ms['total']:.1f}", *spread, f"{ms['x_side']:.1f}",
             f"{ms['b_side']:.1f}", f"{mem['params_A']:,}", f"{mem['params_B']:,}", f"{mem['params_router']:,}",
             f"{mem['saved_bytes'] / MiB:.2f}", f"{mem['total_bytes'] / MiB:.2f}",
         ])  # fmt: skip
     header = [
-        "sweep", "N", "r", "method", "adapter ms", "x side ms", "B side ms", "A-side params", "B-side params",
+        "sweep", "N", "r", "method", "adapter ms", *(["spread"] if has_spread else []), "x side ms", "B side ms",
+        "A-side params", "B-side params",
         "router params", "saved act. MiB", "memory MiB",
     ]  # fmt: skip
     return md_table(header, rows)

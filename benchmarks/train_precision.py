@@ -49,9 +49,9 @@ from asymlora.train.precision import autocast
 from asymlora.train.targets import on_targets, slices_logits, target_mask
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.common import ROOT, benchmark_parser, finish, machine, parse, sync, utc_now
+    from benchmarks.common import ROOT, benchmark_parser, finish, machine, parse, positive_int, sync, utc_now
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import ROOT, benchmark_parser, finish, machine, parse, sync, utc_now
+    from common import ROOT, benchmark_parser, finish, machine, parse, positive_int, sync, utc_now
 
 CONFIG = ROOT / "configs" / "multitask_bigbench.yaml"
 """The campaign's model, tasks, adapter and batch size (configs/campaign_multitask.yaml is based on it)."""
@@ -296,10 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         __doc__, "tiny random Llama, character tokenizer, two synthetic tasks, 2 steps, for CI", dtype=False
     )
     parser.add_argument("--config", default=str(CONFIG), help="run config of the model, tasks and adapter")
-    parser.add_argument("--steps", type=int, default=10, help="timed rounds (after 1 warm-up round)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed rounds (after 1 warm-up round)")
     args = parse(parser, argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.smoke:
         args.steps = min(args.steps, 2)
     return args
@@ -327,11 +325,12 @@ def measure(args: argparse.Namespace, cfg: RunConfig) -> dict[str, Any]:
 
 
 def read_config(args: argparse.Namespace) -> RunConfig:
-    """``--config`` (SystemExit naming the file and the error when it does not load)."""
+    """``--config`` (exit 2, naming the file and the error, when it does not load)."""
     try:
         return load_config(args.config)
     except ConfigError as e:
-        raise SystemExit(f"benchmarks/train_precision.py: --config {args.config}: {e}") from None
+        print(f"benchmarks/train_precision.py: --config {args.config}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def setting(args: argparse.Namespace, cfg: RunConfig) -> dict[str, Any]:

@@ -53,9 +53,9 @@ import asymlora
 from asymlora.models import load
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.common import ROOT, MiB, benchmark_parser, finish, parse, sync
+    from benchmarks.common import ROOT, MiB, benchmark_parser, finish, parse, positive_int, sync
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import ROOT, MiB, benchmark_parser, finish, parse, sync
+    from common import ROOT, MiB, benchmark_parser, finish, parse, positive_int, sync
 
 VARIANTS: tuple[str, ...] = ("peft_lora", "lora", "alora", "hydralora", "molora", "malora")
 ROUTER = {"alora": "soft", "hydralora": "soft", "molora": "topk", "malora": "topk"}
@@ -334,21 +334,23 @@ def compile_layers(model: nn.Module) -> str:
 # --- main ----------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "tiny random Llama, batch 2 × 16, for CI")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq", type=positive_int, default=128, help="tokens per sequence")
+    parser.add_argument("--r", type=positive_int, default=8)
+    parser.add_argument("--experts", type=positive_int, default=3)
     parser.add_argument("--targets", default=",".join(QV), help="comma-separated target module names")
     parser.add_argument("--all-projections", action="store_true", help="target all seven projections")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of variants")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up)")
-    parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory child")
+    parser.add_argument(
+        "--steps", type=positive_int, default=5, help="timed steps per variant (after 1 warm-up)"
+    )
+    parser.add_argument("--memory-steps", type=positive_int, default=2, help="steps per memory child")
     parser.add_argument(
         "--memory-variants", default=None, help="variants measured in child processes ('none': skip)"
     )
-    parser.add_argument("--memory-jobs", type=int, default=2, help="memory children run at a time")
+    parser.add_argument("--memory-jobs", type=positive_int, default=2, help="memory children run at a time")
     parser.add_argument("--profile", action="store_true", help="torch.profiler: ALoRA vs peft LoRA")
-    parser.add_argument("--profile-top", type=int, default=12)
+    parser.add_argument("--profile-top", type=positive_int, default=12)
     parser.add_argument(
         "--compile", action="store_true", help="also time torch.compile'd ALoRA and peft LoRA (guarded)"
     )
@@ -369,6 +371,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.memory_variants is None:
         args.memory_variants = ",".join(args.variants)
     args.memory_variants = [] if args.memory_variants == "none" else args.memory_variants.split(",")
+    if set(args.memory_variants) - set(VARIANTS):
+        parser.error(f"--memory-variants: unknown {sorted(set(args.memory_variants) - set(VARIANTS))}; "
+                     f"choose from {VARIANTS} or 'none'")  # fmt: skip
     return args
 
 

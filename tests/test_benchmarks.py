@@ -58,6 +58,58 @@ def test_every_benchmark_prints_a_json_line(smoke):
 def test_layers_smoke(smoke):
     result = smoke[0]["layers"]
     assert {"adapter_vs_loop", "adapter_vs_peft_lora", "layer_vs_peft_lora"} <= set(result["ratios"])
+    assert max(result["fused_vs_loop_max_rel_diff"].values()) <= 1e-5  # float32: rounding only
+    assert (
+        set(result["adapter_spread"]) == set(result["adapter_ms"]) and "base_only" in result["layer_spread"]
+    )
+    assert result["shape"]["reps"] == 2
+    page = (smoke[2] / "performance.md").read_text()
+    assert (
+        "| variant | adapter path ms | spread | × peft LoRA | whole layer ms | spread | × peft LoRA |" in page
+    )
+
+
+def test_layers_rotates_the_order_each_round():
+    """Warm-up in order, then one round per repetition, each starting one variant later (it ran them in the
+    same order every round: fused ALoRA always first, the loop form always after it)."""
+    import torch
+    from benchmarks import layers
+
+    order, x = [], torch.zeros(1, requires_grad=True)
+    fns = {n: (lambda n=n: order.append(n) or x * 1.0) for n in "abc"}
+    layers.measure(fns, x, 3, torch.device("cpu"))
+    assert "".join(order) == "abc" + "abc" + "bca" + "cab"
+
+
+def test_spread_by_hand():
+    from benchmarks.common import spread
+
+    assert (
+        spread([1.0, 3.0, 2.0]) == 1.0 and spread([0.5, 0.5]) == 0.0 and spread([4.0]) == 0.0
+    )  # (3 − 1) / 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_layers_runs_in_half_precision(dtype, capsys):
+    """`layers.py --dtype bfloat16` (the documented GPU command) ran peft's LoRA with float32 adapter weights
+    on a bf16 input and stopped at the first product; every variant now runs in the layer's dtype."""
+    from benchmarks import layers
+
+    result = layers.main(["--smoke", "--device", "cpu", "--dtype", dtype])
+    assert result["dtype"] == dtype and result["adapter_ms"]["peft_lora"] > 0
+    assert max(result["fused_vs_loop_max_rel_diff"].values()) <= layers.EQUAL_RTOL[dtype]
+
+
+def test_layers_times_the_loop_only_when_it_equals_fused(monkeypatch):
+    """A loop form that computes something else than fused ALoRA (here 1 % larger) stops the benchmark
+    before any timing: its ratio would compare two different computations."""
+    from benchmarks import layers
+
+    loop = layers.loop_alora_delta
+    monkeypatch.setattr(layers, "loop_alora_delta", lambda *a: 1.01 * loop(*a))
+    monkeypatch.setattr(layers, "measure", lambda *a: pytest.fail("timed before the check"))
+    with pytest.raises(AssertionError, match="fused ALoRA differs from the loop form"):
+        layers.main(["--smoke", "--device", "cpu"])
 
 
 def test_train_step_smoke(smoke):
@@ -146,6 +198,33 @@ def test_scaling_smoke_and_plot(smoke):
     assert checks["fit_alora"]["params_A_is_N_r_d_in_and_B_is_r_d_out"]
     assert checks["alora"]["params_B_growth"] == 1  # ALoRA's B does not grow with N
     assert checks["hydralora"]["params_B_growth"] == max(checks["N_range"])
+    assert all(set(row["spread"]) == {"total", "x_side", "b_side"} for row in result["scaling"]["rows"])
+    assert (
+        "| sweep | N | r | method | adapter ms | spread | x side ms |"
+        in (out_dir / "performance.md").read_text()
+    )
+
+
+def test_scaling_plot_is_written_atomically(tmp_path, monkeypatch):
+    """The plot of the committed scaling.json, then a plot that fails half-way: the first PNG is intact
+    (savefig wrote docs/scaling.png in place)."""
+    from benchmarks import scaling
+    from matplotlib.figure import Figure
+
+    result = json.loads((RESULTS / "scaling.json").read_text())
+    target = tmp_path / "docs" / "scaling.png"
+    scaling.plot(result, target)
+    first = target.read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def half_written(self, fname, **kwargs):
+        Path(fname).write_bytes(first[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        scaling.plot(result, target)
+    assert target.read_bytes() == first and [p.name for p in target.parent.iterdir()] == ["scaling.png"]
 
 
 def test_run_all_writes_the_doc(smoke):
@@ -154,6 +233,40 @@ def test_run_all_writes_the_doc(smoke):
                     "## 4. Federated", "## 5. Scaling", "## Findings", "## Reproduce"):  # fmt: skip
         assert heading in doc, heading
     assert "python benchmarks/train_step.py" in doc
+
+
+def test_run_all_exits_1_when_a_benchmark_failed(monkeypatch, capsys):
+    """The run goes on past a failed benchmark, but the command exits 1 (it exited 0: CI and `make bench`
+    saw success)."""
+    import runpy
+    import sys
+
+    from benchmarks import layers
+
+    def boom(argv):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(layers, "main", boom)
+    monkeypatch.setattr(sys, "argv", ["benchmarks/run_all.py", "--smoke", "--only", "layers"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(ROOT / "benchmarks" / "run_all.py"), run_name="__main__")
+    assert exited.value.code == 1
+    assert "FAILED layers: RuntimeError: boom" in capsys.readouterr().out
+
+
+def test_run_all_goes_on_past_a_benchmark_that_exits(monkeypatch, capsys):
+    """A benchmark that exits (train_precision's unreadable --config, federated's invalid config raise
+    SystemExit) is a failure like any other: the run goes on (it ended the whole run, and the results of the
+    benchmarks before it were lost)."""
+    from benchmarks import layers
+
+    def exits(argv):
+        raise SystemExit("benchmarks/layers.py: cannot")
+
+    monkeypatch.setattr(layers, "main", exits)
+    res = run_all.main(["--smoke", "--only", "layers,scaling"])
+    assert res["run_all"]["failed"]["layers"]["error"] == "SystemExit: benchmarks/layers.py: cannot"
+    assert "scaling" in res and "layers" not in res
 
 
 def test_run_all_page_is_the_render_of_its_json(smoke):
@@ -167,6 +280,58 @@ def test_train_step_args():
     assert args.memory_variants == ["peft_lora", "alora"]
     with pytest.raises(SystemExit):
         train_step.parse_args(["--variants", "alora"])  # the baseline must be there
+
+
+BAD_FLAGS = [
+    ("layers", "main", ["--smoke", "--threads", "-1"], "argument --threads: expected an integer >= 1, got -1"),
+    ("layers", "main", ["--smoke", "--device", "cuda"], "--device cuda: torch sees no CUDA device"),
+    ("inference", "parse_args", ["--smoke", "--batches", "1,x"], "argument --batches: expected an integer >= 1"),
+    ("inference", "parse_args", ["--smoke", "--task", "3"], "--task must be one of the --experts 3 tasks"),
+    ("train_step", "parse_args", ["--smoke", "--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+    ("train_step", "parse_args", ["--smoke", "--memory-variants", "alora,foo"], "--memory-variants: unknown ['foo']"),
+    ("train_precision", "parse_args", ["--smoke", "--steps", "0"], "argument --steps: expected an integer >= 1"),
+    ("scaling", "parse_args", ["--smoke", "--ns", "0"], "argument --ns: expected an integer >= 1, got 0"),
+    ("serving", "parse_args", ["--smoke", "--scaling-n", "2,-4"], "argument --scaling-n: expected an integer >= 1"),
+    ("federated", "parse_args", ["--smoke", "--strategies", "fedit,bogus"], "--strategies: unknown ['bogus']"),
+    ("federated", "parse_args", ["--smoke", "--device", "cuda"], "--device cuda: torch sees no CUDA device"),
+    ("run_all", "parse_args", ["--smoke", "--device", "cuda"], "--device cuda: torch sees no CUDA device"),
+    ("run_all", "parse_args", ["--smoke", "--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
+    ("calibrated_export", "main", ["runs/none", "--out", "x", "--rank", "molora"], "--rank takes METHOD=K"),
+    ("calibrated_export", "main", ["runs/none", "--out", "x"], "runs/none is not an asymlora run directory"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("module", "entry", "argv", "message"), BAD_FLAGS)
+def test_bad_flags_exit_2_with_the_reason(module, entry, argv, message, monkeypatch, capsys):
+    """A bad value (a count below 1, a malformed list, an unknown name, ``--device cuda`` on a machine
+    without CUDA) is the parser's error, exit 2, before anything is built or timed (they were tracebacks
+    mid-run, a StatisticsError after the steps, or Ray waiting for a GPU)."""
+    import importlib
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exited:
+        getattr(importlib.import_module(f"benchmarks.{module}"), entry)(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_invalid_configs_exit_2_before_anything_runs(monkeypatch, capsys):
+    """federated.py with --ranks not one per client (its second group's config) and train_precision.py with
+    a --config that does not load exit 2 naming the error, before any run (federated ran its first group,
+    minutes, then exited 1; train_precision exited 1)."""
+    from benchmarks import federated
+
+    import asymlora.federated.run
+
+    monkeypatch.setattr(asymlora.federated.run, "run", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as exited:
+        federated.main(["--ranks", "8,8,16"])
+    assert exited.value.code == 2 and "got 3 client ranks [8, 8, 16] for 2 clients" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        train_precision.main(["--smoke", "--config", "no-such.yaml"])
+    assert exited.value.code == 2 and "--config no-such.yaml: config file" in capsys.readouterr().err
 
 
 def test_count_saved_counts_unique_storages():
@@ -216,6 +381,41 @@ def test_the_committed_page_is_the_render_of_the_committed_json():
     )
 
 
+def test_the_readme_figures_are_the_committed_json():
+    """README.md types its benchmark figures by hand (the layer table and ratios of its "Benchmarks"
+    section, the bf16 speed-up of its train example): each must be the committed JSON's, at the printed
+    precision."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Benchmarks") : readme.index("## Development")]
+    ly = json.loads((RESULTS / "layers.json").read_text())
+    run = json.loads((RESULTS / "run_all.json").read_text())
+    shape, a, w, r = ly["shape"], ly["adapter_ms"], ly["layer_ms"], ly["ratios"]
+    reps = shape.get("reps", 7 if "--reps" not in ly["_run"]["command"] else None)  # layers.py's default
+    assert f"`{ly['_run']['command'].split(' --')[0]}` — one adapted {shape['dim']}×{shape['dim']} layer, " \
+        f"{shape['tokens']} tokens, r = {shape['r']}, N = {shape['experts']}," in section  # fmt: skip
+    assert f"({run['machine']['cores']} CPU cores,\n{ly['dtype']}, median of {reps};" in section
+    rows = [
+        f"| ALoRA fused | {a['fused_alora']:.1f} | {w['fused_alora']:.1f} |",
+        f"| ALoRA loop over experts (released code's algorithm) | {a['loop_alora']:.1f} | {w['loop_alora']:.1f} |",
+        f"| peft LoRA, same r | {a['peft_lora']:.1f} | {w['peft_lora']:.1f} |",
+        "| HydraLoRA / MoLoRA / MALoRA fused | "
+        + " / ".join(f"{a[m + '_fused']:.1f}" for m in ("hydralora", "molora", "malora"))
+        + " | "
+        + " / ".join(f"{w[m + '_fused']:.1f}" for m in ("hydralora", "molora", "malora"))
+        + " |",
+        f"| W0 x alone | | {w['base_only']:.1f} |",
+    ]
+    for row in rows:
+        assert row in section, row
+    assert (f"Fused ALoRA is {r['adapter_vs_loop']:.2f}× faster than the loop form on the adapter path, "
+            f"{r['adapter_vs_peft_lora']:.2f}× peft LoRA's adapter path and\n{r['layer_vs_peft_lora']:.3f}× peft "
+            "LoRA's whole layer") in section  # fmt: skip
+    tp = json.loads((RESULTS / "train_precision.json").read_text())
+    speedup = tp["step_s"]["fp32_full"] / tp["step_s"]["bf16_full"]
+    assert f"bfloat16 autocast: {speedup:.1f}x faster steps on this AVX512-BF16 CPU" in readme
+    assert tp["cpu_bf16"]["avx512_bf16"]
+
+
 def test_the_page_reads_its_figures_from_the_json(tmp_path):
     """A changed figure in a JSON file changes the page (and the target status); a missing file drops its
     section; the serving paragraph's sums are the JSON's (hand-computed from serving.json below)."""
@@ -236,6 +436,31 @@ def test_the_page_reads_its_figures_from_the_json(tmp_path):
     assert "## 5. Scaling" not in page and "## 2. Layer level" in page
 
 
+def test_the_page_says_how_the_peaks_were_measured(tmp_path):
+    """§1 describes the peak-memory columns from the children's records: peak RSS (VmHWM) with the mmap
+    threshold they ran with, or torch.cuda.max_memory_allocated on CUDA (it called every peak an RSS
+    with a 64 KiB threshold, whatever was measured)."""
+    for path in RESULTS.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    ts = json.loads((RESULTS / "train_step.json").read_text())
+
+    def section_1(how: str, threshold: str | None) -> str:
+        for peak in ts["peak"].values():
+            peak.update(how=how, malloc_mmap_threshold=threshold)
+        (tmp_path / "train_step.json").write_text(json.dumps(ts))
+        page = report.render_page(tmp_path)
+        return page[page.index("## 1. Training step") : page.index("### All seven projections")]
+
+    cuda = section_1("torch.cuda.max_memory_allocated", "65536")
+    assert "**peak MiB**: `torch.cuda.max_memory_allocated` of a fresh child process" in cuda
+    assert "RSS" not in cuda and "KiB" not in cuda
+    rss = section_1("VmHWM after clear_refs", "131072")
+    assert "peak RSS of a fresh child process" in rss and "mmap threshold fixed at 128 KiB" in rss
+    assert "glibc's default mmap threshold, which grows" in section_1("VmHWM after clear_refs", None)
+    maxrss = section_1("ru_maxrss (includes loading)", "65536")
+    assert "loading included" in maxrss and "so loading does not count" not in maxrss
+
+
 def test_the_templates_type_no_measured_figure():
     """Outside its {{ placeholders }} and {% tags %}, a template's prose has no number with a unit of a
     measurement (×, %, ms, s, MiB, tok/s): those come from the JSON."""
@@ -245,6 +470,36 @@ def test_the_templates_type_no_measured_figure():
         prose = re.sub(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", "", template.read_text(), flags=re.S)
         typed = re.findall(r"\d+(?:[.,]\d+)?\s?(?:×|%|ms\b|s\b|MiB|tok/s)", prose)
         assert not typed, f"{template.name} types measured figures: {typed}"
+
+
+def test_a_failed_benchmark_leaves_no_earlier_figures_on_the_page(tmp_path):
+    """run_all writes over a results folder that holds an earlier run: a benchmark that failed this time
+    has its earlier JSON removed, so the page lists the failure and shows no figure of the earlier run
+    under this run's header (the targets table included)."""
+    for path in RESULTS.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    run = json.loads((RESULTS / "run_all.json").read_text())
+    run["failed"] = {"layers": {"error": "RuntimeError: boom", "command": "python benchmarks/layers.py"}}
+    run_all.write_results({"run_all": run}, tmp_path, tmp_path, None)
+    page = (tmp_path / "performance.md").read_text()
+    assert not (tmp_path / "layers.json").exists()
+    assert "- `python benchmarks/layers.py`: RuntimeError: boom" in page
+    assert "## 2. Layer level" not in page and "fused ALoRA vs loop form, adapter path" not in page
+    assert "## 1. Training step, whole model" in page  # the others' files stay
+
+
+def test_a_step_without_all_projections_drops_the_earlier_seven_projection_step(tmp_path):
+    """`run_all.py` without ``--all-projections`` over a folder holding an earlier seven-projection step: that
+    file is removed (the page showed the earlier run's table and targets under this run's header)."""
+    for path in RESULTS.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    run = json.loads((RESULTS / "run_all.json").read_text())
+    ts = json.loads((RESULTS / "train_step.json").read_text())
+    run_all.write_results({"train_step": ts, "run_all": run}, tmp_path, tmp_path, None)
+    page = (tmp_path / "performance.md").read_text()
+    assert not (tmp_path / "train_step_all.json").exists() and (tmp_path / "layers.json").exists()
+    assert "### All seven projections" not in page and "(whole model, all seven projections)" not in page
+    assert "## 1. Training step, whole model" in page
 
 
 def test_render_without_the_run_record_names_the_fix(tmp_path, capsys):
