@@ -143,9 +143,10 @@ def check_plan(plan: Plan, task_names: Sequence[str], how: str) -> None:
         n_test = sum(len(s.test) for s in shards)
         if n_train == 0 or n_test == 0:
             which = "training" if n_train == 0 else "test"
+            alpha = "raise clients.alpha, " if how.startswith("Dirichlet") else ""  # only Dirichlet reads it
             raise ValueError(
                 f"the partition leaves client {k} with no {which} example ({how}, "
-                f"{len(plan)} clients, tasks {list(task_names)}); raise clients.alpha, lower clients.num, "
+                f"{len(plan)} clients, tasks {list(task_names)}); {alpha}lower clients.num, "
                 "raise data.max_train / data.max_test, or change data.seed"
             )
 
