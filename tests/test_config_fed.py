@@ -463,3 +463,32 @@ def test_status_when_flwr_ls_fails_is_an_error_line_and_exit_2(tmp_path, monkeyp
         and "SuperLink connection 'nosuch' not found" in err
         and "Traceback" not in err
     )
+
+
+# --- one task per client from a file with a 'task' column ('jsonl:FILE#*') ------------------------------------
+def test_a_spec_that_expands_to_one_task_per_client(tmp_path: Path) -> None:
+    """``clients.partition: task`` with ``jsonl:FILE#*`` (one task per value of its ``task`` column, as the data
+    docs say): the config counted the one spec and refused every clients.num (1 said "expands to 2 task(s)",
+    2 said "data.tasks has 1 task(s)"), and a client indexed data.tasks by its number (client 1: IndexError).
+    Now each client gets its task of the expanded list, the one the server's partition gives it."""
+    from asymlora.federated.partition import client_tasks, load_client_tasks, load_partition
+
+    rows = [{"input": str(i), "output": str(i + 1), "task": "add"} for i in range(10)]
+    rows += [
+        {"input": f"is {i} even", "options": ["yes", "no"], "target": "no", "task": "even"} for i in range(10)
+    ]
+    path = tmp_path / "my data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = f"data.tasks=[jsonl:{path}#*]"
+    cfg = load_fed_config(None, [spec, "clients.num=2", "data.metric={add: rougeL}"])
+    tasks, plan = load_partition(cfg)
+    for k, name in enumerate(["add", "even"]):
+        mine = load_client_tasks(cfg, k)
+        assert [t.name for t in mine] == [name] and mine == client_tasks(tasks, plan[k])
+    assert load_client_tasks(cfg, 0)[0].metrics[0] == "rougeL"  # data.metric keyed by an expanded task's name
+    cfg = load_fed_config(None, [spec, "clients.num=3"])  # too many clients: refused once the tasks are read
+    with pytest.raises(
+        ValueError,
+        match=re.escape("expands to 2 task(s) ['add', 'even'] for clients.num=3; set clients.num=2"),
+    ):
+        load_partition(cfg)

@@ -130,8 +130,11 @@ def test_iid_and_task_partitions_and_empty_client() -> None:
     with pytest.raises(ValueError, match="as many tasks as clients"):
         task_partition([(10, 4)], 2)
     empty = iid_partition([(1, 1)], 2, seed=0)
-    with pytest.raises(ValueError, match="leaves client 1 with no training example"):
+    with pytest.raises(ValueError, match="leaves client 1 with no training example") as err:
         check_plan(empty, ["t"], "IID")
+    assert "clients.alpha" not in str(err.value)  # only a Dirichlet split reads it
+    with pytest.raises(ValueError, match=r"\); raise clients.alpha, lower clients.num"):
+        check_plan(empty, ["t"], "Dirichlet α=0.1 over tasks")
 
 
 # --- the protocol in process: the ServerApp loop against the ClientApp, no Flower engine ------------------------

@@ -205,11 +205,55 @@ def test_target_epsilon_gives_the_smallest_noise_that_reaches_it() -> None:
             ["dp.clipping=server", "dp.noise_multiplier=1", "dp.noise_seed=4294967293"],
             r"dp.noise_seed=4294967293 must lie",
         ),
+        # z² underflows / overflows in Opacus: the server failed after round 1 (ZeroDivisionError, OverflowError)
+        (
+            ["dp.clipping=server", "dp.noise_multiplier=1e-300"],
+            r"dp.noise_multiplier=1e-300 .* is out of range",
+        ),
+        (
+            ["dp.clipping=client", "dp.noise_multiplier=1e200"],
+            r"dp.noise_multiplier=1e\+200 .* is out of range",
+        ),
+        # σ = z·C overflows float32: inf in the shared tensors, every later round failed, and the run exited 0
+        (
+            ["dp.clipping=server", "dp.noise_multiplier=1e30", "dp.clipping_norm=1e9"],
+            r"dp.noise_multiplier=1e\+30 with dp.clipping_norm=1e\+09 is out of range",
+        ),
     ],
 )
 def test_bad_dp_config_is_named_before_round_one(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_fed_config("configs/fed_bigbench_homo.yaml", ["rounds=3", *overrides])
+
+
+def test_out_of_range_noise_multipliers_are_what_the_server_failed_on() -> None:
+    """The z refused above: Opacus cannot compute their ε, or float32 cannot hold their noise; the nearest
+    accepted ones work."""
+    for z, error in ((1e-300, ZeroDivisionError), (1e200, OverflowError)):
+        with pytest.raises(error):
+            PrivacyAccountant(z, 1e-5, releases=3).epsilon()
+    assert not torch.isfinite(add_noise({"w": torch.zeros(4)}, 1e39, seed=0)["w"]).any()
+    assert noise_multiplier_for(PrivacySettings(clipping="server", noise_multiplier=1e-100), 3) == 1e-100
+    assert noise_multiplier_for(PrivacySettings(clipping="server", noise_multiplier=1e20), 3) == 1e20
+
+
+@pytest.mark.parametrize("target", [1e14, 1e300])
+def test_a_huge_target_epsilon_resolves_instead_of_hanging(target: float) -> None:
+    """Opacus bisects until ε is within an absolute 0.01 of the target, which floats cannot resolve at
+    ε ≳ 10^14: `asymlora fed` hung before round 1. The z found is checked against RDP by hand."""
+    import signal
+
+    def timeout(*_):
+        raise TimeoutError(f"dp.target_epsilon={target:g} did not resolve in 30 s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(30)
+    try:
+        z = noise_multiplier_for(PrivacySettings(clipping="server", target_epsilon=target), 3)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert _rdp_epsilon_by_hand(z, 3, 1e-5) <= target < _rdp_epsilon_by_hand(z * 0.999, 3, 1e-5)
 
 
 def test_the_noise_seed_range_is_numpys() -> None:

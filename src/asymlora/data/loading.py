@@ -149,17 +149,27 @@ def load_tasks(
     max_test: int | None = None,
     test_fraction: float = 0.2,
     cache_dir: str | Path | None = None,
+    only: int | None = None,
 ) -> list[Task]:
     """Load several tasks (same arguments as :func:`load_task`, caps per task).
 
     A ``json:``/``jsonl:``/``hf:`` spec ending in ``#*`` expands to one task per value of its
     ``task`` column. BIG-bench tasks not yet cached are read from the archive in one pass.
+    ``only``: load just the task at that index of the expanded list (a federated client's own task under
+    ``clients.partition: task``), exactly as it is loaded among all of them.
 
     Raises:
-        DataError: a bad spec or file, or two tasks of the same name.
+        DataError: a bad spec or file, two tasks of the same name, or ``only`` beyond the expanded list.
     """
     expanded = _expand_specs(specs)
-    bigbench_paths = [parse_spec(spec).location for spec in expanded if spec.startswith("bigbench:")]
+    picked = range(len(expanded))
+    if only is not None:
+        if not 0 <= only < len(expanded):
+            raise DataError(
+                f"there is no task {only}: data.tasks expands to {len(expanded)} task(s) {expanded}"
+            )
+        picked = range(only, only + 1)
+    bigbench_paths = [parse_spec(expanded[i]).location for i in picked if expanded[i].startswith("bigbench:")]
     if bigbench_paths:
         prefetch(bigbench_paths, cache_dir=cache_dir)
     parsed = [parse_spec(spec) for spec in expanded]
@@ -177,7 +187,8 @@ def load_tasks(
                 if o.selector and (o.scheme, o.location) == (p.scheme, p.location) and o != p
             ],
         )
-        for spec, p in zip(expanded, parsed, strict=True)
+        for i, (spec, p) in enumerate(zip(expanded, parsed, strict=True))
+        if i in picked
     ]
     _check_unique_names(tasks)
     return tasks

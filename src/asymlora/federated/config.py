@@ -33,6 +33,7 @@ from asymlora.config import (
     load_config,
 )
 from asymlora.config import DataSettings as MultiTaskDataSettings
+from asymlora.data.loading import ALL_TASKS, TASK_SELECTOR
 from asymlora.federated.codec import TRANSFER_DTYPES
 from asymlora.federated.privacy import PrivacySettings, noise_multiplier_for
 from asymlora.federated.secagg import SecAggSettings, check_secagg, check_secagg_compatible
@@ -97,7 +98,8 @@ class ClientSettings:
     ranks: list[int] | None = None
     """Heterogeneous strategies: one rank per client (paper: [64, 64, 32, 32, 16, 16, 8, 8]); None: adapter.r."""
     partition: Literal["task", "dirichlet", "iid"] = "task"
-    """``task``: client k gets data.tasks[k] (the paper's protocol); ``dirichlet``: each class's examples are
+    """``task``: client k gets data.tasks[k] (the paper's protocol; a ``#*`` spec counts one task per name it
+    expands to); ``dirichlet``: each class's examples are
     spread over the clients with proportions drawn from Dir(alpha); ``iid``: a uniform random split."""
     dirichlet_over: Literal["labels", "tasks"] = "tasks"
     """What a Dirichlet class is: a task, or a (task, answer option) label of choice tasks."""
@@ -430,7 +432,9 @@ class FedConfig:
 
     def _check_partition(self) -> None:
         k = self.clients.num
-        if self.clients.partition == "task" and len(self.data.tasks) != k:
+        # a '#*' spec expands to one task per name: counted once the tasks are read (`load_partition`)
+        expands = any(spec.endswith(TASK_SELECTOR + ALL_TASKS) for spec in self.data.tasks)
+        if self.clients.partition == "task" and not expands and len(self.data.tasks) != k:
             raise ConfigError(
                 f"clients.partition=task gives one task to each client: data.tasks has {len(self.data.tasks)} "
                 f"task(s) for clients.num={k}; list exactly {k} tasks or use partition dirichlet/iid"

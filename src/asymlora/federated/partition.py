@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from asymlora.data import Task, load_task, load_tasks
+from asymlora.data import Task, load_tasks
 from asymlora.eval.metrics import apply_metric_choices
 
 if TYPE_CHECKING:
@@ -143,9 +143,10 @@ def check_plan(plan: Plan, task_names: Sequence[str], how: str) -> None:
         n_test = sum(len(s.test) for s in shards)
         if n_train == 0 or n_test == 0:
             which = "training" if n_train == 0 else "test"
+            alpha = "raise clients.alpha, " if how.startswith("Dirichlet") else ""  # only Dirichlet reads it
             raise ValueError(
                 f"the partition leaves client {k} with no {which} example ({how}, "
-                f"{len(plan)} clients, tasks {list(task_names)}); raise clients.alpha, lower clients.num, "
+                f"{len(plan)} clients, tasks {list(task_names)}); {alpha}lower clients.num, "
                 "raise data.max_train / data.max_test, or change data.seed"
             )
 
@@ -201,9 +202,11 @@ def load_partition(cfg: FedConfig) -> tuple[list[Task], Plan]:
         d.tasks, seed=d.seed, max_train=d.max_train, max_test=d.max_test, test_fraction=d.test_fraction
     )
     tasks = apply_metric_choices(tasks, d.metric, d.tasks)
-    if cfg.clients.partition == "task" and len(tasks) != cfg.clients.num:
+    if cfg.clients.partition == "task" and len(tasks) != cfg.clients.num:  # a '#*' spec: counted once loaded
         raise ValueError(
-            f"clients.partition=task: data.tasks expands to {len(tasks)} task(s) for {cfg.clients.num} clients"
+            f"clients.partition=task gives one task to each client: data.tasks expands to {len(tasks)} task(s) "
+            f"{[t.name for t in tasks]} for clients.num={cfg.clients.num}; set clients.num={len(tasks)}, list "
+            "exactly one task per client, or use partition dirichlet/iid"
         )
     return tasks, plan_partition(cfg, tasks)
 
@@ -235,8 +238,10 @@ def load_client_tasks(cfg: FedConfig, client: int, data_override: str | None = N
         specs = [s.strip() for s in data_override.split(",") if s.strip()]
         tasks = apply_metric_choices(load_tasks(specs, **caps), d.metric, specs, strict=False)
     elif cfg.clients.partition == "task":
-        tasks = [load_task(d.tasks[client], **caps)]
-        tasks = apply_metric_choices(tasks, d.metric, [d.tasks[client]], strict=False)
+        # task `client` of the expanded list ('#*': one per task name), as the server's; after a '#*' expanded,
+        # data.metric keys are matched by task name
+        spec = [d.tasks[client]] if len(d.tasks) == cfg.clients.num else []
+        tasks = apply_metric_choices(load_tasks(d.tasks, only=client, **caps), d.metric, spec, strict=False)
     else:
         all_tasks, plan = load_partition(cfg)
         tasks = client_tasks(all_tasks, plan[client])

@@ -86,11 +86,13 @@ class PrivacySettings:
 # --- configuration ---------------------------------------------------------------------------------------
 def noise_multiplier_for(dp: PrivacySettings, rounds: int) -> float:
     """z of ``dp``: ``noise_multiplier`` as given, or the smallest z whose ε after ``rounds`` rounds (sample
-    rate 1) is at most ``target_epsilon`` (Opacus ``get_noise_multiplier``, RDP, tolerance 0.01).
+    rate 1) is at most ``target_epsilon`` (Opacus ``get_noise_multiplier``, RDP, tolerance 0.01, or 10^-9 · ε
+    above ε = 10^7).
 
     Raises ValueError naming the bad key and the fix: clipping_norm ≤ 0, δ outside (0, 1), both or neither
-    of noise_multiplier / target_epsilon, a negative or infinite z, a target ε that is not finite or that no
-    z reaches, or a noise_seed whose seed + round leaves [0, 2^32 - 1].
+    of noise_multiplier / target_epsilon, a negative or infinite z, a z > 0 the accountant or float32 cannot
+    use (`_check_noise_range`), a target ε that is not finite or that no z reaches, or a noise_seed whose
+    seed + round leaves [0, 2^32 - 1].
     """
     if dp.clipping not in DP_CLIPPING:
         raise ValueError(f"dp.clipping={dp.clipping!r} is invalid: choose one of {list(DP_CLIPPING)}")
@@ -117,6 +119,7 @@ def noise_multiplier_for(dp: PrivacySettings, rounds: int) -> float:
                 f"dp.noise_multiplier={dp.noise_multiplier!r} must be finite, e.g. dp.noise_multiplier=1.0 (or "
                 "give dp.target_epsilon: the smallest z that reaches it)"
             )
+        _check_noise_range(float(dp.noise_multiplier), dp.clipping_norm, dp.delta, rounds)
         return float(dp.noise_multiplier)
     return _solve_noise(float(dp.target_epsilon), dp.delta, rounds)  # type: ignore[arg-type]
 
@@ -135,6 +138,30 @@ def _check_noise_seed(seed: int | None, rounds: int) -> None:
         )
 
 
+NOISE_STD_MAX = float(torch.finfo(torch.float32).max) / 1000
+"""The largest σ = z · C / m `add_noise` may draw with (m = 1): the server's shared tensors are float32, and
+1000 σ of margin keeps every draw finite."""
+
+
+def _check_noise_range(z: float, clipping_norm: float, delta: float, rounds: int) -> None:
+    """Refuse a z > 0 whose ε Opacus cannot compute (z² under- or overflows: the server failed after round 1
+    with a bare ZeroDivisionError or OverflowError) or whose noise overflows float32 (inf in the shared
+    tensors, every later round failed)."""
+    if z == 0:
+        return
+    try:
+        ok = z * clipping_norm <= NOISE_STD_MAX and PrivacyAccountant(z, delta, rounds).epsilon() >= 0
+    except (OverflowError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"dp.noise_multiplier={z:g} with dp.clipping_norm={clipping_norm:g} is out of range: the accountant "
+            "cannot compute ε for it, or the noise z · C overflows the float32 shared tensors; use a noise "
+            "multiplier of the usual size (e.g. dp.noise_multiplier=1.0), dp.noise_multiplier=0 to clip only, "
+            "or give dp.target_epsilon"
+        )
+
+
 def _solve_noise(target: float, delta: float, rounds: int) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -148,9 +175,12 @@ def _solve_noise(target: float, delta: float, rounds: int) -> float:
     try:
         with warnings.catch_warnings():  # see PrivacyAccountant.epsilon
             warnings.simplefilter("ignore", UserWarning)
+            # tolerance 0.01, relative above ε = 10^7: an absolute 0.01 is below the float spacing of ε ≳ 10^14,
+            # and Opacus's bisection then never ended (asymlora fed hung before round 1)
             z = get_noise_multiplier(
-                target_epsilon=target, target_delta=delta, sample_rate=1.0, steps=rounds, accountant="rdp"
-            )
+                target_epsilon=target, target_delta=delta, sample_rate=1.0, steps=rounds, accountant="rdp",
+                epsilon_tolerance=max(0.01, 1e-9 * target),
+            )  # fmt: skip
         return float(z)
     except ValueError:  # Opacus: "The privacy budget is too low." (z would exceed its MAX_SIGMA)
         raise ValueError(
