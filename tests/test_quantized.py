@@ -217,3 +217,78 @@ def test_load_in_8bit_through_asymlora_models_and_the_config(base_dir) -> None:
         load_config(
             None, ["data.tasks=[bigbench:strategyqa]", "model.load_in_4bit=true", "model.load_in_8bit=true"]
         )
+
+
+def dequantized_by_hand(layer: nn.Module) -> torch.Tensor:
+    """W0 of a bitsandbytes layer that has run no eval forward yet, from bitsandbytes' own decoders: 4-bit
+    ``dequantize_4bit``, 8-bit the row-wise int8 codes times their absmax / 127 (LLM.int8())."""
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        assert not getattr(weight.quant_state, "packing_format_for_cpu", False)
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).double()
+    return weight.data.double() * weight.SCB.double()[:, None] / 127
+
+
+def test_4bit_base_survives_eval_forward_then_save_and_merge_task_reads_it(base_dir, tmp_path) -> None:
+    """bitsandbytes repacks a 4-bit weight on its first CPU eval forward and its own inverse (run by
+    state_dict(), so by save_pretrained) left the block scales transposed without double quantisation:
+    down_proj (d_in = 2·HIDDEN, two blocks per row) then computed with the wrong scales (0.29 off on outputs
+    of 0.7), and merge_task dequantised the same wrong W0."""
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
+    ).eval()
+    base = model.model.layers[0].mlp.down_proj
+    assert base.in_features > base.weight.quant_state.blocksize  # more than one scale per row
+    w0 = dequantized_by_hand(base)
+    cfg = AsymLoraConfig(method="alora", router="task", num_experts=2, target_modules=["down_proj"])
+    pm = peft.get_peft_model(model, cfg)
+    with torch.no_grad():
+        for p in asymlora.parameters_by_role(pm, "B").values():
+            p.normal_(std=0.3)
+    layer = pm.base_model.model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, base.in_features, generator=torch.Generator().manual_seed(0))
+    ids = ids_batch(5, (2, 9))
+    with torch.no_grad():
+        pm(input_ids=ids, task_ids=torch.tensor([1, 0]))  # eval forward: bitsandbytes repacks (if it can)
+        pm.save_pretrained(tmp_path / "adapter")
+        for training in (False, True):
+            base.train(training)
+            # atol: the repacked block scales are bf16 (|y| < 1 here: ≤ 3e-3 off)
+            torch.testing.assert_close(base(x).double(), x.double() @ w0.T, rtol=0, atol=1e-2)
+        base.eval()
+        pm(input_ids=ids, task_ids=torch.tensor([1, 0]))
+    a, b = layer.asymlora_A["default"].detach().double(), layer.asymlora_B["default"].detach().double()
+    with pytest.warns(UserWarning, match="dequantised"):
+        merged = asymlora.merge_task(pm, 1)
+    expected = w0 + (16 / 8) * b @ a[1]  # ALoRA task 1: s · B A_1 (docs/design.md §3)
+    torch.testing.assert_close(
+        merged.model.layers[0].mlp.down_proj.weight.double(), expected, rtol=0, atol=5e-4
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_traces_measure_magnitude_and_direction_against_the_dequantised_base(
+    base_dir, tmp_path, kind
+) -> None:
+    """TraceRecorder's ΔM/ΔD read W0 of a quantised layer: the packed 4-bit bytes gave a shape error, the int8
+    codes (|W| up to 127) silently wrong numbers."""
+    from asymlora.analysis import TraceRecorder
+
+    pm = peft.get_peft_model(
+        load_quantized(base_dir, kind), AsymLoraConfig(method="lora", target_modules=["down_proj"])
+    )
+    layer = pm.base_model.model.model.layers[0].mlp.down_proj
+    w0 = dequantized_by_hand(layer.get_base_layer())
+    with torch.no_grad():
+        layer.asymlora_B["default"].normal_(std=0.3)
+        pm(input_ids=ids_batch(6, (2, 9)))  # 4-bit: the CPU eval forward repacks the weight
+    record = TraceRecorder(pm, tmp_path / "traces.jsonl").record(1)
+    row = next(r for r in record["layers"] if r["module"] == "model.layers.0.mlp.down_proj")
+    t = {k: v.detach().double() for k, v in layer.tensors("default").items()}
+    w = w0 + (16 / 8) * t["B"] @ t["A"]
+    m0, m = w0.norm(dim=0), w.norm(dim=0)  # per input column (docs/design.md §5)
+    delta_m = (m - m0).abs().mean().item()
+    delta_d = (1 - (w * w0).sum(0) / (m * m0)).mean().item()
+    assert row["delta_M"] == pytest.approx(delta_m, rel=2e-2) and row["delta_D"] == pytest.approx(
+        delta_d, rel=2e-2
+    )

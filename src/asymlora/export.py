@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
+from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
 from asymlora.calibration import export_calibrated_adapter
 from asymlora.lora_files import write_lora_adapter
 from asymlora.methods import get_method
 from asymlora.tuner.config import AsymLoraConfig
-from asymlora.tuner.layer import AsymLoraLayer
+from asymlora.tuner.layer import AsymLoraLayer, dequantized_weight
 from asymlora.tuner.model import AsymLoraModel, base_weight
 
 
@@ -100,18 +100,10 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _dequantized_linear(base: nn.Module, delta: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
-    """nn.Linear with weight dequant(W0) + ΔW (peft's bitsandbytes dequantisation) and the same bias."""
+    """nn.Linear with weight dequant(W0) + ΔW (`asymlora.tuner.layer.dequantized_weight`) and the same bias."""
     if not isinstance(base, nn.Linear):  # bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear subclasses
         raise TypeError(f"cannot dequantise a {type(base).__name__}; expected a bitsandbytes linear layer")
-    state = getattr(base.weight, "quant_state", None)
-    if state is not None and getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes' CPU inference repacks a 4-bit weight in place on its first eval forward, a layout that
-        # dequantize_4bit misreads; undo it first, as bitsandbytes' own state_dict() and .cuda() do.
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # optional dependency
-
-        base.weight.data, state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
-        base.weight.quant_state = state  # type: ignore[attr-defined]  # Params4bit's attribute, not Parameter's
-    weight = dequantize_bnb_weight(base_weight(base), state=getattr(base, "state", None))
+    weight = dequantized_weight(base)  # a CPU-repacked 4-bit weight unpacked first
     linear = nn.Linear(base.in_features, base.out_features, base.bias is not None, weight.device, dtype)
     linear.requires_grad_(False)
     linear.weight.copy_(weight.float() + delta.to(weight.device))

@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM
 from asymlora.methods import get_method
 from asymlora.methods.base import ATTR_PREFIX, TENSOR_NAMES, Role
 from asymlora.tuner.config import AsymLoraConfig
+from asymlora.tuner.layer import dequantized_weight
 
 __all__ = [
     "CONFIG_NAME",
@@ -468,9 +469,8 @@ def _weights_from_module(model: nn.Module, modules: list[str]) -> dict[str, Tens
                 continue
             if hasattr(layer, "get_base_layer"):
                 layer = layer.get_base_layer()
-            weight = getattr(layer, "weight", None)
-            if isinstance(weight, Tensor):
-                out[module] = weight.detach()
+            if isinstance(getattr(layer, "weight", None), Tensor):
+                out[module] = dequantized_weight(layer).detach()  # a bitsandbytes W0 dequantised
                 break
     return out
 

@@ -48,6 +48,7 @@ from asymlora.analysis.factors import PEFT_KEY_PREFIX
 from asymlora.analysis.metrics import magnitude_direction_change
 from asymlora.methods import Role, get_method
 from asymlora.roles import adapter_tensors
+from asymlora.tuner.layer import dequantized_weight
 
 __all__ = ["TraceRecorder", "read_traces", "snapshot_a"]
 
@@ -83,7 +84,7 @@ class _Layer:
         return float(self.layer.asymlora_config[self.adapter].scaling)
 
     def base_weight(self) -> Tensor:
-        w = self.layer.get_base_layer().weight
+        w = dequantized_weight(self.layer.get_base_layer())  # a bitsandbytes W0 dequantised
         return w.T if getattr(self.layer, "fan_in_fan_out", False) else w  # Conv1D: stored (d_in, d_out)
 
 

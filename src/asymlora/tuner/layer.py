@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from peft.utils.integrations import get_bnb_param_type
+from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -48,6 +48,37 @@ def in_out_features(module: nn.Module) -> tuple[int, int] | None:
         d_in, d_out = module.weight.shape
         return d_in, d_out
     return None
+
+
+def unpack_cpu_4bit(module: nn.Module) -> None:
+    """Undo, in place, bitsandbytes' CPU repacking of a ``Linear4bit`` weight (a no-op for any other layer).
+
+    bitsandbytes repacks a 4-bit weight on its first CPU eval forward and stores the block scales transposed,
+    (d_in / blocksize, d_out) in bf16. Its own inverse (run by ``state_dict()``, hence by ``save_pretrained``)
+    restores the scales only for double quantisation: without it they stay transposed, and every later
+    dequantisation or forward of a layer with d_in > blocksize reads the wrong scale for most blocks
+    (bitsandbytes 0.50.2). Here the scales are put back in their (d_out · d_in / blocksize,) order."""
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if weight is None or state is None or not getattr(state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # optional dependency
+
+    scales, nested = state.absmax, state.original_nested
+    weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if not nested:  # the inverse re-quantises the scales of a nested state only
+        state.absmax = scales.T.reshape(-1).float()
+    weight.quant_state = state
+
+
+def dequantized_weight(module: nn.Module) -> Tensor:
+    """The base layer's weight as stored, in floating point: a bitsandbytes 4-bit/8-bit weight dequantised
+    (d_out × d_in; a CPU-repacked 4-bit weight is unpacked first, `unpack_cpu_4bit`), any other one as is."""
+    weight = cast(nn.Parameter, module.weight)
+    if not get_bnb_param_type(weight):
+        return weight
+    unpack_cpu_4bit(module)
+    return dequantize_bnb_weight(cast(nn.Parameter, module.weight), state=getattr(module, "state", None))
 
 
 def no_task_ids_error(adapter_name: str) -> ValueError:

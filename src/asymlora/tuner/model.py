@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
@@ -12,13 +13,20 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from peft.utils.integrations import get_bnb_param_type
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from asymlora.methods.base import ATTR_PREFIX
 from asymlora.routing import RoutingCall, RoutingState, bind_to_checkpoints, routing
 from asymlora.tuner.config import AsymLoraConfig
-from asymlora.tuner.layer import SUPPORTED_BASE_LAYERS, SUPPORTED_NAMES, AsymLoraLayer, Linear
+from asymlora.tuner.layer import (
+    SUPPORTED_BASE_LAYERS,
+    SUPPORTED_NAMES,
+    AsymLoraLayer,
+    Linear,
+    unpack_cpu_4bit,
+)
 
 WRAPPERS = ("base_layer", "original_module", "modules_to_save")
 """Module names that peft's wrappers insert (not names of the user's model)."""
@@ -124,6 +132,27 @@ def check_target_types(model: nn.Module, config: AsymLoraConfig) -> None:
         )
 
 
+def guard_4bit_state_dicts(model: nn.Module) -> None:
+    """Make every bitsandbytes 4-bit layer of ``model`` undo its CPU repacking correctly before ``state_dict()``.
+
+    bitsandbytes' own inverse, run by ``state_dict()`` (so by every ``save_pretrained`` of a training run that
+    validated in eval mode), leaves the block scales transposed without double quantisation: the frozen base
+    is silently corrupted from then on. A state-dict pre-hook (`unpack_cpu_4bit`) runs first, once per layer."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            isinstance(weight, nn.Parameter)
+            and get_bnb_param_type(weight) == "4bit"
+            and module not in _GUARDED
+        ):
+            module.register_state_dict_pre_hook(lambda m, prefix, keep_vars: unpack_cpu_4bit(m))
+            _GUARDED.add(module)
+
+
+_GUARDED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""The 4-bit layers that already carry the hook of `guard_4bit_state_dicts`."""
+
+
 class AsymLoraModel(BaseTuner):
     """Injects `asymlora.tuner.layer.Linear` into the target nn.Linear / Conv1D modules of a model.
 
@@ -139,6 +168,7 @@ class AsymLoraModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         if not hasattr(self, "routing_state"):
             self.routing_state = RoutingState()
+        guard_4bit_state_dicts(model)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """peft's injection (get_peft_model, add_adapter, load_adapter), after checking the config's names."""
