@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import yaml
 
 from asymlora.cli import main as cli_main
 from asymlora.recipes import sweep
@@ -24,3 +28,55 @@ def test_ctrl_c_says_how_to_go_on_for_the_command(command, hint, monkeypatch, ca
     err = capsys.readouterr().err
     assert hint in err
     assert command != "sweep" or "--resume" not in err
+
+
+def _list_sweep(tmp_path: Path, steps: int) -> Path:
+    """A sweep of two cells (LoRA, ALoRA) whose data is never read: only `--list` runs."""
+    spec = {"out_dir": "campaign", "overrides": ['data.tasks=["jsonl:/data.jsonl#x", "jsonl:/data.jsonl#z"]',
+            f"train.steps={steps}"], "grid": {"adapter.method": ["lora", "alora"]}}  # fmt: skip
+    path = tmp_path / f"sweep{steps}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _record(cell: sweep.Cell) -> dict:
+    return {"id": cell.id, "params": cell.params, "seed": 0, "config": cell.config.to_dict()}
+
+
+def test_list_names_the_ledger_records_of_no_cell_of_the_grid(tmp_path, capsys) -> None:
+    """The sweep file changed after its cells were done (train.steps 4 -> 5): every cell got a new id and `--list`
+    showed them all `todo`, without a word that the ledger holds records of cells no longer in the grid (which
+    `--report` goes on showing beside the new ones)."""
+    old = sweep.load_sweep(_list_sweep(tmp_path, 4))
+    old.out_dir.mkdir()
+    old.ledger.write_text("".join(json.dumps(_record(c)) + "\n" for c in sweep.expand(old)))
+    new = _list_sweep(tmp_path, 5)
+    assert cli_main(["sweep", str(new), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "0 done, 0 started, 2 to do" in out
+    ids = [c.id for c in sweep.expand(old)]
+    assert f"2 record(s) of {old.ledger} are of no cell of this grid (cells {', '.join(ids)})" in out
+    assert cli_main(["sweep", str(_list_sweep(tmp_path, 4)), "--list"]) == 0
+    assert "no cell of this grid" not in capsys.readouterr().out  # the grid of the records: nothing to say
+
+
+def test_list_shows_a_failed_cell_as_failed_with_its_error(tmp_path, capsys) -> None:
+    """A cell whose run raised (--keep-going logs it to failures.jsonl) was listed as `partial` ("started"), as
+    a cell in progress or killed is: nothing said that it failed, or why."""
+    spec = sweep.load_sweep(_list_sweep(tmp_path, 4))
+    lora, alora = sweep.expand(spec)
+    lora.run_dir.mkdir(parents=True)
+    alora.run_dir.mkdir(parents=True)
+    error = "TrainingError: the loss became nan at step 4"
+    (spec.out_dir / sweep.FAILURES_FILE).write_text(json.dumps({"id": alora.id, "error": error}) + "\n")
+    assert cli_main(["sweep", str(spec.path), "--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{lora.id}  partial")
+    assert out[1].startswith(f"{alora.id}  failed") and out[1].endswith(f"({error})")
+    assert out[2].startswith("0 done, 1 started, 0 to do, 1 failed")
+
+
+def test_report_refuses_a_bad_shard(tmp_path, capsys) -> None:
+    """`--report --shard 3/2` wrote the report and exited 0 (the shard was parsed after --report returned)."""
+    assert cli_main(["sweep", str(_list_sweep(tmp_path, 4)), "--report", "--shard", "3/2"]) == 2
+    assert "--shard '3/2': need 0 <= i < n" in capsys.readouterr().err
