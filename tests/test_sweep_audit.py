@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from asymlora.cli import main as cli_main
+from asymlora.eval import stats
 from asymlora.recipes import sweep
 
 
@@ -80,3 +81,16 @@ def test_report_refuses_a_bad_shard(tmp_path, capsys) -> None:
     """`--report --shard 3/2` wrote the report and exited 0 (the shard was parsed after --report returned)."""
     assert cli_main(["sweep", str(_list_sweep(tmp_path, 4)), "--report", "--shard", "3/2"]) == 2
     assert "--shard '3/2': need 0 <= i < n" in capsys.readouterr().err
+
+
+def test_compare_names_the_task_and_example_of_a_non_finite_score() -> None:
+    """A NaN score in run B's task "z" (a hand-edited or damaged per_example.jsonl) was reported as "task 'task':
+    per-example scores must be finite numbers": the placeholder name of `stats.paired_test`, not the task."""
+
+    def rows(task: str, values: list[float]) -> list[dict]:
+        return [{"key": f"{task}{i}", "scores": {"accuracy": v}} for i, v in enumerate(values)]
+
+    a = {"x": rows("x", [1, 0, 1]), "z": rows("z", [1, 1, 0])}
+    b = {"x": rows("x", [0, 0, 1]), "z": rows("z", [1, float("nan"), 0])}
+    with pytest.raises(ValueError, match=r"\(run B\): task 'z': .* finite numbers, example 1 is nan"):
+        stats.compare_examples(a, b, {"x": "accuracy", "z": "accuracy"})
