@@ -94,3 +94,39 @@ def test_compare_names_the_task_and_example_of_a_non_finite_score() -> None:
     b = {"x": rows("x", [0, 0, 1]), "z": rows("z", [1, float("nan"), 0])}
     with pytest.raises(ValueError, match=r"\(run B\): task 'z': .* finite numbers, example 1 is nan"):
         stats.compare_examples(a, b, {"x": "accuracy", "z": "accuracy"})
+
+
+def test_a_pair_of_groups_scored_on_other_examples_is_named_not_dropped(tmp_path) -> None:
+    """ALoRA seed 0 scored on other test examples of z than LoRA seed 0 (another eval.max_examples, say): the
+    report's paired tests of the two groups vanished from the page and from results.json without a word (the
+    reader could not tell a pair not tested from a pair not run). Now the pair is named with the reason."""
+    from tests.test_report_review10 import _mt_record, _report
+
+    a, b = (
+        _mt_record("alora", 0, {"x": [1, 0, 1], "z": [1, 1, 0]}),
+        _mt_record("lora", 0, {"x": [0, 0, 1], "z": [1, 0]}),
+    )
+    b["per_example"]["z"]["keys"] = "other"
+    page, summary = _report(tmp_path, [a, b], "multitask", "alora")
+    assert summary["paired"] == []
+    why = "z: scored on other test examples in seeds [0] (their example keys differ"
+    ((pair, reason),) = [((p["a"], p["b"]), p["why"]) for p in summary["unpaired"]]
+    assert pair == ("method=alora", "method=lora") and reason.startswith(why)
+    assert f"No paired test of:\n\n- method=alora − method=lora: {why}" in page
+
+
+def test_a_federated_pair_without_a_shared_seed_is_named_not_dropped(tmp_path) -> None:
+    """The same for federated groups: Fed-ALoRA seed 0 and FedIT seed 1 share no seed, and their pair left the
+    page without a word."""
+    from tests.test_report_review10 import _client, _fed_record, _report
+
+    records = [
+        _fed_record("fedalora", 0, [_client("c0", [1, 1, 0, 0])]),
+        _fed_record("fedit", 1, [_client("c0", [1, 0, 0, 0])]),
+    ]
+    page, summary = _report(tmp_path, records, "federated", "fedalora")
+    assert summary["paired"] == []
+    assert [(p["a"], p["b"], p["why"]) for p in summary["unpaired"]] == [
+        ("fedalora", "fedit", "no seed in common (seeds [0] and [1])")
+    ]
+    assert "- fedalora − fedit: no seed in common (seeds [0] and [1])" in page

@@ -792,8 +792,9 @@ def _baseline_choice_notes(candidates: Sequence[Group]) -> list[str]:
             for t, gs in by_task.items() if len(gs) > 1]  # fmt: skip
 
 
-def _paired(ref: Group, peer: Group) -> dict[str, Any] | None:
-    """Paired tests of ``ref`` against ``peer`` per task and on the average (`groups.paired_over_seeds`)."""
+def _paired(ref: Group, peer: Group) -> dict[str, Any] | str | None:
+    """Paired tests of ``ref`` against ``peer`` per task and on the average (`groups.paired_over_seeds`: why not,
+    in words, when they cannot be paired); None for groups of other tasks (not compared)."""
     if ref.tasks != peer.tasks:
         return None
     return paired_over_seeds(ref, peer, ref.tasks, lambda record, task: record["per_example"].get(task))
@@ -823,6 +824,7 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "groups": [],
         "paired": [],
+        "unpaired": [],  # groups compared but not paired, and why
         "std_ddof": stats.STD_DDOF,
         "records": sum(len(g.records) for g in groups),  # cells: a cell recorded twice counts once
         "delta_m_notes": delta_m_notes(groups, baselines, baseline_method)
@@ -846,7 +848,9 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
     for i, ref in enumerate(refs):
         for peer in (g for g in groups if len(g.tasks) > 1 and not any(g is r for r in refs[: i + 1])):
             result = _paired(ref, peer)
-            if result:
+            if isinstance(result, str):
+                summary["unpaired"].append({"a": ref.label, "b": peer.label, "why": result})
+            elif result:
                 summary["paired"].append({"a": ref.label, "b": peer.label, **result})
     return summary
 
@@ -896,7 +900,7 @@ def _tables(summary: dict[str, Any]) -> list[str]:
     if summary.get("delta_m_notes"):
         lines += ["", "Δm%:", "", *summary["delta_m_notes"]]
     intro = "Paired tests (A − B on the same test examples, per-example scores averaged over shared seeds):"
-    lines += paired_lines(summary["paired"], tasks, intro, "task")
+    lines += paired_lines(summary["paired"], tasks, intro, "task", summary["unpaired"])
     return lines
 
 
