@@ -130,3 +130,16 @@ def test_a_federated_pair_without_a_shared_seed_is_named_not_dropped(tmp_path) -
         ("fedalora", "fedit", "no seed in common (seeds [0] and [1])")
     ]
     assert "- fedalora − fedit: no seed in common (seeds [0] and [1])" in page
+
+
+def test_report_refuses_a_record_without_its_config(tmp_path, capsys) -> None:
+    """A hand-edited ledger line without ``config`` ended `--report` in a KeyError traceback (exit 1): the groups
+    are keyed by the config. Now it is refused as the records lacking another key the report reads (exit 2)."""
+    from tests.test_report_review10 import _mt_record
+
+    record = _mt_record("alora", 0, {"x": [1, 0, 1], "z": [1, 1, 0]})
+    del record["config"]
+    (tmp_path / "ledger.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"out_dir": ".", "grid": {"train.seed": [0]}}))
+    assert cli_main(["sweep", str(tmp_path / "sweep.yaml"), "--report"]) == 2
+    assert f"the record of cell {record['id']!r} lacks ['config']" in capsys.readouterr().err

@@ -78,7 +78,18 @@ SWEEP_KEYS = {"base", "out_dir", "overrides", "grid", "report", "order_by", "kin
 KINDS = ("multitask", "federated")
 """``kind`` of a sweep: cells of the multi-task recipe, or federated simulations (`fed_sweep`)."""
 REPORT_KEYS = {"reference", "baseline_method"}
-REPORT_RECORD_KEYS = ("params", "seed", "tasks", "method", "per_task", "primary", "average", "std", "worst")
+REPORT_RECORD_KEYS = (
+    "params",
+    "seed",
+    "tasks",
+    "method",
+    "per_task",
+    "primary",
+    "average",
+    "std",
+    "worst",
+    "config",
+)
 """The keys of a multi-task ledger record (`make_record`) the report reads; a record without one is refused."""
 
 
