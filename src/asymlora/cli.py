@@ -47,6 +47,13 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EXIT_USER_ERROR = 2
+RESUME_HINTS = {
+    "train": "; resume with --resume",
+    "fed": "; resume with --resume",
+    "sweep": "; run the same command again: finished cells are in the ledger, a started cell resumes from its "
+    "last checkpoint",
+}
+"""What a command interrupted by Ctrl-C says about going on (``asymlora sweep`` has no --resume flag)."""
 
 
 def demo_config_path() -> Path:
@@ -379,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         with progress.quiet() if args.quiet else contextlib.nullcontext():
             return args.func(args)
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
+        print(f"interrupted{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into a reader that stopped early (`asymlora sweep --list | head`)
         # Python's documented recipe: point stdout at devnull so the interpreter's final flush is silent.

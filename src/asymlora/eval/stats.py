@@ -104,7 +104,8 @@ def _array(scores: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
     if values.ndim != 1 or values.size == 0:
         raise ValueError(f"{what}: expected a non-empty list of per-example scores, got shape {values.shape}")
     if not np.all(np.isfinite(values)):
-        raise ValueError(f"{what}: per-example scores must be finite numbers")
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise ValueError(f"{what}: per-example scores must be finite numbers, example {bad} is {values[bad]}")
     return values
 
 
@@ -520,7 +521,8 @@ def compare_examples(
         metric = primary[task]
         scores_a[task] = [float(row["scores"][metric]) for row in examples_a[task]]
         scores_b[task] = [float(row["scores"][metric]) for row in examples_b[task]]
-    out = {t: {**paired_test(scores_a[t], scores_b[t], **kwargs), "metric": primary[t]} for t in tasks}
+    out = {t: {**paired_average_test({t: scores_a[t]}, {t: scores_b[t]}, **kwargs), "metric": primary[t]}
+           for t in tasks}  # fmt: skip
     out["average"] = {**paired_average_test(scores_a, scores_b, **kwargs), "metric": "primary"}
     return holm_adjusted(out)
 

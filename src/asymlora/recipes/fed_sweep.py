@@ -407,7 +407,8 @@ def _cost(group: FedGroup) -> dict[str, Any]:
 
 def paired(ref: FedGroup, peer: FedGroup, which: str = "personalised") -> dict[str, Any] | None:
     """Paired tests of ``ref`` against ``peer`` per client and on the average over clients
-    (`groups.paired_over_seeds`) on the ``which`` scores; None when the clients or examples differ."""
+    (`groups.paired_over_seeds`) on the ``which`` scores; None when the clients differ (not compared),
+    ``{"a", "b", "why"}`` when the groups cannot be paired (other examples, no shared seed)."""
     if ref.clients != peer.clients:
         return None
 
@@ -423,7 +424,9 @@ def paired(ref: FedGroup, peer: FedGroup, which: str = "personalised") -> dict[s
         )
 
     result = paired_over_seeds(whole(ref), whole(peer), ref.clients, examples)
-    return None if result is None else {"a": ref.label, "b": peer.label, **result}
+    if isinstance(result, str):  # why they cannot be paired: the report says so (`groups.paired_lines`)
+        return {"a": ref.label, "b": peer.label, "why": result}
+    return {"a": ref.label, "b": peer.label, **result}
 
 
 STRATEGY_OPTIONS = frozenset({STRATEGY_KEY, "seed", "local_a", "het_local", "het_upload"})
@@ -445,7 +448,7 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> di
     """Everything the federated results page shows: per-group scores over seeds, costs, paired tests of
     every group of strategy ``reference`` against every `comparable` group (same clients and examples)."""
     groups = group_records(records)
-    summary: dict[str, Any] = {"kind": "federated", "groups": [], "paired": [], "std_ddof": stats.STD_DDOF,
+    summary: dict[str, Any] = {"kind": "federated", "groups": [], "paired": [], "unpaired": [], "std_ddof": stats.STD_DDOF,
                                "records": sum(len(g.records) for g in groups), "reference": reference}  # fmt: skip
     for g in groups:
         summary["groups"].append({
@@ -459,7 +462,7 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> di
         for peer in (g for g in groups if comparable(ref, g) and not any(g is r for r in refs[: i + 1])):
             result = paired(ref, peer)
             if result:
-                summary["paired"].append(result)
+                summary["unpaired" if "why" in result else "paired"].append(result)
     return summary
 
 
@@ -512,7 +515,7 @@ def tables(summary: Mapping[str, Any]) -> list[str]:
         "Paired tests of the personalised scores (A − B on the same test examples, per-example scores "
         "averaged over the shared seeds):"
     )
-    lines += paired_lines(summary["paired"], clients, intro, "client")
+    lines += paired_lines(summary["paired"], clients, intro, "client", summary.get("unpaired", ()))
     return lines
 
 

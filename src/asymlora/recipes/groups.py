@@ -52,7 +52,7 @@ or None when the record has none."""
 
 def paired_over_seeds(
     ref: SeedGroup, peer: SeedGroup, units: Sequence[str], examples: ExampleRows
-) -> dict[str, Any] | None:
+) -> dict[str, Any] | str:
     """Paired tests of ``ref`` against ``peer`` per unit (a task, or a federated client) and on the average
     over units (`asymlora.eval.stats.paired_test`, `paired_average_test`), on the seeds both groups have, each
     example's score averaged over those seeds: ``{"seeds": [...], "tests": {unit: ..., "average": ...},
@@ -61,10 +61,10 @@ def paired_over_seeds(
     A unit without per-example scores in any of those records (a corpus-level metric such as BLEU) has no test
     and is left out of the average's (``left_out``), which is then the average over the other units. None when
     the groups share no seed, no unit has per-example scores, or a unit was scored on other examples (or has
-    per-example scores in some of the records only)."""
+    per-example scores in some of the records only): then why, in words, for the report to say (`paired_lines`)."""
     seeds = [s for s in ref.seeds if s in peer.seeds]
     if not seeds:
-        return None
+        return f"no seed in common (seeds {ref.seeds} and {peer.seeds})"
     a: dict[str, list[float]] = {}
     b: dict[str, list[float]] = {}
     left_out: list[str] = []
@@ -76,8 +76,11 @@ def paired_over_seeds(
         if all(r is None for r in rows):  # a corpus-level metric: no per-example scores to pair
             left_out.append(unit)
             continue
-        if any(r is None for r in rows) or len({r["keys"] for r in rows if r is not None}) != 1:
-            return None  # scored on other examples (or without per-example scores): no paired test
+        if any(r is None for r in rows):
+            return f"{unit}: per-example scores in some of the records of seeds {seeds} only"
+        if len({r["keys"] for r in rows if r is not None}) != 1:
+            return (f"{unit}: scored on other test examples in seeds {seeds} (their example keys differ: another "
+                    "data.seed, data.max_test or eval.max_examples)")  # fmt: skip
         scores_a = [r["scores"] for r in rows_a if r is not None]
         scores_b = [r["scores"] for r in rows_b if r is not None]
         a[unit], b[unit] = _seed_mean(scores_a), _seed_mean(scores_b)
@@ -85,7 +88,7 @@ def paired_over_seeds(
             [sum(x) / len(x) - sum(y) / len(y) for x, y in zip(scores_a, scores_b, strict=True)]
         )
     if not a:
-        return None
+        return f"no per-example scores to pair ({', '.join(left_out)}: corpus-level metrics such as BLEU)"
     tests: dict[str, Any] = {unit: stats.paired_test(a[unit], b[unit]) for unit in a}
     tests["average"] = stats.paired_average_test(a, b)
     tests = stats.holm_adjusted(tests)  # each unit's p also adjusted over the units (`p_holm`)
@@ -112,14 +115,21 @@ def _resolve(
 
 
 def paired_lines(
-    paired: Sequence[Mapping[str, Any]], units: Sequence[str], intro: str, unit: str
+    paired: Sequence[Mapping[str, Any]],
+    units: Sequence[str],
+    intro: str,
+    unit: str,
+    unpaired: Sequence[Mapping[str, Any]] = (),
 ) -> list[str]:
     """The markdown of a report's paired tests: a table (A − B per ``units`` and on the average, interval and
     p-value), the ``unit``s left out of a test (`paired_over_seeds`: no per-example scores) and, for each average
     the test does not resolve (p ≥ 0.05), how many test examples per ``unit`` (a task, a client) or seeds would
-    resolve a difference of its size."""
+    resolve a difference of its size; then the pairs with no paired test and why (``unpaired``: ``{"a", "b",
+    "why"}``, what `paired_over_seeds` said), so that no comparison leaves the page without a word."""
+    none = [f"- {p['a']} − {p['b']}: {p['why']}" for p in unpaired]
+    none = ["", "No paired test of:", "", *none] if none else []
     if not paired:
-        return []
+        return none
     lines = ["", intro, "", "| A | B | seeds | " + " | ".join([*units, "average"]) + " |",
              "|---|---|---|" + "---:|" * (len(units) + 1)]  # fmt: skip
     for p in paired:
@@ -145,7 +155,7 @@ def paired_lines(
         lines += ["", f"Averages the paired test does not resolve (p ≥ {1 - stats.CONFIDENCE:.2g}), and what would "
                   f"detect a difference of that size with {stats.POWER:.0%} power (two-sided, from the measured "
                   "variance; `asymlora.eval.stats.examples_to_resolve`, `seeds_to_resolve`):", "", *unresolved]  # fmt: skip
-    return lines
+    return lines + none
 
 
 def _holm_lines(paired: Sequence[Mapping[str, Any]], unit: str) -> list[str]:

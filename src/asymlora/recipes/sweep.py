@@ -78,7 +78,18 @@ SWEEP_KEYS = {"base", "out_dir", "overrides", "grid", "report", "order_by", "kin
 KINDS = ("multitask", "federated")
 """``kind`` of a sweep: cells of the multi-task recipe, or federated simulations (`fed_sweep`)."""
 REPORT_KEYS = {"reference", "baseline_method"}
-REPORT_RECORD_KEYS = ("params", "seed", "tasks", "method", "per_task", "primary", "average", "std", "worst")
+REPORT_RECORD_KEYS = (
+    "params",
+    "seed",
+    "tasks",
+    "method",
+    "per_task",
+    "primary",
+    "average",
+    "std",
+    "worst",
+    "config",
+)
 """The keys of a multi-task ledger record (`make_record`) the report reads; a record without one is refused."""
 
 
@@ -511,13 +522,28 @@ def run_sweep(
 
 
 def cell_status(sweep: Sweep, cells: list[AnyCell] | None = None) -> list[tuple[AnyCell, str]]:
-    """Each cell (of ``cells``, default: the whole grid) with ``done`` (in the ledger), ``partial`` (its run
-    directory exists) or ``todo``."""
+    """Each cell (of ``cells``, default: the whole grid) with ``done`` (in the ledger), ``failed`` (not done, and
+    in ``failures.jsonl``: its last attempt raised), ``partial`` (its run directory exists) or ``todo``."""
     done = done_ids(read_ledger(sweep.ledger))
+    failed = {r["id"] for r in read_ledger(sweep.out_dir / FAILURES_FILE)}
     return [
-        (cell, "done" if cell.id in done else "partial" if cell.run_dir.is_dir() else "todo")
+        (cell, "done" if cell.id in done else "failed" if cell.id in failed
+               else "partial" if cell.run_dir.is_dir() else "todo")
         for cell in (expand(sweep) if cells is None else cells)
-    ]
+    ]  # fmt: skip
+
+
+def last_failure(sweep: Sweep, cell_id: str) -> str:
+    """The error of a cell's last failed attempt (``failures.jsonl``), for ``--list``."""
+    return [r for r in read_ledger(sweep.out_dir / FAILURES_FILE) if r["id"] == cell_id][-1]["error"]
+
+
+def foreign_records(sweep: Sweep) -> list[dict[str, Any]]:
+    """The ledger's records (the last of each cell, `latest_records`) of no cell of the whole grid: cells of an
+    earlier version of the sweep file or its base config (a changed key gives every cell a new id), or records
+    brought in from another campaign's ledger. ``--report`` still shows them; ``--list`` names them."""
+    ids = {cell.id for cell in expand(sweep)}
+    return [r for r in latest_records(read_ledger(sweep.ledger)) if not done_ids([r]) & ids]
 
 
 def cell_progress(cell: AnyCell) -> str:
@@ -563,8 +589,12 @@ def estimate_line(sweep: Sweep, statuses: list[tuple[AnyCell, str]]) -> str:
             costs.setdefault(_cost_kind(record), []).append(seconds)
     left = [cell for cell, status in statuses if status != "done"]
     known = [statistics.median(costs[_cost_kind(c)]) for c in left if _cost_kind(c) in costs]
-    counts = {s: sum(1 for _, status in statuses if status == s) for s in ("done", "partial", "todo")}
+    counts = {
+        s: sum(1 for _, status in statuses if status == s) for s in ("done", "partial", "todo", "failed")
+    }
     line = f"{counts['done']} done, {counts['partial']} started, {counts['todo']} to do"
+    if counts["failed"]:
+        line += f", {counts['failed']} failed (the errors in {FAILURES_FILE}; a re-run tries them again)"
     if known:
         line += (
             f"; the {len(known)} left of a kind already done: about {sum(known) / 3600:.1f} h on one worker"
@@ -577,17 +607,25 @@ def estimate_line(sweep: Sweep, statuses: list[tuple[AnyCell, str]]) -> str:
 def main(args: Any) -> int:
     """``asymlora sweep CONFIG [--shard i/n] [--report] [--list]``."""
     sweep = load_sweep(args.config)
+    # a bad --shard is refused before anything, --list and --report too
+    index, count = parse_shard(args.shard)
     if args.report:
         page = write_report(sweep)
         print(f"report: {page}")
         return 0
-    index, count = parse_shard(args.shard)  # a bad --shard is refused before anything, --list too
     if args.list:
         statuses = cell_status(sweep, shard(expand(sweep), index, count))
         for cell, status in statuses:
             where = f"  ({progress})" if status == "partial" and (progress := cell_progress(cell)) else ""
+            if status == "failed":
+                where = f"  ({last_failure(sweep, cell.id)})"
             print(f"{cell.id}  {status:7s}  {cell.params}{where}")
         print(estimate_line(sweep, statuses))
+        if foreign := foreign_records(sweep):
+            print(f"{len(foreign)} record(s) of {sweep.ledger} are of no cell of this grid (cells "
+                  f"{', '.join(r['id'] for r in foreign)}): the sweep file or its base config changed since they "
+                  "ran (a changed key gives every cell a new id), or they came from another campaign's ledger; "
+                  "--report still shows them, as groups of their own")  # fmt: skip
         return 0
     counts = run_sweep(sweep, shard_index=index, shard_count=count, keep_going=args.keep_going)
     print(
@@ -765,8 +803,9 @@ def _baseline_choice_notes(candidates: Sequence[Group]) -> list[str]:
             for t, gs in by_task.items() if len(gs) > 1]  # fmt: skip
 
 
-def _paired(ref: Group, peer: Group) -> dict[str, Any] | None:
-    """Paired tests of ``ref`` against ``peer`` per task and on the average (`groups.paired_over_seeds`)."""
+def _paired(ref: Group, peer: Group) -> dict[str, Any] | str | None:
+    """Paired tests of ``ref`` against ``peer`` per task and on the average (`groups.paired_over_seeds`: why not,
+    in words, when they cannot be paired); None for groups of other tasks (not compared)."""
     if ref.tasks != peer.tasks:
         return None
     return paired_over_seeds(ref, peer, ref.tasks, lambda record, task: record["per_example"].get(task))
@@ -796,6 +835,7 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "groups": [],
         "paired": [],
+        "unpaired": [],  # groups compared but not paired, and why
         "std_ddof": stats.STD_DDOF,
         "records": sum(len(g.records) for g in groups),  # cells: a cell recorded twice counts once
         "delta_m_notes": delta_m_notes(groups, baselines, baseline_method)
@@ -819,7 +859,9 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
     for i, ref in enumerate(refs):
         for peer in (g for g in groups if len(g.tasks) > 1 and not any(g is r for r in refs[: i + 1])):
             result = _paired(ref, peer)
-            if result:
+            if isinstance(result, str):
+                summary["unpaired"].append({"a": ref.label, "b": peer.label, "why": result})
+            elif result:
                 summary["paired"].append({"a": ref.label, "b": peer.label, **result})
     return summary
 
@@ -869,7 +911,7 @@ def _tables(summary: dict[str, Any]) -> list[str]:
     if summary.get("delta_m_notes"):
         lines += ["", "Δm%:", "", *summary["delta_m_notes"]]
     intro = "Paired tests (A − B on the same test examples, per-example scores averaged over shared seeds):"
-    lines += paired_lines(summary["paired"], tasks, intro, "task")
+    lines += paired_lines(summary["paired"], tasks, intro, "task", summary["unpaired"])
     return lines
 
 
