@@ -114,6 +114,11 @@ def spread(times: list[float]) -> float:
     return (max(times) - min(times)) / statistics.median(times) if len(times) > 1 else 0.0
 
 
+def layer_shape(args: argparse.Namespace) -> dict[str, Any]:
+    """The layer shape a layer-level benchmark records (layers.py, scaling.py): the same keys in both."""
+    return {k: getattr(args, k) for k in ("dim", "tokens", "r", "experts", "reps")}
+
+
 def cpu_seconds() -> float:
     """CPU time of this process and its finished children (user + system)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -28,9 +28,9 @@ from asymlora.routing import RoutingState, router_probs
 from asymlora.tuner.layer import Linear as AsymLinear
 
 try:  # imported as the package `benchmarks`
-    from benchmarks.common import benchmark_parser, finish, parse, positive_int, spread, timed
+    from benchmarks.common import benchmark_parser, finish, layer_shape, parse, positive_int, spread, timed
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import benchmark_parser, finish, parse, positive_int, spread, timed
+    from common import benchmark_parser, finish, layer_shape, parse, positive_int, spread, timed
 
 TARGETS = {"adapter_vs_loop": 3.0, "adapter_vs_peft_lora": 1.3, "layer_vs_peft_lora": 1.05}
 EQUAL_RTOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}
@@ -174,13 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"fused ALoRA = loop form (checked before timing; max |diff| / max |loop|): {equal}")
     result = {
         "benchmark": "layers",
-        "shape": {
-            "dim": args.dim,
-            "tokens": args.tokens,
-            "r": args.r,
-            "experts": args.experts,
-            "reps": args.reps,
-        },
+        "shape": layer_shape(args),
         "device": args.device,
         "dtype": args.dtype,
         "adapter_ms": {k: round(1e3 * v, 3) for k, v in a.items()},

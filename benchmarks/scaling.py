@@ -50,6 +50,7 @@ try:  # imported as the package `benchmarks`
         MiB,
         benchmark_parser,
         finish,
+        layer_shape,
         parse,
         positive_int,
         positive_ints,
@@ -58,7 +59,17 @@ try:  # imported as the package `benchmarks`
     )
     from benchmarks.train_step import count_saved
 except ImportError:  # run as a script: Python puts this folder first on sys.path
-    from common import MiB, benchmark_parser, finish, parse, positive_int, positive_ints, spread, timed
+    from common import (
+        MiB,
+        benchmark_parser,
+        finish,
+        layer_shape,
+        parse,
+        positive_int,
+        positive_ints,
+        spread,
+        timed,
+    )
     from train_step import count_saved
 
 METHODS: tuple[str, ...] = ("alora", "hydralora", "molora")
@@ -387,13 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checks = {**n_checks(rows, args.ns), "fit_alora": fit_checks(rows, args.dim)}
     result: dict[str, Any] = {
         "benchmark": "scaling",
-        "shape": {
-            "dim": args.dim,
-            "tokens": args.tokens,
-            "r": args.r,
-            "experts": args.experts,
-            "reps": args.reps,
-        },
+        "shape": layer_shape(args),
         "device": args.device,
         "dtype": args.dtype,
         "rows": rows,
