@@ -355,6 +355,15 @@ def test_ledger_line_that_is_not_a_record_exits_2(tmp_path, capsys, line, flag) 
     assert "ledger.jsonl, line 2: not a record" in err and "remove or fix the line" in err
 
 
+def test_list_and_report_together_are_refused(tmp_path, capsys) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text("out_dir: out\ngrid: {train.seed: [0], data.tasks: [[bigbench:strategyqa]]}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["sweep", str(path), "--list", "--report"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_keep_going_logs_a_failing_cell_and_runs_the_others(env, tmp_path, monkeypatch) -> None:
     spec = sweep.load_sweep(env["sweep"])
     spec.out_dir = tmp_path / "failing"

@@ -255,10 +255,13 @@ def _add_sweep(sub: Subparsers) -> None:
                  "ledger alone.")  # fmt: skip
     p.add_argument("config", help="sweep YAML (base config, overrides, grid; see docs/sweep.md)")
     p.add_argument("--shard", help="i/n: take only cells i, i+n, i+2n, ... of the grid (0 <= i < n)")
-    p.add_argument(
+    only = p.add_mutually_exclusive_group()  # each runs nothing: given both, --list was silently dropped
+    only.add_argument(
         "--report", action="store_true", help="only regenerate results.md and figures from the ledger"
     )
-    p.add_argument("--list", action="store_true", help="list the cells and whether each is done; run nothing")
+    only.add_argument(
+        "--list", action="store_true", help="list the cells and whether each is done; run nothing"
+    )
     p.add_argument(
         "--keep-going",
         action="store_true",
