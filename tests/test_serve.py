@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import socket
@@ -385,3 +386,40 @@ def test_an_exported_adapter_is_readable_by_other_users(tmp_path) -> None:
         "adapter_model.safetensors",
     ]
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in out.iterdir())
+
+
+def test_requests_that_fit_the_context_alone_but_not_together_are_both_answered() -> None:
+    """A 60-token prompt wanting 2 tokens and a 2-token prompt wanting 50 each fit a 64-position GPT-2, but
+    one left-padded batch runs to 60 + 50 positions: its learned position embedding failed both (500)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = make_char_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    cfg = asymlora.AsymLoraConfig(
+        method="alora", router="task", num_experts=2, task_names=["a", "b"], target_modules=["c_attn"]
+    )
+    model = peft.get_peft_model(GPT2LMHeadModel(config), cfg).eval()
+    with torch.no_grad():
+        for p in asymlora.parameters_by_role(model, "B").values():
+            p.normal_(std=1.0, generator=torch.Generator().manual_seed(3))
+    served = serve.ServedModel(model, tokenizer, serve.served_names(cfg, "unused"), max_positions=64)
+    app = serve.create_app(served, max_wait_ms=500, max_tokens=64)
+    bodies = [
+        {"model": "a", "prompt": "y" * 60, "max_tokens": 2},
+        {"model": "b", "prompt": "hi", "max_tokens": 50},
+    ]
+
+    async def send_both():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+
+    with _running(app) as url:
+        replies = asyncio.run(send_both())
+    assert [len(b) for b in app.state.batcher.batch_tasks] == [2]  # collected together
+    for body, reply in zip(bodies, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        merged = asymlora.merge_task(copy.deepcopy(model), body["model"])  # that task's plain model
+        expected = _reference(merged, tokenizer, body["prompt"], None, max_tokens=body["max_tokens"])
+        assert reply.json()["choices"][0]["text"] == expected

@@ -155,24 +155,62 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-@torch.inference_mode()
+def _fitting_groups(
+    prompt_lengths: Sequence[int], max_tokens: Sequence[int], max_positions: int
+) -> list[list[int]]:
+    """Row indexes split, in order, into groups whose left-padded ``generate`` stays within ``max_positions``.
+
+    A batch runs to its longest prompt plus its largest ``max_tokens``: two requests that each fit the context
+    can overflow it together (a 60-token prompt wanting 2 tokens beside a 2-token prompt wanting 50, on a
+    64-position model), and a model with learned position embeddings (GPT-2) then fails the whole batch.
+    """
+    groups: list[list[int]] = []
+    width = new = 0
+    for i, (length, limit) in enumerate(zip(prompt_lengths, max_tokens, strict=True)):
+        if groups and max(width, length) + max(new, limit) <= max_positions:
+            groups[-1].append(i)
+            width, new = max(width, length), max(new, limit)
+        else:
+            groups.append([i])
+            width, new = length, limit
+    return groups
+
+
 def generate_rows(
     served: ServedModel,
     prompts: Sequence[Sequence[int]],
     tasks: Sequence[int | None],
     max_tokens: Sequence[int],
 ) -> list[Completion]:
-    """Greedy completions of several prompts, possibly of different tasks, in one left-padded ``generate``.
+    """Greedy completions of several prompts, possibly of different tasks, in one left-padded ``generate``
+    (or as few as keep every row within ``served.max_positions``: :func:`_fitting_groups`).
 
     Args:
         prompts: token ids of each prompt (non-empty).
         tasks: task index of each row, or all None for an adapter without task routing.
-        max_tokens: the most new tokens of each row (>= 1); the batch runs to the largest.
+        max_tokens: the most new tokens of each row (>= 1); a batch runs to its largest.
 
     Returns:
         One :class:`Completion` per row: its new tokens up to (excluding) the first EOS, at most
         ``max_tokens[i]`` of them.
     """
+    if (some := [t for t in tasks if t is not None]) and len(some) != len(tasks):
+        raise ValueError(f"tasks must be all task indexes or all None, got {list(tasks)}")
+    results: dict[int, Completion] = {}
+    for group in _fitting_groups([len(p) for p in prompts], max_tokens, served.max_positions):
+        rows = [prompts[i] for i in group], [tasks[i] for i in group], [max_tokens[i] for i in group]
+        results.update(zip(group, _generate_batch(served, *rows), strict=True))
+    return [results[i] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def _generate_batch(
+    served: ServedModel,
+    prompts: Sequence[Sequence[int]],
+    tasks: Sequence[int | None],
+    max_tokens: Sequence[int],
+) -> list[Completion]:
+    """:func:`generate_rows` of rows that fit the context together: one left-padded ``generate``."""
     model, tokenizer = served.model, served.tokenizer
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
@@ -191,8 +229,6 @@ def generate_rows(
     )
     kwargs: dict[str, Any] = {}
     if task_ids := [t for t in tasks if t is not None]:
-        if len(task_ids) != len(tasks):
-            raise ValueError(f"tasks must be all task indexes or all None, got {list(tasks)}")
         kwargs["task_ids"] = torch.tensor(task_ids, dtype=torch.long)
     device = next(model.parameters()).device
     kwargs = {k: v.to(device) for k, v in kwargs.items()}
