@@ -423,3 +423,35 @@ def test_requests_that_fit_the_context_alone_but_not_together_are_both_answered(
         merged = asymlora.merge_task(copy.deepcopy(model), body["model"])  # that task's plain model
         expected = _reference(merged, tokenizer, body["prompt"], None, max_tokens=body["max_tokens"])
         assert reply.json()["choices"][0]["text"] == expected
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [("truncated config", "adapter_config.json is not valid JSON"),
+     ("config without peft_type", "names no adapter type peft knows (peft_type=None)"),
+     ("no weights", "has adapter_config.json but no adapter_model.safetensors")],
+)  # fmt: skip
+def test_a_half_written_adapter_is_named_by_serve_and_export(tmp_path, capsys, damage, says) -> None:
+    """Were a traceback (KeyError 'peft_type'), a bare 'Unterminated string ...' naming no file, and peft's
+    hub error 'Repo id must be in the form ...' for the missing weights file."""
+    from asymlora.cli import main
+
+    model, _ = _routed_model(save_base_to=tmp_path / "base")
+    adapter = tmp_path / "run" / "adapter"
+    model.save_pretrained(adapter)
+    (tmp_path / "run" / "config.yaml").write_text("data: {tasks: [bigbench:strategyqa]}\n")
+    config = adapter / "adapter_config.json"
+    if damage == "truncated config":
+        config.write_text(config.read_text()[:100])
+    elif damage == "config without peft_type":
+        config.write_text("{}")
+    else:
+        (adapter / "adapter_model.safetensors").unlink()
+    base = ["--base-model", str(tmp_path / "base"), "--port", str(_free_port())]
+    for argv in (
+        ["serve", str(adapter), *base],
+        ["export", str(tmp_path / "run"), "--task", "qa", "--out", str(tmp_path / "o")],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err

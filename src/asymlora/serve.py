@@ -41,7 +41,7 @@ from transformers import GenerationConfig
 
 from asymlora.methods import get_method
 from asymlora.models import load
-from asymlora.recipes.evaluate import run_adapter
+from asymlora.recipes.evaluate import read_adapter_config, run_adapter
 from asymlora.recipes.multitask import CONFIG_FILE
 from asymlora.tuner.config import AsymLoraConfig
 
@@ -130,7 +130,7 @@ def load_served_model(
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; give a run directory or an adapter directory")
     adapter = _adapter_dir(path, method)
-    config = peft.PeftConfig.from_pretrained(str(adapter))
+    config = read_adapter_config(adapter)
     base = base_model or config.base_model_name_or_path
     if not base:
         raise ValueError(f"{adapter}/adapter_config.json names no base model; give it with --base-model")

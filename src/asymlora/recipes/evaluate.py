@@ -136,6 +136,32 @@ def run_adapter(run_dir: Path, method: str | None, cfg: RunConfig | None = None)
     return method, adapter
 
 
+def read_adapter_config(adapter: Path) -> peft.PeftConfig:
+    """peft's config of the adapter directory ``adapter``, after checking its two files are whole.
+
+    Raises:
+        ValueError: ``adapter_config.json`` is not a JSON object naming a peft type (a save or copy cut short
+            left it truncated: peft raised a bare JSONDecodeError, KeyError or TypeError).
+        FileNotFoundError: no weights file beside it (peft then looked the directory up as a hub repo id).
+    """
+    path = adapter / "adapter_config.json"
+    try:
+        raw = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({e}); save or copy the adapter again") from None
+    kind = raw.get("peft_type") if isinstance(raw, dict) else None
+    if kind not in peft.PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ValueError(
+            f"{path} names no adapter type peft knows (peft_type={kind!r}); save the adapter again"
+        )
+    if not any((adapter / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FileNotFoundError(
+            f"{adapter} has adapter_config.json but no adapter_model.safetensors: the adapter was not completely "
+            "written (an interrupted save or copy); save or copy it again"
+        )
+    return peft.PeftConfig.from_pretrained(str(adapter))
+
+
 def export_run_task(
     run_dir: Path,
     task: str,
@@ -154,7 +180,7 @@ def export_run_task(
         raise ValueError(f"--calibration {calibration!r} is not a split; pass --calibration train (or test)")
     cfg = _run_config(run_dir)
     method, adapter = run_adapter(run_dir, method, cfg)
-    peft_cfg = peft.PeftConfig.from_pretrained(str(adapter))
+    peft_cfg = read_adapter_config(adapter)
     if not isinstance(peft_cfg, AsymLoraConfig):
         raise ValueError(f"{adapter} holds a {type(peft_cfg).__name__}, not an asymlora adapter")
     routed = get_method(peft_cfg.method).uses_router and peft_cfg.router != "task"
