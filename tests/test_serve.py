@@ -455,3 +455,24 @@ def test_a_half_written_adapter_is_named_by_serve_and_export(tmp_path, capsys, d
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, err
+
+
+def test_export_of_a_task_named_by_digits_takes_the_name_the_server_serves(tmp_path) -> None:
+    """Tasks named "7" and "3" are served as "7" and "3"; `asymlora export --task 3` read 3 as an index
+    (outside [0, 2)), and `--task 1` exported task "3" under the other name."""
+    from safetensors.torch import load_file
+
+    from asymlora.cli import main
+
+    model, _ = _routed_model(save_base_to=tmp_path / "base")
+    model.peft_config["default"].task_names = ["7", "3", "5"]
+    model.save_pretrained(tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "config.yaml").write_text(
+        f"model: {{name: {tmp_path / 'base'}}}\ndata: {{tasks: [x]}}\n"
+    )
+    assert main(["export", str(tmp_path / "run"), "--task", "3", "--out", str(tmp_path / "three")]) == 0
+    exported = load_file(tmp_path / "three" / "adapter_model.safetensors")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    a_three = layer.tensors("default")["A"][1]  # task "3" is expert 1 (ALoRA: A_t per task, one B)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    torch.testing.assert_close(exported[key], a_three.detach(), rtol=0, atol=0)

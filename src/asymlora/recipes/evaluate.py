@@ -196,7 +196,8 @@ def export_run_task(
             f"--rank {rank} truncates the calibrated export of a soft/topk-routed run, but the {method} adapter "
             f"of {run_dir} ({routing}) exports exactly at its rank {peft_cfg.r}: drop --rank"
         )
-    key: int | str = int(task) if task.isdigit() else task
+    # a task name first: a run's tasks may be named by digits (served under those names), then an index
+    key: int | str = int(task) if task.isdigit() and task not in (peft_cfg.task_names or []) else task
     if not routed and peft_cfg.experts == 1 and key != 0:
         raise ValueError(
             f"the {method} adapter of {run_dir} is one set of weights that all its tasks share (no per-task "
