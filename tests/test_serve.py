@@ -476,3 +476,24 @@ def test_export_of_a_task_named_by_digits_takes_the_name_the_server_serves(tmp_p
     a_three = layer.tensors("default")["A"][1]  # task "3" is expert 1 (ALoRA: A_t per task, one B)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     torch.testing.assert_close(exported[key], a_three.detach(), rtol=0, atol=0)
+
+
+def test_export_refuses_an_out_that_holds_the_run_before_overwriting_it(tmp_path, capsys) -> None:
+    """`--out RUN --overwrite` replaced the whole run (adapter, config, results) with one task's export."""
+    from asymlora.cli import main
+
+    model, _ = _routed_model(save_base_to=tmp_path / "base")
+    run = tmp_path / "run"
+    model.save_pretrained(run / "adapter")
+    (run / "config.yaml").write_text(f"model: {{name: {tmp_path / 'base'}}}\ndata: {{tasks: [x]}}\n")
+    before = sorted(p.relative_to(tmp_path) for p in run.rglob("*"))
+    for out in (run, run / "adapter", tmp_path):
+        assert main(["export", str(run), "--task", "qa", "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} holds the adapter being exported" in err and "Traceback" not in err, err
+    assert sorted(p.relative_to(tmp_path) for p in run.rglob("*")) == before
+    file = (
+        run / "config.yaml"
+    )  # a file on the way: named before the model loads (was '[Errno 17] File exists')
+    assert main(["export", str(run), "--task", "qa", "--out", str(file / "qa")]) == 2
+    assert f"{file} on the way to it is a file" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from asymlora.eval.stats import (
     with_example_scores,
 )
 from asymlora.export import export_task_adapter
-from asymlora.io import check_target_dir
+from asymlora.io import check_out_dir, check_target_dir
 from asymlora.methods import get_method
 from asymlora.models import load
 from asymlora.recipes.multitask import (
@@ -203,7 +203,12 @@ def export_run_task(
             f"the {method} adapter of {run_dir} is one set of weights that all its tasks share (no per-task "
             f"expert): pass --task 0 to export it (the same adapter for every task)"
         )
-    check_target_dir(out, overwrite)
+    check_out_dir(check_target_dir(out, overwrite))
+    if adapter.resolve().is_relative_to(out.resolve()):  # --overwrite would replace the trained adapter
+        raise ValueError(
+            f"--out {out} holds the adapter being exported ({adapter}); writing there would delete it: give a "
+            f"new directory, e.g. {run_dir / 'exports' / str(task)}"
+        )
     if routed:
         return _export_calibrated_run_task(run_dir, cfg, adapter, task, out, overwrite, calibration, rank)
     if calibration is not None:
