@@ -497,3 +497,22 @@ def test_export_refuses_an_out_that_holds_the_run_before_overwriting_it(tmp_path
     )  # a file on the way: named before the model loads (was '[Errno 17] File exists')
     assert main(["export", str(run), "--task", "qa", "--out", str(file / "qa")]) == 2
     assert f"{file} on the way to it is a file" in capsys.readouterr().err
+
+
+def test_cli_export_prints_the_rank_vllm_must_allow(tmp_path, capsys) -> None:
+    """vLLM refuses a LoRA above --max-lora-rank, and a MALoRA export's rank is r̂ = r + r/2, not adapter.r."""
+    from asymlora.cli import main
+
+    tokenizer = make_char_tokenizer()
+    base = make_tiny_llama(vocab_size=len(tokenizer))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    cfg = asymlora.AsymLoraConfig(
+        method="malora", router="task", r=8, num_experts=2, target_modules=["q_proj"]
+    )
+    peft.get_peft_model(base, cfg).save_pretrained(tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "config.yaml").write_text(
+        f"model: {{name: {tmp_path / 'base'}}}\ndata: {{tasks: [x]}}\n"
+    )
+    assert main(["export", str(tmp_path / "run"), "--task", "1", "--out", str(tmp_path / "one")]) == 0
+    assert f"wrote a standard peft LoRA adapter of rank 12 to {tmp_path / 'one'}" in capsys.readouterr().out
