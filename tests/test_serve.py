@@ -170,15 +170,15 @@ def test_an_unknown_route_or_method_gets_an_openai_error_body(routed_server) -> 
     assert wrong.headers["allow"] == "POST"
 
 
-def test_stop_cuts_the_text_and_a_null_max_tokens_means_16(routed_server) -> None:
+def test_stop_cuts_the_text_and_null_max_tokens_and_n_are_the_defaults(routed_server) -> None:
     url, _, model, tokenizer = routed_server
     full = _reference(model, tokenizer, PROMPTS[0], 0, max_tokens=16)
     assert len(full) >= 2
     stop = full[1]
     with httpx.Client(base_url=url, timeout=120) as client:
         plain = client.post(
-            "/v1/completions", json={"model": "sst", "prompt": PROMPTS[0], "max_tokens": None}
-        )
+            "/v1/completions", json={"model": "sst", "prompt": PROMPTS[0], "max_tokens": None, "n": None}
+        )  # OpenAI's API allows null for both (16 tokens, one choice); "n": null was a 400
         cut = client.post("/v1/completions", json={"model": "sst", "prompt": PROMPTS[0], "stop": [stop]})
     assert plain.json()["choices"][0]["text"] == full
     assert cut.json()["choices"][0]["text"] == full[: full.index(stop)]

@@ -35,7 +35,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException
 from transformers import GenerationConfig
 
@@ -340,10 +340,11 @@ class CompletionRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
-    @field_validator("max_tokens", mode="before")
+    @field_validator("max_tokens", "n", mode="before")
     @classmethod
-    def _default_max_tokens(cls, value: Any) -> Any:
-        return 16 if value is None else value  # null: OpenAI's default
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """null, which OpenAI's API allows for both: the default (16 tokens, one choice)."""
+        return cls.model_fields[str(info.field_name)].default if value is None else value
 
 
 class APIError(Exception):
