@@ -516,3 +516,32 @@ def test_cli_export_prints_the_rank_vllm_must_allow(tmp_path, capsys) -> None:
     )
     assert main(["export", str(tmp_path / "run"), "--task", "1", "--out", str(tmp_path / "one")]) == 0
     assert f"wrote a standard peft LoRA adapter of rank 12 to {tmp_path / 'one'}" in capsys.readouterr().out
+
+
+def test_a_failing_batch_answers_500_in_openai_shape_and_the_server_keeps_serving(monkeypatch) -> None:
+    """Starlette answered a plain-text 'Internal Server Error', which OpenAI clients cannot read."""
+    from fastapi.testclient import TestClient
+
+    model, cfg = _routed_model()
+    served = serve.ServedModel(
+        model, make_char_tokenizer(), serve.served_names(cfg, "unused"), max_positions=256
+    )
+    real = serve._generate_batch
+    calls = iter([RuntimeError("out of memory"), None])
+
+    def flaky(*args):
+        if (error := next(calls)) is not None:
+            raise error
+        return real(*args)
+
+    monkeypatch.setattr(serve, "_generate_batch", flaky)
+    with TestClient(serve.create_app(served), raise_server_exceptions=False) as client:
+        failed = client.post("/v1/completions", json={"model": "qa", "prompt": "hi", "max_tokens": 2})
+        good = client.post("/v1/completions", json={"model": "qa", "prompt": "hi", "max_tokens": 2})
+    assert failed.status_code == 500
+    error = failed.json()["error"]
+    assert (
+        error["message"] == "generation failed: RuntimeError: out of memory"
+        and error["type"] == "server_error"
+    )
+    assert good.status_code == 200 and len(good.json()["choices"][0]["text"]) >= 1

@@ -514,7 +514,8 @@ def create_app(
         max_tokens: the largest ``max_tokens`` a request may ask for.
 
     Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
-    or an unsupported/out-of-range field, 404 for an unknown ``model``; the server keeps serving.
+    or an unsupported/out-of-range field, 404 for an unknown ``model``, 500 (``server_error``) for a batch whose
+    generation failed; the server keeps serving.
 
     Raises:
         ValueError: ``max_batch_size`` or ``max_tokens`` < 1, or ``max_wait_ms`` not a finite number >= 0.
@@ -535,6 +536,14 @@ def create_app(
             "GET /v1/models and GET /health"
         )
         return JSONResponse(_error_body(message), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(
+        Exception
+    )  # a batch that failed: OpenAI's error shape (the traceback goes to the log)
+    async def server_error(_: Request, e: Exception) -> JSONResponse:
+        body = _error_body(f"generation failed: {type(e).__name__}: {e}")
+        body["error"]["type"] = "server_error"
+        return JSONResponse(body, status_code=500)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
