@@ -259,11 +259,12 @@ class _Row:
 
 @dataclass
 class Batcher:
-    """Collects rows for up to ``max_wait_s`` (or ``max_batch_size`` rows) and runs them as one batch.
+    """Collects rows for up to ``max_wait_s`` (or ``max_batch_size`` rows) and runs them as one batch
+    (:func:`generate_rows`: one ``generate``, or several where the rows would pass the context together).
 
     Batches run one at a time on a single worker thread (the model is not re-entrant); rows arriving
-    meanwhile form the next batch. ``batch_tasks`` records the task ids of every batch run (for tests and
-    monitoring; bounded to the last 1000).
+    meanwhile form the next batch. ``batch_tasks`` records the task ids of every batch collected (for tests
+    and monitoring; bounded to the last 1000).
     """
 
     served: ServedModel
