@@ -545,3 +545,27 @@ def test_a_failing_batch_answers_500_in_openai_shape_and_the_server_keeps_servin
         and error["type"] == "server_error"
     )
     assert good.status_code == 200 and len(good.json()["choices"][0]["text"]) >= 1
+
+
+@pytest.mark.parametrize("rank", ["0", "-3"])
+def test_export_refuses_a_rank_below_1_before_the_model_loads(tmp_path, capsys, rank) -> None:
+    """Was refused by the calibration code, after the model had loaded (the base here does not exist)."""
+    from asymlora.cli import main
+
+    model, _ = _routed_model(router="soft")
+    model.save_pretrained(tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "config.yaml").write_text(
+        f"model: {{name: {tmp_path / 'nowhere'}}}\ndata: {{tasks: [x]}}\n"
+    )
+    argv = [
+        "export",
+        str(tmp_path / "run"),
+        "--task",
+        "0",
+        "--out",
+        str(tmp_path / "o"),
+        "--calibration",
+        "train",
+    ]
+    assert main([*argv, "--rank", rank]) == 2
+    assert f"--rank {rank} is out of range: give a rank >= 1" in capsys.readouterr().err

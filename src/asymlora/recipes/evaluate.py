@@ -196,6 +196,8 @@ def export_run_task(
             f"--rank {rank} truncates the calibrated export of a soft/topk-routed run, but the {method} adapter "
             f"of {run_dir} ({routing}) exports exactly at its rank {peft_cfg.r}: drop --rank"
         )
+    if rank is not None and rank < 1:  # the upper bound (the averaged update's rank) needs the weights
+        raise ValueError(f"--rank {rank} is out of range: give a rank >= 1 (at most the export's rank)")
     # a task name first: a run's tasks may be named by digits (served under those names), then an index
     key: int | str = int(task) if task.isdigit() and task not in (peft_cfg.task_names or []) else task
     if not routed and peft_cfg.experts == 1 and key != 0:
