@@ -99,6 +99,38 @@ def test_average_gate_counts_real_tokens_only() -> None:
     assert (all_tokens[layer_name] - hand).abs().max() > 1e-4  # padding, if counted, would show
 
 
+def test_average_gate_of_a_left_padded_batch_on_learned_positions_equals_each_row_alone() -> None:
+    """GPT-2 adds a learned position embedding: without position ids counted over the real tokens, a
+    left-padded row was read at positions shifted by its padding (the layer-1 gates moved by up to 0.11)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    cfg = AsymLoraConfig(method="alora", router="soft", r=2, num_experts=3, target_modules=["c_attn"])
+    pm = peft.get_peft_model(base.eval(), cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "asymlora_router" in name:
+                p.normal_(std=3.0, generator=torch.Generator().manual_seed(1))
+    sequences = [[5, 9, 17, 33, 40, 41], [7, 8, 100]]
+    layer_name, layer = next((n, m) for n, m in pm.named_modules() if n.endswith("h.1.attn.c_attn"))
+    seen = []
+    hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().reshape(-1, 32)))
+    with torch.no_grad():
+        for seq in sequences:  # each sequence alone, no padding
+            pm(input_ids=torch.tensor([seq]))
+    hook.remove()
+    x = torch.cat(seen).double()
+    hand = torch.softmax(x @ layer.asymlora_router["default"].detach().double().T, -1).mean(0)  # 9 tokens
+    left = {  # the short row padded on the left, as a generation tokenizer pads
+        "input_ids": torch.tensor([[5, 9, 17, 33, 40, 41], [0, 0, 0, 7, 8, 100]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]]),
+    }
+    gates, tokens = average_gates(pm, [left])
+    assert tokens == 9
+    torch.testing.assert_close(gates[layer_name], hand, rtol=0, atol=1e-6)
+
+
 # --- round trips through stock peft ---------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["alora", "hydralora", "molora", "malora"])
 def test_input_independent_gate_exports_exactly_and_loads_in_stock_peft(tmp_path, method: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import socket
@@ -169,15 +170,15 @@ def test_an_unknown_route_or_method_gets_an_openai_error_body(routed_server) -> 
     assert wrong.headers["allow"] == "POST"
 
 
-def test_stop_cuts_the_text_and_a_null_max_tokens_means_16(routed_server) -> None:
+def test_stop_cuts_the_text_and_null_max_tokens_and_n_are_the_defaults(routed_server) -> None:
     url, _, model, tokenizer = routed_server
     full = _reference(model, tokenizer, PROMPTS[0], 0, max_tokens=16)
     assert len(full) >= 2
     stop = full[1]
     with httpx.Client(base_url=url, timeout=120) as client:
         plain = client.post(
-            "/v1/completions", json={"model": "sst", "prompt": PROMPTS[0], "max_tokens": None}
-        )
+            "/v1/completions", json={"model": "sst", "prompt": PROMPTS[0], "max_tokens": None, "n": None}
+        )  # OpenAI's API allows null for both (16 tokens, one choice); "n": null was a 400
         cut = client.post("/v1/completions", json={"model": "sst", "prompt": PROMPTS[0], "stop": [stop]})
     assert plain.json()["choices"][0]["text"] == full
     assert cut.json()["choices"][0]["text"] == full[: full.index(stop)]
@@ -385,3 +386,186 @@ def test_an_exported_adapter_is_readable_by_other_users(tmp_path) -> None:
         "adapter_model.safetensors",
     ]
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in out.iterdir())
+
+
+def test_requests_that_fit_the_context_alone_but_not_together_are_both_answered() -> None:
+    """A 60-token prompt wanting 2 tokens and a 2-token prompt wanting 50 each fit a 64-position GPT-2, but
+    one left-padded batch runs to 60 + 50 positions: its learned position embedding failed both (500)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = make_char_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    cfg = asymlora.AsymLoraConfig(
+        method="alora", router="task", num_experts=2, task_names=["a", "b"], target_modules=["c_attn"]
+    )
+    model = peft.get_peft_model(GPT2LMHeadModel(config), cfg).eval()
+    with torch.no_grad():
+        for p in asymlora.parameters_by_role(model, "B").values():
+            p.normal_(std=1.0, generator=torch.Generator().manual_seed(3))
+    served = serve.ServedModel(model, tokenizer, serve.served_names(cfg, "unused"), max_positions=64)
+    app = serve.create_app(served, max_wait_ms=500, max_tokens=64)
+    bodies = [
+        {"model": "a", "prompt": "y" * 60, "max_tokens": 2},
+        {"model": "b", "prompt": "hi", "max_tokens": 50},
+    ]
+
+    async def send_both():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+
+    with _running(app) as url:
+        replies = asyncio.run(send_both())
+    assert [len(b) for b in app.state.batcher.batch_tasks] == [2]  # collected together
+    for body, reply in zip(bodies, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        merged = asymlora.merge_task(copy.deepcopy(model), body["model"])  # that task's plain model
+        expected = _reference(merged, tokenizer, body["prompt"], None, max_tokens=body["max_tokens"])
+        assert reply.json()["choices"][0]["text"] == expected
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [("truncated config", "adapter_config.json is not valid JSON"),
+     ("config without peft_type", "names no adapter type peft knows (peft_type=None)"),
+     ("no weights", "has adapter_config.json but no adapter_model.safetensors")],
+)  # fmt: skip
+def test_a_half_written_adapter_is_named_by_serve_and_export(tmp_path, capsys, damage, says) -> None:
+    """Were a traceback (KeyError 'peft_type'), a bare 'Unterminated string ...' naming no file, and peft's
+    hub error 'Repo id must be in the form ...' for the missing weights file."""
+    from asymlora.cli import main
+
+    model, _ = _routed_model(save_base_to=tmp_path / "base")
+    adapter = tmp_path / "run" / "adapter"
+    model.save_pretrained(adapter)
+    (tmp_path / "run" / "config.yaml").write_text("data: {tasks: [bigbench:strategyqa]}\n")
+    config = adapter / "adapter_config.json"
+    if damage == "truncated config":
+        config.write_text(config.read_text()[:100])
+    elif damage == "config without peft_type":
+        config.write_text("{}")
+    else:
+        (adapter / "adapter_model.safetensors").unlink()
+    base = ["--base-model", str(tmp_path / "base"), "--port", str(_free_port())]
+    for argv in (
+        ["serve", str(adapter), *base],
+        ["export", str(tmp_path / "run"), "--task", "qa", "--out", str(tmp_path / "o")],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+
+
+def test_export_of_a_task_named_by_digits_takes_the_name_the_server_serves(tmp_path) -> None:
+    """Tasks named "7" and "3" are served as "7" and "3"; `asymlora export --task 3` read 3 as an index
+    (outside [0, 2)), and `--task 1` exported task "3" under the other name."""
+    from safetensors.torch import load_file
+
+    from asymlora.cli import main
+
+    model, _ = _routed_model(save_base_to=tmp_path / "base")
+    model.peft_config["default"].task_names = ["7", "3", "5"]
+    model.save_pretrained(tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "config.yaml").write_text(
+        f"model: {{name: {tmp_path / 'base'}}}\ndata: {{tasks: [x]}}\n"
+    )
+    assert main(["export", str(tmp_path / "run"), "--task", "3", "--out", str(tmp_path / "three")]) == 0
+    exported = load_file(tmp_path / "three" / "adapter_model.safetensors")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    a_three = layer.tensors("default")["A"][1]  # task "3" is expert 1 (ALoRA: A_t per task, one B)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    torch.testing.assert_close(exported[key], a_three.detach(), rtol=0, atol=0)
+
+
+def test_export_refuses_an_out_that_holds_the_run_before_overwriting_it(tmp_path, capsys) -> None:
+    """`--out RUN --overwrite` replaced the whole run (adapter, config, results) with one task's export."""
+    from asymlora.cli import main
+
+    model, _ = _routed_model(save_base_to=tmp_path / "base")
+    run = tmp_path / "run"
+    model.save_pretrained(run / "adapter")
+    (run / "config.yaml").write_text(f"model: {{name: {tmp_path / 'base'}}}\ndata: {{tasks: [x]}}\n")
+    before = sorted(p.relative_to(tmp_path) for p in run.rglob("*"))
+    for out in (run, run / "adapter", tmp_path):
+        assert main(["export", str(run), "--task", "qa", "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} holds the adapter being exported" in err and "Traceback" not in err, err
+    assert sorted(p.relative_to(tmp_path) for p in run.rglob("*")) == before
+    file = (
+        run / "config.yaml"
+    )  # a file on the way: named before the model loads (was '[Errno 17] File exists')
+    assert main(["export", str(run), "--task", "qa", "--out", str(file / "qa")]) == 2
+    assert f"{file} on the way to it is a file" in capsys.readouterr().err
+
+
+def test_cli_export_prints_the_rank_vllm_must_allow(tmp_path, capsys) -> None:
+    """vLLM refuses a LoRA above --max-lora-rank, and a MALoRA export's rank is r̂ = r + r/2, not adapter.r."""
+    from asymlora.cli import main
+
+    tokenizer = make_char_tokenizer()
+    base = make_tiny_llama(vocab_size=len(tokenizer))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    cfg = asymlora.AsymLoraConfig(
+        method="malora", router="task", r=8, num_experts=2, target_modules=["q_proj"]
+    )
+    peft.get_peft_model(base, cfg).save_pretrained(tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "config.yaml").write_text(
+        f"model: {{name: {tmp_path / 'base'}}}\ndata: {{tasks: [x]}}\n"
+    )
+    assert main(["export", str(tmp_path / "run"), "--task", "1", "--out", str(tmp_path / "one")]) == 0
+    assert f"wrote a standard peft LoRA adapter of rank 12 to {tmp_path / 'one'}" in capsys.readouterr().out
+
+
+def test_a_failing_batch_answers_500_in_openai_shape_and_the_server_keeps_serving(monkeypatch) -> None:
+    """Starlette answered a plain-text 'Internal Server Error', which OpenAI clients cannot read."""
+    from fastapi.testclient import TestClient
+
+    model, cfg = _routed_model()
+    served = serve.ServedModel(
+        model, make_char_tokenizer(), serve.served_names(cfg, "unused"), max_positions=256
+    )
+    real = serve._generate_batch
+    calls = iter([RuntimeError("out of memory"), None])
+
+    def flaky(*args):
+        if (error := next(calls)) is not None:
+            raise error
+        return real(*args)
+
+    monkeypatch.setattr(serve, "_generate_batch", flaky)
+    with TestClient(serve.create_app(served), raise_server_exceptions=False) as client:
+        failed = client.post("/v1/completions", json={"model": "qa", "prompt": "hi", "max_tokens": 2})
+        good = client.post("/v1/completions", json={"model": "qa", "prompt": "hi", "max_tokens": 2})
+    assert failed.status_code == 500
+    error = failed.json()["error"]
+    assert (
+        error["message"] == "generation failed: RuntimeError: out of memory"
+        and error["type"] == "server_error"
+    )
+    assert good.status_code == 200 and len(good.json()["choices"][0]["text"]) >= 1
+
+
+@pytest.mark.parametrize("rank", ["0", "-3"])
+def test_export_refuses_a_rank_below_1_before_the_model_loads(tmp_path, capsys, rank) -> None:
+    """Was refused by the calibration code, after the model had loaded (the base here does not exist)."""
+    from asymlora.cli import main
+
+    model, _ = _routed_model(router="soft")
+    model.save_pretrained(tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "config.yaml").write_text(
+        f"model: {{name: {tmp_path / 'nowhere'}}}\ndata: {{tasks: [x]}}\n"
+    )
+    argv = [
+        "export",
+        str(tmp_path / "run"),
+        "--task",
+        "0",
+        "--out",
+        str(tmp_path / "o"),
+        "--calibration",
+        "train",
+    ]
+    assert main([*argv, "--rank", rank]) == 2
+    assert f"--rank {rank} is out of range: give a rank >= 1" in capsys.readouterr().err

@@ -18,6 +18,7 @@ with every layer fed the routed model's inputs, and end to end the same ratio on
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from asymlora.lora_files import write_lora_adapter
 from asymlora.methods import get_method
@@ -204,11 +206,18 @@ def _hooks(layers: list[tuple[str, AsymLoraLayer]], make_hook) -> Iterator[None]
 
 
 def _run(model: nn.Module, batches: list[dict[str, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
-    """Forward each batch (eval mode, no cache); yields (logits, real-token mask)."""
+    """Forward each batch (eval mode, no cache); yields (logits, real-token mask).
+
+    Positions are counted over the real tokens, as ``generate`` does, where the model takes ``position_ids``:
+    a left-padded batch then sees each row as it is alone (learned positions, GPT-2, shifted every row by its
+    padding and changed the averaged gates)."""
     device = next(model.parameters()).device
+    lm = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+    positions = "position_ids" in inspect.signature(lm.forward).parameters
     for batch in map(_as_batch, batches):
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        yield model(input_ids=ids, attention_mask=mask, use_cache=False).logits, mask.bool()
+        extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if positions else {}
+        yield model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits, mask.bool()
 
 
 def _token_mask(layer: AsymLoraLayer, x: Tensor) -> Tensor:

@@ -105,7 +105,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         Path(args.run_dir), args.task, Path(args.out), method=args.method, overwrite=args.overwrite,
         calibration=args.calibration, rank=args.rank,
     )  # fmt: skip
-    print(f"wrote a standard peft LoRA adapter to {out}")
+    rank = json.loads((out / "adapter_config.json").read_text())["r"]  # vLLM needs --max-lora-rank >= it
+    print(f"wrote a standard peft LoRA adapter of rank {rank} to {out}")
     if (out / REPORT_FILE).is_file():  # a soft/topk run's calibrated export (a task-routed one is exact)
         print(f"an approximation of the routed adapter: its fidelity is in {out / 'README.md'}")
     return 0

@@ -35,13 +35,13 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException
 from transformers import GenerationConfig
 
 from asymlora.methods import get_method
 from asymlora.models import load
-from asymlora.recipes.evaluate import run_adapter
+from asymlora.recipes.evaluate import read_adapter_config, run_adapter
 from asymlora.recipes.multitask import CONFIG_FILE
 from asymlora.tuner.config import AsymLoraConfig
 
@@ -130,7 +130,7 @@ def load_served_model(
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; give a run directory or an adapter directory")
     adapter = _adapter_dir(path, method)
-    config = peft.PeftConfig.from_pretrained(str(adapter))
+    config = read_adapter_config(adapter)
     base = base_model or config.base_model_name_or_path
     if not base:
         raise ValueError(f"{adapter}/adapter_config.json names no base model; give it with --base-model")
@@ -155,24 +155,62 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-@torch.inference_mode()
+def _fitting_groups(
+    prompt_lengths: Sequence[int], max_tokens: Sequence[int], max_positions: int
+) -> list[list[int]]:
+    """Row indexes split, in order, into groups whose left-padded ``generate`` stays within ``max_positions``.
+
+    A batch runs to its longest prompt plus its largest ``max_tokens``: two requests that each fit the context
+    can overflow it together (a 60-token prompt wanting 2 tokens beside a 2-token prompt wanting 50, on a
+    64-position model), and a model with learned position embeddings (GPT-2) then fails the whole batch.
+    """
+    groups: list[list[int]] = []
+    width = new = 0
+    for i, (length, limit) in enumerate(zip(prompt_lengths, max_tokens, strict=True)):
+        if groups and max(width, length) + max(new, limit) <= max_positions:
+            groups[-1].append(i)
+            width, new = max(width, length), max(new, limit)
+        else:
+            groups.append([i])
+            width, new = length, limit
+    return groups
+
+
 def generate_rows(
     served: ServedModel,
     prompts: Sequence[Sequence[int]],
     tasks: Sequence[int | None],
     max_tokens: Sequence[int],
 ) -> list[Completion]:
-    """Greedy completions of several prompts, possibly of different tasks, in one left-padded ``generate``.
+    """Greedy completions of several prompts, possibly of different tasks, in one left-padded ``generate``
+    (or as few as keep every row within ``served.max_positions``: :func:`_fitting_groups`).
 
     Args:
         prompts: token ids of each prompt (non-empty).
         tasks: task index of each row, or all None for an adapter without task routing.
-        max_tokens: the most new tokens of each row (>= 1); the batch runs to the largest.
+        max_tokens: the most new tokens of each row (>= 1); a batch runs to its largest.
 
     Returns:
         One :class:`Completion` per row: its new tokens up to (excluding) the first EOS, at most
         ``max_tokens[i]`` of them.
     """
+    if (some := [t for t in tasks if t is not None]) and len(some) != len(tasks):
+        raise ValueError(f"tasks must be all task indexes or all None, got {list(tasks)}")
+    results: dict[int, Completion] = {}
+    for group in _fitting_groups([len(p) for p in prompts], max_tokens, served.max_positions):
+        rows = [prompts[i] for i in group], [tasks[i] for i in group], [max_tokens[i] for i in group]
+        results.update(zip(group, _generate_batch(served, *rows), strict=True))
+    return [results[i] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def _generate_batch(
+    served: ServedModel,
+    prompts: Sequence[Sequence[int]],
+    tasks: Sequence[int | None],
+    max_tokens: Sequence[int],
+) -> list[Completion]:
+    """:func:`generate_rows` of rows that fit the context together: one left-padded ``generate``."""
     model, tokenizer = served.model, served.tokenizer
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
@@ -191,8 +229,6 @@ def generate_rows(
     )
     kwargs: dict[str, Any] = {}
     if task_ids := [t for t in tasks if t is not None]:
-        if len(task_ids) != len(tasks):
-            raise ValueError(f"tasks must be all task indexes or all None, got {list(tasks)}")
         kwargs["task_ids"] = torch.tensor(task_ids, dtype=torch.long)
     device = next(model.parameters()).device
     kwargs = {k: v.to(device) for k, v in kwargs.items()}
@@ -223,11 +259,12 @@ class _Row:
 
 @dataclass
 class Batcher:
-    """Collects rows for up to ``max_wait_s`` (or ``max_batch_size`` rows) and runs them as one batch.
+    """Collects rows for up to ``max_wait_s`` (or ``max_batch_size`` rows) and runs them as one batch
+    (:func:`generate_rows`: one ``generate``, or several where the rows would pass the context together).
 
     Batches run one at a time on a single worker thread (the model is not re-entrant); rows arriving
-    meanwhile form the next batch. ``batch_tasks`` records the task ids of every batch run (for tests and
-    monitoring; bounded to the last 1000).
+    meanwhile form the next batch. ``batch_tasks`` records the task ids of every batch collected (for tests
+    and monitoring; bounded to the last 1000).
     """
 
     served: ServedModel
@@ -304,10 +341,11 @@ class CompletionRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
-    @field_validator("max_tokens", mode="before")
+    @field_validator("max_tokens", "n", mode="before")
     @classmethod
-    def _default_max_tokens(cls, value: Any) -> Any:
-        return 16 if value is None else value  # null: OpenAI's default
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """null, which OpenAI's API allows for both: the default (16 tokens, one choice)."""
+        return cls.model_fields[str(info.field_name)].default if value is None else value
 
 
 class APIError(Exception):
@@ -477,7 +515,8 @@ def create_app(
         max_tokens: the largest ``max_tokens`` a request may ask for.
 
     Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
-    or an unsupported/out-of-range field, 404 for an unknown ``model``; the server keeps serving.
+    or an unsupported/out-of-range field, 404 for an unknown ``model``, 500 (``server_error``) for a batch whose
+    generation failed; the server keeps serving.
 
     Raises:
         ValueError: ``max_batch_size`` or ``max_tokens`` < 1, or ``max_wait_ms`` not a finite number >= 0.
@@ -498,6 +537,14 @@ def create_app(
             "GET /v1/models and GET /health"
         )
         return JSONResponse(_error_body(message), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(
+        Exception
+    )  # a batch that failed: OpenAI's error shape (the traceback goes to the log)
+    async def server_error(_: Request, e: Exception) -> JSONResponse:
+        body = _error_body(f"generation failed: {type(e).__name__}: {e}")
+        body["error"]["type"] = "server_error"
+        return JSONResponse(body, status_code=500)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -21,7 +21,7 @@ from asymlora.eval.stats import (
     with_example_scores,
 )
 from asymlora.export import export_task_adapter
-from asymlora.io import check_target_dir
+from asymlora.io import check_out_dir, check_target_dir
 from asymlora.methods import get_method
 from asymlora.models import load
 from asymlora.recipes.multitask import (
@@ -136,6 +136,32 @@ def run_adapter(run_dir: Path, method: str | None, cfg: RunConfig | None = None)
     return method, adapter
 
 
+def read_adapter_config(adapter: Path) -> peft.PeftConfig:
+    """peft's config of the adapter directory ``adapter``, after checking its two files are whole.
+
+    Raises:
+        ValueError: ``adapter_config.json`` is not a JSON object naming a peft type (a save or copy cut short
+            left it truncated: peft raised a bare JSONDecodeError, KeyError or TypeError).
+        FileNotFoundError: no weights file beside it (peft then looked the directory up as a hub repo id).
+    """
+    path = adapter / "adapter_config.json"
+    try:
+        raw = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({e}); save or copy the adapter again") from None
+    kind = raw.get("peft_type") if isinstance(raw, dict) else None
+    if kind not in peft.PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ValueError(
+            f"{path} names no adapter type peft knows (peft_type={kind!r}); save the adapter again"
+        )
+    if not any((adapter / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FileNotFoundError(
+            f"{adapter} has adapter_config.json but no adapter_model.safetensors: the adapter was not completely "
+            "written (an interrupted save or copy); save or copy it again"
+        )
+    return peft.PeftConfig.from_pretrained(str(adapter))
+
+
 def export_run_task(
     run_dir: Path,
     task: str,
@@ -154,7 +180,7 @@ def export_run_task(
         raise ValueError(f"--calibration {calibration!r} is not a split; pass --calibration train (or test)")
     cfg = _run_config(run_dir)
     method, adapter = run_adapter(run_dir, method, cfg)
-    peft_cfg = peft.PeftConfig.from_pretrained(str(adapter))
+    peft_cfg = read_adapter_config(adapter)
     if not isinstance(peft_cfg, AsymLoraConfig):
         raise ValueError(f"{adapter} holds a {type(peft_cfg).__name__}, not an asymlora adapter")
     routed = get_method(peft_cfg.method).uses_router and peft_cfg.router != "task"
@@ -170,13 +196,21 @@ def export_run_task(
             f"--rank {rank} truncates the calibrated export of a soft/topk-routed run, but the {method} adapter "
             f"of {run_dir} ({routing}) exports exactly at its rank {peft_cfg.r}: drop --rank"
         )
-    key: int | str = int(task) if task.isdigit() else task
+    if rank is not None and rank < 1:  # the upper bound (the averaged update's rank) needs the weights
+        raise ValueError(f"--rank {rank} is out of range: give a rank >= 1 (at most the export's rank)")
+    # a task name first: a run's tasks may be named by digits (served under those names), then an index
+    key: int | str = int(task) if task.isdigit() and task not in (peft_cfg.task_names or []) else task
     if not routed and peft_cfg.experts == 1 and key != 0:
         raise ValueError(
             f"the {method} adapter of {run_dir} is one set of weights that all its tasks share (no per-task "
             f"expert): pass --task 0 to export it (the same adapter for every task)"
         )
-    check_target_dir(out, overwrite)
+    check_out_dir(check_target_dir(out, overwrite))
+    if adapter.resolve().is_relative_to(out.resolve()):  # --overwrite would replace the trained adapter
+        raise ValueError(
+            f"--out {out} holds the adapter being exported ({adapter}); writing there would delete it: give a "
+            f"new directory, e.g. {run_dir / 'exports' / str(task)}"
+        )
     if routed:
         return _export_calibrated_run_task(run_dir, cfg, adapter, task, out, overwrite, calibration, rank)
     if calibration is not None:
