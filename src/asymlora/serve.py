@@ -538,9 +538,8 @@ def create_app(
         )
         return JSONResponse(_error_body(message), status_code=e.status_code, headers=e.headers)
 
-    @app.exception_handler(
-        Exception
-    )  # a batch that failed: OpenAI's error shape (the traceback goes to the log)
+    # a batch that failed: OpenAI's error shape (the traceback goes to the log)
+    @app.exception_handler(Exception)
     async def server_error(_: Request, e: Exception) -> JSONResponse:
         body = _error_body(f"generation failed: {type(e).__name__}: {e}")
         body["error"]["type"] = "server_error"
