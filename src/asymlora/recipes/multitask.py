@@ -38,7 +38,7 @@ import torch
 from asymlora import distributed
 from asymlora import train as training  # called as training.train: tests and tools patch asymlora.train.train
 from asymlora.analysis.router_stats import ROUTER_LOG, RouterLog, RouterStats
-from asymlora.analysis.traces import TraceRecorder
+from asymlora.analysis.traces import TRACES_FILE, TraceRecorder
 from asymlora.config import ConfigError, RunConfig, dump_config, load_config
 from asymlora.data import MultiTaskCollator, MultiTaskDataset, load_tasks
 from asymlora.data.tasks import split_validation
@@ -259,7 +259,7 @@ def train_and_evaluate(
     on_step, router_log = _step_hooks(cfg, pm, out_dir, settings_train.steps, tasks)
     validation = _validation(cfg, tokenizer, val_tasks, router_log)
     result = training.train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
-                   desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})", step_logs=(ROUTER_LOG,),
+                   desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})", step_logs=(ROUTER_LOG, TRACES_FILE),
                    **({"validation": validation} if validation is not None else {}))  # fmt: skip
     full_state = full_adapter_state(pm)  # FSDP: gathered to rank 0 (a collective); else None
     distributed.on_main(save_adapter, pm, out_dir / "adapter", full_state)
@@ -303,7 +303,7 @@ def _step_hooks(
     every ``train.router_log_every``; docs/analysis.md) and the router log it fills (rank 0 only)."""
     on_step: Callable[[int], Any] | None = None
     if cfg.train.trace_every:
-        recorder = TraceRecorder(pm, out_dir / "traces.jsonl")
+        recorder = TraceRecorder(pm, out_dir / TRACES_FILE)
         on_step = lambda step: step % cfg.train.trace_every == 0 and recorder.record(step)  # noqa: E731
     router_log = RouterLog.for_run(pm, out_dir, cfg.train.router_log_every, steps,
                                    [t.name for t in tasks]) if distributed.is_main() else None  # fmt: skip

@@ -297,9 +297,9 @@ def train(
     model and reduce-scatters them); the result equals a one-process run with the same ``batch_size`` (to
     float rounding, dropout aside). Only rank 0 writes into ``run_dir``.
     ``validation``: the stopping rule (`asymlora.train.stopping`; val_log.jsonl, early stopping, the best
-    adapter restored). On resume from step S, the records above S that a killed process left in
-    ``train_log.jsonl``, ``val_log.jsonl`` and the ``step_logs`` (more JSON-lines files in ``run_dir`` with a
-    ``step``, e.g. ``router.jsonl``) are dropped (`asymlora.io.purge_after_step`).
+    adapter restored). On resume from step S (0 when the killed process wrote no checkpoint), the records
+    above S that it left in ``train_log.jsonl``, ``val_log.jsonl`` and the ``step_logs`` (more JSON-lines
+    files in ``run_dir`` with a ``step``, e.g. ``router.jsonl``) are dropped (`asymlora.io.purge_after_step`).
     Raises ValueError when W does not divide ``batch_size`` (before any weight changes)
     or for validation with an FSDP-sharded model, TrainingError on a non-finite loss.
     """
@@ -312,9 +312,9 @@ def train(
     start, losses, state = 0, list[tuple[int, float]](), dict[str, Any]()
     if ckpt is not None:
         start, losses, state = _resume(ckpt, model, params, optimizer, scheduler, accelerator)
-        if accelerator.is_main_process:
-            for name in (TRAIN_LOG, VAL_LOG, *step_logs):
-                purge_after_step(run_dir / name, start)
+    if resume and accelerator.is_main_process:  # without a checkpoint the run starts over: every record goes
+        for name in (TRAIN_LOG, VAL_LOG, *step_logs):
+            purge_after_step(run_dir / name, start)
     model.train()
     device = accelerator.device
     if device.type == "cuda":
