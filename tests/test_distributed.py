@@ -173,6 +173,7 @@ def two_processes(env, tmp_path_factory) -> Path:
     (logs := run_dir.parent / "eval_log").mkdir()
     done = launch(torchrun(2), env["config"], overrides(env, run_dir), ASYMLORA_TEST_EVAL_LOG=str(logs))
     assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir.parent / "stderr.txt").write_text(done.stderr)
     return run_dir
 
 
@@ -193,6 +194,13 @@ def test_two_processes_train_the_adapter_of_one_process_with_the_same_global_bat
         one_process / "per_example.jsonl"
     ).read_text()
     assert sorted(p.name for p in (two_processes / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    # the data warnings (prompts cut to fit data.max_length) are printed once, not once per process
+    warned = [
+        line
+        for line in (two_processes.parent / "stderr.txt").read_text().splitlines()
+        if "cut the prompt" in line
+    ]
+    assert len(warned) == len(set(warned)) >= 1, warned
 
 
 def test_evaluation_is_split_across_ranks_and_gathered(two_processes) -> None:

@@ -409,10 +409,11 @@ def check_data_fits(cfg: RunConfig, tokenizer: Any, tasks: list, val_tasks: list
     """Raise `DataError` for a task (or validation split) with no example whose answer fits in
     ``data.max_length``; warn, once per run, of each task's examples skipped or prompts cut to fit it, and
     return those lines (``results.json``'s ``data_notes``)."""
-    notes = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length).notes
+    warn = distributed.is_main()  # torchrun: each process checks, rank 0 alone warns
+    notes = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length, warn=warn).notes
     if val_tasks:
         notes += MultiTaskDataset(
-            val_tasks, tokenizer, max_length=cfg.data.max_length, label="validation"
+            val_tasks, tokenizer, max_length=cfg.data.max_length, label="validation", warn=warn
         ).notes
     return notes
 
