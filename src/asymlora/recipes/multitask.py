@@ -269,8 +269,11 @@ def train_and_evaluate(
     with distributed.lockstep() if is_sharded(pm) else contextlib.nullcontext():  # FSDP: no split
         per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method,
                             router_stats=router_log.stats if router_log else None)  # fmt: skip
+        if (
+            router_log is not None
+        ):  # a collective: split evaluation sums the processes' tokens, lockstep does not
+            router_log.write(result.steps, "eval")
     if router_log is not None:
-        router_log.write(result.steps, "eval")
         router_log.close()
     summary = summarize(per_task, primary_metrics(tasks), baselines, metric_notes=metric_notes(tasks))
     summary["intervals"] = intervals_of(examples_path, tasks, baseline_examples or baselines)
@@ -299,14 +302,14 @@ def _validation(
 def _step_hooks(
     cfg: RunConfig, pm: Any, out_dir: Path, steps: int, tasks: list
 ) -> tuple[Callable[[int], Any] | None, RouterLog | None]:
-    """The per-step callback of training (A/B traces every ``train.trace_every`` steps, router statistics
-    every ``train.router_log_every``; docs/analysis.md) and the router log it fills (rank 0 only)."""
+    """The per-step callback of training, run by every process (A/B traces every ``train.trace_every`` steps,
+    rank 0 only; router statistics every ``train.router_log_every``, over the batches of all processes;
+    docs/analysis.md) and the router log it fills (written by rank 0)."""
     on_step: Callable[[int], Any] | None = None
-    if cfg.train.trace_every:
+    if cfg.train.trace_every and distributed.is_main():
         recorder = TraceRecorder(pm, out_dir / TRACES_FILE)
         on_step = lambda step: step % cfg.train.trace_every == 0 and recorder.record(step)  # noqa: E731
-    router_log = RouterLog.for_run(pm, out_dir, cfg.train.router_log_every, steps,
-                                   [t.name for t in tasks]) if distributed.is_main() else None  # fmt: skip
+    router_log = RouterLog.for_run(pm, out_dir, cfg.train.router_log_every, steps, [t.name for t in tasks])
     if router_log is not None:  # router.jsonl: expert loads and task × expert usage (docs/analysis.md)
         trace = on_step
         on_step = lambda step: (trace and trace(step), router_log(step))  # noqa: E731
