@@ -250,11 +250,16 @@ class RouterStats:
     Args:
         model: a peft model with asymlora adapters (or the model inside it).
         task_names: names of the task ids 0..T-1, written into each record (optional).
+        all_processes: under torchrun, `summary` and `write` are collectives over the tokens of every
+            process (every process must call them; rank 0 writes); default: this process's tokens only.
     Use as a context manager (hooks removed on exit) or call `close`. Raises ValueError when the model
     has no soft/topk routed layer.
     """
 
-    def __init__(self, model: nn.Module, task_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, task_names: Sequence[str] | None = None, *, all_processes: bool = False
+    ) -> None:
+        self.all_processes = all_processes
         self.layers = _routed_layers(model)
         if not self.layers:
             raise ValueError(
@@ -363,7 +368,7 @@ class RouterStats:
     def _all_sums(self) -> dict[tuple[str, str], _Sums]:
         """The sums of every process of a multi-process run (a collective: each saw its own slice of the
         batches; inside `asymlora.distributed.lockstep` every process sees every token: this one's alone)."""
-        if not distributed.splitting():
+        if not (self.all_processes and distributed.splitting()):
             return self._sums
         mine = {
             f"{n}\0{a}": [getattr(s, f.name).tolist() for f in fields(s)] for (n, a), s in self._sums.items()
@@ -389,8 +394,8 @@ class RouterStats:
         return {key: merged[key] for key in order}
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per (layer, adapter) statistics since the last reset, in module order (see module docstring); in a
-        multi-process run over the tokens of every process (a collective)."""
+        """Per (layer, adapter) statistics since the last reset, in module order (see module docstring); with
+        ``all_processes`` in a multi-process run over the tokens of every process (a collective)."""
         out = []
         for (name, adapter), sums in self._all_sums().items():
             cfg = self.layers[name].asymlora_config[adapter]
@@ -409,14 +414,14 @@ class RouterStats:
     def write(self, path: str | os.PathLike, step: int, phase: str = "train", **extra: Any) -> dict[str, Any]:
         """Append one record (all layers) to ``path``, warn on collapsed layers, and reset the sums.
 
-        Under torchrun every process must call it (the record covers the tokens of all of them); rank 0
-        writes and warns, the others get ``{}``.
+        With ``all_processes`` under torchrun every process must call it (the record covers the tokens of all
+        of them); rank 0 writes and warns, the others get ``{}``.
 
         Record: ``{"step", "phase", "time", "tasks", "layers": [...], "collapsed": [module, ...], **extra}``.
         Returns it. Raises ValueError when an extra key would replace one of these.
         """
         layers = self.summary()
-        if not distributed.is_main():  # the summary is a collective; rank 0 alone writes
+        if self.all_processes and not distributed.is_main():  # a collective summary: rank 0 alone writes
             self.reset()
             return {}
         record: dict[str, Any] = {"step": int(step), "phase": phase, "time": round(time.time(), 3), "tasks": self.task_names,
@@ -457,6 +462,8 @@ class RouterLog:
     Pass it as (or call it from) the training loop's ``on_step``: step s is logged when s % every == 0 or
     s == steps. For evaluation, label each task's forwards with ``log.stats.task(i)`` and call
     ``log.write(step, "eval")``. `close` removes the hooks. `for_run` gives None when there is nothing to do.
+    Under torchrun every process keeps one and calls it (its records cover the batches of all processes,
+    ``all_processes``); rank 0 writes.
     """
 
     def __init__(
@@ -465,7 +472,7 @@ class RouterLog:
         if every < 1:
             raise ValueError(f"every={every}: log the routers every K >= 1 steps (0 turns the log off)")
         self.path, self.every, self.steps = Path(run_dir) / ROUTER_LOG, every, steps
-        self.stats = RouterStats(model, task_names)
+        self.stats = RouterStats(model, task_names, all_processes=True)
 
     @classmethod
     def for_run(
