@@ -408,6 +408,18 @@ def test_fsdp_with_the_stopping_rule_is_refused_before_anything_is_loaded() -> N
     assert load_config(None, [*base, "stopping.val_examples=4"]).stopping.enabled
 
 
+def test_fsdp_with_training_traces_is_refused_before_anything_is_loaded() -> None:
+    """Under torchrun with train.fsdp=true, rank 0 alone read the sharded adapter for traces.jsonl: a
+    collective the other rank never joined, and gloo aborted both (exit -6, "collective mismatch")."""
+    base = ["data.tasks=[bigbench:a]", "model.name=/nope/never/loaded"]
+    with pytest.raises(ConfigError, match=re.escape(
+        "train.trace_every=5 does not run with an FSDP-sharded model (train.fsdp=true): the traces read the "
+        "whole adapter on rank 0; use train.fsdp=false (DDP) or train.trace_every=0"
+    )):  # fmt: skip
+        load_config(None, [*base, "train.fsdp=true", "train.trace_every=5"])
+    assert load_config(None, [*base, "train.trace_every=5"]).train.trace_every == 5
+
+
 def _positionals(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action]]:
     """(command, action) of every positional argument of ``parser``'s subcommands."""
     out = []

@@ -173,6 +173,7 @@ def two_processes(env, tmp_path_factory) -> Path:
     (logs := run_dir.parent / "eval_log").mkdir()
     done = launch(torchrun(2), env["config"], overrides(env, run_dir), ASYMLORA_TEST_EVAL_LOG=str(logs))
     assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir.parent / "stderr.txt").write_text(done.stderr)
     return run_dir
 
 
@@ -193,6 +194,13 @@ def test_two_processes_train_the_adapter_of_one_process_with_the_same_global_bat
         one_process / "per_example.jsonl"
     ).read_text()
     assert sorted(p.name for p in (two_processes / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    # the data warnings (prompts cut to fit data.max_length) are printed once, not once per process
+    warned = [
+        line
+        for line in (two_processes.parent / "stderr.txt").read_text().splitlines()
+        if "cut the prompt" in line
+    ]
+    assert len(warned) == len(set(warned)) >= 1, warned
 
 
 def test_evaluation_is_split_across_ranks_and_gathered(two_processes) -> None:
@@ -252,6 +260,57 @@ def test_a_killed_run_resumes_exactly_under_accelerate_launch_and_fsdp(env, tmp_
     assert (run_dir / "per_example.jsonl").read_text() == (
         tmp_path / "full" / "per_example.jsonl"
     ).read_text()
+
+
+def _real_tokens_of_steps(run_dir: Path, steps: range) -> int:
+    """Real (unpadded) tokens of the global batches of optimiser steps ``steps`` (1-based), from the data
+    order written out by hand: global micro-step m takes positions m·batch … of seeded permutations of
+    range(n), one per epoch (docs/distributed.md)."""
+    from transformers import AutoTokenizer
+
+    from asymlora.config import load_config
+    from asymlora.data import MultiTaskDataset
+    from asymlora.recipes.multitask import load_split_tasks
+
+    cfg = load_config(run_dir / "config.yaml", [])
+    tok = AutoTokenizer.from_pretrained(cfg.model.name)
+    data = MultiTaskDataset(load_split_tasks(cfg)[0], tok, max_length=cfg.data.max_length, warn=False)
+    n, batch, accum = len(data), cfg.train.batch_size, cfg.train.grad_accum
+    total = 0
+    for micro in range((steps.start - 1) * accum, steps.stop * accum - accum):
+        for position in range(micro * batch, (micro + 1) * batch):
+            epoch, offset = divmod(position, n)
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
+            )
+            total += len(data[int(order[offset])]["input_ids"])
+    return total
+
+
+def test_the_router_log_of_two_processes_covers_the_whole_global_batch(env, tmp_path) -> None:
+    """Soft router, router.jsonl every 3 steps: each training record counts the real tokens of both
+    processes' slices (by hand from the data order), and every record (evaluation, split across the ranks,
+    included) equals the one-process run's. Before the fix only rank 0 recorded: about half the tokens."""
+    soft = ["adapter.router=soft", "train.router_log_every=3"]
+    runs = {1: tmp_path / "one", 2: tmp_path / "two"}
+    assert cli_main(["train", "--quiet", str(env["config"]), *overrides(env, runs[1], *soft)]) == 0
+    done = launch(torchrun(2), env["config"], overrides(env, runs[2], *soft))
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = {
+        w: [json.loads(line) for line in (d / "router.jsonl").read_text().splitlines()]
+        for w, d in runs.items()
+    }
+    assert [(r["step"], r["phase"]) for r in logs[2]] == [(3, "train"), (6, "train"), (6, "eval")]
+    for record, steps in zip(logs[2][:2], (range(1, 4), range(4, 7)), strict=True):
+        assert {layer["tokens"] for layer in record["layers"]} == {_real_tokens_of_steps(runs[2], steps)}
+    for one, two in zip(logs[1], logs[2], strict=True):
+        assert [layer["module"] for layer in one["layers"]] == [layer["module"] for layer in two["layers"]]
+        for a, b in zip(one["layers"], two["layers"], strict=True):
+            assert (a["tokens"], a["task_tokens"]) == (b["tokens"], b["task_tokens"])
+            for key in ("mean_gate", "load", "usage", "token_entropy"):
+                torch.testing.assert_close(
+                    torch.tensor(b[key]), torch.tensor(a[key]), rtol=0, atol=1e-5, msg=key
+                )
 
 
 _FSDP_THEN_SHUTDOWN = """

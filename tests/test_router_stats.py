@@ -130,6 +130,46 @@ def test_hook_recomputes_the_soft_gate_and_reads_mask_and_task_ids() -> None:
     assert stats.summary() == []
 
 
+def test_all_processes_sums_the_tokens_of_every_process(tmp_path, monkeypatch) -> None:
+    """Two processes of a torchrun, simulated: process 0 scores task 0's tokens 1-2, process 1 task 1's
+    tokens 3-4 (so it has one more usage row). With all_processes the record is the hand values of all four
+    tokens; without it, or in lockstep (every process saw every token), this process's own."""
+    from asymlora import distributed
+
+    pm = _toy("soft", [[1.0, 0.0], [0.0, 1.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    payload: dict = {}
+
+    def capture(obj):
+        payload.update(obj)
+        return [obj]
+
+    monkeypatch.setattr(distributed, "splitting", lambda: True)
+    monkeypatch.setattr(distributed, "all_gather_json", capture)
+    other = RouterStats(pm, all_processes=True)
+    with other.task(1):
+        pm(inputs_embeds=X[[2, 3, 4]][None], attention_mask=mask)
+    other.summary()  # process 1's sums, as it sends them
+    other.close()
+    with RouterStats(pm, all_processes=True) as stats, RouterStats(pm) as alone:
+        with stats.task(0), alone.task(0):
+            pm(inputs_embeds=X[[0, 1, 4]][None], attention_mask=mask)
+        monkeypatch.setattr(distributed, "all_gather_json", lambda obj: [obj, payload])
+        monkeypatch.setattr(distributed, "is_main", lambda: True)
+        record = stats.write(tmp_path / ROUTER_LOG, step=1)
+        _check(record["layers"][0], HAND)
+        assert alone.summary()[0]["tokens"] == 2 and alone.summary()[0]["task_tokens"] == [2]
+        monkeypatch.setattr(distributed, "splitting", lambda: False)  # lockstep
+        with stats.task(0):
+            pm(inputs_embeds=X[[0, 1, 4]][None], attention_mask=mask)
+        assert stats.summary()[0]["tokens"] == 2
+        monkeypatch.setattr(distributed, "is_main", lambda: False)
+        assert (
+            stats.write(tmp_path / ROUTER_LOG, step=2) == {} and stats.summary() == []
+        )  # reset, not written
+    assert len(read_router_log(tmp_path / ROUTER_LOG)) == 1
+
+
 def test_topk_statistics_use_the_renormalised_gate() -> None:
     # logits [ln 2.5, ln 1.5, 0] -> softmax [0.5, 0.3, 0.2] -> top-2 [0.625, 0.375, 0]
     pm = _toy("topk", [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], top_k=2)

@@ -155,6 +155,41 @@ def test_training_time_and_step_time_add_up_over_a_resume(env, tmp_path) -> None
     assert train(pm, ds, collate, settings, tmp_path / "run", resume=True).train_seconds is None
 
 
+def test_resume_keeps_one_record_per_step_in_the_step_logs(env, tmp_path, monkeypatch) -> None:
+    """A run killed after step 3, once before its first checkpoint (save_every=4: the resumed run starts over
+    at step 0) and once after checkpoint 2: the resumed run's train_log.jsonl and traces.jsonl hold each step
+    once. Before the fix the first kept the killed process's steps 1-3 (the log was purged only when a
+    checkpoint was found) and traces.jsonl was never purged."""
+    hooks = multitask._step_hooks
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_3(*args, **kwargs):
+        on_step, router_log = hooks(*args, **kwargs)
+
+        def step(done: int) -> None:
+            on_step(done)
+            if done == 3:
+                raise Killed
+
+        return step, router_log
+
+    for save_every in (4, 2):
+        run_dir = tmp_path / f"every{save_every}"
+        args = overrides(env, run_dir, "train.steps=5", f"train.save_every={save_every}", "train.trace_every=1",
+                         "eval.base_model=false")  # fmt: skip
+        with monkeypatch.context() as patch:
+            patch.setattr(multitask, "_step_hooks", killed_after_3)
+            with pytest.raises(Killed):
+                run(load_config(None, args), quiet=True)
+        assert len((run_dir / "traces.jsonl").read_text().splitlines()) == 3
+        run(load_config(None, args), resume=True, quiet=True)
+        for name in ("train_log.jsonl", "traces.jsonl"):
+            steps = [json.loads(line)["step"] for line in (run_dir / name).open()]
+            assert steps == [1, 2, 3, 4, 5], (save_every, name, steps)
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(env, tmp_path) -> None:
     settings = load_config(None, overrides(env, tmp_path / "x", "train.steps=10", "train.save_every=2")).train
     pm, tok = tiny_alora(env["model"])

@@ -279,7 +279,8 @@ class TrainSettings(BaseTrainSettings):
     """Log the loss every N steps."""
     fsdp: bool = False
     """Under torchrun: shard the base model and adapter across the processes (PyTorch FSDP2) instead of
-    replicating them (DDP); one method per launch, evaluation not split, no stopping rule (docs/distributed.md)."""
+    replicating them (DDP); one method per launch, evaluation not split, no stopping rule and no traces
+    (``trace_every``) (docs/distributed.md)."""
     trace_every: int = 0
     """Record ‖A − A_init‖/‖A_init‖, ‖B‖ and ΔM/ΔD per layer every N steps into traces.jsonl (0 = off)."""
     router_log_every: int = 10
@@ -395,6 +396,12 @@ class RunConfig:
             raise ConfigError(
                 "the stopping rule (stopping.val_examples > 0) does not run with an FSDP-sharded model "
                 "(train.fsdp=true); use train.fsdp=false (DDP) or stopping.val_examples=0"
+            )
+        if self.train.fsdp and self.train.trace_every:  # rank 0 alone reads them: a collective mismatch
+            raise ConfigError(
+                f"train.trace_every={self.train.trace_every} does not run with an FSDP-sharded model "
+                "(train.fsdp=true): the traces read the whole adapter on rank 0; use train.fsdp=false (DDP) "
+                "or train.trace_every=0"
             )
         self._check_model()
         for method in [self.adapter.method, *self.compare.methods]:

@@ -190,6 +190,12 @@ def _splitting() -> bool:
     return active() and _split["on"]
 
 
+def splitting() -> bool:
+    """True when the processes work on different data (training, split evaluation), False outside a
+    process group or inside :func:`lockstep` (every process sees every example)."""
+    return _splitting()
+
+
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's share of ``items``: positions rank, rank + world, ... (all of them for one process)."""
     return list(items[rank() :: world_size()]) if _splitting() else list(items)

@@ -45,13 +45,14 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from asymlora import distributed
 from asymlora.analysis.factors import PEFT_KEY_PREFIX
 from asymlora.analysis.figures import new_figure, save_figure
 from asymlora.io import apply_umask
@@ -135,6 +136,11 @@ class _Sums:
                 self.task_gate = torch.cat([self.task_gate, self.task_gate.new_zeros(extra, g.shape[1])])
             self.task_tokens.index_add_(0, task_ids.to(g.device), w)
             self.task_gate.index_add_(0, task_ids.to(g.device), g * w[:, None])
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    """``t`` with zero rows appended up to ``rows`` along the first axis."""
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if t.shape[0] < rows else t
 
 
 def _check_task_ids(task_ids: Tensor, num_tasks: int) -> int:
@@ -244,11 +250,16 @@ class RouterStats:
     Args:
         model: a peft model with asymlora adapters (or the model inside it).
         task_names: names of the task ids 0..T-1, written into each record (optional).
+        all_processes: under torchrun, `summary` and `write` are collectives over the tokens of every
+            process (every process must call them; rank 0 writes); default: this process's tokens only.
     Use as a context manager (hooks removed on exit) or call `close`. Raises ValueError when the model
     has no soft/topk routed layer.
     """
 
-    def __init__(self, model: nn.Module, task_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, task_names: Sequence[str] | None = None, *, all_processes: bool = False
+    ) -> None:
+        self.all_processes = all_processes
         self.layers = _routed_layers(model)
         if not self.layers:
             raise ValueError(
@@ -354,10 +365,39 @@ class RouterStats:
             self._paused -= 1
 
     # results
+    def _all_sums(self) -> dict[tuple[str, str], _Sums]:
+        """The sums of every process of a multi-process run (a collective: each saw its own slice of the
+        batches; inside `asymlora.distributed.lockstep` every process sees every token: this one's alone)."""
+        if not (self.all_processes and distributed.splitting()):
+            return self._sums
+        mine = {
+            f"{n}\0{a}": [getattr(s, f.name).tolist() for f in fields(s)] for (n, a), s in self._sums.items()
+        }
+        merged: dict[tuple[str, str], _Sums] = {}
+        for part in distributed.all_gather_json(mine):
+            for key, values in part.items():
+                name, adapter = key.split("\0")
+                tokens, top1, gate, entropy, task_tokens, task_gate = (
+                    torch.tensor(v, dtype=torch.float64) for v in values
+                )
+                total = merged.setdefault((name, adapter), _Sums.zeros(top1.shape[0], 0, torch.device("cpu")))
+                total.tokens += tokens
+                total.top1 += top1
+                total.gate += gate
+                total.entropy += entropy
+                rows = max(total.task_tokens.shape[0], task_tokens.shape[0])
+                total.task_tokens = _pad_rows(total.task_tokens, rows) + _pad_rows(task_tokens, rows)
+                total.task_gate = _pad_rows(total.task_gate, rows) + _pad_rows(
+                    task_gate.view(-1, top1.shape[0]), rows
+                )
+        order = [key for key in self._sums] + [key for key in merged if key not in self._sums]
+        return {key: merged[key] for key in order}
+
     def summary(self) -> list[dict[str, Any]]:
-        """Per (layer, adapter) statistics since the last reset, in module order (see module docstring)."""
+        """Per (layer, adapter) statistics since the last reset, in module order (see module docstring); with
+        ``all_processes`` in a multi-process run over the tokens of every process (a collective)."""
         out = []
-        for (name, adapter), sums in self._sums.items():
+        for (name, adapter), sums in self._all_sums().items():
             cfg = self.layers[name].asymlora_config[adapter]
             entry = {"module": name, "adapter": adapter, "router": cfg.router, "num_experts": cfg.num_experts}
             if cfg.router == "topk":
@@ -374,10 +414,16 @@ class RouterStats:
     def write(self, path: str | os.PathLike, step: int, phase: str = "train", **extra: Any) -> dict[str, Any]:
         """Append one record (all layers) to ``path``, warn on collapsed layers, and reset the sums.
 
+        With ``all_processes`` under torchrun every process must call it (the record covers the tokens of all
+        of them); rank 0 writes and warns, the others get ``{}``.
+
         Record: ``{"step", "phase", "time", "tasks", "layers": [...], "collapsed": [module, ...], **extra}``.
         Returns it. Raises ValueError when an extra key would replace one of these.
         """
         layers = self.summary()
+        if self.all_processes and not distributed.is_main():  # a collective summary: rank 0 alone writes
+            self.reset()
+            return {}
         record: dict[str, Any] = {"step": int(step), "phase": phase, "time": round(time.time(), 3), "tasks": self.task_names,
                   "layers": layers, "collapsed": [f"{e['module']} ({e['adapter']})" for e in layers if e["collapsed"]]}  # fmt: skip
         for key in extra:
@@ -416,6 +462,8 @@ class RouterLog:
     Pass it as (or call it from) the training loop's ``on_step``: step s is logged when s % every == 0 or
     s == steps. For evaluation, label each task's forwards with ``log.stats.task(i)`` and call
     ``log.write(step, "eval")``. `close` removes the hooks. `for_run` gives None when there is nothing to do.
+    Under torchrun every process keeps one and calls it (its records cover the batches of all processes,
+    ``all_processes``); rank 0 writes.
     """
 
     def __init__(
@@ -424,7 +472,7 @@ class RouterLog:
         if every < 1:
             raise ValueError(f"every={every}: log the routers every K >= 1 steps (0 turns the log off)")
         self.path, self.every, self.steps = Path(run_dir) / ROUTER_LOG, every, steps
-        self.stats = RouterStats(model, task_names)
+        self.stats = RouterStats(model, task_names, all_processes=True)
 
     @classmethod
     def for_run(

@@ -50,6 +50,9 @@ from asymlora.methods import Role, get_method
 from asymlora.roles import adapter_tensors
 from asymlora.tuner.layer import dequantized_weight
 
+TRACES_FILE = "traces.jsonl"
+"""File name of the training traces in a run directory (``train.trace_every``)."""
+
 __all__ = ["TraceRecorder", "read_traces", "snapshot_a"]
 
 

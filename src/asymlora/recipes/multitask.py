@@ -38,7 +38,7 @@ import torch
 from asymlora import distributed
 from asymlora import train as training  # called as training.train: tests and tools patch asymlora.train.train
 from asymlora.analysis.router_stats import ROUTER_LOG, RouterLog, RouterStats
-from asymlora.analysis.traces import TraceRecorder
+from asymlora.analysis.traces import TRACES_FILE, TraceRecorder
 from asymlora.config import ConfigError, RunConfig, dump_config, load_config
 from asymlora.data import MultiTaskCollator, MultiTaskDataset, load_tasks
 from asymlora.data.tasks import split_validation
@@ -259,7 +259,7 @@ def train_and_evaluate(
     on_step, router_log = _step_hooks(cfg, pm, out_dir, settings_train.steps, tasks)
     validation = _validation(cfg, tokenizer, val_tasks, router_log)
     result = training.train(pm, dataset, MultiTaskCollator(tokenizer), settings_train, out_dir, resume=resume, on_step=on_step,
-                   desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})", step_logs=(ROUTER_LOG,),
+                   desc=f"{method} ({len(tasks)} task{'s' * (len(tasks) > 1)})", step_logs=(ROUTER_LOG, TRACES_FILE),
                    **({"validation": validation} if validation is not None else {}))  # fmt: skip
     full_state = full_adapter_state(pm)  # FSDP: gathered to rank 0 (a collective); else None
     distributed.on_main(save_adapter, pm, out_dir / "adapter", full_state)
@@ -269,8 +269,11 @@ def train_and_evaluate(
     with distributed.lockstep() if is_sharded(pm) else contextlib.nullcontext():  # FSDP: no split
         per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method,
                             router_stats=router_log.stats if router_log else None)  # fmt: skip
+        if (
+            router_log is not None
+        ):  # a collective: split evaluation sums the processes' tokens, lockstep does not
+            router_log.write(result.steps, "eval")
     if router_log is not None:
-        router_log.write(result.steps, "eval")
         router_log.close()
     summary = summarize(per_task, primary_metrics(tasks), baselines, metric_notes=metric_notes(tasks))
     summary["intervals"] = intervals_of(examples_path, tasks, baseline_examples or baselines)
@@ -299,14 +302,14 @@ def _validation(
 def _step_hooks(
     cfg: RunConfig, pm: Any, out_dir: Path, steps: int, tasks: list
 ) -> tuple[Callable[[int], Any] | None, RouterLog | None]:
-    """The per-step callback of training (A/B traces every ``train.trace_every`` steps, router statistics
-    every ``train.router_log_every``; docs/analysis.md) and the router log it fills (rank 0 only)."""
+    """The per-step callback of training, run by every process (A/B traces every ``train.trace_every`` steps,
+    rank 0 only; router statistics every ``train.router_log_every``, over the batches of all processes;
+    docs/analysis.md) and the router log it fills (written by rank 0)."""
     on_step: Callable[[int], Any] | None = None
-    if cfg.train.trace_every:
-        recorder = TraceRecorder(pm, out_dir / "traces.jsonl")
+    if cfg.train.trace_every and distributed.is_main():
+        recorder = TraceRecorder(pm, out_dir / TRACES_FILE)
         on_step = lambda step: step % cfg.train.trace_every == 0 and recorder.record(step)  # noqa: E731
-    router_log = RouterLog.for_run(pm, out_dir, cfg.train.router_log_every, steps,
-                                   [t.name for t in tasks]) if distributed.is_main() else None  # fmt: skip
+    router_log = RouterLog.for_run(pm, out_dir, cfg.train.router_log_every, steps, [t.name for t in tasks])
     if router_log is not None:  # router.jsonl: expert loads and task × expert usage (docs/analysis.md)
         trace = on_step
         on_step = lambda step: (trace and trace(step), router_log(step))  # noqa: E731
@@ -409,10 +412,11 @@ def check_data_fits(cfg: RunConfig, tokenizer: Any, tasks: list, val_tasks: list
     """Raise `DataError` for a task (or validation split) with no example whose answer fits in
     ``data.max_length``; warn, once per run, of each task's examples skipped or prompts cut to fit it, and
     return those lines (``results.json``'s ``data_notes``)."""
-    notes = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length).notes
+    warn = distributed.is_main()  # torchrun: each process checks, rank 0 alone warns
+    notes = MultiTaskDataset(tasks, tokenizer, max_length=cfg.data.max_length, warn=warn).notes
     if val_tasks:
         notes += MultiTaskDataset(
-            val_tasks, tokenizer, max_length=cfg.data.max_length, label="validation"
+            val_tasks, tokenizer, max_length=cfg.data.max_length, label="validation", warn=warn
         ).notes
     return notes
 

@@ -295,11 +295,12 @@ def train(
     Under ``torchrun`` / ``accelerate launch`` each of the W processes takes ``settings.batch_size / W``
     examples of every global batch and DDP averages the gradients (with ``settings.fsdp``: FSDP2 shards the
     model and reduce-scatters them); the result equals a one-process run with the same ``batch_size`` (to
-    float rounding, dropout aside). Only rank 0 writes into ``run_dir``.
+    float rounding, dropout aside). Only rank 0 writes into ``run_dir``. ``on_step(done)`` runs after each
+    step on every process (it may hold a collective; it writes files on rank 0 only).
     ``validation``: the stopping rule (`asymlora.train.stopping`; val_log.jsonl, early stopping, the best
-    adapter restored). On resume from step S, the records above S that a killed process left in
-    ``train_log.jsonl``, ``val_log.jsonl`` and the ``step_logs`` (more JSON-lines files in ``run_dir`` with a
-    ``step``, e.g. ``router.jsonl``) are dropped (`asymlora.io.purge_after_step`).
+    adapter restored). On resume from step S (0 when the killed process wrote no checkpoint), the records
+    above S that it left in ``train_log.jsonl``, ``val_log.jsonl`` and the ``step_logs`` (more JSON-lines
+    files in ``run_dir`` with a ``step``, e.g. ``router.jsonl``) are dropped (`asymlora.io.purge_after_step`).
     Raises ValueError when W does not divide ``batch_size`` (before any weight changes)
     or for validation with an FSDP-sharded model, TrainingError on a non-finite loss.
     """
@@ -312,9 +313,9 @@ def train(
     start, losses, state = 0, list[tuple[int, float]](), dict[str, Any]()
     if ckpt is not None:
         start, losses, state = _resume(ckpt, model, params, optimizer, scheduler, accelerator)
-        if accelerator.is_main_process:
-            for name in (TRAIN_LOG, VAL_LOG, *step_logs):
-                purge_after_step(run_dir / name, start)
+    if resume and accelerator.is_main_process:  # without a checkpoint the run starts over: every record goes
+        for name in (TRAIN_LOG, VAL_LOG, *step_logs):
+            purge_after_step(run_dir / name, start)
     model.train()
     device = accelerator.device
     if device.type == "cuda":
@@ -458,7 +459,7 @@ class _Bookkeeping:
             if acc.is_main_process:
                 lr = self.loop.scheduler.get_last_lr()[0]
                 _log(self.run_dir, self.desc, done, loss, lr, rate, s.steps, self.bar)
-        if self.on_step is not None and acc.is_main_process:
+        if self.on_step is not None:  # on every process: it may hold a collective (the router log)
             self.on_step(done)
         stopped = False
         if self.monitor is not None:  # validation before the checkpoint, which holds its outcome
