@@ -269,9 +269,8 @@ def train_and_evaluate(
     with distributed.lockstep() if is_sharded(pm) else contextlib.nullcontext():  # FSDP: no split
         per_task = evaluate(pm, tokenizer, tasks, cfg, task_routed=routed, examples_path=examples_path, label=method,
                             router_stats=router_log.stats if router_log else None)  # fmt: skip
-        if (
-            router_log is not None
-        ):  # a collective: split evaluation sums the processes' tokens, lockstep does not
+        # a collective: split evaluation sums the processes' tokens, lockstep does not
+        if router_log is not None:
             router_log.write(result.steps, "eval")
     if router_log is not None:
         router_log.close()
