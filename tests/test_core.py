@@ -402,6 +402,7 @@ def test_plain_lora_merges_through_peft() -> None:
         ({"r": 0}, "r=0"),
         ({"num_experts": 0}, "num_experts=0"),
         ({"router": "topk", "top_k": 4, "num_experts": 3}, "top_k=4"),
+        ({"router": "topk", "top_k": 1, "num_experts": 3}, "top_k=1.*no gradient.*top_k >= 2"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         # NaN passed the `<= 0` test: a federated run's clients all failed with a NaN loss in round 1
         ({"lora_alpha": math.nan}, r"lora_alpha=nan is invalid: use a finite positive number"),
@@ -416,6 +417,24 @@ def test_plain_lora_merges_through_peft() -> None:
 def test_bad_config_values_are_named(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         AsymLoraConfig(target_modules=["q_proj"], **kwargs)
+
+
+def test_top1_renormalised_gate_is_constant_which_is_why_top_k_1_is_refused() -> None:
+    """top_k=1 is refused because the router would learn nothing from the loss: d gate / d logits = 0."""
+    from asymlora.routing import topk_gate
+
+    logits = torch.tensor([[0.3, -1.2, 2.0]], requires_grad=True)
+    for k, dead in ((1, True), (2, False)):
+        (grad,) = torch.autograd.grad(
+            (topk_gate(logits.softmax(-1), k) * torch.tensor([1.0, 2.0, 3.0])).sum(), logits
+        )
+        assert bool(grad.abs().max() == 0) is dead, (k, grad)
+    AsymLoraConfig(
+        target_modules=["q_proj"], router="topk", top_k=1, num_experts=1
+    )  # one expert: nothing to route
+    AsymLoraConfig(
+        target_modules=["q_proj"], method="lora", router="topk", top_k=1
+    )  # lora ignores the router
 
 
 def test_target_modules_that_match_nothing_list_the_model_linears() -> None:

@@ -229,7 +229,7 @@ class AdapterSettings(BaseAdapterSettings):
     router: Literal["soft", "topk", "task"] = "soft"
     """soft | topk | task."""
     top_k: int = 2
-    """Experts per token for the topk router."""
+    """Experts per token for the topk router (2 to N; 1 is refused: its renormalised gate is a constant 1)."""
     balance_loss_weight: float = 0.0
     """Weight of the load-balancing loss (0 = off)."""
     subspace_rank: int | None = None

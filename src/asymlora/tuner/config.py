@@ -49,7 +49,8 @@ class AsymLoraConfig(PeftConfig):
     """``soft`` dense softmax (the paper's), ``topk`` k of N renormalised, ``task`` hard routing by the
     ``task_ids`` passed with the batch (mergeable and exportable per task)."""
     top_k: int = field(default=2, metadata={"help": "Experts kept per token by the topk router."})
-    """Experts kept per token by the ``topk`` router (1 <= top_k <= num_experts)."""
+    """Experts kept per token by the ``topk`` router (2 <= top_k <= num_experts: with one the renormalised
+    gate is exactly 1 and the router learns nothing from the loss, so 1 is refused)."""
     balance_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the load-balancing loss."})
     """Weight of the Switch-Transformer load-balancing loss added to the training loss (0 = off)."""
     target_modules: list[str] | str | None = field(
@@ -117,6 +118,12 @@ class AsymLoraConfig(PeftConfig):
             raise bad("num_experts", self.num_experts, "use an integer >= 1")
         if self.router == "topk" and not 1 <= self.top_k <= self.num_experts:
             raise bad("top_k", self.top_k, f"use 1 <= top_k <= num_experts ({self.num_experts})")
+        if self.router == "topk" and self.top_k == 1 < self.experts:  # the one kept gate, renormalised, is 1
+            raise bad(
+                "top_k", 1, "top-1 renormalised leaves a gate of exactly 1, so the router gets no gradient from "
+                "the training loss (only from balance_loss_weight); use top_k >= 2 (MoLoRA/MALoRA: 2), "
+                "router='soft', or router='task' for hard routing by task",
+            )  # fmt: skip
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", self.lora_dropout, "use a probability in [0, 1)")
         # NaN compares False both ways, and an infinite scale makes the output NaN: finite numbers only
