@@ -76,18 +76,26 @@ def test_truncated_svd_keeps_the_top_direction_and_reports_the_discarded_energy(
 
 
 # --- the gate average -------------------------------------------------------------------------------------
-def test_average_gate_counts_real_tokens_only() -> None:
-    pm = routed("alora")
-    sequences = [[5, 9, 17, 33, 40, 41], [7, 8, 100]]
-    layer_name, layer = next((n, m) for n, m in pm.named_modules() if n.endswith("layers.1.self_attn.v_proj"))
+def _gates_of_each_row_alone(pm, layer_suffix: str) -> tuple[str, torch.Tensor]:
+    """(layer name, mean softmax gate by hand) of the layer named ``*layer_suffix`` over the 9 tokens of
+    ``SEQUENCES``, each sequence run alone (no padding), in float64."""
+    layer_name, layer = next((n, m) for n, m in pm.named_modules() if n.endswith(layer_suffix))
     seen = []
     hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().reshape(-1, 32)))
     with torch.no_grad():
-        for seq in sequences:  # each sequence alone, no padding
+        for seq in SEQUENCES:
             pm(input_ids=torch.tensor([seq]))
     hook.remove()
     x = torch.cat(seen).double()
-    hand = torch.softmax(x @ layer.asymlora_router["default"].detach().double().T, -1).mean(0)  # 9 tokens
+    return layer_name, torch.softmax(x @ layer.asymlora_router["default"].detach().double().T, -1).mean(0)
+
+
+SEQUENCES = [[5, 9, 17, 33, 40, 41], [7, 8, 100]]
+
+
+def test_average_gate_counts_real_tokens_only() -> None:
+    pm = routed("alora")
+    layer_name, hand = _gates_of_each_row_alone(pm, "layers.1.self_attn.v_proj")
     padded = {  # a right-padded row with junk ids in the padding
         "input_ids": torch.tensor([[5, 9, 17, 33, 40, 41], [7, 8, 100, 99, 98, 97]]),
         "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]),
@@ -112,16 +120,7 @@ def test_average_gate_of_a_left_padded_batch_on_learned_positions_equals_each_ro
         for name, p in pm.named_parameters():
             if "asymlora_router" in name:
                 p.normal_(std=3.0, generator=torch.Generator().manual_seed(1))
-    sequences = [[5, 9, 17, 33, 40, 41], [7, 8, 100]]
-    layer_name, layer = next((n, m) for n, m in pm.named_modules() if n.endswith("h.1.attn.c_attn"))
-    seen = []
-    hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().reshape(-1, 32)))
-    with torch.no_grad():
-        for seq in sequences:  # each sequence alone, no padding
-            pm(input_ids=torch.tensor([seq]))
-    hook.remove()
-    x = torch.cat(seen).double()
-    hand = torch.softmax(x @ layer.asymlora_router["default"].detach().double().T, -1).mean(0)  # 9 tokens
+    layer_name, hand = _gates_of_each_row_alone(pm, "h.1.attn.c_attn")
     left = {  # the short row padded on the left, as a generation tokenizer pads
         "input_ids": torch.tensor([[5, 9, 17, 33, 40, 41], [0, 0, 0, 7, 8, 100]]),
         "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]]),
