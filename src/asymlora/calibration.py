@@ -37,6 +37,7 @@ from asymlora.methods import get_method
 from asymlora.methods.base import Role
 from asymlora.tuner.config import AsymLoraConfig
 from asymlora.tuner.layer import AsymLoraLayer
+from asymlora.tuner.model import active_adapter_name
 
 REPORT_FILE = "calibration.json"
 CALIBRATION_HELP = (
@@ -59,7 +60,7 @@ def routed_config(model: nn.Module, adapter_name: str | None) -> tuple[str, Asym
 
     Raises ValueError naming the adapter when there is none or it is task-routed / unrouted."""
     configs = getattr(model, "peft_config", {})
-    name = adapter_name if adapter_name is not None else getattr(model, "active_adapter", "default")
+    name = adapter_name if adapter_name is not None else active_adapter_name(model)
     cfg = configs.get(name)
     if not isinstance(cfg, AsymLoraConfig):
         raise ValueError(f"model has no asymlora adapter named {name!r} (adapters: {list(configs)})")
