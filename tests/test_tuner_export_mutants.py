@@ -998,3 +998,30 @@ def test_soft_adapter_export_hands_every_argument_to_the_calibrated_export(monke
     [(args, kwargs)] = seen
     assert args == (pm, "b", tmp_path / "x", data)
     assert kwargs == {"tokenizer": tok, "rank": 3, "adapter_name": "default", "overwrite": True}
+
+
+def test_calibrated_export_refuses_the_tuner_alone(tmp_path) -> None:
+    """Run alone, ``PeftModel.base_model`` sets no routing call, so the layers never see the attention mask:
+    exported from it, a padded calibration batch averaged the gates over padding too (other factors than the
+    PeftModel's export) and the keys had one ``model.`` too many. It is refused, and nothing is written."""
+    from tests.conftest import make_char_tokenizer, make_tiny_llama
+
+    cfg = AsymLoraConfig(method="alora", r=2, num_experts=3, target_modules=["q_proj"])
+    pm = peft.get_peft_model(make_tiny_llama(layers=1), cfg)
+    tok, texts = make_char_tokenizer(), ["hello world", "abc"]  # "abc" is padded
+    with pytest.raises(ValueError) as err:
+        asymlora.export_task_adapter(pm.base_model, 0, tmp_path / "x", calibration=texts, tokenizer=tok)
+    assert str(err.value) == (
+        "export the calibrated adapter from the PeftModel, not from its base_model (the AsymLoraModel): run "
+        "alone, the tuner does not hand the attention mask to its layers, so padding would count in the "
+        "averaged gates"
+    )
+    assert not (tmp_path / "x").exists()
+    out = asymlora.export_task_adapter(
+        pm, 0, tmp_path / "y", calibration=texts, tokenizer=tok
+    )  # the PeftModel
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert load_file(out / "adapter_model.safetensors").keys() == {
+        key + ".lora_A.weight",
+        key + ".lora_B.weight",
+    }

@@ -37,7 +37,7 @@ from asymlora.methods import get_method
 from asymlora.methods.base import Role
 from asymlora.tuner.config import AsymLoraConfig
 from asymlora.tuner.layer import AsymLoraLayer
-from asymlora.tuner.model import active_adapter_name
+from asymlora.tuner.model import AsymLoraModel, active_adapter_name
 
 REPORT_FILE = "calibration.json"
 CALIBRATION_HELP = (
@@ -434,6 +434,12 @@ def export_calibrated_adapter(
             adapter, empty or wrong-task calibration data, ``rank`` out of range.
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
     """
+    if isinstance(model, AsymLoraModel):  # PeftModel.base_model: its forward sets no routing call
+        raise ValueError(
+            "export the calibrated adapter from the PeftModel, not from its base_model (the AsymLoraModel): "
+            "run alone, the tuner does not hand the attention mask to its layers, so padding would count in "
+            "the averaged gates"
+        )
     name, cfg = routed_config(model, adapter_name)
     if cfg.task_names and task not in cfg.task_names:
         raise ValueError(f"unknown task {task!r}; this adapter's tasks are {cfg.task_names}")
