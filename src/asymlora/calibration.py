@@ -37,6 +37,7 @@ from asymlora.methods import get_method
 from asymlora.methods.base import Role
 from asymlora.tuner.config import AsymLoraConfig
 from asymlora.tuner.layer import AsymLoraLayer
+from asymlora.tuner.model import AsymLoraModel, active_adapter_name
 
 REPORT_FILE = "calibration.json"
 CALIBRATION_HELP = (
@@ -59,7 +60,7 @@ def routed_config(model: nn.Module, adapter_name: str | None) -> tuple[str, Asym
 
     Raises ValueError naming the adapter when there is none or it is task-routed / unrouted."""
     configs = getattr(model, "peft_config", {})
-    name = adapter_name if adapter_name is not None else getattr(model, "active_adapter", "default")
+    name = adapter_name if adapter_name is not None else active_adapter_name(model)
     cfg = configs.get(name)
     if not isinstance(cfg, AsymLoraConfig):
         raise ValueError(f"model has no asymlora adapter named {name!r} (adapters: {list(configs)})")
@@ -433,6 +434,12 @@ def export_calibrated_adapter(
             adapter, empty or wrong-task calibration data, ``rank`` out of range.
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
     """
+    if isinstance(model, AsymLoraModel):  # PeftModel.base_model: its forward sets no routing call
+        raise ValueError(
+            "export the calibrated adapter from the PeftModel, not from its base_model (the AsymLoraModel): "
+            "run alone, the tuner does not hand the attention mask to its layers, so padding would count in "
+            "the averaged gates"
+        )
     name, cfg = routed_config(model, adapter_name)
     if cfg.task_names and task not in cfg.task_names:
         raise ValueError(f"unknown task {task!r}; this adapter's tasks are {cfg.task_names}")

@@ -24,13 +24,13 @@ from asymlora.lora_files import write_lora_adapter
 from asymlora.methods import get_method
 from asymlora.tuner.config import AsymLoraConfig
 from asymlora.tuner.layer import AsymLoraLayer, dequantized_weight
-from asymlora.tuner.model import AsymLoraModel, base_weight
+from asymlora.tuner.model import AsymLoraModel, active_adapter_name, base_weight
 
 
 def _mergeable_config(model: nn.Module, adapter_name: str | None) -> tuple[str, AsymLoraConfig]:
     configs = getattr(model, "peft_config", {})
     if adapter_name is None:
-        adapter_name = getattr(model, "active_adapter", "default")
+        adapter_name = active_adapter_name(model)
     cfg = configs.get(adapter_name)
     if not isinstance(cfg, AsymLoraConfig):
         raise ValueError(f"model has no asymlora adapter named {adapter_name!r} (adapters: {list(configs)})")
@@ -54,7 +54,6 @@ def _layers(model: nn.Module) -> list[tuple[str, AsymLoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AsymLoraLayer)]
 
 
-@torch.no_grad()
 def merge_task(model: nn.Module, task: int | str, adapter_name: str | None = None) -> nn.Module:
     """Return the base model with task ``task``'s update merged into its weights.
 
@@ -66,29 +65,30 @@ def merge_task(model: nn.Module, task: int | str, adapter_name: str | None = Non
     W0 + ΔW_t in the model's float dtype (other layers stay quantised), with a warning: re-quantising the
     sum would round most of ΔW_t away, so the merged layers keep their full size (docs/quantization.md).
     """
-    adapter_name, cfg = _mergeable_config(model, adapter_name)
-    index = cfg.task_index(task)
-    tuner = _tuner_of(model)
-    tuner.untie_adapted_weights()  # never write through a tied lm_head
-    layers = [layer for _, layer in _layers(model) if adapter_name in layer.asymlora_config]
-    quantized = [layer for layer in layers if get_bnb_param_type(base_weight(layer.get_base_layer()))]
-    if quantized:
-        dtype = _float_dtype(model)
-        warnings.warn(
-            f"merge_task on a quantised base: the {len(quantized)} adapted bitsandbytes layers are dequantised "
-            f"to {dtype} and the task merged there (the other layers stay quantised). Re-quantising W0 + ΔW "
-            "would round most of the update away, so they keep their full size; to serve a small model keep "
-            "the adapter (or export_task_adapter) on the quantised base instead.",
-            stacklevel=2,
-        )
-    for layer in layers:
-        delta = layer.task_delta_weight(adapter_name, index)
-        if layer in quantized:
-            layer.base_layer = _dequantized_linear(layer.get_base_layer(), delta, dtype)
-        else:
-            weight = base_weight(layer.get_base_layer())
-            weight.add_(layer.in_weight_layout(delta).to(weight.dtype))
-    return tuner.unload()  # what PeftModel.unload forwards to
+    with torch.no_grad():  # not a decorator: mutmut (docs/testing.md) skips decorated functions
+        adapter_name, cfg = _mergeable_config(model, adapter_name)
+        index = cfg.task_index(task)
+        tuner = _tuner_of(model)
+        tuner.untie_adapted_weights()  # never write through a tied lm_head
+        layers = [layer for _, layer in _layers(model) if adapter_name in layer.asymlora_config]
+        quantized = [layer for layer in layers if get_bnb_param_type(base_weight(layer.get_base_layer()))]
+        if quantized:
+            dtype = _float_dtype(model)
+            warnings.warn(
+                f"merge_task on a quantised base: the {len(quantized)} adapted bitsandbytes layers are dequantised "
+                f"to {dtype} and the task merged there (the other layers stay quantised). Re-quantising W0 + ΔW "
+                "would round most of the update away, so they keep their full size; to serve a small model keep "
+                "the adapter (or export_task_adapter) on the quantised base instead.",
+                stacklevel=2,
+            )
+        for layer in layers:
+            delta = layer.task_delta_weight(adapter_name, index)
+            if layer in quantized:
+                layer.base_layer = _dequantized_linear(layer.get_base_layer(), delta, dtype)
+            else:
+                weight = base_weight(layer.get_base_layer())
+                weight.add_(layer.in_weight_layout(delta).to(weight.dtype))
+        return tuner.unload()  # what PeftModel.unload forwards to
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -115,7 +115,7 @@ def _dequantized_linear(base: nn.Module, delta: torch.Tensor, dtype: torch.dtype
 def _calibrated(model: nn.Module, adapter_name: str | None, calibration: Any, rank: int | None) -> bool:
     """True for a soft/topk-routed adapter; raises when it has no calibration data, and warns when a
     task-routed one gets some (its export is exact and ignores it)."""
-    name = adapter_name if adapter_name is not None else getattr(model, "active_adapter", "default")
+    name = adapter_name if adapter_name is not None else active_adapter_name(model)
     cfg = getattr(model, "peft_config", {}).get(name)
     routed = isinstance(cfg, AsymLoraConfig) and get_method(cfg.method).uses_router and cfg.router != "task"
     if routed and calibration is None:
@@ -134,7 +134,6 @@ def _calibrated(model: nn.Module, adapter_name: str | None, calibration: Any, ra
     return routed
 
 
-@torch.no_grad()
 def export_task_adapter(
     model: nn.Module,
     task: int | str,
@@ -158,23 +157,27 @@ def export_task_adapter(
             (``modules_to_save``): a LoRA export carries only the low-rank factors and would not reproduce
             the model, so use :func:`merge_task` (which keeps them) instead. Bad calibration data.
     """
-    if _calibrated(model, adapter_name, calibration, rank):
-        return export_calibrated_adapter(model, task, out_dir, calibration, tokenizer=tokenizer, rank=rank,
-                                         adapter_name=adapter_name, overwrite=overwrite)  # fmt: skip
-    adapter_name, cfg = _mergeable_config(model, adapter_name)
-    if cfg.modules_to_save:
-        raise ValueError(
-            f"adapter {adapter_name!r} also trains whole modules (modules_to_save={list(cfg.modules_to_save)}); "
-            "a LoRA export would drop them and not reproduce the model. Merge the task instead "
-            "(asymlora.merge_task(model, task), then save_pretrained), or train without modules_to_save."
-        )
-    index = cfg.task_index(task)
-    method = get_method(cfg.method)
-    factors = {
-        name: method.task_factors(layer.tensors(adapter_name), index)
-        for name, layer in _layers(model)
-        if adapter_name in layer.asymlora_config
-    }
-    if not factors:
-        raise ValueError(f"adapter {adapter_name!r} has no adapted layers to export")
-    return write_lora_adapter(out_dir, cfg, factors, overwrite=overwrite, dropout=cfg.lora_dropout)
+    with torch.no_grad():  # not a decorator: mutmut (docs/testing.md) skips decorated functions
+        if _calibrated(model, adapter_name, calibration, rank):
+            return export_calibrated_adapter(model, task, out_dir, calibration, tokenizer=tokenizer, rank=rank,
+                                             adapter_name=adapter_name, overwrite=overwrite)  # fmt: skip
+        adapter_name, cfg = _mergeable_config(model, adapter_name)
+        if cfg.modules_to_save:
+            raise ValueError(
+                f"adapter {adapter_name!r} also trains whole modules (modules_to_save={list(cfg.modules_to_save)}); "
+                "a LoRA export would drop them and not reproduce the model. Merge the task instead "
+                "(asymlora.merge_task(model, task), then save_pretrained), or train without modules_to_save."
+            )
+        index = cfg.task_index(task)
+        method = get_method(cfg.method)
+        prefix = (
+            "base_model." if isinstance(model, AsymLoraModel) else ""
+        )  # the tuner: names as in its PeftModel
+        factors = {
+            prefix + name: method.task_factors(layer.tensors(adapter_name), index)
+            for name, layer in _layers(model)
+            if adapter_name in layer.asymlora_config
+        }
+        if not factors:
+            raise ValueError(f"adapter {adapter_name!r} has no adapted layers to export")
+        return write_lora_adapter(out_dir, cfg, factors, overwrite=overwrite, dropout=cfg.lora_dropout)

@@ -62,6 +62,20 @@ def asymlora_config(config: PeftConfig) -> AsymLoraConfig:
     return config
 
 
+def active_adapter_name(model: nn.Module) -> str:
+    """The name of the adapter ``model`` runs: a PeftModel's ``active_adapter`` is one name, a peft tuner's
+    (``PeftModel.base_model``, an `AsymLoraModel`) a list of them; "default" for a model without either.
+
+    Raises ValueError when several adapters are active (which one to merge or export is then ambiguous)."""
+    active = getattr(model, "active_adapter", "default")
+    if isinstance(active, str):
+        return active
+    names = list(active)
+    if len(names) != 1:
+        raise ValueError(f"{len(names)} adapters are active ({names}); pass adapter_name= to choose one")
+    return names[0]
+
+
 def base_weight(module: nn.Module) -> nn.Parameter:
     """The ``weight`` parameter of a base layer (bitsandbytes' are Parameter subclasses); TypeError if none."""
     weight = getattr(module, "weight", None)
