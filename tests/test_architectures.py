@@ -375,3 +375,28 @@ def test_calibrated_export_of_gpt2_keeps_the_conv1d_layout(tmp_path) -> None:
         ref = pm(**batch).logits
         got = peft.PeftModel.from_pretrained(make_model("gpt2"), str(tmp_path / "x"))(**batch).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# --- padding in layers that see the tokens flattened (OPT's fc1 / fc2 get (batch·seq, d)) ---------------------
+def test_padding_never_reaches_the_balance_loss_or_router_stats_of_flattened_layers() -> None:
+    from asymlora.analysis.router_stats import RouterStats
+
+    cfg = AsymLoraConfig(method="alora", router="soft", r=4, num_experts=3, balance_loss_weight=1.0,
+                         target_modules=["q_proj", "fc1", "fc2"])  # fmt: skip
+    pm = peft.get_peft_model(make_model("opt"), cfg)
+    randomise(pm)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])  # 12 real tokens of 14
+    other = IDS.clone()
+    other[0, 5:] = torch.tensor([7, 9])  # different token ids under the padding only
+
+    def aux(ids: torch.Tensor) -> float:
+        out = pm(input_ids=ids, attention_mask=mask, labels=ids)
+        return float(out.balance_loss)
+
+    # Under the causal mask the real tokens never see the padding after them, so their router inputs, and a
+    # balance loss over the real tokens alone, cannot depend on what the padding holds.
+    assert aux(other) == pytest.approx(aux(IDS), abs=1e-7)
+    with RouterStats(pm) as stats:
+        pm(input_ids=IDS, attention_mask=mask)
+    counts = {e["module"].rsplit(".", 1)[-1]: e["tokens"] for e in stats.summary()}
+    assert counts == {"q_proj": 12, "fc1": 12, "fc2": 12}

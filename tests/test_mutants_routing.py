@@ -38,13 +38,31 @@ def test_token_mask_keeps_the_last_seq_columns_as_bool() -> None:
     assert full is not None and full.tolist() == mask.bool().tolist()
 
 
+def test_token_mask_of_a_layer_that_sees_the_tokens_flattened() -> None:
+    # OPT's fc1/fc2 see (batch·seq, d): rows 0-2 are example 0's tokens, rows 3-5 example 1's
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    got = RoutingCall(attention_mask=mask).token_mask(torch.zeros(6, 16))
+    assert got is not None and got.dtype == torch.bool
+    assert got.tolist() == [False, True, True, True, True, False]
+    # KV cache: mask (2, 5) over past and new tokens, 2 new tokens per example → rows (2·2, d) are the last
+    # two columns of each row, example by example
+    cached = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 1, 1]])
+    got = RoutingCall(attention_mask=cached).token_mask(torch.zeros(4, 16))
+    assert got is not None and got.tolist() == [True, False, True, True]
+    # one new token per example (a generation step): the last column
+    got = RoutingCall(attention_mask=cached).token_mask(torch.zeros(2, 16))
+    assert got is not None and got.tolist() == [False, True]
+
+
 @pytest.mark.parametrize(
     ("mask", "x"),
     [
         (None, torch.zeros(2, 3, 4)),
         (torch.ones(2, 3, 1), torch.zeros(2, 3, 4)),  # not (batch, seq)
         (torch.ones(6), torch.zeros(2, 3, 4)),
-        (torch.ones(2, 3), torch.zeros(6, 4)),  # flattened tokens
+        (torch.ones(2, 3), torch.zeros(5, 4)),  # flattened rows: not a whole number per example
+        (torch.ones(2, 3), torch.zeros(8, 4)),  # flattened rows: more per example than the mask has
+        (torch.ones(0, 3), torch.zeros(0, 4)),  # no example
         (torch.ones(2, 3), torch.zeros(2, 3, 4, 1)),
     ],
 )

@@ -132,10 +132,17 @@ class RoutingCall:
     def token_mask(self, x: Tensor) -> Tensor | None:
         """Real-token mask (batch, seq) for hidden states x (batch, seq, d), or None (all tokens count).
 
-        With a KV cache the mask covers past and new tokens: its last `seq` columns belong to x."""
+        With a KV cache the mask covers past and new tokens: its last `seq` columns belong to x. A layer that
+        sees the tokens flattened to (batch·seq, d) (OPT's MLP) gets the mask flattened the same way,
+        (batch·seq,); flattened rows that are no whole number of tokens per example get None."""
         mask = self.attention_mask
-        if mask is None or mask.dim() != 2 or x.dim() != 3:
+        if mask is None or mask.dim() != 2 or x.dim() not in (2, 3):
             return None
+        if x.dim() == 2:
+            rows, batch = x.shape[0], mask.shape[0]
+            if batch == 0 or rows % batch or rows // batch > mask.shape[1]:
+                return None
+            return mask[:, mask.shape[1] - rows // batch :].reshape(-1).to(device=x.device, dtype=torch.bool)
         if mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
             raise ValueError(
                 f"attention_mask of shape {tuple(mask.shape)} does not fit hidden states of shape "
