@@ -34,7 +34,11 @@ import warnings
 import peft
 import pytest
 import torch
-from tests.test_router_stats import Toy, _toy
+from tests.test_router_stats import (
+    Toy,
+    _toy,
+    h,  # entropy in nats by the formula (0 log 0 = 0)
+)
 
 import asymlora
 from asymlora import distributed
@@ -52,11 +56,6 @@ from asymlora.analysis.router_stats import (
 )
 
 LN3 = math.log(3)
-
-
-def h(*p: float) -> float:
-    """Entropy in nats, by the formula (0 log 0 = 0)."""
-    return -sum(v * math.log(v) for v in p if v > 0)
 
 
 T1, T2, T3, T4 = (0.5, 0.3, 0.2), (0.2, 0.6, 0.2), (0.1, 0.1, 0.8), (0.6, 0.2, 0.2)
