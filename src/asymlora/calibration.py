@@ -58,12 +58,19 @@ def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, AsymLoraLaye
 def routed_config(model: nn.Module, adapter_name: str | None) -> tuple[str, AsymLoraConfig]:
     """(adapter name, config) of an asymlora adapter with a learned router (soft or topk).
 
-    Raises ValueError naming the adapter when there is none or it is task-routed / unrouted."""
+    Raises ValueError naming the adapter when there is none, it is not the only active adapter (the forwards
+    that calibrate it would run another), or it is task-routed / unrouted."""
     configs = getattr(model, "peft_config", {})
     name = adapter_name if adapter_name is not None else active_adapter_name(model)
     cfg = configs.get(name)
     if not isinstance(cfg, AsymLoraConfig):
         raise ValueError(f"model has no asymlora adapter named {name!r} (adapters: {list(configs)})")
+    active = list(getattr(model, "active_adapters", [name]))
+    if active != [name]:  # the calibration forwards run the active adapter(s), not the named one
+        raise ValueError(
+            f"adapter {name!r} is not the model's only active adapter (active: {active}): the calibration runs "
+            f"the model, so activate it first with model.set_adapter({name!r})"
+        )
     if not get_method(cfg.method).uses_router or cfg.router == "task":
         raise ValueError(
             f"adapter {name!r} ({cfg.method}, router={cfg.router!r}) needs no calibration: its export is "
@@ -227,7 +234,6 @@ def _token_mask(layer: AsymLoraLayer, x: Tensor) -> Tensor:
     return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if mask is None else mask
 
 
-@torch.no_grad()
 def average_gates(
     model: nn.Module, batches: list[dict[str, Tensor]], adapter_name: str | None = None
 ) -> tuple[dict[str, Tensor], int]:
@@ -237,30 +243,31 @@ def average_gates(
     layers recompute g(x) from each layer's input (the layer code is not touched); tokens with
     attention_mask 0 are left out.
     """
-    name, _ = routed_config(model, adapter_name)
-    layers = _layers(model, name)
-    sums: dict[str, Tensor] = {}
-    tokens = 0
+    with torch.no_grad():  # a block, not a decorator: mutmut skips decorated functions
+        name, _ = routed_config(model, adapter_name)
+        layers = _layers(model, name)
+        sums: dict[str, Tensor] = {}
+        tokens = 0
 
-    def make_hook(lname: str, layer: AsymLoraLayer):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            x = args[0]
-            t = layer.tensors(name)
-            gate = _gate(layer, name, layer._cast_input_dtype(x, next(iter(t.values())).dtype))
-            m = _token_mask(layer, x).to(torch.float64)
-            total = (gate.double() * m.unsqueeze(-1)).reshape(-1, gate.shape[-1]).sum(0)
-            sums[lname] = sums[lname] + total if lname in sums else total
+        def make_hook(lname: str, layer: AsymLoraLayer):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+                x = args[0]
+                t = layer.tensors(name)
+                gate = _gate(layer, name, layer._cast_input_dtype(x, next(iter(t.values())).dtype))
+                m = _token_mask(layer, x).to(torch.float64)
+                total = (gate.double() * m.unsqueeze(-1)).reshape(-1, gate.shape[-1]).sum(0)
+                sums[lname] = sums[lname] + total if lname in sums else total
 
-        return hook
+            return hook
 
-    with _eval_mode(model), _hooks(layers, make_hook):
-        for _, mask in _run(model, batches):
-            tokens += int(mask.sum())
-    if tokens == 0:
-        raise ValueError("the calibration data has no real token (its attention_mask is all 0)")
-    if unseen := [n for n, _ in layers if n not in sums]:
-        raise RuntimeError(f"the calibration forwards never reached the adapted layers {unseen}")
-    return {n: (sums[n] / tokens).cpu() for n, _ in layers}, tokens
+        with _eval_mode(model), _hooks(layers, make_hook):
+            for _, mask in _run(model, batches):
+                tokens += int(mask.sum())
+        if tokens == 0:
+            raise ValueError("the calibration data has no real token (its attention_mask is all 0)")
+        if unseen := [n for n, _ in layers if n not in sums]:
+            raise RuntimeError(f"the calibration forwards never reached the adapted layers {unseen}")
+        return {n: (sums[n] / tokens).cpu() for n, _ in layers}, tokens
 
 
 @contextmanager
@@ -302,22 +309,23 @@ def calibrated_factors(
     concatenation of (√ḡ_i A_i, √ḡ_i B_i), k = N·r. With ``rank``: the truncated SVD of that product.
     Raises ValueError when ``rank`` is not in [1, the product's rank bound].
     """
-    pairs = [
-        (a.float(), b.float()) for a, b in get_method(cfg.method).expert_factors(dict(tensors), len(gate))
-    ]
-    g = gate.float().to(pairs[0][0].device)
-    shared = _shared_side(cfg, d_in, d_out)
-    if shared is Role.B:
-        a, b = sum(gi * ai for gi, (ai, _) in zip(g, pairs, strict=True)), pairs[0][1]
-    elif shared is Role.A:
-        a, b = pairs[0][0], sum(gi * bi for gi, (_, bi) in zip(g, pairs, strict=True))
-    else:
-        root = g.clamp_min(0).sqrt()
-        a = torch.cat([ri * ai for ri, (ai, _) in zip(root, pairs, strict=True)])
-        b = torch.cat([ri * bi for ri, (_, bi) in zip(root, pairs, strict=True)], dim=1)
-    if rank is None:
-        return LayerExport(a, b)
-    return truncate(a, b, rank)
+    with torch.no_grad():  # the adapter's parameters require grad; the exported factors need no graph
+        pairs = [
+            (a.float(), b.float()) for a, b in get_method(cfg.method).expert_factors(dict(tensors), len(gate))
+        ]
+        g = gate.float().to(pairs[0][0].device)
+        shared = _shared_side(cfg, d_in, d_out)
+        if shared is Role.B:
+            a, b = sum(gi * ai for gi, (ai, _) in zip(g, pairs, strict=True)), pairs[0][1]
+        elif shared is Role.A:
+            a, b = pairs[0][0], sum(gi * bi for gi, (_, bi) in zip(g, pairs, strict=True))
+        else:
+            root = g.clamp_min(0).sqrt()
+            a = torch.cat([ri * ai for ri, (ai, _) in zip(root, pairs, strict=True)])
+            b = torch.cat([ri * bi for ri, (_, bi) in zip(root, pairs, strict=True)], dim=1)
+        if rank is None:
+            return LayerExport(a, b)
+        return truncate(a, b, rank)
 
 
 def truncate(a: Tensor, b: Tensor, rank: int) -> LayerExport:
@@ -361,52 +369,52 @@ class Fidelity:
     layers: dict[str, float | None] = field(default_factory=dict)
 
 
-@torch.no_grad()
 def measure_fidelity(
     model: nn.Module, batches: list[dict[str, Tensor]], exports: Mapping[str, LayerExport],
     adapter_name: str | None = None,
 ) -> Fidelity:  # fmt: skip
     """Compare the routed adapter with the exported pairs ``exports`` ({layer name: LayerExport}) on
     ``batches``: three forwards per batch (routed, base, export), swapped in by forward hooks."""
-    name, cfg = routed_config(model, adapter_name)
-    layers = _layers(model, name)
-    method, s = get_method(cfg.method), cfg.scaling
-    num = dict.fromkeys(exports, 0.0)
-    den = dict.fromkeys(exports, 0.0)
-    mode = ["routed"]
+    with torch.no_grad():
+        name, cfg = routed_config(model, adapter_name)
+        layers = _layers(model, name)
+        method, s = get_method(cfg.method), cfg.scaling
+        num = dict.fromkeys(exports, 0.0)
+        den = dict.fromkeys(exports, 0.0)
+        mode = ["routed"]
 
-    def make_hook(lname: str, layer: AsymLoraLayer):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            t = layer.tensors(name)
-            x = layer._cast_input_dtype(args[0], next(iter(t.values())).dtype)
-            routed = s * method.delta(x, t, _gate(layer, name, x).to(x.dtype))
-            pair = exports[lname]
-            exported = s * ((x.float() @ pair.A.to(x.device).T) @ pair.B.to(x.device).T)
-            if mode[0] == "routed":
-                m = _token_mask(layer, x).unsqueeze(-1)
-                num[lname] += float(((exported - routed.float()) * m).pow(2).sum())
-                den[lname] += float((routed.float() * m).pow(2).sum())
-                return output
-            swapped = exported if mode[0] == "export" else torch.zeros_like(exported)
-            return output - routed.to(output.dtype) + swapped.to(output.dtype)
+        def make_hook(lname: str, layer: AsymLoraLayer):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+                t = layer.tensors(name)
+                x = layer._cast_input_dtype(args[0], next(iter(t.values())).dtype)
+                routed = s * method.delta(x, t, _gate(layer, name, x).to(x.dtype))
+                pair = exports[lname]
+                exported = s * ((x.float() @ pair.A.to(x.device).T) @ pair.B.to(x.device).T)
+                if mode[0] == "routed":
+                    m = _token_mask(layer, x).unsqueeze(-1)
+                    num[lname] += float(((exported - routed.float()) * m).pow(2).sum())
+                    den[lname] += float((routed.float() * m).pow(2).sum())
+                    return output
+                swapped = exported if mode[0] == "export" else torch.zeros_like(exported)
+                return output - routed.to(output.dtype) + swapped.to(output.dtype)
 
-        return hook
+            return hook
 
-    out_num = out_den = 0.0
-    with _eval_mode(model), _hooks(layers, make_hook):
-        for batch in batches:
-            logits = {}
-            for which in ("routed", "base", "export"):
-                mode[0] = which
-                ((logits[which], mask),) = _run(model, [batch])
-            m = mask.unsqueeze(-1)
-            out_num += float(((logits["export"] - logits["routed"]).float() * m).pow(2).sum())
-            out_den += float(((logits["routed"] - logits["base"]).float() * m).pow(2).sum())
-    return Fidelity(
-        output=_ratio(out_num, out_den),
-        pooled=_ratio(sum(num.values()), sum(den.values())),
-        layers={n: _ratio(num[n], den[n]) for n in exports},
-    )
+        out_num = out_den = 0.0
+        with _eval_mode(model), _hooks(layers, make_hook):
+            for batch in batches:
+                logits = {}
+                for which in ("routed", "base", "export"):
+                    mode[0] = which
+                    ((logits[which], mask),) = _run(model, [batch])
+                m = mask.unsqueeze(-1)
+                out_num += float(((logits["export"] - logits["routed"]).float() * m).pow(2).sum())
+                out_den += float(((logits["routed"] - logits["base"]).float() * m).pow(2).sum())
+        return Fidelity(
+            output=_ratio(out_num, out_den),
+            pooled=_ratio(sum(num.values()), sum(den.values())),
+            layers={n: _ratio(num[n], den[n]) for n in exports},
+        )
 
 
 # --- the export -----------------------------------------------------------------------------------------
