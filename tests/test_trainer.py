@@ -431,3 +431,24 @@ def test_unknown_task_name_is_refused_naming_it(tmp_path):
 def test_packing_is_refused_for_task_routing(tmp_path):
     with pytest.raises(ValueError, match=r"packing=True .*set packing=False"):
         sft_trainer(tmp_path, task_config(), task_rows(4), args={"packing": True})
+
+
+def test_adapter_config_of_a_tuner_reads_its_active_adapter_and_refuses_several():
+    """A peft tuner's ``active_adapter`` is a list of names (was: TypeError, unhashable list)."""
+    from asymlora.hf import adapter_config
+
+    model = get_peft_model(make_tiny_llama(), task_config())
+    other = AsymLoraConfig(method="hydralora", num_experts=2, target_modules=TARGETS)
+    model.add_adapter("other", other)
+    tuner = model.base_model
+    assert adapter_config(tuner).method == "alora"  # active: ["default"]
+    tuner.set_adapter("other")
+    assert adapter_config(tuner) is other
+    tuner.set_adapter(["default", "other"])
+    with pytest.raises(ValueError) as err:
+        adapter_config(tuner)
+    assert str(err.value) == (
+        "2 adapters are active (['default', 'other']); the trainer trains one asymlora adapter: call "
+        "model.set_adapter('default') (or the name of the one to train) first."
+    )
+    assert adapter_config(make_tiny_llama()) is None

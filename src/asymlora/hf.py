@@ -32,6 +32,7 @@ from transformers import Trainer
 from asymlora.routing import RoutingCall, add_balance_loss
 from asymlora.train.targets import on_targets
 from asymlora.tuner.config import AsymLoraConfig
+from asymlora.tuner.model import active_adapter_name
 
 __all__ = [  # noqa: F822 (AsymLoraSFTTrainer is built on first access, see __getattr__)
     "TASK_COLUMN",
@@ -46,11 +47,22 @@ TASK_COLUMN = "task"
 
 
 def adapter_config(model: Any) -> AsymLoraConfig | None:
-    """The `AsymLoraConfig` of a peft model's active adapter, or None (not a peft model / another tuner)."""
+    """The `AsymLoraConfig` of a peft model's (or peft tuner's) active adapter, or None (not a peft model /
+    another tuner).
+
+    Raises ValueError when a tuner has several active adapters (whose routing to follow is then ambiguous)."""
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):
         return None
-    config = configs.get(getattr(model, "active_adapter", "default"))
+    try:
+        name = active_adapter_name(model)  # a tuner's active_adapter is a list of names
+    except ValueError:
+        names = list(model.active_adapter)
+        raise ValueError(
+            f"{len(names)} adapters are active ({names}); the trainer trains one asymlora adapter: call "
+            f"model.set_adapter({names[0]!r}) (or the name of the one to train) first."
+        ) from None
+    config = configs.get(name)
     return config if isinstance(config, AsymLoraConfig) else None
 
 
