@@ -206,8 +206,8 @@ def option_loglikelihoods(
         max_length: cut long prompts from the left to fit (as training does); None: no cut.
         share_prompt: run each prompt once and score its options from the prompt's KV cache
             (same scores, about ``#options`` times less compute; options of a single token need
-            no second pass). Off, or when the model takes no ``past_key_values``: one forward pass
-            per (example, option) sequence, right-padded.
+            no second pass). Off, or when the model takes no KV cache (``cache`` or ``past_key_values``):
+            one forward pass per (example, option) sequence, right-padded.
         on_progress: called with the number of (example, option) sequences scored after each batch.
 
     Returns:
@@ -221,10 +221,17 @@ def option_loglikelihoods(
     sequences, owners = _option_sequences(tokenizer, examples, NO_LIMIT if max_length is None else max_length)
     scores: list[list[float]] = [[0.0] * len(example.options or []) for example in examples]
     pad_id = _pad_id(tokenizer)
-    if share_prompt and _supports_cache(model) and _same_prompts(sequences, owners):
+    cache_name = _cache_name(model) if share_prompt else None
+    if cache_name is not None and _same_prompts(sequences, owners):
         groups = _group_by_example(sequences, owners)
         flat = _score_shared(
-            model, groups, pad_id=pad_id, task_id=task_id, batch_size=batch_size, on_progress=on_progress
+            model,
+            groups,
+            cache_name=cache_name,
+            pad_id=pad_id,
+            task_id=task_id,
+            batch_size=batch_size,
+            on_progress=on_progress,
         )
     else:
         flat = _score_sequences(
@@ -252,13 +259,20 @@ def _option_sequences(
     return sequences, owners
 
 
-def _supports_cache(model: Any) -> bool:
+def _cache_name(model: Any) -> str | None:
+    """The name under which ``model``'s forward takes a KV cache (None: it takes none, or no positions).
+
+    transformers 5 renamed ``past_key_values`` to ``cache`` (5.2x; the old name is a deprecated alias):
+    the newer name wins when the forward takes both.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        params = inspect.signature(base.forward).parameters
+        params = set(inspect.signature(base.forward).parameters)
     except (TypeError, ValueError):
-        return False
-    return {"past_key_values", "position_ids", "use_cache"} <= set(params)
+        return None
+    if not {"position_ids", "use_cache"} <= params:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def _same_prompts(sequences: Sequence[tuple[list[int], int]], owners: Sequence[tuple[int, int]]) -> bool:
@@ -293,7 +307,13 @@ def _chunks(groups: Sequence[tuple[list[int], list[list[int]]]], batch_size: int
 
 
 def _prompt_pass(
-    model: Any, prompts: Sequence[list[int]], *, pad_id: int, task_id: int | None, keep_logits: bool
+    model: Any,
+    prompts: Sequence[list[int]],
+    *,
+    cache_name: str,
+    pad_id: int,
+    task_id: int | None,
+    keep_logits: bool,
 ) -> tuple[torch.Tensor, Any, torch.Tensor]:
     """Run left-padded prompts once: (log-probs of the next token (prompts, vocab), KV cache, mask)."""
     device = model_device(model)
@@ -305,7 +325,7 @@ def _prompt_pass(
         kwargs["logits_to_keep"] = 1
     first = model(input_ids=input_ids.to(device), attention_mask=attention, position_ids=positions,
                   use_cache=True, **kwargs)  # fmt: skip
-    return F.log_softmax(first.logits[:, -1].float(), dim=-1), first.past_key_values, attention
+    return F.log_softmax(first.logits[:, -1].float(), dim=-1), getattr(first, cache_name), attention
 
 
 def _option_tail(
@@ -316,6 +336,7 @@ def _option_tail(
     option_ids: torch.Tensor,
     option_mask: torch.Tensor,
     task_id: int | None,
+    cache_name: str,
 ) -> torch.Tensor:
     """Summed log-probs of option tokens 2.. (options of 2+ tokens), fed on top of their prompt's cache.
 
@@ -329,8 +350,8 @@ def _option_tail(
         input_ids=option_ids[:, : width - 1],
         attention_mask=torch.cat([attention[select], option_mask[:, : width - 1]], dim=-1),
         position_ids=attention.sum(-1)[select][:, None] + torch.arange(width - 1, device=device)[None, :],
-        past_key_values=cache,
         use_cache=True,
+        **{cache_name: cache},
         **_task_kwargs(task_id, len(select), device),
     ).logits
     rest_lp = F.log_softmax(rest.float(), dim=-1)
@@ -343,6 +364,7 @@ def _score_shared(
     model: Any,
     groups: Sequence[tuple[list[int], list[list[int]]]],
     *,
+    cache_name: str,
     pad_id: int,
     task_id: int | None,
     batch_size: int,
@@ -365,7 +387,12 @@ def _score_shared(
     with _eval_mode(model):
         for chunk in _chunks(groups, batch_size):
             first_lp, cache, attention = _prompt_pass(
-                model, [groups[g][0] for g in chunk], pad_id=pad_id, task_id=task_id, keep_logits=keep_logits
+                model,
+                [groups[g][0] for g in chunk],
+                cache_name=cache_name,
+                pad_id=pad_id,
+                task_id=task_id,
+                keep_logits=keep_logits,
             )
             rows = [(r, option) for r, g in enumerate(chunk) for option in groups[g][1]]
             row_of = torch.tensor([r for r, _ in rows], dtype=torch.long, device=device)
@@ -375,7 +402,7 @@ def _score_shared(
             multi = (option_mask.sum(-1) > 1).nonzero().squeeze(-1)  # options of 2+ tokens
             if multi.numel():
                 sums[multi] += _option_tail(model, cache, attention, row_of[multi], option_ids[multi],
-                                            option_mask[multi], task_id)  # fmt: skip
+                                            option_mask[multi], task_id, cache_name)  # fmt: skip
             flat_index = [offsets[g] + k for g in chunk for k in range(len(groups[g][1]))]
             for index, value in zip(flat_index, sums.tolist(), strict=True):
                 out[index] = float(value)
