@@ -110,7 +110,10 @@ def meta_model(arch: str) -> nn.Module:
                     f"unknown architecture {arch!r}: choose one of {sorted(ARCHS)}, a built-in model "
                     f"({', '.join(sorted(BUILTIN_MODELS))}) or a local model directory"
                 )
-            loaded = AutoConfig.from_pretrained(source)
+            try:
+                loaded = AutoConfig.from_pretrained(source)
+            except OSError as e:  # a missing or unreadable config.json: a usage error, not a crash
+                raise ValueError(f"cannot read the model config of {arch!r}: {e}") from e
             loaded.__dict__.pop("quantization_config", None)
             _CONFIGS[arch] = loaded
         config = _CONFIGS[arch]
@@ -346,10 +349,16 @@ def communication_table(
         note = ""
         paper = paper_params(name, dims, r, ranks, d_m)
         if name == "fedalora-het":
-            d_out = dims[0][1]
-            factors = sorted({k for k in ranks if k * (d_out + d_m) < d_out * d_m})
-            products = sorted(set(ranks) - set(factors))
-            note = f"ours: B2·B1 up for r_i in {products}, factors B2, B1 for r_i in {factors}; B0 down"
+            # `client_upload`'s "auto" rule, layer by layer: a rank can send factors on some layers and the
+            # product on others when the layers' d_out differ (q_proj and v_proj under grouped-query attention)
+            sends_factors = {k: {k * (o + d_m) < o * d_m for _, o in dims} for k in set(ranks)}
+            products = sorted(k for k, s in sends_factors.items() if s == {False})
+            factors = sorted(k for k, s in sends_factors.items() if s == {True})
+            mixed = sorted(k for k, s in sends_factors.items() if len(s) > 1)
+            note = f"ours: B2·B1 up for r_i in {products}, factors B2, B1 for r_i in {factors}"
+            if mixed:
+                note += f", per layer the smaller of the two for r_i in {mixed}"
+            note += "; B0 down"
             if arch == "qwen2-7b":
                 alt = paper_params(name, dims, r, ranks, d_m, het_inner_factors=False)
                 note += f"; the published 9.23 is L·Σ d_out·(r̄ + d_m) = {alt / 1e6:.2f} M (no 2·d_m·r̄ term)"
