@@ -430,3 +430,41 @@ def test_holm_adjusts_each_tasks_p_over_the_tasks_by_hand() -> None:
     assert "p_holm" not in out["average"] and "p_holm" not in tests["w"]  # the input is left as it was
     assert stats.holm_adjusted({"x": {"p_value": 0.7}})["x"]["p_holm"] == pytest.approx(0.7)  # one task
     assert stats.holm_adjusted({"x": {"p_value": 0.4}, "y": {"p_value": 0.9}})["x"]["p_holm"] == 0.8
+
+
+def test_seed_test_is_a_t_test_over_the_per_seed_differences_by_hand() -> None:
+    """Differences +0.03, +0.02, −0.01 over three seeds: mean 0.04/3, sample variance (0.05² + 0.02² + 0.07²)/(9·2)
+    = 0.0078/18, s.e. = sqrt(0.0078/54). With 2 degrees of freedom the t distribution has closed forms: two-sided
+    p = 1 − t / sqrt(2 + t²), and the 97.5 % quantile (2q − 1) / sqrt(2q(1 − q)) at q = 0.975."""
+    from asymlora.eval.stats import seed_test
+
+    mean, se = 0.04 / 3, math.sqrt(0.0078 / 54)
+    t = mean / se
+    q = 0.975
+    crit = (2 * q - 1) / math.sqrt(2 * q * (1 - q))  # 4.3027
+    got = seed_test([0.03, 0.02, -0.01])
+    assert got is not None
+    assert got["difference"] == pytest.approx(mean, rel=1e-12)
+    assert got["t"] == pytest.approx(t, rel=1e-12)
+    assert got["p_value"] == pytest.approx(1 - t / math.sqrt(2 + t**2), rel=1e-9)
+    assert got["low"] == pytest.approx(mean - crit * se, rel=1e-9)
+    assert got["high"] == pytest.approx(mean + crit * se, rel=1e-9)
+    assert (got["seeds"], got["method"]) == (3, "t over seeds")
+    # the sign carries through: the mirrored differences give the mirrored interval and the same p
+    neg = seed_test([-0.03, -0.02, 0.01])
+    assert (
+        neg is not None
+        and neg["low"] == pytest.approx(-got["high"])
+        and neg["p_value"] == pytest.approx(got["p_value"])
+    )
+
+
+def test_seed_test_needs_three_seeds_and_a_spread() -> None:
+    from asymlora.eval.stats import seed_test
+
+    assert seed_test([0.02, 0.01]) is None  # 1 degree of freedom: ±12.7 s.e., no use
+    assert seed_test([0.01, 0.01, 0.01]) is None  # no spread: t undefined
+    with pytest.raises(
+        ValueError, match=r"seed_test: per-example scores must be finite numbers, example 1 is nan"
+    ):
+        seed_test([0.01, float("nan"), 0.02])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -534,6 +535,41 @@ def test_paired_report_says_what_would_resolve_an_unresolved_average() -> None:
     assert result["tests"]["average"]["p_value"] >= 0.05  # 4 examples: unresolved
     assert "- A − B: +0.1250 (p=" in lines and "≈ 18 test examples per task (now 4)" in lines
     assert "the 2 seeds gave the same difference" in lines
+
+
+def test_paired_report_tests_the_average_over_three_seeds() -> None:
+    """One task of 4 examples, three seeds. A − B per seed: seed 0 (A [1, 1, 1, 0], B [0, 0, 0, 0]) +0.75,
+    seed 1 (A [1, 1, 0, 0], B [1, 0, 0, 0]) +0.25, seed 2 (A [1, 0, 0, 0], B [1, 0, 0, 0]) 0. Their mean 1/3,
+    sample variance ((5/12)² + (1/12)² + (4/12)²)/2 = 42/288, t = (1/3) / sqrt(42/864) and, at 2 degrees of
+    freedom, p = 1 − t / sqrt(2 + t²) (by hand); two seeds get no such line."""
+    from asymlora.recipes.groups import SeedGroup, paired_lines, paired_over_seeds
+
+    def record(seed: int, x: list[int]) -> dict:
+        return {"seed": seed, "per_example": {"x": {"keys": "x", "scores": x}}}
+
+    a_rows = [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
+    b_rows = [[0, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]]
+    a = SeedGroup("A", [record(s, x) for s, x in enumerate(a_rows)])
+    b = SeedGroup("B", [record(s, x) for s, x in enumerate(b_rows)])
+    result = paired_over_seeds(a, b, ["x"], lambda rec, t: rec["per_example"].get(t))
+    assert isinstance(result, dict)
+    t = (1 / 3) / math.sqrt(42 / 864)
+    test = result["resolve"]["seed_test"]
+    assert result["resolve"]["per_seed_differences"] == pytest.approx([0.75, 0.25, 0.0])
+    assert test["t"] == pytest.approx(t) and test["p_value"] == pytest.approx(1 - t / math.sqrt(2 + t**2))
+    lines = paired_lines([{"a": "A", "b": "B", **result}], ["x"], "Paired:", "task")
+    line = next(x for x in lines if x.startswith("- A − B: 0.333 ["))
+    assert line.endswith(
+        f"(p={test['p_value']:.3g}, t = {t:.2f}, 3 seeds); per seed +0.7500, +0.2500, +0.0000"
+    )
+    assert any("one-sample t-test of the per-seed differences" in x for x in lines)
+    two = paired_over_seeds(SeedGroup("A", a.records[:2]), SeedGroup("B", b.records[:2]), ["x"],
+                            lambda rec, t: rec["per_example"].get(t))  # fmt: skip
+    assert isinstance(two, dict) and two["resolve"]["seed_test"] is None
+    assert not any(
+        "t-test of the per-seed" in x
+        for x in paired_lines([{"a": "A", "b": "B", **two}], ["x"], "P:", "task")
+    )
 
 
 def test_a_record_names_the_commit_its_process_started_on_and_only_source_changes_make_it_dirty(

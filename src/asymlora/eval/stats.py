@@ -18,7 +18,10 @@ hand-written samplers:
   :func:`paired_average_test`, :func:`compare_examples`);
 - a difference the paired test cannot resolve: the test examples per task, or the seeds, at which a
   difference of the observed size would be detected with 80 % power, from the observed variance
-  (statsmodels' ``TTestPower``: :func:`examples_to_resolve`, :func:`seeds_to_resolve`).
+  (statsmodels' ``TTestPower``: :func:`examples_to_resolve`, :func:`seeds_to_resolve`);
+- whether a difference recurs with other seeds: a one-sample t-test over the per-seed differences
+  (scipy's ``ttest_1samp``: :func:`seed_test`). The paired tests above hold the seeds fixed (their
+  interval is over test examples); this one treats the seeds as the sample.
 
 Intervals are dicts ``{"value", "low", "high", "method", "n"}`` (``low``/``high`` None when an
 interval cannot be formed, e.g. a single example), ready for JSON.
@@ -58,6 +61,7 @@ __all__ = [
     "paired_test",
     "run_intervals",
     "seed_summary",
+    "seed_test",
     "seeds_to_resolve",
     "std",
     "wilson_interval",
@@ -676,6 +680,36 @@ def _pooled_spread(diffs: Sequence[np.ndarray]) -> float | None:
     pooled = sum(float(np.var(d, ddof=1)) * (d.size - 1) for d in several) / sum(d.size - 1 for d in several)
     variances = [float(np.var(d, ddof=1)) if d.size > 1 else pooled for d in diffs]
     return math.sqrt(sum(variances)) / len(diffs)
+
+
+MIN_SEEDS_FOR_TEST = 3
+"""Fewest seeds `seed_test` tests: with 2, the t-test has 1 degree of freedom and its 95 % interval is the mean
+± 12.7 standard errors, which says nothing a reader can use."""
+
+
+def seed_test(differences: Sequence[float], *, confidence: float = CONFIDENCE) -> dict[str, Any] | None:
+    """One-sample t-test of per-seed differences (A − B, one value per seed, e.g. of the average over tasks)
+    against 0, two-sided (scipy's ``ttest_1samp``): ``{"difference": mean, "low", "high" (the t interval at
+    ``confidence``), "p_value", "t", "seeds": n, "method": "t over seeds"}``.
+
+    Where `paired_test` asks whether two runs differ on these test examples *at these seeds*, this asks whether
+    the difference would recur at other seeds (seed-to-seed spread as the noise). None below
+    `MIN_SEEDS_FOR_TEST` seeds or when every seed gives the same difference (no spread: t undefined). Raises
+    ValueError for a non-finite difference (`_array`)."""
+    values = _array(differences, "seed_test")
+    if values.size < MIN_SEEDS_FOR_TEST or float(np.std(values, ddof=1)) == 0:
+        return None
+    result = stats.ttest_1samp(values, 0.0)
+    ci = result.confidence_interval(confidence)
+    return {
+        "difference": float(values.mean()),
+        "low": float(ci.low),
+        "high": float(ci.high),
+        "p_value": float(result.pvalue),
+        "t": float(result.statistic),
+        "seeds": int(values.size),
+        "method": "t over seeds",
+    }
 
 
 def seeds_to_resolve(

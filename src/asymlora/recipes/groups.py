@@ -104,13 +104,15 @@ def _resolve(
 ) -> dict[str, Any]:
     """What would resolve the average's difference at 80 % power: test examples per unit (with these seeds,
     `stats.examples_to_resolve`) or seeds (from the per-seed differences of the average,
-    `stats.seeds_to_resolve`), and the numbers there are now."""
+    `stats.seeds_to_resolve`), and the numbers there are now; the per-seed differences of the average and their
+    t-test over seeds (`stats.seed_test`, None below 3 seeds)."""
     return {
         "examples_per_unit": stats.examples_to_resolve(a, b),
         "examples_now": min(len(v) for v in a.values()),
         "seeds": stats.seeds_to_resolve(per_seed),
         "seeds_now": len(seeds),
         "per_seed_differences": per_seed,
+        "seed_test": stats.seed_test(per_seed),
     }
 
 
@@ -148,6 +150,7 @@ def paired_lines(
                   f"per-example scores to pair); the average's test is over the other {unit}s, so its difference is "
                   f"not the difference of the averages over every {unit}:", "", *partial]  # fmt: skip
     lines += _holm_lines(paired, unit)
+    lines += _seed_test_lines(paired)
     unresolved = [
         _resolve_line(p, unit) for p in paired if p["tests"]["average"]["p_value"] >= 1 - stats.CONFIDENCE
     ]
@@ -170,6 +173,27 @@ def _holm_lines(paired: Sequence[Mapping[str, Any]], unit: str) -> list[str]:
         lines.append(f"- {p['a']} − {p['b']}: {found or 'none'}")
     return ["", f"Per-{unit} differences that hold after Holm's correction over each pair's {unit}s (p_Holm < "
             f"{alpha:.2g}: at most a {alpha:.0%} chance of any false call among a pair's {unit}s):", "", *lines]  # fmt: skip
+
+
+def _seed_test_lines(paired: Sequence[Mapping[str, Any]]) -> list[str]:
+    """For pairs with 3 seeds or more: the average's difference tested over seeds (`stats.seed_test`), beside
+    its per-seed values. The table's tests hold the seeds fixed; this says whether the difference recurs."""
+    lines = []
+    for p in paired:
+        r = p.get("resolve") or {}
+        t = r.get("seed_test")
+        if t is None:
+            continue
+        per_seed = ", ".join(f"{d:+.4f}" for d in r["per_seed_differences"])
+        lines.append(f"- {p['a']} − {p['b']}: {stats.format_interval(t['difference'], t['low'], t['high'])} "
+                     f"(p={t['p_value']:.3g}, t = {t['t']:.2f}, {t['seeds']} seeds); per seed {per_seed}")  # fmt: skip
+    if not lines:
+        return []
+    return ["", f"The average's difference over seeds (pairs with {stats.MIN_SEEDS_FOR_TEST} seeds or more): a "
+            f"one-sample t-test of the per-seed differences, {stats.CONFIDENCE:.0%} t interval (scipy's "
+            "`ttest_1samp`, `asymlora.eval.stats.seed_test`). The table's tests hold the seeds fixed and sample "
+            "test examples; this one samples seeds, so it says whether a difference would recur at other seeds:",
+            "", *lines]  # fmt: skip
 
 
 def _resolve_line(p: Mapping[str, Any], unit: str) -> str:
