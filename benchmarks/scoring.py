@@ -22,7 +22,9 @@ the same option log-likelihoods (largest absolute difference at most `ATOL` of t
 argmax for every example, and the shared path must feed fewer tokens than the per-option one (a forward
 hook counts the calls, sequences and tokens of each). Otherwise the benchmark stops (exit 1) and reports no
 speed. Then the variants alternate, round after round (the order rotating each round), and the median of
-``--reps`` rounds is reported as examples/s, with the spread beside it.
+``--reps`` rounds is reported as examples/s, with the spread beside it; the ratio shared / per-option of
+the medians, paired (median over the rounds of the ratio within a round) and of the process CPU seconds
+(with one torch thread, the work done: less sensitive to other jobs on the machine than wall time).
 
     python benchmarks/scoring.py --save benchmarks/results/scoring.json   # SmolLM2-135M (minutes on CPU)
     python benchmarks/scoring.py --smoke     # tiny random Llama, character tokenizer, seconds, for CI
@@ -227,35 +229,43 @@ def alternate(
     tokenizer: Any,
     examples: list[Example],
     device: torch.device,
-) -> dict[str, dict[str, list[float]]]:
-    """Seconds of each (model, variant) over ``--reps`` rounds, the variants' order rotating each round."""
-    times: dict[str, dict[str, list[float]]] = {m: {v: [] for v in VARIANTS} for m in models}
+) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Wall and process CPU seconds (``[model][variant]["wall" | "cpu"]``) of each (model, variant) over
+    ``--reps`` rounds, the variants' order rotating each round."""
+    runs = {m: {v: {"wall": [], "cpu": []} for v in VARIANTS} for m in models}
     names = list(VARIANTS)
     for rnd in range(args.reps):
         for m, model in models.items():
             for variant in names[rnd % len(names) :] + names[: rnd % len(names)]:
                 sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 score(model, tokenizer, examples, VARIANTS[variant], args.batch_size)
                 sync(device)
-                times[m][variant].append(time.perf_counter() - t0)
+                runs[m][variant]["wall"].append(time.perf_counter() - t0)
+                runs[m][variant]["cpu"].append(time.process_time() - c0)
         log(f"round {rnd + 1}/{args.reps}: " + ", ".join(
-            f"{m} {v} {times[m][v][-1]:.2f} s" for m in models for v in names))  # fmt: skip
-    return times
+            f"{m} {v} {runs[m][v]['wall'][-1]:.2f} s" for m in models for v in names))  # fmt: skip
+    return runs
 
 
-def summarize(times: dict[str, list[float]], n_examples: int) -> dict[str, Any]:
-    """One model's examples/s per variant (median), spreads, all times, and shared / per-option ratios: of
-    the medians and, paired, the median over the rounds of the two times of one round."""
-    med = {v: statistics.median(t) for v, t in times.items()}
-    paired = statistics.median(b / s for s, b in zip(times["shared"], times[BASELINE], strict=True))
+def summarize(runs: dict[str, dict[str, list[float]]], n_examples: int) -> dict[str, Any]:
+    """One model's examples/s per variant (median wall time), spreads, all times, process CPU seconds, and
+    the shared / per-option speed ratios: of the median wall times, paired (the median over the rounds of
+    the two wall times of one round) and of the median CPU times (less sensitive to other jobs)."""
+    wall = {v: r["wall"] for v, r in runs.items()}
+    med = {v: statistics.median(t) for v, t in wall.items()}
+    cpu = {v: statistics.median(r["cpu"]) for v, r in runs.items()}
+    paired = statistics.median(b / s for s, b in zip(wall["shared"], wall[BASELINE], strict=True))
     return {
         "examples_per_s": {v: round(n_examples / m, 3) for v, m in med.items()},
         "median_s": {v: round(m, 4) for v, m in med.items()},
-        "spread": {v: round(spread(t), 4) for v, t in times.items()},
-        "s_all": {v: [round(x, 3) for x in t] for v, t in times.items()},
+        "spread": {v: round(spread(t), 4) for v, t in wall.items()},
+        "s_all": {v: [round(x, 3) for x in t] for v, t in wall.items()},
+        "cpu_s": {v: round(c, 4) for v, c in cpu.items()},
+        "cpu_spread": {v: round(spread(r["cpu"]), 4) for v, r in runs.items()},
         "shared_vs_per_option": round(med[BASELINE] / med["shared"], 4),
         "shared_vs_per_option_paired": round(paired, 4),
+        "shared_vs_per_option_cpu": round(cpu[BASELINE] / cpu["shared"], 4),
     }
 
 
@@ -264,12 +274,13 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"choice scoring: {result['model']}, {result['task']} ({s['examples']} test examples, "
           f"{s['options']} options), batch {s['batch_size']}, {result['device']}/{result['dtype']}; median of "
           f"{s['reps']} alternating rounds after 1 warm-up (examples/s)")  # fmt: skip
-    print(f"{'model':<8}{'per_option':>12}{'shared':>10}{'shared/per_option':>19}{'paired':>8}{'spread p/s':>14}"
-          f"{'max |diff|':>12}{'seqs p/s':>12}{'tokens fed p/s':>17}")  # fmt: skip
+    print(f"{'model':<8}{'per_option':>12}{'shared':>10}{'shared/per_option':>19}{'paired':>8}{'CPU':>8}"
+          f"{'spread p/s':>14}{'max |diff|':>12}{'seqs p/s':>12}{'tokens fed p/s':>17}")  # fmt: skip
     for m, r in result["models"].items():
         e, sp, c = r["examples_per_s"], r["spread"], r["counts"]
         print(f"{m:<8}{e['per_option']:>12.2f}{e['shared']:>10.2f}{r['shared_vs_per_option']:>19.3f}"
-              f"{r['shared_vs_per_option_paired']:>8.3f}{sp['per_option']:>7.0%}/{sp['shared']:<6.0%}"
+              f"{r['shared_vs_per_option_paired']:>8.3f}{r['shared_vs_per_option_cpu']:>8.3f}"
+              f"{sp['per_option']:>7.0%}/{sp['shared']:<6.0%}"
               f"{r['max_abs_diff']:>12.1e}{c['per_option']['sequences']:>6}/{c['shared']['sequences']:<5}"
               f"{c['per_option']['tokens_fed']:>9}/{c['shared']['tokens_fed']:<7}")  # fmt: skip
 
@@ -310,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base, tokenizer = load_setting(args, device, dtype)
     models = build_models(args, base)
     checks = check(args, models, tokenizer, examples)
-    times = alternate(args, models, tokenizer, examples, device)
+    runs = alternate(args, models, tokenizer, examples, device)
     n_options = [len(e.options or []) for e in examples]
     command = ["python benchmarks/scoring.py", *(argv if argv is not None else sys.argv[1:])]
     result = {
@@ -339,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "baseline": BASELINE,
         "atol": ATOL[args.dtype],
-        "models": {m: {**summarize(times[m], len(examples)), **checks[m]} for m in models},
+        "models": {m: {**summarize(runs[m], len(examples)), **checks[m]} for m in models},
         "machine": machine(),
         "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "wall_s": round(time.perf_counter() - t_start, 1),
