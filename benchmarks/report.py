@@ -5,8 +5,8 @@
 
 `render_page` fills the template ``performance.md.j2`` (and ``serving.md.j2`` for §6) with the figures of
 ``run_all.json`` (the run: command, date, machine), ``train_step.json``, ``train_step_all.json``,
-``train_precision.json``, ``layers.json``, ``inference.json``, ``federated.json``, ``scaling.json`` and
-``serving.json``; a missing file drops its section. The tables are built by the functions of ``tables.py``;
+``train_precision.json``, ``layers.json``, ``inference.json``, ``federated.json``, ``scaling.json``,
+``serving.json`` and ``scoring.json``; a missing file drops its section. The tables are built by the functions of ``tables.py``;
 the prose, with its placeholders, lives in the templates, so no figure is typed by hand (tests/test_benchmarks.py
 re-renders the committed page).
 """
@@ -41,6 +41,7 @@ RESULT_FILES = (
     "federated",
     "scaling",
     "serving",
+    "scoring",
 )
 """The JSON files of a results folder, by stem (``<stem>.json``)."""
 
@@ -80,10 +81,10 @@ def environment() -> jinja2.Environment:
 
 
 def reproduce_commands(res: dict[str, Any]) -> list[str]:
-    """The command of every benchmark in the page, in the page's order (the serving one last).
+    """The command of every benchmark in the page, in the page's order (serving, then scoring, last).
 
-    ``train_precision`` and ``serving`` carry their own ``command`` (they are usually run alone, with
-    ``--save``); the others the ``_run`` record of ``run_all.py``."""
+    ``train_precision``, ``serving`` and ``scoring`` carry their own ``command`` (they are usually run alone,
+    with ``--save``); the others the ``_run`` record of ``run_all.py``."""
     keys = ("layers", "train_step", "train_step_all", "train_precision", "inference", "scaling", "federated")
     commands = []
     for key in keys:
@@ -91,8 +92,7 @@ def reproduce_commands(res: dict[str, Any]) -> list[str]:
         command = found.get("command") if key == "train_precision" else found.get("_run", {}).get("command")
         if command:
             commands.append(command)
-    if res.get("serving"):
-        commands.append(res["serving"]["command"])
+    commands += [res[key]["command"] for key in ("serving", "scoring") if res.get(key)]
     return commands
 
 
@@ -115,6 +115,7 @@ def render_page(results: Path = RESULTS, plot: str | None = "scaling.png") -> st
         "fed": res["federated"],
         "sc": res["scaling"],
         "sv": res["serving"],
+        "scr": res["scoring"],
         "plot": plot,
         "targets_table": tables.targets_table(trows),
         "missed": [row for row in trows if not row["met"]],

@@ -9,7 +9,8 @@ Benchmarks run in this process, one after the other (never two at once): ``layer
 ``train_step.py`` (whole-model step, with a torch.profiler comparison of ALoRA and peft LoRA),
 ``train_precision.py`` (the campaign's step: target-position logits and bf16 autocast against float32),
 ``inference.py`` (merged / unmerged / base generation), ``scaling.py`` (N and r sweeps, the PNG) and
-``federated.py`` (Flower's per-round overhead against local training, bytes per round per strategy). Each
+``federated.py`` (Flower's per-round overhead against local training, bytes per round per strategy) and
+``scoring.py`` (choice-task scoring: the options on the prompt's KV cache vs one pass per option). Each
 result is written to ``<results>/<name>.json``, the run's own record to ``<results>/run_all.json``, and the
 page is rendered from that folder by ``report.py`` (``serving.json``, from ``serving.py``, is kept there and
 rendered too). A full run writes benchmarks/results/ and docs/; ``--smoke`` or ``--only`` write only with
@@ -31,7 +32,17 @@ from typing import Any
 import torch
 
 try:  # imported as the package `benchmarks` (the tests, `python -m benchmarks.run_all`)
-    from benchmarks import federated, inference, layers, report, scaling, tables, train_precision, train_step
+    from benchmarks import (
+        federated,
+        inference,
+        layers,
+        report,
+        scaling,
+        scoring,
+        tables,
+        train_precision,
+        train_step,
+    )
     from benchmarks.common import (
         RESULTS,
         ROOT,
@@ -48,6 +59,7 @@ except ImportError:  # run as a script: Python puts this folder first on sys.pat
     import layers
     import report
     import scaling
+    import scoring
     import tables
     import train_precision
     import train_step
@@ -55,7 +67,7 @@ except ImportError:  # run as a script: Python puts this folder first on sys.pat
 
 from asymlora.io import atomic_write_text
 
-BENCHMARKS = ("layers", "train_step", "train_precision", "inference", "scaling", "federated")
+BENCHMARKS = ("layers", "train_step", "train_precision", "inference", "scaling", "federated", "scoring")
 Main = Callable[[list[str]], dict[str, Any]]
 
 
@@ -145,6 +157,8 @@ def run_benchmarks(args: argparse.Namespace, plot: Path | None) -> dict[str, dic
         found["federated"] = run(
             "federated", federated.main, argv + (["--threads", str(args.threads)] if args.threads else [])
         )
+    if "scoring" in args.only:
+        found["scoring"] = run("scoring", scoring.main, common)
     return found
 
 

@@ -20,7 +20,7 @@ except ImportError:  # run as a script: Python puts this folder first on sys.pat
 TEMPLATE_FUNCTIONS = (
     "train_step_table", "peak_text", "profile_text", "layers_table", "inference_table", "min_tolerance",
     "federated_table", "federated_failure", "scaling_table", "serving_table", "serving_scaling_table", "faster_than_base",
-    "scaling_range", "train_precision_table", "faster_or_slower",
+    "scaling_range", "train_precision_table", "faster_or_slower", "scoring_table",
 )  # fmt: skip
 
 
@@ -350,3 +350,29 @@ def scaling_range(sv: dict[str, Any]) -> str:
     """ALoRA / peft over the N-scaling rows, as ``1.06–1.28×``."""
     values = [r["vs_peft"] for r in sv["scaling"].values()]
     return f"{min(values):.2f}–{max(values):.2f}×"
+
+
+# --- §7 scoring ----------------------------------------------------------------------------------------------
+def scoring_table(scr: dict[str, Any]) -> str:
+    """Per model: examples/s of both variants with their spreads, the shared / per-option ratios, the check
+    (largest |difference| of the option log-likelihoods, examples with the same argmax) and what each variant
+    fed the model (forward calls, sequences, tokens: per-option / shared)."""
+    n, rows = scr["setting"]["examples"], []
+    for m, r in scr["models"].items():
+        e, sp, c = r["examples_per_s"], r["spread"], r["counts"]
+        fed = {
+            k: f"{c['per_option'][k]:,} / {c['shared'][k]:,}"
+            for k in ("forward_calls", "sequences", "tokens_fed")
+        }
+        rows.append([
+            f"`{m}`", f"{e['per_option']:.2f}", f"{sp['per_option']:.0%}", f"{e['shared']:.2f}", f"{sp['shared']:.0%}",
+            fmt_ratio(r["shared_vs_per_option"]), fmt_ratio(r["shared_vs_per_option_paired"]),
+            fmt_ratio(r["shared_vs_per_option_cpu"]),
+            f"{r['max_abs_diff']:.1e}", f"{n - len(r['argmax_differs'])} of {n}",
+            fed["forward_calls"], fed["sequences"], fed["tokens_fed"],
+        ])  # fmt: skip
+    header = [
+        "model", "per-option ex/s", "spread", "shared ex/s", "spread", "shared / per-option", "× per round", "× CPU time",
+        "max abs. diff.", "same argmax", "forward calls", "sequences", "tokens fed",
+    ]  # fmt: skip
+    return md_table(header, rows)

@@ -49,7 +49,7 @@ def json_lines(stdout: str) -> dict[str, dict]:
 def test_every_benchmark_prints_a_json_line(smoke):
     result, stdout, out_dir = smoke
     assert result["run_all"]["failed"] == {}
-    page_from = ("run_all", "layers", "train_step", "train_precision", "inference", "scaling")
+    page_from = ("run_all", "layers", "train_step", "train_precision", "inference", "scaling", "scoring")
     assert set(page_from) <= set(json_lines(stdout))
     for name in page_from:  # what the page is rendered from
         assert json.loads((out_dir / f"{name}.json").read_text())["benchmark"] in (name, "run_all"), name
@@ -178,6 +178,79 @@ def test_inference_smoke(smoke):
         assert r["merged_equals_unmerged"] == 1.0  # merging task 0 == routing to task 0
 
 
+def test_scoring_smoke(smoke):
+    """Both variants on a synthetic choice task: the same option log-likelihoods, the shared path feeding
+    fewer tokens (one prompt pass per example), and §7 on the page."""
+    result, _, out_dir = smoke
+    scr = result["scoring"]
+    assert set(scr["models"]) == {"alora", "base"} and scr["atol"] == 1e-4 and scr["setting"]["reps"] == 1
+    for name, r in scr["models"].items():
+        assert set(r["examples_per_s"]) == {"shared", "per_option"}, name
+        assert r["agree"] and r["max_abs_diff"] <= 1e-4 and r["argmax_differs"] == [], name
+        c = r["counts"]
+        assert c["per_option"]["sequences"] == scr["setting"]["option_sequences"] == 18, name  # 6 × 3 options
+        assert c["shared"]["tokens_fed"] < c["per_option"]["tokens_fed"], name
+    # the random B changes the scores: the adapter is not the base model
+    assert scr["models"]["alora"]["scores_first"] != scr["models"]["base"]["scores_first"]
+    page = (out_dir / "performance.md").read_text()
+    assert "## 7. Scoring choice tasks" in page and "| `alora` |" in page[page.index("## 7. Scoring") :]
+
+
+def test_scoring_in_half_precision_checks_in_float32(capsys):
+    """In bfloat16 the two paths round differently (SmolLM2-135M: 0.67 apart, one argmax of 32 changed), so the
+    check runs on a float32 copy of the model, within the float32 tolerance; the bf16 difference is recorded."""
+    from benchmarks import scoring
+
+    r = scoring.main(["--smoke", "--device", "cpu", "--dtype", "bfloat16", "--models", "alora"])["models"][
+        "alora"
+    ]
+    assert r["agree"] and r["max_abs_diff"] <= 1e-4 == scoring.ATOL
+    assert r["bfloat16_diff"]["max_abs_diff"] > 10 * r["max_abs_diff"]  # bf16 rounding, recorded only
+
+
+def test_scoring_compare_by_hand():
+    from benchmarks import scoring
+
+    found = scoring.compare({"shared": [[-1.0, -2.0], [-3.0, -2.5, -9.0]],
+                             "per_option": [[-1.00005, -2.0], [-3.0, -2.5, -9.0]]}, 1e-4)  # fmt: skip
+    assert found["max_abs_diff"] == pytest.approx(5e-5) and found["argmax_differs"] == [] and found["agree"]
+    found = scoring.compare({"shared": [[-1.0, -1.00002]], "per_option": [[-1.00003, -1.00002]]}, 1e-4)
+    assert found["argmax_differs"] == [0] and not found["agree"]  # within the tolerance, another argmax
+    assert not scoring.compare({"shared": [[-1.0, -2.0]], "per_option": [[-1.0, -2.0002]]}, 1e-4)["agree"]
+
+
+def test_scoring_reports_no_speed_when_the_variants_differ(monkeypatch, capsys):
+    """Shared-prompt scores 1e-3 off the per-option ones: the benchmark exits 1, naming the difference,
+    before any timing."""
+    from benchmarks import scoring
+
+    real = scoring.option_loglikelihoods
+
+    def off(*args, share_prompt, **kwargs):
+        return [
+            [v + (1e-3 if share_prompt else 0.0) for v in row]
+            for row in real(*args, share_prompt=share_prompt, **kwargs)
+        ]
+
+    monkeypatch.setattr(scoring, "option_loglikelihoods", off)
+    monkeypatch.setattr(scoring, "alternate", lambda *a: pytest.fail("timed before the check"))
+    with pytest.raises(SystemExit, match=r"differ \(max abs difference 0.001, tolerance 0.0001 in float32"):
+        scoring.main(["--smoke", "--device", "cpu", "--models", "base"])
+
+
+def test_scoring_reports_no_speed_when_the_shared_path_is_not_taken(monkeypatch):
+    """The defect fixed in eval/scoring.py: the KV-cache argument not found, so `share_prompt=True` silently
+    ran one pass per option (same scores, same cost). The benchmark sees the same tokens fed and exits 1."""
+    from benchmarks import scoring
+
+    import asymlora.eval.scoring
+
+    monkeypatch.setattr(asymlora.eval.scoring, "_cache_name", lambda model: None)
+    monkeypatch.setattr(scoring, "alternate", lambda *a: pytest.fail("timed before the check"))
+    with pytest.raises(SystemExit, match="the shared-prompt path was not taken"):
+        scoring.main(["--smoke", "--device", "cpu", "--models", "alora"])
+
+
 def test_serving_smoke(capsys):
     """Mixed-task batches: every row of every method equals its task's merged model, peft's = ALoRA's."""
     from benchmarks import serving
@@ -230,7 +303,7 @@ def test_scaling_plot_is_written_atomically(tmp_path, monkeypatch):
 def test_run_all_writes_the_doc(smoke):
     doc = (smoke[2] / "performance.md").read_text()
     for heading in ("## Targets", "## 1. Training step", "## 2. Layer level", "## 3. Inference",
-                    "## 4. Federated", "## 5. Scaling", "## Findings", "## Reproduce"):  # fmt: skip
+                    "## 4. Federated", "## 5. Scaling", "## 7. Scoring", "## Findings", "## Reproduce"):  # fmt: skip
         assert heading in doc, heading
     assert "python benchmarks/train_step.py" in doc
 
@@ -293,6 +366,9 @@ BAD_FLAGS = [
     ("scaling", "parse_args", ["--smoke", "--ns", "0"], "argument --ns: expected an integer >= 1, got 0"),
     ("serving", "parse_args", ["--smoke", "--scaling-n", "2,-4"], "argument --scaling-n: expected an integer >= 1"),
     ("federated", "parse_args", ["--smoke", "--strategies", "fedit,bogus"], "--strategies: unknown ['bogus']"),
+    ("scoring", "parse_args", ["--smoke", "--models", "alora,foo"], "--models: unknown ['foo']"),
+    ("scoring", "parse_args", ["--smoke", "--examples", "0"], "argument --examples: expected an integer >= 1, got 0"),
+    ("scoring", "main", ["--smoke", "--device", "cuda"], "--device cuda: torch sees no CUDA device"),
     ("federated", "parse_args", ["--smoke", "--device", "cuda"], "--device cuda: torch sees no CUDA device"),
     ("run_all", "parse_args", ["--smoke", "--device", "cuda"], "--device cuda: torch sees no CUDA device"),
     ("run_all", "parse_args", ["--smoke", "--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
@@ -434,6 +510,26 @@ def test_the_page_reads_its_figures_from_the_json(tmp_path):
     assert "fused ALoRA vs loop (adapter path) 2.50× faster" in page
     assert "**Missed targets, by how much and why**" in page
     assert "## 5. Scaling" not in page and "## 2. Layer level" in page
+
+
+def test_the_page_reads_the_scoring_figures_from_the_json(tmp_path):
+    """§7 comes from scoring.json (figures changed by hand below: 12.5 / 5.0 examples/s, 500 / 200 tokens fed);
+    without the file the page has no §7 and no scoring command."""
+    for path in RESULTS.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    scr = json.loads((RESULTS / "scoring.json").read_text())
+    alora = scr["models"]["alora"]
+    alora.update(examples_per_s={"per_option": 5.0, "shared": 12.5}, shared_vs_per_option=2.5)
+    alora["counts"]["per_option"]["tokens_fed"], alora["counts"]["shared"]["tokens_fed"] = 500, 200
+    (tmp_path / "scoring.json").write_text(json.dumps(scr))
+    page = report.render_page(tmp_path)
+    section = page[page.index("## 7. Scoring choice tasks") : page.index("## Findings")]
+    assert "| `alora` | 5.00 | " in section and " | 12.50 | " in section and "| 2.500× |" in section
+    assert "feeds 2.50 times fewer tokens, and is 2.500× as fast for ALoRA (" in section  # 500 / 200
+    assert f"`{scr['command']}`" in section and scr["command"] + "\n" in page[page.index("## Reproduce") :]
+    (tmp_path / "scoring.json").unlink()
+    page = report.render_page(tmp_path)
+    assert "## 7. Scoring" not in page and "benchmarks/scoring.py" not in page
 
 
 def test_the_page_says_how_the_peaks_were_measured(tmp_path):
