@@ -258,9 +258,10 @@ def test_shared_path_calls_by_hand() -> None:
     assert [c["input_ids"] for c in lm.calls] == [[[1, 4, 2, 3], [4, 4, 3, 1]], [[4, 4], [1, 2], [2, 4]], [[2]],
                                                    [[3, 1]]]  # fmt: skip
     # prompt pass: left padding (pad 4), positions 0.. on the real tokens (0 on padding), the last logit only
+    # (position 3 of the width 4, as an index tensor: see test_the_prompt_pass_hands_the_lm_head_a_contiguous_slice)
     assert lm.calls[0] == {"input_ids": [[1, 4, 2, 3], [4, 4, 3, 1]], "attention_mask": [[1, 1, 1, 1], [0, 0, 1, 1]],
                            "position_ids": [[0, 1, 2, 3], [0, 0, 0, 1]], "past": False, "use_cache": True,
-                           "keep": 1}  # fmt: skip
+                           "keep": [3]}  # fmt: skip
     # options of 2+ tokens: "dd" (E3), "abc" (E3), "bd" (E1): the cache rows (0, 0, 1), every token but the last,
     # right-padded to width 3 - 1 = 2; positions go on from each prompt's length (4, 4, 2)
     assert lm.calls[1] == {"input_ids": [[4, 4], [1, 2], [2, 4]],
@@ -328,7 +329,9 @@ def test_truncation_scores_each_option_on_its_own_cut_prompt() -> None:
     lm = CacheLM()
     scores = option_loglikelihoods(lm, Tok(PROMPTS), [E2], task_id=None, batch_size=4, max_length=5)
     assert scores == [pytest.approx(r, abs=1e-5) for r in expected([E2])]
-    assert lm.calls[0]["keep"] == 1 and any(c["past"] for c in lm.calls)
+    assert lm.calls[0]["keep"] == [0] and any(
+        c["past"] for c in lm.calls
+    )  # the prompt [2]'s last (only) position
     # E4 keeps [1, 2] for both options at max_length 4, E1 does not: every example must share its prompt
     lm = CacheLM()
     option_loglikelihoods(lm, Tok(PROMPTS), [E4, E1], task_id=None, batch_size=4, max_length=4)
@@ -787,3 +790,28 @@ def test_per_example_scores_tolerance() -> None:
     per = scoring._per_example_scores
     assert per(["b"], ["b"], [["a"]], ["exact_match"], {"exact_match": 1e-10}) == {"exact_match": [0.0]}
     assert per(["b"], ["b"], [["a"]], ["exact_match"], {"exact_match": 1e-8}) == {}
+
+
+def test_the_prompt_pass_hands_the_lm_head_a_contiguous_slice() -> None:
+    """The prompt pass keeps the last position's logits only. Given as the int 1, transformers slices hidden[:, -1:],
+    a strided view, on which torch's CPU bfloat16 linear copied the LM head's weight once per prompt (SmolLM2: 0.97 s
+    against 0.012 s per call; benchmarks/scoring.py --dtype bfloat16 ran the shared path at 0.5x the per-option
+    one). The LM head of a real Llama must see a contiguous (prompts, 1, hidden) input, in bfloat16 too."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama().to(torch.bfloat16).eval()
+    seen: list[tuple[tuple[int, ...], bool]] = []
+    model.lm_head.register_forward_pre_hook(
+        lambda m, args: seen.append((tuple(args[0].shape), args[0].is_contiguous()))
+    )
+    lp, _, _ = scoring._prompt_pass(
+        model, [[5, 6, 7], [8, 9]], cache_name="cache", pad_id=0, task_id=None, keep_logits=True
+    )
+    assert seen == [((2, 1, model.config.hidden_size), True)]
+    with torch.no_grad():  # the same numbers as the last position of the full logits
+        full = model(
+            input_ids=torch.tensor([[5, 6, 7], [0, 8, 9]]),
+            attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]),
+            position_ids=torch.tensor([[0, 1, 2], [0, 0, 1]]),
+        ).logits[:, -1]
+    torch.testing.assert_close(lp, torch.log_softmax(full.float(), -1))

@@ -322,7 +322,11 @@ def _prompt_pass(
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     kwargs: dict[str, Any] = _task_kwargs(task_id, len(prompts), device)
     if keep_logits:
-        kwargs["logits_to_keep"] = 1
+        # the last position as an index tensor, not the int 1: transformers slices an int as hidden[:, -1:], a
+        # strided view, and torch's CPU bfloat16 linear on a strided (B, 1, H) input copies the LM head's weight
+        # per prompt (0.97 s against 0.012 s for SmolLM2's 49152 × 576 head, benchmarks/scoring.py); an index
+        # tensor gathers a contiguous (B, 1, H) copy first, the same numbers
+        kwargs["logits_to_keep"] = torch.tensor([input_ids.shape[1] - 1], device=device)
     first = model(input_ids=input_ids.to(device), attention_mask=attention, position_ids=positions,
                   use_cache=True, **kwargs)  # fmt: skip
     return F.log_softmax(first.logits[:, -1].float(), dim=-1), getattr(first, cache_name), attention
