@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from asymlora.federated.client import client_adapter_config, client_upload
+from asymlora.federated.client import client_adapter_config, client_upload, factors_are_smaller
 from asymlora.federated.codec import TRANSFER_DTYPES, payload_bytes, payload_params, transfer_payload_bytes
 from asymlora.federated.state import RoleMap, adapter_state, role_map
 from asymlora.federated.strategies import (
@@ -351,7 +351,7 @@ def communication_table(
         if name == "fedalora-het":
             # `client_upload`'s "auto" rule, layer by layer: a rank can send factors on some layers and the
             # product on others when the layers' d_out differ (q_proj and v_proj under grouped-query attention)
-            sends_factors = {k: {k * (o + d_m) < o * d_m for _, o in dims} for k in set(ranks)}
+            sends_factors = {k: {factors_are_smaller(k, o, d_m) for _, o in dims} for k in set(ranks)}
             products = sorted(k for k, s in sends_factors.items() if s == {False})
             factors = sorted(k for k, s in sends_factors.items() if s == {True})
             mixed = sorted(k for k, s in sends_factors.items() if len(s) > 1)

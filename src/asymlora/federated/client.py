@@ -292,6 +292,12 @@ def local_state(strategy: Strategy, state: Mapping[str, Tensor], roles: RoleMap)
     return {n: state[n].detach().clone() for n in strategy.local.names(roles)}
 
 
+def factors_are_smaller(r: int, d_out: int, d_m: int) -> bool:
+    """Fed-ALoRA-het's ``"auto"`` upload rule for one layer (docs/design.md §4): send the factors B2 (d_out × r)
+    and B1 (r × d_m) when they hold fewer values than their product B2·B1 (d_out × d_m)."""
+    return r * (d_out + d_m) < d_out * d_m
+
+
 def client_upload(
     strategy: Strategy,
     state: Mapping[str, Tensor],
@@ -312,7 +318,7 @@ def client_upload(
         b2, b1 = state[names[B2_NAME]].detach(), state[names[B1_NAME]].detach()
         d_out, d_m = roles[names[B0_NAME]].shape
         r = b2.shape[1]
-        factors = r * (d_out + d_m) < d_out * d_m if het_upload == "auto" else het_upload == "factors"
+        factors = factors_are_smaller(r, d_out, d_m) if het_upload == "auto" else het_upload == "factors"
         if factors:
             out[names[B2_NAME]], out[names[B1_NAME]] = b2.clone(), b1.clone()
         else:
