@@ -229,7 +229,8 @@ def run_round_cost(cfg: FedConfig, strategy_name: str) -> tuple[ClientCost, ...]
     dtypes ``transfer.up`` / ``transfer.down`` — the reference the bytes logged by a real run
     (``rounds.jsonl``'s ``payload_up`` / ``payload_down``) are checked against."""
     strategy = cfg.strategy(strategy_name)
-    ranks = [cfg.client_rank(k) for k in range(cfg.clients.num)]
+    # a homogeneous strategy trains adapter.r on every client, whatever clients.ranks lists
+    ranks = [cfg.client_rank(k) if strategy.heterogeneous else cfg.adapter.r for k in range(cfg.clients.num)]
 
     def model_state(rank: int) -> tuple[dict[str, torch.Tensor], RoleMap]:
         model = adapted_meta_model(cfg.model.name, client_adapter_config(cfg, strategy, rank))
