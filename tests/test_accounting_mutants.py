@@ -314,7 +314,9 @@ def test_run_round_cost_reads_the_run_config(tiny: str) -> None:
     assert [(c.rank, c.params_up, c.params_down) for c in fedit] == [(2, 112, 112)] * 4
     # a homogeneous strategy in a config that lists per-client ranks trains (and records) adapter.r
     listed = _fed_config(tiny, "fedit", clients={"ranks": RANKS})
-    assert [(c.rank, c.params_up, c.params_down) for c in run_round_cost(listed, "fedit")] == [(2, 112, 112)] * 4
+    assert [(c.rank, c.params_up, c.params_down) for c in run_round_cost(listed, "fedit")] == [
+        (2, 112, 112)
+    ] * 4
     # the run's wire dtypes: B up at bfloat16 (48·2 = 96), down at int8 (B q 8×2 → 48, B v 4×2 → 24: 144)
     wire = _fed_config(tiny, "fedalora", transfer={"up": "bfloat16", "down": "int8"})
     assert [(c.bytes_up, c.bytes_down) for c in run_round_cost(wire, "fedalora")] == [(96, 144)] * 4
