@@ -448,6 +448,25 @@ def test_table_and_chart(tmp_path) -> None:
     assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
+def test_plot_results_replaces_the_chart_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    """A chart write that dies half-way (killed, disk full) leaves the previous chart, not a truncated PNG."""
+    from matplotlib.figure import Figure
+
+    rows = {"lora": {"a": {"accuracy": 0.8}, "b": {"exact_match": 0.4}}}
+    path = plot_results(rows, PRIMARY, tmp_path / "results.png")
+    before = path.read_bytes()
+
+    def dies_half_way(self, fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(before[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        plot_results(rows, PRIMARY, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["results.png"]
+
+
 # --------------------------------------------------------------------------- the real model
 
 

@@ -344,6 +344,31 @@ def test_report_of_a_record_without_its_scores_exits_2(tmp_path, capsys) -> None
     assert "the record of cell 'abc' lacks ['tasks', 'per_task', 'primary'" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("flag", "key"),
+    [("--report", "per_example"), ("--report", "steps"), ("--report", "trainable_params"),
+     ("--report", "intervals"), ("--report", "tasks"), ("--list", "tasks")],
+)  # fmt: skip
+def test_a_record_without_a_key_the_report_reads_exits_2(env, campaign, tmp_path, capsys, flag, key) -> None:
+    """A record of the tiny campaign with one key the report reads removed: --report exits 2 naming the cell and
+    the key, not a KeyError; --list (whose estimate read the record's tasks) lists the cells."""
+    record = sweep.read_ledger(campaign["spec"].ledger)[0]
+    record["train_seconds"] = 10.0  # --list's estimate reads the tasks of a record with a cost
+    del record[key]
+    spec = yaml.safe_load(env["sweep"].read_text())
+    spec["out_dir"] = str(tmp_path / "out")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ledger.jsonl").write_text(json.dumps(record) + "\n")
+    if flag == "--list":
+        assert cli_main(["sweep", str(tmp_path / "sweep.yaml"), flag]) == 0
+        assert f"{record['id']}  done" in capsys.readouterr().out
+        return
+    assert cli_main(["sweep", str(tmp_path / "sweep.yaml"), flag]) == 2
+    err = capsys.readouterr().err
+    assert f"the record of cell {record['id']!r} lacks [{key!r}]" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("line", ["[1, 2]", "42", '{"params": {"train.seed": 1}}'])
 @pytest.mark.parametrize("flag", ["--list", "--report"])
 def test_ledger_line_that_is_not_a_record_exits_2(tmp_path, capsys, line, flag) -> None:

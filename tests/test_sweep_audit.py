@@ -96,6 +96,23 @@ def test_compare_names_the_task_and_example_of_a_non_finite_score() -> None:
         stats.compare_examples(a, b, {"x": "accuracy", "z": "accuracy"})
 
 
+@pytest.mark.parametrize("key", [None, 7])
+def test_compare_of_a_per_example_row_without_its_key_exits_2(tmp_path, capsys, key) -> None:
+    """A per_example.jsonl row without its example key (hand-written, or damaged) ended `asymlora compare` in a
+    KeyError traceback: the key is what tells two runs were scored on the same examples."""
+    from tests.test_report_review10 import _run_dir
+
+    a = _run_dir(tmp_path / "a", {"x": ("accuracy", [1.0, 0.0])})
+    b = _run_dir(tmp_path / "b", {"x": ("accuracy", [1.0, 1.0])})
+    rows = [json.loads(line) for line in (b / "per_example.jsonl").read_text().splitlines()]
+    rows[1]["key"] = key
+    rows[1] = {k: v for k, v in rows[1].items() if v is not None}
+    (b / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli_main(["compare", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "per_example.jsonl line 2 is not a per-example record" in err and "Traceback" not in err
+
+
 def test_a_pair_of_groups_scored_on_other_examples_is_named_not_dropped(tmp_path) -> None:
     """ALoRA seed 0 scored on other test examples of z than LoRA seed 0 (another eval.max_examples, say): the
     report's paired tests of the two groups vanished from the page and from results.json without a word (the

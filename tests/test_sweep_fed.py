@@ -405,6 +405,25 @@ def test_report_paired_tests_on_fixed_scores_equal_a_hand_computation(tmp_path) 
     assert g["bytes_total"] == 400 and g["mb_per_client_per_round"] == pytest.approx(400 / 2 / 2 / 1e6)
 
 
+@pytest.mark.parametrize(
+    ("flag", "key"),
+    [("--list", "strategy"), ("--list", "seed"),
+     *(("--report", key) for key in ("strategy", "seed", "personalised", "rounds", "clients", "wall_seconds"))],
+)  # fmt: skip
+def test_a_federated_record_without_a_key_the_report_reads_exits_2(tmp_path, capsys, key, flag) -> None:
+    """--report (and --list, for the keys of a cell's identity) exit 2 naming the cell and the key, not a KeyError."""
+    record = fixed_record("fedit", 0, [1, 0], [0, 1])
+    del record[key]
+    (tmp_path / "ledger.jsonl").write_text(json.dumps(fixed_record("fedit", 1, [1, 1], [0, 1])) + "\n"
+                                           + json.dumps(record) + "\n")  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "base": str(ROOT / "configs" / "fed_bigbench_homo.yaml"), "out_dir": str(tmp_path),
+        "overrides": ["eval.local_only=false"], "grid": {"strategy": ["fedit"], "seed": [0]}}))  # fmt: skip
+    assert cli_main(["sweep", str(tmp_path / "s.yaml"), flag]) == 2
+    err = capsys.readouterr().err
+    assert f"the record of cell 'fedit-0' lacks [{key!r}]" in err and "Traceback" not in err
+
+
 def test_cell_ids_ignore_how_fast_a_cell_runs_but_not_what_it_computes() -> None:
     import dataclasses
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from asymlora.eval.metrics import primary_metric
 from asymlora.eval.stats import format_interval, std
+from asymlora.io import atomic_file
 
 __all__ = [
     "MIXED",
@@ -393,6 +394,5 @@ def plot_results(
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
+    # whole or not at all: a killed report (or two sweep workers writing it) leaves no half-written chart
+    return atomic_file(path, lambda tmp: figure.savefig(tmp, dpi=120, format=path.suffix[1:] or "png"))

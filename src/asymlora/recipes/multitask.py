@@ -128,8 +128,8 @@ def read_examples(path: Path) -> dict[str, list[dict[str, Any]]]:
         try:
             row = json.loads(line)
             task, scores = row.pop("task"), row["scores"]
-            if not isinstance(task, str) or not isinstance(scores, dict):
-                raise TypeError("'task' must be a string and 'scores' an object")
+            if not isinstance(task, str) or not isinstance(scores, dict) or not isinstance(row["key"], str):
+                raise TypeError("'task' and 'key' must be strings and 'scores' an object")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(
                 f"{path} line {number} is not a per-example record ({type(e).__name__}: {e}); the file is "

@@ -89,8 +89,26 @@ REPORT_RECORD_KEYS = (
     "std",
     "worst",
     "config",
+    "intervals",
+    "per_example",
+    "trainable_params",
+    "steps",
 )
 """The keys of a multi-task ledger record (`make_record`) the report reads; a record without one is refused."""
+FED_REPORT_RECORD_KEYS = (
+    "params",
+    "strategy",
+    "seed",
+    "clients",
+    "personalised",
+    "rounds",
+    "local_steps",
+    "wall_seconds",
+    "config",
+)
+"""The keys of a federated ledger record (`fed_sweep.make_record`) the report reads."""
+LIST_RECORD_KEYS = {"multitask": (), "federated": ("strategy", "seed")}
+"""The keys ``--list`` and a run read from every record of a ledger of each kind (a cell's identity)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -585,6 +603,8 @@ def estimate_line(sweep: Sweep, statuses: list[tuple[AnyCell, str]]) -> str:
     `latest_records`); a started cell counts whole. An estimate from this ledger's machine, not a promise."""
     costs: dict[str, list[float]] = {}
     for record in latest_records(read_ledger(sweep.ledger)):  # a cell recorded twice counts once
+        if record.get("kind") != "federated" and "tasks" not in record:  # not a record `make_record` wrote
+            continue
         if (seconds := cell_seconds(record)) is not None:
             costs.setdefault(_cost_kind(record), []).append(seconds)
     left = [cell for cell, status in statuses if status != "done"]
@@ -609,6 +629,8 @@ def main(args: Any) -> int:
     sweep = load_sweep(args.config)
     # a bad --shard is refused before anything, --list and --report too
     index, count = parse_shard(args.shard)
+    if not args.report:  # --report checks every key it reads (`summarize_ledger`)
+        check_records(sweep, read_ledger(sweep.ledger), LIST_RECORD_KEYS[sweep.kind])
     if args.report:
         page = write_report(sweep)
         print(f"report: {page}")
@@ -811,6 +833,19 @@ def _paired(ref: Group, peer: Group) -> dict[str, Any] | str | None:
     return paired_over_seeds(ref, peer, ref.tasks, lambda record, task: record["per_example"].get(task))
 
 
+def check_records(sweep: Sweep, records: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> None:
+    """ValueError naming the first record of the ledger that lacks one of ``keys``, by default the keys the report
+    reads: `REPORT_RECORD_KEYS`, or `FED_REPORT_RECORD_KEYS` in a federated sweep."""
+    if keys is None:
+        keys = FED_REPORT_RECORD_KEYS if sweep.kind == "federated" else REPORT_RECORD_KEYS
+    for record in records:
+        if missing := [key for key in keys if key not in record]:
+            raise ValueError(
+                f"{sweep.ledger}: the record of cell {record['id']!r} lacks {missing} (not written by "
+                f"`asymlora sweep`); remove its line (the cell is then run again) or fix it"
+            )
+
+
 def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
     """Everything the results page shows, computed from the ledger: groups, Δm%, paired tests."""
     records = read_ledger(sweep.ledger)
@@ -818,14 +853,9 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{sweep.ledger} holds no record yet; run `asymlora sweep {sweep.path}` first"
         )
+    check_records(sweep, records)
     if sweep.kind == "federated":
         return fed_sweep.summarize(records, sweep.report.get("reference"))
-    for record in records:
-        if missing := [key for key in REPORT_RECORD_KEYS if key not in record]:
-            raise ValueError(
-                f"{sweep.ledger}: the record of cell {record['id']!r} lacks {missing} (not written by "
-                f"`asymlora sweep`); remove its line (the cell is then run again) or fix it"
-            )
     groups = group_records(records)
     baseline_method = sweep.report.get("baseline_method", "lora")
     candidates = [g for g in groups if len(g.tasks) == 1 and g.method == baseline_method]
