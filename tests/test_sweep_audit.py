@@ -160,3 +160,29 @@ def test_report_refuses_a_record_without_its_config(tmp_path, capsys) -> None:
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"out_dir": ".", "grid": {"train.seed": [0]}}))
     assert cli_main(["sweep", str(tmp_path / "sweep.yaml"), "--report"]) == 2
     assert f"the record of cell {record['id']!r} lacks ['config']" in capsys.readouterr().err
+
+
+def test_the_report_reads_the_ledger_under_the_report_lock(tmp_path, monkeypatch) -> None:
+    """Two workers finishing cells together: the report that read the ledger first could be written last
+    (a full campaign's report takes about a minute) and leave the pages without the other worker's cell. The
+    report now reads the ledger and writes its pages under one lock, so reports are written in the order they
+    read."""
+    from filelock import FileLock, Timeout
+
+    spec = sweep.load_sweep(_list_sweep(tmp_path, 4))
+    held = []
+
+    def summarize(_):
+        try:
+            with FileLock(str(sweep.report_lock(spec)), timeout=0):
+                held.append(False)
+        except Timeout:
+            held.append(True)
+        raise RuntimeError("stop after the check")
+
+    monkeypatch.setattr(sweep, "summarize_ledger", summarize)
+    with pytest.raises(RuntimeError, match="stop after the check"):
+        sweep.write_report(spec)
+    assert held == [True]
+    with FileLock(str(sweep.report_lock(spec)), timeout=0):  # and released after a failed report
+        pass

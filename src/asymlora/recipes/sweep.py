@@ -990,8 +990,25 @@ def hardware_line(records: Sequence[dict[str, Any]]) -> str:
     return f"Hardware: {text}."
 
 
+def report_lock(sweep: Sweep) -> Path:
+    """The file lock `write_report` holds (``out_dir/locks/report.lock``, git-ignored with the cell locks)."""
+    return sweep.out_dir / "locks" / "report.lock"
+
+
 def write_report(sweep: Sweep) -> Path:
-    """Regenerate ``results.md``, ``results.json`` and ``results.png`` in ``out_dir`` from the ledger alone."""
+    """Regenerate ``results.md``, ``results.json`` and ``results.png`` in ``out_dir`` from the ledger alone.
+
+    Holds `report_lock` from reading the ledger to the last file written: two workers that finish cells at
+    about the same time write their reports one after the other, the second from a ledger read after the first
+    report was written, so the pages always end up with every record appended before the last report began
+    (without it, the report that read the ledger first could be written last, about a minute later on a
+    full campaign, and leave the pages without the other worker's cell)."""
+    report_lock(sweep).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(report_lock(sweep))):
+        return _write_report(sweep)
+
+
+def _write_report(sweep: Sweep) -> Path:
     summary = summarize_ledger(sweep)
     lines_read = len(read_ledger(sweep.ledger))
     repeats = (f" ({lines_read} records: {lines_read - summary['records']} of a cell recorded before, the last "
