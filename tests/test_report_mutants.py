@@ -18,7 +18,7 @@ import pytest
 from scipy.stats import nct
 from scipy.stats import t as student
 
-from asymlora.eval import report
+from asymlora.eval import report, stats
 from asymlora.eval.report import (
     MIXED,
     average_label,
@@ -709,3 +709,48 @@ def test_example_differences_equal_up_to_rounding_have_no_spread() -> None:
         "- A − B: +0.3333 (p=0.125): every test example differs by the same amount (now 4 per task), so there is "
         "no spread to size a study by: score more test examples per task"
     )  # was "≈ 2 test examples per task (now 4), or ≈ 9 seeds (now 3)"
+
+
+def test_seed_test_lines_go_on_past_a_pair_without_one() -> None:
+    paired = [
+        {"a": "C", "b": "D", "resolve": {"seed_test": None, "per_seed_differences": [0.1, 0.2]}},
+        {
+            "a": "A",
+            "b": "B",
+            "resolve": {"seed_test": SEED_TEST_3, "per_seed_differences": [0.25, 0.5, 0.75]},
+        },
+    ]
+    assert groups._seed_test_lines(paired)[-1] == (
+        "- A − B: 0.500 [-0.121, 1.121] (p=0.0742, t = 3.46, 3 seeds); per seed +0.2500, +0.5000, +0.7500"
+    )
+
+
+def test_a_column_of_no_row_does_not_make_the_average_mixed() -> None:
+    # b: no row has it and none is declared ("auto"): the average is still over accuracy alone
+    table = format_table({"lora": {"a": {"accuracy": 0.5}}}, {}, ["a", "b"]).splitlines()
+    assert table[0] == "| method | a (accuracy) | b (auto) | average (accuracy) | std | worst | Δm% |"
+    assert table[2] == "| lora | 0.500 | – | 0.500 | 0.000 | 0.500 (a) | – |"
+    assert "Per-metric averages (mean over the tasks scored by each metric):" not in table
+
+
+def test_column_metrics_names_the_task_without_a_primary_metric() -> None:
+    with pytest.raises(ValueError) as err:
+        column_metrics({"m": {"t": {"rougeL": 0.5}}}, {}, ["t"])
+    assert str(err.value) == "no primary metric given for task 't' (metrics: ['rougeL'])"
+
+
+def test_no_spread_threshold_and_no_difference_boundary() -> None:
+    """`stats.NO_SPREAD`: a sample std (ddof 1) at most 1e-9 × the largest |difference| is no spread.
+    (1, 1, 1 + e): deviations −e/3, −e/3, 2e/3, Σ² = 2e²/3, so the std is e/√3 with ddof 1 (e·√2/3 with ddof 0,
+    e·√(2/3) with ddof 2), against 1e-9 × (1 + e) ≈ 1e-9:
+    e = 2e-9 → 1.155e-9 > 1e-9, a spread (ddof 0 would give 0.943e-9, none);
+    e = 1.5e-9 → 0.866e-9, none (ddof 2 would give 1.22e-9, a spread). All zeros: std 0 = 1e-9 × 0, none."""
+    assert stats.seed_test([1.0, 1.0, 1.0 + 2e-9]) is not None
+    assert stats.seed_test([1.0, 1.0, 1.0 + 1.5e-9]) is None
+    assert stats.seed_test([0.0, 0.0, 0.0]) is None
+    assert stats.seeds_to_resolve([0.0, 0.0]) is None
+    # a mean of exactly 1e-12 (2e-12 / 2) is not below NO_DIFFERENCE: sized as any other, std √2·1e-12, effect 1/√2
+    assert stats.seeds_to_resolve([0.0, 2e-12]) == t_test_sample_size(1 / math.sqrt(2))
+    assert stats.examples_to_resolve({"t": [2e-12, 0.0]}, {"t": [0.0, 0.0]}) == t_test_sample_size(
+        1 / math.sqrt(2)
+    )
