@@ -754,3 +754,50 @@ def test_no_spread_threshold_and_no_difference_boundary() -> None:
     assert stats.examples_to_resolve({"t": [2e-12, 0.0]}, {"t": [0.0, 0.0]}) == t_test_sample_size(
         1 / math.sqrt(2)
     )
+
+
+def test_plot_groups_labels_and_heights_by_hand() -> None:
+    rows = {
+        "lora": {"a": {"accuracy": 0.5}, "b": {"rougeL": 0.25}, "c": {"accuracy": 0.75}},
+        "base": {"a": {"accuracy": 1.0}},
+        "none": {},
+    }
+    labels, heights = report._plot_groups(rows, {"b": "rouge"}, ["a", "b", "c"])
+    assert labels == ["a\n(accuracy)", "b\n(rougeL)", "c\n(accuracy)", "mean of\nmixed metrics", "mean\naccuracy",
+                      "mean\nrougeL"]  # fmt: skip
+    # lora: the tasks, their mean (0.5 + 0.25 + 0.75)/3 = 0.5, accuracy (0.5 + 0.75)/2 = 0.625, rougeL 0.25
+    assert heights["lora"] == pytest.approx([0.5, 0.25, 0.75, 0.5, 0.625, 0.25], **EXACT)
+    # base: a only; no bar (NaN) where it has no value; none: no bar at all
+    base = heights["base"]
+    assert [base[i] for i in (0, 3, 4)] == [1.0, 1.0, 1.0] and all(math.isnan(base[i]) for i in (1, 2, 5))
+    assert len(heights["none"]) == 6 and all(math.isnan(h) for h in heights["none"])
+    assert list(heights) == ["lora", "base", "none"]
+    labels, heights = report._plot_groups(
+        {"m": {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.25}}}, {}, ["a", "b"]
+    )
+    assert labels == ["a\n(accuracy)", "b\n(accuracy)", "average\n(accuracy)"]
+    assert heights == {"m": [0.5, 0.25, 0.375]}
+
+
+def test_error_bars_by_hand() -> None:
+    """yerr = (height − low, high − height) for a task or the average with an interval of that same value,
+    clamped at 0; 0 for the per-metric bars, another value, or no bounds."""
+    intervals = {
+        "per_task": {
+            "a": {"value": 0.5, "low": 0.375, "high": 0.75},  # 0.125 below, 0.25 above
+            "b": {"value": 0.3, "low": 0.1, "high": 0.5},  # for another value than the bar's 0.25: none
+            "c": {"value": 0.5, "low": None, "high": None},  # no bounds
+            "d": {"value": 0.5, "low": 0.625, "high": 0.375},  # an interval beside its value: clamped at 0
+        },
+        "average": {"value": 0.375 + 5e-10, "low": 0.25, "high": 0.625},  # within 1e-9 of 0.375: 0.125, 0.25
+    }
+    below, above = report._error_bars([0.5, 0.25, 0.5, 0.5, 0.375, 0.9], ["a", "b", "c", "d"], intervals)
+    assert below == pytest.approx([0.125, 0.0, 0.0, 0.0, 0.125, 0.0], abs=1e-15)
+    assert above == pytest.approx([0.25, 0.0, 0.0, 0.0, 0.25, 0.0], abs=1e-15)
+    assert report._error_bars([0.5, 0.5], ["a"], None) == [[0.0, 0.0], [0.0, 0.0]]
+    assert report._error_bars([0.5, 0.5], ["a"], {"per_task": None}) == [[0.0, 0.0], [0.0, 0.0]]
+    far = {"per_task": {"a": {"value": 0.5 + 2e-9, "low": 0.25, "high": 0.75}}}
+    assert report._error_bars([0.5, 0.5], ["a"], far) == [[0.0, 0.0], [0.0, 0.0]]
+    # fewer bars than the tasks and the average: a caller's error, refused rather than cut short
+    with pytest.raises(ValueError):
+        report._error_bars([0.5], ["a"], far)
