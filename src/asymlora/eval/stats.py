@@ -600,6 +600,19 @@ NO_DIFFERENCE = 1e-12
 leave rounding noise (1e-17), at which no sample size is defined (statsmodels' root finder gives NaN)."""
 
 
+NO_SPREAD = 1e-9
+"""A standard deviation below this fraction of the largest difference's size is none: differences that are equal
+but computed along different paths differ by rounding (three seeds at which A beats B on the same 5 of 100
+examples give 0.55 − 0.50, 0.60 − 0.55, 0.45 − 0.40 = 0.050000000000000044, 0.04999999999999993,
+0.04999999999999999, a std of 6e-17), and a t statistic or a sample size computed from that spread describes the
+rounding (t = 1.6e15, p = 4e-31; "≈ 2 test examples" for 4 that all differ by 1/3)."""
+
+
+def _no_spread(std: float, values: np.ndarray) -> bool:
+    """Whether ``std`` (of ``values``, or pooled over them) is 0 or rounding noise (`NO_SPREAD`)."""
+    return std <= NO_SPREAD * float(np.max(np.abs(values)))
+
+
 EXACT_SIZE_BELOW = 10**6
 """Sample sizes below this are checked against the t-test's power at n and n − 1 (`_t_power`)."""
 
@@ -660,13 +673,13 @@ def examples_to_resolve(
     the examples needed. Its σ_t² is instead the pooled variance of the tasks with two examples or more,
     Σ_u (n_u − 1) σ_u² / Σ_u (n_u − 1) (the pooled estimate of a common variance, as the two-sample t-test's).
 
-    Returns None when D = 0 (below `NO_DIFFERENCE`), every difference is constant, or no task has two
-    examples (no variance to estimate). Raises ExampleMismatchError as `paired_average_test`."""
+    Returns None when D = 0 (below `NO_DIFFERENCE`), every difference is the same (to rounding, `NO_SPREAD`),
+    or no task has two examples (no variance to estimate). Raises ExampleMismatchError as `paired_average_test`."""
     a, b = _paired_arrays(per_task_a, per_task_b, "examples_to_resolve")
     diffs = [a[t] - b[t] for t in a]
     difference = float(np.mean([d.mean() for d in diffs]))
     spread = _pooled_spread(diffs)
-    if spread is None or spread == 0 or abs(difference) < NO_DIFFERENCE:
+    if spread is None or _no_spread(spread, np.concatenate(diffs)) or abs(difference) < NO_DIFFERENCE:
         return None
     return _sample_size(abs(difference) / spread, power, 1 - confidence)
 
@@ -694,10 +707,10 @@ def seed_test(differences: Sequence[float], *, confidence: float = CONFIDENCE) -
 
     Where `paired_test` asks whether two runs differ on these test examples *at these seeds*, this asks whether
     the difference would recur at other seeds (seed-to-seed spread as the noise). None below
-    `MIN_SEEDS_FOR_TEST` seeds or when every seed gives the same difference (no spread: t undefined). Raises
-    ValueError for a non-finite difference (`_array`)."""
+    `MIN_SEEDS_FOR_TEST` seeds or when every seed gives the same difference (to rounding, `NO_SPREAD`: no
+    spread, t undefined). Raises ValueError for a non-finite difference (`_array`)."""
     values = _array(differences, "seed_test")
-    if values.size < MIN_SEEDS_FOR_TEST or float(np.std(values, ddof=1)) == 0:
+    if values.size < MIN_SEEDS_FOR_TEST or _no_spread(float(np.std(values, ddof=1)), values):
         return None
     result = stats.ttest_1samp(values, 0.0)
     ci = result.confidence_interval(confidence)
@@ -718,8 +731,11 @@ def seeds_to_resolve(
     """Seeds at which a one-sample t-test over per-seed differences (A − B, one value per seed, e.g. of
     the average over tasks) would detect their observed mean with probability ``power`` (two-sided, level
     1 − ``confidence``): effect = |mean| / sample std (ddof 1). None below 2 seeds, when every seed
-    gives the same difference, or when their mean is 0 (below `NO_DIFFERENCE`)."""
+    gives the same difference (to rounding, `NO_SPREAD`), or when their mean is 0 (below `NO_DIFFERENCE`)."""
     values = _array(differences, "seeds_to_resolve")
-    if values.size < 2 or float(np.std(values, ddof=1)) == 0 or abs(float(values.mean())) < NO_DIFFERENCE:
+    if values.size < 2:
         return None
-    return _sample_size(abs(float(values.mean())) / float(np.std(values, ddof=1)), power, 1 - confidence)
+    spread = float(np.std(values, ddof=1))
+    if _no_spread(spread, values) or abs(float(values.mean())) < NO_DIFFERENCE:
+        return None
+    return _sample_size(abs(float(values.mean())) / spread, power, 1 - confidence)
