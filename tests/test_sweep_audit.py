@@ -186,3 +186,30 @@ def test_the_report_reads_the_ledger_under_the_report_lock(tmp_path, monkeypatch
     assert held == [True]
     with FileLock(str(sweep.report_lock(spec)), timeout=0):  # and released after a failed report
         pass
+
+
+def test_delta_m_notes_name_a_task_left_out_for_a_zero_baseline() -> None:
+    """A task whose single-task baseline scores 0 at a seed is left out of that seed's Δm% (the relative change
+    is undefined); with several seeds the page said nothing, so the column silently averaged fewer tasks."""
+
+    def rec(seed: int, scores: dict[str, float]) -> dict:
+        return {"seed": seed, "per_task": {t: {"accuracy": v} for t, v in scores.items()}}
+
+    primary = {"x": "accuracy", "y": "accuracy"}
+    multi = sweep.Group("multi", [rec(0, {"x": 0.5, "y": 0.5}), rec(1, {"x": 0.5, "y": 0.5})], "alora",
+                        ["x", "y"], primary)  # fmt: skip
+    # x's baseline is 0 at seed 1 only; y's seed-1 cell is missing, so seed 1 uses its mean over seeds, 0.2
+    x = sweep.Group("lora on x", [rec(0, {"x": 0.4}), rec(1, {"x": 0.0})], "lora", ["x"], primary)
+    y = sweep.Group("lora on y", [rec(0, {"y": 0.2})], "lora", ["y"], primary)
+    notes = sweep.delta_m_notes([multi, x, y], {"x": x, "y": y}, "lora")
+    assert notes == [
+        "- multi, seed(s) [1]: x left out of Δm% (its single-task baseline scores 0: the relative change is undefined)",
+        "- multi, seed(s) [1]: no single-task cell of y with that seed; its mean over seeds [0] is the baseline",
+    ]
+    y0 = sweep.Group(
+        "lora on y", [rec(0, {"y": 0.0})], "lora", ["y"], primary
+    )  # its mean over seeds is 0 too
+    assert sweep.delta_m_notes([multi, x, y0], {"x": x, "y": y0}, "lora")[2:] == [
+        "- multi, seed(s) [0, 1]: y left out of Δm% (its single-task baseline scores 0: the relative change is "
+        "undefined)"
+    ]

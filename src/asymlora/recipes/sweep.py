@@ -787,19 +787,23 @@ def _delta_m_value(
     corpus-level metric (no per-example scores to resample): against each baseline's score of the same seed,
     else its mean over seeds."""
     values = {t: record["per_task"][t][group.primary[t]] for t in group.tasks}
-    base = {}
-    for t in group.tasks:
-        b = baselines[t]
-        same = [r["per_task"][t][b.primary[t]] for r in b.records if r["seed"] == record["seed"]]
-        base[t] = same[0] if same else sum(r["per_task"][t][b.primary[t]] for r in b.records) / len(b.records)
+    base = {t: _baseline_score(baselines[t], t, record["seed"]) for t in group.tasks}
     value, _ = delta_m(values, base)
     return None if value is None else {"value": value}
+
+
+def _baseline_score(baseline: Group, task: str, seed: int) -> float:
+    """The single-task ``baseline``'s primary score of ``task`` at ``seed``, else its mean over its seeds."""
+    scores = [r["per_task"][task][baseline.primary[task]] for r in baseline.records]
+    same = [v for r, v in zip(baseline.records, scores, strict=True) if r["seed"] == seed]
+    return same[0] if same else sum(scores) / len(scores)
 
 
 def delta_m_notes(groups: Sequence[Group], baselines: dict[str, Group], method: str) -> list[str]:
     """What the Δm% column rests on where it is not every seed against its own single-task cells: the tasks of a
     multi-task group with no single-task ``method`` cell in the ledger (then no Δm%), and the seeds whose
-    baseline of a task is its mean over the baseline's seeds (that seed's single-task cell is missing)."""
+    baseline of a task is its mean over the baseline's seeds (that seed's single-task cell is missing), and the
+    tasks left out of a seed's Δm% because their baseline scores 0 (`asymlora.eval.report.delta_m`)."""
     notes: list[str] = []
     without: dict[str, list[str]] = {}  # the tasks without a baseline -> the groups they leave without Δm%
     for g in (g for g in groups if len(g.tasks) > 1):
@@ -810,6 +814,9 @@ def delta_m_notes(groups: Sequence[Group], baselines: dict[str, Group], method: 
             if lacking := [s for s in g.seeds if s not in baselines[t].seeds]:
                 notes.append(f"- {g.label}, seed(s) {lacking}: no single-task cell of {t} with that seed; "
                              f"its mean over seeds {baselines[t].seeds} is the baseline")  # fmt: skip
+            if zero := [s for s in g.seeds if _baseline_score(baselines[t], t, s) == 0.0]:
+                notes.append(f"- {g.label}, seed(s) {zero}: {t} left out of Δm% (its single-task baseline "
+                             "scores 0: the relative change is undefined)")  # fmt: skip
     return [f"- {'; '.join(labels)}: no Δm%: no single-task {method} cell of {tasks} in the ledger"
             for tasks, labels in without.items()] + notes  # fmt: skip
 
