@@ -463,8 +463,8 @@ def test_paired_over_seeds_says_why_not() -> None:
         "B", [record(0, x=[0, 0]), {"seed": 1, "rows": {"x": {"keys": "k-other", "scores": [0, 0]}}}]
     )
     assert paired_over_seeds(a, other, ["x"], rows) == (
-        "x: scored on other test examples in seeds [0, 1] (their example keys differ: another data.seed, "
-        "data.max_test or eval.max_examples)"
+        "x: scored on other test examples in B seed 1 than in A seed 0 (their example keys differ: another "
+        "data.seed, data.max_test or eval.max_examples)"
     )
     corpus = SeedGroup("C", [record(0, z=None, w=None)])
     assert paired_over_seeds(corpus, corpus, ["z", "w"], rows) == (

@@ -126,7 +126,7 @@ def test_a_pair_of_groups_scored_on_other_examples_is_named_not_dropped(tmp_path
     b["per_example"]["z"]["keys"] = "other"
     page, summary = _report(tmp_path, [a, b], "multitask", "alora")
     assert summary["paired"] == []
-    why = "z: scored on other test examples in seeds [0] (their example keys differ"
+    why = "z: scored on other test examples in method=lora seed 0 than in method=alora seed 0 (their example keys"
     ((pair, reason),) = [((p["a"], p["b"]), p["why"]) for p in summary["unpaired"]]
     assert pair == ("method=alora", "method=lora") and reason.startswith(why)
     assert f"No paired test of:\n\n- method=alora − method=lora: {why}" in page
@@ -213,3 +213,26 @@ def test_delta_m_notes_name_a_task_left_out_for_a_zero_baseline() -> None:
         "- multi, seed(s) [0, 1]: y left out of Δm% (its single-task baseline scores 0: the relative change is "
         "undefined)"
     ]
+
+
+def test_compare_pairs_the_same_examples_in_another_order_by_key() -> None:
+    """Two runs scored on the same test examples listed in another order (another eval.batch_size, a resumed
+    evaluation) were refused: "run A was scored on 3 examples and run B on 3 (3 in common)". They are the same
+    examples: paired by key."""
+
+    def rows(pairs):
+        return [{"key": k, "scores": {"accuracy": v}} for k, v in pairs]
+
+    a = {"t": rows([("p", 1.0), ("q", 0.0), ("r", 1.0), ("s", 0.0)])}
+    b = {"t": rows([("q", 1.0), ("p", 0.0), ("s", 1.0), ("r", 0.0)])}  # by key: p 0, q 1, r 0, s 1
+    out = stats.compare_examples(a, b, {"t": "accuracy"})["t"]
+    # A − B by key: p +1, q −1, r +1, s −1: mean 0, but every example differs, so the paired bootstrap's
+    # interval is wide (low < 0 < high) and the sign-flip p is 1 (half the 2^4 flips are as far from 0 or
+    # farther, and the observed mean is 0); paired by position (B's order) every difference would be 0 and
+    # the interval [0, 0]
+    assert out["difference"] == 0.0 and out["n"] == 4
+    assert out["low"] < -0.2 and out["high"] > 0.2
+    assert out["p_value"] == pytest.approx(1.0)
+    dup = {"t": rows([("p", 1.0), ("p", 0.0), ("r", 1.0)])}  # duplicate keys: no pairing by key
+    with pytest.raises(stats.ExampleMismatchError, match=r"\(2 in common\)"):
+        stats.compare_examples(dup, {"t": rows([("r", 1.0), ("p", 0.0), ("p", 1.0)])}, {"t": "accuracy"})

@@ -496,6 +496,8 @@ def compare_examples(
             as written to ``per_example.jsonl``.
         primary: ``{task: metric}`` compared on each task.
 
+    Examples are paired by key: B's rows of a task may list A's examples in another order (keys unique).
+
     Returns:
         ``{task: paired test, ..., "average": paired test}`` (see :func:`paired_average_test`),
         each with the ``"metric"`` used (``"average"``: ``"primary"``); each task's with ``"p_holm"``,
@@ -515,6 +517,11 @@ def compare_examples(
     for task in tasks:
         keys_a = [row["key"] for row in examples_a[task]]
         keys_b = [row["key"] for row in examples_b[task]]
+        rows_b = examples_b[task]
+        if keys_a != keys_b and sorted(keys_a) == sorted(keys_b) and len(set(keys_a)) == len(keys_a):
+            # the same examples in another order (e.g. scored with another eval.batch_size): pair them by key
+            by_key = {row["key"]: row for row in rows_b}
+            rows_b, keys_b = [by_key[k] for k in keys_a], keys_a
         if keys_a != keys_b:
             same = len(set(keys_a) & set(keys_b))
             raise ExampleMismatchError(
@@ -524,7 +531,7 @@ def compare_examples(
             )
         metric = primary[task]
         scores_a[task] = [float(row["scores"][metric]) for row in examples_a[task]]
-        scores_b[task] = [float(row["scores"][metric]) for row in examples_b[task]]
+        scores_b[task] = [float(row["scores"][metric]) for row in rows_b]
     out = {t: {**paired_average_test({t: scores_a[t]}, {t: scores_b[t]}, **kwargs), "metric": primary[t]}
            for t in tasks}  # fmt: skip
     out["average"] = {**paired_average_test(scores_a, scores_b, **kwargs), "metric": "primary"}

@@ -79,8 +79,12 @@ def paired_over_seeds(
         if any(r is None for r in rows):
             return f"{unit}: per-example scores in some of the records of seeds {seeds} only"
         if len({r["keys"] for r in rows if r is not None}) != 1:
-            return (f"{unit}: scored on other test examples in seeds {seeds} (their example keys differ: another "
-                    "data.seed, data.max_test or eval.max_examples)")  # fmt: skip
+            first = rows_a[0]["keys"]  # type: ignore[index]
+            other = [f"{g.label} seed {s}" for g, group_rows in ((ref, rows_a), (peer, rows_b))
+                     for s, r in zip(seeds, group_rows, strict=True) if r["keys"] != first]  # type: ignore[index]  # fmt: skip
+            return (f"{unit}: scored on other test examples in {', '.join(other)} than in {ref.label} seed "
+                    f"{seeds[0]} (their example keys differ: another data.seed, data.max_test or "
+                    "eval.max_examples)")  # fmt: skip
         scores_a = [r["scores"] for r in rows_a if r is not None]
         scores_b = [r["scores"] for r in rows_b if r is not None]
         a[unit], b[unit] = _seed_mean(scores_a), _seed_mean(scores_b)
