@@ -39,6 +39,15 @@ EXACT = {"rel": 1e-12, "abs": 1e-12}
 # --------------------------------------------------------------------------- eval/report.py
 
 
+SEED_TEST_HEADER = (
+    "The average's difference over seeds (pairs with 3 seeds or more): a one-sample t-test of the per-seed "
+    "differences, 95% t interval (scipy's `ttest_1samp`, `asymlora.eval.stats.seed_test`). The table's tests "
+    "hold the seeds fixed and sample test examples; this one samples seeds, so it says whether a difference "
+    "would recur at other seeds:"
+)
+"""The header of the report's seed-test lines, written out (the text a reader sees)."""
+
+
 def test_primary_of_picks_the_declared_then_accuracy_then_exact_match() -> None:
     metrics = {"accuracy": 0.25, "exact_match": 0.5, "rougeL": 0.75, "rouge1": 0.125}
     # declared: "rouge" means rougeL (`primary_metric`), declared wins over accuracy
@@ -533,10 +542,7 @@ def test_seed_test_lines() -> None:
     ]
     assert groups._seed_test_lines(paired) == [
         "",
-        "The average's difference over seeds (pairs with 3 seeds or more): a one-sample t-test of the per-seed "
-        "differences, 95% t interval (scipy's `ttest_1samp`, `asymlora.eval.stats.seed_test`). The table's tests "
-        "hold the seeds fixed and sample test examples; this one samples seeds, so it says whether a difference "
-        "would recur at other seeds:",
+        SEED_TEST_HEADER,
         "",
         "- A − B: 0.500 [-0.121, 1.121] (p=0.0742, t = 3.46, 3 seeds); per seed +0.2500, +0.5000, -0.7500",
     ]
@@ -623,10 +629,7 @@ def test_paired_lines_by_hand() -> None:
         "- A − B: x +0.100 (p_Holm=0.02)",
         "- C − D: none",
         "",
-        "The average's difference over seeds (pairs with 3 seeds or more): a one-sample t-test of the per-seed "
-        "differences, 95% t interval (scipy's `ttest_1samp`, `asymlora.eval.stats.seed_test`). The table's tests "
-        "hold the seeds fixed and sample test examples; this one samples seeds, so it says whether a difference "
-        "would recur at other seeds:",
+        SEED_TEST_HEADER,
         "",
         "- A − B: 0.500 [-0.121, 1.121] (p=0.0742, t = 3.46, 3 seeds); per seed +0.2500, +0.5000, +0.7500",
         "",
