@@ -36,9 +36,6 @@ from asymlora.recipes.groups import SeedGroup, config_key, latest_per_cell, pair
 EXACT = {"rel": 1e-12, "abs": 1e-12}
 
 
-# --------------------------------------------------------------------------- eval/report.py
-
-
 SEED_TEST_HEADER = (
     "The average's difference over seeds (pairs with 3 seeds or more): a one-sample t-test of the per-seed "
     "differences, 95% t interval (scipy's `ttest_1samp`, `asymlora.eval.stats.seed_test`). The table's tests "
@@ -46,6 +43,9 @@ SEED_TEST_HEADER = (
     "would recur at other seeds:"
 )
 """The header of the report's seed-test lines, written out (the text a reader sees)."""
+
+
+# --------------------------------------------------------------------------- eval/report.py
 
 
 def test_primary_of_picks_the_declared_then_accuracy_then_exact_match() -> None:
