@@ -37,6 +37,6 @@ bench: setup
 #   make mutate MUTANTS='asymlora.methods.* asymlora.routing.*'
 MUTANTS ?=
 MUTATE_JOBS ?= 2
-mutate: setup  ## mutate methods/, routing.py, the peft tuner layer, export and calibration, router stats, federated strategies, client and accounting, analysis and eval metrics, eval scoring and stats, report tables and sweep-report groups, codec, DP, SecAgg; run the fast tests
+mutate: setup  ## mutate methods/, routing.py, the peft tuner layer, export and calibration, router stats, federated strategies, client and accounting, analysis and eval metrics, eval scoring and stats, report tables and sweep-report groups, the federated sweep report (fed_sweep), codec, DP, SecAgg; run the fast tests
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
 	$(VENV)/bin/mutmut results

@@ -408,8 +408,9 @@ def _cost(group: FedGroup) -> dict[str, Any]:
 def paired(ref: FedGroup, peer: FedGroup, which: str = "personalised") -> dict[str, Any] | None:
     """Paired tests of ``ref`` against ``peer`` per client and on the average over clients
     (`groups.paired_over_seeds`) on the ``which`` scores; None when the clients differ (not compared),
-    ``{"a", "b", "why"}`` when the groups cannot be paired (other examples, no shared seed)."""
-    if ref.clients != peer.clients:
+    ``{"a", "b", "why"}`` when the groups cannot be paired (other examples, no shared seed). The same clients
+    first seen in another order (a client without a score in one group's first seed) are the same clients."""
+    if set(ref.clients) != set(peer.clients):
         return None
 
     def examples(record: dict[str, Any], client: str) -> Any:
