@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -422,3 +423,21 @@ def test_purge_after_step_keeps_what_a_resumed_run_stands_on(tmp_path) -> None:
         purge_after_step(log, 20) == 0 and log.stat().st_mtime_ns == before
     )  # nothing to drop: not rewritten
     assert purge_after_step(tmp_path / "missing.jsonl", 0) == 0 and not (tmp_path / "missing.jsonl").exists()
+
+
+def test_the_federated_client_warns_of_cut_prompts_once(env, caplog, monkeypatch) -> None:
+    """A client's data is the same every round, and each round's dataset re-logged "cut the prompt of N of M
+    train examples" for every client (80 copies of 8 lines in a 10-round campaign cell's log): now once per
+    process and note, whichever round a client first trains in (partial participation)."""
+    from asymlora.data import load_tasks
+    from asymlora.federated import client
+
+    monkeypatch.setattr(client, "_DATA_NOTES_LOGGED", set())
+    tasks = load_tasks([f"jsonl:{env['data']}#add"], max_train=4, max_test=1)
+    for offset, max_length, warned in ((4, 6, True), (6, 6, False), (0, 6, False), (0, 7, True)):
+        pm, tok = tiny_alora(env["model"])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            client.train_local(pm, tok, tasks, steps=1, batch_size=2, lr=1e-2, seed=0, step_offset=offset,
+                               max_length=max_length)  # fmt: skip
+        assert any("from the left to fit" in r.getMessage() for r in caplog.records) is warned

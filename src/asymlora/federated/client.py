@@ -331,6 +331,11 @@ _TRAIN_KEYS = ("input_ids", "attention_mask", "labels")  # the collator's task i
 # client trains one adapter on its whole mixture
 
 
+_DATA_NOTES_LOGGED: set[str] = set()
+"""The data notes (`MultiTaskDataset.notes`) this process has logged: a client's data is the same every round,
+and a note per client per round filled a campaign cell's log with 80 copies of 8 lines."""
+
+
 def train_local(
     model: nn.Module,
     tokenizer: Any,
@@ -356,7 +361,11 @@ def train_local(
     train_tasks = [t for t in tasks if t.train]
     if not train_tasks:
         raise ValueError("this client has no training example")
-    dataset = MultiTaskDataset(train_tasks, tokenizer, max_length=max_length)
+    dataset = MultiTaskDataset(train_tasks, tokenizer, max_length=max_length, warn=False)
+    for note in dataset.notes:  # the same data every round: what max_length cuts or skips, once per process
+        if note not in _DATA_NOTES_LOGGED:
+            _DATA_NOTES_LOGGED.add(note)
+            logger.warning("%s", note)
     collate = MultiTaskCollator(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
