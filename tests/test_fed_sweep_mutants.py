@@ -411,9 +411,14 @@ def test_paired_by_hand() -> None:
             r["global"] = _side({"c0": 0.5, "c1": 0.5}, {"c0": [1, 0, 1, 0], "c1": [1, 0, 1, 0]})
     glob = fed_sweep.paired(a, b, "global")
     assert glob["tests"]["c0"]["difference"] == 0 and glob["tests"]["average"]["difference"] == 0
-    # other clients: not compared
+    # other clients: not compared, and the page says which clients only one group has
     c = _group("ffa", _pair_records("ffa", {0: {"c0": [0, 0, 0, 0]}}))
-    assert fed_sweep.paired(a, c) is None
+    assert fed_sweep.paired(a, c) == {
+        "a": "fedalora",
+        "b": "ffa",
+        "why": "other clients (fedalora alone has c1)",
+    }
+    assert fed_sweep.paired(c, a)["why"] == "other clients (fedalora alone has c1)"
     # no seed in common: why
     d = _group("ffa", _pair_records("ffa", {5: {"c0": [0, 0, 0, 0], "c1": [0, 0, 0, 0]}}))
     assert fed_sweep.paired(a, d) == {
@@ -472,7 +477,7 @@ def test_summarize_tests_each_reference_against_its_comparable_peers_once() -> N
         _pair_records(
             "fedalora", one, params={"local_a": "reset", "het_local": 1, "het_upload": 2}, config={"a": 1}
         ),
-        _pair_records("ffa", {0: {"c9": [1, 1, 0, 0]}}),  # other clients: not compared
+        _pair_records("ffa", {0: {"c9": [1, 1, 0, 0]}}),  # other clients: not compared, the page says why
         _pair_records("fedsa", {3: {"c0": [1, 1, 0, 0]}}),  # no seed in common with the references
     ]
     summary = fed_sweep.summarize([r for g in groups for r in g], "fedalora")
@@ -480,14 +485,17 @@ def test_summarize_tests_each_reference_against_its_comparable_peers_once() -> N
     # fedalora: its ε = 8 variant (same strategy), fedit, local-only and fedsa (same setting: the grid values
     # other than the strategy's options), its local_a variant; fedalora ε=8: fedit ε=8 and the local_a variant
     # (same strategy); the local_a variant (the setting of fedalora: local_a is a strategy option): fedit and
-    # local-only (the other two references were already tested against it; ffa: other clients)
+    # local-only (the other two references were already tested against it; ffa: other clients, unpaired)
     assert [(p["a"], p["b"]) for p in summary["paired"]] == [
         ("fedalora", "fedalora target_epsilon=8"), ("fedalora", "fedit"), ("fedalora", "local-only"),
         ("fedalora", la), ("fedalora target_epsilon=8", "fedit target_epsilon=8"), ("fedalora target_epsilon=8", la),
         (la, "fedit"), (la, "local-only"),
     ]  # fmt: skip
+    other = "other clients ({} alone has c0; ffa alone has c9)"
     assert summary["unpaired"] == [
+        {"a": "fedalora", "b": "ffa", "why": other.format("fedalora")},
         {"a": "fedalora", "b": "fedsa", "why": "no seed in common (seeds [0] and [3])"},
+        {"a": la, "b": "ffa", "why": other.format(la)},
         {"a": la, "b": "fedsa", "why": "no seed in common (seeds [0] and [3])"},
     ]
     assert (summary["kind"], summary["records"], summary["reference"], summary["std_ddof"]) == (

@@ -405,13 +405,15 @@ def _cost(group: FedGroup) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def paired(ref: FedGroup, peer: FedGroup, which: str = "personalised") -> dict[str, Any] | None:
+def paired(ref: FedGroup, peer: FedGroup, which: str = "personalised") -> dict[str, Any]:
     """Paired tests of ``ref`` against ``peer`` per client and on the average over clients
-    (`groups.paired_over_seeds`) on the ``which`` scores; None when the clients differ (not compared),
-    ``{"a", "b", "why"}`` when the groups cannot be paired (other examples, no shared seed). The same clients
+    (`groups.paired_over_seeds`) on the ``which`` scores; ``{"a", "b", "why"}`` when the groups cannot be
+    paired (other clients: the ones only one group has; other examples; no shared seed). The same clients
     first seen in another order (a client without a score in one group's first seed) are the same clients."""
     if set(ref.clients) != set(peer.clients):
-        return None
+        only = [f"{g.label} alone has {', '.join(sorted(set(g.clients) - set(h.clients)))}"
+                for g, h in ((ref, peer), (peer, ref)) if set(g.clients) - set(h.clients)]  # fmt: skip
+        return {"a": ref.label, "b": peer.label, "why": f"other clients ({'; '.join(only)})"}
 
     def examples(record: dict[str, Any], client: str) -> Any:
         return (record.get(which) or {}).get("per_example", {}).get(client)
@@ -462,8 +464,7 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> di
     for i, ref in enumerate(refs):
         for peer in (g for g in groups if comparable(ref, g) and not any(g is r for r in refs[: i + 1])):
             result = paired(ref, peer)
-            if result:
-                summary["unpaired" if "why" in result else "paired"].append(result)
+            summary["unpaired" if "why" in result else "paired"].append(result)
     return summary
 
 
