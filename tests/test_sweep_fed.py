@@ -484,3 +484,32 @@ def test_list_shows_the_rounds_a_started_cell_recorded(tmp_path: Path) -> None:
         base, ["eval.local_only=false"], {"strategy": "local-only", "seed": 0}, tmp_path
     )
     assert sweep.cell_progress(alone) == ""
+
+
+def test_list_estimate_counts_federated_cells_of_the_same_budget_only(tmp_path: Path) -> None:
+    """A federated cell's cost scales with clients × rounds × local steps: the ``--list`` estimate of a
+    5-round Fed-ALoRA cell comes from the done 5-round cells (1000 s, 3000 s: median 2000 s), not from a
+    10-round cell of the same strategy (36,000 s), and a 2-client cell has no estimate from 8-client ones."""
+    base = Path(__file__).resolve().parents[1] / "configs" / "fed_bigbench_homo.yaml"
+
+    def record(rounds: int, seconds: float, seed: int) -> dict:  # one cell each: a seed of its own
+        return {"kind": "federated", "strategy": "fedalora", "seed": seed, "id": f"{rounds}-{seconds}",
+                "rounds": rounds, "local_steps": 20, "config": {"clients": {"num": 8}},
+                "round_seconds": seconds, "wall_seconds": seconds - 1}  # fmt: skip
+
+    spec = sweep.Sweep(tmp_path / "s.yaml", base, tmp_path, [], [], {}, kind="federated")
+    spec.ledger.write_text(
+        "".join(json.dumps(r) + "\n" for r in [record(5, 1000, 0), record(10, 36000, 1), record(5, 3000, 2)])
+    )
+
+    def cell(*overrides: str) -> fed_sweep.FedCell:
+        extra = ["eval.local_only=false", "train.local_steps=20", *overrides]
+        return fed_sweep.make_cell(base, extra, {"strategy": "fedalora", "seed": 1}, tmp_path)
+
+    assert sweep.estimate_line(spec, [(cell("rounds=5"), "todo")]) == (
+        "0 done, 0 started, 1 to do; the 1 left of a kind already done: about 0.6 h on one worker"
+    )
+    two = cell("rounds=5", "clients.num=2", "data.tasks=[bigbench:strategyqa, bigbench:winowhy]")
+    assert sweep.estimate_line(spec, [(two, "todo")]).endswith(
+        "(1 of kinds none of which is done: no estimate)"
+    )

@@ -588,13 +588,20 @@ def cell_seconds(record: dict[str, Any]) -> float | None:
 
 
 def _cost_kind(item: AnyCell | dict[str, Any]) -> str:
-    """Cells of one kind cost about the same: a federated strategy, or a multi-task cell's number of tasks
-    (a single-task baseline trains a fraction of the steps)."""
+    """Cells of one kind cost about the same: a federated strategy at one budget (clients × rounds × local
+    steps: a cell at half the rounds costs about half), or a multi-task cell's number of tasks (a single-task
+    baseline trains a fraction of the steps)."""
     if isinstance(item, fed_sweep.FedCell):
-        return item.strategy
+        c = item.config
+        return f"{item.strategy}, {c.clients.num} clients × {c.rounds} rounds × {c.train.local_steps} steps"
     if isinstance(item, Cell):
         return f"{len(item.config.data.tasks)} task(s)"
-    return str(item["strategy"]) if item.get("kind") == "federated" else f"{len(item['tasks'])} task(s)"
+    if (
+        item.get("kind") == "federated"
+    ):  # a record without its budget (hand-made) matches no cell: no estimate
+        clients = ((item.get("config") or {}).get("clients") or {}).get("num")
+        return f"{item['strategy']}, {clients} clients × {item.get('rounds')} rounds × {item.get('local_steps')} steps"
+    return f"{len(item['tasks'])} task(s)"
 
 
 def estimate_line(sweep: Sweep, statuses: list[tuple[AnyCell, str]]) -> str:
