@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,7 @@ def test_killed_sweep_reruns_only_what_is_missing(campaign) -> None:
     ids = [c.id for c in campaign["cells"]]
     assert campaign["after_kill"] == ids[:1] and campaign["first_runs"] == ids[:2]
     assert campaign["second_runs"] == ids[1:]  # the done cell is skipped
-    assert campaign["counts"] == {"cells": 6, "done": 1, "ran": 5, "taken": 0, "failed": 0}
+    assert campaign["counts"] == {"cells": 6, "done": 1, "ran": 5, "taken": 0, "failed": 0, "deferred": 0}
     assert campaign["resumed_from"][1] == 2  # the killed cell continued from its step-2 checkpoint
     records = sweep.read_ledger(campaign["spec"].ledger)
     assert sorted(r["id"] for r in records) == sorted(ids)  # exactly one record per cell
@@ -176,7 +177,10 @@ def test_shards_are_disjoint_and_complete_and_locked_cells_are_left_alone(env, c
     held = FileLock(str(spec.out_dir / "locks" / f"{sweep.expand(spec)[0].id}.lock"))
     with held:
         counts = sweep.run_sweep(spec, say=lambda *a: None)
-    assert counts == {"cells": 1, "done": 0, "ran": 0, "taken": 1, "failed": 0} and not spec.ledger.exists()
+    assert (
+        counts == {"cells": 1, "done": 0, "ran": 0, "taken": 1, "failed": 0, "deferred": 0}
+        and not spec.ledger.exists()
+    )
 
 
 def test_report_is_regenerated_from_the_ledger_alone(env, campaign, capsys) -> None:
@@ -403,7 +407,7 @@ def test_keep_going_logs_a_failing_cell_and_runs_the_others(env, tmp_path, monke
 
     monkeypatch.setattr(multitask, "run", failing_run)
     counts = sweep.run_sweep(spec, keep_going=True, say=lambda *a: None)
-    assert counts == {"cells": 2, "done": 0, "ran": 1, "taken": 0, "failed": 1}
+    assert counts == {"cells": 2, "done": 0, "ran": 1, "taken": 0, "failed": 1, "deferred": 0}
     (failure,) = sweep.read_ledger(spec.out_dir / "failures.jsonl")
     assert failure["params"]["train.seed"] == 0 and "planted failure" in failure["error"]
     assert [r["seed"] for r in sweep.read_ledger(spec.ledger)] == [1]
@@ -671,3 +675,64 @@ def test_paired_report_names_the_per_task_differences_that_survive_holm() -> Non
     assert result["tests"]["y"]["p_holm"] == pytest.approx(0.625)
     lines = paired_lines([{"a": "A", "b": "B", **result}], ["x", "y"], "Paired:", "task")
     assert "- A − B: x +1.000 (p_Holm=3.81e-06)" in lines
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("2h30m", 9000.0), ("90m", 5400.0), ("1.5h", 5400.0), ("5400s", 5400.0), ("5400", 5400.0), ("1h1m1s", 3661.0),
+     (" 45m ", 2700.0), (None, None)],
+)  # fmt: skip
+def test_time_limit_durations(text, seconds) -> None:
+    assert sweep.parse_time_limit(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "0h0m", "2 hours", "h", "5x", "1d", "30m2h"])
+def test_a_bad_time_limit_exits_2_naming_it_and_the_forms(env, text, capsys) -> None:
+    assert cli_main(["sweep", str(env["sweep"]), "--time-limit", text]) == 2
+    err = capsys.readouterr().err
+    assert f"--time-limit {text!r}" in err and "2h30m" in err and "Traceback" not in err
+
+
+def test_time_limit_starts_no_cell_that_the_done_cells_of_its_kind_say_would_not_finish(
+    env, tmp_path, monkeypatch, capsys
+) -> None:
+    """The ledger holds one done 2-task cell of another grid (3000 + 600 s: the cost of its kind). With 1 h
+    left the four 2-task cells (3600 s each) are deferred and the two single-task cells (a kind none of which
+    is done: cost unknown) start; once the time limit has passed, no cell starts, and the CLI says how many
+    were left for next time."""
+    spec = dataclasses.replace(sweep.load_sweep(env["sweep"]), out_dir=tmp_path)
+    record = {
+        "id": "0123456789ab",
+        "tasks": ["add", "parity"],
+        "train_seconds": 3000.0,
+        "eval_seconds": 600.0,
+    }
+    spec.ledger.write_text(json.dumps(record) + "\n")
+    ran: list[str] = []
+    fake = lambda cell, ledger: ran.append(cell.id) or {"average": 0.5, "wall_seconds": 1.0}  # noqa: E731
+    monkeypatch.setattr(sweep, "run_cell", fake)
+    said: list[str] = []
+    counts = sweep.run_sweep(spec, deadline=time.time() + 3599, say=said.append)
+    single = [c.id for c in sweep.expand(spec) if len(c.config.data.tasks) == 1]
+    assert (
+        counts == {"cells": 6, "done": 0, "ran": 2, "taken": 0, "failed": 0, "deferred": 4} and ran == single
+    )
+    assert sum("not started: cells of its kind took about 1.00 h, 1.00 h of the time limit is left" in line
+               for line in said) == 4  # fmt: skip
+    assert sweep.run_sweep(spec, deadline=time.time() + 3601, say=said.append)["ran"] == 6  # 1 h fits in 1 h
+    said.clear()
+    counts = sweep.run_sweep(spec, deadline=time.time() - 1, say=said.append)
+    assert counts["deferred"] == 6 and all(
+        line.endswith("not started: the time limit is reached") for line in said
+    )
+    # the CLI: the limit counts from its start; 1 h is less than the 3600 s a 2-task cell takes by now
+    text = yaml.safe_load(env["sweep"].read_text())
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "cli" / "ledger.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({**text, "out_dir": str(tmp_path / "cli")}))
+    monkeypatch.setattr(sweep, "write_report", lambda s: "results.md")
+    assert cli_main(["sweep", str(tmp_path / "sweep.yaml"), "--time-limit", "1h"]) == 0
+    assert (
+        "2 run now, 0 held by another process, 0 failed, 4 not started (--time-limit)"
+        in capsys.readouterr().out
+    )

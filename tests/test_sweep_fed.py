@@ -169,7 +169,7 @@ def test_cells_are_strategy_by_seed_seed_0_first(campaign) -> None:
 def test_killed_sweep_reruns_only_the_missing_cells_and_resumes_the_killed_one(campaign) -> None:
     ids = [c.id for c in campaign["cells"]]
     assert campaign["after_kill"] == ids[:3]  # fedit-0, fedalora-0, local-only-0 (no simulation)
-    assert campaign["counts"] == {"cells": 5, "done": 3, "ran": 2, "taken": 0, "failed": 0}
+    assert campaign["counts"] == {"cells": 5, "done": 3, "ran": 2, "taken": 0, "failed": 0, "deferred": 0}
     assert campaign["first"] == 3 and len(campaign["sims"]) == 5  # the 2nd pass: 2 simulations only
     trains = [[g for kind, g in sim if kind == "train"] for sim in campaign["sims"]]
     assert trains[0] == trains[1] == ["1", "1", "2", "2"]

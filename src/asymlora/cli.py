@@ -256,6 +256,9 @@ def _add_sweep(sub: Subparsers) -> None:
                  "ledger alone.")  # fmt: skip
     p.add_argument("config", help="sweep YAML (base config, overrides, grid; see docs/sweep.md)")
     p.add_argument("--shard", help="i/n: take only cells i, i+n, i+2n, ... of the grid (0 <= i < n)")
+    p.add_argument("--time-limit", help="a duration (2h30m, 90m, 1.5h, 5400s): start no cell after it has passed, "
+                   "nor one whose kind's done cells took longer than the time left (a machine lent for some "
+                   "hours, a batch job's time limit); the cells left run next time")  # fmt: skip
     only = p.add_mutually_exclusive_group()  # each runs nothing: given both, --list was silently dropped
     only.add_argument(
         "--report", action="store_true", help="only regenerate results.md and figures from the ledger"

@@ -45,6 +45,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import socket
 import statistics
 import subprocess
@@ -351,6 +352,26 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?")
+
+
+def parse_time_limit(text: str | None) -> float | None:
+    """``--time-limit``: ``"2h30m"``, ``"90m"``, ``"1.5h"``, ``"5400s"`` or ``"5400"`` -> seconds (> 0); None -> None.
+    (Three units of one regex: not worth a dependency.) Raises ValueError naming the value and the forms."""
+    if text is None:
+        return None
+    match = _DURATION.fullmatch(text.strip())
+    seconds = None
+    if match and any(match.groups()):
+        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if not seconds:
+        raise ValueError(
+            f"--time-limit {text!r}: expected a duration above 0, e.g. 2h30m, 90m, 1.5h or 5400s"
+        )
+    return seconds
+
+
 def shard(cells: list[AnyCell], index: int, count: int) -> list[AnyCell]:
     """Cells ``index, index + count, ...``: the shards of ``count`` processes are disjoint and complete."""
     return cells[index::count]
@@ -489,6 +510,7 @@ def run_sweep(
     shard_index: int = 0,
     shard_count: int = 1,
     keep_going: bool = False,
+    deadline: float | None = None,
     say: Any = print,
 ) -> dict[str, int]:
     """Run this shard's cells that are not in the ledger, skipping cells another process holds.
@@ -496,20 +518,26 @@ def run_sweep(
     Args:
         keep_going: a cell that raises (e.g. a non-finite loss) is written to ``failures.jsonl``
             and the sweep goes on with the next cell; otherwise the error stops the sweep.
+        deadline: ``time.time()`` after which no cell starts, nor one whose kind's done cells took longer
+            than the time left (`too_late`): a machine lent for some hours, a batch job's time limit.
 
     Returns:
         ``{"cells", "done" (already in the ledger), "ran", "taken" (held by another process),
-        "failed"}``.
+        "failed", "deferred" (not started: the deadline)}``.
     """
     cells = shard(expand(sweep), shard_index, shard_count)
     git_commit()  # the code this process imported, before any cell runs (a later commit is not what ran)
     (sweep.out_dir / "locks").mkdir(parents=True, exist_ok=True)
     done = done_ids(read_ledger(sweep.ledger))
-    counts = {"cells": len(cells), "done": 0, "ran": 0, "taken": 0, "failed": 0}
+    counts = {"cells": len(cells), "done": 0, "ran": 0, "taken": 0, "failed": 0, "deferred": 0}
     for n, cell in enumerate(cells, 1):
         where = f"[{n}/{len(cells)}] {cell.id} {cell.params}"
         if cell.id in done:
             counts["done"] += 1
+            continue
+        if deadline is not None and (why := too_late(sweep, cell, deadline)):
+            say(f"{where}: not started: {why}")
+            counts["deferred"] += 1
             continue
         lock = FileLock(str(sweep.out_dir / "locks" / f"{cell.id}.lock"))
         try:
@@ -604,18 +632,40 @@ def _cost_kind(item: AnyCell | dict[str, Any]) -> str:
     return f"{len(item['tasks'])} task(s)"
 
 
-def estimate_line(sweep: Sweep, statuses: list[tuple[AnyCell, str]]) -> str:
-    """One line under ``--list``: how many cells are done / started / to do, and the hours the rest would take
-    on one worker at the median cost (`cell_seconds`) of the done cells of the same kind (`_cost_kind`; each cell's last record,
-    `latest_records`); a started cell counts whole. An estimate from this ledger's machine, not a promise."""
+def kind_costs(sweep: Sweep) -> dict[str, float]:
+    """The median cost in seconds (`cell_seconds`) of the ledger's done cells of each kind (`_cost_kind`; each
+    cell's last record, `latest_records`): what a cell of that kind will take on this ledger's machine."""
     costs: dict[str, list[float]] = {}
     for record in latest_records(read_ledger(sweep.ledger)):  # a cell recorded twice counts once
         if record.get("kind") != "federated" and "tasks" not in record:  # not a record `make_record` wrote
             continue
         if (seconds := cell_seconds(record)) is not None:
             costs.setdefault(_cost_kind(record), []).append(seconds)
+    return {kind: statistics.median(values) for kind, values in costs.items()}
+
+
+def too_late(sweep: Sweep, cell: AnyCell, deadline: float) -> str | None:
+    """Why ``cell`` must not start before ``deadline`` (a ``time.time()``), or None: the deadline has passed,
+    or the done cells of its kind (`kind_costs`) took longer than the time left. A cell of a kind none of which
+    is done starts while time is left (its cost is unknown)."""
+    left = deadline - time.time()
+    if left <= 0:
+        return "the time limit is reached"
+    cost = kind_costs(sweep).get(_cost_kind(cell))
+    if cost is not None and cost > left:
+        return (
+            f"cells of its kind took about {cost / 3600:.2f} h, {left / 3600:.2f} h of the time limit is left"
+        )
+    return None
+
+
+def estimate_line(sweep: Sweep, statuses: list[tuple[AnyCell, str]]) -> str:
+    """One line under ``--list``: how many cells are done / started / to do, and the hours the rest would take
+    on one worker at the median cost of the done cells of the same kind (`kind_costs`); a started cell counts
+    whole. An estimate from this ledger's machine, not a promise."""
+    costs = kind_costs(sweep)
     left = [cell for cell, status in statuses if status != "done"]
-    known = [statistics.median(costs[_cost_kind(c)]) for c in left if _cost_kind(c) in costs]
+    known = [costs[_cost_kind(c)] for c in left if _cost_kind(c) in costs]
     counts = {
         s: sum(1 for _, status in statuses if status == s) for s in ("done", "partial", "todo", "failed")
     }
@@ -636,6 +686,8 @@ def main(args: Any) -> int:
     sweep = load_sweep(args.config)
     # a bad --shard is refused before anything, --list and --report too
     index, count = parse_shard(args.shard)
+    limit = parse_time_limit(getattr(args, "time_limit", None))
+    deadline = None if limit is None else time.time() + limit
     if not args.report:  # --report checks every key it reads (`summarize_ledger`)
         check_records(sweep, read_ledger(sweep.ledger), LIST_RECORD_KEYS[sweep.kind])
     if args.report:
@@ -656,10 +708,13 @@ def main(args: Any) -> int:
                   "ran (a changed key gives every cell a new id), or they came from another campaign's ledger; "
                   "--report still shows them, as groups of their own")  # fmt: skip
         return 0
-    counts = run_sweep(sweep, shard_index=index, shard_count=count, keep_going=args.keep_going)
+    counts = run_sweep(
+        sweep, shard_index=index, shard_count=count, keep_going=args.keep_going, deadline=deadline
+    )
+    later = f", {counts['deferred']} not started (--time-limit)" if counts["deferred"] else ""
     print(
         f"sweep: {counts['cells']} cells in this shard, {counts['done']} already done, {counts['ran']} run now, "
-        f"{counts['taken']} held by another process, {counts['failed']} failed; ledger {sweep.ledger}"
+        f"{counts['taken']} held by another process, {counts['failed']} failed{later}; ledger {sweep.ledger}"
     )
     if counts["ran"] or counts["done"]:
         print(f"report: {write_report(sweep)}")
