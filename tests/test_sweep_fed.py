@@ -513,3 +513,32 @@ def test_list_estimate_counts_federated_cells_of_the_same_budget_only(tmp_path: 
     assert sweep.estimate_line(spec, [(two, "todo")]).endswith(
         "(1 of kinds none of which is done: no estimate)"
     )
+
+
+def test_time_limit_prices_a_federated_cell_of_a_new_kind_by_its_client_steps(tmp_path: Path) -> None:
+    """No FedSA-LoRA cell is done, but a Fed-ALoRA one is: 8 clients × 5 rounds × 20 steps = 800 client-steps
+    in 4000 s, 5 s each. A 2-client FedSA-LoRA cell at 5 × 20 (200 client-steps) should take 1000 s: it is
+    deferred with 900 s left and starts with 1100 s left. A done cell of its own kind wins over the rate."""
+    import time
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "fed_bigbench_homo.yaml"
+    config = {"clients": {"num": 8}, "rounds": 5, "train": {"local_steps": 20}}
+    record = {"kind": "federated", "strategy": "fedalora", "seed": 0, "id": "a", "rounds": 5, "local_steps": 20,
+              "config": config, "round_seconds": 4000.0, "wall_seconds": 100.0}  # fmt: skip
+    spec = sweep.Sweep(tmp_path / "s.yaml", base, tmp_path, [], [], {}, kind="federated")
+    spec.ledger.write_text(json.dumps(record) + "\n")
+    two = ["eval.local_only=false", "train.local_steps=20", "rounds=5", "clients.num=2",
+           "data.tasks=[bigbench:strategyqa, bigbench:winowhy]"]  # fmt: skip
+    fedsa = fed_sweep.make_cell(base, two, {"strategy": "fedsa", "seed": 0}, tmp_path)
+    assert sweep.cell_cost(spec, fedsa) == (1000.0, "its client-steps at the ledger's rate take")
+    assert sweep.too_late(spec, fedsa, time.time() + 900) == (
+        "its client-steps at the ledger's rate take about 0.28 h, 0.25 h of the time limit is left"
+    )
+    assert sweep.too_late(spec, fedsa, time.time() + 1100) is None
+    eight = ["eval.local_only=false", "train.local_steps=20", "rounds=5"]
+    fedalora = fed_sweep.make_cell(base, eight, {"strategy": "fedalora", "seed": 1}, tmp_path)
+    assert sweep.cell_cost(spec, fedalora) == (4000.0, "cells of its kind took")
+    empty = sweep.Sweep(tmp_path / "m.yaml", base, tmp_path / "none", [], [], {}, kind="federated")
+    assert (
+        sweep.cell_cost(empty, fedsa) is None
+    )  # nothing done: unknown, it starts while time is left

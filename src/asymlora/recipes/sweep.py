@@ -644,18 +644,45 @@ def kind_costs(sweep: Sweep) -> dict[str, float]:
     return {kind: statistics.median(values) for kind, values in costs.items()}
 
 
+def _client_steps(config: Any) -> int:
+    """Clients × rounds × local steps of a federated config (a `FedConfig` or a record's ``config`` dict)."""
+    if isinstance(config, dict):
+        return int(config["clients"]["num"] * config["rounds"] * config["train"]["local_steps"])
+    return int(config.clients.num * config.rounds * config.train.local_steps)
+
+
+def cell_cost(sweep: Sweep, cell: AnyCell) -> tuple[float, str] | None:
+    """What ``cell`` will take, in seconds, and where the figure comes from: the done cells of its kind
+    (`kind_costs`); for a federated cell of a kind none of which is done, the ledger's median seconds per
+    client-step (clients × rounds × local steps) over its done federated cells times the cell's client-steps
+    (a new strategy or budget costs about what its steps cost the others); else None (unknown)."""
+    if (cost := kind_costs(sweep).get(_cost_kind(cell))) is not None:
+        return cost, "cells of its kind took"
+    if not isinstance(cell, fed_sweep.FedCell):
+        return None
+    rates = []
+    for record in latest_records(read_ledger(sweep.ledger)):
+        seconds = cell_seconds(record) if record.get("kind") == "federated" else None
+        if seconds is not None and isinstance(record.get("config"), dict):
+            try:
+                rates.append(seconds / _client_steps(record["config"]))
+            except (KeyError, TypeError, ZeroDivisionError):  # a hand-made record without its budget
+                continue
+    if not rates:
+        return None
+    return statistics.median(rates) * _client_steps(cell.config), "its client-steps at the ledger's rate take"
+
+
 def too_late(sweep: Sweep, cell: AnyCell, deadline: float) -> str | None:
     """Why ``cell`` must not start before ``deadline`` (a ``time.time()``), or None: the deadline has passed,
-    or the done cells of its kind (`kind_costs`) took longer than the time left. A cell of a kind none of which
-    is done starts while time is left (its cost is unknown)."""
+    or its expected cost (`cell_cost`) is longer than the time left. A cell of unknown cost starts while time
+    is left."""
     left = deadline - time.time()
     if left <= 0:
         return "the time limit is reached"
-    cost = kind_costs(sweep).get(_cost_kind(cell))
-    if cost is not None and cost > left:
-        return (
-            f"cells of its kind took about {cost / 3600:.2f} h, {left / 3600:.2f} h of the time limit is left"
-        )
+    known = cell_cost(sweep, cell)
+    if known is not None and known[0] > left:
+        return f"{known[1]} about {known[0] / 3600:.2f} h, {left / 3600:.2f} h of the time limit is left"
     return None
 
 
