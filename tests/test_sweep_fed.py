@@ -539,6 +539,4 @@ def test_time_limit_prices_a_federated_cell_of_a_new_kind_by_its_client_steps(tm
     fedalora = fed_sweep.make_cell(base, eight, {"strategy": "fedalora", "seed": 1}, tmp_path)
     assert sweep.cell_cost(spec, fedalora) == (4000.0, "cells of its kind took")
     empty = sweep.Sweep(tmp_path / "m.yaml", base, tmp_path / "none", [], [], {}, kind="federated")
-    assert (
-        sweep.cell_cost(empty, fedsa) is None
-    )  # nothing done: unknown, it starts while time is left
+    assert sweep.cell_cost(empty, fedsa) is None  # nothing done: unknown, it starts while time is left
