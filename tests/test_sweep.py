@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -686,19 +687,30 @@ def test_time_limit_durations(text, seconds) -> None:
     assert sweep.parse_time_limit(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "0", "0h0m", "2 hours", "h", "5x", "1d", "30m2h"])
+@pytest.mark.parametrize(
+    "text", ["", "0", "0h0m", "2 hours", "h", "5x", "1d", "30m2h", "1h30", "inf", "nan", "1e3"]
+)
 def test_a_bad_time_limit_exits_2_naming_it_and_the_forms(env, text, capsys) -> None:
     assert cli_main(["sweep", str(env["sweep"]), "--time-limit", text]) == 2
     err = capsys.readouterr().err
     assert f"--time-limit {text!r}" in err and "2h30m" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", ["--list", "--report"])
+def test_time_limit_with_list_or_report_exits_2(env, flag, capsys) -> None:
+    assert cli_main(["sweep", str(env["sweep"]), "--time-limit", "1h", flag]) == 2
+    err = capsys.readouterr().err
+    assert "--time-limit limits a run; --list and --report run no cell" in err and "Traceback" not in err
+
+
 def test_time_limit_starts_no_cell_that_the_done_cells_of_its_kind_say_would_not_finish(
     env, tmp_path, monkeypatch, capsys
 ) -> None:
-    """The ledger holds one done 2-task cell of another grid (3000 + 600 s: the cost of its kind). With 1 h
-    left the four 2-task cells (3600 s each) are deferred and the two single-task cells (a kind none of which
-    is done: cost unknown) start; once the time limit has passed, no cell starts, and the CLI says how many
+    """The ledger holds one done 2-task cell of another grid (3000 + 600 s: the cost of its kind) and records
+    whose times or tasks are not numbers / a list (hand-edited: skipped, not a crash, not a cost). With 3599 s
+    left the four 2-task cells (3600 s each) are deferred, and told that no run of this limit will start them;
+    the two single-task cells (a kind none of which is done: cost unknown) start. Once the time limit has
+    passed no cell starts; a cell another process holds counts as held, not deferred; the CLI says how many
     were left for next time."""
     spec = dataclasses.replace(sweep.load_sweep(env["sweep"]), out_dir=tmp_path)
     record = {
@@ -707,24 +719,33 @@ def test_time_limit_starts_no_cell_that_the_done_cells_of_its_kind_say_would_not
         "train_seconds": 3000.0,
         "eval_seconds": 600.0,
     }
-    spec.ledger.write_text(json.dumps(record) + "\n")
+    bad = [{**record, "id": "a", "train_seconds": "5", "eval_seconds": 0}, {**record, "id": "b", "tasks": 3},
+           {**record, "id": "c", "train_seconds": float("nan")}, {**record, "id": "d", "train_seconds": -9000.0},
+           {**record, "id": "e", "train_seconds": True}]  # fmt: skip
+    spec.ledger.write_text("".join(json.dumps(r) + "\n" for r in [*bad, record]))
     ran: list[str] = []
     fake = lambda cell, ledger: ran.append(cell.id) or {"average": 0.5, "wall_seconds": 1.0}  # noqa: E731
     monkeypatch.setattr(sweep, "run_cell", fake)
     said: list[str] = []
-    counts = sweep.run_sweep(spec, deadline=time.time() + 3599, say=said.append)
+    counts = sweep.run_sweep(spec, deadline=time.monotonic() + 3599, say=said.append)
     single = [c.id for c in sweep.expand(spec) if len(c.config.data.tasks) == 1]
     assert (
         counts == {"cells": 6, "done": 0, "ran": 2, "taken": 0, "failed": 0, "deferred": 4} and ran == single
     )
-    assert sum("not started: cells of its kind took about 1.00 h, 1.00 h of the time limit is left" in line
-               for line in said) == 4  # fmt: skip
-    assert sweep.run_sweep(spec, deadline=time.time() + 3601, say=said.append)["ran"] == 6  # 1 h fits in 1 h
+    why = (r"not started: cells of its kind took about 3,600 s \(1\.0 h\), 3,59\d s of the time limit is left; "
+           r"more than the whole --time-limit \(3,59\d s\): give a longer one, or none, to run it$")  # fmt: skip
+    assert sum(bool(re.search(why, line)) for line in said) == 4, said
+    two = next(c for c in sweep.expand(spec) if len(c.config.data.tasks) == 2)
+    assert sweep.too_late(spec, two, time.monotonic() + 3000, limit=7200.0) == (
+        "cells of its kind took about 3,600 s (1.0 h), 3,000 s of the time limit is left"
+    )  # a later run of this 2 h limit can start it: no advice
+    assert sweep.run_sweep(spec, deadline=time.monotonic() + 3601, say=said.append)["ran"] == 6  # 1 h fits
     said.clear()
-    counts = sweep.run_sweep(spec, deadline=time.time() - 1, say=said.append)
-    assert counts["deferred"] == 6 and all(
-        line.endswith("not started: the time limit is reached") for line in said
-    )
+    with FileLock(str(spec.out_dir / "locks" / f"{two.id}.lock")):  # another process runs it
+        counts = sweep.run_sweep(spec, deadline=time.monotonic() - 1, say=said.append)
+    assert (counts["deferred"], counts["taken"]) == (5, 1)
+    said = [line for line in said if "another process" not in line]
+    assert all(line.endswith("not started: the time limit is reached") for line in said)
     # the CLI: the limit counts from its start; 1 h is less than the 3600 s a 2-task cell takes by now
     text = yaml.safe_load(env["sweep"].read_text())
     (tmp_path / "cli").mkdir()

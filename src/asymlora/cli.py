@@ -4,7 +4,7 @@
     asymlora train CONFIG.yaml [key=value ...]     run a multi-task config (see configs/)
     asymlora eval RUN_DIR                          re-evaluate a finished run
     asymlora compare RUN_A RUN_B                   paired tests of two runs on the same test examples
-    asymlora sweep SWEEP.yaml [--shard i/n]        run a grid of configs resumably into one results ledger
+    asymlora sweep SWEEP.yaml [--shard i/n] [--time-limit 2h]  run a grid of configs resumably into one ledger
     asymlora export RUN_DIR --task NAME --out DIR  one task of a run as a stock peft LoRA (--calibration train: soft/topk)
     asymlora analyze PATH [PATH ...] --out DIR     where the knowledge sits: A vs B similarity, spectra
     asymlora experiment init-similarity            the paper's Figure 1: A vs B similarity across tasks and seeds
@@ -256,9 +256,10 @@ def _add_sweep(sub: Subparsers) -> None:
                  "ledger alone.")  # fmt: skip
     p.add_argument("config", help="sweep YAML (base config, overrides, grid; see docs/sweep.md)")
     p.add_argument("--shard", help="i/n: take only cells i, i+n, i+2n, ... of the grid (0 <= i < n)")
-    p.add_argument("--time-limit", help="a duration (2h30m, 90m, 1.5h, 5400s): start no cell after it has passed, "
-                   "nor one whose kind's done cells took longer than the time left (a machine lent for some "
-                   "hours, a batch job's time limit); the cells left run next time")  # fmt: skip
+    p.add_argument("--time-limit", help="a duration (2h30m, 90m, 1.5h, 5400s; a bare number is seconds): start no "
+                   "cell after it has passed, nor one expected (from the ledger's done cells) to take longer than "
+                   "the time left (a machine lent for some hours, a batch job's time limit); the cells left run "
+                   "next time")  # fmt: skip
     only = p.add_mutually_exclusive_group()  # each runs nothing: given both, --list was silently dropped
     only.add_argument(
         "--report", action="store_true", help="only regenerate results.md and figures from the ledger"

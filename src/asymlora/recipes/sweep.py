@@ -352,22 +352,27 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?")
+_NUMBER = r"(\d+(?:\.\d*)?)"
+_DURATION = re.compile(rf"{_NUMBER}|(?:{_NUMBER}h)?(?:{_NUMBER}m)?(?:{_NUMBER}s)?")
+"""Seconds alone (``5400``), or units in the order h, m, s, each with its letter (``1h30`` is refused: 1 h 30 s
+or 1 h 30 min? say ``1h30m``)."""
 
 
 def parse_time_limit(text: str | None) -> float | None:
-    """``--time-limit``: ``"2h30m"``, ``"90m"``, ``"1.5h"``, ``"5400s"`` or ``"5400"`` -> seconds (> 0); None -> None.
-    (Three units of one regex: not worth a dependency.) Raises ValueError naming the value and the forms."""
+    """``--time-limit``: ``"2h30m"``, ``"90m"``, ``"1.5h"``, ``"5400s"`` or ``"5400"`` (seconds) -> seconds
+    (> 0, finite); None -> None. (Three units of one regex: not worth a dependency.) Raises ValueError naming
+    the value and the forms."""
     if text is None:
         return None
     match = _DURATION.fullmatch(text.strip())
     seconds = None
     if match and any(match.groups()):
-        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
-        seconds = hours * 3600 + minutes * 60 + secs
-    if not seconds:
+        alone, hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = alone + hours * 3600 + minutes * 60 + secs
+    if not seconds or not math.isfinite(seconds):
         raise ValueError(
-            f"--time-limit {text!r}: expected a duration above 0, e.g. 2h30m, 90m, 1.5h or 5400s"
+            f"--time-limit {text!r}: expected a duration above 0 with its units in the order h, m, s, "
+            "e.g. 2h30m, 90m, 1.5h, 5400s or 5400 (seconds)"
         )
     return seconds
 
@@ -518,14 +523,15 @@ def run_sweep(
     Args:
         keep_going: a cell that raises (e.g. a non-finite loss) is written to ``failures.jsonl``
             and the sweep goes on with the next cell; otherwise the error stops the sweep.
-        deadline: ``time.time()`` after which no cell starts, nor one whose kind's done cells took longer
-            than the time left (`too_late`): a machine lent for some hours, a batch job's time limit.
+        deadline: ``time.monotonic()`` after which no cell starts, nor one expected to take longer than the
+            time left (`too_late`): a machine lent for some hours, a batch job's time limit.
 
     Returns:
         ``{"cells", "done" (already in the ledger), "ran", "taken" (held by another process),
         "failed", "deferred" (not started: the deadline)}``.
     """
     cells = shard(expand(sweep), shard_index, shard_count)
+    limit = None if deadline is None else deadline - time.monotonic()  # the whole limit, for the messages
     git_commit()  # the code this process imported, before any cell runs (a later commit is not what ran)
     (sweep.out_dir / "locks").mkdir(parents=True, exist_ok=True)
     done = done_ids(read_ledger(sweep.ledger))
@@ -534,10 +540,6 @@ def run_sweep(
         where = f"[{n}/{len(cells)}] {cell.id} {cell.params}"
         if cell.id in done:
             counts["done"] += 1
-            continue
-        if deadline is not None and (why := too_late(sweep, cell, deadline)):
-            say(f"{where}: not started: {why}")
-            counts["deferred"] += 1
             continue
         lock = FileLock(str(sweep.out_dir / "locks" / f"{cell.id}.lock"))
         try:
@@ -549,6 +551,10 @@ def run_sweep(
         try:
             if cell.id in done_ids(read_ledger(sweep.ledger)):
                 counts["done"] += 1  # finished by another process since this one started
+                continue
+            if deadline is not None and (why := too_late(sweep, cell, deadline, limit)):
+                say(f"{where}: not started: {why}")
+                counts["deferred"] += 1
                 continue
             say(f"{where}: running in {cell.run_dir}")
             record = run_cell(cell, sweep.ledger)
@@ -609,10 +615,23 @@ def cell_seconds(record: dict[str, Any]) -> float | None:
     last process did); a federated cell's rounds (over its resumes) or its wall time, the larger (its
     evaluation is in the wall time of the process that finished it)."""
     if record.get("kind") != "federated":
-        train, evaluation = record.get("train_seconds"), record.get("eval_seconds")
-        return None if train is None or evaluation is None else float(train + evaluation)
-    known = [v for v in (record.get("round_seconds"), record.get("wall_seconds")) if v is not None]
-    return float(max(known)) if known else None
+        train, evaluation = _seconds(record.get("train_seconds")), _seconds(record.get("eval_seconds"))
+        return None if train is None or evaluation is None else train + evaluation
+    known = [
+        v
+        for v in (_seconds(record.get("round_seconds")), _seconds(record.get("wall_seconds")))
+        if v is not None
+    ]
+    return max(known) if known else None
+
+
+def _seconds(value: Any) -> float | None:
+    """A ledger's time in seconds when it is one (a finite number >= 0; a hand-edited ``"5"``, NaN or -1 is
+    not), else None: the estimates skip what they cannot read rather than fail a run over it."""
+    ok = (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    )
+    return float(value) if ok else None
 
 
 def _cost_kind(item: AnyCell | dict[str, Any]) -> str:
@@ -629,7 +648,8 @@ def _cost_kind(item: AnyCell | dict[str, Any]) -> str:
     ):  # a record without its budget (hand-made) matches no cell: no estimate
         clients = ((item.get("config") or {}).get("clients") or {}).get("num")
         return f"{item['strategy']}, {clients} clients × {item.get('rounds')} rounds × {item.get('local_steps')} steps"
-    return f"{len(item['tasks'])} task(s)"
+    tasks = item.get("tasks")
+    return f"{len(tasks)} task(s)" if isinstance(tasks, list) else "unknown"
 
 
 def kind_costs(sweep: Sweep) -> dict[str, float]:
@@ -644,11 +664,19 @@ def kind_costs(sweep: Sweep) -> dict[str, float]:
     return {kind: statistics.median(values) for kind, values in costs.items()}
 
 
-def _client_steps(config: Any) -> int:
-    """Clients × rounds × local steps of a federated config (a `FedConfig` or a record's ``config`` dict)."""
-    if isinstance(config, dict):
-        return int(config["clients"]["num"] * config["rounds"] * config["train"]["local_steps"])
-    return int(config.clients.num * config.rounds * config.train.local_steps)
+def _client_steps(config: Any) -> int | None:
+    """Clients × rounds × local steps of a federated config (a `FedConfig`, or a record's ``config`` dict: None
+    when it lacks one of them or one is not a positive integer)."""
+    if not isinstance(config, dict):
+        return int(config.clients.num * config.rounds * config.train.local_steps)
+    clients, train = config.get("clients"), config.get("train")
+    factors = [
+        (clients if isinstance(clients, dict) else {}).get("num"),
+        config.get("rounds"),
+        (train if isinstance(train, dict) else {}).get("local_steps"),
+    ]
+    counts = [f for f in factors if isinstance(f, int) and not isinstance(f, bool) and f > 0]
+    return math.prod(counts) if len(counts) == len(factors) else None
 
 
 def cell_cost(sweep: Sweep, cell: AnyCell) -> tuple[float, str] | None:
@@ -663,27 +691,37 @@ def cell_cost(sweep: Sweep, cell: AnyCell) -> tuple[float, str] | None:
     rates = []
     for record in latest_records(read_ledger(sweep.ledger)):
         seconds = cell_seconds(record) if record.get("kind") == "federated" else None
-        if seconds is not None and isinstance(record.get("config"), dict):
-            try:
-                rates.append(seconds / _client_steps(record["config"]))
-            except (KeyError, TypeError, ZeroDivisionError):  # a hand-made record without its budget
-                continue
+        steps = _client_steps(record.get("config"))
+        if seconds is not None and steps is not None:  # a hand-made record without its budget: skipped
+            rates.append(seconds / steps)
     if not rates:
         return None
-    return statistics.median(rates) * _client_steps(cell.config), "its client-steps at the ledger's rate take"
+    steps = _client_steps(cell.config)
+    assert steps is not None  # a FedConfig always has its budget
+    return statistics.median(rates) * steps, "its client-steps at the ledger's rate take"
 
 
-def too_late(sweep: Sweep, cell: AnyCell, deadline: float) -> str | None:
-    """Why ``cell`` must not start before ``deadline`` (a ``time.time()``), or None: the deadline has passed,
-    or its expected cost (`cell_cost`) is longer than the time left. A cell of unknown cost starts while time
-    is left."""
-    left = deadline - time.time()
+def _duration(seconds: float) -> str:
+    return f"{seconds:,.0f} s" + (f" ({seconds / 3600:.1f} h)" if seconds >= 3600 else "")
+
+
+def too_late(sweep: Sweep, cell: AnyCell, deadline: float, limit: float | None = None) -> str | None:
+    """Why ``cell`` must not start before ``deadline`` (a ``time.monotonic()``), or None: the deadline has
+    passed, or its expected cost (`cell_cost`) is longer than the time left (and, when it is longer than the
+    whole ``limit`` in seconds, that no run of this limit will start it). A cell of unknown cost starts while
+    time is left."""
+    left = deadline - time.monotonic()
     if left <= 0:
         return "the time limit is reached"
     known = cell_cost(sweep, cell)
-    if known is not None and known[0] > left:
-        return f"{known[1]} about {known[0] / 3600:.2f} h, {left / 3600:.2f} h of the time limit is left"
-    return None
+    if known is None or known[0] <= left:
+        return None
+    why = f"{known[1]} about {_duration(known[0])}, {_duration(left)} of the time limit is left"
+    if limit is not None and known[0] > limit:
+        why += (
+            f"; more than the whole --time-limit ({_duration(limit)}): give a longer one, or none, to run it"
+        )
+    return why
 
 
 def estimate_line(sweep: Sweep, statuses: list[tuple[AnyCell, str]]) -> str:
@@ -709,12 +747,14 @@ def estimate_line(sweep: Sweep, statuses: list[tuple[AnyCell, str]]) -> str:
 
 
 def main(args: Any) -> int:
-    """``asymlora sweep CONFIG [--shard i/n] [--report] [--list]``."""
+    """``asymlora sweep CONFIG [--shard i/n] [--time-limit DURATION] [--report] [--list] [--keep-going]``."""
     sweep = load_sweep(args.config)
     # a bad --shard is refused before anything, --list and --report too
     index, count = parse_shard(args.shard)
     limit = parse_time_limit(getattr(args, "time_limit", None))
-    deadline = None if limit is None else time.time() + limit
+    if limit is not None and (args.list or args.report):
+        raise ValueError("--time-limit limits a run; --list and --report run no cell: give it without them")
+    deadline = None if limit is None else time.monotonic() + limit
     if not args.report:  # --report checks every key it reads (`summarize_ledger`)
         check_records(sweep, read_ledger(sweep.ledger), LIST_RECORD_KEYS[sweep.kind])
     if args.report:
