@@ -722,7 +722,8 @@ def test_time_limit_starts_no_cell_that_the_done_cells_of_its_kind_say_would_not
     bad = [{**record, "id": "a", "train_seconds": "5", "eval_seconds": 0}, {**record, "id": "b", "tasks": 3},
            {**record, "id": "c", "train_seconds": float("nan")}, {**record, "id": "d", "train_seconds": -9000.0},
            {**record, "id": "e", "train_seconds": True}]  # fmt: skip
-    spec.ledger.write_text("".join(json.dumps(r) + "\n" for r in [*bad, record]))
+    earlier = {**record, "train_seconds": 1e6}  # the same cell recorded before: its last record counts
+    spec.ledger.write_text("".join(json.dumps(r) + "\n" for r in [*bad, earlier, record]))
     ran: list[str] = []
     fake = lambda cell, ledger: ran.append(cell.id) or {"average": 0.5, "wall_seconds": 1.0}  # noqa: E731
     monkeypatch.setattr(sweep, "run_cell", fake)

@@ -529,7 +529,10 @@ def test_time_limit_prices_a_federated_cell_of_a_new_kind_by_its_client_steps(tm
     no_budget = [{**record, "id": "b", "config": {"clients": {"num": 8}, "rounds": 5}},  # hand-made: skipped
                  {**record, "id": "c", "config": {**config, "train": {"local_steps": 0}}, "round_seconds": 1.0},
                  {**record, "id": "e", "seed": 1, "round_seconds": "9", "wall_seconds": None}]  # fmt: skip
-    spec.ledger.write_text("".join(json.dumps(r) + "\n" for r in [*no_budget, record]))
+    earlier = {**record, "round_seconds": 4e6}  # the same cell recorded before: its last record counts
+    others = [{**record, "id": "f", "seed": 2}, {**record, "id": "g", "seed": 3, "round_seconds": 40000.0}]
+    ledger = [*no_budget, earlier, record, *others]  # rates 5, 5, 50 s per client-step: the median is 5
+    spec.ledger.write_text("".join(json.dumps(r) + "\n" for r in ledger))
     two = ["eval.local_only=false", "train.local_steps=20", "rounds=5", "clients.num=2",
            "data.tasks=[bigbench:strategyqa, bigbench:winowhy]"]  # fmt: skip
     fedsa = fed_sweep.make_cell(base, two, {"strategy": "fedsa", "seed": 0}, tmp_path)
@@ -541,6 +544,9 @@ def test_time_limit_prices_a_federated_cell_of_a_new_kind_by_its_client_steps(tm
     assert sweep.too_late(spec, fedsa, time.monotonic() + 1100) is None
     eight = ["eval.local_only=false", "train.local_steps=20", "rounds=5"]
     fedalora = fed_sweep.make_cell(base, eight, {"strategy": "fedalora", "seed": 1}, tmp_path)
-    assert sweep.cell_cost(spec, fedalora) == (4000.0, "cells of its kind took")
+    assert sweep.cell_cost(spec, fedalora) == (
+        4000.0,
+        "cells of its kind took",
+    )  # median of 4000, 4000, 40000
     empty = sweep.Sweep(tmp_path / "m.yaml", base, tmp_path / "none", [], [], {}, kind="federated")
     assert sweep.cell_cost(empty, fedsa) is None  # nothing done: unknown, it starts while time is left
