@@ -4,6 +4,7 @@ lines that say what would resolve an unresolved comparison. Each test failed bef
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -337,14 +338,30 @@ def test_how_a_multitask_cell_is_saved_and_logged_is_not_part_of_its_id() -> Non
     assert sweep.done_ids([record(logged, 0)]) >= {sweep.cell_id(base)}
 
 
-@pytest.mark.parametrize("campaign", ["campaign_multitask", "campaign_federated_het"])
-def test_the_committed_campaign_cells_keep_the_ids_they_were_recorded_under(campaign: str) -> None:
-    """Every record of a committed campaign ledger is a cell of its sweep file under the id it was recorded
-    with, so no change to how ids are computed leaves a done cell "done" only through its config while the
-    half-finished cells of the campaign (run directories keyed by id) would start over."""
+HET_GRID_AT_10_ROUNDS = [
+    {"strategy": ["zeropad", "local-only"], "seed": [0, 1, 2]},
+    {"strategy": ["fedalora-het"], "het_local": ["fresh", "persist"], "seed": [0, 1, 2]},
+]
+"""The grid of configs/campaign_federated_het.yaml until 2026-12-02 (10 rounds × 30 local steps from the base
+config); its three seed-0 cells stay in the ledger beside the cells of the 5 × 20 grid."""
+
+
+@pytest.mark.parametrize(
+    ("campaign", "old_grid"),
+    [("campaign_multitask", None), ("campaign_federated", None), ("campaign_federated_rouge", None),
+     ("campaign_federated_het", HET_GRID_AT_10_ROUNDS)],
+)  # fmt: skip
+def test_the_committed_campaign_cells_keep_the_ids_they_were_recorded_under(campaign: str, old_grid) -> None:
+    """Every record of a committed campaign ledger is a cell of its sweep file (or of the grid it had before a
+    deliberate change of budget) under the id it was recorded with, so no change to how ids are computed leaves
+    a done cell "done" only through its config while the half-finished cells of the campaign (run directories
+    keyed by id) would start over."""
     from asymlora.recipes import sweep
 
     root = Path(__file__).resolve().parents[1]
     spec = sweep.load_sweep(root / "configs" / f"{campaign}.yaml")
+    ids = {cell.id for cell in sweep.expand(spec)}
+    if old_grid is not None:
+        ids |= {cell.id for cell in sweep.expand(dataclasses.replace(spec, grid=old_grid))}
     recorded = {r["id"] for r in sweep.read_ledger(root / "results" / campaign / "ledger.jsonl")}
-    assert recorded and recorded <= {cell.id for cell in sweep.expand(spec)}
+    assert recorded and recorded <= ids
