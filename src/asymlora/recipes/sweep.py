@@ -643,11 +643,11 @@ def _cost_kind(item: AnyCell | dict[str, Any]) -> str:
         return f"{item.strategy}, {c.clients.num} clients × {c.rounds} rounds × {c.train.local_steps} steps"
     if isinstance(item, Cell):
         return f"{len(item.config.data.tasks)} task(s)"
-    if (
-        item.get("kind") == "federated"
-    ):  # a record without its budget (hand-made) matches no cell: no estimate
+    # a federated record without its budget (hand-made) matches no cell: no estimate
+    if item.get("kind") == "federated":
         clients = ((item.get("config") or {}).get("clients") or {}).get("num")
-        return f"{item['strategy']}, {clients} clients × {item.get('rounds')} rounds × {item.get('local_steps')} steps"
+        budget = f"{clients} clients × {item.get('rounds')} rounds × {item.get('local_steps')} steps"
+        return f"{item['strategy']}, {budget}"
     tasks = item.get("tasks")
     return f"{len(tasks)} task(s)" if isinstance(tasks, list) else "unknown"
 
