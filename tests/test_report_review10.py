@@ -42,7 +42,7 @@ def _mt_record(method: str, seed: int, scores: dict[str, list[float] | float]) -
             "trainable_params": 100, "steps": 4, "config": cfg.to_dict()}  # fmt: skip
 
 
-def _report(where: Path, records: list[dict], kind: str, reference: str) -> tuple[str, dict]:
+def _report(where: Path, records: list[dict], kind: str, reference: str | list[str]) -> tuple[str, dict]:
     from asymlora.recipes import sweep
 
     where.mkdir(parents=True, exist_ok=True)
@@ -332,8 +332,48 @@ def test_a_reference_with_no_run_is_said_not_silently_untested(tmp_path: Path) -
     records = [_fed_record(s, 0, [_client("c0", [1, 0, 1, 1])]) for s in ("fedalora", "fedit")]
     page, summary = _report(tmp_path, records, "federated", "fedalorra")
     assert summary["paired"] == []
-    assert "No paired tests: the ledger holds no run of report.reference 'fedalorra' (yet: it holds fedalora, " \
-           "fedit)." in page  # fmt: skip
+    assert "No paired tests of 'fedalorra': the ledger holds no run of it, a name of report.reference (yet: it " \
+           "holds fedalora, fedit)." in page  # fmt: skip
+    page, summary = _report(tmp_path, records, "federated", ["fedit", "local-only"])  # one of two is missing
+    assert [(p["a"], p["b"]) for p in summary["paired"]] == [("fedit", "fedalora")]
+    assert "No paired tests of 'local-only'" in page and "No paired tests of 'fedit'" not in page
+
+
+def test_several_references_test_every_pair_of_theirs_once(tmp_path: Path) -> None:
+    """``report.reference: [fedalora, local-only]``: Fed-ALoRA against every other strategy, then local-only
+    against the rest (the question "does federating help at all"), without local-only − fedalora (the mirror of
+    a row above). By hand, one client of 4 examples, seed 0: fedalora [1,1,1,0], fedit [1,0,0,0], local-only
+    [1,1,0,0], fedsa [0,0,0,0]; fedalora − fedit +0.5, − local-only +0.25, − fedsa +0.75; local-only − fedit
+    +0.25, − fedsa +0.5."""
+    scores = {
+        "fedalora": [1, 1, 1, 0],
+        "fedit": [1, 0, 0, 0],
+        "local-only": [1, 1, 0, 0],
+        "fedsa": [0, 0, 0, 0],
+    }
+    records = [_fed_record(s, 0, [_client("c0", v)]) for s, v in scores.items()]
+    _, summary = _report(tmp_path, records, "federated", ["fedalora", "local-only"])
+    found = {(p["a"], p["b"]): p["tests"]["average"]["difference"] for p in summary["paired"]}
+    assert list(found) == [("fedalora", "fedit"), ("fedalora", "local-only"), ("fedalora", "fedsa"),
+                           ("local-only", "fedit"), ("local-only", "fedsa")]  # fmt: skip
+    assert list(found.values()) == pytest.approx([0.5, 0.25, 0.75, 0.25, 0.5])
+    _, summary = _report(tmp_path, records, "federated", ["local-only", "fedalora"])  # the order decides A
+    assert [(p["a"], p["b"]) for p in summary["paired"]][:4] == [
+        ("local-only", "fedalora"), ("local-only", "fedit"), ("local-only", "fedsa"), ("fedalora", "fedit"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("reference", [[], [""], ["fedalora", 3], {"a": 1}, 7])
+def test_a_reference_that_is_no_name_is_refused_with_the_value(tmp_path: Path, reference: object) -> None:
+    from asymlora.config import ConfigError
+    from asymlora.recipes import sweep
+
+    spec = {"kind": "federated", "out_dir": ".", "grid": {"seed": [0]}, "report": {"reference": reference}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(
+        ConfigError, match=r"report\.reference=.* must be a method \(strategy\) name or a non-empty"
+    ):
+        sweep.load_sweep(tmp_path / "sweep.yaml")
 
 
 def _dp_record(strategy: str, seed: int, z: float | None, epsilon: float | None) -> dict:

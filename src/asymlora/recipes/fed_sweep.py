@@ -47,7 +47,16 @@ from asymlora.federated.config import FedConfig
 from asymlora.federated.partition import load_partition
 from asymlora.federated.strategies import STRATEGY_NAMES
 from asymlora.models import cpu_name
-from asymlora.recipes.groups import SeedGroup, config_key, latest_per_cell, paired_lines, paired_over_seeds
+from asymlora.recipes.groups import (
+    SeedGroup,
+    config_key,
+    latest_per_cell,
+    paired_lines,
+    paired_over_seeds,
+    rank,
+    reference_names,
+    reference_pairs,
+)
 
 __all__ = ["FED_KEYS", "LOCAL_ONLY", "FedCell", "is_federated", "make_cell", "make_record", "run_cell",
            "summarize", "tables"]  # fmt: skip
@@ -447,9 +456,10 @@ def comparable(ref: FedGroup, peer: FedGroup) -> bool:
     return peer.strategy == ref.strategy or _setting(peer) == _setting(ref)
 
 
-def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> dict[str, Any]:
+def summarize(records: Sequence[Mapping[str, Any]], reference: str | Sequence[str] | None) -> dict[str, Any]:
     """Everything the federated results page shows: per-group scores over seeds, costs, paired tests of
-    every group of strategy ``reference`` against every `comparable` group (same clients and examples)."""
+    every group of strategy ``reference`` (a name or a list of names: `groups.reference_pairs`) against every
+    `comparable` group (same clients and examples)."""
     groups = group_records(records)
     summary: dict[str, Any] = {"kind": "federated", "groups": [], "paired": [], "unpaired": [], "std_ddof": stats.STD_DDOF,
                                "records": sum(len(g.records) for g in groups), "reference": reference}  # fmt: skip
@@ -459,12 +469,10 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str | None) -> di
             "ids": [r["id"] for r in g.records], "personalised": _side_summary(g, "personalised"),
             "global": _side_summary(g, "global"), "missing_clients": missing_clients(g), **_cost(g),
         })  # fmt: skip
-    refs = [g for g in groups if g.strategy == reference]
-    # two groups of the reference strategy (e.g. no DP and ε = 8) are tested once, not as A − B and B − A
-    for i, ref in enumerate(refs):
-        for peer in (g for g in groups if comparable(ref, g) and not any(g is r for r in refs[: i + 1])):
-            result = paired(ref, peer)
-            summary["unpaired" if "why" in result else "paired"].append(result)
+    names = reference_names(reference)
+    for ref, peer in reference_pairs(groups, lambda g: rank(names, g.strategy), comparable):
+        result = paired(ref, peer)
+        summary["unpaired" if "why" in result else "paired"].append(result)
     return summary
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from asymlora.eval import stats
 
@@ -31,6 +31,39 @@ def config_key(config: Mapping[str, Any]) -> str:
     """8 hex digits of the sha256 of ``config`` as sorted-key JSON: records with equal keys form one group
     (the caller blanks what varies within a group: the seed, the run directory)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def reference_names(reference: str | Sequence[str] | None) -> list[str]:
+    """``report.reference`` as a list: one method (strategy) name, several, or none (`reference_pairs`)."""
+    if reference is None:
+        return []
+    return [reference] if isinstance(reference, str) else list(reference)
+
+
+def rank(names: Sequence[str], name: str) -> int | None:
+    """``name``'s place in ``names`` (`reference_names`), None when it is not there: a `reference_pairs` rank."""
+    return names.index(name) if name in names else None
+
+
+G = TypeVar("G", bound=SeedGroup)
+
+
+def reference_pairs(
+    groups: Sequence[G], rank: Callable[[G], int | None], comparable: Callable[[G, G], bool]
+) -> Iterator[tuple[G, G]]:
+    """The (A, B) pairs a report tests: every reference group (``rank`` not None: its method's place in
+    ``report.reference``) as A against every ``comparable`` group, references in ``report.reference`` order then
+    ledger order, and each pair once: no A − A, and no B − A after A − B (two reference groups, e.g. Fed-ALoRA
+    and local-only, are tested once, with the one named first in ``report.reference`` as A)."""
+    refs = sorted((g for g in groups if rank(g) is not None), key=lambda g: rank(g) or 0)  # sort is stable
+    seen: set[frozenset[int]] = set()
+    for ref in refs:
+        for peer in groups:
+            pair = frozenset((id(ref), id(peer)))
+            if peer is ref or pair in seen or not comparable(ref, peer):
+                continue
+            seen.add(pair)
+            yield ref, peer
 
 
 def latest_per_cell(

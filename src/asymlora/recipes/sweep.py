@@ -70,7 +70,16 @@ from asymlora.eval.report import delta_m
 from asymlora.federated.round_log import ROUNDS_FILE
 from asymlora.io import atomic_write_text
 from asymlora.recipes import fed_sweep, multitask
-from asymlora.recipes.groups import SeedGroup, config_key, latest_per_cell, paired_lines, paired_over_seeds
+from asymlora.recipes.groups import (
+    SeedGroup,
+    config_key,
+    latest_per_cell,
+    paired_lines,
+    paired_over_seeds,
+    rank,
+    reference_names,
+    reference_pairs,
+)
 from asymlora.recipes.multitask import PER_EXAMPLE_FILE, read_examples
 
 LEDGER_FILE = "ledger.jsonl"
@@ -188,6 +197,15 @@ def load_sweep(path: str | Path) -> Sweep:
     report = data.get("report") or {}
     if not isinstance(report, dict) or set(report) - REPORT_KEYS:
         raise ConfigError(f"{path}: report takes only {sorted(REPORT_KEYS)}")
+    reference = report.get("reference")
+    names = [reference] if isinstance(reference, str) else reference
+    if reference is not None and (
+        not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names)
+    ):
+        raise ConfigError(
+            f"{path}: report.reference={reference!r} must be a method (strategy) name or a non-empty list of them, "
+            "e.g. reference: alora, or reference: [fedalora, local-only]"
+        )
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list):
         raise ConfigError(f"{path}: overrides must be a list of key=value strings")
@@ -997,7 +1015,6 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
     candidates = [g for g in groups if len(g.tasks) == 1 and g.method == baseline_method]
     # the last group of a task (in ledger order) is its baseline; _baseline_choice_notes says so on the page
     baselines = {g.tasks[0]: g for g in candidates}
-    reference = sweep.report.get("reference")
     summary: dict[str, Any] = {
         "groups": [],
         "paired": [],
@@ -1020,15 +1037,17 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
             "timed_seeds": sum(_is_number(r.get("train_seconds")) for r in g.records),
             "steps": [r["steps"] for r in g.records],  # per seed: the stopping rule stops each seed on its own
         })  # fmt: skip
-    refs = [g for g in groups if g.method == reference and len(g.tasks) > 1]
-    # two reference groups (e.g. soft and task routing) are tested once, not as A − B and B − A
-    for i, ref in enumerate(refs):
-        for peer in (g for g in groups if len(g.tasks) > 1 and not any(g is r for r in refs[: i + 1])):
-            result = _paired(ref, peer)
-            if isinstance(result, str):
-                summary["unpaired"].append({"a": ref.label, "b": peer.label, "why": result})
-            elif result:
-                summary["paired"].append({"a": ref.label, "b": peer.label, **result})
+    names = reference_names(sweep.report.get("reference"))
+    # multi-task groups only: a single-task baseline is the Δm% reference, not a rival on one task
+    pairs = reference_pairs(
+        groups, lambda g: rank(names, g.method), lambda a, b: len(a.tasks) > 1 and len(b.tasks) > 1
+    )
+    for ref, peer in pairs:
+        result = _paired(ref, peer)
+        if isinstance(result, str):
+            summary["unpaired"].append({"a": ref.label, "b": peer.label, "why": result})
+        elif result:
+            summary["paired"].append({"a": ref.label, "b": peer.label, **result})
     return summary
 
 
@@ -1181,14 +1200,12 @@ def _write_report(sweep: Sweep) -> Path:
     return page
 
 
-def _reference_line(reference: str | None, groups: Sequence[dict[str, Any]]) -> list[str]:
-    """A line when ``report.reference`` names no method (strategy) of the ledger: no paired test, and why (not
-    run yet, or misspelt)."""
+def _reference_line(reference: str | list[str] | None, groups: Sequence[dict[str, Any]]) -> list[str]:
+    """A line for each name of ``report.reference`` that is no method (strategy) of the ledger: no paired test
+    of it, and why (not run yet, or misspelt)."""
     names = sorted({str(g.get("method") or g.get("strategy")) for g in groups})
-    if reference is None or reference in names:
-        return []
-    return ["", f"No paired tests: the ledger holds no run of report.reference {reference!r} (yet: it holds "
-            f"{', '.join(names)})."]  # fmt: skip
+    return [f"\nNo paired tests of {name!r}: the ledger holds no run of it, a name of report.reference (yet: it "
+            f"holds {', '.join(names)})." for name in reference_names(reference) if name not in names]  # fmt: skip
 
 
 def _bar(v: dict[str, Any]) -> dict[str, Any]:
