@@ -206,7 +206,7 @@ def test_make_record_by_hand() -> None:
           "target_epsilon": 8.0, "other": 1}  # fmt: skip
     results = {"clients": _clients(), "rounds": 4, "bytes": {"up": 10, "down": 30, "total": 40, "eval_down": 5,
                "per_round": [20, 20], "extra": 1}, "dp": dp, "train_loss": [1.5, 1.0], "eval_failures": ["x"],
-               "round_seconds": 12.5}  # fmt: skip
+               "round_seconds": 12.5, "eval_seconds": 2.5}  # fmt: skip
     record = fed_sweep.make_record(
         cell, results, started="then", wall_seconds=3.14159, commit="abc", host="h"
     )
@@ -218,7 +218,7 @@ def test_make_record_by_hand() -> None:
         "bytes": {"up": 10, "down": 30, "total": 40, "eval_down": 5, "per_round": [20, 20], "transfer": None},
         "dp": {k: dp[k] for k in ("epsilon", "delta", "noise_multiplier", "clipping_norm", "clipping", "target_epsilon")},
         "rounds": 4, "local_steps": 30, "steps": 120,  # 4 rounds × 30 local steps (the base's)
-        "train_loss": [1.5, 1.0], "eval_failures": ["x"], "round_seconds": 12.5,
+        "train_loss": [1.5, 1.0], "eval_failures": ["x"], "round_seconds": 12.5, "eval_seconds": 2.5,
         "started": "then", "wall_seconds": 3.14, "config": cell.config.to_dict(),
         "hardware": record["hardware"],
     }  # fmt: skip
@@ -230,13 +230,8 @@ def test_make_record_by_hand() -> None:
     bare = fed_sweep.make_record(cell, {"clients": _clients(), "bytes": {}, "dp": {}}, started="", wall_seconds=0,
                                  commit=None, host="")  # fmt: skip
     assert (bare["rounds"], bare["steps"]) == (cell.config.rounds, cell.config.rounds * 30)
-    assert (bare["bytes"], bare["dp"], bare["train_loss"], bare["eval_failures"], bare["round_seconds"]) == (
-        None,
-        None,
-        None,
-        [],
-        None,
-    )
+    assert (bare["bytes"], bare["dp"], bare["train_loss"], bare["eval_failures"], bare["round_seconds"],
+            bare["eval_seconds"]) == (None, None, None, [], None, None)  # fmt: skip
     with pytest.raises(RuntimeError) as e:
         fed_sweep.make_record(
             cell, {"clients": [{"label": "a"}]}, started="", wall_seconds=0, commit=None, host=""

@@ -261,6 +261,13 @@ def test_list_estimates_the_hours_left_from_the_done_cells_of_each_kind(env, tmp
     )
     assert sweep.cell_seconds({"kind": "federated", "round_seconds": 700.0, "wall_seconds": 900.0}) == 900.0
     assert sweep.cell_seconds({"kind": "federated", "round_seconds": 700.0, "wall_seconds": 90.0}) == 700.0
+    # resumed after its rounds: 2,219 s of rounds in earlier processes, the last one's 490 s is the evaluation
+    resumed = {"kind": "federated", "round_seconds": 2219.0, "eval_seconds": 400.0, "wall_seconds": 490.0}
+    assert sweep.cell_seconds(resumed) == 2619.0
+    assert (
+        sweep.cell_seconds({**resumed, "wall_seconds": 2700.0}) == 2700.0
+    )  # one process: loading counts too
+    assert sweep.cell_seconds({**resumed, "eval_seconds": float("nan")}) == 2219.0  # hand-edited: unread
 
 
 def test_ledger_values_are_strict_json() -> None:

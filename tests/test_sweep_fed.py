@@ -542,6 +542,10 @@ def test_time_limit_prices_a_federated_cell_of_a_new_kind_by_its_client_steps(tm
         sweep.too_late(spec, fedsa, time.monotonic() + 900) or "",
     )
     assert sweep.too_late(spec, fedsa, time.monotonic() + 1100) is None
+    assert sweep.estimate_line(spec, [(fedsa, "todo")]) == (  # --list prices it the same way
+        "0 done, 0 started, 1 to do; the 1 left with an estimate: about 0.3 h on one worker (1 of kinds none of "
+        "which is done, priced by their client-steps at the ledger's seconds per client-step)"
+    )
     eight = ["eval.local_only=false", "train.local_steps=20", "rounds=5"]
     fedalora = fed_sweep.make_cell(base, eight, {"strategy": "fedalora", "seed": 1}, tmp_path)
     assert sweep.cell_cost(spec, fedalora) == (

@@ -290,7 +290,7 @@ def make_record(
         "bytes": _bytes(results), "dp": _dp(results),
         "rounds": rounds, "local_steps": cfg.train.local_steps, "steps": rounds * cfg.train.local_steps,
         "train_loss": results.get("train_loss"), "eval_failures": results.get("eval_failures", []),
-        "round_seconds": results.get("round_seconds"),
+        "round_seconds": results.get("round_seconds"), "eval_seconds": results.get("eval_seconds"),
         "started": started, "wall_seconds": round(wall_seconds, 2), "config": cfg.to_dict(),
         "hardware": client_hardware(cfg),
     }  # fmt: skip

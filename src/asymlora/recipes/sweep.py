@@ -630,16 +630,16 @@ def cell_progress(cell: AnyCell) -> str:
 def cell_seconds(record: dict[str, Any]) -> float | None:
     """What a finished cell cost on its machine, in seconds: a multi-task cell's training (over its resumes)
     plus evaluation (None when its record lacks the training time: its wall time would count only what its
-    last process did); a federated cell's rounds (over its resumes) or its wall time, the larger (its
-    evaluation is in the wall time of the process that finished it)."""
+    last process did); a federated cell's rounds (over its resumes) plus its final evaluation, or its wall
+    time, the larger (a cell resumed after its last round: the wall time is the evaluation alone; a record
+    without ``eval_seconds``, older than it: its rounds)."""
+    train, evaluation = _seconds(record.get("train_seconds")), _seconds(record.get("eval_seconds"))
     if record.get("kind") != "federated":
-        train, evaluation = _seconds(record.get("train_seconds")), _seconds(record.get("eval_seconds"))
         return None if train is None or evaluation is None else train + evaluation
-    known = [
-        v
-        for v in (_seconds(record.get("round_seconds")), _seconds(record.get("wall_seconds")))
-        if v is not None
-    ]
+    rounds, wall = _seconds(record.get("round_seconds")), _seconds(record.get("wall_seconds"))
+    if rounds is not None and evaluation is not None:
+        rounds += evaluation
+    known = [v for v in (rounds, wall) if v is not None]
     return max(known) if known else None
 
 
@@ -670,16 +670,51 @@ def _cost_kind(item: AnyCell | dict[str, Any]) -> str:
     return f"{len(tasks)} task(s)" if isinstance(tasks, list) else "unknown"
 
 
-def kind_costs(sweep: Sweep) -> dict[str, float]:
-    """The median cost in seconds (`cell_seconds`) of the ledger's done cells of each kind (`_cost_kind`; each
-    cell's last record, `latest_records`): what a cell of that kind will take on this ledger's machine."""
-    costs: dict[str, list[float]] = {}
-    for record in latest_records(read_ledger(sweep.ledger)):  # a cell recorded twice counts once
-        if record.get("kind") != "federated" and "tasks" not in record:  # not a record `make_record` wrote
-            continue
-        if (seconds := cell_seconds(record)) is not None:
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    """What cells cost on a ledger's machine, in seconds (`cell_seconds` of each done cell's last record,
+    `latest_records`): ``by_kind`` the median over the done cells of each kind (`_cost_kind`), and
+    ``per_client_step`` the median over the done federated cells of their seconds per client-step (clients ×
+    rounds × local steps; None when none is done). Read once from the ledger (`Costs.read`) and asked per cell
+    (`Costs.of`)."""
+
+    by_kind: dict[str, float]
+    per_client_step: float | None
+
+    @classmethod
+    def read(cls, sweep: Sweep) -> Costs:
+        """The costs of ``sweep``'s ledger as it is now (another worker may add cells later)."""
+        costs: dict[str, list[float]] = {}
+        rates = []
+        for record in latest_records(read_ledger(sweep.ledger)):  # a cell recorded twice counts once
+            if (
+                record.get("kind") != "federated" and "tasks" not in record
+            ):  # not a record `make_record` wrote
+                continue
+            if (seconds := cell_seconds(record)) is None:
+                continue
             costs.setdefault(_cost_kind(record), []).append(seconds)
-    return {kind: statistics.median(values) for kind, values in costs.items()}
+            steps = _client_steps(record.get("config")) if record.get("kind") == "federated" else None
+            if steps is not None:  # a hand-made record without its budget: skipped
+                rates.append(seconds / steps)
+        by_kind = {kind: statistics.median(values) for kind, values in costs.items()}
+        return cls(by_kind, statistics.median(rates) if rates else None)
+
+    def of(self, cell: AnyCell) -> tuple[float, str] | None:
+        """What ``cell`` will take, in seconds, and where the figure comes from: the done cells of its kind; for
+        a federated cell of a kind none of which is done, its client-steps at the ledger's median seconds per
+        client-step (a new strategy or budget costs about what its steps cost the others); else None."""
+        if (cost := self.by_kind.get(_cost_kind(cell))) is not None:
+            return cost, "cells of its kind took"
+        if not isinstance(cell, fed_sweep.FedCell) or self.per_client_step is None:
+            return None
+        steps = _client_steps(cell.config)
+        assert steps is not None  # a FedConfig always has its budget
+        return self.per_client_step * steps, RATE_SOURCE
+
+
+RATE_SOURCE = "its client-steps at the ledger's rate take"
+"""`Costs.of`'s source of a cost priced by the ledger's seconds per client-step."""
 
 
 def _client_steps(config: Any) -> int | None:
@@ -698,25 +733,8 @@ def _client_steps(config: Any) -> int | None:
 
 
 def cell_cost(sweep: Sweep, cell: AnyCell) -> tuple[float, str] | None:
-    """What ``cell`` will take, in seconds, and where the figure comes from: the done cells of its kind
-    (`kind_costs`); for a federated cell of a kind none of which is done, the ledger's median seconds per
-    client-step (clients × rounds × local steps) over its done federated cells times the cell's client-steps
-    (a new strategy or budget costs about what its steps cost the others); else None (unknown)."""
-    if (cost := kind_costs(sweep).get(_cost_kind(cell))) is not None:
-        return cost, "cells of its kind took"
-    if not isinstance(cell, fed_sweep.FedCell):
-        return None
-    rates = []
-    for record in latest_records(read_ledger(sweep.ledger)):
-        seconds = cell_seconds(record) if record.get("kind") == "federated" else None
-        steps = _client_steps(record.get("config"))
-        if seconds is not None and steps is not None:  # a hand-made record without its budget: skipped
-            rates.append(seconds / steps)
-    if not rates:
-        return None
-    steps = _client_steps(cell.config)
-    assert steps is not None  # a FedConfig always has its budget
-    return statistics.median(rates) * steps, "its client-steps at the ledger's rate take"
+    """`Costs.of` ``cell`` on ``sweep``'s ledger as it is now."""
+    return Costs.read(sweep).of(cell)
 
 
 def _duration(seconds: float) -> str:
@@ -744,21 +762,26 @@ def too_late(sweep: Sweep, cell: AnyCell, deadline: float, limit: float | None =
 
 def estimate_line(sweep: Sweep, statuses: list[tuple[AnyCell, str]]) -> str:
     """One line under ``--list``: how many cells are done / started / to do, and the hours the rest would take
-    on one worker at the median cost of the done cells of the same kind (`kind_costs`); a started cell counts
-    whole. An estimate from this ledger's machine, not a promise."""
-    costs = kind_costs(sweep)
+    on one worker (`Costs.of`: the median cost of the done cells of the same kind, or a federated cell's
+    client-steps at the ledger's rate); a started cell counts whole. An estimate from this ledger's machine,
+    not a promise."""
+    costs = Costs.read(sweep)
     left = [cell for cell, status in statuses if status != "done"]
-    known = [costs[_cost_kind(c)] for c in left if _cost_kind(c) in costs]
+    known = [cost for c in left if (cost := costs.of(c)) is not None]
     counts = {
         s: sum(1 for _, status in statuses if status == s) for s in ("done", "partial", "todo", "failed")
     }
     line = f"{counts['done']} done, {counts['partial']} started, {counts['todo']} to do"
     if counts["failed"]:
         line += f", {counts['failed']} failed (the errors in {FAILURES_FILE}; a re-run tries them again)"
-    if known:
+    hours = sum(seconds for seconds, _ in known) / 3600
+    if by_rate := sum(1 for _, source in known if source == RATE_SOURCE):
         line += (
-            f"; the {len(known)} left of a kind already done: about {sum(known) / 3600:.1f} h on one worker"
+            f"; the {len(known)} left with an estimate: about {hours:.1f} h on one worker ({by_rate} of kinds none "
+            "of which is done, priced by their client-steps at the ledger's seconds per client-step)"
         )
+    elif known:
+        line += f"; the {len(known)} left of a kind already done: about {hours:.1f} h on one worker"
     if len(known) < len(left):
         line += f" ({len(left) - len(known)} of kinds none of which is done: no estimate)"
     return line
