@@ -523,3 +523,26 @@ def test_two_single_task_configs_of_one_task_say_which_is_the_baseline(tmp_path:
     (note,) = [line for line in page.splitlines() if line.startswith("- x: 2 single-task groups")]
     assert note.endswith("the Δm% baseline is the last in the ledger, method=lora on x (config "
                          f"{note.split('(config ')[-1].split(')')[0]}) (cells long-x)")  # fmt: skip
+
+
+def test_averages_are_also_corrected_over_the_pages_pairs() -> None:
+    """A list of references puts 13 or more pairs on the federated page; each average was tested at 0.05 alone.
+    Holm over three pairs by hand: p 0.01, 0.04, 0.03 sorted 0.01 · 3 = 0.03, 0.03 · 2 = 0.06, 0.04 · 1 = 0.04
+    → max(0.06, 0.04) = 0.06: adjusted 0.03, 0.06, 0.06; only the first holds at 0.05."""
+    from asymlora.recipes.groups import holm_over_pairs, paired_lines
+
+    def pair(b: str, p: float) -> dict:
+        test = {"difference": 0.1, "low": 0.01, "high": 0.2, "p_value": p}
+        return {"a": "A", "b": b, "seeds": [0], "tests": {"average": test}}
+
+    paired = holm_over_pairs([pair("B", 0.01), pair("C", 0.04), pair("D", 0.03)])
+    assert [p["tests"]["average"]["p_holm_pairs"] for p in paired] == pytest.approx([0.03, 0.06, 0.06])
+    assert [p["tests"]["average"]["p_value"] for p in paired] == [0.01, 0.04, 0.03]  # unchanged
+    lines = paired_lines(paired, [], "Paired:", "client")
+    at = lines.index("Averages that hold after Holm's correction over the page's 3 pairs (p_Holm < 0.05: at most a "
+                     "5% chance of any false call among them):")  # fmt: skip
+    assert lines[at + 2 :] == ["- A − B: +0.100 (p_Holm=0.03)"]  # C and D do not hold
+    assert not any(
+        "correction over the page" in line for line in paired_lines(paired[:1], [], "P:", "client")
+    )
+    assert holm_over_pairs([]) == []

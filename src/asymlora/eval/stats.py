@@ -53,6 +53,7 @@ __all__ = [
     "example_key",
     "examples_to_resolve",
     "format_interval",
+    "holm",
     "holm_adjusted",
     "metric_interval",
     "nan_mean",
@@ -476,11 +477,17 @@ def holm_adjusted(tests: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str,
     """
     tasks = [t for t in tests if t != "average"]
     out = {t: dict(test) for t, test in tests.items()}
-    if tasks:
-        adjusted = multipletests([tests[t]["p_value"] for t in tasks], method="holm")[1]
-        for task, p in zip(tasks, adjusted, strict=True):
-            out[task]["p_holm"] = float(p)
+    for task, p in zip(tasks, holm([tests[t]["p_value"] for t in tasks]), strict=True):
+        out[task]["p_holm"] = p
     return out
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """The p-values adjusted by Holm's step-down procedure (statsmodels' ``multipletests``; see
+    :func:`holm_adjusted`), in their order; ``[]`` for none."""
+    if not p_values:
+        return []
+    return [float(p) for p in multipletests(list(p_values), method="holm")[1]]
 
 
 def compare_examples(

@@ -50,6 +50,7 @@ from asymlora.models import cpu_name
 from asymlora.recipes.groups import (
     SeedGroup,
     config_key,
+    holm_over_pairs,
     latest_per_cell,
     paired_lines,
     paired_over_seeds,
@@ -473,6 +474,7 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str | Sequence[st
     for ref, peer in reference_pairs(groups, lambda g: rank(names, g.strategy), comparable):
         result = paired(ref, peer)
         summary["unpaired" if "why" in result else "paired"].append(result)
+    summary["paired"] = holm_over_pairs(summary["paired"])
     return summary
 
 

@@ -153,6 +153,18 @@ def _resolve(
     }
 
 
+def holm_over_pairs(paired: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``paired`` (a report's pair tests, `paired_over_seeds` with ``a`` and ``b``) with ``p_holm_pairs`` in each
+    pair's average test: its p-value adjusted by Holm's procedure over the report's pairs (`stats.holm`), so that
+    calling every pair with ``p_holm_pairs`` < 0.05 a difference keeps the chance of any false call among the
+    page's pairs at 5 % (the more pairs a page tests, the more cross p < 0.05 by chance)."""
+    adjusted = stats.holm([p["tests"]["average"]["p_value"] for p in paired])
+    return [
+        {**p, "tests": {**p["tests"], "average": {**p["tests"]["average"], "p_holm_pairs": q}}}
+        for p, q in zip(paired, adjusted, strict=True)
+    ]
+
+
 def paired_lines(
     paired: Sequence[Mapping[str, Any]],
     units: Sequence[str],
@@ -187,6 +199,7 @@ def paired_lines(
                   f"per-example scores to pair); the average's test is over the other {unit}s, so its difference is "
                   f"not the difference of the averages over every {unit}:", "", *partial]  # fmt: skip
     lines += _holm_lines(paired, unit)
+    lines += _pairs_holm_lines(paired)
     lines += _seed_test_lines(paired)
     unresolved = [
         _resolve_line(p, unit) for p in paired if p["tests"]["average"]["p_value"] >= 1 - stats.CONFIDENCE
@@ -210,6 +223,19 @@ def _holm_lines(paired: Sequence[Mapping[str, Any]], unit: str) -> list[str]:
         lines.append(f"- {p['a']} − {p['b']}: {found or 'none'}")
     return ["", f"Per-{unit} differences that hold after Holm's correction over each pair's {unit}s (p_Holm < "
             f"{alpha:.2g}: at most a {alpha:.0%} chance of any false call among a pair's {unit}s):", "", *lines]  # fmt: skip
+
+
+def _pairs_holm_lines(paired: Sequence[Mapping[str, Any]]) -> list[str]:
+    """With several pairs: the averages' differences that hold after Holm's correction over the pairs
+    (`holm_over_pairs`)."""
+    alpha = 1 - stats.CONFIDENCE
+    tests = [(p, p["tests"]["average"]) for p in paired if "p_holm_pairs" in p["tests"]["average"]]
+    if len(tests) < 2:
+        return []
+    held = [f"- {p['a']} − {p['b']}: {t['difference']:+.3f} (p_Holm={t['p_holm_pairs']:.3g})"
+            for p, t in tests if t["p_holm_pairs"] < alpha]  # fmt: skip
+    return ["", f"Averages that hold after Holm's correction over the page's {len(tests)} pairs (p_Holm < "
+            f"{alpha:.2g}: at most a {alpha:.0%} chance of any false call among them):", "", *(held or ["none"])]  # fmt: skip
 
 
 def _seed_test_lines(paired: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -73,6 +73,7 @@ from asymlora.recipes import fed_sweep, multitask
 from asymlora.recipes.groups import (
     SeedGroup,
     config_key,
+    holm_over_pairs,
     latest_per_cell,
     paired_lines,
     paired_over_seeds,
@@ -1071,6 +1072,7 @@ def summarize_ledger(sweep: Sweep) -> dict[str, Any]:
             summary["unpaired"].append({"a": ref.label, "b": peer.label, "why": result})
         elif result:
             summary["paired"].append({"a": ref.label, "b": peer.label, **result})
+    summary["paired"] = holm_over_pairs(summary["paired"])
     return summary
 
 
