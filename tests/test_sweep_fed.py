@@ -342,9 +342,10 @@ def test_dp_campaign_cells_share_delta_and_set_epsilon_or_no_noise(campaigns) ->
     settings = {(c.config.dp.target_epsilon, c.config.dp.noise_multiplier, c.config.dp.clipping_norm)
                 for c in cells}  # fmt: skip
     assert settings == {(None, 0.0, 1e9), (8.0, None, 0.5), (3.0, None, 0.5), (1.0, None, 0.5)}
-    assert {(c.config.dp.clipping, c.config.dp.delta, c.config.rounds) for c in cells} == {
-        ("server", 1e-5, 10)
+    budget = {
+        (c.config.dp.clipping, c.config.dp.delta, c.config.rounds, c.config.train.local_steps) for c in cells
     }
+    assert budget == {("server", 1e-5, 5, 20)}  # the budget of campaign_federated.yaml
 
 
 def client_scores(label: str, scores: list[float]) -> dict:
