@@ -343,13 +343,15 @@ HET_GRID_AT_10_ROUNDS = [
     {"strategy": ["fedalora-het"], "het_local": ["fresh", "persist"], "seed": [0, 1, 2]},
 ]
 """The grid of configs/campaign_federated_het.yaml until 2026-12-02 (10 rounds × 30 local steps from the base
-config); its three seed-0 cells stay in the ledger beside the cells of the 5 × 20 grid."""
+config, bf16 autocast: `HET_OVERRIDES_WITH_BF16`); its three seed-0 cells stay in the ledger beside the cells
+of the 5 × 20 float32 grid."""
+HET_OVERRIDES_WITH_BF16 = ["train.mixed_precision=bf16", "eval.local_only=false", "simulation.num_cpus=1"]
 
 
 @pytest.mark.parametrize(
     ("campaign", "old_grid"),
     [("campaign_multitask", None), ("campaign_federated", None), ("campaign_federated_rouge", None),
-     ("campaign_federated_het", HET_GRID_AT_10_ROUNDS)],
+     ("campaign_federated_het", (HET_GRID_AT_10_ROUNDS, HET_OVERRIDES_WITH_BF16))],
 )  # fmt: skip
 def test_the_committed_campaign_cells_keep_the_ids_they_were_recorded_under(campaign: str, old_grid) -> None:
     """Every record of a committed campaign ledger is a cell of its sweep file (or of the grid it had before a
@@ -362,6 +364,7 @@ def test_the_committed_campaign_cells_keep_the_ids_they_were_recorded_under(camp
     spec = sweep.load_sweep(root / "configs" / f"{campaign}.yaml")
     ids = {cell.id for cell in sweep.expand(spec)}
     if old_grid is not None:
-        ids |= {cell.id for cell in sweep.expand(dataclasses.replace(spec, grid=old_grid))}
+        grid, overrides = old_grid
+        ids |= {cell.id for cell in sweep.expand(dataclasses.replace(spec, grid=grid, overrides=overrides))}
     recorded = {r["id"] for r in sweep.read_ledger(root / "results" / campaign / "ledger.jsonl")}
     assert recorded and recorded <= ids
