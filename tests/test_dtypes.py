@@ -138,3 +138,25 @@ def test_merged_and_exported_tasks_match_the_routed_model(tmp_path, dtype, autoc
     for name, out in (("exported", exported), ("merged", merged)):
         gap = (out - ref).abs().max()
         assert gap < tol and between_tasks > 10 * gap, (name, gap, between_tasks)
+
+
+@pytest.mark.parametrize(("has_bf16", "warned"), [(False, 1), (True, 0), (None, 0)])
+def test_bf16_autocast_warns_once_on_a_cpu_that_emulates_it(monkeypatch, caplog, has_bf16, warned) -> None:
+    """An AMD EPYC with AVX2 only ran the federated campaign's bf16 steps several times slower than float32
+    (2026-12-02); the run gave no hint. Now one warning per process naming the fix; none on a CPU with
+    AVX512-BF16 / AMX, none when torch cannot tell, none for float32 or a CUDA device."""
+    from asymlora.train import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    precision._warn_if_emulated.cache_clear()
+    with caplog.at_level("WARNING", logger="asymlora.train.precision"):
+        for _ in range(3):
+            with precision.autocast("cpu", torch.bfloat16):
+                pass
+        precision.autocast("cpu", None)
+        precision.autocast("cuda", torch.bfloat16)  # a context manager, not entered: CUDA is not needed
+    messages = [r.getMessage() for r in caplog.records if r.name == "asymlora.train.precision"]
+    assert len(messages) == warned
+    if warned:
+        assert "train.mixed_precision=null" in messages[0] and "AVX512-BF16 or AMX" in messages[0]
+    precision._warn_if_emulated.cache_clear()
