@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from tests.conftest import make_char_tokenizer, make_tiny_llama
 
@@ -555,3 +556,22 @@ def test_time_limit_prices_a_federated_cell_of_a_new_kind_by_its_client_steps(tm
     )  # median of 4000, 4000, 40000
     empty = sweep.Sweep(tmp_path / "m.yaml", base, tmp_path / "none", [], [], {}, kind="federated")
     assert sweep.cell_cost(empty, fedsa) is None  # nothing done: unknown, it starts while time is left
+
+
+def test_a_sweep_of_bf16_cells_warns_on_a_cpu_that_emulates_bf16(campaigns, monkeypatch) -> None:
+    """The homogeneous campaign's bf16 cells ran several times slower than float32 on an AVX2-only CPU
+    (2026-12-02) and the sweep's log said nothing: the clients train in Ray workers, whose warnings it does not
+    show. Now the sweep says so when it starts; the float32 het campaign and a CPU with AVX512-BF16 get nothing."""
+    from asymlora.train import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    homo = campaigns["campaign_federated.yaml"][1]
+    warning = sweep.emulated_bf16_warning(homo)
+    assert warning is not None and warning.startswith(
+        "warning: 19 of 19 cells: train.mixed_precision=bf16 on a CPU"
+    )
+    assert "train.mixed_precision=null" in warning
+    assert sweep.emulated_bf16_warning(campaigns["campaign_federated_het.yaml"][1]) is None  # float32
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert sweep.emulated_bf16_warning(homo) is None

@@ -54,6 +54,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from filelock import FileLock, Timeout
 
@@ -82,6 +83,7 @@ from asymlora.recipes.groups import (
     reference_pairs,
 )
 from asymlora.recipes.multitask import PER_EXAMPLE_FILE, read_examples
+from asymlora.train import precision
 
 LEDGER_FILE = "ledger.jsonl"
 FAILURES_FILE = "failures.jsonl"
@@ -550,6 +552,8 @@ def run_sweep(
         "failed", "deferred" (not started: the deadline)}``.
     """
     cells = shard(expand(sweep), shard_index, shard_count)
+    if warning := emulated_bf16_warning(cells):
+        say(warning)
     limit = None if deadline is None else deadline - time.monotonic()  # the whole limit, for the messages
     git_commit()  # the code this process imported, before any cell runs (a later commit is not what ran)
     (sweep.out_dir / "locks").mkdir(parents=True, exist_ok=True)
@@ -590,6 +594,18 @@ def run_sweep(
         finally:
             lock.release()
     return counts
+
+
+def emulated_bf16_warning(cells: Sequence[AnyCell]) -> str | None:
+    """A warning when cells train with bf16 autocast on this machine's CPU and it has no bfloat16 instructions
+    (`precision.cpu_has_bf16`; no CUDA): the clients of a federated cell train in Ray workers, whose own warning
+    (`precision.autocast`) no sweep log shows."""
+    bf16 = [c for c in cells if c.config.train.mixed_precision == "bf16"]
+    if not bf16 or torch.cuda.is_available() or precision.cpu_has_bf16() is not False:
+        return None
+    return f"warning: {len(bf16)} of {len(cells)} cells: " + precision.EMULATED_BF16.format(
+        cpu=torch.backends.cpu.get_cpu_capability(), slower=precision.SLOWER_ON_AVX2
+    )
 
 
 def cell_status(sweep: Sweep, cells: list[AnyCell] | None = None) -> list[tuple[AnyCell, str]]:
