@@ -595,3 +595,19 @@ def test_multitask_reference_list_pairs_multitask_groups_once_with_holm(tmp_path
     assert "Averages that hold after Holm's correction over the page's 3 pairs" in page
     assert "No paired tests of" not in page
 
+
+def test_a_reference_named_twice_is_refused(tmp_path: Path) -> None:
+    """``reference: [fedalora, fedalora]`` was taken, and a misspelt name listed twice got its "no run" line
+    twice; now it is refused, naming the duplicate. `groups.reference_names` keeps each name once for callers
+    that bypass `load_sweep`."""
+    from asymlora.config import ConfigError
+    from asymlora.recipes import sweep
+    from asymlora.recipes.groups import reference_names
+
+    spec = {"kind": "federated", "out_dir": ".", "grid": {"seed": [0]},
+            "report": {"reference": ["fedalora", "fedit", "fedalora"]}}  # fmt: skip
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"report\.reference=.* names fedalora more than once"):
+        sweep.load_sweep(tmp_path / "sweep.yaml")
+    assert reference_names(["b", "a", "b"]) == ["b", "a"]
+    assert reference_names("a") == ["a"] and reference_names(None) == []

@@ -208,6 +208,8 @@ def load_sweep(path: str | Path) -> Sweep:
             f"{path}: report.reference={reference!r} must be a method (strategy) name or a non-empty list of them, "
             "e.g. reference: alora, or reference: [fedalora, local-only]"
         )
+    if isinstance(names, list) and (twice := sorted({n for n in names if names.count(n) > 1})):
+        raise ConfigError(f"{path}: report.reference={reference!r} names {', '.join(twice)} more than once")
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list):
         raise ConfigError(f"{path}: overrides must be a list of key=value strings")
