@@ -546,3 +546,68 @@ def test_averages_are_also_corrected_over_the_pages_pairs() -> None:
         "correction over the page" in line for line in paired_lines(paired[:1], [], "P:", "client")
     )
     assert holm_over_pairs([]) == []
+
+
+def _holm_by_hand(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment written out: the i-th smallest p times (m − i), made monotone, capped at 1."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - k) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def test_federated_holm_over_pairs_is_over_the_paired_pairs_only(tmp_path: Path) -> None:
+    """``reference: [fedalora, local-only]`` with FedSA-LoRA run at another seed only: its two pairs cannot be
+    paired (no seed in common) and are no member of the family Holm corrects over, which is the three paired
+    pairs; `fed_sweep.summarize` applies it (a summary without ``p_holm_pairs`` failed here)."""
+    scores = {"fedalora": [1, 1, 1, 1, 1, 1, 1, 0], "fedit": [1, 0, 0, 0, 0, 0, 0, 0],
+              "local-only": [1, 1, 1, 1, 0, 0, 0, 0]}  # fmt: skip
+    records = [_fed_record(s, 0, [_client("c0", v)]) for s, v in scores.items()]
+    records.append(_fed_record("fedsa", 1, [_client("c0", [0] * 8)]))
+    page, summary = _report(tmp_path, records, "federated", ["fedalora", "local-only"])
+    assert [(p["a"], p["b"]) for p in summary["unpaired"]] == [("fedalora", "fedsa"), ("local-only", "fedsa")]
+    tests = [p["tests"]["average"] for p in summary["paired"]]
+    assert [(p["a"], p["b"]) for p in summary["paired"]] == [
+        ("fedalora", "fedit"), ("fedalora", "local-only"), ("local-only", "fedit")
+    ]  # fmt: skip
+    assert [t["p_holm_pairs"] for t in tests] == pytest.approx(_holm_by_hand([t["p_value"] for t in tests]))
+    assert "Averages that hold after Holm's correction over the page's 3 pairs" in page
+
+
+def test_multitask_reference_list_pairs_multitask_groups_once_with_holm(tmp_path: Path) -> None:
+    """The multi-task path (`sweep.summarize_ledger`) with ``reference: [alora, lora]``: ALoRA against LoRA and
+    HydraLoRA, then LoRA against HydraLoRA; the single-task cells (LoRA, the Δm% baselines, and an ALoRA on x)
+    are no rival, though their methods are references; Holm over the three pairs' averages."""
+    x, z = [1, 1, 0, 1, 1, 1, 0, 1], [1, 0, 1, 1, 1, 1, 1, 1]
+    records = [_mt_record("alora", 0, {"x": x, "z": z}), _mt_record("lora", 0, {"x": x[::-1], "z": [0] * 8}),
+               _mt_record("hydralora", 0, {"x": [0] * 8, "z": [0, 0, 0, 0, 0, 0, 0, 1]}),
+               _mt_record("lora", 0, {"x": x}), _mt_record("lora", 0, {"z": z}),
+               _mt_record("alora", 0, {"x": [0, 1, 0, 1, 0, 1, 0, 1]})]  # fmt: skip
+    page, summary = _report(tmp_path, records, "multitask", ["alora", "lora"])
+    assert [(p["a"], p["b"]) for p in summary["paired"]] == [
+        ("method=alora", "method=lora"), ("method=alora", "method=hydralora"), ("method=lora", "method=hydralora")
+    ]  # fmt: skip
+    assert summary["unpaired"] == []
+    tests = [p["tests"]["average"] for p in summary["paired"]]
+    assert [t["p_holm_pairs"] for t in tests] == pytest.approx(_holm_by_hand([t["p_value"] for t in tests]))
+    assert "Averages that hold after Holm's correction over the page's 3 pairs" in page
+    assert "No paired tests of" not in page
+
+
+def test_a_reference_named_twice_is_refused(tmp_path: Path) -> None:
+    """``reference: [fedalora, fedalora]`` was taken, and a misspelt name listed twice got its "no run" line
+    twice; now it is refused, naming the duplicate. `groups.reference_names` keeps each name once for callers
+    that bypass `load_sweep`."""
+    from asymlora.config import ConfigError
+    from asymlora.recipes import sweep
+    from asymlora.recipes.groups import reference_names
+
+    spec = {"kind": "federated", "out_dir": ".", "grid": {"seed": [0]},
+            "report": {"reference": ["fedalora", "fedit", "fedalora"]}}  # fmt: skip
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"report\.reference=.* names fedalora more than once"):
+        sweep.load_sweep(tmp_path / "sweep.yaml")
+    assert reference_names(["b", "a", "b"]) == ["b", "a"]
+    assert reference_names("a") == ["a"] and reference_names(None) == []

@@ -575,3 +575,25 @@ def test_a_sweep_of_bf16_cells_warns_on_a_cpu_that_emulates_bf16(campaigns, monk
     assert sweep.emulated_bf16_warning(campaigns["campaign_federated_het.yaml"][1]) is None  # float32
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     assert sweep.emulated_bf16_warning(homo) is None
+
+
+def test_list_estimate_survives_a_federated_record_without_its_config(tmp_path: Path) -> None:
+    """A hand-made federated record with no config (or not a dict there) has no budget: it prices no cell by
+    client-steps. `Costs.read` asked `_client_steps` for one and raised AttributeError, so ``--list`` failed on
+    a ledger it had read before (and ``--time-limit`` on every cell)."""
+    base = Path(__file__).resolve().parents[1] / "configs" / "fed_bigbench_homo.yaml"
+    config = {"clients": {"num": 8}, "rounds": 5, "train": {"local_steps": 20}}
+    record = {"kind": "federated", "strategy": "fedalora", "seed": 0, "id": "a", "rounds": 5, "local_steps": 20,
+              "config": config, "round_seconds": 4000.0, "wall_seconds": 100.0}  # fmt: skip
+    odd = [{**record, "id": "b", "seed": 1, "config": None}, {**record, "id": "c", "seed": 2, "config": [1]},
+           {**record, "id": "d", "seed": 3, "config": {"rounds": 5}}]  # fmt: skip
+    spec = sweep.Sweep(tmp_path / "s.yaml", base, tmp_path, [], [], {}, kind="federated")
+    spec.ledger.write_text("".join(json.dumps(r) + "\n" for r in [record, *odd]))
+    costs = sweep.Costs.read(spec)
+    assert costs.per_client_step == 5.0  # 4000 s over 8 × 5 × 20 client-steps: the odd records add no rate
+    two = ["eval.local_only=false", "train.local_steps=20", "rounds=5", "clients.num=2",
+           "data.tasks=[bigbench:strategyqa, bigbench:winowhy]"]  # fmt: skip
+    fedsa = fed_sweep.make_cell(base, two, {"strategy": "fedsa", "seed": 0}, tmp_path)
+    assert sweep.estimate_line(spec, [(fedsa, "todo")]).startswith(
+        "0 done, 0 started, 1 to do; the 1 left with an estimate: about 0.3 h on one worker"
+    )

@@ -34,10 +34,11 @@ def config_key(config: Mapping[str, Any]) -> str:
 
 
 def reference_names(reference: str | Sequence[str] | None) -> list[str]:
-    """``report.reference`` as a list: one method (strategy) name, several, or none (`reference_pairs`)."""
+    """``report.reference`` as a list: one method (strategy) name, several (each once, in their order), or none
+    (`reference_pairs`)."""
     if reference is None:
         return []
-    return [reference] if isinstance(reference, str) else list(reference)
+    return [reference] if isinstance(reference, str) else list(dict.fromkeys(reference))
 
 
 def rank(names: Sequence[str], name: str) -> int | None:

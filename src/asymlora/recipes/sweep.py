@@ -68,6 +68,7 @@ from asymlora.config import (
 )
 from asymlora.eval import plot_results, stats
 from asymlora.eval.report import delta_m
+from asymlora.federated.config import FedConfig
 from asymlora.federated.round_log import ROUNDS_FILE
 from asymlora.io import atomic_write_text
 from asymlora.recipes import fed_sweep, multitask
@@ -209,6 +210,8 @@ def load_sweep(path: str | Path) -> Sweep:
             f"{path}: report.reference={reference!r} must be a method (strategy) name or a non-empty list of them, "
             "e.g. reference: alora, or reference: [fedalora, local-only]"
         )
+    if isinstance(names, list) and (twice := sorted({n for n in names if names.count(n) > 1})):
+        raise ConfigError(f"{path}: report.reference={reference!r} names {', '.join(twice)} more than once")
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list):
         raise ConfigError(f"{path}: overrides must be a list of key=value strings")
@@ -680,7 +683,9 @@ def _cost_kind(item: AnyCell | dict[str, Any]) -> str:
         return f"{len(item.config.data.tasks)} task(s)"
     # a federated record without its budget (hand-made) matches no cell: no estimate
     if item.get("kind") == "federated":
-        clients = ((item.get("config") or {}).get("clients") or {}).get("num")
+        config = item.get("config")
+        clients = config.get("clients") if isinstance(config, dict) else None
+        clients = clients.get("num") if isinstance(clients, dict) else None
         budget = f"{clients} clients × {item.get('rounds')} rounds × {item.get('local_steps')} steps"
         return f"{item['strategy']}, {budget}"
     tasks = item.get("tasks")
@@ -736,9 +741,11 @@ RATE_SOURCE = "its client-steps at the ledger's rate take"
 
 def _client_steps(config: Any) -> int | None:
     """Clients × rounds × local steps of a federated config (a `FedConfig`, or a record's ``config`` dict: None
-    when it lacks one of them or one is not a positive integer)."""
-    if not isinstance(config, dict):
+    when it lacks one of them or one is not a positive integer, or when the record has no config dict)."""
+    if isinstance(config, FedConfig):
         return int(config.clients.num * config.rounds * config.train.local_steps)
+    if not isinstance(config, dict):  # a hand-made record without its config (or another value there)
+        return None
     clients, train = config.get("clients"), config.get("train")
     factors = [
         (clients if isinstance(clients, dict) else {}).get("num"),
