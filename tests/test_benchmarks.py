@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from benchmarks import report, run_all, tables, train_precision, train_step
 from benchmarks.common import RESULTS, ROOT
+
+from asymlora.train import precision
 
 NOT_FEDERATED = ",".join(b for b in run_all.BENCHMARKS if b != "federated")
 """The federated smoke starts Ray: it has its own test, marked ``fed``."""
@@ -205,7 +208,11 @@ def test_scoring_in_half_precision_checks_in_float32(capsys):
         "alora"
     ]
     assert r["agree"] and r["max_abs_diff"] <= 1e-4 == scoring.ATOL
-    assert r["bfloat16_diff"]["max_abs_diff"] > 10 * r["max_abs_diff"]  # bf16 rounding, recorded only
+    bf16 = r["bfloat16_diff"]["max_abs_diff"]  # bf16 rounding, recorded only
+    if precision.cpu_has_bf16():  # bfloat16 products in hardware: the two paths round apart
+        assert bf16 > 10 * r["max_abs_diff"]
+    else:  # an AVX2-only CPU emulates them (float32 products rounded after): the paths can agree closely
+        assert math.isfinite(bf16) and bf16 >= 0  # (2026-12-02, AMD EPYC with AVX2: 3.8e-06 against 7.6e-06)
 
 
 def test_scoring_compare_by_hand():
