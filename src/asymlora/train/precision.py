@@ -63,5 +63,5 @@ def _warn_if_emulated() -> None:
         )
 
 
-SLOWER_ON_AVX2 = "several times"
+SLOWER_ON_AVX2 = "13-26x"
 """How much slower the campaign's bf16 step measured on an AVX2-only CPU (docs/sweep.md, "bf16 or float32")."""
