@@ -606,9 +606,7 @@ def emulated_bf16_warning(cells: Sequence[AnyCell]) -> str | None:
     bf16 = [c for c in cells if c.config.train.mixed_precision == "bf16"]
     if not bf16 or torch.cuda.is_available() or precision.cpu_has_bf16() is not False:
         return None
-    return f"warning: {len(bf16)} of {len(cells)} cells: " + precision.EMULATED_BF16.format(
-        cpu=torch.backends.cpu.get_cpu_capability(), slower=precision.SLOWER_ON_AVX2
-    )
+    return f"warning: {len(bf16)} of {len(cells)} cells: {precision.emulated_bf16_message()}"
 
 
 def cell_status(sweep: Sweep, cells: list[AnyCell] | None = None) -> list[tuple[AnyCell, str]]:

@@ -24,9 +24,10 @@ DTYPES = {"bf16": torch.bfloat16}
 EMULATED_BF16 = (
     "train.mixed_precision=bf16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX; this one: {cpu}): "
     "autocast emulates bfloat16 there and runs slower than float32 (the campaign's training step measured "
-    '{slower} slower on an AMD EPYC with AVX2; docs/sweep.md, "bf16 or float32"). Set '
+    '13-26x slower on an AMD EPYC with AVX2; docs/sweep.md, "bf16 or float32"). Set '
     "train.mixed_precision=null to train in float32 on this machine (a campaign's cell id includes it)."
 )
+"""The warning of `emulated_bf16_message`; the figure is benchmarks/results/train_precision_avx2.json's."""
 
 
 def autocast_dtype(mixed_precision: str | None) -> torch.dtype | None:
@@ -58,10 +59,9 @@ def cpu_has_bf16() -> bool | None:
 def _warn_if_emulated() -> None:
     """Warn once per process when bf16 autocast runs on a CPU without bfloat16 instructions."""
     if cpu_has_bf16() is False:
-        logger.warning(
-            EMULATED_BF16.format(cpu=torch.backends.cpu.get_cpu_capability(), slower=SLOWER_ON_AVX2)
-        )
+        logger.warning(emulated_bf16_message())
 
 
-SLOWER_ON_AVX2 = "13-26x"
-"""How much slower the campaign's bf16 step measured on an AVX2-only CPU (docs/sweep.md, "bf16 or float32")."""
+def emulated_bf16_message() -> str:
+    """Why bf16 autocast is slow on this CPU, and the fix (`EMULATED_BF16`, naming the CPU's capability)."""
+    return EMULATED_BF16.format(cpu=torch.backends.cpu.get_cpu_capability())
