@@ -524,6 +524,44 @@ def test_comparable_and_setting() -> None:
     assert not fed_sweep.comparable(ref, other_setting)
 
 
+def test_precision_set_in_the_config_is_part_of_the_setting() -> None:
+    """A bf16 cell (``train.mixed_precision`` in the config, no grid key: a campaign's override) is labelled
+    apart and compared with float32 cells of its own strategy only."""
+    bf16 = {"train": {"mixed_precision": "bf16"}}
+    fedit_bf16 = _record("fedit", 0, _side({"c0": 0.5}), config=bf16)
+    assert fed_sweep._label(fedit_bf16) == "fedit mixed_precision=bf16"
+    assert (
+        fed_sweep._label(_record("fedit", 0, _side({"c0": 0.5}), config={"train": {"mixed_precision": None}}))
+        == "fedit"
+    )
+    as_grid_key = _record(
+        "fedit", 0, _side({"c0": 0.5}), params={"train.mixed_precision": "bf16"}, config=bf16
+    )
+    assert fed_sweep._label(as_grid_key) == "fedit mixed_precision=bf16"  # not twice
+    groups = {label: _group(label, [_record(s, 0, _side({"c0": 0.5}), config=c)])
+              for label, s, c in [("a", "fedit", bf16), ("b", "fedsa", bf16), ("c", "fedsa", {}), ("d", "fedit", {})]}  # fmt: skip
+    assert (
+        fed_sweep._setting(groups["a"]) == {"train.mixed_precision": "bf16"}
+        and fed_sweep._setting(groups["c"]) == {}
+    )
+    assert fed_sweep.comparable(groups["a"], groups["b"]) and fed_sweep.comparable(groups["c"], groups["d"])
+    assert fed_sweep.comparable(groups["a"], groups["d"])  # the same strategy at the other precision
+    assert not fed_sweep.comparable(groups["a"], groups["c"]) and not fed_sweep.comparable(
+        groups["b"], groups["d"]
+    )
+    # on a page: the precision in the labels only where the records differ in it
+    fedsa = _record("fedsa", 0, _side({"c0": 1.0}))
+    assert [g.label for g in fed_sweep.group_records([fedit_bf16, fedsa])] == [
+        "fedit mixed_precision=bf16",
+        "fedsa",
+    ]
+    fedsa_bf16 = _record("fedsa", 0, _side({"c0": 1.0}), config=bf16)
+    assert [g.label for g in fed_sweep.group_records([fedit_bf16, fedsa_bf16])] == [
+        "fedit",
+        "fedsa",
+    ]  # all bf16
+
+
 # --------------------------------------------------------------------------- the page
 
 

@@ -333,9 +333,12 @@ def test_campaign_configs_expand_validate_and_list(campaigns, name, capsys) -> N
     assert all(not c.config.eval.local_only and c.config.model.name == "smollm2-135m" for c in expanded)
     if name == "campaign_federated.yaml":  # the CLI's --list (the same expansion again)
         assert cli_main(["sweep", str(ROOT / "configs" / name), "--list"]) == 0
-        *listed, estimate = capsys.readouterr().out.splitlines()
-        counts = re.match(r"(\d+) done, (\d+) started, (\d+) to do", estimate)
-        assert len(listed) == cells and counts and sum(map(int, counts.groups())) == cells, estimate
+        out = capsys.readouterr().out.splitlines()
+        listed = [line for line in out if re.match(r"[0-9a-f]{12}  ", line)]
+        (counts,) = [m for line in out if (m := re.match(r"(\d+) done, (\d+) started, (\d+) to do", line))]
+        assert len(listed) == cells and sum(map(int, counts.groups())) == cells, out
+        # the four bf16 cells of seed 0 (before 2026-12-02, configs/campaign_federated.yaml) are of no cell of it
+        assert any(line.startswith("4 record(s) of ") for line in out), out
 
 
 def test_dp_campaign_cells_share_delta_and_set_epsilon_or_no_noise(campaigns) -> None:
@@ -561,20 +564,22 @@ def test_time_limit_prices_a_federated_cell_of_a_new_kind_by_its_client_steps(tm
 def test_a_sweep_of_bf16_cells_warns_on_a_cpu_that_emulates_bf16(campaigns, monkeypatch) -> None:
     """The homogeneous campaign's bf16 cells ran several times slower than float32 on an AVX2-only CPU
     (2026-12-02) and the sweep's log said nothing: the clients train in Ray workers, whose warnings it does not
-    show. Now the sweep says so when it starts; the float32 het campaign and a CPU with AVX512-BF16 get nothing."""
+    show. Now the sweep says so when it starts (the ROUGE campaign: bf16); the float32 campaigns and a CPU with
+    AVX512-BF16 get nothing."""
     from asymlora.train import precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
-    homo = campaigns["campaign_federated.yaml"][1]
-    warning = sweep.emulated_bf16_warning(homo)
+    rouge = campaigns["campaign_federated_rouge.yaml"][1]
+    warning = sweep.emulated_bf16_warning(rouge)
     assert warning is not None and warning.startswith(
-        "warning: 19 of 19 cells: train.mixed_precision=bf16 on a CPU"
+        "warning: 12 of 12 cells: train.mixed_precision=bf16 on a CPU"
     )
     assert "train.mixed_precision=null" in warning
-    assert sweep.emulated_bf16_warning(campaigns["campaign_federated_het.yaml"][1]) is None  # float32
+    for float32 in ("campaign_federated.yaml", "campaign_federated_het.yaml", "campaign_dp.yaml"):
+        assert sweep.emulated_bf16_warning(campaigns[float32][1]) is None, float32
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
-    assert sweep.emulated_bf16_warning(homo) is None
+    assert sweep.emulated_bf16_warning(rouge) is None
 
 
 def test_list_estimate_survives_a_federated_record_without_its_config(tmp_path: Path) -> None:

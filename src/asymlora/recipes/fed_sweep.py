@@ -329,19 +329,48 @@ def cell_key(record: Mapping[str, Any]) -> tuple[str, int]:
     return _group_key(record), record["seed"]
 
 
-def _label(record: Mapping[str, Any]) -> str:
+SETTING_KEYS = ("train.mixed_precision",)
+"""Config keys (``section.key``) that a record's setting includes when they are set (not null) though no grid
+key names them (a campaign's overrides): a cell trained with bf16 autocast and one trained in float32 are
+labelled apart and never tested as two strategies in one setting (`comparable`), whatever the grid says."""
+
+
+def _config_value(record: Mapping[str, Any], key: str) -> Any:
+    section, name = key.split(".")
+    return ((record.get("config") or {}).get(section) or {}).get(name)
+
+
+def _params(record: Mapping[str, Any], setting_keys: Sequence[str] = SETTING_KEYS) -> dict[str, Any]:
+    """``record``'s grid values, then each of ``setting_keys`` (`SETTING_KEYS`) whose value in its config is set
+    and that is not a grid key."""
+    params = dict(record["params"])
+    for key in setting_keys:
+        if (value := _config_value(record, key)) is not None and key not in params:
+            params[key] = value
+    return params
+
+
+def _label(record: Mapping[str, Any], setting_keys: Sequence[str] = SETTING_KEYS) -> str:
+    """The strategy and the grid values but the seed, then ``setting_keys`` (`_params`): ``key=value`` with the
+    key's last part."""
     extra = [f"{key.split('.')[-1]}={value:g}" if isinstance(value, float) else f"{key.split('.')[-1]}={value}"
-             for key, value in record["params"].items() if key not in (STRATEGY_KEY, "seed")]  # fmt: skip
+             for key, value in _params(record, setting_keys).items() if key not in (STRATEGY_KEY, "seed")]  # fmt: skip
     return " ".join([record["strategy"], *extra])
 
 
 def group_records(records: Sequence[Mapping[str, Any]]) -> list[FedGroup]:
     """Records grouped by config (all but ``seed``), in ledger order; of the records of one cell (one config and
-    seed: a cell recorded twice, or under the id older code gave it) the last wins."""
+    seed: a cell recorded twice, or under the id older code gave it) the last wins. A label shows a `SETTING_KEYS`
+    value only when the records differ in it."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in latest_per_cell([dict(r) for r in records], cell_key):
         groups.setdefault(_group_key(record), []).append(record)
-    labels = [_label(rs[0]) for rs in groups.values()]
+    # a setting key in the labels only where the page's records differ in it (a campaign's override is not news)
+    values = {
+        k: {json.dumps(_config_value(r, k)) for rs in groups.values() for r in rs} for k in SETTING_KEYS
+    }
+    varying = [k for k in SETTING_KEYS if len(values[k]) > 1]
+    labels = [_label(rs[0], varying) for rs in groups.values()]
     out = []
     for (key, rs), label in zip(groups.items(), labels, strict=True):
         label = f"{label} (config {key})" if labels.count(label) > 1 else label
@@ -447,13 +476,14 @@ STRATEGY_OPTIONS = frozenset({STRATEGY_KEY, "seed", "local_a", "het_local", "het
 
 
 def _setting(group: FedGroup) -> dict[str, Any]:
-    return {k: v for k, v in group.records[0]["params"].items() if k not in STRATEGY_OPTIONS}
+    return {k: v for k, v in _params(group.records[0]).items() if k not in STRATEGY_OPTIONS}
 
 
 def comparable(ref: FedGroup, peer: FedGroup) -> bool:
     """Whether the report tests ``ref`` against ``peer``: the same strategy in another setting (e.g. more
-    rounds, another ε, A reset) or another strategy in the same setting (the grid values other than the
-    strategy, its options and the seed), so that one test answers one question."""
+    rounds, another ε, A reset, another precision) or another strategy in the same setting (the grid values
+    other than the strategy, its options and the seed, with the `SETTING_KEYS` of the config), so that one test
+    answers one question."""
     return peer.strategy == ref.strategy or _setting(peer) == _setting(ref)
 
 
