@@ -576,6 +576,63 @@ def test_federated_holm_over_pairs_is_over_the_paired_pairs_only(tmp_path: Path)
     assert "Averages that hold after Holm's correction over the page's 3 pairs" in page
 
 
+def test_holm_over_pairs_corrects_within_each_family() -> None:
+    """Family x: p 0.01, 0.04 → 0.01 · 2 = 0.02, max(0.02, 0.04 · 1) = 0.04; family y alone: 0.03 stays 0.03
+    (over all three it would be 0.06: `test_averages_are_also_corrected_over_the_pages_pairs`). A family of
+    one pair gets no line of its own."""
+    from asymlora.recipes.groups import holm_over_pairs, paired_lines
+
+    def pair(b: str, p: float, family: str) -> dict:
+        test = {"difference": 0.1, "low": 0.01, "high": 0.2, "p_value": p}
+        return {"a": "A", "b": b, "seeds": [0], "tests": {"average": test}, "family": family}
+
+    paired = holm_over_pairs([pair("B", 0.01, "x"), pair("C", 0.03, "y"), pair("D", 0.04, "x")])
+    assert [p["tests"]["average"]["p_holm_pairs"] for p in paired] == pytest.approx([0.02, 0.03, 0.04])
+    lines = paired_lines(paired, [], "Paired:", "client")
+    at = lines.index("Averages that hold after Holm's correction over the page's 2 pairs of x (p_Holm < 0.05: at "
+                     "most a 5% chance of any false call among them):")  # fmt: skip
+    assert lines[at + 2 :] == ["- A − B: +0.100 (p_Holm=0.02)", "- A − D: +0.100 (p_Holm=0.04)"]
+    assert not any(" of y " in line for line in lines)
+
+
+def test_federated_bf16_and_float32_cells_are_labelled_paired_and_corrected_apart(tmp_path: Path) -> None:
+    """The homogeneous campaign's four bf16 cells of seed 0 beside its float32 cells (2026-12-02): labels show the
+    precision, no bf16 group is paired with a float32 group of another strategy, and Holm corrects within the
+    families float32, bf16, and bf16 vs float32 (the precision checks), each by hand."""
+    scores = {("fedalora", "bf16"): [1, 1, 1, 1, 1, 1, 0, 0], ("fedit", "bf16"): [1, 0, 0, 0, 0, 0, 0, 0],
+              ("fedalora", None): [1, 1, 1, 1, 1, 1, 1, 0], ("fedit", None): [1, 1, 0, 0, 0, 0, 0, 0],
+              ("fedsa", None): [1, 1, 1, 0, 0, 0, 0, 0]}  # fmt: skip
+    records = []
+    for (strategy, precision), values in scores.items():
+        record = _fed_record(strategy, 0, [_client("c0", values)], f"{strategy}-{precision}")
+        record["config"]["train"] = {"mixed_precision": precision}
+        records.append(record)
+    page, summary = _report(tmp_path, records, "federated", ["fedalora", "fedit"])
+    bf = "mixed_precision=bf16"
+    assert [g["label"] for g in summary["groups"]] == [
+        f"fedalora {bf}",
+        f"fedit {bf}",
+        "fedalora",
+        "fedit",
+        "fedsa",
+    ]
+    families = {(p["a"], p["b"]): p["family"] for p in summary["paired"]}
+    assert families == {
+        (f"fedalora {bf}", f"fedit {bf}"): bf, (f"fedalora {bf}", "fedalora"): "mixed_precision=bf16 vs null",
+        ("fedalora", "fedit"): "mixed_precision=null", ("fedalora", "fedsa"): "mixed_precision=null",
+        (f"fedit {bf}", "fedit"): "mixed_precision=bf16 vs null", ("fedit", "fedsa"): "mixed_precision=null",
+    }  # fmt: skip
+    for family in set(families.values()):
+        tests = [p["tests"]["average"] for p in summary["paired"] if p["family"] == family]
+        assert [t["p_holm_pairs"] for t in tests] == pytest.approx(
+            _holm_by_hand([t["p_value"] for t in tests])
+        )
+    assert (
+        "Averages that hold after Holm's correction over the page's 3 pairs of mixed_precision=null" in page
+    )
+    assert "over the page's 2 pairs of mixed_precision=bf16 vs null" in page
+
+
 def test_multitask_reference_list_pairs_multitask_groups_once_with_holm(tmp_path: Path) -> None:
     """The multi-task path (`sweep.summarize_ledger`) with ``reference: [alora, lora]``: ALoRA against LoRA and
     HydraLoRA, then LoRA against HydraLoRA; the single-task cells (LoRA, the Δm% baselines, and an ALoRA on x)

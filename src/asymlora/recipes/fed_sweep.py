@@ -33,7 +33,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -342,12 +342,31 @@ def _config_value(record: Mapping[str, Any], key: str) -> Any:
 
 def _params(record: Mapping[str, Any], setting_keys: Sequence[str] = SETTING_KEYS) -> dict[str, Any]:
     """``record``'s grid values, then each of ``setting_keys`` (`SETTING_KEYS`) whose value in its config is set
-    and that is not a grid key."""
-    params = dict(record["params"])
+    and that is not a grid key; a `SETTING_KEYS` grid key at null is left out (the config without it)."""
+    params = {k: v for k, v in record["params"].items() if not (k in SETTING_KEYS and v is None)}
     for key in setting_keys:
         if (value := _config_value(record, key)) is not None and key not in params:
             params[key] = value
     return params
+
+
+def _varying(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The `SETTING_KEYS` whose config values differ among ``records``."""
+    records = list(records)
+    return [k for k in SETTING_KEYS if len({json.dumps(_config_value(r, k)) for r in records}) > 1]
+
+
+def _family(ref: FedGroup, peer: FedGroup, varying: Sequence[str]) -> str:
+    """A pair's Holm family (`groups.holm_over_pairs`): its groups' values of the ``varying`` `SETTING_KEYS`, e.g.
+    ``mixed_precision=null`` (two float32 groups), ``mixed_precision=bf16 vs null`` (a precision check); ``""``
+    when none varies (the whole page one family)."""
+    parts = []
+    for key in varying:
+        values = sorted(
+            {json.dumps(_config_value(g.records[0], key)).strip('"') for g in (ref, peer)}
+        )  # null
+        parts.append(f"{key.split('.')[-1]}={' vs '.join(values)}")
+    return ", ".join(parts)
 
 
 def _label(record: Mapping[str, Any], setting_keys: Sequence[str] = SETTING_KEYS) -> str:
@@ -365,11 +384,7 @@ def group_records(records: Sequence[Mapping[str, Any]]) -> list[FedGroup]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in latest_per_cell([dict(r) for r in records], cell_key):
         groups.setdefault(_group_key(record), []).append(record)
-    # a setting key in the labels only where the page's records differ in it (a campaign's override is not news)
-    values = {
-        k: {json.dumps(_config_value(r, k)) for rs in groups.values() for r in rs} for k in SETTING_KEYS
-    }
-    varying = [k for k in SETTING_KEYS if len(values[k]) > 1]
+    varying = _varying(r for rs in groups.values() for r in rs)  # a campaign's override is not news
     labels = [_label(rs[0], varying) for rs in groups.values()]
     out = []
     for (key, rs), label in zip(groups.items(), labels, strict=True):
@@ -490,7 +505,8 @@ def comparable(ref: FedGroup, peer: FedGroup) -> bool:
 def summarize(records: Sequence[Mapping[str, Any]], reference: str | Sequence[str] | None) -> dict[str, Any]:
     """Everything the federated results page shows: per-group scores over seeds, costs, paired tests of
     every group of strategy ``reference`` (a name or a list of names: `groups.reference_pairs`) against every
-    `comparable` group (same clients and examples)."""
+    `comparable` group (same clients and examples), Holm-corrected over the pairs of one `_family` (the whole
+    page unless its records differ in a `SETTING_KEYS` value)."""
     groups = group_records(records)
     summary: dict[str, Any] = {"kind": "federated", "groups": [], "paired": [], "unpaired": [], "std_ddof": stats.STD_DDOF,
                                "records": sum(len(g.records) for g in groups), "reference": reference}  # fmt: skip
@@ -500,9 +516,11 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str | Sequence[st
             "ids": [r["id"] for r in g.records], "personalised": _side_summary(g, "personalised"),
             "global": _side_summary(g, "global"), "missing_clients": missing_clients(g), **_cost(g),
         })  # fmt: skip
-    names = reference_names(reference)
+    names, varying = reference_names(reference), _varying(r for g in groups for r in g.records)
     for ref, peer in reference_pairs(groups, lambda g: rank(names, g.strategy), comparable):
         result = paired(ref, peer)
+        if "why" not in result and varying:
+            result["family"] = _family(ref, peer, varying)
         summary["unpaired" if "why" in result else "paired"].append(result)
     summary["paired"] = holm_over_pairs(summary["paired"])
     return summary

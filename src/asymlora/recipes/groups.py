@@ -158,11 +158,21 @@ def holm_over_pairs(paired: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     """``paired`` (a report's pair tests, `paired_over_seeds` with ``a`` and ``b``) with ``p_holm_pairs`` in each
     pair's average test: its p-value adjusted by Holm's procedure over the report's pairs (`stats.holm`), so that
     calling every pair with ``p_holm_pairs`` < 0.05 a difference keeps the chance of any false call among the
-    page's pairs at 5 % (the more pairs a page tests, the more cross p < 0.05 by chance)."""
-    adjusted = stats.holm([p["tests"]["average"]["p_value"] for p in paired])
+    page's pairs at 5 % (the more pairs a page tests, the more cross p < 0.05 by chance). Pairs with a
+    ``family`` (a string; none: ``""``) are corrected within their family, each family answering its own
+    question (e.g. the float32 cells of a campaign apart from its earlier bf16 ones: `fed_sweep.summarize`)."""
+    families: dict[str, list[int]] = {}
+    for i, p in enumerate(paired):
+        families.setdefault(p.get("family", ""), []).append(i)
+    q = [0.0] * len(paired)
+    for members in families.values():
+        for i, adjusted in zip(
+            members, stats.holm([paired[i]["tests"]["average"]["p_value"] for i in members]), strict=True
+        ):
+            q[i] = adjusted
     return [
-        {**p, "tests": {**p["tests"], "average": {**p["tests"]["average"], "p_holm_pairs": q}}}
-        for p, q in zip(paired, adjusted, strict=True)
+        {**p, "tests": {**p["tests"], "average": {**p["tests"]["average"], "p_holm_pairs": q[i]}}}
+        for i, p in enumerate(paired)
     ]
 
 
@@ -227,16 +237,23 @@ def _holm_lines(paired: Sequence[Mapping[str, Any]], unit: str) -> list[str]:
 
 
 def _pairs_holm_lines(paired: Sequence[Mapping[str, Any]]) -> list[str]:
-    """With several pairs: the averages' differences that hold after Holm's correction over the pairs
-    (`holm_over_pairs`)."""
+    """For each family (`holm_over_pairs`) of several pairs: the averages' differences that hold after Holm's
+    correction over its pairs."""
     alpha = 1 - stats.CONFIDENCE
-    tests = [(p, p["tests"]["average"]) for p in paired if "p_holm_pairs" in p["tests"]["average"]]
-    if len(tests) < 2:
-        return []
-    held = [f"- {p['a']} − {p['b']}: {t['difference']:+.3f} (p_Holm={t['p_holm_pairs']:.3g})"
-            for p, t in tests if t["p_holm_pairs"] < alpha]  # fmt: skip
-    return ["", f"Averages that hold after Holm's correction over the page's {len(tests)} pairs (p_Holm < "
-            f"{alpha:.2g}: at most a {alpha:.0%} chance of any false call among them):", "", *(held or ["none"])]  # fmt: skip
+    families: dict[str, list[tuple[Mapping[str, Any], Mapping[str, Any]]]] = {}
+    for p in paired:
+        if "p_holm_pairs" in p["tests"]["average"]:
+            families.setdefault(p.get("family", ""), []).append((p, p["tests"]["average"]))
+    lines = []
+    for family, tests in families.items():
+        if len(tests) < 2:
+            continue
+        held = [f"- {p['a']} − {p['b']}: {t['difference']:+.3f} (p_Holm={t['p_holm_pairs']:.3g})"
+                for p, t in tests if t["p_holm_pairs"] < alpha]  # fmt: skip
+        which = f"{len(tests)} pairs" + (f" of {family}" if family else "")
+        lines += ["", f"Averages that hold after Holm's correction over the page's {which} (p_Holm < {alpha:.2g}: "
+                  f"at most a {alpha:.0%} chance of any false call among them):", "", *(held or ["none"])]  # fmt: skip
+    return lines
 
 
 def _seed_test_lines(paired: Sequence[Mapping[str, Any]]) -> list[str]:
