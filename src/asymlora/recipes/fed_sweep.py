@@ -362,10 +362,8 @@ def _family(ref: FedGroup, peer: FedGroup, varying: Sequence[str]) -> str:
     when none varies (the whole page one family)."""
     parts = []
     for key in varying:
-        values = sorted(
-            {json.dumps(_config_value(g.records[0], key)).strip('"') for g in (ref, peer)}
-        )  # null
-        parts.append(f"{key.split('.')[-1]}={' vs '.join(values)}")
+        shown = {json.dumps(_config_value(g.records[0], key)).strip('"') for g in (ref, peer)}  # None as null
+        parts.append(f"{key.split('.')[-1]}={' vs '.join(sorted(shown))}")
     return ", ".join(parts)
 
 
