@@ -236,12 +236,14 @@ def test_list_estimates_the_hours_left_from_the_done_cells_of_each_kind(env, tmp
     cells (train + eval: 3000 + 600 s, 5000 + 1000 s), a 2-task record of a cell no longer in the grid
     (10000 + 2000 s: it still tells the cost of its kind) and one whose training time is unknown (resumed
     from an older checkpoint: no cost). Median of 3600, 6000, 12000 s: 6000 s. One 2-task cell has a
-    checkpoint at step 2. Left: 2 two-task cells x 6000 s = 3.3 h; the 2 single-task cells: no estimate."""
+    checkpoint at step 2. A float32 2-task cell (500 + 100 s) is of another kind: the grid trains in bf16.
+    Left: 2 two-task cells x 6000 s = 3.3 h; the 2 single-task cells: no estimate."""
     spec = sweep.load_sweep(env["sweep"])
     spec = dataclasses.replace(spec, out_dir=tmp_path)
     cells = sweep.expand(spec)
     two = [c for c in cells if len(c.config.data.tasks) == 2]
     assert len(two) == 4 and len(cells) == 6
+    bf16 = {"train": {"mixed_precision": "bf16"}}  # as the grid's cells: a kind is one precision
     records = [
         {"id": two[0].id, "tasks": ["add", "parity"], "train_seconds": 3000.0, "eval_seconds": 600.0},
         {"id": two[1].id, "tasks": ["add", "parity"], "train_seconds": 5000.0, "eval_seconds": 1000.0,
@@ -249,7 +251,10 @@ def test_list_estimates_the_hours_left_from_the_done_cells_of_each_kind(env, tmp
         {"id": "0123456789ab", "tasks": ["add", "parity"], "train_seconds": 10000.0, "eval_seconds": 2000.0},
         {"id": "ba9876543210", "tasks": ["add", "parity"], "train_seconds": None, "eval_seconds": 900.0,
          "wall_seconds": 950.0},
+        {"id": "fedcba987654", "tasks": ["add", "parity"], "train_seconds": 500.0, "eval_seconds": 100.0,
+         "config": {"train": {"mixed_precision": None}}},  # float32: not this grid's kind
     ]  # fmt: skip
+    records = [{"config": bf16, "seed": seed, **r} for seed, r in enumerate(records)]  # a cell each
     (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (two[2].run_dir / "checkpoints" / "step-000002").mkdir(parents=True)
     statuses = sweep.cell_status(spec)
@@ -725,10 +730,12 @@ def test_time_limit_starts_no_cell_that_the_done_cells_of_its_kind_say_would_not
         "tasks": ["add", "parity"],
         "train_seconds": 3000.0,
         "eval_seconds": 600.0,
+        "config": {"train": {"mixed_precision": "bf16"}},  # as the grid's cells
     }
     bad = [{**record, "id": "a", "train_seconds": "5", "eval_seconds": 0}, {**record, "id": "b", "tasks": 3},
            {**record, "id": "c", "train_seconds": float("nan")}, {**record, "id": "d", "train_seconds": -9000.0},
            {**record, "id": "e", "train_seconds": True}]  # fmt: skip
+    bad = [{**r, "seed": seed} for seed, r in enumerate(bad, start=1)]  # a cell each (`cell_key`)
     earlier = {**record, "train_seconds": 1e6}  # the same cell recorded before: its last record counts
     spec.ledger.write_text("".join(json.dumps(r) + "\n" for r in [*bad, earlier, record]))
     ran: list[str] = []

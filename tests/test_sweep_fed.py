@@ -595,10 +595,52 @@ def test_list_estimate_survives_a_federated_record_without_its_config(tmp_path: 
     spec = sweep.Sweep(tmp_path / "s.yaml", base, tmp_path, [], [], {}, kind="federated")
     spec.ledger.write_text("".join(json.dumps(r) + "\n" for r in [record, *odd]))
     costs = sweep.Costs.read(spec)
-    assert costs.per_client_step == 5.0  # 4000 s over 8 × 5 × 20 client-steps: the odd records add no rate
+    assert costs.per_client_step == {
+        "float32": 5.0
+    }  # 4000 s over 8 × 5 × 20 client-steps: the odd records add no rate
     two = ["eval.local_only=false", "train.local_steps=20", "rounds=5", "clients.num=2",
            "data.tasks=[bigbench:strategyqa, bigbench:winowhy]"]  # fmt: skip
     fedsa = fed_sweep.make_cell(base, two, {"strategy": "fedsa", "seed": 0}, tmp_path)
     assert sweep.estimate_line(spec, [(fedsa, "todo")]).startswith(
         "0 done, 0 started, 1 to do; the 1 left with an estimate: about 0.3 h on one worker"
     )
+
+
+def test_cost_estimates_keep_bf16_and_float32_cells_apart(tmp_path: Path) -> None:
+    """The homogeneous campaign's float32 cells were priced from its four bf16 cells (10 s per client-step on
+    an AVX512-BF16 CPU), though bf16 is 13-26× slower than float32 on an AVX2 CPU and 1.4× faster on one with
+    AVX512-BF16: a kind is one precision. Ledger: a bf16 Fed-ALoRA cell (8 × 5 × 20 = 800 client-steps in
+    8000 s: 10 s each) and a float32 FedIT cell (800 client-steps in 4000 s: 5 s each). A float32 Fed-ALoRA
+    cell is priced at the float32 rate (4000 s), not from the bf16 cell of its strategy; a bf16 one takes what
+    the bf16 cell took (8000 s); a bf16 FedSA-LoRA cell at the bf16 rate (8000 s), a float32 one at 5 s
+    (4000 s). With the float32 record gone, a float32 cell has no estimate."""
+    base = Path(__file__).resolve().parents[1] / "configs" / "fed_bigbench_homo.yaml"
+
+    def record(strategy: str, precision: str | None, seconds: float, seed: int) -> dict:
+        config = {
+            "clients": {"num": 8},
+            "rounds": 5,
+            "train": {"local_steps": 20, "mixed_precision": precision},
+        }
+        return {"kind": "federated", "strategy": strategy, "seed": seed, "id": f"{strategy}-{seed}",
+                "rounds": 5, "local_steps": 20, "config": config, "round_seconds": seconds}  # fmt: skip
+
+    spec = sweep.Sweep(tmp_path / "s.yaml", base, tmp_path, [], [], {}, kind="federated")
+    both = [record("fedalora", "bf16", 8000.0, 0), record("fedit", None, 4000.0, 1)]
+    spec.ledger.write_text("".join(json.dumps(r) + "\n" for r in both))
+
+    def cost(strategy: str, *precision: str) -> tuple[float, str] | None:
+        extra = ["eval.local_only=false", "train.local_steps=20", "rounds=5", *precision]
+        return sweep.cell_cost(
+            spec, fed_sweep.make_cell(base, extra, {"strategy": strategy, "seed": 2}, tmp_path)
+        )
+
+    bf16 = "train.mixed_precision=bf16"
+    assert cost("fedalora") == (4000.0, sweep.RATE_SOURCE)
+    assert cost("fedalora", bf16) == (8000.0, "cells of its kind took")
+    assert cost("fedsa", bf16) == (8000.0, sweep.RATE_SOURCE)
+    assert cost("fedsa") == (4000.0, sweep.RATE_SOURCE)
+    assert cost("fedit") == (4000.0, "cells of its kind took")
+    assert cost("fedit", bf16) == (8000.0, sweep.RATE_SOURCE)
+    spec.ledger.write_text(json.dumps(both[0]) + "\n")
+    assert cost("fedalora") is None and cost("fedsa") is None

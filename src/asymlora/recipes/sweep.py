@@ -670,10 +670,27 @@ def _seconds(value: Any) -> float | None:
     return float(value) if ok else None
 
 
+def _precision(item: AnyCell | dict[str, Any]) -> str:
+    """The precision a cell trains in, or a record's cell trained in: ``bf16`` (``train.mixed_precision``) or
+    ``float32`` (null, or a record without it)."""
+    if isinstance(item, fed_sweep.FedCell | Cell):
+        value = item.config.train.mixed_precision
+    else:
+        config = item.get("config")
+        train = config.get("train") if isinstance(config, dict) else None
+        value = train.get("mixed_precision") if isinstance(train, dict) else None
+    return "float32" if value is None else str(value)
+
+
 def _cost_kind(item: AnyCell | dict[str, Any]) -> str:
     """Cells of one kind cost about the same: a federated strategy at one budget (clients × rounds × local
     steps: a cell at half the rounds costs about half), or a multi-task cell's number of tasks (a single-task
-    baseline trains a fraction of the steps)."""
+    baseline trains a fraction of the steps); each in one precision (`_precision`: bf16 autocast is 1.4×
+    faster than float32 on a CPU with AVX512-BF16 and 13-26× slower on one without, docs/performance.md)."""
+    return f"{_budget_kind(item)}, {_precision(item)}"
+
+
+def _budget_kind(item: AnyCell | dict[str, Any]) -> str:
     if isinstance(item, fed_sweep.FedCell):
         c = item.config
         return f"{item.strategy}, {c.clients.num} clients × {c.rounds} rounds × {c.train.local_steps} steps"
@@ -694,18 +711,18 @@ def _cost_kind(item: AnyCell | dict[str, Any]) -> str:
 class Costs:
     """What cells cost on a ledger's machine, in seconds (`cell_seconds` of each done cell's last record,
     `latest_records`): ``by_kind`` the median over the done cells of each kind (`_cost_kind`), and
-    ``per_client_step`` the median over the done federated cells of their seconds per client-step (clients ×
-    rounds × local steps; None when none is done). Read once from the ledger (`Costs.read`) and asked per cell
-    (`Costs.of`)."""
+    ``per_client_step`` per precision (`_precision`) the median over the done federated cells in it of their
+    seconds per client-step (clients × rounds × local steps; no entry when none is done). Read once from the
+    ledger (`Costs.read`) and asked per cell (`Costs.of`)."""
 
     by_kind: dict[str, float]
-    per_client_step: float | None
+    per_client_step: dict[str, float]
 
     @classmethod
     def read(cls, sweep: Sweep) -> Costs:
         """The costs of ``sweep``'s ledger as it is now (another worker may add cells later)."""
         costs: dict[str, list[float]] = {}
-        rates = []
+        rates: dict[str, list[float]] = {}
         for record in latest_records(read_ledger(sweep.ledger)):  # a cell recorded twice counts once
             if (
                 record.get("kind") != "federated" and "tasks" not in record
@@ -716,21 +733,23 @@ class Costs:
             costs.setdefault(_cost_kind(record), []).append(seconds)
             steps = _client_steps(record.get("config")) if record.get("kind") == "federated" else None
             if steps is not None:  # a hand-made record without its budget: skipped
-                rates.append(seconds / steps)
+                rates.setdefault(_precision(record), []).append(seconds / steps)
         by_kind = {kind: statistics.median(values) for kind, values in costs.items()}
-        return cls(by_kind, statistics.median(rates) if rates else None)
+        return cls(by_kind, {precision: statistics.median(values) for precision, values in rates.items()})
 
     def of(self, cell: AnyCell) -> tuple[float, str] | None:
         """What ``cell`` will take, in seconds, and where the figure comes from: the done cells of its kind; for
         a federated cell of a kind none of which is done, its client-steps at the ledger's median seconds per
-        client-step (a new strategy or budget costs about what its steps cost the others); else None."""
+        client-step in its precision (a new strategy or budget costs about what its steps cost the others; a
+        bf16 cell is not priced from float32 ones, nor the reverse); else None."""
         if (cost := self.by_kind.get(_cost_kind(cell))) is not None:
             return cost, "cells of its kind took"
-        if not isinstance(cell, fed_sweep.FedCell) or self.per_client_step is None:
+        rate = self.per_client_step.get(_precision(cell))
+        if not isinstance(cell, fed_sweep.FedCell) or rate is None:
             return None
         steps = _client_steps(cell.config)
         assert steps is not None  # a FedConfig always has its budget
-        return self.per_client_step * steps, RATE_SOURCE
+        return rate * steps, RATE_SOURCE
 
 
 RATE_SOURCE = "its client-steps at the ledger's rate take"
