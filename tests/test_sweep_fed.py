@@ -644,3 +644,16 @@ def test_cost_estimates_keep_bf16_and_float32_cells_apart(tmp_path: Path) -> Non
     assert cost("fedit", bf16) == (8000.0, sweep.RATE_SOURCE)
     spec.ledger.write_text(json.dumps(both[0]) + "\n")
     assert cost("fedalora") is None and cost("fedsa") is None
+
+
+def test_a_record_whose_config_sections_are_not_mappings_is_read_not_raised():
+    # A hand-edited ledger line: sections that are a string, null or a list are kept as they are, not indexed.
+    fed = {"id": "aaa", "kind": "federated", "strategy": "fedit",
+           "config": {"simulation": "4 cpus", "clients": None, "run_dir": "x"}}  # fmt: skip
+    multitask = {"id": "bbb", "kind": "multitask", "config": {"train": ["save_every"], "run_dir": "y"}}
+    assert fed_sweep.identity(fed["config"], "fedit") == {
+        "simulation": "4 cpus", "clients": None, "run_dir": "", "strategies": ["fedit"]
+    }  # fmt: skip
+    assert sweep.identity(multitask["config"]) == {"train": ["save_every"], "run_dir": ""}
+    ids = sweep.done_ids([fed, multitask])
+    assert {"aaa", "bbb"} <= ids and len(ids) == 4

@@ -111,8 +111,10 @@ def identity(data: Mapping[str, Any], strategy: str) -> dict[str, Any]:
     out = json.loads(json.dumps(data))
     out["run_dir"], out["strategies"] = "", [strategy]
     for section, keys in PACE_KEYS.items():
+        values = out.get(section)
         for key in keys:
-            out.get(section, {}).pop(key, None)
+            if isinstance(values, dict):  # a hand-edited record may hold any value here
+                values.pop(key, None)
     return without_later_keys(out)
 
 

@@ -262,9 +262,10 @@ def identity(data: dict[str, Any]) -> dict[str, Any]:
     data = json.loads(json.dumps(data))
     data["run_dir"] = ""
     for section, keys in BOOKKEEPING_KEYS.items():
+        values = data.get(section)
         for key in keys:
-            if key in data.get(section, {}):
-                data[section][key] = _BOOKKEEPING_DEFAULTS[f"{section}.{key}"]
+            if isinstance(values, dict) and key in values:  # a hand-edited record may hold any value here
+                values[key] = _BOOKKEEPING_DEFAULTS[f"{section}.{key}"]
     return without_later_keys(data)
 
 
