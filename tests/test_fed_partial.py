@@ -463,6 +463,8 @@ def test_a_killed_local_only_baseline_retrains_only_the_clients_it_had_not_finis
         ta, tb = (timeless(json.loads(json.dumps(x, default=float))) for x in (a, b))
         assert same(a, b), [(k, ta[k], tb.get(k)) for k in ta if ta[k] != tb.get(k)]
     assert [c["train_loss"] for c in straight["clients"]] == [c["train_loss"] for c in resumed["clients"]]
+    # the cell's time counts client 0, trained by the killed process, not only what the rerun trained
+    assert resumed["round_seconds"] == pytest.approx(sum(c["seconds"] for c in resumed["clients"]), abs=0.1)
     (tmp_path / "killed" / "local_only" / "results.json").unlink()
     trained.clear()
     local(tmp_path / "killed", c=dataclasses.replace(cfg, rounds=cfg.rounds + 1))

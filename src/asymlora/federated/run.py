@@ -255,7 +255,10 @@ def local_only(cfg: FedConfig, run_dir: Path, tasks: list, plan: list, ranks: li
         "clients": clients,
         "personalised": summarize_scores(scores),
         "scores": {"personalised": scores},
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(time.perf_counter() - t0, 1),  # this process only: clients read back cost it nothing
+        # No rounds here: the clients' training and scoring, summed over the processes that ran them (the saved
+        # clients' own times), is what a federated cell's round_seconds + eval_seconds hold (the sweep's costs)
+        "round_seconds": round(sum(c["seconds"] for c in clients), 1),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2, default=float) + "\n")
