@@ -427,7 +427,8 @@ def test_a_killed_local_only_baseline_retrains_only_the_clients_it_had_not_finis
     from asymlora.federated import run as fed_run
     from asymlora.federated.partition import load_partition
 
-    cfg = partial_config(assets, tmp_path, "adapter.lora_dropout=0.5")
+    # one client at a time, in this process (the patched baseline below is not in a pool process)
+    cfg = partial_config(assets, tmp_path, "adapter.lora_dropout=0.5", "simulation.num_cpus=1")
     tasks, plan = load_partition(cfg)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # local_only sets the process's threads
     real, trained = fed_run.local_only_baseline, []
@@ -469,6 +470,38 @@ def test_a_killed_local_only_baseline_retrains_only_the_clients_it_had_not_finis
     trained.clear()
     local(tmp_path / "killed", c=dataclasses.replace(cfg, rounds=cfg.rounds + 1))
     assert trained == [0, 1, 2, 3]
+
+
+def test_local_only_clients_trained_two_at_a_time_in_a_pool_equal_those_trained_one_by_one(
+    assets: Path, tmp_path: Path
+) -> None:
+    """simulation.num_cpus=2: the clients train in two spawned processes, each its own torch thread; each
+    client's result (scores, per-example scores, training loss) is the one this process trains alone, and the
+    clients come back in client order whatever order they finished in. Client 2 saved beforehand is read
+    back, not trained (its file keeps its time)."""
+    from asymlora.federated import run as fed_run
+    from asymlora.federated.partition import load_partition
+
+    one = partial_config(assets, tmp_path, "adapter.lora_dropout=0.5", "simulation.num_cpus=1")
+    two = dataclasses.replace(one, simulation=dataclasses.replace(one.simulation, num_cpus=2))
+    assert (fed_run._local_workers(one), fed_run._local_workers(two)) == (1, 2)
+    tasks, plan = load_partition(one)
+    said: list[str] = []
+    alone = fed_run.local_only(one, tmp_path / "alone", tasks, plan, [2] * len(plan), say=lambda _: None)
+    saved = tmp_path / "pool" / fed_run.LOCAL_DIR
+    saved.mkdir(parents=True)
+    (saved / "client-2.json").write_text(
+        (tmp_path / "alone" / fed_run.LOCAL_DIR / "client-2.json").read_text()
+    )
+    pooled = fed_run.local_only(two, tmp_path / "pool", tasks, plan, [2] * len(plan), say=said.append)
+    assert [c["client"] for c in pooled["clients"]] == [0, 1, 2, 3]
+    for a, b in zip(alone["clients"], pooled["clients"], strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {
+            k: v for k, v in b.items() if k != "seconds"
+        }
+    assert pooled["clients"][2]["seconds"] == alone["clients"][2]["seconds"]
+    assert pooled["personalised"] == alone["personalised"]
+    assert sum("saved earlier" in line for line in said) == 1 and len(said) == 4
 
 
 def test_resume_with_nothing_to_resume_says_so(tmp_path: Path) -> None:

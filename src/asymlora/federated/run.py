@@ -29,10 +29,12 @@ import argparse
 import contextlib
 import json
 import logging
+import multiprocessing
 import shutil
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -212,44 +214,96 @@ def simulate(cfg: FedConfig, runs: list[tuple[str, Path, bool]], *, say: Any = p
     return outcomes
 
 
-def _local_client(
-    cfg: FedConfig, out_dir: Path, k: int, rank: int, tasks: list
-) -> tuple[dict[str, Any], str]:
-    """Client ``k``'s local-only result, and ``", saved earlier"`` when it was read back: each client's result
-    is written (``client-K.json``, atomically) as soon as it is scored, with what it depends on beyond the
-    run's stable config (its steps and the ``eval`` section, which ``--resume`` may change), so a run killed
-    after some clients re-trains only the others (a cell of 8 clients takes hours); a client's training draws
-    from a generator seeded by the run seed and ``k`` (`asymlora.federated.client._train_client`), so the
-    clients re-trained after a kill train as they would have in one go."""
+def _client_basis(cfg: FedConfig) -> dict[str, Any]:
+    """What a saved local-only client depends on beyond the run's stable config: its steps and the ``eval``
+    section, which ``--resume`` may change."""
+    return {"steps": cfg.rounds * cfg.train.local_steps, "eval": cfg.to_dict()["eval"]}
+
+
+def _saved_client(cfg: FedConfig, out_dir: Path, k: int) -> dict[str, Any] | None:
+    """Client ``k``'s local-only result as an earlier process saved it for this basis, else None."""
     part = out_dir / f"client-{k}.json"
-    basis = {"steps": cfg.rounds * cfg.train.local_steps, "eval": cfg.to_dict()["eval"]}
-    if part.is_file():
-        saved = json.loads(part.read_text())
-        if saved.get("basis") == basis:
-            return saved["result"], ", saved earlier"
+    if not part.is_file():
+        return None
+    saved = json.loads(part.read_text())
+    return saved["result"] if saved.get("basis") == _client_basis(cfg) else None
+
+
+def _local_client(
+    cfg: FedConfig, out_dir: Path, k: int, rank: int, tasks: list, threads: int = 0
+) -> dict[str, Any]:
+    """Train and score client ``k`` alone and save its result (``client-K.json``, atomically, with its basis)
+    as soon as it is scored, so a run killed after some clients re-trains only the others (a cell of 8 clients
+    takes hours). A client's training draws from a generator seeded by the run seed and ``k``
+    (`asymlora.federated.client._train_client`), so a client trains the same in one go, after a kill, or in a
+    pool process beside others. ``threads`` > 0: this process's torch threads first (a pool process)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
     res = local_only_baseline(cfg, k, rank, tasks)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(part, json.dumps({"basis": basis, "result": res}, indent=2, default=float) + "\n")
-    return res, ""
+    text = json.dumps({"basis": _client_basis(cfg), "result": res}, indent=2, default=float) + "\n"
+    atomic_write_text(out_dir / f"client-{k}.json", text)
+    return res
+
+
+def _local_workers(cfg: FedConfig) -> int:
+    """How many clients train alone at once: as many as the simulation runs (``simulation.num_cpus //
+    cpus_per_client``), one process each with ``threads_per_client`` threads; one, in this process, on a GPU."""
+    s = cfg.simulation
+    return 1 if s.num_gpus > 0 else max(1, s.num_cpus // s.cpus_per_client)
+
+
+def _train_local_clients(cfg: FedConfig, out_dir: Path, jobs: dict[int, tuple[int, list]]) -> Iterator[dict]:
+    """Each job's (client: (rank, tasks)) result as it is scored: one after another in this process (with
+    ``simulation.num_cpus`` threads) or, when `_local_workers` > 1, in a pool of spawned processes. A pool,
+    not Flower's Ray simulation: these clients exchange nothing, and stdlib processes start in seconds."""
+    workers = min(_local_workers(cfg), len(jobs))
+    if workers <= 1:
+        torch.set_num_threads(cfg.simulation.num_cpus)
+        for k, (rank, tasks) in jobs.items():
+            yield _local_client(cfg, out_dir, k, rank, tasks)
+        return
+    threads = cfg.simulation.threads_per_client
+    # spawn, not fork: a forked child inherits torch's thread pools and locks mid-use
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_local_client, cfg, out_dir, k, rank, tasks, threads)
+            for k, (rank, tasks) in jobs.items()
+        ]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 def local_only(cfg: FedConfig, run_dir: Path, tasks: list, plan: list, ranks: list[int], say: Any) -> dict:
-    """Each client trains alone (rounds × local_steps steps) and is scored on its test split."""
+    """Each client trains alone (rounds × local_steps steps) and is scored on its test split; clients saved by
+    an earlier process are read back (`_saved_client`), the others train `_local_workers` at a time."""
     from asymlora.federated.server_results import client_label, summarize_scores  # flwr: optional
 
     out = run_dir / LOCAL_DIR / RESULTS_FILE
     if out.is_file():
         return json.loads(out.read_text())
-    torch.set_num_threads(cfg.simulation.num_cpus)
     t0 = time.perf_counter()
+    results: dict[int, dict[str, Any]] = {}
+    jobs: dict[int, tuple[int, list]] = {}
+    for k, shards in enumerate(plan):
+        if (saved := _saved_client(cfg, run_dir / LOCAL_DIR, k)) is not None:
+            results[k] = saved
+            say(
+                f"local-only client {k}: score {saved['personalised']['score']:.4f} ({saved['seconds']:.0f} s, saved earlier)"
+            )
+        else:
+            jobs[k] = (ranks[k], client_tasks(tasks, shards))
+    for res in _train_local_clients(cfg, run_dir / LOCAL_DIR, jobs):
+        results[res["client"]] = res
+        say(
+            f"local-only client {res['client']}: score {res['personalised']['score']:.4f} ({res['seconds']:.0f} s)"
+        )
     clients = []
     scores: dict[str, float] = {}
-    for k, shards in enumerate(plan):
-        res, saved = _local_client(cfg, run_dir / LOCAL_DIR, k, ranks[k], client_tasks(tasks, shards))
-        label = client_label(k, list(res["personalised"]["per_task"]))
-        scores[label] = res["personalised"]["score"]
-        clients.append({"label": label, **res})
-        say(f"local-only client {k}: score {scores[label]:.4f} ({res['seconds']:.0f} s{saved})")
+    for k in sorted(results):
+        label = client_label(k, list(results[k]["personalised"]["per_task"]))
+        scores[label] = results[k]["personalised"]["score"]
+        clients.append({"label": label, **results[k]})
     result = {
         "strategy": "local-only",
         "clients": clients,
