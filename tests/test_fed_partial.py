@@ -473,34 +473,55 @@ def test_a_killed_local_only_baseline_retrains_only_the_clients_it_had_not_finis
 
 
 def test_local_only_clients_trained_two_at_a_time_in_a_pool_equal_those_trained_one_by_one(
-    assets: Path, tmp_path: Path
+    assets: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    """simulation.num_cpus=2: the clients train in two spawned processes, each its own torch thread; each
-    client's result (scores, per-example scores, training loss) is the one this process trains alone, and the
-    clients come back in client order whatever order they finished in. Client 2 saved beforehand is read
-    back, not trained (its file keeps its time)."""
+    """simulation.num_cpus=2: the three clients not saved train in a pool of two spawned processes, one torch
+    thread each; each client's result (scores, per-example scores, training loss) is the one this process
+    trains alone with one thread, and the clients come back in client order whatever order they finished in.
+    Client 2, saved beforehand, is read back, not trained. The cell's time divides each client's by how many
+    trained at once."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from asymlora.federated import run as fed_run
     from asymlora.federated.partition import load_partition
 
     one = partial_config(assets, tmp_path, "adapter.lora_dropout=0.5", "simulation.num_cpus=1")
     two = dataclasses.replace(one, simulation=dataclasses.replace(one.simulation, num_cpus=2))
-    assert (fed_run._local_workers(one), fed_run._local_workers(two)) == (1, 2)
+    on_gpu = dataclasses.replace(two, simulation=dataclasses.replace(two.simulation, num_gpus=1.0))
+    assert [fed_run._local_workers(c) for c in (one, two, on_gpu)] == [1, 2, 1]
     tasks, plan = load_partition(one)
-    said: list[str] = []
-    alone = fed_run.local_only(one, tmp_path / "alone", tasks, plan, [2] * len(plan), say=lambda _: None)
+    threads = torch.get_num_threads()
+    try:  # in this process with num_cpus = 1 torch thread, as each pool worker below
+        alone = fed_run.local_only(one, tmp_path / "alone", tasks, plan, [2] * len(plan), say=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)  # the tests after this one
+    submitted: list[int] = []
+
+    class Pool(ProcessPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            submitted.append(args[2])  # the client
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(fed_run, "ProcessPoolExecutor", Pool)
     saved = tmp_path / "pool" / fed_run.LOCAL_DIR
     saved.mkdir(parents=True)
     (saved / "client-2.json").write_text(
         (tmp_path / "alone" / fed_run.LOCAL_DIR / "client-2.json").read_text()
     )
+    said: list[str] = []
     pooled = fed_run.local_only(two, tmp_path / "pool", tasks, plan, [2] * len(plan), say=said.append)
+    assert submitted == [0, 1, 3]
     assert [c["client"] for c in pooled["clients"]] == [0, 1, 2, 3]
+    assert [c["workers"] for c in pooled["clients"]] == [2, 2, 1, 2]
     for a, b in zip(alone["clients"], pooled["clients"], strict=True):
-        assert {k: v for k, v in a.items() if k != "seconds"} == {
-            k: v for k, v in b.items() if k != "seconds"
-        }
+        same = {k: v for k, v in a.items() if k not in ("seconds", "workers")}
+        assert same == {k: v for k, v in b.items() if k not in ("seconds", "workers")}
     assert pooled["clients"][2]["seconds"] == alone["clients"][2]["seconds"]
     assert pooled["personalised"] == alone["personalised"]
+    seconds = [c["seconds"] for c in pooled["clients"]]
+    assert pooled["round_seconds"] == pytest.approx(
+        (seconds[0] + seconds[1] + seconds[3]) / 2 + seconds[2], abs=0.1
+    )
     assert sum("saved earlier" in line for line in said) == 1 and len(said) == 4
 
 

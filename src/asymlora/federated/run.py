@@ -230,16 +230,17 @@ def _saved_client(cfg: FedConfig, out_dir: Path, k: int) -> dict[str, Any] | Non
 
 
 def _local_client(
-    cfg: FedConfig, out_dir: Path, k: int, rank: int, tasks: list, threads: int = 0
+    cfg: FedConfig, out_dir: Path, k: int, rank: int, tasks: list, threads: int = 0, workers: int = 1
 ) -> dict[str, Any]:
     """Train and score client ``k`` alone and save its result (``client-K.json``, atomically, with its basis)
     as soon as it is scored, so a run killed after some clients re-trains only the others (a cell of 8 clients
     takes hours). A client's training draws from a generator seeded by the run seed and ``k``
-    (`asymlora.federated.client._train_client`), so a client trains the same in one go, after a kill, or in a
-    pool process beside others. ``threads`` > 0: this process's torch threads first (a pool process)."""
+    (`asymlora.federated.client._train_client`), so at a given thread count it trains the same in one go,
+    after a kill, or in a pool process beside others. ``threads`` > 0: this process's torch threads first (a
+    pool process); ``workers``: how many clients train at the same time (the pool's size), kept in the result."""
     if threads > 0:
         torch.set_num_threads(threads)
-    res = local_only_baseline(cfg, k, rank, tasks)
+    res = {**local_only_baseline(cfg, k, rank, tasks), "workers": workers}
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"basis": _client_basis(cfg), "result": res}, indent=2, default=float) + "\n"
     atomic_write_text(out_dir / f"client-{k}.json", text)
@@ -248,30 +249,58 @@ def _local_client(
 
 def _local_workers(cfg: FedConfig) -> int:
     """How many clients train alone at once: as many as the simulation runs (``simulation.num_cpus //
-    cpus_per_client``), one process each with ``threads_per_client`` threads; one, in this process, on a GPU."""
+    cpus_per_client``) on a CPU; one with GPUs (``simulation.num_gpus`` > 0, or CUDA present: the model would
+    load on it in every process)."""
     s = cfg.simulation
-    return 1 if s.num_gpus > 0 else max(1, s.num_cpus // s.cpus_per_client)
+    return 1 if s.num_gpus > 0 or torch.cuda.is_available() else max(1, s.num_cpus // s.cpus_per_client)
+
+
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux the kernel sends this worker SIGTERM when the process that started it dies
+    (``prctl(PR_SET_PDEATHSIG)``), so a killed run leaves no worker training on or waiting on its queue. The
+    standard library has no way to ask for this; elsewhere nothing is set."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _train_local_clients(cfg: FedConfig, out_dir: Path, jobs: dict[int, tuple[int, list]]) -> Iterator[dict]:
-    """Each job's (client: (rank, tasks)) result as it is scored: one after another in this process (with
-    ``simulation.num_cpus`` threads) or, when `_local_workers` > 1, in a pool of spawned processes. A pool,
-    not Flower's Ray simulation: these clients exchange nothing, and stdlib processes start in seconds."""
-    workers = min(_local_workers(cfg), len(jobs))
-    if workers <= 1:
+    """Each job's (client: (rank, tasks)) result as it is scored. `_local_workers` == 1: one after another in
+    this process with ``simulation.num_cpus`` torch threads. More: in a pool of that many spawned processes
+    with ``threads_per_client`` threads each, however few clients are left (a client's thread count depends on
+    the config alone, not on how many clients a resumed run has left). A pool, not Flower's Ray simulation:
+    these clients exchange nothing. Spawned workers import the caller's ``__main__``: a script that calls this
+    needs the ``if __name__ == "__main__":`` guard (the ``asymlora`` command has it).
+
+    An error, Ctrl-C or a consumer that stops reading ends the pool at once (queued clients are cancelled,
+    running ones terminated); the clients scored before are saved."""
+    if (workers := _local_workers(cfg)) == 1:
         torch.set_num_threads(cfg.simulation.num_cpus)
         for k, (rank, tasks) in jobs.items():
             yield _local_client(cfg, out_dir, k, rank, tasks)
         return
+    if not jobs:
+        return
+    context = multiprocessing.get_context("spawn")  # not fork: a child would inherit torch's threads mid-use
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_die_with_parent)
     threads = cfg.simulation.threads_per_client
-    # spawn, not fork: a forked child inherits torch's thread pools and locks mid-use
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    try:
         futures = [
-            pool.submit(_local_client, cfg, out_dir, k, rank, tasks, threads)
-            for k, (rank, tasks) in jobs.items()
+            pool.submit(_local_client, cfg, out_dir, k, *job, threads, workers) for k, job in jobs.items()
         ]
         for future in as_completed(futures):
             yield future.result()
+    except BaseException:
+        # shutdown() alone would train every queued client first: Ctrl-C also reaches the workers, which report
+        # it and take the next client. Python 3.11 has no public way to stop them (terminate_workers(): 3.14).
+        running = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in running:
+            process.terminate()
+        raise
+    pool.shutdown()
 
 
 def local_only(cfg: FedConfig, run_dir: Path, tasks: list, plan: list, ranks: list[int], say: Any) -> dict:
@@ -310,9 +339,10 @@ def local_only(cfg: FedConfig, run_dir: Path, tasks: list, plan: list, ranks: li
         "personalised": summarize_scores(scores),
         "scores": {"personalised": scores},
         "seconds": round(time.perf_counter() - t0, 1),  # this process only: clients read back cost it nothing
-        # No rounds here: the clients' training and scoring, summed over the processes that ran them (the saved
-        # clients' own times), is what a federated cell's round_seconds + eval_seconds hold (the sweep's costs)
-        "round_seconds": round(sum(c["seconds"] for c in clients), 1),
+        # No rounds here: the clients' training and scoring over every process that ran them (saved clients
+        # keep their times), each divided by how many trained at once: about the wall time the cell cost, as
+        # a federated cell's round_seconds + eval_seconds (the sweep's cost estimates)
+        "round_seconds": round(sum(c["seconds"] / c.get("workers", 1) for c in clients), 1),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2, default=float) + "\n")
