@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from asymlora.federated.config import fed_config_from_json
@@ -28,6 +29,22 @@ def _label(record: dict) -> str:
     p = record["params"]
     variant = " ".join(f"{k}={v}" for k, v in p.items() if k not in ("strategy", "seed", "rounds"))
     return f"{record['strategy']}{' ' + variant if variant else ''} r{p.get('rounds', record['rounds'])} s{p['seed']}"
+
+
+def collapsed_options(targets: Sequence[str], scores: Sequence[float]) -> list[str]:
+    """The options X for which ``scores`` (1.0 correct, 0.0 wrong, one per test example) is exactly "the
+    target is X": the answer given to every example, when the adapter answered one option throughout; an empty
+    list when it did not (at most one option: two options cannot both match one vector of mixed targets).
+    Raises ValueError when the two sequences differ in length."""
+    if len(targets) != len(scores):
+        raise ValueError(
+            f"{len(scores)} scores for {len(targets)} test examples: the record is of another test split"
+        )
+    return [
+        x
+        for x in dict.fromkeys(targets)
+        if all((t == x) == (s == 1.0) for t, s in zip(targets, scores, strict=True))
+    ]
 
 
 def main() -> None:
@@ -48,10 +65,8 @@ def main() -> None:
         shares = Counter(targets)
         collapsed = []
         for r in records:
-            scores = r["personalised"]["per_example"][name]["scores"]
-            for option in shares:
-                if all((t == option) == (s == 1.0) for t, s in zip(targets, scores, strict=True)):
-                    collapsed.append(f"{_label(r)}: {option}")
+            for option in collapsed_options(targets, r["personalised"]["per_example"][name]["scores"]):
+                collapsed.append(f"{_label(r)}: {option}")
         top = ", ".join(f"{k} {v / len(targets):.3f}" for k, v in shares.most_common(4))
         print(f"{name}: {len(collapsed)} of {len(records)} cells answer one label ({top})")
         for line in collapsed:
