@@ -54,6 +54,10 @@ def main() -> None:
     records = [json.loads(line) for line in args.ledger.read_text().splitlines() if line.strip()]
     records = [r for r in records if not (r["config"].get("train") or {}).get("mixed_precision")]
     cfg = fed_config_from_json(json.dumps(records[-1]["config"]))  # the data and clients of every cell
+    if cfg.clients.partition != "task":
+        raise SystemExit(
+            f"clients.partition={cfg.clients.partition}: this check needs one task per client (task)"
+        )
     for client in range(cfg.clients.num):
         task = load_client_tasks(cfg, client)[0]
         if task.kind != "choice":
