@@ -314,7 +314,7 @@ def campaigns() -> dict[str, tuple]:
 
 
 CAMPAIGNS = {
-    "campaign_federated.yaml": (25, {"fedit", "ffa", "fedsa", "fedalora", "local-only"}),
+    "campaign_federated.yaml": (37, {"fedit", "ffa", "fedsa", "fedalora", "local-only"}),
     "campaign_federated_het.yaml": (12, {"zeropad", "fedalora-het", "local-only"}),
     "campaign_federated_rouge.yaml": (12, {"fedsa", "fedalora", "fedit", "local-only"}),
     "campaign_dp.yaml": (36, {"fedit", "ffa", "fedalora"}),
